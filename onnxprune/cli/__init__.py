@@ -1,0 +1,64 @@
+"""Command line: `onnxprune [prune] model.onnx ...`, `onnxprune analyze`, `onnxprune bench`.
+
+Each subcommand is a module with `register(subparsers)`, which adds its parser and sets
+`func(args) -> int`. This module only dispatches and maps errors to exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from onnxprune.errors import OnnxPruneError, VerificationError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 3
+EPILOG = "exit codes: 0 ok, 1 error (one-line reason), 2 bad usage, 3 verification failed"
+
+
+def _subcommands() -> list:
+    from onnxprune.cli import analyze, bench, prune
+
+    return [prune, analyze, bench]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="onnxprune",
+        description="Remove channels from an ONNX model and fold a correction downstream.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="{prune,analyze,bench}")
+    for module in _subcommands():
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `onnxprune` console script; returns the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    names = {"prune", "analyze", "bench", "-h", "--help"}
+    first = next((a for a in args_list if a != "--debug"), None)
+    if first is not None and first not in names:
+        args_list.insert(args_list.index(first), "prune")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:  # argparse exits 2 on bad usage, 0 on --help
+        return int(exc.code or 0)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except OnnxPruneError as exc:
+        if args.debug:
+            raise
+        print(f"onnxprune: error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return EXIT_VERIFY if isinstance(exc, VerificationError) else EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

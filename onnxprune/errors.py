@@ -1,0 +1,43 @@
+"""One error tree: every failure the user can cause is an OnnxPruneError with a one-line message.
+
+The CLI maps these to exit codes (1 for OnnxPruneError, 3 for VerificationError); anything else is
+a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class OnnxPruneError(Exception):
+    """A problem the user can fix; the message is one line naming the file, tensor or node."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class ModelLoadError(OnnxPruneError):
+    """The model file is missing, unreadable, not ONNX, or uses an unsupported opset."""
+
+
+class UsageError(OnnxPruneError):
+    """An option value is out of range or inconsistent with another option."""
+
+
+class DataError(OnnxPruneError):
+    """Calibration or evaluation data does not match the model, or holds NaN/Inf."""
+
+
+class NothingToPruneError(OnnxPruneError):
+    """The analyzer found no prunable channel group."""
+
+
+class UnsupportedOpError(OnnxPruneError):
+    """The ONNX→torch interpreter lacks an op, so gradient-based methods cannot run."""
+
+
+class InterpreterMismatchError(OnnxPruneError):
+    """The ONNX→torch interpreter's forward pass disagrees with ONNX Runtime."""
+
+
+class VerificationError(OnnxPruneError):
+    """The pruned model failed the checker or could not run in ONNX Runtime."""

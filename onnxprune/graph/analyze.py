@@ -1,0 +1,250 @@
+"""Find the channel groups of a normalized graph (DESIGN.md §2).
+
+From every producer (Conv with group 1, ConvTranspose, Gemm, MatMul with a constant weight) the
+channels are followed forward through the ops that act channel by channel (graph/ops.py) until
+consumers read them through weights. Elementwise ops joining two activations tie their producers
+into one group (residual Add, SE gate Mul). Whatever the walk does not understand blocks the group
+with a reason and the blocking node; a blocked group is reported, never pruned.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import onnx_graphsurgeon as gs
+
+from onnxprune.graph.groups import ChannelGroup, ParamEdit, Tap
+from onnxprune.graph.ops import State, const, rank_of, step
+
+
+def analyze(graph: gs.Graph) -> tuple[ChannelGroup, ...]:
+    """Channel groups of `graph` in topological order of their first producer."""
+    order = {node.name: i for i, node in enumerate(graph.nodes)}
+    walks = [_walk(graph, p) for p in _producers(graph)]
+    members = _couple(walks)
+    groups = [_merge([walks[i] for i in idx]) for idx in members]
+    groups += _grouped_conv_notes(graph)
+    return tuple(sorted(groups, key=lambda g: order.get(g.producers[0], 0)))
+
+
+@dataclass
+class _Producer:
+    node: gs.Node
+    channels: int
+    edits: list[ParamEdit]
+    start: State
+    reason: str | None = None
+
+
+@dataclass
+class _Walk:
+    producer: _Producer
+    edits: dict[tuple, ParamEdit] = field(default_factory=dict)
+    passthrough: list[str] = field(default_factory=list)
+    consumers: list[str] = field(default_factory=list)
+    taps: list[Tap] = field(default_factory=list)
+    arrivals: dict[str, list[tuple[int, int]]] = field(default_factory=lambda: defaultdict(list))
+    reason: str | None = None
+    blocker: str | None = None
+
+    def block(self, reason: str, node: str | None) -> None:
+        if self.reason is None:
+            self.reason, self.blocker = reason, node
+
+
+def _producers(graph: gs.Graph) -> list[_Producer]:
+    found = []
+    for node in graph.nodes:
+        producer = _as_producer(node)
+        if producer is not None:
+            found.append(producer)
+    return found
+
+
+def _as_producer(node: gs.Node) -> _Producer | None:
+    weight = const(node, 1)
+    if weight is None or not node.outputs:
+        return None
+    out = node.outputs[0].name
+    if node.op == "Conv" and node.attrs.get("group", 1) == 1:
+        return _with_bias(node, weight.shape[0], [ParamEdit(node.name, 1, 0, 0, "out")], out, 0)
+    if node.op == "ConvTranspose" and node.attrs.get("group", 1) == 1:
+        return _with_bias(node, weight.shape[1], [ParamEdit(node.name, 1, 1, 0, "out")], out, 0)
+    if node.op == "Gemm" and weight.ndim == 2:
+        axis = 0 if node.attrs.get("transB", 0) else 1
+        producer = _Producer(node, weight.shape[axis], [ParamEdit(node.name, 1, axis, 0, "out")],
+                             State(out, 1, 0))
+        return _gemm_bias(node, producer)
+    if node.op == "MatMul" and weight.ndim == 2:
+        rank = rank_of(node.outputs[0])
+        if rank is None:
+            return None
+        return _Producer(node, weight.shape[1], [ParamEdit(node.name, 1, 1, 0, "out")],
+                         State(out, rank - 1, 0))
+    return None
+
+
+def _with_bias(node: gs.Node, channels: int, edits: list[ParamEdit], out: str,
+               bias_axis: int) -> _Producer:
+    producer = _Producer(node, channels, edits, State(out, 1, 0))
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        if const(node, 2) is None:
+            producer.reason = f"'{node.name}' has a non-constant bias"
+        else:
+            edits.append(ParamEdit(node.name, 2, bias_axis, 0, "out"))
+    return producer
+
+
+def _gemm_bias(node: gs.Node, producer: _Producer) -> _Producer:
+    if len(node.inputs) < 3 or not node.inputs[2].name:
+        return producer
+    bias = const(node, 2)
+    if bias is None:
+        producer.reason = f"'{node.name}' has a non-constant bias"
+    elif bias.ndim and bias.shape[-1] == producer.channels and producer.channels > 1:
+        if bias.ndim == 2 and bias.shape[0] != 1:
+            producer.reason = f"'{node.name}' has a per-row bias"
+        producer.edits.append(ParamEdit(node.name, 2, bias.ndim - 1, 0, "out"))
+    return producer
+
+
+def _walk(graph: gs.Graph, producer: _Producer) -> _Walk:
+    """Follow one producer's channels forward until every path ends at a consumer or a block."""
+    walk = _Walk(producer)
+    if producer.reason:
+        walk.block(producer.reason, producer.node.name)
+    tensors = graph.tensors()
+    outputs = {t.name for t in graph.outputs}
+    stack, seen = [producer.start], set()
+    while stack:
+        state = stack.pop()
+        if state in seen:
+            continue
+        seen.add(state)
+        if state.tensor in outputs:
+            walk.block(f"channels reach graph output '{state.tensor}'", None)
+            continue
+        for node in list(tensors[state.tensor].outputs):
+            for index, tensor in enumerate(node.inputs):
+                if tensor.name == state.tensor:
+                    _visit(walk, node, index, state, stack)
+    return walk
+
+
+def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[State]) -> None:
+    result = step(node, index, state, walk.producer.channels)
+    if result.kind == "block":
+        walk.block(result.reason or "blocked", node.name)
+        return
+    for edit in result.edits:
+        walk.edits[(edit.node, edit.input, edit.offset)] = edit
+    if result.kind == "consume":
+        if result.edits:
+            _add_once(walk.consumers, node.name)
+            _add_once(walk.taps, Tap(state.tensor, state.axis, state.offset, state.spatial))
+        return
+    _add_once(walk.passthrough, node.name)
+    if result.couple:
+        walk.arrivals[node.name].append((index, state.offset))
+    stack.append(result.next)
+
+
+def _add_once(items: list, item: object) -> None:
+    if item not in items:
+        items.append(item)
+
+
+def _couple(walks: list[_Walk]) -> list[list[int]]:
+    """Union producers whose channels meet elementwise; block mismatched meetings."""
+    parent = list(range(len(walks)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    meetings: dict[str, dict[int, dict[tuple[int, int], list[int]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for w, walk in enumerate(walks):
+        for node, hits in walk.arrivals.items():
+            for index, offset in hits:
+                meetings[node][index][(offset, walk.producer.channels)].append(w)
+    for node, by_input in meetings.items():
+        layouts = [set(segments) for segments in by_input.values()]
+        involved = [w for segments in by_input.values() for ws in segments.values() for w in ws]
+        if len(by_input) < 2 or any(layout != layouts[0] for layout in layouts):
+            for w in involved:
+                walks[w].block(
+                    f"tied elementwise at '{node}' to channels no prunable producer of the "
+                    "same width creates", node)
+            continue
+        for ws in (w for segments in by_input.values() for w in segments.values()):
+            for w in ws:
+                parent[find(w)] = find(ws[0])
+        _union_segments(by_input, parent, find)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for w in range(len(walks)):
+        groups[find(w)].append(w)
+    return list(groups.values())
+
+
+def _union_segments(by_input: dict, parent: list[int], find) -> None:
+    """Producers at the same (offset, width) on different inputs of one node are one group."""
+    inputs = list(by_input.values())
+    for segment, ws in inputs[0].items():
+        for other in inputs[1:]:
+            for w in other[segment]:
+                parent[find(w)] = find(ws[0])
+
+
+def _merge(walks: list[_Walk]) -> ChannelGroup:
+    first = walks[0]
+    blocked = next((w for w in walks if w.reason), None)
+    edits: dict[tuple, ParamEdit] = {}
+    passthrough, consumers, taps = [], [], []
+    for walk in walks:
+        for edit in walk.producer.edits:
+            edits[(edit.node, edit.input, edit.offset)] = edit
+        edits.update(walk.edits)
+        for item in walk.passthrough:
+            _add_once(passthrough, item)
+        for item in walk.consumers:
+            _add_once(consumers, item)
+        for item in walk.taps:
+            _add_once(taps, item)
+    reason = blocker = None
+    if blocked is not None:
+        reason, blocker = blocked.reason, blocked.blocker
+        if blocked is not first:
+            reason = f"coupled with '{blocked.producer.node.name}': {reason}"
+    if reason is None and not consumers:
+        reason = "no consumer reads these channels through weights"
+    return ChannelGroup(
+        name=first.producer.node.name,
+        channels=first.producer.channels,
+        producers=tuple(w.producer.node.name for w in walks),
+        passthrough=tuple(passthrough),
+        consumers=tuple(consumers),
+        taps=tuple(taps),
+        edits=tuple(edits.values()),
+        reason=reason,
+        blocker=blocker,
+    )
+
+
+def _grouped_conv_notes(graph: gs.Graph) -> list[ChannelGroup]:
+    """Grouped (non-depthwise) convolutions are listed as unprunable so users see why."""
+    notes = []
+    for node in graph.nodes:
+        weight = const(node, 1)
+        group = node.attrs.get("group", 1)
+        if node.op != "Conv" or weight is None or group == 1 or weight.shape[1] == 1:
+            continue
+        notes.append(ChannelGroup(
+            name=node.name, channels=int(weight.shape[0]), producers=(node.name,),
+            reason=f"grouped Conv (group={group}) is not supported", blocker=node.name,
+        ))
+    return notes

@@ -1,0 +1,267 @@
+"""Read, normalize and write ONNX models.
+
+`load_model` turns a path into a checked `ModelProto` (clear one-line errors for every way a file
+can be wrong); `normalize` returns the graph every later stage works on: Constant nodes folded into
+initializers, Identity/Dropout removed, BatchNormalization folded into the Conv/Gemm before it where
+that is exact, unique node names, shapes inferred. `save_model` writes atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from onnxprune.errors import ModelLoadError
+
+SUPPORTED_OPSETS = range(11, 22)
+_EXTERNAL_LIMIT = 1_800_000_000  # bytes of weights above which output keeps external data
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX file with its external data; reject what later stages cannot handle."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model file '{path}' does not exist")
+    if not path.is_file():
+        raise ModelLoadError(f"model path '{path}' is not a file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"'{path}' is not a valid ONNX file ({_first_line(exc)})") from exc
+    if not model.graph.node or not model.opset_import:
+        raise ModelLoadError(f"'{path}' is not an ONNX model (no graph nodes or opset)")
+    _load_external(model, path)
+    check_opset(model)
+    return model
+
+
+def check_opset(model: onnx.ModelProto) -> int:
+    """Return the default-domain opset, raising if it is outside the supported range."""
+    opset = default_opset(model)
+    if opset not in SUPPORTED_OPSETS:
+        raise ModelLoadError(
+            f"model uses opset {opset}; supported opsets are "
+            f"{SUPPORTED_OPSETS.start}–{SUPPORTED_OPSETS.stop - 1}",
+            hint="convert it with onnx.version_converter.convert_version(model, 17)",
+        )
+    return opset
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The version of the default ('' / 'ai.onnx') operator set."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise ModelLoadError("model declares no default-domain opset")
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    """True when any initializer of the original file lived in an external data file."""
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
+    ) or model.ByteSize() > _EXTERNAL_LIMIT
+
+
+def normalize(model: onnx.ModelProto) -> gs.Graph:
+    """Return the canonical graph: constants folded, no-ops removed, BN folded, shapes inferred."""
+    model = _constants_to_initializers(model)
+    graph = gs.import_onnx(model)
+    _name_nodes(graph)
+    _remove_noops(graph)
+    _fold_batchnorm(graph)
+    graph.cleanup().toposort()
+    return infer_shapes(graph)
+
+
+def infer_shapes(graph: gs.Graph) -> gs.Graph:
+    """Forget intermediate shapes and infer them again (after rewriting, old ones are stale)."""
+    io = {t.name for t in graph.inputs + graph.outputs}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor.name not in io:
+            tensor.shape = None
+    model = export(graph)
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except onnx.onnx_cpp2py_export.shape_inference.InferenceError as exc:
+        raise ModelLoadError(f"shape inference failed: {_first_line(exc)}") from exc
+    return gs.import_onnx(model)
+
+
+def export(graph: gs.Graph) -> onnx.ModelProto:
+    """Export a graphsurgeon graph to a ModelProto, keeping opset imports and IR version."""
+    return gs.export_onnx(graph, do_type_check=False)
+
+
+def save_model(
+    model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False
+) -> None:
+    """Write `model` to `path` atomically (temp file + rename); optionally with external data."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if external_data:
+            data_name = f"{path.name}.data"
+            onnx.save_model(
+                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                location=data_name, size_threshold=1024,
+            )
+            # external data is written next to tmp under its final name; the .onnx is renamed
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def _load_external(model: onnx.ModelProto, path: Path) -> None:
+    """Load external tensors, naming the missing data file when there is one."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if not (path.parent / location).is_file():
+            raise ModelLoadError(
+                f"external data file '{location}' for tensor '{tensor.name}' is missing "
+                f"(looked in '{path.parent}')"
+            )
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read external data of '{path}': {_first_line(exc)}") from exc
+
+
+_CONSTANT_ATTRS = {
+    "value": numpy_helper.to_array,
+    "value_float": lambda v: np.array(v, dtype=np.float32),
+    "value_floats": lambda v: np.array(list(v), dtype=np.float32),
+    "value_int": lambda v: np.array(v, dtype=np.int64),
+    "value_ints": lambda v: np.array(list(v), dtype=np.int64),
+}
+
+
+def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn top-level Constant nodes (Paddle-style weights) into initializers."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    keep = []
+    for node in model.graph.node:
+        attr = node.attribute[0] if node.op_type == "Constant" and node.attribute else None
+        if attr is None or node.domain not in ("", "ai.onnx") or attr.name not in _CONSTANT_ATTRS:
+            keep.append(node)
+            continue
+        value = onnx.helper.get_attribute_value(attr)
+        array = _CONSTANT_ATTRS[attr.name](value)
+        model.graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
+
+
+def _name_nodes(graph: gs.Graph) -> None:
+    """Give every node a unique, stable name: groups and reports refer to nodes by name."""
+    seen: set[str] = set()
+    for index, node in enumerate(graph.nodes):
+        name = node.name or f"{node.op}_{index}"
+        while name in seen:
+            name = f"{name}_{index}"
+        node.name = name
+        seen.add(name)
+
+
+def _remove_noops(graph: gs.Graph) -> None:
+    """Bypass Identity and inference-mode Dropout nodes, keeping graph output names."""
+    outputs = {t.name for t in graph.outputs}
+    for node in list(graph.nodes):
+        if node.op not in ("Identity", "Dropout") or not node.inputs:
+            continue
+        if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
+            continue  # the mask is used: not a no-op
+        src, dst = node.inputs[0], node.outputs[0]
+        if dst.name in outputs:
+            if src.name in outputs or any(t is src for t in graph.inputs) or not src.inputs:
+                continue
+            src.inputs[0].outputs[src.inputs[0].outputs.index(src)] = dst
+        else:
+            for consumer in list(dst.outputs):
+                consumer.inputs[consumer.inputs.index(dst)] = src
+        node.outputs.clear()
+        node.inputs.clear()
+
+
+def _fold_batchnorm(graph: gs.Graph) -> None:
+    """Fold BatchNormalization into a preceding Conv/Gemm that feeds only it (exact)."""
+    for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+        x = bn.inputs[0]
+        if len(bn.outputs) != 1 or len(x.outputs) != 1 or not x.inputs:
+            continue
+        prev = x.inputs[0]
+        if x in graph.outputs or not all(isinstance(t, gs.Constant) for t in bn.inputs[1:5]):
+            continue
+        if prev.op == "Conv" and _const(prev, 1):
+            _fold_into(prev, bn, out_axis=0)
+        elif prev.op == "Gemm" and _const(prev, 1) and _gemm_bias_foldable(prev):
+            _fold_into(prev, bn, out_axis=0 if prev.attrs.get("transB", 0) else 1)
+        else:
+            continue
+        prev.outputs[0] = bn.outputs[0]
+        bn.outputs.clear()
+        bn.inputs.clear()
+
+
+def _const(node: gs.Node, index: int) -> bool:
+    return len(node.inputs) > index and isinstance(node.inputs[index], gs.Constant)
+
+
+def _gemm_bias_foldable(node: gs.Node) -> bool:
+    """Gemm folds BN when A is not transposed and C is absent or a per-feature vector."""
+    if node.attrs.get("transA", 0):
+        return False
+    if len(node.inputs) < 3 or node.inputs[2].name == "":
+        return True
+    bias = node.inputs[2]
+    return isinstance(bias, gs.Constant) and (bias.values.ndim <= 1 or bias.values.shape[0] == 1)
+
+
+def _fold_into(node: gs.Node, bn: gs.Node, *, out_axis: int) -> None:
+    """W ← W·s along the output axis, b ← (b − μ)·s + β with s = γ/√(σ² + ε)."""
+    gamma, beta, mean, var = (t.values.astype(np.float64) for t in bn.inputs[1:5])
+    scale = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+    weight = node.inputs[1].values
+    shape = [1] * weight.ndim
+    shape[out_axis] = -1
+    new_w = (weight.astype(np.float64) * scale.reshape(shape)).astype(weight.dtype)
+    bias = _effective_bias(node, len(scale))
+    new_b = ((bias - mean) * scale + beta).astype(weight.dtype)
+    node.inputs[1] = gs.Constant(f"{node.name}.weight_bnfold", new_w)
+    bias_const = gs.Constant(f"{node.name}.bias_bnfold", new_b)
+    if len(node.inputs) > 2:
+        node.inputs[2] = bias_const
+    else:
+        node.inputs.append(bias_const)
+    if node.op == "Gemm":
+        node.attrs["beta"] = 1.0
+
+
+def _effective_bias(node: gs.Node, channels: int) -> np.ndarray:
+    """The per-output bias a Conv/Gemm adds (Gemm's beta applied), as float64 of length C."""
+    if len(node.inputs) < 3 or node.inputs[2].name == "":
+        return np.zeros(channels)
+    values = node.inputs[2].values.astype(np.float64)
+    if node.op == "Gemm":
+        values = values * node.attrs.get("beta", 1.0)
+    return np.broadcast_to(values.reshape(-1)[-channels:] if values.size > 1 else values,
+                           (channels,)).copy()

@@ -1,0 +1,140 @@
+"""Apply Plans to a graph: slice producers and per-channel parameters, fold corrections downstream.
+
+For a tap a ≈ Mᵀ a_S + c, a consumer with weight W (input axis of size m) becomes W' = W Mᵀ and
+its bias b' = b + W c (summed over kernel taps and flattened positions). Edits on one constant are
+applied from the highest channel offset down, so Concat segments of several groups stay aligned.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.graph.groups import ChannelGroup, ParamEdit
+from onnxprune.graph.load import export, infer_shapes
+from onnxprune.methods.base import Plan
+
+
+def rewrite(graph: gs.Graph, groups: tuple[ChannelGroup, ...], plans: Mapping[str, Plan]) -> gs.Graph:
+    """Return a new graph with every planned group pruned; `graph` is left unchanged."""
+    graph = gs.import_onnx(export(graph))
+    nodes = {node.name: node for node in graph.nodes}
+    jobs: dict[tuple[str, int], list[tuple[ParamEdit, ChannelGroup, Plan]]] = defaultdict(list)
+    for group in groups:
+        plan = plans.get(group.name)
+        if plan is None or not group.prunable:
+            continue
+        for edit in group.edits:
+            jobs[(edit.node, edit.input)].append((edit, group, plan))
+    deltas: dict[str, np.ndarray] = {}
+    for (name, index), items in jobs.items():
+        node = nodes[name]
+        value = np.asarray(node.inputs[index].values)
+        work = value.astype(np.float64)
+        for edit, group, plan in sorted(items, key=lambda item: -item[0].offset):
+            work = _apply(work, edit, group, plan, node, deltas)
+        node.inputs[index] = gs.Constant(f"{node.inputs[index].name}__{name}", work.astype(value.dtype))
+    for name, delta in deltas.items():
+        _add_bias(graph, nodes[name], delta)
+    for node in graph.nodes:
+        if node.op == "Conv" and node.attrs.get("group", 1) > 1:
+            node.attrs["group"] = int(node.inputs[1].shape[0])
+    graph.cleanup().toposort()
+    return infer_shapes(graph)
+
+
+def _apply(work: np.ndarray, edit: ParamEdit, group: ChannelGroup, plan: Plan, node: gs.Node,
+           deltas: dict[str, np.ndarray]) -> np.ndarray:
+    m, keep = group.channels, np.asarray(plan.keep)
+    if edit.role == "reshape":
+        work = work.copy()
+        work[1] -= (m - len(keep)) * edit.spatial
+        return work
+    if edit.role == "out" and plan.rotation is not None:
+        work = _map_segment(work, edit, m, np.asarray(plan.rotation))
+    if edit.role != "in":
+        return _select(work, edit, m, keep)
+    correction = plan.corrections.get(edit.tap or "")
+    if correction is None:
+        return _select(work, edit, m, keep)
+    if correction.c is not None and np.any(correction.c):
+        delta = _weight_times(work, edit, m, node, np.asarray(correction.c, dtype=np.float64))
+        deltas[node.name] = deltas.get(node.name, 0) + delta
+    return _map_segment(work, edit, m, np.asarray(correction.M, dtype=np.float64))
+
+
+def _split(work: np.ndarray, edit: ParamEdit, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(before, segment with the channel axis split into (m, spatial), after) along edit.axis."""
+    sp, start = edit.spatial, edit.offset * edit.spatial
+    before, seg, after = np.split(work, [start, start + m * sp], axis=edit.axis)
+    shape = list(seg.shape)
+    shape[edit.axis: edit.axis + 1] = [m, sp]
+    return before, seg.reshape(shape), after
+
+
+def _join(before: np.ndarray, seg: np.ndarray, after: np.ndarray, axis: int) -> np.ndarray:
+    shape = list(seg.shape)
+    shape[axis: axis + 2] = [shape[axis] * shape[axis + 1]]
+    return np.concatenate([before, seg.reshape(shape), after], axis=axis)
+
+
+def _select(work: np.ndarray, edit: ParamEdit, m: int, keep: np.ndarray) -> np.ndarray:
+    if work.ndim == 0:
+        return work
+    before, seg, after = _split(work, edit, m)
+    return _join(before, np.take(seg, keep, axis=edit.axis), after, edit.axis)
+
+
+def _map_segment(work: np.ndarray, edit: ParamEdit, m: int, matrix: np.ndarray) -> np.ndarray:
+    """Replace the segment's channels j by Σ_j seg[j]·matrix[s, j] for every row s of matrix."""
+    before, seg, after = _split(work, edit, m)
+    mapped = np.moveaxis(np.tensordot(seg, matrix, axes=([edit.axis], [1])), -1, edit.axis)
+    return _join(before, mapped, after, edit.axis)
+
+
+_OUT_AXIS = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}
+
+
+def _weight_times(work: np.ndarray, edit: ParamEdit, m: int, node: gs.Node,
+                  c: np.ndarray) -> np.ndarray:
+    """W c for the consumer's output units: contract channels with c, sum taps and positions."""
+    _, seg, _ = _split(work, edit, m)
+    out_axis = _OUT_AXIS.get(node.op, 1 - edit.axis)
+    # contracting the channel axis leaves the output axis at its original index
+    weighted = np.moveaxis(np.tensordot(seg, c, axes=([edit.axis], [0])), out_axis, 0)
+    total = weighted.reshape(weighted.shape[0], -1).sum(axis=1)
+    if node.op == "Gemm":
+        total = total * node.attrs.get("alpha", 1.0)
+    return total
+
+
+def _add_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:
+    """Add `delta` to a consumer's output bias, creating the bias (or an Add) if needed."""
+    dtype = node.inputs[1].values.dtype
+    has_bias = len(node.inputs) > 2 and node.inputs[2].name
+    if node.op in ("Conv", "ConvTranspose"):
+        bias = node.inputs[2].values.astype(np.float64) if has_bias else 0.0
+        _set_bias(node, bias + delta, dtype)
+    elif node.op == "Gemm":
+        beta = node.attrs.get("beta", 1.0)
+        bias = beta * np.broadcast_to(node.inputs[2].values, delta.shape) if has_bias else 0.0
+        node.attrs["beta"] = 1.0
+        _set_bias(node, bias + delta, dtype)
+    else:  # MatMul: add the shift after it
+        out = node.outputs[0]
+        inner = gs.Variable(f"{out.name}__pre_shift", dtype=out.dtype)
+        node.outputs[0] = inner
+        shift = gs.Constant(f"{node.name}__shift", delta.astype(dtype))
+        graph.nodes.append(gs.Node("Add", f"{node.name}__shift_add", inputs=[inner, shift],
+                                   outputs=[out]))
+
+
+def _set_bias(node: gs.Node, bias: np.ndarray, dtype: np.dtype) -> None:
+    const = gs.Constant(f"{node.name}__bias", np.asarray(bias).astype(dtype).reshape(-1))
+    if len(node.inputs) > 2:
+        node.inputs[2] = const
+    else:
+        node.inputs.append(const)

@@ -1,0 +1,89 @@
+"""What a method returns, and the interface every method implements.
+
+A Plan keeps channels `keep` of a group and replaces each tap activation by a ≈ Mᵀ a_S + c
+(DESIGN.md §3); a CoB plan also rotates the producers first. Methods never touch ONNX protos:
+they read a ChannelGroup and its GroupStats and return a Plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from onnxprune.graph.groups import ChannelGroup
+
+
+@dataclass(frozen=True)
+class Correction:
+    """a ≈ Mᵀ a_S + c at one tap: M is (k, m), c is (m,) or None."""
+
+    M: np.ndarray
+    c: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which channels of a group stay, and the correction folded into its consumers.
+
+    `corrections` maps tap tensor names to their Correction; a tap without one gets plain
+    selection. `rotation` (m, m, orthogonal) is applied to the producers before slicing.
+    `info` carries per-group numbers for the report (e.g. relative reconstruction error).
+    """
+
+    keep: np.ndarray
+    corrections: Mapping[str, Correction] = field(default_factory=dict)
+    rotation: np.ndarray | None = None
+    info: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TapStats:
+    """Streamed first and second moments of one tap over n rows (samples × positions)."""
+
+    n: int
+    sum: np.ndarray
+    gram: np.ndarray
+    abs_sum: np.ndarray
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(self.n, 1)
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Everything a method may read about one group.
+
+    `weights`: each producer's filters as rows (m, fan_in), BatchNorm already folded.
+    `taps`: statistics per tap tensor (empty for data-free methods).
+    `grads`: per-channel gradient sums (e.g. "taylor": Σ_samples (Σ_positions a·g)²), when needed.
+    """
+
+    weights: tuple[np.ndarray, ...] = ()
+    taps: Mapping[str, TapStats] = field(default_factory=dict)
+    grads: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+class Method(Protocol):
+    """A pruning method: its name, what it needs collected, and how it plans a group."""
+
+    name: str
+    needs: frozenset[str]
+
+    def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
+        """Choose `keep` channels of `group` and the correction for its taps."""
+        ...
+
+
+def top_k(scores: np.ndarray, keep: int) -> np.ndarray:
+    """Indices of the `keep` highest scores, ascending; ties go to the lower index."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return np.sort(order[:keep])
+
+
+def selection_plan(scores: np.ndarray, keep: int, **info: float) -> Plan:
+    """A plan that keeps the `keep` best-scoring channels with no correction."""
+    return Plan(keep=top_k(scores, keep), info=info)
