@@ -37,13 +37,34 @@ def rewrite(graph: gs.Graph, groups: tuple[ChannelGroup, ...], plans: Mapping[st
         for edit, group, plan in sorted(items, key=lambda item: -item[0].offset):
             work = _apply(work, edit, group, plan, node, deltas)
         node.inputs[index] = gs.Constant(f"{node.inputs[index].name}__{name}", work.astype(value.dtype))
+    outputs = _output_plans(groups, plans)
     for name, delta in deltas.items():
-        _add_bias(graph, nodes[name], delta)
+        _add_bias(graph, nodes[name], _to_new_outputs(delta, *outputs.get(name, (None, None))))
     for node in graph.nodes:
         if node.op == "Conv" and node.attrs.get("group", 1) > 1:
             node.attrs["group"] = int(node.inputs[1].shape[0])
     graph.cleanup().toposort()
     return infer_shapes(graph)
+
+
+def _output_plans(groups: tuple[ChannelGroup, ...],
+                  plans: Mapping[str, Plan]) -> dict[str, tuple[ChannelGroup, Plan]]:
+    """Producer node → its group and plan, to map consumer bias shifts to the pruned outputs."""
+    found = {}
+    for group in groups:
+        if group.prunable and group.name in plans:
+            for name in group.producers:
+                found[name] = (group, plans[group.name])
+    return found
+
+
+def _to_new_outputs(delta: np.ndarray, group: ChannelGroup | None, plan: Plan | None) -> np.ndarray:
+    """A shift computed for the original output channels, rotated and sliced like the outputs."""
+    if plan is None:
+        return delta
+    if plan.rotation is not None:
+        delta = np.asarray(plan.rotation) @ delta
+    return delta[np.asarray(plan.keep)]
 
 
 def _apply(work: np.ndarray, edit: ParamEdit, group: ChannelGroup, plan: Plan, node: gs.Node,

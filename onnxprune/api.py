@@ -1,0 +1,210 @@
+"""The Python API: `prune()` and `analyze()`, each a short composition of the stages.
+
+load → normalize → analyze → calibrate → plan → rewrite → verify/measure → Report
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxprune.calib.data import Dataset, input_specs, load_data
+from onnxprune.calib.gather import gather
+from onnxprune.config import PruneConfig
+from onnxprune.errors import NothingToPruneError, UsageError
+from onnxprune.graph.analyze import analyze as find_groups
+from onnxprune.graph.groups import ChannelGroup
+from onnxprune.graph.load import check_opset, export, load_model, normalize, save_model
+from onnxprune.graph.rewrite import rewrite
+from onnxprune.measure.cost import count
+from onnxprune.measure.verify import verify
+from onnxprune.methods import build_method
+from onnxprune.methods.base import Plan
+from onnxprune.methods.planner import make_plans
+from onnxprune.methods.width import WidthRule, group_ratio, keep_counts
+from onnxprune.report import GroupRow, Report
+
+ModelLike = str | os.PathLike | onnx.ModelProto
+
+
+@dataclass(frozen=True)
+class Result:
+    """A pruned model, its report, and the groups and plans that produced it."""
+
+    model: onnx.ModelProto
+    report: Report
+    groups: tuple[ChannelGroup, ...]
+    plans: Mapping[str, Plan]
+    external_data: bool = False
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the pruned model atomically (external data kept if the input had it)."""
+        save_model(self.model, path, external_data=self.external_data)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What `onnxprune analyze` shows: the groups and the model's cost."""
+
+    groups: tuple[ChannelGroup, ...]
+    params: int
+    macs: int
+
+
+def analyze(model: ModelLike) -> Analysis:
+    """Channel groups of `model` (prunable or with the reason why not) and its cost."""
+    proto = _load(model)
+    graph = normalize(proto)
+    cost = count(proto)
+    return Analysis(find_groups(graph), cost.params, cost.macs)
+
+
+def prune(
+    model: ModelLike,
+    *,
+    method: str = "magnitude",
+    ratio: float = 0.5,
+    data: str | os.PathLike | Mapping[str, np.ndarray] | Dataset | None = None,
+    labels: str | os.PathLike | np.ndarray | None = None,
+    config: PruneConfig | None = None,
+    **options: Any,
+) -> Result:
+    """Prune `model` with `method`, removing `ratio` of the channels of every prunable group.
+
+    `data` is calibration data (npz/npy path, image folder, dict of arrays, a Dataset, or None
+    for seeded random inputs used only to verify). Other options are PruneConfig fields, or
+    WidthRule fields (`layer_ratios`, `exclude`, `round_to`, `prune_residual`, `recipe`).
+    """
+    config = config or _config(method, ratio, options)
+    proto = _load(model)
+    graph = normalize(proto)
+    groups = find_groups(graph)
+    counts = keep_counts(groups, config.width)
+    if not counts and not config.allow_noop:
+        raise NothingToPruneError(
+            "nothing to prune: no channel group is both prunable and selected",
+            hint="run `onnxprune analyze MODEL` to see why; --allow-noop accepts this",
+        )
+    pruner = build_method(config.method, norm=config.norm, compensate=config.compensate)
+    dataset = _dataset(proto, data, labels, config, needs_data=bool(pruner.needs - {"weights"}))
+    stats = gather(graph, groups, counts, pruner.needs | _extra_needs(config), dataset, config)
+    plans = make_plans(groups, counts, stats, pruner, config)
+    pruned = _finish(proto, rewrite(graph, groups, plans), config)
+    return _result(proto, pruned, groups, plans, dataset, config)
+
+
+def _config(method: str, ratio: float, options: Mapping[str, Any]) -> PruneConfig:
+    width_fields = set(WidthRule.__dataclass_fields__)
+    width = {k: v for k, v in options.items() if k in width_fields}
+    rest = {k: v for k, v in options.items() if k not in width_fields}
+    unknown = set(rest) - set(PruneConfig.__dataclass_fields__)
+    if unknown:
+        raise UsageError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    for key in ("layer_ratios", "exclude"):
+        if key in width:
+            width[key] = tuple(width[key])
+    return PruneConfig(method=method, width=WidthRule(ratio=ratio, **width), **rest)
+
+
+def _load(model: ModelLike) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        check_opset(model)
+        return model
+    return load_model(model)
+
+
+def _extra_needs(config: PruneConfig) -> frozenset[str]:
+    needs = set()
+    if config.compensate != "none":
+        needs.add("gram")
+    if config.recalibrate:
+        needs.add("gram")
+    return frozenset(needs)
+
+
+def _dataset(proto: onnx.ModelProto, data: Any, labels: Any, config: PruneConfig, *,
+             needs_data: bool) -> Dataset:
+    if isinstance(data, Dataset):
+        return data
+    specs = input_specs(proto)
+    if data is None and (needs_data or config.compensate != "none" or config.recalibrate):
+        raise UsageError(
+            f"method '{config.method}' needs calibration data",
+            hint="pass --data calib.npz (or --data random for a synthetic smoke test)",
+        )
+    return load_data(data, specs, labels=labels, samples=config.calib_samples, seed=config.seed,
+                     random_samples=config.verify_samples)
+
+
+def _finish(original: onnx.ModelProto, graph: gs.Graph, config: PruneConfig) -> onnx.ModelProto:
+    """Export the pruned graph keeping the original's IR version, opsets and metadata."""
+    model = export(graph)
+    model.ir_version = original.ir_version
+    for attr in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, attr, getattr(original, attr))
+    del model.metadata_props[:]
+    model.metadata_props.extend(original.metadata_props)
+    note = f"method={config.method} ratio={config.width.ratio}"
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in original.metadata_props},
+                                        "onnxprune": note})
+    return model
+
+
+def _result(original: onnx.ModelProto, pruned: onnx.ModelProto, groups: tuple[ChannelGroup, ...],
+            plans: Mapping[str, Plan], dataset: Dataset, config: PruneConfig) -> Result:
+    check = None
+    if config.verify:
+        feeds = dataset.head(config.verify_samples).arrays
+        check = verify(original, pruned, feeds, data=dataset.source)
+    before, after = count(original), count(pruned)
+    rows = tuple(_row(group, plans.get(group.name), config) for group in groups)
+    notes = ("validation data is synthetic (random): deviations say little about accuracy",) \
+        if dataset.synthetic else ()
+    report = Report(
+        model=original.graph.name or "model", method=config.method,
+        options=_options(config), groups=rows, params=(before.params, after.params),
+        macs=(before.macs, after.macs), file_size=(original.ByteSize(), pruned.ByteSize()),
+        data=dataset.source, verification=check, notes=notes,
+    )
+    return Result(pruned, report, groups, plans, external_data=_external(original))
+
+
+def _row(group: ChannelGroup, plan: Plan | None, config: PruneConfig) -> GroupRow:
+    if plan is not None:
+        status = "pruned" if len(plan.keep) < group.channels else "kept (rounding)"
+        return GroupRow(group.name, group.channels, len(plan.keep), status, dict(plan.info))
+    if not group.prunable:
+        where = f" at '{group.blocker}'" if group.blocker else ""
+        status = f"unprunable: {group.reason}{where}"
+    elif group.coupled and not config.width.prune_residual:
+        status = "coupled (residual/gate): pass --prune-residual to prune"
+    elif group_ratio(group, config.width) is None:
+        status = "excluded"
+    else:
+        status = "kept"
+    return GroupRow(group.name, group.channels, group.channels, status)
+
+
+def _options(config: PruneConfig) -> dict[str, Any]:
+    width = config.width
+    plain = replace(width, recipe=dict(width.recipe))
+    return {**{k: v for k, v in vars(config).items() if k != "width"}, **vars(plain)}
+
+
+def _external(original: onnx.ModelProto) -> bool:
+    from onnxprune.graph.load import uses_external_data
+
+    return uses_external_data(original)
+
+
+def output_path_for(model_path: str | os.PathLike) -> Path:
+    """Default output: `model.pruned.onnx` next to the input."""
+    path = Path(model_path)
+    return path.with_name(f"{path.stem}.pruned.onnx")

@@ -1,0 +1,1 @@
+"""Calibration: activations, gradients and statistics used to score and correct pruned channels."""

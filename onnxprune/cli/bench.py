@@ -1,0 +1,97 @@
+"""`onnxprune bench`: latency, MACs and parameters of one or more models, measured interleaved."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from onnxprune.errors import UsageError
+from onnxprune.measure.latency import PROVIDERS, benchmark
+
+EXAMPLE = """example:
+  onnxprune bench resnet50.onnx resnet50_pruned.onnx --batch 1,8,32 --json bench.json
+  onnxprune bench model.onnx --input-shape pixel_values:1,3,224,224 --threads 4
+
+The first model is the reference for the speedup columns ("ideal" is its MACs / these MACs)."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `bench` parser and point it at `run`."""
+    parser = subparsers.add_parser(
+        "bench",
+        help="Measure ONNX Runtime latency, MACs and parameters of models side by side.",
+        description="Time models interleaved (A B A B ...) with identical ONNX Runtime settings "
+        "and seeded random inputs, and report median/p90/IQR latency, throughput and speedups.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("models", nargs="+", metavar="MODEL", help="ONNX files; first is baseline.")
+    parser.add_argument("--batch", default="1", help="Comma-separated batch sizes, e.g. 1,8,32.")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="Intra-op threads (default: physical cores).")
+    parser.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu",
+                        help="ONNX Runtime execution provider.")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
+                        help="Shape for an input with dynamic dims (repeatable); dim 0 is "
+                        "replaced by each --batch when the model's batch dim is dynamic.")
+    parser.add_argument("--repeats", type=int, default=50,
+                        help="Minimum timed runs per model and batch.")
+    parser.add_argument("--warmup", type=int, default=10, help="Untimed runs per model first.")
+    parser.add_argument("--min-time", type=float, default=1.0,
+                        help="Keep repeating until each batch's timed loop lasted this many s.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random inputs.")
+    parser.add_argument("--json", metavar="FILE|-", default=None,
+                        help="Also write results with raw times as JSON ('-' for stdout).")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Parse the options, run the benchmark, print the table and write JSON."""
+    result = benchmark(
+        args.models,
+        batches=parse_batches(args.batch),
+        threads=args.threads,
+        provider=args.provider,
+        input_shapes=parse_input_shapes(args.input_shape),
+        warmup=args.warmup,
+        repeats=args.repeats,
+        min_time=args.min_time,
+        seed=args.seed,
+    )
+    to_stdout = args.json == "-"
+    print(result.format_table(), file=sys.stderr if to_stdout else sys.stdout)
+    if args.json:
+        text = json.dumps(result.to_dict(), indent=2)
+        if to_stdout:
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def parse_batches(text: str) -> tuple[int, ...]:
+    """'1,8,32' -> (1, 8, 32); anything else is a UsageError."""
+    try:
+        batches = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        batches = ()
+    if not batches or any(b < 1 for b in batches):
+        raise UsageError(f"--batch '{text}' is not a comma-separated list of positive integers")
+    return batches
+
+
+def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
+    """['x:1,3,224,224'] -> {'x': (1, 3, 224, 224)}; the name may itself contain ':'."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or any(d < 1 for d in shape):
+            raise UsageError(f"--input-shape '{spec}' is not NAME:D1,D2,... with positive dims")
+        shapes[name] = shape
+    return shapes

@@ -1,0 +1,54 @@
+"""PruneConfig: every option of a prune run, validated once at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from onnxprune.errors import UsageError
+from onnxprune.methods import METHODS
+from onnxprune.methods.width import WidthRule, check_patterns, check_ratio
+
+COMPENSATIONS = ("none", "bias", "lsq")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Options of one prune run; construction raises UsageError on any bad value."""
+
+    method: str = "magnitude"
+    width: WidthRule = field(default_factory=WidthRule)
+    norm: int = 1
+    compensate: str = "none"
+    id_solver: str = "gram"
+    epsilon: float | None = None
+    recalibrate: bool = False
+    calib_samples: int | None = None
+    batch_size: int = 32
+    seed: int = 0
+    verify: bool = True
+    verify_samples: int = 64
+    allow_noop: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method '{self.method}'; choose from {', '.join(METHODS)}")
+        check_ratio(self.width.ratio)
+        check_patterns(self.width.exclude)
+        if self.norm not in (1, 2):
+            raise UsageError(f"'norm' must be 1 or 2; got {self.norm}")
+        if self.compensate not in COMPENSATIONS:
+            raise UsageError(f"'compensate' must be one of {', '.join(COMPENSATIONS)}")
+        if self.id_solver not in ("gram", "qr"):
+            raise UsageError(f"'id_solver' must be 'gram' or 'qr'; got '{self.id_solver}'")
+        if self.epsilon is not None and not 0.0 < self.epsilon < 1.0:
+            raise UsageError(f"'epsilon' must be in (0, 1); got {self.epsilon}")
+        _positive("batch_size", self.batch_size)
+        _positive("verify_samples", self.verify_samples)
+        _positive("round_to", self.width.round_to)
+        if self.calib_samples is not None:
+            _positive("calib_samples", self.calib_samples)
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise UsageError(f"'{name}' must be at least 1; got {value}")

@@ -1,0 +1,337 @@
+"""Static cost model: multiply-accumulates (MACs), parameters and element-wise work per node.
+
+MACs are what pruning removes in proportion to the kept channels, so they give the *ideal* speedup
+that the latency benchmark is compared against. Pools, activations, normalizations and other
+element-wise ops are counted separately (`elementwise`, one per output element, times the kernel
+size for pools) because they are memory-bound and would blur the MAC figure.
+
+Shapes come from ONNX shape inference on a copy of the model whose symbolic dims are fixed (to 1,
+or to `input_shapes` where given). Nodes whose shapes stay unknown are listed in `Cost.unknown`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from onnxprune.errors import UsageError
+
+Shape = tuple[int, ...]
+
+FLOAT_TYPES = frozenset(
+    {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+    | {getattr(TensorProto, n) for n in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2",
+                                         "FLOAT8E5M2FNUZ") if hasattr(TensorProto, n)}
+)
+_STUB_MIN_ELEMENTS = 64  # float initializers larger than this become typed inputs for inference
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """Cost of one node: MACs, parameters it is first to consume, element-wise operations."""
+
+    name: str
+    op_type: str
+    macs: int
+    params: int
+    elementwise: int
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Whole-model cost; `unknown` names the nodes whose shapes could not be inferred."""
+
+    macs: int
+    params: int
+    elementwise: int
+    per_node: tuple[NodeCost, ...]
+    unknown: tuple[str, ...] = ()
+
+
+class _UnknownShape(Exception):
+    """A shape needed for counting is not known."""
+
+
+ShapeOf = Callable[[str], Shape]
+
+
+def count(
+    model: onnx.ModelProto, *, input_shapes: dict[str, tuple[int, ...]] | None = None
+) -> Cost:
+    """Count MACs, parameters and element-wise work of `model` (symbolic dims counted as 1)."""
+    shapes = infer_static_shapes(model, input_shapes)
+    param_sizes = _param_sizes(model)
+    seen: set[str] = set()
+    nodes: list[NodeCost] = []
+    unknown: list[str] = []
+    for index, node in enumerate(model.graph.node):
+        if node.op_type == "Constant":
+            continue
+        name = node.name or f"{node.op_type}_{index}"
+        params = _first_use_params(node, param_sizes, seen)
+        try:
+            macs, elementwise = _node_work(node, _shape_getter(shapes))
+        except _UnknownShape:
+            macs, elementwise = 0, 0
+            unknown.append(name)
+        nodes.append(NodeCost(name, node.op_type, macs, params, elementwise))
+    return Cost(
+        macs=sum(n.macs for n in nodes),
+        params=sum(n.params for n in nodes),
+        elementwise=sum(n.elementwise for n in nodes),
+        per_node=tuple(nodes),
+        unknown=tuple(unknown),
+    )
+
+
+def format_count(n: float) -> str:
+    """Human-readable count with 4 significant digits: 1230000 -> '1.23M', 456700 -> '456.7K'."""
+    if abs(n) < 1000:
+        return f"{n:.4g}" if isinstance(n, float) else str(n)
+    for scale, unit in ((1e3, "K"), (1e6, "M"), (1e9, "G"), (1e12, "T")):
+        text = f"{n / scale:.4g}"
+        if abs(float(text)) < 1000 or unit == "T":
+            return text + unit
+    raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def infer_static_shapes(
+    model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, tuple[int | None, ...]]:
+    """Shapes of all tensors once symbolic input dims are fixed (to 1 or `input_shapes`)."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    _fix_input_dims(work, input_shapes or {})
+    _stub_large_initializers(work)
+    del work.graph.value_info[:]
+    # on failure, count what the declared shapes allow; the rest lands in Cost.unknown
+    with contextlib.suppress(onnx.shape_inference.InferenceError, ValueError):
+        work = onnx.shape_inference.infer_shapes(work, data_prop=True)
+    shapes: dict[str, tuple[int | None, ...]] = {}
+    for vi in (*work.graph.input, *work.graph.value_info, *work.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            shapes[vi.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else None
+                for d in vi.type.tensor_type.shape.dim
+            )
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            shapes[node.output[0]] = tuple(node.attribute[0].t.dims)
+    return shapes
+
+
+def _fix_input_dims(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Replace symbolic/missing input dims by 1, or whole shapes by the given overrides."""
+    weights = {init.name for init in model.graph.initializer}
+    inputs = {vi.name: vi for vi in model.graph.input if vi.name not in weights}
+    extra = sorted(set(input_shapes) - set(inputs))
+    if extra:
+        raise UsageError(f"--input-shape names {extra} but the model inputs are {sorted(inputs)}")
+    for name, vi in inputs.items():
+        dims = vi.type.tensor_type.shape.dim
+        if name in input_shapes:
+            _override_dims(name, dims, input_shapes[name])
+            continue
+        for dim in dims:
+            if not dim.HasField("dim_value"):
+                dim.Clear()
+                dim.dim_value = 1
+
+
+def _override_dims(name: str, dims: Iterable, shape: tuple[int, ...]) -> None:
+    dims = list(dims)
+    if dims and len(dims) != len(shape):
+        raise UsageError(
+            f"input '{name}' has rank {len(dims)} but --input-shape gives {len(shape)} dims"
+        )
+    for dim, value in zip(dims, shape, strict=False):
+        dim.Clear()
+        dim.dim_value = int(value)
+
+
+def _stub_large_initializers(model: onnx.ModelProto) -> None:
+    """Turn large float initializers into typed graph inputs: inference needs only their shapes,
+    and this keeps the copy small (and under protobuf's 2 GB limit for big models)."""
+    keep = []
+    for init in model.graph.initializer:
+        if init.data_type in FLOAT_TYPES and math.prod(init.dims) > _STUB_MIN_ELEMENTS:
+            stub = helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+            existing = [i for i, vi in enumerate(model.graph.input) if vi.name == init.name]
+            for i in reversed(existing):
+                del model.graph.input[i]
+            model.graph.input.append(stub)
+        else:
+            keep.append(init)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def _shape_getter(shapes: dict[str, tuple[int | None, ...]]) -> ShapeOf:
+    def shape_of(name: str) -> Shape:
+        shape = shapes.get(name)
+        if not name or shape is None or any(d is None for d in shape):
+            raise _UnknownShape(name)
+        return shape  # type: ignore[return-value]
+
+    return shape_of
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def _param_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """Element counts of float initializers and float Constant-node outputs."""
+    sizes = {
+        init.name: math.prod(init.dims)
+        for init in model.graph.initializer
+        if init.data_type in FLOAT_TYPES
+    }
+    for node in model.graph.node:
+        if node.op_type != "Constant" or not node.attribute:
+            continue
+        attr = node.attribute[0]
+        if attr.name == "value" and attr.t.data_type in FLOAT_TYPES:
+            sizes[node.output[0]] = math.prod(attr.t.dims)
+        elif attr.name == "value_floats":
+            sizes[node.output[0]] = len(attr.floats)
+        elif attr.name == "value_float":
+            sizes[node.output[0]] = 1
+    return sizes
+
+
+def _first_use_params(node: onnx.NodeProto, sizes: dict[str, int], seen: set[str]) -> int:
+    """Parameters this node consumes that no earlier node consumed (each tensor counted once)."""
+    total = 0
+    for name in node.input:
+        if name in sizes and name not in seen:
+            seen.add(name)
+            total += sizes[name]
+    return total
+
+
+# ----------------------------------------------------------------------------- work per node
+
+
+def _node_work(node: onnx.NodeProto, shape_of: ShapeOf) -> tuple[int, int]:
+    """(MACs, element-wise ops) of one node; raises _UnknownShape when a needed shape is missing."""
+    op = node.op_type
+    if op in _MAC_OPS:
+        return _MAC_OPS[op](node, shape_of), 0
+    if op in _POOLS:
+        kernel = math.prod(_attrs(node).get("kernel_shape", [1]))
+        return 0, _numel(shape_of(node.output[0])) * kernel
+    if op in _INPUT_SIZED:
+        return 0, _numel(shape_of(node.input[0]))
+    if op in ELEMENTWISE_OPS:
+        return 0, _numel(shape_of(node.output[0]))
+    return 0, 0
+
+
+def _conv_macs(weight_index: int) -> Callable[[onnx.NodeProto, ShapeOf], int]:
+    """N·C_out·spatial_out · (C_in/group)·kernel = |Y| · prod(W.shape[1:]), any spatial rank."""
+
+    def macs(node: onnx.NodeProto, shape_of: ShapeOf) -> int:
+        weight = shape_of(node.input[weight_index])
+        return _numel(shape_of(node.output[0])) * math.prod(weight[1:])
+
+    return macs
+
+
+def _conv_transpose_macs(node: onnx.NodeProto, shape_of: ShapeOf) -> int:
+    """Every input element is multiplied by a (C_out/group)·kernel slice: |X| · prod(W[1:])."""
+    return _numel(shape_of(node.input[0])) * math.prod(shape_of(node.input[1])[1:])
+
+
+def _gemm_macs(node: onnx.NodeProto, shape_of: ShapeOf) -> int:
+    attrs = _attrs(node)
+    a, b = shape_of(node.input[0]), shape_of(node.input[1])
+    m, k = (a[1], a[0]) if attrs.get("transA", 0) else (a[0], a[1])
+    n = b[0] if attrs.get("transB", 0) else b[1]
+    return m * n * k
+
+
+def _matmul_macs(b_index: int) -> Callable[[onnx.NodeProto, ShapeOf], int]:
+    """Batched, broadcast matmul: prod(broadcast batch) · M · N · K (1-D operands promoted)."""
+
+    def macs(node: onnx.NodeProto, shape_of: ShapeOf) -> int:
+        a, b = shape_of(node.input[0]), shape_of(node.input[b_index])
+        a = (1, *a) if len(a) == 1 else a
+        b = (*b, 1) if len(b) == 1 else b
+        batch = np.broadcast_shapes(a[:-2], b[:-2])
+        return math.prod(batch) * a[-2] * a[-1] * b[-1]
+
+    return macs
+
+
+def _einsum_macs(node: onnx.NodeProto, shape_of: ShapeOf) -> int:
+    """Two-operand einsum without ellipsis: product of every label's size; anything else 0."""
+    equation = str(_attrs(node).get("equation", b""), "utf-8").replace(" ", "")
+    terms = equation.split("->")[0].split(",")
+    if len(terms) != 2 or "..." in equation or len(node.input) != 2:
+        return 0
+    sizes: dict[str, int] = {}
+    for term, name in zip(terms, node.input, strict=True):
+        shape = shape_of(name)
+        if len(shape) != len(term):
+            return 0
+        sizes.update(zip(term, shape, strict=True))
+    return math.prod(sizes.values())
+
+
+def _rnn_macs(node: onnx.NodeProto, shape_of: ShapeOf) -> int:
+    """Per step and batch row: W·x and R·h for every gate and direction."""
+    x = shape_of(node.input[0])
+    steps, batch = (x[1], x[0]) if _attrs(node).get("layout", 0) else (x[0], x[1])
+    weights = _numel(shape_of(node.input[1])) + _numel(shape_of(node.input[2]))
+    return steps * batch * weights
+
+
+_MAC_OPS: dict[str, Callable[[onnx.NodeProto, ShapeOf], int]] = {
+    "Conv": _conv_macs(1),
+    "ConvInteger": _conv_macs(1),
+    "QLinearConv": _conv_macs(3),
+    "ConvTranspose": _conv_transpose_macs,
+    "Gemm": _gemm_macs,
+    "MatMul": _matmul_macs(1),
+    "MatMulInteger": _matmul_macs(1),
+    "QLinearMatMul": _matmul_macs(3),
+    "Einsum": _einsum_macs,
+    "RNN": _rnn_macs,
+    "GRU": _rnn_macs,
+    "LSTM": _rnn_macs,
+}
+_POOLS = frozenset({"MaxPool", "AveragePool", "LpPool"})
+_INPUT_SIZED = frozenset(
+    {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "ReduceMean", "ReduceSum", "ReduceMax",
+     "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
+     "ReduceSumSquare", "ArgMax", "ArgMin"}
+)
+ELEMENTWISE_OPS = frozenset(
+    {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Sigmoid", "HardSigmoid",
+     "HardSwish", "Tanh", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Clip", "Erf", "Exp",
+     "Log", "Sqrt", "Reciprocal", "Neg", "Abs", "Sign", "Floor", "Ceil", "Round", "Sin", "Cos",
+     "Add", "Sub", "Mul", "Div", "Pow", "Mod", "Max", "Min", "Sum", "Mean", "Where",
+     "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Not",
+     "BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization",
+     "LRN", "Softmax", "LogSoftmax", "Hardmax", "Resize", "Upsample", "DequantizeLinear",
+     "QuantizeLinear"}
+)
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _numel(shape: Shape) -> int:
+    return math.prod(shape)

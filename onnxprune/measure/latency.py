@@ -1,0 +1,328 @@
+"""ONNX Runtime latency benchmark that compares models fairly.
+
+Every model gets a session with identical options (threads, providers, optimization level), the
+same seeded random inputs per batch, warm-up runs, and then the models run interleaved (A B A B …)
+so that drifts of a noisy machine (turbo, other processes) hit all models alike. Medians and
+quantiles rather than means are reported because latency distributions have long right tails.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from google.protobuf.message import DecodeError
+
+from onnxprune.errors import DataError, ModelLoadError, UsageError
+from onnxprune.measure.cost import count, format_count
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_NP_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """Latency statistics (milliseconds) and static cost of one model at one batch size.
+
+    `macs` is counted at this row's batch size. `speedup` = median of the first model / this
+    median; `ideal_speedup` = MACs of the first model / these MACs (None when MACs are 0).
+    """
+
+    model: str
+    batch: int
+    params: int
+    macs: int
+    median_ms: float
+    p90_ms: float
+    iqr_ms: float
+    mean_ms: float
+    throughput: float  # samples per second at the median latency
+    speedup: float
+    ideal_speedup: float | None
+    unknown_nodes: int  # nodes whose shapes were unknown, so `macs` may be an undercount
+    times_ms: tuple[float, ...] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """All rows (models × batches, in run order) plus the settings they were measured under."""
+
+    rows: tuple[BenchRow, ...]
+    settings: dict
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict: settings, and rows including the raw times."""
+        rows = [{**asdict(r), "times_ms": list(r.times_ms)} for r in self.rows]
+        return {"settings": dict(self.settings), "macs_counted_at": "row batch", "rows": rows}
+
+    def format_table(self) -> str:
+        """A fixed-width table for the terminal (raw times left out)."""
+        head = ("model", "batch", "params", "MACs", "median ms", "p90 ms", "IQR ms", "mean ms",
+                "samples/s", "speedup", "ideal")
+        lines = [head] + [_table_cells(r) for r in self.rows]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+        text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                          for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+                for line in lines]
+        s = self.settings
+        text.append(f"{s['provider']}, {s['threads']} threads, {s['repeats_min']}+ interleaved "
+                    f"repeats after {s['warmup']} warm-up runs; MACs at the row's batch size"
+                    " (+? = some node shapes unknown)")
+        return "\n".join(text)
+
+
+def _table_cells(r: BenchRow) -> tuple[str, ...]:
+    ideal = "-" if r.ideal_speedup is None else f"{r.ideal_speedup:.2f}x"
+    macs = format_count(r.macs) + ("+?" if r.unknown_nodes else "")
+    return (r.model, str(r.batch), format_count(r.params), macs,
+            f"{r.median_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.iqr_ms:.3f}", f"{r.mean_ms:.3f}",
+            f"{r.throughput:.1f}", f"{r.speedup:.2f}x", ideal)
+
+
+def benchmark(
+    models: Sequence[str | os.PathLike | onnx.ModelProto],
+    *,
+    batches: Sequence[int] = (1,),
+    threads: int | None = None,
+    provider: str = "cpu",
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    warmup: int = 10,
+    repeats: int = 50,
+    min_time: float = 1.0,
+    seed: int = 0,
+    spinning: bool = False,
+) -> BenchResult:
+    """Time `models` interleaved at each batch size; at least `repeats` runs per model and batch,
+    more until a batch's measurement loop has lasted `min_time` seconds. `spinning` lets idle
+    intra-op threads busy-wait (ORT's default; unfair when sessions interleave)."""
+    _check_options(models, batches, threads, warmup, repeats, min_time)
+    threads = threads or physical_cores()
+    loaded = [_load(m) for m in models]
+    labels = _labels(models)
+    sessions = [make_session(m, threads=threads, provider=provider, spinning=spinning)
+                for m in loaded]
+    _check_input_names(sessions, input_shapes or {})
+    feeds_by_batch = {  # built up front so a bad shape fails before any timing
+        batch: [_feed(s, lab, batch, input_shapes or {}, seed)
+                for s, lab in zip(sessions, labels, strict=True)]
+        for batch in batches
+    }
+    rows: list[BenchRow] = []
+    for batch, feeds in feeds_by_batch.items():
+        times = _time_interleaved(sessions, feeds, warmup, repeats, min_time)
+        costs = [count(m, input_shapes={k: v.shape for k, v in f.items()})
+                 for m, f in zip(loaded, feeds, strict=True)]
+        rows += _rows(labels, batch, times, costs)
+    settings = {"provider": provider, "threads": threads, "inter_op_threads": 1,
+                "allow_spinning": spinning, "graph_optimization_level": "ORT_ENABLE_ALL",
+                "warmup": warmup,
+                "repeats_min": repeats, "min_time_s": min_time, "seed": seed,
+                "batches": list(batches), "onnxruntime": ort.__version__}
+    return BenchResult(tuple(rows), settings)
+
+
+def physical_cores() -> int:
+    """Physical cores usable by this process: unique (physical id, core id) pairs on Linux,
+    capped by the CPU affinity mask; os.cpu_count() elsewhere."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    cores = _cpuinfo_cores()
+    fallback = os.cpu_count() or 1
+    return max(1, min(x for x in (cores or fallback, logical or fallback)))
+
+
+def _cpuinfo_cores() -> int | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    pairs, phys = set(), "0"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "physical id":
+            phys = value.strip()
+        elif key.strip() == "core id":
+            pairs.add((phys, value.strip()))
+    return len(pairs) or None
+
+
+def make_session(
+    model: onnx.ModelProto, *, threads: int, provider: str = "cpu", spinning: bool = False
+) -> ort.InferenceSession:
+    """An InferenceSession with the benchmark's fixed options and an explicit provider list."""
+    if provider not in PROVIDERS:
+        raise UsageError(f"unknown provider '{provider}'; choose one of {sorted(PROVIDERS)}")
+    name = PROVIDERS[provider]
+    available = ort.get_available_providers()
+    if name not in available:
+        raise UsageError(f"provider '{provider}' needs {name}, but this onnxruntime offers only "
+                         f"{available} (install onnxruntime-gpu for cuda)")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    # Interleaved sessions each own a thread pool; spinning workers of the session that just ran
+    # would steal cores from the next one (measured: 3-10x slower medians on 2 cores).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    providers = [name] if provider == "cpu" else [name, PROVIDERS["cpu"]]
+    try:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    except Exception as exc:  # ORT raises several pybind exception types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        name = model.graph.name
+        raise ModelLoadError(f"onnxruntime cannot load model '{name}': {first}") from exc
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_options(models, batches, threads, warmup, repeats, min_time) -> None:
+    if not models:
+        raise UsageError("no models to benchmark")
+    if not batches or any(int(b) < 1 for b in batches):
+        raise UsageError(f"batch sizes must be positive integers, got {list(batches)}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    if warmup < 0 or repeats < 1 or min_time < 0:
+        raise UsageError(f"need warmup >= 0, repeats >= 1, min_time >= 0; got {warmup}, "
+                         f"{repeats}, {min_time}")
+
+
+def _check_input_names(sessions, input_shapes: dict[str, tuple[int, ...]]) -> None:
+    names = {arg.name for s in sessions for arg in s.get_inputs()}
+    extra = sorted(set(input_shapes) - names)
+    if extra:
+        raise UsageError(f"--input-shape names {extra} but the model inputs are {sorted(names)}")
+
+
+def _load(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """Load a model file (with external data) or pass a ModelProto through."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = Path(model)
+    if not path.is_file():
+        raise ModelLoadError(f"model file '{path}' does not exist")
+    try:
+        proto = onnx.load(str(path))
+    except (DecodeError, ValueError, OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"'{path}' is not a valid ONNX file ({type(exc).__name__})") from exc
+    if not proto.graph.node:
+        raise ModelLoadError(f"'{path}' is not an ONNX model (no graph nodes)")
+    if not proto.graph.name:
+        proto.graph.name = path.name
+    return proto
+
+
+def _labels(models: Sequence) -> list[str]:
+    """Short names: file names, or full paths when file names repeat; model<i> for protos."""
+    names = [Path(m).name if not isinstance(m, onnx.ModelProto) else "" for m in models]
+    labels = []
+    for i, (m, name) in enumerate(zip(models, names, strict=True)):
+        if isinstance(m, onnx.ModelProto):
+            labels.append(f"model{i}" if not m.graph.name else f"{i}:{m.graph.name}")
+        else:
+            labels.append(name if names.count(name) == 1 else str(m))
+    return labels
+
+
+def _feed(
+    session: ort.InferenceSession, label: str, batch: int,
+    input_shapes: dict[str, tuple[int, ...]], seed: int,
+) -> dict[str, np.ndarray]:
+    """Seeded random inputs of the declared dtype; dim 0 is the batch dim when it is symbolic."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for arg in session.get_inputs():
+        shape = _input_shape(arg, label, batch, input_shapes.get(arg.name))
+        dtype = _NP_TYPES.get(arg.type)
+        if dtype is None:
+            raise DataError(f"input '{arg.name}' of model '{label}' has type {arg.type}, "
+                            "which bench cannot fill with random data")
+        feed[arg.name] = _random(rng, shape, dtype)
+    return feed
+
+
+def _input_shape(
+    arg: ort.NodeArg, label: str, batch: int, override: tuple[int, ...] | None
+) -> tuple[int, ...]:
+    """Concrete shape for one input: the override or declared dims, dim 0 set to `batch`."""
+    declared = list(arg.shape or [])
+    batch_dynamic = bool(declared) and not isinstance(declared[0], int)
+    if override is not None:
+        _check_override(arg.name, label, declared, override)
+        declared = list(override)
+    if batch_dynamic:
+        declared[0] = batch
+    elif declared and declared[0] != batch:
+        raise UsageError(f"input '{arg.name}' of model '{label}' has fixed batch {declared[0]}; "
+                         f"cannot run batch {batch} (use --batch {declared[0]})")
+    dynamic = [str(d) for d in declared if not isinstance(d, int)]
+    if dynamic:
+        example = ",".join(str(d) if isinstance(d, int) else f"<{d}>" for d in declared)
+        raise UsageError(f"input '{arg.name}' of model '{label}' has dynamic dims {dynamic}; "
+                         f"pass --input-shape {arg.name}:{example}")
+    return tuple(declared)
+
+
+def _check_override(name: str, label: str, declared: list, override: tuple[int, ...]) -> None:
+    """The override must have the input's rank and agree with its fixed dims."""
+    if declared and len(declared) != len(override):
+        raise UsageError(f"input '{name}' of model '{label}' has rank {len(declared)} but "
+                         f"--input-shape gives {len(override)} dims")
+    for i, (d, v) in enumerate(zip(declared, override, strict=False)):
+        if isinstance(d, int) and d != v:
+            raise UsageError(f"input '{name}' of model '{label}' has fixed dim {i} = {d} but "
+                             f"--input-shape gives {v}")
+
+
+def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype) -> np.ndarray:
+    if dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    if np.issubdtype(dtype, np.integer):
+        return rng.integers(0, 10, size=shape).astype(dtype)  # small: valid indices/token ids
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _time_interleaved(sessions, feeds, warmup: int, repeats: int, min_time: float):
+    """Warm up each model, then run them A B A B … until `repeats` rounds and `min_time` passed."""
+    for session, feed in zip(sessions, feeds, strict=True):
+        for _ in range(warmup):
+            session.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < repeats or time.perf_counter() - start < min_time:
+        for session, feed, out in zip(sessions, feeds, times, strict=True):
+            t0 = time.perf_counter_ns()
+            session.run(None, feed)
+            out.append((time.perf_counter_ns() - t0) / 1e6)
+        rounds += 1
+    return times
+
+
+def _rows(labels, batch: int, times, costs) -> list[BenchRow]:
+    medians = [float(np.median(t)) for t in times]
+    rows = []
+    for label, t, cost, median in zip(labels, times, costs, medians, strict=True):
+        q25, q75, p90 = np.percentile(t, [25, 75, 90])
+        rows.append(BenchRow(
+            model=label, batch=batch, params=cost.params, macs=cost.macs,
+            median_ms=median, p90_ms=float(p90), iqr_ms=float(q75 - q25),
+            mean_ms=float(np.mean(t)), throughput=batch * 1000.0 / median,
+            speedup=medians[0] / median,
+            ideal_speedup=costs[0].macs / cost.macs if cost.macs else None,
+            unknown_nodes=len(cost.unknown),
+            times_ms=tuple(t),
+        ))
+    return rows

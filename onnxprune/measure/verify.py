@@ -1,0 +1,90 @@
+"""Check a pruned model: ONNX checker, ONNX Runtime, and output deviation against the original."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxprune.errors import VerificationError
+
+
+@dataclass(frozen=True)
+class OutputDeviation:
+    """How far one output of the pruned model is from the original's on the validation batch."""
+
+    name: str
+    max_abs: float
+    rel_l2: float
+    top1_agreement: float | None
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The result of verifying a pruned model on `samples` validation inputs."""
+
+    checker: str
+    samples: int
+    data: str
+    outputs: tuple[OutputDeviation, ...]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
+           *, data: str) -> Verification:
+    """Run the checker on `pruned`, then both models in ORT, and compare every output."""
+    try:
+        onnx.checker.check_model(pruned, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise VerificationError(f"pruned model fails the ONNX checker: {_line(exc)}") from exc
+    reference = run(original, feeds)
+    result = run(pruned, feeds)
+    outputs = tuple(_deviation(name, reference[name], result[name]) for name in reference)
+    samples = len(next(iter(feeds.values()))) if feeds else 0
+    return Verification("passed (full_check)", samples, data, outputs)
+
+
+def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs of `model` on `feeds` in ONNX Runtime (CPU provider), by output name."""
+    try:
+        session = session_for(model)
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, dict(feeds)), strict=True))
+    except Exception as exc:  # ORT raises several unrelated exception types
+        raise VerificationError(f"ONNX Runtime cannot run the model: {_line(exc)}") from exc
+
+
+def session_for(model: onnx.ModelProto, *, threads: int = 0) -> ort.InferenceSession:
+    """An ORT CPU session for an in-memory model."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def is_class_scores(array: np.ndarray) -> bool:
+    """A 2-D float output with more than one column is read as class scores."""
+    return array.ndim == 2 and array.shape[1] > 1 and np.issubdtype(array.dtype, np.floating)
+
+
+def _deviation(name: str, ref: np.ndarray, got: np.ndarray) -> OutputDeviation:
+    if ref.shape != got.shape:
+        raise VerificationError(f"output '{name}' changed shape from {ref.shape} to {got.shape}")
+    ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+    diff = got64 - ref64
+    rel = float(np.linalg.norm(diff) / max(np.linalg.norm(ref64), 1e-30))
+    top1 = None
+    if is_class_scores(ref):
+        top1 = float(np.mean(ref.argmax(axis=1) == got.argmax(axis=1)))
+    return OutputDeviation(name, float(np.abs(diff).max(initial=0.0)), rel, top1)
+
+
+def _line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

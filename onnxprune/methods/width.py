@@ -1,0 +1,125 @@
+"""How many channels each group keeps: ratio, per-layer overrides, recipes, exclusions, rounding.
+
+A ratio counts channels removed from each group (not parameters or MACs). Rounding keeps counts in
+multiples of `round_to` where a group has at least 2·round_to channels, because ONNX Runtime's
+kernels run odd widths slower (benchmarks/round_to.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from onnxprune.errors import UsageError
+from onnxprune.graph.groups import ChannelGroup
+
+
+@dataclass(frozen=True)
+class WidthRule:
+    """The user's width options, validated once."""
+
+    ratio: float = 0.5
+    layer_ratios: tuple[tuple[str, float], ...] = ()
+    exclude: tuple[str, ...] = ()
+    round_to: int = 8
+    prune_residual: bool = False
+    recipe: Mapping[str, float] = field(default_factory=dict)
+
+
+def keep_counts(groups: Sequence[ChannelGroup], rule: WidthRule) -> dict[str, int]:
+    """Kept channel count per prunable, selected group (groups left alone are absent)."""
+    counts = {}
+    for group in groups:
+        ratio = group_ratio(group, rule)
+        if ratio is not None:
+            counts[group.name] = kept(group.channels, ratio, rule.round_to)
+    return counts
+
+
+def group_ratio(group: ChannelGroup, rule: WidthRule) -> float | None:
+    """The removal ratio for `group`, or None when it is blocked, excluded or coupled."""
+    if not group.prunable or (group.coupled and not rule.prune_residual):
+        return None
+    names = (group.name, *group.producers)
+    if any(re.search(pattern, name) for pattern in rule.exclude for name in names):
+        return None
+    if group.name in rule.recipe:
+        return rule.recipe[group.name]
+    for pattern, ratio in reversed(rule.layer_ratios):
+        if any(re.search(pattern, name) for name in names):
+            return ratio
+    return rule.ratio
+
+
+def kept(channels: int, ratio: float, round_to: int) -> int:
+    """Channels kept when removing `ratio` of `channels`, rounded, at least one."""
+    keep = max(1, channels - math.floor(ratio * channels + 1e-9))
+    if keep == channels or round_to <= 1 or channels < 2 * round_to:
+        return keep
+    return min(channels, max(round_to, round_to * round(keep / round_to)))
+
+
+def check_ratio(value: float, what: str = "ratio") -> float:
+    """A removal ratio must lie in [0, 1)."""
+    if not 0.0 <= value < 1.0 or math.isnan(value):
+        raise UsageError(f"'{what}' must be in [0, 1); got {value}")
+    return float(value)
+
+
+def parse_layer_ratio(text: str) -> tuple[str, float]:
+    """Parse `REGEX=R` from --layer-ratio."""
+    pattern, sep, value = text.rpartition("=")
+    if not sep or not pattern:
+        raise UsageError(f"--layer-ratio expects REGEX=R; got '{text}'")
+    _check_regex(pattern)
+    try:
+        return pattern, check_ratio(float(value), f"layer ratio for {pattern}")
+    except ValueError as exc:
+        raise UsageError(f"--layer-ratio expects a number after '='; got '{value}'") from exc
+
+
+def check_patterns(patterns: Sequence[str]) -> tuple[str, ...]:
+    """Validate --exclude regular expressions."""
+    for pattern in patterns:
+        _check_regex(pattern)
+    return tuple(patterns)
+
+
+def load_recipe(path: str | Path) -> dict[str, float]:
+    """Read a recipe: a JSON or YAML mapping of group name to removal ratio."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"recipe file '{path}' does not exist")
+    text = path.read_text()
+    try:
+        data = _parse_recipe_text(path, text)
+    except ValueError as exc:
+        raise UsageError(f"recipe '{path}' is not valid JSON/YAML: {exc}") from exc
+    ratios = data.get("ratios", data) if isinstance(data, dict) else None
+    if not isinstance(ratios, dict):
+        raise UsageError(f"recipe '{path}' must map group names to ratios")
+    return {str(k): check_ratio(float(v), f"recipe ratio for {k}") for k, v in ratios.items()}
+
+
+def _parse_recipe_text(path: Path, text: str) -> object:
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as exc:
+            raise UsageError("YAML recipes need PyYAML", hint="pip install onnxprune[yaml]") from exc
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(str(exc).splitlines()[0]) from exc
+    return json.loads(text)
+
+
+def _check_regex(pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise UsageError(f"invalid regular expression '{pattern}': {exc}") from exc

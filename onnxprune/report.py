@@ -1,0 +1,91 @@
+"""The pruning report: one record per group plus totals, as a terminal table and as JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+from onnxprune.measure.verify import Verification
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    """One channel group: its width before and after, and what happened to it and why."""
+
+    name: str
+    channels: int
+    kept: int
+    status: str
+    info: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything `onnxprune prune` tells the user, in one object."""
+
+    model: str
+    method: str
+    options: Mapping[str, object]
+    groups: tuple[GroupRow, ...]
+    params: tuple[int, int]
+    macs: tuple[int, int]
+    file_size: tuple[int, int]
+    data: str
+    verification: Verification | None = None
+    bench: Mapping[str, object] | None = None
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict with the same content as the terminal table."""
+        out = asdict(self)
+        out["verification"] = self.verification.to_dict() if self.verification else None
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=float)
+
+    def format(self) -> str:
+        """The terminal table: groups, totals, verification."""
+        lines = [f"onnxprune: {self.model}  method={self.method}  data: {self.data}", ""]
+        lines += format_groups(self.groups)
+        lines += ["", *self._totals()]
+        if self.verification:
+            lines += ["", *format_verification(self.verification)]
+        if self.bench:
+            lines += ["", str(self.bench.get("table", ""))]
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def _totals(self) -> list[str]:
+        rows = [("parameters", *self.params), ("MACs", *self.macs), ("file bytes", *self.file_size)]
+        out = []
+        for label, before, after in rows:
+            change = 100.0 * (after - before) / before if before else 0.0
+            out.append(f"{label:<11} {_count(before):>9} -> {_count(after):>9}  ({change:+.1f} %)")
+        return out
+
+
+def format_groups(groups: tuple[GroupRow, ...]) -> list[str]:
+    """Rows `name  before -> after  status` with aligned columns."""
+    width = max([len(g.name) for g in groups] + [5])
+    lines = [f"{'group':<{width}}  {'channels':>15}  status"]
+    for g in groups:
+        extra = "".join(f"  {k}={v:.3g}" for k, v in g.info.items())
+        lines.append(f"{g.name:<{width}}  {g.channels:>6} -> {g.kept:<6}  {g.status}{extra}")
+    return lines
+
+
+def format_verification(v: Verification) -> list[str]:
+    lines = [f"verification: checker {v.checker}; {v.samples} samples ({v.data})"]
+    for o in v.outputs:
+        top1 = "" if o.top1_agreement is None else f"  top-1 agreement {100 * o.top1_agreement:.1f} %"
+        lines.append(f"  output '{o.name}': max |Δ| {o.max_abs:.3g}  rel L2 {o.rel_l2:.3g}{top1}")
+    return lines
+
+
+def _count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
