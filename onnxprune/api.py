@@ -21,7 +21,15 @@ from onnxprune.config import PruneConfig
 from onnxprune.errors import NothingToPruneError, UsageError
 from onnxprune.graph.analyze import analyze as find_groups
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.graph.load import check_opset, export, load_model, normalize, save_model
+from onnxprune.graph.load import (
+    check_opset,
+    export,
+    has_external_data,
+    load_model,
+    normalize,
+    save_model,
+    too_large_for_protobuf,
+)
 from onnxprune.graph.rewrite import rewrite
 from onnxprune.measure.cost import count
 from onnxprune.measure.verify import verify
@@ -56,14 +64,24 @@ class Analysis:
     groups: tuple[ChannelGroup, ...]
     params: int
     macs: int
+    group_macs: Mapping[str, int]
 
 
 def analyze(model: ModelLike) -> Analysis:
-    """Channel groups of `model` (prunable or with the reason why not) and its cost."""
-    proto = _load(model)
-    graph = normalize(proto)
-    cost = count(proto)
-    return Analysis(find_groups(graph), cost.params, cost.macs)
+    """Channel groups of `model` (prunable or with the reason why not) and its cost.
+
+    A group's MACs are those of the nodes whose work scales with its width: producers,
+    passthrough ops and consumers.
+    """
+    graph = normalize(_load(model))
+    groups = find_groups(graph)
+    cost = count(export(graph))
+    macs = {node.name: node.macs for node in cost.per_node}
+    group_macs = {
+        g.name: sum(macs.get(n, 0) for n in {*g.producers, *g.passthrough, *g.consumers})
+        for g in groups
+    }
+    return Analysis(groups, cost.params, cost.macs, group_macs)
 
 
 def prune(
@@ -84,6 +102,7 @@ def prune(
     """
     config = config or _config(method, ratio, options)
     proto = _load(model)
+    external = not isinstance(model, onnx.ModelProto) and has_external_data(model)
     graph = normalize(proto)
     groups = find_groups(graph)
     counts = keep_counts(groups, config.width)
@@ -97,7 +116,8 @@ def prune(
     stats = gather(graph, groups, counts, pruner.needs | _extra_needs(config), dataset, config)
     plans = make_plans(groups, counts, stats, pruner, config)
     pruned = _finish(proto, rewrite(graph, groups, plans), config)
-    return _result(proto, pruned, groups, plans, dataset, config)
+    result = _result(proto, pruned, groups, plans, dataset, config)
+    return replace(result, external_data=external or too_large_for_protobuf(pruned))
 
 
 def _config(method: str, ratio: float, options: Mapping[str, Any]) -> PruneConfig:
@@ -129,8 +149,9 @@ def _extra_needs(config: PruneConfig) -> frozenset[str]:
     return frozenset(needs)
 
 
-def _dataset(proto: onnx.ModelProto, data: Any, labels: Any, config: PruneConfig, *,
-             needs_data: bool) -> Dataset:
+def _dataset(
+    proto: onnx.ModelProto, data: Any, labels: Any, config: PruneConfig, *, needs_data: bool
+) -> Dataset:
     if isinstance(data, Dataset):
         return data
     specs = input_specs(proto)
@@ -139,8 +160,14 @@ def _dataset(proto: onnx.ModelProto, data: Any, labels: Any, config: PruneConfig
             f"method '{config.method}' needs calibration data",
             hint="pass --data calib.npz (or --data random for a synthetic smoke test)",
         )
-    return load_data(data, specs, labels=labels, samples=config.calib_samples, seed=config.seed,
-                     random_samples=config.verify_samples)
+    return load_data(
+        data,
+        specs,
+        labels=labels,
+        samples=config.calib_samples,
+        seed=config.seed,
+        random_samples=config.verify_samples,
+    )
 
 
 def _finish(original: onnx.ModelProto, graph: gs.Graph, config: PruneConfig) -> onnx.ModelProto:
@@ -152,28 +179,44 @@ def _finish(original: onnx.ModelProto, graph: gs.Graph, config: PruneConfig) -> 
     del model.metadata_props[:]
     model.metadata_props.extend(original.metadata_props)
     note = f"method={config.method} ratio={config.width.ratio}"
-    onnx.helper.set_model_props(model, {**{p.key: p.value for p in original.metadata_props},
-                                        "onnxprune": note})
+    onnx.helper.set_model_props(
+        model, {**{p.key: p.value for p in original.metadata_props}, "onnxprune": note}
+    )
     return model
 
 
-def _result(original: onnx.ModelProto, pruned: onnx.ModelProto, groups: tuple[ChannelGroup, ...],
-            plans: Mapping[str, Plan], dataset: Dataset, config: PruneConfig) -> Result:
+def _result(
+    original: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    groups: tuple[ChannelGroup, ...],
+    plans: Mapping[str, Plan],
+    dataset: Dataset,
+    config: PruneConfig,
+) -> Result:
     check = None
     if config.verify:
         feeds = dataset.head(config.verify_samples).arrays
         check = verify(original, pruned, feeds, data=dataset.source)
     before, after = count(original), count(pruned)
     rows = tuple(_row(group, plans.get(group.name), config) for group in groups)
-    notes = ("validation data is synthetic (random): deviations say little about accuracy",) \
-        if dataset.synthetic else ()
-    report = Report(
-        model=original.graph.name or "model", method=config.method,
-        options=_options(config), groups=rows, params=(before.params, after.params),
-        macs=(before.macs, after.macs), file_size=(original.ByteSize(), pruned.ByteSize()),
-        data=dataset.source, verification=check, notes=notes,
+    notes = (
+        ("validation data is synthetic (random): deviations say little about accuracy",)
+        if dataset.synthetic
+        else ()
     )
-    return Result(pruned, report, groups, plans, external_data=_external(original))
+    report = Report(
+        model=original.graph.name or "model",
+        method=config.method,
+        options=_options(config),
+        groups=rows,
+        params=(before.params, after.params),
+        macs=(before.macs, after.macs),
+        file_size=(original.ByteSize(), pruned.ByteSize()),
+        data=dataset.source,
+        verification=check,
+        notes=notes,
+    )
+    return Result(pruned, report, groups, plans)
 
 
 def _row(group: ChannelGroup, plan: Plan | None, config: PruneConfig) -> GroupRow:
@@ -196,12 +239,6 @@ def _options(config: PruneConfig) -> dict[str, Any]:
     width = config.width
     plain = replace(width, recipe=dict(width.recipe))
     return {**{k: v for k, v in vars(config).items() if k != "width"}, **vars(plain)}
-
-
-def _external(original: onnx.ModelProto) -> bool:
-    from onnxprune.graph.load import uses_external_data
-
-    return uses_external_data(original)
 
 
 def output_path_for(model_path: str | os.PathLike) -> Path:

@@ -6,6 +6,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
+from onnxprune.measure.cost import format_count
 from onnxprune.measure.verify import Verification
 
 
@@ -62,7 +63,8 @@ class Report:
         out = []
         for label, before, after in rows:
             change = 100.0 * (after - before) / before if before else 0.0
-            out.append(f"{label:<11} {_count(before):>9} -> {_count(after):>9}  ({change:+.1f} %)")
+            counts = f"{format_count(before):>9} -> {format_count(after):>9}"
+            out.append(f"{label:<11} {counts}  ({change:+.1f} %)")
         return out
 
 
@@ -79,13 +81,8 @@ def format_groups(groups: tuple[GroupRow, ...]) -> list[str]:
 def format_verification(v: Verification) -> list[str]:
     lines = [f"verification: checker {v.checker}; {v.samples} samples ({v.data})"]
     for o in v.outputs:
-        top1 = "" if o.top1_agreement is None else f"  top-1 agreement {100 * o.top1_agreement:.1f} %"
+        top1 = (
+            "" if o.top1_agreement is None else f"  top-1 agreement {100 * o.top1_agreement:.1f} %"
+        )
         lines.append(f"  output '{o.name}': max |Δ| {o.max_abs:.3g}  rel L2 {o.rel_l2:.3g}{top1}")
     return lines
-
-
-def _count(n: int) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)

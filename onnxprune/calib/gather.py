@@ -15,8 +15,14 @@ from onnxprune.graph.weights import producer_filters
 from onnxprune.methods.base import GroupStats, TapStats
 
 
-def gather(graph: gs.Graph, groups: tuple[ChannelGroup, ...], counts: Mapping[str, int],
-           needs: frozenset[str], dataset: Dataset, config: PruneConfig) -> dict[str, GroupStats]:
+def gather(
+    graph: gs.Graph,
+    groups: tuple[ChannelGroup, ...],
+    counts: Mapping[str, int],
+    needs: frozenset[str],
+    dataset: Dataset,
+    config: PruneConfig,
+) -> dict[str, GroupStats]:
     """GroupStats for every group in `counts`: producer weights and/or streamed tap statistics."""
     selected = [g for g in groups if g.name in counts]
     taps = _tap_stats(graph, selected, dataset, config) if "gram" in needs else {}
@@ -28,11 +34,13 @@ def gather(graph: gs.Graph, groups: tuple[ChannelGroup, ...], counts: Mapping[st
     return stats
 
 
-def _tap_stats(graph: gs.Graph, groups: list[ChannelGroup], dataset: Dataset,
-               config: PruneConfig) -> dict[tuple[Tap, int], TapStats]:
+def _tap_stats(
+    graph: gs.Graph, groups: list[ChannelGroup], dataset: Dataset, config: PruneConfig
+) -> dict[tuple[Tap, int], TapStats]:
     wanted = list(dict.fromkeys((tap, g.channels) for g in groups for tap in g.taps))
     total = -(-len(dataset) // config.batch_size)
-    batches = progress((b.feeds for b in dataset.batches(config.batch_size)), total,
-                       "calibrating", enabled=True)
+    batches = progress(
+        (b.feeds for b in dataset.batches(config.batch_size)), total, "calibrating", enabled=True
+    )
     found = collect(export(graph), wanted, batches)
     return {(tap, channels): found[tap] for tap, channels in wanted}

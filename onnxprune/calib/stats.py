@@ -42,7 +42,7 @@ def tap_rows(array: np.ndarray, tap: Tap, channels: int) -> np.ndarray:
     moved = np.moveaxis(array, tap.axis, -1)
     total = moved.shape[-1] // tap.spatial
     moved = moved.reshape(*moved.shape[:-1], total, tap.spatial)
-    moved = np.moveaxis(moved, -2, -1)[..., tap.offset: tap.offset + channels]
+    moved = np.moveaxis(moved, -2, -1)[..., tap.offset : tap.offset + channels]
     return moved.reshape(-1, channels)
 
 

@@ -199,8 +199,7 @@ def _max_pool(n: OpNode, xs: list) -> Result:
     k = len(kernel)
     strides, dilations, pads = _geometry(n, x, kernel)
     ceil = bool(n.get("ceil_mode", 0))
-    limits = [((ks - 1) * d + 1) // 2 for ks, d in zip(kernel, dilations, strict=True)]
-    if _native_pads(pads, limits):
+    if _native_pads(pads, [ks // 2 for ks in kernel]):
         return _MAX_POOL[k](x, kernel, strides, pads[:k], dilations, ceil)
     x = F.pad(x, _torch_pads(pads), value=-math.inf)
     return _MAX_POOL[k](x, kernel, strides, 0, dilations, ceil)
@@ -362,15 +361,20 @@ def _where(n: OpNode, xs: list) -> Result:
 # ------------------------------------------------------------------------- reductions
 
 
-def _reduce(fn: Callable[[Tensor, list[int], bool], Tensor]) -> Callable[[OpNode, list], Result]:
-    """Reduce* with axes as input (ReduceSum >= 13, others >= 18) or attribute."""
+def _reduce(fn: Callable[[Tensor, list[int], bool], Tensor],
+            noop: Callable[[Tensor], Tensor] = lambda x: x) -> Callable[[OpNode, list], Result]:
+    """Reduce* with axes as input (ReduceSum >= 13, others >= 18) or attribute.
+
+    With empty axes and noop_with_empty_axes=1 only the elementwise part (`noop`) is applied, as
+    ONNX Runtime does (ReduceL1/L2 give |x|, ReduceSumSquare gives x**2).
+    """
 
     def op(n: OpNode, xs: list) -> Result:
         x = xs[0]
         axes = _from_input_or_attr(n, xs, 1, "axes")
         if not axes:
             if n.get("noop_with_empty_axes", 0):
-                return x
+                return noop(x)
             axes = list(range(x.dim()))
         return fn(x, [a % x.dim() for a in axes], bool(n.get("keepdims", 1)))
 
@@ -464,7 +468,8 @@ def _slice_axis(x: Tensor, axis: int, start: int, end: int, step: int) -> Tensor
         index = [slice(None)] * axis + [bounds]
         return x[tuple(index)]
     start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
-    return x.index_select(axis, torch.arange(start, end, step, device=x.device))
+    idx = torch.arange(start, end, step, device=x.device) if start > end else x.new_zeros(0).long()
+    return x.index_select(axis, idx)
 
 
 def _slice(n: OpNode, xs: list) -> Result:
@@ -489,7 +494,7 @@ def _gather(n: OpNode, xs: list) -> Result:
     axis = n.get("axis", 0) % x.dim()
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     out = x.index_select(axis, idx.reshape(-1))
-    return out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])
+    return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))
 
 
 def _gather_elements(n: OpNode, xs: list) -> Result:
@@ -585,7 +590,8 @@ def _resize_axis(n: OpNode, x: Tensor, axis: int, out: int, scale: float) -> Ten
     coords = np.clip(coords, 0, size - 1)
     lo = np.floor(coords).astype(np.int64)
     hi = np.minimum(lo + 1, size - 1)
-    w = torch.from_numpy(coords - lo).to(x.device).reshape(-1, *[1] * (x.dim() - axis - 1))
+    w = torch.from_numpy((coords - lo).astype(np.float32)).to(x.device)
+    w = w.reshape(-1, *[1] * (x.dim() - axis - 1))
     x_lo = x.index_select(axis, torch.from_numpy(lo).to(x.device))
     x_hi = x.index_select(axis, torch.from_numpy(hi).to(x.device))
     return x_lo + (x_hi - x_lo) * w
@@ -694,9 +700,9 @@ OPS: dict[str, Callable[[OpNode, list], Result]] = {
     "ReduceMax": _reduce(lambda x, a, k: x.amax(dim=a, keepdim=k)),
     "ReduceMin": _reduce(lambda x, a, k: x.amin(dim=a, keepdim=k)),
     "ReduceProd": _reduce(_reduce_prod),
-    "ReduceL1": _reduce(lambda x, a, k: x.abs().sum(dim=a, keepdim=k)),
-    "ReduceL2": _reduce(lambda x, a, k: x.square().sum(dim=a, keepdim=k).sqrt()),
-    "ReduceSumSquare": _reduce(lambda x, a, k: x.square().sum(dim=a, keepdim=k)),
+    "ReduceL1": _reduce(lambda x, a, k: x.abs().sum(dim=a, keepdim=k), torch.abs),
+    "ReduceL2": _reduce(lambda x, a, k: x.square().sum(dim=a, keepdim=k).sqrt(), torch.abs),
+    "ReduceSumSquare": _reduce(lambda x, a, k: x.square().sum(dim=a, keepdim=k), torch.square),
     "ReduceLogSumExp": _reduce(lambda x, a, k: torch.logsumexp(x, dim=a, keepdim=k)),
     "ArgMax": _arg_extreme(torch.argmax), "ArgMin": _arg_extreme(torch.argmin),
     "Flatten": _flatten, "Reshape": _reshape, "Transpose": _transpose,

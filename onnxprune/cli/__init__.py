@@ -10,10 +10,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from onnxprune.errors import OnnxPruneError, VerificationError
+from onnxprune.errors import OnnxPruneError, UsageError, VerificationError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 3
-EPILOG = "exit codes: 0 ok, 1 error (one-line reason), 2 bad usage, 3 verification failed"
+EPILOG = (
+    "exit codes: 0 ok, 1 error (one-line reason), 2 bad usage, 3 verification failed; "
+    "a command without a subcommand is `prune`"
+)
 
 
 def _subcommands() -> list:
@@ -59,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"onnxprune: error: {exc}", file=sys.stderr)
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
+        if isinstance(exc, UsageError):
+            return EXIT_USAGE
         return EXIT_VERIFY if isinstance(exc, VerificationError) else EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

@@ -73,20 +73,23 @@ def _as_producer(node: gs.Node) -> _Producer | None:
         return _with_bias(node, weight.shape[1], [ParamEdit(node.name, 1, 1, 0, "out")], out, 0)
     if node.op == "Gemm" and weight.ndim == 2:
         axis = 0 if node.attrs.get("transB", 0) else 1
-        producer = _Producer(node, weight.shape[axis], [ParamEdit(node.name, 1, axis, 0, "out")],
-                             State(out, 1, 0))
+        producer = _Producer(
+            node, weight.shape[axis], [ParamEdit(node.name, 1, axis, 0, "out")], State(out, 1, 0)
+        )
         return _gemm_bias(node, producer)
     if node.op == "MatMul" and weight.ndim == 2:
         rank = rank_of(node.outputs[0])
         if rank is None:
             return None
-        return _Producer(node, weight.shape[1], [ParamEdit(node.name, 1, 1, 0, "out")],
-                         State(out, rank - 1, 0))
+        return _Producer(
+            node, weight.shape[1], [ParamEdit(node.name, 1, 1, 0, "out")], State(out, rank - 1, 0)
+        )
     return None
 
 
-def _with_bias(node: gs.Node, channels: int, edits: list[ParamEdit], out: str,
-               bias_axis: int) -> _Producer:
+def _with_bias(
+    node: gs.Node, channels: int, edits: list[ParamEdit], out: str, bias_axis: int
+) -> _Producer:
     producer = _Producer(node, channels, edits, State(out, 1, 0))
     if len(node.inputs) > 2 and node.inputs[2].name:
         if const(node, 2) is None:
@@ -179,7 +182,9 @@ def _couple(walks: list[_Walk]) -> list[list[int]]:
             for w in involved:
                 walks[w].block(
                     f"tied elementwise at '{node}' to channels no prunable producer of the "
-                    "same width creates", node)
+                    "same width creates",
+                    node,
+                )
             continue
         for ws in (w for segments in by_input.values() for w in segments.values()):
             for w in ws:
@@ -243,8 +248,13 @@ def _grouped_conv_notes(graph: gs.Graph) -> list[ChannelGroup]:
         group = node.attrs.get("group", 1)
         if node.op != "Conv" or weight is None or group == 1 or weight.shape[1] == 1:
             continue
-        notes.append(ChannelGroup(
-            name=node.name, channels=int(weight.shape[0]), producers=(node.name,),
-            reason=f"grouped Conv (group={group}) is not supported", blocker=node.name,
-        ))
+        notes.append(
+            ChannelGroup(
+                name=node.name,
+                channels=int(weight.shape[0]),
+                producers=(node.name,),
+                reason=f"grouped Conv (group={group}) is not supported",
+                blocker=node.name,
+            )
+        )
     return notes

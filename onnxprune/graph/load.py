@@ -24,8 +24,9 @@ SUPPORTED_OPSETS = range(11, 22)
 _EXTERNAL_LIMIT = 1_800_000_000  # bytes of weights above which output keeps external data
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX file with its external data; reject what later stages cannot handle."""
+def load_model(path: str | os.PathLike, *, weights: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file (with its external data unless `weights` is False); reject what later
+    stages cannot handle."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model file '{path}' does not exist")
@@ -37,9 +38,16 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelLoadError(f"'{path}' is not a valid ONNX file ({_first_line(exc)})") from exc
     if not model.graph.node or not model.opset_import:
         raise ModelLoadError(f"'{path}' is not an ONNX model (no graph nodes or opset)")
-    _load_external(model, path)
+    if weights:
+        _load_external(model, path)
     check_opset(model)
     return model
+
+
+def has_external_data(path: str | os.PathLike) -> bool:
+    """True when the file keeps some initializers in external data files."""
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def check_opset(model: onnx.ModelProto) -> int:
@@ -62,11 +70,9 @@ def default_opset(model: onnx.ModelProto) -> int:
     raise ModelLoadError("model declares no default-domain opset")
 
 
-def uses_external_data(model: onnx.ModelProto) -> bool:
-    """True when any initializer of the original file lived in an external data file."""
-    return any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
-    ) or model.ByteSize() > _EXTERNAL_LIMIT
+def too_large_for_protobuf(model: onnx.ModelProto) -> bool:
+    """Protobuf cannot serialize 2 GB: such models must be written with external data."""
+    return model.ByteSize() > _EXTERNAL_LIMIT
 
 
 def normalize(model: onnx.ModelProto) -> gs.Graph:
@@ -111,8 +117,12 @@ def save_model(
         if external_data:
             data_name = f"{path.name}.data"
             onnx.save_model(
-                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                location=data_name, size_threshold=1024,
+                model,
+                tmp,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
             )
             # external data is written next to tmp under its final name; the .onnx is renamed
         else:
@@ -263,5 +273,6 @@ def _effective_bias(node: gs.Node, channels: int) -> np.ndarray:
     values = node.inputs[2].values.astype(np.float64)
     if node.op == "Gemm":
         values = values * node.attrs.get("beta", 1.0)
-    return np.broadcast_to(values.reshape(-1)[-channels:] if values.size > 1 else values,
-                           (channels,)).copy()
+    return np.broadcast_to(
+        values.reshape(-1)[-channels:] if values.size > 1 else values, (channels,)
+    ).copy()

@@ -71,9 +71,16 @@ def _block(reason: str) -> Step:
     return Step("block", reason=reason)
 
 
-def _through(node: gs.Node, state: State, *, axis: int | None = None, offset: int | None = None,
-             spatial: int | None = None, edits: list[ParamEdit] | None = None,
-             couple: bool = False) -> Step:
+def _through(
+    node: gs.Node,
+    state: State,
+    *,
+    axis: int | None = None,
+    offset: int | None = None,
+    spatial: int | None = None,
+    edits: list[ParamEdit] | None = None,
+    couple: bool = False,
+) -> Step:
     nxt = State(
         node.outputs[0].name,
         state.axis if axis is None else axis,
@@ -228,7 +235,11 @@ def _flatten(node: gs.Node, index: int, state: State, channels: int) -> Step:
 @_first_input_only
 def _reshape(node: gs.Node, index: int, state: State, channels: int) -> Step:
     """Only a channel-major flatten to (batch, features) is understood."""
-    shape_in, shape_out, target = shape_of(node.inputs[0]), shape_of(node.outputs[0]), const(node, 1)
+    shape_in, shape_out, target = (
+        shape_of(node.inputs[0]),
+        shape_of(node.outputs[0]),
+        const(node, 1),
+    )
     fail = _block(f"Reshape '{node.name}' does not flatten from the channel axis")
     if shape_in is None or shape_out is None or target is None or len(shape_out) != 2:
         return fail
@@ -238,9 +249,11 @@ def _reshape(node: gs.Node, index: int, state: State, channels: int) -> Step:
     if target.size != 2 or shape_in[0] != shape_out[0] and target[0] not in (0, -1, 1):
         return fail
     spatial = state.spatial * int(np.prod(rest, dtype=np.int64))
-    edits = [] if target[1] in (-1, 0) else [
-        ParamEdit(node.name, 1, 0, state.offset, "reshape", spatial)
-    ]
+    edits = (
+        []
+        if target[1] in (-1, 0)
+        else [ParamEdit(node.name, 1, 0, state.offset, "reshape", spatial)]
+    )
     return _through(node, state, spatial=spatial, edits=edits)
 
 
@@ -344,12 +357,40 @@ def _shape(node: gs.Node, index: int, state: State, channels: int) -> Step:
     return Step("consume")
 
 
-_UNARY = (
-    "Relu LeakyRelu Sigmoid Tanh Clip HardSigmoid HardSwish Gelu Erf Elu Selu Celu Softplus "
-    "Softsign Mish Abs Neg Exp Log Sqrt Reciprocal Floor Ceil Round Sign Cast Identity Dropout "
-    "ThresholdedRelu Sin Cos"
-).split()
-_BINARY = "Add Sub Mul Div Max Min Pow".split()
+_UNARY = [
+    "Relu",
+    "LeakyRelu",
+    "Sigmoid",
+    "Tanh",
+    "Clip",
+    "HardSigmoid",
+    "HardSwish",
+    "Gelu",
+    "Erf",
+    "Elu",
+    "Selu",
+    "Celu",
+    "Softplus",
+    "Softsign",
+    "Mish",
+    "Abs",
+    "Neg",
+    "Exp",
+    "Log",
+    "Sqrt",
+    "Reciprocal",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sign",
+    "Cast",
+    "Identity",
+    "Dropout",
+    "ThresholdedRelu",
+    "Sin",
+    "Cos",
+]
+_BINARY = ["Add", "Sub", "Mul", "Div", "Max", "Min", "Pow"]
 
 RULES: dict[str, Callable[[gs.Node, int, State, int], Step]] = {
     **{op: _unary for op in _UNARY},
@@ -357,8 +398,14 @@ RULES: dict[str, Callable[[gs.Node, int, State, int], Step]] = {
     "PRelu": _prelu,
     "BatchNormalization": _batchnorm,
     "InstanceNormalization": _instancenorm,
-    **{op: _pool for op in "MaxPool AveragePool GlobalAveragePool GlobalMaxPool LpPool".split()},
-    **{op: _reduce for op in "ReduceMean ReduceMax ReduceMin ReduceSum ReduceL2 ReduceL1".split()},
+    **{
+        op: _pool
+        for op in ["MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool"]
+    },
+    **{
+        op: _reduce
+        for op in ["ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceL1"]
+    },
     "Squeeze": _squeeze,
     "Unsqueeze": _squeeze,
     "Flatten": _flatten,

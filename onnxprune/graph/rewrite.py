@@ -18,7 +18,9 @@ from onnxprune.graph.load import export, infer_shapes
 from onnxprune.methods.base import Plan
 
 
-def rewrite(graph: gs.Graph, groups: tuple[ChannelGroup, ...], plans: Mapping[str, Plan]) -> gs.Graph:
+def rewrite(
+    graph: gs.Graph, groups: tuple[ChannelGroup, ...], plans: Mapping[str, Plan]
+) -> gs.Graph:
     """Return a new graph with every planned group pruned; `graph` is left unchanged."""
     graph = gs.import_onnx(export(graph))
     nodes = {node.name: node for node in graph.nodes}
@@ -36,7 +38,9 @@ def rewrite(graph: gs.Graph, groups: tuple[ChannelGroup, ...], plans: Mapping[st
         work = value.astype(np.float64)
         for edit, group, plan in sorted(items, key=lambda item: -item[0].offset):
             work = _apply(work, edit, group, plan, node, deltas)
-        node.inputs[index] = gs.Constant(f"{node.inputs[index].name}__{name}", work.astype(value.dtype))
+        node.inputs[index] = gs.Constant(
+            f"{node.inputs[index].name}__{name}", work.astype(value.dtype)
+        )
     outputs = _output_plans(groups, plans)
     for name, delta in deltas.items():
         _add_bias(graph, nodes[name], _to_new_outputs(delta, *outputs.get(name, (None, None))))
@@ -47,8 +51,9 @@ def rewrite(graph: gs.Graph, groups: tuple[ChannelGroup, ...], plans: Mapping[st
     return infer_shapes(graph)
 
 
-def _output_plans(groups: tuple[ChannelGroup, ...],
-                  plans: Mapping[str, Plan]) -> dict[str, tuple[ChannelGroup, Plan]]:
+def _output_plans(
+    groups: tuple[ChannelGroup, ...], plans: Mapping[str, Plan]
+) -> dict[str, tuple[ChannelGroup, Plan]]:
     """Producer node → its group and plan, to map consumer bias shifts to the pruned outputs."""
     found = {}
     for group in groups:
@@ -67,8 +72,14 @@ def _to_new_outputs(delta: np.ndarray, group: ChannelGroup | None, plan: Plan | 
     return delta[np.asarray(plan.keep)]
 
 
-def _apply(work: np.ndarray, edit: ParamEdit, group: ChannelGroup, plan: Plan, node: gs.Node,
-           deltas: dict[str, np.ndarray]) -> np.ndarray:
+def _apply(
+    work: np.ndarray,
+    edit: ParamEdit,
+    group: ChannelGroup,
+    plan: Plan,
+    node: gs.Node,
+    deltas: dict[str, np.ndarray],
+) -> np.ndarray:
     m, keep = group.channels, np.asarray(plan.keep)
     if edit.role == "reshape":
         work = work.copy()
@@ -92,13 +103,13 @@ def _split(work: np.ndarray, edit: ParamEdit, m: int) -> tuple[np.ndarray, np.nd
     sp, start = edit.spatial, edit.offset * edit.spatial
     before, seg, after = np.split(work, [start, start + m * sp], axis=edit.axis)
     shape = list(seg.shape)
-    shape[edit.axis: edit.axis + 1] = [m, sp]
+    shape[edit.axis : edit.axis + 1] = [m, sp]
     return before, seg.reshape(shape), after
 
 
 def _join(before: np.ndarray, seg: np.ndarray, after: np.ndarray, axis: int) -> np.ndarray:
     shape = list(seg.shape)
-    shape[axis: axis + 2] = [shape[axis] * shape[axis + 1]]
+    shape[axis : axis + 2] = [shape[axis] * shape[axis + 1]]
     return np.concatenate([before, seg.reshape(shape), after], axis=axis)
 
 
@@ -119,8 +130,9 @@ def _map_segment(work: np.ndarray, edit: ParamEdit, m: int, matrix: np.ndarray) 
 _OUT_AXIS = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}
 
 
-def _weight_times(work: np.ndarray, edit: ParamEdit, m: int, node: gs.Node,
-                  c: np.ndarray) -> np.ndarray:
+def _weight_times(
+    work: np.ndarray, edit: ParamEdit, m: int, node: gs.Node, c: np.ndarray
+) -> np.ndarray:
     """W c for the consumer's output units: contract channels with c, sum taps and positions."""
     _, seg, _ = _split(work, edit, m)
     out_axis = _OUT_AXIS.get(node.op, 1 - edit.axis)
@@ -149,8 +161,9 @@ def _add_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:
         inner = gs.Variable(f"{out.name}__pre_shift", dtype=out.dtype)
         node.outputs[0] = inner
         shift = gs.Constant(f"{node.name}__shift", delta.astype(dtype))
-        graph.nodes.append(gs.Node("Add", f"{node.name}__shift_add", inputs=[inner, shift],
-                                   outputs=[out]))
+        graph.nodes.append(
+            gs.Node("Add", f"{node.name}__shift_add", inputs=[inner, shift], outputs=[out])
+        )
 
 
 def _set_bias(node: gs.Node, bias: np.ndarray, dtype: np.dtype) -> None:

@@ -35,8 +35,13 @@ class Verification:
         return asdict(self)
 
 
-def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
-           *, data: str) -> Verification:
+def verify(
+    original: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    data: str,
+) -> Verification:
     """Run the checker on `pruned`, then both models in ORT, and compare every output."""
     try:
         onnx.checker.check_model(pruned, full_check=True)
@@ -65,8 +70,9 @@ def session_for(model: onnx.ModelProto, *, threads: int = 0) -> ort.InferenceSes
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
 def is_class_scores(array: np.ndarray) -> bool:

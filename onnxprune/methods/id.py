@@ -29,8 +29,9 @@ class InterpolativeDecomposition:
         taps = list(stats.taps.items())
         if len(taps) == 1:
             tensor, tap = taps[0]
-            result = interpolative_from_gram(tap.gram, keep, intercept=self.intercept,
-                                             mean=tap.mean, n=tap.n)
+            result = interpolative_from_gram(
+                tap.gram, keep, intercept=self.intercept, mean=tap.mean, n=tap.n
+            )
             c = result.c if self.intercept else None
             return Plan(keep=result.keep, corrections={tensor: Correction(result.T, c)})
         # several taps (a coupled group): one selection from the pooled, normalised Grams,

@@ -19,9 +19,13 @@ from onnxprune.methods.linalg import (
 )
 
 
-def make_plans(groups: tuple[ChannelGroup, ...], counts: Mapping[str, int],
-               stats: Mapping[str, GroupStats], method: Method,
-               config: PruneConfig) -> dict[str, Plan]:
+def make_plans(
+    groups: tuple[ChannelGroup, ...],
+    counts: Mapping[str, int],
+    stats: Mapping[str, GroupStats],
+    method: Method,
+    config: PruneConfig,
+) -> dict[str, Plan]:
     """One Plan per selected group."""
     plans = {}
     for group in groups:

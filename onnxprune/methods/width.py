@@ -110,7 +110,9 @@ def _parse_recipe_text(path: Path, text: str) -> object:
         try:
             import yaml
         except ImportError as exc:
-            raise UsageError("YAML recipes need PyYAML", hint="pip install onnxprune[yaml]") from exc
+            raise UsageError(
+                "YAML recipes need PyYAML", hint="pip install onnxprune[yaml]"
+            ) from exc
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:

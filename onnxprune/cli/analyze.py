@@ -1,0 +1,87 @@
+"""`onnxprune analyze`: show the channel groups before anything is changed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from onnxprune.api import Analysis, analyze
+from onnxprune.measure.cost import format_count
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "analyze",
+        help="list channel groups, their cost, and why any is unprunable",
+        description="Show which channels onnxprune may remove and what touches them.",
+        epilog="example:\n  onnxprune analyze model.onnx --json groups.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="input .onnx file")
+    parser.add_argument(
+        "--json", metavar="FILE", help="also write the groups as JSON ('-' = stdout)"
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="list producers, consumers and taps of every group",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = analyze(args.model)
+    if args.json == "-":
+        print(json.dumps(to_dict(result), indent=2))
+        return 0
+    print(format_analysis(result, verbose=args.verbose))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(to_dict(result), handle, indent=2)
+    return 0
+
+
+def format_analysis(result: Analysis, *, verbose: bool = False) -> str:
+    """A table of groups: name, channels, MACs they touch, prunable or why not."""
+    width = max([len(g.name) for g in result.groups] + [5])
+    lines = [f"{'group':<{width}}  {'channels':>8}  {'MACs':>8}  status"]
+    for g in result.groups:
+        status = "prunable" + (" (coupled: --prune-residual)" if g.coupled else "")
+        if not g.prunable:
+            status = f"unprunable: {g.reason}" + (f" at '{g.blocker}'" if g.blocker else "")
+        macs = format_count(result.group_macs.get(g.name, 0))
+        lines.append(f"{g.name:<{width}}  {g.channels:>8}  {macs:>8}  {status}")
+        if verbose:
+            lines.append(f"    producers: {', '.join(g.producers)}")
+            lines.append(f"    consumers: {', '.join(g.consumers) or '-'}")
+            lines.append(f"    taps: {', '.join(t.tensor for t in g.taps) or '-'}")
+    prunable = sum(g.prunable for g in result.groups)
+    lines.append("")
+    lines.append(
+        f"{prunable} of {len(result.groups)} groups prunable; "
+        f"{format_count(result.params)} parameters, {format_count(result.macs)} MACs"
+    )
+    return "\n".join(lines)
+
+
+def to_dict(result: Analysis) -> dict:
+    return {
+        "params": result.params,
+        "macs": result.macs,
+        "groups": [
+            {
+                "name": g.name,
+                "channels": g.channels,
+                "prunable": g.prunable,
+                "coupled": g.coupled,
+                "reason": g.reason,
+                "blocker": g.blocker,
+                "producers": list(g.producers),
+                "consumers": list(g.consumers),
+                "macs": result.group_macs.get(g.name, 0),
+                "taps": [t.tensor for t in g.taps],
+            }
+            for g in result.groups
+        ],
+    }

@@ -1,0 +1,72 @@
+"""Argument groups shared by subcommands (calibration data), so each is declared once."""
+
+from __future__ import annotations
+
+import argparse
+
+import onnx
+
+from onnxprune.calib.data import Dataset, input_specs, load_data
+from onnxprune.errors import UsageError
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--data and the options that say how to read it."""
+    group = parser.add_argument_group("calibration data")
+    group.add_argument(
+        "--data",
+        metavar="PATH",
+        help="calibration data: .npz keyed by input name, .npy, a folder of images, "
+        "or 'random' (seeded, synthetic)",
+    )
+    group.add_argument("--labels", metavar="FILE", help="labels (.npy) for the calibration data")
+    group.add_argument(
+        "--calib-samples",
+        type=int,
+        metavar="N",
+        help="use a seeded random subset of N calibration samples",
+    )
+    group.add_argument("--batch-size", type=int, default=32, help="samples per ORT batch")
+    group.add_argument("--image-size", metavar="HxW", help="resize images to H×W, e.g. 224x224")
+    group.add_argument("--mean", type=_floats, help="per-channel mean after scaling to [0,1]")
+    group.add_argument("--std", type=_floats, help="per-channel std after scaling to [0,1]")
+    group.add_argument(
+        "--layout", choices=("NCHW", "NHWC"), default="NCHW", help="image tensor layout"
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed for sampling and random data")
+
+
+def load_dataset(
+    args: argparse.Namespace, model: onnx.ModelProto, *, random_samples: int = 64
+) -> Dataset:
+    """The calibration Dataset described by the data arguments (random when none is given)."""
+    return load_data(
+        args.data,
+        input_specs(model),
+        labels=args.labels,
+        samples=args.calib_samples,
+        image_size=_image_size(args.image_size),
+        mean=args.mean,
+        std=args.std,
+        layout=args.layout,
+        random_samples=random_samples,
+        seed=args.seed,
+    )
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from exc
+
+
+def _image_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        height, width = (int(p) for p in parts) if len(parts) == 2 else (int(parts[0]),) * 2
+    except ValueError as exc:
+        raise UsageError(f"--image-size expects HxW, e.g. 224x224; got '{text}'") from exc
+    return height, width

@@ -1,0 +1,168 @@
+"""`onnxprune prune` (the default subcommand): prune a model and print the report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from onnxprune.api import output_path_for, prune
+from onnxprune.cli.options import add_data_arguments, load_dataset
+from onnxprune.config import COMPENSATIONS, PruneConfig
+from onnxprune.errors import UsageError
+from onnxprune.graph.load import load_model
+from onnxprune.methods import METHODS
+from onnxprune.methods.width import WidthRule, load_recipe, parse_layer_ratio
+
+EXAMPLE = """examples:
+  onnxprune model.onnx --method magnitude --ratio 0.5
+  onnxprune model.onnx --method id --ratio 0.5 --data calib.npz -o model.small.onnx
+  onnxprune model.onnx --method id --epsilon 0.05 --data calib.npz --report report.json
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "prune",
+        help="prune channels and fold a correction downstream (default)",
+        description="Remove whole channels from an ONNX model, fold each method's correction into "
+        "the downstream weights, verify the result against the original.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="input .onnx file (never modified)")
+    parser.add_argument("-o", "--output", help="output path (default: MODEL.pruned.onnx)")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="magnitude",
+        help="how channels are chosen and corrected (default: magnitude)",
+    )
+    _add_width_arguments(parser)
+    _add_method_arguments(parser)
+    add_data_arguments(parser)
+    out = parser.add_argument_group("verification and report")
+    out.add_argument("--no-verify", action="store_true", help="skip checking the pruned model")
+    out.add_argument(
+        "--verify-samples",
+        type=int,
+        default=64,
+        help="validation samples compared against the original (default: 64)",
+    )
+    out.add_argument("--report", metavar="FILE", help="write the report as JSON ('-' = stdout)")
+    out.add_argument(
+        "--allow-noop", action="store_true", help="succeed even when nothing is prunable"
+    )
+    parser.set_defaults(func=run)
+
+
+def _add_width_arguments(parser: argparse.ArgumentParser) -> None:
+    width = parser.add_argument_group("how much to prune")
+    width.add_argument(
+        "--ratio",
+        type=float,
+        default=0.5,
+        help="fraction of CHANNELS removed from each group, in [0, 1) — not of "
+        "parameters or MACs (default: 0.5)",
+    )
+    width.add_argument(
+        "--layer-ratio",
+        action="append",
+        default=[],
+        metavar="REGEX=R",
+        help="ratio for groups whose name matches REGEX (repeatable; last wins)",
+    )
+    width.add_argument(
+        "--recipe", metavar="FILE", help="JSON/YAML mapping group name → ratio (overrides --ratio)"
+    )
+    width.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="leave groups whose name matches REGEX untouched (repeatable)",
+    )
+    width.add_argument(
+        "--round-to",
+        type=int,
+        default=8,
+        metavar="N",
+        help="keep channel counts in multiples of N where a group has ≥ 2N "
+        "(odd widths run slower in ONNX Runtime; default: 8)",
+    )
+    width.add_argument(
+        "--prune-residual",
+        action="store_true",
+        help="also prune groups tied by Add/Mul (residual streams, SE gates)",
+    )
+
+
+def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    method = parser.add_argument_group("method options")
+    method.add_argument(
+        "--norm", type=int, choices=(1, 2), default=1, help="filter norm for magnitude (default: 1)"
+    )
+    method.add_argument(
+        "--compensate",
+        choices=COMPENSATIONS,
+        default="none",
+        help="correction for any selection: 'bias' adds the removed channels' "
+        "means (id: ID with intercept), 'lsq' the least-squares map",
+    )
+    method.add_argument(
+        "--epsilon",
+        type=float,
+        help="id: per group, the smallest width whose relative error ≤ EPSILON",
+    )
+    method.add_argument(
+        "--id-solver",
+        choices=("gram", "qr"),
+        default="gram",
+        help="id: pivoted Cholesky on the streamed Gram, or the paper's blocked QR",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    source = Path(args.model)
+    output = Path(args.output) if args.output else output_path_for(source)
+    if output.resolve() == source.resolve():
+        raise UsageError(f"output path '{output}' is the input file; choose another -o")
+    config = _config(args)
+    model = load_model(source, weights=False)
+    dataset = load_dataset(args, model, random_samples=config.verify_samples) if args.data else None
+    result = prune(source, data=dataset, config=config)
+    result.save(output)
+    text = result.report.format() + f"\nwritten: {output}"
+    if args.report == "-":
+        print(result.report.to_json())
+        print(text, file=sys.stderr)
+    else:
+        print(text)
+        if args.report:
+            Path(args.report).write_text(result.report.to_json())
+    return 0
+
+
+def _config(args: argparse.Namespace) -> PruneConfig:
+    width = WidthRule(
+        ratio=args.ratio,
+        layer_ratios=tuple(parse_layer_ratio(text) for text in args.layer_ratio),
+        exclude=tuple(args.exclude),
+        round_to=args.round_to,
+        prune_residual=args.prune_residual,
+        recipe=load_recipe(args.recipe) if args.recipe else {},
+    )
+    return PruneConfig(
+        method=args.method,
+        width=width,
+        norm=args.norm,
+        compensate=args.compensate,
+        id_solver=args.id_solver,
+        epsilon=args.epsilon,
+        calib_samples=args.calib_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        verify=not args.no_verify,
+        verify_samples=args.verify_samples,
+        allow_noop=args.allow_noop,
+    )
