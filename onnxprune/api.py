@@ -113,10 +113,12 @@ def prune(
         )
     pruner = build_method(config.method, norm=config.norm, compensate=config.compensate)
     dataset = _dataset(proto, data, labels, config, needs_data=bool(pruner.needs - {"weights"}))
-    stats = gather(graph, groups, counts, pruner.needs | _extra_needs(config), dataset, config)
-    plans = make_plans(groups, counts, stats, pruner, config)
+    calibration = gather(
+        graph, groups, counts, pruner.needs | _extra_needs(config), dataset, config
+    )
+    plans = make_plans(groups, counts, calibration.stats, pruner, config)
     pruned = _finish(proto, rewrite(graph, groups, plans), config)
-    result = _result(proto, pruned, groups, plans, dataset, config)
+    result = _result(proto, pruned, groups, plans, dataset, config, calibration.loss)
     return replace(result, external_data=external or too_large_for_protobuf(pruned))
 
 
@@ -192,6 +194,7 @@ def _result(
     plans: Mapping[str, Plan],
     dataset: Dataset,
     config: PruneConfig,
+    loss: str | None,
 ) -> Result:
     check = None
     if config.verify:
@@ -214,6 +217,7 @@ def _result(
         file_size=(original.ByteSize(), pruned.ByteSize()),
         data=dataset.source,
         verification=check,
+        loss=loss,
         notes=notes,
     )
     return Result(pruned, report, groups, plans)

@@ -25,6 +25,7 @@ class PruneConfig:
     calib_samples: int | None = None
     batch_size: int = 32
     seed: int = 0
+    task: str = "auto"
     verify: bool = True
     verify_samples: int = 64
     allow_noop: bool = False
@@ -38,6 +39,8 @@ class PruneConfig:
             raise UsageError(f"'norm' must be 1 or 2; got {self.norm}")
         if self.compensate not in COMPENSATIONS:
             raise UsageError(f"'compensate' must be one of {', '.join(COMPENSATIONS)}")
+        if self.task not in ("auto", "classify", "regress"):
+            raise UsageError(f"'task' must be auto, classify or regress; got '{self.task}'")
         if self.id_solver not in ("gram", "qr"):
             raise UsageError(f"'id_solver' must be 'gram' or 'qr'; got '{self.id_solver}'")
         if self.epsilon is not None and not 0.0 < self.epsilon < 1.0:

@@ -34,6 +34,7 @@ class Report:
     file_size: tuple[int, int]
     data: str
     verification: Verification | None = None
+    loss: str | None = None
     bench: Mapping[str, object] | None = None
     notes: tuple[str, ...] = ()
 
@@ -48,7 +49,10 @@ class Report:
 
     def format(self) -> str:
         """The terminal table: groups, totals, verification."""
-        lines = [f"onnxprune: {self.model}  method={self.method}  data: {self.data}", ""]
+        lines = [f"onnxprune: {self.model}  method={self.method}  data: {self.data}"]
+        if self.loss:
+            lines.append(f"gradients of: {self.loss}")
+        lines.append("")
         lines += format_groups(self.groups)
         lines += ["", *self._totals()]
         if self.verification:

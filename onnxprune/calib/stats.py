@@ -39,11 +39,20 @@ class TapAccumulator:
 
 def tap_rows(array: np.ndarray, tap: Tap, channels: int) -> np.ndarray:
     """The tap's channels of `array` as a (samples × positions, channels) matrix."""
+    return channel_view(array, tap, channels).reshape(-1, channels)
+
+
+def channel_view(array: np.ndarray, tap: Tap, channels: int) -> np.ndarray:
+    """The tap's channels of `array` as (samples, positions, channels).
+
+    Positions are every index other than the sample and channel axes, including the `spatial`
+    features a flattened channel occupies.
+    """
     moved = np.moveaxis(array, tap.axis, -1)
     total = moved.shape[-1] // tap.spatial
     moved = moved.reshape(*moved.shape[:-1], total, tap.spatial)
     moved = np.moveaxis(moved, -2, -1)[..., tap.offset : tap.offset + channels]
-    return moved.reshape(-1, channels)
+    return moved.reshape(moved.shape[0], -1, channels)
 
 
 def collect(

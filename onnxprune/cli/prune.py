@@ -115,6 +115,13 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         help="id: per group, the smallest width whose relative error ≤ EPSILON",
     )
     method.add_argument(
+        "--task",
+        choices=("auto", "classify", "regress"),
+        default="auto",
+        help="loss for gradient methods: cross-entropy or MSE to --labels; without labels, "
+        "the model's own argmax or a random projection",
+    )
+    method.add_argument(
         "--id-solver",
         choices=("gram", "qr"),
         default="gram",
@@ -162,6 +169,7 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         calib_samples=args.calib_samples,
         batch_size=args.batch_size,
         seed=args.seed,
+        task=args.task,
         verify=not args.no_verify,
         verify_samples=args.verify_samples,
         allow_noop=args.allow_noop,

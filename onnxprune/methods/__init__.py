@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from onnxprune.methods.activation import Activation
 from onnxprune.methods.base import Method
+from onnxprune.methods.fpgm import FPGM
 from onnxprune.methods.id import InterpolativeDecomposition
 from onnxprune.methods.magnitude import Magnitude, Random
+from onnxprune.methods.taylor import Taylor
 
 
 def build_method(name: str, *, norm: int = 1, compensate: str = "none") -> Method:
@@ -13,8 +16,11 @@ def build_method(name: str, *, norm: int = 1, compensate: str = "none") -> Metho
         "magnitude": lambda: Magnitude(norm=norm),
         "random": Random,
         "id": lambda: InterpolativeDecomposition(intercept=compensate != "none"),
+        "taylor": Taylor,
+        "fpgm": FPGM,
+        "activation": Activation,
     }
     return factories[name]()
 
 
-METHODS: tuple[str, ...] = ("id", "magnitude", "random")
+METHODS: tuple[str, ...] = ("id", "magnitude", "random", "taylor", "fpgm", "activation")

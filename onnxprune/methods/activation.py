@@ -1,0 +1,31 @@
+"""Activation-based selection: keep the channels with the largest mean |a| at the taps.
+
+Data-only (no gradients). Coupled groups average the taps after scaling each to unit total, so a
+tap with large activations does not dominate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxprune.graph.groups import ChannelGroup
+from onnxprune.methods.base import GroupStats, Plan, selection_plan
+
+
+@dataclass(frozen=True)
+class Activation:
+    """Keep the channels with the largest mean absolute activation."""
+
+    name: str = "activation"
+    needs: frozenset[str] = frozenset({"gram"})
+
+    def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
+        scores = sum(_unit(tap.abs_sum / max(tap.n, 1)) for tap in stats.taps.values())
+        return selection_plan(np.asarray(scores), keep)
+
+
+def _unit(values: np.ndarray) -> np.ndarray:
+    total = float(values.sum())
+    return values / total if total > 0 else values

@@ -1,0 +1,28 @@
+"""FPGM (He et al., CVPR 2019): prune the filters nearest the geometric median of their layer.
+
+Such filters are the most replaceable by the others. A channel's score is the sum of Euclidean
+distances from its filter to all other filters; coupled groups concatenate their producers'
+filters so one distance covers every weight that writes the channel. Data-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial.distance import cdist
+
+from onnxprune.graph.groups import ChannelGroup
+from onnxprune.methods.base import GroupStats, Plan, selection_plan
+
+
+@dataclass(frozen=True)
+class FPGM:
+    """Keep the channels whose filters are farthest, in total, from the others."""
+
+    name: str = "fpgm"
+    needs: frozenset[str] = frozenset({"weights"})
+
+    def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
+        filters = np.concatenate(stats.weights, axis=1)
+        return selection_plan(cdist(filters, filters).sum(axis=1), keep)

@@ -1,0 +1,24 @@
+"""First-order Taylor channel importance (Molchanov et al., CVPR 2019).
+
+Removing channel j changes the loss by about −Σ_positions a_j·∂L/∂a_j per sample; the importance
+is the sum over samples of its square, taken at the taps (where the channel is consumed) and
+summed over a coupled group's taps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onnxprune.graph.groups import ChannelGroup
+from onnxprune.methods.base import GroupStats, Plan, selection_plan
+
+
+@dataclass(frozen=True)
+class Taylor:
+    """Keep the channels whose removal would change the loss most, to first order."""
+
+    name: str = "taylor"
+    needs: frozenset[str] = frozenset({"grad"})
+
+    def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
+        return selection_plan(stats.grads["taylor"], keep)
