@@ -17,20 +17,24 @@ EXAMPLE = """example:
 The first model is the reference for the speedup columns ("ideal" is its MACs / these MACs)."""
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults and keep the example's line breaks."""
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `bench` parser and point it at `run`."""
     parser = subparsers.add_parser(
         "bench",
         help="Measure ONNX Runtime latency, MACs and parameters of models side by side.",
-        description="Time models interleaved (A B A B ...) with identical ONNX Runtime settings "
-        "and seeded random inputs, and report median/p90/IQR latency, throughput and speedups.",
+        description="Time models interleaved (A B A B ...) with identical ONNX Runtime settings\n"
+        "and seeded random inputs; report median/p90/IQR latency, throughput and speedups.",
         epilog=EXAMPLE,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Formatter,
     )
     parser.add_argument("models", nargs="+", metavar="MODEL", help="ONNX files; first is baseline.")
     parser.add_argument("--batch", default="1", help="Comma-separated batch sizes, e.g. 1,8,32.")
     parser.add_argument("--threads", type=int, default=None,
-                        help="Intra-op threads (default: physical cores).")
+                        help="Intra-op threads; None means the number of physical cores.")
     parser.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu",
                         help="ONNX Runtime execution provider.")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",

@@ -125,8 +125,7 @@ def benchmark(
         rows += _rows(labels, batch, times, costs)
     settings = {"provider": provider, "threads": threads, "inter_op_threads": 1,
                 "allow_spinning": spinning, "graph_optimization_level": "ORT_ENABLE_ALL",
-                "warmup": warmup,
-                "repeats_min": repeats, "min_time_s": min_time, "seed": seed,
+                "warmup": warmup, "repeats_min": repeats, "min_time_s": min_time, "seed": seed,
                 "batches": list(batches), "onnxruntime": ort.__version__}
     return BenchResult(tuple(rows), settings)
 

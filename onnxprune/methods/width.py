@@ -2,7 +2,8 @@
 
 A ratio counts channels removed from each group (not parameters or MACs). Rounding keeps counts in
 multiples of `round_to` where a group has at least 2·round_to channels, because ONNX Runtime's
-kernels run odd widths slower (benchmarks/round_to.py).
+CPU conv kernels process channels in blocks of 16: widths between multiples of 16 cost as much as
+the next multiple (benchmarks/round_to.py, docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class WidthRule:
     ratio: float = 0.5
     layer_ratios: tuple[tuple[str, float], ...] = ()
     exclude: tuple[str, ...] = ()
-    round_to: int = 8
+    round_to: int = 16
     prune_residual: bool = False
     recipe: Mapping[str, float] = field(default_factory=dict)
 

@@ -1,0 +1,154 @@
+"""MAC, parameter and element-wise counts of small hand-built graphs vs hand-computed numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.errors import UsageError
+from onnxprune.measure.cost import count, format_count
+
+F = TensorProto.FLOAT
+
+
+def _init(name: str, *shape: int) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.ones(shape, dtype=np.float32), name)
+
+
+def _model(nodes, inputs, outputs, inits=()) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _vi(name: str, shape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, F, shape)
+
+
+def _by_op(cost, op_type: str):
+    return next(n for n in cost.per_node if n.op_type == op_type)
+
+
+def test_grouped_strided_dilated_padded_conv_with_symbolic_batch():
+    # X [N,8,10,10], W [16,4,3,3], group 2, stride 2, dilation 2 (effective kernel 5), pads 1
+    # H_out = (10 + 2 - 5) // 2 + 1 = 4 -> MACs = 1*16*4*4 * (8/2)*3*3 = 9216
+    conv = helper.make_node(
+        "Conv", ["x", "w", "b"], ["y"], group=2, strides=[2, 2], dilations=[2, 2],
+        pads=[1, 1, 1, 1],
+    )
+    model = _model([conv], [_vi("x", ["N", 8, 10, 10])], [_vi("y", None)],
+                   [_init("w", 16, 4, 3, 3), _init("b", 16)])
+    cost = count(model)
+    assert cost.macs == 16 * 4 * 4 * 4 * 3 * 3 == 9216
+    assert cost.params == 16 * 4 * 9 + 16
+    assert cost.unknown == ()
+    assert count(model, input_shapes={"x": (4, 8, 10, 10)}).macs == 4 * 9216
+
+
+def test_depthwise_conv():
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], group=32, pads=[1, 1, 1, 1])
+    model = _model([conv], [_vi("x", [1, 32, 14, 14])], [_vi("y", None)], [_init("w", 32, 1, 3, 3)])
+    cost = count(model)
+    assert cost.macs == 32 * 14 * 14 * 9
+    assert cost.params == 32 * 9
+
+
+def test_conv_1d_and_conv_transpose():
+    conv1d = helper.make_node("Conv", ["x", "w"], ["y"])  # [1,2,10] * [3,2,3] -> [1,3,8]
+    deconv = helper.make_node("ConvTranspose", ["y", "wt"], ["z"], strides=[2])  # [3,4,3]
+    model = _model([conv1d, deconv], [_vi("x", [1, 2, 10])], [_vi("z", None)],
+                   [_init("w", 3, 2, 3), _init("wt", 3, 4, 3)])
+    cost = count(model)
+    assert _by_op(cost, "Conv").macs == 3 * 8 * 2 * 3
+    assert _by_op(cost, "ConvTranspose").macs == (3 * 8) * (4 * 3)  # |X| * C_out/g * k
+
+
+def test_gemm_with_trans_b():
+    gemm = helper.make_node("Gemm", ["a", "b", "c"], ["y"], transB=1)
+    model = _model([gemm], [_vi("a", ["batch", 64])], [_vi("y", None)],
+                   [_init("b", 10, 64), _init("c", 10)])
+    cost = count(model)
+    assert cost.macs == 1 * 10 * 64
+    assert cost.params == 650
+    assert count(model, input_shapes={"a": (4, 64)}).macs == 4 * 10 * 64
+
+
+def test_batched_broadcast_matmul():
+    mm = helper.make_node("MatMul", ["a", "b"], ["y"])  # [2,3,5,7] @ [3,7,4] -> [2,3,5,4]
+    model = _model([mm], [_vi("a", [2, 3, 5, 7])], [_vi("y", None)], [_init("b", 3, 7, 4)])
+    cost = count(model)
+    assert cost.macs == 2 * 3 * 5 * 4 * 7
+    assert cost.params == 3 * 7 * 4
+
+
+def test_trivial_einsum():
+    es = helper.make_node("Einsum", ["a", "b"], ["y"], equation="bij,bjk->bik")
+    model = _model([es], [_vi("a", [2, 3, 4]), _vi("b", [2, 4, 5])], [_vi("y", None)])
+    assert count(model).macs == 2 * 3 * 4 * 5
+
+
+def test_conv_bn_relu_maxpool():
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "wb"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], ["n"]),
+        helper.make_node("Relu", ["n"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["y"], kernel_shape=[2, 2], strides=[2, 2]),
+    ]
+    inits = [_init("w", 4, 3, 3, 3), _init("wb", 4)] + [_init(n, 4) for n in ("s", "bb", "m", "v")]
+    model = _model(nodes, [_vi("x", ["N", 3, 8, 8])], [_vi("y", None)], inits)
+    cost = count(model)
+    assert cost.macs == 4 * 8 * 8 * 3 * 3 * 3  # BN/ReLU/pool add no MACs
+    assert cost.params == 108 + 4 + 16
+    assert _by_op(cost, "BatchNormalization").elementwise == 4 * 8 * 8
+    assert _by_op(cost, "Relu").elementwise == 4 * 8 * 8
+    assert _by_op(cost, "MaxPool").elementwise == (4 * 4 * 4) * 4  # output elements * kernel
+    assert cost.elementwise == 256 + 256 + 256
+
+
+def test_shared_initializer_counted_once_and_constant_node_params():
+    const = helper.make_node(
+        "Constant", [], ["k"], value=numpy_helper.from_array(np.ones(5, np.float32), "k")
+    )
+    nodes = [
+        const,
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("MatMul", ["h", "w"], ["h2"]),
+        helper.make_node("Add", ["h2", "k"], ["y"]),
+    ]
+    model = _model(nodes, [_vi("x", [1, 5])], [_vi("y", None)], [_init("w", 5, 5)])
+    cost = count(model)
+    assert cost.params == 25 + 5
+    assert cost.macs == 2 * 25
+
+
+def test_unknown_shape_is_recorded_and_rest_counted():
+    nodes = [
+        helper.make_node("Mystery", ["x"], ["m"], domain="custom"),
+        helper.make_node("Conv", ["m", "w"], ["y"]),
+        helper.make_node("Conv", ["x", "w"], ["z"], name="known"),
+    ]
+    model = _model(nodes, [_vi("x", [1, 2, 4, 4])], [_vi("y", None), _vi("z", None)],
+                   [_init("w", 2, 2, 1, 1)])
+    model.opset_import.append(helper.make_opsetid("custom", 1))
+    cost = count(model)
+    assert cost.unknown == ("Conv_1",)
+    assert cost.macs == 2 * 16 * 2
+
+
+def test_input_shape_override_errors():
+    conv = helper.make_node("Conv", ["x", "w"], ["y"])
+    model = _model([conv], [_vi("x", [1, 2, 4, 4])], [_vi("y", None)], [_init("w", 2, 2, 1, 1)])
+    with pytest.raises(UsageError, match="input 'x' has rank 4"):
+        count(model, input_shapes={"x": (1, 2)})
+    with pytest.raises(UsageError, match="nope"):
+        count(model, input_shapes={"nope": (1,)})
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [(0, "0"), (999, "999"), (1_230_000, "1.23M"), (456_700, "456.7K"), (999_999, "1M"),
+     (2_500_000_000, "2.5G")],
+)
+def test_format_count(n, text):
+    assert format_count(n) == text
