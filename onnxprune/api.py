@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxprune.budget import choose_widths, refine_widths
 from onnxprune.calib.data import Dataset, input_specs, load_data
 from onnxprune.calib.gather import gather
 from onnxprune.config import PruneConfig
@@ -36,7 +37,8 @@ from onnxprune.measure.verify import verify
 from onnxprune.methods import build_method
 from onnxprune.methods.base import Plan
 from onnxprune.methods.planner import make_plans
-from onnxprune.methods.width import WidthRule, group_ratio, keep_counts
+from onnxprune.methods.width import WidthRule, group_ratio
+from onnxprune.recalibrate import recalibrate
 from onnxprune.report import GroupRow, Report
 
 ModelLike = str | os.PathLike | onnx.ModelProto
@@ -105,20 +107,28 @@ def prune(
     external = not isinstance(model, onnx.ModelProto) and has_external_data(model)
     graph = normalize(proto)
     groups = find_groups(graph)
-    counts = keep_counts(groups, config.width)
-    if not counts and not config.allow_noop:
+    widths = choose_widths(graph, groups, config)
+    if not widths.counts and not config.allow_noop:
         raise NothingToPruneError(
             "nothing to prune: no channel group is both prunable and selected",
             hint="run `onnxprune analyze MODEL` to see why; --allow-noop accepts this",
         )
-    pruner = build_method(config.method, norm=config.norm, compensate=config.compensate)
-    dataset = _dataset(proto, data, labels, config, needs_data=bool(pruner.needs - {"weights"}))
-    calibration = gather(
-        graph, groups, counts, pruner.needs | _extra_needs(config), dataset, config
+    pruner = build_method(
+        config.method, norm=config.norm, compensate=config.compensate, id_solver=config.id_solver
     )
-    plans = make_plans(groups, counts, calibration.stats, pruner, config)
-    pruned = _finish(proto, rewrite(graph, groups, plans), config)
-    result = _result(proto, pruned, groups, plans, dataset, config, calibration.loss)
+    dataset = _dataset(proto, data, labels, config, needs_data=bool(pruner.needs - {"weights"}))
+    needs = pruner.needs | _extra_needs(config)
+    calibration = gather(graph, groups, widths.counts, needs, dataset, config)
+    widths = refine_widths(graph, groups, widths, calibration.stats, config)
+    plans = make_plans(groups, widths.counts, calibration.stats, pruner, config)
+    pruned_graph = rewrite(graph, groups, plans)
+    notes = (widths.note,) if widths.note else ()
+    if config.recalibrate:
+        batches = lambda: (b.feeds for b in dataset.batches(config.batch_size))  # noqa: E731
+        pruned_graph, layers = recalibrate(export(graph), pruned_graph, groups, plans, batches)
+        notes += (f"recalibrated the output mean and variance of {layers} layers",)
+    pruned = _finish(proto, pruned_graph, config)
+    result = _result(proto, pruned, groups, plans, dataset, config, calibration.loss, notes)
     return replace(result, external_data=external or too_large_for_protobuf(pruned))
 
 
@@ -145,8 +155,6 @@ def _load(model: ModelLike) -> onnx.ModelProto:
 def _extra_needs(config: PruneConfig) -> frozenset[str]:
     needs = set()
     if config.compensate != "none":
-        needs.add("gram")
-    if config.recalibrate:
         needs.add("gram")
     return frozenset(needs)
 
@@ -195,6 +203,7 @@ def _result(
     dataset: Dataset,
     config: PruneConfig,
     loss: str | None,
+    notes: tuple[str, ...] = (),
 ) -> Result:
     check = None
     if config.verify:
@@ -202,11 +211,8 @@ def _result(
         check = verify(original, pruned, feeds, data=dataset.source)
     before, after = count(original), count(pruned)
     rows = tuple(_row(group, plans.get(group.name), config) for group in groups)
-    notes = (
-        ("validation data is synthetic (random): deviations say little about accuracy",)
-        if dataset.synthetic
-        else ()
-    )
+    if dataset.synthetic:
+        notes += ("validation data is synthetic (random): deviations say little about accuracy",)
     report = Report(
         model=original.graph.name or "model",
         method=config.method,

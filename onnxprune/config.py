@@ -29,6 +29,9 @@ class PruneConfig:
     verify: bool = True
     verify_samples: int = 64
     allow_noop: bool = False
+    target_macs: float | None = None
+    target_params: float | None = None
+    target_latency: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -43,13 +46,29 @@ class PruneConfig:
             raise UsageError(f"'task' must be auto, classify or regress; got '{self.task}'")
         if self.id_solver not in ("gram", "qr"):
             raise UsageError(f"'id_solver' must be 'gram' or 'qr'; got '{self.id_solver}'")
+        if self.id_solver == "qr" and self.compensate != "none":
+            raise UsageError("the qr solver has no intercept variant; use --id-solver gram")
         if self.epsilon is not None and not 0.0 < self.epsilon < 1.0:
             raise UsageError(f"'epsilon' must be in (0, 1); got {self.epsilon}")
+        targets = {k: v for k, v in self.targets().items() if v is not None}
+        if len(targets) > 1:
+            raise UsageError(f"give at most one target; got {', '.join(targets)}")
+        for name, value in targets.items():
+            if not 0.0 < value <= 1.0:
+                raise UsageError(f"'{name}' is the fraction to keep, in (0, 1]; got {value}")
         _positive("batch_size", self.batch_size)
         _positive("verify_samples", self.verify_samples)
         _positive("round_to", self.width.round_to)
         if self.calib_samples is not None:
             _positive("calib_samples", self.calib_samples)
+
+    def targets(self) -> dict[str, float | None]:
+        """The target options by name (None where not given)."""
+        return {
+            "target_macs": self.target_macs,
+            "target_params": self.target_params,
+            "target_latency": self.target_latency,
+        }
 
 
 def _positive(name: str, value: int) -> None:

@@ -18,9 +18,11 @@ from onnxprune.methods.base import TapStats
 
 
 class TapAccumulator:
-    """Running n, Σa, Σ|a| and Σaaᵀ of one tap's channels."""
+    """Running n, Σa, Σ|a| and Σaaᵀ of one tap's channels (and, with `qr`, the R factor of the
+    stacked rows, re-reduced every batch: the paper's blocked QR in O(channels²) memory)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, *, qr: bool = False) -> None:
+        self.r_factor = np.zeros((0, channels)) if qr else None
         self.n = 0
         self.sum = np.zeros(channels)
         self.abs_sum = np.zeros(channels)
@@ -32,9 +34,12 @@ class TapAccumulator:
         self.sum += rows.sum(axis=0)
         self.abs_sum += np.abs(rows).sum(axis=0)
         self.gram += rows.T @ rows
+        if self.r_factor is not None:
+            self.r_factor = np.linalg.qr(np.vstack([self.r_factor, rows]), mode="r")
 
     def result(self) -> TapStats:
-        return TapStats(self.n, self.sum.copy(), self.gram.copy(), self.abs_sum.copy())
+        r = None if self.r_factor is None else self.r_factor.copy()
+        return TapStats(self.n, self.sum.copy(), self.gram.copy(), self.abs_sum.copy(), r)
 
 
 def tap_rows(array: np.ndarray, tap: Tap, channels: int) -> np.ndarray:
@@ -59,13 +64,15 @@ def collect(
     model: onnx.ModelProto,
     taps: Sequence[tuple[Tap, int]],
     batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    qr: bool = False,
 ) -> dict[Tap, TapStats]:
     """Run `batches` through `model` in ORT and return the statistics of every (tap, channels)."""
     if not taps:
         return {}
     names = sorted({tap.tensor for tap, _ in taps})
     session = session_for(with_outputs(model, names))
-    accumulators = {tap: TapAccumulator(channels) for tap, channels in taps}
+    accumulators = {tap: TapAccumulator(channels, qr=qr) for tap, channels in taps}
     for feeds in batches:
         values = dict(zip(names, session.run(names, dict(feeds)), strict=True))
         for (tap, channels), acc in zip(taps, accumulators.values(), strict=True):
@@ -81,3 +88,27 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
         if name not in present:
             model.graph.output.append(onnx.ValueInfoProto(name=name))
     return model
+
+
+def channel_moments(
+    model: onnx.ModelProto,
+    tensors: Mapping[str, int],
+    batches: Iterable[Mapping[str, np.ndarray]],
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel mean and variance of each tensor (name → channel axis) over all positions."""
+    names = sorted(tensors)
+    session = session_for(with_outputs(model, names))
+    sums: dict[str, list] = {name: [0, 0.0, 0.0] for name in names}
+    for feeds in batches:
+        for name, value in zip(names, session.run(names, dict(feeds)), strict=True):
+            rows = np.moveaxis(value, tensors[name], -1).reshape(-1, value.shape[tensors[name]])
+            rows = rows.astype(np.float64)
+            acc = sums[name]
+            acc[0] += rows.shape[0]
+            acc[1] = acc[1] + rows.sum(axis=0)
+            acc[2] = acc[2] + (rows**2).sum(axis=0)
+    out = {}
+    for name, (n, total, squares) in sums.items():
+        mean = total / n
+        out[name] = (mean, np.maximum(squares / n - mean**2, 0.0))
+    return out

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
+import onnx.inliner
 
 from onnxprune.errors import (
     DataError,
@@ -45,8 +46,10 @@ def torch_available() -> bool:
 def _torch_ops() -> Any:
     """The op table module (imports torch), or a one-line error when torch is missing."""
     if not torch_available():
-        raise OnnxPruneError("PyTorch is not installed; gradient-based methods need it",
-                             hint="pip install 'onnxprune[torch]'")
+        raise OnnxPruneError(
+            "PyTorch is not installed; gradient-based methods need it",
+            hint="pip install 'onnxprune[torch]'",
+        )
     from onnxprune.calib import torch_ops
 
     return torch_ops
@@ -75,14 +78,17 @@ def _compile(node: onnx.NodeProto, index: int, opset: int, ops: Any) -> _Step:
     name = node.name or f"#{index}"
     if node.domain not in _DEFAULT_DOMAINS or node.op_type not in ops.OPS:
         op = node.op_type if node.domain in _DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
-        raise UnsupportedOpError(f"op {op} (node '{name}') is not supported by the torch "
-                                 "interpreter")
+        raise UnsupportedOpError(
+            f"op {op} (node '{name}') is not supported by the torch interpreter"
+        )
     used = [i for i, out in enumerate(node.output) if out]
     limit = ops.MAX_OUTPUTS.get(node.op_type, 1)
     if limit is not None and used and used[-1] >= limit:
-        raise UnsupportedOpError(f"{node.op_type} node '{name}': output {used[-1]} "
-                                 f"('{node.output[used[-1]]}') is not supported by the torch "
-                                 "interpreter")
+        raise UnsupportedOpError(
+            f"{node.op_type} node '{name}': output {used[-1]} "
+            f"('{node.output[used[-1]]}') is not supported by the torch "
+            "interpreter"
+        )
     attrs = ops.parse_attrs(node)
     spec = ops.OpNode(node.op_type, name, attrs, opset, len(node.output))
     return _Step(ops.OPS[node.op_type], spec, tuple(node.input), tuple(node.output))
@@ -116,8 +122,9 @@ class TorchGraph:
                 self.constants[step.outputs[0]] = step.fn(step.node, []).to(self.device)
         self._steps = [s for s in steps if s.node.op_type != "Constant"]
         self.feedable = [i.name for i in graph.input]
-        self.input_names = [n for n in self.feedable if n not in self.params
-                            and n not in self.constants]
+        self.input_names = [
+            n for n in self.feedable if n not in self.params and n not in self.constants
+        ]
         self.output_names = [o.name for o in graph.output]
         self._uses = Counter(name for s in self._steps for name in s.inputs if name)
         self._known = set(self.feedable) | set(self.params) | set(self.constants)
@@ -136,20 +143,27 @@ class TorchGraph:
         import torch
 
         if name not in self.feedable:
-            raise DataError(f"feed '{name}' is not an input of the model "
-                            f"(inputs: {', '.join(self.input_names)})")
+            raise DataError(
+                f"feed '{name}' is not an input of the model "
+                f"(inputs: {', '.join(self.input_names)})"
+            )
         if not isinstance(value, torch.Tensor):
             return _torch_ops().to_tensor(np.asarray(value), self.device)
         if value.is_floating_point() and value.dtype != torch.float32:
             value = value.float()
         return value.to(self.device)
 
-    def run(self, feeds: Mapping[str, np.ndarray | torch.Tensor], *,
-            keep: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    def run(
+        self, feeds: Mapping[str, np.ndarray | torch.Tensor], *, keep: Iterable[str] = ()
+    ) -> dict[str, torch.Tensor]:
         """Execute the graph; return its outputs plus the `keep` tensors (grads retained).
 
-        Intermediates are dropped as soon as their last consumer ran, unless kept.
+        Intermediates are dropped as soon as their last consumer ran, unless kept. Float feeds
+        named in `keep` are made to require grad; pass a tensor with requires_grad=True to get
+        the input gradient without keeping it.
         """
+        import torch
+
         keep = list(dict.fromkeys(keep))
         unknown = [k for k in keep if k not in self._known]
         if unknown:
@@ -159,6 +173,10 @@ class TorchGraph:
             raise DataError(f"missing feed for model input '{missing[0]}'")
         env: dict[str, torch.Tensor] = {**self.constants, **self.params}
         env.update((name, self._feed(name, value)) for name, value in feeds.items())
+        for name in keep:  # a kept float feed gets a .grad too
+            tensor = env.get(name)
+            if name in feeds and tensor.is_floating_point() and not tensor.requires_grad:
+                env[name] = tensor.detach().requires_grad_(torch.is_grad_enabled())
         protected = set(keep) | set(self.output_names)
         uses = Counter(self._uses)
         for step in self._steps:
@@ -172,20 +190,25 @@ class TorchGraph:
     __call__ = run
 
     @staticmethod
-    def _execute(step: _Step, env: dict[str, torch.Tensor], protected: set[str],
-                 uses: Counter[str]) -> None:
+    def _execute(
+        step: _Step, env: dict[str, torch.Tensor], protected: set[str], uses: Counter[str]
+    ) -> None:
         """Run one node, store its outputs and free inputs/outputs nobody needs any more."""
         try:
             args = [env[name] if name else None for name in step.inputs]
         except KeyError as exc:
-            raise OnnxPruneError(f"node '{step.node.name}' ({step.node.op_type}) reads tensor "
-                                 f"{exc} that is neither an input nor produced earlier") from None
+            raise OnnxPruneError(
+                f"node '{step.node.name}' ({step.node.op_type}) reads tensor "
+                f"{exc} that is neither an input nor produced earlier"
+            ) from None
         try:
             result = step.fn(step.node, args)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise OnnxPruneError(f"torch interpreter failed at node '{step.node.name}' "
-                                 f"({step.node.op_type}): {first}") from exc
+            raise OnnxPruneError(
+                f"torch interpreter failed at node '{step.node.name}' "
+                f"({step.node.op_type}): {first}"
+            ) from exc
         outs = result if isinstance(result, tuple) else (result,)
         for name, tensor in zip(step.outputs, outs, strict=False):
             if name and (uses[name] or name in protected):
@@ -212,8 +235,10 @@ def _ort_feeds(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[
 def _compare(name: str, got: np.ndarray, ref: np.ndarray, rtol: float, atol: float) -> None:
     """Raise InterpreterMismatchError unless max|got-ref| <= atol + rtol * max|ref|."""
     if got.shape != ref.shape:
-        raise InterpreterMismatchError(f"output '{name}': torch interpreter shape {got.shape} "
-                                       f"!= ONNX Runtime shape {ref.shape}")
+        raise InterpreterMismatchError(
+            f"output '{name}': torch interpreter shape {got.shape} "
+            f"!= ONNX Runtime shape {ref.shape}"
+        )
     if ref.size == 0:
         return
     got, ref = got.astype(np.float64), ref.astype(np.float64)
@@ -224,14 +249,21 @@ def _compare(name: str, got: np.ndarray, ref: np.ndarray, rtol: float, atol: flo
     scale = float(finite.max()) if finite.size else 0.0
     dev, tol = float(diff.max()), atol + rtol * scale
     if dev > tol:
-        raise InterpreterMismatchError(f"output '{name}': torch interpreter deviates from ONNX "
-                                       f"Runtime by max abs {dev:.3g} (tolerance {tol:.3g}, "
-                                       f"max |ref| {scale:.3g})")
+        raise InterpreterMismatchError(
+            f"output '{name}': torch interpreter deviates from ONNX "
+            f"Runtime by max abs {dev:.3g} (tolerance {tol:.3g}, "
+            f"max |ref| {scale:.3g})"
+        )
 
 
-def check_against_ort(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *,
-                      rtol: float = 1e-4, atol: float = 1e-5,
-                      graph: TorchGraph | None = None) -> TorchGraph:
+def check_against_ort(
+    model: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    graph: TorchGraph | None = None,
+) -> TorchGraph:
     """Run `graph` (built from `model` if not given) and ONNX Runtime on the same feeds.
 
     Every graph output must satisfy max abs deviation <= atol + rtol * max|ORT output|; the first
@@ -243,8 +275,7 @@ def check_against_ort(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *
     graph = TorchGraph(model) if graph is None else graph
     with torch.no_grad():
         got = graph.run(feeds)
-    session = ort.InferenceSession(model.SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     refs = session.run(names, _ort_feeds(model, feeds))
     for name, ref in zip(names, refs, strict=True):

@@ -25,8 +25,15 @@ from onnxprune.errors import UnsupportedOpError
 Tensor = torch.Tensor
 Result = Tensor | tuple[Tensor, ...]
 
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-                onnx.TensorProto.BFLOAT16}
+_FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+}
+_INT_TYPES = {
+    getattr(onnx.TensorProto, f"{kind}INT{bits}") for kind in ("", "U") for bits in (8, 16, 32, 64)
+}
 
 
 @dataclass(frozen=True)
@@ -45,15 +52,21 @@ class OpNode:
 
     def unsupported(self, what: str) -> UnsupportedOpError:
         """Error for a variant of a known op that the interpreter does not implement."""
-        return UnsupportedOpError(f"{self.op_type} node '{self.name}': {what} is not supported "
-                                  "by the torch interpreter")
+        return UnsupportedOpError(
+            f"{self.op_type} node '{self.name}': {what} is not supported by the torch interpreter"
+        )
 
 
 def torch_dtype(onnx_type: int) -> torch.dtype:
     """Interpreter dtype for an ONNX element type: float32, bool or int64."""
     if onnx_type in _FLOAT_TYPES:
         return torch.float32
-    return torch.bool if onnx_type == onnx.TensorProto.BOOL else torch.int64
+    if onnx_type == onnx.TensorProto.BOOL:
+        return torch.bool
+    if onnx_type in _INT_TYPES:
+        return torch.int64
+    name = onnx.TensorProto.DataType.Name(onnx_type)
+    raise UnsupportedOpError(f"element type {name} is not supported by the torch interpreter")
 
 
 def to_tensor(arr: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
@@ -64,8 +77,9 @@ def to_tensor(arr: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
     elif arr.dtype.kind in "iu":
         arr = arr.astype(np.int64)
     elif arr.dtype.kind != "b":
-        raise UnsupportedOpError(f"tensors of dtype {arr.dtype} are not supported by the torch "
-                                 "interpreter")
+        raise UnsupportedOpError(
+            f"tensors of dtype {arr.dtype} are not supported by the torch interpreter"
+        )
     return torch.from_numpy(np.array(arr, copy=True)).to(device)
 
 
@@ -107,8 +121,13 @@ def _torch_pads(pads: Sequence[int]) -> list[int]:
     return [p for i in reversed(range(k)) for p in (pads[i], pads[i + k])]
 
 
-def _spatial_pads(n: OpNode, shape: Sequence[int], kernel: Sequence[int],
-                  strides: Sequence[int], dilations: Sequence[int]) -> list[int]:
+def _spatial_pads(
+    n: OpNode,
+    shape: Sequence[int],
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+) -> list[int]:
     """Explicit pads with auto_pad (SAME_UPPER/SAME_LOWER/VALID) resolved for this input."""
     k = len(kernel)
     auto = n.get("auto_pad", "NOTSET")
@@ -126,11 +145,15 @@ def _spatial_pads(n: OpNode, shape: Sequence[int], kernel: Sequence[int],
 
 
 def _geometry(n: OpNode, x: Tensor, kernel: Sequence[int]) -> tuple[list, list, list]:
-    """strides, dilations and explicit pads of a conv/pool node."""
+    """strides, dilations and explicit pads of a conv/pool node.
+
+    Pools size SAME pads for the undilated kernel, as ONNX Runtime does; convs use the dilated one.
+    """
     k = len(kernel)
     strides = list(n.get("strides", [1] * k))
     dilations = list(n.get("dilations", [1] * k))
-    return strides, dilations, _spatial_pads(n, x.shape, kernel, strides, dilations)
+    pad_dilations = dilations if n.op_type in ("Conv", "ConvTranspose") else [1] * k
+    return strides, dilations, _spatial_pads(n, x.shape, kernel, strides, pad_dilations)
 
 
 def _native_pads(pads: Sequence[int], limits: Sequence[int]) -> bool:
@@ -159,8 +182,9 @@ def _conv(n: OpNode, xs: list) -> Result:
     return _CONV[k](x, w, b, strides, padding, dilations, n.get("group", 1))
 
 
-def _conv_transpose_pads(n: OpNode, x: Tensor, full: Sequence[int], out_pad: Sequence[int],
-                         strides: Sequence[int]) -> list[int]:
+def _conv_transpose_pads(
+    n: OpNode, x: Tensor, full: Sequence[int], out_pad: Sequence[int], strides: Sequence[int]
+) -> list[int]:
     """Crop amounts [b..., e...] that turn the full transposed-conv output into the ONNX one."""
     k = len(full)
     auto = n.get("auto_pad", "NOTSET")
@@ -261,7 +285,7 @@ def _batch_norm(n: OpNode, xs: list) -> Result:
 def _layer_norm(n: OpNode, xs: list) -> Result:
     """LayerNormalization over dims axis..-1 with broadcastable scale and bias."""
     x, scale, bias = xs[0], xs[1], _opt(xs, 2)
-    shape = tuple(x.shape[n.get("axis", -1) % x.dim():])
+    shape = tuple(x.shape[n.get("axis", -1) % x.dim() :])
     scale = scale if tuple(scale.shape) == shape else scale.expand(shape)
     bias = bias if bias is None or tuple(bias.shape) == shape else bias.expand(shape)
     return F.layer_norm(x, shape, scale, bias, n.get("epsilon", 1e-5))
@@ -361,8 +385,9 @@ def _where(n: OpNode, xs: list) -> Result:
 # ------------------------------------------------------------------------- reductions
 
 
-def _reduce(fn: Callable[[Tensor, list[int], bool], Tensor],
-            noop: Callable[[Tensor], Tensor] = lambda x: x) -> Callable[[OpNode, list], Result]:
+def _reduce(
+    fn: Callable[[Tensor, list[int], bool], Tensor], noop: Callable[[Tensor], Tensor] = lambda x: x
+) -> Callable[[OpNode, list], Result]:
     """Reduce* with axes as input (ReduceSum >= 13, others >= 18) or attribute.
 
     With empty axes and noop_with_empty_axes=1 only the elementwise part (`noop`) is applied, as
@@ -494,7 +519,7 @@ def _gather(n: OpNode, xs: list) -> Result:
     axis = n.get("axis", 0) % x.dim()
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     out = x.index_select(axis, idx.reshape(-1))
-    return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))
+    return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :]))
 
 
 def _gather_elements(n: OpNode, xs: list) -> Result:
@@ -506,7 +531,7 @@ def _gather_elements(n: OpNode, xs: list) -> Result:
 
 def _shape(n: OpNode, xs: list) -> Result:
     """Shape as int64, with the opset-15 start/end window (Python slice semantics)."""
-    dims = list(xs[0].shape)[n.get("start", 0):n.get("end")]
+    dims = list(xs[0].shape)[n.get("start", 0) : n.get("end")]
     return torch.tensor(dims, dtype=torch.int64, device=xs[0].device)
 
 
@@ -545,7 +570,7 @@ def _pad(n: OpNode, xs: list) -> Result:
     if r - first > 3 or mode not in ("reflect", "edge", "wrap"):
         raise n.unsupported(f"mode {mode} over {r - first} trailing axes")
     torch_mode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode]
-    tail = full[first:r] + full[r + first:]
+    tail = full[first:r] + full[r + first :]
     y = F.pad(x.reshape(-1, *x.shape[first:]), _torch_pads(tail), mode=torch_mode)
     return y.reshape(*x.shape[:first], *y.shape[1:])
 
@@ -571,8 +596,12 @@ def _source_coords(mode: str, out: int, size: int, scale: float) -> np.ndarray:
     return (x + 0.5) / s - 0.5  # half_pixel
 
 
-_NEAREST = {"round_prefer_floor": lambda c: np.ceil(c - 0.5), "floor": np.floor,
-            "round_prefer_ceil": lambda c: np.floor(c + 0.5), "ceil": np.ceil}
+_NEAREST = {
+    "round_prefer_floor": lambda c: np.ceil(c - 0.5),
+    "floor": np.floor,
+    "round_prefer_ceil": lambda c: np.floor(c + 0.5),
+    "ceil": np.ceil,
+}
 
 
 def _resize_axis(n: OpNode, x: Tensor, axis: int, out: int, scale: float) -> Tensor:
@@ -626,8 +655,13 @@ def _resize(n: OpNode, xs: list) -> Result:
 
 def constant_value(n: OpNode) -> np.ndarray:
     """Value of a Constant node from whichever value* attribute it carries."""
-    for key, dtype in (("value", None), ("value_float", np.float32), ("value_floats", np.float32),
-                       ("value_int", np.int64), ("value_ints", np.int64)):
+    for key, dtype in (
+        ("value", None),
+        ("value_float", np.float32),
+        ("value_floats", np.float32),
+        ("value_int", np.int64),
+        ("value_ints", np.int64),
+    ):
         if key in n.attrs:
             return np.asarray(n.attrs[key], dtype=dtype)
     raise n.unsupported(f"attribute {sorted(n.attrs)}")
@@ -673,28 +707,60 @@ def _identity(n: OpNode, xs: list) -> Result:
 
 
 OPS: dict[str, Callable[[OpNode, list], Result]] = {
-    "Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm,
-    "MatMul": _binary(torch.matmul), "Einsum": _einsum,
-    "BatchNormalization": _batch_norm, "LayerNormalization": _layer_norm,
+    "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
+    "Gemm": _gemm,
+    "MatMul": _binary(torch.matmul),
+    "Einsum": _einsum,
+    "BatchNormalization": _batch_norm,
+    "LayerNormalization": _layer_norm,
     "InstanceNormalization": _instance_norm,
-    "Relu": _unary(torch.relu), "LeakyRelu": _leaky_relu, "PRelu": _prelu, "Elu": _elu,
-    "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh), "Clip": _clip,
-    "HardSigmoid": _hard_sigmoid, "HardSwish": _unary(F.hardswish), "Gelu": _gelu,
-    "Softplus": _unary(F.softplus), "Erf": _unary(torch.erf),
-    "Softmax": _softmax_family(torch.softmax), "LogSoftmax": _softmax_family(torch.log_softmax),
-    "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul),
-    "Div": _div, "Pow": _binary(torch.pow), "Sqrt": _unary(torch.sqrt), "Neg": _unary(torch.neg),
-    "Exp": _unary(torch.exp), "Log": _unary(torch.log), "Abs": _unary(torch.abs),
-    "Reciprocal": _unary(torch.reciprocal), "Floor": _unary(torch.floor),
-    "Ceil": _unary(torch.ceil), "Round": _unary(torch.round), "Sign": _unary(torch.sign),
-    "Min": _variadic(torch.minimum), "Max": _variadic(torch.maximum),
-    "Sum": _variadic(torch.add), "Mean": _mean,
-    "Equal": _binary(torch.eq), "Less": _binary(torch.lt), "Greater": _binary(torch.gt),
-    "LessOrEqual": _binary(torch.le), "GreaterOrEqual": _binary(torch.ge),
-    "Not": _unary(torch.logical_not), "And": _binary(torch.logical_and),
-    "Or": _binary(torch.logical_or), "Where": _where,
-    "MaxPool": _max_pool, "AveragePool": _avg_pool,
-    "GlobalAveragePool": _global_avg_pool, "GlobalMaxPool": _global_max_pool,
+    "Relu": _unary(torch.relu),
+    "LeakyRelu": _leaky_relu,
+    "PRelu": _prelu,
+    "Elu": _elu,
+    "Sigmoid": _unary(torch.sigmoid),
+    "Tanh": _unary(torch.tanh),
+    "Clip": _clip,
+    "HardSigmoid": _hard_sigmoid,
+    "HardSwish": _unary(F.hardswish),
+    "Gelu": _gelu,
+    "Softplus": _unary(F.softplus),
+    "Erf": _unary(torch.erf),
+    "Softmax": _softmax_family(torch.softmax),
+    "LogSoftmax": _softmax_family(torch.log_softmax),
+    "Add": _binary(torch.add),
+    "Sub": _binary(torch.sub),
+    "Mul": _binary(torch.mul),
+    "Div": _div,
+    "Pow": _binary(torch.pow),
+    "Sqrt": _unary(torch.sqrt),
+    "Neg": _unary(torch.neg),
+    "Exp": _unary(torch.exp),
+    "Log": _unary(torch.log),
+    "Abs": _unary(torch.abs),
+    "Reciprocal": _unary(torch.reciprocal),
+    "Floor": _unary(torch.floor),
+    "Ceil": _unary(torch.ceil),
+    "Round": _unary(torch.round),
+    "Sign": _unary(torch.sign),
+    "Min": _variadic(torch.minimum),
+    "Max": _variadic(torch.maximum),
+    "Sum": _variadic(torch.add),
+    "Mean": _mean,
+    "Equal": _binary(torch.eq),
+    "Less": _binary(torch.lt),
+    "Greater": _binary(torch.gt),
+    "LessOrEqual": _binary(torch.le),
+    "GreaterOrEqual": _binary(torch.ge),
+    "Not": _unary(torch.logical_not),
+    "And": _binary(torch.logical_and),
+    "Or": _binary(torch.logical_or),
+    "Where": _where,
+    "MaxPool": _max_pool,
+    "AveragePool": _avg_pool,
+    "GlobalAveragePool": _global_avg_pool,
+    "GlobalMaxPool": _global_max_pool,
     "ReduceMean": _reduce(lambda x, a, k: x.mean(dim=a, keepdim=k)),
     "ReduceSum": _reduce(lambda x, a, k: x.sum(dim=a, keepdim=k)),
     "ReduceMax": _reduce(lambda x, a, k: x.amax(dim=a, keepdim=k)),
@@ -704,13 +770,30 @@ OPS: dict[str, Callable[[OpNode, list], Result]] = {
     "ReduceL2": _reduce(lambda x, a, k: x.square().sum(dim=a, keepdim=k).sqrt(), torch.abs),
     "ReduceSumSquare": _reduce(lambda x, a, k: x.square().sum(dim=a, keepdim=k), torch.square),
     "ReduceLogSumExp": _reduce(lambda x, a, k: torch.logsumexp(x, dim=a, keepdim=k)),
-    "ArgMax": _arg_extreme(torch.argmax), "ArgMin": _arg_extreme(torch.argmin),
-    "Flatten": _flatten, "Reshape": _reshape, "Transpose": _transpose,
-    "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "Concat": _concat, "Split": _split,
-    "Slice": _slice, "Gather": _gather, "GatherElements": _gather_elements,
-    "Shape": _shape, "Size": _size, "Expand": _expand, "Tile": _tile, "Pad": _pad,
-    "Resize": _resize, "Constant": _constant, "ConstantOfShape": _constant_of_shape,
-    "Range": _range, "Cast": _cast, "Identity": _identity, "Dropout": _dropout,
+    "ArgMax": _arg_extreme(torch.argmax),
+    "ArgMin": _arg_extreme(torch.argmin),
+    "Flatten": _flatten,
+    "Reshape": _reshape,
+    "Transpose": _transpose,
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "Concat": _concat,
+    "Split": _split,
+    "Slice": _slice,
+    "Gather": _gather,
+    "GatherElements": _gather_elements,
+    "Shape": _shape,
+    "Size": _size,
+    "Expand": _expand,
+    "Tile": _tile,
+    "Pad": _pad,
+    "Resize": _resize,
+    "Constant": _constant,
+    "ConstantOfShape": _constant_of_shape,
+    "Range": _range,
+    "Cast": _cast,
+    "Identity": _identity,
+    "Dropout": _dropout,
 }
 
 #: Most outputs an op may have in use; other ops allow one. None means any number.

@@ -65,6 +65,14 @@ def _add_width_arguments(parser: argparse.ArgumentParser) -> None:
         help="fraction of CHANNELS removed from each group, in [0, 1) — not of "
         "parameters or MACs (default: 0.5)",
     )
+    for kind, what in (("macs", "MACs"), ("params", "parameters"), ("latency", "latency")):
+        width.add_argument(
+            f"--target-{kind}",
+            type=float,
+            metavar="F",
+            help=f"keep this fraction of the {what} instead of a fixed --ratio"
+            + (" (measured while searching)" if kind == "latency" else ""),
+        )
     width.add_argument(
         "--layer-ratio",
         action="append",
@@ -113,6 +121,12 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "--epsilon",
         type=float,
         help="id: per group, the smallest width whose relative error ≤ EPSILON",
+    )
+    method.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="after pruning, restore each affected layer's per-channel output mean and "
+        "variance on the calibration data (like re-estimating BatchNorm statistics)",
     )
     method.add_argument(
         "--task",
@@ -173,4 +187,8 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         verify=not args.no_verify,
         verify_samples=args.verify_samples,
         allow_noop=args.allow_noop,
+        recalibrate=args.recalibrate,
+        target_macs=args.target_macs,
+        target_params=args.target_params,
+        target_latency=args.target_latency,
     )

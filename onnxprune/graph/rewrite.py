@@ -172,3 +172,25 @@ def _set_bias(node: gs.Node, bias: np.ndarray, dtype: np.dtype) -> None:
         node.inputs[2] = const
     else:
         node.inputs.append(const)
+
+
+def affine_outputs(graph: gs.Graph, name: str, scale: np.ndarray, shift: np.ndarray) -> None:
+    """Make node `name` (Conv/ConvTranspose/Gemm) output y·scale + shift per output channel.
+
+    W is scaled along its output axis and the bias becomes b·scale + shift (created if missing).
+    """
+    node = next(n for n in graph.nodes if n.name == name)
+    weight = np.asarray(node.inputs[1].values)
+    axis = _OUT_AXIS.get(node.op, 0 if node.attrs.get("transB", 0) else 1)
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    scaled = weight.astype(np.float64) * scale.reshape(shape)
+    node.inputs[1] = gs.Constant(f"{node.inputs[1].name}__recal", scaled.astype(weight.dtype))
+    has_bias = len(node.inputs) > 2 and node.inputs[2].name
+    bias = 0.0
+    if has_bias:
+        bias = np.broadcast_to(node.inputs[2].values, scale.shape).astype(np.float64)
+        bias = bias * node.attrs.get("beta", 1.0) if node.op == "Gemm" else bias
+    if node.op == "Gemm":
+        node.attrs["beta"] = 1.0
+    _set_bias(node, bias * scale + shift, weight.dtype)

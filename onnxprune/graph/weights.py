@@ -21,3 +21,14 @@ def _rows(node: gs.Node) -> np.ndarray:
     elif node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transB", 0)):
         weight = weight.T
     return weight.reshape(weight.shape[0], -1)
+
+
+def consumer_input_sizes(graph: gs.Graph, groups: tuple[ChannelGroup, ...]) -> dict[str, int]:
+    """Length of each consumer weight's input axis (channels × positions), by node name."""
+    nodes = {node.name: node for node in graph.nodes}
+    sizes = {}
+    for group in groups:
+        for edit in group.edits:
+            if edit.role == "in":
+                sizes[edit.node] = int(nodes[edit.node].inputs[edit.input].shape[edit.axis])
+    return sizes

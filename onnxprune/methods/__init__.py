@@ -10,12 +10,14 @@ from onnxprune.methods.magnitude import Magnitude, Random
 from onnxprune.methods.taylor import Taylor
 
 
-def build_method(name: str, *, norm: int = 1, compensate: str = "none") -> Method:
+def build_method(
+    name: str, *, norm: int = 1, compensate: str = "none", id_solver: str = "gram"
+) -> Method:
     """The method registered as `name`, configured with its options."""
     factories = {
         "magnitude": lambda: Magnitude(norm=norm),
         "random": Random,
-        "id": lambda: InterpolativeDecomposition(intercept=compensate != "none"),
+        "id": lambda: InterpolativeDecomposition(compensate != "none", id_solver),
         "taylor": Taylor,
         "fpgm": FPGM,
         "activation": Activation,

@@ -41,12 +41,16 @@ class Plan:
 
 @dataclass(frozen=True)
 class TapStats:
-    """Streamed first and second moments of one tap over n rows (samples × positions)."""
+    """Streamed first and second moments of one tap over n rows (samples × positions).
+
+    `r_factor` is the triangular factor of the stacked rows when the QR solver asked for it.
+    """
 
     n: int
     sum: np.ndarray
     gram: np.ndarray
     abs_sum: np.ndarray
+    r_factor: np.ndarray | None = None
 
     @property
     def mean(self) -> np.ndarray:

@@ -14,7 +14,11 @@ import numpy as np
 
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.methods.base import Correction, GroupStats, Plan, TapStats
-from onnxprune.methods.linalg import interpolative_from_gram, least_squares_map
+from onnxprune.methods.linalg import (
+    interpolative_from_blocks,
+    interpolative_from_gram,
+    least_squares_map,
+)
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,7 @@ class InterpolativeDecomposition:
     """ID selection plus the interpolation matrix as the correction at every tap."""
 
     intercept: bool = False
+    solver: str = "gram"
     name: str = "id"
     needs: frozenset[str] = frozenset({"gram"})
 
@@ -29,9 +34,12 @@ class InterpolativeDecomposition:
         taps = list(stats.taps.items())
         if len(taps) == 1:
             tensor, tap = taps[0]
-            result = interpolative_from_gram(
-                tap.gram, keep, intercept=self.intercept, mean=tap.mean, n=tap.n
-            )
+            if self.solver == "qr" and tap.r_factor is not None:
+                result = interpolative_from_blocks([tap.r_factor], keep)
+            else:
+                result = interpolative_from_gram(
+                    tap.gram, keep, intercept=self.intercept, mean=tap.mean, n=tap.n
+                )
             c = result.c if self.intercept else None
             return Plan(keep=result.keep, corrections={tensor: Correction(result.T, c)})
         # several taps (a coupled group): one selection from the pooled, normalised Grams,

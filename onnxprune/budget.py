@@ -1,0 +1,110 @@
+"""Turn the width options into kept channel counts: a ratio, or a MAC/parameter/latency target.
+
+Before calibration, `choose_widths` resolves ratios and targets by a uniform-ratio search. For ID
+with a MAC or parameter target, `refine_widths` re-allocates after calibration, greedily by the
+ID error increase per unit of cost saved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.config import PruneConfig
+from onnxprune.graph.groups import ChannelGroup
+from onnxprune.graph.load import export
+from onnxprune.graph.rewrite import rewrite
+from onnxprune.graph.weights import consumer_input_sizes
+from onnxprune.measure.cost import count
+from onnxprune.methods.base import GroupStats, Plan
+from onnxprune.methods.id import pooled_gram
+from onnxprune.methods.linalg import id_error_curve
+from onnxprune.methods.targets import WidthCost, allocate_by_error, ratio_for_target, width_cost
+from onnxprune.methods.width import keep_counts
+
+
+@dataclass(frozen=True)
+class Widths:
+    """Kept channels per selected group, and how the target was met (for the report)."""
+
+    counts: dict[str, int]
+    note: str | None = None
+
+
+def choose_widths(graph: gs.Graph, groups: tuple[ChannelGroup, ...], config: PruneConfig) -> Widths:
+    """Kept counts from the ratio options, or from a uniform ratio that meets the target."""
+    kind, target = _target(config)
+    if kind is None:
+        return Widths(keep_counts(groups, config.width))
+    if kind == "latency":
+        measure = _latency_measure(graph, groups)
+    else:
+        cost = cost_of(graph, groups, kind)
+        full = cost({})
+        measure = lambda counts: cost(counts) / full  # noqa: E731
+    ratio, counts = ratio_for_target(groups, config.width, measure, target)
+    return Widths(counts, _note(kind, target, measure(counts), f"uniform ratio {ratio:.3f}"))
+
+
+def refine_widths(
+    graph: gs.Graph,
+    groups: tuple[ChannelGroup, ...],
+    widths: Widths,
+    stats: Mapping[str, GroupStats],
+    config: PruneConfig,
+) -> Widths:
+    """For ID with a MAC/parameter target: allocate widths across groups by ID error per cost."""
+    kind, target = _target(config)
+    if config.method != "id" or kind not in ("macs", "params"):
+        return widths
+    channels = {g.name: g.channels for g in groups if g.name in widths.counts}
+    curves = {name: _curve(stats[name]) for name in channels}
+    cost = cost_of(graph, groups, kind)
+    counts = allocate_by_error(channels, curves, cost, target, config.width.round_to)
+    return Widths(counts, _note(kind, target, cost(counts) / cost({}), "widths by ID error"))
+
+
+def cost_of(graph: gs.Graph, groups: tuple[ChannelGroup, ...], kind: str) -> WidthCost:
+    """MACs or parameters as a function of the group widths."""
+    per_node = count(export(graph)).per_node
+    node_cost = {n.name: float(n.macs if kind == "macs" else n.params) for n in per_node}
+    return width_cost(groups, node_cost, consumer_input_sizes(graph, groups))
+
+
+def _target(config: PruneConfig) -> tuple[str | None, float]:
+    for name, value in config.targets().items():
+        if value is not None:
+            return name.removeprefix("target_"), value
+    return None, 1.0
+
+
+def _curve(stats: GroupStats) -> np.ndarray:
+    taps = list(stats.taps.values())
+    gram = taps[0].gram if len(taps) == 1 else pooled_gram(taps)
+    return id_error_curve(gram)
+
+
+def _latency_measure(graph: gs.Graph, groups: tuple[ChannelGroup, ...]):
+    """Measured median latency (batch 1) of the structure-pruned model over the original's."""
+    from onnxprune.measure.latency import benchmark
+
+    original = export(graph)
+    cache: dict[tuple, float] = {}
+
+    def measure(counts: Mapping[str, int]) -> float:
+        key = tuple(sorted(counts.items()))
+        if key not in cache:
+            plans = {name: Plan(keep=np.arange(k)) for name, k in counts.items()}
+            pruned = export(rewrite(graph, groups, plans))
+            rows = benchmark([original, pruned], batches=(1,), repeats=30, min_time=0.5).rows
+            cache[key] = rows[1].median_ms / rows[0].median_ms
+        return cache[key]
+
+    return measure
+
+
+def _note(kind: str, target: float, reached: float, how: str) -> str:
+    return f"target {kind} {target:.3f} of the original: reached {reached:.3f} ({how})"

@@ -1,0 +1,148 @@
+"""Widths from a target instead of a ratio: MACs, parameters, or measured latency.
+
+`WidthCost` is the cost of every Conv/Gemm/MatMul node as an exact function of the group widths
+(a node's work scales with its kept outputs and its kept inputs), so a search needs no rewriting.
+A uniform ratio is found by bisection; for ID, `allocate_by_error` spends the budget greedily
+where the ID error grows least per MAC saved (the idea of the authors' IDiter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from onnxprune.graph.groups import ChannelGroup
+from onnxprune.methods.width import WidthRule, keep_counts
+
+
+@dataclass(frozen=True)
+class _Term:
+    base: float
+    out: tuple[str, int] | None  # (group, channels) whose kept share scales the outputs
+    inputs: tuple[tuple[str, int, int], ...]  # (group, channels, spatial) read through weights
+    in_total: int
+    chan: tuple[str, int] | None  # a depthwise conv passing a group through
+
+
+@dataclass(frozen=True)
+class WidthCost:
+    """Cost (MACs or parameters) of the model as a function of the kept width of each group."""
+
+    fixed: float
+    terms: tuple[_Term, ...]
+
+    def __call__(self, widths: Mapping[str, int]) -> float:
+        total = self.fixed
+        for term in self.terms:
+            factor = 1.0
+            for share in (term.out, term.chan):
+                if share is not None:
+                    factor *= widths.get(share[0], share[1]) / share[1]
+            if term.inputs:
+                removed = sum((c - widths.get(g, c)) * sp for g, c, sp in term.inputs)
+                factor *= (term.in_total - removed) / term.in_total
+            total += term.base * factor
+        return total
+
+
+def width_cost(
+    groups: Sequence[ChannelGroup], node_cost: Mapping[str, float], in_sizes: Mapping[str, int]
+) -> WidthCost:
+    """Build the cost function from per-node costs and each consumer's input-channel total."""
+    touched: dict[str, dict] = {}
+    for group in groups:
+        if not group.prunable:
+            continue
+        for edit in group.edits:
+            entry = touched.setdefault(edit.node, {"out": None, "chan": None, "inputs": []})
+            if edit.role == "out" and edit.input == 1:
+                entry["out"] = (group.name, group.channels)
+            elif edit.role == "chan" and edit.input == 1:
+                entry["chan"] = (group.name, group.channels)
+            elif edit.role == "in":
+                entry["inputs"].append((group.name, group.channels, edit.spatial))
+    terms, fixed = [], 0.0
+    for node, cost in node_cost.items():
+        entry = touched.get(node)
+        if entry is None:
+            fixed += cost
+            continue
+        terms.append(
+            _Term(cost, entry["out"], tuple(entry["inputs"]), in_sizes.get(node, 1), entry["chan"])
+        )
+    return WidthCost(fixed, tuple(terms))
+
+
+def ratio_for_target(
+    groups: Sequence[ChannelGroup],
+    rule: WidthRule,
+    measure: Callable[[Mapping[str, int]], float],
+    target: float,
+) -> tuple[float, dict[str, int]]:
+    """The uniform ratio whose widths bring `measure` (a fraction of the original) to `target`.
+
+    Bisection on the ratio; among the step function's values the one closest to the target
+    from below is returned (or the closest overall when none is below).
+    """
+    lo, hi = 0.0, 0.999
+    best: tuple[float, float, dict[str, int]] | None = None
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        counts = keep_counts(groups, replace(rule, ratio=mid))
+        value = measure(counts)
+        if best is None or _better(value, best[0], target):
+            best = (value, mid, counts)
+        if value > target:
+            lo = mid
+        else:
+            hi = mid
+    assert best is not None
+    return best[1], best[2]
+
+
+def _better(value: float, current: float, target: float) -> bool:
+    if (value <= target) != (current <= target):
+        return value <= target
+    return abs(value - target) < abs(current - target)
+
+
+def allocate_by_error(
+    channels: Mapping[str, int],
+    curves: Mapping[str, np.ndarray],
+    cost: WidthCost,
+    target: float,
+    round_to: int,
+) -> dict[str, int]:
+    """Greedy widths: shrink the group whose squared ID error grows least per unit cost saved.
+
+    `curves[g][k]` is group g's relative ID error at width k (methods/linalg.id_error_curve);
+    `target` is the fraction of the full cost to keep. Steps are `round_to` channels where a
+    group has at least 2·round_to, else one channel; every group keeps at least one.
+    """
+    widths = dict(channels)
+    full = cost(widths)
+    while cost(widths) > target * full:
+        choice = _cheapest_step(widths, channels, curves, cost, round_to)
+        if choice is None:
+            break
+        widths[choice[0]] = choice[1]
+    return widths
+
+
+def _cheapest_step(widths, channels, curves, cost, round_to):
+    now = cost(widths)
+    best, best_rate = None, np.inf
+    for name, k in widths.items():
+        step = round_to if channels[name] >= 2 * round_to and round_to > 1 else 1
+        new = k - step if k % step == 0 else k - k % step
+        if new < max(1, step if step > 1 else 1):
+            continue
+        saved = now - cost({**widths, name: new})
+        if saved <= 0:
+            continue
+        rate = (curves[name][new] ** 2 - curves[name][k] ** 2) / saved
+        if rate < best_rate:
+            best, best_rate = (name, new), rate
+    return best

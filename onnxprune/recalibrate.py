@@ -1,0 +1,72 @@
+"""Restore each affected layer's per-channel output mean and variance after pruning.
+
+What re-estimating BatchNorm statistics does in PyTorch, done on the folded graph: for every
+Conv/Gemm that lost input channels, in topological order, its outputs are mapped by a per-channel
+affine y ← (y − μ')·σ/σ' + μ so that on the calibration data they have the original model's mean
+μ and standard deviation σ again; the affine is folded into its weights and bias. Label-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxprune.calib.stats import channel_moments
+from onnxprune.graph.groups import ChannelGroup
+from onnxprune.graph.load import export
+from onnxprune.graph.rewrite import affine_outputs
+from onnxprune.methods.base import Plan
+
+Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
+_AFFINE_OPS = ("Conv", "ConvTranspose", "Gemm")
+
+
+def recalibrate(
+    original: onnx.ModelProto,
+    pruned: gs.Graph,
+    groups: tuple[ChannelGroup, ...],
+    plans: Mapping[str, Plan],
+    batches: Batches,
+) -> tuple[gs.Graph, int]:
+    """Recalibrate `pruned` in place against `original`; returns it and the layers adjusted."""
+    targets = _targets(pruned, groups, plans)
+    if not targets:
+        return pruned, 0
+    reference = channel_moments(original, {t: 1 for _, t, _ in targets}, batches())
+    for name, tensor, keep in targets:
+        mean, var = (values[keep] for values in reference[tensor])
+        now_mean, now_var = channel_moments(export(pruned), {tensor: 1}, batches())[tensor]
+        scale = np.ones_like(var)
+        live = now_var > 1e-12 * max(float(now_var.max()), 1e-30)
+        scale[live] = np.sqrt(var[live] / now_var[live])
+        affine_outputs(pruned, name, scale, mean - scale * now_mean)
+    return pruned, len(targets)
+
+
+def _targets(
+    pruned: gs.Graph, groups: tuple[ChannelGroup, ...], plans: Mapping[str, Plan]
+) -> list[tuple[str, str, np.ndarray]]:
+    """(node, output tensor, original indices of its kept outputs) for every affected layer."""
+    consumers = {c for g in groups if g.name in plans for c in g.consumers}
+    kept_out = {
+        p: np.asarray(plans[g.name].keep) for g in groups if g.name in plans for p in g.producers
+    }
+    found = []
+    for node in pruned.nodes:
+        if node.name in consumers and node.op in _AFFINE_OPS:
+            width = _out_width(node)
+            keep = kept_out.get(node.name, np.arange(width))
+            found.append((node.name, node.outputs[0].name, keep))
+    return found
+
+
+def _out_width(node: gs.Node) -> int:
+    weight = node.inputs[1].values
+    if node.op == "ConvTranspose":
+        return int(weight.shape[1] * node.attrs.get("group", 1))
+    if node.op == "Gemm":
+        return int(weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[1])
+    return int(weight.shape[0])
