@@ -33,6 +33,7 @@ from onnxprune.graph.load import (
 )
 from onnxprune.graph.rewrite import rewrite
 from onnxprune.measure.cost import count
+from onnxprune.measure.latency import benchmark
 from onnxprune.measure.verify import verify
 from onnxprune.methods import build_method
 from onnxprune.methods.base import Plan
@@ -213,6 +214,12 @@ def _result(
     rows = tuple(_row(group, plans.get(group.name), config) for group in groups)
     if dataset.synthetic:
         notes += ("validation data is synthetic (random): deviations say little about accuracy",)
+    bench = None
+    if config.bench_batches:
+        timing = benchmark(
+            [original, pruned], batches=config.bench_batches, names=("original", "pruned")
+        )
+        bench = {"table": timing.format_table(), **timing.to_dict()}
     report = Report(
         model=original.graph.name or "model",
         method=config.method,
@@ -224,6 +231,7 @@ def _result(
         data=dataset.source,
         verification=check,
         loss=loss,
+        bench=bench,
         notes=notes,
     )
     return Result(pruned, report, groups, plans)

@@ -32,6 +32,7 @@ class PruneConfig:
     target_macs: float | None = None
     target_params: float | None = None
     target_latency: float | None = None
+    bench_batches: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from onnxprune.api import output_path_for, prune
+from onnxprune.cli.bench import parse_batches
 from onnxprune.cli.options import add_data_arguments, load_dataset
 from onnxprune.config import COMPENSATIONS, PruneConfig
 from onnxprune.errors import UsageError
@@ -50,6 +51,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="validation samples compared against the original (default: 64)",
     )
     out.add_argument("--report", metavar="FILE", help="write the report as JSON ('-' = stdout)")
+    out.add_argument(
+        "--bench",
+        metavar="BATCHES",
+        nargs="?",
+        const="1,32",
+        help="measure ORT latency of the original and the pruned model at these batch sizes "
+        "(default when given without a value: 1,32)",
+    )
     out.add_argument(
         "--allow-noop", action="store_true", help="succeed even when nothing is prunable"
     )
@@ -191,4 +200,5 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         target_macs=args.target_macs,
         target_params=args.target_params,
         target_latency=args.target_latency,
+        bench_batches=parse_batches(args.bench) if args.bench else (),
     )

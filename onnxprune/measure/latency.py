@@ -101,14 +101,16 @@ def benchmark(
     min_time: float = 1.0,
     seed: int = 0,
     spinning: bool = False,
+    names: Sequence[str] | None = None,
 ) -> BenchResult:
     """Time `models` interleaved at each batch size; at least `repeats` runs per model and batch,
     more until a batch's measurement loop has lasted `min_time` seconds. `spinning` lets idle
-    intra-op threads busy-wait (ORT's default; unfair when sessions interleave)."""
+    intra-op threads busy-wait (ORT's default; unfair when sessions interleave). `names` label
+    the rows (default: file names)."""
     _check_options(models, batches, threads, warmup, repeats, min_time)
     threads = threads or physical_cores()
     loaded = [_load(m) for m in models]
-    labels = _labels(models)
+    labels = list(names) if names else _labels(models)
     sessions = [make_session(m, threads=threads, provider=provider, spinning=spinning)
                 for m in loaded]
     _check_input_names(sessions, input_shapes or {})
