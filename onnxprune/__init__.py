@@ -1,9 +1,9 @@
 """onnxprune: structured pruning of ONNX models with corrections folded into the weights.
 
-    import onnxprune
-    result = onnxprune.prune("model.onnx", method="id", ratio=0.5, data="calib.npz")
-    result.save("model.pruned.onnx")
-    print(result.report.format())
+import onnxprune
+result = onnxprune.prune("model.onnx", method="id", ratio=0.5, data="calib.npz")
+result.save("model.pruned.onnx")
+print(result.report.format())
 """
 
 from __future__ import annotations

@@ -115,12 +115,16 @@ def prune(
             hint="run `onnxprune analyze MODEL` to see why; --allow-noop accepts this",
         )
     pruner = build_method(
-        config.method, norm=config.norm, compensate=config.compensate, id_solver=config.id_solver
+        config.method,
+        norm=config.norm,
+        compensate=config.compensate,
+        id_solver=config.id_solver,
+        ippro_lambda=config.ippro_lambda,
     )
     dataset = _dataset(proto, data, labels, config, needs_data=bool(pruner.needs - {"weights"}))
     needs = pruner.needs | _extra_needs(config)
     calibration = gather(graph, groups, widths.counts, needs, dataset, config)
-    widths = refine_widths(graph, groups, widths, calibration.stats, config)
+    widths = refine_widths(graph, groups, widths, calibration.stats, pruner, config)
     plans = make_plans(groups, widths.counts, calibration.stats, pruner, config)
     pruned_graph = rewrite(graph, groups, plans)
     notes = (widths.note,) if widths.note else ()

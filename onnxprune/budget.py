@@ -14,15 +14,22 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.config import PruneConfig
+from onnxprune.errors import UsageError
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import export
 from onnxprune.graph.rewrite import rewrite
 from onnxprune.graph.weights import consumer_input_sizes
 from onnxprune.measure.cost import count
-from onnxprune.methods.base import GroupStats, Plan
+from onnxprune.methods.base import GroupStats, Method, Plan
 from onnxprune.methods.id import pooled_gram
 from onnxprune.methods.linalg import id_error_curve
-from onnxprune.methods.targets import WidthCost, allocate_by_error, ratio_for_target, width_cost
+from onnxprune.methods.targets import (
+    WidthCost,
+    allocate_by_error,
+    global_widths,
+    ratio_for_target,
+    width_cost,
+)
 from onnxprune.methods.width import keep_counts
 
 
@@ -54,9 +61,20 @@ def refine_widths(
     groups: tuple[ChannelGroup, ...],
     widths: Widths,
     stats: Mapping[str, GroupStats],
+    method: Method,
     config: PruneConfig,
 ) -> Widths:
-    """For ID with a MAC/parameter target: allocate widths across groups by ID error per cost."""
+    """Global ranking (scale-free scores), or for ID with a MAC/parameter target: allocate
+    widths across groups by ID error per cost."""
+    if config.global_ranking:
+        if not hasattr(method, "scores"):
+            raise UsageError(
+                f"--global needs scores comparable across layers; '{method.name}' has none",
+                hint="use --method ippro",
+            )
+        scores = {name: method.scores(stats[name]) for name in widths.counts}
+        counts = global_widths(scores, config.width.ratio, config.max_ratio, config.width.round_to)
+        return Widths(counts, f"global ranking of {sum(map(len, scores.values()))} channels")
     kind, target = _target(config)
     if config.method != "id" or kind not in ("macs", "params"):
         return widths

@@ -33,6 +33,9 @@ class PruneConfig:
     target_params: float | None = None
     target_latency: float | None = None
     bench_batches: tuple[int, ...] = ()
+    ippro_lambda: float | None = None
+    global_ranking: bool = False
+    max_ratio: float = 0.9
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -57,6 +60,7 @@ class PruneConfig:
         for name, value in targets.items():
             if not 0.0 < value <= 1.0:
                 raise UsageError(f"'{name}' is the fraction to keep, in (0, 1]; got {value}")
+        check_ratio(self.max_ratio, "max_ratio")
         _positive("batch_size", self.batch_size)
         _positive("verify_samples", self.verify_samples)
         _positive("round_to", self.width.round_to)

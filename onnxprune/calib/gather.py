@@ -1,4 +1,9 @@
-"""The calibrate stage: collect, per selected group, what its method says it needs."""
+"""The calibrate stage: collect, per selected group, what its method says it needs.
+
+Needs: "weights" (producer filters), "gram" (streamed tap statistics through ORT), "grad" (Taylor
+sums at the taps) and "ippro" (producer weight gradients and Σ x·∂L/∂σ(x) at the group's first
+nonlinearity), the last two from one pass through the ONNX→torch interpreter.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,12 @@ from dataclasses import dataclass, field
 import onnx_graphsurgeon as gs
 
 from onnxprune.calib.data import Dataset, progress
-from onnxprune.calib.grads import collect_gradients
+from onnxprune.calib.grads import Gradients, Product, collect_gradients
 from onnxprune.calib.stats import collect
 from onnxprune.config import PruneConfig
-from onnxprune.graph.groups import ChannelGroup, Tap
+from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import export
-from onnxprune.graph.weights import producer_filters
+from onnxprune.graph.weights import filter_rows, producer_filters, producer_weight_names
 from onnxprune.methods.base import GroupStats
 
 
@@ -35,28 +40,41 @@ def gather(
 ) -> Calibration:
     """GroupStats for every group in `counts`: weights, tap statistics and/or gradient sums."""
     selected = [g for g in groups if g.name in counts]
-    wanted = list(dict.fromkeys((tap, g.channels) for g in selected for tap in g.taps))
-    model = export(graph) if needs & {"gram", "grad"} else None
-    taps = (
-        collect(model, wanted, _batches(dataset, config, "statistics")) if "gram" in needs else {}
-    )
-    grads, loss = {}, None
-    if "grad" in needs:
-        grads, loss = collect_gradients(
-            model,
-            wanted,
-            _batches(dataset, config, "gradients", feeds_only=False),
-            task=config.task,
-            seed=config.seed,
-        )
+    model = export(graph) if needs & {"gram", "grad", "ippro"} else None
+    taps = {}
+    if "gram" in needs:
+        wanted = list(dict.fromkeys((tap, g.channels) for g in selected for tap in g.taps))
+        batches = _batches(dataset, config, "statistics")
+        taps = collect(model, wanted, batches, qr=config.id_solver == "qr")
+    grads = _gradients(model, graph, selected, needs, dataset, config)
     stats = {}
     for group in selected:
         stats[group.name] = GroupStats(
             weights=producer_filters(graph, group) if "weights" in needs else (),
             taps={tap.tensor: taps[tap] for tap in group.taps if tap in taps},
-            grads=_group_grads(group, grads),
+            grads=_group_grads(graph, group, grads) if grads else {},
         )
-    return Calibration(stats, loss)
+    return Calibration(stats, grads.loss if grads else None)
+
+
+def _gradients(model, graph, selected, needs, dataset, config) -> Gradients | None:
+    if not needs & {"grad", "ippro"}:
+        return None
+    products = []
+    if "grad" in needs:
+        products += [Product(tap, tap, g.channels) for g in selected for tap in g.taps]
+    weights: tuple[str, ...] = ()
+    if "ippro" in needs:
+        products += [Product(*g.sigma, g.channels) for g in selected if g.sigma]
+        weights = tuple(n for g in selected for n in producer_weight_names(graph, g))
+    return collect_gradients(
+        model,
+        list(dict.fromkeys(products)),
+        _batches(dataset, config, "gradients", feeds_only=False),
+        weights=tuple(dict.fromkeys(weights)),
+        task=config.task,
+        seed=config.seed,
+    )
 
 
 def _batches(dataset: Dataset, config: PruneConfig, what: str, *, feeds_only: bool = True):
@@ -66,11 +84,20 @@ def _batches(dataset: Dataset, config: PruneConfig, what: str, *, feeds_only: bo
     return progress(items, total, f"calibrating ({what})", enabled=True)
 
 
-def _group_grads(group: ChannelGroup, grads: Mapping[Tap, object]) -> dict:
-    found = [grads[tap] for tap in group.taps if tap in grads]
-    if not found:
-        return {}
-    return {
-        "taylor": sum(g.taylor for g in found),
-        "first_order": sum(g.first_order for g in found),
-    }
+def _group_grads(graph: gs.Graph, group: ChannelGroup, grads: Gradients) -> dict[str, object]:
+    out: dict[str, object] = {}
+    found = [grads.products[p] for p in grads.products if p.x == p.y and p.x in group.taps]
+    if found:
+        out["taylor"] = sum(g.taylor for g in found)
+        out["first_order"] = sum(g.first_order for g in found)
+    sigma = Product(*group.sigma, group.channels) if group.sigma else None
+    if sigma in grads.products:
+        out["ippro_d"] = grads.products[sigma].first_order
+    names = producer_weight_names(graph, group)
+    if all(name in grads.weights for name in names):
+        nodes = {node.name: node for node in graph.nodes}
+        out["weight_grads"] = tuple(
+            filter_rows(nodes[p], grads.weights[n])
+            for p, n in zip(group.producers, names, strict=True)
+        )
+    return out

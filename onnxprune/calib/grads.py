@@ -22,26 +22,49 @@ from onnxprune.graph.groups import Tap
 
 
 @dataclass(frozen=True)
+class Product:
+    """Per sample and channel, Σ over positions of x·∂L/∂y, with x and y at two taps.
+
+    x = y gives the Taylor term a·∂L/∂a; x = σ's input and y = σ's output gives IPPRO's ∂L/∂D.
+    """
+
+    x: Tap
+    y: Tap
+    channels: int
+
+
+@dataclass(frozen=True)
 class GradStats:
-    """Per-channel gradient sums of one tap."""
+    """Per-channel sums of one Product: Σ_samples (Σ_positions x·g)² and Σ x·g."""
 
     taylor: np.ndarray
     first_order: np.ndarray
 
 
+@dataclass(frozen=True)
+class Gradients:
+    """What one gradient pass gathered: product sums, summed weight gradients, the loss used."""
+
+    products: dict[Product, GradStats]
+    weights: dict[str, np.ndarray]
+    loss: str
+
+
 def collect_gradients(
     model: onnx.ModelProto,
-    taps: Sequence[tuple[Tap, int]],
+    products: Sequence[Product],
     batches: Iterable[Batch],
     *,
+    weights: Sequence[str] = (),
     task: str = "auto",
     seed: int = 0,
-) -> tuple[dict[Tap, GradStats], str]:
-    """Taylor statistics of every (tap, channels) and the name of the loss used."""
+) -> Gradients:
+    """Sum, over all batches, the products' statistics and the gradients of `weights`."""
     graph, description = None, ""
-    taylor = {tap: np.zeros(channels) for tap, channels in taps}
-    first = {tap: np.zeros(channels) for tap, channels in taps}
-    names = sorted({tap.tensor for tap, _ in taps})
+    taylor = {p: np.zeros(p.channels) for p in products}
+    first = {p: np.zeros(p.channels) for p in products}
+    weight_grads: dict[str, np.ndarray] = {}
+    names = sorted({tap.tensor for p in products for tap in (p.x, p.y)})
     for batch in batches:
         if graph is None:
             graph = _checked_graph(model, batch)
@@ -49,15 +72,17 @@ def collect_gradients(
         output = values[graph.output_names[0]]
         description = loss_name(task, tuple(output.shape), batch.labels is not None)
         loss(task, output, batch.labels, seed=seed).backward()
-        for tap, channels in taps:
-            tensor = values[tap.tensor]
-            product = tensor.detach().numpy() * _grad(tensor)
-            per_sample = channel_view(product, tap, channels).sum(axis=1)
-            taylor[tap] += (per_sample**2).sum(axis=0)
-            first[tap] += per_sample.sum(axis=0)
+        for p in products:
+            product = values[p.x.tensor].detach().numpy() * _grad(values[p.y.tensor])
+            per_sample = channel_view(product, p.x, p.channels).sum(axis=1)
+            taylor[p] += (per_sample**2).sum(axis=0)
+            first[p] += per_sample.sum(axis=0)
+        for name in weights:
+            weight_grads[name] = weight_grads.get(name, 0) + _grad(graph.params[name])
         for param in graph.parameters():
             param.grad = None
-    return {t: GradStats(taylor[t], first[t]) for t, _ in taps}, description
+    stats = {p: GradStats(taylor[p], first[p]) for p in products}
+    return Gradients(stats, weight_grads, description)
 
 
 def _checked_graph(model: onnx.ModelProto, batch: Batch):

@@ -33,21 +33,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("models", nargs="+", metavar="MODEL", help="ONNX files; first is baseline.")
     parser.add_argument("--batch", default="1", help="Comma-separated batch sizes, e.g. 1,8,32.")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="Intra-op threads; None means the number of physical cores.")
-    parser.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu",
-                        help="ONNX Runtime execution provider.")
-    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
-                        help="Shape for an input with dynamic dims (repeatable); dim 0 is "
-                        "replaced by each --batch when the model's batch dim is dynamic.")
-    parser.add_argument("--repeats", type=int, default=50,
-                        help="Minimum timed runs per model and batch.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="Intra-op threads; None means the number of physical cores.",
+    )
+    parser.add_argument(
+        "--provider",
+        choices=sorted(PROVIDERS),
+        default="cpu",
+        help="ONNX Runtime execution provider.",
+    )
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME:D1,D2,...",
+        help="Shape for an input with dynamic dims (repeatable); dim 0 is "
+        "replaced by each --batch when the model's batch dim is dynamic.",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=50, help="Minimum timed runs per model and batch."
+    )
     parser.add_argument("--warmup", type=int, default=10, help="Untimed runs per model first.")
-    parser.add_argument("--min-time", type=float, default=1.0,
-                        help="Keep repeating until each batch's timed loop lasted this many s.")
+    parser.add_argument(
+        "--min-time",
+        type=float,
+        default=1.0,
+        help="Keep repeating until each batch's timed loop lasted this many s.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random inputs.")
-    parser.add_argument("--json", metavar="FILE|-", default=None,
-                        help="Also write results with raw times as JSON ('-' for stdout).")
+    parser.add_argument(
+        "--json",
+        metavar="FILE|-",
+        default=None,
+        help="Also write results with raw times as JSON ('-' for stdout).",
+    )
     parser.set_defaults(func=run)
 
 

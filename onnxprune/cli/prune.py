@@ -132,6 +132,24 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         help="id: per group, the smallest width whose relative error ≤ EPSILON",
     )
     method.add_argument(
+        "--ippro-lambda",
+        type=float,
+        metavar="L",
+        help="ippro: the step λ in PROscore (default: per layer, 0.1·min‖F‖/max(|∂L/∂D|, ‖∇F‖))",
+    )
+    method.add_argument(
+        "--global",
+        dest="global_ranking",
+        action="store_true",
+        help="ippro: rank all groups' channels together instead of per group",
+    )
+    method.add_argument(
+        "--max-ratio",
+        type=float,
+        default=0.9,
+        help="with --global: the largest fraction any one group may lose",
+    )
+    method.add_argument(
         "--recalibrate",
         action="store_true",
         help="after pruning, restore each affected layer's per-channel output mean and "
@@ -197,6 +215,9 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         verify_samples=args.verify_samples,
         allow_noop=args.allow_noop,
         recalibrate=args.recalibrate,
+        ippro_lambda=args.ippro_lambda,
+        global_ranking=args.global_ranking,
+        max_ratio=args.max_ratio,
         target_macs=args.target_macs,
         target_params=args.target_params,
         target_latency=args.target_latency,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, Tap
-from onnxprune.graph.ops import State, const, rank_of, step
+from onnxprune.graph.ops import NONLINEAR, State, const, rank_of, step
 
 
 def analyze(graph: gs.Graph) -> tuple[ChannelGroup, ...]:
@@ -45,6 +45,7 @@ class _Walk:
     consumers: list[str] = field(default_factory=list)
     taps: list[Tap] = field(default_factory=list)
     arrivals: dict[str, list[tuple[int, int]]] = field(default_factory=lambda: defaultdict(list))
+    sigma: tuple[Tap, Tap] | None = None
     reason: str | None = None
     blocker: str | None = None
 
@@ -145,12 +146,19 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
     if result.kind == "consume":
         if result.edits:
             _add_once(walk.consumers, node.name)
-            _add_once(walk.taps, Tap(state.tensor, state.axis, state.offset, state.spatial))
+            _add_once(walk.taps, _tap(state))
         return
     _add_once(walk.passthrough, node.name)
+    if node.op in NONLINEAR and walk.sigma is None and result.next is not None:
+        nxt = result.next
+        walk.sigma = (_tap(state), Tap(nxt.tensor, nxt.axis, nxt.offset, nxt.spatial))
     if result.couple:
         walk.arrivals[node.name].append((index, state.offset))
     stack.append(result.next)
+
+
+def _tap(state: State) -> Tap:
+    return Tap(state.tensor, state.axis, state.offset, state.spatial)
 
 
 def _add_once(items: list, item: object) -> None:
@@ -235,6 +243,7 @@ def _merge(walks: list[_Walk]) -> ChannelGroup:
         consumers=tuple(consumers),
         taps=tuple(taps),
         edits=tuple(edits.values()),
+        sigma=first.sigma or (_tap(first.producer.start),) * 2,
         reason=reason,
         blocker=blocker,
     )

@@ -46,7 +46,11 @@ class ParamEdit:
 
 @dataclass(frozen=True)
 class ChannelGroup:
-    """Channels that must be removed together, with everything that touches them."""
+    """Channels that must be removed together, with everything that touches them.
+
+    `sigma` is the input and output of the first elementwise nonlinearity the channels pass
+    (the producer's output twice when there is none): where IPPRO injects its offset.
+    """
 
     name: str
     channels: int
@@ -55,6 +59,7 @@ class ChannelGroup:
     consumers: tuple[str, ...] = ()
     taps: tuple[Tap, ...] = ()
     edits: tuple[ParamEdit, ...] = field(default=(), repr=False)
+    sigma: tuple[Tap, Tap] | None = None
     reason: str | None = None
     blocker: str | None = None
 

@@ -390,6 +390,10 @@ _UNARY = [
     "Sin",
     "Cos",
 ]
+NONLINEAR = frozenset(
+    {"Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish"}
+    | {"Gelu", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "ThresholdedRelu"}
+)
 _BINARY = ["Add", "Sub", "Mul", "Div", "Max", "Min", "Pow"]
 
 RULES: dict[str, Callable[[gs.Node, int, State, int], Step]] = {

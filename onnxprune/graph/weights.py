@@ -11,11 +11,18 @@ from onnxprune.graph.groups import ChannelGroup
 def producer_filters(graph: gs.Graph, group: ChannelGroup) -> tuple[np.ndarray, ...]:
     """Each producer's weight as (channels, fan_in) float64 rows, one row per output channel."""
     nodes = {node.name: node for node in graph.nodes}
-    return tuple(_rows(nodes[name]) for name in group.producers)
+    return tuple(filter_rows(nodes[name], nodes[name].inputs[1].values) for name in group.producers)
 
 
-def _rows(node: gs.Node) -> np.ndarray:
-    weight = np.asarray(node.inputs[1].values, dtype=np.float64)
+def producer_weight_names(graph: gs.Graph, group: ChannelGroup) -> tuple[str, ...]:
+    """Initializer names of the producers' weights (e.g. to ask for their gradients)."""
+    nodes = {node.name: node for node in graph.nodes}
+    return tuple(nodes[name].inputs[1].name for name in group.producers)
+
+
+def filter_rows(node: gs.Node, weight: np.ndarray) -> np.ndarray:
+    """`weight` (or its gradient) laid out as one row per output channel of producer `node`."""
+    weight = np.asarray(weight, dtype=np.float64)
     if node.op == "ConvTranspose":
         weight = np.moveaxis(weight, 1, 0)
     elif node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transB", 0)):

@@ -24,9 +24,15 @@ from onnxprune.measure.cost import count, format_count
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _NP_TYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
 }
 
 
@@ -67,26 +73,53 @@ class BenchResult:
 
     def format_table(self) -> str:
         """A fixed-width table for the terminal (raw times left out)."""
-        head = ("model", "batch", "params", "MACs", "median ms", "p90 ms", "IQR ms", "mean ms",
-                "samples/s", "speedup", "ideal")
+        head = (
+            "model",
+            "batch",
+            "params",
+            "MACs",
+            "median ms",
+            "p90 ms",
+            "IQR ms",
+            "mean ms",
+            "samples/s",
+            "speedup",
+            "ideal",
+        )
         lines = [head] + [_table_cells(r) for r in self.rows]
         widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-        text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                          for i, (c, w) in enumerate(zip(line, widths, strict=True)))
-                for line in lines]
+        text = [
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(line, widths, strict=True))
+            )
+            for line in lines
+        ]
         s = self.settings
-        text.append(f"{s['provider']}, {s['threads']} threads, {s['repeats_min']}+ interleaved "
-                    f"repeats after {s['warmup']} warm-up runs; MACs at the row's batch size"
-                    " (+? = some node shapes unknown)")
+        text.append(
+            f"{s['provider']}, {s['threads']} threads, {s['repeats_min']}+ interleaved "
+            f"repeats after {s['warmup']} warm-up runs; MACs at the row's batch size"
+            " (+? = some node shapes unknown)"
+        )
         return "\n".join(text)
 
 
 def _table_cells(r: BenchRow) -> tuple[str, ...]:
     ideal = "-" if r.ideal_speedup is None else f"{r.ideal_speedup:.2f}x"
     macs = format_count(r.macs) + ("+?" if r.unknown_nodes else "")
-    return (r.model, str(r.batch), format_count(r.params), macs,
-            f"{r.median_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.iqr_ms:.3f}", f"{r.mean_ms:.3f}",
-            f"{r.throughput:.1f}", f"{r.speedup:.2f}x", ideal)
+    return (
+        r.model,
+        str(r.batch),
+        format_count(r.params),
+        macs,
+        f"{r.median_ms:.3f}",
+        f"{r.p90_ms:.3f}",
+        f"{r.iqr_ms:.3f}",
+        f"{r.mean_ms:.3f}",
+        f"{r.throughput:.1f}",
+        f"{r.speedup:.2f}x",
+        ideal,
+    )
 
 
 def benchmark(
@@ -111,24 +144,38 @@ def benchmark(
     threads = threads or physical_cores()
     loaded = [_load(m) for m in models]
     labels = list(names) if names else _labels(models)
-    sessions = [make_session(m, threads=threads, provider=provider, spinning=spinning)
-                for m in loaded]
+    sessions = [
+        make_session(m, threads=threads, provider=provider, spinning=spinning) for m in loaded
+    ]
     _check_input_names(sessions, input_shapes or {})
     feeds_by_batch = {  # built up front so a bad shape fails before any timing
-        batch: [_feed(s, lab, batch, input_shapes or {}, seed)
-                for s, lab in zip(sessions, labels, strict=True)]
+        batch: [
+            _feed(s, lab, batch, input_shapes or {}, seed)
+            for s, lab in zip(sessions, labels, strict=True)
+        ]
         for batch in batches
     }
     rows: list[BenchRow] = []
     for batch, feeds in feeds_by_batch.items():
         times = _time_interleaved(sessions, feeds, warmup, repeats, min_time)
-        costs = [count(m, input_shapes={k: v.shape for k, v in f.items()})
-                 for m, f in zip(loaded, feeds, strict=True)]
+        costs = [
+            count(m, input_shapes={k: v.shape for k, v in f.items()})
+            for m, f in zip(loaded, feeds, strict=True)
+        ]
         rows += _rows(labels, batch, times, costs)
-    settings = {"provider": provider, "threads": threads, "inter_op_threads": 1,
-                "allow_spinning": spinning, "graph_optimization_level": "ORT_ENABLE_ALL",
-                "warmup": warmup, "repeats_min": repeats, "min_time_s": min_time, "seed": seed,
-                "batches": list(batches), "onnxruntime": ort.__version__}
+    settings = {
+        "provider": provider,
+        "threads": threads,
+        "inter_op_threads": 1,
+        "allow_spinning": spinning,
+        "graph_optimization_level": "ORT_ENABLE_ALL",
+        "warmup": warmup,
+        "repeats_min": repeats,
+        "min_time_s": min_time,
+        "seed": seed,
+        "batches": list(batches),
+        "onnxruntime": ort.__version__,
+    }
     return BenchResult(tuple(rows), settings)
 
 
@@ -165,8 +212,10 @@ def make_session(
     name = PROVIDERS[provider]
     available = ort.get_available_providers()
     if name not in available:
-        raise UsageError(f"provider '{provider}' needs {name}, but this onnxruntime offers only "
-                         f"{available} (install onnxruntime-gpu for cuda)")
+        raise UsageError(
+            f"provider '{provider}' needs {name}, but this onnxruntime offers only "
+            f"{available} (install onnxruntime-gpu for cuda)"
+        )
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -196,8 +245,9 @@ def _check_options(models, batches, threads, warmup, repeats, min_time) -> None:
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
     if warmup < 0 or repeats < 1 or min_time < 0:
-        raise UsageError(f"need warmup >= 0, repeats >= 1, min_time >= 0; got {warmup}, "
-                         f"{repeats}, {min_time}")
+        raise UsageError(
+            f"need warmup >= 0, repeats >= 1, min_time >= 0; got {warmup}, {repeats}, {min_time}"
+        )
 
 
 def _check_input_names(sessions, input_shapes: dict[str, tuple[int, ...]]) -> None:
@@ -238,8 +288,11 @@ def _labels(models: Sequence) -> list[str]:
 
 
 def _feed(
-    session: ort.InferenceSession, label: str, batch: int,
-    input_shapes: dict[str, tuple[int, ...]], seed: int,
+    session: ort.InferenceSession,
+    label: str,
+    batch: int,
+    input_shapes: dict[str, tuple[int, ...]],
+    seed: int,
 ) -> dict[str, np.ndarray]:
     """Seeded random inputs of the declared dtype; dim 0 is the batch dim when it is symbolic."""
     rng = np.random.default_rng(seed)
@@ -248,8 +301,10 @@ def _feed(
         shape = _input_shape(arg, label, batch, input_shapes.get(arg.name))
         dtype = _NP_TYPES.get(arg.type)
         if dtype is None:
-            raise DataError(f"input '{arg.name}' of model '{label}' has type {arg.type}, "
-                            "which bench cannot fill with random data")
+            raise DataError(
+                f"input '{arg.name}' of model '{label}' has type {arg.type}, "
+                "which bench cannot fill with random data"
+            )
         feed[arg.name] = _random(rng, shape, dtype)
     return feed
 
@@ -266,25 +321,33 @@ def _input_shape(
     if batch_dynamic:
         declared[0] = batch
     elif declared and declared[0] != batch:
-        raise UsageError(f"input '{arg.name}' of model '{label}' has fixed batch {declared[0]}; "
-                         f"cannot run batch {batch} (use --batch {declared[0]})")
+        raise UsageError(
+            f"input '{arg.name}' of model '{label}' has fixed batch {declared[0]}; "
+            f"cannot run batch {batch} (use --batch {declared[0]})"
+        )
     dynamic = [str(d) for d in declared if not isinstance(d, int)]
     if dynamic:
         example = ",".join(str(d) if isinstance(d, int) else f"<{d}>" for d in declared)
-        raise UsageError(f"input '{arg.name}' of model '{label}' has dynamic dims {dynamic}; "
-                         f"pass --input-shape {arg.name}:{example}")
+        raise UsageError(
+            f"input '{arg.name}' of model '{label}' has dynamic dims {dynamic}; "
+            f"pass --input-shape {arg.name}:{example}"
+        )
     return tuple(declared)
 
 
 def _check_override(name: str, label: str, declared: list, override: tuple[int, ...]) -> None:
     """The override must have the input's rank and agree with its fixed dims."""
     if declared and len(declared) != len(override):
-        raise UsageError(f"input '{name}' of model '{label}' has rank {len(declared)} but "
-                         f"--input-shape gives {len(override)} dims")
+        raise UsageError(
+            f"input '{name}' of model '{label}' has rank {len(declared)} but "
+            f"--input-shape gives {len(override)} dims"
+        )
     for i, (d, v) in enumerate(zip(declared, override, strict=False)):
         if isinstance(d, int) and d != v:
-            raise UsageError(f"input '{name}' of model '{label}' has fixed dim {i} = {d} but "
-                             f"--input-shape gives {v}")
+            raise UsageError(
+                f"input '{name}' of model '{label}' has fixed dim {i} = {d} but "
+                f"--input-shape gives {v}"
+            )
 
 
 def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -317,13 +380,21 @@ def _rows(labels, batch: int, times, costs) -> list[BenchRow]:
     rows = []
     for label, t, cost, median in zip(labels, times, costs, medians, strict=True):
         q25, q75, p90 = np.percentile(t, [25, 75, 90])
-        rows.append(BenchRow(
-            model=label, batch=batch, params=cost.params, macs=cost.macs,
-            median_ms=median, p90_ms=float(p90), iqr_ms=float(q75 - q25),
-            mean_ms=float(np.mean(t)), throughput=batch * 1000.0 / median,
-            speedup=medians[0] / median,
-            ideal_speedup=costs[0].macs / cost.macs if cost.macs else None,
-            unknown_nodes=len(cost.unknown),
-            times_ms=tuple(t),
-        ))
+        rows.append(
+            BenchRow(
+                model=label,
+                batch=batch,
+                params=cost.params,
+                macs=cost.macs,
+                median_ms=median,
+                p90_ms=float(p90),
+                iqr_ms=float(q75 - q25),
+                mean_ms=float(np.mean(t)),
+                throughput=batch * 1000.0 / median,
+                speedup=medians[0] / median,
+                ideal_speedup=costs[0].macs / cost.macs if cost.macs else None,
+                unknown_nodes=len(cost.unknown),
+                times_ms=tuple(t),
+            )
+        )
     return rows

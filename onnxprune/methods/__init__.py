@@ -6,12 +6,18 @@ from onnxprune.methods.activation import Activation
 from onnxprune.methods.base import Method
 from onnxprune.methods.fpgm import FPGM
 from onnxprune.methods.id import InterpolativeDecomposition
+from onnxprune.methods.ippro import IPPRO
 from onnxprune.methods.magnitude import Magnitude, Random
 from onnxprune.methods.taylor import Taylor
 
 
 def build_method(
-    name: str, *, norm: int = 1, compensate: str = "none", id_solver: str = "gram"
+    name: str,
+    *,
+    norm: int = 1,
+    compensate: str = "none",
+    id_solver: str = "gram",
+    ippro_lambda: float | None = None,
 ) -> Method:
     """The method registered as `name`, configured with its options."""
     factories = {
@@ -21,8 +27,9 @@ def build_method(
         "taylor": Taylor,
         "fpgm": FPGM,
         "activation": Activation,
+        "ippro": lambda: IPPRO(lam=ippro_lambda),
     }
     return factories[name]()
 
 
-METHODS: tuple[str, ...] = ("id", "magnitude", "random", "taylor", "fpgm", "activation")
+METHODS: tuple[str, ...] = ("id", "magnitude", "random", "taylor", "fpgm", "activation", "ippro")

@@ -68,7 +68,7 @@ class GroupStats:
 
     weights: tuple[np.ndarray, ...] = ()
     taps: Mapping[str, TapStats] = field(default_factory=dict)
-    grads: Mapping[str, np.ndarray] = field(default_factory=dict)
+    grads: Mapping[str, object] = field(default_factory=dict)
 
 
 class Method(Protocol):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.width import WidthRule, keep_counts
+from onnxprune.methods.width import WidthRule, keep_counts, kept
 
 
 @dataclass(frozen=True)
@@ -146,3 +146,28 @@ def _cheapest_step(widths, channels, curves, cost, round_to):
         if rate < best_rate:
             best, best_rate = (name, new), rate
     return best
+
+
+def global_widths(
+    scores: Mapping[str, np.ndarray], ratio: float, max_ratio: float, round_to: int
+) -> dict[str, int]:
+    """Rank every channel of every group together and remove the lowest `ratio` of them.
+
+    For scale-free scores (PROscore). No group loses more than `max_ratio` of its channels, so no
+    layer collapses; kept counts are then rounded like a per-group ratio would be.
+    """
+    caps = {g: int(np.floor(max_ratio * len(s) + 1e-9)) for g, s in scores.items()}
+    budget = int(np.floor(ratio * sum(len(s) for s in scores.values()) + 1e-9))
+    ranked = sorted((float(v), g) for g, s in scores.items() for v in s)
+    removed = dict.fromkeys(scores, 0)
+    for _, group in ranked:
+        if budget == 0:
+            break
+        if removed[group] < caps[group]:
+            removed[group] += 1
+            budget -= 1
+    counts = {}
+    for group, s in scores.items():
+        channels = len(s)
+        counts[group] = kept(channels, removed[group] / channels, round_to)
+    return counts

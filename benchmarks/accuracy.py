@@ -1,0 +1,157 @@
+"""Accuracy before fine-tuning vs MACs reduction, every method on every digits reference model.
+
+All methods run in the same process on the same calibration split (models/digits*_calib.npz) and
+are evaluated on the disjoint test split (540 images). Each point prunes to a MAC target
+(`target_macs` = 1 − reduction) with `round_to=1`, so every method lands on the same MACs.
+Random is the mean ± std over 5 seeds. Wall time and the Python-side peak memory (tracemalloc) of
+one prune per method at 50 % are recorded too.
+
+    python benchmarks/accuracy.py                 # full run, writes results/accuracy.json
+    python benchmarks/accuracy.py --quick         # two models, two reductions
+    python benchmarks/accuracy.py --markdown      # print the tables of the last run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+import onnxprune
+from onnxprune.measure.verify import run
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "accuracy.json"
+REDUCTIONS = (0.1, 0.3, 0.5, 0.7, 0.85)
+SEEDS = (0, 1, 2, 3, 4)
+METHODS: dict[str, dict] = {
+    "id": {"method": "id"},
+    "id + bias": {"method": "id", "compensate": "bias"},
+    "id (uniform widths)": {"method": "id", "uniform": True},
+    "magnitude": {"method": "magnitude"},
+    "magnitude + lsq": {"method": "magnitude", "compensate": "lsq"},
+    "magnitude + recalibrate": {"method": "magnitude", "recalibrate": True},
+    "taylor": {"method": "taylor"},
+    "fpgm": {"method": "fpgm"},
+    "activation": {"method": "activation"},
+    "random": {"method": "random"},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="vgg and resnet at 50/85 % only")
+    parser.add_argument("--markdown", action="store_true", help="print tables of the last run")
+    parser.add_argument("--models", help="comma-separated model names (default: all)")
+    args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(RESULTS.read_text())))
+        return
+    manifest = json.loads((ROOT / "models" / "manifest.json").read_text())
+    names = args.models.split(",") if args.models else list(manifest["models"])
+    reductions = REDUCTIONS
+    if args.quick:
+        names, reductions = [n for n in names if n in ("vgg", "resnet")], (0.5, 0.85)
+    results = {"machine": machine(), "command": "python benchmarks/accuracy.py", "models": {}}
+    for name in names:
+        results["models"][name] = bench_model(manifest["models"][name], reductions)
+        print(f"{name}: done", flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1))
+    print(markdown(results))
+
+
+def bench_model(entry: dict, reductions: tuple[float, ...]) -> dict:
+    path = ROOT / "models" / entry["onnx"]
+    calib = dict(np.load(ROOT / "models" / entry["calib"]))
+    test = dict(np.load(ROOT / "models" / entry["test"]))
+    calib_data = {"input": calib["input"], "labels": calib["labels"]}
+    base = accuracy(onnxprune.prune(path, ratio=0.0, round_to=1, verify=False).model, test)
+    out = {"base_accuracy": base, "points": {}, "cost": {}}
+    for label, spec in METHODS.items():
+        rows = []
+        for reduction in reductions:
+            seeds = SEEDS if spec["method"] == "random" else (0,)
+            accs, macs, seconds = [], [], []
+            for seed in seeds:
+                start = time.perf_counter()
+                result = prune(path, spec, 1 - reduction, calib_data, seed)
+                seconds.append(time.perf_counter() - start)
+                accs.append(accuracy(result.model, test))
+                before, after = result.report.macs
+                macs.append(1 - after / before)
+            rows.append({"target": reduction, "macs_reduction": float(np.mean(macs)),
+                         "accuracy": float(np.mean(accs)), "std": float(np.std(accs)),
+                         "seconds": float(np.mean(seconds))})
+        out["points"][label] = rows
+        out["cost"][label] = peak_cost(path, spec, calib_data)
+    return out
+
+
+def prune(path: Path, spec: dict, keep: float, data: dict, seed: int):
+    options = {k: v for k, v in spec.items() if k not in ("method", "uniform")}
+    dataset = onnxprune.calib.data.Dataset({"input": data["input"]}, labels=data["labels"])
+    if spec.get("uniform"):
+        return onnxprune.prune(path, method=spec["method"], data=dataset, round_to=1, seed=seed,
+                               verify=False, ratio=uniform_ratio(path, keep), **options)
+    return onnxprune.prune(path, method=spec["method"], data=dataset, target_macs=keep,
+                           round_to=1, seed=seed, verify=False, **options)
+
+
+def uniform_ratio(path: Path, keep: float) -> float:
+    """The uniform channel ratio magnitude would use for this MAC target."""
+    result = onnxprune.prune(path, method="magnitude", target_macs=keep, round_to=1, verify=False)
+    note = next(n for n in result.report.notes if "uniform ratio" in n)
+    return float(note.rsplit("uniform ratio ", 1)[1].rstrip(")"))
+
+
+def peak_cost(path: Path, spec: dict, data: dict) -> dict:
+    tracemalloc.start()
+    start = time.perf_counter()
+    prune(path, spec, 0.5, data, 0)
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return {"seconds_at_50": seconds, "python_peak_mib_at_50": peak / 2**20}
+
+
+def accuracy(model, test: dict) -> float:
+    logits = next(iter(run(model, {"input": test["input"]}).values()))
+    return float((logits.argmax(axis=1) == test["labels"]).mean())
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                .splitlines() if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "python": platform.python_version(), "onnxruntime": ort.__version__,
+            "onnxprune": onnxprune.__version__}
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Machine: {results['machine']['cpu']}, ORT {results['machine']['onnxruntime']}. "
+             f"Command: `{results['command']}`.", ""]
+    for name, model in results["models"].items():
+        targets = [row["target"] for row in next(iter(model["points"].values()))]
+        lines.append(f"**{name}** (unpruned test accuracy {100 * model['base_accuracy']:.1f} %)")
+        lines.append("")
+        lines.append("| method | " + " | ".join(f"{100 * t:.0f} %" for t in targets)
+                     + " | s at 50 % | peak MiB |")
+        lines.append("|---" * (len(targets) + 3) + "|")
+        for label, rows in model["points"].items():
+            cells = [f"{100 * r['accuracy']:.1f}" + (f" ± {100 * r['std']:.1f}" if r["std"] else "")
+                     for r in rows]
+            cost = model["cost"][label]
+            lines.append(f"| {label} | " + " | ".join(cells)
+                         + f" | {cost['seconds_at_50']:.1f} | {cost['python_peak_mib_at_50']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
