@@ -52,8 +52,8 @@ def choose_widths(graph: gs.Graph, groups: tuple[ChannelGroup, ...], config: Pru
         cost = cost_of(graph, groups, kind)
         full = cost({})
         measure = lambda counts: cost(counts) / full  # noqa: E731
-    ratio, counts = ratio_for_target(groups, config.width, measure, target)
-    return Widths(counts, _note(kind, target, measure(counts), f"uniform ratio {ratio:.3f}"))
+    ratio, counts = ratio_for_target(groups, config.width, measure, target, trim=kind != "latency")
+    return Widths(counts, _note(kind, target, measure(counts), f"near-uniform ratio {ratio:.3f}"))
 
 
 def refine_widths(

@@ -142,7 +142,7 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
         walk.block(result.reason or "blocked", node.name)
         return
     for edit in result.edits:
-        walk.edits[(edit.node, edit.input, edit.offset)] = edit
+        walk.edits[(edit.node, edit.input, edit.axis, edit.offset, edit.role)] = edit
     if result.kind == "consume":
         if result.edits:
             _add_once(walk.consumers, node.name)
@@ -220,7 +220,7 @@ def _merge(walks: list[_Walk]) -> ChannelGroup:
     passthrough, consumers, taps = [], [], []
     for walk in walks:
         for edit in walk.producer.edits:
-            edits[(edit.node, edit.input, edit.offset)] = edit
+            edits[(edit.node, edit.input, edit.axis, edit.offset, edit.role)] = edit
         edits.update(walk.edits)
         for item in walk.passthrough:
             _add_once(passthrough, item)

@@ -108,29 +108,29 @@ def export(graph: gs.Graph) -> onnx.ModelProto:
 def save_model(
     model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False
 ) -> None:
-    """Write `model` to `path` atomically (temp file + rename); optionally with external data."""
+    """Write `model` to `path` atomically: everything goes into a temporary folder beside the
+    target first (the model and, with `external_data`, its `<name>.data` file), then is renamed
+    into place. `model` itself is not changed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as folder:
+        staged = Path(folder) / path.name
         if external_data:
-            data_name = f"{path.name}.data"
+            copy = onnx.ModelProto.FromString(model.SerializeToString())
             onnx.save_model(
-                model,
-                tmp,
+                copy,
+                str(staged),
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,
-                location=data_name,
+                location=f"{path.name}.data",
                 size_threshold=1024,
             )
-            # external data is written next to tmp under its final name; the .onnx is renamed
+            data = staged.with_name(f"{path.name}.data")
+            if data.exists():
+                os.replace(data, path.with_name(data.name))
         else:
-            onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            onnx.save_model(model, str(staged))
+        os.replace(staged, path)
 
 
 def _first_line(exc: BaseException) -> str:

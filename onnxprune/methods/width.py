@@ -61,7 +61,7 @@ def kept(channels: int, ratio: float, round_to: int) -> int:
     keep = max(1, channels - math.floor(ratio * channels + 1e-9))
     if keep == channels or round_to <= 1 or channels < 2 * round_to:
         return keep
-    return min(channels, max(round_to, round_to * round(keep / round_to)))
+    return min(channels, max(round_to, round_to * math.floor(keep / round_to + 0.5)))
 
 
 def check_ratio(value: float, what: str = "ratio") -> float:
@@ -103,7 +103,17 @@ def load_recipe(path: str | Path) -> dict[str, float]:
     ratios = data.get("ratios", data) if isinstance(data, dict) else None
     if not isinstance(ratios, dict):
         raise UsageError(f"recipe '{path}' must map group names to ratios")
-    return {str(k): check_ratio(float(v), f"recipe ratio for {k}") for k, v in ratios.items()}
+    return {
+        str(k): check_ratio(_number(v, f"recipe ratio for {k}"), f"recipe ratio for {k}")
+        for k, v in ratios.items()
+    }
+
+
+def _number(value: object, what: str) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{what} must be a number; got {value!r}") from exc
 
 
 def _parse_recipe_text(path: Path, text: str) -> object:

@@ -1,0 +1,1 @@
+"""Reference models (digits CNNs and an MLP) exported to ONNX for pruning tests."""

@@ -1,0 +1,196 @@
+"""Small torch architectures covering the graph patterns a channel pruner must handle."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NUM_CLASSES = 10
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> list[nn.Module]:
+    """Bias-free conv followed by BatchNorm, with 'same' padding for odd kernels."""
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False)
+    return [conv, nn.BatchNorm2d(cout)]
+
+
+def conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+    """Conv-BN-ReLU unit, the basic block of the plain CNNs."""
+    return nn.Sequential(*conv_bn(cin, cout, k, stride), nn.ReLU())
+
+
+class MLP(nn.Module):
+    """64 -> 128 -> 64 -> 10 fully connected network on flattened 8x8 digits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(64, 128),
+            nn.ReLU(),
+            nn.Linear(128, 64),
+            nn.ReLU(),
+            nn.Linear(64, NUM_CLASSES),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class VGG(nn.Module):
+    """VGG-style stacks 32-32-M-64-64-M-96-96-M with a Flatten(96x4x4) classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 1
+        for width in (32, 64, 96):
+            layers += [conv_bn_relu(cin, width), conv_bn_relu(width, width), nn.MaxPool2d(2)]
+            cin = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(96 * 4 * 4, 128),
+            nn.ReLU(),
+            nn.Linear(128, NUM_CLASSES),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block; a strided 1x1 conv+BN shortcut when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *conv_bn(cin, cout, stride=stride), nn.ReLU(), *conv_bn(cout, cout)
+        )
+        reshape = stride != 1 or cin != cout
+        self.shortcut = nn.Sequential(*conv_bn(cin, cout, 1, stride)) if reshape else nn.Identity()
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """Stem 32, two 32-wide blocks, a stride-2 block to 64, one more 64 block, GAP, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn_relu(1, 32)
+        self.blocks = nn.Sequential(
+            BasicBlock(32, 32), BasicBlock(32, 32), BasicBlock(32, 64, 2), BasicBlock(64, 64)
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.blocks(self.stem(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand, depthwise 3x3, linear 1x1 projection, optional Add."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int = 4) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.body = nn.Sequential(
+            *conv_bn(cin, hidden, 1), nn.ReLU6(),
+            *conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.ReLU6(),
+            *conv_bn(hidden, cout, 1),
+        )  # fmt: skip
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        return x + out if self.residual else out
+
+
+class MobileNetV2(nn.Module):
+    """Tiny MobileNetV2: stem 16, four inverted residual blocks, 1x1 to 64, GAP, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            *conv_bn(1, 16), nn.ReLU6(),
+            InvertedResidual(16, 24, 2), InvertedResidual(24, 24, 1),
+            InvertedResidual(24, 32, 2), InvertedResidual(32, 32, 1),
+            *conv_bn(32, 64, 1), nn.ReLU6(),
+        )  # fmt: skip
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+class InceptionBlock(nn.Module):
+    """Three parallel branches (1x1; 1x1->3x3; maxpool->1x1) concatenated on channels."""
+
+    def __init__(self, cin: int, b1: int, b2_mid: int, b2: int, b3: int) -> None:
+        super().__init__()
+        self.branch1 = conv_bn_relu(cin, b1, 1)
+        self.branch2 = nn.Sequential(conv_bn_relu(cin, b2_mid, 1), conv_bn_relu(b2_mid, b2))
+        self.branch3 = nn.Sequential(nn.MaxPool2d(3, 1, 1), conv_bn_relu(cin, b3, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x)], dim=1)
+
+
+class Inception(nn.Module):
+    """Stem 32 + maxpool, inception block (64 out), maxpool, inception block (96 out), GAP.
+
+    The stem pool gives the 8x8 output enough receptive field for GAP to see whole digits.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn_relu(1, 32), nn.MaxPool2d(2))
+        self.block1 = InceptionBlock(32, 16, 16, 32, 16)
+        self.pool1 = nn.MaxPool2d(2)
+        self.block2 = InceptionBlock(64, 32, 32, 48, 16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(96, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block2(self.pool1(self.block1(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gate: GAP -> 1x1 reduce by 4 -> ReLU -> 1x1 expand -> Sigmoid -> scale."""
+
+    def __init__(self, channels: int, reduction: int = 4) -> None:
+        super().__init__()
+        self.gate = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, channels // reduction, 1),
+            nn.ReLU(),
+            nn.Conv2d(channels // reduction, channels, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)
+
+
+class SENet(nn.Module):
+    """Conv-BN-ReLU stages 32/64-64/96, each followed by squeeze-excitation; GAP, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn_relu(1, 32), SqueezeExcite(32), nn.MaxPool2d(2),
+            conv_bn_relu(32, 64), conv_bn_relu(64, 64), SqueezeExcite(64), nn.MaxPool2d(2),
+            conv_bn_relu(64, 96), SqueezeExcite(96),
+        )  # fmt: skip
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(96, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x))
+        return self.fc(torch.flatten(x, 1))

@@ -1,0 +1,118 @@
+"""Shared fixtures: reference models, their data, and `assert_outputs_close` (real ORT, CPU)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import graphs` from any test
+
+
+def _reference_names() -> list[str]:
+    """Models listed in the manifest plus any other `<name>.onnx` with a dynamo twin on disk."""
+    manifest = MODELS / "manifest.json"
+    names = set(json.loads(manifest.read_text())["models"]) if manifest.is_file() else set()
+    for path in MODELS.glob("*.onnx"):
+        stem = path.name[: -len(".onnx")]
+        if "." not in stem and (MODELS / f"{stem}.dynamo.onnx").is_file():
+            names.add(stem)
+    return sorted(names)
+
+
+REFERENCE_NAMES = _reference_names()
+EXPORTERS = ("onnx", "dynamo.onnx")
+REFERENCE_MODELS = [(name, exp) for name in REFERENCE_NAMES for exp in EXPORTERS]
+REFERENCE_IDS = [f"{name}-{exp.split('.')[0]}" for name, exp in REFERENCE_MODELS]
+
+
+def reference_path(name: str, exporter: str = "onnx") -> Path:
+    return MODELS / f"{name}.{exporter}"
+
+
+def data_path(name: str, split: str = "calib") -> Path:
+    return MODELS / f"digits{64 if name == 'mlp' else 32}_{split}.npz"
+
+
+def reference_feeds(name: str, n: int = 64, split: str = "calib") -> dict[str, np.ndarray]:
+    """The first `n` samples of the model's data, keyed by its input name."""
+    with np.load(data_path(name, split)) as data:
+        return {"input": np.ascontiguousarray(data["input"][:n])}
+
+
+def session(model: onnx.ModelProto | str | os.PathLike) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def run_model(model: onnx.ModelProto | str | os.PathLike,
+              feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """All outputs of `model` on `feeds` in ONNX Runtime (CPU), keyed by output name."""
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, dict(feeds)), strict=True))
+
+
+def max_deviation(model_a, model_b, feeds: Mapping[str, np.ndarray]) -> float:
+    """Largest absolute difference over all outputs (outputs must match by name and shape)."""
+    out_a, out_b = run_model(model_a, feeds), run_model(model_b, feeds)
+    assert out_a.keys() == out_b.keys(), f"output names differ: {out_a.keys()} vs {out_b.keys()}"
+    worst = 0.0
+    for name, a in out_a.items():
+        assert a.shape == out_b[name].shape, f"output '{name}': {a.shape} vs {out_b[name].shape}"
+        worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - out_b[name]), initial=0)))
+    return worst
+
+
+def assert_outputs_close(model_a, model_b, feeds: Mapping[str, np.ndarray],
+                         atol: float = 1e-5, rtol: float = 0.0) -> None:
+    """Run both models in ORT CPU on `feeds`; every output must satisfy |a − b| ≤ atol + rtol·|a|.
+
+    Outputs must match by name and shape.
+    """
+    out_a, out_b = run_model(model_a, feeds), run_model(model_b, feeds)
+    assert out_a.keys() == out_b.keys(), f"output names differ: {out_a.keys()} vs {out_b.keys()}"
+    for name, a in out_a.items():
+        b = out_b[name]
+        assert a.shape == b.shape, f"output '{name}': {a.shape} vs {b.shape}"
+        np.testing.assert_allclose(b, a, atol=atol, rtol=rtol, err_msg=f"output '{name}'")
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def copy_model(tmp_path):
+    """Copy a reference model into tmp_path (so default output paths land there)."""
+
+    def copy(name: str, exporter: str = "onnx") -> Path:
+        dst = tmp_path / f"{name}.{exporter}"
+        dst.write_bytes(reference_path(name, exporter).read_bytes())
+        return dst
+
+    return copy
+
+
+@pytest.fixture
+def save_tmp(tmp_path):
+    """Save an in-memory model into tmp_path and return its path."""
+
+    def save(model: onnx.ModelProto, name: str = "model.onnx") -> Path:
+        path = tmp_path / name
+        onnx.save_model(model, str(path))
+        return path
+
+    return save

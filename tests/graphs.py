@@ -1,0 +1,288 @@
+"""Tiny ONNX graphs built with `onnx.helper`, one builder per topology the analyzer must handle.
+
+Every builder returns a checked `ModelProto` with seeded random weights, a symbolic batch `N`
+and node names that tests refer to. Shapes are small so ORT runs them in microseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+F = TensorProto.FLOAT
+
+
+class Builder:
+    """Collects nodes and initializers; `conv`/`gemm`/... add a node and return its output name."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def rand(self, name: str, *shape: int, scale: float = 0.5) -> str:
+        return self.const(name, (scale * self.rng.standard_normal(shape)).astype(np.float32))
+
+    def node(self, op: str, name: str, inputs: Sequence[str], outputs: int = 1,
+             domain: str | None = None, **attrs: object) -> str:
+        outs = [f"{name}_out"] + [f"{name}_out{i}" for i in range(1, outputs)]
+        self.nodes.append(helper.make_node(op, list(inputs), outs, name=name, domain=domain,
+                                           **attrs))
+        return outs[0]
+
+    def conv(self, name: str, x: str, cin: int, cout: int, k: int = 3, *, group: int = 1,
+             pad: bool = True, bias: bool = True, weight: np.ndarray | None = None,
+             b: np.ndarray | None = None) -> str:
+        w = self.const(f"{name}.w", weight) if weight is not None else \
+            self.rand(f"{name}.w", cout, cin // group, k, k)
+        inputs = [x, w]
+        if bias:
+            bias_name = f"{name}.b"
+            inputs.append(self.const(bias_name, b) if b is not None else self.rand(bias_name, cout))
+        pads = [k // 2] * 4 if pad else [0] * 4
+        return self.node("Conv", name, inputs, kernel_shape=[k, k], pads=pads, group=group)
+
+    def gemm(self, name: str, x: str, fin: int, fout: int, *, trans_b: int = 1) -> str:
+        shape = (fout, fin) if trans_b else (fin, fout)
+        w, b = self.rand(f"{name}.w", *shape), self.rand(f"{name}.b", fout)
+        return self.node("Gemm", name, [x, w, b], transB=trans_b)
+
+    def bn(self, name: str, x: str, c: int) -> str:
+        gamma = self.const(f"{name}.g", (1 + 0.3 * self.rng.standard_normal(c)).astype(np.float32))
+        beta = self.rand(f"{name}.beta", c)
+        mean = self.rand(f"{name}.mean", c)
+        var = self.const(f"{name}.var", (0.5 + self.rng.random(c)).astype(np.float32))
+        return self.node("BatchNormalization", name, [x, gamma, beta, mean, var], epsilon=1e-3)
+
+    def relu(self, name: str, x: str) -> str:
+        return self.node("Relu", name, [x])
+
+    def model(self, outputs: Sequence[str], *, shape: Sequence[object] = ("N", 3, 8, 8),
+              opset: int = 17, inputs: Sequence[tuple[str, Sequence[object]]] | None = None,
+              extra_opsets: Sequence[tuple[str, int]] = ()) -> onnx.ModelProto:
+        ins = [helper.make_tensor_value_info(n, F, list(s)) for n, s in (inputs or [("x", shape)])]
+        outs = [helper.make_tensor_value_info(o, F, None) for o in outputs]
+        graph = helper.make_graph(self.nodes, "tiny", ins, outs, self.inits)
+        opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v)
+                                                     for d, v in extra_opsets]
+        model = helper.make_model(graph, opset_imports=opsets)
+        model.ir_version = 8
+        model = onnx.shape_inference.infer_shapes(model)
+        if not extra_opsets:
+            onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def conv_chain(opset: int = 17) -> onnx.ModelProto:
+    """x → c1(8) → relu → c2(6) → relu → c3(4) → y."""
+    b = Builder(1)
+    h = b.relu("r1", b.conv("c1", "x", 3, 8))
+    h = b.relu("r2", b.conv("c2", h, 8, 6))
+    return b.model([b.conv("c3", h, 6, 4)], opset=opset)
+
+
+def linear_conv_chain() -> onnx.ModelProto:
+    """x → c1(6) → c2(5) → c3(4) → y: nothing between the convs (rotations commute)."""
+    b = Builder(2)
+    h = b.conv("c1", "x", 3, 6)
+    h = b.conv("c2", h, 6, 5)
+    return b.model([b.conv("c3", h, 5, 4)])
+
+
+def residual_add() -> onnx.ModelProto:
+    """x → c1(8) → relu = t; t → c2(8); t + c2 → relu → c3(4) → y (c1, c2 coupled)."""
+    b = Builder(3)
+    t = b.relu("r1", b.conv("c1", "x", 3, 8))
+    s = b.node("Add", "add", [t, b.conv("c2", t, 8, 8)])
+    return b.model([b.conv("c3", b.relu("r2", s), 8, 4)])
+
+
+def residual_block() -> onnx.ModelProto:
+    """ResNet-style: t = relu(c1(x)); u = c3(relu(c2(t))); relu(t + u) → c4(4) → y."""
+    b = Builder(16)
+    t = b.relu("r1", b.conv("c1", "x", 3, 8))
+    u = b.conv("c3", b.relu("r2", b.conv("c2", t, 8, 6)), 6, 8)
+    s = b.relu("r3", b.node("Add", "add", [t, u]))
+    return b.model([b.conv("c4", s, 8, 4)])
+
+
+def concat(c1: int = 4, c2: int = 6) -> onnx.ModelProto:
+    """Two branches a(c1), b(c2) from x, concatenated on channels, read by conv `c3`."""
+    b = Builder(4)
+    a = b.relu("ra", b.conv("ca", "x", 3, c1))
+    bb = b.relu("rb", b.conv("cb", "x", 3, c2))
+    cat = b.node("Concat", "cat", [a, bb], axis=1)
+    return b.model([b.conv("c3", cat, c1 + c2, 4)])
+
+
+def flatten_gemm(kind: str = "flatten", target: Sequence[int] = (0, -1)) -> onnx.ModelProto:
+    """x[N,3,4,4] → c1(6) → relu → Flatten (or Reshape to `target`) → fc(96 → 5) → y."""
+    b = Builder(5)
+    h = b.relu("r1", b.conv("c1", "x", 3, 6))
+    if kind == "flatten":
+        flat = b.node("Flatten", "flat", [h], axis=1)
+    else:
+        shape = b.const("flat.shape", np.array(target, dtype=np.int64))
+        flat = b.node("Reshape", "flat", [h, shape])
+    return b.model([b.gemm("fc", flat, 6 * 16, 5)], shape=("N", 3, 4, 4))
+
+
+def depthwise() -> onnx.ModelProto:
+    """x → c1(8) → relu → dw (group 8) → relu → c2(4) → y."""
+    b = Builder(6)
+    h = b.relu("r1", b.conv("c1", "x", 3, 8))
+    h = b.relu("r2", b.conv("dw", h, 8, 8, group=8))
+    return b.model([b.conv("c2", h, 8, 4)])
+
+
+def se_block() -> onnx.ModelProto:
+    """Trunk t = relu(ct(x)); gate = sigmoid(ce(relu(cr(GAP(t))))); y = co(t · gate)."""
+    b = Builder(7)
+    t = b.relu("rt", b.conv("ct", "x", 3, 8))
+    g = b.node("GlobalAveragePool", "gap", [t])
+    g = b.relu("rr", b.conv("cr", g, 8, 2, 1, pad=False))
+    g = b.node("Sigmoid", "sig", [b.conv("ce", g, 2, 8, 1, pad=False)])
+    gated = b.node("Mul", "gate", [t, g])
+    return b.model([b.conv("co", gated, 8, 4)])
+
+
+def spatial_attention() -> onnx.ModelProto:
+    """Trunk t = relu(ct(x)) [N,8,H,W] times a map sigmoid(cm(t)) [N,1,H,W], then co → y."""
+    b = Builder(8)
+    t = b.relu("rt", b.conv("ct", "x", 3, 8))
+    m = b.node("Sigmoid", "sig", [b.conv("cm", t, 8, 1)])
+    return b.model([b.conv("co", b.node("Mul", "att", [t, m]), 8, 4)])
+
+
+def reaches_output() -> onnx.ModelProto:
+    """c1's activation is both a graph output `feat` and read by c2."""
+    b = Builder(9)
+    h = b.conv("c1", "x", 3, 8)
+    feat = b.node("Relu", "feat", [h])
+    return b.model([feat, b.conv("c2", feat, 8, 4)])
+
+
+def blocked_by(op: str) -> onnx.ModelProto:
+    """c1(8) → relu → `op` node named 'blocker' → c2 → y, for an op that is not channel-wise."""
+    b = Builder(10)
+    h = b.relu("r1", b.conv("c1", "x", 3, 8))
+    extra = []
+    if op == "Transpose":
+        h = b.node("Transpose", "blocker", [h], perm=[0, 1, 3, 2])
+    elif op == "Softmax":
+        h = b.node("Softmax", "blocker", [h], axis=1)
+    elif op == "LRN":
+        h = b.node("LRN", "blocker", [h], size=3)
+    else:  # a custom-domain op nobody knows
+        h = b.node("Mystery", "blocker", [h], domain="com.example")
+        extra = [("com.example", 1)]
+    return b.model([b.conv("c2", h, 8, 4)], extra_opsets=extra)
+
+
+def grouped_conv() -> onnx.ModelProto:
+    """c1(8) → relu → g (group 2, 8 → 8) → relu → c2(4) → y."""
+    b = Builder(11)
+    h = b.relu("r1", b.conv("c1", "x", 3, 8))
+    h = b.relu("r2", b.conv("g", h, 8, 8, group=2))
+    return b.model([b.conv("c2", h, 8, 4)])
+
+
+def matmul_chain() -> onnx.ModelProto:
+    """x[N,16] → MatMul m1 (16×12) + bias → relu → MatMul m2 (12×5) → y."""
+    b = Builder(12)
+    h = b.node("MatMul", "m1", ["x", b.rand("m1.w", 16, 12)])
+    h = b.relu("r1", b.node("Add", "m1_bias", [h, b.rand("m1.b", 12)]))
+    y = b.node("MatMul", "m2", [h, b.rand("m2.w", 12, 5)])
+    return b.model([y], shape=("N", 16))
+
+
+def single_gemm() -> onnx.ModelProto:
+    """x[N,16] → Gemm → y: the only channels are the graph output, nothing is prunable."""
+    b = Builder(13)
+    return b.model([b.gemm("fc", "x", 16, 4)], shape=("N", 16))
+
+
+def conv_bn(kind: str) -> onnx.ModelProto:
+    """BatchNormalization in four places.
+
+    "conv": c1 → bn → relu → c2 (foldable); "gemm": x[N,16] → fc1 → bn → relu → fc2 (foldable);
+    "relu": c1 → relu → bn → c3 (kept); "add": relu(c1(x)) + relu(c2(x)) → bn → c3 (kept).
+    """
+    b = Builder(14)
+    if kind == "gemm":
+        h = b.relu("r1", b.bn("bn", b.gemm("fc1", "x", 16, 12), 12))
+        return b.model([b.gemm("fc2", h, 12, 5)], shape=("N", 16))
+    if kind == "conv":
+        h = b.relu("r1", b.bn("bn", b.conv("c1", "x", 3, 8, bias=False), 8))
+    elif kind == "relu":
+        h = b.bn("bn", b.relu("r1", b.conv("c1", "x", 3, 8)), 8)
+    else:
+        t, u = b.relu("r1", b.conv("c1", "x", 3, 8)), b.relu("r2", b.conv("c2", "x", 3, 8))
+        h = b.bn("bn", b.node("Add", "add", [t, u]), 8)
+    return b.model([b.conv("c3", h, 8, 4)])
+
+
+def with_noops() -> onnx.ModelProto:
+    """c1 → Identity → relu → Dropout → c2 → Identity → y (the last Identity makes `y`)."""
+    b = Builder(15)
+    h = b.node("Identity", "id1", [b.conv("c1", "x", 3, 8)])
+    h = b.node("Dropout", "drop", [b.relu("r1", h)])
+    y = b.node("Identity", "id2", [b.conv("c2", h, 8, 4)])
+    return b.model([y])
+
+
+def constant_weights() -> onnx.ModelProto:
+    """A Paddle-style conv chain whose weights and biases are Constant nodes, not initializers."""
+    model = conv_chain()
+    graph = model.graph
+    constants = [helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t)
+                 for t in graph.initializer]
+    nodes = constants + list(graph.node)
+    del graph.initializer[:]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def random_input(model: onnx.ModelProto, n: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded standard-normal feeds for every graph input (symbolic dims → n)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    inits = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else n
+                for d in value.type.tensor_type.shape.dim]
+        feeds[value.name] = rng.standard_normal(dims).astype(np.float32)
+    return feeds
+
+
+def export_torch(module, input_shape: Sequence[int]) -> onnx.ModelProto:
+    """Export a torch module with the legacy exporter (opset 17, dynamic batch) to a ModelProto.
+
+    Input is named `input` and output `logits`, like the reference models.
+    """
+    import io
+    import warnings
+
+    import torch
+
+    buffer = io.BytesIO()
+    example = torch.randn(*input_shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(), (example,), buffer, dynamo=False, opset_version=17,
+            input_names=["input"], output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    return onnx.load_from_string(buffer.getvalue())

@@ -1,0 +1,216 @@
+"""Loading and normalizing: every way a file can be wrong gives a one-line ModelLoadError, and every
+normalization (Constant folding, BatchNorm folding, no-op removal) leaves the function unchanged.
+"""
+
+from __future__ import annotations
+
+import graphs
+import numpy as np
+import onnx
+import pytest
+from conftest import assert_outputs_close, reference_path, run_model
+
+import onnxprune
+from onnxprune.errors import ModelLoadError
+from onnxprune.graph.analyze import analyze
+from onnxprune.graph.load import export, load_model, normalize
+
+
+def ops(model_or_graph) -> list[str]:
+    graph = model_or_graph.graph if isinstance(model_or_graph, onnx.ModelProto) else None
+    if graph is not None:
+        return [n.op_type for n in graph.node]
+    return [n.op for n in model_or_graph.nodes]
+
+
+def normalized(model: onnx.ModelProto) -> onnx.ModelProto:
+    return export(normalize(model))
+
+
+def one_line_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message and message
+    return message
+
+
+# --- normalization keeps the function ---------------------------------------------------------
+
+
+def test_constant_node_weights_are_folded_and_the_model_prunes():
+    model = graphs.constant_weights()
+    assert not model.graph.initializer and "Constant" in ops(model)
+    graph = normalize(model)
+    assert "Constant" not in ops(graph)
+    assert_outputs_close(model, export(graph), graphs.random_input(model), atol=1e-6)
+    groups = {g.name: g for g in analyze(graph)}
+    assert groups["c1"].prunable and groups["c2"].prunable
+    result = onnxprune.prune(model, ratio=0.5, round_to=1)
+    weights = {t.name: t for t in result.model.graph.initializer}
+    c2_in = next(n for n in result.model.graph.node if n.name == "c2").input[1]
+    assert tuple(weights[c2_in].dims) == (3, 4, 3, 3)  # 6 → 3 outputs, 8 → 4 inputs
+
+
+@pytest.mark.parametrize("kind", ["conv", "gemm"])
+def test_batchnorm_after_conv_or_gemm_is_folded_exactly(kind):
+    model = graphs.conv_bn(kind)
+    folded = normalized(model)
+    assert "BatchNormalization" not in ops(folded)
+    feeds = graphs.random_input(model, n=8)
+    assert_outputs_close(model, folded, feeds, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["relu", "add"])
+def test_batchnorm_that_cannot_fold_stays_as_a_channel_wise_op(kind):
+    model = graphs.conv_bn(kind)
+    folded = normalized(model)
+    assert "BatchNormalization" in ops(folded)
+    assert_outputs_close(model, folded, graphs.random_input(model), atol=1e-6)
+    group = analyze(normalize(model))[0]
+    assert "bn" in group.passthrough
+    options = {"prune_residual": True} if kind == "add" else {}
+    result = onnxprune.prune(model, ratio=0.5, round_to=1, **options)
+    bn = next(n for n in result.model.graph.node if n.op_type == "BatchNormalization")
+    inits = {t.name: t for t in result.model.graph.initializer}
+    assert [tuple(inits[name].dims) for name in bn.input[1:5]] == [(4,)] * 4
+
+
+def test_dropout_and_identity_are_removed_keeping_output_names():
+    model = graphs.with_noops()
+    graph = normalize(model)
+    assert not {"Identity", "Dropout"} & set(ops(graph))
+    assert [t.name for t in graph.outputs] == ["id2_out"]
+    assert_outputs_close(model, export(graph), graphs.random_input(model), atol=0)
+
+
+# --- opsets -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opset", [10, 22])
+def test_unsupported_opset_is_rejected_naming_it(opset, save_tmp):
+    path = save_tmp(graphs.conv_chain(opset=opset))
+    with pytest.raises(ModelLoadError, match=f"opset {opset}") as excinfo:
+        load_model(path)
+    one_line_error(excinfo)
+    with pytest.raises(ModelLoadError, match=f"opset {opset}"):
+        onnxprune.prune(path)
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_supported_opsets_load_and_prune(opset, save_tmp):
+    path = save_tmp(graphs.conv_chain(opset=opset))
+    model = load_model(path)
+    assert model.opset_import[0].version == opset
+    result = onnxprune.prune(path, ratio=0.5, round_to=1)
+    assert result.model.opset_import[0].version == opset
+    assert result.report.macs[1] < result.report.macs[0]
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+# --- external data ------------------------------------------------------------------------------
+
+
+def _save_external(model: onnx.ModelProto, path) -> None:
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data", size_threshold=0)
+
+
+def _wide_chain() -> onnx.ModelProto:
+    """A chain with a weight above onnxprune's 1 KiB external-data threshold after pruning."""
+    b = graphs.Builder(21)
+    h = b.relu("r1", b.conv("c1", "x", 3, 32))
+    h = b.relu("r2", b.conv("c2", h, 32, 32))
+    return b.model([b.conv("c3", h, 32, 4)])
+
+
+def test_external_data_round_trips_through_prune_and_save(tmp_path):
+    src = tmp_path / "ext.onnx"
+    model = _wide_chain()
+    _save_external(model, src)
+    assert (tmp_path / "ext.onnx.data").is_file()
+    result = onnxprune.prune(src, ratio=0.5, round_to=1)
+    assert result.external_data
+    out = tmp_path / "out" / "pruned.onnx"
+    result.save(out)
+    assert (out.parent / "pruned.onnx.data").is_file()
+    stored = onnx.load(str(out), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in stored.graph.initializer)
+    feeds = graphs.random_input(model)
+    outputs = run_model(out, feeds)  # ORT reads the external file relative to the model
+    expected = run_model(result.model if _has_raw(result.model) else onnx.load(str(out)), feeds)
+    np.testing.assert_allclose(outputs["c3_out"], expected["c3_out"], atol=1e-6)
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+def _has_raw(model: onnx.ModelProto) -> bool:
+    return all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def test_saving_with_external_data_leaves_the_result_usable(tmp_path):
+    src = tmp_path / "ext.onnx"
+    _save_external(_wide_chain(), src)
+    result = onnxprune.prune(src, ratio=0.5, round_to=1)
+    result.save(tmp_path / "a.onnx")
+    assert _has_raw(result.model)
+    result.save(tmp_path / "b.onnx")
+    run_model(tmp_path / "b.onnx", graphs.random_input(_wide_chain()))
+
+
+def test_saving_over_an_existing_output_replaces_its_external_data(tmp_path):
+    src = tmp_path / "ext.onnx"
+    _save_external(_wide_chain(), src)
+    out = tmp_path / "out.onnx"
+    onnxprune.prune(src, ratio=0.5, round_to=1).save(out)
+    size = (tmp_path / "out.onnx.data").stat().st_size
+    onnxprune.prune(src, ratio=0.5, round_to=1).save(out)
+    assert (tmp_path / "out.onnx.data").stat().st_size == size
+
+
+def test_missing_external_data_file_is_named(tmp_path):
+    src = tmp_path / "ext.onnx"
+    _save_external(_wide_chain(), src)
+    (tmp_path / "ext.onnx.data").unlink()
+    with pytest.raises(ModelLoadError, match="'ext.onnx.data'") as excinfo:
+        load_model(src)
+    one_line_error(excinfo)
+    with pytest.raises(ModelLoadError, match="ext.onnx.data"):
+        onnxprune.prune(src)
+
+
+# --- files that are not models --------------------------------------------------------------------
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist") as excinfo:
+        load_model(tmp_path / "nope.onnx")
+    assert "nope.onnx" in one_line_error(excinfo)
+
+
+def test_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="is not a file") as excinfo:
+        load_model(tmp_path)
+    one_line_error(excinfo)
+
+
+def test_text_file_is_not_onnx(tmp_path):
+    path = tmp_path / "notes.onnx"
+    path.write_text("this is not a protobuf\nsecond line\n")
+    with pytest.raises(ModelLoadError) as excinfo:
+        load_model(path)
+    assert "notes.onnx" in one_line_error(excinfo)
+
+
+def test_truncated_protobuf(tmp_path):
+    data = reference_path("vgg").read_bytes()
+    path = tmp_path / "half.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError) as excinfo:
+        load_model(path)
+    assert "half.onnx" in one_line_error(excinfo)
+
+
+def test_reference_model_loads_unchanged():
+    path = reference_path("mlp")
+    before = path.read_bytes()
+    model = load_model(path)
+    assert model.SerializeToString() == onnx.load(str(path)).SerializeToString()
+    assert path.read_bytes() == before

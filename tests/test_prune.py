@@ -1,0 +1,201 @@
+"""`onnxprune.prune` end to end: valid, smaller models of the same interface; the report says what
+happened and why; seeds reproduce; random torch graphs prune into valid ONNX.
+"""
+
+from __future__ import annotations
+
+import json
+
+import graphs
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import (
+    REFERENCE_IDS,
+    REFERENCE_MODELS,
+    assert_outputs_close,
+    file_hash,
+    reference_feeds,
+    reference_path,
+    run_model,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import onnxprune
+from onnxprune.errors import NothingToPruneError, UsageError
+
+
+@pytest.mark.parametrize("name, exporter", REFERENCE_MODELS, ids=REFERENCE_IDS)
+def test_magnitude_half_gives_valid_smaller_model(name, exporter, tmp_path):
+    path = tmp_path / reference_path(name, exporter).name
+    path.write_bytes(reference_path(name, exporter).read_bytes())
+    digest = file_hash(path)
+    result = onnxprune.prune(path, method="magnitude", ratio=0.5)
+    onnx.checker.check_model(result.model, full_check=True)
+    before, after = result.report.macs
+    assert after < before and result.report.params[1] < result.report.params[0]
+    feeds = reference_feeds(name, 16, "test")
+    original, pruned = run_model(path, feeds), run_model(result.model, feeds)
+    assert {k: v.shape for k, v in original.items()} == {k: v.shape for k, v in pruned.items()}
+    assert [i.name for i in result.model.graph.input] == ["input"]
+    result.save(tmp_path / "out.onnx")
+    assert file_hash(path) == digest  # the input is never modified
+    assert (tmp_path / "out.onnx").read_bytes() == result.model.SerializeToString()
+    assert result.report.verification is not None
+    assert result.report.verification.checker.startswith("passed")
+
+
+def test_report_rows_say_why_groups_are_left_alone():
+    result = onnxprune.prune(reference_path("resnet"), ratio=0.5, exclude=["blocks.3"])
+    rows = {row.name: row for row in result.report.groups}
+    fc = rows["/fc/Gemm"]
+    assert fc.kept == fc.channels
+    assert fc.status == "unprunable: channels reach graph output 'logits'"
+    trunk = rows["/stem/stem.0/Conv"]
+    assert trunk.kept == trunk.channels and trunk.status.startswith("coupled")
+    excluded = rows["/blocks/blocks.3/body/body.0/Conv"]
+    assert excluded.status == "excluded" and excluded.kept == excluded.channels
+    pruned = rows["/blocks/blocks.0/body/body.0/Conv"]
+    assert pruned.status == "pruned" and pruned.kept == 16
+    text = result.report.format()
+    for row in rows.values():
+        assert row.name in text and row.status in text
+
+
+def test_report_json_round_trips():
+    result = onnxprune.prune(reference_path("mlp"), method="id", ratio=0.5,
+                             data=reference_feeds("mlp", 128))
+    data = json.loads(result.report.to_json())
+    assert data["method"] == "id"
+    assert [g["name"] for g in data["groups"]] == [g.name for g in result.report.groups]
+    assert [g["kept"] for g in data["groups"]] == [64, 32, 10]
+    assert tuple(data["macs"]) == result.report.macs
+    assert tuple(data["params"]) == result.report.params
+    assert data["verification"]["outputs"][0]["name"] == "logits"
+    assert 0 <= data["groups"][0]["info"]["err"] <= 1
+    assert json.loads(json.dumps(data)) == data
+
+
+def test_same_seed_same_weights_for_random_method():
+    path = reference_path("vgg")
+
+    def weights(seed: int) -> dict[str, np.ndarray]:
+        model = onnxprune.prune(path, method="random", ratio=0.5, seed=seed, verify=False).model
+        return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    first, again, other = weights(3), weights(3), weights(4)
+    assert first.keys() == again.keys()
+    for name in first:
+        np.testing.assert_array_equal(first[name], again[name])
+    assert first.keys() != other.keys() or any(
+        first[n].shape != other[n].shape or not np.array_equal(first[n], other[n]) for n in first
+    )
+
+
+def test_nothing_to_prune_raises_unless_allowed():
+    model = graphs.single_gemm()
+    with pytest.raises(NothingToPruneError):
+        onnxprune.prune(model)
+    result = onnxprune.prune(model, allow_noop=True)
+    assert result.plans == {}
+    assert_outputs_close(model, result.model, graphs.random_input(model), atol=0)
+
+
+def test_prune_keeps_the_interface_and_metadata():
+    model = graphs.conv_chain()
+    onnx.helper.set_model_props(model, {"author": "tests"})
+    model.producer_name = "handmade"
+    result = onnxprune.prune(model, ratio=0.5, round_to=1)
+    assert result.model.producer_name == "handmade"
+    props = {p.key: p.value for p in result.model.metadata_props}
+    assert props["author"] == "tests" and "onnxprune" in props
+    assert [i.name for i in result.model.graph.input] == ["x"]
+    assert [o.name for o in result.model.graph.output] == ["c3_out"]
+    dim = result.model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_param == "N"  # the dynamic batch survives
+
+
+@pytest.mark.parametrize("bad", [{"ratio": 1.0}, {"ratio": -0.1}, {"round_to": 0},
+                                 {"method": "nope"}, {"compensate": "all"}, {"colour": 1}])
+def test_bad_options_raise_usage_error_before_anything_runs(bad):
+    with pytest.raises(UsageError):
+        onnxprune.prune(graphs.conv_chain(), **bad)
+
+
+# --- random torch graphs ---------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, kind: str, cin: int, cout: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a = nn.Conv2d(cin, cout, 3, padding=1)
+        self.bn = nn.BatchNorm2d(cout)
+        if kind == "residual":  # two convs: y + c(relu(b(y)))
+            self.b = nn.Conv2d(cout, cout, 3, padding=1)
+            self.c = nn.Conv2d(cout, cout, 1)
+        elif kind == "concat":
+            self.b = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.a(x)))
+        if self.kind == "residual":
+            return torch.relu(y + self.c(torch.relu(self.b(y))))
+        if self.kind == "concat":
+            return torch.cat([y, torch.relu(self.b(x))], dim=1)
+        if self.kind == "pool":
+            return nn.functional.max_pool2d(y, 2)
+        return y
+
+
+class RandomNet(nn.Module):
+    def __init__(self, kinds: list[str], widths: list[int]) -> None:
+        super().__init__()
+        blocks, cin = [], 1
+        for kind, width in zip(kinds, widths, strict=True):
+            blocks.append(Block(kind, cin, width))
+            cin = 2 * width if kind == "concat" else width
+        self.blocks = nn.Sequential(*blocks)
+        size = 8 // 2 ** kinds.count("pool")
+        self.fc = nn.Linear(cin * size * size, 5)
+        with torch.no_grad():  # non-trivial BatchNorm statistics, so folding is exercised
+            for module in self.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.running_mean.uniform_(-0.5, 0.5)
+                    module.running_var.uniform_(0.5, 1.5)
+                    module.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.blocks(x), 1))
+
+
+@settings(max_examples=15, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kinds=st.lists(st.sampled_from(["plain", "pool", "residual", "concat"]), min_size=1,
+                   max_size=3),
+    widths=st.lists(st.integers(2, 12), min_size=3, max_size=3),
+    ratio=st.floats(0.0, 0.9, exclude_max=True),
+    prune_residual=st.booleans(),
+    round_to=st.sampled_from([1, 4]),
+)
+def test_random_torch_graphs_prune_to_valid_models(kinds, widths, ratio, prune_residual,
+                                                   round_to):
+    torch.manual_seed(0)
+    net = RandomNet(kinds, widths[: len(kinds)])
+    model = graphs.export_torch(net, (2, 1, 8, 8))
+    feeds = {"input": np.random.default_rng(0).standard_normal((4, 1, 8, 8), np.float32)}
+    options = {"round_to": round_to, "prune_residual": prune_residual, "allow_noop": True}
+    result = onnxprune.prune(model, ratio=ratio, **options)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert run_model(result.model, feeds)["logits"].shape == (4, 5)
+    for group in result.groups:
+        plan = result.plans.get(group.name)
+        if plan is not None:
+            assert 1 <= len(plan.keep) <= group.channels
+            assert len(set(plan.keep.tolist())) == len(plan.keep)
+    identity = onnxprune.prune(model, ratio=0.0, **options)
+    assert_outputs_close(model, identity.model, feeds, atol=1e-5)

@@ -1,0 +1,154 @@
+"""How many channels each group keeps: ratio arithmetic, rounding and the per-group overrides."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onnxprune.errors import UsageError
+from onnxprune.graph.groups import ChannelGroup
+from onnxprune.methods.width import (
+    WidthRule,
+    check_ratio,
+    group_ratio,
+    keep_counts,
+    kept,
+    load_recipe,
+    parse_layer_ratio,
+)
+
+
+def group(name: str, channels: int = 32, *, producers: tuple[str, ...] | None = None,
+          reason: str | None = None) -> ChannelGroup:
+    return ChannelGroup(name=name, channels=channels, producers=producers or (name,),
+                        reason=reason)
+
+
+@pytest.mark.parametrize("channels, ratio, expected", [
+    (10, 0.5, 5), (10, 0.25, 8), (10, 0.3, 7), (7, 0.5, 4), (3, 0.34, 2),
+    (100, 0.0, 100), (1, 0.9, 1), (10, 0.99, 1), (4, 0.75, 1),
+])
+def test_ratio_counts_channels_removed(channels, ratio, expected):
+    assert kept(channels, ratio, 1) == expected
+
+
+def test_float_noise_does_not_cost_a_channel():
+    # 0.3 · 10 = 2.9999999999999996 in floating point: still 3 channels removed
+    assert kept(10, 0.3, 1) == 7
+    assert kept(100, 0.07, 1) == 93
+
+
+@pytest.mark.parametrize("channels, ratio, round_to, expected", [
+    (64, 0.5, 8, 32),
+    (64, 0.3, 8, 48),  # 45 → nearest multiple of 8
+    (64, 0.45, 8, 40),  # 36 → 40 (halves round up: keep the wider option)
+    (15, 0.5, 8, 8),  # fewer than 2·8 channels: no rounding
+    (15, 0.6, 8, 6),
+    (16, 0.6, 8, 8),  # 7 → 8
+    (16, 0.9, 8, 8),  # never below one multiple
+    (24, 0.0, 8, 24),  # ratio 0 keeps all, even when not a multiple
+    (20, 0.05, 8, 16),
+])
+def test_round_to_multiples_only_for_wide_groups(channels, ratio, round_to, expected):
+    assert kept(channels, ratio, round_to) == expected
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(channels=st.integers(1, 300), ratio=st.floats(0.0, 1.0, exclude_max=True),
+       round_to=st.sampled_from([1, 2, 4, 8, 16]))
+def test_kept_invariants(channels, ratio, round_to):
+    raw = max(1, channels - math.floor(ratio * channels + 1e-9))
+    k = kept(channels, ratio, round_to)
+    assert 1 <= k <= channels
+    if ratio == 0.0:
+        assert k == channels
+    if round_to == 1 or channels < 2 * round_to or raw == channels:
+        assert k == raw
+    elif k != channels:
+        assert k % round_to == 0
+        assert abs(k - raw) <= round_to / 2 or k == round_to  # never below one multiple
+
+
+def test_keep_counts_skips_blocked_and_coupled_groups():
+    groups = [group("a", 32), group("b", 16, reason="channels reach graph output 'y'"),
+              group("c", 32, producers=("c", "d"))]
+    assert keep_counts(groups, WidthRule(ratio=0.5, round_to=1)) == {"a": 16}
+    assert keep_counts(groups, WidthRule(ratio=0.5, round_to=1, prune_residual=True)) == {
+        "a": 16, "c": 16}
+
+
+def test_layer_ratio_last_match_wins_and_matches_producers():
+    rule = WidthRule(ratio=0.5, round_to=1, layer_ratios=(("conv", 0.25), ("conv2", 0.75)))
+    groups = [group("conv1"), group("conv2"), group("fc"),
+              group("trunk", producers=("trunk", "conv2_b"))]
+    assert group_ratio(groups[0], rule) == 0.25
+    assert group_ratio(groups[1], rule) == 0.75
+    assert group_ratio(groups[2], rule) == 0.5
+    coupled = WidthRule(**{**rule.__dict__, "prune_residual": True})
+    assert group_ratio(groups[3], coupled) == 0.75  # a producer's name matches
+    assert keep_counts(groups[:3], rule) == {"conv1": 24, "conv2": 8, "fc": 16}
+
+
+def test_exclude_beats_recipe_and_recipe_beats_layer_ratio():
+    rule = WidthRule(ratio=0.5, round_to=1, layer_ratios=(("conv", 0.25),), exclude=("^fc",),
+                     recipe={"conv1": 0.875, "fc": 0.1})
+    counts = keep_counts([group("conv1"), group("conv2"), group("fc")], rule)
+    assert counts == {"conv1": 4, "conv2": 24}
+
+
+def test_parse_layer_ratio():
+    assert parse_layer_ratio("blocks\\.1=0.25") == ("blocks\\.1", 0.25)
+    assert parse_layer_ratio("a=b=0.5") == ("a=b", 0.5)  # the last '=' separates
+
+
+@pytest.mark.parametrize("text, message", [
+    ("conv", "REGEX=R"), ("=0.5", "REGEX=R"), ("conv=abc", "number"), ("conv=1.5", "[0, 1)"),
+    ("conv=-0.1", "[0, 1)"), ("conv=nan", "[0, 1)"), ("conv[=0.5", "regular expression"),
+])
+def test_parse_layer_ratio_errors(text, message):
+    with pytest.raises(UsageError) as excinfo:
+        parse_layer_ratio(text)
+    assert message in str(excinfo.value)
+    assert "\n" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("value", [1.0, 1.5, -0.5, float("nan"), float("inf")])
+def test_check_ratio_rejects(value):
+    with pytest.raises(UsageError, match=r"must be in \[0, 1\)"):
+        check_ratio(value)
+
+
+def test_load_recipe_json_flat_and_nested(tmp_path):
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps({"conv1": 0.5, "fc": 0}))
+    assert load_recipe(flat) == {"conv1": 0.5, "fc": 0.0}
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps({"ratios": {"conv1": 0.25}}))
+    assert load_recipe(nested) == {"conv1": 0.25}
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ("{not json", "not valid JSON"),
+    ("[0.5, 0.25]", "must map group names"),
+    ('{"conv1": 1.5}', "[0, 1)"),
+])
+def test_load_recipe_errors(tmp_path, content, message):
+    path = tmp_path / "recipe.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UsageError) as excinfo:
+        load_recipe(path)
+    assert message in str(excinfo.value)
+
+
+@pytest.mark.parametrize("value", ['"half"', "null"])
+def test_load_recipe_non_numeric_ratio_is_usage_error(tmp_path, value):
+    path = tmp_path / "recipe.json"
+    path.write_text(f'{{"conv1": {value}}}')
+    with pytest.raises(UsageError):
+        load_recipe(path)
