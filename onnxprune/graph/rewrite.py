@@ -36,7 +36,7 @@ def rewrite(
         node = nodes[name]
         value = np.asarray(node.inputs[index].values)
         work = value.astype(np.float64)
-        for edit, group, plan in sorted(items, key=lambda item: -item[0].offset):
+        for edit, group, plan in sorted(items, key=_edit_order):
             work = _apply(work, edit, group, plan, node, deltas)
         node.inputs[index] = gs.Constant(
             f"{node.inputs[index].name}__{name}", work.astype(value.dtype)
@@ -49,6 +49,13 @@ def rewrite(
             node.attrs["group"] = int(node.inputs[1].shape[0])
     graph.cleanup().toposort()
     return infer_shapes(graph)
+
+
+def _edit_order(item: tuple[ParamEdit, ChannelGroup, Plan]) -> tuple[bool, int, int]:
+    """Consumer folds before output slicing (their bias shifts are computed on the original
+    outputs), and along one axis the highest offset first (lower segments stay in place)."""
+    edit = item[0]
+    return edit.role == "out", edit.axis, -edit.offset
 
 
 def _output_plans(
