@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from onnxprune.calib.jacobian import parse_jacobian
 from onnxprune.errors import UsageError
 from onnxprune.methods import METHODS
 from onnxprune.methods.width import WidthRule, check_patterns, check_ratio
@@ -34,6 +35,7 @@ class PruneConfig:
     target_latency: float | None = None
     bench_batches: tuple[int, ...] = ()
     ippro_lambda: float | None = None
+    jacobian: str = "exact"
     global_ranking: bool = False
     max_ratio: float = 0.9
 
@@ -61,6 +63,7 @@ class PruneConfig:
             if not 0.0 < value <= 1.0:
                 raise UsageError(f"'{name}' is the fraction to keep, in (0, 1]; got {value}")
         check_ratio(self.max_ratio, "max_ratio")
+        parse_jacobian(self.jacobian)
         _positive("batch_size", self.batch_size)
         _positive("verify_samples", self.verify_samples)
         _positive("round_to", self.width.round_to)

@@ -1,8 +1,9 @@
 """The calibrate stage: collect, per selected group, what its method says it needs.
 
 Needs: "weights" (producer filters), "gram" (streamed tap statistics through ORT), "grad" (Taylor
-sums at the taps) and "ippro" (producer weight gradients and Σ x·∂L/∂σ(x) at the group's first
-nonlinearity), the last two from one pass through the ONNX→torch interpreter.
+sums at the taps), "ippro" (producer weight gradients and Σ x·∂L/∂σ(x) at the group's first
+nonlinearity) — these two from one pass through the ONNX→torch interpreter — and "jacobian"
+(output-Jacobian-weighted input sums at every consumer, for elimination–compensation).
 """
 
 from __future__ import annotations
@@ -14,11 +15,18 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.calib.data import Dataset, progress
 from onnxprune.calib.grads import Gradients, Product, collect_gradients
+from onnxprune.calib.jacobian import Site, collect_jacobian_stats
 from onnxprune.calib.stats import collect
 from onnxprune.config import PruneConfig
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import export
-from onnxprune.graph.weights import filter_rows, producer_filters, producer_weight_names
+from onnxprune.graph.ops import rank_of
+from onnxprune.graph.weights import (
+    consumer_matrix,
+    filter_rows,
+    producer_filters,
+    producer_weight_names,
+)
 from onnxprune.methods.base import GroupStats
 
 
@@ -40,19 +48,31 @@ def gather(
 ) -> Calibration:
     """GroupStats for every group in `counts`: weights, tap statistics and/or gradient sums."""
     selected = [g for g in groups if g.name in counts]
-    model = export(graph) if needs & {"gram", "grad", "ippro"} else None
+    model = export(graph) if needs & {"gram", "grad", "ippro", "jacobian"} else None
     taps = {}
     if "gram" in needs:
         wanted = list(dict.fromkeys((tap, g.channels) for g in selected for tap in g.taps))
         batches = _batches(dataset, config, "statistics")
         taps = collect(model, wanted, batches, qr=config.id_solver == "qr")
     grads = _gradients(model, graph, selected, needs, dataset, config)
+    consumers = _consumer_sites(graph, selected) if "jacobian" in needs else {}
+    jacobian = {}
+    if consumers:
+        sites = list(dict.fromkeys(site for items in consumers.values() for _, site, _ in items))
+        batches = _batches(dataset, config, "jacobians", feeds_only=False)
+        jacobian = collect_jacobian_stats(
+            model, sites, batches, jacobian=config.jacobian, seed=config.seed
+        )
     stats = {}
     for group in selected:
         stats[group.name] = GroupStats(
             weights=producer_filters(graph, group) if "weights" in needs else (),
             taps={tap.tensor: taps[tap] for tap in group.taps if tap in taps},
             grads=_group_grads(graph, group, grads) if grads else {},
+            consumers={
+                name: (jacobian[site], weight)
+                for name, site, weight in consumers.get(group.name, ())
+            },
         )
     return Calibration(stats, grads.loss if grads else None)
 
@@ -75,6 +95,22 @@ def _gradients(model, graph, selected, needs, dataset, config) -> Gradients | No
         task=config.task,
         seed=config.seed,
     )
+
+
+def _consumer_sites(graph: gs.Graph, groups: list[ChannelGroup]) -> dict[str, list]:
+    """Per group: (consumer node, its Jacobian Site, its weight on the group) for every consumer."""
+    nodes = {node.name: node for node in graph.nodes}
+    found: dict[str, list] = {}
+    for group in groups:
+        for edit in (e for e in group.edits if e.role == "in"):
+            tap = next(t for t in group.taps if t.tensor == edit.tap and t.offset == edit.offset)
+            node = nodes[edit.node]
+            rank = rank_of(node.outputs[0])
+            axis = rank - 1 if node.op == "MatMul" and rank else 1
+            site = Site(node.outputs[0].name, axis, tap, group.channels)
+            weight = consumer_matrix(graph, edit, group.channels)
+            found.setdefault(group.name, []).append((node.name, site, weight))
+    return found
 
 
 def _batches(dataset: Dataset, config: PruneConfig, what: str, *, feeds_only: bool = True):

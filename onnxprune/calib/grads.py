@@ -67,7 +67,7 @@ def collect_gradients(
     names = sorted({tap.tensor for p in products for tap in (p.x, p.y)})
     for batch in batches:
         if graph is None:
-            graph = _checked_graph(model, batch)
+            graph = checked_graph(model, batch)
         values = graph.run(batch.feeds, keep=names)
         output = values[graph.output_names[0]]
         description = loss_name(task, tuple(output.shape), batch.labels is not None)
@@ -85,7 +85,7 @@ def collect_gradients(
     return Gradients(stats, weight_grads, description)
 
 
-def _checked_graph(model: onnx.ModelProto, batch: Batch):
+def checked_graph(model: onnx.ModelProto, batch: Batch):
     try:
         from onnxprune.calib.torch_exec import check_against_ort, torch_available
     except ImportError as exc:

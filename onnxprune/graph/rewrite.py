@@ -32,6 +32,9 @@ def rewrite(
         for edit in group.edits:
             jobs[(edit.node, edit.input)].append((edit, group, plan))
     deltas: dict[str, np.ndarray] = {}
+    for plan in plans.values():
+        for name, shift in plan.shifts.items():
+            deltas[name] = deltas.get(name, 0) + np.asarray(shift, dtype=np.float64)
     for (name, index), items in jobs.items():
         node = nodes[name]
         value = np.asarray(node.inputs[index].values)

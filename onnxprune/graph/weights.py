@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.graph.groups import ChannelGroup
+from onnxprune.graph.groups import ChannelGroup, ParamEdit
 
 
 def producer_filters(graph: gs.Graph, group: ChannelGroup) -> tuple[np.ndarray, ...]:
@@ -39,3 +39,19 @@ def consumer_input_sizes(graph: gs.Graph, groups: tuple[ChannelGroup, ...]) -> d
             if edit.role == "in":
                 sizes[edit.node] = int(nodes[edit.node].inputs[edit.input].shape[edit.axis])
     return sizes
+
+
+def consumer_matrix(graph: gs.Graph, edit: ParamEdit, channels: int) -> np.ndarray:
+    """The consumer weight acting on a group, as (outputs, channels, features per channel).
+
+    Conv kernels are summed over their taps (what a constant input channel contributes);
+    Flatten→Gemm keeps each channel's `spatial` features apart.
+    """
+    node = next(n for n in graph.nodes if n.name == edit.node)
+    weight = np.asarray(node.inputs[edit.input].values, dtype=np.float64)
+    out_axis = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}.get(node.op, 1 - edit.axis)
+    start = edit.offset * edit.spatial
+    segment = np.take(weight, np.arange(start, start + channels * edit.spatial), axis=edit.axis)
+    segment = np.moveaxis(segment, [out_axis, edit.axis], [0, 1])
+    segment = segment.reshape(segment.shape[0], channels, edit.spatial, -1).sum(axis=-1)
+    return segment

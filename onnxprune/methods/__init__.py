@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from onnxprune.methods.activation import Activation
 from onnxprune.methods.base import Method
+from onnxprune.methods.biascomp import BiasCompensation
 from onnxprune.methods.fpgm import FPGM
 from onnxprune.methods.id import InterpolativeDecomposition
 from onnxprune.methods.ippro import IPPRO
@@ -28,8 +29,18 @@ def build_method(
         "fpgm": FPGM,
         "activation": Activation,
         "ippro": lambda: IPPRO(lam=ippro_lambda),
+        "biascomp": BiasCompensation,
     }
     return factories[name]()
 
 
-METHODS: tuple[str, ...] = ("id", "magnitude", "random", "taylor", "fpgm", "activation", "ippro")
+METHODS: tuple[str, ...] = (
+    "id",
+    "magnitude",
+    "random",
+    "taylor",
+    "fpgm",
+    "activation",
+    "ippro",
+    "biascomp",
+)

@@ -29,12 +29,15 @@ class Plan:
     """Which channels of a group stay, and the correction folded into its consumers.
 
     `corrections` maps tap tensor names to their Correction; a tap without one gets plain
-    selection. `rotation` (m, m, orthogonal) is applied to the producers before slicing.
+    selection. `shifts` adds a bias shift per output unit of named consumer nodes (for
+    corrections that differ per output unit, such as the Jacobian-weighted bias compensation).
+    `rotation` (m, m, orthogonal) is applied to the producers before slicing.
     `info` carries per-group numbers for the report (e.g. relative reconstruction error).
     """
 
     keep: np.ndarray
     corrections: Mapping[str, Correction] = field(default_factory=dict)
+    shifts: Mapping[str, np.ndarray] = field(default_factory=dict)
     rotation: np.ndarray | None = None
     info: Mapping[str, float] = field(default_factory=dict)
 
@@ -64,11 +67,14 @@ class GroupStats:
     `weights`: each producer's filters as rows (m, fan_in), BatchNorm already folded.
     `taps`: statistics per tap tensor (empty for data-free methods).
     `grads`: per-channel gradient sums (e.g. "taylor": Σ_samples (Σ_positions a·g)²), when needed.
+    `consumers`: per consumer node, its Jacobian-weighted input statistics and its weight on the
+    group as (outputs, channels, features) — for elimination–compensation.
     """
 
     weights: tuple[np.ndarray, ...] = ()
     taps: Mapping[str, TapStats] = field(default_factory=dict)
     grads: Mapping[str, object] = field(default_factory=dict)
+    consumers: Mapping[str, tuple[object, np.ndarray]] = field(default_factory=dict)
 
 
 class Method(Protocol):
