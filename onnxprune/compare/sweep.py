@@ -249,7 +249,7 @@ def sweep(
         "latency": latency,
         "options": {k: v for k, v in options.items() if _jsonable(v)},
     }
-    name = proto.graph.name or "model"
+    name = Path(model).stem if not isinstance(model, onnx.ModelProto) else proto.graph.name
     return SweepResult(name, evaluator.metric, evaluator.higher_is_better, evaluator.base,
                        before.macs, before.params, tuple(cells), settings)  # fmt: skip
 

@@ -1,0 +1,161 @@
+"""`onnxprune sweep`: every method spec at every ratio or MAC target, scored on held-out data."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from onnxprune.calib.data import Dataset, input_specs, load_data
+from onnxprune.cli.options import _image_size, add_data_arguments, load_dataset
+from onnxprune.compare.sweep import overlap_warning, parse_grid, parse_method, plot_sweep, sweep
+from onnxprune.config import COMPENSATIONS
+from onnxprune.errors import UsageError
+from onnxprune.graph.load import load_model
+
+EXAMPLE = """example:
+  onnxprune sweep model.onnx --methods id,id+bias,magnitude,magnitude+lsq,taylor \\
+      --ratios 0.1:0.9:0.1 --data calib.npz --eval test.npz --out sweep/
+  onnxprune sweep model.onnx --methods magnitude,random --targets 0.3,0.5,0.7 --seeds 5 \\
+      --eval test.npz --no-latency
+
+A method spec is NAME[+MODIFIER...]; modifiers: bias, lsq (compensation), recalibrate.
+The metric is accuracy when --eval has labels, else top-1 agreement with the original
+(class scores) or the relative L2 deviation of the first output."""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults and keep the example's line breaks."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `sweep` parser and point it at `run`."""
+    parser = sub.add_parser(
+        "sweep",
+        help="compare methods across ratios or MAC targets on held-out data",
+        description="Prune with every method spec at every ratio (or MACs-reduction target), "
+        "evaluate each result on held-out data, count MACs/parameters, time it at batch 1, "
+        "and write a table, CSV/JSON and a plot.",
+        epilog=EXAMPLE,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("model", help="input .onnx file (never modified)")
+    parser.add_argument(
+        "--methods", default="magnitude,id", help="comma-separated method specs, e.g. id,id+bias"
+    )
+    points = parser.add_mutually_exclusive_group()
+    points.add_argument(
+        "--ratios",
+        default=None,
+        help="channel ratios START:STOP:STEP or A,B,C (default 0.3,0.5,0.7)",
+    )
+    points.add_argument(
+        "--targets", default=None, help="MACs reductions, e.g. 0.3,0.5,0.7 (target_macs = 1 - t)"
+    )
+    parser.add_argument("--seeds", type=int, default=1, help="seeds for 'random' (mean ± std)")
+    add_eval_arguments(parser)
+    add_prune_arguments(parser)
+    add_data_arguments(parser)
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", metavar="DIR", help="write sweep.csv, sweep.json and sweep.png here")
+    out.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    out.add_argument("--repeats", type=int, default=20, help="timed runs per model and cell")
+    parser.set_defaults(func=run)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """--eval and how to read it (image options are shared with --data)."""
+    group = parser.add_argument_group("evaluation data")
+    group.add_argument(
+        "--eval",
+        required=True,
+        metavar="PATH",
+        help="held-out data (.npz with labels, .npy, images)",
+    )
+    group.add_argument("--eval-labels", metavar="FILE", help="labels for --eval")
+    group.add_argument("--eval-samples", type=int, metavar="N", help="evaluate on N samples")
+
+
+def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    """The prune options a comparison passes through to every cell."""
+    group = parser.add_argument_group("prune options (for every cell)")
+    group.add_argument("--round-to", type=int, default=16, metavar="N", help="channel rounding")
+    group.add_argument(
+        "--prune-residual", action="store_true", help="also prune residual streams and SE gates"
+    )
+    group.add_argument(
+        "--compensate", choices=COMPENSATIONS, default="none", help="default compensation"
+    )
+    group.add_argument("--recalibrate", action="store_true", help="recalibrate after pruning")
+
+
+def prune_options(args: argparse.Namespace) -> dict:
+    """The keyword options for `onnxprune.prune` from the parsed arguments."""
+    return {
+        "round_to": args.round_to,
+        "prune_residual": args.prune_residual,
+        "compensate": args.compensate,
+        "recalibrate": args.recalibrate,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+    }
+
+
+def load_splits(args: argparse.Namespace) -> tuple[Dataset | None, Dataset]:
+    """Calibration (None without --data) and evaluation data; warns once if they overlap."""
+    model = load_model(args.model, weights=False)
+    calib = load_dataset(args, model) if args.data else None
+    evaluation = load_data(
+        args.eval,
+        input_specs(model),
+        labels=args.eval_labels,
+        samples=args.eval_samples,
+        image_size=_image_size(args.image_size),
+        mean=args.mean,
+        std=args.std,
+        layout=args.layout,
+        seed=args.seed,
+        role="evaluation",
+    )
+    if calib is not None:
+        warning = overlap_warning(calib, evaluation, args.data, args.eval)
+        if warning:
+            print(f"onnxprune: warning: {warning}", file=sys.stderr)
+    return calib, evaluation
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the sweep, print the table, write CSV/JSON/plot into --out."""
+    if args.ratios is None and args.targets is None:
+        args.ratios = "0.3,0.5,0.7"
+    ratios = parse_grid(args.ratios, "ratio") if args.ratios else None
+    targets = parse_grid(args.targets, "target") if args.targets else None
+    specs = [parse_method(m) for m in args.methods.split(",") if m.strip()]
+    if not specs:
+        raise UsageError("--methods is empty")
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be at least 1; got {args.repeats}")
+    calib, evaluation = load_splits(args)
+    result = sweep(
+        args.model,
+        specs,
+        data=calib,
+        evaluation=evaluation,
+        ratios=ratios,
+        targets=targets,
+        seeds=args.seeds,
+        latency=not args.no_latency,
+        latency_repeats=args.repeats,
+        progress=lambda text: print(f"  {text}", file=sys.stderr, flush=True),
+        **prune_options(args),
+    )
+    print(result.format_table())
+    if args.out:
+        paths = result.write(args.out)
+        plot = Path(args.out) / "sweep.png"
+        if plot_sweep(result, plot):
+            paths += (plot,)
+        else:
+            print("plot skipped: matplotlib is not installed (pip install onnxprune[plot])")
+        print("written: " + ", ".join(str(p) for p in paths))
+    return 0
