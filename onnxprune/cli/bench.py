@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from onnxprune.cli.options import HelpFormatter
 from onnxprune.errors import UsageError
 from onnxprune.measure.latency import PROVIDERS, benchmark
 
@@ -17,10 +18,6 @@ EXAMPLE = """example:
 The first model is the reference for the speedup columns ("ideal" is its MACs / these MACs)."""
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the example's line breaks."""
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `bench` parser and point it at `run`."""
     parser = subparsers.add_parser(
@@ -29,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Time models interleaved (A B A B ...) with identical ONNX Runtime settings\n"
         "and seeded random inputs; report median/p90/IQR latency, throughput and speedups.",
         epilog=EXAMPLE,
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("models", nargs="+", metavar="MODEL", help="ONNX files; first is baseline.")
     parser.add_argument("--batch", default="1", help="Comma-separated batch sizes, e.g. 1,8,32.")

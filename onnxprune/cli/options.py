@@ -70,3 +70,7 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
     except ValueError as exc:
         raise UsageError(f"--image-size expects HxW, e.g. 224x224; got '{text}'") from exc
     return height, width
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults and keep the line breaks of a subcommand's example epilog."""

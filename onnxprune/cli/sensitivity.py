@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from onnxprune.cli.options import add_data_arguments
+from onnxprune.cli.options import HelpFormatter, add_data_arguments
 from onnxprune.cli.sweep import add_eval_arguments, add_prune_arguments, load_splits, prune_options
 from onnxprune.compare.sensitivity import allocate, measure_sensitivity, plot_sensitivity
 from onnxprune.compare.sweep import parse_grid, parse_method
@@ -23,10 +23,6 @@ The recipe keeps at most --target-macs of the MACs when pruned with the same --r
 --prune-residual; it lists every measured group (0 where left alone)."""
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the example's line breaks."""
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `sensitivity` parser and point it at `run`."""
     parser = sub.add_parser(
@@ -36,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "result on held-out data; print a table, write CSV/JSON and a heatmap, and allocate "
         "per-group ratios that meet a MAC target with the least estimated loss.",
         epilog=EXAMPLE,
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("model", help="input .onnx file (never modified)")
     parser.add_argument("--method", default="magnitude", help="method spec, e.g. id or id+bias")

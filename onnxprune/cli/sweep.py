@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from onnxprune.calib.data import Dataset, input_specs, load_data
-from onnxprune.cli.options import _image_size, add_data_arguments, load_dataset
+from onnxprune.cli.options import HelpFormatter, _image_size, add_data_arguments, load_dataset
 from onnxprune.compare.sweep import overlap_warning, parse_grid, parse_method, plot_sweep, sweep
 from onnxprune.config import COMPENSATIONS
 from onnxprune.errors import UsageError
@@ -24,10 +24,6 @@ The metric is accuracy when --eval has labels, else top-1 agreement with the ori
 (class scores) or the relative L2 deviation of the first output."""
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the example's line breaks."""
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `sweep` parser and point it at `run`."""
     parser = sub.add_parser(
@@ -37,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate each result on held-out data, count MACs/parameters, time it at batch 1, "
         "and write a table, CSV/JSON and a plot.",
         epilog=EXAMPLE,
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("model", help="input .onnx file (never modified)")
     parser.add_argument(

@@ -23,7 +23,14 @@ import onnx
 
 from onnxprune.api import prune
 from onnxprune.budget import cost_of
-from onnxprune.compare.sweep import Evaluator, MethodSpec, as_dataset, parse_method, pyplot
+from onnxprune.compare.sweep import (
+    Evaluator,
+    MethodSpec,
+    as_dataset,
+    parse_method,
+    pyplot,
+    save_figure,
+)
 from onnxprune.errors import NothingToPruneError, UsageError
 from onnxprune.graph.analyze import analyze as find_groups
 from onnxprune.graph.groups import ChannelGroup
@@ -251,10 +258,7 @@ def plot_sensitivity(sensitivity: Sensitivity, path: str | os.PathLike) -> bool:
         ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7)
     ax.set(xlabel="ratio (this group only)", title=f"{sensitivity.model}: {sensitivity.method}")
     fig.colorbar(image, ax=ax, label=f"{sensitivity.metric} loss")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
     return True
 
 

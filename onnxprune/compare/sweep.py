@@ -333,6 +333,14 @@ def pyplot() -> Any | None:
     return plt
 
 
+def save_figure(plt: Any, fig: Any, path: str | os.PathLike) -> None:
+    """Lay out, write (folders created) and close a matplotlib figure."""
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_sweep(result: SweepResult, path: str | os.PathLike) -> bool:
     """Metric vs MACs reduction (one line per method) and, when timed, speedup vs MACs
     reduction. Returns False (and writes nothing) without matplotlib."""
@@ -364,10 +372,7 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike) -> bool:
         right.plot(grid, 1 / np.maximum(1 - grid / 100, 1e-3), "k:", lw=0.8, label="ideal (MACs)")
         right.set(xlabel="MACs reduction (%)", ylabel="latency speedup (batch 1)")
         right.legend(fontsize=7)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
     return True
 
 
