@@ -3,6 +3,12 @@
 Only the tap tensors are added as graph outputs (exposing every conv output blocks ORT's fusions).
 Per batch and tap, the channels are laid out as rows = samples × positions and accumulated in
 float64 into n, Σa, Σ|a| and the Gram Σ aaᵀ: memory O(channels²) whatever the number of samples.
+Each tap is read through an Identity copy, so ORT's optimizer cannot fuse the tensor away.
+
+The Gram update is one BLAS syrk per batch (half the flops of a general product) on a contiguous
+float64 copy, run under a one-thread BLAS limit: on a machine whose cores are busy, OpenBLAS's
+threads spin-wait for each other and the same update took 5–200× longer
+(docs/results_calibration.md).
 """
 
 from __future__ import annotations
@@ -11,7 +17,11 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnxruntime as ort
+from scipy.linalg import blas
+from threadpoolctl import threadpool_limits
 
+from onnxprune.errors import VerificationError
 from onnxprune.graph.groups import Tap
 from onnxprune.measure.verify import session_for
 from onnxprune.methods.base import TapStats
@@ -26,20 +36,28 @@ class TapAccumulator:
         self.n = 0
         self.sum = np.zeros(channels)
         self.abs_sum = np.zeros(channels)
-        self.gram = np.zeros((channels, channels))
+        self._upper = np.zeros((channels, channels), order="F")  # Gram, upper triangle
+
+    @property
+    def gram(self) -> np.ndarray:
+        """The symmetric Gram Σ aaᵀ accumulated so far (a new array)."""
+        upper = np.triu(self._upper)
+        return upper + np.triu(upper, 1).T
 
     def add(self, rows: np.ndarray) -> None:
-        rows = rows.astype(np.float64, copy=False)
+        rows = np.ascontiguousarray(rows, dtype=np.float64)
         self.n += rows.shape[0]
         self.sum += rows.sum(axis=0)
         self.abs_sum += np.abs(rows).sum(axis=0)
-        self.gram += rows.T @ rows
+        if rows.shape[0]:
+            # rows.T is Fortran-contiguous (channels, samples): C ← 1·AAᵀ + 1·C, upper half only
+            self._upper = blas.dsyrk(1.0, rows.T, beta=1.0, c=self._upper, overwrite_c=1)
         if self.r_factor is not None:
             self.r_factor = np.linalg.qr(np.vstack([self.r_factor, rows]), mode="r")
 
     def result(self) -> TapStats:
         r = None if self.r_factor is None else self.r_factor.copy()
-        return TapStats(self.n, self.sum.copy(), self.gram.copy(), self.abs_sum.copy(), r)
+        return TapStats(self.n, self.sum.copy(), self.gram, self.abs_sum.copy(), r)
 
 
 def tap_rows(array: np.ndarray, tap: Tap, channels: int) -> np.ndarray:
@@ -71,12 +89,13 @@ def collect(
     if not taps:
         return {}
     names = sorted({tap.tensor for tap, _ in taps})
-    session = session_for(with_outputs(model, names))
+    session, aliases = tapped_session(model, names)
     accumulators = {tap: TapAccumulator(channels, qr=qr) for tap, channels in taps}
-    for feeds in batches:
-        values = dict(zip(names, session.run(names, dict(feeds)), strict=True))
-        for (tap, channels), acc in zip(taps, accumulators.values(), strict=True):
-            acc.add(tap_rows(values[tap.tensor], tap, channels))
+    with threadpool_limits(1, "blas"):
+        for feeds in batches:
+            values = dict(zip(names, session.run(aliases, dict(feeds)), strict=True))
+            for (tap, channels), acc in zip(taps, accumulators.values(), strict=True):
+                acc.add(tap_rows(values[tap.tensor], tap, channels))
     return {tap: acc.result() for tap, acc in accumulators.items()}
 
 
@@ -90,6 +109,44 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     return model
 
 
+def tapped_session(
+    model: onnx.ModelProto, names: Sequence[str]
+) -> tuple[ort.InferenceSession, list[str]]:
+    """An ORT session that also outputs the tensors `names`, each through an Identity copy.
+
+    Naming an inner tensor as a graph output is not enough: ORT's layout optimizer (NCHWc, level
+    ALL) can fuse a Conv with the Add that reads it and drop the tensor anyway, and session
+    creation then fails. A copy read by nothing else is never fused. Returns the session and the
+    output names to run, in the order of `names`.
+    """
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    outputs = {o.name for o in model.graph.output}
+    taken = outputs | {t for node in model.graph.node for t in (*node.input, *node.output)}
+    aliases = []
+    for name in names:
+        if name in outputs:
+            aliases.append(name)
+            continue
+        alias = _fresh(f"{name}__onnxprune_tap", taken)
+        model.graph.node.append(onnx.helper.make_node("Identity", [name], [alias], name=alias))
+        model.graph.output.append(onnx.ValueInfoProto(name=alias))
+        aliases.append(alias)
+    try:
+        return session_for(model), aliases
+    except Exception as exc:  # ORT raises several unrelated exception types
+        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise VerificationError(f"ONNX Runtime cannot run the model to read taps: {line}") from exc
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    candidate, i = name, 0
+    while candidate in taken:
+        i += 1
+        candidate = f"{name}_{i}"
+    taken.add(candidate)
+    return candidate
+
+
 def channel_moments(
     model: onnx.ModelProto,
     tensors: Mapping[str, int],
@@ -97,10 +154,10 @@ def channel_moments(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-channel mean and variance of each tensor (name → channel axis) over all positions."""
     names = sorted(tensors)
-    session = session_for(with_outputs(model, names))
+    session, aliases = tapped_session(model, names)
     sums: dict[str, list] = {name: [0, 0.0, 0.0] for name in names}
     for feeds in batches:
-        for name, value in zip(names, session.run(names, dict(feeds)), strict=True):
+        for name, value in zip(names, session.run(aliases, dict(feeds)), strict=True):
             rows = np.moveaxis(value, tensors[name], -1).reshape(-1, value.shape[tensors[name]])
             rows = rows.astype(np.float64)
             acc = sums[name]
