@@ -120,6 +120,8 @@ def prune(
         compensate=config.compensate,
         id_solver=config.id_solver,
         ippro_lambda=config.ippro_lambda,
+        threshold=config.threshold_rule(),
+        rms_correction=config.rms_correction,
     )
     dataset = _dataset(proto, data, labels, config, needs_data=bool(pruner.needs - {"weights"}))
     needs = pruner.needs | _extra_needs(config)

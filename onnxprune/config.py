@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from onnxprune.calib.jacobian import parse_jacobian
 from onnxprune.errors import UsageError
 from onnxprune.methods import METHODS
+from onnxprune.methods.cob import parse_threshold
 from onnxprune.methods.width import WidthRule, check_patterns, check_ratio
 
 COMPENSATIONS = ("none", "bias", "lsq")
@@ -38,6 +39,8 @@ class PruneConfig:
     jacobian: str = "exact"
     global_ranking: bool = False
     max_ratio: float = 0.9
+    threshold: str | None = None
+    rms_correction: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -64,11 +67,33 @@ class PruneConfig:
                 raise UsageError(f"'{name}' is the fraction to keep, in (0, 1]; got {value}")
         check_ratio(self.max_ratio, "max_ratio")
         parse_jacobian(self.jacobian)
+        self._check_cob()
         _positive("batch_size", self.batch_size)
         _positive("verify_samples", self.verify_samples)
         _positive("round_to", self.width.round_to)
         if self.calib_samples is not None:
             _positive("calib_samples", self.calib_samples)
+
+    def _check_cob(self) -> None:
+        """CoB folds its own rotation and correction: the selection-only options do not apply."""
+        if self.threshold is not None:
+            parse_threshold(self.threshold)
+        cob_only = {
+            "--threshold": self.threshold is not None,
+            "--rms-correction": self.rms_correction,
+        }
+        for flag, given in cob_only.items():
+            if given and self.method != "cob":
+                raise UsageError(f"{flag} is an option of --method cob; got --method {self.method}")
+        if self.method == "cob" and (self.compensate != "none" or self.recalibrate):
+            raise UsageError(
+                "cob folds its own correction in the rotated basis; "
+                "--compensate and --recalibrate do not apply to it"
+            )
+
+    def threshold_rule(self) -> tuple[str, float] | None:
+        """--threshold parsed as (rule, t), or None."""
+        return None if self.threshold is None else parse_threshold(self.threshold)
 
     def targets(self) -> dict[str, float | None]:
         """The target options by name (None where not given)."""

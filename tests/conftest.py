@@ -36,7 +36,7 @@ REFERENCE_MODELS = [
     (name, exp)
     for name in REFERENCE_NAMES
     for exp in EXPORTERS
-    if (MODELS / f"{name}.{exp}").is_file() and name not in ("tsra_vgg",)
+    if (MODELS / f"{name}.{exp}").is_file()
 ]
 REFERENCE_IDS = [f"{name}-{exp.split('.')[0]}" for name, exp in REFERENCE_MODELS]
 

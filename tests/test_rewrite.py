@@ -52,17 +52,30 @@ def test_ratio_zero_reproduces_reference_model(name, exporter, method):
 
 
 def zero_removed_inputs(graph: gs.Graph, groups, plans) -> onnx.ModelProto:
-    """The original graph with every consumer weight that reads a removed channel set to 0."""
+    """The original graph with every consumer weight that reads a removed channel set to 0.
+
+    Where the channels pass a TSRA or RMSNorm (which mix channels through norms), the removed
+    channels are also zeroed at their producers, and behind an RMSNorm the consumers read
+    √(C_new/C_old) times the input: the mean square over fewer channels is larger by C_old/C_new.
+    """
     nodes = {node.name: node for node in graph.nodes}
     for group in groups:
         plan = plans.get(group.name)
         if plan is None:
             continue
         removed = sorted(set(range(group.channels)) - set(np.asarray(plan.keep).tolist()))
-        for edit in (e for e in group.edits if e.role == "in"):
+        scale = 1.0
+        if any(kind == "rmsnorm" for kind, _ in group.invariants):
+            scale = np.sqrt(len(plan.keep) / group.channels)
+        roles = ("in", "out") if group.invariants else ("in",)
+        for edit in (e for e in group.edits if e.role in roles):
             node = nodes[edit.node]
             weight = np.array(node.inputs[edit.input].values)
             index = [slice(None)] * weight.ndim
+            if edit.role == "in" and scale != 1.0:
+                index[edit.axis] = slice(edit.offset * edit.spatial,
+                                         (edit.offset + group.channels) * edit.spatial)
+                weight[tuple(index)] *= scale
             for j in removed:
                 start = (edit.offset + j) * edit.spatial
                 index[edit.axis] = slice(start, start + edit.spatial)

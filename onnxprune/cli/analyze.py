@@ -50,6 +50,12 @@ def format_analysis(result: Analysis, *, verbose: bool = False) -> str:
         status = "prunable" + (" (coupled: --prune-residual)" if g.coupled else "")
         if not g.prunable:
             status = f"unprunable: {g.reason}" + (f" at '{g.blocker}'" if g.blocker else "")
+        elif g.rotation_block:
+            status += f"; not rotatable: {g.rotation_block}"
+        else:
+            status += "; rotatable" + (
+                f" (subspaces split at {list(g.subspaces)})" if g.subspaces else ""
+            )
         macs = format_count(result.group_macs.get(g.name, 0))
         lines.append(f"{g.name:<{width}}  {g.channels:>8}  {macs:>8}  {status}")
         if verbose:
@@ -81,6 +87,9 @@ def to_dict(result: Analysis) -> dict:
                 "consumers": list(g.consumers),
                 "macs": result.group_macs.get(g.name, 0),
                 "taps": [t.tensor for t in g.taps],
+                "rotatable": g.rotatable,
+                "rotation_block": g.rotation_block,
+                "subspaces": list(g.subspaces),
             }
             for g in result.groups
         ],

@@ -13,6 +13,7 @@ from onnxprune.config import COMPENSATIONS, PruneConfig
 from onnxprune.errors import UsageError
 from onnxprune.graph.load import load_model
 from onnxprune.methods import METHODS
+from onnxprune.methods.cob import channel_ratio_for_params
 from onnxprune.methods.width import WidthRule, load_recipe, parse_layer_ratio
 
 EXAMPLE = """examples:
@@ -73,6 +74,13 @@ def _add_width_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.5,
         help="fraction of CHANNELS removed from each group, in [0, 1) — not of "
         "parameters or MACs (default: 0.5)",
+    )
+    width.add_argument(
+        "--param-ratio",
+        type=float,
+        metavar="P",
+        help="remove about P of the parameters: channel ratio 1 − √(1 − P) in every group "
+        "(the CoB paper's rule; overrides --ratio)",
     )
     for kind, what in (("macs", "MACs"), ("params", "parameters"), ("latency", "latency")):
         width.add_argument(
@@ -163,6 +171,17 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "the model's own argmax or a random projection",
     )
     method.add_argument(
+        "--threshold",
+        metavar="RULE:T",
+        help="cob: keep per subspace the directions with importance ≥ T·max|mean|median "
+        "(max:0.1, mean:T, median:T) or z-score ≥ T (zscore:T) instead of a fixed ratio",
+    )
+    method.add_argument(
+        "--rms-correction",
+        action="store_true",
+        help="cob: rescale the consumers of groups behind an RMSNorm for its changed divisor",
+    )
+    method.add_argument(
         "--id-solver",
         choices=("gram", "qr"),
         default="gram",
@@ -191,9 +210,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ratio(args: argparse.Namespace) -> float:
+    if args.param_ratio is None:
+        return args.ratio
+    return channel_ratio_for_params(args.param_ratio)
+
+
 def _config(args: argparse.Namespace) -> PruneConfig:
     width = WidthRule(
-        ratio=args.ratio,
+        ratio=_ratio(args),
         layer_ratios=tuple(parse_layer_ratio(text) for text in args.layer_ratio),
         exclude=tuple(args.exclude),
         round_to=args.round_to,
@@ -216,6 +241,8 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         allow_noop=args.allow_noop,
         recalibrate=args.recalibrate,
         ippro_lambda=args.ippro_lambda,
+        threshold=args.threshold,
+        rms_correction=args.rms_correction,
         global_ranking=args.global_ranking,
         max_ratio=args.max_ratio,
         target_macs=args.target_macs,

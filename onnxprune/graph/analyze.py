@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, Tap
 from onnxprune.graph.ops import NONLINEAR, State, const, rank_of, step
+from onnxprune.graph.rotation import invariant_step, is_rms_end, is_tsra, rotation_block
 
 
 def analyze(graph: gs.Graph) -> tuple[ChannelGroup, ...]:
@@ -48,6 +49,8 @@ class _Walk:
     sigma: tuple[Tap, Tap] | None = None
     reason: str | None = None
     blocker: str | None = None
+    rotation: str | None = None
+    invariants: list[tuple[str, str]] = field(default_factory=list)
 
     def block(self, reason: str, node: str | None) -> None:
         if self.reason is None:
@@ -137,10 +140,19 @@ def _walk(graph: gs.Graph, producer: _Producer) -> _Walk:
 
 
 def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[State]) -> None:
-    result = step(node, index, state, walk.producer.channels)
+    channels = walk.producer.channels
+    result = invariant_step(node, index, state, channels) or step(node, index, state, channels)
     if result.kind == "block":
         walk.block(result.reason or "blocked", node.name)
         return
+    if walk.rotation is None:
+        walk.rotation = rotation_block(node, index, state, result)
+    if is_tsra(node):
+        _add_once(walk.invariants, ("tsra", node.name))
+    elif node.op in ("RMSNorm", "RMSNormalization") or (
+        node.op in ("Div", "Mul") and is_rms_end(node, state.tensor, state.axis)
+    ):
+        _add_once(walk.invariants, ("rmsnorm", node.name))
     for edit in result.edits:
         walk.edits[(edit.node, edit.input, edit.axis, edit.offset, edit.role)] = edit
     if result.kind == "consume":
@@ -149,7 +161,7 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
             _add_once(walk.taps, _tap(state))
         return
     _add_once(walk.passthrough, node.name)
-    if node.op in NONLINEAR and walk.sigma is None and result.next is not None:
+    if (node.op in NONLINEAR or is_tsra(node)) and walk.sigma is None and result.next is not None:
         nxt = result.next
         walk.sigma = (_tap(state), Tap(nxt.tensor, nxt.axis, nxt.offset, nxt.spatial))
     if result.couple:
@@ -235,6 +247,7 @@ def _merge(walks: list[_Walk]) -> ChannelGroup:
             reason = f"coupled with '{blocked.producer.node.name}': {reason}"
     if reason is None and not consumers:
         reason = "no consumer reads these channels through weights"
+    rotation = next((w.rotation for w in walks if w.rotation), None)
     return ChannelGroup(
         name=first.producer.node.name,
         channels=first.producer.channels,
@@ -246,7 +259,16 @@ def _merge(walks: list[_Walk]) -> ChannelGroup:
         sigma=first.sigma or (_tap(first.producer.start),) * 2,
         reason=reason,
         blocker=blocker,
+        subspaces=_subspaces(edits.values(), first.producer.channels),
+        rotation_block=rotation,
+        invariants=tuple(dict.fromkeys(n for w in walks for n in w.invariants)),
     )
+
+
+def _subspaces(edits, channels: int) -> tuple[int, ...]:
+    """Channel indices of the group where a TSRA on the way starts its V subspace."""
+    cuts = {e.split - e.offset for e in edits if e.role == "split" and e.split is not None}
+    return tuple(sorted(c for c in cuts if 0 < c < channels))
 
 
 def _grouped_conv_notes(graph: gs.Graph) -> list[ChannelGroup]:

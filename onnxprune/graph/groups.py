@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Role = Literal["out", "chan", "in", "reshape"]
+Role = Literal["out", "chan", "in", "reshape", "split"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,9 @@ class ParamEdit:
     role "out": producer weight/bias rows (sliced, rotated by a Plan's Q);
     "chan": a per-channel parameter of a passthrough op (sliced);
     "in": a consumer's input-channel axis (the Plan's M and c are folded in);
-    "reshape": a Reshape target whose explicit size must shrink.
+    "reshape": a Reshape target whose explicit size must shrink;
+    "split": a TSRA call whose `split` attribute (the index where V starts, `split` here) must
+    shrink by the pruned channels that lie before it.
     """
 
     node: str
@@ -42,6 +44,7 @@ class ParamEdit:
     role: Role
     spatial: int = 1
     tap: str | None = None
+    split: int | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ class ChannelGroup:
 
     `sigma` is the input and output of the first elementwise nonlinearity the channels pass
     (the producer's output twice when there is none): where IPPRO injects its offset.
+    `subspaces` are the boundaries (inside (0, channels)) of the TSRA subspaces the channels fall
+    into: a rotation must be block-diagonal on them and pruning keeps ≥ 1 channel in each.
+    `rotation_block` says why an orthogonal change of basis cannot be folded (None: it can),
+    `invariants` lists the rotation-invariant nonlinear ops on the way as (kind, node), kind
+    "tsra" or "rmsnorm".
     """
 
     name: str
@@ -62,6 +70,20 @@ class ChannelGroup:
     sigma: tuple[Tap, Tap] | None = None
     reason: str | None = None
     blocker: str | None = None
+    subspaces: tuple[int, ...] = ()
+    rotation_block: str | None = None
+    invariants: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def rotatable(self) -> bool:
+        """True when a rotation of the channels can be folded into producers and consumers."""
+        return self.prunable and self.rotation_block is None
+
+    @property
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        """The subspaces as (start, stop) channel ranges covering the group."""
+        edges = (0, *self.subspaces, self.channels)
+        return tuple(zip(edges[:-1], edges[1:], strict=True))
 
     @property
     def prunable(self) -> bool:

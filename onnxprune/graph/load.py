@@ -95,9 +95,37 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
     model = export(graph)
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        while copy_function_shapes(model):
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except onnx.onnx_cpp2py_export.shape_inference.InferenceError as exc:
         raise ModelLoadError(f"shape inference failed: {_first_line(exc)}") from exc
     return gs.import_onnx(model)
+
+
+# model-local functions whose output has the shape and type of their input (ONNX shape
+# inference cannot see through their bodies: the axes come from attribute references)
+SHAPE_PRESERVING = frozenset({("onnxprune", "TSRA"), ("onnxprune", "RMSNorm")})
+
+
+def copy_function_shapes(model: onnx.ModelProto) -> bool:
+    """Give shape-preserving function calls their input's type; True if any was added."""
+    infos = {v.name: v for v in (*model.graph.input, *model.graph.value_info)}
+    added = False
+    for node in model.graph.node:
+        if (node.domain, node.op_type) not in SHAPE_PRESERVING or _shaped(infos, node.output[0]):
+            continue
+        if not _shaped(infos, node.input[0]):
+            continue
+        info = infos.get(node.output[0]) or model.graph.value_info.add()
+        info.CopyFrom(infos[node.input[0]])
+        info.name = node.output[0]
+        infos[info.name] = info
+        added = True
+    return added
+
+
+def _shaped(infos: dict, name: str) -> bool:
+    return name in infos and infos[name].type.tensor_type.HasField("shape")
 
 
 def export(graph: gs.Graph) -> onnx.ModelProto:

@@ -25,12 +25,16 @@ def rewrite(
     graph = gs.import_onnx(export(graph))
     nodes = {node.name: node for node in graph.nodes}
     jobs: dict[tuple[str, int], list[tuple[ParamEdit, ChannelGroup, Plan]]] = defaultdict(list)
+    splits: dict[str, list[tuple[ParamEdit, ChannelGroup, Plan]]] = defaultdict(list)
     for group in groups:
         plan = plans.get(group.name)
         if plan is None or not group.prunable:
             continue
         for edit in group.edits:
-            jobs[(edit.node, edit.input)].append((edit, group, plan))
+            if edit.role == "split":
+                splits[edit.node].append((edit, group, plan))
+            else:
+                jobs[(edit.node, edit.input)].append((edit, group, plan))
     deltas: dict[str, np.ndarray] = {}
     for plan in plans.values():
         for name, shift in plan.shifts.items():
@@ -44,6 +48,8 @@ def rewrite(
         node.inputs[index] = gs.Constant(
             f"{node.inputs[index].name}__{name}", work.astype(value.dtype)
         )
+    for name, items in splits.items():
+        nodes[name].attrs["split"] = _new_split(items)
     outputs = _output_plans(groups, plans)
     for name, delta in deltas.items():
         _add_bias(graph, nodes[name], _to_new_outputs(delta, *outputs.get(name, (None, None))))
@@ -52,6 +58,16 @@ def rewrite(
             node.attrs["group"] = int(node.inputs[1].shape[0])
     graph.cleanup().toposort()
     return infer_shapes(graph)
+
+
+def _new_split(items: list[tuple[ParamEdit, ChannelGroup, Plan]]) -> int:
+    """A TSRA's new split: the original less every group's pruned channels that lay before it."""
+    split = int(items[0][0].split)
+    removed = 0
+    for edit, group, plan in items:
+        before = min(max(split - edit.offset, 0), group.channels)  # the group's channels in U
+        removed += before - int(np.sum(np.asarray(plan.keep) < before))
+    return split - removed
 
 
 def _edit_order(item: tuple[ParamEdit, ChannelGroup, Plan]) -> tuple[bool, int, int]:

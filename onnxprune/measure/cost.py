@@ -21,6 +21,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxprune.errors import UsageError
+from onnxprune.graph.load import copy_function_shapes
 
 Shape = tuple[int, ...]
 
@@ -119,6 +120,8 @@ def infer_static_shapes(
     # on failure, count what the declared shapes allow; the rest lands in Cost.unknown
     with contextlib.suppress(onnx.shape_inference.InferenceError, ValueError):
         work = onnx.shape_inference.infer_shapes(work, data_prop=True)
+        while copy_function_shapes(work):  # through TSRA / RMSNorm function calls
+            work = onnx.shape_inference.infer_shapes(work, data_prop=True)
     shapes: dict[str, tuple[int | None, ...]] = {}
     for vi in (*work.graph.input, *work.graph.value_info, *work.graph.output):
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):

@@ -5,10 +5,12 @@ from __future__ import annotations
 from onnxprune.methods.activation import Activation
 from onnxprune.methods.base import Method
 from onnxprune.methods.biascomp import BiasCompensation
+from onnxprune.methods.cob import ChangeOfBasis
 from onnxprune.methods.fpgm import FPGM
 from onnxprune.methods.id import InterpolativeDecomposition
 from onnxprune.methods.ippro import IPPRO
 from onnxprune.methods.magnitude import Magnitude, Random
+from onnxprune.methods.subspaces import SubspaceGuard
 from onnxprune.methods.taylor import Taylor
 
 
@@ -19,6 +21,8 @@ def build_method(
     compensate: str = "none",
     id_solver: str = "gram",
     ippro_lambda: float | None = None,
+    threshold: tuple[str, float] | None = None,
+    rms_correction: bool = False,
 ) -> Method:
     """The method registered as `name`, configured with its options."""
     factories = {
@@ -29,9 +33,10 @@ def build_method(
         "fpgm": FPGM,
         "activation": Activation,
         "ippro": lambda: IPPRO(lam=ippro_lambda),
+        "cob": lambda: ChangeOfBasis(threshold, rms_correction),
         "biascomp": BiasCompensation,
     }
-    return factories[name]()
+    return SubspaceGuard(factories[name]())  # any method keeps ≥ 1 channel per TSRA subspace
 
 
 METHODS: tuple[str, ...] = (
@@ -43,4 +48,5 @@ METHODS: tuple[str, ...] = (
     "activation",
     "ippro",
     "biascomp",
+    "cob",
 )

@@ -69,7 +69,10 @@ def with_errors(plan: Plan, group: ChannelGroup, stats: GroupStats) -> Plan:
         correction = plan.corrections.get(tensor)
         M = selection_map(group.channels, plan.keep) if correction is None else correction.M
         c = None if correction is None else correction.c
-        errors.append(reconstruction_error(tap.gram, tap.mean, tap.n, plan.keep, M, c))
+        keep = plan.keep
+        if plan.rotation is not None:  # a ≈ Mᵀ (Q a)_S + c: the map from a itself is Q_Sᵀ M
+            M, keep = np.asarray(plan.rotation)[np.asarray(keep)].T @ M, np.arange(group.channels)
+        errors.append(reconstruction_error(tap.gram, tap.mean, tap.n, keep, M, c))
         optimal.append(optimal_rank_error(tap.gram, len(plan.keep)))
     err, opt = float(np.max(errors)), float(np.max(optimal))
     info = {**plan.info, "err": err}
