@@ -5,10 +5,9 @@ Per batch and tap, the channels are laid out as rows = samples × positions and 
 float64 into n, Σa, Σ|a| and the Gram Σ aaᵀ: memory O(channels²) whatever the number of samples.
 Each tap is read through an Identity copy, so ORT's optimizer cannot fuse the tensor away.
 
-The Gram update is one BLAS syrk per batch (half the flops of a general product) on a contiguous
-float64 copy, run under a one-thread BLAS limit: on a machine whose cores are busy, OpenBLAS's
-threads spin-wait for each other and the same update took 5–200× longer
-(docs/results_calibration.md).
+The Gram update runs on a contiguous float64 copy under a one-thread BLAS limit: on a machine whose
+cores are busy, OpenBLAS's threads spin-wait for each other and the same update took up to 25×
+longer, the whole statistics pass 4–20× (benchmarks/gram_update.py, docs/results_calibration.md).
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
-from scipy.linalg import blas
 from threadpoolctl import threadpool_limits
 
 from onnxprune.errors import VerificationError
@@ -36,28 +34,20 @@ class TapAccumulator:
         self.n = 0
         self.sum = np.zeros(channels)
         self.abs_sum = np.zeros(channels)
-        self._upper = np.zeros((channels, channels), order="F")  # Gram, upper triangle
-
-    @property
-    def gram(self) -> np.ndarray:
-        """The symmetric Gram Σ aaᵀ accumulated so far (a new array)."""
-        upper = np.triu(self._upper)
-        return upper + np.triu(upper, 1).T
+        self.gram = np.zeros((channels, channels))
 
     def add(self, rows: np.ndarray) -> None:
         rows = np.ascontiguousarray(rows, dtype=np.float64)
         self.n += rows.shape[0]
         self.sum += rows.sum(axis=0)
         self.abs_sum += np.abs(rows).sum(axis=0)
-        if rows.shape[0]:
-            # rows.T is Fortran-contiguous (channels, samples): C ← 1·AAᵀ + 1·C, upper half only
-            self._upper = blas.dsyrk(1.0, rows.T, beta=1.0, c=self._upper, overwrite_c=1)
+        self.gram += rows.T @ rows  # numpy hands a contiguous AᵀA to BLAS syrk
         if self.r_factor is not None:
             self.r_factor = np.linalg.qr(np.vstack([self.r_factor, rows]), mode="r")
 
     def result(self) -> TapStats:
         r = None if self.r_factor is None else self.r_factor.copy()
-        return TapStats(self.n, self.sum.copy(), self.gram, self.abs_sum.copy(), r)
+        return TapStats(self.n, self.sum.copy(), self.gram.copy(), self.abs_sum.copy(), r)
 
 
 def tap_rows(array: np.ndarray, tap: Tap, channels: int) -> np.ndarray:
