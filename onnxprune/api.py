@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.budget import choose_widths, refine_widths
 from onnxprune.calib.data import Dataset, input_specs, load_data
-from onnxprune.calib.gather import gather
+from onnxprune.calib.gather import gather, gather_weights
 from onnxprune.config import PruneConfig
 from onnxprune.errors import NothingToPruneError, UsageError
 from onnxprune.graph.analyze import analyze as find_groups
@@ -32,12 +32,20 @@ from onnxprune.graph.load import (
     too_large_for_protobuf,
 )
 from onnxprune.graph.rewrite import rewrite
+from onnxprune.graph.sparsify import (
+    deflated_size,
+    layer_weights,
+    sparsify,
+    weight_layers,
+    zero_count,
+)
 from onnxprune.measure.cost import count
 from onnxprune.measure.latency import benchmark
 from onnxprune.measure.verify import verify
 from onnxprune.methods import build_method
 from onnxprune.methods.base import Plan
 from onnxprune.methods.planner import make_plans
+from onnxprune.methods.sparse import WEIGHT_NEEDS, bias_shifts, choose_removed, weight_scores
 from onnxprune.methods.width import WidthRule, group_ratio
 from onnxprune.recalibrate import recalibrate
 from onnxprune.report import GroupRow, Report
@@ -107,6 +115,8 @@ def prune(
     proto = _load(model)
     external = not isinstance(model, onnx.ModelProto) and has_external_data(model)
     graph = normalize(proto)
+    if config.granularity == "weight":
+        return _prune_weights(proto, graph, data, labels, config, external)
     groups = find_groups(graph)
     widths = choose_widths(graph, groups, config)
     if not widths.counts and not config.allow_noop:
@@ -122,6 +132,7 @@ def prune(
         ippro_lambda=config.ippro_lambda,
         threshold=config.threshold_rule(),
         rms_correction=config.rms_correction,
+        joint=config.joint,
     )
     dataset = _dataset(proto, data, labels, config, needs_data=bool(pruner.needs - {"weights"}))
     needs = pruner.needs | _extra_needs(config)
@@ -137,6 +148,48 @@ def prune(
     pruned = _finish(proto, pruned_graph, config)
     result = _result(proto, pruned, groups, plans, dataset, config, calibration.loss, notes)
     return replace(result, external_data=external or too_large_for_protobuf(pruned))
+
+
+def _prune_weights(
+    proto: onnx.ModelProto,
+    graph: gs.Graph,
+    data: Any,
+    labels: Any,
+    config: PruneConfig,
+    external: bool,
+) -> Result:
+    """Per weight (METHODS.md §2.1): score, zero the lowest `sparsity` fraction, shift biases."""
+    layers = weight_layers(graph)
+    if not layers:
+        raise NothingToPruneError("nothing to prune: no Gemm/MatMul/Conv with a constant weight")
+    needs = WEIGHT_NEEDS.get(config.method, frozenset())
+    dataset = _dataset(proto, data, labels, config, needs_data=bool(needs))
+    stats, grads, loss = gather_weights(graph, layers, needs, dataset, config)
+    weights = layer_weights(graph, layers)
+    scores = weight_scores(config.method, weights, stats, grads, seed=config.seed)
+    removed = choose_removed(scores, config.sparsity, local=config.local)
+    shifts = {}
+    if config.method == "biascomp":
+        shifts = bias_shifts(weights, stats, removed, joint=config.joint)
+    pruned = _finish(proto, sparsify(graph, layers, removed, shifts), config)
+    rows = tuple(
+        GroupRow(n, m.size, int(m.size - m.sum()), "sparsified", {"sparsity": float(m.mean())})
+        for n, m in removed.items()
+    )
+    zeros = (zero_count(graph, layers), zero_count(gs.import_onnx(pruned), layers))
+    sparse = {
+        "unit": "weights",
+        "nonzero_weights": tuple(total - zero for zero, total in zeros),
+        "zipped_size": (deflated_size(proto), deflated_size(pruned)),
+    }
+    result = _result(proto, pruned, (), {}, dataset, config, loss, (DENSE_NOTE,), rows, sparse)
+    return replace(result, external_data=external or too_large_for_protobuf(pruned))
+
+
+DENSE_NOTE = (
+    "weights are zeroed inside dense tensors: ONNX Runtime's dense kernels run no faster on this "
+    "file; the saving is its compressed size (or a sparse runtime)"
+)
 
 
 def _config(method: str, ratio: float, options: Mapping[str, Any]) -> PruneConfig:
@@ -195,7 +248,12 @@ def _finish(original: onnx.ModelProto, graph: gs.Graph, config: PruneConfig) -> 
         setattr(model, attr, getattr(original, attr))
     del model.metadata_props[:]
     model.metadata_props.extend(original.metadata_props)
-    note = f"method={config.method} ratio={config.width.ratio}"
+    amount = (
+        f"sparsity={config.sparsity}"
+        if config.granularity == "weight"
+        else f"ratio={config.width.ratio}"
+    )
+    note = f"method={config.method} {amount}"
     onnx.helper.set_model_props(
         model, {**{p.key: p.value for p in original.metadata_props}, "onnxprune": note}
     )
@@ -211,13 +269,15 @@ def _result(
     config: PruneConfig,
     loss: str | None,
     notes: tuple[str, ...] = (),
+    rows: tuple[GroupRow, ...] = (),
+    sparse: Mapping[str, Any] | None = None,
 ) -> Result:
     check = None
     if config.verify:
         feeds = dataset.head(config.verify_samples).arrays
         check = verify(original, pruned, feeds, data=dataset.source)
     before, after = count(original), count(pruned)
-    rows = tuple(_row(group, plans.get(group.name), config) for group in groups)
+    rows = rows or tuple(_row(group, plans.get(group.name), config) for group in groups)
     if dataset.synthetic:
         notes += ("validation data is synthetic (random): deviations say little about accuracy",)
     bench = None
@@ -239,6 +299,7 @@ def _result(
         loss=loss,
         bench=bench,
         notes=notes,
+        **(sparse or {}),
     )
     return Result(pruned, report, groups, plans)
 

@@ -8,6 +8,7 @@ from onnxprune.calib.jacobian import parse_jacobian
 from onnxprune.errors import UsageError
 from onnxprune.methods import METHODS
 from onnxprune.methods.cob import parse_threshold
+from onnxprune.methods.sparse import check_weight_options
 from onnxprune.methods.width import WidthRule, check_patterns, check_ratio
 
 COMPENSATIONS = ("none", "bias", "lsq")
@@ -41,6 +42,10 @@ class PruneConfig:
     max_ratio: float = 0.9
     threshold: str | None = None
     rms_correction: bool = False
+    granularity: str = "channel"
+    sparsity: float | None = None
+    local: bool = False
+    joint: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -68,11 +73,30 @@ class PruneConfig:
         check_ratio(self.max_ratio, "max_ratio")
         parse_jacobian(self.jacobian)
         self._check_cob()
+        self._check_granularity()
         _positive("batch_size", self.batch_size)
         _positive("verify_samples", self.verify_samples)
         _positive("round_to", self.width.round_to)
         if self.calib_samples is not None:
             _positive("calib_samples", self.calib_samples)
+
+    def _check_granularity(self) -> None:
+        """Per-weight pruning (--granularity weight) takes its own options and none of the
+        channel-only ones; --joint is biascomp's, --local per-weight's."""
+        channel_only = {
+            "--compensate": self.compensate != "none",
+            "--epsilon": self.epsilon is not None,
+            "--recalibrate": self.recalibrate,
+            "--target-*": any(v is not None for v in self.targets().values()),
+            "--global": self.global_ranking,
+        }
+        check_weight_options(
+            self.granularity, self.method, self.sparsity, channel_only=channel_only
+        )
+        if self.joint and self.method != "biascomp":
+            raise UsageError(f"--joint is the biascomp bias solve; got --method {self.method}")
+        if self.local and self.granularity != "weight":
+            raise UsageError("--local is for --granularity weight (channels rank per group)")
 
     def _check_cob(self) -> None:
         """CoB folds its own rotation and correction: the selection-only options do not apply."""

@@ -37,6 +37,9 @@ class Report:
     loss: str | None = None
     bench: Mapping[str, object] | None = None
     notes: tuple[str, ...] = ()
+    unit: str = "channels"
+    nonzero_weights: tuple[int, int] | None = None
+    zipped_size: tuple[int, int] | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict with the same content as the terminal table."""
@@ -53,7 +56,7 @@ class Report:
         if self.loss:
             lines.append(f"gradients of: {self.loss}")
         lines.append("")
-        lines += format_groups(self.groups)
+        lines += format_groups(self.groups, self.unit)
         lines += ["", *self._totals()]
         if self.verification:
             lines += ["", *format_verification(self.verification)]
@@ -64,6 +67,10 @@ class Report:
 
     def _totals(self) -> list[str]:
         rows = [("parameters", *self.params), ("MACs", *self.macs), ("file bytes", *self.file_size)]
+        if self.nonzero_weights:  # per-weight pruning: zeros stay in dense tensors
+            rows.insert(1, ("nonzero w.", *self.nonzero_weights))
+        if self.zipped_size:
+            rows.append(("zipped", *self.zipped_size))
         out = []
         for label, before, after in rows:
             change = 100.0 * (after - before) / before if before else 0.0
@@ -72,10 +79,10 @@ class Report:
         return out
 
 
-def format_groups(groups: tuple[GroupRow, ...]) -> list[str]:
-    """Rows `name  before -> after  status` with aligned columns."""
+def format_groups(groups: tuple[GroupRow, ...], unit: str = "channels") -> list[str]:
+    """Rows `name  before -> after  status` with aligned columns (`unit`: what is counted)."""
     width = max([len(g.name) for g in groups] + [5])
-    lines = [f"{'group':<{width}}  {'channels':>15}  status"]
+    lines = [f"{'group' if unit == 'channels' else 'layer':<{width}}  {unit:>15}  status"]
     for g in groups:
         extra = "".join(f"  {k}={v:.3g}" for k, v in g.info.items())
         lines.append(f"{g.name:<{width}}  {g.channels:>6} -> {g.kept:<6}  {g.status}{extra}")

@@ -11,16 +11,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.calib.data import Dataset, progress
 from onnxprune.calib.grads import Gradients, Product, collect_gradients
-from onnxprune.calib.jacobian import Site, collect_jacobian_stats
+from onnxprune.calib.jacobian import Site, SiteStats, collect_jacobian_stats, collect_weight_stats
 from onnxprune.calib.stats import collect
 from onnxprune.config import PruneConfig
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import export
 from onnxprune.graph.ops import rank_of
+from onnxprune.graph.sparsify import WeightLayer, to_canonical
 from onnxprune.graph.weights import (
     consumer_matrix,
     filter_rows,
@@ -61,7 +63,7 @@ def gather(
         sites = list(dict.fromkeys(site for items in consumers.values() for _, site, _ in items))
         batches = _batches(dataset, config, "jacobians", feeds_only=False)
         jacobian = collect_jacobian_stats(
-            model, sites, batches, jacobian=config.jacobian, seed=config.seed
+            model, sites, batches, jacobian=config.jacobian, joint=config.joint, seed=config.seed
         )
     stats = {}
     for group in selected:
@@ -75,6 +77,35 @@ def gather(
             },
         )
     return Calibration(stats, grads.loss if grads else None)
+
+
+def gather_weights(
+    graph: gs.Graph,
+    layers: tuple[WeightLayer, ...],
+    needs: frozenset[str],
+    dataset: Dataset,
+    config: PruneConfig,
+) -> tuple[dict[str, SiteStats], dict[str, np.ndarray], str | None]:
+    """For per-weight pruning: Jacobian sums per layer ("jacobian") and the summed loss
+    gradient of each layer's weight in its canonical layout ("grad"), plus the loss used."""
+    model = export(graph) if needs & {"jacobian", "grad"} else None
+    stats, grads, loss = {}, {}, None
+    if "jacobian" in needs:
+        batches = _batches(dataset, config, "jacobians", feeds_only=False)
+        stats = collect_weight_stats(
+            model, layers, batches, jacobian=config.jacobian, joint=config.joint, seed=config.seed
+        )
+    if "grad" in needs:
+        batches = _batches(dataset, config, "gradients", feeds_only=False)
+        names = tuple(dict.fromkeys(layer.weight for layer in layers))
+        found = collect_gradients(
+            model, [], batches, weights=names, task=config.task, seed=config.seed
+        )
+        grads = {
+            layer.name: to_canonical(graph, layer, found.weights[layer.weight]) for layer in layers
+        }
+        loss = found.loss
+    return stats, grads, loss
 
 
 def _gradients(model, graph, selected, needs, dataset, config) -> Gradients | None:

@@ -36,6 +36,43 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed for sampling and random data")
 
 
+def add_biascomp_arguments(parser: argparse.ArgumentParser) -> None:
+    """Granularity (channels or single weights) and elimination–compensation's options."""
+    group = parser.add_argument_group("per-weight pruning and biascomp")
+    group.add_argument(
+        "--granularity",
+        choices=("channel", "weight"),
+        default="channel",
+        help="remove whole channels (smaller, faster) or single weights of Gemm/MatMul/Conv "
+        "(zeros in dense tensors: smaller when zipped, not faster in ORT)",
+    )
+    group.add_argument(
+        "--sparsity",
+        type=float,
+        metavar="F",
+        help="with --granularity weight: the fraction of weights removed, in [0, 1)",
+    )
+    group.add_argument(
+        "--local",
+        action="store_true",
+        help="with --granularity weight: remove F of each layer's weights instead of ranking "
+        "all layers together",
+    )
+    group.add_argument(
+        "--joint",
+        action="store_true",
+        help="biascomp: solve all bias shifts of a layer jointly (M δ = c) instead of "
+        "summing the per-unit optima",
+    )
+    group.add_argument(
+        "--jacobian",
+        default="exact",
+        metavar="exact|probe:N",
+        help="biascomp: output Jacobian norms exactly (one backward per output component) "
+        "or estimated from N random probes",
+    )
+
+
 def load_dataset(
     args: argparse.Namespace, model: onnx.ModelProto, *, random_samples: int = 64
 ) -> Dataset:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from onnxprune.api import output_path_for, prune
 from onnxprune.cli.bench import parse_batches
-from onnxprune.cli.options import add_data_arguments, load_dataset
+from onnxprune.cli.options import add_biascomp_arguments, add_data_arguments, load_dataset
 from onnxprune.config import COMPENSATIONS, PruneConfig
 from onnxprune.errors import UsageError
 from onnxprune.graph.load import load_model
@@ -20,6 +20,7 @@ EXAMPLE = """examples:
   onnxprune model.onnx --method magnitude --ratio 0.5
   onnxprune model.onnx --method id --ratio 0.5 --data calib.npz -o model.small.onnx
   onnxprune model.onnx --method id --epsilon 0.05 --data calib.npz --report report.json
+  onnxprune mlp.onnx --method biascomp --granularity weight --sparsity 0.8 --data calib.npz
 """
 
 
@@ -42,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _add_width_arguments(parser)
     _add_method_arguments(parser)
+    add_biascomp_arguments(parser)
     add_data_arguments(parser)
     out = parser.add_argument_group("verification and report")
     out.add_argument("--no-verify", action="store_true", help="skip checking the pruned model")
@@ -249,4 +251,9 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         target_params=args.target_params,
         target_latency=args.target_latency,
         bench_batches=parse_batches(args.bench) if args.bench else (),
+        granularity=args.granularity,
+        sparsity=args.sparsity,
+        local=args.local,
+        joint=args.joint,
+        jacobian=args.jacobian,
     )

@@ -23,6 +23,7 @@ def build_method(
     ippro_lambda: float | None = None,
     threshold: tuple[str, float] | None = None,
     rms_correction: bool = False,
+    joint: bool = False,
 ) -> Method:
     """The method registered as `name`, configured with its options."""
     factories = {
@@ -34,7 +35,7 @@ def build_method(
         "activation": Activation,
         "ippro": lambda: IPPRO(lam=ippro_lambda),
         "cob": lambda: ChangeOfBasis(threshold, rms_correction),
-        "biascomp": BiasCompensation,
+        "biascomp": lambda: BiasCompensation(joint=joint),
     }
     return SubspaceGuard(factories[name]())  # any method keeps ≥ 1 channel per TSRA subspace
 

@@ -1,0 +1,134 @@
+"""Per-weight (unstructured) pruning: score every weight, choose which to zero, shift the biases.
+
+Elimination–compensation (Ballini et al., 2026; METHODS.md §2.1) scores weight w_ij of output
+unit i and input feature j by the output change left after the best shift of b_i,
+
+    I_ij = w_ij² (S2_ij − S1_ij² / S0_i),    δ_i = Σ_{j removed} w_ij S1_ij / S0_i,
+
+in squared-output units, so one global ranking across layers is natural (`local` ranks each
+layer apart). Units with S0_i = 0 do not reach the output: I = 0 and δ = w·mean(a). The baselines
+remove without any shift: magnitude |w|, first-order Taylor |w·∂L/∂w| (gradient magnitude) and
+seeded random. With `joint`, the shifts of all layers' units come from M δ = c (§2.4) instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from onnxprune.errors import UsageError
+
+WEIGHT_METHODS = ("biascomp", "magnitude", "taylor", "random")
+WEIGHT_NEEDS = {"biascomp": frozenset({"jacobian"}), "taylor": frozenset({"grad"})}
+
+
+def check_weight_options(
+    granularity: str, method: str, sparsity: float | None, *, channel_only: Mapping[str, bool]
+) -> None:
+    """One-line UsageError for any option that does not fit the chosen granularity."""
+    if granularity not in ("channel", "weight"):
+        raise UsageError(f"'granularity' must be 'channel' or 'weight'; got '{granularity}'")
+    if granularity == "channel":
+        if sparsity is not None:
+            raise UsageError("--sparsity is for --granularity weight; channels use --ratio")
+        return
+    if method not in WEIGHT_METHODS:
+        raise UsageError(
+            f"--granularity weight supports {', '.join(WEIGHT_METHODS)}; got '{method}'"
+        )
+    if sparsity is None:
+        raise UsageError("--granularity weight needs --sparsity F (fraction of weights removed)")
+    if not 0.0 <= sparsity < 1.0:
+        raise UsageError(f"'sparsity' must be in [0, 1); got {sparsity}")
+    for option, given in channel_only.items():
+        if given:
+            raise UsageError(f"{option} applies to channel pruning, not --granularity weight")
+
+
+def weight_scores(
+    method: str,
+    weights: Mapping[str, np.ndarray],
+    stats: Mapping[str, object],
+    grads: Mapping[str, np.ndarray],
+    *,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Importance of every weight of every layer (higher = keep), in the weight's shape."""
+    if method == "biascomp":
+        return {name: importance(w, stats[name]) for name, w in weights.items()}
+    if method == "magnitude":
+        return {name: np.abs(w) for name, w in weights.items()}
+    if method == "taylor":
+        return {name: np.abs(w * grads[name]) for name, w in weights.items()}
+    rng = np.random.default_rng(seed)
+    return {name: rng.random(w.shape) for name, w in weights.items()}
+
+
+def importance(weight: np.ndarray, site) -> np.ndarray:
+    """I = W² (S2 − S1²/S0): the output change left after the optimal shift of each bias."""
+    s0 = _per_row(site.s0, weight)
+    live = s0 > 0
+    residual = np.where(live, site.s2 - site.s1**2 / np.where(live, s0, 1.0), 0.0)
+    return weight**2 * np.maximum(residual, 0.0)
+
+
+def independent_shift(weight: np.ndarray, site, removed: np.ndarray) -> np.ndarray:
+    """δ_i = Σ_{j removed} w_ij S1_ij / S0_i, the plain mean w_ij·mean(a_j) where S0_i = 0."""
+    s0 = _per_row(site.s0, weight)
+    live = s0 > 0
+    expected = np.where(live, site.s1 / np.where(live, s0, 1.0), site.mean[None])
+    return np.where(removed, weight * expected, 0.0).reshape(len(weight), -1).sum(axis=1)
+
+
+def joint_shift(weight: np.ndarray, site, removed: np.ndarray) -> np.ndarray:
+    """δ solving M δ = c with c_i = Σ_kf T_ikf (W∘R)_kf: the jointly optimal shift of all of a
+    layer's biases (least-squares solution where M is singular, e.g. dead units)."""
+    joint = site.joint
+    if joint is None:
+        raise UsageError("the joint bias solve needs joint statistics (pass joint=True)")
+    lost = np.where(removed, weight, 0.0).reshape(-1)
+    c = joint.t.reshape(len(weight), -1) @ lost
+    return np.linalg.lstsq(joint.m, c, rcond=1e-10)[0]
+
+
+def choose_removed(
+    scores: Mapping[str, np.ndarray], sparsity: float, *, local: bool = False
+) -> dict[str, np.ndarray]:
+    """Boolean masks of the weights to zero: the lowest `sparsity` fraction of all scores
+    together (global) or of each layer's (local); ties go to the earlier weight."""
+    if local:
+        return {
+            name: _lowest(s.reshape(-1), sparsity).reshape(s.shape) for name, s in scores.items()
+        }
+    flat = np.concatenate([s.reshape(-1) for s in scores.values()])
+    mask = _lowest(flat, sparsity)
+    out, start = {}, 0
+    for name, s in scores.items():
+        out[name] = mask[start : start + s.size].reshape(s.shape)
+        start += s.size
+    return out
+
+
+def _lowest(values: np.ndarray, fraction: float) -> np.ndarray:
+    count = int(round(fraction * values.size))
+    mask = np.zeros(values.size, dtype=bool)
+    mask[np.argsort(values, kind="stable")[:count]] = True
+    return mask
+
+
+def bias_shifts(
+    weights: Mapping[str, np.ndarray],
+    stats: Mapping[str, object],
+    removed: Mapping[str, np.ndarray],
+    *,
+    joint: bool = False,
+) -> dict[str, np.ndarray]:
+    """The bias shift of every layer for its removed weights (independent or joint solve)."""
+    solve = joint_shift if joint else independent_shift
+    return {name: solve(weights[name], stats[name], removed[name]) for name in weights}
+
+
+def _per_row(s0: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """S0 broadcast against a weight of shape (out, *features)."""
+    return np.asarray(s0).reshape(-1, *([1] * (weight.ndim - 1)))
