@@ -111,7 +111,7 @@ def _apply(
         work = work.copy()
         work[1] -= (m - len(keep)) * edit.spatial
         return work
-    if edit.role == "out" and plan.rotation is not None:
+    if plan.rotation is not None and _rotates(edit, node):
         work = _map_segment(work, edit, m, np.asarray(plan.rotation))
     if edit.role != "in":
         return _select(work, edit, m, keep)
@@ -122,6 +122,11 @@ def _apply(
         delta = _weight_times(work, edit, m, node, np.asarray(correction.c, dtype=np.float64))
         deltas[node.name] = deltas.get(node.name, 0) + delta
     return _map_segment(work, edit, m, np.asarray(correction.M, dtype=np.float64))
+
+
+def _rotates(edit: ParamEdit, node: gs.Node) -> bool:
+    """Producer rows and per-channel additive constants turn with the channels (Q(x+c) = Qx+Qc)."""
+    return edit.role == "out" or (edit.role == "chan" and node.op in ("Add", "Sub"))
 
 
 def _split(work: np.ndarray, edit: ParamEdit, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -172,8 +172,9 @@ def _elementwise_block(node: gs.Node, index: int, state: State, result: Step) ->
     what = f"{node.op} '{node.name}'"
     other = node.inputs[1 - index]
     if node.op in ("Add", "Sub"):
-        if isinstance(other, gs.Constant):
-            return None if not np.any(other.values) else f"{what} adds a constant"
+        if isinstance(other, gs.Constant):  # a per-channel constant is rotated along
+            uniform = not result.edits and np.any(other.values)
+            return f"{what} adds the same constant to every channel" if uniform else None
         return None if result.couple else f"{what} adds a tensor that is not rotated alike"
     if node.op == "Div" and index != 0:
         return f"{what} divides by the channels"

@@ -2,8 +2,10 @@
 
 A TSRA needs a non-empty U and V (its split must stay inside the channel axis), so a plan that
 empties a subspace of its group is not a valid pruning. `SubspaceGuard` wraps any method: when
-the plan for `keep` channels leaves a subspace empty, it asks again for one more channel until
-every subspace has one, and records the extra channels in the plan's info.
+the plan for `keep` channels leaves a subspace empty, it asks again with more channels until each
+empty subspace receives its best channel. A plain selection then keeps the width: the method's
+best `keep − e` channels plus those e. A plan with its own correction (id, biascomp) cannot be
+spliced, so the larger plan is used and the extra channels are recorded in its info.
 """
 
 from __future__ import annotations
@@ -43,12 +45,42 @@ class SubspaceGuard:
 
     def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
         plan = self.inner.plan(group, stats, keep, seed=seed)
-        if not group.subspaces:
+        if not group.subspaces or not empty_subspace(group, plan.keep):
             return plan
-        asked = keep
-        while empty_subspace(group, plan.keep) and asked < group.channels:
+        empty = [r for r in group.ranges if not _inside(plan.keep, r).size]
+        found: dict[tuple[int, int], int] = {}
+        asked, grown = keep, plan
+        while len(found) < len(empty) and asked < group.channels:
             asked += 1
-            plan = self.inner.plan(group, stats, asked, seed=seed)
-        if asked == keep:
-            return plan
-        return replace(plan, info={**plan.info, "subspace_extra": float(asked - keep)})
+            grown = self.inner.plan(group, stats, asked, seed=seed)
+            for r in empty:
+                if r not in found and _inside(grown.keep, r).size:
+                    found[r] = int(_inside(grown.keep, r)[0])
+        spliced = _splice(self.inner, group, stats, keep, seed, plan, list(found.values()))
+        if spliced is not None:
+            return spliced
+        return replace(grown, info={**grown.info, "subspace_extra": float(asked - keep)})
+
+
+def _inside(keep: np.ndarray, span: tuple[int, int]) -> np.ndarray:
+    keep = np.asarray(keep)
+    return keep[(keep >= span[0]) & (keep < span[1])]
+
+
+def _splice(
+    inner: Method,
+    group: ChannelGroup,
+    stats: GroupStats,
+    keep: int,
+    seed: int,
+    plan: Plan,
+    extra: list[int],
+) -> Plan | None:
+    """The best `keep − len(extra)` channels plus `extra`, for plain selections only."""
+    if plan.corrections or plan.shifts or plan.rotation is not None or keep <= len(extra):
+        return None
+    base = inner.plan(group, stats, keep - len(extra), seed=seed)
+    if base.corrections or base.shifts or set(extra) & set(np.asarray(base.keep).tolist()):
+        return None
+    chosen = np.sort(np.concatenate([np.asarray(base.keep), np.asarray(extra, dtype=np.intp)]))
+    return replace(base, keep=chosen, info={**base.info, "subspace_swap": float(len(extra))})
