@@ -137,7 +137,7 @@ def prune(
     dataset = _dataset(proto, data, labels, config, needs_data=bool(pruner.needs - {"weights"}))
     needs = pruner.needs | _extra_needs(config)
     calibration = gather(graph, groups, widths.counts, needs, dataset, config)
-    widths = refine_widths(graph, groups, widths, calibration.stats, pruner, config)
+    widths = refine_widths(graph, groups, widths, calibration.stats, pruner, config, dataset)
     plans = make_plans(groups, widths.counts, calibration.stats, pruner, config)
     pruned_graph = rewrite(graph, groups, plans)
     notes = (widths.note,) if widths.note else ()

@@ -152,3 +152,34 @@ def test_load_recipe_non_numeric_ratio_is_usage_error(tmp_path, value):
     path.write_text(f'{{"conv1": {value}}}')
     with pytest.raises(UsageError):
         load_recipe(path)
+
+
+def test_error_allocation_is_optimal_for_convex_errors_and_separable_cost():
+    """With squared errors convex in the channels removed and every channel costing the same, the
+    greedy error-per-cost allocation is the brute-force optimum among all width vectors that cost
+    no more than it does."""
+    import itertools
+
+    import numpy as np
+
+    from onnxprune.methods.targets import WidthCost, _Term, allocate_by_error
+
+    rng = np.random.default_rng(3)
+    channels = {"a": 6, "b": 5, "c": 4}
+    cost = WidthCost(2.0, tuple(_Term(4.0 * c, (g, c), (), 1, None)
+                                for g, c in channels.items()))  # fmt: skip
+    curves = {}
+    for g, c in channels.items():  # e²(k) convex in the removed count c − k, 0 at full width
+        steps = np.sort(rng.uniform(0.01, 1.0, c))  # increasing increments: convex
+        sq = np.concatenate([[0.0], np.cumsum(steps)])[::-1]  # index k = kept channels
+        curves[g] = np.sqrt(sq)
+    full = cost(channels)
+    for target in (0.8, 0.6, 0.45, 0.3):
+        got = allocate_by_error(channels, curves, cost, target, 1)
+        assert cost(got) <= target * full + 1e-9
+        best = min(
+            (sum(curves[g][k] ** 2 for g, k in zip(channels, ks, strict=True)), ks)
+            for ks in itertools.product(*(range(1, c + 1) for c in channels.values()))
+            if cost(dict(zip(channels, ks, strict=True))) <= cost(got) + 1e-9
+        )
+        assert sum(curves[g][k] ** 2 for g, k in got.items()) <= best[0] + 1e-12
