@@ -91,11 +91,8 @@ def refine_widths(
         return widths
     channels = {g.name: g.channels for g in groups if g.name in widths.counts}
     cost = cost_of(graph, groups, kind)
-    candidates = {}
-    for label, per_tap in (("by ID error, coupled taps summed", True), ("by ID error", False)):
-        curves = {name: _curve(stats[name], per_tap=per_tap) for name in channels}
-        counts = allocate_by_error(channels, curves, cost, target, config.width.round_to)
-        candidates.setdefault(tuple(sorted(counts.items())), (label, counts))
+    coupled = {g.name for g in groups if g.coupled}
+    candidates = _allocations(channels, stats, cost, target, config.width.round_to, coupled)
     reached = lambda counts: cost(counts) / cost({})  # noqa: E731
     if dataset is None:
         label, counts = next(iter(candidates.values()))
@@ -107,6 +104,30 @@ def refine_widths(
     others = ", ".join(f"{lab} {dev:.3f}" for dev, lab, _ in scored[1:])
     how = f"widths {label}: output deviation {deviation:.3f}" + (f"; {others}" if others else "")
     return Widths(counts, _note(kind, target, reached(counts), how))
+
+
+def _allocations(
+    channels: Mapping[str, int],
+    stats: Mapping[str, GroupStats],
+    cost: WidthCost,
+    target: float,
+    round_to: int,
+    coupled: set[str],
+) -> dict[tuple, tuple[str, dict[str, int]]]:
+    """Distinct error-per-cost allocations, keyed by their widths: a coupled group's error
+    summed over its taps or pooled, and (if that meets the target) residual streams kept whole."""
+    found: dict[tuple, tuple[str, dict[str, int]]] = {}
+    inner = {name: c for name, c in channels.items() if name not in coupled}
+    options = [("by ID error, coupled taps summed", channels, True),
+               ("by ID error", channels, False)]  # fmt: skip
+    if inner and len(inner) < len(channels):
+        options.append(("by ID error, coupled groups kept", inner, True))
+    for label, pool, per_tap in options:
+        curves = {name: _curve(stats[name], per_tap=per_tap) for name in pool}
+        counts = allocate_by_error(pool, curves, cost, target, round_to)
+        if cost(counts) <= target * cost({}) or pool is channels:
+            found.setdefault(tuple(sorted(counts.items())), (label, counts))
+    return found
 
 
 def output_deviation(
