@@ -6,7 +6,7 @@ are evaluated on the disjoint test split (540 images). Each point prunes to a MA
 and SE gates pruned too, as other pruners do), so every method lands on the same MACs; a cell
 whose reached reduction misses the target by more than 2 points shows it in brackets.
 Random is the mean ± std over 5 seeds. Wall time and the Python-side peak memory (tracemalloc) of
-one prune per method at 50 % are recorded too.
+one prune per method at 50 % are recorded too. A failing prune is recorded as a failed cell.
 
     python benchmarks/accuracy.py                 # full run, writes results/accuracy.json
     python benchmarks/accuracy.py --quick         # two models, two reductions
@@ -35,14 +35,18 @@ SEEDS = (0, 1, 2, 3, 4)
 METHODS: dict[str, dict] = {
     "id": {"method": "id"},
     "id + bias": {"method": "id", "compensate": "bias"},
-    "id (uniform widths)": {"method": "id", "uniform": True},
+    "id + recalibrate": {"method": "id", "recalibrate": True},
+    "id + bias + recalibrate": {"method": "id", "compensate": "bias", "recalibrate": True},
     "magnitude": {"method": "magnitude"},
     "magnitude + lsq": {"method": "magnitude", "compensate": "lsq"},
     "magnitude + recalibrate": {"method": "magnitude", "recalibrate": True},
     "taylor": {"method": "taylor"},
+    "random": {"method": "random"},
+}
+EXTRA: dict[str, dict] = {  # with --all: ablations and the other selection criteria
+    "id (uniform widths)": {"method": "id", "uniform": True},
     "fpgm": {"method": "fpgm"},
     "activation": {"method": "activation"},
-    "random": {"method": "random"},
 }
 
 
@@ -51,49 +55,71 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="vgg and resnet at 50/85 % only")
     parser.add_argument("--markdown", action="store_true", help="print tables of the last run")
     parser.add_argument("--models", help="comma-separated model names (default: all)")
+    parser.add_argument("--all", action="store_true", help="also the ablations in EXTRA")
     args = parser.parse_args()
     if args.markdown:
         print(markdown(json.loads(RESULTS.read_text())))
         return
     manifest = json.loads((ROOT / "models" / "manifest.json").read_text())
-    names = args.models.split(",") if args.models else list(manifest["models"])
+    order = ("vgg", "resnet", "mobilenetv2", "senet", "mlp", "inception")  # the rest after these
+    names = args.models.split(",") if args.models else sorted(
+        manifest["models"], key=lambda n: (order.index(n) if n in order else len(order), n))
     reductions = REDUCTIONS
     if args.quick:
         names, reductions = [n for n in names if n in ("vgg", "resnet")], (0.5, 0.85)
-    results = {"machine": machine(), "command": "python benchmarks/accuracy.py", "models": {}}
-    for name in names:
-        results["models"][name] = bench_model(manifest["models"][name], reductions)
-        print(f"{name}: done", flush=True)
+    methods = {**METHODS, **(EXTRA if args.all else {})}
+    command = "python benchmarks/accuracy.py" + (" --all" if args.all else "")
+    results = {"machine": machine(), "command": command, "models": {}, "seconds": {}}
+    if args.models and RESULTS.is_file():  # a partial run adds its models to the last results
+        previous = json.loads(RESULTS.read_text())
+        results["models"], results["seconds"] = previous["models"], previous.get("seconds", {})
+        results["command"] = previous["command"] + f"; {command} --models {args.models}"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1))
+    for name in names:
+        start = time.perf_counter()
+        results["models"][name] = bench_model(manifest["models"][name], reductions, methods)
+        results["seconds"][name] = time.perf_counter() - start
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")  # after every model
+        print(f"{name}: done in {results['seconds'][name]:.0f} s", flush=True)
     print(markdown(results))
 
 
-def bench_model(entry: dict, reductions: tuple[float, ...]) -> dict:
+def bench_model(entry: dict, reductions: tuple[float, ...], methods: dict[str, dict]) -> dict:
     path = ROOT / "models" / entry["onnx"]
     calib = dict(np.load(ROOT / "models" / entry["calib"]))
     test = dict(np.load(ROOT / "models" / entry["test"]))
     calib_data = {"input": calib["input"], "labels": calib["labels"]}
     base = accuracy(onnxprune.prune(path, ratio=0.0, round_to=1, verify=False).model, test)
     out = {"base_accuracy": base, "points": {}, "cost": {}}
-    for label, spec in METHODS.items():
-        rows = []
-        for reduction in reductions:
-            seeds = SEEDS if spec["method"] == "random" else (0,)
-            accs, macs, seconds = [], [], []
-            for seed in seeds:
-                start = time.perf_counter()
-                result = prune(path, spec, 1 - reduction, calib_data, seed)
-                seconds.append(time.perf_counter() - start)
-                accs.append(accuracy(result.model, test))
-                before, after = result.report.macs
-                macs.append(1 - after / before)
-            rows.append({"target": reduction, "macs_reduction": float(np.mean(macs)),
-                         "accuracy": float(np.mean(accs)), "std": float(np.std(accs)),
-                         "seconds": float(np.mean(seconds))})
-        out["points"][label] = rows
-        out["cost"][label] = peak_cost(path, spec, calib_data)
+    for label, spec in methods.items():
+        out["points"][label] = [point(path, spec, r, calib_data, test) for r in reductions]
+        print(f"  {label}: " + " ".join(_cell(row) for row in out["points"][label]), flush=True)
+        if all(row.get("error") for row in out["points"][label]):
+            out["cost"][label] = {"seconds_at_50": None, "python_peak_mib_at_50": None}
+        else:
+            out["cost"][label] = peak_cost(path, spec, calib_data)
     return out
+
+
+def point(path: Path, spec: dict, reduction: float, data: dict, test: dict) -> dict:
+    """One (method, reduction) cell; random over SEEDS; a library failure is recorded."""
+    seeds = SEEDS if spec["method"] == "random" else (0,)
+    accs, macs, seconds = [], [], []
+    for seed in seeds:
+        start = time.perf_counter()
+        try:
+            result = prune(path, spec, 1 - reduction, data, seed)
+        except Exception as exc:  # noqa: BLE001 - a failure is a result too
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            return {"target": reduction, "macs_reduction": None, "accuracy": None, "std": 0.0,
+                    "seconds": None, "error": f"{type(exc).__name__}: {first}"}  # fmt: skip
+        seconds.append(time.perf_counter() - start)
+        accs.append(accuracy(result.model, test))
+        before, after = result.report.macs
+        macs.append(1 - after / before)
+    return {"target": reduction, "macs_reduction": float(np.mean(macs)),
+            "accuracy": float(np.mean(accs)), "std": float(np.std(accs)),
+            "seconds": float(np.mean(seconds)), "seeds": len(seeds)}  # fmt: skip
 
 
 def prune(path: Path, spec: dict, keep: float, data: dict, seed: int):
@@ -150,13 +176,18 @@ def markdown(results: dict) -> str:
         for label, rows in model["points"].items():
             cells = [_cell(r) for r in rows]
             cost = model["cost"][label]
-            tail = f" | {cost['seconds_at_50']:.1f} | {cost['python_peak_mib_at_50']:.0f} |"
+            if cost["seconds_at_50"] is None:
+                tail = " | – | – |"
+            else:
+                tail = f" | {cost['seconds_at_50']:.1f} | {cost['python_peak_mib_at_50']:.0f} |"
             lines.append(f"| {label} | " + " | ".join(cells) + tail)
         lines.append("")
     return "\n".join(lines)
 
 
 def _cell(row: dict) -> str:
+    if row["accuracy"] is None:
+        return "fails"
     text = f"{100 * row['accuracy']:.1f}" + (f" ± {100 * row['std']:.1f}" if row["std"] else "")
     if abs(row["macs_reduction"] - row["target"]) > 0.02:
         text += f" [{100 * row['macs_reduction']:.0f} %]"

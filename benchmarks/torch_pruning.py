@@ -56,7 +56,9 @@ from onnxprune.measure.cost import count  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 REDUCTIONS = (0.3, 0.5, 0.7, 0.85)
 SEEDS = (0, 1, 2, 3, 4)
-OURS = ("id", "id+bias", "magnitude+recalibrate", "magnitude", "ippro+lsq", "taylor", "random")
+OURS = ("id", "id+bias", "id+bias+recalibrate", "magnitude+recalibrate", "magnitude", "ippro+lsq",
+        "taylor", "random")  # fmt: skip
+ACCURACY = RESULTS / "accuracy.json"  # cells of benchmarks/accuracy.py, reused when they match
 TP_CRITERIA = {
     "l1": lambda: tp.importance.MagnitudeImportance(p=1),
     "taylor": lambda: tp.importance.TaylorImportance(),
@@ -124,8 +126,10 @@ def bench_model(
     base = accuracy(onnx.load(str(path)), test)
     out = {"base_accuracy": base, "recovered": recovered, "macs": count(onnx.load(str(path))).macs,
            "onnxprune": {}, "torch_pruning": {}}  # fmt: skip
+    reused = _accuracy_cells(name, len(calib["input"]))
     for label in OURS:
-        out["onnxprune"][label] = [ours(path, label, t, calib, test) for t in reductions]
+        out["onnxprune"][label] = [reused.get((label, t)) or ours(path, label, t, calib, test)
+                                   for t in reductions]  # fmt: skip
     x_calib = torch.from_numpy(calib["input"])
     y_calib = torch.from_numpy(calib["labels"])
     example = x_calib[:1]
@@ -143,8 +147,41 @@ def bench_model(
                 rows.append(_row(t, export(pruned, example), test, out["macs"], ratio=ratios[t]))
             if rows:
                 out["torch_pruning"][label] = rows
+    out["latency"] = {t: latency(path, calib, torch_model, example, name, ratios[t], t)
+                      for t in reductions}  # fmt: skip
     plot(name, out)
     return out
+
+
+def _accuracy_cells(name: str, samples: int) -> dict[tuple[str, float], dict]:
+    """(method, target) → row from benchmarks/accuracy.py's results for `name`, if that run
+    used the same settings (all `samples` calibration images, round_to=1, prune_residual)."""
+    if not ACCURACY.is_file() or samples != 512:
+        return {}
+    model = json.loads(ACCURACY.read_text())["models"].get(name, {})
+    cells = {}
+    for label, rows in model.get("points", {}).items():
+        for row in rows:
+            if row.get("accuracy") is not None:
+                cells[(label.replace(" ", ""), row["target"])] = {**row, "from": "accuracy.json"}
+    return cells
+
+
+def latency(path: Path, calib: dict, model: nn.Module, example: torch.Tensor, name: str,
+            ratio: float, t: float) -> dict:  # fmt: skip
+    """Median batch-1 latency speedups (1 ORT thread, interleaved) of onnxprune's id model and
+    Torch-Pruning's L1 model at reduction t over the original ONNX file."""
+    from onnxprune.measure.latency import benchmark
+
+    data = Dataset({"input": calib["input"]})
+    ours_model = onnxprune.prune(path, method="id", data=data, target_macs=1 - t, round_to=1,
+                                 prune_residual=True, verify=False).model  # fmt: skip
+    theirs = export(tp_prune(model, example, CLASSIFIER.get(name, "fc"), "l1", ratio), example)
+    rows = benchmark([onnx.load(str(path)), ours_model, theirs], threads=1, repeats=30,
+                     min_time=0.5, names=("original", "onnxprune id", "tp l1")).rows  # fmt: skip
+    base = rows[0].median_ms
+    return {"original_ms": base, "onnxprune_id": base / rows[1].median_ms,
+            "tp_l1": base / rows[2].median_ms}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- onnxprune
