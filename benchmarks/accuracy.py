@@ -56,30 +56,34 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="print tables of the last run")
     parser.add_argument("--models", help="comma-separated model names (default: all)")
     parser.add_argument("--all", action="store_true", help="also the ablations in EXTRA")
+    parser.add_argument("--out", default=str(RESULTS), help="results file (default: %(default)s)")
+    parser.add_argument("--reductions", help="comma-separated MACs reductions (default: "
+                        + ",".join(map(str, REDUCTIONS)) + ")")  # fmt: skip
     args = parser.parse_args()
+    out = Path(args.out)
     if args.markdown:
-        print(markdown(json.loads(RESULTS.read_text())))
+        print(markdown(json.loads(out.read_text())))
         return
     manifest = json.loads((ROOT / "models" / "manifest.json").read_text())
     order = ("vgg", "resnet", "mobilenetv2", "senet", "mlp", "inception")  # the rest after these
     names = args.models.split(",") if args.models else sorted(
         manifest["models"], key=lambda n: (order.index(n) if n in order else len(order), n))
-    reductions = REDUCTIONS
+    reductions = tuple(map(float, args.reductions.split(","))) if args.reductions else REDUCTIONS
     if args.quick:
         names, reductions = [n for n in names if n in ("vgg", "resnet")], (0.5, 0.85)
     methods = {**METHODS, **(EXTRA if args.all else {})}
     command = "python benchmarks/accuracy.py" + (" --all" if args.all else "")
     results = {"machine": machine(), "command": command, "models": {}, "seconds": {}}
-    if args.models and RESULTS.is_file():  # a partial run adds its models to the last results
-        previous = json.loads(RESULTS.read_text())
+    if args.models and out.is_file():  # a partial run adds its models to the last results
+        previous = json.loads(out.read_text())
         results["models"], results["seconds"] = previous["models"], previous.get("seconds", {})
         results["command"] = previous["command"] + f"; {command} --models {args.models}"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         start = time.perf_counter()
         results["models"][name] = bench_model(manifest["models"][name], reductions, methods)
         results["seconds"][name] = time.perf_counter() - start
-        RESULTS.write_text(json.dumps(results, indent=1) + "\n")  # after every model
+        out.write_text(json.dumps(results, indent=1) + "\n")  # after every model
         print(f"{name}: done in {results['seconds'][name]:.0f} s", flush=True)
     print(markdown(results))
 
