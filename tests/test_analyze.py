@@ -17,7 +17,7 @@ import onnxprune
 from onnxprune.cli import main
 from onnxprune.graph.analyze import analyze
 from onnxprune.graph.groups import ChannelGroup, Tap
-from onnxprune.graph.load import normalize
+from onnxprune.graph.load import load_model, normalize
 
 
 def groups_of(model) -> dict[str, ChannelGroup]:
@@ -191,3 +191,25 @@ def test_cli_analyze_json_lists_every_group(capsys):
         assert row["producers"] == list(group.producers)
         assert row["reason"] == group.reason
     assert data["macs"] > 0 and data["params"] > 0
+
+
+# --- rotation-invariant ops (TSRA, RMSNorm) -------------------------------------------------------
+
+
+def test_tsra_vgg_groups_pass_rmsnorm_and_tsra_and_are_rotatable(capsys):
+    groups = groups_of(load_model(reference_path("tsra_vgg")))
+    conv = groups["features.17"]  # conv → RMSNorm → TSRA → AvgPool → Flatten → Gemm
+    assert conv.prunable and conv.rotatable and conv.subspaces == (48,)
+    assert conv.invariants == (("rmsnorm", "features.18"), ("tsra", "features.19"))
+    assert conv.consumers == ("classifier.1",) and conv.taps[0].spatial == 16
+    (split,) = [e for e in conv.edits if e.role == "split"]
+    assert (split.node, split.split, split.offset) == ("features.19", 48, 0)
+    assert main(["analyze", str(reference_path("tsra_vgg")), "--json", "-"]) == 0
+    rows = {g["name"]: g for g in json.loads(capsys.readouterr().out)["groups"]}
+    assert rows["classifier.1"]["rotatable"] and rows["classifier.1"]["subspaces"] == [64]
+
+
+def test_relu_vgg_groups_are_prunable_but_not_rotatable(capsys):
+    assert main(["analyze", str(reference_path("relu_vgg"))]) == 0
+    text = capsys.readouterr().out
+    assert text.count("not rotatable: Relu") == 7 and "; rotatable" not in text

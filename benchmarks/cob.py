@@ -1,0 +1,117 @@
+"""CoB on the rotation-invariant TSRA-VGG: accuracy before fine-tuning vs parameters removed.
+
+    python benchmarks/cob.py            # about 3 minutes on 2 shared cores
+
+For each parameter-reduction target P (10–95 %), every group loses the channel fraction
+p = 1 − √(1 − P) (the paper's rule, `--param-ratio`) and the pruned model is scored on the
+digits test split without fine-tuning. Calibration uses the disjoint calibration split (512
+images). Methods on the same TSRA model: cob (PCA rotation per TSRA subspace), cob with the
+RMS-divisor correction, activation (mean |a|, no rotation: the paper's TSRA baseline) and id
+(interpolative decomposition, the strongest rotation-free method here). The ReLU+BN+MaxPool
+control is pruned with activation and id at the same P. Threshold rules run on cob alone.
+Writes benchmarks/results/cob.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+import onnxprune
+from onnxprune.methods.cob import channel_ratio_for_params
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+CALIB = MODELS / "digits32_calib.npz"
+TEST = MODELS / "digits32_test.npz"
+TARGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+VARIANTS = {  # name: (model, method, options)
+    "cob": ("tsra_vgg", "cob", {}),
+    "cob+rms": ("tsra_vgg", "cob", {"rms_correction": True}),
+    "activation": ("tsra_vgg", "activation", {}),
+    "id": ("tsra_vgg", "id", {}),
+    "relu activation": ("relu_vgg", "activation", {}),
+    "relu id": ("relu_vgg", "id", {}),
+}
+THRESHOLDS = ("max:0.05", "max:0.1", "max:0.2", "mean:0.5", "median:0.5", "zscore:-0.5")
+
+
+def logits(model: onnx.ModelProto | Path) -> np.ndarray:
+    """Logits on the digits test split in ONNX Runtime (CPU, 2 threads)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    with np.load(TEST) as data:
+        return session.run(None, {"input": data["input"]})[0].astype(np.float64)
+
+
+def accuracy(values: np.ndarray) -> float:
+    """Top-1 accuracy (%) of test-split logits."""
+    with np.load(TEST) as data:
+        return float(100 * np.mean(values.argmax(1) == data["labels"]))
+
+
+def run(model: str, method: str, **options: object) -> dict:
+    """Prune `model` and return its accuracy, parameters removed and the kept widths."""
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = onnxprune.prune(
+            MODELS / f"{model}.onnx", method=method, data=str(CALIB), round_to=1,
+            verify=False, **options,
+        )  # fmt: skip
+    before, after = result.report.params
+    pruned, original = logits(result.model), logits(MODELS / f"{model}.onnx")
+    return {
+        "accuracy": accuracy(pruned),
+        "logit_rel_l2": float(np.linalg.norm(pruned - original) / np.linalg.norm(original)),
+        "params_removed": 1 - after / before,
+        "params": after,
+        "widths": {name: len(plan.keep) for name, plan in result.plans.items()},
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main() -> None:
+    out: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), {platform.system()}",
+        "calibration": str(CALIB.relative_to(ROOT)),
+        "test": str(TEST.relative_to(ROOT)),
+        "baseline": {m: accuracy(logits(MODELS / f"{m}.onnx")) for m in ("tsra_vgg", "relu_vgg")},
+        "test_images": int(np.load(TEST)["labels"].size),
+        "fixed": {},
+        "threshold": {},
+    }
+    for target in TARGETS:
+        ratio = channel_ratio_for_params(target)
+        row = {}
+        for name, (model, method, options) in VARIANTS.items():
+            row[name] = run(model, method, ratio=ratio, **options)
+        out["fixed"][f"{target:.2f}"] = {"channel_ratio": ratio, **row}
+        print(
+            target,
+            {k: (round(v["accuracy"], 2), round(v["logit_rel_l2"], 3)) for k, v in row.items()},
+            flush=True,
+        )
+    for rule in THRESHOLDS:
+        for rms in (False, True):
+            key = rule + (" +rms" if rms else "")
+            out["threshold"][key] = run("tsra_vgg", "cob", threshold=rule, rms_correction=rms)
+            print(key, round(out["threshold"][key]["accuracy"], 2), flush=True)
+    path = ROOT / "benchmarks" / "results" / "cob.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"written: {path}")
+
+
+if __name__ == "__main__":
+    main()
