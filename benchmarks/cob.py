@@ -9,11 +9,18 @@ images). Methods on the same TSRA model: cob (PCA rotation per TSRA subspace), c
 RMS-divisor correction, activation (mean |a|, no rotation: the paper's TSRA baseline) and id
 (interpolative decomposition, the strongest rotation-free method here). The ReLU+BN+MaxPool
 control is pruned with activation and id at the same P. Threshold rules run on cob alone.
+The second part is CoB beyond the paper, on linear chains of an ordinary network. In
+MobileNetV2 the linear bottleneck streams (projection conv → residual Add → next 1×1 expand)
+have no nonlinearity, so cob uses the centred PCA with the mean folded into the consumer
+biases: the optimal rank-k affine approximation of the taps. Only those two rotatable groups are
+pruned (`--prune-residual`, every other group at ratio 0), against id with and without an
+intercept, activation and magnitude. `--part tsra|linear` runs one part; results are merged.
 Writes benchmarks/results/cob.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -40,6 +47,14 @@ VARIANTS = {  # name: (model, method, options)
     "id": ("tsra_vgg", "id", {}),
     "relu activation": ("relu_vgg", "activation", {}),
     "relu id": ("relu_vgg", "id", {}),
+}
+LINEAR_GROUPS = ("/features/features.3/body/body.6/Conv", "/features/features.5/body/body.6/Conv")
+LINEAR_METHODS = {
+    "cob": ("cob", {}),
+    "id": ("id", {}),
+    "id+intercept": ("id", {"compensate": "bias"}),
+    "activation": ("activation", {}),
+    "magnitude": ("magnitude", {}),
 }
 THRESHOLDS = ("max:0.05", "max:0.1", "max:0.2", "mean:0.5", "median:0.5", "zscore:-0.5")
 
@@ -71,21 +86,35 @@ def run(model: str, method: str, **options: object) -> dict:
         )  # fmt: skip
     before, after = result.report.params
     pruned, original = logits(result.model), logits(MODELS / f"{model}.onnx")
+    errors = [p.info["err"] for p in result.plans.values() if "err" in p.info]
     return {
         "accuracy": accuracy(pruned),
         "logit_rel_l2": float(np.linalg.norm(pruned - original) / np.linalg.norm(original)),
         "params_removed": 1 - after / before,
         "params": after,
         "widths": {name: len(plan.keep) for name, plan in result.plans.items()},
+        "tap_error_max": max(errors) if errors else None,
         "seconds": time.perf_counter() - start,
     }
 
 
-def main() -> None:
+def linear_chains() -> dict:
+    """MobileNetV2's two linear bottleneck streams pruned alone, by ratio and method."""
+    out = {"groups": list(LINEAR_GROUPS), "baseline": accuracy(logits(MODELS / "mobilenetv2.onnx"))}
+    for ratio in (0.25, 0.5, 0.75):
+        recipe = {name: ratio for name in LINEAR_GROUPS}
+        row = {
+            name: run("mobilenetv2", method, ratio=0.0, recipe=recipe, prune_residual=True, **kw)
+            for name, (method, kw) in LINEAR_METHODS.items()
+        }
+        out[f"{ratio:.2f}"] = row
+        print("linear", ratio, {k: round(v["accuracy"], 2) for k, v in row.items()}, flush=True)
+    return out
+
+
+def tsra() -> dict:
+    """TSRA-VGG: fixed-ratio sweep and threshold rules, with the ReLU control."""
     out: dict = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), {platform.system()}",
-        "calibration": str(CALIB.relative_to(ROOT)),
-        "test": str(TEST.relative_to(ROOT)),
         "baseline": {m: accuracy(logits(MODELS / f"{m}.onnx")) for m in ("tsra_vgg", "relu_vgg")},
         "test_images": int(np.load(TEST)["labels"].size),
         "fixed": {},
@@ -97,17 +126,28 @@ def main() -> None:
         for name, (model, method, options) in VARIANTS.items():
             row[name] = run(model, method, ratio=ratio, **options)
         out["fixed"][f"{target:.2f}"] = {"channel_ratio": ratio, **row}
-        print(
-            target,
-            {k: (round(v["accuracy"], 2), round(v["logit_rel_l2"], 3)) for k, v in row.items()},
-            flush=True,
-        )
+        print(target, {k: round(v["accuracy"], 2) for k, v in row.items()}, flush=True)
     for rule in THRESHOLDS:
         for rms in (False, True):
             key = rule + (" +rms" if rms else "")
             out["threshold"][key] = run("tsra_vgg", "cob", threshold=rule, rms_correction=rms)
             print(key, round(out["threshold"][key]["accuracy"], 2), flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("all", "tsra", "linear"), default="all")
+    part = parser.parse_args().part
     path = ROOT / "benchmarks" / "results" / "cob.json"
+    out = json.loads(path.read_text()) if path.is_file() else {}
+    out["machine"] = f"{platform.machine()}, {os.cpu_count()} cores (shared), {platform.system()}"
+    out["calibration"] = str(CALIB.relative_to(ROOT))
+    out["test"] = str(TEST.relative_to(ROOT))
+    if part in ("all", "tsra"):
+        out.update(tsra())
+    if part in ("all", "linear"):
+        out["linear_chains"] = linear_chains()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     print(f"written: {path}")

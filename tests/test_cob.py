@@ -359,3 +359,19 @@ def test_cli_prunes_tsra_vgg_with_cob(tmp_path):
     pruned = onnx.load(str(out))
     assert sum(numpy_helper.to_array(t).size for t in pruned.graph.initializer) < 0.3 * 401450
     assert isinstance(gs.import_onnx(pruned), gs.Graph)
+
+
+def test_cob_on_a_linear_chain_reaches_the_eckart_young_optimum():
+    """Centred PCA + mean folding is the best rank-k affine fit of the tap: brute force by SVD."""
+    model = _mlp(10, 16, [])
+    calib = _x(300, 10, 3)
+    result = onnxprune.prune(model, method="cob", ratio=0.75, round_to=1, data=calib)
+    weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    z = calib["x"] @ weights["w1"].T + weights["b1"]  # the tap: fc1's outputs
+    centred = z - z.mean(axis=0)
+    s = np.linalg.svd(centred, compute_uv=False)
+    optimum = np.sqrt(np.sum(s[4:] ** 2) / np.sum(z**2))
+    assert result.plans["fc1"].info["err"] == pytest.approx(optimum, rel=1e-4)
+    # and no selection of 4 original channels, even with the best affine map, gets there
+    assert onnxprune.prune(model, method="id", ratio=0.75, round_to=1, data=calib,
+                           compensate="bias").plans["fc1"].info["err"] > 1.05 * optimum
