@@ -347,7 +347,7 @@ def markdown(results: dict) -> str:
         f"Command: `{results['command']}` ({results.get('seconds', 0):.0f} s).",
         "",
     ]
-    lines += _summary(results) + [""]
+    lines += _table(results) + [""] + _summary(results) + [""]
     for name, model in results["models"].items():
         targets = [r["target"] for r in next(iter(model["onnxprune"].values()))]
         lines.append(f"**{name}** (unpruned {100 * model['base_accuracy']:.1f} %; "
@@ -359,6 +359,24 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {title} | {label} | " + " | ".join(map(_cell, rows)) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _table(results: dict, shown: tuple[float, ...] = (0.3, 0.5, 0.7)) -> list[str]:
+    """One table: per model, every method of both tools at the `shown` reductions, then the
+    measured batch-1 speedups of onnxprune's id and Torch-Pruning's L1 models."""
+    head = "| model | tool | method | " + " | ".join(f"{100 * t:.0f} %" for t in shown) + " |"
+    lines = [head, "|---" * (len(shown) + 3) + "|"]
+    for name, model in results["models"].items():
+        for tool, title in (("onnxprune", "onnxprune"), ("torch_pruning", "Torch-Pruning")):
+            for label, rows in model[tool].items():
+                by_target = {r["target"]: r for r in rows}
+                cells = [_cell(by_target[t]) if t in by_target else "–" for t in shown]
+                lines.append(f"| {name} | {title} | {label} | " + " | ".join(cells) + " |")
+        speed = {float(k): v for k, v in model.get("latency", {}).items()}
+        for key, title in (("onnxprune_id", "onnxprune id"), ("tp_l1", "Torch-Pruning l1")):
+            cells = [f"{speed[t][key]:.2f}×" if t in speed else "–" for t in shown]
+            lines.append(f"| {name} | speedup | {title} (batch 1) | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _summary(results: dict) -> list[str]:
