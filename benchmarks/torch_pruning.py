@@ -59,6 +59,7 @@ SEEDS = (0, 1, 2, 3, 4)
 OURS = ("id", "id+bias", "id+bias+recalibrate", "magnitude+recalibrate", "magnitude", "ippro+lsq",
         "taylor", "random")  # fmt: skip
 ACCURACY = RESULTS / "accuracy.json"  # cells of benchmarks/accuracy.py, reused when they match
+REUSE: list[Path] = [ACCURACY]
 TP_CRITERIA = {
     "l1": lambda: tp.importance.MagnitudeImportance(p=1),
     "taylor": lambda: tp.importance.TaylorImportance(),
@@ -79,7 +80,11 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=None,
                         help="first N calibration images for both tools (default: all 512; "
                         "--quick: 128)")  # fmt: skip
+    parser.add_argument("--reuse", default=str(ACCURACY),
+                        help="comma-separated accuracy.py result files whose matching onnxprune "
+                        "cells are reused (default: %(default)s)")  # fmt: skip
     args = parser.parse_args()
+    REUSE[:] = [Path(f) for f in args.reuse.split(",") if f]
     samples = args.calib_samples or (128 if args.quick else None)
     out = RESULTS / ("torch_pruning_quick.json" if args.quick else "torch_pruning.json")
     if args.markdown:
@@ -109,8 +114,9 @@ def main() -> None:
         results["models"][name] = bench_model(name, manifest["models"][name], reductions,
                                               Path(args.cache), samples)  # fmt: skip
         print(f"{name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1) + "\n")  # after every model
     results["seconds"] = results.get("seconds", 0.0) + time.perf_counter() - start
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(markdown(results))
 
@@ -156,14 +162,14 @@ def bench_model(
 def _accuracy_cells(name: str, samples: int) -> dict[tuple[str, float], dict]:
     """(method, target) → row from benchmarks/accuracy.py's results for `name`, if that run
     used the same settings (all `samples` calibration images, round_to=1, prune_residual)."""
-    if not ACCURACY.is_file() or samples != 512:
-        return {}
-    model = json.loads(ACCURACY.read_text())["models"].get(name, {})
-    cells = {}
-    for label, rows in model.get("points", {}).items():
-        for row in rows:
-            if row.get("accuracy") is not None:
-                cells[(label.replace(" ", ""), row["target"])] = {**row, "from": "accuracy.json"}
+    cells: dict[tuple[str, float], dict] = {}
+    for file in REUSE if samples == 512 else []:
+        model = json.loads(file.read_text())["models"].get(name, {}) if file.is_file() else {}
+        for label, rows in model.get("points", {}).items():
+            for row in rows:
+                if row.get("accuracy") is not None:
+                    key = (label.replace(" ", ""), row["target"])
+                    cells[key] = {**row, "from": "benchmarks/accuracy.py"}
     return cells
 
 
@@ -177,8 +183,8 @@ def latency(path: Path, calib: dict, model: nn.Module, example: torch.Tensor, na
     ours_model = onnxprune.prune(path, method="id", data=data, target_macs=1 - t, round_to=1,
                                  prune_residual=True, verify=False).model  # fmt: skip
     theirs = export(tp_prune(model, example, CLASSIFIER.get(name, "fc"), "l1", ratio), example)
-    rows = benchmark([onnx.load(str(path)), ours_model, theirs], threads=1, repeats=30,
-                     min_time=0.5, names=("original", "onnxprune id", "tp l1")).rows  # fmt: skip
+    rows = benchmark([onnx.load(str(path)), ours_model, theirs], threads=1, repeats=20,
+                     min_time=0.3, names=("original", "onnxprune id", "tp l1")).rows  # fmt: skip
     base = rows[0].median_ms
     return {"original_ms": base, "onnxprune_id": base / rows[1].median_ms,
             "tp_l1": base / rows[2].median_ms}  # fmt: skip
