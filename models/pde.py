@@ -11,24 +11,25 @@ difference solver (stable step dt ≤ 0.4·dx²/D) computes every sample; everyt
 
 One MLP (5 → 64 → 64 → 64, ReLU) is trained per noise level 0, 1 % and 5 %: Gaussian noise of that
 fraction of the targets' standard deviation is added to the training targets only, and the
-calibration and test targets stay clean. Files written: ``pde_mlp_n{0,1,5}.onnx`` (legacy exporter,
-opset 17, input ``input``, output ``output``), ``pde_calib.npz`` and ``pde_test.npz`` (keys
-``input``, ``labels``; 512 and 500 samples, disjoint from each other and from training).
+calibration and test targets stay clean. Files written to ``models/diffsorp/`` (apart from the
+digits models, which other tests glob): ``pde_mlp_n{0,1,5}.onnx`` (legacy exporter, opset 17,
+input ``input``, output ``output``), ``pde_calib.npz`` and ``pde_test.npz`` (keys ``input``,
+``labels``; 512 and 500 samples, disjoint from each other and from training).
 """
 
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
-from models.build import seed_everything
+from models.build import export_legacy, seed_everything
 
-OUT_DIR = Path(__file__).resolve().parent
+OUT_DIR = Path(__file__).resolve().parent / "diffsorp"  # apart from the digits models
 GRID, T_END, EPS = 32, 0.1, 1e-3
 RANGES = {"D": (0.05, 0.5), "k": (0.0, 2.0), "n": (0.5, 1.0), "a": (0.0, 1.0), "c": (0.2, 0.8)}
 SIZES = {"train": 2000, "calib": 512, "test": 500}
@@ -105,19 +106,14 @@ def train(x: np.ndarray, y: np.ndarray, *, epochs: int = 400, batch: int = 100) 
 
 
 def export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """Legacy TorchScript exporter, opset 17, dynamic batch, output named `output`."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # legacy exporter is deliberate
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            dynamo=False,
-            opset_version=17,
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-        )
+    """The reference models' legacy export (opset 17, dynamic batch), output renamed `output`."""
+    export_legacy(model, example, path)
+    proto = onnx.load(str(path))
+    for node in proto.graph.node:
+        node.output[:] = ["output" if o == "logits" else o for o in node.output]
+    proto.graph.output[0].name = "output"
+    proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    onnx.save(proto, str(path))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=400)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    OUT_DIR.mkdir(exist_ok=True)
     data = dataset()
     for split in ("calib", "test"):
         x, y = data[split]

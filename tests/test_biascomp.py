@@ -240,13 +240,16 @@ def test_constant_input_unit_is_removed_per_weight_with_no_output_change():
 def test_per_weight_zero_jacobian_falls_back_to_the_plain_mean(linear):
     model, x = linear
     dead = _edited(model, [("w2", (slice(None), 2), 0.0)])  # fc1 unit 2 no longer reaches y
-    _, weights, stats = _weight_stats(dead, x)
+    _, weights, stats = _weight_stats(dead, x, joint=True)
     w, site = weights["fc1"], stats["fc1"]
     assert site.s0[2] == 0 and np.all(importance(w, site)[2] == 0)
     removed = np.zeros(w.shape, bool)
     removed[2] = True
-    np.testing.assert_allclose(independent_shift(w, site, removed)[2],
-                               w[2] @ x.mean(axis=0), rtol=1e-5)
+    removed[0, 1] = True
+    for solve in (independent_shift, joint_shift):  # M is singular there: the joint solve too
+        shift = solve(w, site, removed)
+        np.testing.assert_allclose(shift[2], w[2] @ x.mean(axis=0), rtol=1e-5)
+        assert np.all(np.isfinite(shift))
 
 
 def test_conv_output_layer_closed_forms_equal_brute_force():

@@ -28,7 +28,7 @@ def test_sorption_retards_the_front():
 def test_committed_splits_regenerate_exactly():
     data = pde.dataset()
     for split in ("calib", "test"):
-        with np.load(MODELS / f"pde_{split}.npz") as saved:
+        with np.load(MODELS / "diffsorp" / f"pde_{split}.npz") as saved:
             np.testing.assert_array_equal(saved["input"], data[split][0])
             np.testing.assert_array_equal(saved["labels"], data[split][1])
     assert not {r.tobytes() for r in data["calib"][0]} & {r.tobytes() for r in data["test"][0]}
@@ -36,9 +36,9 @@ def test_committed_splits_regenerate_exactly():
 
 @pytest.mark.parametrize("level", pde.NOISE)
 def test_committed_regressors_fit_the_clean_test_split(level):
-    path = MODELS / f"pde_mlp_n{level}.onnx"
+    path = MODELS / "diffsorp" / f"pde_mlp_n{level}.onnx"
     assert path.stat().st_size < 1024 * 1024
-    with np.load(MODELS / "pde_test.npz") as test:
+    with np.load(MODELS / "diffsorp" / "pde_test.npz") as test:
         out = run_model(path, {"input": test["input"]})["output"]
         mse, variance = np.mean((out - test["labels"]) ** 2), test["labels"].var()
     assert mse < 0.01 * variance

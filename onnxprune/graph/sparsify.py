@@ -17,6 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.load import infer_shapes
+from onnxprune.graph.rewrite import _add_bias as add_bias
 
 
 @dataclass(frozen=True)
@@ -126,33 +127,16 @@ def sparsify(
 
 
 def _shift_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:
-    """b += delta for Conv and Gemm (beta folded in), or for MatMul its constant Add after it."""
+    """b += delta: into a MatMul's constant Add after it, else as rewrite folds consumer shifts
+    (Conv/Gemm bias, created if missing and Gemm's beta folded in; a new Add after a MatMul)."""
+    add = _bias_add(graph, node) if node.op == "MatMul" else None
+    if add is None:
+        add_bias(graph, node, delta)
+        return
+    index = 1 if add.inputs[0] is node.outputs[0] else 0
+    bias = np.asarray(add.inputs[index].values, dtype=np.float64) + delta
     dtype = np.asarray(node.inputs[1].values).dtype
-    if node.op in ("Conv", "Gemm"):
-        has = len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant)
-        scale = node.attrs.get("beta", 1.0) if node.op == "Gemm" else 1.0
-        bias = scale * np.broadcast_to(node.inputs[2].values, delta.shape) if has else 0.0
-        if node.op == "Gemm":
-            node.attrs["beta"] = 1.0
-        const = gs.Constant(f"{node.name}__bias_shifted", (bias + delta).astype(dtype))
-        if len(node.inputs) > 2:
-            node.inputs[2] = const
-        else:
-            node.inputs.append(const)
-        return
-    add = _bias_add(graph, node)
-    if add is not None:
-        index = 1 if add.inputs[0] is node.outputs[0] else 0
-        bias = np.asarray(add.inputs[index].values, dtype=np.float64) + delta
-        add.inputs[index] = gs.Constant(f"{add.name}__bias_shifted", bias.astype(dtype))
-        return
-    out = node.outputs[0]
-    inner = gs.Variable(f"{out.name}__pre_shift", dtype=out.dtype)
-    node.outputs[0] = inner
-    shift = gs.Constant(f"{node.name}__shift", delta.astype(dtype))
-    graph.nodes.append(
-        gs.Node("Add", f"{node.name}__shift_add", inputs=[inner, shift], outputs=[out])
-    )
+    add.inputs[index] = gs.Constant(f"{add.name}__bias_shifted", bias.astype(dtype))
 
 
 def _bias_add(graph: gs.Graph, node: gs.Node) -> gs.Node | None:

@@ -83,13 +83,18 @@ def independent_shift(weight: np.ndarray, site, removed: np.ndarray) -> np.ndarr
 
 def joint_shift(weight: np.ndarray, site, removed: np.ndarray) -> np.ndarray:
     """δ solving M δ = c with c_i = Σ_kf T_ikf (W∘R)_kf: the jointly optimal shift of all of a
-    layer's biases (least-squares solution where M is singular, e.g. dead units)."""
+    layer's biases. Units with S0_i = 0 do not reach the output on the data; they keep the
+    plain-mean shift, as in the independent form (M is singular there)."""
     joint = site.joint
     if joint is None:
         raise UsageError("the joint bias solve needs joint statistics (pass joint=True)")
     lost = np.where(removed, weight, 0.0).reshape(-1)
     c = joint.t.reshape(len(weight), -1) @ lost
-    return np.linalg.lstsq(joint.m, c, rcond=1e-10)[0]
+    shift = independent_shift(weight, site, removed)
+    live = np.asarray(site.s0) > 0
+    if np.any(live):
+        shift[live] = np.linalg.lstsq(joint.m[np.ix_(live, live)], c[live], rcond=1e-10)[0]
+    return shift
 
 
 def choose_removed(
