@@ -114,6 +114,9 @@ class PruneConfig:
                 "cob folds its own correction in the rotated basis; "
                 "--compensate and --recalibrate do not apply to it"
             )
+        widths = [self.epsilon, *self.targets().values()]
+        if self.threshold is not None and any(v is not None for v in widths):
+            raise UsageError("--threshold chooses the widths itself; drop --epsilon / --target-*")
 
     def threshold_rule(self) -> tuple[str, float] | None:
         """--threshold parsed as (rule, t), or None."""

@@ -306,9 +306,11 @@ def test_every_method_keeps_a_channel_in_each_subspace():
     keep = result.plans["fc1"].keep
     assert (keep < 4).sum() == 1 and (keep >= 4).sum() == 1  # still 2 channels, one per subspace
     assert result.plans["fc1"].info["subspace_swap"] == 1
-    by_id = onnxprune.prune(model, method="id", ratio=0.75, round_to=1, data=_x(64, 4, 1))
-    keep = by_id.plans["fc1"].keep  # id's own correction cannot be spliced: one more channel
-    assert (keep >= 4).sum() >= 1 and len(keep) >= 2
+    calib = _x(64, 4, 1)
+    by_id = onnxprune.prune(model, method="id", ratio=0.75, round_to=1, data=calib)
+    plan = by_id.plans["fc1"]  # id's own map is replaced by the least-squares map of the splice
+    assert len(plan.keep) == 2 and (plan.keep >= 4).sum() == 1
+    assert plan.info["subspace_swap"] == 1 and plan.corrections
 
 
 # --- selection rules and options ----------------------------------------------------------------
@@ -346,6 +348,8 @@ def test_cob_threshold_prunes_and_options_are_validated():
         onnxprune.prune(model, method="magnitude", threshold="max:0.1")
     with pytest.raises(UsageError, match="--compensate"):
         onnxprune.prune(model, method="cob", compensate="bias", data=_x(8, 4, 1))
+    with pytest.raises(UsageError, match="chooses the widths"):
+        onnxprune.prune(model, method="cob", threshold="max:0.1", target_params=0.5)
 
 
 def test_cli_prunes_tsra_vgg_with_cob(tmp_path):

@@ -3,9 +3,11 @@
 A TSRA needs a non-empty U and V (its split must stay inside the channel axis), so a plan that
 empties a subspace of its group is not a valid pruning. `SubspaceGuard` wraps any method: when
 the plan for `keep` channels leaves a subspace empty, it asks again with more channels until each
-empty subspace receives its best channel. A plain selection then keeps the width: the method's
-best `keep − e` channels plus those e. A plan with its own correction (id, biascomp) cannot be
-spliced, so the larger plan is used and the extra channels are recorded in its info.
+empty subspace receives its best channel. The width is then kept: the method's best `keep − e`
+channels plus those e, with the least-squares map for that selection where the method folds a
+map (id: its interpolation matrix is that map; with an intercept when the method had one).
+Plans that cannot be spliced (per-unit bias shifts, rotations) use the larger plan and record
+the extra channels in their info.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.methods.base import GroupStats, Method, Plan
+from onnxprune.methods.id import lsq_corrections
 
 
 def empty_subspace(group: ChannelGroup, keep: np.ndarray) -> bool:
@@ -76,11 +79,16 @@ def _splice(
     plan: Plan,
     extra: list[int],
 ) -> Plan | None:
-    """The best `keep − len(extra)` channels plus `extra`, for plain selections only."""
-    if plan.corrections or plan.shifts or plan.rotation is not None or keep <= len(extra):
+    """The best `keep − len(extra)` channels plus `extra` (and their least-squares map)."""
+    if plan.shifts or plan.rotation is not None or keep <= len(extra):
         return None
     base = inner.plan(group, stats, keep - len(extra), seed=seed)
-    if base.corrections or base.shifts or set(extra) & set(np.asarray(base.keep).tolist()):
+    if base.shifts or set(extra) & set(np.asarray(base.keep).tolist()):
         return None
     chosen = np.sort(np.concatenate([np.asarray(base.keep), np.asarray(extra, dtype=np.intp)]))
-    return replace(base, keep=chosen, info={**base.info, "subspace_swap": float(len(extra))})
+    corrections = {}
+    if plan.corrections:
+        intercept = any(c.c is not None for c in plan.corrections.values())
+        corrections = lsq_corrections(stats, chosen, intercept)
+    info = {**base.info, "subspace_swap": float(len(extra))}
+    return replace(base, keep=chosen, corrections=corrections, info=info)
