@@ -44,6 +44,7 @@ from onnxprune.measure.latency import benchmark
 from onnxprune.measure.verify import verify
 from onnxprune.methods import build_method
 from onnxprune.methods.base import Plan
+from onnxprune.methods.cob import unrotated_note
 from onnxprune.methods.planner import make_plans
 from onnxprune.methods.sparse import WEIGHT_NEEDS, bias_shifts, choose_removed, weight_scores
 from onnxprune.methods.width import WidthRule, group_ratio
@@ -141,6 +142,7 @@ def prune(
     plans = make_plans(groups, widths.counts, calibration.stats, pruner, config)
     pruned_graph = rewrite(graph, groups, plans)
     notes = (widths.note,) if widths.note else ()
+    notes += unrotated_note(groups, plans) if config.method == "cob" else ()
     if config.recalibrate:
         batches = lambda: (b.feeds for b in dataset.batches(config.batch_size))  # noqa: E731
         pruned_graph, layers = recalibrate(export(graph), pruned_graph, groups, plans, batches)

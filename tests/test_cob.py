@@ -209,12 +209,13 @@ def test_the_analyzer_refuses_rotation_across(build, blocker):
     assert blocker in group.rotation_block
 
 
-def test_explicit_cob_on_a_non_rotatable_group_warns_and_selects_without_rotation():
+def test_explicit_cob_on_a_non_rotatable_group_says_so_and_selects_without_rotation():
     model = graphs.conv_chain()
-    with pytest.warns(UserWarning, match="cannot be rotated"):
-        result = onnxprune.prune(model, method="cob", ratio=0.5, round_to=1,
-                                 data=graphs.random_input(model, 16))
+    result = onnxprune.prune(model, method="cob", ratio=0.5, round_to=1,
+                             data=graphs.random_input(model, 16))
     assert all(p.rotation is None and p.info["rotated"] == 0 for p in result.plans.values())
+    (note,) = [n for n in result.report.notes if n.startswith("cob:")]
+    assert "2 group(s) cannot be rotated" in note and "Relu 'r1'" in note
 
 
 def _rms_pattern(square: str, inverse: bool) -> onnx.ModelProto:

@@ -13,14 +13,13 @@ directions goes into the consumer bias: c = μ − Mᵀ M μ, which makes rotati
 optimal rank-k affine approximation of the tap (Eckart–Young).
 
 Groups that cannot be rotated (a ReLU, BatchNorm affine or MaxPool on the way) fall back, with a
-warning, to plain selection by the same importance without rotation: ‖a_j‖₂ = √G_jj.
+note in the report, to plain selection by the same importance without rotation: ‖a_j‖₂ = √G_jj.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,12 +74,7 @@ class ChangeOfBasis:
         taps = list(stats.taps.values())
         centred = group.rotatable and not group.invariants
         gram = _pooled(taps, centred)
-        if not group.rotatable:
-            warnings.warn(
-                f"cob: group '{group.name}' cannot be rotated ({group.rotation_block}); "
-                "selecting by activation energy without rotation",
-                stacklevel=2,
-            )
+        if not group.rotatable:  # the report says so (unrotated_note)
             importance = np.sqrt(np.clip(np.diag(gram), 0.0, None))
             kept = self._select(importance, group.ranges, keep)
             return Plan(keep=kept, info={"rotated": 0.0})
@@ -115,6 +109,18 @@ class ChangeOfBasis:
         if total <= 0 or kept_energy <= 0:
             return 1.0
         return math.sqrt(group.channels * kept_energy / (len(kept) * total))
+
+
+def unrotated_note(groups: Sequence[ChannelGroup], plans: Mapping[str, Plan]) -> tuple[str, ...]:
+    """A report note naming the groups cob selected without rotation, and why (the first one)."""
+    names = [g for g in groups if g.name in plans and plans[g.name].info.get("rotated") == 0.0]
+    if not names:
+        return ()
+    first = names[0]
+    return (
+        f"cob: {len(names)} group(s) cannot be rotated and were pruned by activation energy "
+        f"without rotation, e.g. '{first.name}': {first.rotation_block}",
+    )
 
 
 def block_pca(gram: np.ndarray, ranges: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
