@@ -268,6 +268,18 @@ def test_opset23_rmsnormalization_with_a_uniform_scale_is_rotatable():
     assert group.prunable and "per-channel scale" in group.rotation_block
 
 
+def test_opset23_rmsnormalization_prunes_end_to_end_with_cob(save_tmp):
+    model = _rmsnormalization(np.ones((6, 1, 1), np.float32))
+    path = save_tmp(model)
+    data = graphs.random_input(model, 64, seed=3)
+    full = onnxprune.prune(path, method="cob", ratio=0.0, data=data, round_to=1)
+    assert_outputs_close(model, full.model, graphs.random_input(model, 8, seed=4), atol=1e-4)
+    half = onnxprune.prune(path, method="cob", ratio=0.5, data=data, round_to=1)
+    assert half.model.opset_import[0].version == 23
+    assert half.report.macs[1] < half.report.macs[0]
+    onnx.checker.check_model(half.model, full_check=True)
+
+
 # --- the split attribute after pruning ----------------------------------------------------------
 
 

@@ -85,7 +85,7 @@ def test_dropout_and_identity_are_removed_keeping_output_names():
 # --- opsets -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("opset", [10, 22])
+@pytest.mark.parametrize("opset", [10, 24])
 def test_unsupported_opset_is_rejected_naming_it(opset, save_tmp):
     path = save_tmp(graphs.conv_chain(opset=opset))
     with pytest.raises(ModelLoadError, match=f"opset {opset}") as excinfo:
@@ -95,7 +95,7 @@ def test_unsupported_opset_is_rejected_naming_it(opset, save_tmp):
         onnxprune.prune(path)
 
 
-@pytest.mark.parametrize("opset", [11, 13, 17])
+@pytest.mark.parametrize("opset", [11, 13, 17, 21, 23])
 def test_supported_opsets_load_and_prune(opset, save_tmp):
     path = save_tmp(graphs.conv_chain(opset=opset))
     model = load_model(path)

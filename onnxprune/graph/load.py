@@ -20,7 +20,7 @@ from onnx import numpy_helper
 
 from onnxprune.errors import ModelLoadError
 
-SUPPORTED_OPSETS = range(11, 22)
+SUPPORTED_OPSETS = range(11, 24)
 _EXTERNAL_LIMIT = 1_800_000_000  # bytes of weights above which output keeps external data
 
 
