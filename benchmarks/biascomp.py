@@ -122,21 +122,19 @@ def weight_sweep(path: Path, calib: tuple, test: tuple, task: str) -> dict:
 
 
 def iterated(path: Path, calib: tuple, ratio: float, steps: int = 5) -> onnx.ModelProto:
-    """biascomp applied `steps` times with statistics refreshed on the partly pruned model;
-    zeroed weights score 0 and stay removed, so each step only adds to the mask."""
-    model = onnx.load(str(path))
-    for step in range(1, steps + 1):
-        fraction = 1 - (1 - ratio) ** (step / steps)
-        model = onnxprune.prune(
-            model,
-            method="biascomp",
-            granularity="weight",
-            sparsity=fraction,
-            data={"input": calib[0]},
-            verify=False,
-            batch_size=BATCH,
-        ).model
-    return model
+    """`--method biascomp --granularity weight --steps 5`: statistics refreshed on the partly
+    pruned model after each round, earlier removals kept."""
+    result = onnxprune.prune(
+        str(path),
+        method="biascomp",
+        granularity="weight",
+        sparsity=ratio,
+        steps=steps,
+        data={"input": calib[0]},
+        verify=False,
+        batch_size=BATCH,
+    )
+    return result.model
 
 
 def channel_sweep(name: str) -> dict:

@@ -160,20 +160,20 @@ def _prune_weights(
     config: PruneConfig,
     external: bool,
 ) -> Result:
-    """Per weight (METHODS.md §2.1): score, zero the lowest `sparsity` fraction, shift biases."""
+    """Per weight (METHODS.md §2.1): score, zero the lowest `sparsity` fraction, shift biases,
+    in `config.steps` rounds (geometric schedule) with statistics refreshed after each."""
     layers = weight_layers(graph)
     if not layers:
         raise NothingToPruneError("nothing to prune: no Gemm/MatMul/Conv with a constant weight")
     needs = WEIGHT_NEEDS.get(config.method, frozenset())
     dataset = _dataset(proto, data, labels, config, needs_data=bool(needs))
-    stats, grads, loss = gather_weights(graph, layers, needs, dataset, config)
-    weights = layer_weights(graph, layers)
-    scores = weight_scores(config.method, weights, stats, grads, seed=config.seed)
-    removed = choose_removed(scores, config.sparsity, local=config.local)
-    shifts = {}
-    if config.method == "biascomp":
-        shifts = bias_shifts(weights, stats, removed, joint=config.joint)
-    pruned = _finish(proto, sparsify(graph, layers, removed, shifts), config)
+    pruned_graph, removed, loss = graph, {}, None
+    for step in range(1, config.steps + 1):
+        fraction = 1 - (1 - config.sparsity) ** (step / config.steps)
+        pruned_graph, removed, loss = _sparsify_step(
+            pruned_graph, removed, fraction, needs, dataset, config
+        )
+    pruned = _finish(proto, pruned_graph, config)
     rows = tuple(
         GroupRow(n, m.size, int(m.size - m.sum()), "sparsified", {"sparsity": float(m.mean())})
         for n, m in removed.items()
@@ -186,6 +186,28 @@ def _prune_weights(
     }
     result = _result(proto, pruned, (), {}, dataset, config, loss, (DENSE_NOTE,), rows, sparse)
     return replace(result, external_data=external or too_large_for_protobuf(pruned))
+
+
+def _sparsify_step(
+    graph: gs.Graph,
+    before: Mapping[str, np.ndarray],
+    fraction: float,
+    needs: frozenset[str],
+    dataset: Dataset,
+    config: PruneConfig,
+) -> tuple[gs.Graph, dict[str, np.ndarray], str | None]:
+    """One round on `graph`: the weights removed `before` stay removed, more go up to
+    `fraction`, and the biases take the shifts of the newly removed ones."""
+    layers = weight_layers(graph)
+    stats, grads, loss = gather_weights(graph, layers, needs, dataset, config)
+    weights = layer_weights(graph, layers)
+    scores = weight_scores(config.method, weights, stats, grads, seed=config.seed)
+    scores = {n: np.where(before[n], -np.inf, s) if n in before else s for n, s in scores.items()}
+    removed = choose_removed(scores, fraction, local=config.local)
+    shifts = {}
+    if config.method == "biascomp":  # weights removed before are zero: they shift nothing
+        shifts = bias_shifts(weights, stats, removed, joint=config.joint)
+    return sparsify(graph, layers, removed, shifts), removed, loss
 
 
 DENSE_NOTE = (

@@ -46,6 +46,7 @@ class PruneConfig:
     sparsity: float | None = None
     local: bool = False
     joint: bool = False
+    steps: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -97,6 +98,9 @@ class PruneConfig:
             raise UsageError(f"--joint is the biascomp bias solve; got --method {self.method}")
         if self.local and self.granularity != "weight":
             raise UsageError("--local is for --granularity weight (channels rank per group)")
+        _positive("steps", self.steps)
+        if self.steps > 1 and self.granularity != "weight":
+            raise UsageError("--steps is for --granularity weight")
 
     def _check_cob(self) -> None:
         """CoB folds its own rotation and correction: the selection-only options do not apply."""

@@ -237,6 +237,23 @@ def test_constant_input_unit_is_removed_per_weight_with_no_output_change():
     assert np.max(np.abs(_outputs(plain.model, x) - _outputs(model, x))) > 1.0
 
 
+@pytest.mark.parametrize("method", ["biascomp", "random"])
+def test_steps_reach_the_exact_sparsity_and_keep_earlier_removals(linear, method):
+    model, x = linear
+    result = onnxprune.prune(model, method=method, granularity="weight", sparsity=0.6, steps=3,
+                             data={"x": x})
+    weights = [numpy_helper.to_array(i) for i in result.model.graph.initializer
+               if len(i.dims) == 2]
+    assert sum(int(np.sum(w == 0)) for w in weights) == round(0.6 * 20)
+    first = onnxprune.prune(model, method=method, granularity="weight",
+                            sparsity=1 - 0.4 ** (1 / 3), data={"x": x})
+    zero_first = {i.name.split("__")[0]: numpy_helper.to_array(i) == 0
+                  for i in first.model.graph.initializer if len(i.dims) == 2}
+    zero_final = {i.name.split("__")[0]: numpy_helper.to_array(i) == 0
+                  for i in result.model.graph.initializer if len(i.dims) == 2}
+    assert all(np.all(zero_final[n][zero_first[n]]) for n in zero_first)
+
+
 def test_per_weight_zero_jacobian_falls_back_to_the_plain_mean(linear):
     model, x = linear
     dead = _edited(model, [("w2", (slice(None), 2), 0.0)])  # fc1 unit 2 no longer reaches y
@@ -347,6 +364,8 @@ def test_granularity_weight_end_to_end_on_the_digits_mlp(tmp_path, capsys):
     (["--method", "magnitude", "--joint"], "--joint is the biascomp"),
     (["--local"], "--local is for --granularity weight"),
     (["--method", "biascomp", "--jacobian", "probe:0"], "probe:N"),
+    (["--steps", "2"], "--steps is for --granularity weight"),
+    (["--granularity", "weight", "--sparsity", "0.5", "--steps", "0"], "'steps' must be at least"),
 ])
 def test_bad_weight_options_are_one_line_usage_errors(tmp_path, capsys, args, message):
     code = main([str(reference_path("mlp")), "--data", str(data_path("mlp")),

@@ -59,6 +59,14 @@ def add_biascomp_arguments(parser: argparse.ArgumentParser) -> None:
         "all layers together",
     )
     group.add_argument(
+        "--steps",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --granularity weight: reach --sparsity in N rounds, re-scoring the partly "
+        "pruned model after each (no training; helps biascomp at high sparsity)",
+    )
+    group.add_argument(
         "--joint",
         action="store_true",
         help="biascomp: solve all bias shifts of a layer jointly (M δ = c) instead of "

@@ -255,5 +255,6 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         sparsity=args.sparsity,
         local=args.local,
         joint=args.joint,
+        steps=args.steps,
         jacobian=args.jacobian,
     )
