@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--models", help="comma-separated model names (default: all)")
     parser.add_argument("--all", action="store_true", help="also the ablations in EXTRA")
     parser.add_argument("--out", default=str(RESULTS), help="results file (default: %(default)s)")
+    parser.add_argument("--skip", default="", help="comma-separated method labels to leave out")
     parser.add_argument("--reductions", help="comma-separated MACs reductions (default: "
                         + ",".join(map(str, REDUCTIONS)) + ")")  # fmt: skip
     args = parser.parse_args()
@@ -71,7 +72,8 @@ def main() -> None:
     reductions = tuple(map(float, args.reductions.split(","))) if args.reductions else REDUCTIONS
     if args.quick:
         names, reductions = [n for n in names if n in ("vgg", "resnet")], (0.5, 0.85)
-    methods = {**METHODS, **(EXTRA if args.all else {})}
+    methods = {k: v for k, v in {**METHODS, **(EXTRA if args.all else {})}.items()
+               if k not in args.skip.split(",")}  # fmt: skip
     command = "python benchmarks/accuracy.py" + (" --all" if args.all else "")
     results = {"machine": machine(), "command": command, "models": {}, "seconds": {}}
     if args.models and out.is_file():  # a partial run adds its models to the last results

@@ -140,11 +140,13 @@ def output_deviation(
     samples: int = 256,
 ) -> Score:
     """Relative L2 deviation of all outputs from the original's on the first `samples` of the
-    calibration data, as a function of the widths (pruned as `prune` will, recalibrated too)."""
-    feeds = dataset.head(min(samples, len(dataset))).arrays
+    calibration data, as a function of the widths (pruned as `prune` will; with `recalibrate`,
+    recalibrated on those samples only, to keep the scoring cheap)."""
+    subset = dataset.head(min(samples, len(dataset)))
+    feeds = subset.arrays
     original = export(graph)
     reference = run(original, feeds)
-    batches = lambda: (b.feeds for b in dataset.batches(config.batch_size))  # noqa: E731
+    batches = lambda: (b.feeds for b in subset.batches(config.batch_size))  # noqa: E731
 
     def score(counts: Mapping[str, int]) -> float:
         plans = make_plans(groups, counts, stats, method, config)
