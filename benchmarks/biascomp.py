@@ -4,8 +4,9 @@
     fine-tuning — biascomp (global, joint, local, iterated in 5 steps), magnitude, gradient
     magnitude |w·∂L/∂w| (`taylor`), random (3 seeds), and magnitude selection + biascomp's shift.
 (b) MLP regressors on the diffusion–sorption data of models/pde.py (noise 0, 1, 5 %): test MSE.
-(c) per channel on the digits CNNs (vgg, resnet): biascomp (±joint) vs magnitude vs id, plus
-    the cost of the joint statistics and the Conv border effect of the tap-summed bias shift.
+(c) per weight on the digits VGG (the Conv extension) against the same baselines, and per
+    channel on the digits CNNs (vgg, resnet): biascomp (±joint) vs magnitude vs id, plus the
+    cost of the joint statistics and the Conv border effect of the tap-summed bias shift.
 
 Statistics are gathered once per model and reused for every ratio; each pruned model is the
 same one `onnxprune.prune` writes (the iterated variant calls it).
@@ -64,14 +65,17 @@ def evaluate(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, task: str) ->
     return {"loss": loss, "acc": float(100 * np.mean(out.argmax(axis=1) == y))}
 
 
-def weight_sweep(path: Path, calib: tuple, test: tuple, task: str) -> dict:
-    """Every per-weight variant at every ratio on one model; {variant: [metrics per ratio]}."""
+def weight_sweep(
+    path: Path, calib: tuple, test: tuple, task: str, *, ratios=RATIOS, extended: bool = True
+) -> dict:
+    """Every per-weight variant at every ratio on one model; {variant: [metrics per ratio]}.
+    Without `extended`, only biascomp and the three baselines (for the larger Conv model)."""
     graph = normalize(onnx.load(str(path)))
     layers = weight_layers(graph)
     weights = layer_weights(graph, layers)
     data = Dataset({"input": calib[0]}, labels=calib[1])
     timing, stats = {}, {}
-    for joint in (False, True):
+    for joint in (False, True) if extended else (False,):
         config = PruneConfig(
             method="biascomp",
             granularity="weight",
@@ -100,8 +104,11 @@ def weight_sweep(path: Path, calib: tuple, test: tuple, task: str) -> dict:
         "magnitude+shift": (scores["magnitude"], True, False, False),
         "taylor": (scores["taylor"], False, False, False),
     }
-    results = {name: [] for name in [*variants, "random", "biascomp_5steps"]}
-    for ratio in RATIOS:
+    if not extended:
+        variants = {k: v for k, v in variants.items() if k in ("biascomp", "magnitude", "taylor")}
+    results = {name: [] for name in [*variants, "random"]}
+    results.update({"biascomp_5steps": []} if extended else {})
+    for ratio in ratios:
         for name, (score, shift, joint, local) in variants.items():
             removed = choose_removed(score, ratio, local=local)
             shifts = bias_shifts(weights, stats[joint], removed, joint=joint) if shift else {}
@@ -112,9 +119,10 @@ def weight_sweep(path: Path, calib: tuple, test: tuple, task: str) -> dict:
             for r in randoms
         ]
         results["random"].append({k: float(np.mean([r[k] for r in runs])) for k in runs[0]})
-        results["biascomp_5steps"].append(evaluate(iterated(path, calib, ratio), *test, task))
+        if extended:
+            results["biascomp_5steps"].append(evaluate(iterated(path, calib, ratio), *test, task))
     return {
-        "ratios": list(RATIOS),
+        "ratios": list(ratios),
         "results": results,
         "timing": timing,
         "original": evaluate(onnx.load(str(path)), *test, task),
@@ -315,6 +323,16 @@ def main() -> None:
         for level in (0, 1, 5)
     }
     print(f"(b) done at {time.perf_counter() - start:.0f} s", flush=True)
+    calib, test = load("digits32_calib.npz"), load("digits32_test.npz")
+    out["vgg_weight"] = weight_sweep(  # the Conv extension: im2col patches, positions as samples
+        MODELS / "vgg.onnx",
+        (calib[0][:128], calib[1][:128]),
+        test,
+        "classify",
+        ratios=(0.5, 0.7, 0.8, 0.9, 0.95),
+        extended=False,
+    )
+    print(f"(c) per weight done at {time.perf_counter() - start:.0f} s", flush=True)
     out["channel"] = {name: channel_sweep(name) for name in ("vgg", "resnet")}
     out["border_effect"] = [border_effect("vgg", ratio) for ratio in (0.1, 0.25, 0.5)]
     out["total_s"] = time.perf_counter() - start
