@@ -1,4 +1,4 @@
-"""Diagnostic behind docs/results_accuracy.md ("ID at high reductions"): for id on one model at one
+"""Diagnostic behind docs/RESULTS.md ("ID at high reductions"): for id on one model at one
 MACs reduction, the statistics are gathered once and several width allocations are pruned, then
 scored on the test split and by their output deviation on 256 calibration images.
 

@@ -5,7 +5,7 @@ with a MAC or parameter target, `refine_widths` proposes allocations after calib
 the ID error increase per unit of cost saved, with a coupled group's error counted once per tap
 or pooled, and the near-uniform one) and keeps the one whose pruned model deviates least from
 the original on calibration data: the local error-per-MAC ranking alone misjudged how errors in
-residual streams and depthwise stages compound (docs/results_accuracy.md).
+residual streams and depthwise stages compound (docs/RESULTS.md, "ID at high reductions").
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Each tap is read through an Identity copy, so ORT's optimizer cannot fuse the te
 
 The Gram update runs on a contiguous float64 copy under a one-thread BLAS limit: on a machine whose
 cores are busy, OpenBLAS's threads spin-wait for each other and the same update took up to 25×
-longer, the whole statistics pass 4–20× (benchmarks/gram_update.py, docs/results_calibration.md).
+longer, the whole statistics pass 4–20× (benchmarks/gram_update.py, docs/RESULTS.md).
 """
 
 from __future__ import annotations
