@@ -294,18 +294,18 @@ def test_conv_output_layer_closed_forms_equal_brute_force():
 
 def test_gemm_without_bias_with_alpha_and_untransposed_weight_gets_a_new_bias():
     rng = np.random.default_rng(7)
-    w = rng.standard_normal((3, 4)).astype(np.float32)  # transB = 0: (in, out)
+    w = rng.standard_normal((4, 4)).astype(np.float32)  # transB = 0, (in, out); square
     node = helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", alpha=2.0)
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
         [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    x = rng.standard_normal((50, 3)).astype(np.float32)
+    x = rng.standard_normal((50, 4)).astype(np.float32)
     x[:, 2] = -0.5  # constant input: its 4 weights go, the created bias absorbs 2·w·(−0.5)
     _, weights, _ = _weight_stats(model, x)
     np.testing.assert_allclose(weights["fc"], 2.0 * w.T)
-    result = onnxprune.prune(model, method="biascomp", granularity="weight", sparsity=4 / 12,
+    result = onnxprune.prune(model, method="biascomp", granularity="weight", sparsity=4 / 16,
                              data={"x": x})
     assert len(result.model.graph.node[0].input) == 3
     np.testing.assert_allclose(_outputs(result.model, x), _outputs(model, x), atol=1e-5)

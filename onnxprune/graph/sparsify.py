@@ -85,9 +85,12 @@ def to_canonical(graph: gs.Graph, layer: WeightLayer, array: np.ndarray) -> np.n
     """`array` (the stored weight, or its gradient) in the layer's (out, in, …) layout, float64."""
     node = _node(graph, layer.name)
     array = np.asarray(array, dtype=np.float64)
-    if layer.op == "MatMul" or (layer.op == "Gemm" and not node.attrs.get("transB", 0)):
-        array = array.T
-    return array
+    return array.T if _transposed(node) else array
+
+
+def _transposed(node: gs.Node) -> bool:
+    """True where the stored weight is (in, out): MatMul, and Gemm with transB = 0."""
+    return node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transB", 0))
 
 
 def layer_weights(graph: gs.Graph, layers: tuple[WeightLayer, ...]) -> dict[str, np.ndarray]:
@@ -114,7 +117,7 @@ def sparsify(
         if layer.name in removed:
             value = np.asarray(node.inputs[1].values)
             mask = np.asarray(removed[layer.name], dtype=bool)
-            stored = mask.T if value.shape != mask.shape else mask
+            stored = mask.T if _transposed(node) else mask
             node.inputs[1] = gs.Constant(
                 f"{layer.weight}__{layer.name}__sparse",
                 np.where(stored, 0, value).astype(value.dtype),
