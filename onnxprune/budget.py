@@ -95,15 +95,23 @@ def refine_widths(
     candidates = _allocations(channels, stats, cost, target, config.width.round_to, coupled)
     reached = lambda counts: cost(counts) / cost({})  # noqa: E731
     if dataset is None:
-        label, counts = next(iter(candidates.values()))
+        label, counts = next(iter(_feasible(candidates, reached, target).values()))
         return Widths(counts, _note(kind, target, reached(counts), f"widths {label}"))
     candidates.setdefault(tuple(sorted(widths.counts.items())), ("near-uniform", widths.counts))
+    candidates = _feasible(candidates, reached, target)
     score = output_deviation(graph, groups, stats, method, config, dataset)
     scored = sorted((score(counts), label, counts) for label, counts in candidates.values())
     deviation, label, counts = scored[0]
     others = ", ".join(f"{lab} {dev:.3f}" for dev, lab, _ in scored[1:])
     how = f"widths {label}: output deviation {deviation:.3f}" + (f"; {others}" if others else "")
     return Widths(counts, _note(kind, target, reached(counts), how))
+
+
+def _feasible(candidates: dict, reached: Callable, target: float) -> dict:
+    """The candidates that meet the target, or, if none does, those that come closest: a
+    smaller deviation never excuses a missed budget."""
+    floor = max(target, min(reached(counts) for _, counts in candidates.values()))
+    return {k: v for k, v in candidates.items() if reached(v[1]) <= floor + 1e-3}
 
 
 def _allocations(
@@ -205,4 +213,12 @@ def _latency_measure(graph: gs.Graph, groups: tuple[ChannelGroup, ...]):
 
 
 def _note(kind: str, target: float, reached: float, how: str) -> str:
-    return f"target {kind} {target:.3f} of the original: reached {reached:.3f} ({how})"
+    """The report line for a target; says why when the target was out of reach."""
+    note = f"target {kind} {target:.3f} of the original: reached {reached:.3f} ({how})"
+    if reached > target + 0.01:
+        note += (
+            "; MISSED: the groups allowed to shrink cannot go lower (coupled residual/gate"
+            " groups shrink only with --prune-residual, --round-to N keeps multiples of N,"
+            " excluded and unprunable groups stay)"
+        )
+    return note

@@ -82,6 +82,27 @@ def test_mac_target_lands_within_one_percent(name):
     assert abs(after / before - 0.5) <= 0.01
 
 
+def test_unreachable_mac_target_is_reported_as_missed():
+    """With three of the ResNet's four blocks excluded, 30 % of the MACs is out of reach: the
+    report says so instead of claiming the target; without the exclusion it is met."""
+    options = dict(method="magnitude", target_macs=0.3, round_to=1, verify=False)
+    kept = onnxprune.prune(reference_path("resnet"), exclude=[r"blocks\.[123]"], **options)
+    before, after = kept.report.macs
+    assert after / before > 0.31
+    assert any("MISSED" in note and "--prune-residual" in note for note in kept.report.notes)
+    met = onnxprune.prune(reference_path("resnet"), **options)
+    assert not any("MISSED" in note for note in met.report.notes)
+
+
+def test_id_never_trades_the_mac_target_for_a_smaller_deviation():
+    """Without --prune-residual an error allocation of the ResNet stopped at 0.39 of the MACs
+    while the near-uniform widths reached 0.30; the chosen widths must meet the target."""
+    result = onnxprune.prune(reference_path("resnet"), method="id", target_macs=0.3,
+                             data=reference_feeds("resnet", 256), round_to=1, verify=False)
+    before, after = result.report.macs
+    assert after / before <= 0.3 + 0.01
+
+
 @pytest.mark.parametrize("name, target", [("vgg", 0.3), ("resnet", 0.3), ("mobilenetv2", 0.5)])
 def test_id_target_keeps_the_allocation_with_least_measured_deviation(name, target):
     """The note's deviations are real: the kept allocation's, measured here independently on the
