@@ -52,7 +52,7 @@ def rewrite(
         nodes[name].attrs["split"] = _new_split(items)
     outputs = _output_plans(groups, plans)
     for name, delta in deltas.items():
-        _add_bias(graph, nodes[name], _to_new_outputs(delta, *outputs.get(name, (None, None))))
+        add_bias(graph, nodes[name], _to_new_outputs(delta, *outputs.get(name, (None, None))))
     for node in graph.nodes:
         if node.op == "Conv" and node.attrs.get("group", 1) > 1:
             node.attrs["group"] = int(node.inputs[1].shape[0])
@@ -175,7 +175,7 @@ def _weight_times(
     return total
 
 
-def _add_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:
+def add_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:
     """Add `delta` to a consumer's output bias, creating the bias (or an Add) if needed."""
     dtype = node.inputs[1].values.dtype
     has_bias = len(node.inputs) > 2 and node.inputs[2].name

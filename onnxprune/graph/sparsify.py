@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.load import infer_shapes
-from onnxprune.graph.rewrite import _add_bias as add_bias
+from onnxprune.graph.rewrite import add_bias
 
 
 @dataclass(frozen=True)
