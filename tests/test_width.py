@@ -19,6 +19,7 @@ from onnxprune.methods.width import (
     kept,
     load_recipe,
     parse_layer_ratio,
+    rounding_step,
 )
 
 
@@ -57,6 +58,16 @@ def test_round_to_multiples_only_for_wide_groups(channels, ratio, round_to, expe
     assert kept(channels, ratio, round_to) == expected
 
 
+@pytest.mark.parametrize("channels, round_to, step", [
+    (64, 16, 16), (32, 16, 16), (31, 16, 8), (16, 16, 8), (15, 16, 1), (96, 32, 32),
+    (40, 32, 16), (20, 32, 8), (15, 8, 1), (16, 8, 8), (7, 4, 1), (24, 12, 12), (20, 12, 1),
+    (100, 1, 1),
+])
+def test_narrow_groups_round_to_half_the_multiple_down_to_eight(channels, round_to, step):
+    assert rounding_step(channels, round_to) == step
+    assert kept(channels, 0.5, round_to) % step == 0
+
+
 @settings(max_examples=60, deadline=None, database=None)
 @given(channels=st.integers(1, 300), ratio=st.floats(0.0, 1.0, exclude_max=True),
        round_to=st.sampled_from([1, 2, 4, 8, 16]))
@@ -66,11 +77,12 @@ def test_kept_invariants(channels, ratio, round_to):
     assert 1 <= k <= channels
     if ratio == 0.0:
         assert k == channels
-    if round_to == 1 or channels < 2 * round_to or raw == channels:
+    step = rounding_step(channels, round_to)
+    if step == 1 or raw == channels:
         assert k == raw
     elif k != channels:
-        assert k % round_to == 0
-        assert abs(k - raw) <= round_to / 2 or k == round_to  # never below one multiple
+        assert k % step == 0
+        assert abs(k - raw) <= step / 2 or k == step  # never below one multiple
 
 
 def test_keep_counts_skips_blocked_and_coupled_groups():

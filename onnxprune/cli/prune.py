@@ -114,8 +114,9 @@ def _add_width_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=16,
         metavar="N",
-        help="keep channel counts in multiples of N where a group has ≥ 2N; ORT's CPU conv "
-        "kernels work in blocks of 16 channels, other widths waste the saving (default: 16)",
+        help="keep channel counts in multiples of N where a group has ≥ 2N (narrower groups: "
+        "N/2, … down to 8); ORT's CPU conv kernels work in blocks of 16 channels, other widths "
+        "waste the saving; 1 disables rounding (default: 16)",
     )
     width.add_argument(
         "--prune-residual",

@@ -36,7 +36,7 @@ from onnxprune.graph.analyze import analyze as find_groups
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import load_model, normalize
 from onnxprune.measure.cost import count
-from onnxprune.methods.width import WidthRule, check_ratio, group_ratio
+from onnxprune.methods.width import WidthRule, check_ratio, group_ratio, rounding_step
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
 ModelLike = str | os.PathLike | onnx.ModelProto
@@ -285,7 +285,7 @@ def _best_step(widths, channels, curves, cost, round_to):
     best, best_rate = None, (np.inf, np.inf)
     for name, k in widths.items():
         c = channels[name]
-        step = round_to if round_to > 1 and c >= 2 * round_to else 1
+        step = rounding_step(c, round_to)
         new = k - step if k % step == 0 else k - k % step
         x, loss, rel = curves[name]
         if new < 1 or 1 - new / c > x[-1] + 1e-9:

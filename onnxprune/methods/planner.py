@@ -17,6 +17,7 @@ from onnxprune.methods.linalg import (
     reconstruction_error,
     selection_map,
 )
+from onnxprune.methods.width import rounding_step
 
 
 def make_plans(
@@ -54,10 +55,8 @@ def epsilon_width(group: ChannelGroup, stats: GroupStats, config: PruneConfig) -
     taps = list(stats.taps.values())
     gram = taps[0].gram if len(taps) == 1 else pooled_gram(taps)
     keep = max(1, rank_for_error(gram, config.epsilon))
-    step = config.width.round_to
-    if step > 1 and group.channels >= 2 * step:
-        keep = min(group.channels, -(-keep // step) * step)
-    return keep
+    step = rounding_step(group.channels, config.width.round_to)
+    return min(group.channels, -(-keep // step) * step)
 
 
 def with_errors(plan: Plan, group: ChannelGroup, stats: GroupStats) -> Plan:

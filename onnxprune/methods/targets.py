@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.width import WidthRule, keep_counts, kept
+from onnxprune.methods.width import WidthRule, keep_counts, kept, rounding_step
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def _narrow(
 
 def _step_down(k: int, channels: int, round_to: int) -> int:
     """The next narrower width allowed by rounding (0 when none is)."""
-    step = round_to if round_to > 1 and channels >= 2 * round_to else 1
+    step = rounding_step(channels, round_to)
     new = k - step if k % step == 0 else k - k % step
     return new if new >= step else 0
 
