@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="also the ablations in EXTRA")
     parser.add_argument("--out", default=str(RESULTS), help="results file (default: %(default)s)")
     parser.add_argument("--skip", default="", help="comma-separated method labels to leave out")
+    parser.add_argument("--exact-borders", action="store_true",
+                        help="prune with exact_borders=True (exact shifts at padded borders)")
     parser.add_argument("--reductions", help="comma-separated MACs reductions (default: "
                         + ",".join(map(str, REDUCTIONS)) + ")")  # fmt: skip
     args = parser.parse_args()
@@ -74,7 +76,10 @@ def main() -> None:
         names, reductions = [n for n in names if n in ("vgg", "resnet")], (0.5, 0.85)
     methods = {k: v for k, v in {**METHODS, **(EXTRA if args.all else {})}.items()
                if k not in args.skip.split(",")}  # fmt: skip
+    if args.exact_borders:
+        methods = {k: {**v, "exact_borders": True} for k, v in methods.items()}
     command = "python benchmarks/accuracy.py" + (" --all" if args.all else "")
+    command += " --exact-borders" if args.exact_borders else ""
     results = {"machine": machine(), "command": command, "models": {}, "seconds": {}}
     if args.models and out.is_file():  # a partial run adds its models to the last results
         previous = json.loads(out.read_text())

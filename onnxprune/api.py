@@ -140,7 +140,7 @@ def prune(
     calibration = gather(graph, groups, widths.counts, needs, dataset, config)
     widths = refine_widths(graph, groups, widths, calibration.stats, pruner, config, dataset)
     plans = make_plans(groups, widths.counts, calibration.stats, pruner, config)
-    pruned_graph = rewrite(graph, groups, plans)
+    pruned_graph = rewrite(graph, groups, plans, exact_borders=config.exact_borders)
     notes = (widths.note,) if widths.note else ()
     notes += unrotated_note(groups, plans) if config.method == "cob" else ()
     if config.recalibrate:

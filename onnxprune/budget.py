@@ -158,7 +158,7 @@ def output_deviation(
 
     def score(counts: Mapping[str, int]) -> float:
         plans = make_plans(groups, counts, stats, method, config)
-        pruned = rewrite(graph, groups, plans)
+        pruned = rewrite(graph, groups, plans, exact_borders=config.exact_borders)
         if config.recalibrate:
             pruned, _ = recalibrate(original, pruned, groups, plans, batches)
         got = run(export(pruned), feeds)

@@ -25,6 +25,7 @@ class PruneConfig:
     id_solver: str = "gram"
     epsilon: float | None = None
     recalibrate: bool = False
+    exact_borders: bool = False
     calib_samples: int | None = None
     batch_size: int = 32
     seed: int = 0

@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.calib.stats import channel_moments
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import export
-from onnxprune.graph.rewrite import affine_outputs
+from onnxprune.graph.rewrite import affine_outputs, shift_node
 from onnxprune.methods.base import Plan
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
@@ -59,7 +59,8 @@ def _targets(
         if node.name in consumers and node.op in _AFFINE_OPS:
             width = _out_width(node)
             keep = kept_out.get(node.name, np.arange(width))
-            found.append((node.name, node.outputs[0].name, keep))
+            output = (shift_node(pruned, node) or node).outputs[0].name
+            found.append((node.name, output, keep))
     return found
 
 

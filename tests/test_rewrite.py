@@ -302,19 +302,23 @@ def test_hand_made_selection_plan_slices_rows_and_columns():
 # --- bias compensation ----------------------------------------------------------------------------
 
 
-def _constant_channel_model() -> onnx.ModelProto:
+def _constant_channel_model(pad: bool = False) -> onnx.ModelProto:
     """c1's channel 5 has a zero filter and bias 0.7: after ReLU it is 0.7 everywhere."""
     b = graphs.Builder(30)
     weight = (0.5 * b.rng.standard_normal((8, 3, 3, 3))).astype(np.float32)
     bias = (0.5 * b.rng.standard_normal(8)).astype(np.float32)
     weight[5], bias[5] = 0.0, 0.7
     h = b.relu("r1", b.conv("c1", "x", 3, 8, weight=weight, b=bias))
-    return b.model([b.conv("c2", h, 8, 4, pad=False)])
+    return b.model([b.conv("c2", h, 8, 4, pad=pad)])
 
 
+@pytest.mark.parametrize("pad", [False, True], ids=["valid", "zero-padded"])
 @pytest.mark.parametrize("method", ["magnitude", "random"])
-def test_bias_compensation_removes_a_constant_channel_exactly(method):
-    model = _constant_channel_model()
+def test_bias_compensation_removes_a_constant_channel_exactly(method, pad):
+    """Exact also behind zero padding with `exact_borders`: there a kernel tap on the border
+    reads 0, not the constant, so the shift differs per output position (an Add after the
+    consumer); the default per-unit bias is exact only for the unpadded consumer."""
+    model = _constant_channel_model(pad)
     calib = graphs.random_input(model, 32)
     ratio = 1 / 8
     seed = 0
@@ -323,9 +327,23 @@ def test_bias_compensation_removes_a_constant_channel_exactly(method):
             model, method=method, ratio=ratio, round_to=1, seed=s, verify=False)
             .plans["c1"].keep)
     common = {"method": method, "ratio": ratio, "round_to": 1, "data": calib, "seed": seed}
-    compensated = onnxprune.prune(model, compensate="bias", **common)
+    compensated = onnxprune.prune(model, compensate="bias", exact_borders=pad, **common)
     plain = onnxprune.prune(model, **common)
     assert compensated.plans["c1"].keep.tolist() == [0, 1, 2, 3, 4, 6, 7]
     test = graphs.random_input(model, 8, seed=3)
     assert_outputs_close(model, compensated.model, test, atol=1e-5)
     assert max_deviation(model, plain.model, test) > 0.1
+    if pad:
+        default = onnxprune.prune(model, compensate="bias", **common)
+        assert max_deviation(model, default.model, test) > 1e-3
+
+
+def test_recalibration_reads_and_scales_the_border_shift():
+    """The padded shift lives in an Add after the consumer: recalibration must measure that
+    Add's output and scale its map with the consumer, so an exact prune stays exact."""
+    model = _constant_channel_model(pad=True)
+    result = onnxprune.prune(model, method="magnitude", ratio=1 / 8, round_to=1, compensate="bias",
+                             recalibrate=True, exact_borders=True,
+                             data=graphs.random_input(model, 64))
+    assert [n.op_type for n in result.model.graph.node] == ["Conv", "Relu", "Conv", "Add"]
+    assert_outputs_close(model, result.model, graphs.random_input(model, 8, seed=3), atol=1e-5)

@@ -167,6 +167,13 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "variance on the calibration data (like re-estimating BatchNorm statistics)",
     )
     method.add_argument(
+        "--exact-borders",
+        action="store_true",
+        help="fold a correction's constant into zero-padded Conv consumers exactly (an Add of a "
+        "per-position map after the conv) instead of into the bias; more accurate, but slower "
+        "and larger (docs/RESULTS.md)",
+    )
+    method.add_argument(
         "--task",
         choices=("auto", "classify", "regress"),
         default="auto",
@@ -243,6 +250,7 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         verify_samples=args.verify_samples,
         allow_noop=args.allow_noop,
         recalibrate=args.recalibrate,
+        exact_borders=args.exact_borders,
         ippro_lambda=args.ippro_lambda,
         threshold=args.threshold,
         rms_correction=args.rms_correction,

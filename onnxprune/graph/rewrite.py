@@ -19,9 +19,17 @@ from onnxprune.methods.base import Plan
 
 
 def rewrite(
-    graph: gs.Graph, groups: tuple[ChannelGroup, ...], plans: Mapping[str, Plan]
+    graph: gs.Graph,
+    groups: tuple[ChannelGroup, ...],
+    plans: Mapping[str, Plan],
+    *,
+    exact_borders: bool = False,
 ) -> gs.Graph:
-    """Return a new graph with every planned group pruned; `graph` is left unchanged."""
+    """Return a new graph with every planned group pruned; `graph` is left unchanged.
+
+    With `exact_borders`, a correction's constant reaches a zero-padded Conv consumer as an
+    exact per-position map (an Add after it) instead of the per-unit bias, which is exact only
+    away from the borders."""
     graph = gs.import_onnx(export(graph))
     nodes = {node.name: node for node in graph.nodes}
     jobs: dict[tuple[str, int], list[tuple[ParamEdit, ChannelGroup, Plan]]] = defaultdict(list)
@@ -38,13 +46,13 @@ def rewrite(
     deltas: dict[str, np.ndarray] = {}
     for plan in plans.values():
         for name, shift in plan.shifts.items():
-            deltas[name] = deltas.get(name, 0) + np.asarray(shift, dtype=np.float64)
+            _accumulate(deltas, name, np.asarray(shift, dtype=np.float64))
     for (name, index), items in jobs.items():
         node = nodes[name]
         value = np.asarray(node.inputs[index].values)
         work = value.astype(np.float64)
         for edit, group, plan in sorted(items, key=_edit_order):
-            work = _apply(work, edit, group, plan, node, deltas)
+            work = _apply(work, edit, group, plan, node, deltas, exact_borders)
         node.inputs[index] = gs.Constant(
             f"{node.inputs[index].name}__{name}", work.astype(value.dtype)
         )
@@ -94,7 +102,7 @@ def _to_new_outputs(delta: np.ndarray, group: ChannelGroup | None, plan: Plan | 
     if plan is None:
         return delta
     if plan.rotation is not None:
-        delta = np.asarray(plan.rotation) @ delta
+        delta = np.tensordot(np.asarray(plan.rotation), delta, axes=([1], [0]))
     return delta[np.asarray(plan.keep)]
 
 
@@ -105,6 +113,7 @@ def _apply(
     plan: Plan,
     node: gs.Node,
     deltas: dict[str, np.ndarray],
+    exact_borders: bool,
 ) -> np.ndarray:
     m, keep = group.channels, np.asarray(plan.keep)
     if edit.role == "reshape":
@@ -119,9 +128,23 @@ def _apply(
     if correction is None:
         return _select(work, edit, m, keep)
     if correction.c is not None and np.any(correction.c):
-        delta = _weight_times(work, edit, m, node, np.asarray(correction.c, dtype=np.float64))
-        deltas[node.name] = deltas.get(node.name, 0) + delta
+        c = np.asarray(correction.c, dtype=np.float64)
+        delta = _padded_conv_shift(work, edit, m, node, c) if exact_borders else None
+        if delta is None:
+            delta = _weight_times(work, edit, m, node, c)
+        _accumulate(deltas, node.name, delta)
     return _map_segment(work, edit, m, np.asarray(correction.M, dtype=np.float64))
+
+
+def _accumulate(deltas: dict[str, np.ndarray], name: str, delta: np.ndarray) -> None:
+    """Sum shifts per output unit (C,) and per output position (C, H, W) of one consumer."""
+    old = deltas.get(name)
+    if old is None:
+        deltas[name] = delta
+        return
+    if old.ndim != delta.ndim:
+        old, delta = (x.reshape(-1, 1, 1) if x.ndim == 1 else x for x in (old, delta))
+    deltas[name] = old + delta
 
 
 def _rotates(edit: ParamEdit, node: gs.Node) -> bool:
@@ -175,10 +198,50 @@ def _weight_times(
     return total
 
 
+def _padded_conv_shift(
+    work: np.ndarray, edit: ParamEdit, m: int, node: gs.Node, c: np.ndarray
+) -> np.ndarray | None:
+    """The exact (C_out, H_out, W_out) output change of a zero-padded 2-D Conv whose input
+    channels are replaced by constants c: a kernel tap that falls on padding reads 0, not c.
+
+    None (use the per-unit sum) when the conv has no padding, uses auto_pad, or its input's
+    spatial size is not static.
+    """
+    pads = list(node.attrs.get("pads", [0, 0, 0, 0]))
+    shape = node.inputs[0].shape
+    if (node.op != "Conv" or edit.spatial != 1 or work.ndim != 4 or not any(pads)
+            or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET")
+            or shape is None or len(shape) != 4
+            or not all(isinstance(d, int) for d in shape[2:])):  # fmt: skip
+        return None
+    _, seg, _ = _split(work, edit, m)  # (O, m, 1, kh, kw)
+    taps = np.tensordot(seg[:, :, 0], c, axes=([1], [0]))  # (O, kh, kw)
+    strides = node.attrs.get("strides", [1, 1])
+    dilations = node.attrs.get("dilations", [1, 1])
+    inside = [
+        _tap_inside(size, k, stride, dilation, before, after)
+        for size, k, stride, dilation, before, after in zip(
+            shape[2:], taps.shape[1:], strides, dilations, pads[:2], pads[2:], strict=True
+        )
+    ]
+    return np.einsum("okl,kh,lw->ohw", taps, inside[0], inside[1])
+
+
+def _tap_inside(size: int, k: int, stride: int, dilation: int, before: int, after: int):
+    """(k, out) mask: kernel tap t at output index o reads an input inside [0, size)."""
+    out = (size + before + after - dilation * (k - 1) - 1) // stride + 1
+    index = np.arange(out)[None, :] * stride - before + np.arange(k)[:, None] * dilation
+    return ((index >= 0) & (index < size)).astype(np.float64)
+
+
 def add_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:
     """Add `delta` to a consumer's output bias, creating the bias (or an Add) if needed."""
     dtype = node.inputs[1].values.dtype
     has_bias = len(node.inputs) > 2 and node.inputs[2].name
+    if delta.ndim == 3 and np.ptp(delta.reshape(len(delta), -1), axis=1).max() > 0:
+        _add_after(graph, node, delta.astype(dtype))  # differs at the padded borders
+        return
+    delta = delta.reshape(len(delta), -1)[:, 0] if delta.ndim == 3 else delta
     if node.op in ("Conv", "ConvTranspose"):
         bias = node.inputs[2].values.astype(np.float64) if has_bias else 0.0
         _set_bias(node, bias + delta, dtype)
@@ -188,13 +251,17 @@ def add_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:
         node.attrs["beta"] = 1.0
         _set_bias(node, bias + delta, dtype)
     else:  # MatMul: add the shift after it
-        out = node.outputs[0]
-        inner = gs.Variable(f"{out.name}__pre_shift", dtype=out.dtype)
-        node.outputs[0] = inner
-        shift = gs.Constant(f"{node.name}__shift", delta.astype(dtype))
-        graph.nodes.append(
-            gs.Node("Add", f"{node.name}__shift_add", inputs=[inner, shift], outputs=[out])
-        )
+        _add_after(graph, node, delta.astype(dtype))
+
+
+def _add_after(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
+    """Insert `output + shift` after `node` (the consumers keep reading the old name)."""
+    out = node.outputs[0]
+    inner = gs.Variable(f"{out.name}__pre_shift", dtype=out.dtype)
+    node.outputs[0] = inner
+    graph.nodes.append(gs.Node("Add", f"{node.name}__shift_add",
+                               inputs=[inner, gs.Constant(f"{node.name}__shift", shift)],
+                               outputs=[out]))  # fmt: skip
 
 
 def _set_bias(node: gs.Node, bias: np.ndarray, dtype: np.dtype) -> None:
@@ -225,3 +292,16 @@ def affine_outputs(graph: gs.Graph, name: str, scale: np.ndarray, shift: np.ndar
     if node.op == "Gemm":
         node.attrs["beta"] = 1.0
     _set_bias(node, bias * scale + shift, weight.dtype)
+    after = shift_node(graph, node)
+    if after is not None:  # (y + map)·scale + shift: the border map scales too
+        const = after.inputs[1]
+        values = const.values.astype(np.float64)
+        values = values * scale.reshape(-1, *[1] * (values.ndim - 1))
+        after.inputs[1] = gs.Constant(f"{const.name}__recal", values.astype(const.values.dtype))
+
+
+def shift_node(graph: gs.Graph, node: gs.Node) -> gs.Node | None:
+    """The Add that `add_bias` put after `node` for a position-dependent shift, if any; its
+    output carries the name the node's output had."""
+    name = f"{node.name}__shift_add"
+    return next((n for n in graph.nodes if n.name == name), None)
