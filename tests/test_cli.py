@@ -166,6 +166,16 @@ def test_non_numeric_recipe_value_is_a_one_line_error(capsys, model, tmp_path):
 # --- success --------------------------------------------------------------------------------------
 
 
+def test_exact_borders_adds_the_border_maps_after_padded_consumers(tmp_path, model):
+    common = [str(model), "--compensate", "lsq", "--ratio", "0.5", "--round-to", "1",
+              "--data", str(data_path("vgg")), "--no-verify"]
+    assert main([*common, "-o", str(tmp_path / "plain.onnx")]) == 0
+    assert main([*common, "--exact-borders", "-o", str(tmp_path / "exact.onnx")]) == 0
+    ops = {name: [n.op_type for n in onnx.load(str(tmp_path / name)).graph.node]
+           for name in ("plain.onnx", "exact.onnx")}
+    assert ops["exact.onnx"].count("Add") > ops["plain.onnx"].count("Add")
+
+
 def test_default_output_beside_the_input(capsys, model):
     digest = file_hash(model)
     assert main([str(model), "--round-to", "1"]) == 0
