@@ -90,13 +90,20 @@ def load_dataset(
         input_specs(model),
         labels=args.labels,
         samples=args.calib_samples,
-        image_size=_image_size(args.image_size),
-        mean=args.mean,
-        std=args.std,
-        layout=args.layout,
         random_samples=random_samples,
-        seed=args.seed,
+        **reading_options(args),
     )
+
+
+def reading_options(args: argparse.Namespace) -> dict:
+    """How data files are read (image decoding and the seed), shared by --data and --eval."""
+    return {
+        "image_size": _image_size(args.image_size),
+        "mean": args.mean,
+        "std": args.std,
+        "layout": args.layout,
+        "seed": args.seed,
+    }
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -7,7 +7,12 @@ import sys
 from pathlib import Path
 
 from onnxprune.calib.data import Dataset, input_specs, load_data
-from onnxprune.cli.options import HelpFormatter, _image_size, add_data_arguments, load_dataset
+from onnxprune.cli.options import (
+    HelpFormatter,
+    add_data_arguments,
+    load_dataset,
+    reading_options,
+)
 from onnxprune.compare.sweep import overlap_warning, parse_grid, parse_method, plot_sweep, sweep
 from onnxprune.config import COMPENSATIONS
 from onnxprune.errors import UsageError
@@ -106,12 +111,8 @@ def load_splits(args: argparse.Namespace) -> tuple[Dataset | None, Dataset]:
         input_specs(model),
         labels=args.eval_labels,
         samples=args.eval_samples,
-        image_size=_image_size(args.image_size),
-        mean=args.mean,
-        std=args.std,
-        layout=args.layout,
-        seed=args.seed,
         role="evaluation",
+        **reading_options(args),
     )
     if calib is not None:
         warning = overlap_warning(calib, evaluation, args.data, args.eval)
