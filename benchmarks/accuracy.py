@@ -58,8 +58,11 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="also the ablations in EXTRA")
     parser.add_argument("--out", default=str(RESULTS), help="results file (default: %(default)s)")
     parser.add_argument("--skip", default="", help="comma-separated method labels to leave out")
-    parser.add_argument("--exact-borders", action="store_true",
-                        help="prune with exact_borders=True (exact shifts at padded borders)")
+    parser.add_argument(
+        "--exact-borders",
+        action="store_true",
+        help="prune with exact_borders=True (exact shifts at padded borders)",
+    )
     parser.add_argument("--reductions", help="comma-separated MACs reductions (default: "
                         + ",".join(map(str, REDUCTIONS)) + ")")  # fmt: skip
     args = parser.parse_args()
@@ -69,8 +72,13 @@ def main() -> None:
         return
     manifest = json.loads((ROOT / "models" / "manifest.json").read_text())
     order = ("vgg", "resnet", "mobilenetv2", "senet", "mlp", "inception")  # the rest after these
-    names = args.models.split(",") if args.models else sorted(
-        manifest["models"], key=lambda n: (order.index(n) if n in order else len(order), n))
+    names = (
+        args.models.split(",")
+        if args.models
+        else sorted(
+            manifest["models"], key=lambda n: (order.index(n) if n in order else len(order), n)
+        )
+    )
     reductions = tuple(map(float, args.reductions.split(","))) if args.reductions else REDUCTIONS
     if args.quick:
         names, reductions = [n for n in names if n in ("vgg", "resnet")], (0.5, 0.85)
@@ -137,17 +145,35 @@ def prune(path: Path, spec: dict, keep: float, data: dict, seed: int):
     options = {k: v for k, v in spec.items() if k not in ("method", "uniform")}
     dataset = onnxprune.calib.data.Dataset({"input": data["input"]}, labels=data["labels"])
     if spec.get("uniform"):
-        return onnxprune.prune(path, method=spec["method"], data=dataset, round_to=1, seed=seed,
-                               verify=False, ratio=uniform_ratio(path, keep),
-                               prune_residual=True, **options)
-    return onnxprune.prune(path, method=spec["method"], data=dataset, target_macs=keep,
-                           round_to=1, seed=seed, verify=False, prune_residual=True, **options)
+        return onnxprune.prune(
+            path,
+            method=spec["method"],
+            data=dataset,
+            round_to=1,
+            seed=seed,
+            verify=False,
+            ratio=uniform_ratio(path, keep),
+            prune_residual=True,
+            **options,
+        )
+    return onnxprune.prune(
+        path,
+        method=spec["method"],
+        data=dataset,
+        target_macs=keep,
+        round_to=1,
+        seed=seed,
+        verify=False,
+        prune_residual=True,
+        **options,
+    )
 
 
 def uniform_ratio(path: Path, keep: float) -> float:
     """The uniform channel ratio magnitude would use for this MAC target."""
-    result = onnxprune.prune(path, method="magnitude", target_macs=keep, round_to=1,
-                             verify=False, prune_residual=True)
+    result = onnxprune.prune(
+        path, method="magnitude", target_macs=keep, round_to=1, verify=False, prune_residual=True
+    )
     note = next(n for n in result.report.notes if "uniform ratio" in n)
     return float(note.rsplit("uniform ratio ", 1)[1].rstrip(")"))
 
@@ -168,21 +194,37 @@ def accuracy(model, test: dict) -> float:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                .splitlines() if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "python": platform.python_version(), "onnxruntime": ort.__version__,
-            "onnxprune": onnxprune.__version__}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "onnxprune": onnxprune.__version__,
+    }
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']['cpu']}, ORT {results['machine']['onnxruntime']}. "
-             f"Command: `{results['command']}`.", ""]
+    lines = [
+        f"Machine: {results['machine']['cpu']}, ORT {results['machine']['onnxruntime']}. "
+        f"Command: `{results['command']}`.",
+        "",
+    ]
     for name, model in results["models"].items():
         targets = [row["target"] for row in next(iter(model["points"].values()))]
         lines.append(f"**{name}** (unpruned test accuracy {100 * model['base_accuracy']:.1f} %)")
         lines.append("")
-        lines.append("| method | " + " | ".join(f"{100 * t:.0f} %" for t in targets)
-                     + " | s at 50 % | peak MiB |")
+        lines.append(
+            "| method | "
+            + " | ".join(f"{100 * t:.0f} %" for t in targets)
+            + " | s at 50 % | peak MiB |"
+        )
         lines.append("|---" * (len(targets) + 3) + "|")
         for label, rows in model["points"].items():
             cells = [_cell(r) for r in rows]

@@ -97,8 +97,15 @@ class InvertedResidual(nn.Module):
 
 
 # (expansion t, channels c, repeats n, first stride s) of Sandler et al. 2018, Table 2
-MBV2_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                 (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+MBV2_SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 
 
 class MobileNetV2(nn.Module):

@@ -75,10 +75,18 @@ def machine() -> dict:
         pass
     import torch
 
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
-            "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg(),
-            "python": platform.python_version(), "onnxruntime": ort.__version__,
-            "onnx": onnx.__version__, "numpy": np.__version__, "torch": torch.__version__}
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "physical_cores": physical_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+    }
 
 
 def selected_taps(model: onnx.ModelProto, ratio: float = 0.5):
@@ -102,8 +110,16 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def throughput(name: str, entry: dict, *, batch: int, repeats: int, samples: int | None,
-               grad_samples: int, slow_repeats: int) -> dict:
+def throughput(
+    name: str,
+    entry: dict,
+    *,
+    batch: int,
+    repeats: int,
+    samples: int | None,
+    grad_samples: int,
+    slow_repeats: int,
+) -> dict:
     data = np.load(MODELS / entry["calib"])
     x, y = data["input"], data["labels"].astype(np.int64)
     if samples:
@@ -148,23 +164,39 @@ def throughput(name: str, entry: dict, *, batch: int, repeats: int, samples: int
                 times[key].append(_timed(fn))
             except Exception as exc:  # a refusing interpreter is a result, not a crash
                 errors[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    out = {"samples": len(x), "grad_samples": counts["grads"], "batch": batch,
-           "groups": n_groups, "selected_groups": n_selected, "taps": len(taps),
-           "tap_tensors": len(names),
-           "tap_floats_per_sample": int(sum(_numel_per_sample(tapped, names, feeds[0]))),
-           "session_build_s": {"plain": plain_build, "tapped": tapped_build},
-           "errors": errors, "passes": {}}
+    out = {
+        "samples": len(x),
+        "grad_samples": counts["grads"],
+        "batch": batch,
+        "groups": n_groups,
+        "selected_groups": n_selected,
+        "taps": len(taps),
+        "tap_tensors": len(names),
+        "tap_floats_per_sample": int(sum(_numel_per_sample(tapped, names, feeds[0]))),
+        "session_build_s": {"plain": plain_build, "tapped": tapped_build},
+        "errors": errors,
+        "passes": {},
+    }
     for key, ts in times.items():
         if ts:
             med = statistics.median(ts)
-            out["passes"][key] = {"median_s": med, "samples_per_s": counts[key] / med,
-                                  "times_s": ts}
+            out["passes"][key] = {
+                "median_s": med,
+                "samples_per_s": counts[key] / med,
+                "times_s": ts,
+            }
     base = out["passes"]["plain"]["samples_per_s"]
     for p in out["passes"].values():
         p["time_vs_plain"] = base / p["samples_per_s"]  # time per sample relative to plain
-    print(f"  {name}: " + ", ".join(f"{k} {p['samples_per_s']:.0f}/s ({p['time_vs_plain']:.1f}×)"
-                                    for k, p in out["passes"].items())
-          + (f"; errors {errors}" if errors else ""), flush=True)
+    print(
+        f"  {name}: "
+        + ", ".join(
+            f"{k} {p['samples_per_s']:.0f}/s ({p['time_vs_plain']:.1f}×)"
+            for k, p in out["passes"].items()
+        )
+        + (f"; errors {errors}" if errors else ""),
+        flush=True,
+    )
     return out
 
 
@@ -202,41 +234,65 @@ def memory_child(samples: int, batch: int, blas_threads: int | None) -> dict:
     tracemalloc.stop()
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     state = sum(s.gram.nbytes + s.sum.nbytes + s.abs_sum.nbytes for s in stats.values())
-    return {"samples": samples, "batch": batch, "blas_threads": blas_threads or "default",
-            "selected_groups": n_selected, "taps": len(taps),
-            "rows_seen": int(next(iter(stats.values())).n), "seconds": elapsed,
-            "maxrss_before_mib": rss_before / 1024, "maxrss_after_mib": rss_after / 1024,
-            "tracemalloc_peak_mib": traced_peak / 2**20, "stats_state_mib": state / 2**20,
-            "maxrss_at_batch_mib": trace}
+    return {
+        "samples": samples,
+        "batch": batch,
+        "blas_threads": blas_threads or "default",
+        "selected_groups": n_selected,
+        "taps": len(taps),
+        "rows_seen": int(next(iter(stats.values())).n),
+        "seconds": elapsed,
+        "maxrss_before_mib": rss_before / 1024,
+        "maxrss_after_mib": rss_after / 1024,
+        "tracemalloc_peak_mib": traced_peak / 2**20,
+        "stats_state_mib": state / 2**20,
+        "maxrss_at_batch_mib": trace,
+    }
 
 
 def memory(settings: list[int], batch: int, blas_threads: int) -> dict:
     runs = []
     for samples in settings:
-        cmd = [sys.executable, __file__, "--memory-child", str(samples), "--batch", str(batch),
-               "--memory-blas-threads", str(blas_threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            str(samples),
+            "--batch",
+            str(batch),
+            "--memory-blas-threads",
+            str(blas_threads),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         row = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  {samples} samples: maxrss {row['maxrss_before_mib']:.0f} → "
-              f"{row['maxrss_after_mib']:.0f} MiB, tracemalloc peak "
-              f"{row['tracemalloc_peak_mib']:.1f} MiB, state {row['stats_state_mib']:.2f} MiB, "
-              f"{row['seconds']:.1f} s", flush=True)
+        print(
+            f"  {samples} samples: maxrss {row['maxrss_before_mib']:.0f} → "
+            f"{row['maxrss_after_mib']:.0f} MiB, tracemalloc peak "
+            f"{row['tracemalloc_peak_mib']:.1f} MiB, state {row['stats_state_mib']:.2f} MiB, "
+            f"{row['seconds']:.1f} s",
+            flush=True,
+        )
         runs.append(row)
     lo, hi = runs[0], runs[-1]
-    return {"command_per_setting": "python benchmarks/calibration.py --memory-child N --batch B "
-            "--memory-blas-threads T",
-            "runs": runs,
-            "maxrss_diff_mib": hi["maxrss_after_mib"] - lo["maxrss_after_mib"],
-            "tracemalloc_peak_diff_mib": hi["tracemalloc_peak_mib"] - lo["tracemalloc_peak_mib"]}
+    return {
+        "command_per_setting": "python benchmarks/calibration.py --memory-child N --batch B "
+        "--memory-blas-threads T",
+        "runs": runs,
+        "maxrss_diff_mib": hi["maxrss_after_mib"] - lo["maxrss_after_mib"],
+        "tracemalloc_peak_diff_mib": hi["tracemalloc_peak_mib"] - lo["tracemalloc_peak_mib"],
+    }
 
 
 # ----------------------------------------------------------------------------- report
 
 
 def markdown(result: dict) -> str:
-    lines = ["| model | samples | sel. groups / taps | plain ORT | taps-only | stats | "
-             "stats, BLAS 1 thread | grads | stats ÷ plain | stats BLAS1 ÷ plain | grads ÷ plain |"
-             " tapped session build |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | samples | sel. groups / taps | plain ORT | taps-only | stats | "
+        "stats, BLAS 1 thread | grads | stats ÷ plain | stats BLAS1 ÷ plain | grads ÷ plain |"
+        " tapped session build |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in result["throughput"].items():
         p = r["passes"]
 
@@ -246,24 +302,33 @@ def markdown(result: dict) -> str:
         def ratio(key, p=p):
             return f"{p[key]['time_vs_plain']:.1f}×" if key in p else "-"
 
-        lines.append(f"| {name} | {r['samples']} ({r['grad_samples']}) | "
-                     f"{r['selected_groups']} / {r['taps']} | {cell('plain')} | "
-                     f"{cell('taps_only')} | {cell('stats')} | {cell('stats_blas1')} | "
-                     f"{cell('grads')} | {ratio('stats')} | {ratio('stats_blas1')} | "
-                     f"{ratio('grads')} | {r['session_build_s']['tapped'] * 1000:.0f} ms |")
+        lines.append(
+            f"| {name} | {r['samples']} ({r['grad_samples']}) | "
+            f"{r['selected_groups']} / {r['taps']} | {cell('plain')} | "
+            f"{cell('taps_only')} | {cell('stats')} | {cell('stats_blas1')} | "
+            f"{cell('grads')} | {ratio('stats')} | {ratio('stats_blas1')} | "
+            f"{ratio('grads')} | {r['session_build_s']['tapped'] * 1000:.0f} ms |"
+        )
     mem = result.get("memory")
     if mem:
-        lines += ["", "| samples | batch | BLAS threads | maxrss before pass | maxrss after pass "
-                  "| tracemalloc peak | statistics state | time |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| samples | batch | BLAS threads | maxrss before pass | maxrss after pass "
+            "| tracemalloc peak | statistics state | time |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in mem["runs"]:
-            lines.append(f"| {r['samples']} | {r['batch']} | {r['blas_threads']} | "
-                         f"{r['maxrss_before_mib']:.0f} MiB | "
-                         f"{r['maxrss_after_mib']:.0f} MiB | {r['tracemalloc_peak_mib']:.1f} MiB | "
-                         f"{r['stats_state_mib']:.2f} MiB | {r['seconds']:.1f} s |")
-        lines.append(f"\ndifference (largest − smallest setting): maxrss "
-                     f"{mem['maxrss_diff_mib']:+.1f} MiB, tracemalloc peak "
-                     f"{mem['tracemalloc_peak_diff_mib']:+.1f} MiB")
+            lines.append(
+                f"| {r['samples']} | {r['batch']} | {r['blas_threads']} | "
+                f"{r['maxrss_before_mib']:.0f} MiB | "
+                f"{r['maxrss_after_mib']:.0f} MiB | {r['tracemalloc_peak_mib']:.1f} MiB | "
+                f"{r['stats_state_mib']:.2f} MiB | {r['seconds']:.1f} s |"
+            )
+        lines.append(
+            f"\ndifference (largest − smallest setting): maxrss "
+            f"{mem['maxrss_diff_mib']:+.1f} MiB, tracemalloc peak "
+            f"{mem['tracemalloc_peak_diff_mib']:+.1f} MiB"
+        )
     return "\n".join(lines)
 
 
@@ -273,28 +338,44 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--memory-blas-threads", type=int, default=1,
-                        help="BLAS threads in the memory runs (0 = library default; 1 keeps the "
-                        "1024-sample run short on a shared machine)")
+    parser.add_argument(
+        "--memory-blas-threads",
+        type=int,
+        default=1,
+        help="BLAS threads in the memory runs (0 = library default; 1 keeps the "
+        "1024-sample run short on a shared machine)",
+    )
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child is not None:
-        print(json.dumps(memory_child(args.memory_child, args.batch,
-                                      args.memory_blas_threads or None)))
+        print(
+            json.dumps(
+                memory_child(args.memory_child, args.batch, args.memory_blas_threads or None)
+            )
+        )
         return
     repeats = args.repeats or (1 if args.quick else 3)
     samples, grad_samples = (64, 64) if args.quick else (256, 128)
     mem_settings = [32, 128] if args.quick else [128, 1024]
     out = args.out or RESULTS / ("calibration.quick.json" if args.quick else "calibration.json")
     t0 = time.perf_counter()
-    result = {"command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "machine": machine(), "throughput": {}}
+    result = {
+        "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": machine(),
+        "throughput": {},
+    }
     manifest = json.loads((MODELS / "manifest.json").read_text())["models"]
     print("== throughput", flush=True)
     for name, entry in manifest.items():
         result["throughput"][name] = throughput(
-            name, entry, batch=args.batch, repeats=repeats, samples=samples,
-            grad_samples=grad_samples, slow_repeats=1)
+            name,
+            entry,
+            batch=args.batch,
+            repeats=repeats,
+            samples=samples,
+            grad_samples=grad_samples,
+            slow_repeats=1,
+        )
     print("== memory (224×224 ResNet-18-like, fresh subprocess per setting)", flush=True)
     result["memory"] = memory(mem_settings, args.batch, args.memory_blas_threads)
     result["machine"]["loadavg_end"] = os.getloadavg()

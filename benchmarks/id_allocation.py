@@ -84,8 +84,7 @@ def main() -> None:
         curves = {}
         for name in channels:
             w = len(stats[name].taps) if weight is None else weight
-            curves[name] = _curve(stats[name], per_tap=False) * np.sqrt(
-                w if name in coupled else 1)
+            curves[name] = _curve(stats[name], per_tap=False) * np.sqrt(w if name in coupled else 1)
         evaluate(allocate_by_error(channels, curves, cost, 1 - args.reduction, 1), label)
     if args.alone:
         for name in channels:

@@ -90,8 +90,15 @@ def accuracy_table(path: Path, data: Dataset, test, ratios) -> dict[str, dict[st
             key = label if compensate == "none" else f"{label} + lsq"
             table[key] = {}
             for ratio in ratios:
-                result = onnxprune.prune(path, data=data, ratio=ratio, round_to=1, verify=False,
-                                         compensate=compensate, **spec)
+                result = onnxprune.prune(
+                    path,
+                    data=data,
+                    ratio=ratio,
+                    round_to=1,
+                    verify=False,
+                    compensate=compensate,
+                    **spec,
+                )
                 logits = next(iter(run(result.model, {"input": test["input"]}).values()))
                 table[key][str(ratio)] = float((logits.argmax(1) == test["labels"]).mean())
     return table
@@ -99,20 +106,29 @@ def accuracy_table(path: Path, data: Dataset, test, ratios) -> dict[str, dict[st
 
 def markdown(out: dict) -> str:
     lines = [f"Command: `{out['command']}`", ""]
-    lines += ["| model | group | ρ(ippro, L1) | ρ(ippro, taylor) | ρ(ippro, fpgm) |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "| model | group | ρ(ippro, L1) | ρ(ippro, taylor) | ρ(ippro, fpgm) |",
+        "|---|---|---|---|---|",
+    ]
     for name, model in out["models"].items():
         for group, rho in model["correlations"].items():
-            lines.append(f"| {name} | {group} | {rho['magnitude']:.2f} | {rho['taylor']:.2f} "
-                         f"| {rho['fpgm']:.2f} |")
+            lines.append(
+                f"| {name} | {group} | {rho['magnitude']:.2f} | {rho['taylor']:.2f} "
+                f"| {rho['fpgm']:.2f} |"
+            )
     lines.append("")
     for name, model in out["models"].items():
         ratios = list(next(iter(model["accuracy"].values())))
-        lines += [f"**{name}**: test accuracy (%) before fine-tuning vs channel ratio", "",
-                  "| method | " + " | ".join(ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
+        lines += [
+            f"**{name}**: test accuracy (%) before fine-tuning vs channel ratio",
+            "",
+            "| method | " + " | ".join(ratios) + " |",
+            "|---" * (len(ratios) + 1) + "|",
+        ]
         for label, row in model["accuracy"].items():
-            lines.append(f"| {label} | " + " | ".join(f"{100 * v:.1f}" for v in row.values())
-                         + " |")
+            lines.append(
+                f"| {label} | " + " | ".join(f"{100 * v:.1f}" for v in row.values()) + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 

@@ -41,17 +41,21 @@ def conv_model(channels: int, kernel: int, hw: int, depth: int = 1) -> onnx.Mode
     nodes, inits, x = [], [], "x"
     for i in range(depth):
         w = rng.standard_normal((channels, channels, kernel, kernel)).astype(np.float32) * 0.1
-        inits += [numpy_helper.from_array(w, f"w{i}"),
-                  numpy_helper.from_array(np.zeros(channels, np.float32), f"b{i}")]
+        inits += [
+            numpy_helper.from_array(w, f"w{i}"),
+            numpy_helper.from_array(np.zeros(channels, np.float32), f"b{i}"),
+        ]
         y = "y" if i == depth - 1 else f"c{i}"
         nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [y], pads=[kernel // 2] * 4))
         if i < depth - 1:
             nodes.append(helper.make_node("Relu", [y], [f"r{i}"]))
             x = f"r{i}"
     graph = helper.make_graph(
-        nodes, f"c{channels}",
+        nodes,
+        f"c{channels}",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, hw, hw])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -70,12 +74,27 @@ def parse_channels(text: str) -> list[int]:
 def measure(channels: list[int], kernel: int, args: argparse.Namespace) -> list[dict]:
     """Median latency and normalised time per MAC for each channel count and batch."""
     models = [conv_model(c, kernel, args.hw, args.depth) for c in channels]
-    result = benchmark(models, batches=args.batches, threads=args.threads, warmup=args.warmup,
-                       repeats=args.repeats, min_time=0.0)
-    rows = [{"kernel": kernel, "depth": args.depth, "channels": c, "batch": r.batch, "macs": r.macs,
-             "median_ms": r.median_ms, "iqr_ms": r.iqr_ms,
-             "ps_per_mac": r.median_ms * 1e9 / r.macs}
-            for r, c in zip(result.rows, channels * len(args.batches), strict=True)]
+    result = benchmark(
+        models,
+        batches=args.batches,
+        threads=args.threads,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        min_time=0.0,
+    )
+    rows = [
+        {
+            "kernel": kernel,
+            "depth": args.depth,
+            "channels": c,
+            "batch": r.batch,
+            "macs": r.macs,
+            "median_ms": r.median_ms,
+            "iqr_ms": r.iqr_ms,
+            "ps_per_mac": r.median_ms * 1e9 / r.macs,
+        }
+        for r, c in zip(result.rows, channels * len(args.batches), strict=True)
+    ]
     for batch in args.batches:
         group = [r for r in rows if r["batch"] == batch]
         typical = statistics.median(r["ps_per_mac"] for r in group)
@@ -98,11 +117,18 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def _by_class(group: dict[int, dict]) -> dict[str, float]:
-    classes = {"mult16": lambda c: c % 16 == 0, "mult8": lambda c: c % 8 == 0 and c % 16,
-               "mult4": lambda c: c % 4 == 0 and c % 8, "even": lambda c: c % 2 == 0 and c % 4,
-               "odd": lambda c: c % 2}
-    return {name: round(statistics.mean(r["norm_per_mac"] for c, r in group.items() if test(c)), 3)
-            for name, test in classes.items() if any(test(c) for c in group)}
+    classes = {
+        "mult16": lambda c: c % 16 == 0,
+        "mult8": lambda c: c % 8 == 0 and c % 16,
+        "mult4": lambda c: c % 4 == 0 and c % 8,
+        "even": lambda c: c % 2 == 0 and c % 4,
+        "odd": lambda c: c % 2,
+    }
+    return {
+        name: round(statistics.mean(r["norm_per_mac"] for c, r in group.items() if test(c)), 3)
+        for name, test in classes.items()
+        if any(test(c) for c in group)
+    }
 
 
 def _realised(group: dict[int, dict], step: int) -> float | None:
@@ -123,20 +149,27 @@ def print_table(rows: list[dict], summary: list[dict]) -> None:
         print(f"\n{depth} x Conv {kernel}x{kernel}: median ms (normalised time per MAC)")
         print("  C  " + "".join(f"{'batch ' + str(b):>22}" for b in batches))
         for c in sorted({r["channels"] for r in rows}):
-            cells = [next(r for r in rows if (r["kernel"], r["channels"], r["batch"])
-                          == (kernel, c, b)) for b in batches]
+            cells = [
+                next(r for r in rows if (r["kernel"], r["channels"], r["batch"]) == (kernel, c, b))
+                for b in batches
+            ]
             mark = "*16" if c % 16 == 0 else "*8" if c % 8 == 0 else "*4" if c % 4 == 0 else ""
-            print(f"{c:4d}{mark:4}" + "".join(
-                f"{r['median_ms']:13.3f} ({r['norm_per_mac']:.2f})" for r in cells))
-    print("\nsummary (per_mac: mean normalised time per MAC; realised_saving_rN: median fraction "
-          "of the ideal MAC saving obtained by pruning from the next multiple of N to c)")
+            print(
+                f"{c:4d}{mark:4}"
+                + "".join(f"{r['median_ms']:13.3f} ({r['norm_per_mac']:.2f})" for r in cells)
+            )
+    print(
+        "\nsummary (per_mac: mean normalised time per MAC; realised_saving_rN: median fraction "
+        "of the ideal MAC saving obtained by pruning from the next multiple of N to c)"
+    )
     for entry in summary:
         print(json.dumps(entry))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--channels", default="40-72,32,80,96", help="Counts, e.g. 40-72,96.")
     parser.add_argument("--kernels", default="3,1", help="Kernel sizes.")
     parser.add_argument("--hw", type=int, default=56, help="Input height = width.")
@@ -155,9 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k != "out"}
-    args.out.write_text(json.dumps({"config": config, "channels": channels, "summary": summary,
-                                    "rows": rows, "seconds": time.perf_counter() - start},
-                                   indent=1) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "config": config,
+                "channels": channels,
+                "summary": summary,
+                "rows": rows,
+                "seconds": time.perf_counter() - start,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"\n{time.perf_counter() - start:.0f} s; wrote {args.out}")
     return 0
 

@@ -82,14 +82,24 @@ def machine() -> dict:
 
 def variants(arch: str, targets: tuple[float, ...]) -> list[dict]:
     """The pruning settings to compare for `arch` (each a row of the result tables)."""
-    out = [{"name": f"mag{int(t * 100)}", "target_macs": t, "round_to": 16,
-            "prune_residual": False} for t in targets]
+    out = [
+        {"name": f"mag{int(t * 100)}", "target_macs": t, "round_to": 16, "prune_residual": False}
+        for t in targets
+    ]
     if arch == "resnet18":
-        out += [{"name": f"mag{int(t * 100)}+res", "target_macs": t, "round_to": 16,
-                 "prune_residual": True} for t in targets]
+        out += [
+            {
+                "name": f"mag{int(t * 100)}+res",
+                "target_macs": t,
+                "round_to": 16,
+                "prune_residual": True,
+            }
+            for t in targets
+        ]
         if 0.5 in targets:
-            out.append({"name": "mag50 r1", "target_macs": 0.5, "round_to": 1,
-                        "prune_residual": False})
+            out.append(
+                {"name": "mag50 r1", "target_macs": 0.5, "round_to": 1, "prune_residual": False}
+            )
     return out
 
 
@@ -98,8 +108,12 @@ def prune_all(original: onnx.ModelProto, settings: list[dict]) -> dict[str, onnx
     for v in settings:
         t0 = time.perf_counter()
         result = onnxprune.prune(
-            original, method="magnitude", target_macs=v["target_macs"], round_to=v["round_to"],
-            prune_residual=v["prune_residual"], verify_samples=8,
+            original,
+            method="magnitude",
+            target_macs=v["target_macs"],
+            round_to=v["round_to"],
+            prune_residual=v["prune_residual"],
+            verify_samples=8,
         )
         (p0, p1), (m0, m1) = result.report.params, result.report.macs
         v["prune_s"] = round(time.perf_counter() - t0, 2)
@@ -107,8 +121,11 @@ def prune_all(original: onnx.ModelProto, settings: list[dict]) -> dict[str, onnx
         v["params_kept"] = p1 / p0
         v["widths"] = {g.name: [g.channels, g.kept] for g in result.report.groups}
         v["notes"] = list(result.report.notes)
-        print(f"  pruned {v['name']}: MACs kept {v['macs_kept']:.3f}, params kept "
-              f"{v['params_kept']:.3f} ({v['prune_s']} s)", flush=True)
+        print(
+            f"  pruned {v['name']}: MACs kept {v['macs_kept']:.3f}, params kept "
+            f"{v['params_kept']:.3f} ({v['prune_s']} s)",
+            flush=True,
+        )
         models[v["name"]] = result.model
     return models
 
@@ -124,39 +141,56 @@ def paired_ratios(base: list[float], other: list[float]) -> dict:
     return {"median": float(q50), "q25": float(q25), "q75": float(q75), "rounds": len(r)}
 
 
-def time_models(models: dict[str, onnx.ModelProto], batch: int, *, warmup: int, repeats: int,
-                min_time: float) -> list[dict]:
+def time_models(
+    models: dict[str, onnx.ModelProto], batch: int, *, warmup: int, repeats: int, min_time: float
+) -> list[dict]:
     names = list(models)
-    res = benchmark(list(models.values()), batches=(batch,), names=names, warmup=warmup,
-                    repeats=repeats, min_time=min_time)
+    res = benchmark(
+        list(models.values()),
+        batches=(batch,),
+        names=names,
+        warmup=warmup,
+        repeats=repeats,
+        min_time=min_time,
+    )
     print(res.format_table(), flush=True)
     base = res.rows[0]
     rows = []
     for r in res.rows:
-        rows.append({
-            "model": r.model, "batch": r.batch, "macs": r.macs, "params": r.params,
-            "median_ms": r.median_ms, "p90_ms": r.p90_ms, "iqr_ms": r.iqr_ms,
-            "speedup": r.speedup, "ideal_speedup": r.ideal_speedup,
-            "measured_over_ideal": r.speedup / r.ideal_speedup if r.ideal_speedup else None,
-            "paired_speedup": paired_ratios(list(base.times_ms), list(r.times_ms)),
-            "times_ms": list(r.times_ms),
-        })
+        rows.append(
+            {
+                "model": r.model,
+                "batch": r.batch,
+                "macs": r.macs,
+                "params": r.params,
+                "median_ms": r.median_ms,
+                "p90_ms": r.p90_ms,
+                "iqr_ms": r.iqr_ms,
+                "speedup": r.speedup,
+                "ideal_speedup": r.ideal_speedup,
+                "measured_over_ideal": r.speedup / r.ideal_speedup if r.ideal_speedup else None,
+                "paired_speedup": paired_ratios(list(base.times_ms), list(r.times_ms)),
+                "times_ms": list(r.times_ms),
+            }
+        )
     return rows
 
 
 # ----------------------------------------------------------------------------- profiling
 
 
-def profile(models: dict[str, onnx.ModelProto], batch: int, *, runs: int, warmup: int,
-            threads: int) -> dict[str, dict]:
+def profile(
+    models: dict[str, onnx.ModelProto], batch: int, *, runs: int, warmup: int, threads: int
+) -> dict[str, dict]:
     """Per model: per-op-type and per-stage time (ms per run), from interleaved profiled runs.
 
     Each node's time is its median over the `runs` runs (robust against the other jobs on a
     shared machine), then summed by op type. Convs converted by ORT's NCHWc transformer are
     labelled 'Conv[NCHWc]'; convs left in NCHW run as 'FusedConv'/'Conv'.
     """
-    feed = {"input": np.random.default_rng(0).standard_normal((batch, 3, 224, 224),
-                                                              dtype=np.float32)}
+    feed = {
+        "input": np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
+    }
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {}
         for name, model in models.items():
@@ -169,8 +203,9 @@ def profile(models: dict[str, onnx.ModelProto], batch: int, *, runs: int, warmup
             opts.log_severity_level = 3
             opts.enable_profiling = True
             opts.profile_file_prefix = str(Path(tmp) / name.replace(" ", "_").replace("+", "_"))
-            sessions[name] = ort.InferenceSession(model.SerializeToString(), opts,
-                                                  providers=["CPUExecutionProvider"])
+            sessions[name] = ort.InferenceSession(
+                model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+            )
         for s in sessions.values():
             for _ in range(warmup):
                 s.run(None, feed)
@@ -195,8 +230,11 @@ def _conv_macs(event: dict) -> int:
 def _parse_profile(path: str, warmup: int) -> dict:
     events = json.loads(Path(path).read_text())
     os.unlink(path)
-    model_runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                        if e.get("cat") == "Session" and e["name"] == "model_run")[warmup:]
+    model_runs = sorted(
+        (e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if e.get("cat") == "Session" and e["name"] == "model_run"
+    )[warmup:]
     per_node: dict[str, list[float]] = defaultdict(list)
     meta: dict[str, dict] = {}
     for e in events:
@@ -209,8 +247,11 @@ def _parse_profile(path: str, warmup: int) -> dict:
             op = _op_label(e)
             out = next(iter(e["args"]["output_type_shape"][0].values()))
             conv = op.startswith(("Conv", "FusedConv"))
-            meta[e["name"]] = {"op": op, "macs": _conv_macs(e) if conv else 0,
-                               "hw": out[-1] if len(out) == 4 else 1}
+            meta[e["name"]] = {
+                "op": op,
+                "macs": _conv_macs(e) if conv else 0,
+                "hw": out[-1] if len(out) == 4 else 1,
+            }
     by_op: dict[str, float] = defaultdict(float)
     macs_by_op: dict[str, int] = defaultdict(int)
     by_stage: dict[str, dict] = defaultdict(
@@ -259,17 +300,24 @@ def compare_profiles(profiles: dict[str, dict], base: str) -> dict[str, dict]:
     for name, prof in profiles.items():
         if name == base:
             continue
-        ops = sorted(set(ref["by_op_ms"]) | set(prof["by_op_ms"]),
-                     key=lambda k: -ref["by_op_ms"].get(k, 0))
+        ops = sorted(
+            set(ref["by_op_ms"]) | set(prof["by_op_ms"]), key=lambda k: -ref["by_op_ms"].get(k, 0)
+        )
         rows = {}
         for op in ops:
             a, b = ref["by_op_ms"].get(op, 0.0), prof["by_op_ms"].get(op, 0.0)
-            rows[op] = {"orig_ms": a, "pruned_ms": b, "orig_share": a / ref["node_sum_ms"],
-                        "pruned_share": b / prof["node_sum_ms"],
-                        "speedup": a / b if b and a else None,
-                        "ps_per_mac": [_ps(a, ref["by_op_macs"].get(op, 0)),
-                                       _ps(b, prof["by_op_macs"].get(op, 0))],
-                        "nodes": [ref["nodes_by_op"].get(op, 0), prof["nodes_by_op"].get(op, 0)]}
+            rows[op] = {
+                "orig_ms": a,
+                "pruned_ms": b,
+                "orig_share": a / ref["node_sum_ms"],
+                "pruned_share": b / prof["node_sum_ms"],
+                "speedup": a / b if b and a else None,
+                "ps_per_mac": [
+                    _ps(a, ref["by_op_macs"].get(op, 0)),
+                    _ps(b, prof["by_op_macs"].get(op, 0)),
+                ],
+                "nodes": [ref["nodes_by_op"].get(op, 0), prof["nodes_by_op"].get(op, 0)],
+            }
         conv = [k for k in ops if k.startswith(("Conv", "FusedConv"))]
         conv_a = sum(ref["by_op_ms"].get(k, 0.0) for k in conv)
         conv_b = sum(prof["by_op_ms"].get(k, 0.0) for k in conv)
@@ -281,13 +329,16 @@ def compare_profiles(profiles: dict[str, dict], base: str) -> dict[str, dict]:
             "conv_ps_per_mac": [conv_a * 1e9 / ref["conv_macs"], conv_b * 1e9 / prof["conv_macs"]],
             "non_conv_ms": [ref["node_sum_ms"] - conv_a, prof["node_sum_ms"] - conv_b],
             "by_stage": {
-                st: {"conv_time_speedup": ref["by_stage"][st]["conv_ms"]
-                     / max(prof["by_stage"].get(st, {}).get("conv_ms", 0.0), 1e-9),
-                     "conv_mac_ratio": ref["by_stage"][st]["conv_macs"]
-                     / max(prof["by_stage"].get(st, {}).get("conv_macs", 0), 1),
-                     "orig_conv_ms": ref["by_stage"][st]["conv_ms"],
-                     "pruned_conv_ms": prof["by_stage"].get(st, {}).get("conv_ms", 0.0)}
-                for st in ref["by_stage"] if ref["by_stage"][st]["conv_macs"]
+                st: {
+                    "conv_time_speedup": ref["by_stage"][st]["conv_ms"]
+                    / max(prof["by_stage"].get(st, {}).get("conv_ms", 0.0), 1e-9),
+                    "conv_mac_ratio": ref["by_stage"][st]["conv_macs"]
+                    / max(prof["by_stage"].get(st, {}).get("conv_macs", 0), 1),
+                    "orig_conv_ms": ref["by_stage"][st]["conv_ms"],
+                    "pruned_conv_ms": prof["by_stage"].get(st, {}).get("conv_ms", 0.0),
+                }
+                for st in ref["by_stage"]
+                if ref["by_stage"][st]["conv_macs"]
             },
         }
     return out
@@ -299,45 +350,66 @@ def compare_profiles(profiles: dict[str, dict], base: str) -> dict[str, dict]:
 def markdown(result: dict) -> str:
     lines = []
     for arch, data in result["archs"].items():
-        lines += [f"#### {arch}", "",
-                  "| variant | round_to | residual | MACs kept | params kept | ideal | "
-                  "b1 speedup | b1 meas/ideal | b32 speedup | b32 meas/ideal | "
-                  "b32 paired (IQR) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"#### {arch}",
+            "",
+            "| variant | round_to | residual | MACs kept | params kept | ideal | "
+            "b1 speedup | b1 meas/ideal | b32 speedup | b32 meas/ideal | "
+            "b32 paired (IQR) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         rows = {(r["model"], r["batch"]): r for b in data["bench"].values() for r in b}
         for v in data["variants"]:
-            r1, r32 = rows.get((v["name"], data["batches"][0])), rows.get((v["name"],
-                                                                          data["batches"][1]))
+            r1, r32 = (
+                rows.get((v["name"], data["batches"][0])),
+                rows.get((v["name"], data["batches"][1])),
+            )
             p = r32["paired_speedup"]
             lines.append(
                 f"| {v['name']} | {v['round_to']} | {'yes' if v['prune_residual'] else 'no'} | "
                 f"{v['macs_kept']:.3f} | {v['params_kept']:.3f} | {r32['ideal_speedup']:.2f}× | "
                 f"{r1['speedup']:.2f}× | {r1['measured_over_ideal']:.2f} | "
                 f"{r32['speedup']:.2f}× | {r32['measured_over_ideal']:.2f} | "
-                f"{p['median']:.2f} ({p['q25']:.2f}–{p['q75']:.2f}) |")
+                f"{p['median']:.2f} ({p['q25']:.2f}–{p['q75']:.2f}) |"
+            )
         base = {b: rows[("original", b)]["median_ms"] for b in data["batches"]}
-        lines += ["", "original median: " + ", ".join(f"batch {b}: {ms:.1f} ms"
-                                                      for b, ms in base.items()), ""]
+        lines += [
+            "",
+            "original median: " + ", ".join(f"batch {b}: {ms:.1f} ms" for b, ms in base.items()),
+            "",
+        ]
         for name, cmp in data.get("profile_compare", {}).items():
-            lines += [f"Profile at batch {data['batches'][1]}, original vs **{name}** "
-                      f"(node-time speedup {cmp['total_speedup']:.2f}×, conv time "
-                      f"{cmp['conv_time_speedup']:.2f}× for conv MACs "
-                      f"{cmp['conv_mac_ratio']:.2f}×; conv ps/MAC "
-                      f"{cmp['conv_ps_per_mac'][0]:.1f} → {cmp['conv_ps_per_mac'][1]:.1f}; "
-                      f"non-conv ms {cmp['non_conv_ms'][0]:.1f} → {cmp['non_conv_ms'][1]:.1f}):",
-                      "", "| op type | nodes | orig ms | orig share | pruned ms | pruned share |"
-                      " speedup | ps/MAC orig → pruned |", "|---|---|---|---|---|---|---|---|"]
+            lines += [
+                f"Profile at batch {data['batches'][1]}, original vs **{name}** "
+                f"(node-time speedup {cmp['total_speedup']:.2f}×, conv time "
+                f"{cmp['conv_time_speedup']:.2f}× for conv MACs "
+                f"{cmp['conv_mac_ratio']:.2f}×; conv ps/MAC "
+                f"{cmp['conv_ps_per_mac'][0]:.1f} → {cmp['conv_ps_per_mac'][1]:.1f}; "
+                f"non-conv ms {cmp['non_conv_ms'][0]:.1f} → {cmp['non_conv_ms'][1]:.1f}):",
+                "",
+                "| op type | nodes | orig ms | orig share | pruned ms | pruned share |"
+                " speedup | ps/MAC orig → pruned |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
             for op, r in cmp["by_op"].items():
                 sp = "-" if r["speedup"] is None else f"{r['speedup']:.2f}×"
                 ps = " → ".join("-" if v is None else f"{v:.1f}" for v in r["ps_per_mac"])
-                lines.append(f"| {op} | {r['nodes'][0]} → {r['nodes'][1]} | {r['orig_ms']:.1f} | "
-                             f"{r['orig_share']:.1%} | {r['pruned_ms']:.1f} | "
-                             f"{r['pruned_share']:.1%} | {sp} | {ps} |")
-            lines += ["", "| stage (output H×W) | orig conv ms | pruned conv ms | conv time "
-                      "speedup | conv MAC ratio |", "|---|---|---|---|---|"]
+                lines.append(
+                    f"| {op} | {r['nodes'][0]} → {r['nodes'][1]} | {r['orig_ms']:.1f} | "
+                    f"{r['orig_share']:.1%} | {r['pruned_ms']:.1f} | "
+                    f"{r['pruned_share']:.1%} | {sp} | {ps} |"
+                )
+            lines += [
+                "",
+                "| stage (output H×W) | orig conv ms | pruned conv ms | conv time "
+                "speedup | conv MAC ratio |",
+                "|---|---|---|---|---|",
+            ]
             for st, r in cmp["by_stage"].items():
-                lines.append(f"| {st} | {r['orig_conv_ms']:.1f} | {r['pruned_conv_ms']:.1f} | "
-                             f"{r['conv_time_speedup']:.2f}× | {r['conv_mac_ratio']:.2f}× |")
+                lines.append(
+                    f"| {st} | {r['orig_conv_ms']:.1f} | {r['pruned_conv_ms']:.1f} | "
+                    f"{r['conv_time_speedup']:.2f}× | {r['conv_mac_ratio']:.2f}× |"
+                )
             lines.append("")
     return "\n".join(lines)
 
@@ -346,9 +418,12 @@ def markdown(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    result = {"command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "machine": machine(), "goal": f">= {GOAL} of ideal at batch 32, 50 % fewer MACs",
-              "archs": {}}
+    result = {
+        "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": machine(),
+        "goal": f">= {GOAL} of ideal at batch 32, 50 % fewer MACs",
+        "archs": {},
+    }
     threads = physical_cores()
     for arch in args.archs:
         print(f"== {arch}", flush=True)
@@ -361,16 +436,23 @@ def run(args: argparse.Namespace) -> dict:
             (args.batches[0], args.repeats_small, 3, 1.0),
             (args.batches[1], args.repeats_large, 1, 0.0),
         ):
-            bench[str(batch)] = time_models(models, batch, warmup=warmup, repeats=repeats,
-                                            min_time=min_time)
-        profiled = {"original": original,
-                    **{k: v for k, v in pruned.items() if k.startswith("mag50")}}
+            bench[str(batch)] = time_models(
+                models, batch, warmup=warmup, repeats=repeats, min_time=min_time
+            )
+        profiled = {
+            "original": original,
+            **{k: v for k, v in pruned.items() if k.startswith("mag50")},
+        }
         print(f"  profiling {list(profiled)} at batch {args.batches[1]}", flush=True)
-        profiles = profile(profiled, args.batches[1], runs=args.profile_runs, warmup=1,
-                           threads=threads)
+        profiles = profile(
+            profiled, args.batches[1], runs=args.profile_runs, warmup=1, threads=threads
+        )
         result["archs"][arch] = {
-            "batches": list(args.batches), "variants": settings, "bench": bench,
-            "profiles": profiles, "profile_compare": compare_profiles(profiles, "original"),
+            "batches": list(args.batches),
+            "variants": settings,
+            "bench": bench,
+            "profiles": profiles,
+            "profile_compare": compare_profiles(profiles, "original"),
         }
     result["machine"]["loadavg_end"] = os.getloadavg()
     return result
@@ -378,10 +460,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 50 %% only, batch 1 and 4, few repeats")
-    parser.add_argument("--archs", nargs="+", default=["resnet18", "mobilenetv2"],
-                        choices=sorted(archs224.ARCHS))
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 50 %% only, batch 1 and 4, few repeats"
+    )
+    parser.add_argument(
+        "--archs", nargs="+", default=["resnet18", "mobilenetv2"], choices=sorted(archs224.ARCHS)
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:

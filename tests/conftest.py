@@ -62,8 +62,9 @@ def session(model: onnx.ModelProto | str | os.PathLike) -> ort.InferenceSession:
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def run_model(model: onnx.ModelProto | str | os.PathLike,
-              feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run_model(
+    model: onnx.ModelProto | str | os.PathLike, feeds: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """All outputs of `model` on `feeds` in ONNX Runtime (CPU), keyed by output name."""
     sess = session(model)
     names = [o.name for o in sess.get_outputs()]
@@ -81,8 +82,9 @@ def max_deviation(model_a, model_b, feeds: Mapping[str, np.ndarray]) -> float:
     return worst
 
 
-def assert_outputs_close(model_a, model_b, feeds: Mapping[str, np.ndarray],
-                         atol: float = 1e-5, rtol: float = 0.0) -> None:
+def assert_outputs_close(
+    model_a, model_b, feeds: Mapping[str, np.ndarray], atol: float = 1e-5, rtol: float = 0.0
+) -> None:
     """Run both models in ORT CPU on `feeds`; every output must satisfy |a − b| ≤ atol + rtol·|a|.
 
     Outputs must match by name and shape.

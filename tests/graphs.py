@@ -30,18 +30,40 @@ class Builder:
     def rand(self, name: str, *shape: int, scale: float = 0.5) -> str:
         return self.const(name, (scale * self.rng.standard_normal(shape)).astype(np.float32))
 
-    def node(self, op: str, name: str, inputs: Sequence[str], outputs: int = 1,
-             domain: str | None = None, **attrs: object) -> str:
+    def node(
+        self,
+        op: str,
+        name: str,
+        inputs: Sequence[str],
+        outputs: int = 1,
+        domain: str | None = None,
+        **attrs: object,
+    ) -> str:
         outs = [f"{name}_out"] + [f"{name}_out{i}" for i in range(1, outputs)]
-        self.nodes.append(helper.make_node(op, list(inputs), outs, name=name, domain=domain,
-                                           **attrs))
+        self.nodes.append(
+            helper.make_node(op, list(inputs), outs, name=name, domain=domain, **attrs)
+        )
         return outs[0]
 
-    def conv(self, name: str, x: str, cin: int, cout: int, k: int = 3, *, group: int = 1,
-             pad: bool = True, bias: bool = True, weight: np.ndarray | None = None,
-             b: np.ndarray | None = None) -> str:
-        w = self.const(f"{name}.w", weight) if weight is not None else \
-            self.rand(f"{name}.w", cout, cin // group, k, k)
+    def conv(
+        self,
+        name: str,
+        x: str,
+        cin: int,
+        cout: int,
+        k: int = 3,
+        *,
+        group: int = 1,
+        pad: bool = True,
+        bias: bool = True,
+        weight: np.ndarray | None = None,
+        b: np.ndarray | None = None,
+    ) -> str:
+        w = (
+            self.const(f"{name}.w", weight)
+            if weight is not None
+            else self.rand(f"{name}.w", cout, cin // group, k, k)
+        )
         inputs = [x, w]
         if bias:
             bias_name = f"{name}.b"
@@ -64,14 +86,21 @@ class Builder:
     def relu(self, name: str, x: str) -> str:
         return self.node("Relu", name, [x])
 
-    def model(self, outputs: Sequence[str], *, shape: Sequence[object] = ("N", 3, 8, 8),
-              opset: int = 17, inputs: Sequence[tuple[str, Sequence[object]]] | None = None,
-              extra_opsets: Sequence[tuple[str, int]] = ()) -> onnx.ModelProto:
+    def model(
+        self,
+        outputs: Sequence[str],
+        *,
+        shape: Sequence[object] = ("N", 3, 8, 8),
+        opset: int = 17,
+        inputs: Sequence[tuple[str, Sequence[object]]] | None = None,
+        extra_opsets: Sequence[tuple[str, int]] = (),
+    ) -> onnx.ModelProto:
         ins = [helper.make_tensor_value_info(n, F, list(s)) for n, s in (inputs or [("x", shape)])]
         outs = [helper.make_tensor_value_info(o, F, None) for o in outputs]
         graph = helper.make_graph(self.nodes, "tiny", ins, outs, self.inits)
-        opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v)
-                                                     for d, v in extra_opsets]
+        opsets = [helper.make_opsetid("", opset)] + [
+            helper.make_opsetid(d, v) for d, v in extra_opsets
+        ]
         model = helper.make_model(graph, opset_imports=opsets)
         model.ir_version = 8
         model = onnx.shape_inference.infer_shapes(model)
@@ -242,8 +271,10 @@ def constant_weights() -> onnx.ModelProto:
     """A Paddle-style conv chain whose weights and biases are Constant nodes, not initializers."""
     model = conv_chain()
     graph = model.graph
-    constants = [helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t)
-                 for t in graph.initializer]
+    constants = [
+        helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t)
+        for t in graph.initializer
+    ]
     nodes = constants + list(graph.node)
     del graph.initializer[:]
     del graph.node[:]
@@ -260,8 +291,9 @@ def random_input(model: onnx.ModelProto, n: int = 4, seed: int = 0) -> dict[str,
     for value in model.graph.input:
         if value.name in inits:
             continue
-        dims = [d.dim_value if d.HasField("dim_value") else n
-                for d in value.type.tensor_type.shape.dim]
+        dims = [
+            d.dim_value if d.HasField("dim_value") else n for d in value.type.tensor_type.shape.dim
+        ]
         feeds[value.name] = rng.standard_normal(dims).astype(np.float32)
     return feeds
 
@@ -281,8 +313,13 @@ def export_torch(module, input_shape: Sequence[int]) -> onnx.ModelProto:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module.eval(), (example,), buffer, dynamo=False, opset_version=17,
-            input_names=["input"], output_names=["logits"],
+            module.eval(),
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
     return onnx.load_from_string(buffer.getvalue())

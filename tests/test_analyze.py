@@ -36,7 +36,9 @@ def test_plain_conv_chain():
     assert c1.taps == (Tap("r1_out", 1, 0, 1),)
     assert c1.channels == 8 and c1.prunable and not c1.coupled
     assert {(e.node, e.input, e.axis, e.role) for e in c1.edits} == {
-        ("c1", 1, 0, "out"), ("c1", 2, 0, "out"), ("c2", 1, 1, "in"),
+        ("c1", 1, 0, "out"),
+        ("c1", 2, 0, "out"),
+        ("c2", 1, 1, "in"),
     }
     assert (c2.producers, c2.consumers, c2.channels) == (("c2",), ("c3",), 6)
     assert not c3.prunable and "graph output" in c3.reason
@@ -57,8 +59,7 @@ def test_residual_add_is_one_coupled_group():
 
 def test_residual_conv_that_reads_and_writes_the_trunk_keeps_both_edits():
     trunk = groups_of(graphs.residual_add())["c1"]
-    assert {(e.axis, e.role) for e in edits(trunk, "c2") if e.input == 1} == {(0, "out"),
-                                                                                (1, "in")}
+    assert {(e.axis, e.role) for e in edits(trunk, "c2") if e.input == 1} == {(0, "out"), (1, "in")}
 
 
 def test_concat_segments_have_their_offsets():
@@ -74,8 +75,9 @@ def test_concat_segments_have_their_offsets():
     assert "cat" in a.passthrough and "cat" in b.passthrough
 
 
-@pytest.mark.parametrize("kind, target", [("flatten", None), ("reshape", (0, -1)),
-                                          ("reshape", (-1, 96))])
+@pytest.mark.parametrize(
+    "kind, target", [("flatten", None), ("reshape", (0, -1)), ("reshape", (-1, 96))]
+)
 def test_flatten_and_reshape_to_gemm_spread_each_channel_over_hw(kind, target):
     model = graphs.flatten_gemm(kind, target or (0, -1))
     group = groups_of(model)["c1"]
@@ -116,8 +118,15 @@ def test_channels_reaching_a_graph_output_are_unprunable():
     assert group.reason == "channels reach graph output 'feat_out'"
 
 
-@pytest.mark.parametrize("op, named", [("Transpose", "Transpose"), ("Softmax", "Softmax"),
-                                       ("LRN", "LRN"), ("Mystery", "com.example::Mystery")])
+@pytest.mark.parametrize(
+    "op, named",
+    [
+        ("Transpose", "Transpose"),
+        ("Softmax", "Softmax"),
+        ("LRN", "LRN"),
+        ("Mystery", "com.example::Mystery"),
+    ],
+)
 def test_unknown_or_channel_mixing_op_blocks_with_op_and_node(op, named):
     group = groups_of(graphs.blocked_by(op))["c1"]
     assert not group.prunable
@@ -150,7 +159,9 @@ def test_matmul_with_constant_weight_is_producer_and_consumer():
     assert group.prunable and group.consumers == ("m2",) and group.channels == 12
     assert "m1_bias" in group.passthrough  # the bias Add is sliced per feature
     assert {(e.node, e.input, e.role) for e in group.edits} >= {
-        ("m1", 1, "out"), ("m1_bias", 1, "chan"), ("m2", 1, "in"),
+        ("m1", 1, "out"),
+        ("m1_bias", 1, "chan"),
+        ("m2", 1, "in"),
     }
     (m2,) = edits(group, "m2")
     assert m2.axis == 0  # MatMul weight is (in, out)

@@ -34,8 +34,9 @@ def model(tmp_path) -> Path:
     return path
 
 
-def _fails(capsys, args: list[str], code: int, *, source: Path | None, output: Path,
-           contains: str = "") -> str:
+def _fails(
+    capsys, args: list[str], code: int, *, source: Path | None, output: Path, contains: str = ""
+) -> str:
     digest = file_hash(source) if source is not None and source.is_file() else None
     assert main(args) == code
     captured = capsys.readouterr()
@@ -53,14 +54,26 @@ def _fails(capsys, args: list[str], code: int, *, source: Path | None, output: P
 
 def test_missing_path(capsys, tmp_path):
     out = tmp_path / "out.onnx"
-    _fails(capsys, [str(tmp_path / "nope.onnx"), "-o", str(out)], 1, source=None, output=out,
-           contains="nope.onnx")
+    _fails(
+        capsys,
+        [str(tmp_path / "nope.onnx"), "-o", str(out)],
+        1,
+        source=None,
+        output=out,
+        contains="nope.onnx",
+    )
 
 
 def test_directory(capsys, tmp_path):
     out = tmp_path / "out.onnx"
-    _fails(capsys, [str(tmp_path), "-o", str(out)], 1, source=None, output=out,
-           contains="is not a file")
+    _fails(
+        capsys,
+        [str(tmp_path), "-o", str(out)],
+        1,
+        source=None,
+        output=out,
+        contains="is not a file",
+    )
 
 
 def test_not_onnx(capsys, tmp_path):
@@ -83,16 +96,16 @@ def test_opset_out_of_range(capsys, tmp_path, opset):
     src = tmp_path / "old.onnx"
     onnx.save_model(graphs.conv_chain(opset=opset), str(src))
     out = tmp_path / "out.onnx"
-    _fails(capsys, [str(src), "-o", str(out)], 1, source=src, output=out,
-           contains=f"opset {opset}")
+    _fails(capsys, [str(src), "-o", str(out)], 1, source=src, output=out, contains=f"opset {opset}")
 
 
 def test_nothing_prunable_fails_unless_allow_noop(capsys, tmp_path):
     src = tmp_path / "gemm.onnx"
     onnx.save_model(graphs.single_gemm(), str(src))
     out = tmp_path / "out.onnx"
-    _fails(capsys, [str(src), "-o", str(out)], 1, source=src, output=out,
-           contains="nothing to prune")
+    _fails(
+        capsys, [str(src), "-o", str(out)], 1, source=src, output=out, contains="nothing to prune"
+    )
     assert main([str(src), "-o", str(out), "--allow-noop"]) == 0
     assert out.is_file()
     onnx.checker.check_model(str(out), full_check=True)
@@ -101,8 +114,14 @@ def test_nothing_prunable_fails_unless_allow_noop(capsys, tmp_path):
 @pytest.mark.parametrize("ratio", ["1.5", "-0.1"])
 def test_ratio_out_of_range_is_usage(capsys, model, ratio):
     out = model.with_name("out.onnx")
-    _fails(capsys, [str(model), "--ratio", ratio, "-o", str(out)], 2, source=model, output=out,
-           contains=f"got {float(ratio)}")
+    _fails(
+        capsys,
+        [str(model), "--ratio", ratio, "-o", str(out)],
+        2,
+        source=model,
+        output=out,
+        contains=f"got {float(ratio)}",
+    )
 
 
 def test_output_equal_to_input_is_usage(capsys, model):
@@ -118,28 +137,47 @@ def _npz(tmp_path: Path, **arrays: np.ndarray) -> Path:
     return path
 
 
-@pytest.mark.parametrize("arrays, named", [
-    ({"image": np.zeros((4, 1, 32, 32), np.float32),
-      "other": np.zeros((4, 1, 32, 32), np.float32)}, "'input'"),
-    ({"input": np.zeros((4, 1, 28, 28), np.float32)}, "'input'"),
-    ({"input": np.zeros((4, 1, 32, 32), np.int32)}, "'input'"),
-    ({"input": np.full((4, 1, 32, 32), np.nan, np.float32)}, "NaN"),
-], ids=["name", "shape", "dtype", "nan"])
+@pytest.mark.parametrize(
+    "arrays, named",
+    [
+        (
+            {
+                "image": np.zeros((4, 1, 32, 32), np.float32),
+                "other": np.zeros((4, 1, 32, 32), np.float32),
+            },
+            "'input'",
+        ),
+        ({"input": np.zeros((4, 1, 28, 28), np.float32)}, "'input'"),
+        ({"input": np.zeros((4, 1, 32, 32), np.int32)}, "'input'"),
+        ({"input": np.full((4, 1, 32, 32), np.nan, np.float32)}, "NaN"),
+    ],
+    ids=["name", "shape", "dtype", "nan"],
+)
 def test_calibration_data_that_does_not_fit(capsys, model, tmp_path, arrays, named):
     data = _npz(tmp_path, **arrays)
     out = tmp_path / "out.onnx"
-    _fails(capsys, [str(model), "--method", "id", "--data", str(data), "-o", str(out)], 1,
-           source=model, output=out, contains=named)
+    _fails(
+        capsys,
+        [str(model), "--method", "id", "--data", str(data), "-o", str(out)],
+        1,
+        source=model,
+        output=out,
+        contains=named,
+    )
 
 
 def test_missing_external_data(capsys, tmp_path):
     src = tmp_path / "ext.onnx"
-    onnx.save_model(graphs.conv_chain(), str(src), save_as_external_data=True,
-                    location="ext.onnx.data", size_threshold=0)
+    onnx.save_model(
+        graphs.conv_chain(),
+        str(src),
+        save_as_external_data=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
     (tmp_path / "ext.onnx.data").unlink()
     out = tmp_path / "out.onnx"
-    _fails(capsys, [str(src), "-o", str(out)], 1, source=src, output=out,
-           contains="ext.onnx.data")
+    _fails(capsys, [str(src), "-o", str(out)], 1, source=src, output=out, contains="ext.onnx.data")
 
 
 def test_debug_reraises(tmp_path):
@@ -151,28 +189,52 @@ def test_bad_recipe_value_is_an_error_not_a_traceback(capsys, model, tmp_path):
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"/features/features.0/features.0.0/Conv": 1.5}))
     out = tmp_path / "out.onnx"
-    _fails(capsys, [str(model), "--recipe", str(recipe), "-o", str(out)], 2, source=model,
-           output=out, contains="recipe")
+    _fails(
+        capsys,
+        [str(model), "--recipe", str(recipe), "-o", str(out)],
+        2,
+        source=model,
+        output=out,
+        contains="recipe",
+    )
 
 
 def test_non_numeric_recipe_value_is_a_one_line_error(capsys, model, tmp_path):
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"/features/features.0/features.0.0/Conv": "half"}))
     out = tmp_path / "out.onnx"
-    _fails(capsys, [str(model), "--recipe", str(recipe), "-o", str(out)], 2, source=model,
-           output=out, contains="recipe")
+    _fails(
+        capsys,
+        [str(model), "--recipe", str(recipe), "-o", str(out)],
+        2,
+        source=model,
+        output=out,
+        contains="recipe",
+    )
 
 
 # --- success --------------------------------------------------------------------------------------
 
 
 def test_exact_borders_adds_the_border_maps_after_padded_consumers(tmp_path, model):
-    common = [str(model), "--compensate", "lsq", "--ratio", "0.5", "--round-to", "1",
-              "--data", str(data_path("vgg")), "--no-verify"]
+    common = [
+        str(model),
+        "--compensate",
+        "lsq",
+        "--ratio",
+        "0.5",
+        "--round-to",
+        "1",
+        "--data",
+        str(data_path("vgg")),
+        "--no-verify",
+    ]
     assert main([*common, "-o", str(tmp_path / "plain.onnx")]) == 0
     assert main([*common, "--exact-borders", "-o", str(tmp_path / "exact.onnx")]) == 0
-    ops = {name: [n.op_type for n in onnx.load(str(tmp_path / name)).graph.node]
-           for name in ("plain.onnx", "exact.onnx")}
+    ops = {
+        name: [n.op_type for n in onnx.load(str(tmp_path / name)).graph.node]
+        for name in ("plain.onnx", "exact.onnx")
+    }
     assert ops["exact.onnx"].count("Add") > ops["plain.onnx"].count("Add")
 
 
@@ -191,8 +253,24 @@ def test_default_output_beside_the_input(capsys, model):
 def test_report_file(capsys, model, tmp_path):
     report = tmp_path / "report.json"
     out = tmp_path / "small.onnx"
-    assert main([str(model), "-o", str(out), "--report", str(report), "--method", "id",
-                 "--data", str(data_path("vgg")), "--calib-samples", "64"]) == 0
+    assert (
+        main(
+            [
+                str(model),
+                "-o",
+                str(out),
+                "--report",
+                str(report),
+                "--method",
+                "id",
+                "--data",
+                str(data_path("vgg")),
+                "--calib-samples",
+                "64",
+            ]
+        )
+        == 0
+    )
     data = json.loads(report.read_text())
     assert data["method"] == "id"
     assert len(data["groups"]) == 8
@@ -223,8 +301,19 @@ FC = "/classifier/classifier.1/Gemm"  # 128 features
 
 
 def test_layer_ratio_exclude_and_recipe_take_effect(capsys, model, tmp_path):
-    kept = _kept(capsys, model, tmp_path, "--ratio", "0.5", "--layer-ratio", "features=0.25",
-                 "--layer-ratio", r"features\.1\b=0.75", "--exclude", "classifier")
+    kept = _kept(
+        capsys,
+        model,
+        tmp_path,
+        "--ratio",
+        "0.5",
+        "--layer-ratio",
+        "features=0.25",
+        "--layer-ratio",
+        r"features\.1\b=0.75",
+        "--exclude",
+        "classifier",
+    )
     assert kept[CONV0] == 24  # features=0.25
     assert kept[CONV1] == 8  # the later, more specific pattern wins
     assert kept[FC] == 128  # excluded
@@ -237,7 +326,13 @@ def test_layer_ratio_exclude_and_recipe_take_effect(capsys, model, tmp_path):
 def test_module_entry_point_help():
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, "-m", "onnxprune", "--help"], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxprune", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0
     assert "usage: onnxprune" in proc.stdout and "exit codes" in proc.stdout

@@ -52,15 +52,26 @@ def _mlp(fin: int, width: int, mid: list[str], fout: int = 3) -> onnx.ModelProto
     nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h0"], name="fc1", transB=1)]
     for i, op in enumerate(mid):
         name = f"{op}{i}"
-        nodes.append(rmsnorm_node(f"h{i}", f"h{i + 1}", name=name) if op == "rms"
-                     else tsra_node(f"h{i}", f"h{i + 1}", width // 2, 1, name))
+        nodes.append(
+            rmsnorm_node(f"h{i}", f"h{i + 1}", name=name)
+            if op == "rms"
+            else tsra_node(f"h{i}", f"h{i + 1}", width // 2, 1, name)
+        )
     last = f"h{len(mid)}"
     nodes.append(helper.make_node("Gemm", [last, "w2", "b2"], ["y"], name="fc2", transB=1))
-    inits = [_weight("w1", width, fin), _weight("b1", width), _weight("w2", fout, width),
-             _weight("b2", fout)]
+    inits = [
+        _weight("w1", width, fin),
+        _weight("b1", width),
+        _weight("w2", fout, width),
+        _weight("b2", fout),
+    ]
     value = helper.make_tensor_value_info
-    return make_model(nodes, [value("x", TensorProto.FLOAT, ["N", fin])],
-                      [value("y", TensorProto.FLOAT, ["N", fout])], inits)
+    return make_model(
+        nodes,
+        [value("x", TensorProto.FLOAT, ["N", fin])],
+        [value("y", TensorProto.FLOAT, ["N", fout])],
+        inits,
+    )
 
 
 def _x(n: int, f: int, seed: int) -> dict[str, np.ndarray]:
@@ -69,8 +80,11 @@ def _x(n: int, f: int, seed: int) -> dict[str, np.ndarray]:
 
 def _tsra_only(c: int, split: int) -> onnx.ModelProto:
     value = helper.make_tensor_value_info
-    return make_model([tsra_node("x", "y", split)], [value("x", TensorProto.FLOAT, ["N", c])],
-                      [value("y", TensorProto.FLOAT, ["N", c])])
+    return make_model(
+        [tsra_node("x", "y", split)],
+        [value("x", TensorProto.FLOAT, ["N", c])],
+        [value("y", TensorProto.FLOAT, ["N", c])],
+    )
 
 
 # --- equivariance of the real ONNX TSRA function ------------------------------------------------
@@ -122,27 +136,33 @@ def test_random_block_rotations_on_tsra_vgg_change_nothing_and_mixing_ones_do():
 
     test = reference_feeds("tsra_vgg", 32, "test")
     original = export(graph)
-    assert_outputs_close(original, export(rewrite(graph, tuple(groups), plans(False))), test,
-                         atol=1e-5, rtol=1e-4)
+    assert_outputs_close(
+        original, export(rewrite(graph, tuple(groups), plans(False))), test, atol=1e-5, rtol=1e-4
+    )
     assert max_deviation(original, export(rewrite(graph, tuple(groups), plans(True))), test) > 0.1
 
 
 def _matmul_chain() -> onnx.ModelProto:
     """x[N,6] → MatMul (6×10) + per-feature bias → MatMul (10×3): the bias Add turns with Q."""
     b = graphs.Builder(13)
-    h = b.node("Add", "bias", [b.node("MatMul", "m1", ["x", b.rand("m1.w", 6, 10)]),
-                               b.rand("m1.b", 10)])
+    h = b.node(
+        "Add", "bias", [b.node("MatMul", "m1", ["x", b.rand("m1.w", 6, 10)]), b.rand("m1.b", 10)]
+    )
     return b.model([b.node("MatMul", "m2", [h, b.rand("m2.w", 10, 3)])], shape=("N", 6))
 
 
-@pytest.mark.parametrize("build", [graphs.linear_conv_chain, _matmul_chain,
-                                   lambda: _mlp(5, 12, [])], ids=["conv", "matmul", "gemm"])
+@pytest.mark.parametrize(
+    "build",
+    [graphs.linear_conv_chain, _matmul_chain, lambda: _mlp(5, 12, [])],
+    ids=["conv", "matmul", "gemm"],
+)
 def test_full_width_cob_on_a_linear_chain_changes_nothing(build):
     model = build()
     result = onnxprune.prune(model, method="cob", ratio=0.0, data=graphs.random_input(model, 64))
     assert any(p.rotation is not None and p.info["centred"] for p in result.plans.values())
-    assert_outputs_close(model, result.model, graphs.random_input(model, 8, seed=5),
-                         atol=1e-5, rtol=1e-5)
+    assert_outputs_close(
+        model, result.model, graphs.random_input(model, 8, seed=5), atol=1e-5, rtol=1e-5
+    )
 
 
 # --- exact at rank-deficient width --------------------------------------------------------------
@@ -187,8 +207,7 @@ def test_behind_an_rmsnorm_only_the_divisor_correction_makes_it_exact():
 
 def _bn_after_pool() -> onnx.ModelProto:
     b = graphs.Builder(7)
-    h = b.bn("bn", b.node("AveragePool", "pool", [b.conv("c1", "x", 3, 6)], kernel_shape=[2, 2]),
-             6)
+    h = b.bn("bn", b.node("AveragePool", "pool", [b.conv("c1", "x", 3, 6)], kernel_shape=[2, 2]), 6)
     return b.model([b.conv("c2", h, 6, 4)])
 
 
@@ -198,11 +217,15 @@ def _maxpool() -> onnx.ModelProto:
     return b.model([b.conv("c2", h, 6, 4)])
 
 
-@pytest.mark.parametrize("build, blocker", [
-    (graphs.conv_chain, "Relu 'r1'"),
-    (_bn_after_pool, "BatchNormalization 'bn' has a per-channel affine"),
-    (_maxpool, "MaxPool 'pool' takes a per-channel max"),
-], ids=["relu", "batchnorm", "maxpool"])
+@pytest.mark.parametrize(
+    "build, blocker",
+    [
+        (graphs.conv_chain, "Relu 'r1'"),
+        (_bn_after_pool, "BatchNormalization 'bn' has a per-channel affine"),
+        (_maxpool, "MaxPool 'pool' takes a per-channel max"),
+    ],
+    ids=["relu", "batchnorm", "maxpool"],
+)
 def test_the_analyzer_refuses_rotation_across(build, blocker):
     group = next(g for g in analyze(normalize(build())) if g.name == "c1")
     assert group.prunable and not group.rotatable
@@ -211,8 +234,9 @@ def test_the_analyzer_refuses_rotation_across(build, blocker):
 
 def test_explicit_cob_on_a_non_rotatable_group_says_so_and_selects_without_rotation():
     model = graphs.conv_chain()
-    result = onnxprune.prune(model, method="cob", ratio=0.5, round_to=1,
-                             data=graphs.random_input(model, 16))
+    result = onnxprune.prune(
+        model, method="cob", ratio=0.5, round_to=1, data=graphs.random_input(model, 16)
+    )
     assert all(p.rotation is None and p.info["rotated"] == 0 for p in result.plans.values())
     (note,) = [n for n in result.report.notes if n.startswith("cob:")]
     assert "2 group(s) cannot be rotated" in note and "Relu 'r1'" in note
@@ -222,12 +246,18 @@ def _rms_pattern(square: str, inverse: bool) -> onnx.ModelProto:
     """c1(6) → x / sqrt(mean_c(x²) + ε) written with primitives → avgpool → c2(4)."""
     b = graphs.Builder(9)
     h = b.conv("c1", "x", 3, 6)
-    sq = (b.node("Pow", "sq", [h, b.const("two", np.array(2, np.float32))]) if square == "pow"
-          else b.node("Mul", "sq", [h, h]))
+    sq = (
+        b.node("Pow", "sq", [h, b.const("two", np.array(2, np.float32))])
+        if square == "pow"
+        else b.node("Mul", "sq", [h, h])
+    )
     ms = b.node("ReduceMean", "ms", [sq], axes=[1], keepdims=1)
     rms = b.node("Sqrt", "rt", [b.node("Add", "eps", [ms, b.const("e", np.float32(1e-6))])])
-    y = (b.node("Mul", "nrm", [h, b.node("Reciprocal", "inv", [rms])]) if inverse
-         else b.node("Div", "nrm", [h, rms]))
+    y = (
+        b.node("Mul", "nrm", [h, b.node("Reciprocal", "inv", [rms])])
+        if inverse
+        else b.node("Div", "nrm", [h, rms])
+    )
     y = b.node("AveragePool", "pool", [y], kernel_shape=[2, 2])
     return b.model([b.conv("c2", y, 6, 4)])
 
@@ -246,8 +276,13 @@ def test_primitive_rmsnorm_pattern_is_rotatable_and_prunes_validly(square, inver
 
 def _rmsnormalization(scale: np.ndarray) -> onnx.ModelProto:
     b = graphs.Builder(10)
-    h = b.node("RMSNormalization", "rmsn", [b.conv("c1", "x", 3, 6), b.const("s", scale)],
-               axis=1, epsilon=1e-5)
+    h = b.node(
+        "RMSNormalization",
+        "rmsn",
+        [b.conv("c1", "x", 3, 6), b.const("s", scale)],
+        axis=1,
+        epsilon=1e-5,
+    )
     return b.model([b.conv("c2", h, 6, 4)], opset=23)
 
 
@@ -261,8 +296,9 @@ def test_opset23_rmsnormalization_with_a_uniform_scale_is_rotatable():
     test = graphs.random_input(ones, 4, seed=2)
     assert_outputs_close(ones, export(rewrite(graph, (group,), {"c1": plan})), test, atol=1e-5)
     pruned = export(rewrite(graph, (group,), {"c1": Plan(np.array([0, 2, 3]))}))
-    assert numpy_helper.to_array(next(t for t in pruned.graph.initializer
-                                      if t.name.startswith("s"))).shape == (3, 1, 1)
+    assert numpy_helper.to_array(
+        next(t for t in pruned.graph.initializer if t.name.startswith("s"))
+    ).shape == (3, 1, 1)
     scaled = _rmsnormalization(np.linspace(0.5, 2, 6, dtype=np.float32).reshape(6, 1, 1))
     group = next(g for g in analyze(normalize(scaled)) if g.name == "c1")
     assert group.prunable and "per-channel scale" in group.rotation_block
@@ -298,11 +334,17 @@ def test_split_is_the_number_of_kept_channels_before_it(method):
     model = _concat_tsra()
     groups = {g.name: g for g in analyze(normalize(model))}
     assert groups["ca"].subspaces == () and groups["cb"].subspaces == (3,)
-    result = onnxprune.prune(model, method=method, ratio=0.5, round_to=1,
-                             data=graphs.random_input(model, 32))
+    result = onnxprune.prune(
+        model, method=method, ratio=0.5, round_to=1, data=graphs.random_input(model, 32)
+    )
     keep_a, keep_b = result.plans["ca"].keep, result.plans["cb"].keep
-    split = next(a.i for n in result.model.graph.node if n.op_type == "TSRA"
-                 for a in n.attribute if a.name == "split")
+    split = next(
+        a.i
+        for n in result.model.graph.node
+        if n.op_type == "TSRA"
+        for a in n.attribute
+        if a.name == "split"
+    )
     assert split == len(keep_a) + int((keep_b < 3).sum())
     assert 0 < (keep_b < 3).sum() < len(keep_b)  # both subspaces of cb keep a channel
     out = run_model(result.model, graphs.random_input(model, 2))
@@ -369,9 +411,24 @@ def test_cli_prunes_tsra_vgg_with_cob(tmp_path):
     from onnxprune.cli import main
 
     out = tmp_path / "p.onnx"
-    code = main([str(reference_path("tsra_vgg")), "--method", "cob", "--param-ratio", "0.75",
-                 "--data", "models/digits32_calib.npz", "--calib-samples", "128",
-                 "--round-to", "1", "-o", str(out), "--rms-correction"])
+    code = main(
+        [
+            str(reference_path("tsra_vgg")),
+            "--method",
+            "cob",
+            "--param-ratio",
+            "0.75",
+            "--data",
+            "models/digits32_calib.npz",
+            "--calib-samples",
+            "128",
+            "--round-to",
+            "1",
+            "-o",
+            str(out),
+            "--rms-correction",
+        ]
+    )
     assert code == 0
     pruned = onnx.load(str(out))
     assert sum(numpy_helper.to_array(t).size for t in pruned.graph.initializer) < 0.3 * 401450
@@ -390,5 +447,9 @@ def test_cob_on_a_linear_chain_reaches_the_eckart_young_optimum():
     optimum = np.sqrt(np.sum(s[4:] ** 2) / np.sum(z**2))
     assert result.plans["fc1"].info["err"] == pytest.approx(optimum, rel=1e-4)
     # and no selection of 4 original channels, even with the best affine map, gets there
-    assert onnxprune.prune(model, method="id", ratio=0.75, round_to=1, data=calib,
-                           compensate="bias").plans["fc1"].info["err"] > 1.05 * optimum
+    assert (
+        onnxprune.prune(model, method="id", ratio=0.75, round_to=1, data=calib, compensate="bias")
+        .plans["fc1"]
+        .info["err"]
+        > 1.05 * optimum
+    )

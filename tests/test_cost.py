@@ -34,11 +34,20 @@ def test_grouped_strided_dilated_padded_conv_with_symbolic_batch():
     # X [N,8,10,10], W [16,4,3,3], group 2, stride 2, dilation 2 (effective kernel 5), pads 1
     # H_out = (10 + 2 - 5) // 2 + 1 = 4 -> MACs = 1*16*4*4 * (8/2)*3*3 = 9216
     conv = helper.make_node(
-        "Conv", ["x", "w", "b"], ["y"], group=2, strides=[2, 2], dilations=[2, 2],
+        "Conv",
+        ["x", "w", "b"],
+        ["y"],
+        group=2,
+        strides=[2, 2],
+        dilations=[2, 2],
         pads=[1, 1, 1, 1],
     )
-    model = _model([conv], [_vi("x", ["N", 8, 10, 10])], [_vi("y", None)],
-                   [_init("w", 16, 4, 3, 3), _init("b", 16)])
+    model = _model(
+        [conv],
+        [_vi("x", ["N", 8, 10, 10])],
+        [_vi("y", None)],
+        [_init("w", 16, 4, 3, 3), _init("b", 16)],
+    )
     cost = count(model)
     assert cost.macs == 16 * 4 * 4 * 4 * 3 * 3 == 9216
     assert cost.params == 16 * 4 * 9 + 16
@@ -57,8 +66,12 @@ def test_depthwise_conv():
 def test_conv_1d_and_conv_transpose():
     conv1d = helper.make_node("Conv", ["x", "w"], ["y"])  # [1,2,10] * [3,2,3] -> [1,3,8]
     deconv = helper.make_node("ConvTranspose", ["y", "wt"], ["z"], strides=[2])  # [3,4,3]
-    model = _model([conv1d, deconv], [_vi("x", [1, 2, 10])], [_vi("z", None)],
-                   [_init("w", 3, 2, 3), _init("wt", 3, 4, 3)])
+    model = _model(
+        [conv1d, deconv],
+        [_vi("x", [1, 2, 10])],
+        [_vi("z", None)],
+        [_init("w", 3, 2, 3), _init("wt", 3, 4, 3)],
+    )
     cost = count(model)
     assert _by_op(cost, "Conv").macs == 3 * 8 * 2 * 3
     assert _by_op(cost, "ConvTranspose").macs == (3 * 8) * (4 * 3)  # |X| * C_out/g * k
@@ -66,8 +79,9 @@ def test_conv_1d_and_conv_transpose():
 
 def test_gemm_with_trans_b():
     gemm = helper.make_node("Gemm", ["a", "b", "c"], ["y"], transB=1)
-    model = _model([gemm], [_vi("a", ["batch", 64])], [_vi("y", None)],
-                   [_init("b", 10, 64), _init("c", 10)])
+    model = _model(
+        [gemm], [_vi("a", ["batch", 64])], [_vi("y", None)], [_init("b", 10, 64), _init("c", 10)]
+    )
     cost = count(model)
     assert cost.macs == 1 * 10 * 64
     assert cost.params == 650
@@ -128,8 +142,9 @@ def test_unknown_shape_is_recorded_and_rest_counted():
         helper.make_node("Conv", ["m", "w"], ["y"]),
         helper.make_node("Conv", ["x", "w"], ["z"], name="known"),
     ]
-    model = _model(nodes, [_vi("x", [1, 2, 4, 4])], [_vi("y", None), _vi("z", None)],
-                   [_init("w", 2, 2, 1, 1)])
+    model = _model(
+        nodes, [_vi("x", [1, 2, 4, 4])], [_vi("y", None), _vi("z", None)], [_init("w", 2, 2, 1, 1)]
+    )
     model.opset_import.append(helper.make_opsetid("custom", 1))
     cost = count(model)
     assert cost.unknown == ("Conv_1",)
@@ -147,8 +162,14 @@ def test_input_shape_override_errors():
 
 @pytest.mark.parametrize(
     ("n", "text"),
-    [(0, "0"), (999, "999"), (1_230_000, "1.23M"), (456_700, "456.7K"), (999_999, "1M"),
-     (2_500_000_000, "2.5G")],
+    [
+        (0, "0"),
+        (999, "999"),
+        (1_230_000, "1.23M"),
+        (456_700, "456.7K"),
+        (999_999, "1M"),
+        (2_500_000_000, "2.5G"),
+    ],
 )
 def test_format_count(n, text):
     assert format_count(n) == text

@@ -24,8 +24,10 @@ FAST = {"warmup": 2, "repeats": 7, "min_time": 0.0}
 def _conv_model(channels: int, batch: int | str = "N", hw: tuple = (16, 16)) -> onnx.ModelProto:
     w = numpy_helper.from_array(np.ones((channels, 3, 3, 3), np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["c"], ["y"])],
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["y"]),
+        ],
         f"conv{channels}",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, *hw])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
@@ -39,8 +41,12 @@ def _conv_model(channels: int, batch: int | str = "N", hw: tuple = (16, 16)) -> 
 @pytest.fixture
 def files(tmp_path):
     paths = {}
-    for name, model in [("big", _conv_model(16)), ("small", _conv_model(8)),
-                        ("dyn", _conv_model(8, hw=("h", "w"))), ("fixed", _conv_model(8, 1))]:
+    for name, model in [
+        ("big", _conv_model(16)),
+        ("small", _conv_model(8)),
+        ("dyn", _conv_model(8, hw=("h", "w"))),
+        ("fixed", _conv_model(8, 1)),
+    ]:
         paths[name] = tmp_path / f"{name}.onnx"
         onnx.save(model, paths[name])
     (tmp_path / "junk.onnx").write_text("not a model")
@@ -63,7 +69,11 @@ def main(monkeypatch):
 def test_benchmark_rows_are_well_formed(files):
     result = benchmark([str(files["big"]), str(files["small"])], batches=(1, 3), **FAST)
     assert [(r.model, r.batch) for r in result.rows] == [
-        ("big.onnx", 1), ("small.onnx", 1), ("big.onnx", 3), ("small.onnx", 3)]
+        ("big.onnx", 1),
+        ("small.onnx", 1),
+        ("big.onnx", 3),
+        ("small.onnx", 3),
+    ]
     for row in result.rows:
         assert row.median_ms > 0 and row.mean_ms > 0 and row.iqr_ms >= 0
         assert row.p90_ms >= row.median_ms
@@ -85,8 +95,21 @@ def test_result_dict_and_table(files):
     assert data["settings"]["threads"] == physical_cores()
     assert data["settings"]["provider"] == "cpu"
     row = data["rows"][1]
-    expected = {"model", "batch", "params", "macs", "median_ms", "p90_ms", "iqr_ms", "mean_ms",
-                "throughput", "speedup", "ideal_speedup", "unknown_nodes", "times_ms"}
+    expected = {
+        "model",
+        "batch",
+        "params",
+        "macs",
+        "median_ms",
+        "p90_ms",
+        "iqr_ms",
+        "mean_ms",
+        "throughput",
+        "speedup",
+        "ideal_speedup",
+        "unknown_nodes",
+        "times_ms",
+    }
     assert set(row) == expected
     assert len(row["times_ms"]) == FAST["repeats"]
     table = result.format_table()
@@ -128,8 +151,23 @@ def test_fixed_batch_mismatch(files):
 
 def test_cli_writes_json(files, tmp_path, main, capsys):
     out = tmp_path / "bench.json"
-    code = main(["bench", str(files["big"]), str(files["small"]), "--batch", "1,2",
-                 "--repeats", "5", "--warmup", "1", "--min-time", "0", "--json", str(out)])
+    code = main(
+        [
+            "bench",
+            str(files["big"]),
+            str(files["small"]),
+            "--batch",
+            "1,2",
+            "--repeats",
+            "5",
+            "--warmup",
+            "1",
+            "--min-time",
+            "0",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     data = json.loads(out.read_text())
     assert [r["batch"] for r in data["rows"]] == [1, 1, 2, 2]

@@ -110,8 +110,14 @@ def test_supported_opsets_load_and_prune(opset, save_tmp):
 
 
 def _save_external(model: onnx.ModelProto, path) -> None:
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data", size_threshold=0)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=f"{path.name}.data",
+        size_threshold=0,
+    )
 
 
 def _wide_chain() -> onnx.ModelProto:

@@ -23,16 +23,22 @@ from onnxprune.methods.ippro import IPPRO
 
 def _mlp(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> onnx.ModelProto:
     """x → Gemm → Relu → Gemm, weights as given (rows = output units)."""
-    inits = [numpy_helper.from_array(a.astype(np.float32), n)
-             for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
+    inits = [
+        numpy_helper.from_array(a.astype(np.float32), n)
+        for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))
+    ]
     nodes = [
         helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
         helper.make_node("Relu", ["h"], ["a"], name="relu"),
         helper.make_node("Gemm", ["a", "w2", "b2"], ["y"], name="fc2", transB=1),
     ]
     graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", w1.shape[1]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", w2.shape[0]])], inits)
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", w1.shape[1]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", w2.shape[0]])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -66,8 +72,13 @@ def test_id_matches_the_full_model_where_magnitude_fails_on_the_papers_circle_ex
 
 
 def test_epsilon_bounds_the_relative_error_of_every_group():
-    result = onnxprune.prune(reference_path("vgg"), method="id", epsilon=0.1,
-                             data=reference_feeds("vgg", 256), round_to=1)
+    result = onnxprune.prune(
+        reference_path("vgg"),
+        method="id",
+        epsilon=0.1,
+        data=reference_feeds("vgg", 256),
+        round_to=1,
+    )
     pruned = [row for row in result.report.groups if row.status == "pruned"]
     assert pruned, "epsilon 0.1 should allow pruning on the VGG model"
     for row in pruned:
@@ -76,8 +87,9 @@ def test_epsilon_bounds_the_relative_error_of_every_group():
 
 @pytest.mark.parametrize("name", ["vgg", "resnet", "mobilenetv2", "inception"])
 def test_mac_target_lands_within_one_percent(name):
-    result = onnxprune.prune(reference_path(name), method="magnitude", target_macs=0.5,
-                             round_to=1, prune_residual=True)
+    result = onnxprune.prune(
+        reference_path(name), method="magnitude", target_macs=0.5, round_to=1, prune_residual=True
+    )
     before, after = result.report.macs
     assert abs(after / before - 0.5) <= 0.01
 
@@ -97,8 +109,14 @@ def test_unreachable_mac_target_is_reported_as_missed():
 def test_id_never_trades_the_mac_target_for_a_smaller_deviation():
     """Without --prune-residual an error allocation of the ResNet stopped at 0.39 of the MACs
     while the near-uniform widths reached 0.30; the chosen widths must meet the target."""
-    result = onnxprune.prune(reference_path("resnet"), method="id", target_macs=0.3,
-                             data=reference_feeds("resnet", 256), round_to=1, verify=False)
+    result = onnxprune.prune(
+        reference_path("resnet"),
+        method="id",
+        target_macs=0.3,
+        data=reference_feeds("resnet", 256),
+        round_to=1,
+        verify=False,
+    )
     before, after = result.report.macs
     assert after / before <= 0.3 + 0.01
 
@@ -125,8 +143,17 @@ def test_id_target_keeps_the_allocation_with_least_measured_deviation(name, targ
 
 def test_gram_and_qr_solvers_choose_the_same_channels():
     feeds = reference_feeds("vgg", 128)
-    plans = [onnxprune.prune(reference_path("vgg"), method="id", ratio=0.5, data=feeds,
-                             id_solver=solver, verify=False).plans for solver in ("gram", "qr")]
+    plans = [
+        onnxprune.prune(
+            reference_path("vgg"),
+            method="id",
+            ratio=0.5,
+            data=feeds,
+            id_solver=solver,
+            verify=False,
+        ).plans
+        for solver in ("gram", "qr")
+    ]
     for name, plan in plans[0].items():
         np.testing.assert_array_equal(plan.keep, plans[1][name].keep)
         for tap, correction in plan.corrections.items():
@@ -143,8 +170,9 @@ def test_recalibrate_restores_accuracy_that_plain_magnitude_loses():
 
     feeds = reference_feeds("vgg", 512)
     plain = onnxprune.prune(reference_path("vgg"), ratio=0.4, round_to=1, data=feeds)
-    fixed = onnxprune.prune(reference_path("vgg"), ratio=0.4, round_to=1, data=feeds,
-                            recalibrate=True)
+    fixed = onnxprune.prune(
+        reference_path("vgg"), ratio=0.4, round_to=1, data=feeds, recalibrate=True
+    )
     assert accuracy(fixed.model) > accuracy(plain.model) + 0.3
 
 
@@ -172,8 +200,14 @@ def _ippro_stats(model: onnx.ModelProto, data: Dataset):
     graph = normalize(model)
     groups = analyze(graph)
     counts = {g.name: g.channels for g in groups if g.prunable}
-    calibration = gather(graph, groups, counts, frozenset({"weights", "ippro"}), data,
-                         PruneConfig(method="ippro", batch_size=16))
+    calibration = gather(
+        graph,
+        groups,
+        counts,
+        frozenset({"weights", "ippro"}),
+        data,
+        PruneConfig(method="ippro", batch_size=16),
+    )
     return groups, calibration.stats
 
 
@@ -182,16 +216,25 @@ def test_ippro_offset_gradient_equals_autograd_through_the_injected_parameter(tm
     x = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     labels = torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(2))
     path = tmp_path / "net.onnx"
-    torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    torch.onnx.export(
+        net,
+        (x,),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+    )
     d = torch.ones(6, requires_grad=True)
     torch.nn.functional.cross_entropy(net(x, d), labels, reduction="sum").backward()
-    groups, stats = _ippro_stats(onnx.load(str(path)),
-                                 Dataset({"input": x.numpy()}, labels=labels.numpy()))
+    groups, stats = _ippro_stats(
+        onnx.load(str(path)), Dataset({"input": x.numpy()}, labels=labels.numpy())
+    )
     first = next(g for g in groups if g.channels == 6)
-    np.testing.assert_allclose(stats[first.name].grads["ippro_d"], d.grad.numpy(),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        stats[first.name].grads["ippro_d"], d.grad.numpy(), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_ippro_terms_under_function_preserving_rescaling():
@@ -204,36 +247,49 @@ def test_ippro_terms_under_function_preserving_rescaling():
     c = np.exp(np.random.default_rng(0).uniform(-1.5, 1.5, 128))
     scaled = onnx.ModelProto.FromString(model.SerializeToString())
     values = {t.name: numpy_helper.to_array(t) for t in scaled.graph.initializer}
-    updates = {"net.0.weight": values["net.0.weight"] * c[:, None],
-               "net.0.bias": values["net.0.bias"] * c,
-               "net.2.weight": values["net.2.weight"] / c[None, :]}
+    updates = {
+        "net.0.weight": values["net.0.weight"] * c[:, None],
+        "net.0.bias": values["net.0.bias"] * c,
+        "net.2.weight": values["net.2.weight"] / c[None, :],
+    }
     for tensor in scaled.graph.initializer:
         if tensor.name in updates:
-            tensor.CopyFrom(numpy_helper.from_array(updates[tensor.name].astype(np.float32),
-                                                    tensor.name))
+            tensor.CopyFrom(
+                numpy_helper.from_array(updates[tensor.name].astype(np.float32), tensor.name)
+            )
     feeds = {"input": data["input"][:64]}
-    np.testing.assert_allclose(run_model(scaled, feeds)["logits"],
-                               run_model(model, feeds)["logits"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        run_model(scaled, feeds)["logits"], run_model(model, feeds)["logits"], rtol=1e-4, atol=1e-4
+    )
     (groups, base), (_, moved) = _ippro_stats(model, dataset), _ippro_stats(scaled, dataset)
     a, b = base[groups[0].name], moved[groups[0].name]
     np.testing.assert_allclose(b.grads["ippro_d"], a.grads["ippro_d"], rtol=2e-3, atol=1e-4)
     inner = [np.sum(s.weights[0] * s.grads["weight_grads"][0], axis=1) for s in (a, b)]
     np.testing.assert_allclose(inner[1], inner[0], rtol=2e-3, atol=1e-4)
-    np.testing.assert_allclose(np.linalg.norm(b.weights[0], axis=1),
-                               c * np.linalg.norm(a.weights[0], axis=1), rtol=1e-4)
+    np.testing.assert_allclose(
+        np.linalg.norm(b.weights[0], axis=1), c * np.linalg.norm(a.weights[0], axis=1), rtol=1e-4
+    )
 
 
 def test_ippro_ranking_is_stable_under_lambda_scaling():
-    result = onnxprune.prune(reference_path("vgg"), method="ippro", ratio=0.5,
-                             data=reference_feeds("vgg", 256), round_to=1, verify=False)
-    stabilities = [row.info["rank_stability"] for row in result.report.groups
-                   if "rank_stability" in row.info]
+    result = onnxprune.prune(
+        reference_path("vgg"),
+        method="ippro",
+        ratio=0.5,
+        data=reference_feeds("vgg", 256),
+        round_to=1,
+        verify=False,
+    )
+    stabilities = [
+        row.info["rank_stability"] for row in result.report.groups if "rank_stability" in row.info
+    ]
     assert stabilities and min(stabilities) >= 0.9
 
 
 def test_ippro_scores_are_near_one_and_lowest_are_pruned():
-    groups, stats = _ippro_stats(onnx.load(str(reference_path("mlp"))),
-                                 Dataset(reference_feeds("mlp", 128)))
+    groups, stats = _ippro_stats(
+        onnx.load(str(reference_path("mlp"))), Dataset(reference_feeds("mlp", 128))
+    )
     scores = IPPRO().scores(stats[groups[0].name])
     assert np.all(np.abs(scores - 1) < 0.25)
     plan = IPPRO().plan(groups[0], stats[groups[0].name], 100)

@@ -66,8 +66,9 @@ def test_report_rows_say_why_groups_are_left_alone():
 
 
 def test_report_json_round_trips():
-    result = onnxprune.prune(reference_path("mlp"), method="id", ratio=0.5,
-                             data=reference_feeds("mlp", 128))
+    result = onnxprune.prune(
+        reference_path("mlp"), method="id", ratio=0.5, data=reference_feeds("mlp", 128)
+    )
     data = json.loads(result.report.to_json())
     assert data["method"] == "id"
     assert [g["name"] for g in data["groups"]] == [g.name for g in result.report.groups]
@@ -118,8 +119,17 @@ def test_prune_keeps_the_interface_and_metadata():
     assert dim.dim_param == "N"  # the dynamic batch survives
 
 
-@pytest.mark.parametrize("bad", [{"ratio": 1.0}, {"ratio": -0.1}, {"round_to": 0},
-                                 {"method": "nope"}, {"compensate": "all"}, {"colour": 1}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"ratio": 1.0},
+        {"ratio": -0.1},
+        {"round_to": 0},
+        {"method": "nope"},
+        {"compensate": "all"},
+        {"colour": 1},
+    ],
+)
 def test_bad_options_raise_usage_error_before_anything_runs(bad):
     with pytest.raises(UsageError):
         onnxprune.prune(graphs.conv_chain(), **bad)
@@ -172,18 +182,19 @@ class RandomNet(nn.Module):
         return self.fc(torch.flatten(self.blocks(x), 1))
 
 
-@settings(max_examples=15, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=15, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(
-    kinds=st.lists(st.sampled_from(["plain", "pool", "residual", "concat"]), min_size=1,
-                   max_size=3),
+    kinds=st.lists(
+        st.sampled_from(["plain", "pool", "residual", "concat"]), min_size=1, max_size=3
+    ),
     widths=st.lists(st.integers(2, 12), min_size=3, max_size=3),
     ratio=st.floats(0.0, 0.9, exclude_max=True),
     prune_residual=st.booleans(),
     round_to=st.sampled_from([1, 4]),
 )
-def test_random_torch_graphs_prune_to_valid_models(kinds, widths, ratio, prune_residual,
-                                                   round_to):
+def test_random_torch_graphs_prune_to_valid_models(kinds, widths, ratio, prune_residual, round_to):
     torch.manual_seed(0)
     net = RandomNet(kinds, widths[: len(kinds)])
     model = graphs.export_torch(net, (2, 1, 8, 8))

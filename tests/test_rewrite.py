@@ -41,14 +41,23 @@ from onnxprune.methods.base import Correction, Plan
 def test_ratio_zero_reproduces_reference_model(name, exporter, method):
     path = reference_path(name, exporter)
     calib = reference_feeds(name, 32)
-    result = onnxprune.prune(path, method=method, ratio=0.0, round_to=1, prune_residual=True,
-                             data=calib, batch_size=32, verify_samples=8)
+    result = onnxprune.prune(
+        path,
+        method=method,
+        ratio=0.0,
+        round_to=1,
+        prune_residual=True,
+        data=calib,
+        batch_size=32,
+        verify_samples=8,
+    )
     prunable = [g for g in result.groups if g.prunable]
     assert prunable and set(result.plans) == {g.name for g in prunable}
     for group in prunable:
         assert len(result.plans[group.name].keep) == group.channels
-    assert_outputs_close(onnx.load(str(path)), result.model, reference_feeds(name, 64, "test"),
-                         atol=1e-5)
+    assert_outputs_close(
+        onnx.load(str(path)), result.model, reference_feeds(name, 64, "test"), atol=1e-5
+    )
 
 
 def zero_removed_inputs(graph: gs.Graph, groups, plans) -> onnx.ModelProto:
@@ -73,8 +82,9 @@ def zero_removed_inputs(graph: gs.Graph, groups, plans) -> onnx.ModelProto:
             weight = np.array(node.inputs[edit.input].values)
             index = [slice(None)] * weight.ndim
             if edit.role == "in" and scale != 1.0:
-                index[edit.axis] = slice(edit.offset * edit.spatial,
-                                         (edit.offset + group.channels) * edit.spatial)
+                index[edit.axis] = slice(
+                    edit.offset * edit.spatial, (edit.offset + group.channels) * edit.spatial
+                )
                 weight[tuple(index)] *= scale
             for j in removed:
                 start = (edit.offset + j) * edit.spatial
@@ -88,8 +98,11 @@ def zero_removed_inputs(graph: gs.Graph, groups, plans) -> onnx.ModelProto:
 def test_selection_equals_zeroing_the_removed_channels_readers(name, exporter):
     path = reference_path(name, exporter)
     result = onnxprune.prune(path, ratio=0.5, round_to=1, prune_residual=True, verify=False)
-    assert any(len(p.keep) < g.channels for g in result.groups
-               if (p := result.plans.get(g.name)) is not None)
+    assert any(
+        len(p.keep) < g.channels
+        for g in result.groups
+        if (p := result.plans.get(g.name)) is not None
+    )
     graph = normalize(load_model(path))
     reference = zero_removed_inputs(graph, result.groups, result.plans)
     feeds = reference_feeds(name, 32, "test")
@@ -98,11 +111,19 @@ def test_selection_equals_zeroing_the_removed_channels_readers(name, exporter):
     assert max_deviation(onnx.load(str(path)), result.model, feeds) > 1e-2
 
 
-@pytest.mark.parametrize("build", [graphs.conv_chain, graphs.residual_block, graphs.concat,
-                                   graphs.depthwise, graphs.se_block, graphs.matmul_chain,
-                                   lambda: graphs.flatten_gemm("reshape", (-1, 96))],
-                         ids=["chain", "residual", "concat", "depthwise", "se", "matmul",
-                              "reshape"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        graphs.conv_chain,
+        graphs.residual_block,
+        graphs.concat,
+        graphs.depthwise,
+        graphs.se_block,
+        graphs.matmul_chain,
+        lambda: graphs.flatten_gemm("reshape", (-1, 96)),
+    ],
+    ids=["chain", "residual", "concat", "depthwise", "se", "matmul", "reshape"],
+)
 def test_selection_equals_zeroing_on_tiny_topologies(build):
     model = build()
     result = onnxprune.prune(model, ratio=0.5, round_to=1, prune_residual=True)
@@ -217,11 +238,15 @@ def _calib(n: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
     return {"input": np.random.default_rng(seed).standard_normal((n, 1, 8, 8), np.float32)}
 
 
-@pytest.mark.parametrize("module, recipe", [
-    (LinearDependent, {"/conv2/Conv": 0.5}),
-    (DuplicateBeforeFlatten, {"/conv/Conv": 0.5}),
-    (DuplicateInConcat, {"/branch_a/Conv": 0.5, "/branch_b/Conv": 0.5}),
-], ids=["linear-combinations", "flatten-gemm", "concat"])
+@pytest.mark.parametrize(
+    "module, recipe",
+    [
+        (LinearDependent, {"/conv2/Conv": 0.5}),
+        (DuplicateBeforeFlatten, {"/conv/Conv": 0.5}),
+        (DuplicateInConcat, {"/branch_a/Conv": 0.5, "/branch_b/Conv": 0.5}),
+    ],
+    ids=["linear-combinations", "flatten-gemm", "concat"],
+)
 def test_id_removes_dependent_channels_exactly_and_magnitude_does_not(module, recipe):
     torch.manual_seed(0)
     model = graphs.export_torch(module(), (2, 1, 8, 8))
@@ -252,8 +277,9 @@ def _rotation_plans(groups, *, correct: bool) -> dict[str, Plan]:
         q = _orthogonal(group.channels, seed)
         (tap,) = group.taps
         corrections = {tap.tensor: Correction(q)} if correct else {}
-        plans[group.name] = Plan(keep=np.arange(group.channels), corrections=corrections,
-                                 rotation=q)
+        plans[group.name] = Plan(
+            keep=np.arange(group.channels), corrections=corrections, rotation=q
+        )
     return plans
 
 
@@ -323,9 +349,16 @@ def test_bias_compensation_removes_a_constant_channel_exactly(method, pad):
     ratio = 1 / 8
     seed = 0
     if method == "random":  # find a seed whose random choice removes exactly channel 5
-        seed = next(s for s in range(200) if 5 not in onnxprune.prune(
-            model, method=method, ratio=ratio, round_to=1, seed=s, verify=False)
-            .plans["c1"].keep)
+        seed = next(
+            s
+            for s in range(200)
+            if 5
+            not in onnxprune.prune(
+                model, method=method, ratio=ratio, round_to=1, seed=s, verify=False
+            )
+            .plans["c1"]
+            .keep
+        )
     common = {"method": method, "ratio": ratio, "round_to": 1, "data": calib, "seed": seed}
     compensated = onnxprune.prune(model, compensate="bias", exact_borders=pad, **common)
     plain = onnxprune.prune(model, **common)
@@ -342,8 +375,15 @@ def test_recalibration_reads_and_scales_the_border_shift():
     """The padded shift lives in an Add after the consumer: recalibration must measure that
     Add's output and scale its map with the consumer, so an exact prune stays exact."""
     model = _constant_channel_model(pad=True)
-    result = onnxprune.prune(model, method="magnitude", ratio=1 / 8, round_to=1, compensate="bias",
-                             recalibrate=True, exact_borders=True,
-                             data=graphs.random_input(model, 64))
+    result = onnxprune.prune(
+        model,
+        method="magnitude",
+        ratio=1 / 8,
+        round_to=1,
+        compensate="bias",
+        recalibrate=True,
+        exact_borders=True,
+        data=graphs.random_input(model, 64),
+    )
     assert [n.op_type for n in result.model.graph.node] == ["Conv", "Relu", "Conv", "Add"]
     assert_outputs_close(model, result.model, graphs.random_input(model, 8, seed=3), atol=1e-5)

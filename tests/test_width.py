@@ -23,16 +23,30 @@ from onnxprune.methods.width import (
 )
 
 
-def group(name: str, channels: int = 32, *, producers: tuple[str, ...] | None = None,
-          reason: str | None = None) -> ChannelGroup:
-    return ChannelGroup(name=name, channels=channels, producers=producers or (name,),
-                        reason=reason)
+def group(
+    name: str,
+    channels: int = 32,
+    *,
+    producers: tuple[str, ...] | None = None,
+    reason: str | None = None,
+) -> ChannelGroup:
+    return ChannelGroup(name=name, channels=channels, producers=producers or (name,), reason=reason)
 
 
-@pytest.mark.parametrize("channels, ratio, expected", [
-    (10, 0.5, 5), (10, 0.25, 8), (10, 0.3, 7), (7, 0.5, 4), (3, 0.34, 2),
-    (100, 0.0, 100), (1, 0.9, 1), (10, 0.99, 1), (4, 0.75, 1),
-])
+@pytest.mark.parametrize(
+    "channels, ratio, expected",
+    [
+        (10, 0.5, 5),
+        (10, 0.25, 8),
+        (10, 0.3, 7),
+        (7, 0.5, 4),
+        (3, 0.34, 2),
+        (100, 0.0, 100),
+        (1, 0.9, 1),
+        (10, 0.99, 1),
+        (4, 0.75, 1),
+    ],
+)
 def test_ratio_counts_channels_removed(channels, ratio, expected):
     assert kept(channels, ratio, 1) == expected
 
@@ -43,34 +57,54 @@ def test_float_noise_does_not_cost_a_channel():
     assert kept(100, 0.07, 1) == 93
 
 
-@pytest.mark.parametrize("channels, ratio, round_to, expected", [
-    (64, 0.5, 8, 32),
-    (64, 0.3, 8, 48),  # 45 → nearest multiple of 8
-    (64, 0.45, 8, 40),  # 36 → 40 (halves round up: keep the wider option)
-    (15, 0.5, 8, 8),  # fewer than 2·8 channels: no rounding
-    (15, 0.6, 8, 6),
-    (16, 0.6, 8, 8),  # 7 → 8
-    (16, 0.9, 8, 8),  # never below one multiple
-    (24, 0.0, 8, 24),  # ratio 0 keeps all, even when not a multiple
-    (20, 0.05, 8, 16),
-])
+@pytest.mark.parametrize(
+    "channels, ratio, round_to, expected",
+    [
+        (64, 0.5, 8, 32),
+        (64, 0.3, 8, 48),  # 45 → nearest multiple of 8
+        (64, 0.45, 8, 40),  # 36 → 40 (halves round up: keep the wider option)
+        (15, 0.5, 8, 8),  # fewer than 2·8 channels: no rounding
+        (15, 0.6, 8, 6),
+        (16, 0.6, 8, 8),  # 7 → 8
+        (16, 0.9, 8, 8),  # never below one multiple
+        (24, 0.0, 8, 24),  # ratio 0 keeps all, even when not a multiple
+        (20, 0.05, 8, 16),
+    ],
+)
 def test_round_to_multiples_only_for_wide_groups(channels, ratio, round_to, expected):
     assert kept(channels, ratio, round_to) == expected
 
 
-@pytest.mark.parametrize("channels, round_to, step", [
-    (64, 16, 16), (32, 16, 16), (31, 16, 8), (16, 16, 8), (15, 16, 1), (96, 32, 32),
-    (40, 32, 16), (20, 32, 8), (15, 8, 1), (16, 8, 8), (7, 4, 1), (24, 12, 12), (20, 12, 1),
-    (100, 1, 1),
-])
+@pytest.mark.parametrize(
+    "channels, round_to, step",
+    [
+        (64, 16, 16),
+        (32, 16, 16),
+        (31, 16, 8),
+        (16, 16, 8),
+        (15, 16, 1),
+        (96, 32, 32),
+        (40, 32, 16),
+        (20, 32, 8),
+        (15, 8, 1),
+        (16, 8, 8),
+        (7, 4, 1),
+        (24, 12, 12),
+        (20, 12, 1),
+        (100, 1, 1),
+    ],
+)
 def test_narrow_groups_round_to_half_the_multiple_down_to_eight(channels, round_to, step):
     assert rounding_step(channels, round_to) == step
     assert kept(channels, 0.5, round_to) % step == 0
 
 
 @settings(max_examples=60, deadline=None, database=None)
-@given(channels=st.integers(1, 300), ratio=st.floats(0.0, 1.0, exclude_max=True),
-       round_to=st.sampled_from([1, 2, 4, 8, 16]))
+@given(
+    channels=st.integers(1, 300),
+    ratio=st.floats(0.0, 1.0, exclude_max=True),
+    round_to=st.sampled_from([1, 2, 4, 8, 16]),
+)
 def test_kept_invariants(channels, ratio, round_to):
     raw = max(1, channels - math.floor(ratio * channels + 1e-9))
     k = kept(channels, ratio, round_to)
@@ -86,17 +120,26 @@ def test_kept_invariants(channels, ratio, round_to):
 
 
 def test_keep_counts_skips_blocked_and_coupled_groups():
-    groups = [group("a", 32), group("b", 16, reason="channels reach graph output 'y'"),
-              group("c", 32, producers=("c", "d"))]
+    groups = [
+        group("a", 32),
+        group("b", 16, reason="channels reach graph output 'y'"),
+        group("c", 32, producers=("c", "d")),
+    ]
     assert keep_counts(groups, WidthRule(ratio=0.5, round_to=1)) == {"a": 16}
     assert keep_counts(groups, WidthRule(ratio=0.5, round_to=1, prune_residual=True)) == {
-        "a": 16, "c": 16}
+        "a": 16,
+        "c": 16,
+    }
 
 
 def test_layer_ratio_last_match_wins_and_matches_producers():
     rule = WidthRule(ratio=0.5, round_to=1, layer_ratios=(("conv", 0.25), ("conv2", 0.75)))
-    groups = [group("conv1"), group("conv2"), group("fc"),
-              group("trunk", producers=("trunk", "conv2_b"))]
+    groups = [
+        group("conv1"),
+        group("conv2"),
+        group("fc"),
+        group("trunk", producers=("trunk", "conv2_b")),
+    ]
     assert group_ratio(groups[0], rule) == 0.25
     assert group_ratio(groups[1], rule) == 0.75
     assert group_ratio(groups[2], rule) == 0.5
@@ -106,8 +149,13 @@ def test_layer_ratio_last_match_wins_and_matches_producers():
 
 
 def test_exclude_beats_recipe_and_recipe_beats_layer_ratio():
-    rule = WidthRule(ratio=0.5, round_to=1, layer_ratios=(("conv", 0.25),), exclude=("^fc",),
-                     recipe={"conv1": 0.875, "fc": 0.1})
+    rule = WidthRule(
+        ratio=0.5,
+        round_to=1,
+        layer_ratios=(("conv", 0.25),),
+        exclude=("^fc",),
+        recipe={"conv1": 0.875, "fc": 0.1},
+    )
     counts = keep_counts([group("conv1"), group("conv2"), group("fc")], rule)
     assert counts == {"conv1": 4, "conv2": 24}
 
@@ -117,10 +165,18 @@ def test_parse_layer_ratio():
     assert parse_layer_ratio("a=b=0.5") == ("a=b", 0.5)  # the last '=' separates
 
 
-@pytest.mark.parametrize("text, message", [
-    ("conv", "REGEX=R"), ("=0.5", "REGEX=R"), ("conv=abc", "number"), ("conv=1.5", "[0, 1)"),
-    ("conv=-0.1", "[0, 1)"), ("conv=nan", "[0, 1)"), ("conv[=0.5", "regular expression"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("conv", "REGEX=R"),
+        ("=0.5", "REGEX=R"),
+        ("conv=abc", "number"),
+        ("conv=1.5", "[0, 1)"),
+        ("conv=-0.1", "[0, 1)"),
+        ("conv=nan", "[0, 1)"),
+        ("conv[=0.5", "regular expression"),
+    ],
+)
 def test_parse_layer_ratio_errors(text, message):
     with pytest.raises(UsageError) as excinfo:
         parse_layer_ratio(text)
@@ -143,12 +199,15 @@ def test_load_recipe_json_flat_and_nested(tmp_path):
     assert load_recipe(nested) == {"conv1": 0.25}
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "does not exist"),
-    ("{not json", "not valid JSON"),
-    ("[0.5, 0.25]", "must map group names"),
-    ('{"conv1": 1.5}', "[0, 1)"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist"),
+        ("{not json", "not valid JSON"),
+        ("[0.5, 0.25]", "must map group names"),
+        ('{"conv1": 1.5}', "[0, 1)"),
+    ],
+)
 def test_load_recipe_errors(tmp_path, content, message):
     path = tmp_path / "recipe.json"
     if content is not None:
