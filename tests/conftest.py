@@ -85,8 +85,11 @@ def max_deviation(model_a, model_b, feeds: Mapping[str, np.ndarray]) -> float:
 def assert_outputs_close(
     model_a, model_b, feeds: Mapping[str, np.ndarray], atol: float = 1e-5, rtol: float = 0.0
 ) -> None:
-    """Run both models in ORT CPU on `feeds`; every output must satisfy |a − b| ≤ atol + rtol·|a|.
+    """Run both models in ORT CPU on `feeds`; every output must satisfy
+    |a − b| ≤ atol·max(1, max|a|) + rtol·|a|.
 
+    `atol` is relative to the output's largest magnitude (float32 kernels round differently on
+    another CPU path, and their error grows with the values), never below its absolute value.
     Outputs must match by name and shape.
     """
     out_a, out_b = run_model(model_a, feeds), run_model(model_b, feeds)
@@ -94,7 +97,8 @@ def assert_outputs_close(
     for name, a in out_a.items():
         b = out_b[name]
         assert a.shape == b.shape, f"output '{name}': {a.shape} vs {b.shape}"
-        np.testing.assert_allclose(b, a, atol=atol, rtol=rtol, err_msg=f"output '{name}'")
+        scale = max(1.0, float(np.abs(a).max(initial=0.0)))
+        np.testing.assert_allclose(b, a, atol=atol * scale, rtol=rtol, err_msg=f"output '{name}'")
 
 
 def file_hash(path: str | os.PathLike) -> str:
