@@ -30,6 +30,29 @@ def _reference_names() -> list[str]:
     return sorted(names)
 
 
+def _engine_variant() -> None:
+    """`ONNXPRUNE_TEST_ORT=disable_all|threads1` runs every ORT session of the suite (the
+    library's too) without graph optimisations or on one thread, to shake out tests that depend
+    on one kernel path. The engine stays real: only its session options change."""
+    variant = os.environ.get("ONNXPRUNE_TEST_ORT")
+    if not variant:
+        return
+    if variant not in ("disable_all", "threads1"):
+        raise ValueError(f"ONNXPRUNE_TEST_ORT={variant!r}: expected disable_all or threads1")
+    original = ort.InferenceSession.__init__
+
+    def init(self, path_or_bytes, sess_options=None, *args, **kwargs):
+        options = sess_options or ort.SessionOptions()
+        if variant == "disable_all":
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        else:
+            options.intra_op_num_threads = options.inter_op_num_threads = 1
+        original(self, path_or_bytes, options, *args, **kwargs)
+
+    ort.InferenceSession.__init__ = init
+
+
+_engine_variant()
 REFERENCE_NAMES = _reference_names()
 EXPORTERS = ("onnx", "dynamo.onnx")
 REFERENCE_MODELS = [

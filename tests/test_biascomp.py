@@ -114,7 +114,10 @@ def test_constant_unit_is_removed_with_no_output_change():
     result = onnxprune.prune(model, method="biascomp", ratio=1 / 6, data={"x": x}, round_to=1)
     assert 4 not in result.plans[result.groups[0].name].keep
     np.testing.assert_allclose(
-        run_model(result.model, {"x": x})["y"], run_model(model, {"x": x})["y"], atol=1e-4
+        run_model(result.model, {"x": x})["y"],
+        run_model(model, {"x": x})["y"],
+        atol=1e-4,
+        rtol=1e-5,
     )
 
 
@@ -255,7 +258,7 @@ def test_constant_input_unit_is_removed_per_weight_with_no_output_change():
         numpy_helper.to_array(i) for i in result.model.graph.initializer if i.name.startswith("w1")
     )
     assert np.all(w1_after[:, 1] == 0) and np.count_nonzero(w1_after) == 8
-    np.testing.assert_allclose(_outputs(result.model, x), _outputs(model, x), atol=1e-4)
+    np.testing.assert_allclose(_outputs(result.model, x), _outputs(model, x), atol=1e-4, rtol=1e-5)
     plain = onnxprune.prune(model, method="magnitude", granularity="weight", sparsity=4 / 20)
     assert np.max(np.abs(_outputs(plain.model, x) - _outputs(model, x))) > 1.0
 
@@ -344,7 +347,7 @@ def test_gemm_without_bias_with_alpha_and_untransposed_weight_gets_a_new_bias():
         model, method="biascomp", granularity="weight", sparsity=4 / 16, data={"x": x}
     )
     assert len(result.model.graph.node[0].input) == 3
-    np.testing.assert_allclose(_outputs(result.model, x), _outputs(model, x), atol=1e-5)
+    np.testing.assert_allclose(_outputs(result.model, x), _outputs(model, x), atol=1e-5, rtol=1e-5)
 
 
 def test_matmul_bias_shift_goes_into_its_add_or_a_new_add():
@@ -356,7 +359,7 @@ def test_matmul_bias_shift_goes_into_its_add_or_a_new_add():
     x = graphs.random_input(model, 64)
     out = run_model(export(sparsify(graph, layers, {}, shifts)), x)
     np.testing.assert_allclose(
-        out["m2_out"], run_model(model, x)["m2_out"] + np.arange(5.0), atol=1e-5
+        out["m2_out"], run_model(model, x)["m2_out"] + np.arange(5.0), atol=1e-5, rtol=1e-5
     )
     x["x"][:, 3] = 2.0  # input 3 constant: its m1 weights go, the Add after m1 absorbs them
     result = onnxprune.prune(
@@ -364,7 +367,7 @@ def test_matmul_bias_shift_goes_into_its_add_or_a_new_add():
     )
     assert {n.op_type for n in result.model.graph.node} == {"MatMul", "Add", "Relu"}
     np.testing.assert_allclose(
-        run_model(result.model, x)["m2_out"], run_model(model, x)["m2_out"], atol=1e-4
+        run_model(result.model, x)["m2_out"], run_model(model, x)["m2_out"], atol=1e-4, rtol=1e-5
     )
 
 

@@ -101,7 +101,7 @@ def test_tsra_commutes_with_block_rotations_and_not_with_mixing_ones():
     def sigma(v: np.ndarray) -> np.ndarray:
         return run_model(model, {"x": v.astype(np.float32)})["y"].astype(np.float64)
 
-    np.testing.assert_allclose(sigma(x @ block.T), sigma(x) @ block.T, atol=1e-5)
+    np.testing.assert_allclose(sigma(x @ block.T), sigma(x) @ block.T, atol=1e-5, rtol=1e-5)
     assert np.max(np.abs(sigma(x @ mixing.T) - sigma(x) @ mixing.T)) > 0.1
 
 

@@ -142,7 +142,9 @@ def test_tsra_is_equivariant_to_subspace_rotations(spatial: tuple[int, ...]) -> 
     x = RNG.normal(size=(32, 6, *spatial)).astype(np.float32)
     y = run(model, x)
     q_block = block_diag(orthogonal(3), orthogonal(3))
-    np.testing.assert_allclose(run(model, rotate(q_block, x)), rotate(q_block, y), atol=1e-5)
+    np.testing.assert_allclose(
+        run(model, rotate(q_block, x)), rotate(q_block, y), atol=1e-5, rtol=1e-5
+    )
     q_mix = orthogonal(6)
     assert np.abs(q_mix[:3, 3:]).max() > 0.1  # really mixes U and V
     assert np.abs(run(model, rotate(q_mix, x)) - rotate(q_mix, y)).max() > 1e-2
@@ -153,7 +155,9 @@ def test_rmsnorm_is_equivariant_to_any_rotation(spatial: tuple[int, ...]) -> Non
     model = single_op_model("RMSNorm", 6, spatial, axis=1)
     x = RNG.normal(size=(32, 6, *spatial)).astype(np.float32)
     q = orthogonal(6)
-    np.testing.assert_allclose(run(model, rotate(q, x)), rotate(q, run(model, x)), atol=1e-5)
+    np.testing.assert_allclose(
+        run(model, rotate(q, x)), rotate(q, run(model, x)), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize(("channels", "split"), [(6, 3), (7, 3), (5, 1), (8, 6)])
@@ -168,8 +172,8 @@ def test_onnx_functions_match_torch(channels: int, split: int) -> None:
         want_rms = tsra.RMSNorm()(torch.from_numpy(x)).numpy()
     got_tsra = run(single_op_model("TSRA", channels, (2, 3), split=split), x)
     got_rms = run(single_op_model("RMSNorm", channels, (2, 3)), x)
-    np.testing.assert_allclose(got_tsra, want_tsra, atol=1e-6)
-    np.testing.assert_allclose(got_rms, want_rms, atol=1e-5)
+    np.testing.assert_allclose(got_tsra, want_tsra, atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(got_rms, want_rms, atol=1e-5, rtol=1e-5)
 
 
 def test_writer_round_trip_on_a_small_network() -> None:
@@ -187,7 +191,7 @@ def test_writer_round_trip_on_a_small_network() -> None:
     x = RNG.normal(size=(9, 2, 4, 4)).astype(np.float32)
     with torch.no_grad():
         want = net(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(run(model, x), want, atol=1e-5)
+    np.testing.assert_allclose(run(model, x), want, atol=1e-5, rtol=1e-5)
     splits = [helper.get_attribute_value(a) for n in model.graph.node for a in n.attribute
               if n.op_type == "TSRA" and a.name == "split"]  # fmt: skip
     assert splits == [3, 2]
