@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import onnx
@@ -16,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxprune.cli as cli
 from onnxprune.errors import UsageError
 from onnxprune.measure.cost import count
-from onnxprune.measure.latency import benchmark, physical_cores
+from onnxprune.measure.latency import _cpuinfo_cores, benchmark, physical_cores
 
 FAST = {"warmup": 2, "repeats": 7, "min_time": 0.0}
 
@@ -123,8 +124,15 @@ def test_min_time_adds_rounds_for_every_model_alike(files):
     assert len(a.times_ms) == len(b.times_ms) > 1
 
 
-def test_physical_cores_is_positive():
-    assert physical_cores() >= 1
+def test_cpuinfo_counts_physical_cores_not_hyperthreads():
+    """2 sockets × 2 cores × 2 threads: 8 logical CPUs, 4 physical cores."""
+    blocks = [
+        f"processor\t: {4 * s + 2 * c + t}\nphysical id\t: {s}\ncore id\t\t: {c}\n"
+        for s in range(2) for c in range(2) for t in range(2)
+    ]  # fmt: skip
+    assert _cpuinfo_cores("\n".join(blocks)) == 4
+    assert _cpuinfo_cores("processor\t: 0\n") is None
+    assert 1 <= physical_cores() <= len(os.sched_getaffinity(0))
 
 
 def test_explicit_threads_and_cuda_error(files):

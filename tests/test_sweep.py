@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import data_path, reference_path
+from conftest import data_path, reference_path, run_model
 
 import onnxprune
 from onnxprune.calib.data import Dataset
@@ -55,6 +55,23 @@ def test_sweep_targets_reach_mac_reductions(tmp_path):
     )
     (cell,) = result.cells
     assert cell.kind == "target" and cell.macs_reduction >= 0.5 - 0.02
+
+
+def test_sweep_cell_scores_equal_a_direct_evaluation():
+    """The oracle: prune the same way by hand, run ORT on the test split, score with numpy."""
+    result = onnxprune.compare.sweep(
+        MODEL, ["magnitude"], data=None, evaluation=TEST, ratios=[0.3], latency=False, round_to=1
+    )
+    (cell,) = result.cells
+    pruned = onnxprune.prune(MODEL, method="magnitude", ratio=0.3, round_to=1, verify=False)
+    with np.load(TEST) as split:
+        x, labels = split["input"], split["labels"]
+    got = run_model(pruned.model, {"input": x})["logits"].astype(np.float64)
+    ref = run_model(MODEL, {"input": x})["logits"].astype(np.float64)
+    assert cell.accuracy == pytest.approx(np.mean(got.argmax(1) == labels), abs=1e-12)
+    assert cell.agreement == pytest.approx(np.mean(got.argmax(1) == ref.argmax(1)), abs=1e-12)
+    assert cell.rel_l2 == pytest.approx(np.linalg.norm(got - ref) / np.linalg.norm(ref), rel=1e-4)
+    assert result.base.accuracy == pytest.approx(np.mean(ref.argmax(1) == labels), abs=1e-12)
 
 
 def test_overlap_warning_same_file_and_disjoint(tmp_path, capsys):

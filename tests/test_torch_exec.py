@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.calib.torch_exec import TorchGraph, check_against_ort, torch_available
+from onnxprune.calib.torch_exec import TorchGraph, check_against_ort
 from onnxprune.errors import DataError, InterpreterMismatchError, UnsupportedOpError, UsageError
 
 torch = pytest.importorskip("torch")
@@ -234,10 +234,6 @@ def _input_name(model: onnx.ModelProto) -> str:
 
 
 # ----------------------------------------------------------------------- exported models
-
-
-def test_torch_available() -> None:
-    assert torch_available()
 
 
 @pytest.mark.parametrize("opset", [17, 13, 11])

@@ -188,11 +188,13 @@ def physical_cores() -> int:
     return max(1, min(x for x in (cores or fallback, logical or fallback)))
 
 
-def _cpuinfo_cores() -> int | None:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
+def _cpuinfo_cores(text: str | None = None) -> int | None:
+    """Unique (physical id, core id) pairs in `text` (default: /proc/cpuinfo), or None."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
     pairs, phys = set(), "0"
     for line in text.splitlines():
         key, _, value = line.partition(":")
