@@ -1,4 +1,5 @@
-"""Command line: `onnxprune [prune] model.onnx ...`, `analyze`, `bench`, `sweep`, `sensitivity`.
+"""Command line: `onnxprune [prune] model.onnx ...`, `analyze`, `bench`, `sweep`, `sensitivity`,
+`quantize`.
 
 Each subcommand is a module with `register(subparsers)`, which adds its parser and sets
 `func(args) -> int`. This module only dispatches and maps errors to exit codes.
@@ -20,9 +21,9 @@ EPILOG = (
 
 
 def _subcommands() -> list:
-    from onnxprune.cli import analyze, bench, prune, sensitivity, sweep
+    from onnxprune.cli import analyze, bench, prune, quantize, sensitivity, sweep
 
-    return [prune, analyze, bench, sweep, sensitivity]
+    return [prune, analyze, bench, sweep, sensitivity, quantize]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="{prune,analyze,bench,sweep,sensitivity}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="{prune,analyze,bench,sweep,sensitivity,quantize}"
+    )
     for module in _subcommands():
         module.register(sub)
     return parser
@@ -42,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `onnxprune` console script; returns the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    names = {"prune", "analyze", "bench", "sweep", "sensitivity", "-h", "--help"}
+    names = {"prune", "analyze", "bench", "sweep", "sensitivity", "quantize", "-h", "--help"}
     first = next((a for a in args_list if a != "--debug"), None)
     if first is not None and first not in names:
         args_list.insert(args_list.index(first), "prune")

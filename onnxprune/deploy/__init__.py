@@ -1,0 +1,1 @@
+"""After pruning: what a deployment needs (quantization)."""

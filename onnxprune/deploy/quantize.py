@@ -1,0 +1,144 @@
+"""Quantize a (pruned) model with ONNX Runtime's quantization tool, on the calibration data.
+
+ONNX Runtime's `quantize_static` / `quantize_dynamic` and its float16 converter are maintained
+with the engine that runs the result, so the operator coverage and the QDQ patterns its CPU
+kernels fuse stay in step with the runtime; this module only chooses their settings and feeds
+them the calibration data the pruning already read.
+
+Modes:
+- ``int8``: static QDQ, per-channel int8 weights, uint8 activations calibrated (MinMax) on the
+  data. For convolutional models.
+- ``int8-dynamic``: int8 weights of MatMul/Gemm (and recurrent/attention ops), activations
+  quantized at run time. For Gemm/MatMul-heavy models; needs no data.
+- ``fp16``: weights and compute in float16, graph inputs and outputs kept float32.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from onnxprune.calib.data import Dataset
+from onnxprune.errors import OnnxPruneError, UsageError
+
+MODES = ("int8", "int8-dynamic", "fp16")
+DYNAMIC_OPS = ("MatMul", "Gemm", "LSTM", "GRU", "Attention")
+
+
+def quantize(
+    model: onnx.ModelProto,
+    mode: str,
+    *,
+    data: Dataset | None = None,
+    exclude: Sequence[str] = (),
+    batch_size: int = 32,
+) -> onnx.ModelProto:
+    """`model` quantized in `mode`; nodes whose name matches a regex in `exclude` stay float.
+
+    ``int8`` calibrates activation ranges on `data` (required); the other modes ignore it.
+    """
+    if mode not in MODES:
+        raise UsageError(f"unknown quantization '{mode}'; choose from {', '.join(MODES)}")
+    excluded = excluded_nodes(model, exclude)
+    if mode == "fp16":
+        return _float16(model, excluded)
+    if mode == "int8" and (data is None or len(data) == 0):
+        raise UsageError("--quantize int8 calibrates activation ranges: give --data")
+    ort.set_default_logger_severity(3)
+    with tempfile.TemporaryDirectory(prefix="onnxprune-quant-") as tmp:
+        source, target = Path(tmp) / "float.onnx", Path(tmp) / "quantized.onnx"
+        onnx.save_model(model, source)
+        try:
+            if mode == "int8":
+                _static(source, target, data, excluded, batch_size)
+            else:
+                _dynamic(source, target, excluded)
+        except Exception as exc:  # the quantizer raises many unrelated types
+            message = f"ONNX Runtime's quantizer failed ({mode}): {_line(exc)}"
+            raise QuantizationError(message) from exc
+        return onnx.load_model(target)
+
+
+class QuantizationError(OnnxPruneError):
+    """The quantizer could not quantize the model."""
+
+
+def excluded_nodes(model: onnx.ModelProto, patterns: Sequence[str]) -> list[str]:
+    """Names of the nodes matched (re.search) by any of `patterns`."""
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as exc:
+            raise UsageError(f"--quantize-exclude '{pattern}' is not a regex: {exc}") from exc
+    return [n.name for n in model.graph.node if any(c.search(n.name) for c in compiled)]
+
+
+def _static(source: Path, target: Path, data: Dataset, excluded: list[str], batch: int) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        str(_prepared(source)),
+        str(target),
+        _Reader(data, batch),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=excluded,
+    )
+
+
+def _dynamic(source: Path, target: Path, excluded: list[str]) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(_prepared(source)),
+        str(target),
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=list(DYNAMIC_OPS),
+        nodes_to_exclude=excluded,
+    )
+
+
+def _prepared(source: Path) -> Path:
+    """The pre-processing ORT's quantizer asks for (shape inference, basic graph optimisation)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = source.with_name("prepared.onnx")
+    quant_pre_process(str(source), str(prepared))
+    return prepared
+
+
+def _float16(model: onnx.ModelProto, excluded: list[str]) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    try:
+        return convert_float_to_float16(model, keep_io_types=True, node_block_list=excluded)
+    except Exception as exc:  # the converter raises many unrelated types
+        raise QuantizationError(f"float16 conversion failed: {_line(exc)}") from exc
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader protocol over a Dataset's batches."""
+
+    def __init__(self, data: Dataset, batch_size: int):
+        self._data, self._batch = data, batch_size
+        self._it: Iterator | None = None
+
+    def get_next(self) -> dict | None:
+        if self._it is None:
+            self._it = (b.feeds for b in self._data.batches(self._batch))
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = None
+
+
+def _line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
