@@ -76,7 +76,7 @@ def test_report_json_round_trips():
     assert tuple(data["macs"]) == result.report.macs
     assert tuple(data["params"]) == result.report.params
     assert data["verification"]["outputs"][0]["name"] == "logits"
-    assert 0 <= data["groups"][0]["info"]["err"] <= 1
+    assert 0 <= data["groups"][0]["error"] <= 1
     assert json.loads(json.dumps(data)) == data
 
 
