@@ -116,8 +116,8 @@ def deviation_warning(check: Verification) -> str | None:
         misses = shortfalls(check, min_agreement=WARN_AGREEMENT, max_rel_l2=WARN_REL_L2)
     if not misses:
         return None
-    where = "held-out" if check.independent else "verification"
-    return f"the pruned model is far from the original on {check.samples} {where} samples: " + (
+    seen = "the fit never saw" if check.independent else "the fit also used"
+    return f"the pruned model is far from the original on {check.samples} samples {seen}: " + (
         "; ".join(misses)
     )
 
