@@ -16,9 +16,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.budget import choose_widths, refine_widths
-from onnxprune.calib.data import Dataset, input_specs, load_data
+from onnxprune.calib.data import Dataset
 from onnxprune.calib.gather import gather, gather_weights
-from onnxprune.calib.split import Split, split_for_verification
+from onnxprune.calib.split import DataInputs, Split, split_inputs
 from onnxprune.config import PruneConfig
 from onnxprune.errors import NothingToPruneError, RejectedError, UsageError
 from onnxprune.graph.analyze import analyze as find_groups
@@ -125,23 +125,14 @@ def prune(
     external = not isinstance(model, onnx.ModelProto) and has_external_data(model)
     graph = normalize(proto)
     run = _prune_weights if config.granularity == "weight" else _prune_channels
-    result = run(proto, graph, _Inputs(data, labels, verify_data), config)
+    result = run(proto, graph, DataInputs(data, labels, verify_data), config)
     result = replace(result, external_data=external or too_large_for_protobuf(result.model))
     _accept(result, config)
     return result
 
 
-@dataclass(frozen=True)
-class _Inputs:
-    """The data arguments of `prune`, as given."""
-
-    data: Any
-    labels: Any
-    verify_data: Any
-
-
 def _prune_channels(
-    proto: onnx.ModelProto, graph: gs.Graph, inputs: _Inputs, config: PruneConfig
+    proto: onnx.ModelProto, graph: gs.Graph, inputs: DataInputs, config: PruneConfig
 ) -> Result:
     """Channel pruning: analyze, choose widths, calibrate on the fit split, plan, rewrite."""
     groups = find_groups(graph)
@@ -162,7 +153,8 @@ def _prune_channels(
         joint=config.joint,
     )
     needs = pruner.needs | _extra_needs(config)
-    split = _split(proto, inputs, config, fitted=bool(needs - {"weights"}) or config.recalibrate)
+    fitted = bool(needs - {"weights"}) or config.recalibrate
+    split = split_inputs(proto, inputs, config, fitted=fitted)
     fit = split.fit
     calibration = gather(graph, groups, widths.counts, needs, fit, config)
     widths = refine_widths(graph, groups, widths, calibration.stats, pruner, config, fit)
@@ -181,7 +173,7 @@ def _prune_channels(
 
 
 def _prune_weights(
-    proto: onnx.ModelProto, graph: gs.Graph, inputs: _Inputs, config: PruneConfig
+    proto: onnx.ModelProto, graph: gs.Graph, inputs: DataInputs, config: PruneConfig
 ) -> Result:
     """Per weight (METHODS.md §2.1): score, zero the lowest `sparsity` fraction, shift biases,
     in `config.steps` rounds (geometric schedule) with statistics refreshed after each."""
@@ -189,7 +181,7 @@ def _prune_weights(
     if not layers:
         raise NothingToPruneError("nothing to prune: no Gemm/MatMul/Conv with a constant weight")
     needs = WEIGHT_NEEDS.get(config.method, frozenset())
-    split = _split(proto, inputs, config, fitted=bool(needs))
+    split = split_inputs(proto, inputs, config, fitted=bool(needs))
     pruned_graph, removed, loss = graph, {}, None
     for step in range(1, config.steps + 1):
         fraction = 1 - (1 - config.sparsity) ** (step / config.steps)
@@ -289,56 +281,6 @@ def _extra_needs(config: PruneConfig) -> frozenset[str]:
     if config.compensate != "none":
         needs.add("gram")
     return frozenset(needs)
-
-
-def _split(proto: onnx.ModelProto, inputs: _Inputs, config: PruneConfig, *, fitted: bool) -> Split:
-    """The calibration data split into what the fit may use and what verification compares on
-    (`fitted`: whether the method reads data at all). Without verification nothing is held out."""
-    dataset = _dataset(proto, inputs.data, inputs.labels, config, needs_data=fitted)
-    separate = None
-    if inputs.verify_data is not None:
-        separate = _as_dataset(proto, inputs.verify_data, config, role="verification")
-    return split_for_verification(
-        dataset,
-        share=config.holdout if config.verify else 0.0,  # nothing to verify: the fit takes all
-        samples=config.verify_samples,
-        seed=config.seed,
-        fitted=fitted,
-        verify_data=separate,
-    )
-
-
-def _dataset(
-    proto: onnx.ModelProto, data: Any, labels: Any, config: PruneConfig, *, needs_data: bool
-) -> Dataset:
-    if data is None and needs_data:
-        raise UsageError(
-            f"method '{config.method}' needs calibration data",
-            hint="pass --data calib.npz (or --data random for a synthetic smoke test)",
-        )
-    return _as_dataset(proto, data, config, labels=labels)
-
-
-def _as_dataset(
-    proto: onnx.ModelProto,
-    data: Any,
-    config: PruneConfig,
-    *,
-    labels: Any = None,
-    role: str = "calibration",
-) -> Dataset:
-    """`data` loaded and checked against the model's inputs (a Dataset is taken as is)."""
-    if isinstance(data, Dataset):
-        return data
-    return load_data(
-        data,
-        input_specs(proto),
-        labels=labels,
-        samples=config.calib_samples if role == "calibration" else None,
-        seed=config.seed,
-        random_samples=config.verify_samples,
-        role=role,
-    )
 
 
 def _finish(original: onnx.ModelProto, graph: gs.Graph, config: PruneConfig) -> onnx.ModelProto:

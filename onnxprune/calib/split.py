@@ -11,10 +11,14 @@ the split says so and the report marks the verification as not independent.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import onnx
 
-from onnxprune.calib.data import Dataset
+from onnxprune.calib.data import Dataset, input_specs, load_data
+from onnxprune.config import PruneConfig
+from onnxprune.errors import UsageError
 
 MIN_HELD_OUT = 8
 
@@ -33,6 +37,35 @@ class Split:
     how: str
     independent: bool
     held_out: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class DataInputs:
+    """The data arguments of `prune` as given: calibration data, its labels, verification data
+    (each a path, dict of arrays, Dataset or None)."""
+
+    data: Any
+    labels: Any = None
+    verify_data: Any = None
+
+
+def split_inputs(
+    proto: onnx.ModelProto, inputs: DataInputs, config: PruneConfig, *, fitted: bool
+) -> Split:
+    """`inputs` loaded and split into what the fit may use and what verification compares on
+    (`fitted`: whether the method reads data at all). Without verification nothing is held out."""
+    dataset = _dataset(proto, inputs.data, inputs.labels, config, needs_data=fitted)
+    separate = None
+    if inputs.verify_data is not None:
+        separate = _as_dataset(proto, inputs.verify_data, config, role="verification")
+    return split_for_verification(
+        dataset,
+        share=config.holdout if config.verify else 0.0,  # nothing to verify: the fit takes all
+        samples=config.verify_samples,
+        seed=config.seed,
+        fitted=fitted,
+        verify_data=separate,
+    )
 
 
 def split_for_verification(
@@ -62,6 +95,39 @@ def split_for_verification(
     if not fitted:
         return Split(data, verify, f"{reason}; the method fitted nothing to data", True)
     return Split(data, verify, f"{reason}: verified on samples the fit used (optimistic)", False)
+
+
+def _dataset(
+    proto: onnx.ModelProto, data: Any, labels: Any, config: PruneConfig, *, needs_data: bool
+) -> Dataset:
+    if data is None and needs_data:
+        raise UsageError(
+            f"method '{config.method}' needs calibration data",
+            hint="pass --data calib.npz (or --data random for a synthetic smoke test)",
+        )
+    return _as_dataset(proto, data, config, labels=labels)
+
+
+def _as_dataset(
+    proto: onnx.ModelProto,
+    data: Any,
+    config: PruneConfig,
+    *,
+    labels: Any = None,
+    role: str = "calibration",
+) -> Dataset:
+    """`data` loaded and checked against the model's inputs (a Dataset is taken as is)."""
+    if isinstance(data, Dataset):
+        return data
+    return load_data(
+        data,
+        input_specs(proto),
+        labels=labels,
+        samples=config.calib_samples if role == "calibration" else None,
+        seed=config.seed,
+        random_samples=config.verify_samples,
+        role=role,
+    )
 
 
 def _no_split_reason(data: Dataset, share: float, held: int) -> str | None:
