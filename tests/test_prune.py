@@ -132,6 +132,12 @@ def test_prune_keeps_the_interface_and_metadata():
         {"method": "nope"},
         {"compensate": "all"},
         {"colour": 1},
+        {"width": onnxprune.WidthRule()},
+        {"holdout": 0.6},
+        {"holdout": -0.1},
+        {"min_agreement": 1.5},
+        {"max_deviation": 0.0},
+        {"min_agreement": 0.9, "verify": False},
     ],
 )
 def test_bad_options_raise_usage_error_before_anything_runs(bad):

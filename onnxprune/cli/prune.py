@@ -26,6 +26,7 @@ EXAMPLE = """examples:
   onnxprune model.onnx --method magnitude --ratio 0.5
   onnxprune model.onnx --method id --ratio 0.5 --data calib.npz -o model.small.onnx
   onnxprune model.onnx --method id --epsilon 0.05 --data calib.npz --report report.json
+  onnxprune model.onnx --method id --ratio 0.5 --data calib.npz --min-agreement 0.95
   onnxprune mlp.onnx --method biascomp --granularity weight --sparsity 0.8 --data calib.npz
 """
 
@@ -57,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--verify-samples",
         type=int,
         default=64,
-        help="validation samples compared against the original (default: 64)",
+        help="at most this many samples (held out of --data, or from --verify-data) are "
+        "compared against the original (default: 64)",
     )
     out.add_argument(
         "--verify-data",
