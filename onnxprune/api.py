@@ -325,8 +325,8 @@ def _report(
             [original, pruned], batches=config.bench_batches, names=("original", "pruned")
         )
         bench = {"table": timing.format_table(), **timing.to_dict()}
-    warnings = (target.warning(),) if target and target.missed else ()
-    warnings += (deviation_warning(check),) if check and deviation_warning(check) else ()
+    found = (target.warning() if target else None, deviation_warning(check) if check else None)
+    warnings = tuple(w for w in found if w)
     return Report(
         model=original.graph.name or "model",
         method=config.method,

@@ -24,7 +24,7 @@ from onnxprune.graph.load import export
 from onnxprune.graph.rewrite import rewrite
 from onnxprune.graph.weights import consumer_input_sizes
 from onnxprune.measure.cost import count
-from onnxprune.measure.verify import run
+from onnxprune.measure.verify import run, run_original
 from onnxprune.methods.base import GroupStats, Method, Plan
 from onnxprune.methods.id import pooled_gram
 from onnxprune.methods.linalg import id_error_curve
@@ -161,7 +161,7 @@ def output_deviation(
     subset = dataset.head(min(samples, len(dataset)))
     feeds = subset.arrays
     original = export(graph)
-    reference = run(original, feeds)
+    reference = run_original(original, feeds)
     batches = lambda: (b.feeds for b in subset.batches(config.batch_size))  # noqa: E731
 
     def score(counts: Mapping[str, int]) -> float:

@@ -153,15 +153,16 @@ def _gather_model() -> onnx.ModelProto:
                    inputs=[("x", ("N", 3, 8, 8)), ("idx", ("N",))])  # fmt: skip
 
 
-def test_the_original_failing_on_the_data_is_the_inputs_problem_exit_1(capsys, tmp_path):
+@pytest.mark.parametrize("method", ["magnitude", "id"])  # fails in verification / statistics
+def test_the_original_failing_on_the_data_is_the_inputs_problem_exit_1(capsys, tmp_path, method):
     model, source, out = _gather_model(), tmp_path / "g.onnx", tmp_path / "small.onnx"
     onnx.save(model, str(source))
     feeds = graphs.random_input(model, 16)
     feeds["idx"] = np.full(16, 99, np.float32)  # the table has 10 rows
     with pytest.raises(ModelRunError, match="original model"):
-        onnxprune.prune(model, ratio=0.5, round_to=1, data=feeds)
+        onnxprune.prune(model, method=method, ratio=0.5, round_to=1, data=feeds)
     np.savez(tmp_path / "bad.npz", **feeds)
-    args = [str(source), "--ratio", "0.5", "--round-to", "1", "-o", str(out)]
+    args = [str(source), "--method", method, "--ratio", "0.5", "--round-to", "1", "-o", str(out)]
     assert main([*args, "--data", str(tmp_path / "bad.npz")]) == 1
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if x.startswith("onnxprune: error: ")]

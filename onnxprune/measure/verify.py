@@ -65,14 +65,7 @@ def verify(
         onnx.checker.check_model(pruned, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise VerificationError(f"pruned model fails the ONNX checker: {_line(exc)}") from exc
-    try:
-        reference = run(original, feeds)
-    except VerificationError as exc:  # the input model or data is at fault, not the pruning
-        raise ModelRunError(
-            "ONNX Runtime cannot run the original model on the verification data: "
-            + _line(exc.__cause__ or exc),
-            hint="the input model or data is at fault: check the data's shapes and values",
-        ) from exc
+    reference = run_original(original, feeds)
     result = run(pruned, feeds)
     outputs = tuple(_deviation(name, reference[name], result[name]) for name in reference)
     samples = len(next(iter(feeds.values()))) if feeds else 0
@@ -120,6 +113,18 @@ def deviation_warning(check: Verification) -> str | None:
     return f"the pruned model is far from the original on {check.samples} samples {seen}: " + (
         "; ".join(misses)
     )
+
+
+def run_original(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`run` for the input model: ORT failing on it is the input's problem (ModelRunError,
+    exit 1), not a failed verification of the pruning."""
+    try:
+        return run(model, feeds)
+    except VerificationError as exc:
+        raise ModelRunError(
+            f"ONNX Runtime cannot run the original model on this data: {_line(exc.__cause__)}",
+            hint="the input model or data is at fault: check the data's shapes and values",
+        ) from exc
 
 
 def session_for(model: onnx.ModelProto, *, threads: int = 0) -> ort.InferenceSession:
