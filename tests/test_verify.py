@@ -135,6 +135,12 @@ def test_separate_verify_data_is_used_and_named(capsys, vgg, tmp_path):
     assert data["data"].endswith("(512 samples)")  # the fit kept every calibration sample
 
 
+def test_verify_data_with_verification_off_is_a_usage_error(capsys, vgg, tmp_path):
+    args = [str(vgg), "--verify-data", str(data_path("vgg", "test")), "--no-verify"]
+    assert main([*args, "-o", str(tmp_path / "small.onnx")]) == 2
+    assert "verification is off" in capsys.readouterr().err
+
+
 def test_random_data_is_not_split_and_the_report_says_so(capsys, vgg, tmp_path):
     out, report = tmp_path / "small.onnx", tmp_path / "report.json"
     args = [str(vgg), "--method", "id", "--data", "random", "-o", str(out)]

@@ -57,6 +57,8 @@ def split_inputs(
     dataset = _dataset(proto, inputs.data, inputs.labels, config, needs_data=fitted)
     separate = None
     if inputs.verify_data is not None:
+        if not config.verify:
+            raise UsageError("verification data was given but verification is off (--no-verify)")
         separate = _as_dataset(proto, inputs.verify_data, config, role="verification")
     return split_for_verification(
         dataset,
