@@ -107,7 +107,8 @@ def test_keep_rejected_writes_it_under_a_rejected_name_and_still_exits_3(capsys,
     assert not out.exists()
     kept = tmp_path / "small.rejected.onnx"
     onnx.checker.check_model(onnx.load(str(kept)), full_check=True)
-    assert "rel-L2" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "rel-L2" in captured.err and f"written (rejected): {kept}" in captured.out
 
 
 def test_a_gate_the_result_meets_passes(capsys, vgg, tmp_path):

@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         result = prune(source, data=dataset, verify_data=verify_data, config=config)
     except RejectedError as exc:
         if args.keep_rejected:
-            _emit(exc.result, args, rejected_path(output))
+            _emit(exc.result, args, rejected_path(output), "written (rejected)")
         raise
     _emit(result, args, output)
     return 0
@@ -268,12 +268,12 @@ def rejected_path(output: Path) -> Path:
     return output.with_name(f"{output.stem}.rejected{output.suffix}")
 
 
-def _emit(result: Result, args: argparse.Namespace, output: Path) -> None:
+def _emit(result: Result, args: argparse.Namespace, output: Path, written: str = "written") -> None:
     """Write the model and the report; warnings go to stderr, one line each."""
     result.save(output)
     for warning in result.report.warnings:
         print(f"onnxprune: warning: {warning}", file=sys.stderr)
-    text = result.report.format() + f"\nwritten: {output}"
+    text = result.report.format() + f"\n{written}: {output}"
     if args.report == "-":
         print(result.report.to_json())
         print(text, file=sys.stderr)
