@@ -174,8 +174,7 @@ def uniform_ratio(path: Path, keep: float) -> float:
     result = onnxprune.prune(
         path, method="magnitude", target_macs=keep, round_to=1, verify=False, prune_residual=True
     )
-    note = next(n for n in result.report.notes if "uniform ratio" in n)
-    return float(note.rsplit("uniform ratio ", 1)[1].rstrip(")"))
+    return result.report.target.ratio
 
 
 def peak_cost(path: Path, spec: dict, data: dict) -> dict:

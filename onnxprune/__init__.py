@@ -8,9 +8,25 @@ print(result.report.format())
 
 from __future__ import annotations
 
+from onnxprune import compare
 from onnxprune.api import Analysis, Result, analyze, prune
+from onnxprune.calib.data import Dataset
 from onnxprune.config import PruneConfig
-from onnxprune.errors import OnnxPruneError
+from onnxprune.errors import OnnxPruneError, RejectedError
+from onnxprune.methods.width import WidthRule
+from onnxprune.report import Report
 
-__all__ = ["Analysis", "OnnxPruneError", "PruneConfig", "Result", "analyze", "prune"]
+__all__ = [
+    "Analysis",
+    "Dataset",
+    "OnnxPruneError",
+    "PruneConfig",
+    "RejectedError",
+    "Report",
+    "Result",
+    "WidthRule",
+    "analyze",
+    "compare",
+    "prune",
+]
 __version__ = "0.1.0"

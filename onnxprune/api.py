@@ -16,10 +16,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.budget import choose_widths, refine_widths
-from onnxprune.calib.data import Dataset, input_specs, load_data
+from onnxprune.calib.data import Dataset
 from onnxprune.calib.gather import gather, gather_weights
+from onnxprune.calib.split import DataInputs, Split, split_inputs
 from onnxprune.config import PruneConfig
-from onnxprune.errors import NothingToPruneError, UsageError
+from onnxprune.errors import NothingToPruneError, RejectedError, UsageError
 from onnxprune.graph.analyze import analyze as find_groups
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import (
@@ -41,7 +42,7 @@ from onnxprune.graph.sparsify import (
 )
 from onnxprune.measure.cost import count
 from onnxprune.measure.latency import benchmark
-from onnxprune.measure.verify import verify
+from onnxprune.measure.verify import Verification, deviation_warning, shortfalls, verify
 from onnxprune.methods import build_method
 from onnxprune.methods.base import Plan
 from onnxprune.methods.cob import unrotated_note
@@ -49,9 +50,10 @@ from onnxprune.methods.planner import make_plans
 from onnxprune.methods.sparse import WEIGHT_NEEDS, bias_shifts, choose_removed, weight_scores
 from onnxprune.methods.width import WidthRule, group_ratio
 from onnxprune.recalibrate import recalibrate
-from onnxprune.report import GroupRow, Report
+from onnxprune.report import GroupRow, Report, TargetResult
 
 ModelLike = str | os.PathLike | onnx.ModelProto
+DataLike = str | os.PathLike | Mapping[str, np.ndarray] | Dataset
 
 
 @dataclass(frozen=True)
@@ -99,10 +101,11 @@ def analyze(model: ModelLike) -> Analysis:
 def prune(
     model: ModelLike,
     *,
-    method: str = "magnitude",
-    ratio: float = 0.5,
-    data: str | os.PathLike | Mapping[str, np.ndarray] | Dataset | None = None,
+    method: str | None = None,
+    ratio: float | None = None,
+    data: DataLike | None = None,
     labels: str | os.PathLike | np.ndarray | None = None,
+    verify_data: DataLike | None = None,
     config: PruneConfig | None = None,
     **options: Any,
 ) -> Result:
@@ -110,14 +113,28 @@ def prune(
 
     `data` is calibration data (npz/npy path, image folder, dict of arrays, a Dataset, or None
     for seeded random inputs used only to verify). Other options are PruneConfig fields, or
-    WidthRule fields (`layer_ratios`, `exclude`, `round_to`, `prune_residual`, `recipe`).
+    WidthRule fields (`layer_ratios`, `exclude`, `round_to`, `prune_residual`, `recipe`); or
+    pass a whole `config` instead (not both). The result is verified on `verify_data` or else on
+    a held-out share of `data` (`holdout`) that the fit never sees.
+
+    Raises RejectedError (with the result attached) when verification misses `min_agreement`
+    or `max_deviation`.
     """
-    config = config or _config(method, ratio, options)
+    config = _resolve_config(config, method, ratio, options)
     proto = _load(model)
     external = not isinstance(model, onnx.ModelProto) and has_external_data(model)
     graph = normalize(proto)
-    if config.granularity == "weight":
-        return _prune_weights(proto, graph, data, labels, config, external)
+    run = _prune_weights if config.granularity == "weight" else _prune_channels
+    result = run(proto, graph, DataInputs(data, labels, verify_data), config)
+    result = replace(result, external_data=external or too_large_for_protobuf(result.model))
+    _accept(result, config)
+    return result
+
+
+def _prune_channels(
+    proto: onnx.ModelProto, graph: gs.Graph, inputs: DataInputs, config: PruneConfig
+) -> Result:
+    """Channel pruning: analyze, choose widths, calibrate on the fit split, plan, rewrite."""
     groups = find_groups(graph)
     widths = choose_widths(graph, groups, config)
     if not widths.counts and not config.allow_noop:
@@ -135,30 +152,28 @@ def prune(
         rms_correction=config.rms_correction,
         joint=config.joint,
     )
-    dataset = _dataset(proto, data, labels, config, needs_data=bool(pruner.needs - {"weights"}))
     needs = pruner.needs | _extra_needs(config)
-    calibration = gather(graph, groups, widths.counts, needs, dataset, config)
-    widths = refine_widths(graph, groups, widths, calibration.stats, pruner, config, dataset)
+    fitted = bool(needs - {"weights"}) or config.recalibrate
+    split = split_inputs(proto, inputs, config, fitted=fitted)
+    fit = split.fit
+    calibration = gather(graph, groups, widths.counts, needs, fit, config)
+    widths = refine_widths(graph, groups, widths, calibration.stats, pruner, config, fit)
     plans = make_plans(groups, widths.counts, calibration.stats, pruner, config)
     pruned_graph = rewrite(graph, groups, plans, exact_borders=config.exact_borders)
     notes = (widths.note,) if widths.note else ()
     notes += unrotated_note(groups, plans) if config.method == "cob" else ()
     if config.recalibrate:
-        batches = lambda: (b.feeds for b in dataset.batches(config.batch_size))  # noqa: E731
+        batches = lambda: (b.feeds for b in fit.batches(config.batch_size))  # noqa: E731
         pruned_graph, layers = recalibrate(export(graph), pruned_graph, groups, plans, batches)
         notes += (f"recalibrated the output mean and variance of {layers} layers",)
     pruned = _finish(proto, pruned_graph, config)
-    result = _result(proto, pruned, groups, plans, dataset, config, calibration.loss, notes)
-    return replace(result, external_data=external or too_large_for_protobuf(pruned))
+    rows = tuple(_row(group, plans.get(group.name), config) for group in groups)
+    report = _report(proto, pruned, split, config, calibration.loss, notes, rows, widths.target)
+    return Result(pruned, report, groups, plans)
 
 
 def _prune_weights(
-    proto: onnx.ModelProto,
-    graph: gs.Graph,
-    data: Any,
-    labels: Any,
-    config: PruneConfig,
-    external: bool,
+    proto: onnx.ModelProto, graph: gs.Graph, inputs: DataInputs, config: PruneConfig
 ) -> Result:
     """Per weight (METHODS.md §2.1): score, zero the lowest `sparsity` fraction, shift biases,
     in `config.steps` rounds (geometric schedule) with statistics refreshed after each."""
@@ -166,12 +181,12 @@ def _prune_weights(
     if not layers:
         raise NothingToPruneError("nothing to prune: no Gemm/MatMul/Conv with a constant weight")
     needs = WEIGHT_NEEDS.get(config.method, frozenset())
-    dataset = _dataset(proto, data, labels, config, needs_data=bool(needs))
+    split = split_inputs(proto, inputs, config, fitted=bool(needs))
     pruned_graph, removed, loss = graph, {}, None
     for step in range(1, config.steps + 1):
         fraction = 1 - (1 - config.sparsity) ** (step / config.steps)
         pruned_graph, removed, loss = _sparsify_step(
-            pruned_graph, removed, fraction, needs, dataset, config
+            pruned_graph, removed, fraction, needs, split.fit, config
         )
     pruned = _finish(proto, pruned_graph, config)
     rows = tuple(
@@ -184,8 +199,8 @@ def _prune_weights(
         "nonzero_weights": tuple(total - zero for zero, total in zeros),
         "zipped_size": (deflated_size(proto), deflated_size(pruned)),
     }
-    result = _result(proto, pruned, (), {}, dataset, config, loss, (DENSE_NOTE,), rows, sparse)
-    return replace(result, external_data=external or too_large_for_protobuf(pruned))
+    report = _report(proto, pruned, split, config, loss, (DENSE_NOTE,), rows, None, sparse)
+    return Result(pruned, report, (), {})
 
 
 def _sparsify_step(
@@ -216,17 +231,42 @@ DENSE_NOTE = (
 )
 
 
-def _config(method: str, ratio: float, options: Mapping[str, Any]) -> PruneConfig:
+def _resolve_config(
+    config: PruneConfig | None,
+    method: str | None,
+    ratio: float | None,
+    options: Mapping[str, Any],
+) -> PruneConfig:
+    """`config` as given, or one built from the keywords; both at once is refused, since a
+    keyword silently losing to the config (or the reverse) would prune something else."""
+    if config is None:
+        return _config(method, ratio, options)
+    given = [k for k, v in (("method", method), ("ratio", ratio)) if v is not None]
+    if given or options:
+        names = ", ".join([*given, *sorted(options)])
+        raise UsageError(
+            f"prune() got both config and option keywords ({names}); pass one or the other",
+            hint="dataclasses.replace(config, ...) makes a changed copy of a PruneConfig",
+        )
+    return config
+
+
+def _config(method: str | None, ratio: float | None, options: Mapping[str, Any]) -> PruneConfig:
+    """A PruneConfig from keywords: WidthRule fields go to `width`, the rest to the config."""
     width_fields = set(WidthRule.__dataclass_fields__)
     width = {k: v for k, v in options.items() if k in width_fields}
     rest = {k: v for k, v in options.items() if k not in width_fields}
-    unknown = set(rest) - set(PruneConfig.__dataclass_fields__)
+    unknown = set(rest) - set(PruneConfig.__dataclass_fields__) | ({"width"} & set(rest))
     if unknown:
         raise UsageError(f"unknown option(s): {', '.join(sorted(unknown))}")
     for key in ("layer_ratios", "exclude"):
         if key in width:
             width[key] = tuple(width[key])
-    return PruneConfig(method=method, width=WidthRule(ratio=ratio, **width), **rest)
+    if ratio is not None:
+        width["ratio"] = ratio
+    if method is not None:
+        rest["method"] = method
+    return PruneConfig(width=WidthRule(**width), **rest)
 
 
 def _load(model: ModelLike) -> onnx.ModelProto:
@@ -241,27 +281,6 @@ def _extra_needs(config: PruneConfig) -> frozenset[str]:
     if config.compensate != "none":
         needs.add("gram")
     return frozenset(needs)
-
-
-def _dataset(
-    proto: onnx.ModelProto, data: Any, labels: Any, config: PruneConfig, *, needs_data: bool
-) -> Dataset:
-    if isinstance(data, Dataset):
-        return data
-    specs = input_specs(proto)
-    if data is None and (needs_data or config.compensate != "none" or config.recalibrate):
-        raise UsageError(
-            f"method '{config.method}' needs calibration data",
-            hint="pass --data calib.npz (or --data random for a synthetic smoke test)",
-        )
-    return load_data(
-        data,
-        specs,
-        labels=labels,
-        samples=config.calib_samples,
-        seed=config.seed,
-        random_samples=config.verify_samples,
-    )
 
 
 def _finish(original: onnx.ModelProto, graph: gs.Graph, config: PruneConfig) -> onnx.ModelProto:
@@ -284,25 +303,21 @@ def _finish(original: onnx.ModelProto, graph: gs.Graph, config: PruneConfig) -> 
     return model
 
 
-def _result(
+def _report(
     original: onnx.ModelProto,
     pruned: onnx.ModelProto,
-    groups: tuple[ChannelGroup, ...],
-    plans: Mapping[str, Plan],
-    dataset: Dataset,
+    split: Split,
     config: PruneConfig,
     loss: str | None,
-    notes: tuple[str, ...] = (),
-    rows: tuple[GroupRow, ...] = (),
+    notes: tuple[str, ...],
+    rows: tuple[GroupRow, ...],
+    target: TargetResult | None,
     sparse: Mapping[str, Any] | None = None,
-) -> Result:
-    check = None
-    if config.verify:
-        feeds = dataset.head(config.verify_samples).arrays
-        check = verify(original, pruned, feeds, data=dataset.source)
+) -> Report:
+    """Verify `pruned` on the verification split, count both models, collect the warnings."""
+    check = _verification(original, pruned, split, config)
     before, after = count(original), count(pruned)
-    rows = rows or tuple(_row(group, plans.get(group.name), config) for group in groups)
-    if dataset.synthetic:
+    if split.fit.synthetic:
         notes += ("validation data is synthetic (random): deviations say little about accuracy",)
     bench = None
     if config.bench_batches:
@@ -310,7 +325,9 @@ def _result(
             [original, pruned], batches=config.bench_batches, names=("original", "pruned")
         )
         bench = {"table": timing.format_table(), **timing.to_dict()}
-    report = Report(
+    found = (target.warning() if target else None, deviation_warning(check) if check else None)
+    warnings = tuple(w for w in found if w)
+    return Report(
         model=original.graph.name or "model",
         method=config.method,
         options=_options(config),
@@ -318,20 +335,48 @@ def _result(
         params=(before.params, after.params),
         macs=(before.macs, after.macs),
         file_size=(original.ByteSize(), pruned.ByteSize()),
-        data=dataset.source,
+        data=split.fit.source,
         verification=check,
         loss=loss,
         bench=bench,
         notes=notes,
+        warnings=warnings,
+        target=target,
         **(sparse or {}),
     )
-    return Result(pruned, report, groups, plans)
+
+
+def _verification(
+    original: onnx.ModelProto, pruned: onnx.ModelProto, split: Split, config: PruneConfig
+) -> Verification | None:
+    """Checker and output deviation on the verification samples (None with verify off)."""
+    if not config.verify:
+        return None
+    check = verify(original, pruned, split.verify.arrays, data=split.verify.source)
+    return replace(check, split=split.how, independent=split.independent)
+
+
+def _accept(result: Result, config: PruneConfig) -> None:
+    """Raise RejectedError if verification misses `min_agreement` or `max_deviation`."""
+    check = result.report.verification
+    if check is None:
+        return
+    misses = shortfalls(check, min_agreement=config.min_agreement, max_rel_l2=config.max_deviation)
+    if misses:
+        raise RejectedError(
+            f"verification failed on {check.samples} samples: {'; '.join(misses)}",
+            result=result,
+            hint="prune less or use a correcting method (id, --compensate); "
+            "--keep-rejected writes the model anyway",
+        )
 
 
 def _row(group: ChannelGroup, plan: Plan | None, config: PruneConfig) -> GroupRow:
     if plan is not None:
         status = "pruned" if len(plan.keep) < group.channels else "kept (rounding)"
-        return GroupRow(group.name, group.channels, len(plan.keep), status, dict(plan.info))
+        info = {k: v for k, v in plan.info.items() if k not in ("err", "err/opt")}
+        errors = plan.info.get("err"), plan.info.get("err/opt")
+        return GroupRow(group.name, group.channels, len(plan.keep), status, info, *errors)
     if not group.prunable:
         where = f" at '{group.blocker}'" if group.blocker else ""
         status = f"unprunable: {group.reason}{where}"

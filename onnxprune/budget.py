@@ -24,7 +24,7 @@ from onnxprune.graph.load import export
 from onnxprune.graph.rewrite import rewrite
 from onnxprune.graph.weights import consumer_input_sizes
 from onnxprune.measure.cost import count
-from onnxprune.measure.verify import run
+from onnxprune.measure.verify import run, run_original
 from onnxprune.methods.base import GroupStats, Method, Plan
 from onnxprune.methods.id import pooled_gram
 from onnxprune.methods.linalg import id_error_curve
@@ -38,16 +38,19 @@ from onnxprune.methods.targets import (
 )
 from onnxprune.methods.width import keep_counts
 from onnxprune.recalibrate import recalibrate
+from onnxprune.report import TargetResult
 
 Score = Callable[[Mapping[str, int]], float]
 
 
 @dataclass(frozen=True)
 class Widths:
-    """Kept channels per selected group, and how the target was met (for the report)."""
+    """Kept channels per selected group, and how they were chosen (for the report): a target's
+    outcome, or a note (global ranking)."""
 
     counts: dict[str, int]
     note: str | None = None
+    target: TargetResult | None = None
 
 
 def choose_widths(graph: gs.Graph, groups: tuple[ChannelGroup, ...], config: PruneConfig) -> Widths:
@@ -62,7 +65,7 @@ def choose_widths(graph: gs.Graph, groups: tuple[ChannelGroup, ...], config: Pru
         full = cost({})
         measure = lambda counts: cost(counts) / full  # noqa: E731
     ratio, counts = ratio_for_target(groups, config.width, measure, target, trim=kind != "latency")
-    return Widths(counts, _note(kind, target, measure(counts), f"near-uniform ratio {ratio:.3f}"))
+    return _reached(counts, TargetResult(kind, target, measure(counts), ratio=ratio))
 
 
 def refine_widths(
@@ -96,15 +99,20 @@ def refine_widths(
     reached = lambda counts: cost(counts) / cost({})  # noqa: E731
     if dataset is None:
         label, counts = next(iter(_feasible(candidates, reached, target).values()))
-        return Widths(counts, _note(kind, target, reached(counts), f"widths {label}"))
+        return _reached(counts, TargetResult(kind, target, reached(counts), label))
     candidates.setdefault(tuple(sorted(widths.counts.items())), ("near-uniform", widths.counts))
     candidates = _feasible(candidates, reached, target)
     score = output_deviation(graph, groups, stats, method, config, dataset)
     scored = sorted((score(counts), label, counts) for label, counts in candidates.values())
-    deviation, label, counts = scored[0]
-    others = ", ".join(f"{lab} {dev:.3f}" for dev, lab, _ in scored[1:])
-    how = f"widths {label}: output deviation {deviation:.3f}" + (f"; {others}" if others else "")
-    return Widths(counts, _note(kind, target, reached(counts), how))
+    _, label, counts = scored[0]
+    deviations = {lab: dev for dev, lab, _ in scored}
+    ratio = widths.target.ratio if widths.target and label == "near-uniform" else None
+    outcome = TargetResult(kind, target, reached(counts), label, ratio, deviations)
+    return _reached(counts, outcome)
+
+
+def _reached(counts: dict[str, int], outcome: TargetResult) -> Widths:
+    return Widths(counts, outcome.note(), outcome)
 
 
 def _feasible(candidates: dict, reached: Callable, target: float) -> dict:
@@ -153,7 +161,7 @@ def output_deviation(
     subset = dataset.head(min(samples, len(dataset)))
     feeds = subset.arrays
     original = export(graph)
-    reference = run(original, feeds)
+    reference = run_original(original, feeds)
     batches = lambda: (b.feeds for b in subset.batches(config.batch_size))  # noqa: E731
 
     def score(counts: Mapping[str, int]) -> float:
@@ -210,15 +218,3 @@ def _latency_measure(graph: gs.Graph, groups: tuple[ChannelGroup, ...]):
         return cache[key]
 
     return measure
-
-
-def _note(kind: str, target: float, reached: float, how: str) -> str:
-    """The report line for a target; says why when the target was out of reach."""
-    note = f"target {kind} {target:.3f} of the original: reached {reached:.3f} ({how})"
-    if reached > target + 0.01:
-        note += (
-            "; MISSED: the groups allowed to shrink cannot go lower (coupled residual/gate"
-            " groups shrink only with --prune-residual, --round-to N keeps multiples of N,"
-            " excluded and unprunable groups stay)"
-        )
-    return note

@@ -32,6 +32,9 @@ class PruneConfig:
     task: str = "auto"
     verify: bool = True
     verify_samples: int = 64
+    holdout: float = 0.125
+    min_agreement: float | None = None
+    max_deviation: float | None = None
     allow_noop: bool = False
     target_macs: float | None = None
     target_params: float | None = None
@@ -76,11 +79,24 @@ class PruneConfig:
         parse_jacobian(self.jacobian)
         self._check_cob()
         self._check_granularity()
+        self._check_verification()
         _positive("batch_size", self.batch_size)
         _positive("verify_samples", self.verify_samples)
         _positive("round_to", self.width.round_to)
         if self.calib_samples is not None:
             _positive("calib_samples", self.calib_samples)
+
+    def _check_verification(self) -> None:
+        """The held-out share and the acceptance bounds; bounds need verification to run."""
+        if not 0.0 <= self.holdout <= 0.5:
+            raise UsageError(f"'holdout' is a share of samples, in [0, 0.5]; got {self.holdout}")
+        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
+            raise UsageError(f"'min_agreement' must be in [0, 1]; got {self.min_agreement}")
+        if self.max_deviation is not None and not self.max_deviation > 0.0:
+            raise UsageError(f"'max_deviation' must be positive; got {self.max_deviation}")
+        gated = self.min_agreement is not None or self.max_deviation is not None
+        if gated and not self.verify:
+            raise UsageError("--min-agreement/--max-deviation need verification; got --no-verify")
 
     def _check_granularity(self) -> None:
         """Per-weight pruning (--granularity weight) takes its own options and none of the

@@ -39,5 +39,18 @@ class InterpreterMismatchError(OnnxPruneError):
     """The ONNX→torch interpreter's forward pass disagrees with ONNX Runtime."""
 
 
+class ModelRunError(OnnxPruneError):
+    """ONNX Runtime cannot run the original model on the given data: the input's problem."""
+
+
 class VerificationError(OnnxPruneError):
     """The pruned model failed the checker or could not run in ONNX Runtime."""
+
+
+class RejectedError(VerificationError):
+    """The pruned model runs but misses a bound the caller set (--min-agreement,
+    --max-deviation); `result` is the rejected Result, for callers that keep it anyway."""
+
+    def __init__(self, message: str, *, result: object, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.result = result

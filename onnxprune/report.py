@@ -9,16 +9,71 @@ from dataclasses import asdict, dataclass, field
 from onnxprune.measure.cost import format_count
 from onnxprune.measure.verify import Verification
 
+MISS_TOLERANCE = 0.01  # a target counts as met up to this fraction of the original above it
+
 
 @dataclass(frozen=True)
 class GroupRow:
-    """One channel group: its width before and after, and what happened to it and why."""
+    """One channel group: its width before and after, and what happened to it and why.
+
+    `error` is the relative reconstruction error of the kept channels' correction at the
+    group's taps (the largest over its taps), `error_ratio` that error over the optimal rank-k
+    error (1 = as good as any k-dimensional map); both None where no tap statistics were
+    gathered. `info` holds the method's own numbers.
+    """
 
     name: str
     channels: int
     kept: int
     status: str
     info: Mapping[str, float] = field(default_factory=dict)
+    error: float | None = None
+    error_ratio: float | None = None
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    """How a --target-macs/params/latency was met: fractions of the original asked and reached.
+
+    `allocation` names how the widths were chosen ("near-uniform", or an ID error allocation),
+    `ratio` is the near-uniform channel ratio the search found, and `deviations` the measured
+    relative L2 output deviation of every allocation scored (ID), by label; `missed` is set when
+    `reached` exceeds `target` by more than MISS_TOLERANCE.
+    """
+
+    kind: str
+    target: float
+    reached: float
+    allocation: str = "near-uniform"
+    ratio: float | None = None
+    deviations: Mapping[str, float] = field(default_factory=dict)
+    missed: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "missed", self.reached > self.target + MISS_TOLERANCE)
+
+    def note(self) -> str:
+        """The report line: target, reached, and how the widths were chosen."""
+        how = f"widths {self.allocation}"
+        if self.ratio is not None and self.allocation == "near-uniform":
+            how = f"near-uniform ratio {self.ratio:.3f}"
+        if self.deviations:
+            others = [f"{k} {v:.3f}" for k, v in self.deviations.items() if k != self.allocation]
+            how += f": output deviation {self.deviations[self.allocation]:.3f}"
+            how += f"; {', '.join(others)}" if others else ""
+        asked = f"target {self.kind} {self.target:.3f} of the original"
+        return f"{asked}: reached {self.reached:.3f} ({how})"
+
+    def warning(self) -> str | None:
+        """One line when the target was missed, saying what keeps the model from shrinking."""
+        if not self.missed:
+            return None
+        return (
+            f"target {self.kind} {self.target:.3f} missed: reached {self.reached:.3f} of the "
+            "original; the groups allowed to shrink cannot go lower (coupled residual/gate groups "
+            "shrink only with --prune-residual, --round-to N keeps multiples of N, excluded and "
+            "unprunable groups stay)"
+        )
 
 
 @dataclass(frozen=True)
@@ -37,6 +92,8 @@ class Report:
     loss: str | None = None
     bench: Mapping[str, object] | None = None
     notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    target: TargetResult | None = None
     unit: str = "channels"
     nonzero_weights: tuple[int, int] | None = None
     zipped_size: tuple[int, int] | None = None
@@ -63,6 +120,7 @@ class Report:
         if self.bench:
             lines += ["", str(self.bench.get("table", ""))]
         lines += [f"note: {note}" for note in self.notes]
+        lines += [f"WARNING: {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
     def _totals(self) -> list[str]:
@@ -84,13 +142,16 @@ def format_groups(groups: tuple[GroupRow, ...], unit: str = "channels") -> list[
     width = max([len(g.name) for g in groups] + [5])
     lines = [f"{'group' if unit == 'channels' else 'layer':<{width}}  {unit:>15}  status"]
     for g in groups:
-        extra = "".join(f"  {k}={v:.3g}" for k, v in g.info.items())
+        numbers = {**g.info, "err": g.error, "err/opt": g.error_ratio}
+        extra = "".join(f"  {k}={v:.3g}" for k, v in numbers.items() if v is not None)
         lines.append(f"{g.name:<{width}}  {g.channels:>6} -> {g.kept:<6}  {g.status}{extra}")
     return lines
 
 
 def format_verification(v: Verification) -> list[str]:
     lines = [f"verification: checker {v.checker}; {v.samples} samples ({v.data})"]
+    if v.split:
+        lines.append(f"  samples: {v.split}")
     for o in v.outputs:
         top1 = (
             "" if o.top1_agreement is None else f"  top-1 agreement {100 * o.top1_agreement:.1f} %"

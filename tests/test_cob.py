@@ -439,7 +439,7 @@ def test_cob_on_a_linear_chain_reaches_the_eckart_young_optimum():
     """Centred PCA + mean folding is the best rank-k affine fit of the tap: brute force by SVD."""
     model = _mlp(10, 16, [])
     calib = _x(300, 10, 3)
-    result = onnxprune.prune(model, method="cob", ratio=0.75, round_to=1, data=calib)
+    result = onnxprune.prune(model, method="cob", ratio=0.75, round_to=1, data=calib, holdout=0)
     weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
     z = calib["x"] @ weights["w1"].T + weights["b1"]  # the tap: fc1's outputs
     centred = z - z.mean(axis=0)

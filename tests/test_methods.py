@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import onnx
 import pytest
@@ -82,7 +80,7 @@ def test_epsilon_bounds_the_relative_error_of_every_group():
     pruned = [row for row in result.report.groups if row.status == "pruned"]
     assert pruned, "epsilon 0.1 should allow pruning on the VGG model"
     for row in pruned:
-        assert row.info["err"] <= 0.1 + 1e-9, row
+        assert row.error <= 0.1 + 1e-9, row
 
 
 @pytest.mark.parametrize("name", ["vgg", "resnet", "mobilenetv2", "inception"])
@@ -101,9 +99,11 @@ def test_unreachable_mac_target_is_reported_as_missed():
     kept = onnxprune.prune(reference_path("resnet"), exclude=[r"blocks\.[123]"], **options)
     before, after = kept.report.macs
     assert after / before > 0.31
-    assert any("MISSED" in note and "--prune-residual" in note for note in kept.report.notes)
+    assert kept.report.target.missed and kept.report.target.reached == after / before
+    (warning,) = kept.report.warnings
+    assert "missed" in warning and "--prune-residual" in warning
     met = onnxprune.prune(reference_path("resnet"), **options)
-    assert not any("MISSED" in note for note in met.report.notes)
+    assert not met.report.target.missed and not met.report.warnings
 
 
 def test_id_never_trades_the_mac_target_for_a_smaller_deviation():
@@ -123,22 +123,22 @@ def test_id_never_trades_the_mac_target_for_a_smaller_deviation():
 
 @pytest.mark.parametrize("name, target", [("vgg", 0.3), ("resnet", 0.3), ("mobilenetv2", 0.5)])
 def test_id_target_keeps_the_allocation_with_least_measured_deviation(name, target):
-    """The note's deviations are real: the kept allocation's, measured here independently on the
-    same 256 calibration samples, is the smallest of the candidates; the budget is met."""
+    """The report's deviations are real: the kept allocation's, measured here independently on
+    the same 256 calibration samples, is the smallest of the candidates; the budget is met."""
     feeds = reference_feeds(name, 256)
     result = onnxprune.prune(reference_path(name), method="id", target_macs=target, data=feeds,
                              round_to=1, prune_residual=True, verify=False)  # fmt: skip
     before, after = result.report.macs
     assert after / before <= target
-    note = next(n for n in result.report.notes if "output deviation" in n)
-    chosen, *others = map(float, re.findall(r"\d+\.\d{3}\b", note.split("output deviation")[1]))
-    assert others, note  # at least one alternative allocation was scored
-    assert all(chosen <= other for other in others), note
+    outcome = result.report.target
+    chosen = outcome.deviations[outcome.allocation]
+    assert len(outcome.deviations) > 1, outcome  # at least one alternative allocation was scored
+    assert chosen == min(outcome.deviations.values()), outcome
     ref = run_model(onnx.load(str(reference_path(name))), feeds)
     got = run_model(result.model, feeds)
     measured = np.sqrt(sum(np.sum((got[k] - v) ** 2) for k, v in ref.items())
                        / sum(np.sum(v**2) for v in ref.values()))  # fmt: skip
-    assert abs(measured - chosen) <= 6e-4, (measured, note)  # the note rounds to 3 decimals
+    assert measured == pytest.approx(chosen, rel=1e-4), outcome
 
 
 def test_gram_and_qr_solvers_choose_the_same_channels():

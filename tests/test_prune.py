@@ -5,6 +5,9 @@ happened and why; seeds reproduce; random torch graphs prune into valid ONNX.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import graphs
 import numpy as np
@@ -14,6 +17,7 @@ import torch
 from conftest import (
     REFERENCE_IDS,
     REFERENCE_MODELS,
+    ROOT,
     assert_outputs_close,
     file_hash,
     reference_feeds,
@@ -76,7 +80,7 @@ def test_report_json_round_trips():
     assert tuple(data["macs"]) == result.report.macs
     assert tuple(data["params"]) == result.report.params
     assert data["verification"]["outputs"][0]["name"] == "logits"
-    assert 0 <= data["groups"][0]["info"]["err"] <= 1
+    assert 0 <= data["groups"][0]["error"] <= 1
     assert json.loads(json.dumps(data)) == data
 
 
@@ -128,6 +132,12 @@ def test_prune_keeps_the_interface_and_metadata():
         {"method": "nope"},
         {"compensate": "all"},
         {"colour": 1},
+        {"width": onnxprune.WidthRule()},
+        {"holdout": 0.6},
+        {"holdout": -0.1},
+        {"min_agreement": 1.5},
+        {"max_deviation": 0.0},
+        {"min_agreement": 0.9, "verify": False},
     ],
 )
 def test_bad_options_raise_usage_error_before_anything_runs(bad):
@@ -210,3 +220,55 @@ def test_random_torch_graphs_prune_to_valid_models(kinds, widths, ratio, prune_r
             assert len(set(plan.keep.tolist())) == len(plan.keep)
     identity = onnxprune.prune(model, ratio=0.0, **options)
     assert_outputs_close(model, identity.model, feeds, atol=1e-5)
+
+
+# --- the API and the report as interfaces ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "keywords",
+    [{"method": "id"}, {"ratio": 0.3}, {"seed": 1}, {"round_to": 1}, {"method": "magnitude"}],
+)
+def test_a_config_and_option_keywords_together_are_refused(keywords):
+    """A keyword next to `config` used to lose silently, even when it contradicted the config."""
+    config = onnxprune.PruneConfig(method="magnitude")
+    with pytest.raises(UsageError, match="both config and option keywords"):
+        onnxprune.prune(graphs.conv_chain(), config=config, **keywords)
+
+
+def test_a_config_alone_is_used_as_given():
+    config = onnxprune.PruneConfig(method="random", width=onnxprune.WidthRule(0.5, round_to=1))
+    result = onnxprune.prune(graphs.conv_chain(), config=config)
+    assert result.report.method == "random" and result.report.options["round_to"] == 1
+    assert [row.kept for row in result.report.groups[:2]] == [4, 3]
+
+
+def test_the_public_names_are_importable_from_the_package():
+    code = (
+        "import onnxprune\n"
+        "assert callable(onnxprune.compare.sweep) and callable(onnxprune.compare.allocate)\n"
+        "from onnxprune import Dataset, PruneConfig, RejectedError, Report, WidthRule\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    assert {"Dataset", "Report", "WidthRule", "compare"} <= set(onnxprune.__all__)
+
+
+def test_group_errors_and_the_target_outcome_are_report_fields():
+    """err and err/opt used to exist only formatted into the table; the allocations' measured
+    deviations only inside a note."""
+    result = onnxprune.prune(reference_path("vgg"), method="id", target_macs=0.5,
+                             data=reference_feeds("vgg", 256), round_to=1)  # fmt: skip
+    pruned = [row for row in result.report.groups if row.status == "pruned"]
+    assert pruned and all(0 <= row.error < 1 for row in pruned)
+    # Eckart–Young: no selection beats the best rank-k map (None where that optimum is ~0)
+    assert all(row.error_ratio is None or row.error_ratio >= 1 - 1e-9 for row in pruned)
+    assert all("err" not in row.info for row in pruned)
+    target = result.report.target
+    assert target.kind == "macs" and not target.missed and target.reached <= 0.5 + 0.01
+    assert target.deviations[target.allocation] == min(target.deviations.values())
+    data = json.loads(result.report.to_json())
+    assert data["groups"][0]["error"] == pruned[0].error
+    assert data["target"]["deviations"] == dict(target.deviations)
+    assert data["verification"]["rel_l2"] == result.report.verification.rel_l2
+    assert data["warnings"] == list(result.report.warnings)

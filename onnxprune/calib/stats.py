@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 from threadpoolctl import threadpool_limits
 
-from onnxprune.errors import VerificationError
+from onnxprune.errors import ModelRunError, VerificationError
 from onnxprune.graph.groups import Tap
 from onnxprune.measure.verify import session_for
 from onnxprune.methods.base import TapStats
@@ -83,7 +83,7 @@ def collect(
     accumulators = {tap: TapAccumulator(channels, qr=qr) for tap, channels in taps}
     with threadpool_limits(1, "blas"):
         for feeds in batches:
-            values = dict(zip(names, session.run(aliases, dict(feeds)), strict=True))
+            values = dict(zip(names, _run_input_model(session, aliases, feeds), strict=True))
             for (tap, channels), acc in zip(taps, accumulators.values(), strict=True):
                 acc.add(tap_rows(values[tap.tensor], tap, channels))
     return {tap: acc.result() for tap, acc in accumulators.items()}
@@ -97,6 +97,20 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
         if name not in present:
             model.graph.output.append(onnx.ValueInfoProto(name=name))
     return model
+
+
+def _run_input_model(
+    session: ort.InferenceSession, outputs: list[str], feeds: Mapping[str, np.ndarray]
+) -> list[np.ndarray]:
+    """`session.run`; the model is the user's, so ORT failing on it is the input's problem."""
+    try:
+        return session.run(outputs, dict(feeds))
+    except Exception as exc:  # ORT raises several unrelated exception types
+        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ModelRunError(
+            f"ONNX Runtime cannot run the original model on the calibration data: {line}",
+            hint="the input model or data is at fault: check the data's shapes and values",
+        ) from exc
 
 
 def tapped_session(

@@ -6,11 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from onnxprune.api import output_path_for, prune
+from onnxprune.api import Result, output_path_for, prune
+from onnxprune.calib.data import input_specs, load_data
 from onnxprune.cli.bench import parse_batches
-from onnxprune.cli.options import add_biascomp_arguments, add_data_arguments, load_dataset
+from onnxprune.cli.options import (
+    add_biascomp_arguments,
+    add_data_arguments,
+    load_dataset,
+    reading_options,
+)
 from onnxprune.config import COMPENSATIONS, PruneConfig
-from onnxprune.errors import UsageError
+from onnxprune.errors import RejectedError, UsageError
 from onnxprune.graph.load import load_model
 from onnxprune.methods import METHODS
 from onnxprune.methods.cob import channel_ratio_for_params
@@ -20,6 +26,7 @@ EXAMPLE = """examples:
   onnxprune model.onnx --method magnitude --ratio 0.5
   onnxprune model.onnx --method id --ratio 0.5 --data calib.npz -o model.small.onnx
   onnxprune model.onnx --method id --epsilon 0.05 --data calib.npz --report report.json
+  onnxprune model.onnx --method id --ratio 0.5 --data calib.npz --min-agreement 0.95
   onnxprune mlp.onnx --method biascomp --granularity weight --sparsity 0.8 --data calib.npz
 """
 
@@ -51,7 +58,42 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--verify-samples",
         type=int,
         default=64,
-        help="validation samples compared against the original (default: 64)",
+        help="at most this many samples (held out of --data, or from --verify-data) are "
+        "compared against the original (default: 64)",
+    )
+    out.add_argument(
+        "--verify-data",
+        metavar="PATH",
+        help="verify on this data (same formats as --data) instead of a held-out share of --data",
+    )
+    out.add_argument(
+        "--holdout",
+        type=float,
+        default=0.125,
+        metavar="F",
+        help="share of the --data samples (at most --verify-samples, at least 8) held out of the "
+        "fit to verify on; 0 verifies on samples the fit used; --no-verify holds out none "
+        "(default: 0.125)",
+    )
+    out.add_argument(
+        "--min-agreement",
+        type=float,
+        metavar="A",
+        help="reject the result (exit 3, nothing written) if top-1 agreement with the original "
+        "is below A on any class-score output, e.g. 0.9",
+    )
+    out.add_argument(
+        "--max-deviation",
+        type=float,
+        metavar="D",
+        help="reject the result (exit 3, nothing written) if any output's relative L2 "
+        "deviation from the original exceeds D",
+    )
+    out.add_argument(
+        "--keep-rejected",
+        action="store_true",
+        help="write a rejected result anyway, as OUTPUT with '.rejected' before its suffix "
+        "(still exit 3)",
     )
     out.add_argument("--report", metavar="FILE", help="write the report as JSON ('-' = stdout)")
     out.add_argument(
@@ -207,9 +249,31 @@ def run(args: argparse.Namespace) -> int:
     config = _config(args)
     model = load_model(source, weights=False)
     dataset = load_dataset(args, model, random_samples=config.verify_samples) if args.data else None
-    result = prune(source, data=dataset, config=config)
+    verify_data = None
+    if args.verify_data:
+        specs, options = input_specs(model), reading_options(args)
+        verify_data = load_data(args.verify_data, specs, role="verification", **options)
+    try:
+        result = prune(source, data=dataset, verify_data=verify_data, config=config)
+    except RejectedError as exc:
+        if args.keep_rejected:
+            _emit(exc.result, args, rejected_path(output), "written (rejected)")
+        raise
+    _emit(result, args, output)
+    return 0
+
+
+def rejected_path(output: Path) -> Path:
+    """Where --keep-rejected writes: `model.small.onnx` → `model.small.rejected.onnx`."""
+    return output.with_name(f"{output.stem}.rejected{output.suffix}")
+
+
+def _emit(result: Result, args: argparse.Namespace, output: Path, written: str = "written") -> None:
+    """Write the model and the report; warnings go to stderr, one line each."""
     result.save(output)
-    text = result.report.format() + f"\nwritten: {output}"
+    for warning in result.report.warnings:
+        print(f"onnxprune: warning: {warning}", file=sys.stderr)
+    text = result.report.format() + f"\n{written}: {output}"
     if args.report == "-":
         print(result.report.to_json())
         print(text, file=sys.stderr)
@@ -217,7 +281,6 @@ def run(args: argparse.Namespace) -> int:
         print(text)
         if args.report:
             Path(args.report).write_text(result.report.to_json())
-    return 0
 
 
 def _ratio(args: argparse.Namespace) -> float:
@@ -248,6 +311,9 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         task=args.task,
         verify=not args.no_verify,
         verify_samples=args.verify_samples,
+        holdout=args.holdout,
+        min_agreement=args.min_agreement,
+        max_deviation=args.max_deviation,
         allow_noop=args.allow_noop,
         recalibrate=args.recalibrate,
         exact_borders=args.exact_borders,

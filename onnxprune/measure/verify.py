@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxprune.errors import VerificationError
+from onnxprune.errors import ModelRunError, VerificationError
+
+WARN_AGREEMENT = 0.9  # below this top-1 agreement, or above this rel-L2, the report warns
+WARN_REL_L2 = 0.5
 
 
 @dataclass(frozen=True)
@@ -24,12 +27,27 @@ class OutputDeviation:
 
 @dataclass(frozen=True)
 class Verification:
-    """The result of verifying a pruned model on `samples` validation inputs."""
+    """The result of verifying a pruned model on `samples` validation inputs.
+
+    `split` says where those samples come from; `independent` is False when the fit used them
+    too (the deviations are then optimistic). `rel_l2` is the largest relative L2 deviation over
+    the outputs, `agreement` the smallest top-1 agreement over class-score outputs (None if no
+    output is one).
+    """
 
     checker: str
     samples: int
     data: str
     outputs: tuple[OutputDeviation, ...]
+    split: str = ""
+    independent: bool = True
+    rel_l2: float = field(init=False)
+    agreement: float | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        top1 = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
+        object.__setattr__(self, "rel_l2", max((o.rel_l2 for o in self.outputs), default=0.0))
+        object.__setattr__(self, "agreement", min(top1) if top1 else None)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,7 +65,7 @@ def verify(
         onnx.checker.check_model(pruned, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise VerificationError(f"pruned model fails the ONNX checker: {_line(exc)}") from exc
-    reference = run(original, feeds)
+    reference = run_original(original, feeds)
     result = run(pruned, feeds)
     outputs = tuple(_deviation(name, reference[name], result[name]) for name in reference)
     samples = len(next(iter(feeds.values()))) if feeds else 0
@@ -62,6 +80,51 @@ def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np
         return dict(zip(names, session.run(names, dict(feeds)), strict=True))
     except Exception as exc:  # ORT raises several unrelated exception types
         raise VerificationError(f"ONNX Runtime cannot run the model: {_line(exc)}") from exc
+
+
+def shortfalls(
+    check: Verification, *, min_agreement: float | None, max_rel_l2: float | None
+) -> tuple[str, ...]:
+    """One phrase per output that misses a bound (None: not checked), e.g. "output 'logits':
+    top-1 agreement 7.8 % < 90 %". A bound on agreement needs a class-score output."""
+    found = []
+    if min_agreement is not None and check.agreement is None:
+        found.append("no output is 2-D class scores, so top-1 agreement cannot be checked")
+    for o in check.outputs:
+        top1 = o.top1_agreement
+        if min_agreement is not None and top1 is not None and top1 < min_agreement:
+            found.append(
+                f"output '{o.name}': top-1 agreement {100 * top1:.1f} % < {100 * min_agreement:g} %"
+            )
+        if max_rel_l2 is not None and o.rel_l2 > max_rel_l2:
+            found.append(f"output '{o.name}': rel-L2 {o.rel_l2:.3g} > {max_rel_l2:g}")
+    return tuple(found)
+
+
+def deviation_warning(check: Verification) -> str | None:
+    """One line when an output is far from the original's (agreement < WARN_AGREEMENT or
+    rel-L2 > WARN_REL_L2), naming the outputs and numbers; None otherwise."""
+    misses = shortfalls(check, min_agreement=None, max_rel_l2=WARN_REL_L2)
+    if check.agreement is not None:
+        misses = shortfalls(check, min_agreement=WARN_AGREEMENT, max_rel_l2=WARN_REL_L2)
+    if not misses:
+        return None
+    seen = "the fit never saw" if check.independent else "the fit also used"
+    return f"the pruned model is far from the original on {check.samples} samples {seen}: " + (
+        "; ".join(misses)
+    )
+
+
+def run_original(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`run` for the input model: ORT failing on it is the input's problem (ModelRunError,
+    exit 1), not a failed verification of the pruning."""
+    try:
+        return run(model, feeds)
+    except VerificationError as exc:
+        raise ModelRunError(
+            f"ONNX Runtime cannot run the original model on this data: {_line(exc.__cause__)}",
+            hint="the input model or data is at fault: check the data's shapes and values",
+        ) from exc
 
 
 def session_for(model: onnx.ModelProto, *, threads: int = 0) -> ort.InferenceSession:
