@@ -20,6 +20,7 @@ from onnxprune.calib.data import Dataset
 from onnxprune.calib.gather import gather, gather_weights
 from onnxprune.calib.split import DataInputs, Split, split_inputs
 from onnxprune.config import PruneConfig
+from onnxprune.deploy.quantize import quantize
 from onnxprune.errors import NothingToPruneError, RejectedError, UsageError
 from onnxprune.graph.analyze import analyze as find_groups
 from onnxprune.graph.groups import ChannelGroup
@@ -153,7 +154,7 @@ def _prune_channels(
         joint=config.joint,
     )
     needs = pruner.needs | _extra_needs(config)
-    fitted = bool(needs - {"weights"}) or config.recalibrate
+    fitted = bool(needs - {"weights"}) or config.recalibrate or config.quantize == "int8"
     split = split_inputs(proto, inputs, config, fitted=fitted)
     fit = split.fit
     calibration = gather(graph, groups, widths.counts, needs, fit, config)
@@ -166,7 +167,7 @@ def _prune_channels(
         batches = lambda: (b.feeds for b in fit.batches(config.batch_size))  # noqa: E731
         pruned_graph, layers = recalibrate(export(graph), pruned_graph, groups, plans, batches)
         notes += (f"recalibrated the output mean and variance of {layers} layers",)
-    pruned = _finish(proto, pruned_graph, config)
+    pruned = _quantized(_finish(proto, pruned_graph, config), split.fit, config)
     rows = tuple(_row(group, plans.get(group.name), config) for group in groups)
     report = _report(proto, pruned, split, config, calibration.loss, notes, rows, widths.target)
     return Result(pruned, report, groups, plans)
@@ -181,14 +182,14 @@ def _prune_weights(
     if not layers:
         raise NothingToPruneError("nothing to prune: no Gemm/MatMul/Conv with a constant weight")
     needs = WEIGHT_NEEDS.get(config.method, frozenset())
-    split = split_inputs(proto, inputs, config, fitted=bool(needs))
+    split = split_inputs(proto, inputs, config, fitted=bool(needs) or config.quantize == "int8")
     pruned_graph, removed, loss = graph, {}, None
     for step in range(1, config.steps + 1):
         fraction = 1 - (1 - config.sparsity) ** (step / config.steps)
         pruned_graph, removed, loss = _sparsify_step(
             pruned_graph, removed, fraction, needs, split.fit, config
         )
-    pruned = _finish(proto, pruned_graph, config)
+    pruned = _quantized(_finish(proto, pruned_graph, config), split.fit, config)
     rows = tuple(
         GroupRow(n, m.size, int(m.size - m.sum()), "sparsified", {"sparsity": float(m.mean())})
         for n, m in removed.items()
@@ -301,6 +302,20 @@ def _finish(original: onnx.ModelProto, graph: gs.Graph, config: PruneConfig) -> 
         model, {**{p.key: p.value for p in original.metadata_props}, "onnxprune": note}
     )
     return model
+
+
+def _quantized(pruned: onnx.ModelProto, fit: Dataset, config: PruneConfig) -> onnx.ModelProto:
+    """The pruned model quantized as `config.quantize` asks (int8: calibrated on the fit split,
+    so verification still compares on samples the calibration never saw)."""
+    if config.quantize is None:
+        return pruned
+    return quantize(
+        pruned,
+        config.quantize,
+        data=fit,
+        exclude=config.quantize_exclude,
+        batch_size=config.batch_size,
+    )
 
 
 def _report(

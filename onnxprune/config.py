@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from onnxprune.calib.jacobian import parse_jacobian
+from onnxprune.deploy.quantize import MODES as QUANTIZE_MODES
 from onnxprune.errors import UsageError
 from onnxprune.methods import METHODS
 from onnxprune.methods.cob import parse_threshold
@@ -35,6 +36,8 @@ class PruneConfig:
     holdout: float = 0.125
     min_agreement: float | None = None
     max_deviation: float | None = None
+    quantize: str | None = None
+    quantize_exclude: tuple[str, ...] = ()
     allow_noop: bool = False
     target_macs: float | None = None
     target_params: float | None = None
@@ -94,6 +97,10 @@ class PruneConfig:
             raise UsageError(f"'min_agreement' must be in [0, 1]; got {self.min_agreement}")
         if self.max_deviation is not None and not self.max_deviation > 0.0:
             raise UsageError(f"'max_deviation' must be positive; got {self.max_deviation}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise UsageError(
+                f"unknown quantization '{self.quantize}'; choose from {', '.join(QUANTIZE_MODES)}"
+            )
         gated = self.min_agreement is not None or self.max_deviation is not None
         if gated and not self.verify:
             raise UsageError("--min-agreement/--max-deviation need verification; got --no-verify")

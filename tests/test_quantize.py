@@ -8,6 +8,7 @@ import pytest
 from conftest import data_path, file_hash, reference_path, run_model
 from onnx import numpy_helper
 
+import onnxprune
 from onnxprune.calib.data import Dataset
 from onnxprune.cli import main
 from onnxprune.deploy.quantize import quantize
@@ -115,3 +116,23 @@ def test_cli_writes_and_verifies_and_leaves_the_input(tmp_path, capsys, copy_mod
     assert out.is_file() and file_hash(source) == before
     assert main(["quantize", str(source), "--quantize-exclude", "(", "-o", str(out)]) == 2
     assert "not a regex" in capsys.readouterr().err
+
+
+def test_prune_then_quantize_is_verified_on_held_out_samples(tmp_path):
+    """--quantize int8 calibrates on the fit split; verification compares the int8 model."""
+    data = data_path("vgg")
+    result = onnxprune.prune(
+        VGG, method="id", ratio=0.25, data=str(data), quantize="int8", calib_samples=128
+    )
+    ops = {n.op_type for n in result.model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    check = result.report.verification
+    assert check.independent and check.agreement >= 0.95
+    assert result.report.file_size[1] < result.report.file_size[0] / 3
+    with pytest.raises(UsageError, match="unknown quantization"):
+        onnxprune.prune(VGG, method="magnitude", ratio=0.25, quantize="int3")
+
+
+def test_int8_after_a_data_free_method_still_needs_data():
+    with pytest.raises(UsageError, match="calibration data"):
+        onnxprune.prune(VGG, method="magnitude", ratio=0.25, quantize="int8")

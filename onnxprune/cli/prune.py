@@ -15,7 +15,7 @@ from onnxprune.cli.options import (
     load_dataset,
     reading_options,
 )
-from onnxprune.config import COMPENSATIONS, PruneConfig
+from onnxprune.config import COMPENSATIONS, QUANTIZE_MODES, PruneConfig
 from onnxprune.errors import RejectedError, UsageError
 from onnxprune.graph.load import load_model
 from onnxprune.methods import METHODS
@@ -94,6 +94,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="write a rejected result anyway, as OUTPUT with '.rejected' before its suffix "
         "(still exit 3)",
+    )
+    out.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        help="quantize after pruning (int8: static QDQ calibrated on the fit part of --data; "
+        "int8-dynamic: Gemm/MatMul weights; fp16) and verify the quantized model",
+    )
+    out.add_argument(
+        "--quantize-exclude",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="with --quantize: keep nodes whose name matches REGEX in float (repeatable)",
     )
     out.add_argument("--report", metavar="FILE", help="write the report as JSON ('-' = stdout)")
     out.add_argument(
@@ -314,6 +327,8 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         holdout=args.holdout,
         min_agreement=args.min_agreement,
         max_deviation=args.max_deviation,
+        quantize=args.quantize,
+        quantize_exclude=tuple(args.quantize_exclude),
         allow_noop=args.allow_noop,
         recalibrate=args.recalibrate,
         exact_borders=args.exact_borders,
