@@ -13,6 +13,7 @@ from onnxprune.calib.data import Dataset
 from onnxprune.cli import main
 from onnxprune.deploy.quantize import quantize
 from onnxprune.errors import UsageError
+from onnxprune.measure.cost import count
 
 VGG = reference_path("vgg")
 
@@ -136,3 +137,10 @@ def test_prune_then_quantize_is_verified_on_held_out_samples(tmp_path):
 def test_int8_after_a_data_free_method_still_needs_data():
     with pytest.raises(UsageError, match="calibration data"):
         onnxprune.prune(VGG, method="magnitude", ratio=0.25, quantize="int8")
+
+
+def test_quantized_weights_count_as_parameters(vgg_int8):
+    """The int8 weights and int32 biases are the model's parameters (scales and zero points are
+    float/int8 extras of ≤ 2 per channel)."""
+    before, after = count(onnx.load(VGG)), count(vgg_int8)
+    assert before.params <= after.params <= before.params * 1.02

@@ -197,11 +197,13 @@ def _shape_getter(shapes: dict[str, tuple[int | None, ...]]) -> ShapeOf:
 
 
 def _param_sizes(model: onnx.ModelProto) -> dict[str, int]:
-    """Element counts of float initializers and float Constant-node outputs."""
+    """Element counts of float initializers, of the integer tensors a DequantizeLinear reads
+    (quantized weights and biases), and of float Constant-node outputs."""
+    dequantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     sizes = {
         init.name: math.prod(init.dims)
         for init in model.graph.initializer
-        if init.data_type in FLOAT_TYPES
+        if init.data_type in FLOAT_TYPES or init.name in dequantized
     }
     for node in model.graph.node:
         if node.op_type != "Constant" or not node.attribute:
