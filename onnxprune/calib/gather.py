@@ -69,7 +69,7 @@ def gather(
     for group in selected:
         stats[group.name] = GroupStats(
             weights=producer_filters(graph, group) if "weights" in needs else (),
-            taps={tap.tensor: taps[tap] for tap in group.taps if tap in taps},
+            taps={tap.key: taps[tap] for tap in group.taps if tap in taps},
             grads=_group_grads(graph, group, grads) if grads else {},
             consumers={
                 name: (jacobian[site], weight)

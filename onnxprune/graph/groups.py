@@ -24,6 +24,21 @@ class Tap:
     offset: int
     spatial: int = 1
 
+    @property
+    def key(self) -> str:
+        """The name this tap's statistics and correction are filed under (see `tap_key`)."""
+        return tap_key(self.tensor, self.offset)
+
+
+def tap_key(tensor: str, offset: int) -> str:
+    """The tensor name, with '@offset' when the group's channels do not start at channel 0.
+
+    One tensor can carry a group's channels at several offsets (SPPF: Concat(x, mp(x),
+    mp(mp(x))) holds the same channels three times); each segment is its own tap, with its own
+    statistics and its own correction, so the key must tell them apart.
+    """
+    return tensor if offset == 0 else f"{tensor}@{offset}"
+
 
 @dataclass(frozen=True)
 class ParamEdit:

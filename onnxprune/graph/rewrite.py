@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.graph.groups import ChannelGroup, ParamEdit
+from onnxprune.graph.groups import ChannelGroup, ParamEdit, tap_key
 from onnxprune.graph.load import export, infer_shapes
 from onnxprune.methods.base import Plan
 
@@ -124,7 +124,7 @@ def _apply(
         work = _map_segment(work, edit, m, np.asarray(plan.rotation))
     if edit.role != "in":
         return _select(work, edit, m, keep)
-    correction = plan.corrections.get(edit.tap or "")
+    correction = plan.corrections.get(tap_key(edit.tap, edit.offset)) if edit.tap else None
     if correction is None:
         return _select(work, edit, m, keep)
     if correction.c is not None and np.any(correction.c):

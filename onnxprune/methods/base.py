@@ -28,7 +28,8 @@ class Correction:
 class Plan:
     """Which channels of a group stay, and the correction folded into its consumers.
 
-    `corrections` maps tap tensor names to their Correction; a tap without one gets plain
+    `corrections` maps tap keys (`Tap.key`: the tensor name, '@offset' for a segment not at
+    channel 0) to their Correction; a tap without one gets plain
     selection. `shifts` adds a bias shift per output unit of named consumer nodes (for
     corrections that differ per output unit, such as the Jacobian-weighted bias compensation).
     `rotation` (m, m, orthogonal) is applied to the producers before slicing.
@@ -65,7 +66,7 @@ class GroupStats:
     """Everything a method may read about one group.
 
     `weights`: each producer's filters as rows (m, fan_in), BatchNorm already folded.
-    `taps`: statistics per tap tensor (empty for data-free methods).
+    `taps`: statistics per tap key (`Tap.key`; empty for data-free methods).
     `grads`: per-channel gradient sums (e.g. "taylor": Σ_samples (Σ_positions a·g)²), when needed.
     `consumers`: per consumer node, its Jacobian-weighted input statistics and its weight on the
     group as (outputs, channels, features) — for elimination–compensation.

@@ -1,0 +1,75 @@
+"""Regressions for analyzer/rewriter defects found on real exports, each on its minimal graph.
+
+SPPF (one tensor tapped at several Concat offsets), a stride-2 ConvTranspose consumer of a
+constant correction, a Reshape that folds channels into the batch, ε on coupled groups, and the
+RMSNorm divisor for methods other than cob.
+"""
+
+from __future__ import annotations
+
+import graphs
+import numpy as np
+import onnx
+from conftest import run_model
+
+import onnxprune
+from onnxprune.calib.stats import tapped_session
+
+
+def _tensor(model: onnx.ModelProto, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The value of inner tensor `name` on `feeds`, read from ORT."""
+    session, aliases = tapped_session(model, [name])
+    return session.run(aliases, feeds)[0]
+
+
+def _rows(array: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) → (N·H·W, C) in float64: channels as columns, positions as rows."""
+    return np.moveaxis(array, 1, -1).reshape(-1, array.shape[1]).astype(np.float64)
+
+
+def _sppf() -> onnx.ModelProto:
+    """YOLOv8's SPPF: t = relu(c1(x)) (4 channels); Concat(t, mp(t), mp(mp(t))) → c2 → y."""
+    b = graphs.Builder(40)
+    t = b.relu("r1", b.conv("c1", "x", 3, 4))
+    pool = {"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]}
+    p1 = b.node("MaxPool", "mp1", [t], **pool)
+    p2 = b.node("MaxPool", "mp2", [p1], **pool)
+    cat = b.node("Concat", "cat", [t, p1, p2], axis=1)
+    return b.model([b.conv("c2", cat, 12, 5)])
+
+
+def _single_conv(weight: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
+    """A model holding only a 3×3 zero-padded conv with the given weights."""
+    b = graphs.Builder(0)
+    y = b.conv("c", "x", weight.shape[1], weight.shape[0], weight=weight, b=bias)
+    return b.model([y], shape=("N", weight.shape[1], 8, 8))
+
+
+def test_each_concat_segment_of_one_tensor_gets_its_own_least_squares_map():
+    """SPPF holds the same 4 channels at offsets 0, 4, 8. The kept channels are shared, but each
+    segment is reconstructed from its own kept channels: the plan must hold one correction per
+    segment, equal to numpy's least squares on that segment's activations, and the pruned model
+    must equal c2 applied to the per-segment reconstructions."""
+    model = _sppf()
+    calib = graphs.random_input(model, 16)
+    group = next(g for g in onnxprune.analyze(model).groups if g.name == "c1")
+    assert [t.key for t in group.taps] == ["cat_out", "cat_out@4", "cat_out@8"]
+    result = onnxprune.prune(model, method="id", ratio=0.5, round_to=1, data=calib, verify=False)
+    plan = result.plans["c1"]
+    keep = np.asarray(plan.keep)
+    assert len(keep) == 2 and set(plan.corrections) == {t.key for t in group.taps}
+    cat = _tensor(model, "cat_out", calib)
+    rebuilt = []
+    for s, key in enumerate(["cat_out", "cat_out@4", "cat_out@8"]):
+        Z = _rows(cat[:, 4 * s : 4 * s + 4])
+        M = np.linalg.lstsq(Z[:, keep], Z, rcond=None)[0]
+        got = plan.corrections[key].M
+        assert np.linalg.norm(got - M) <= 1e-6 * np.linalg.norm(M), key
+        segment = np.einsum("nkhw,km->nmhw", cat[:, 4 * s + keep].astype(np.float64), M)
+        rebuilt.append(segment)
+    c2 = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    reference = _single_conv(c2["c2.w"], c2["c2.b"])
+    expected = run_model(reference, {"x": np.concatenate(rebuilt, axis=1).astype(np.float32)})
+    got = run_model(result.model, calib)
+    scale = float(np.abs(expected["c_out"]).max())
+    np.testing.assert_allclose(got["c2_out"], expected["c_out"], atol=1e-5 * scale)
