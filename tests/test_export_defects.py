@@ -14,6 +14,7 @@ from conftest import run_model
 
 import onnxprune
 from onnxprune.calib.stats import tapped_session
+from onnxprune.cli import main
 
 
 def _tensor(model: onnx.ModelProto, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -73,3 +74,32 @@ def test_each_concat_segment_of_one_tensor_gets_its_own_least_squares_map():
     got = run_model(result.model, calib)
     scale = float(np.abs(expected["c_out"]).max())
     np.testing.assert_allclose(got["c2_out"], expected["c_out"], atol=1e-5 * scale)
+
+
+def _batch_folding_reshape() -> onnx.ModelProto:
+    """x[N,3,4,4] → c0(8) → relu → c1(4) → relu → Reshape [-1, 16] → MatMul (16×5) → y.
+
+    The Reshape folds c1's channels into the batch axis: (N·4, H·W), not (N, C·H·W)."""
+    b = graphs.Builder(41)
+    h = b.relu("r0", b.conv("c0", "x", 3, 8))
+    h = b.relu("r1", b.conv("c1", h, 8, 4))
+    shape = b.const("flat.shape", np.array([-1, 16], dtype=np.int64))
+    flat = b.node("Reshape", "flat", [h, shape])
+    y = b.node("MatMul", "fc", [flat, b.rand("fc.w", 16, 5)])
+    return b.model([y], shape=("N", 3, 4, 4))
+
+
+def test_reshape_folding_channels_into_the_batch_blocks_its_group(save_tmp, tmp_path):
+    """Only (batch, C·H·W) is a channel-major flatten; [-1, H·W] blocks c1's group, naming the
+    Reshape, and pruning leaves that group whole instead of crashing in the rewriter."""
+    model = _batch_folding_reshape()
+    groups = {g.name: g for g in onnxprune.analyze(model).groups}
+    assert not groups["c1"].prunable and groups["c1"].blocker == "flat"
+    assert "Reshape 'flat'" in groups["c1"].reason
+    assert groups["c0"].prunable
+    path, out = save_tmp(model), tmp_path / "pruned.onnx"
+    assert main([str(path), "--method", "magnitude", "--ratio", "0.5", "--round-to", "1",
+                 "-o", str(out)]) == 0  # fmt: skip
+    pruned = {t.name: list(t.dims) for t in onnx.load(str(out)).graph.initializer}
+    weights = {name: dims for name, dims in pruned.items() if name.startswith(("c0.w", "c1.w"))}
+    assert sorted(weights.values()) == [[4, 3, 3, 3], [4, 4, 3, 3]]  # c0 halved, c1 whole
