@@ -10,7 +10,7 @@ from __future__ import annotations
 import graphs
 import numpy as np
 import onnx
-from conftest import run_model
+from conftest import assert_outputs_close, max_deviation, run_model
 
 import onnxprune
 from onnxprune.calib.stats import tapped_session
@@ -103,3 +103,32 @@ def test_reshape_folding_channels_into_the_batch_blocks_its_group(save_tmp, tmp_
     pruned = {t.name: list(t.dims) for t in onnx.load(str(out)).graph.initializer}
     weights = {name: dims for name, dims in pruned.items() if name.startswith(("c0.w", "c1.w"))}
     assert sorted(weights.values()) == [[4, 3, 3, 3], [4, 4, 3, 3]]  # c0 halved, c1 whole
+
+
+def _constant_channel_into_conv_transpose() -> onnx.ModelProto:
+    """c1's channel 5 has a zero filter and bias 0.7 (0.7 everywhere after the ReLU); c1 is read
+    by a stride-2 ConvTranspose (kernel 3, pads 1, output_padding 1): 8×8 → 16×16."""
+    b = graphs.Builder(42)
+    weight = (0.5 * b.rng.standard_normal((8, 3, 3, 3))).astype(np.float32)
+    bias = (0.5 * b.rng.standard_normal(8)).astype(np.float32)
+    weight[5], bias[5] = 0.0, 0.7
+    h = b.relu("r1", b.conv("c1", "x", 3, 8, weight=weight, b=bias))
+    inputs = [h, b.rand("up.w", 8, 4, 3, 3), b.rand("up.b", 4)]
+    up = b.node("ConvTranspose", "up", inputs, kernel_shape=[3, 3], strides=[2, 2],
+                pads=[1, 1, 1, 1], output_padding=[1, 1])  # fmt: skip
+    return b.model([up])
+
+
+def test_constant_folded_into_a_strided_conv_transpose_is_exact():
+    """Removing the constant channel with its mean folded downstream reproduces the original: an
+    output position of the ConvTranspose receives 1, 2 or 4 kernel taps, so the constant's
+    response is a per-position map, not Σ W c in the bias."""
+    model = _constant_channel_into_conv_transpose()
+    common = {"method": "magnitude", "ratio": 1 / 8, "round_to": 1, "verify": False}
+    calib = graphs.random_input(model, 16)
+    compensated = onnxprune.prune(model, compensate="bias", data=calib, **common)
+    assert compensated.plans["c1"].keep.tolist() == [0, 1, 2, 3, 4, 6, 7]
+    test = graphs.random_input(model, 8, seed=3)
+    assert_outputs_close(model, compensated.model, test, atol=1e-5)
+    plain = onnxprune.prune(model, **common)
+    assert max_deviation(model, plain.model, test) > 0.1
