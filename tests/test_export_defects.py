@@ -10,11 +10,14 @@ from __future__ import annotations
 import graphs
 import numpy as np
 import onnx
+import pytest
 from conftest import assert_outputs_close, max_deviation, run_model
 
 import onnxprune
-from onnxprune.calib.stats import tapped_session
+from onnxprune.calib.stats import tap_rows, tapped_session
 from onnxprune.cli import main
+from onnxprune.graph.groups import ChannelGroup
+from onnxprune.methods.base import Plan
 
 
 def _tensor(model: onnx.ModelProto, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -132,3 +135,48 @@ def test_constant_folded_into_a_strided_conv_transpose_is_exact():
     assert_outputs_close(model, compensated.model, test, atol=1e-5)
     plain = onnxprune.prune(model, **common)
     assert max_deviation(model, plain.model, test) > 0.1
+
+
+def _coupled_with_three_taps() -> onnx.ModelProto:
+    """s = c1(x) + c2(x) (1×1 convs, coupled); s → c3, relu(s) → c4, relu(s) → GAP → fc: three
+    taps with different statistics (s has rank ≤ 4 over positions, relu(s) does not)."""
+    b = graphs.Builder(43)
+    s = b.node("Add", "add", [b.conv("c1", "x", 3, 8, 1), b.conv("c2", "x", 3, 8, 1)])
+    r = b.relu("r", s)
+    flat = b.node("Flatten", "flat", [b.node("GlobalAveragePool", "gap", [r])], axis=1)
+    return b.model([b.conv("c3", s, 8, 4), b.conv("c4", r, 8, 4), b.gemm("fc", flat, 8, 3)])
+
+
+@pytest.mark.parametrize("epsilon", [0.05, 0.1, 0.2, 0.3])
+def test_epsilon_bounds_the_error_at_every_tap_of_a_coupled_group(epsilon):
+    """The reported error of the coupled group is the max over its taps, it is ≤ ε, and the
+    relative error of each tap, measured on the activations themselves, is ≤ ε too; one channel
+    fewer would break ε at some tap (the width is the narrowest, not merely safe)."""
+    model = _coupled_with_three_taps()
+    calib = graphs.random_input(model, 32)
+    result = onnxprune.prune(model, method="id", epsilon=epsilon, data=calib, round_to=1,
+                             prune_residual=True, verify=False)  # fmt: skip
+    group = next(g for g in result.groups if g.name == "c1")
+    plan = result.plans["c1"]
+    assert len(group.taps) == 3 and len(plan.corrections) == 3
+    errors = _tap_errors(model, group, plan, calib)
+    assert max(errors) <= epsilon + 1e-6, errors
+    assert abs(plan.info["err"] - max(errors)) <= 1e-5, (plan.info["err"], errors)
+    narrower = onnxprune.prune(model, method="id", ratio=(9 - len(plan.keep)) / 8, data=calib,
+                               round_to=1, prune_residual=True, verify=False)  # fmt: skip
+    assert len(narrower.plans["c1"].keep) == len(plan.keep) - 1
+    assert max(_tap_errors(model, group, narrower.plans["c1"], calib)) > epsilon
+
+
+def _tap_errors(
+    model: onnx.ModelProto, group: ChannelGroup, plan: Plan, feeds: dict[str, np.ndarray]
+) -> list[float]:
+    """‖Z − (Z_S M + 1cᵀ)‖_F / ‖Z‖_F at every tap, on the activations read from ORT."""
+    errors = []
+    for tap in group.taps:
+        Z = tap_rows(_tensor(model, tap.tensor, feeds), tap, group.channels).astype(np.float64)
+        correction = plan.corrections[tap.key]
+        c = 0.0 if correction.c is None else correction.c
+        approx = Z[:, plan.keep] @ correction.M + c
+        errors.append(float(np.linalg.norm(Z - approx) / np.linalg.norm(Z)))
+    return errors

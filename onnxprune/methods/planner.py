@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 
 from onnxprune.config import PruneConfig
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.methods.base import GroupStats, Method, Plan
-from onnxprune.methods.id import lsq_corrections, mean_shift_corrections, pooled_gram
+from onnxprune.methods.id import lsq_corrections, mean_shift_corrections
 from onnxprune.methods.linalg import (
     optimal_rank_error,
-    rank_for_error,
     reconstruction_error,
     selection_map,
 )
@@ -33,12 +33,11 @@ def make_plans(
         if group.name not in counts:
             continue
         group_stats = stats[group.name]
-        keep = counts[group.name]
+        planned = partial(_planned, method, group, group_stats, config)
         if config.epsilon is not None and group_stats.taps:
-            keep = epsilon_width(group, group_stats, config)
-        plan = method.plan(group, group_stats, keep, seed=config.seed)
-        if method.name != "id" and config.compensate != "none":
-            plan = compensate(plan, group_stats, config.compensate)
+            plan = plan_for_error(group, group_stats, config, planned)
+        else:
+            plan = planned(counts[group.name])
         plans[group.name] = with_errors(plan, group, group_stats)
     return plans
 
@@ -50,31 +49,64 @@ def compensate(plan: Plan, stats: GroupStats, mode: str) -> Plan:
     return replace(plan, corrections=lsq_corrections(stats, plan.keep, intercept=True))
 
 
-def epsilon_width(group: ChannelGroup, stats: GroupStats, config: PruneConfig) -> int:
-    """Smallest width whose ID error is ≤ ε (rounded up to the rounding multiple)."""
-    taps = list(stats.taps.values())
-    gram = taps[0].gram if len(taps) == 1 else pooled_gram(taps)
-    keep = max(1, rank_for_error(gram, config.epsilon))
+def plan_for_error(
+    group: ChannelGroup, stats: GroupStats, config: PruneConfig, planned: Callable[[int], Plan]
+) -> Plan:
+    """The plan at the narrowest allowed width whose error is ≤ ε at every tap.
+
+    The bound is the max over taps, the number the report shows: each tap's own relative error
+    ‖Z_t − (Z_t,S M_t + 1c_tᵀ)‖_F ≤ ε ‖Z_t‖_F, so no consumer of a coupled group reads a worse
+    reconstruction than ε (a pooled norm, the mean of the taps' squared errors, let single taps
+    exceed it). Widths are multiples of the rounding step (and the full width); the search
+    bisects on them, which finds the narrowest when the error falls with the width (ID's nested
+    pivots with a least-squares map per tap) and always returns a width that meets ε.
+    """
     step = rounding_step(group.channels, config.width.round_to)
-    return min(group.channels, -(-keep // step) * step)
+    widths = sorted({*range(step, group.channels, step), group.channels})
+    lo, hi = 0, len(widths) - 1
+    best = planned(widths[hi])
+    while lo < hi:
+        mid = (lo + hi) // 2
+        plan = planned(widths[mid])
+        if max(tap_errors(plan, group, stats)) <= config.epsilon:
+            hi, best = mid, plan
+        else:
+            lo = mid + 1
+    return best
 
 
-def with_errors(plan: Plan, group: ChannelGroup, stats: GroupStats) -> Plan:
-    """Add the relative reconstruction error at the taps and its ratio to the rank-k optimum."""
-    if not stats.taps:
-        return plan
-    errors, optimal = [], []
-    for tensor, tap in stats.taps.items():
-        correction = plan.corrections.get(tensor)
+def tap_errors(plan: Plan, group: ChannelGroup, stats: GroupStats) -> list[float]:
+    """Each tap's relative reconstruction error under `plan` (from its Gram, mean and count)."""
+    errors = []
+    for key, tap in stats.taps.items():
+        correction = plan.corrections.get(key)
         M = selection_map(group.channels, plan.keep) if correction is None else correction.M
         c = None if correction is None else correction.c
         keep = plan.keep
         if plan.rotation is not None:  # a ≈ Mᵀ (Q a)_S + c: the map from a itself is Q_Sᵀ M
             M, keep = np.asarray(plan.rotation)[np.asarray(keep)].T @ M, np.arange(group.channels)
         errors.append(reconstruction_error(tap.gram, tap.mean, tap.n, keep, M, c))
-        optimal.append(optimal_rank_error(tap.gram, len(plan.keep)))
+    return errors
+
+
+def with_errors(plan: Plan, group: ChannelGroup, stats: GroupStats) -> Plan:
+    """Add the relative reconstruction error at the taps and its ratio to the rank-k optimum."""
+    if not stats.taps:
+        return plan
+    errors = tap_errors(plan, group, stats)
+    optimal = [optimal_rank_error(tap.gram, len(plan.keep)) for tap in stats.taps.values()]
     err, opt = float(np.max(errors)), float(np.max(optimal))
     info = {**plan.info, "err": err}
     if opt > 1e-6:
         info["err/opt"] = err / opt
     return replace(plan, info=info)
+
+
+def _planned(
+    method: Method, group: ChannelGroup, stats: GroupStats, config: PruneConfig, keep: int
+) -> Plan:
+    """The method's plan at width `keep`, with the configured compensation added."""
+    plan = method.plan(group, stats, keep, seed=config.seed)
+    if method.name != "id" and config.compensate != "none":
+        plan = compensate(plan, stats, config.compensate)
+    return plan
