@@ -136,7 +136,7 @@ def prune(
         joint=config.joint,
     )
     dataset = _dataset(proto, data, labels, config, needs_data=bool(pruner.needs - {"weights"}))
-    needs = pruner.needs | _extra_needs(config)
+    needs = pruner.needs | _extra_needs(config, groups, data)
     calibration = gather(graph, groups, widths.counts, needs, dataset, config)
     widths = refine_widths(graph, groups, widths, calibration.stats, pruner, config, dataset)
     plans = make_plans(groups, widths.counts, calibration.stats, pruner, config)
@@ -236,9 +236,16 @@ def _load(model: ModelLike) -> onnx.ModelProto:
     return load_model(model)
 
 
-def _extra_needs(config: PruneConfig) -> frozenset[str]:
+def _extra_needs(
+    config: PruneConfig, groups: tuple[ChannelGroup, ...], data: object
+) -> frozenset[str]:
+    """Statistics the method does not ask for but compensation or the RMSNorm divisor
+    correction (methods/planner.divisor_corrected, with real data) reads."""
     needs = set()
     if config.compensate != "none":
+        needs.add("gram")
+    normalized = any(g.normalized for g in groups if g.prunable)
+    if normalized and data is not None and config.method != "cob":
         needs.add("gram")
     return frozenset(needs)
 

@@ -7,6 +7,8 @@ RMSNorm divisor for methods other than cob.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import graphs
 import numpy as np
 import onnx
@@ -17,7 +19,9 @@ import onnxprune
 from onnxprune.calib.stats import tap_rows, tapped_session
 from onnxprune.cli import main
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.base import Plan
+from onnxprune.graph.load import export, normalize
+from onnxprune.graph.rewrite import rewrite
+from onnxprune.methods.base import Correction, Plan
 
 
 def _tensor(model: onnx.ModelProto, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -180,3 +184,64 @@ def _tap_errors(
         approx = Z[:, plan.keep] @ correction.M + c
         errors.append(float(np.linalg.norm(Z - approx) / np.linalg.norm(Z)))
     return errors
+
+
+def _rmsnorm_chain(kind: str) -> onnx.ModelProto:
+    """c1(8) → RMSNorm over channels (Pow → ReduceMean → Add ε → Sqrt → Div) → c2(4) → y.
+
+    kind "duplicate": c1's channel 7 repeats channel 3, both scaled up to carry over half of
+    the energy (an average-energy channel leaves the mean divisor unchanged); "zero": channel 7
+    is 0 everywhere."""
+    b = graphs.Builder(44)
+    weight = (0.5 * b.rng.standard_normal((8, 3, 3, 3))).astype(np.float32)
+    bias = (0.5 * b.rng.standard_normal(8)).astype(np.float32)
+    if kind == "duplicate":
+        weight[3], bias[3] = 3 * weight[3], 3 * bias[3]
+    weight[7], bias[7] = (weight[3], bias[3]) if kind == "duplicate" else (0.0, 0.0)
+    h = b.conv("c1", "x", 3, 8, weight=weight, b=bias)
+    square = b.node("Pow", "sq", [h, b.const("two", np.array(2.0, dtype=np.float32))])
+    mean = b.node("ReduceMean", "ms", [square], axes=[1], keepdims=1)
+    eps = b.node("Add", "eps", [mean, b.const("eps.v", np.array(1e-6, dtype=np.float32))])
+    normed = b.node("Div", "norm", [h, b.node("Sqrt", "rms", [eps])])
+    return b.model([b.conv("c2", normed, 8, 4)])
+
+
+def _without_divisor_correction(model: onnx.ModelProto, result) -> onnx.ModelProto:
+    """The same pruning with the RMS scale taken back out of c1's correction."""
+    graph = normalize(model)
+    plan = result.plans["c1"]
+    scale = plan.info["rms_scale"]
+    corrections = {k: Correction(c.M / scale, c.c) for k, c in plan.corrections.items()}
+    plans = {**result.plans, "c1": replace(plan, corrections=corrections)}
+    return export(rewrite(graph, result.groups, plans))
+
+
+@pytest.mark.parametrize(
+    ("kind", "method"), [("zero", "magnitude"), ("duplicate", "id")], ids=["zero", "duplicate"]
+)
+def test_rmsnorm_divisor_is_corrected_for_methods_other_than_cob(kind, method):
+    """Removing channels changes RMSNorm's divisor √(Σ x²/C): the consumers of its output are
+    rescaled by √(C·E_S / (k·E)). A removed zero channel is then reproduced exactly (the factor is
+    √(8/7) for every sample); a removed duplicate closely, and far better than without it."""
+    model = _rmsnorm_chain(kind)
+    calib, test = graphs.random_input(model, 32), graphs.random_input(model, 8, seed=3)
+    group = next(g for g in onnxprune.analyze(model).groups if g.name == "c1")
+    assert group.prunable and group.normalized == ("norm_out",)
+    common = {"method": method, "round_to": 1, "data": calib, "verify": False}
+    assert_outputs_close(model, onnxprune.prune(model, ratio=0.0, **common).model, test)
+    result = onnxprune.prune(model, ratio=1 / 8, **common)
+    removed = set(range(8)) - set(result.plans["c1"].keep.tolist())
+    assert removed <= ({7} if kind == "zero" else {3, 7}) and len(removed) == 1
+    if kind == "zero":
+        assert result.plans["c1"].info["rms_scale"] == pytest.approx(np.sqrt(8 / 7), rel=1e-6)
+        assert_outputs_close(model, result.model, test, atol=1e-4)
+        return
+    corrected = relative_l2(model, result.model, test)
+    uncorrected = relative_l2(model, _without_divisor_correction(model, result), test)
+    assert corrected <= 0.7 * uncorrected, (corrected, uncorrected)
+
+
+def relative_l2(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds) -> float:
+    """‖b − a‖ / ‖a‖ over the single output."""
+    (a,), (b,) = run_model(model_a, feeds).values(), run_model(model_b, feeds).values()
+    return float(np.linalg.norm(b - a) / np.linalg.norm(a))

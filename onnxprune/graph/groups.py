@@ -72,7 +72,8 @@ class ChannelGroup:
     into: a rotation must be block-diagonal on them and pruning keeps ≥ 1 channel in each.
     `rotation_block` says why an orthogonal change of basis cannot be folded (None: it can),
     `invariants` lists the rotation-invariant nonlinear ops on the way as (kind, node), kind
-    "tsra" or "rmsnorm".
+    "tsra" or "rmsnorm". `normalized` holds the keys of the taps that lie after an RMSNorm of
+    the channels: removing channels changes that norm's divisor there.
     """
 
     name: str
@@ -88,6 +89,7 @@ class ChannelGroup:
     subspaces: tuple[int, ...] = ()
     rotation_block: str | None = None
     invariants: tuple[tuple[str, str], ...] = ()
+    normalized: tuple[str, ...] = ()
 
     @property
     def rotatable(self) -> bool:

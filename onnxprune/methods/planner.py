@@ -10,7 +10,7 @@ import numpy as np
 
 from onnxprune.config import PruneConfig
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.base import GroupStats, Method, Plan
+from onnxprune.methods.base import Correction, GroupStats, Method, Plan
 from onnxprune.methods.id import lsq_corrections, mean_shift_corrections
 from onnxprune.methods.linalg import (
     optimal_rank_error,
@@ -38,7 +38,10 @@ def make_plans(
             plan = plan_for_error(group, group_stats, config, planned)
         else:
             plan = planned(counts[group.name])
-        plans[group.name] = with_errors(plan, group, group_stats)
+        plan = with_errors(plan, group, group_stats)
+        if method.name != "cob":  # cob corrects the divisor itself, with --rms-correction
+            plan = divisor_corrected(plan, group, group_stats)
+        plans[group.name] = plan
     return plans
 
 
@@ -100,6 +103,35 @@ def with_errors(plan: Plan, group: ChannelGroup, stats: GroupStats) -> Plan:
     if opt > 1e-6:
         info["err/opt"] = err / opt
     return replace(plan, info=info)
+
+
+def divisor_corrected(plan: Plan, group: ChannelGroup, stats: GroupStats) -> Plan:
+    """Scale the correction at every tap behind an RMSNorm by s = √(C·E_S / (k·E)).
+
+    RMSNorm divides by √(Σ x²/C); pruned to k channels S it divides by √(Σ_S x²/k). Its output
+    y has Σ y² = C per sample, so the kept outputs come out divided by √(Σ_S y² / k), which s
+    undoes on average: E_S and E are the tap's energies (Gram diagonal) over S and over all
+    channels (cob's --rms-correction factor). Exact when the removed channels are zero at the
+    norm (s = √(C/k)); an average where their share of the energy varies per sample, and a
+    proxy when a per-channel gain or a nonlinearity lies between the norm and the tap. The
+    errors in `plan.info` stay those of the unscaled map (they compare with the old tap).
+    Without tap statistics (data-free) every channel is taken to carry equal energy: s = 1.
+    """
+    keep = np.asarray(plan.keep)
+    corrections, scales = dict(plan.corrections), []
+    for key in group.normalized:
+        tap = stats.taps.get(key)
+        energy = None if tap is None else np.clip(np.diag(tap.gram), 0.0, None)
+        if energy is None or keep.size == group.channels or energy[keep].sum() <= 0:
+            continue
+        scale = float(np.sqrt(group.channels * energy[keep].sum() / (keep.size * energy.sum())))
+        old = corrections.get(key)
+        M = selection_map(group.channels, keep) if old is None else np.asarray(old.M)
+        corrections[key] = Correction(M * scale, None if old is None else old.c)
+        scales.append(scale)
+    if not scales:
+        return plan
+    return replace(plan, corrections=corrections, info={**plan.info, "rms_scale": max(scales)})
 
 
 def _planned(
