@@ -51,8 +51,8 @@ class _Walk:
     blocker: str | None = None
     rotation: str | None = None
     invariants: list[tuple[str, str]] = field(default_factory=list)
-    normed: set[str] = field(default_factory=set)  # tensors downstream of an RMSNorm
-    normalized: list[str] = field(default_factory=list)  # keys of taps among them
+    normed: dict[str, Tap] = field(default_factory=dict)  # tensor → output of the RMSNorm above
+    normalized: list[tuple[str, Tap]] = field(default_factory=list)  # (tap key, that output)
 
     def block(self, reason: str, node: str | None) -> None:
         if self.reason is None:
@@ -163,7 +163,7 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
             _add_once(walk.consumers, node.name)
             _add_once(walk.taps, _tap(state))
             if state.tensor in walk.normed:
-                _add_once(walk.normalized, _tap(state).key)
+                _add_once(walk.normalized, (_tap(state).key, walk.normed[state.tensor]))
         return
     _add_once(walk.passthrough, node.name)
     if (node.op in NONLINEAR or is_tsra(node)) and walk.sigma is None and result.next is not None:
@@ -171,9 +171,28 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
         walk.sigma = (_tap(state), Tap(nxt.tensor, nxt.axis, nxt.offset, nxt.spatial))
     if result.couple:
         walk.arrivals[node.name].append((index, state.offset))
-    if rms or state.tensor in walk.normed:
-        walk.normed.add(result.next.tensor)
+    if rms:
+        walk.normed[result.next.tensor] = _tap(result.next)
+    elif state.tensor in walk.normed and _scales_along(node, index):
+        walk.normed[result.next.tensor] = walk.normed[state.tensor]
     stack.append(result.next)
+
+
+_HOMOGENEOUS = frozenset(
+    {"Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
+    | {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Concat", "Identity", "Dropout", "Resize"}
+    | {"Upsample", "ReduceMean", "ReduceSum", "ReduceMax"}
+)
+
+
+def _scales_along(node: gs.Node, index: int) -> bool:
+    """True when scaling the channels entering `node` scales its output alike, so an RMSNorm's
+    changed divisor reaches the taps behind it as the same factor (not TSRA: its gain depends on
+    which channels remain; not Sigmoid, a bias or a residual Add)."""
+    if node.op in _HOMOGENEOUS:
+        return True
+    constant = [isinstance(t, gs.Constant) for t in node.inputs]
+    return (node.op == "Mul" and any(constant)) or (node.op == "Div" and index == 0 and constant[1])
 
 
 def _tap(state: State) -> Tap:

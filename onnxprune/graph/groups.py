@@ -72,8 +72,9 @@ class ChannelGroup:
     into: a rotation must be block-diagonal on them and pruning keeps ≥ 1 channel in each.
     `rotation_block` says why an orthogonal change of basis cannot be folded (None: it can),
     `invariants` lists the rotation-invariant nonlinear ops on the way as (kind, node), kind
-    "tsra" or "rmsnorm". `normalized` holds the keys of the taps that lie after an RMSNorm of
-    the channels: removing channels changes that norm's divisor there.
+    "tsra" or "rmsnorm". `normalized` pairs the key of every tap that lies after an RMSNorm of
+    the channels with that norm's output: removing channels changes the norm's divisor, and the
+    norm's output energies say by how much.
     """
 
     name: str
@@ -89,7 +90,7 @@ class ChannelGroup:
     subspaces: tuple[int, ...] = ()
     rotation_block: str | None = None
     invariants: tuple[tuple[str, str], ...] = ()
-    normalized: tuple[str, ...] = ()
+    normalized: tuple[tuple[str, Tap], ...] = ()
 
     @property
     def rotatable(self) -> bool:

@@ -70,12 +70,15 @@ class GroupStats:
     `grads`: per-channel gradient sums (e.g. "taylor": Σ_samples (Σ_positions a·g)²), when needed.
     `consumers`: per consumer node, its Jacobian-weighted input statistics and its weight on the
     group as (outputs, channels, features) — for elimination–compensation.
+    `norms`: per tap key behind an RMSNorm (`ChannelGroup.normalized`), the statistics of that
+    norm's output, whose energies give the divisor correction.
     """
 
     weights: tuple[np.ndarray, ...] = ()
     taps: Mapping[str, TapStats] = field(default_factory=dict)
     grads: Mapping[str, object] = field(default_factory=dict)
     consumers: Mapping[str, tuple[object, np.ndarray]] = field(default_factory=dict)
+    norms: Mapping[str, TapStats] = field(default_factory=dict)
 
 
 class Method(Protocol):

@@ -109,19 +109,22 @@ def divisor_corrected(plan: Plan, group: ChannelGroup, stats: GroupStats) -> Pla
     """Scale the correction at every tap behind an RMSNorm by s = √(C·E_S / (k·E)).
 
     RMSNorm divides by √(Σ x²/C); pruned to k channels S it divides by √(Σ_S x²/k). Its output
-    y has Σ y² = C per sample, so the kept outputs come out divided by √(Σ_S y² / k), which s
-    undoes on average: E_S and E are the tap's energies (Gram diagonal) over S and over all
-    channels (cob's --rms-correction factor). Exact when the removed channels are zero at the
-    norm (s = √(C/k)); an average where their share of the energy varies per sample, and a
-    proxy when a per-channel gain or a nonlinearity lies between the norm and the tap. The
-    errors in `plan.info` stay those of the unscaled map (they compare with the old tap).
-    Without tap statistics (data-free) every channel is taken to carry equal energy: s = 1.
+    y has Σ y² = C per sample, so the kept outputs come out divided by s_n = √(Σ_S y_n² / k).
+    s is the root mean square of s_n: E_S and E are the energies (Gram diagonal) of the norm's
+    output over S and over all channels (cob's --rms-correction factor, which reads the tap's
+    energies instead). Exact when the removed channels are zero at the norm (s = √(C/k)); on
+    average where their share of the energy varies per sample. Only taps that the norm reaches
+    through ops that scale with their input (ReLU, a gain, pooling, flatten) are marked
+    (graph/analyze.py): behind TSRA, whose gain depends on the channels kept, the factor at the
+    tap differs (on the TSRA-VGG's last block 1.06 at the tap for 1.10 at the norm).
+    The errors in `plan.info` stay those of the unscaled map (they compare with the old tap).
+    Without statistics (data-free) every channel is taken to carry equal energy: s = 1.
     """
     keep = np.asarray(plan.keep)
     corrections, scales = dict(plan.corrections), []
-    for key in group.normalized:
-        tap = stats.taps.get(key)
-        energy = None if tap is None else np.clip(np.diag(tap.gram), 0.0, None)
+    for key, _ in group.normalized:
+        norm = stats.norms.get(key)
+        energy = None if norm is None else np.clip(np.diag(norm.gram), 0.0, None)
         if energy is None or keep.size == group.channels or energy[keep].sum() <= 0:
             continue
         scale = float(np.sqrt(group.channels * energy[keep].sum() / (keep.size * energy.sum())))
