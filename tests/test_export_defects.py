@@ -18,6 +18,7 @@ from conftest import assert_outputs_close, max_deviation, run_model
 import onnxprune
 from onnxprune.calib.stats import tap_rows, tapped_session
 from onnxprune.cli import main
+from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import export, normalize
 from onnxprune.graph.rewrite import rewrite
@@ -112,7 +113,7 @@ def test_reshape_folding_channels_into_the_batch_blocks_its_group(save_tmp, tmp_
     assert sorted(weights.values()) == [[4, 3, 3, 3], [4, 4, 3, 3]]  # c0 halved, c1 whole
 
 
-def _constant_channel_into_conv_transpose() -> onnx.ModelProto:
+def _constant_channel_into_conv_transpose(shape: tuple = ("N", 3, 8, 8)) -> onnx.ModelProto:
     """c1's channel 5 has a zero filter and bias 0.7 (0.7 everywhere after the ReLU); c1 is read
     by a stride-2 ConvTranspose (kernel 3, pads 1, output_padding 1): 8×8 → 16×16."""
     b = graphs.Builder(42)
@@ -123,7 +124,7 @@ def _constant_channel_into_conv_transpose() -> onnx.ModelProto:
     inputs = [h, b.rand("up.w", 8, 4, 3, 3), b.rand("up.b", 4)]
     up = b.node("ConvTranspose", "up", inputs, kernel_shape=[3, 3], strides=[2, 2],
                 pads=[1, 1, 1, 1], output_padding=[1, 1])  # fmt: skip
-    return b.model([up])
+    return b.model([up], shape=shape)
 
 
 def test_constant_folded_into_a_strided_conv_transpose_is_exact():
@@ -247,3 +248,13 @@ def relative_l2(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds) -> fl
     """‖b − a‖ / ‖a‖ over the single output."""
     (a,), (b,) = run_model(model_a, feeds).values(), run_model(model_b, feeds).values()
     return float(np.linalg.norm(b - a) / np.linalg.norm(a))
+
+
+def test_constant_into_a_conv_transpose_of_unknown_size_is_refused():
+    """With dynamic spatial dims the per-position response has no fixed shape: one-line error
+    naming the node, not a bias that is wrong at every other position."""
+    model = _constant_channel_into_conv_transpose(("N", 3, "H", "W"))
+    calib = graphs.random_input(model, 8)
+    with pytest.raises(OnnxPruneError, match="ConvTranspose 'up' has dynamic spatial dims"):
+        onnxprune.prune(model, method="magnitude", ratio=1 / 8, round_to=1, data=calib,
+                        compensate="bias", verify=False)  # fmt: skip
