@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from functools import partial
@@ -11,8 +12,9 @@ import numpy as np
 from onnxprune.config import PruneConfig
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.methods.base import Correction, GroupStats, Method, Plan
-from onnxprune.methods.id import lsq_corrections, mean_shift_corrections
+from onnxprune.methods.id import lsq_corrections, mean_shift_corrections, pooled_gram
 from onnxprune.methods.linalg import (
+    id_error_curve,
     optimal_rank_error,
     reconstruction_error,
     selection_map,
@@ -62,20 +64,31 @@ def plan_for_error(
     reconstruction than ε (a pooled norm, the mean of the taps' squared errors, let single taps
     exceed it). Widths are multiples of the rounding step (and the full width); the search
     bisects on them, which finds the narrowest when the error falls with the width (ID's nested
-    pivots with a least-squares map per tap) and always returns a width that meets ε.
+    pivots with a least-squares map per tap) and always returns a width that meets ε. It first
+    probes the width the pooled ID error curve suggests and the one below (two plans when the
+    guess is right, as for a single tap).
     """
     step = rounding_step(group.channels, config.width.round_to)
     widths = sorted({*range(step, group.channels, step), group.channels})
-    lo, hi = 0, len(widths) - 1
-    best = planned(widths[hi])
+    guess = int(bisect_left(widths, _curve_width(stats, config.epsilon)))
+    lo, hi, best, probes = 0, len(widths) - 1, None, [guess, guess - 1]
     while lo < hi:
-        mid = (lo + hi) // 2
+        mid = probes.pop(0) if probes else (lo + hi) // 2
+        if not lo <= mid < hi:
+            continue
         plan = planned(widths[mid])
         if max(tap_errors(plan, group, stats)) <= config.epsilon:
             hi, best = mid, plan
         else:
             lo = mid + 1
-    return best
+    return best if best is not None else planned(widths[hi])
+
+
+def _curve_width(stats: GroupStats, epsilon: float) -> int:
+    """The first width whose ID error on the (pooled, unit-trace) Gram is ≤ ε: a guess."""
+    taps = list(stats.taps.values())
+    curve = id_error_curve(taps[0].gram if len(taps) == 1 else pooled_gram(taps))
+    return int(np.argmax(curve <= epsilon))
 
 
 def tap_errors(plan: Plan, group: ChannelGroup, stats: GroupStats) -> list[float]:
