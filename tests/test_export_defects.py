@@ -207,6 +207,19 @@ def _rmsnorm_chain(kind: str) -> onnx.ModelProto:
     return b.model([b.conv("c2", normed, 8, 4)])
 
 
+def _rmsnormalization_chain() -> onnx.ModelProto:
+    """c1(8, channel 7 zero) → opset-23 RMSNormalization over C·H·W with a per-channel scale →
+    c2(4) → y."""
+    b = graphs.Builder(45)
+    weight = (0.5 * b.rng.standard_normal((8, 3, 3, 3))).astype(np.float32)
+    bias = (0.5 * b.rng.standard_normal(8)).astype(np.float32)
+    weight[7], bias[7] = 0.0, 0.0
+    scale = (0.5 + b.rng.random((8, 1, 1))).astype(np.float32)
+    h = b.conv("c1", "x", 3, 8, weight=weight, b=bias)
+    normed = b.node("RMSNormalization", "norm", [h, b.const("g", scale)], axis=1, epsilon=1e-6)
+    return b.model([b.conv("c2", normed, 8, 4)], opset=23)
+
+
 def _without_divisor_correction(model: onnx.ModelProto, result) -> onnx.ModelProto:
     """The same pruning with the RMS scale taken back out of c1's correction."""
     graph = normalize(model)
@@ -218,24 +231,27 @@ def _without_divisor_correction(model: onnx.ModelProto, result) -> onnx.ModelPro
 
 
 @pytest.mark.parametrize(
-    ("kind", "method"), [("zero", "magnitude"), ("duplicate", "id")], ids=["zero", "duplicate"]
+    ("kind", "method"),
+    [("zero", "magnitude"), ("opset23", "magnitude"), ("duplicate", "id")],
+    ids=["zero", "opset23-zero", "duplicate"],
 )
 def test_rmsnorm_divisor_is_corrected_for_methods_other_than_cob(kind, method):
     """Removing channels changes RMSNorm's divisor √(Σ x²/C): the consumers of its output are
     rescaled by √(C·E_S / (k·E)). A removed zero channel is then reproduced exactly (the factor is
     √(8/7) for every sample); a removed duplicate closely, and far better than without it."""
-    model = _rmsnorm_chain(kind)
+    model = _rmsnormalization_chain() if kind == "opset23" else _rmsnorm_chain(kind)
     calib, test = graphs.random_input(model, 32), graphs.random_input(model, 8, seed=3)
     group = next(g for g in onnxprune.analyze(model).groups if g.name == "c1")
+    energies = "c1_out" if kind == "opset23" else "norm_out"  # before the per-channel scale
     assert group.prunable and [(k, t.tensor) for k, t in group.normalized] == [
-        ("norm_out", "norm_out")
+        ("norm_out", energies)
     ]
     common = {"method": method, "round_to": 1, "data": calib, "verify": False}
     assert_outputs_close(model, onnxprune.prune(model, ratio=0.0, **common).model, test)
     result = onnxprune.prune(model, ratio=1 / 8, **common)
     removed = set(range(8)) - set(result.plans["c1"].keep.tolist())
-    assert removed <= ({7} if kind == "zero" else {3, 7}) and len(removed) == 1
-    if kind == "zero":
+    assert removed <= ({3, 7} if kind == "duplicate" else {7}) and len(removed) == 1
+    if kind != "duplicate":
         assert result.plans["c1"].info["rms_scale"] == pytest.approx(np.sqrt(8 / 7), rel=1e-6)
         assert_outputs_close(model, result.model, test, atol=1e-4)
         return

@@ -171,8 +171,9 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
         walk.sigma = (_tap(state), Tap(nxt.tensor, nxt.axis, nxt.offset, nxt.spatial))
     if result.couple:
         walk.arrivals[node.name].append((index, state.offset))
-    if rms:
-        walk.normed[result.next.tensor] = _tap(result.next)
+    if rms:  # energies are read after the norm, before RMSNormalization's per-channel scale
+        source = state if node.op == "RMSNormalization" else result.next
+        walk.normed[result.next.tensor] = _tap(source)
     elif state.tensor in walk.normed and _scales_along(node, index):
         walk.normed[result.next.tensor] = walk.normed[state.tensor]
     stack.append(result.next)

@@ -73,8 +73,9 @@ class ChannelGroup:
     `rotation_block` says why an orthogonal change of basis cannot be folded (None: it can),
     `invariants` lists the rotation-invariant nonlinear ops on the way as (kind, node), kind
     "tsra" or "rmsnorm". `normalized` pairs the key of every tap that lies after an RMSNorm of
-    the channels with that norm's output: removing channels changes the norm's divisor, and the
-    norm's output energies say by how much.
+    the channels with that norm's output (its input for RMSNormalization, whose output carries a
+    per-channel scale): removing channels changes the norm's divisor, and the energies there say
+    by how much.
     """
 
     name: str
