@@ -153,7 +153,7 @@ def _prune_channels(
         rms_correction=config.rms_correction,
         joint=config.joint,
     )
-    needs = pruner.needs | _extra_needs(config)
+    needs = pruner.needs | _extra_needs(config, groups, inputs.data)
     fitted = bool(needs - {"weights"}) or config.recalibrate or config.quantize == "int8"
     split = split_inputs(proto, inputs, config, fitted=fitted)
     fit = split.fit
@@ -277,9 +277,16 @@ def _load(model: ModelLike) -> onnx.ModelProto:
     return load_model(model)
 
 
-def _extra_needs(config: PruneConfig) -> frozenset[str]:
+def _extra_needs(
+    config: PruneConfig, groups: tuple[ChannelGroup, ...], data: object
+) -> frozenset[str]:
+    """Statistics the method does not ask for but compensation or the RMSNorm divisor
+    correction (methods/planner.divisor_corrected, with real data) reads."""
     needs = set()
     if config.compensate != "none":
+        needs.add("gram")
+    normalized = any(g.normalized for g in groups if g.prunable)
+    if normalized and data is not None and config.method != "cob":
         needs.add("gram")
     return frozenset(needs)
 

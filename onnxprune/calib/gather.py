@@ -53,7 +53,9 @@ def gather(
     model = export(graph) if needs & {"gram", "grad", "ippro", "jacobian"} else None
     taps = {}
     if "gram" in needs:
-        wanted = list(dict.fromkeys((tap, g.channels) for g in selected for tap in g.taps))
+        wanted = [(tap, g.channels) for g in selected for tap in g.taps]
+        wanted += [(norm, g.channels) for g in selected for _, norm in g.normalized]
+        wanted = list(dict.fromkeys(wanted))
         batches = _batches(dataset, config, "statistics")
         taps = collect(model, wanted, batches, qr=config.id_solver == "qr")
     grads = _gradients(model, graph, selected, needs, dataset, config)
@@ -69,12 +71,13 @@ def gather(
     for group in selected:
         stats[group.name] = GroupStats(
             weights=producer_filters(graph, group) if "weights" in needs else (),
-            taps={tap.tensor: taps[tap] for tap in group.taps if tap in taps},
+            taps={tap.key: taps[tap] for tap in group.taps if tap in taps},
             grads=_group_grads(graph, group, grads) if grads else {},
             consumers={
                 name: (jacobian[site], weight)
                 for name, site, weight in consumers.get(group.name, ())
             },
+            norms={key: taps[norm] for key, norm in group.normalized if norm in taps},
         )
     return Calibration(stats, grads.loss if grads else None)
 

@@ -61,7 +61,7 @@ def format_analysis(result: Analysis, *, verbose: bool = False) -> str:
         if verbose:
             lines.append(f"    producers: {', '.join(g.producers)}")
             lines.append(f"    consumers: {', '.join(g.consumers) or '-'}")
-            lines.append(f"    taps: {', '.join(t.tensor for t in g.taps) or '-'}")
+            lines.append(f"    taps: {', '.join(t.key for t in g.taps) or '-'}")
     prunable = sum(g.prunable for g in result.groups)
     lines.append("")
     lines.append(
@@ -86,7 +86,7 @@ def to_dict(result: Analysis) -> dict:
                 "producers": list(g.producers),
                 "consumers": list(g.consumers),
                 "macs": result.group_macs.get(g.name, 0),
-                "taps": [t.tensor for t in g.taps],
+                "taps": [t.key for t in g.taps],
                 "rotatable": g.rotatable,
                 "rotation_block": g.rotation_block,
                 "subspaces": list(g.subspaces),

@@ -51,6 +51,8 @@ class _Walk:
     blocker: str | None = None
     rotation: str | None = None
     invariants: list[tuple[str, str]] = field(default_factory=list)
+    normed: dict[str, Tap] = field(default_factory=dict)  # tensor → output of the RMSNorm above
+    normalized: list[tuple[str, Tap]] = field(default_factory=list)  # (tap key, that output)
 
     def block(self, reason: str, node: str | None) -> None:
         if self.reason is None:
@@ -147,11 +149,12 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
         return
     if walk.rotation is None:
         walk.rotation = rotation_block(node, index, state, result)
+    rms = node.op in ("RMSNorm", "RMSNormalization") or (
+        node.op in ("Div", "Mul") and is_rms_end(node, state.tensor, state.axis)
+    )
     if is_tsra(node):
         _add_once(walk.invariants, ("tsra", node.name))
-    elif node.op in ("RMSNorm", "RMSNormalization") or (
-        node.op in ("Div", "Mul") and is_rms_end(node, state.tensor, state.axis)
-    ):
+    elif rms:
         _add_once(walk.invariants, ("rmsnorm", node.name))
     for edit in result.edits:
         walk.edits[(edit.node, edit.input, edit.axis, edit.offset, edit.role)] = edit
@@ -159,6 +162,8 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
         if result.edits:
             _add_once(walk.consumers, node.name)
             _add_once(walk.taps, _tap(state))
+            if state.tensor in walk.normed:
+                _add_once(walk.normalized, (_tap(state).key, walk.normed[state.tensor]))
         return
     _add_once(walk.passthrough, node.name)
     if (node.op in NONLINEAR or is_tsra(node)) and walk.sigma is None and result.next is not None:
@@ -166,7 +171,29 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
         walk.sigma = (_tap(state), Tap(nxt.tensor, nxt.axis, nxt.offset, nxt.spatial))
     if result.couple:
         walk.arrivals[node.name].append((index, state.offset))
+    if rms:  # energies are read after the norm, before RMSNormalization's per-channel scale
+        source = state if node.op == "RMSNormalization" else result.next
+        walk.normed[result.next.tensor] = _tap(source)
+    elif state.tensor in walk.normed and _scales_along(node, index):
+        walk.normed[result.next.tensor] = walk.normed[state.tensor]
     stack.append(result.next)
+
+
+_HOMOGENEOUS = frozenset(
+    {"Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
+    | {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Concat", "Identity", "Dropout", "Resize"}
+    | {"Upsample", "ReduceMean", "ReduceSum", "ReduceMax"}
+)
+
+
+def _scales_along(node: gs.Node, index: int) -> bool:
+    """True when scaling the channels entering `node` scales its output alike, so an RMSNorm's
+    changed divisor reaches the taps behind it as the same factor (not TSRA: its gain depends on
+    which channels remain; not Sigmoid, a bias or a residual Add)."""
+    if node.op in _HOMOGENEOUS:
+        return True
+    constant = [isinstance(t, gs.Constant) for t in node.inputs]
+    return (node.op == "Mul" and any(constant)) or (node.op == "Div" and index == 0 and constant[1])
 
 
 def _tap(state: State) -> Tap:
@@ -229,7 +256,7 @@ def _merge(walks: list[_Walk]) -> ChannelGroup:
     first = walks[0]
     blocked = next((w for w in walks if w.reason), None)
     edits: dict[tuple, ParamEdit] = {}
-    passthrough, consumers, taps = [], [], []
+    passthrough, consumers, taps, normalized = [], [], [], []
     for walk in walks:
         for edit in walk.producer.edits:
             edits[(edit.node, edit.input, edit.axis, edit.offset, edit.role)] = edit
@@ -240,6 +267,8 @@ def _merge(walks: list[_Walk]) -> ChannelGroup:
             _add_once(consumers, item)
         for item in walk.taps:
             _add_once(taps, item)
+        for item in walk.normalized:
+            _add_once(normalized, item)
     reason = blocker = None
     if blocked is not None:
         reason, blocker = blocked.reason, blocked.blocker
@@ -262,6 +291,7 @@ def _merge(walks: list[_Walk]) -> ChannelGroup:
         subspaces=_subspaces(edits.values(), first.producer.channels),
         rotation_block=rotation,
         invariants=tuple(dict.fromkeys(n for w in walks for n in w.invariants)),
+        normalized=tuple(normalized),
     )
 
 

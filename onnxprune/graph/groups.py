@@ -24,6 +24,21 @@ class Tap:
     offset: int
     spatial: int = 1
 
+    @property
+    def key(self) -> str:
+        """The name this tap's statistics and correction are filed under (see `tap_key`)."""
+        return tap_key(self.tensor, self.offset)
+
+
+def tap_key(tensor: str, offset: int) -> str:
+    """The tensor name, with '@offset' when the group's channels do not start at channel 0.
+
+    One tensor can carry a group's channels at several offsets (SPPF: Concat(x, mp(x),
+    mp(mp(x))) holds the same channels three times); each segment is its own tap, with its own
+    statistics and its own correction, so the key must tell them apart.
+    """
+    return tensor if offset == 0 else f"{tensor}@{offset}"
+
 
 @dataclass(frozen=True)
 class ParamEdit:
@@ -57,7 +72,10 @@ class ChannelGroup:
     into: a rotation must be block-diagonal on them and pruning keeps ≥ 1 channel in each.
     `rotation_block` says why an orthogonal change of basis cannot be folded (None: it can),
     `invariants` lists the rotation-invariant nonlinear ops on the way as (kind, node), kind
-    "tsra" or "rmsnorm".
+    "tsra" or "rmsnorm". `normalized` pairs the key of every tap that lies after an RMSNorm of
+    the channels with that norm's output (its input for RMSNormalization, whose output carries a
+    per-channel scale): removing channels changes the norm's divisor, and the energies there say
+    by how much.
     """
 
     name: str
@@ -73,6 +91,7 @@ class ChannelGroup:
     subspaces: tuple[int, ...] = ()
     rotation_block: str | None = None
     invariants: tuple[tuple[str, str], ...] = ()
+    normalized: tuple[tuple[str, Tap], ...] = ()
 
     @property
     def rotatable(self) -> bool:

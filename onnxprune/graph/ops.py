@@ -234,19 +234,16 @@ def _flatten(node: gs.Node, index: int, state: State, channels: int) -> Step:
 
 @_first_input_only
 def _reshape(node: gs.Node, index: int, state: State, channels: int) -> Step:
-    """Only a channel-major flatten to (batch, features) is understood."""
-    shape_in, shape_out, target = (
-        shape_of(node.inputs[0]),
-        shape_of(node.outputs[0]),
-        const(node, 1),
-    )
+    """Only a channel-major flatten of (batch, C, ...) to (batch, C·H·W) is understood."""
+    shape_in, target = shape_of(node.inputs[0]), const(node, 1)
     fail = _block(f"Reshape '{node.name}' does not flatten from the channel axis")
-    if shape_in is None or shape_out is None or target is None or len(shape_out) != 2:
+    if shape_in is None or target is None or target.size != 2 or state.axis != 1:
         return fail
     rest = shape_in[2:]
-    if state.axis != 1 or not all(isinstance(d, int) for d in rest + [shape_in[1]]):
+    if not all(isinstance(d, int) for d in rest + [shape_in[1]]):
         return fail
-    if target.size != 2 or shape_in[0] != shape_out[0] and target[0] not in (0, -1, 1):
+    features = int(shape_in[1]) * int(np.prod(rest, dtype=np.int64))
+    if not _flattens_to_batch(node, shape_in[0], [int(t) for t in target], features):
         return fail
     spatial = state.spatial * int(np.prod(rest, dtype=np.int64))
     edits = (
@@ -255,6 +252,20 @@ def _reshape(node: gs.Node, index: int, state: State, channels: int) -> Step:
         else [ParamEdit(node.name, 1, 0, state.offset, "reshape", spatial)]
     )
     return _through(node, state, spatial=spatial, edits=edits)
+
+
+def _flattens_to_batch(node: gs.Node, batch: object, target: list[int], features: int) -> bool:
+    """True when the target provably keeps the batch axis and puts all C·H·W features second.
+
+    [0, -1], [0, F], [-1, F] and [B, -1 or F] for a static batch B qualify; [-1, H·W] (channels
+    folded into the batch) or any other split does not. `allowzero` would make 0 a real zero.
+    """
+    first, second = target
+    if node.attrs.get("allowzero", 0) and 0 in target:
+        return False
+    if first == 0 or (isinstance(batch, int) and first == batch):
+        return second in (-1, features)
+    return first == -1 and second == features
 
 
 def _conv(node: gs.Node, index: int, state: State, channels: int) -> Step:

@@ -1,7 +1,8 @@
 """Apply Plans to a graph: slice producers and per-channel parameters, fold corrections downstream.
 
 For a tap a ≈ Mᵀ a_S + c, a consumer with weight W (input axis of size m) becomes W' = W Mᵀ and
-its bias b' = b + W c (summed over kernel taps and flattened positions). Edits on one constant are
+its bias b' = b + W c (summed over kernel taps and flattened positions; a ConvTranspose gets the
+exact per-position response of c, which strides make non-uniform). Edits on one constant are
 applied from the highest channel offset down, so Concat segments of several groups stay aligned.
 """
 
@@ -13,7 +14,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.graph.groups import ChannelGroup, ParamEdit
+from onnxprune.errors import OnnxPruneError
+from onnxprune.graph.groups import ChannelGroup, ParamEdit, tap_key
 from onnxprune.graph.load import export, infer_shapes
 from onnxprune.methods.base import Plan
 
@@ -124,12 +126,14 @@ def _apply(
         work = _map_segment(work, edit, m, np.asarray(plan.rotation))
     if edit.role != "in":
         return _select(work, edit, m, keep)
-    correction = plan.corrections.get(edit.tap or "")
+    correction = plan.corrections.get(tap_key(edit.tap, edit.offset)) if edit.tap else None
     if correction is None:
         return _select(work, edit, m, keep)
     if correction.c is not None and np.any(correction.c):
         c = np.asarray(correction.c, dtype=np.float64)
         delta = _padded_conv_shift(work, edit, m, node, c) if exact_borders else None
+        if node.op == "ConvTranspose":
+            delta = _conv_transpose_shift(work, edit, m, node, c)
         if delta is None:
             delta = _weight_times(work, edit, m, node, c)
         _accumulate(deltas, node.name, delta)
@@ -143,7 +147,8 @@ def _accumulate(deltas: dict[str, np.ndarray], name: str, delta: np.ndarray) -> 
         deltas[name] = delta
         return
     if old.ndim != delta.ndim:
-        old, delta = (x.reshape(-1, 1, 1) if x.ndim == 1 else x for x in (old, delta))
+        rank = max(old.ndim, delta.ndim)
+        old, delta = (x.reshape(-1, *[1] * (rank - 1)) if x.ndim == 1 else x for x in (old, delta))
     deltas[name] = old + delta
 
 
@@ -234,14 +239,60 @@ def _tap_inside(size: int, k: int, stride: int, dilation: int, before: int, afte
     return ((index >= 0) & (index < size)).astype(np.float64)
 
 
+def _conv_transpose_shift(
+    work: np.ndarray, edit: ParamEdit, m: int, node: gs.Node, c: np.ndarray
+) -> np.ndarray:
+    """The exact (C_out, *out_spatial) output change of a ConvTranspose whose input channels are
+    replaced by constants c.
+
+    A ConvTranspose scatters every input position through the whole kernel, so an output
+    position receives as many kernel taps as input positions land on it: with stride 2 and
+    kernel 3 that is 1, 2 or 4, and Σ W c in the bias would over-apply the constant. The map is
+    uniform (and goes into the bias) only where every position gets every tap.
+    """
+    shape = node.inputs[0].shape
+    spatial = None if shape is None else list(shape[2:])
+    rank = work.ndim - 2
+    explicit = node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET")
+    if (spatial is None or len(spatial) != rank or not all(isinstance(d, int) for d in spatial)
+            or not explicit or "output_shape" in node.attrs):  # fmt: skip
+        raise OnnxPruneError(
+            f"ConvTranspose '{node.name}' has dynamic spatial dims, auto_pad or output_shape: "
+            "a correction's constant cannot be folded into it exactly",
+            hint="use a method or --compensate mode without a constant (c = 0)",
+        )
+    _, seg, _ = _split(work, edit, m)  # (m, 1, C_out, k...)
+    response = np.tensordot(c, seg[:, 0], axes=([0], [0]))  # (C_out, k...)
+    ones, pads = [1] * rank, list(node.attrs.get("pads", [0] * 2 * rank))
+    for d, (size, k) in enumerate(zip(spatial, work.shape[2:], strict=True)):
+        hits = _transpose_hits(
+            size, k, node.attrs.get("strides", ones)[d], node.attrs.get("dilations", ones)[d],
+            pads[d], pads[d + rank], node.attrs.get("output_padding", [0] * rank)[d],
+        )  # fmt: skip
+        response = np.tensordot(response, hits, axes=([1], [0]))  # kernel axis → output axis
+    return response
+
+
+def _transpose_hits(
+    size: int, k: int, stride: int, dilation: int, before: int, after: int, extra: int
+) -> np.ndarray:
+    """(k, out) counts: how often kernel tap t lands on output index o, over inputs [0, size)."""
+    out = (size - 1) * stride + extra + (k - 1) * dilation + 1 - before - after
+    index = np.arange(size)[None, :] * stride - before + np.arange(k)[:, None] * dilation
+    hits = np.zeros((k, out))
+    t, i = np.nonzero((index >= 0) & (index < out))
+    np.add.at(hits, (t, index[t, i]), 1.0)
+    return hits
+
+
 def add_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:
     """Add `delta` to a consumer's output bias, creating the bias (or an Add) if needed."""
     dtype = node.inputs[1].values.dtype
     has_bias = len(node.inputs) > 2 and node.inputs[2].name
-    if delta.ndim == 3 and np.ptp(delta.reshape(len(delta), -1), axis=1).max() > 0:
-        _add_after(graph, node, delta.astype(dtype))  # differs at the padded borders
+    if delta.ndim > 1 and np.ptp(delta.reshape(len(delta), -1), axis=1).max() > 0:
+        _add_after(graph, node, delta.astype(dtype))  # differs per position (borders, strides)
         return
-    delta = delta.reshape(len(delta), -1)[:, 0] if delta.ndim == 3 else delta
+    delta = delta.reshape(len(delta), -1)[:, 0] if delta.ndim > 1 else delta
     if node.op in ("Conv", "ConvTranspose"):
         bias = node.inputs[2].values.astype(np.float64) if has_bias else 0.0
         _set_bias(node, bias + delta, dtype)

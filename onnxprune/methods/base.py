@@ -28,7 +28,8 @@ class Correction:
 class Plan:
     """Which channels of a group stay, and the correction folded into its consumers.
 
-    `corrections` maps tap tensor names to their Correction; a tap without one gets plain
+    `corrections` maps tap keys (`Tap.key`: the tensor name, '@offset' for a segment not at
+    channel 0) to their Correction; a tap without one gets plain
     selection. `shifts` adds a bias shift per output unit of named consumer nodes (for
     corrections that differ per output unit, such as the Jacobian-weighted bias compensation).
     `rotation` (m, m, orthogonal) is applied to the producers before slicing.
@@ -65,16 +66,19 @@ class GroupStats:
     """Everything a method may read about one group.
 
     `weights`: each producer's filters as rows (m, fan_in), BatchNorm already folded.
-    `taps`: statistics per tap tensor (empty for data-free methods).
+    `taps`: statistics per tap key (`Tap.key`; empty for data-free methods).
     `grads`: per-channel gradient sums (e.g. "taylor": Σ_samples (Σ_positions a·g)²), when needed.
     `consumers`: per consumer node, its Jacobian-weighted input statistics and its weight on the
     group as (outputs, channels, features) — for elimination–compensation.
+    `norms`: per tap key behind an RMSNorm (`ChannelGroup.normalized`), the statistics of that
+    norm's output, whose energies give the divisor correction.
     """
 
     weights: tuple[np.ndarray, ...] = ()
     taps: Mapping[str, TapStats] = field(default_factory=dict)
     grads: Mapping[str, object] = field(default_factory=dict)
     consumers: Mapping[str, tuple[object, np.ndarray]] = field(default_factory=dict)
+    norms: Mapping[str, TapStats] = field(default_factory=dict)
 
 
 class Method(Protocol):

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from bisect import bisect_left
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 
 from onnxprune.config import PruneConfig
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.base import GroupStats, Method, Plan
+from onnxprune.methods.base import Correction, GroupStats, Method, Plan
 from onnxprune.methods.id import lsq_corrections, mean_shift_corrections, pooled_gram
 from onnxprune.methods.linalg import (
+    id_error_curve,
     optimal_rank_error,
-    rank_for_error,
     reconstruction_error,
     selection_map,
 )
@@ -33,13 +35,15 @@ def make_plans(
         if group.name not in counts:
             continue
         group_stats = stats[group.name]
-        keep = counts[group.name]
+        planned = partial(_planned, method, group, group_stats, config)
         if config.epsilon is not None and group_stats.taps:
-            keep = epsilon_width(group, group_stats, config)
-        plan = method.plan(group, group_stats, keep, seed=config.seed)
-        if method.name != "id" and config.compensate != "none":
-            plan = compensate(plan, group_stats, config.compensate)
-        plans[group.name] = with_errors(plan, group, group_stats)
+            plan = plan_for_error(group, group_stats, config, planned)
+        else:
+            plan = planned(counts[group.name])
+        plan = with_errors(plan, group, group_stats)
+        if method.name != "cob":  # cob corrects the divisor itself, with --rms-correction
+            plan = divisor_corrected(plan, group, group_stats)
+        plans[group.name] = plan
     return plans
 
 
@@ -50,31 +54,107 @@ def compensate(plan: Plan, stats: GroupStats, mode: str) -> Plan:
     return replace(plan, corrections=lsq_corrections(stats, plan.keep, intercept=True))
 
 
-def epsilon_width(group: ChannelGroup, stats: GroupStats, config: PruneConfig) -> int:
-    """Smallest width whose ID error is ≤ ε (rounded up to the rounding multiple)."""
-    taps = list(stats.taps.values())
-    gram = taps[0].gram if len(taps) == 1 else pooled_gram(taps)
-    keep = max(1, rank_for_error(gram, config.epsilon))
+def plan_for_error(
+    group: ChannelGroup, stats: GroupStats, config: PruneConfig, planned: Callable[[int], Plan]
+) -> Plan:
+    """The plan at the narrowest allowed width whose error is ≤ ε at every tap.
+
+    The bound is the max over taps, the number the report shows: each tap's own relative error
+    ‖Z_t − (Z_t,S M_t + 1c_tᵀ)‖_F ≤ ε ‖Z_t‖_F, so no consumer of a coupled group reads a worse
+    reconstruction than ε (a pooled norm, the mean of the taps' squared errors, let single taps
+    exceed it). Widths are multiples of the rounding step (and the full width); the search
+    bisects on them, which finds the narrowest when the error falls with the width (ID's nested
+    pivots with a least-squares map per tap) and always returns a width that meets ε. It first
+    probes the width the pooled ID error curve suggests and the one below (two plans when the
+    guess is right, as for a single tap).
+    """
     step = rounding_step(group.channels, config.width.round_to)
-    return min(group.channels, -(-keep // step) * step)
+    widths = sorted({*range(step, group.channels, step), group.channels})
+    guess = int(bisect_left(widths, _curve_width(stats, config.epsilon)))
+    lo, hi, best, probes = 0, len(widths) - 1, None, [guess, guess - 1]
+    while lo < hi:
+        mid = probes.pop(0) if probes else (lo + hi) // 2
+        if not lo <= mid < hi:
+            continue
+        plan = planned(widths[mid])
+        if max(tap_errors(plan, group, stats)) <= config.epsilon:
+            hi, best = mid, plan
+        else:
+            lo = mid + 1
+    return best if best is not None else planned(widths[hi])
 
 
-def with_errors(plan: Plan, group: ChannelGroup, stats: GroupStats) -> Plan:
-    """Add the relative reconstruction error at the taps and its ratio to the rank-k optimum."""
-    if not stats.taps:
-        return plan
-    errors, optimal = [], []
-    for tensor, tap in stats.taps.items():
-        correction = plan.corrections.get(tensor)
+def _curve_width(stats: GroupStats, epsilon: float) -> int:
+    """The first width whose ID error on the (pooled, unit-trace) Gram is ≤ ε: a guess."""
+    taps = list(stats.taps.values())
+    curve = id_error_curve(taps[0].gram if len(taps) == 1 else pooled_gram(taps))
+    return int(np.argmax(curve <= epsilon))
+
+
+def tap_errors(plan: Plan, group: ChannelGroup, stats: GroupStats) -> list[float]:
+    """Each tap's relative reconstruction error under `plan` (from its Gram, mean and count)."""
+    errors = []
+    for key, tap in stats.taps.items():
+        correction = plan.corrections.get(key)
         M = selection_map(group.channels, plan.keep) if correction is None else correction.M
         c = None if correction is None else correction.c
         keep = plan.keep
         if plan.rotation is not None:  # a ≈ Mᵀ (Q a)_S + c: the map from a itself is Q_Sᵀ M
             M, keep = np.asarray(plan.rotation)[np.asarray(keep)].T @ M, np.arange(group.channels)
         errors.append(reconstruction_error(tap.gram, tap.mean, tap.n, keep, M, c))
-        optimal.append(optimal_rank_error(tap.gram, len(plan.keep)))
+    return errors
+
+
+def with_errors(plan: Plan, group: ChannelGroup, stats: GroupStats) -> Plan:
+    """Add the relative reconstruction error at the taps and its ratio to the rank-k optimum."""
+    if not stats.taps:
+        return plan
+    errors = tap_errors(plan, group, stats)
+    optimal = [optimal_rank_error(tap.gram, len(plan.keep)) for tap in stats.taps.values()]
     err, opt = float(np.max(errors)), float(np.max(optimal))
     info = {**plan.info, "err": err}
     if opt > 1e-6:
         info["err/opt"] = err / opt
     return replace(plan, info=info)
+
+
+def divisor_corrected(plan: Plan, group: ChannelGroup, stats: GroupStats) -> Plan:
+    """Scale the correction at every tap behind an RMSNorm by s = √(C·E_S / (k·E)).
+
+    RMSNorm divides by √(Σ x²/C); pruned to k channels S it divides by √(Σ_S x²/k). Its output
+    y has Σ y² = C per sample, so the kept outputs come out divided by s_n = √(Σ_S y_n² / k).
+    s is the root mean square of s_n: E_S and E are the energies (Gram diagonal) of the norm's
+    output over S and over all channels (cob's --rms-correction factor, which reads the tap's
+    energies instead). Exact when the removed channels are zero at the norm (s = √(C/k)); on
+    average where their share of the energy varies per sample. Only taps that the norm reaches
+    through ops that scale with their input (ReLU, a gain, pooling, flatten) are marked
+    (graph/analyze.py): behind TSRA, whose gain depends on the channels kept, the factor at the
+    tap differs (on the TSRA-VGG's last block 1.06 at the tap for 1.10 at the norm).
+    The errors in `plan.info` stay those of the unscaled map (they compare with the old tap).
+    Without statistics (data-free) every channel is taken to carry equal energy: s = 1.
+    """
+    keep = np.asarray(plan.keep)
+    corrections, scales = dict(plan.corrections), []
+    for key, _ in group.normalized:
+        norm = stats.norms.get(key)
+        energy = None if norm is None else np.clip(np.diag(norm.gram), 0.0, None)
+        if energy is None or keep.size == group.channels or energy[keep].sum() <= 0:
+            continue
+        scale = float(np.sqrt(group.channels * energy[keep].sum() / (keep.size * energy.sum())))
+        old = corrections.get(key)
+        M = selection_map(group.channels, keep) if old is None else np.asarray(old.M)
+        corrections[key] = Correction(M * scale, None if old is None else old.c)
+        scales.append(scale)
+    if not scales:
+        return plan
+    return replace(plan, corrections=corrections, info={**plan.info, "rms_scale": max(scales)})
+
+
+def _planned(
+    method: Method, group: ChannelGroup, stats: GroupStats, config: PruneConfig, keep: int
+) -> Plan:
+    """The method's plan at width `keep`, with the configured compensation added."""
+    plan = method.plan(group, stats, keep, seed=config.seed)
+    if method.name != "id" and config.compensate != "none":
+        plan = compensate(plan, stats, config.compensate)
+    return plan
