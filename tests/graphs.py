@@ -269,18 +269,7 @@ def with_noops() -> onnx.ModelProto:
 
 def constant_weights() -> onnx.ModelProto:
     """A Paddle-style conv chain whose weights and biases are Constant nodes, not initializers."""
-    model = conv_chain()
-    graph = model.graph
-    constants = [
-        helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t)
-        for t in graph.initializer
-    ]
-    nodes = constants + list(graph.node)
-    del graph.initializer[:]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return _as_constant_nodes(conv_chain())
 
 
 def random_input(model: onnx.ModelProto, n: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
@@ -323,3 +312,78 @@ def export_torch(module, input_shape: Sequence[int]) -> onnx.ModelProto:
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
     return onnx.load_from_string(buffer.getvalue())
+
+
+def paddle_style() -> onnx.ModelProto:
+    """A Paddle-export-like block: every constant a Constant node, and arithmetic on constants.
+
+    c1 (no bias) + Reshape(Constant bias, Constant shape) → BatchNorm spelled Mul(x, s) → Add(t)
+    with s = gamma / Sqrt(var + eps) and t = beta − mean·s (both Unsqueezed to [C, 1, 1]) →
+    hard-swish spelled h · Clip(h + 3, 0, 6) / 6 → c2 (4) → y.
+    """
+    b = Builder(17)
+    c = 8
+    conv = b.conv("c1", "x", 3, c, bias=False)
+    bias = b.node(
+        "Reshape", "c1_bias", [b.rand("c1.b", c), b.const("c1.bshape", _ints(1, c, 1, 1))]
+    )
+    h = b.node("Add", "c1_add", [conv, bias])
+    gamma = b.const("bn.g", (1 + 0.3 * b.rng.standard_normal(c)).astype(np.float32))
+    var = b.const("bn.var", (0.5 + b.rng.random(c)).astype(np.float32))
+    eps = b.const("bn.eps", np.array(1e-5, dtype=np.float32))
+    std = b.node("Sqrt", "bn_sqrt", [b.node("Add", "bn_vareps", [var, eps])])
+    scale = b.node("Div", "bn_scale", [gamma, std])
+    shift = b.node("Mul", "bn_mscale", [b.rand("bn.mean", c), scale])
+    shift = b.node("Sub", "bn_shift", [b.rand("bn.beta", c), shift])
+    axes = b.const("bn.axes", _ints(1, 2))
+    h = b.node("Mul", "bn_mul", [h, b.node("Unsqueeze", "bn_s3", [scale, axes])])
+    h = b.node("Add", "bn_add", [h, b.node("Unsqueeze", "bn_t3", [shift, axes])])
+    three = b.const("hs.three", np.array(3, dtype=np.float32))
+    low, high = b.const("hs.lo", np.float32(0)), b.const("hs.hi", np.float32(6))
+    gate = b.node("Clip", "hs_clip", [b.node("Add", "hs_add", [h, three]), low, high])
+    h = b.node(
+        "Div", "hs_div", [b.node("Mul", "hs_mul", [h, gate]), b.const("hs.six", np.float32(6))]
+    )
+    model = b.model([b.conv("c2", h, c, 4)])
+    return _as_constant_nodes(model)
+
+
+def _ints(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+def _as_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Move every initializer into a Constant node (Paddle and some exporters write them so)."""
+    graph = model.graph
+    constants = [
+        helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t)
+        for t in graph.initializer
+    ]
+    nodes = constants + list(graph.node)
+    del graph.initializer[:]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def expanded_constant(size: int) -> onnx.ModelProto:
+    """x[N,1,size,size] + Expand(Constant 0.5, [1, 1, size, size]) → c1(4) → y."""
+    b = Builder(18)
+    big = b.node(
+        "Expand", "grow", [b.const("half", np.float32(0.5)), b.const("to", _ints(1, 1, size, size))]
+    )
+    h = b.node("Add", "shift", ["x", big])
+    return b.model([b.conv("c1", h, 1, 4)], shape=("N", 1, size, size))
+
+
+def torch_flatten(batch: object = "N") -> onnx.ModelProto:
+    """c1(6) → relu → Reshape to Concat(Unsqueeze(Gather(Shape(h), 0)), [-1]) → fc(96 → 5), as
+    torch exports `h.view(h.size(0), -1)`."""
+    b = Builder(19)
+    h = b.relu("r1", b.conv("c1", "x", 3, 6))
+    n = b.node("Gather", "g0", [b.node("Shape", "shape", [h]), b.const("zero", np.int64(0))])
+    n = b.node("Unsqueeze", "n1", [n, b.const("ax0", _ints(0))])
+    target = b.node("Concat", "target", [n, b.const("rest", _ints(-1))], axis=0)
+    flat = b.node("Reshape", "flat", [h, target])
+    return b.model([b.gemm("fc", flat, 6 * 16, 5)], shape=(batch, 3, 4, 4))

@@ -2,8 +2,9 @@
 
 `load_model` turns a path into a checked `ModelProto` (clear one-line errors for every way a file
 can be wrong); `normalize` returns the graph every later stage works on: Constant nodes folded into
-initializers, Identity/Dropout removed, BatchNormalization folded into the Conv/Gemm before it where
-that is exact, unique node names, shapes inferred. `save_model` writes atomically.
+initializers, subgraphs computed from constants alone folded into constants, Identity/Dropout
+removed, BatchNormalization folded into the Conv/Gemm before it where that is exact, unique node
+names, shapes inferred. `save_model` writes atomically.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from onnxprune.errors import ModelLoadError
 
 SUPPORTED_OPSETS = range(11, 24)
 _EXTERNAL_LIMIT = 1_800_000_000  # bytes of weights above which output keeps external data
+_FOLD_MIN_BYTES = 1 << 20  # a folded tensor may always be this large (see `_fold_constants`)
 
 
 def load_model(path: str | os.PathLike, *, weights: bool = True) -> onnx.ModelProto:
@@ -78,9 +80,10 @@ def too_large_for_protobuf(model: onnx.ModelProto) -> bool:
 def normalize(model: onnx.ModelProto) -> gs.Graph:
     """Return the canonical graph: constants folded, no-ops removed, BN folded, shapes inferred."""
     model = _constants_to_initializers(model)
-    graph = gs.import_onnx(model)
+    graph = gs.import_onnx(_with_inferred_shapes(model))
     _name_nodes(graph)
     _remove_noops(graph)
+    _fold_constants(graph)
     _fold_batchnorm(graph)
     graph.cleanup().toposort()
     return infer_shapes(graph)
@@ -207,6 +210,33 @@ def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.node[:]
     model.graph.node.extend(keep)
     return model
+
+
+def _with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with intermediate shapes where inference finds them (Shape nodes fold only on
+    known shapes); unchanged when inference fails, which `infer_shapes` reports later."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except onnx.onnx_cpp2py_export.shape_inference.InferenceError:
+        return model
+
+
+def _fold_constants(graph: gs.Graph) -> None:
+    """Replace every subgraph computed from constants alone by its value (Paddle's
+    `Reshape(Constant, Constant)` biases and Mul/Add BatchNorm factors, torch's Shape→Gather→Concat
+    on static dims), so the analyzer sees constant weights and shapes.
+
+    graphsurgeon's `fold_constants` does it: it is maintained, already a dependency, evaluates the
+    subgraphs with ONNX Runtime (every op ORT runs, exactly as ORT would) and keeps tensor names,
+    so graph inputs and outputs stay as they were; ORT's own basic optimisation level would also
+    fuse and rename nodes. A folded tensor may be as large as the largest constant already in the
+    file (a weight computed from constants is a weight) or 1 MiB, so an Expand/Tile of a constant
+    is not blown up into the file. Failures leave the subgraph as it was (`error_ok`).
+    """
+    sizes = [t.values.nbytes for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    threshold = max([_FOLD_MIN_BYTES, *sizes])
+    graph.toposort()
+    graph.fold_constants(size_threshold=threshold, error_ok=True).cleanup()
 
 
 def _name_nodes(graph: gs.Graph) -> None:
