@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.budget import choose_widths, refine_widths
-from onnxprune.calib.data import Dataset, input_specs, load_data
+from onnxprune.calib.data import Dataset, batch_for, input_specs, load_data
 from onnxprune.calib.gather import gather, gather_weights
 from onnxprune.config import PruneConfig
 from onnxprune.errors import NothingToPruneError, UsageError
@@ -114,6 +114,7 @@ def prune(
     """
     config = config or _config(method, ratio, options)
     proto = _load(model)
+    config = _fit_batch(config, proto)
     external = not isinstance(model, onnx.ModelProto) and has_external_data(model)
     graph = normalize(proto)
     if config.granularity == "weight":
@@ -234,6 +235,12 @@ def _load(model: ModelLike) -> onnx.ModelProto:
         check_opset(model)
         return model
     return load_model(model)
+
+
+def _fit_batch(config: PruneConfig, proto: onnx.ModelProto) -> PruneConfig:
+    """`config` with the batch size the model accepts (a model with a fixed batch runs only it)."""
+    batch = batch_for((spec.shape for spec in input_specs(proto)), config.batch_size)
+    return config if batch == config.batch_size else replace(config, batch_size=batch)
 
 
 def _extra_needs(config: PruneConfig) -> frozenset[str]:

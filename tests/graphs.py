@@ -109,12 +109,12 @@ class Builder:
         return model
 
 
-def conv_chain(opset: int = 17) -> onnx.ModelProto:
-    """x → c1(8) → relu → c2(6) → relu → c3(4) → y."""
+def conv_chain(opset: int = 17, batch: object = "N") -> onnx.ModelProto:
+    """x → c1(8) → relu → c2(6) → relu → c3(4) → y (`batch` 1: exported without dynamic axes)."""
     b = Builder(1)
     h = b.relu("r1", b.conv("c1", "x", 3, 8))
     h = b.relu("r2", b.conv("c2", h, 8, 6))
-    return b.model([b.conv("c3", h, 6, 4)], opset=opset)
+    return b.model([b.conv("c3", h, 6, 4)], opset=opset, shape=(batch, 3, 8, 8))
 
 
 def linear_conv_chain() -> onnx.ModelProto:

@@ -27,6 +27,7 @@ __all__ = [
     "Batch",
     "Dataset",
     "InputSpec",
+    "batch_for",
     "input_specs",
     "load_data",
     "progress",
@@ -149,6 +150,15 @@ def input_specs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
         shape = tuple(_dim(d) for d in tensor_type.shape.dim)
         specs.append(InputSpec(value.name, shape, dtype))
     return tuple(specs)
+
+
+def batch_for(shapes: Iterable[Sequence[int | str | None]], wanted: int) -> int:
+    """The batch this model accepts: `wanted` when the sample axis (0) of every input is
+    symbolic, else the size the model fixes it to (torch.onnx.export without `dynamic_axes`,
+    most YOLO exports: 1). `shapes` are the declared input shapes (`InputSpec.shape`, or ORT's
+    `NodeArg.shape`); the one place that decides how many samples a run may take."""
+    fixed = [shape[0] for shape in shapes if shape and isinstance(shape[0], int) and shape[0] > 0]
+    return min(fixed) if fixed else wanted
 
 
 def load_data(
@@ -479,7 +489,7 @@ def _load_image_dir(
     else:
         desc = f"{origin}{total} images{extra})"
     _validate(arrays, specs, role)
-    return Dataset(arrays, label_arr, False, desc)
+    return _whole_batches(Dataset(arrays, label_arr, False, desc), specs, role)
 
 
 def _image_channels(
@@ -640,7 +650,21 @@ def _finish(
         seed_note = "" if synthetic else f", seed {seed}"  # random data already names its seed
         source = f"{origin}{samples} of {n} {unit}{seed_note}{extra}"
         dataset = dataset._take(_choose(n, samples, seed), source)
-    return dataset
+    return _whole_batches(dataset, specs, role)
+
+
+def _whole_batches(dataset: Dataset, specs: tuple[InputSpec, ...], role: str) -> Dataset:
+    """The first samples that fill whole batches of a model with a fixed batch B > 1 (every run
+    must get exactly B samples); the dataset itself for any other model."""
+    batch = batch_for((s.shape for s in specs), 1)
+    whole = len(dataset) // batch * batch
+    if whole == len(dataset):
+        return dataset
+    if not whole:
+        raise DataError(
+            f"{role} data: {len(dataset)} samples, but the model's inputs fix the batch to {batch}"
+        )
+    return dataset._take(np.arange(whole), f"{dataset.source}, first {whole} (fixed batch {batch})")
 
 
 def _validate(

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxprune.calib.data import batch_for
 from onnxprune.errors import VerificationError
 
 
@@ -55,13 +56,21 @@ def verify(
 
 
 def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Outputs of `model` on `feeds` in ONNX Runtime (CPU provider), by output name."""
+    """Outputs of `model` on `feeds` in ONNX Runtime (CPU provider), by output name; a model
+    with a fixed batch runs the samples in batches of that size, outputs joined along axis 0."""
     try:
         session = session_for(model)
         names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(names, dict(feeds)), strict=True))
+        samples = len(next(iter(feeds.values()))) if feeds else 0
+        batch = batch_for((i.shape for i in session.get_inputs()), max(samples, 1))
+        parts = [
+            session.run(names, {k: v[start : start + batch] for k, v in feeds.items()})
+            for start in range(0, max(samples, 1), batch)
+        ]
     except Exception as exc:  # ORT raises several unrelated exception types
         raise VerificationError(f"ONNX Runtime cannot run the model: {_line(exc)}") from exc
+    joined = parts[0] if len(parts) == 1 else [np.concatenate(p) for p in zip(*parts, strict=True)]
+    return dict(zip(names, joined, strict=True))
 
 
 def session_for(model: onnx.ModelProto, *, threads: int = 0) -> ort.InferenceSession:
