@@ -387,3 +387,75 @@ def torch_flatten(batch: object = "N") -> onnx.ModelProto:
     target = b.node("Concat", "target", [n, b.const("rest", _ints(-1))], axis=0)
     flat = b.node("Reshape", "flat", [h, target])
     return b.model([b.gemm("fc", flat, 6 * 16, 5)], shape=(batch, 3, 4, 4))
+
+
+def computed_resize(shape: Sequence[object] = ("N", 3, 8, 8)) -> onnx.ModelProto:
+    """c1(8) → relu → Resize to sizes Concat(Shape(h)[:2], Shape(h)[2:] · 2) → c2(4) → y, as
+    exporters write an upsampling whose output size is computed from the input's."""
+    b = Builder(20)
+    h = b.relu("r1", b.conv("c1", "x", 3, 8))
+    dims = b.node("Shape", "dims", [h])
+    head = b.node("Slice", "head", [dims, b.const("s0", _ints(0)), b.const("s2", _ints(2))])
+    tail = b.node("Slice", "tail", [dims, b.const("t2", _ints(2)), b.const("t4", _ints(4))])
+    tail = b.node("Cast", "tail_f", [tail], to=F)
+    tail = b.node("Floor", "floor", [b.node("Mul", "twice", [tail, b.const("two", np.float32(2))])])
+    sizes = b.node(
+        "Concat", "sizes", [head, b.node("Cast", "tail_i", [tail], to=TensorProto.INT64)], axis=0
+    )
+    up = b.node("Resize", "up", [h, "", "", sizes], mode="nearest")
+    return b.model([b.conv("c2", up, 8, 4)], shape=shape)
+
+
+def channel_shuffle(batch: object = "N") -> onnx.ModelProto:
+    """Two ShuffleNetV2 units as torchvision exports them, then c3(4) → y. A unit: x.chunk(2)
+    as two Slices whose bounds are computed from Shape (C + 1) / 2 → (a, relu(conv(b))) → Concat
+    → Reshape to [N, 2, C / 2, H, W] → Transpose → Reshape to [N, -1, H, W], where N, C, H, W
+    are read by one Shape → Gather each and C / 2 is a Div followed by two Casts. c0: 3 → 8,
+    c1 and c2: 4 → 4, c3: 8 → 4, all 3×3 on 8×8."""
+    b = Builder(21)
+    h = b.relu("r0", b.conv("c0", "x", 3, 8))
+    for unit in (1, 2):
+        h = _shuffle_unit(b, f"u{unit}", h, f"c{unit}")
+    return b.model([b.conv("c3", h, 8, 4)], shape=(batch, 3, 8, 8))
+
+
+def _shuffle_unit(b: Builder, name: str, x: str, conv: str) -> str:
+    channels = b.node(
+        "Gather", f"{name}.c", [b.node("Shape", f"{name}.s", [x]), b.const(f"{name}.one", _ints(1))]
+    )
+    half = b.node("Add", f"{name}.c1", [channels, f"{name}.one"])
+    half = b.node("Div", f"{name}.half", [half, b.const(f"{name}.two", _ints(2))])
+    mid = b.node("Mul", f"{name}.mid", [half, f"{name}.one"])
+    end = b.node("Mul", f"{name}.end", [half, f"{name}.two"])
+    split = b.node(
+        "Slice", f"{name}.left", [x, b.const(f"{name}.zero", _ints(0)), mid, f"{name}.one"]
+    )
+    rest = b.node("Slice", f"{name}.right", [x, mid, end, f"{name}.one"])
+    right = b.relu(f"{name}.relu", b.conv(conv, rest, 4, 4))
+    h = b.node("Concat", f"{name}.cat", [split, right], axis=1)
+    n, c, hh, w = (
+        b.node(
+            "Gather",
+            f"{name}.d{i}",
+            [b.node("Shape", f"{name}.s{i}", [h]), b.const(f"{name}.i{i}", np.int64(i))],
+        )
+        for i in range(4)
+    )
+    half = b.node("Div", f"{name}.div", [c, b.const(f"{name}.groups", np.int64(2))])
+    half = b.node(
+        "Cast",
+        f"{name}.cast2",
+        [b.node("Cast", f"{name}.cast1", [half], to=TensorProto.INT64)],
+        to=TensorProto.INT64,
+    )
+    n, half, hh, w = (
+        b.node("Unsqueeze", f"{name}.u{i}", [d, b.const(f"{name}.a{i}", _ints(0))])
+        for i, d in enumerate([n, half, hh, w])
+    )
+    target = b.node(
+        "Concat", f"{name}.target", [n, b.const(f"{name}.g", _ints(2)), half, hh, w], axis=0
+    )
+    h = b.node("Reshape", f"{name}.groups_apart", [h, target])
+    h = b.node("Transpose", f"{name}.swap", [h], perm=[0, 2, 1, 3, 4])
+    back = b.node("Concat", f"{name}.back", [n, b.const(f"{name}.rest", _ints(-1)), hh, w], axis=0)
+    return b.node("Reshape", f"{name}.shuffled", [h, back])

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
@@ -83,7 +84,7 @@ def normalize(model: onnx.ModelProto) -> gs.Graph:
     graph = gs.import_onnx(_with_inferred_shapes(model))
     _name_nodes(graph)
     _remove_noops(graph)
-    _fold_constants(graph)
+    fold_constants(graph).cleanup()
     _fold_batchnorm(graph)
     graph.cleanup().toposort()
     return infer_shapes(graph)
@@ -221,7 +222,7 @@ def _with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
-def _fold_constants(graph: gs.Graph) -> None:
+def fold_constants(graph: gs.Graph) -> gs.Graph:
     """Replace every subgraph computed from constants alone by its value (Paddle's
     `Reshape(Constant, Constant)` biases and Mul/Add BatchNorm factors, torch's Shape→Gather→Concat
     on static dims), so the analyzer sees constant weights and shapes.
@@ -231,12 +232,21 @@ def _fold_constants(graph: gs.Graph) -> None:
     so graph inputs and outputs stay as they were; ORT's own basic optimisation level would also
     fuse and rename nodes. A folded tensor may be as large as the largest constant already in the
     file (a weight computed from constants is a weight) or 1 MiB, so an Expand/Tile of a constant
-    is not blown up into the file. Failures leave the subgraph as it was (`error_ok`).
+    is not blown up into the file. Failures leave the subgraph as it was (`error_ok`); the nodes
+    that computed folded tensors stay until `cleanup()`. Shape nodes
+    fold where the shapes the graph carries are static. ORT's warnings about the sessions that
+    graphsurgeon opens (optimizer notes on shape subgraphs) are silenced: they concern no model
+    the user runs.
     """
     sizes = [t.values.nbytes for t in graph.tensors().values() if isinstance(t, gs.Constant)]
     threshold = max([_FOLD_MIN_BYTES, *sizes])
     graph.toposort()
-    graph.fold_constants(size_threshold=threshold, error_ok=True).cleanup()
+    ort.set_default_logger_severity(3)
+    try:
+        graph.fold_constants(size_threshold=threshold, error_ok=True)
+    finally:
+        ort.set_default_logger_severity(2)  # ORT's default
+    return graph
 
 
 def _name_nodes(graph: gs.Graph) -> None:
