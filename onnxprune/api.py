@@ -16,7 +16,14 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.budget import choose_widths, refine_widths
-from onnxprune.calib.data import Dataset, batch_for, input_specs, load_data
+from onnxprune.calib.data import (
+    Dataset,
+    batch_for,
+    count_shapes,
+    input_specs,
+    load_data,
+    with_input_shapes,
+)
 from onnxprune.calib.gather import gather, gather_weights
 from onnxprune.config import PruneConfig
 from onnxprune.errors import NothingToPruneError, UsageError
@@ -71,29 +78,34 @@ class Result:
 
 @dataclass(frozen=True)
 class Analysis:
-    """What `onnxprune analyze` shows: the groups and the model's cost."""
+    """What `onnxprune analyze` shows: the groups and the model's cost (`unknown`: the nodes
+    whose shapes stayed unknown, so their MACs are missing)."""
 
     groups: tuple[ChannelGroup, ...]
     params: int
     macs: int
     group_macs: Mapping[str, int]
+    unknown: tuple[str, ...] = ()
 
 
-def analyze(model: ModelLike) -> Analysis:
+def analyze(
+    model: ModelLike, *, input_shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> Analysis:
     """Channel groups of `model` (prunable or with the reason why not) and its cost.
 
     A group's MACs are those of the nodes whose work scales with its width: producers,
-    passthrough ops and consumers.
+    passthrough ops and consumers. They are counted with the symbolic input dims set to
+    `input_shapes` (1 where not given).
     """
     graph = normalize(_load(model))
     groups = find_groups(graph)
-    cost = count(export(graph))
+    cost = count(export(graph), input_shapes=dict(input_shapes or {}))
     macs = {node.name: node.macs for node in cost.per_node}
     group_macs = {
         g.name: sum(macs.get(n, 0) for n in {*g.producers, *g.passthrough, *g.consumers})
         for g in groups
     }
-    return Analysis(groups, cost.params, cost.macs, group_macs)
+    return Analysis(groups, cost.params, cost.macs, group_macs, cost.unknown)
 
 
 def prune(
@@ -255,7 +267,7 @@ def _dataset(
 ) -> Dataset:
     if isinstance(data, Dataset):
         return data
-    specs = input_specs(proto)
+    specs = with_input_shapes(input_specs(proto), config.input_shapes)
     if data is None and (needs_data or config.compensate != "none" or config.recalibrate):
         raise UsageError(
             f"method '{config.method}' needs calibration data",
@@ -307,7 +319,8 @@ def _result(
     if config.verify:
         feeds = dataset.head(config.verify_samples).arrays
         check = verify(original, pruned, feeds, data=dataset.source)
-    before, after = count(original), count(pruned)
+    shapes = count_shapes(dataset, input_specs(original))
+    before, after = count(original, input_shapes=shapes), count(pruned, input_shapes=shapes)
     rows = rows or tuple(_row(group, plans.get(group.name), config) for group in groups)
     if dataset.synthetic:
         notes += ("validation data is synthetic (random): deviations say little about accuracy",)

@@ -459,3 +459,12 @@ def _shuffle_unit(b: Builder, name: str, x: str, conv: str) -> str:
     h = b.node("Transpose", f"{name}.swap", [h], perm=[0, 2, 1, 3, 4])
     back = b.node("Concat", f"{name}.back", [n, b.const(f"{name}.rest", _ints(-1)), hh, w], axis=0)
     return b.node("Reshape", f"{name}.shuffled", [h, back])
+
+
+def strided_stem() -> onnx.ModelProto:
+    """x[N, 3, H, W] → c1 (7×7, stride 2, no padding, 8) → relu → c2(4) → y: at H = W = 1, as
+    symbolic dims were counted, c1's output would have a negative size."""
+    b = Builder(22)
+    w = b.rand("c1.w", 8, 3, 7, 7)
+    h = b.relu("r1", b.node("Conv", "c1", ["x", w], kernel_shape=[7, 7], strides=[2, 2]))
+    return b.model([b.conv("c2", h, 8, 4)], shape=("N", 3, "H", "W"))

@@ -222,26 +222,14 @@ def test_resize_to_computed_sizes_is_counted_at_the_given_input_shape():
     assert count(symbolic, input_shapes={"x": (1, 3, 16, 16)}).macs == 4 * hand
 
 
-def test_a_torch_exported_shufflenet_is_counted_as_ort_runs_it(tmp_path):
+def test_a_torch_exported_shufflenet_is_counted_as_ort_runs_it():
     torch = pytest.importorskip("torch")
-    import subprocess
-    import sys
-
     import graphs
-    from conftest import ROOT
 
     model = graphs.export_torch(_shufflenet(torch.nn), (1, 3, 64, 64))
-    path = tmp_path / "shufflenet.onnx"
-    onnx.save(model, path)
-    # counted in a fresh interpreter: once torch.onnx.export has run in a process, ONNX's shape
-    # inference there propagates more shape values than it does in a plain `onnxprune` run
-    code = "import sys, onnx; from onnxprune.measure.cost import count; "
-    code += "c = count(onnx.load(sys.argv[1])); print(c.macs, len(c.unknown))"
-    run = [sys.executable, "-c", code, str(path)]
-    out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)  # this checkout's package
-    macs, unknown = map(int, out.stdout.split())
-    assert unknown == 0
-    assert macs == _macs_from_ort(model, graphs.random_input(model, n=1))
+    cost = count(model)
+    assert not cost.unknown
+    assert cost.macs == _macs_from_ort(model, graphs.random_input(model, n=1))
 
 
 def _shufflenet(nn):
@@ -292,3 +280,39 @@ def _shufflenet(nn):
         nn.Flatten(),
         nn.Linear(64 * 8 * 8, 10),
     )
+
+
+# --- symbolic input dims: from the data, or --input-shape --------------------------------------
+
+STEM_MACS_16 = 25 * 8 * 3 * 49 + 25 * 4 * 8 * 9  # 16×16 input: 5×5 after the strided 7×7
+
+
+def test_analyze_counts_symbolic_dims_at_the_given_shape_and_never_prints_zero(tmp_path, capsys):
+    import graphs
+
+    from onnxprune.cli import main
+
+    path = tmp_path / "stem.onnx"
+    onnx.save(graphs.strided_stem(), path)
+    assert main(["analyze", str(path), "--input-shape", "x:1x3x16x16"]) == 0
+    shown = capsys.readouterr().out
+    assert f"{format_count(STEM_MACS_16)} MACs" in shown and "?" not in shown
+    assert main(["analyze", str(path)]) == 0  # counted at 1×1: no size, no MACs to show
+    rows = capsys.readouterr().out.splitlines()
+    assert [row.split()[2] for row in rows[1:3]] == ["?", "?"]
+    assert "unknown shape are not counted (give the input shapes: --input-shape" in rows[-1]
+
+
+def test_prune_counts_macs_at_the_data_shape_or_the_given_one():
+    import graphs
+
+    import onnxprune
+
+    model = graphs.strided_stem()
+    data = {"x": np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)}
+    options = {"ratio": 0.5, "round_to": 1}
+    from_data = onnxprune.prune(model, data=data, **options).report.macs
+    given = onnxprune.prune(model, input_shapes={"x": (1, 3, 16, 16)}, **options).report
+    assert from_data == given.macs == (STEM_MACS_16, STEM_MACS_16 // 2)
+    with pytest.raises(UsageError, match="--input-shape names \\['y'\\]"):
+        onnxprune.prune(model, input_shapes={"y": (1, 3, 16, 16)})

@@ -28,9 +28,11 @@ __all__ = [
     "Dataset",
     "InputSpec",
     "batch_for",
+    "count_shapes",
     "input_specs",
     "load_data",
     "progress",
+    "with_input_shapes",
 ]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
@@ -159,6 +161,28 @@ def batch_for(shapes: Iterable[Sequence[int | str | None]], wanted: int) -> int:
     `NodeArg.shape`); the one place that decides how many samples a run may take."""
     fixed = [shape[0] for shape in shapes if shape and isinstance(shape[0], int) and shape[0] > 0]
     return min(fixed) if fixed else wanted
+
+
+def with_input_shapes(
+    specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int]] | None
+) -> tuple[InputSpec, ...]:
+    """`specs` with the dims after the batch taken from `shapes` (``--input-shape``), which says
+    what a model's symbolic dims are when no data shows them (random data, MAC counts); the
+    batch dim stays as declared. Names, ranks and fixed dims must agree with the model."""
+    shapes = dict(shapes or {})
+    unknown = sorted(set(shapes) - {spec.name for spec in specs})
+    if unknown:
+        names = sorted(spec.name for spec in specs)
+        raise UsageError(f"--input-shape names {unknown} but the model inputs are {names}")
+    return tuple(_with_shape(spec, shapes[spec.name]) if spec.name in shapes else spec
+                 for spec in specs)  # fmt: skip
+
+
+def count_shapes(dataset: Dataset, specs: Sequence[InputSpec]) -> dict[str, tuple[int, ...]]:
+    """Per input, the shape of one run the MACs are counted at: the batch the model accepts (1
+    where it is free) by the dims of the data, which fix the model's symbolic dims."""
+    batch = batch_for((spec.shape for spec in specs), 1)
+    return {name: (batch, *array.shape[1:]) for name, array in dataset.arrays.items()}
 
 
 def load_data(
@@ -651,6 +675,19 @@ def _finish(
         source = f"{origin}{samples} of {n} {unit}{seed_note}{extra}"
         dataset = dataset._take(_choose(n, samples, seed), source)
     return _whole_batches(dataset, specs, role)
+
+
+def _with_shape(spec: InputSpec, shape: Sequence[int]) -> InputSpec:
+    """`spec` with the given dims after the batch, which must match its rank and fixed dims."""
+    if len(shape) != len(spec.shape) or any(
+        isinstance(want, int) and want != got
+        for want, got in zip(spec.shape[1:], shape[1:], strict=False)
+    ):
+        raise UsageError(
+            f"--input-shape gives {tuple(shape)} for input '{spec.name}', which the model "
+            f"declares {_fmt_shape(spec.shape)}"
+        )
+    return InputSpec(spec.name, (spec.shape[0], *(int(d) for d in shape[1:])), spec.dtype)
 
 
 def _whole_batches(dataset: Dataset, specs: tuple[InputSpec, ...], role: str) -> Dataset:

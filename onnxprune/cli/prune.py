@@ -8,7 +8,13 @@ from pathlib import Path
 
 from onnxprune.api import output_path_for, prune
 from onnxprune.cli.bench import parse_batches
-from onnxprune.cli.options import add_biascomp_arguments, add_data_arguments, load_dataset
+from onnxprune.cli.options import (
+    add_biascomp_arguments,
+    add_data_arguments,
+    add_input_shape_argument,
+    load_dataset,
+    parse_input_shapes,
+)
 from onnxprune.config import COMPENSATIONS, PruneConfig
 from onnxprune.errors import UsageError
 from onnxprune.graph.load import load_model
@@ -45,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_method_arguments(parser)
     add_biascomp_arguments(parser)
     add_data_arguments(parser)
+    add_input_shape_argument(parser)
     out = parser.add_argument_group("verification and report")
     out.add_argument("--no-verify", action="store_true", help="skip checking the pruned model")
     out.add_argument(
@@ -266,4 +273,5 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         joint=args.joint,
         steps=args.steps,
         jacobian=args.jacobian,
+        input_shapes=parse_input_shapes(args.input_shape),
     )
