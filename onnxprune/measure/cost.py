@@ -119,17 +119,14 @@ def infer_static_shapes(
     _stub_large_initializers(work)
     del work.graph.value_info[:]
     work = _inferred(work)
-    shapes: dict[str, tuple[int | None, ...]] = {}
-    while folded := _fold_shape_arithmetic(work):
+    shapes = _declared(work)
+    if not _complete(work, shapes):
+        work = _symbolically_inferred(work)
+        shapes = _declared(work)
+    while not _complete(work, shapes) and (folded := _fold_shape_arithmetic(work)):
         work, constants = folded
-        shapes.update(constants)
         work = _inferred(work)
-    for vi in (*work.graph.input, *work.graph.value_info, *work.graph.output):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            shapes[vi.name] = tuple(
-                d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
-                for d in vi.type.tensor_type.shape.dim
-            )
+        shapes = {**shapes, **constants, **_declared(work)}
     for init in (*work.graph.initializer, *model.graph.initializer):
         shapes[init.name] = tuple(init.dims)
     for node in model.graph.node:
@@ -148,6 +145,42 @@ def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _declared(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """The shapes `model`'s value infos state (None for symbolic or negative dims)."""
+    shapes = {}
+    for vi in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            shapes[vi.name] = tuple(
+                d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                for d in vi.type.tensor_type.shape.dim
+            )
+    return shapes
+
+
+def _complete(model: onnx.ModelProto, shapes: dict[str, tuple[int | None, ...]]) -> bool:
+    """True when every node output has a fully known shape."""
+    return all(
+        name in shapes and None not in shapes[name]
+        for node in model.graph.node
+        for name in node.output
+        if name
+    )
+
+
+def _symbolically_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime's symbolic shape inference, which computes shape arithmetic (Shape → Gather
+    → Div → Concat → Reshape) that ONNX's data propagation gives up on, in one pass; `model`
+    itself where it is unavailable (it needs sympy) or fails on the model."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:
+        return model
+    try:
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # noqa: BLE001 - any failure leaves the slower fallback to try
+        return model
+
+
 def _fold_shape_arithmetic(
     model: onnx.ModelProto,
 ) -> tuple[onnx.ModelProto, dict[str, Shape]] | None:
@@ -157,7 +190,9 @@ def _fold_shape_arithmetic(
     ONNX's data propagation stops at ops such as Div, so a torchvision channel shuffle's
     `Reshape(x, [N, g, C / g, H, W])` (dims read by Shape → Gather) leaves every later shape
     unknown; with the input dims fixed, graphsurgeon folds such Shape subgraphs into constants.
-    Each fold + inference round reaches one Reshape further, until nothing is left to fold.
+    Each fold + inference round reaches one Reshape further, until nothing is left to fold: the
+    fallback where symbolic inference is unavailable or leaves shapes unknown (slow: a round per
+    shuffle).
     """
     graph = gs.import_onnx(model)
     before = _constants(graph)
