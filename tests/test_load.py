@@ -63,14 +63,27 @@ def test_constant_subgraphs_fold_keeping_function_and_io_names():
     assert_outputs_close(model, folded, graphs.random_input(model, n=8), atol=1e-6)
 
 
-def test_static_shape_arithmetic_folds_and_dynamic_stays():
-    fixed, dynamic = normalized(graphs.torch_flatten(1)), normalized(graphs.torch_flatten())
-    assert not {"Shape", "Gather", "Concat"} & set(ops(fixed))
-    assert {"Shape", "Gather", "Concat"} <= set(ops(dynamic))
-    model = graphs.torch_flatten(1)
-    assert_outputs_close(model, fixed, graphs.random_input(model, n=1), atol=1e-6)
-    groups = {g.name: g for g in analyze(normalize(graphs.torch_flatten(1)))}
-    assert groups["c1"].prunable
+@pytest.mark.parametrize("batch", [1, "N"])
+def test_torch_view_flatten_folds_to_a_constant_target_and_prunes(batch):
+    model = graphs.torch_flatten(batch)  # h.view(h.size(0), -1)
+    folded = normalized(model)
+    assert not {"Shape", "Gather", "Unsqueeze", "Concat"} & set(ops(folded))
+    assert io_names(folded) == io_names(model)
+    feeds = graphs.random_input(model, n=1 if batch == 1 else 5)
+    assert_outputs_close(model, folded, feeds, atol=1e-6)
+    assert next(g for g in onnxprune.analyze(model).groups if g.name == "c1").prunable
+    exact = onnxprune.prune(model, ratio=0.0, round_to=1, data=feeds)
+    assert_outputs_close(model, exact.model, feeds, atol=1e-6)
+    half = onnxprune.prune(model, ratio=0.5, round_to=1, data=feeds)
+    assert half.report.macs == (16 * 6 * 27 + 96 * 5, 16 * 3 * 27 + 48 * 5)
+
+
+def test_a_shape_dim_read_at_another_position_is_not_copied():
+    model = graphs.channel_shuffle()  # [N, g, C/g, H, W]: H and W are dims 2, 3 of the input
+    folded = normalized(model)
+    assert ops(folded).count("Shape") >= 1
+    feeds = graphs.random_input(model, n=3)
+    assert_outputs_close(model, folded, feeds, atol=1e-6)
 
 
 @pytest.mark.parametrize(("size", "folds"), [(64, True), (1024, False)])

@@ -84,6 +84,7 @@ def normalize(model: onnx.ModelProto) -> gs.Graph:
     graph = gs.import_onnx(_with_inferred_shapes(model))
     _name_nodes(graph)
     _remove_noops(graph)
+    _copy_dims_as_zero(graph)
     fold_constants(graph).cleanup()
     _fold_batchnorm(graph)
     graph.cleanup().toposort()
@@ -247,6 +248,46 @@ def fold_constants(graph: gs.Graph) -> gs.Graph:
     finally:
         ort.set_default_logger_severity(2)  # ORT's default
     return graph
+
+
+def _copy_dims_as_zero(graph: gs.Graph) -> None:
+    """Write a Reshape target's `Unsqueeze(Gather(Shape(x), i))` at position i, where x is the
+    Reshape's own input, as Reshape's 0 ("copy dim i"): the same value by definition, and
+    constant. torch exports `x.view(x.size(0), -1)` so; with a dynamic batch the target then
+    folds to [0, -1], a flatten the analyzer reads."""
+    for node in graph.nodes:
+        concat = _producer(node.inputs[1], "Concat") if node.op == "Reshape" else None
+        if concat is None or node.attrs.get("allowzero", 0) or concat.attrs.get("axis") != 0:
+            continue
+        for position, part in enumerate(concat.inputs):
+            if _dim_of(part) == (node.inputs[0], position):
+                zero = gs.Constant(f"{concat.name}.copy{position}", np.zeros(1, np.int64))
+                concat.inputs[position] = zero
+
+
+def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    """The node of type `op` that computes `tensor`, if that is what computes it."""
+    if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op == op:
+        return tensor.inputs[0]
+    return None
+
+
+def _dim_of(tensor: gs.Tensor) -> tuple[gs.Tensor, int] | None:
+    """(x, i) when `tensor` is `Unsqueeze(Gather(Shape(x), i), [0])`, a 1-element dim of x."""
+    unsqueeze = _producer(tensor, "Unsqueeze")
+    gather = unsqueeze and _producer(unsqueeze.inputs[0], "Gather")
+    shape = gather and _producer(gather.inputs[0], "Shape")
+    if not shape or shape.attrs.get("start", 0) or shape.attrs.get("end") is not None:
+        return None
+    axes = unsqueeze.attrs.get("axes", _const_values(unsqueeze, 1))
+    index = _const_values(gather, 1)
+    if axes is None or list(np.reshape(axes, -1)) != [0] or index is None or index.ndim:
+        return None
+    return shape.inputs[0], int(index)
+
+
+def _const_values(node: gs.Node, index: int) -> np.ndarray | None:
+    return node.inputs[index].values if _const(node, index) else None
 
 
 def _name_nodes(graph: gs.Graph) -> None:
