@@ -29,6 +29,7 @@ __all__ = [
     "InputSpec",
     "batch_for",
     "count_shapes",
+    "in_batches",
     "input_specs",
     "load_data",
     "progress",
@@ -176,6 +177,16 @@ def with_input_shapes(
         raise UsageError(f"--input-shape names {unknown} but the model inputs are {names}")
     return tuple(_with_shape(spec, shapes[spec.name]) if spec.name in shapes else spec
                  for spec in specs)  # fmt: skip
+
+
+def in_batches(feeds: Mapping[str, np.ndarray], batch: int) -> Iterator[dict[str, np.ndarray]]:
+    """`feeds` in runs of exactly `batch` samples (axis 0), the last one filled up with copies of
+    its last sample: a model with a fixed batch takes no other count. The caller drops the
+    outputs of the copies (samples run independently in inference)."""
+    samples = len(next(iter(feeds.values()))) if feeds else 0
+    for start in range(0, max(samples, 1), batch):
+        index = np.minimum(np.arange(start, start + batch), max(samples - 1, 0))
+        yield {name: array[index] for name, array in feeds.items()}
 
 
 def count_shapes(dataset: Dataset, specs: Sequence[InputSpec]) -> dict[str, tuple[int, ...]]:

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxprune.calib.data import batch_for
+from onnxprune.calib.data import batch_for, in_batches
 from onnxprune.errors import VerificationError
 
 
@@ -62,14 +62,13 @@ def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np
         session = session_for(model)
         names = [o.name for o in session.get_outputs()]
         samples = len(next(iter(feeds.values()))) if feeds else 0
-        batch = batch_for((i.shape for i in session.get_inputs()), max(samples, 1))
-        parts = [
-            session.run(names, {k: v[start : start + batch] for k, v in feeds.items()})
-            for start in range(0, max(samples, 1), batch)
-        ]
+        batch = batch_for((i.shape for i in session.get_inputs()), samples)
+        if batch == samples:
+            return dict(zip(names, session.run(names, dict(feeds)), strict=True))
+        parts = [session.run(names, chunk) for chunk in in_batches(feeds, batch)]
     except Exception as exc:  # ORT raises several unrelated exception types
         raise VerificationError(f"ONNX Runtime cannot run the model: {_line(exc)}") from exc
-    joined = parts[0] if len(parts) == 1 else [np.concatenate(p) for p in zip(*parts, strict=True)]
+    joined = [np.concatenate(outputs)[:samples] for outputs in zip(*parts, strict=True)]
     return dict(zip(names, joined, strict=True))
 
 
