@@ -239,6 +239,8 @@ def fold_constants(graph: gs.Graph) -> gs.Graph:
     graphsurgeon opens (optimizer notes on shape subgraphs) are silenced: they concern no model
     the user runs.
     """
+    if not any(_foldable(node) for node in graph.nodes):
+        return graph  # most files: nothing to fold, and folding would export the whole graph
     sizes = [t.values.nbytes for t in graph.tensors().values() if isinstance(t, gs.Constant)]
     threshold = max([_FOLD_MIN_BYTES, *sizes])
     graph.toposort()
@@ -248,6 +250,11 @@ def fold_constants(graph: gs.Graph) -> gs.Graph:
     finally:
         ort.set_default_logger_severity(2)  # ORT's default
     return graph
+
+
+def _foldable(node: gs.Node) -> bool:
+    """A Shape node, or a node computed from constants alone: where folding starts."""
+    return node.op == "Shape" or all(isinstance(t, gs.Constant) for t in node.inputs if t.name)
 
 
 def _copy_dims_as_zero(graph: gs.Graph) -> None:
