@@ -96,6 +96,16 @@ def test_folding_does_not_write_large_tensors_into_the_file(size, folds):
         assert folded.ByteSize() < 10_000
 
 
+def test_folding_keeps_fp16_weights_in_fp16():
+    b = graphs.Builder(23)
+    stored = b.const("w16", (0.5 * b.rng.standard_normal((4, 3, 3, 3))).astype(np.float16))
+    weight = b.node("Cast", "widen", [stored], to=onnx.TensorProto.FLOAT)
+    model = b.model([b.node("Conv", "c1", ["x", weight], pads=[1, 1, 1, 1])])
+    folded = normalized(model)
+    assert "Cast" in ops(folded)
+    assert_outputs_close(model, folded, graphs.random_input(model), atol=1e-6)
+
+
 def test_paddle_style_arithmetic_is_prunable_and_exact_at_ratio_zero():
     model = graphs.paddle_style()
     analysis = onnxprune.analyze(model)

@@ -233,7 +233,10 @@ def fold_constants(graph: gs.Graph) -> gs.Graph:
     so graph inputs and outputs stay as they were; ORT's own basic optimisation level would also
     fuse and rename nodes. A folded tensor may be as large as the largest constant already in the
     file (a weight computed from constants is a weight) or 1 MiB, so an Expand/Tile of a constant
-    is not blown up into the file. Failures leave the subgraph as it was (`error_ok`); the nodes
+    is not blown up into the file, and weights stay in their number format: float-to-float
+    Casts are not folded (an fp16 weight would become a twice larger fp32 one; graphsurgeon keeps
+    (De)QuantizeLinear for the same reason). Failures leave the subgraph as it was
+    (`error_ok`); the nodes
     that computed folded tensors stay until `cleanup()`. Shape nodes
     fold where the shapes the graph carries are static. ORT's warnings about the sessions that
     graphsurgeon opens (optimizer notes on shape subgraphs) are silenced: they concern no model
@@ -246,10 +249,21 @@ def fold_constants(graph: gs.Graph) -> gs.Graph:
     graph.toposort()
     ort.set_default_logger_severity(3)
     try:
-        graph.fold_constants(size_threshold=threshold, error_ok=True)
+        graph.fold_constants(
+            size_threshold=threshold, error_ok=True, should_exclude_node=_keeps_number_format
+        )
     finally:
         ort.set_default_logger_severity(2)  # ORT's default
     return graph
+
+
+def _keeps_number_format(node: gs.Node) -> bool:
+    """A Cast from a float constant to another float type (graphsurgeon itself never folds
+    (De)QuantizeLinear)."""
+    if node.op != "Cast" or not _const(node, 0):
+        return False
+    target = onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"])
+    return node.inputs[0].values.dtype.kind == "f" and np.dtype(target).kind == "f"
 
 
 def _foldable(node: gs.Node) -> bool:
