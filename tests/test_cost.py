@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -306,6 +308,8 @@ def test_analyze_counts_symbolic_dims_at_the_given_shape_and_never_prints_zero(t
     rows = capsys.readouterr().out.splitlines()
     assert [row.split()[2] for row in rows[1:3]] == ["?", "?"]
     assert "unknown shape are not counted (give the input shapes: --input-shape" in rows[-1]
+    assert main(["analyze", str(path), "--json", "-"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["unknown_shape_nodes"]) == {"c1", "r1", "c2"}
 
 
 def test_prune_counts_macs_at_the_data_shape_or_the_given_one():

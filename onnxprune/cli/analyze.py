@@ -83,6 +83,7 @@ def to_dict(result: Analysis) -> dict:
     return {
         "params": result.params,
         "macs": result.macs,
+        "unknown_shape_nodes": list(result.unknown),  # their MACs are missing from the counts
         "groups": [
             {
                 "name": g.name,
