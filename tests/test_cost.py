@@ -307,7 +307,7 @@ def test_analyze_counts_symbolic_dims_at_the_given_shape_and_never_prints_zero(t
     assert main(["analyze", str(path)]) == 0  # counted at 1×1: no size, no MACs to show
     rows = capsys.readouterr().out.splitlines()
     assert [row.split()[2] for row in rows[1:3]] == ["?", "?"]
-    assert "unknown shape are not counted (give the input shapes: --input-shape" in rows[-1]
+    assert "unknown shape are not counted (inputs with symbolic dims? --input-shape" in rows[-1]
     assert main(["analyze", str(path), "--json", "-"]) == 0
     assert set(json.loads(capsys.readouterr().out)["unknown_shape_nodes"]) == {"c1", "r1", "c2"}
 
@@ -325,3 +325,12 @@ def test_prune_counts_macs_at_the_data_shape_or_the_given_one():
     assert from_data == given.macs == (STEM_MACS_16, STEM_MACS_16 // 2)
     with pytest.raises(UsageError, match="--input-shape names \\['y'\\]"):
         onnxprune.prune(model, input_shapes={"y": (1, 3, 16, 16)})
+
+
+def test_counting_a_model_with_an_unknown_op_writes_no_file(tmp_path, monkeypatch):
+    import graphs
+
+    monkeypatch.chdir(tmp_path)  # ORT's symbolic inference saves incomplete models to the cwd
+    cost = count(graphs.blocked_by("Mystery"))
+    assert cost.unknown == ("c2",) and cost.macs == 64 * 8 * 27
+    assert not list(tmp_path.iterdir())

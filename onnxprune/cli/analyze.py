@@ -74,7 +74,7 @@ def format_analysis(result: Analysis, *, verbose: bool = False) -> str:
     if result.unknown:
         lines.append(
             f"? = {len(result.unknown)} nodes of unknown shape are not counted "
-            "(give the input shapes: --input-shape NAME:1x3x224x224)"
+            "(inputs with symbolic dims? --input-shape NAME:1x3x224x224)"
         )
     return "\n".join(lines)
 

@@ -170,13 +170,22 @@ def _complete(model: onnx.ModelProto, shapes: dict[str, tuple[int | None, ...]])
 def _symbolically_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX Runtime's symbolic shape inference, which computes shape arithmetic (Shape → Gather
     → Div → Concat → Reshape) that ONNX's data propagation gives up on, in one pass; `model`
-    itself where it is unavailable (it needs sympy) or fails on the model."""
+    itself where it is unavailable (it needs sympy) or fails on the model.
+
+    These are the steps of its public `infer_shapes` without the end: where some shape stays
+    unknown, that saves the model (weights too) into the working directory and raises, and here
+    the shapes it did find are wanted."""
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     except ImportError:
         return model
     try:
-        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
+        inference._preprocess(model)
+        while inference.run_:
+            inference._infer_impl()
+        inference._update_output_from_vi()
+        return inference.out_mp_
     except Exception:  # noqa: BLE001 - any failure leaves the slower fallback to try
         return model
 
