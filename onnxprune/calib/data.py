@@ -349,7 +349,7 @@ def _random_arrays(
             raise DataError(
                 f"{role} data: input '{spec.name}' has shape {_fmt_shape(spec.shape)} with "
                 f"dynamic dims other than the batch ({', '.join(_fmt_dim(d) for d in dynamic)}); "
-                "random data needs static shapes, so give explicit data"
+                "random data needs static shapes: give explicit data or --input-shape"
             )
         shape = (n, *(int(d) for d in spec.shape[1:]))  # type: ignore[arg-type]
         if spec.dtype.kind == "f":
