@@ -101,8 +101,3 @@ def test_cli_sweep_evaluates_a_fixed_batch_model(files, capsys):
     cells = json.loads((out / "sweep.json").read_text())["cells"]
     assert len(cells) == 2 and not any(c["error"] for c in cells)
     assert all(0 < c["rel_l2"] < 1 and c["speedup"] for c in cells)
-
-
-def test_random_data_for_symbolic_dims_asks_for_an_input_shape():
-    with pytest.raises(DataError, match="give explicit data or --input-shape"):
-        onnxprune.prune(graphs.strided_stem(), ratio=0.5)
