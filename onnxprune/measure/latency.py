@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
-from onnxprune.calib.data import batch_for, input_specs
+from onnxprune.calib.data import batch_for
 from onnxprune.errors import DataError, ModelLoadError, UsageError
 from onnxprune.measure.cost import count, format_count
 
@@ -147,10 +147,10 @@ def benchmark(
     threads = threads or physical_cores()
     loaded = [_load(m) for m in models]
     labels = list(names) if names else _labels(models)
-    batches, note = _accepted_batches(loaded, labels, batches)
     sessions = [
         make_session(m, threads=threads, provider=provider, spinning=spinning) for m in loaded
     ]
+    batches, note = _accepted_batches(sessions, labels, batches)
     _check_input_names(sessions, input_shapes or {})
     feeds_by_batch = {  # built up front so a bad shape fails before any timing
         batch: [
@@ -256,13 +256,13 @@ def _check_options(models, batches, threads, warmup, repeats, min_time) -> None:
 
 
 def _accepted_batches(
-    models: Sequence[onnx.ModelProto], labels: Sequence[str], batches: Sequence[int]
+    sessions: Sequence[ort.InferenceSession], labels: Sequence[str], batches: Sequence[int]
 ) -> tuple[tuple[int, ...], str | None]:
     """The batches to time: the requested ones, or only the batch the models fix (with a note
     saying so) when their inputs fix it; models that fix different batches cannot be compared."""
     fixed = {
-        label: batch_for((spec.shape for spec in input_specs(model)), 0)
-        for model, label in zip(models, labels, strict=True)
+        label: batch_for((arg.shape for arg in session.get_inputs()), 0)
+        for session, label in zip(sessions, labels, strict=True)
     }
     fixed = {label: batch for label, batch in fixed.items() if batch}
     if len(set(fixed.values())) > 1:
