@@ -175,8 +175,9 @@ def with_input_shapes(
     if unknown:
         names = sorted(spec.name for spec in specs)
         raise UsageError(f"--input-shape names {unknown} but the model inputs are {names}")
-    return tuple(_with_shape(spec, shapes[spec.name]) if spec.name in shapes else spec
-                 for spec in specs)  # fmt: skip
+    return tuple(
+        _with_shape(spec, shapes[spec.name]) if spec.name in shapes else spec for spec in specs
+    )
 
 
 def in_batches(feeds: Mapping[str, np.ndarray], batch: int) -> Iterator[dict[str, np.ndarray]]:

@@ -24,7 +24,7 @@ from onnxprune.errors import ModelLoadError
 
 SUPPORTED_OPSETS = range(11, 24)
 _EXTERNAL_LIMIT = 1_800_000_000  # bytes of weights above which output keeps external data
-_FOLD_MIN_BYTES = 1 << 20  # a folded tensor may always be this large (see `_fold_constants`)
+_FOLD_MIN_BYTES = 1 << 20  # a folded tensor may always be this large (see `fold_constants`)
 
 
 def load_model(path: str | os.PathLike, *, weights: bool = True) -> onnx.ModelProto:
@@ -231,16 +231,15 @@ def fold_constants(graph: gs.Graph) -> gs.Graph:
     graphsurgeon's `fold_constants` does it: it is maintained, already a dependency, evaluates the
     subgraphs with ONNX Runtime (every op ORT runs, exactly as ORT would) and keeps tensor names,
     so graph inputs and outputs stay as they were; ORT's own basic optimisation level would also
-    fuse and rename nodes. A folded tensor may be as large as the largest constant already in the
-    file (a weight computed from constants is a weight) or 1 MiB, so an Expand/Tile of a constant
-    is not blown up into the file, and weights stay in their number format: float-to-float
-    Casts are not folded (an fp16 weight would become a twice larger fp32 one; graphsurgeon keeps
-    (De)QuantizeLinear for the same reason). Failures leave the subgraph as it was
-    (`error_ok`); the nodes
-    that computed folded tensors stay until `cleanup()`. Shape nodes
-    fold where the shapes the graph carries are static. ORT's warnings about the sessions that
-    graphsurgeon opens (optimizer notes on shape subgraphs) are silenced: they concern no model
-    the user runs.
+    fuse and rename nodes. Shape nodes fold where the shapes the graph carries are static.
+
+    Not folded: a tensor larger than the largest constant already in the file (a weight computed
+    from constants is a weight) and 1 MiB, so an Expand/Tile of a constant is not blown up into
+    the file; float-to-float Casts, so an fp16 weight does not become a twice larger fp32 one
+    (graphsurgeon keeps (De)QuantizeLinear for the same reason); whatever fails (`error_ok`).
+    The nodes that computed folded tensors stay until `cleanup()`. ORT's warnings about the
+    sessions graphsurgeon opens (optimizer notes on shape subgraphs) are silenced: they concern
+    no model the user runs.
     """
     if not any(_foldable(node) for node in graph.nodes):
         return graph  # most files: nothing to fold, and folding would export the whole graph
