@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.budget import choose_widths, refine_widths
-from onnxprune.calib.data import Dataset
+from onnxprune.calib.data import Dataset, batch_for, count_shapes, input_specs
 from onnxprune.calib.gather import gather, gather_weights
 from onnxprune.calib.split import DataInputs, Split, split_inputs
 from onnxprune.config import PruneConfig
@@ -74,29 +74,34 @@ class Result:
 
 @dataclass(frozen=True)
 class Analysis:
-    """What `onnxprune analyze` shows: the groups and the model's cost."""
+    """What `onnxprune analyze` shows: the groups and the model's cost (`unknown`: the nodes
+    whose shapes stayed unknown, so their MACs are missing)."""
 
     groups: tuple[ChannelGroup, ...]
     params: int
     macs: int
     group_macs: Mapping[str, int]
+    unknown: tuple[str, ...] = ()
 
 
-def analyze(model: ModelLike) -> Analysis:
+def analyze(
+    model: ModelLike, *, input_shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> Analysis:
     """Channel groups of `model` (prunable or with the reason why not) and its cost.
 
     A group's MACs are those of the nodes whose work scales with its width: producers,
-    passthrough ops and consumers.
+    passthrough ops and consumers. They are counted with the symbolic input dims set to
+    `input_shapes` (1 where not given).
     """
     graph = normalize(_load(model))
     groups = find_groups(graph)
-    cost = count(export(graph))
+    cost = count(export(graph), input_shapes=dict(input_shapes or {}))
     macs = {node.name: node.macs for node in cost.per_node}
     group_macs = {
         g.name: sum(macs.get(n, 0) for n in {*g.producers, *g.passthrough, *g.consumers})
         for g in groups
     }
-    return Analysis(groups, cost.params, cost.macs, group_macs)
+    return Analysis(groups, cost.params, cost.macs, group_macs, cost.unknown)
 
 
 def prune(
@@ -123,6 +128,7 @@ def prune(
     """
     config = _resolve_config(config, method, ratio, options)
     proto = _load(model)
+    config = _fit_batch(config, proto)
     external = not isinstance(model, onnx.ModelProto) and has_external_data(model)
     graph = normalize(proto)
     run = _prune_weights if config.granularity == "weight" else _prune_channels
@@ -277,6 +283,12 @@ def _load(model: ModelLike) -> onnx.ModelProto:
     return load_model(model)
 
 
+def _fit_batch(config: PruneConfig, proto: onnx.ModelProto) -> PruneConfig:
+    """`config` with the batch size the model accepts (a model with a fixed batch runs only it)."""
+    batch = batch_for((spec.shape for spec in input_specs(proto)), config.batch_size)
+    return config if batch == config.batch_size else replace(config, batch_size=batch)
+
+
 def _extra_needs(
     config: PruneConfig, groups: tuple[ChannelGroup, ...], data: object
 ) -> frozenset[str]:
@@ -338,7 +350,8 @@ def _report(
 ) -> Report:
     """Verify `pruned` on the verification split, count both models, collect the warnings."""
     check = _verification(original, pruned, split, config)
-    before, after = count(original), count(pruned)
+    shapes = count_shapes(split.fit, input_specs(original))
+    before, after = count(original, input_shapes=shapes), count(pruned, input_shapes=shapes)
     if split.fit.synthetic:
         notes += ("validation data is synthetic (random): deviations say little about accuracy",)
     bench = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from onnxprune.calib.jacobian import parse_jacobian
@@ -54,6 +55,7 @@ class PruneConfig:
     local: bool = False
     joint: bool = False
     steps: int = 1
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None  # symbolic dims where no data is
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -88,6 +90,9 @@ class PruneConfig:
         _positive("round_to", self.width.round_to)
         if self.calib_samples is not None:
             _positive("calib_samples", self.calib_samples)
+        for name, shape in (self.input_shapes or {}).items():
+            if not shape or any(int(d) < 1 for d in shape):
+                raise UsageError(f"'input_shapes' of '{name}' must be positive dims; got {shape}")
 
     def _check_verification(self) -> None:
         """The held-out share and the acceptance bounds; bounds need verification to run."""

@@ -109,12 +109,12 @@ class Builder:
         return model
 
 
-def conv_chain(opset: int = 17) -> onnx.ModelProto:
-    """x → c1(8) → relu → c2(6) → relu → c3(4) → y."""
+def conv_chain(opset: int = 17, batch: object = "N") -> onnx.ModelProto:
+    """x → c1(8) → relu → c2(6) → relu → c3(4) → y (`batch` 1: exported without dynamic axes)."""
     b = Builder(1)
     h = b.relu("r1", b.conv("c1", "x", 3, 8))
     h = b.relu("r2", b.conv("c2", h, 8, 6))
-    return b.model([b.conv("c3", h, 6, 4)], opset=opset)
+    return b.model([b.conv("c3", h, 6, 4)], opset=opset, shape=(batch, 3, 8, 8))
 
 
 def linear_conv_chain() -> onnx.ModelProto:
@@ -269,18 +269,7 @@ def with_noops() -> onnx.ModelProto:
 
 def constant_weights() -> onnx.ModelProto:
     """A Paddle-style conv chain whose weights and biases are Constant nodes, not initializers."""
-    model = conv_chain()
-    graph = model.graph
-    constants = [
-        helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t)
-        for t in graph.initializer
-    ]
-    nodes = constants + list(graph.node)
-    del graph.initializer[:]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return _as_constant_nodes(conv_chain())
 
 
 def random_input(model: onnx.ModelProto, n: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
@@ -323,3 +312,159 @@ def export_torch(module, input_shape: Sequence[int]) -> onnx.ModelProto:
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
     return onnx.load_from_string(buffer.getvalue())
+
+
+def paddle_style() -> onnx.ModelProto:
+    """A Paddle-export-like block: every constant a Constant node, and arithmetic on constants.
+
+    c1 (no bias) + Reshape(Constant bias, Constant shape) → BatchNorm spelled Mul(x, s) → Add(t)
+    with s = gamma / Sqrt(var + eps) and t = beta − mean·s (both Unsqueezed to [C, 1, 1]) →
+    hard-swish spelled h · Clip(h + 3, 0, 6) / 6 → c2 (4) → y.
+    """
+    b = Builder(17)
+    c = 8
+    conv = b.conv("c1", "x", 3, c, bias=False)
+    bias = b.node(
+        "Reshape", "c1_bias", [b.rand("c1.b", c), b.const("c1.bshape", _ints(1, c, 1, 1))]
+    )
+    h = b.node("Add", "c1_add", [conv, bias])
+    gamma = b.const("bn.g", (1 + 0.3 * b.rng.standard_normal(c)).astype(np.float32))
+    var = b.const("bn.var", (0.5 + b.rng.random(c)).astype(np.float32))
+    eps = b.const("bn.eps", np.array(1e-5, dtype=np.float32))
+    std = b.node("Sqrt", "bn_sqrt", [b.node("Add", "bn_vareps", [var, eps])])
+    scale = b.node("Div", "bn_scale", [gamma, std])
+    shift = b.node("Mul", "bn_mscale", [b.rand("bn.mean", c), scale])
+    shift = b.node("Sub", "bn_shift", [b.rand("bn.beta", c), shift])
+    axes = b.const("bn.axes", _ints(1, 2))
+    h = b.node("Mul", "bn_mul", [h, b.node("Unsqueeze", "bn_s3", [scale, axes])])
+    h = b.node("Add", "bn_add", [h, b.node("Unsqueeze", "bn_t3", [shift, axes])])
+    three = b.const("hs.three", np.array(3, dtype=np.float32))
+    low, high = b.const("hs.lo", np.float32(0)), b.const("hs.hi", np.float32(6))
+    gate = b.node("Clip", "hs_clip", [b.node("Add", "hs_add", [h, three]), low, high])
+    h = b.node(
+        "Div", "hs_div", [b.node("Mul", "hs_mul", [h, gate]), b.const("hs.six", np.float32(6))]
+    )
+    model = b.model([b.conv("c2", h, c, 4)])
+    return _as_constant_nodes(model)
+
+
+def _ints(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+def _as_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Move every initializer into a Constant node (Paddle and some exporters write them so)."""
+    graph = model.graph
+    constants = [
+        helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t)
+        for t in graph.initializer
+    ]
+    nodes = constants + list(graph.node)
+    del graph.initializer[:]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def expanded_constant(size: int) -> onnx.ModelProto:
+    """x[N,1,size,size] + Expand(Constant 0.5, [1, 1, size, size]) → c1(4) → y."""
+    b = Builder(18)
+    big = b.node(
+        "Expand", "grow", [b.const("half", np.float32(0.5)), b.const("to", _ints(1, 1, size, size))]
+    )
+    h = b.node("Add", "shift", ["x", big])
+    return b.model([b.conv("c1", h, 1, 4)], shape=("N", 1, size, size))
+
+
+def torch_flatten(batch: object = "N") -> onnx.ModelProto:
+    """c1(6) → relu → Reshape to Concat(Unsqueeze(Gather(Shape(h), 0)), [-1]) → fc(96 → 5), as
+    torch exports `h.view(h.size(0), -1)`."""
+    b = Builder(19)
+    h = b.relu("r1", b.conv("c1", "x", 3, 6))
+    n = b.node("Gather", "g0", [b.node("Shape", "shape", [h]), b.const("zero", np.int64(0))])
+    n = b.node("Unsqueeze", "n1", [n, b.const("ax0", _ints(0))])
+    target = b.node("Concat", "target", [n, b.const("rest", _ints(-1))], axis=0)
+    flat = b.node("Reshape", "flat", [h, target])
+    return b.model([b.gemm("fc", flat, 6 * 16, 5)], shape=(batch, 3, 4, 4))
+
+
+def computed_resize(shape: Sequence[object] = ("N", 3, 8, 8)) -> onnx.ModelProto:
+    """c1(8) → relu → Resize to sizes Concat(Shape(h)[:2], Shape(h)[2:] · 2) → c2(4) → y, as
+    exporters write an upsampling whose output size is computed from the input's."""
+    b = Builder(20)
+    h = b.relu("r1", b.conv("c1", "x", 3, 8))
+    dims = b.node("Shape", "dims", [h])
+    head = b.node("Slice", "head", [dims, b.const("s0", _ints(0)), b.const("s2", _ints(2))])
+    tail = b.node("Slice", "tail", [dims, b.const("t2", _ints(2)), b.const("t4", _ints(4))])
+    tail = b.node("Cast", "tail_f", [tail], to=F)
+    tail = b.node("Floor", "floor", [b.node("Mul", "twice", [tail, b.const("two", np.float32(2))])])
+    sizes = b.node(
+        "Concat", "sizes", [head, b.node("Cast", "tail_i", [tail], to=TensorProto.INT64)], axis=0
+    )
+    up = b.node("Resize", "up", [h, "", "", sizes], mode="nearest")
+    return b.model([b.conv("c2", up, 8, 4)], shape=shape)
+
+
+def channel_shuffle(batch: object = "N") -> onnx.ModelProto:
+    """Two ShuffleNetV2 units as torchvision exports them, then c3(4) → y. A unit: x.chunk(2)
+    as two Slices whose bounds are computed from Shape (C + 1) / 2 → (a, relu(conv(b))) → Concat
+    → Reshape to [N, 2, C / 2, H, W] → Transpose → Reshape to [N, -1, H, W], where N, C, H, W
+    are read by one Shape → Gather each and C / 2 is a Div followed by two Casts. c0: 3 → 8,
+    c1 and c2: 4 → 4, c3: 8 → 4, all 3×3 on 8×8."""
+    b = Builder(21)
+    h = b.relu("r0", b.conv("c0", "x", 3, 8))
+    for unit in (1, 2):
+        h = _shuffle_unit(b, f"u{unit}", h, f"c{unit}")
+    return b.model([b.conv("c3", h, 8, 4)], shape=(batch, 3, 8, 8))
+
+
+def _shuffle_unit(b: Builder, name: str, x: str, conv: str) -> str:
+    channels = b.node(
+        "Gather", f"{name}.c", [b.node("Shape", f"{name}.s", [x]), b.const(f"{name}.one", _ints(1))]
+    )
+    half = b.node("Add", f"{name}.c1", [channels, f"{name}.one"])
+    half = b.node("Div", f"{name}.half", [half, b.const(f"{name}.two", _ints(2))])
+    mid = b.node("Mul", f"{name}.mid", [half, f"{name}.one"])
+    end = b.node("Mul", f"{name}.end", [half, f"{name}.two"])
+    split = b.node(
+        "Slice", f"{name}.left", [x, b.const(f"{name}.zero", _ints(0)), mid, f"{name}.one"]
+    )
+    rest = b.node("Slice", f"{name}.right", [x, mid, end, f"{name}.one"])
+    right = b.relu(f"{name}.relu", b.conv(conv, rest, 4, 4))
+    h = b.node("Concat", f"{name}.cat", [split, right], axis=1)
+    n, c, hh, w = (
+        b.node(
+            "Gather",
+            f"{name}.d{i}",
+            [b.node("Shape", f"{name}.s{i}", [h]), b.const(f"{name}.i{i}", np.int64(i))],
+        )
+        for i in range(4)
+    )
+    half = b.node("Div", f"{name}.div", [c, b.const(f"{name}.groups", np.int64(2))])
+    half = b.node(
+        "Cast",
+        f"{name}.cast2",
+        [b.node("Cast", f"{name}.cast1", [half], to=TensorProto.INT64)],
+        to=TensorProto.INT64,
+    )
+    n, half, hh, w = (
+        b.node("Unsqueeze", f"{name}.u{i}", [d, b.const(f"{name}.a{i}", _ints(0))])
+        for i, d in enumerate([n, half, hh, w])
+    )
+    target = b.node(
+        "Concat", f"{name}.target", [n, b.const(f"{name}.g", _ints(2)), half, hh, w], axis=0
+    )
+    h = b.node("Reshape", f"{name}.groups_apart", [h, target])
+    h = b.node("Transpose", f"{name}.swap", [h], perm=[0, 2, 1, 3, 4])
+    back = b.node("Concat", f"{name}.back", [n, b.const(f"{name}.rest", _ints(-1)), hh, w], axis=0)
+    return b.node("Reshape", f"{name}.shuffled", [h, back])
+
+
+def strided_stem() -> onnx.ModelProto:
+    """x[N, 3, H, W] → c1 (7×7, stride 2, no padding, 8) → relu → c2(4) → y: at H = W = 1, as
+    symbolic dims were counted, c1's output would have a negative size."""
+    b = Builder(22)
+    w = b.rand("c1.w", 8, 3, 7, 7)
+    h = b.relu("r1", b.node("Conv", "c1", ["x", w], kernel_shape=[7, 7], strides=[2, 2]))
+    return b.model([b.conv("c2", h, 8, 4)], shape=("N", 3, "H", "W"))

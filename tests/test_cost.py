@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -173,3 +175,162 @@ def test_input_shape_override_errors():
 )
 def test_format_count(n, text):
     assert format_count(n) == text
+
+
+# --- shapes that exporters compute from Shape ------------------------------------------------
+
+
+def _macs_from_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int:
+    """Conv/Gemm MACs from the shapes ONNX Runtime actually produces (every tensor an output)."""
+    from conftest import run_model
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    names = [out for node in model.graph.node for out in node.output if out]
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    shapes = {n: v.shape for n, v in run_model(probe, feeds).items()}
+    shapes.update({t.name: tuple(t.dims) for t in model.graph.initializer})
+    total = 0
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            total += int(np.prod(shapes[node.output[0]])) * int(np.prod(shapes[node.input[1]][1:]))
+        elif node.op_type == "Gemm":
+            total += int(np.prod(shapes[node.output[0]])) * shapes[node.input[0]][1]
+    return total
+
+
+@pytest.mark.parametrize("symbolic", [True, False], ids=["symbolic", "folding"])
+@pytest.mark.parametrize("batch", ["N", 1])
+def test_channel_shuffle_with_dims_read_by_shape_is_counted_exactly(batch, symbolic, monkeypatch):
+    import graphs
+
+    from onnxprune.measure import cost as module
+
+    if not symbolic:  # as without sympy: shape arithmetic folded round by round instead
+        monkeypatch.setattr(module, "_symbolically_inferred", lambda model: model)
+    model = graphs.channel_shuffle(batch)
+    cost = count(model)
+    # c0 3→8, c1 and c2 4→4 on one half, c3 8→4: 3×3 convs on 8×8 at batch 1
+    assert cost.macs == 64 * (8 * 27 + 2 * 4 * 36 + 4 * 72) == 50688
+    assert not cost.unknown
+    assert cost.macs == _macs_from_ort(model, graphs.random_input(model, n=1))
+
+
+def test_resize_to_computed_sizes_is_counted_at_the_given_input_shape():
+    import graphs
+
+    # c1 3→8 on 8×8, then c2 8→4 on the 16×16 the Resize computes from Shape
+    hand = 64 * 8 * 27 + 256 * 4 * 72
+    model = graphs.computed_resize()
+    assert count(model).macs == hand == _macs_from_ort(model, graphs.random_input(model, n=1))
+    symbolic = graphs.computed_resize(("N", 3, "H", "W"))
+    assert count(symbolic, input_shapes={"x": (1, 3, 8, 8)}).macs == hand
+    assert count(symbolic, input_shapes={"x": (1, 3, 16, 16)}).macs == 4 * hand
+
+
+def test_a_torch_exported_shufflenet_is_counted_as_ort_runs_it():
+    torch = pytest.importorskip("torch")
+    import graphs
+
+    model = graphs.export_torch(_shufflenet(torch.nn), (1, 3, 64, 64))
+    cost = count(model)
+    assert not cost.unknown
+    assert cost.macs == _macs_from_ort(model, graphs.random_input(model, n=1))
+
+
+def _shufflenet(nn):
+    """A stem and three ShuffleNetV2 units (one strided), written as torchvision writes them."""
+    import torch
+
+    def shuffle(x, groups: int = 2):
+        n, c, h, w = x.size()
+        x = torch.transpose(x.view(n, groups, c // groups, h, w), 1, 2).contiguous()
+        return x.view(n, -1, h, w)
+
+    def unit(c: int, stride: int) -> nn.Module:
+        half, cin = c // 2, (c if stride > 1 else c // 2)
+        left = (
+            nn.Sequential(nn.Conv2d(c, c, 3, stride, 1, groups=c), nn.Conv2d(c, half, 1), nn.ReLU())
+            if stride > 1
+            else None
+        )
+        right = nn.Sequential(
+            nn.Conv2d(cin, half, 1),
+            nn.ReLU(),
+            nn.Conv2d(half, half, 3, stride, 1, groups=half),
+            nn.Conv2d(half, half, 1),
+            nn.ReLU(),
+        )
+
+        class Unit(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.left, self.right = left, right
+
+            def forward(self, x):
+                if self.left is None:
+                    a, b = x.chunk(2, dim=1)
+                    return shuffle(torch.cat((a, self.right(b)), dim=1))
+                return shuffle(torch.cat((self.left(x), self.right(x)), dim=1))
+
+        return Unit()
+
+    return nn.Sequential(
+        nn.Conv2d(3, 24, 3, 2, 1),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+        unit(24, 2),
+        unit(24, 1),
+        unit(24, 1),
+        nn.Conv2d(24, 64, 1),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 10),
+    )
+
+
+# --- symbolic input dims: from the data, or --input-shape --------------------------------------
+
+STEM_MACS_16 = 25 * 8 * 3 * 49 + 25 * 4 * 8 * 9  # 16×16 input: 5×5 after the strided 7×7
+
+
+def test_analyze_counts_symbolic_dims_at_the_given_shape_and_never_prints_zero(tmp_path, capsys):
+    import graphs
+
+    from onnxprune.cli import main
+
+    path = tmp_path / "stem.onnx"
+    onnx.save(graphs.strided_stem(), path)
+    assert main(["analyze", str(path), "--input-shape", "x:1x3x16x16"]) == 0
+    shown = capsys.readouterr().out
+    assert f"{format_count(STEM_MACS_16)} MACs" in shown and "?" not in shown
+    assert main(["analyze", str(path)]) == 0  # counted at 1×1: no size, no MACs to show
+    rows = capsys.readouterr().out.splitlines()
+    assert [row.split()[2] for row in rows[1:3]] == ["?", "?"]
+    assert "unknown shape are not counted (inputs with symbolic dims? --input-shape" in rows[-1]
+    assert main(["analyze", str(path), "--json", "-"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["unknown_shape_nodes"]) == {"c1", "r1", "c2"}
+
+
+def test_prune_counts_macs_at_the_data_shape_or_the_given_one():
+    import graphs
+
+    import onnxprune
+
+    model = graphs.strided_stem()
+    data = {"x": np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)}
+    options = {"ratio": 0.5, "round_to": 1}
+    from_data = onnxprune.prune(model, data=data, **options).report.macs
+    given = onnxprune.prune(model, input_shapes={"x": (1, 3, 16, 16)}, **options).report
+    assert from_data == given.macs == (STEM_MACS_16, STEM_MACS_16 // 2)
+    with pytest.raises(UsageError, match="--input-shape names \\['y'\\]"):
+        onnxprune.prune(model, input_shapes={"y": (1, 3, 16, 16)})
+
+
+def test_counting_a_model_with_an_unknown_op_writes_no_file(tmp_path, monkeypatch):
+    import graphs
+
+    monkeypatch.chdir(tmp_path)  # ORT's symbolic inference saves incomplete models to the cwd
+    cost = count(graphs.blocked_by("Mystery"))
+    assert cost.unknown == ("c2",) and cost.macs == 64 * 8 * 27
+    assert not list(tmp_path.iterdir())

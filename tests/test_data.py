@@ -462,3 +462,12 @@ def test_progress_draws_on_tty(monkeypatch) -> None:
     assert list(progress(range(4), 4, "calib", enabled=True)) == list(range(4))
     out = tty.getvalue()
     assert "\rcalib [" in out and "4/4" in out and out.endswith("\n")
+
+
+def test_random_data_for_symbolic_dims_asks_for_an_input_shape():
+    import graphs
+
+    import onnxprune
+
+    with pytest.raises(DataError, match="give explicit data or --input-shape"):
+        onnxprune.prune(graphs.strided_stem(), ratio=0.5)

@@ -152,9 +152,18 @@ def test_dynamic_dims_need_input_shape(files):
     assert result.rows[0].macs == 2 * 8 * 8 * 8 * 27
 
 
-def test_fixed_batch_mismatch(files):
-    with pytest.raises(UsageError, match="fixed batch 1"):
-        benchmark([str(files["fixed"])], batches=(1, 4), **FAST)
+def test_fixed_batch_is_timed_at_its_batch_with_a_note(files):
+    result = benchmark([str(files["fixed"]), str(files["small"])], batches=(1, 4), **FAST)
+    assert [row.batch for row in result.rows] == [1, 1]
+    assert result.rows[0].macs == result.rows[1].macs == 8 * 16 * 16 * 27
+    assert "fixes its batch to 1: timed at 1 instead of [1, 4]" in result.format_table()
+    assert "note" not in benchmark([str(files["fixed"])], **FAST).settings
+
+
+def test_models_fixing_different_batches_are_refused(files, tmp_path):
+    onnx.save(_conv_model(8, 2), tmp_path / "two.onnx")
+    with pytest.raises(UsageError, match="fix different batch sizes"):
+        benchmark([str(files["fixed"]), str(tmp_path / "two.onnx")], **FAST)
 
 
 def test_cli_writes_json(files, tmp_path, main, capsys):

@@ -50,6 +50,78 @@ def test_constant_node_weights_are_folded_and_the_model_prunes():
     assert tuple(weights[c2_in].dims) == (3, 4, 3, 3)  # 6 → 3 outputs, 8 → 4 inputs
 
 
+def io_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    return [t.name for t in model.graph.input], [t.name for t in model.graph.output]
+
+
+def test_constant_subgraphs_fold_keeping_function_and_io_names():
+    model = graphs.paddle_style()
+    folded = normalized(model)
+    assert not {"Reshape", "Unsqueeze", "Sqrt", "Sub", "Constant"} & set(ops(folded))
+    assert ops(folded).count("Div") == 1  # only the hard-swish's / 6 on activations is left
+    assert io_names(folded) == io_names(model)
+    assert_outputs_close(model, folded, graphs.random_input(model, n=8), atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, "N"])
+def test_torch_view_flatten_folds_to_a_constant_target_and_prunes(batch):
+    model = graphs.torch_flatten(batch)  # h.view(h.size(0), -1)
+    folded = normalized(model)
+    assert not {"Shape", "Gather", "Unsqueeze", "Concat"} & set(ops(folded))
+    assert io_names(folded) == io_names(model)
+    feeds = graphs.random_input(model, n=1 if batch == 1 else 5)
+    assert_outputs_close(model, folded, feeds, atol=1e-6)
+    assert next(g for g in onnxprune.analyze(model).groups if g.name == "c1").prunable
+    exact = onnxprune.prune(model, ratio=0.0, round_to=1, data=feeds)
+    assert_outputs_close(model, exact.model, feeds, atol=1e-6)
+    half = onnxprune.prune(model, ratio=0.5, round_to=1, data=feeds)
+    assert half.report.macs == (16 * 6 * 27 + 96 * 5, 16 * 3 * 27 + 48 * 5)
+
+
+def test_a_shape_dim_read_at_another_position_is_not_copied():
+    model = graphs.channel_shuffle()  # [N, g, C/g, H, W]: H and W are dims 2, 3 of the input
+    folded = normalized(model)
+    assert ops(folded).count("Shape") >= 1
+    feeds = graphs.random_input(model, n=3)
+    assert_outputs_close(model, folded, feeds, atol=1e-6)
+
+
+@pytest.mark.parametrize(("size", "folds"), [(64, True), (1024, False)])
+def test_folding_does_not_write_large_tensors_into_the_file(size, folds):
+    model = graphs.expanded_constant(size)  # 16 KiB or 4 MiB of float32 from one scalar
+    folded = normalized(model)
+    assert ("Expand" not in ops(folded)) == folds
+    assert_outputs_close(model, folded, graphs.random_input(model, n=1), atol=1e-6)
+    if not folds:
+        assert folded.ByteSize() < 10_000
+
+
+def test_folding_keeps_fp16_weights_in_fp16():
+    b = graphs.Builder(23)
+    stored = b.const("w16", (0.5 * b.rng.standard_normal((4, 3, 3, 3))).astype(np.float16))
+    weight = b.node("Cast", "widen", [stored], to=onnx.TensorProto.FLOAT)
+    model = b.model([b.node("Conv", "c1", ["x", weight], pads=[1, 1, 1, 1])])
+    folded = normalized(model)
+    assert "Cast" in ops(folded)
+    assert_outputs_close(model, folded, graphs.random_input(model), atol=1e-6)
+
+
+def test_paddle_style_arithmetic_is_prunable_and_exact_at_ratio_zero():
+    model = graphs.paddle_style()
+    analysis = onnxprune.analyze(model)
+    c1 = next(g for g in analysis.groups if g.name == "c1")
+    assert c1.prunable and not c1.coupled
+    assert "hs_mul" in c1.passthrough  # h · Clip(h + 3, 0, 6): the same channels on both inputs
+    # MACs of c1 (8·8·8 outputs × 3·3·3) and of its consumer c2 (4·8·8 outputs × 8·3·3)
+    assert analysis.group_macs["c1"] == 512 * 27 + 256 * 72 == analysis.macs
+    feeds = graphs.random_input(model, n=8)
+    for method in ("magnitude", "id"):
+        result = onnxprune.prune(model, method=method, ratio=0.0, data=feeds, round_to=1)
+        assert_outputs_close(model, result.model, feeds, atol=1e-6)
+        half = onnxprune.prune(model, method=method, ratio=0.5, data=feeds, round_to=1)
+        assert half.report.macs == (analysis.macs, 256 * 27 + 256 * 36)
+
+
 @pytest.mark.parametrize("kind", ["conv", "gemm"])
 def test_batchnorm_after_conv_or_gemm_is_folded_exactly(kind):
     model = graphs.conv_bn(kind)

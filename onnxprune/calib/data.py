@@ -27,9 +27,13 @@ __all__ = [
     "Batch",
     "Dataset",
     "InputSpec",
+    "batch_for",
+    "count_shapes",
+    "in_batches",
     "input_specs",
     "load_data",
     "progress",
+    "with_input_shapes",
 ]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
@@ -149,6 +153,48 @@ def input_specs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
         shape = tuple(_dim(d) for d in tensor_type.shape.dim)
         specs.append(InputSpec(value.name, shape, dtype))
     return tuple(specs)
+
+
+def batch_for(shapes: Iterable[Sequence[int | str | None]], wanted: int) -> int:
+    """The batch this model accepts: `wanted` when the sample axis (0) of every input is
+    symbolic, else the size the model fixes it to (torch.onnx.export without `dynamic_axes`,
+    most YOLO exports: 1). `shapes` are the declared input shapes (`InputSpec.shape`, or ORT's
+    `NodeArg.shape`); the one place that decides how many samples a run may take."""
+    fixed = [shape[0] for shape in shapes if shape and isinstance(shape[0], int) and shape[0] > 0]
+    return min(fixed) if fixed else wanted
+
+
+def with_input_shapes(
+    specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int]] | None
+) -> tuple[InputSpec, ...]:
+    """`specs` with the dims after the batch taken from `shapes` (``--input-shape``), which says
+    what a model's symbolic dims are when no data shows them (random data, MAC counts); the
+    batch dim stays as declared. Names, ranks and fixed dims must agree with the model."""
+    shapes = dict(shapes or {})
+    unknown = sorted(set(shapes) - {spec.name for spec in specs})
+    if unknown:
+        names = sorted(spec.name for spec in specs)
+        raise UsageError(f"--input-shape names {unknown} but the model inputs are {names}")
+    return tuple(
+        _with_shape(spec, shapes[spec.name]) if spec.name in shapes else spec for spec in specs
+    )
+
+
+def in_batches(feeds: Mapping[str, np.ndarray], batch: int) -> Iterator[dict[str, np.ndarray]]:
+    """`feeds` in runs of exactly `batch` samples (axis 0), the last one filled up with copies of
+    its last sample: a model with a fixed batch takes no other count. The caller drops the
+    outputs of the copies (samples run independently in inference)."""
+    samples = len(next(iter(feeds.values()))) if feeds else 0
+    for start in range(0, max(samples, 1), batch):
+        index = np.minimum(np.arange(start, start + batch), max(samples - 1, 0))
+        yield {name: array[index] for name, array in feeds.items()}
+
+
+def count_shapes(dataset: Dataset, specs: Sequence[InputSpec]) -> dict[str, tuple[int, ...]]:
+    """Per input, the shape of one run the MACs are counted at: the batch the model accepts (1
+    where it is free) by the dims of the data, which fix the model's symbolic dims."""
+    batch = batch_for((spec.shape for spec in specs), 1)
+    return {name: (batch, *array.shape[1:]) for name, array in dataset.arrays.items()}
 
 
 def load_data(
@@ -304,7 +350,7 @@ def _random_arrays(
             raise DataError(
                 f"{role} data: input '{spec.name}' has shape {_fmt_shape(spec.shape)} with "
                 f"dynamic dims other than the batch ({', '.join(_fmt_dim(d) for d in dynamic)}); "
-                "random data needs static shapes, so give explicit data"
+                "random data needs static shapes: give explicit data or --input-shape"
             )
         shape = (n, *(int(d) for d in spec.shape[1:]))  # type: ignore[arg-type]
         if spec.dtype.kind == "f":
@@ -479,7 +525,7 @@ def _load_image_dir(
     else:
         desc = f"{origin}{total} images{extra})"
     _validate(arrays, specs, role)
-    return Dataset(arrays, label_arr, False, desc)
+    return _whole_batches(Dataset(arrays, label_arr, False, desc), specs, role)
 
 
 def _image_channels(
@@ -640,7 +686,34 @@ def _finish(
         seed_note = "" if synthetic else f", seed {seed}"  # random data already names its seed
         source = f"{origin}{samples} of {n} {unit}{seed_note}{extra}"
         dataset = dataset._take(_choose(n, samples, seed), source)
-    return dataset
+    return _whole_batches(dataset, specs, role)
+
+
+def _with_shape(spec: InputSpec, shape: Sequence[int]) -> InputSpec:
+    """`spec` with the given dims after the batch, which must match its rank and fixed dims."""
+    if len(shape) != len(spec.shape) or any(
+        isinstance(want, int) and want != got
+        for want, got in zip(spec.shape[1:], shape[1:], strict=False)
+    ):
+        raise UsageError(
+            f"--input-shape gives {tuple(shape)} for input '{spec.name}', which the model "
+            f"declares {_fmt_shape(spec.shape)}"
+        )
+    return InputSpec(spec.name, (spec.shape[0], *(int(d) for d in shape[1:])), spec.dtype)
+
+
+def _whole_batches(dataset: Dataset, specs: tuple[InputSpec, ...], role: str) -> Dataset:
+    """The first samples that fill whole batches of a model with a fixed batch B > 1 (every run
+    must get exactly B samples); the dataset itself for any other model."""
+    batch = batch_for((s.shape for s in specs), 1)
+    whole = len(dataset) // batch * batch
+    if whole == len(dataset):
+        return dataset
+    if not whole:
+        raise DataError(
+            f"{role} data: {len(dataset)} samples, but the model's inputs fix the batch to {batch}"
+        )
+    return dataset._take(np.arange(whole), f"{dataset.source}, first {whole} (fixed batch {batch})")
 
 
 def _validate(

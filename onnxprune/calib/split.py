@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.calib.data import Dataset, input_specs, load_data
+from onnxprune.calib.data import Dataset, input_specs, load_data, with_input_shapes
 from onnxprune.config import PruneConfig
 from onnxprune.errors import UsageError
 
@@ -123,7 +123,7 @@ def _as_dataset(
         return data
     return load_data(
         data,
-        input_specs(proto),
+        with_input_shapes(input_specs(proto), config.input_shapes),
         labels=labels,
         samples=config.calib_samples if role == "calibration" else None,
         seed=config.seed,

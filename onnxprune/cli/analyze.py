@@ -6,6 +6,7 @@ import argparse
 import json
 
 from onnxprune.api import Analysis, analyze
+from onnxprune.cli.options import add_input_shape_argument, parse_input_shapes
 from onnxprune.measure.cost import format_count
 
 
@@ -21,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--json", metavar="FILE", help="also write the groups as JSON ('-' = stdout)"
     )
+    add_input_shape_argument(parser)
     parser.add_argument(
         "-v",
         "--verbose",
@@ -31,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = analyze(args.model)
+    result = analyze(args.model, input_shapes=parse_input_shapes(args.input_shape))
     if args.json == "-":
         print(json.dumps(to_dict(result), indent=2))
         return 0
@@ -56,7 +58,8 @@ def format_analysis(result: Analysis, *, verbose: bool = False) -> str:
             status += "; rotatable" + (
                 f" (subspaces split at {list(g.subspaces)})" if g.subspaces else ""
             )
-        macs = format_count(result.group_macs.get(g.name, 0))
+        touched = {*g.producers, *g.passthrough, *g.consumers}
+        macs = "?" if touched & set(result.unknown) else format_count(result.group_macs[g.name])
         lines.append(f"{g.name:<{width}}  {g.channels:>8}  {macs:>8}  {status}")
         if verbose:
             lines.append(f"    producers: {', '.join(g.producers)}")
@@ -68,6 +71,11 @@ def format_analysis(result: Analysis, *, verbose: bool = False) -> str:
         f"{prunable} of {len(result.groups)} groups prunable; "
         f"{format_count(result.params)} parameters, {format_count(result.macs)} MACs"
     )
+    if result.unknown:
+        lines.append(
+            f"? = {len(result.unknown)} nodes of unknown shape are not counted "
+            "(inputs with symbolic dims? --input-shape NAME:1x3x224x224)"
+        )
     return "\n".join(lines)
 
 
@@ -75,6 +83,7 @@ def to_dict(result: Analysis) -> dict:
     return {
         "params": result.params,
         "macs": result.macs,
+        "unknown_shape_nodes": list(result.unknown),  # their MACs are missing from the counts
         "groups": [
             {
                 "name": g.name,

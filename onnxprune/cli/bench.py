@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from onnxprune.cli.options import HelpFormatter
+from onnxprune.cli.options import HelpFormatter, parse_input_shapes
 from onnxprune.errors import UsageError
 from onnxprune.measure.latency import PROVIDERS, benchmark
 
@@ -103,18 +103,3 @@ def parse_batches(text: str) -> tuple[int, ...]:
     if not batches or any(b < 1 for b in batches):
         raise UsageError(f"--batch '{text}' is not a comma-separated list of positive integers")
     return batches
-
-
-def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
-    """['x:1,3,224,224'] -> {'x': (1, 3, 224, 224)}; the name may itself contain ':'."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for spec in specs:
-        name, sep, dims = spec.rpartition(":")
-        try:
-            shape = tuple(int(d) for d in dims.split(","))
-        except ValueError:
-            shape = ()
-        if not sep or not name or not shape or any(d < 1 for d in shape):
-            raise UsageError(f"--input-shape '{spec}' is not NAME:D1,D2,... with positive dims")
-        shapes[name] = shape
-    return shapes

@@ -36,6 +36,34 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed for sampling and random data")
 
 
+def add_input_shape_argument(parser: argparse.ArgumentParser) -> None:
+    """--input-shape: what the model's symbolic input dims are when no data shows them."""
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME:1x3x224x224",
+        help="shape of an input with symbolic dims, for MAC counts and random data where no "
+        "--data gives them (repeatable)",
+    )
+
+
+def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
+    """['x:1,3,224,224'] or ['x:1x3x224x224'] -> {'x': (1, 3, 224, 224)}; the name may itself
+    contain ':'."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.lower().replace("x", ",").split(","))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or any(d < 1 for d in shape):
+            raise UsageError(f"--input-shape '{spec}' is not NAME:D1,D2,... with positive dims")
+        shapes[name] = shape
+    return shapes
+
+
 def add_biascomp_arguments(parser: argparse.ArgumentParser) -> None:
     """Granularity (channels or single weights) and elimination–compensation's options."""
     group = parser.add_argument_group("per-weight pruning and biascomp")

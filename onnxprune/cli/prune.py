@@ -12,7 +12,9 @@ from onnxprune.cli.bench import parse_batches
 from onnxprune.cli.options import (
     add_biascomp_arguments,
     add_data_arguments,
+    add_input_shape_argument,
     load_dataset,
+    parse_input_shapes,
     reading_options,
 )
 from onnxprune.config import COMPENSATIONS, QUANTIZE_MODES, PruneConfig
@@ -52,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_method_arguments(parser)
     add_biascomp_arguments(parser)
     add_data_arguments(parser)
+    add_input_shape_argument(parser)
     out = parser.add_argument_group("verification and report")
     out.add_argument("--no-verify", action="store_true", help="skip checking the pruned model")
     out.add_argument(
@@ -347,4 +350,5 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         joint=args.joint,
         steps=args.steps,
         jacobian=args.jacobian,
+        input_shapes=parse_input_shapes(args.input_shape),
     )

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from onnxprune.api import prune
-from onnxprune.calib.data import Dataset, input_specs, load_data
+from onnxprune.calib.data import Dataset, batch_for, input_specs, load_data
 from onnxprune.errors import DataError, OnnxPruneError, UsageError
 from onnxprune.graph.load import load_model
 from onnxprune.measure.cost import count
@@ -171,10 +171,12 @@ class Evaluator:
         return self.score(self.outputs(model))
 
     def outputs(self, model: onnx.ModelProto) -> np.ndarray:
-        """The first output of `model` over the evaluation split, in batches."""
+        """The first output of `model` over the evaluation split, in batches (of the model's
+        fixed batch when it has one)."""
         session = session_for(model)
         name = session.get_outputs()[0].name
-        parts = [session.run([name], b.feeds)[0] for b in self.data.batches(self.batch_size)]
+        batch = batch_for((arg.shape for arg in session.get_inputs()), self.batch_size)
+        parts = [session.run([name], b.feeds)[0] for b in self.data.batches(batch)]
         return np.concatenate(parts)
 
     def score(self, got: np.ndarray) -> Evaluation:

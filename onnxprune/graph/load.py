@@ -2,8 +2,9 @@
 
 `load_model` turns a path into a checked `ModelProto` (clear one-line errors for every way a file
 can be wrong); `normalize` returns the graph every later stage works on: Constant nodes folded into
-initializers, Identity/Dropout removed, BatchNormalization folded into the Conv/Gemm before it where
-that is exact, unique node names, shapes inferred. `save_model` writes atomically.
+initializers, subgraphs computed from constants alone folded into constants, Identity/Dropout
+removed, BatchNormalization folded into the Conv/Gemm before it where that is exact, unique node
+names, shapes inferred. `save_model` writes atomically.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
@@ -22,6 +24,7 @@ from onnxprune.errors import ModelLoadError
 
 SUPPORTED_OPSETS = range(11, 24)
 _EXTERNAL_LIMIT = 1_800_000_000  # bytes of weights above which output keeps external data
+_FOLD_MIN_BYTES = 1 << 20  # a folded tensor may always be this large (see `fold_constants`)
 
 
 def load_model(path: str | os.PathLike, *, weights: bool = True) -> onnx.ModelProto:
@@ -78,9 +81,11 @@ def too_large_for_protobuf(model: onnx.ModelProto) -> bool:
 def normalize(model: onnx.ModelProto) -> gs.Graph:
     """Return the canonical graph: constants folded, no-ops removed, BN folded, shapes inferred."""
     model = _constants_to_initializers(model)
-    graph = gs.import_onnx(model)
+    graph = gs.import_onnx(_with_inferred_shapes(model))
     _name_nodes(graph)
     _remove_noops(graph)
+    _copy_dims_as_zero(graph)
+    fold_constants(graph).cleanup()
     _fold_batchnorm(graph)
     graph.cleanup().toposort()
     return infer_shapes(graph)
@@ -207,6 +212,102 @@ def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.node[:]
     model.graph.node.extend(keep)
     return model
+
+
+def _with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with intermediate shapes where inference finds them (Shape nodes fold only on
+    known shapes); unchanged when inference fails, which `infer_shapes` reports later."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except onnx.onnx_cpp2py_export.shape_inference.InferenceError:
+        return model
+
+
+def fold_constants(graph: gs.Graph) -> gs.Graph:
+    """Replace every subgraph computed from constants alone by its value (Paddle's
+    `Reshape(Constant, Constant)` biases and Mul/Add BatchNorm factors, torch's Shape→Gather→Concat
+    on static dims), so the analyzer sees constant weights and shapes.
+
+    graphsurgeon's `fold_constants` does it: it is maintained, already a dependency, evaluates the
+    subgraphs with ONNX Runtime (every op ORT runs, exactly as ORT would) and keeps tensor names,
+    so graph inputs and outputs stay as they were; ORT's own basic optimisation level would also
+    fuse and rename nodes. Shape nodes fold where the shapes the graph carries are static.
+
+    Not folded: a tensor larger than the largest constant already in the file (a weight computed
+    from constants is a weight) and 1 MiB, so an Expand/Tile of a constant is not blown up into
+    the file; float-to-float Casts, so an fp16 weight does not become a twice larger fp32 one
+    (graphsurgeon keeps (De)QuantizeLinear for the same reason); whatever fails (`error_ok`).
+    The nodes that computed folded tensors stay until `cleanup()`. ORT's warnings about the
+    sessions graphsurgeon opens (optimizer notes on shape subgraphs) are silenced: they concern
+    no model the user runs.
+    """
+    if not any(_foldable(node) for node in graph.nodes):
+        return graph  # most files: nothing to fold, and folding would export the whole graph
+    sizes = [t.values.nbytes for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    threshold = max([_FOLD_MIN_BYTES, *sizes])
+    graph.toposort()
+    ort.set_default_logger_severity(3)
+    try:
+        graph.fold_constants(
+            size_threshold=threshold, error_ok=True, should_exclude_node=_keeps_number_format
+        )
+    finally:
+        ort.set_default_logger_severity(2)  # ORT's default
+    return graph
+
+
+def _keeps_number_format(node: gs.Node) -> bool:
+    """A Cast from a float constant to another float type (graphsurgeon itself never folds
+    (De)QuantizeLinear)."""
+    if node.op != "Cast" or not _const(node, 0):
+        return False
+    target = onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"])
+    return node.inputs[0].values.dtype.kind == "f" and np.dtype(target).kind == "f"
+
+
+def _foldable(node: gs.Node) -> bool:
+    """A Shape node, or a node computed from constants alone: where folding starts."""
+    return node.op == "Shape" or all(isinstance(t, gs.Constant) for t in node.inputs if t.name)
+
+
+def _copy_dims_as_zero(graph: gs.Graph) -> None:
+    """Write a Reshape target's `Unsqueeze(Gather(Shape(x), i))` at position i, where x is the
+    Reshape's own input, as Reshape's 0 ("copy dim i"): the same value by definition, and
+    constant. torch exports `x.view(x.size(0), -1)` so; with a dynamic batch the target then
+    folds to [0, -1], a flatten the analyzer reads."""
+    for node in graph.nodes:
+        concat = _producer(node.inputs[1], "Concat") if node.op == "Reshape" else None
+        if concat is None or node.attrs.get("allowzero", 0) or concat.attrs.get("axis") != 0:
+            continue
+        for position, part in enumerate(concat.inputs):
+            if _dim_of(part) == (node.inputs[0], position):
+                zero = gs.Constant(f"{concat.name}.copy{position}", np.zeros(1, np.int64))
+                concat.inputs[position] = zero
+
+
+def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    """The node of type `op` that computes `tensor`, if that is what computes it."""
+    if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op == op:
+        return tensor.inputs[0]
+    return None
+
+
+def _dim_of(tensor: gs.Tensor) -> tuple[gs.Tensor, int] | None:
+    """(x, i) when `tensor` is `Unsqueeze(Gather(Shape(x), i), [0])`, a 1-element dim of x."""
+    unsqueeze = _producer(tensor, "Unsqueeze")
+    gather = unsqueeze and _producer(unsqueeze.inputs[0], "Gather")
+    shape = gather and _producer(gather.inputs[0], "Shape")
+    if not shape or shape.attrs.get("start", 0) or shape.attrs.get("end") is not None:
+        return None
+    axes = unsqueeze.attrs.get("axes", _const_values(unsqueeze, 1))
+    index = _const_values(gather, 1)
+    if axes is None or list(np.reshape(axes, -1)) != [0] or index is None or index.ndim:
+        return None
+    return shape.inputs[0], int(index)
+
+
+def _const_values(node: gs.Node, index: int) -> np.ndarray | None:
+    return node.inputs[index].values if _const(node, index) else None
 
 
 def _name_nodes(graph: gs.Graph) -> None:

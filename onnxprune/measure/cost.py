@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
 from onnxprune.errors import UsageError
-from onnxprune.graph.load import copy_function_shapes
+from onnxprune.graph.load import copy_function_shapes, export, fold_constants
 
 Shape = tuple[int, ...]
 
@@ -117,24 +118,105 @@ def infer_static_shapes(
     _fix_input_dims(work, input_shapes or {})
     _stub_large_initializers(work)
     del work.graph.value_info[:]
-    # on failure, count what the declared shapes allow; the rest lands in Cost.unknown
-    with contextlib.suppress(onnx.shape_inference.InferenceError, ValueError):
-        work = onnx.shape_inference.infer_shapes(work, data_prop=True)
-        while copy_function_shapes(work):  # through TSRA / RMSNorm function calls
-            work = onnx.shape_inference.infer_shapes(work, data_prop=True)
-    shapes: dict[str, tuple[int | None, ...]] = {}
-    for vi in (*work.graph.input, *work.graph.value_info, *work.graph.output):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            shapes[vi.name] = tuple(
-                d.dim_value if d.HasField("dim_value") else None
-                for d in vi.type.tensor_type.shape.dim
-            )
-    for init in model.graph.initializer:
+    work = _inferred(work)
+    shapes = _declared(work)
+    if not _complete(work, shapes):
+        work = _symbolically_inferred(work)
+        shapes = _declared(work)
+    while not _complete(work, shapes) and (folded := _fold_shape_arithmetic(work)):
+        work, constants = folded
+        work = _inferred(work)
+        shapes = {**shapes, **constants, **_declared(work)}
+    for init in (*work.graph.initializer, *model.graph.initializer):
         shapes[init.name] = tuple(init.dims)
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             shapes[node.output[0]] = tuple(node.attribute[0].t.dims)
     return shapes
+
+
+def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference (with data propagation and through shape-preserving function calls);
+    on failure, what the declared shapes allow, the rest landing in `Cost.unknown`."""
+    with contextlib.suppress(onnx.shape_inference.InferenceError, ValueError):
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        while copy_function_shapes(model):  # through TSRA / RMSNorm function calls
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    return model
+
+
+def _declared(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """The shapes `model`'s value infos state (None for symbolic or negative dims)."""
+    shapes = {}
+    for vi in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            shapes[vi.name] = tuple(
+                d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                for d in vi.type.tensor_type.shape.dim
+            )
+    return shapes
+
+
+def _complete(model: onnx.ModelProto, shapes: dict[str, tuple[int | None, ...]]) -> bool:
+    """True when every node output has a fully known shape."""
+    return all(
+        name in shapes and None not in shapes[name]
+        for node in model.graph.node
+        for name in node.output
+        if name
+    )
+
+
+def _symbolically_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime's symbolic shape inference, which computes shape arithmetic (Shape → Gather
+    → Div → Concat → Reshape) that ONNX's data propagation gives up on, in one pass; `model`
+    itself where it is unavailable (it needs sympy) or fails on the model.
+
+    These are the steps of its public `infer_shapes` without the end: where some shape stays
+    unknown, that saves the model (weights too) into the working directory and raises, and here
+    the shapes it did find are wanted."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:
+        return model
+    try:
+        inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
+        inference._preprocess(model)
+        while inference.run_:
+            inference._infer_impl()
+        inference._update_output_from_vi()
+        return inference.out_mp_
+    except Exception:  # noqa: BLE001 - any failure leaves the slower fallback to try
+        return model
+
+
+def _fold_shape_arithmetic(
+    model: onnx.ModelProto,
+) -> tuple[onnx.ModelProto, dict[str, Shape]] | None:
+    """`model` with its now-static shape computations folded, and the shapes of the tensors that
+    folded; None when nothing more folds.
+
+    ONNX's data propagation stops at ops such as Div, so a torchvision channel shuffle's
+    `Reshape(x, [N, g, C / g, H, W])` (dims read by Shape → Gather) leaves every later shape
+    unknown; with the input dims fixed, graphsurgeon folds such Shape subgraphs into constants.
+    Each fold + inference round reaches one Reshape further, until nothing is left to fold: the
+    fallback where symbolic inference is unavailable or leaves shapes unknown (slow: a round per
+    shuffle).
+    """
+    graph = gs.import_onnx(model)
+    before = _constants(graph)
+    after = _constants(fold_constants(graph))
+    if after.keys() <= before.keys():
+        return None
+    return export(graph.cleanup()), after
+
+
+def _constants(graph: gs.Graph) -> dict[str, Shape]:
+    return {
+        name: tuple(tensor.shape)
+        for name, tensor in graph.tensors().items()
+        if isinstance(tensor, gs.Constant)
+    }
 
 
 def _fix_input_dims(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> None:

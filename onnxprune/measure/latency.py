@@ -19,6 +19,7 @@ import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
+from onnxprune.calib.data import batch_for
 from onnxprune.errors import DataError, ModelLoadError, UsageError
 from onnxprune.measure.cost import count, format_count
 
@@ -101,6 +102,8 @@ class BenchResult:
             f"repeats after {s['warmup']} warm-up runs; MACs at the row's batch size"
             " (+? = some node shapes unknown)"
         )
+        if s.get("note"):
+            text.append(f"note: {s['note']}")
         return "\n".join(text)
 
 
@@ -147,6 +150,7 @@ def benchmark(
     sessions = [
         make_session(m, threads=threads, provider=provider, spinning=spinning) for m in loaded
     ]
+    batches, note = _accepted_batches(sessions, labels, batches)
     _check_input_names(sessions, input_shapes or {})
     feeds_by_batch = {  # built up front so a bad shape fails before any timing
         batch: [
@@ -175,6 +179,7 @@ def benchmark(
         "seed": seed,
         "batches": list(batches),
         "onnxruntime": ort.__version__,
+        **({"note": note} if note else {}),
     }
     return BenchResult(tuple(rows), settings)
 
@@ -252,6 +257,25 @@ def _check_options(models, batches, threads, warmup, repeats, min_time) -> None:
         )
 
 
+def _accepted_batches(
+    sessions: Sequence[ort.InferenceSession], labels: Sequence[str], batches: Sequence[int]
+) -> tuple[tuple[int, ...], str | None]:
+    """The batches to time: the requested ones, or only the batch the models fix (with a note
+    saying so) when their inputs fix it; models that fix different batches cannot be compared."""
+    fixed = {
+        label: batch_for((arg.shape for arg in session.get_inputs()), 0)
+        for session, label in zip(sessions, labels, strict=True)
+    }
+    fixed = {label: batch for label, batch in fixed.items() if batch}
+    if len(set(fixed.values())) > 1:
+        raise UsageError(f"the models fix different batch sizes ({fixed}); bench them apart")
+    if not fixed or set(batches) == set(fixed.values()):
+        return tuple(batches), None
+    batch = next(iter(fixed.values()))
+    note = f"the model fixes its batch to {batch}: timed at {batch} instead of {list(batches)}"
+    return (batch,), note
+
+
 def _check_input_names(sessions, input_shapes: dict[str, tuple[int, ...]]) -> None:
     names = {arg.name for s in sessions for arg in s.get_inputs()}
     extra = sorted(set(input_shapes) - names)
@@ -320,13 +344,8 @@ def _input_shape(
     if override is not None:
         _check_override(arg.name, label, declared, override)
         declared = list(override)
-    if batch_dynamic:
+    if batch_dynamic:  # a fixed batch is the one `_accepted_batches` chose
         declared[0] = batch
-    elif declared and declared[0] != batch:
-        raise UsageError(
-            f"input '{arg.name}' of model '{label}' has fixed batch {declared[0]}; "
-            f"cannot run batch {batch} (use --batch {declared[0]})"
-        )
     dynamic = [str(d) for d in declared if not isinstance(d, int)]
     if dynamic:
         example = ",".join(str(d) if isinstance(d, int) else f"<{d}>" for d in declared)

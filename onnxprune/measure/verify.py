@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxprune.calib.data import batch_for, in_batches
 from onnxprune.errors import ModelRunError, VerificationError
 
 WARN_AGREEMENT = 0.9  # below this top-1 agreement, or above this rel-L2, the report warns
@@ -73,13 +74,20 @@ def verify(
 
 
 def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Outputs of `model` on `feeds` in ONNX Runtime (CPU provider), by output name."""
+    """Outputs of `model` on `feeds` in ONNX Runtime (CPU provider), by output name; a model
+    with a fixed batch runs the samples in batches of that size, outputs joined along axis 0."""
     try:
         session = session_for(model)
         names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(names, dict(feeds)), strict=True))
+        samples = len(next(iter(feeds.values()))) if feeds else 0
+        batch = batch_for((i.shape for i in session.get_inputs()), samples)
+        if batch == samples:
+            return dict(zip(names, session.run(names, dict(feeds)), strict=True))
+        parts = [session.run(names, chunk) for chunk in in_batches(feeds, batch)]
     except Exception as exc:  # ORT raises several unrelated exception types
         raise VerificationError(f"ONNX Runtime cannot run the model: {_line(exc)}") from exc
+    joined = [np.concatenate(outputs)[:samples] for outputs in zip(*parts, strict=True)]
+    return dict(zip(names, joined, strict=True))
 
 
 def shortfalls(
