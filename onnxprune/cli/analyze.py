@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-from onnxprune.api import Analysis, analyze
-from onnxprune.measure.cost import format_count
+if TYPE_CHECKING:
+    from onnxprune.api import Analysis
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from onnxprune.api import analyze  # lazy: --help needs no onnx
+
     result = analyze(args.model)
     if args.json == "-":
         print(json.dumps(to_dict(result), indent=2))
@@ -44,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
 def format_analysis(result: Analysis, *, verbose: bool = False) -> str:
     """A table of groups: name, channels, MACs they touch, prunable or why not."""
+    from onnxprune.measure.cost import format_count
+
     width = max([len(g.name) for g in result.groups] + [5])
     lines = [f"{'group':<{width}}  {'channels':>8}  {'MACs':>8}  status"]
     for g in result.groups:

@@ -6,12 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from onnxprune.api import output_path_for, prune
 from onnxprune.cli.bench import parse_batches
 from onnxprune.cli.options import add_biascomp_arguments, add_data_arguments, load_dataset
 from onnxprune.config import COMPENSATIONS, PruneConfig
 from onnxprune.errors import UsageError
-from onnxprune.graph.load import load_model
 from onnxprune.methods import METHODS
 from onnxprune.methods.cob import channel_ratio_for_params
 from onnxprune.methods.width import WidthRule, load_recipe, parse_layer_ratio
@@ -200,6 +198,9 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from onnxprune.api import output_path_for, prune  # lazy: --help needs no onnx
+    from onnxprune.graph.load import load_model
+
     source = Path(args.model)
     output = Path(args.output) if args.output else output_path_for(source)
     if output.resolve() == source.resolve():
