@@ -4,17 +4,23 @@ import onnxprune
 result = onnxprune.prune("model.onnx", method="id", ratio=0.5, data="calib.npz")
 result.save("model.pruned.onnx")
 print(result.report.format())
+
+The public names load on first use (PEP 562), so `onnxprune --help` starts without onnx.
 """
 
 from __future__ import annotations
 
-from onnxprune import compare
-from onnxprune.api import Analysis, Result, analyze, prune
-from onnxprune.calib.data import Dataset
-from onnxprune.config import PruneConfig
+from typing import TYPE_CHECKING
+
 from onnxprune.errors import OnnxPruneError, RejectedError
-from onnxprune.methods.width import WidthRule
-from onnxprune.report import Report
+
+if TYPE_CHECKING:
+    from onnxprune import compare
+    from onnxprune.api import Analysis, Result, analyze, prune
+    from onnxprune.calib.data import Dataset
+    from onnxprune.config import PruneConfig
+    from onnxprune.methods.width import WidthRule
+    from onnxprune.report import Report
 
 __all__ = [
     "Analysis",
@@ -30,3 +36,31 @@ __all__ = [
     "prune",
 ]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Analysis": "onnxprune.api",
+    "Result": "onnxprune.api",
+    "analyze": "onnxprune.api",
+    "prune": "onnxprune.api",
+    "PruneConfig": "onnxprune.config",
+    "Dataset": "onnxprune.calib.data",
+    "WidthRule": "onnxprune.methods.width",
+    "Report": "onnxprune.report",
+    "compare": "onnxprune.compare",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Import a public name's module when the name is first read."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'onnxprune' has no attribute '{name}'")
+    import importlib
+
+    module = importlib.import_module(_LAZY[name])
+    value = module if _LAZY[name] == f"onnxprune.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from onnxprune.calib.jacobian import parse_jacobian
 from onnxprune.deploy.quantize import MODES as QUANTIZE_MODES
 from onnxprune.errors import UsageError
 from onnxprune.methods import METHODS
@@ -81,6 +80,8 @@ class PruneConfig:
             if not 0.0 < value <= 1.0:
                 raise UsageError(f"'{name}' is the fraction to keep, in (0, 1]; got {value}")
         check_ratio(self.max_ratio, "max_ratio")
+        from onnxprune.calib.jacobian import parse_jacobian  # lazy: it loads onnx, not --help
+
         parse_jacobian(self.jacobian)
         self._check_cob()
         self._check_granularity()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-from onnxprune.api import Analysis, analyze
 from onnxprune.cli.options import add_input_shape_argument, parse_input_shapes
-from onnxprune.measure.cost import format_count
+
+if TYPE_CHECKING:
+    from onnxprune.api import Analysis
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from onnxprune.api import analyze  # lazy: --help needs no onnx
+
     result = analyze(args.model, input_shapes=parse_input_shapes(args.input_shape))
     if args.json == "-":
         print(json.dumps(to_dict(result), indent=2))
@@ -46,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
 def format_analysis(result: Analysis, *, verbose: bool = False) -> str:
     """A table of groups: name, channels, MACs they touch, prunable or why not."""
+    from onnxprune.measure.cost import format_count
+
     width = max([len(g.name) for g in result.groups] + [5])
     lines = [f"{'group':<{width}}  {'channels':>8}  {'MACs':>8}  status"]
     for g in result.groups:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from onnxprune.cli.options import HelpFormatter, parse_input_shapes
 from onnxprune.errors import UsageError
-from onnxprune.measure.latency import PROVIDERS, benchmark
+from onnxprune.measure.latency import PROVIDERS
 
 EXAMPLE = """example:
   onnxprune bench resnet50.onnx resnet50_pruned.onnx --batch 1,8,32 --json bench.json
@@ -72,6 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Parse the options, run the benchmark, print the table and write JSON."""
+    from onnxprune.measure.latency import benchmark
+
     result = benchmark(
         args.models,
         batches=parse_batches(args.batch),

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-import onnx
-
-from onnxprune.calib.data import Dataset, input_specs, load_data
 from onnxprune.errors import UsageError
+
+if TYPE_CHECKING:  # loaded where used, so that building the parser (--help) needs no onnx
+    import onnx
+
+    from onnxprune.calib.data import Dataset
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,6 +116,8 @@ def load_dataset(
     args: argparse.Namespace, model: onnx.ModelProto, *, random_samples: int = 64
 ) -> Dataset:
     """The calibration Dataset described by the data arguments (random when none is given)."""
+    from onnxprune.calib.data import input_specs, load_data
+
     return load_data(
         args.data,
         input_specs(model),

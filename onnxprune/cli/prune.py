@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from onnxprune.api import Result, output_path_for, prune
-from onnxprune.calib.data import input_specs, load_data
 from onnxprune.cli.bench import parse_batches
 from onnxprune.cli.options import (
     add_biascomp_arguments,
@@ -19,10 +18,12 @@ from onnxprune.cli.options import (
 )
 from onnxprune.config import COMPENSATIONS, QUANTIZE_MODES, PruneConfig
 from onnxprune.errors import RejectedError, UsageError
-from onnxprune.graph.load import load_model
 from onnxprune.methods import METHODS
 from onnxprune.methods.cob import channel_ratio_for_params
 from onnxprune.methods.width import WidthRule, load_recipe, parse_layer_ratio
+
+if TYPE_CHECKING:
+    from onnxprune.api import Result
 
 EXAMPLE = """examples:
   onnxprune model.onnx --method magnitude --ratio 0.5
@@ -258,6 +259,10 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from onnxprune.api import output_path_for, prune  # lazy: --help needs no onnx
+    from onnxprune.calib.data import input_specs, load_data
+    from onnxprune.graph.load import load_model
+
     source = Path(args.model)
     output = Path(args.output) if args.output else output_path_for(source)
     if output.resolve() == source.resolve():

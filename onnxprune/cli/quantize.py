@@ -7,9 +7,7 @@ import sys
 from pathlib import Path
 
 from onnxprune.cli.options import add_data_arguments, load_dataset
-from onnxprune.deploy.quantize import MODES, quantize
-from onnxprune.graph.load import load_model, save_model
-from onnxprune.measure.verify import verify
+from onnxprune.deploy.quantize import MODES
 
 EXAMPLE = """examples:
   onnxprune quantize model.pruned.onnx --mode int8 --data calib.npz -o model.int8.onnx
@@ -47,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Quantize, verify on the data (or seeded random inputs), write, print a summary."""
+    from onnxprune.deploy.quantize import quantize  # lazy: --help needs no onnx
+    from onnxprune.graph.load import load_model, save_model
+    from onnxprune.measure.verify import verify
+
     model = load_model(args.model)
     dataset = load_dataset(args, model)
     quantized = quantize(

@@ -9,8 +9,6 @@ from pathlib import Path
 
 from onnxprune.cli.options import HelpFormatter, add_data_arguments
 from onnxprune.cli.sweep import add_eval_arguments, add_prune_arguments, load_splits, prune_options
-from onnxprune.compare.sensitivity import allocate, measure_sensitivity, plot_sensitivity
-from onnxprune.compare.sweep import parse_grid, parse_method
 from onnxprune.errors import UsageError
 
 EXAMPLE = """example:
@@ -51,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Measure, print, write outputs, allocate."""
+    from onnxprune.compare.sensitivity import allocate, measure_sensitivity, plot_sensitivity
+    from onnxprune.compare.sweep import parse_grid, parse_method
+
     if (args.recipe_out is None) != (args.target_macs is None):
         raise UsageError("--recipe-out and --target-macs go together")
     if args.target_macs is not None and not 0.0 < args.target_macs <= 1.0:

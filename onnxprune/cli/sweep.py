@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from onnxprune.calib.data import Dataset, input_specs, load_data
 from onnxprune.cli.options import (
     HelpFormatter,
     add_data_arguments,
     load_dataset,
     reading_options,
 )
-from onnxprune.compare.sweep import overlap_warning, parse_grid, parse_method, plot_sweep, sweep
 from onnxprune.config import COMPENSATIONS
 from onnxprune.errors import UsageError
-from onnxprune.graph.load import load_model
+
+if TYPE_CHECKING:  # the heavy modules load in run(), so that --help needs no onnx
+    from onnxprune.calib.data import Dataset
 
 EXAMPLE = """example:
   onnxprune sweep model.onnx --methods id,id+bias,magnitude,magnitude+lsq,taylor \\
@@ -104,6 +105,10 @@ def prune_options(args: argparse.Namespace) -> dict:
 
 def load_splits(args: argparse.Namespace) -> tuple[Dataset | None, Dataset]:
     """Calibration (None without --data) and evaluation data; warns once if they overlap."""
+    from onnxprune.calib.data import input_specs, load_data
+    from onnxprune.compare.sweep import overlap_warning
+    from onnxprune.graph.load import load_model
+
     model = load_model(args.model, weights=False)
     calib = load_dataset(args, model) if args.data else None
     evaluation = load_data(
@@ -123,6 +128,8 @@ def load_splits(args: argparse.Namespace) -> tuple[Dataset | None, Dataset]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the sweep, print the table, write CSV/JSON/plot into --out."""
+    from onnxprune.compare.sweep import parse_grid, parse_method, plot_sweep, sweep
+
     if args.ratios is None and args.targets is None:
         args.ratios = "0.3,0.5,0.7"
     ratios = parse_grid(args.ratios, "ratio") if args.ratios else None

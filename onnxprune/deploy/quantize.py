@@ -19,12 +19,14 @@ import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
-import onnxruntime as ort
-
-from onnxprune.calib.data import Dataset
 from onnxprune.errors import OnnxPruneError, UsageError
+
+if TYPE_CHECKING:  # the modes are read by the CLI parsers, which must start without onnx
+    import onnx
+
+    from onnxprune.calib.data import Dataset
 
 MODES = ("int8", "int8-dynamic", "fp16")
 DYNAMIC_OPS = ("MatMul", "Gemm", "LSTM", "GRU", "Attention")
@@ -49,6 +51,9 @@ def quantize(
         return _float16(model, excluded)
     if mode == "int8" and (data is None or len(data) == 0):
         raise UsageError("--quantize int8 calibrates activation ranges: give --data")
+    import onnx
+    import onnxruntime as ort
+
     ort.set_default_logger_severity(3)
     with tempfile.TemporaryDirectory(prefix="onnxprune-quant-") as tmp:
         source, target = Path(tmp) / "float.onnx", Path(tmp) / "quantized.onnx"

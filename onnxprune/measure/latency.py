@@ -13,15 +13,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-import onnxruntime as ort
-from google.protobuf.message import DecodeError
 
-from onnxprune.calib.data import batch_for
 from onnxprune.errors import DataError, ModelLoadError, UsageError
-from onnxprune.measure.cost import count, format_count
+
+if TYPE_CHECKING:  # onnx and onnxruntime load where used: PROVIDERS serves the CLI's --help
+    import onnx
+    import onnxruntime as ort
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _NP_TYPES = {
@@ -108,6 +108,8 @@ class BenchResult:
 
 
 def _table_cells(r: BenchRow) -> tuple[str, ...]:
+    from onnxprune.measure.cost import format_count
+
     ideal = "-" if r.ideal_speedup is None else f"{r.ideal_speedup:.2f}x"
     macs = format_count(r.macs) + ("+?" if r.unknown_nodes else "")
     return (
@@ -143,6 +145,10 @@ def benchmark(
     more until a batch's measurement loop has lasted `min_time` seconds. `spinning` lets idle
     intra-op threads busy-wait (ORT's default; unfair when sessions interleave). `names` label
     the rows (default: file names)."""
+    import onnxruntime as ort
+
+    from onnxprune.measure.cost import count
+
     _check_options(models, batches, threads, warmup, repeats, min_time)
     threads = threads or physical_cores()
     loaded = [_load(m) for m in models]
@@ -214,6 +220,8 @@ def make_session(
     model: onnx.ModelProto, *, threads: int, provider: str = "cpu", spinning: bool = False
 ) -> ort.InferenceSession:
     """An InferenceSession with the benchmark's fixed options and an explicit provider list."""
+    import onnxruntime as ort
+
     if provider not in PROVIDERS:
         raise UsageError(f"unknown provider '{provider}'; choose one of {sorted(PROVIDERS)}")
     name = PROVIDERS[provider]
@@ -262,6 +270,8 @@ def _accepted_batches(
 ) -> tuple[tuple[int, ...], str | None]:
     """The batches to time: the requested ones, or only the batch the models fix (with a note
     saying so) when their inputs fix it; models that fix different batches cannot be compared."""
+    from onnxprune.calib.data import batch_for  # lazy: reads onnx, and `--help` needs none
+
     fixed = {
         label: batch_for((arg.shape for arg in session.get_inputs()), 0)
         for session, label in zip(sessions, labels, strict=True)
@@ -285,6 +295,9 @@ def _check_input_names(sessions, input_shapes: dict[str, tuple[int, ...]]) -> No
 
 def _load(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     """Load a model file (with external data) or pass a ModelProto through."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
     if isinstance(model, onnx.ModelProto):
         return model
     path = Path(model)
@@ -303,6 +316,8 @@ def _load(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
 
 def _labels(models: Sequence) -> list[str]:
     """Short names: file names, or full paths when file names repeat; model<i> for protos."""
+    import onnx
+
     names = [Path(m).name if not isinstance(m, onnx.ModelProto) else "" for m in models]
     labels = []
     for i, (m, name) in enumerate(zip(models, names, strict=True)):

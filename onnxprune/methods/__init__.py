@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from onnxprune.methods.activation import Activation
-from onnxprune.methods.base import Method
-from onnxprune.methods.biascomp import BiasCompensation
-from onnxprune.methods.cob import ChangeOfBasis
-from onnxprune.methods.fpgm import FPGM
-from onnxprune.methods.id import InterpolativeDecomposition
-from onnxprune.methods.ippro import IPPRO
-from onnxprune.methods.magnitude import Magnitude, Random
-from onnxprune.methods.subspaces import SubspaceGuard
-from onnxprune.methods.taylor import Taylor
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from onnxprune.methods.base import Method
 
 
 def build_method(
@@ -25,7 +19,21 @@ def build_method(
     rms_correction: bool = False,
     joint: bool = False,
 ) -> Method:
-    """The method registered as `name`, configured with its options."""
+    """The method registered as `name`, configured with its options.
+
+    The method modules are imported here, not at the top, so that reading METHODS (the CLI's
+    choices) costs no imports.
+    """
+    from onnxprune.methods.activation import Activation
+    from onnxprune.methods.biascomp import BiasCompensation
+    from onnxprune.methods.cob import ChangeOfBasis
+    from onnxprune.methods.fpgm import FPGM
+    from onnxprune.methods.id import InterpolativeDecomposition
+    from onnxprune.methods.ippro import IPPRO
+    from onnxprune.methods.magnitude import Magnitude, Random
+    from onnxprune.methods.subspaces import SubspaceGuard
+    from onnxprune.methods.taylor import Taylor
+
     factories = {
         "magnitude": lambda: Magnitude(norm=norm),
         "random": Random,

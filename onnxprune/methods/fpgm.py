@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.spatial.distance import cdist
 
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.methods.base import GroupStats, Plan, selection_plan
@@ -24,5 +23,7 @@ class FPGM:
     needs: frozenset[str] = frozenset({"weights"})
 
     def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
+        from scipy.spatial.distance import cdist  # lazy: scipy.spatial slows every CLI start
+
         filters = np.concatenate(stats.weights, axis=1)
         return selection_plan(cdist(filters, filters).sum(axis=1), keep)

@@ -14,8 +14,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
-from scipy.linalg import lapack
 
 __all__ = [
     "IDResult",
@@ -81,6 +79,8 @@ def interpolative_from_blocks(blocks: Iterable[np.ndarray], k: int) -> IDResult:
 
     Better conditioned than the Gram path (no squaring), at the cost of seeing the data.
     """
+    import scipy.linalg  # lazy, like every scipy import: it costs ~0.3 s of each CLI start
+
     R = _stacked_r(blocks)
     R, perm = scipy.linalg.qr(R, mode="r", pivoting=True)
     m = R.shape[1]
@@ -163,6 +163,8 @@ def least_squares_map(
     A = G / n - np.outer(mean, mean) if intercept else G
     lam = ridge * max(float(np.trace(A)), 0.0) / max(m, 1)
     ASS = A[np.ix_(keep, keep)] + lam * np.eye(keep.size)
+    import scipy.linalg
+
     try:
         M = scipy.linalg.solve(ASS, A[keep], assume_a="pos")
     except (np.linalg.LinAlgError, ValueError):
@@ -251,6 +253,8 @@ def _factor_gram(
 
 def _pivoted_cholesky(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Full greedy diagonal pivoting A_ΠΠ = RᵀR; LAPACK pstrf, numpy when pstrf stops early."""
+    from scipy.linalg import lapack
+
     m = A.shape[0]
     if m == 0:
         return np.zeros((0, 0)), np.zeros(0, dtype=np.intp)
@@ -297,6 +301,8 @@ def _interp_block(R: np.ndarray, k: int) -> np.ndarray:
     if k == 0 or R12.size == 0:
         return np.zeros((k, R.shape[1] - k))
     if diag.min() > R.shape[1] * np.finfo(np.float64).eps * diag.max():
+        import scipy.linalg
+
         return scipy.linalg.solve_triangular(R11, R12)
     return np.linalg.lstsq(R11, R12, rcond=None)[0]
 
