@@ -150,6 +150,8 @@ def test_gram_and_qr_solvers_choose_the_same_channels():
             ratio=0.5,
             data=feeds,
             id_solver=solver,
+            compensate="none",
+            recalibrate=False,
             verify=False,
         ).plans
         for solver in ("gram", "qr")

@@ -29,6 +29,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import onnxprune
+from onnxprune.cli import build_parser
+from onnxprune.config import PruneConfig
 from onnxprune.errors import NothingToPruneError, UsageError
 
 
@@ -272,3 +274,33 @@ def test_group_errors_and_the_target_outcome_are_report_fields():
     assert data["target"]["deviations"] == dict(target.deviations)
     assert data["verification"]["rel_l2"] == result.report.verification.rel_l2
     assert data["warnings"] == list(result.report.warnings)
+
+
+def test_id_defaults_to_intercept_and_recalibration_and_each_switches_off():
+    """The defaults chosen on validation data (benchmarks/defaults.py); other methods keep none."""
+    assert (PruneConfig(method="id").compensate, PruneConfig(method="id").recalibrate) == (
+        "bias",
+        True,
+    )
+    assert PruneConfig(method="id", id_solver="qr").compensate == "none"
+    plain = PruneConfig(method="id", compensate="none", recalibrate=False)
+    assert (plain.compensate, plain.recalibrate) == ("none", False)
+    for method in ("magnitude", "cob", "taylor"):
+        config = PruneConfig(method=method)
+        assert (config.compensate, config.recalibrate) == ("none", False)
+    args = ["prune", "m.onnx", "--method", "id", "--no-recalibrate", "--compensate", "none"]
+    parsed = build_parser().parse_args(args)
+    assert (parsed.recalibrate, parsed.compensate) == (False, "none")
+
+
+def test_plain_id_call_is_the_intercept_and_recalibration_run():
+    model = graphs.conv_chain()
+    feeds = graphs.random_input(model, 64)
+    default = onnxprune.prune(model, method="id", ratio=0.5, round_to=1, data=feeds)
+    explicit = onnxprune.prune(model, method="id", ratio=0.5, round_to=1, data=feeds,
+                               compensate="bias", recalibrate=True)  # fmt: skip
+    plain = onnxprune.prune(model, method="id", ratio=0.5, round_to=1, data=feeds,
+                            compensate="none", recalibrate=False)  # fmt: skip
+    assert default.model.SerializeToString() == explicit.model.SerializeToString()
+    assert default.model.SerializeToString() != plain.model.SerializeToString()
+    assert any("recalibrated" in note for note in default.report.notes)

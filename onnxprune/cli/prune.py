@@ -192,9 +192,9 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument(
         "--compensate",
         choices=COMPENSATIONS,
-        default="none",
         help="correction for any selection: 'bias' adds the removed channels' "
-        "means (id: ID with intercept), 'lsq' the least-squares map",
+        "means (id: ID with intercept), 'lsq' the least-squares map (default: bias for id, "
+        "none for the others)",
     )
     method.add_argument(
         "--epsilon",
@@ -221,9 +221,10 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     )
     method.add_argument(
         "--recalibrate",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         help="after pruning, restore each affected layer's per-channel output mean and "
-        "variance on the calibration data (like re-estimating BatchNorm statistics)",
+        "variance on the calibration data (like re-estimating BatchNorm statistics); "
+        "default: on for id, off for the others",
     )
     method.add_argument(
         "--exact-borders",

@@ -393,7 +393,9 @@ def _points(
 
 def _cell(proto, spec, kind, point, seeds, data, evaluator, before, options, *, latency, repeats):
     width = {"ratio": point} if kind == "ratio" else {"target_macs": 1.0 - point}
-    prune_options = {"verify": False, "allow_noop": True, **options, **spec.options, **width}
+    literal = {"compensate": "none", "recalibrate": False}  # a spec names all it adds
+    prune_options = {"verify": False, "allow_noop": True, **literal, **options, **spec.options}
+    prune_options.update(width)
     scores, macs, params, seconds, model = [], [], [], [], None
     try:
         for seed in seeds:
