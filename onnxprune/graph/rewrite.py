@@ -61,11 +61,21 @@ def rewrite(
     outputs = _output_plans(groups, plans)
     for name, delta in deltas.items():
         add_bias(graph, nodes[name], _to_new_outputs(delta, *outputs.get(name, (None, None))))
-    for node in graph.nodes:
-        if node.op == "Conv" and node.attrs.get("group", 1) > 1:
-            node.attrs["group"] = int(node.inputs[1].shape[0])
+    for name, index in jobs:
+        _follow_depthwise_group(nodes[name], index, jobs[(name, index)])
     graph.cleanup().toposort()
     return infer_shapes(graph)
+
+
+def _follow_depthwise_group(
+    node: gs.Node, index: int, items: list[tuple[ParamEdit, ChannelGroup, Plan]]
+) -> None:
+    """A depthwise Conv whose filters were sliced as channels keeps group = its channels.
+
+    Only such a Conv changes `group`: any other grouped Conv (outside every pruned group, or
+    pruned with its group structure kept) keeps its attribute."""
+    if node.op == "Conv" and index == 1 and any(e.role == "chan" for e, _, _ in items):
+        node.attrs["group"] = int(node.inputs[1].shape[0])
 
 
 def _new_split(items: list[tuple[ParamEdit, ChannelGroup, Plan]]) -> int:
