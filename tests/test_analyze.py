@@ -121,7 +121,7 @@ def test_channels_reaching_a_graph_output_are_unprunable():
 @pytest.mark.parametrize(
     "op, named",
     [
-        ("Transpose", "Transpose"),
+        ("LpNormalization", "LpNormalization"),
         ("Softmax", "Softmax"),
         ("LRN", "LRN"),
         ("Mystery", "com.example::Mystery"),

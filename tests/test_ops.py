@@ -11,6 +11,7 @@ from __future__ import annotations
 import graphs
 import numpy as np
 import onnx
+import pytest
 from conftest import assert_outputs_close
 from test_rewrite import zero_removed_inputs
 
@@ -38,7 +39,8 @@ def _prune_exact(model: onnx.ModelProto, ratio: float = 0.5, **options: object):
     """Prune with `ratio`; the result must equal the original with removed readers zeroed."""
     result = onnxprune.prune(model, ratio=ratio, round_to=1, prune_residual=True, **options)
     reference = zero_removed_inputs(normalize(model), result.groups, result.plans)
-    assert_outputs_close(reference, result.model, graphs.random_input(model, 8), atol=1e-5)
+    feeds = graphs.random_input(model, 8)  # a fixed batch stays fixed
+    assert_outputs_close(reference, result.model, feeds, atol=1e-5)
     return result
 
 
@@ -64,3 +66,203 @@ def test_grouped_conv_outside_pruned_groups_keeps_group_and_weights():
     assert _attr(result.model, "g", "group") == 2
     np.testing.assert_array_equal(_initializer(result.model, "g", 1), _initializer(model, "g", 1))
     assert _initializer(result.model, "c0", 1).shape[0] == 4
+
+
+# --- Split on the channel axis (YOLOv8 C2f, CSP) -------------------------------------------------
+
+
+def c2f_block(form: str = "input", sizes: tuple[int, int] = (4, 4)) -> onnx.ModelProto:
+    """c0(8) → relu → c1 (1×1, 8) → relu → Split(sizes) → y0, y1; y1 → b1(4) → relu = m;
+    Concat(y0, y1, m) → c2(4) → y. `form`: the sizes as an input (opset 17), the `split`
+    attribute (opset 11) or `num_outputs` (opset 18, equal sizes).
+
+    c0's channel 5 is the constant 0.7 (zero filter); c1's channels 2 and 6 duplicate 0 and 4,
+    one in each Split output, so ID removes them exactly."""
+    b = graphs.Builder(41)
+    w0 = (0.5 * b.rng.standard_normal((8, 3, 3, 3))).astype(np.float32)
+    b0 = (0.5 * b.rng.standard_normal(8)).astype(np.float32)
+    w0[5], b0[5] = 0.0, 0.7
+    w1 = (0.5 * b.rng.standard_normal((8, 8, 1, 1))).astype(np.float32)
+    b1 = (0.5 * b.rng.standard_normal(8)).astype(np.float32)
+    for p in (w1, b1):
+        p[2], p[6] = p[0], p[4]
+    h = b.relu("r0", b.conv("c0", "x", 3, 8, weight=w0, b=b0))
+    h = b.relu("r1", b.conv("c1", h, 8, 8, 1, weight=w1, b=b1))
+    opset = {"input": 17, "attribute": 11, "num_outputs": 18}[form]
+    if form == "input":
+        split_sizes = b.const("split.sizes", np.array(sizes, dtype=np.int64))
+        y0 = b.node("Split", "split", [h, split_sizes], outputs=2, axis=1)
+    elif form == "attribute":
+        y0 = b.node("Split", "split", [h], outputs=2, axis=1, split=list(sizes))
+    else:
+        y0 = b.node("Split", "split", [h], outputs=2, axis=1, num_outputs=2)
+    y1 = "split_out1"
+    m = b.relu("rb", b.conv("b1", y1, sizes[1], 4))
+    cat = b.node("Concat", "cat", [y0, y1, m], axis=1)
+    return b.model([b.conv("c2", cat, 12, 4)], opset=opset)
+
+
+def _split_sizes(model: onnx.ModelProto) -> list[int]:
+    node = next(n for n in model.graph.node if n.op_type == "Split")
+    if len(node.input) > 1:
+        return _initializer(model, node.name, 1).tolist()
+    return list(_attr(model, node.name, "split"))
+
+
+@pytest.mark.parametrize(
+    "form, sizes",
+    [("input", (4, 4)), ("input", (3, 5)), ("attribute", (5, 3)), ("num_outputs", (4, 4))],
+)
+def test_split_cuts_the_producer_into_one_group_per_output(form, sizes):
+    model = c2f_block(form, sizes)
+    groups = _groups(model)
+    first, second = f"c1[0:{sizes[0]}]", f"c1[{sizes[0]}:8]"
+    assert {first, second, "b1"} <= {name for name, g in groups.items() if g.prunable}
+    assert groups[first].consumers == ("c2",)
+    assert set(groups[second].consumers) == {"b1", "c2"}
+    in_offsets = {(e.node, e.offset) for e in groups[second].edits if e.role == "in"}
+    assert in_offsets == {("b1", 0), ("c2", sizes[0])}
+    exact = onnxprune.prune(model, ratio=0.0, round_to=1)
+    assert_outputs_close(model, exact.model, graphs.random_input(model, 8), atol=1e-5)
+    result = _prune_exact(model)
+    kept = [len(result.plans[name].keep) for name in (first, second)]
+    assert (
+        _split_sizes(result.model)
+        == kept
+        == [sizes[0] - sizes[0] // 2, 8 - sizes[0] - (8 - sizes[0]) // 2]
+    )
+    assert _initializer(result.model, "c1", 1).shape[0] == sum(kept)
+
+
+def test_id_folds_duplicates_in_each_split_output_and_a_constant_into_the_split_producer():
+    """The constant channel's shift lands in c1's bias, mapped through both of c1's groups."""
+    model = c2f_block()
+    recipe = {"c0": 1 / 8, "c1[0:4]": 1 / 4, "c1[4:8]": 1 / 4}
+    result = onnxprune.prune(
+        model,
+        method="id",
+        compensate="bias",
+        ratio=0.0,
+        round_to=1,
+        recipe=recipe,
+        data=graphs.random_input(model, 64),
+    )
+    assert result.plans["c0"].keep.tolist() == [0, 1, 2, 3, 4, 6, 7]
+    assert len(result.plans["c1[0:4]"].keep) == len(result.plans["c1[4:8]"].keep) == 3
+    assert _split_sizes(result.model) == [3, 3]
+    assert_outputs_close(model, result.model, graphs.random_input(model, 8, seed=5), atol=1e-5)
+
+
+# --- Slice on the channel axis ----------------------------------------------------------------
+
+_END = np.iinfo(np.int64).max
+
+
+def sliced(steps: int = 1) -> onnx.ModelProto:
+    """h = relu(c1(x)) [8]; ya = ca(h[:, 2:6]); yb = cb(h[:, 6:]); yc = cc(h) (three outputs)."""
+    b = graphs.Builder(42)
+    h = b.relu("r1", b.conv("c1", "x", 3, 8))
+    one = b.const("one", np.array([1], dtype=np.int64))
+    bounds = {"sa": (2, 6, steps), "sb": (6, _END, 1)}
+    outs = {}
+    for name, (start, end, step) in bounds.items():
+        s = b.const(f"{name}.s", np.array([start], dtype=np.int64))
+        e = b.const(f"{name}.e", np.array([end], dtype=np.int64))
+        st = b.const(f"{name}.st", np.array([step], dtype=np.int64))
+        outs[name] = b.node("Slice", name, [h, s, e, one, st])
+    ya = b.conv("ca", outs["sa"], 4 // steps, 4)
+    yb = b.conv("cb", outs["sb"], 2, 4)
+    return b.model([ya, yb, b.conv("cc", h, 8, 4)])
+
+
+def test_slice_cuts_the_group_at_its_bounds_and_moves_them():
+    model = sliced()
+    groups = _groups(model)
+    assert {"c1[0:2]", "c1[2:6]", "c1[6:8]"} <= {n for n, g in groups.items() if g.prunable}
+    assert set(groups["c1[0:2]"].consumers) == {"cc"}  # its channels are sliced away
+    assert set(groups["c1[2:6]"].consumers) == {"ca", "cc"}
+    assert set(groups["c1[6:8]"].consumers) == {"cb", "cc"}
+    exact = onnxprune.prune(model, ratio=0.0, round_to=1)
+    assert_outputs_close(model, exact.model, graphs.random_input(model, 8), atol=1e-5)
+    result = _prune_exact(model)  # keeps 1, 2, 1 channels of the three parts
+    assert [len(result.plans[f"c1[{r}]"].keep) for r in ("0:2", "2:6", "6:8")] == [1, 2, 1]
+    assert _initializer(result.model, "sa", 1).tolist() == [1]
+    assert _initializer(result.model, "sa", 2).tolist() == [3]
+    assert _initializer(result.model, "sb", 1).tolist() == [3]
+    assert _initializer(result.model, "sb", 2).tolist() == [_END]
+
+
+def test_slice_with_a_step_on_the_channels_blocks():
+    group = _groups(sliced(steps=2))["c1[0:6]"]  # sb still cuts the group at 6
+    assert not group.prunable and group.blocker == "sa" and "step" in group.reason
+
+
+# --- Transpose (ConvNeXt's channels-last block) and LayerNormalization -------------------------
+
+
+def channels_last(norm: bool) -> onnx.ModelProto:
+    """c0(8) → Transpose(0,2,3,1) [→ LayerNorm] → m1 (8→16) + b → sigmoid → m2 (16→8) + b →
+    Transpose(0,3,1,2) → c2(4) → y: ConvNeXt's block with its MLP on the last axis."""
+    b = graphs.Builder(43)
+    h = b.node("Transpose", "to_last", [b.conv("c0", "x", 3, 8)], perm=[0, 2, 3, 1])
+    if norm:
+        h = b.node("LayerNormalization", "ln", [h, b.rand("ln.g", 8), b.rand("ln.b", 8)], axis=-1)
+    h = b.node(
+        "Add", "m1_bias", [b.node("MatMul", "m1", [h, b.rand("m1.w", 8, 16)]), b.rand("m1.b", 16)]
+    )
+    h = b.node("Sigmoid", "act", [h])
+    h = b.node(
+        "Add", "m2_bias", [b.node("MatMul", "m2", [h, b.rand("m2.w", 16, 8)]), b.rand("m2.b", 8)]
+    )
+    h = b.node("Transpose", "to_first", [h], perm=[0, 3, 1, 2])
+    return b.model([b.conv("c2", h, 8, 4)])
+
+
+def test_transpose_moves_the_channel_axis():
+    model = channels_last(norm=False)
+    groups = _groups(model)
+    assert all(groups[name].prunable for name in ("c0", "m1", "m2"))
+    assert groups["c0"].taps[0].axis == 3 and groups["m2"].consumers == ("c2",)
+    exact = onnxprune.prune(model, ratio=0.0, round_to=1)
+    assert_outputs_close(model, exact.model, graphs.random_input(model, 8), atol=1e-5)
+    result = _prune_exact(model)
+    assert _initializer(result.model, "m1", 1).shape == (4, 8)
+
+
+def test_layernorm_over_the_channels_blocks_but_the_mlp_stays_prunable():
+    groups = _groups(channels_last(norm=True))
+    assert not groups["c0"].prunable and groups["c0"].blocker == "ln"
+    assert "mean and variance" in groups["c0"].reason
+    assert groups["m1"].prunable and groups["m2"].prunable
+
+
+# --- Resize with explicit sizes -----------------------------------------------------------------
+
+
+def resized(channel_size: int = 8, axes: bool = False) -> onnx.ModelProto:
+    """relu(c1(x)) [2, 8, 4, 4] → Resize to 8×8 by `sizes` → c2(4) → y. With `axes` (opset 18)
+    the sizes name only H and W; else they state (2, channel_size, 8, 8)."""
+    b = graphs.Builder(44)
+    h = b.relu("r1", b.conv("c1", "x", 3, 8))
+    sizes = [8, 8] if axes else [2, channel_size, 8, 8]
+    size = b.const("rs.sizes", np.array(sizes, dtype=np.int64))
+    extra = {"axes": [2, 3]} if axes else {}
+    h = b.node("Resize", "rs", [h, "", "", size], mode="nearest", **extra)
+    return b.model([b.conv("c2", h, channel_size, 4)], shape=(2, 3, 4, 4), opset=18 if axes else 13)
+
+
+@pytest.mark.parametrize("axes", [False, True], ids=["all-sizes", "axes"])
+def test_resize_with_sizes_keeps_the_channels_and_rewrites_their_count(axes):
+    model = resized(axes=axes)
+    assert _groups(model)["c1"].prunable
+    fixed = {"data": graphs.random_input(model, 2), "batch_size": 2, "verify_samples": 2}
+    exact = onnxprune.prune(model, ratio=0.0, round_to=1, **fixed)
+    assert_outputs_close(model, exact.model, graphs.random_input(model, 2), atol=1e-5)
+    result = _prune_exact(model, **fixed)
+    expected = [8, 8] if axes else [2, 4, 8, 8]
+    assert _initializer(result.model, "rs", 3).tolist() == expected
+
+
+def test_resize_of_the_channel_axis_blocks():
+    group = _groups(resized(channel_size=16))["c1"]
+    assert not group.prunable and group.blocker == "rs" and "channel axis" in group.reason

@@ -10,11 +10,12 @@ with a reason and the blocking node; a blocked group is reported, never pruned.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, Tap
+from onnxprune.graph.layout import layout_step
 from onnxprune.graph.ops import NONLINEAR, State, const, rank_of, step
 from onnxprune.graph.rotation import invariant_step, is_rms_end, is_tsra, rotation_block
 
@@ -22,7 +23,7 @@ from onnxprune.graph.rotation import invariant_step, is_rms_end, is_tsra, rotati
 def analyze(graph: gs.Graph) -> tuple[ChannelGroup, ...]:
     """Channel groups of `graph` in topological order of their first producer."""
     order = {node.name: i for i, node in enumerate(graph.nodes)}
-    walks = [_walk(graph, p) for p in _producers(graph)]
+    walks = [w for p in _producers(graph) for w in _walk_parts(graph, p)]
     members = _couple(walks)
     groups = [_merge([walks[i] for i in idx]) for idx in members]
     groups += _grouped_conv_notes(graph)
@@ -31,11 +32,21 @@ def analyze(graph: gs.Graph) -> tuple[ChannelGroup, ...]:
 
 @dataclass
 class _Producer:
+    """A producer's output channels [lo, lo + channels) (all of them unless a Split cut them)."""
+
     node: gs.Node
     channels: int
     edits: list[ParamEdit]
     start: State
     reason: str | None = None
+    lo: int = 0
+    whole: bool = True
+
+    @property
+    def label(self) -> str:
+        """The group name: the node's, with the channel range when only a part is the group."""
+        name = self.node.name
+        return name if self.whole else f"{name}[{self.lo}:{self.lo + self.channels}]"
 
 
 @dataclass
@@ -51,6 +62,8 @@ class _Walk:
     blocker: str | None = None
     rotation: str | None = None
     invariants: list[tuple[str, str]] = field(default_factory=list)
+
+    cuts: set[int] = field(default_factory=set)
 
     def block(self, reason: str, node: str | None) -> None:
         if self.reason is None:
@@ -116,6 +129,31 @@ def _gemm_bias(node: gs.Node, producer: _Producer) -> _Producer:
     return producer
 
 
+def _walk_parts(graph: gs.Graph, producer: _Producer) -> list[_Walk]:
+    """Walk `producer`; where a Split or Slice cuts its channels, walk each part on its own.
+
+    The parts are independent groups: every op on the way acts channel by channel, so the
+    channels of one part never meet those of another except where a consumer reads both."""
+    walk = _walk(graph, producer)
+    if not walk.cuts:
+        return [walk]
+    edges = [0, *sorted(walk.cuts), producer.channels]
+    return [
+        w
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+        for w in _walk_parts(graph, _part(producer, lo, hi))
+    ]
+
+
+def _part(producer: _Producer, lo: int, hi: int) -> _Producer:
+    """Channels [lo, hi) of `producer` (indices relative to its own range) as a producer."""
+    edits = [replace(e, offset=e.offset + lo) for e in producer.edits]
+    start = replace(producer.start, offset=producer.start.offset + lo)
+    return replace(
+        producer, channels=hi - lo, edits=edits, start=start, lo=producer.lo + lo, whole=False
+    )
+
+
 def _walk(graph: gs.Graph, producer: _Producer) -> _Walk:
     """Follow one producer's channels forward until every path ends at a consumer or a block."""
     walk = _Walk(producer)
@@ -141,9 +179,14 @@ def _walk(graph: gs.Graph, producer: _Producer) -> _Walk:
 
 def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[State]) -> None:
     channels = walk.producer.channels
-    result = invariant_step(node, index, state, channels) or step(node, index, state, channels)
+    result = (
+        invariant_step(node, index, state, channels)
+        or layout_step(node, index, state, channels)
+        or step(node, index, state, channels)
+    )
     if result.kind == "block":
         walk.block(result.reason or "blocked", node.name)
+        walk.cuts.update(result.cuts)
         return
     if walk.rotation is None:
         walk.rotation = rotation_block(node, index, state, result)
@@ -155,6 +198,8 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
         _add_once(walk.invariants, ("rmsnorm", node.name))
     for edit in result.edits:
         walk.edits[(edit.node, edit.input, edit.axis, edit.offset, edit.role)] = edit
+    if result.kind == "drop":
+        return
     if result.kind == "consume":
         if result.edits:
             _add_once(walk.consumers, node.name)
@@ -249,7 +294,7 @@ def _merge(walks: list[_Walk]) -> ChannelGroup:
         reason = "no consumer reads these channels through weights"
     rotation = next((w.rotation for w in walks if w.rotation), None)
     return ChannelGroup(
-        name=first.producer.node.name,
+        name=first.producer.label,
         channels=first.producer.channels,
         producers=tuple(w.producer.node.name for w in walks),
         passthrough=tuple(passthrough),

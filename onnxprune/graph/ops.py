@@ -30,13 +30,19 @@ class State:
 
 @dataclass
 class Step:
-    """The outcome of one node for one incoming state."""
+    """The outcome of one node for one incoming state.
 
-    kind: Literal["through", "consume", "block"]
+    kind "drop": the node discards the channels on this path (a Slice outside them) but its
+    `edits` still follow them. `cuts` (with "block"): channel indices of the group where
+    splitting it into independent groups lets every part pass (a Split or Slice boundary).
+    """
+
+    kind: Literal["through", "consume", "block", "drop"]
     next: State | None = None
     edits: list[ParamEdit] = field(default_factory=list)
     reason: str | None = None
     couple: bool = False
+    cuts: tuple[int, ...] = ()
 
 
 def step(node: gs.Node, index: int, state: State, channels: int) -> Step:
@@ -338,8 +344,6 @@ def _pad(node: gs.Node, index: int, state: State, channels: int) -> Step:
 @_first_input_only
 def _resize(node: gs.Node, index: int, state: State, channels: int) -> Step:
     scales = const(node, 2) if len(node.inputs) > 2 and node.inputs[2].name else None
-    if len(node.inputs) > 3 and node.inputs[3].name:
-        return _block(f"Resize '{node.name}' is given explicit sizes")
     if scales is not None and scales.size and scales.reshape(-1)[state.axis] != 1:
         return _block(f"Resize '{node.name}' scales the channel axis")
     if state.axis != 1:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ChannelGroup, ParamEdit
+from onnxprune.graph.layout import split_sizes
 from onnxprune.graph.load import export, infer_shapes
 from onnxprune.methods.base import Plan
 
@@ -49,6 +50,8 @@ def rewrite(
             _accumulate(deltas, name, np.asarray(shift, dtype=np.float64))
     for (name, index), items in jobs.items():
         node = nodes[name]
+        if node.op == "Split":
+            _split_sizes_input(node)
         value = np.asarray(node.inputs[index].values)
         work = value.astype(np.float64)
         for edit, group, plan in sorted(items, key=_edit_order):
@@ -56,11 +59,12 @@ def rewrite(
         node.inputs[index] = gs.Constant(
             f"{node.inputs[index].name}__{name}", work.astype(value.dtype)
         )
+    _split_attributes([nodes[name] for name, _ in jobs], graph.opset)
     for name, items in splits.items():
         nodes[name].attrs["split"] = _new_split(items)
     outputs = _output_plans(groups, plans)
     for name, delta in deltas.items():
-        add_bias(graph, nodes[name], _to_new_outputs(delta, *outputs.get(name, (None, None))))
+        add_bias(graph, nodes[name], _to_new_outputs(delta, name, outputs.get(name, [])))
     for name, index in jobs:
         _follow_depthwise_group(nodes[name], index, jobs[(name, index)])
     graph.cleanup().toposort()
@@ -97,23 +101,30 @@ def _edit_order(item: tuple[ParamEdit, ChannelGroup, Plan]) -> tuple[bool, int, 
 
 def _output_plans(
     groups: tuple[ChannelGroup, ...], plans: Mapping[str, Plan]
-) -> dict[str, tuple[ChannelGroup, Plan]]:
-    """Producer node → its group and plan, to map consumer bias shifts to the pruned outputs."""
-    found = {}
+) -> dict[str, list[tuple[ChannelGroup, Plan]]]:
+    """Producer node → its groups and plans (several where a Split cut its outputs), to map
+    consumer bias shifts to the pruned outputs."""
+    found = defaultdict(list)
     for group in groups:
         if group.prunable and group.name in plans:
             for name in group.producers:
-                found[name] = (group, plans[group.name])
+                found[name].append((group, plans[group.name]))
     return found
 
 
-def _to_new_outputs(delta: np.ndarray, group: ChannelGroup | None, plan: Plan | None) -> np.ndarray:
-    """A shift computed for the original output channels, rotated and sliced like the outputs."""
-    if plan is None:
-        return delta
-    if plan.rotation is not None:
-        delta = np.tensordot(np.asarray(plan.rotation), delta, axes=([1], [0]))
-    return delta[np.asarray(plan.keep)]
+def _to_new_outputs(
+    delta: np.ndarray, name: str, owners: list[tuple[ChannelGroup, Plan]]
+) -> np.ndarray:
+    """A shift computed for the original output channels of producer `name`, rotated and sliced
+    like its outputs (each group's segment, from the highest first row down)."""
+    for group, plan in sorted(owners, key=lambda owner: -owner[0].first_row(name)):
+        lo = group.first_row(name)
+        segment = delta[lo : lo + group.channels]
+        if plan.rotation is not None:
+            segment = np.tensordot(np.asarray(plan.rotation), segment, axes=([1], [0]))
+        segment = segment[np.asarray(plan.keep)]
+        delta = np.concatenate([delta[:lo], segment, delta[lo + group.channels :]])
+    return delta
 
 
 def _apply(
@@ -126,9 +137,9 @@ def _apply(
     exact_borders: bool,
 ) -> np.ndarray:
     m, keep = group.channels, np.asarray(plan.keep)
-    if edit.role == "reshape":
+    if edit.role in ("reshape", "count"):
         work = work.copy()
-        work[1] -= (m - len(keep)) * edit.spatial
+        work[1 if edit.role == "reshape" else edit.axis] -= (m - len(keep)) * edit.spatial
         return work
     if plan.rotation is not None and _rotates(edit, node):
         work = _map_segment(work, edit, m, np.asarray(plan.rotation))
@@ -242,6 +253,27 @@ def _tap_inside(size: int, k: int, stride: int, dilation: int, before: int, afte
     out = (size + before + after - dilation * (k - 1) - 1) // stride + 1
     index = np.arange(out)[None, :] * stride - before + np.arange(k)[:, None] * dilation
     return ((index >= 0) & (index < size)).astype(np.float64)
+
+
+def _split_sizes_input(node: gs.Node) -> None:
+    """Give a Split its sizes as a constant input (from its `split` attribute or equal parts),
+    so they can be edited like any constant; opsets < 13 take them back as the attribute."""
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        return
+    total = node.inputs[0].shape[node.attrs.get("axis", 0)]
+    sizes = np.asarray(split_sizes(node, int(total)), dtype=np.int64)
+    node.attrs.pop("split", None)
+    node.attrs.pop("num_outputs", None)
+    while len(node.inputs) > 1:  # an empty optional input
+        node.inputs.pop()
+    node.inputs.append(gs.Constant(f"{node.name}__split", sizes))
+
+
+def _split_attributes(nodes: list[gs.Node], opset: int) -> None:
+    """Before opset 13 a Split's sizes are its `split` attribute, not an input."""
+    for node in nodes:
+        if opset < 13 and node.op == "Split" and len(node.inputs) > 1:
+            node.attrs["split"] = [int(v) for v in node.inputs.pop().values]
 
 
 def add_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:

@@ -11,7 +11,15 @@ from onnxprune.graph.groups import ChannelGroup, ParamEdit
 def producer_filters(graph: gs.Graph, group: ChannelGroup) -> tuple[np.ndarray, ...]:
     """Each producer's weight as (channels, fan_in) float64 rows, one row per output channel."""
     nodes = {node.name: node for node in graph.nodes}
-    return tuple(filter_rows(nodes[name], nodes[name].inputs[1].values) for name in group.producers)
+    return tuple(
+        group_rows(group, nodes[name], nodes[name].inputs[1].values) for name in group.producers
+    )
+
+
+def group_rows(group: ChannelGroup, node: gs.Node, weight: np.ndarray) -> np.ndarray:
+    """The rows of `filter_rows` that are `group`'s channels of producer `node`."""
+    lo = group.first_row(node.name)
+    return filter_rows(node, weight)[lo : lo + group.channels]
 
 
 def producer_weight_names(graph: gs.Graph, group: ChannelGroup) -> tuple[str, ...]:
