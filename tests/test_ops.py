@@ -47,11 +47,18 @@ def _prune_exact(model: onnx.ModelProto, ratio: float = 0.5, **options: object):
 # --- grouped convolutions outside any pruned group -----------------------------------------------
 
 
-def resnext_block() -> onnx.ModelProto:
-    """c0(8) → relu → c1(8) → relu → g (3×3, group 2) → relu → c3(8) → relu → c4(4) → y."""
+def resnext_block(duplicates: bool = False) -> onnx.ModelProto:
+    """c0(8) → relu → c1 (1×1, 8) → relu → g (3×3, group 2) → relu → c3 (1×1, 8) → relu →
+    c4(4) → y: a ResNeXt bottleneck. With `duplicates`, c1's channels 1 and 6 repeat 0 and 5,
+    one inside each conv group of g."""
     b = graphs.Builder(40)
+    w1 = (0.5 * b.rng.standard_normal((8, 8, 1, 1))).astype(np.float32)
+    b1 = (0.5 * b.rng.standard_normal(8)).astype(np.float32)
+    if duplicates:
+        for p in (w1, b1):
+            p[1], p[6] = p[0], p[5]
     h = b.relu("r0", b.conv("c0", "x", 3, 8))
-    h = b.relu("r1", b.conv("c1", h, 8, 8, 1))
+    h = b.relu("r1", b.conv("c1", h, 8, 8, 1, weight=w1, b=b1))
     h = b.relu("rg", b.conv("g", h, 8, 8, group=2))
     h = b.relu("r3", b.conv("c3", h, 8, 8, 1))
     return b.model([b.conv("c4", h, 8, 4)])
@@ -61,11 +68,47 @@ def test_grouped_conv_outside_pruned_groups_keeps_group_and_weights():
     model = resnext_block()
     exact = onnxprune.prune(model, ratio=0.0, round_to=1)
     assert_outputs_close(model, exact.model, graphs.random_input(model, 8), atol=1e-5)
-    result = _prune_exact(model)
-    assert {"c0", "c3"} <= set(result.plans)
+    result = _prune_exact(model, exclude=["^c1", "^g"])
+    assert set(result.plans) == {"c0", "c3"}
     assert _attr(result.model, "g", "group") == 2
     np.testing.assert_array_equal(_initializer(result.model, "g", 1), _initializer(model, "g", 1))
     assert _initializer(result.model, "c0", 1).shape[0] == 4
+
+
+def test_grouped_conv_prunes_each_conv_group_alike_and_keeps_group():
+    model = resnext_block()
+    result = _prune_exact(model)
+    assert {"c1[0:4]", "c1[4:8]", "g[0:4]", "g[4:8]"} <= set(result.plans)
+    assert _attr(result.model, "g", "group") == 2
+    assert _initializer(result.model, "g", 1).shape == (4, 2, 3, 3)  # 2 of 4 in and out
+    assert _initializer(result.model, "c1", 1).shape[0] == 4
+
+
+def test_tied_conv_groups_keep_equal_widths_under_unequal_ratios():
+    model = resnext_block()
+    result = onnxprune.prune(model, ratio=0.0, round_to=1, recipe={"g[0:4]": 0.5})
+    assert len(result.plans["g[0:4]"].keep) == len(result.plans["g[4:8]"].keep) == 4
+    result = onnxprune.prune(model, ratio=0.5, round_to=1, recipe={"c1[4:8]": 0.25})
+    assert len(result.plans["c1[0:4]"].keep) == len(result.plans["c1[4:8]"].keep) == 3
+
+
+def test_id_recovers_a_duplicate_inside_each_conv_group_exactly():
+    """Each conv group reads only its own channels, so a channel can only be rebuilt from kept
+    channels of its own conv group: the duplicates sit one in each, and ID removes both."""
+    model = resnext_block(duplicates=True)
+    result = onnxprune.prune(
+        model,
+        method="id",
+        ratio=0.0,
+        round_to=1,
+        recipe={"c1[0:4]": 0.25, "c1[4:8]": 0.25},
+        data=graphs.random_input(model, 64),
+    )
+    assert set(result.plans["c1[0:4]"].keep.tolist()) in ({0, 2, 3}, {1, 2, 3})
+    assert set(result.plans["c1[4:8]"].keep.tolist()) in ({0, 1, 3}, {0, 2, 3})
+    assert _attr(result.model, "g", "group") == 2
+    assert _initializer(result.model, "g", 1).shape == (8, 3, 3, 3)
+    assert_outputs_close(model, result.model, graphs.random_input(model, 8, seed=5), atol=1e-5)
 
 
 # --- Split on the channel axis (YOLOv8 C2f, CSP) -------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, Tap
-from onnxprune.graph.layout import layout_step
+from onnxprune.graph.layout import is_grouped_conv, layout_step
 from onnxprune.graph.ops import NONLINEAR, State, const, rank_of, step
 from onnxprune.graph.rotation import invariant_step, is_rms_end, is_tsra, rotation_block
 
@@ -26,7 +26,6 @@ def analyze(graph: gs.Graph) -> tuple[ChannelGroup, ...]:
     walks = [w for p in _producers(graph) for w in _walk_parts(graph, p)]
     members = _couple(walks)
     groups = [_merge([walks[i] for i in idx]) for idx in members]
-    groups += _grouped_conv_notes(graph)
     return tuple(sorted(groups, key=lambda g: order.get(g.producers[0], 0)))
 
 
@@ -41,6 +40,7 @@ class _Producer:
     reason: str | None = None
     lo: int = 0
     whole: bool = True
+    blocks: int = 1
 
     @property
     def label(self) -> str:
@@ -64,6 +64,7 @@ class _Walk:
     invariants: list[tuple[str, str]] = field(default_factory=list)
 
     cuts: set[int] = field(default_factory=set)
+    ties: set[str] = field(default_factory=set)
 
     def block(self, reason: str, node: str | None) -> None:
         if self.reason is None:
@@ -84,8 +85,10 @@ def _as_producer(node: gs.Node) -> _Producer | None:
     if weight is None or not node.outputs:
         return None
     out = node.outputs[0].name
-    if node.op == "Conv" and node.attrs.get("group", 1) == 1:
-        return _with_bias(node, weight.shape[0], [ParamEdit(node.name, 1, 0, 0, "out")], out, 0)
+    if node.op == "Conv" and (node.attrs.get("group", 1) == 1 or is_grouped_conv(node)):
+        producer = _with_bias(node, weight.shape[0], [ParamEdit(node.name, 1, 0, 0, "out")], out, 0)
+        producer.blocks = node.attrs.get("group", 1)  # one group per conv group, equal widths
+        return producer
     if node.op == "ConvTranspose" and node.attrs.get("group", 1) == 1:
         return _with_bias(node, weight.shape[1], [ParamEdit(node.name, 1, 1, 0, "out")], out, 0)
     if node.op == "Gemm" and weight.ndim == 2:
@@ -134,8 +137,14 @@ def _walk_parts(graph: gs.Graph, producer: _Producer) -> list[_Walk]:
 
     The parts are independent groups: every op on the way acts channel by channel, so the
     channels of one part never meet those of another except where a consumer reads both."""
-    walk = _walk(graph, producer)
+    if producer.blocks > 1 and producer.whole:  # a grouped Conv: one part per conv group
+        width = producer.channels // producer.blocks
+        walk = _Walk(producer, cuts=set(range(width, producer.channels, width)))
+    else:
+        walk = _walk(graph, producer)
     if not walk.cuts:
+        if producer.blocks > 1:
+            walk.ties.add(f"{producer.node.name}:out")
         return [walk]
     edges = [0, *sorted(walk.cuts), producer.channels]
     return [
@@ -201,6 +210,8 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
     if result.kind == "drop":
         return
     if result.kind == "consume":
+        if is_grouped_conv(node):
+            walk.ties.add(f"{node.name}:in")
         if result.edits:
             _add_once(walk.consumers, node.name)
             _add_once(walk.taps, _tap(state))
@@ -307,6 +318,7 @@ def _merge(walks: list[_Walk]) -> ChannelGroup:
         subspaces=_subspaces(edits.values(), first.producer.channels),
         rotation_block=rotation,
         invariants=tuple(dict.fromkeys(n for w in walks for n in w.invariants)),
+        ties=tuple(sorted({t for w in walks for t in w.ties})),
     )
 
 
@@ -314,23 +326,3 @@ def _subspaces(edits, channels: int) -> tuple[int, ...]:
     """Channel indices of the group where a TSRA on the way starts its V subspace."""
     cuts = {e.split - e.offset for e in edits if e.role == "split" and e.split is not None}
     return tuple(sorted(c for c in cuts if 0 < c < channels))
-
-
-def _grouped_conv_notes(graph: gs.Graph) -> list[ChannelGroup]:
-    """Grouped (non-depthwise) convolutions are listed as unprunable so users see why."""
-    notes = []
-    for node in graph.nodes:
-        weight = const(node, 1)
-        group = node.attrs.get("group", 1)
-        if node.op != "Conv" or weight is None or group == 1 or weight.shape[1] == 1:
-            continue
-        notes.append(
-            ChannelGroup(
-                name=node.name,
-                channels=int(weight.shape[0]),
-                producers=(node.name,),
-                reason=f"grouped Conv (group={group}) is not supported",
-                blocker=node.name,
-            )
-        )
-    return notes

@@ -60,6 +60,8 @@ class ChannelGroup:
     `rotation_block` says why an orthogonal change of basis cannot be folded (None: it can),
     `invariants` lists the rotation-invariant nonlinear ops on the way as (kind, node), kind
     "tsra" or "rmsnorm".
+    `ties` name the grouped Convs this group is one conv group of ("node:in" for the channels
+    a conv group reads, "node:out" for those it writes): groups sharing a tie keep equal widths.
     """
 
     name: str
@@ -75,6 +77,7 @@ class ChannelGroup:
     subspaces: tuple[int, ...] = ()
     rotation_block: str | None = None
     invariants: tuple[tuple[str, str], ...] = ()
+    ties: tuple[str, ...] = ()
 
     @property
     def rotatable(self) -> bool:

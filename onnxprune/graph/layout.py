@@ -15,6 +15,10 @@ and LayerNormalization, and None for any other op (the analyzer then asks `ops.s
 * LayerNormalization over the channel axis is refused: removing channels changes the mean and
   variance it divides by, for every remaining channel.
 * A channel shuffle (Reshape splitting the channel axis in two) is refused with that reason.
+* A grouped Conv (not the depthwise one `ops` passes through) reads each conv group's input
+  channels on their own: the group is cut at the conv-group boundaries, and each part is read
+  through that conv group's filters alone, so its correction stays inside the conv group. The
+  parts keep equal widths (`ChannelGroup.ties`) so `group` stays valid.
 """
 
 from __future__ import annotations
@@ -40,6 +44,15 @@ def layout_step(node: gs.Node, index: int, state: State, channels: int) -> Step 
     if state.spatial != 1 and node.op in ("Split", "Slice"):
         return _block(f"{node.op} '{node.name}' cuts flattened channels")
     return rule(node, state, channels)
+
+
+def is_grouped_conv(node: gs.Node) -> bool:
+    """A Conv with group > 1 that is not a plain depthwise conv (C in = C out = group)."""
+    weight, group = const(node, 1), node.attrs.get("group", 1)
+    if node.op != "Conv" or group == 1 or weight is None:
+        return False
+    depthwise = weight.shape[0] == group and weight.shape[1] == 1
+    return not (depthwise and _channel_count(node, 1) == group)
 
 
 def _block(reason: str, cuts: tuple[int, ...] = ()) -> Step:
@@ -135,6 +148,20 @@ def _slice(node: gs.Node, state: State, channels: int) -> Step:
     return Step("drop", edits=edits)
 
 
+def _grouped_conv(node: gs.Node, state: State, channels: int) -> Step | None:
+    if not is_grouped_conv(node):
+        return None
+    if state.axis != 1 or state.spatial != 1:
+        return _block(f"Conv '{node.name}' reads channels on another axis")
+    per_group = int(const(node, 1).shape[1])
+    bounds = list(range(per_group, per_group * node.attrs["group"], per_group))
+    cuts = _cuts(bounds, state, channels)
+    if cuts:
+        return _block(f"grouped Conv '{node.name}' reads the channels in several conv groups", cuts)
+    edit = ParamEdit(node.name, 1, 1, state.offset, "in", tap=state.tensor)
+    return Step("consume", edits=[edit])
+
+
 def _transpose(node: gs.Node, state: State, channels: int) -> Step:
     rank = rank_of(node.inputs[0])
     if rank is None:
@@ -185,6 +212,7 @@ def _reshape(node: gs.Node, state: State, channels: int) -> Step | None:
 
 
 _RULES: dict[str, Callable[[gs.Node, State, int], Step | None]] = {
+    "Conv": _grouped_conv,
     "Split": _split,
     "Slice": _slice,
     "Transpose": _transpose,

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.groups import ChannelGroup, ParamEdit
-from onnxprune.graph.layout import split_sizes
+from onnxprune.graph.layout import is_grouped_conv, split_sizes
 from onnxprune.graph.load import export, infer_shapes
 from onnxprune.methods.base import Plan
 
@@ -53,9 +55,8 @@ def rewrite(
         if node.op == "Split":
             _split_sizes_input(node)
         value = np.asarray(node.inputs[index].values)
-        work = value.astype(np.float64)
-        for edit, group, plan in sorted(items, key=_edit_order):
-            work = _apply(work, edit, group, plan, node, deltas, exact_borders)
+        apply = _apply_grouped if index == 1 and is_grouped_conv(node) else _apply_all
+        work = apply(value.astype(np.float64), items, node, deltas, exact_borders)
         node.inputs[index] = gs.Constant(
             f"{node.inputs[index].name}__{name}", work.astype(value.dtype)
         )
@@ -80,6 +81,50 @@ def _follow_depthwise_group(
     pruned with its group structure kept) keeps its attribute."""
     if node.op == "Conv" and index == 1 and any(e.role == "chan" for e, _, _ in items):
         node.attrs["group"] = int(node.inputs[1].shape[0])
+
+
+def _apply_all(
+    work: np.ndarray,
+    items: list[tuple[ParamEdit, ChannelGroup, Plan]],
+    node: gs.Node,
+    deltas: dict[str, np.ndarray],
+    exact_borders: bool,
+) -> np.ndarray:
+    """Every edit of one constant, in `_edit_order`."""
+    for edit, group, plan in sorted(items, key=_edit_order):
+        work = _apply(work, edit, group, plan, node, deltas, exact_borders)
+    return work
+
+
+def _apply_grouped(
+    work: np.ndarray,
+    items: list[tuple[ParamEdit, ChannelGroup, Plan]],
+    node: gs.Node,
+    deltas: dict[str, np.ndarray],
+    exact_borders: bool,
+) -> np.ndarray:
+    """A grouped Conv's filters, edited one conv group at a time: an edit of its outputs
+    (axis 0) or of its input channels (axis 1, at an offset into all input channels) touches
+    only the filters of the conv group it falls in, and a bias shift only that group's outputs.
+    """
+    blocks = node.attrs["group"]
+    rows, width = work.shape[0] // blocks, work.shape[1]
+    chunks = np.split(work, blocks, axis=0)
+    for edit, group, plan in sorted(items, key=_edit_order):
+        size = rows if edit.axis == 0 else width
+        k = edit.offset // size
+        shifts: dict[str, np.ndarray] = {}
+        local = replace(edit, offset=edit.offset - k * size)
+        chunks[k] = _apply(chunks[k], local, group, plan, node, shifts, exact_borders)
+        for shift in shifts.values():
+            full = np.zeros((work.shape[0], *shift.shape[1:]))
+            full[k * rows : (k + 1) * rows] = shift
+            _accumulate(deltas, node.name, full)
+    if len({chunk.shape[:2] for chunk in chunks}) > 1:
+        raise OnnxPruneError(
+            f"grouped Conv '{node.name}' would keep unequal channel counts per conv group"
+        )
+    return np.concatenate(chunks, axis=0)
 
 
 def _new_split(items: list[tuple[ParamEdit, ChannelGroup, Plan]]) -> int:

@@ -28,19 +28,41 @@ def make_plans(
     config: PruneConfig,
 ) -> dict[str, Plan]:
     """One Plan per selected group."""
+    keeps = {}
+    for group in groups:
+        if group.name in counts:
+            keeps[group.name] = counts[group.name]
+            if config.epsilon is not None and stats[group.name].taps:
+                keeps[group.name] = epsilon_width(group, stats[group.name], config)
+    keeps = tied_counts(groups, keeps)
     plans = {}
     for group in groups:
-        if group.name not in counts:
+        if group.name not in keeps:
             continue
         group_stats = stats[group.name]
-        keep = counts[group.name]
-        if config.epsilon is not None and group_stats.taps:
-            keep = epsilon_width(group, group_stats, config)
-        plan = method.plan(group, group_stats, keep, seed=config.seed)
+        plan = method.plan(group, group_stats, keeps[group.name], seed=config.seed)
         if method.name != "id" and config.compensate != "none":
             plan = compensate(plan, group_stats, config.compensate)
         plans[group.name] = with_errors(plan, group, group_stats)
     return plans
+
+
+def tied_counts(groups: tuple[ChannelGroup, ...], counts: Mapping[str, int]) -> dict[str, int]:
+    """Counts where groups sharing a tie (the conv groups of one grouped Conv) keep the
+    largest width any of them keeps; a tied group left alone counts as all its channels."""
+    tied, changed = dict(counts), True
+    while changed:  # a group in two ties joins them: repeat until every tie agrees
+        width: dict[str, int] = {}
+        for group in groups:
+            for tie in group.ties:
+                width[tie] = max(width.get(tie, 0), tied.get(group.name, group.channels))
+        changed = False
+        for group in groups:
+            if group.ties and group.name in tied:
+                new = max(width[t] for t in group.ties)
+                changed |= new != tied[group.name]
+                tied[group.name] = new
+    return tied
 
 
 def compensate(plan: Plan, stats: GroupStats, mode: str) -> Plan:
