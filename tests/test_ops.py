@@ -111,6 +111,31 @@ def test_id_recovers_a_duplicate_inside_each_conv_group_exactly():
     assert_outputs_close(model, result.model, graphs.random_input(model, 8, seed=5), atol=1e-5)
 
 
+def regnet_block() -> onnx.ModelProto:
+    """c1(8) → relu → g (group 2) → relu = t; gate = sigmoid(ce(relu(cr(GAP(t))))) [8];
+    c3(t · gate) → y: RegNet-Y's SE behind a grouped conv."""
+    b = graphs.Builder(45)
+    t = b.relu("rg", b.conv("g", b.relu("r1", b.conv("c1", "x", 3, 8)), 8, 8, group=2))
+    gate = b.relu("rr", b.conv("cr", b.node("GlobalAveragePool", "gap", [t]), 8, 2, 1))
+    gate = b.node("Sigmoid", "sig", [b.conv("ce", gate, 2, 8, 1)])
+    return b.model([b.conv("c3", b.node("Mul", "gate", [t, gate]), 8, 4)])
+
+
+def test_se_gate_behind_a_grouped_conv_is_cut_into_its_conv_groups():
+    model = regnet_block()
+    groups = _groups(model)
+    for lo, hi in ((0, 4), (4, 8)):
+        group = groups[f"g[{lo}:{hi}]"]
+        assert group.prunable and group.producers == ("g", "ce")
+        assert set(group.consumers) == {"cr", "c3"} and group.ties == ("g:out",)
+    exact = onnxprune.prune(model, ratio=0.0, round_to=1, prune_residual=True)
+    assert_outputs_close(model, exact.model, graphs.random_input(model, 8), atol=1e-5)
+    result = _prune_exact(model)
+    assert _attr(result.model, "g", "group") == 2
+    assert _initializer(result.model, "g", 1).shape == (4, 2, 3, 3)
+    assert _initializer(result.model, "ce", 1).shape[0] == 4
+
+
 # --- Split on the channel axis (YOLOv8 C2f, CSP) -------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from onnxprune.graph.rotation import invariant_step, is_rms_end, is_tsra, rotati
 def analyze(graph: gs.Graph) -> tuple[ChannelGroup, ...]:
     """Channel groups of `graph` in topological order of their first producer."""
     order = {node.name: i for i, node in enumerate(graph.nodes)}
-    walks = [w for p in _producers(graph) for w in _walk_parts(graph, p)]
+    walks = _aligned([w for p in _producers(graph) for w in _walk_parts(graph, p)], graph)
     members = _couple(walks)
     groups = [_merge([walks[i] for i in idx]) for idx in members]
     return tuple(sorted(groups, key=lambda g: order.get(g.producers[0], 0)))
@@ -146,12 +146,7 @@ def _walk_parts(graph: gs.Graph, producer: _Producer) -> list[_Walk]:
         if producer.blocks > 1:
             walk.ties.add(f"{producer.node.name}:out")
         return [walk]
-    edges = [0, *sorted(walk.cuts), producer.channels]
-    return [
-        w
-        for lo, hi in zip(edges[:-1], edges[1:], strict=True)
-        for w in _walk_parts(graph, _part(producer, lo, hi))
-    ]
+    return _cut(graph, producer, walk.cuts)
 
 
 def _part(producer: _Producer, lo: int, hi: int) -> _Producer:
@@ -161,6 +156,47 @@ def _part(producer: _Producer, lo: int, hi: int) -> _Producer:
     return replace(
         producer, channels=hi - lo, edits=edits, start=start, lo=producer.lo + lo, whole=False
     )
+
+
+def _aligned(walks: list[_Walk], graph: gs.Graph) -> list[_Walk]:
+    """Cut walks that meet elementwise where the channels they meet are cut (an SE gate's
+    channels meeting a grouped Conv's conv groups), until all meetings line up."""
+    while True:
+        cuts = _meeting_cuts(walks)
+        if not cuts:
+            return walks
+        walks = [
+            part
+            for i, walk in enumerate(walks)
+            for part in (_cut(graph, walk.producer, cuts[i]) if i in cuts else [walk])
+        ]
+
+
+def _meeting_cuts(walks: list[_Walk]) -> dict[int, set[int]]:
+    """Per walk, the channel indices where another walk's segment starts or ends at a node
+    they both reach elementwise."""
+    bounds: dict[str, set[int]] = defaultdict(set)
+    for walk in walks:
+        for node, hits in walk.arrivals.items():
+            for _, offset in hits:
+                bounds[node].update((offset, offset + walk.producer.channels))
+    cuts: dict[int, set[int]] = defaultdict(set)
+    for w, walk in enumerate(walks):
+        for node, hits in walk.arrivals.items():
+            for _, offset in hits:
+                inside = {b - offset for b in bounds[node]}
+                cuts[w].update(c for c in inside if 0 < c < walk.producer.channels)
+    return {w: found for w, found in cuts.items() if found}
+
+
+def _cut(graph: gs.Graph, producer: _Producer, cuts: set[int]) -> list[_Walk]:
+    """Walk each part of `producer` between `cuts` on its own."""
+    edges = [0, *sorted(cuts), producer.channels]
+    return [
+        w
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+        for w in _walk_parts(graph, _part(producer, lo, hi))
+    ]
 
 
 def _walk(graph: gs.Graph, producer: _Producer) -> _Walk:
