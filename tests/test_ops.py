@@ -16,8 +16,10 @@ from conftest import assert_outputs_close
 from test_rewrite import zero_removed_inputs
 
 import onnxprune
+from onnxprune.budget import cost_of
 from onnxprune.graph.analyze import analyze
-from onnxprune.graph.load import normalize
+from onnxprune.graph.load import export, normalize
+from onnxprune.measure.cost import count
 
 
 def _groups(model: onnx.ModelProto) -> dict:
@@ -334,3 +336,17 @@ def test_resize_with_sizes_keeps_the_channels_and_rewrites_their_count(axes):
 def test_resize_of_the_channel_axis_blocks():
     group = _groups(resized(channel_size=16))["c1"]
     assert not group.prunable and group.blocker == "rs" and "channel axis" in group.reason
+
+
+def test_mac_cost_counts_every_split_part_of_a_producer():
+    """c1's MACs scale with the channels both of its Split parts keep (not the last part's)."""
+    model = c2f_block()
+    graph = normalize(model)
+    groups = analyze(graph)
+    cost = cost_of(graph, groups, "macs")
+    full = cost({})
+    macs = {n.name: n.macs for n in count(export(graph)).per_node}
+    widths = {"c1[0:4]": 1, "c1[4:8]": 3}  # c1 keeps 4 of 8 outputs
+    # c1 halves; b1 reads 3 of 4; c2 reads 1 + 3 of the 8 split channels (and all of b1's 4)
+    expected = full - macs["c1"] / 2 - macs["b1"] / 4 - macs["c2"] * 4 / 12
+    assert cost(widths) == pytest.approx(expected, rel=1e-12)
