@@ -47,12 +47,12 @@ def layout_step(node: gs.Node, index: int, state: State, channels: int) -> Step 
 
 
 def is_grouped_conv(node: gs.Node) -> bool:
-    """A Conv with group > 1 that is not a plain depthwise conv (C in = C out = group)."""
+    """A Conv with group > 1 that is not a plain depthwise conv (C in = C out = group, which
+    `ops` passes the channels through)."""
     weight, group = const(node, 1), node.attrs.get("group", 1)
     if node.op != "Conv" or group == 1 or weight is None:
         return False
-    depthwise = weight.shape[0] == group and weight.shape[1] == 1
-    return not (depthwise and _channel_count(node, 1) == group)
+    return not (weight.shape[0] == group and weight.shape[1] == 1)  # depthwise: C in = group
 
 
 def _block(reason: str, cuts: tuple[int, ...] = ()) -> Step:
