@@ -20,6 +20,7 @@ from onnxprune.budget import cost_of
 from onnxprune.graph.analyze import analyze
 from onnxprune.graph.load import export, normalize
 from onnxprune.measure.cost import count
+from onnxprune.methods import METHODS
 
 
 def _groups(model: onnx.ModelProto) -> dict:
@@ -368,3 +369,22 @@ def test_channel_shuffle_is_refused_with_its_reason():
     group = _groups(b.model([b.conv("c2", h, 8, 4)]))["c1"]
     assert not group.prunable and group.blocker == "to_groups"
     assert "channel shuffle" in group.reason
+
+
+# --- every method on the cut groups ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method, build",
+    [(m, regnet_block) for m in METHODS] + [("id", c2f_block), ("biascomp", c2f_block)],
+    ids=[f"{m}-grouped-se" for m in METHODS] + ["id-split", "biascomp-split"],
+)
+def test_every_method_keeps_cut_groups_exact_at_ratio_zero_and_runs_pruned(method, build):
+    """Every method plans cut and tied groups (grouped Conv, SE gate, Split) validly."""
+    model = build()
+    options = {"method": method, "round_to": 1, "prune_residual": True}
+    options["data"] = graphs.random_input(model, 32)
+    exact = onnxprune.prune(model, ratio=0.0, **options)
+    assert_outputs_close(model, exact.model, graphs.random_input(model, 8, seed=5), atol=1e-5)
+    pruned = onnxprune.prune(model, ratio=0.5, **options)
+    assert pruned.report.macs[1] < pruned.report.macs[0]
