@@ -95,6 +95,17 @@ def test_tied_conv_groups_keep_equal_widths_under_unequal_ratios():
     assert len(result.plans["c1[0:4]"].keep) == len(result.plans["c1[4:8]"].keep) == 3
 
 
+def test_a_mac_target_allocation_keeps_tied_conv_groups_equal():
+    model = resnext_block()
+    result = onnxprune.prune(
+        model, method="id", target_macs=0.5, round_to=1, data=graphs.random_input(model, 64)
+    )
+    for tie in (("c1[0:4]", "c1[4:8]"), ("g[0:4]", "g[4:8]")):
+        assert len({len(result.plans[name].keep) for name in tie}) == 1
+    assert _attr(result.model, "g", "group") == 2
+    assert result.report.macs[1] <= 0.5 * result.report.macs[0] * 1.01
+
+
 def test_id_recovers_a_duplicate_inside_each_conv_group_exactly():
     """Each conv group reads only its own channels, so a channel can only be rebuilt from kept
     channels of its own conv group: the duplicates sit one in each, and ID removes both."""

@@ -17,7 +17,7 @@ from onnxprune.methods.linalg import (
     reconstruction_error,
     selection_map,
 )
-from onnxprune.methods.width import rounding_step
+from onnxprune.methods.width import rounding_step, tied_counts
 
 
 def make_plans(
@@ -45,24 +45,6 @@ def make_plans(
             plan = compensate(plan, group_stats, config.compensate)
         plans[group.name] = with_errors(plan, group, group_stats)
     return plans
-
-
-def tied_counts(groups: tuple[ChannelGroup, ...], counts: Mapping[str, int]) -> dict[str, int]:
-    """Counts where groups sharing a tie (the conv groups of one grouped Conv) keep the
-    largest width any of them keeps; a tied group left alone counts as all its channels."""
-    tied, changed = dict(counts), True
-    while changed:  # a group in two ties joins them: repeat until every tie agrees
-        width: dict[str, int] = {}
-        for group in groups:
-            for tie in group.ties:
-                width[tie] = max(width.get(tie, 0), tied.get(group.name, group.channels))
-        changed = False
-        for group in groups:
-            if group.ties and group.name in tied:
-                new = max(width[t] for t in group.ties)
-                changed |= new != tied[group.name]
-                tied[group.name] = new
-    return tied
 
 
 def compensate(plan: Plan, stats: GroupStats, mode: str) -> Plan:

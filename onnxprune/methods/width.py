@@ -41,7 +41,25 @@ def keep_counts(groups: Sequence[ChannelGroup], rule: WidthRule) -> dict[str, in
         ratio = group_ratio(group, rule)
         if ratio is not None:
             counts[group.name] = kept(group.channels, ratio, rule.round_to)
-    return counts
+    return tied_counts(groups, counts)
+
+
+def tied_counts(groups: Sequence[ChannelGroup], counts: Mapping[str, int]) -> dict[str, int]:
+    """Counts where groups sharing a tie (the conv groups of one grouped Conv) keep the
+    largest width any of them keeps; a tied group left alone counts as all its channels."""
+    tied, changed = dict(counts), True
+    while changed:  # a group in two ties joins them: repeat until every tie agrees
+        width: dict[str, int] = {}
+        for group in groups:
+            for tie in group.ties:
+                width[tie] = max(width.get(tie, 0), tied.get(group.name, group.channels))
+        changed = False
+        for group in groups:
+            if group.ties and group.name in tied:
+                new = max(width[t] for t in group.ties)
+                changed |= new != tied[group.name]
+                tied[group.name] = new
+    return tied
 
 
 def group_ratio(group: ChannelGroup, rule: WidthRule) -> float | None:
