@@ -8,6 +8,8 @@ removed channels' readers zeroed, or a brute-force recomputation), with the rewr
 
 from __future__ import annotations
 
+import json
+
 import graphs
 import numpy as np
 import onnx
@@ -17,6 +19,7 @@ from test_rewrite import zero_removed_inputs
 
 import onnxprune
 from onnxprune.budget import cost_of
+from onnxprune.cli import main
 from onnxprune.graph.analyze import analyze
 from onnxprune.graph.load import export, normalize
 from onnxprune.measure.cost import count
@@ -93,6 +96,13 @@ def test_tied_conv_groups_keep_equal_widths_under_unequal_ratios():
     assert len(result.plans["g[0:4]"].keep) == len(result.plans["g[4:8]"].keep) == 4
     result = onnxprune.prune(model, ratio=0.5, round_to=1, recipe={"c1[4:8]": 0.25})
     assert len(result.plans["c1[0:4]"].keep) == len(result.plans["c1[4:8]"].keep) == 3
+
+
+def test_cli_analyze_names_the_parts_and_their_ties(save_tmp, capsys):
+    assert main(["analyze", str(save_tmp(resnext_block())), "--json", "-"]) == 0
+    rows = {g["name"]: g for g in json.loads(capsys.readouterr().out)["groups"]}
+    assert rows["g[4:8]"]["ties"] == ["g:out"] and rows["g[4:8]"]["producers"] == ["g"]
+    assert rows["c1[0:4]"]["ties"] == ["g:in"] and rows["c0"]["ties"] == []
 
 
 def test_a_mac_target_allocation_keeps_tied_conv_groups_equal():
