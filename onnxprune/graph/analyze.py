@@ -1,10 +1,12 @@
 """Find the channel groups of a normalized graph (DESIGN.md §2).
 
-From every producer (Conv with group 1, ConvTranspose, Gemm, MatMul with a constant weight) the
-channels are followed forward through the ops that act channel by channel (graph/ops.py) until
-consumers read them through weights. Elementwise ops joining two activations tie their producers
-into one group (residual Add, SE gate Mul). Whatever the walk does not understand blocks the group
-with a reason and the blocking node; a blocked group is reported, never pruned.
+From every producer (Conv, ConvTranspose, Gemm, MatMul with a constant weight) the
+channels are followed forward through the ops that act channel by channel (graph/ops.py,
+graph/layout.py) until consumers read them through weights. Elementwise ops joining two
+activations tie their producers into one group (residual Add, SE gate Mul). Where a Split, Slice
+or grouped Conv separates a producer's channels, each part becomes a group of its own
+(`node[lo:hi]`). Whatever the walk does not understand blocks the group with a reason and the
+blocking node; a blocked group is reported, never pruned.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ def analyze(graph: gs.Graph) -> tuple[ChannelGroup, ...]:
 
 @dataclass
 class _Producer:
-    """A producer's output channels [lo, lo + channels) (all of them unless a Split cut them)."""
+    """A producer's output channels [lo, lo + channels) (all of them unless they were cut).
+
+    `blocks` > 1 for a grouped Conv: its conv groups write their outputs independently."""
 
     node: gs.Node
     channels: int
@@ -62,7 +66,6 @@ class _Walk:
     blocker: str | None = None
     rotation: str | None = None
     invariants: list[tuple[str, str]] = field(default_factory=list)
-
     cuts: set[int] = field(default_factory=set)
     ties: set[str] = field(default_factory=set)
 
@@ -133,7 +136,8 @@ def _gemm_bias(node: gs.Node, producer: _Producer) -> _Producer:
 
 
 def _walk_parts(graph: gs.Graph, producer: _Producer) -> list[_Walk]:
-    """Walk `producer`; where a Split or Slice cuts its channels, walk each part on its own.
+    """Walk `producer`; where a Split, a Slice or a grouped Conv cuts its channels, walk each
+    part on its own (a grouped Conv producer is cut into its conv groups from the start).
 
     The parts are independent groups: every op on the way acts channel by channel, so the
     channels of one part never meet those of another except where a consumer reads both."""
