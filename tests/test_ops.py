@@ -91,11 +91,15 @@ def test_grouped_conv_prunes_each_conv_group_alike_and_keeps_group():
 
 
 def test_tied_conv_groups_keep_equal_widths_under_unequal_ratios():
+    """The strongest request wins; excluding one conv group leaves all of them alone."""
     model = resnext_block()
     result = onnxprune.prune(model, ratio=0.0, round_to=1, recipe={"g[0:4]": 0.5})
-    assert len(result.plans["g[0:4]"].keep) == len(result.plans["g[4:8]"].keep) == 4
+    assert len(result.plans["g[0:4]"].keep) == len(result.plans["g[4:8]"].keep) == 2
     result = onnxprune.prune(model, ratio=0.5, round_to=1, recipe={"c1[4:8]": 0.25})
-    assert len(result.plans["c1[0:4]"].keep) == len(result.plans["c1[4:8]"].keep) == 3
+    assert len(result.plans["c1[0:4]"].keep) == len(result.plans["c1[4:8]"].keep) == 2
+    result = onnxprune.prune(model, ratio=0.5, round_to=1, exclude=[r"^g\[4"])
+    assert not {"g[0:4]", "g[4:8]"} & set(result.plans) and "c1[0:4]" in result.plans
+    assert _initializer(result.model, "g", 1).shape == (8, 2, 3, 3)
 
 
 def test_cli_analyze_names_the_parts_and_their_ties(save_tmp, capsys):

@@ -45,20 +45,23 @@ def keep_counts(groups: Sequence[ChannelGroup], rule: WidthRule) -> dict[str, in
 
 
 def tied_counts(groups: Sequence[ChannelGroup], counts: Mapping[str, int]) -> dict[str, int]:
-    """Counts where groups sharing a tie (the conv groups of one grouped Conv) keep the
-    largest width any of them keeps; a tied group left alone counts as all its channels."""
+    """Counts where groups sharing a tie (the conv groups of one grouped Conv) keep equal
+    widths: the smallest any of them is given, so a MAC target or a sensitivity probe on one
+    conv group holds for all; if one of them is left alone (absent), all are."""
     tied, changed = dict(counts), True
     while changed:  # a group in two ties joins them: repeat until every tie agrees
-        width: dict[str, int] = {}
-        for group in groups:
+        alone = {t for g in groups if g.name not in tied for t in g.ties}
+        low: dict[str, int] = {}
+        for group in (g for g in groups if g.name in tied):
             for tie in group.ties:
-                width[tie] = max(width.get(tie, 0), tied.get(group.name, group.channels))
+                low[tie] = min(low.get(tie, tied[group.name]), tied[group.name])
         changed = False
-        for group in groups:
-            if group.ties and group.name in tied:
-                new = max(width[t] for t in group.ties)
-                changed |= new != tied[group.name]
-                tied[group.name] = new
+        for group in (g for g in groups if g.ties and g.name in tied):
+            if alone & set(group.ties):
+                del tied[group.name]
+                changed = True
+            elif (new := min(low[t] for t in group.ties)) != tied[group.name]:
+                tied[group.name], changed = new, True
     return tied
 
 
