@@ -37,7 +37,7 @@ def layout_step(node: gs.Node, index: int, state: State, channels: int) -> Step 
     if node.domain not in (None, "", "ai.onnx"):
         return None
     rule = _RULES.get(node.op)
-    if rule is None:
+    if rule is None or (node.op == "Conv" and not is_grouped_conv(node)):
         return None
     if index != 0:
         return _block(f"channels enter {node.op} '{node.name}' as a parameter input")
@@ -53,6 +53,19 @@ def is_grouped_conv(node: gs.Node) -> bool:
     if node.op != "Conv" or group == 1 or weight is None:
         return False
     return not (weight.shape[0] == group and weight.shape[1] == 1)  # depthwise: C in = group
+
+
+def split_sizes(node: gs.Node, total: int) -> list[int] | None:
+    """A Split's output sizes along its axis of length `total` (input, attribute or equal
+    parts as ONNX defines them), or None when the sizes input is not constant."""
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        value = const(node, 1)
+        return None if value is None else [int(v) for v in value.reshape(-1)]
+    if "split" in node.attrs:
+        return [int(v) for v in node.attrs["split"]]
+    parts = int(node.attrs.get("num_outputs", len(node.outputs)))
+    size = -(-total // parts)
+    return [min(size, total - i * size) for i in range(parts)]
 
 
 def _block(reason: str, cuts: tuple[int, ...] = ()) -> Step:
@@ -89,19 +102,6 @@ def _split(node: gs.Node, state: State, channels: int) -> Step:
     k = next(i for i in range(len(sizes)) if bounds[i] <= state.offset < bounds[i + 1])
     nxt = State(node.outputs[k].name, state.axis, state.offset - bounds[k])
     return Step("through", next=nxt, edits=[_count(node, 1, k, state)])
-
-
-def split_sizes(node: gs.Node, total: int) -> list[int] | None:
-    """A Split's output sizes along its axis of length `total` (input, attribute or equal
-    parts as ONNX defines them), or None when the sizes input is not constant."""
-    if len(node.inputs) > 1 and node.inputs[1].name:
-        value = const(node, 1)
-        return None if value is None else [int(v) for v in value.reshape(-1)]
-    if "split" in node.attrs:
-        return [int(v) for v in node.attrs["split"]]
-    parts = int(node.attrs.get("num_outputs", len(node.outputs)))
-    size = -(-total // parts)
-    return [min(size, total - i * size) for i in range(parts)]
 
 
 def _slice_inputs(node: gs.Node, rank: int) -> tuple[list[int], ...] | None:
@@ -148,9 +148,7 @@ def _slice(node: gs.Node, state: State, channels: int) -> Step:
     return Step("drop", edits=edits)
 
 
-def _grouped_conv(node: gs.Node, state: State, channels: int) -> Step | None:
-    if not is_grouped_conv(node):
-        return None
+def _grouped_conv(node: gs.Node, state: State, channels: int) -> Step:
     if state.axis != 1 or state.spatial != 1:
         return _block(f"Conv '{node.name}' reads channels on another axis")
     per_group = int(const(node, 1).shape[1])
