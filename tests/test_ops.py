@@ -230,8 +230,13 @@ def test_split_cuts_the_producer_into_one_group_per_output(form, sizes):
     assert _initializer(result.model, "c1", 1).shape[0] == sum(kept)
 
 
-def test_id_folds_duplicates_in_each_split_output_and_a_constant_into_the_split_producer():
-    """The constant channel's shift lands in c1's bias, mapped through both of c1's groups."""
+@pytest.mark.parametrize("recalibrate", [False, True], ids=["plain", "recalibrated"])
+def test_id_folds_duplicates_in_each_split_output_and_a_constant_into_the_split_producer(
+    recalibrate,
+):
+    """The constant channel's shift lands in c1's bias, mapped through both of c1's groups.
+    Recalibrating an exact prune changes nothing when c1's kept outputs are matched to their
+    original channels across both groups."""
     model = c2f_block()
     recipe = {"c0": 1 / 8, "c1[0:4]": 1 / 4, "c1[4:8]": 1 / 4}
     result = onnxprune.prune(
@@ -241,6 +246,7 @@ def test_id_folds_duplicates_in_each_split_output_and_a_constant_into_the_split_
         ratio=0.0,
         round_to=1,
         recipe=recipe,
+        recalibrate=recalibrate,
         data=graphs.random_input(model, 64),
     )
     assert result.plans["c0"].keep.tolist() == [0, 1, 2, 3, 4, 6, 7]
