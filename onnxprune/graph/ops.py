@@ -344,6 +344,8 @@ def _pad(node: gs.Node, index: int, state: State, channels: int) -> Step:
 @_first_input_only
 def _resize(node: gs.Node, index: int, state: State, channels: int) -> Step:
     scales = const(node, 2) if len(node.inputs) > 2 and node.inputs[2].name else None
+    if len(node.inputs) > 3 and node.inputs[3].name:
+        return _block(f"Resize '{node.name}' is given explicit sizes")
     if scales is not None and scales.size and scales.reshape(-1)[state.axis] != 1:
         return _block(f"Resize '{node.name}' scales the channel axis")
     if state.axis != 1:
