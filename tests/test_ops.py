@@ -120,6 +120,19 @@ def test_a_mac_target_allocation_keeps_tied_conv_groups_equal():
     assert result.report.macs[1] <= 0.5 * result.report.macs[0] * 1.01
 
 
+def test_an_error_bound_holds_in_every_tied_conv_group():
+    """Each conv group picks its width for ε; all are then planned at the widest, which still
+    meets ε in every one of them."""
+    model = resnext_block(duplicates=True)
+    result = onnxprune.prune(
+        model, method="id", epsilon=0.2, round_to=1, data=graphs.random_input(model, 64)
+    )  # alone, c1's conv groups would keep 3 and 2 channels, g's 3 and 4
+    for tie in (("c1[0:4]", "c1[4:8]"), ("g[0:4]", "g[4:8]")):
+        assert len({len(result.plans[name].keep) for name in tie}) == 1
+        assert all(result.plans[name].info["err"] <= 0.2 for name in tie)
+    assert _attr(result.model, "g", "group") == 2
+
+
 def test_id_recovers_a_duplicate_inside_each_conv_group_exactly():
     """Each conv group reads only its own channels, so a channel can only be rebuilt from kept
     channels of its own conv group: the duplicates sit one in each, and ID removes both."""

@@ -28,23 +28,45 @@ def make_plans(
     config: PruneConfig,
 ) -> dict[str, Plan]:
     """One Plan per selected group."""
-    keeps = {}
-    for group in groups:
-        if group.name in counts:
-            keeps[group.name] = counts[group.name]
-            if config.epsilon is not None and stats[group.name].taps:
-                keeps[group.name] = epsilon_width(group, stats[group.name], config)
-    keeps = tied_counts(groups, keeps)
     plans = {}
     for group in groups:
-        if group.name not in keeps:
+        if group.name not in counts:
             continue
         group_stats = stats[group.name]
-        plan = method.plan(group, group_stats, keeps[group.name], seed=config.seed)
-        if method.name != "id" and config.compensate != "none":
-            plan = compensate(plan, group_stats, config.compensate)
+        keep = counts[group.name]
+        if config.epsilon is not None and group_stats.taps:
+            keep = epsilon_width(group, group_stats, config)
+        plan = _planned(method, group, group_stats, config, keep)
         plans[group.name] = with_errors(plan, group, group_stats)
+    return plans if config.epsilon is None else _widen_tied(groups, stats, method, config, plans)
+
+
+def _widen_tied(
+    groups: tuple[ChannelGroup, ...],
+    stats: Mapping[str, GroupStats],
+    method: Method,
+    config: PruneConfig,
+    plans: dict[str, Plan],
+) -> dict[str, Plan]:
+    """Under --epsilon each group picks its own width; the conv groups of one grouped Conv are
+    planned again at the widest of theirs, so each still meets ε and `group` stays valid."""
+    widths = tied_counts(groups, {name: len(p.keep) for name, p in plans.items()}, widest=True)
+    for group in (g for g in groups if g.name in plans):
+        width = widths.get(group.name, group.channels)  # absent: a tied group was left alone
+        if width != len(plans[group.name].keep):
+            plan = _planned(method, group, stats[group.name], config, width)
+            plans[group.name] = with_errors(plan, group, stats[group.name])
     return plans
+
+
+def _planned(
+    method: Method, group: ChannelGroup, stats: GroupStats, config: PruneConfig, keep: int
+) -> Plan:
+    """The method's plan at width `keep`, with the configured compensation added."""
+    plan = method.plan(group, stats, keep, seed=config.seed)
+    if method.name != "id" and config.compensate != "none":
+        plan = compensate(plan, stats, config.compensate)
+    return plan
 
 
 def compensate(plan: Plan, stats: GroupStats, mode: str) -> Plan:
