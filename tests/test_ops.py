@@ -20,6 +20,7 @@ from test_rewrite import zero_removed_inputs
 import onnxprune
 from onnxprune.budget import cost_of
 from onnxprune.cli import main
+from onnxprune.compare import allocate, measure_sensitivity
 from onnxprune.graph.analyze import analyze
 from onnxprune.graph.load import export, normalize
 from onnxprune.measure.cost import count
@@ -131,6 +132,22 @@ def test_an_error_bound_holds_in_every_tied_conv_group():
         assert len({len(result.plans[name].keep) for name in tie}) == 1
         assert all(result.plans[name].info["err"] <= 0.2 for name in tie)
     assert _attr(result.model, "g", "group") == 2
+
+
+def test_sensitivity_recipe_is_exact_with_tied_conv_groups(save_tmp, tmp_path):
+    """A sensitivity probe of one conv group prunes all of them, and the allocation's MACs
+    count them all: pruning with its recipe lands exactly on the MACs it reports."""
+    path = save_tmp(resnext_block())
+    evaluation = tmp_path / "eval.npz"
+    np.savez(evaluation, x=graphs.random_input(resnext_block(), 16)["x"])
+    sens = measure_sensitivity(path, "magnitude", data=None, evaluation=evaluation, round_to=1)
+    assert sens.points["g[0:4]"][1].kept == 2  # ratio 0.5 on g[0:4] alone: g[4:8] follows
+    allocation = allocate(path, sens, 0.4, round_to=1)  # narrows g's conv groups
+    assert allocation.kept["g[0:4]"] == allocation.kept["g[4:8]"] < 4
+    pruned = onnxprune.prune(path, ratio=0.0, recipe=allocation.ratios, round_to=1)
+    before, after = pruned.report.macs
+    assert after / before == pytest.approx(allocation.reached_macs, abs=1e-9)
+    assert after / before <= 0.4
 
 
 def test_id_recovers_a_duplicate_inside_each_conv_group_exactly():
