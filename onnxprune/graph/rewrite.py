@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -106,6 +105,7 @@ def _apply_grouped(
     """A grouped Conv's filters, edited one conv group at a time: an edit of its outputs
     (axis 0) or of its input channels (axis 1, at an offset into all input channels) touches
     only the filters of the conv group it falls in, and a bias shift only that group's outputs.
+    The conv group's filters are padded to the edit's offset, so the edit applies unchanged.
     """
     blocks = node.attrs["group"]
     rows, width = work.shape[0] // blocks, work.shape[1]
@@ -113,9 +113,11 @@ def _apply_grouped(
     for edit, group, plan in sorted(items, key=_edit_order):
         size = rows if edit.axis == 0 else width
         k = edit.offset // size
+        pads = [(0, 0)] * work.ndim
+        pads[edit.axis] = (k * size, 0)  # conv group k's filters, at the edit's own offsets
         shifts: dict[str, np.ndarray] = {}
-        local = replace(edit, offset=edit.offset - k * size)
-        chunks[k] = _apply(chunks[k], local, group, plan, node, shifts, exact_borders)
+        done = _apply(np.pad(chunks[k], pads), edit, group, plan, node, shifts, exact_borders)
+        chunks[k] = np.take(done, np.arange(k * size, done.shape[edit.axis]), axis=edit.axis)
         for shift in shifts.values():
             full = np.zeros((work.shape[0], *shift.shape[1:]))
             full[k * rows : (k + 1) * rows] = shift
