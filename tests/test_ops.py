@@ -290,12 +290,13 @@ def test_id_folds_duplicates_in_each_split_output_and_a_constant_into_the_split_
 _END = np.iinfo(np.int64).max
 
 
-def sliced(steps: int = 1) -> onnx.ModelProto:
-    """h = relu(c1(x)) [8]; ya = ca(h[:, 2:6]); yb = cb(h[:, 6:]); yc = cc(h) (three outputs)."""
+def sliced(steps: int = 1, from_end: bool = False) -> onnx.ModelProto:
+    """h = relu(c1(x)) [8]; ya = ca(h[:, 2:6]); yb = cb(h[:, 6:]); yc = cc(h) (three outputs).
+    With `from_end`, sa is h[:, -6:-2]."""
     b = graphs.Builder(42)
     h = b.relu("r1", b.conv("c1", "x", 3, 8))
     one = b.const("one", np.array([1], dtype=np.int64))
-    bounds = {"sa": (2, 6, steps), "sb": (6, _END, 1)}
+    bounds = {"sa": (-6, -2, steps) if from_end else (2, 6, steps), "sb": (6, _END, 1)}
     outs = {}
     for name, (start, end, step) in bounds.items():
         s = b.const(f"{name}.s", np.array([start], dtype=np.int64))
@@ -307,8 +308,9 @@ def sliced(steps: int = 1) -> onnx.ModelProto:
     return b.model([ya, yb, b.conv("cc", h, 8, 4)])
 
 
-def test_slice_cuts_the_group_at_its_bounds_and_moves_them():
-    model = sliced()
+@pytest.mark.parametrize("from_end", [False, True], ids=["from-start", "from-end"])
+def test_slice_cuts_the_group_at_its_bounds_and_moves_them(from_end):
+    model = sliced(from_end=from_end)
     groups = _groups(model)
     assert {"c1[0:2]", "c1[2:6]", "c1[6:8]"} <= {n for n, g in groups.items() if g.prunable}
     assert set(groups["c1[0:2]"].consumers) == {"cc"}  # its channels are sliced away
@@ -318,8 +320,9 @@ def test_slice_cuts_the_group_at_its_bounds_and_moves_them():
     assert_outputs_close(model, exact.model, graphs.random_input(model, 8), atol=1e-5)
     result = _prune_exact(model)  # keeps 1, 2, 1 channels of the three parts
     assert [len(result.plans[f"c1[{r}]"].keep) for r in ("0:2", "2:6", "6:8")] == [1, 2, 1]
-    assert _initializer(result.model, "sa", 1).tolist() == [1]
-    assert _initializer(result.model, "sa", 2).tolist() == [3]
+    # 4 channels left: sa keeps [1, 3), what c1[2:6] kept; from the end that is [-3, -1)
+    assert _initializer(result.model, "sa", 1).tolist() == [-3 if from_end else 1]
+    assert _initializer(result.model, "sa", 2).tolist() == [-1 if from_end else 3]
     assert _initializer(result.model, "sb", 1).tolist() == [3]
     assert _initializer(result.model, "sb", 2).tolist() == [_END]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Role = Literal["out", "chan", "in", "reshape", "split", "count"]
+Role = Literal["out", "chan", "in", "reshape", "split", "count", "tail"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class ParamEdit:
     "split": a TSRA call whose `split` attribute (the index where V starts, `split` here) must
     shrink by the pruned channels that lie before it;
     "count": entry `axis` of a 1-D integer constant (a Split size, a Slice bound, a Resize or
-    Reshape size) that counts the group's channels and shrinks by the removed ones × `spatial`.
+    Reshape size) that counts the group's channels and shrinks by the removed ones × `spatial`;
+    "tail": such an entry counted from the end (a negative Slice bound), which grows by them.
     """
 
     node: str

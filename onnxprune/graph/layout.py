@@ -7,7 +7,8 @@ and LayerNormalization, and None for any other op (the analyzer then asks `ops.s
   offset, and the output's size shrinks with the group. A group whose channels fall into
   several outputs is cut there (`Step.cuts`): the analyzer makes one group of each part.
 * Slice (constant bounds, step 1) passes the channels inside it at a new offset and drops
-  those outside; its bounds move with the channels pruned before them. Groups straddling a
+  those outside; its bounds move with the channels pruned before them (after them, for a
+  bound counted from the end). Groups straddling a
   bound are cut like at a Split.
 * Transpose moves the channel axis: the channels pass unchanged on their new axis.
 * Resize with constant sizes that keep the channel count passes them; the channel entry of the
@@ -130,22 +131,37 @@ def _slice(node: gs.Node, state: State, channels: int) -> Step:
         return _through(node, state)
     i = axes.index(state.axis)
     total = _channel_count(node, state.axis)
-    if steps[i] != 1 or starts[i] < 0 or ends[i] < 0 or total is None:
+    if steps[i] != 1 or total is None:
         return _block(
-            f"Slice '{node.name}' on the channel axis has a step other than 1, a negative "
-            "bound or an unknown channel count"
+            f"Slice '{node.name}' on the channel axis has a step other than 1 or an unknown "
+            "channel count"
         )
-    start, end = starts[i], min(ends[i], total)
+    start, end = (b + total if b < 0 else min(b, total) for b in (starts[i], ends[i]))
+    if start < 0 or end < 0:
+        return _block(f"Slice '{node.name}' has a bound before the first channel")
     cuts = _cuts([start, end], state, channels)
     if cuts:
         return _block(f"Slice '{node.name}' keeps part of the channels", cuts)
-    stop = state.offset + channels
-    edits = [_count(node, 1, i, state)] if stop <= start else []
-    if stop <= end and ends[i] <= total:
-        edits.append(_count(node, 2, i, state))
-    if start <= state.offset and stop <= end:
+    edits = [
+        *_bound_edit(node, 1, i, starts[i], total, state, channels),
+        *_bound_edit(node, 2, i, ends[i], total, state, channels),
+    ]
+    if start <= state.offset and state.offset + channels <= end:
         return _through(node, state, offset=state.offset - start, edits=edits)
     return Step("drop", edits=edits)
+
+
+def _bound_edit(
+    node: gs.Node, index: int, entry: int, bound: int, total: int, state: State, channels: int
+) -> list[ParamEdit]:
+    """How a Slice bound follows the group: counted from the start, it shrinks with the group's
+    removed channels when the group lies before it; counted from the end (negative), it grows
+    with them when the group lies after it; past the last channel it needs nothing."""
+    if bound < 0 and state.offset >= total + bound:
+        return [ParamEdit(node.name, index, entry, state.offset, "tail", state.spatial)]
+    if 0 <= bound <= total and state.offset + channels <= bound:
+        return [_count(node, index, entry, state)]
+    return []
 
 
 def _grouped_conv(node: gs.Node, state: State, channels: int) -> Step:

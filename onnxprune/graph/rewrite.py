@@ -184,9 +184,10 @@ def _apply(
     exact_borders: bool,
 ) -> np.ndarray:
     m, keep = group.channels, np.asarray(plan.keep)
-    if edit.role in ("reshape", "count"):
+    if edit.role in ("reshape", "count", "tail"):
         work = work.copy()
-        work[1 if edit.role == "reshape" else edit.axis] -= (m - len(keep)) * edit.spatial
+        sign = 1 if edit.role == "tail" else -1  # counted from the end, the entry grows
+        work[1 if edit.role == "reshape" else edit.axis] += sign * (m - len(keep)) * edit.spatial
         return work
     if plan.rotation is not None and _rotates(edit, node):
         work = _map_segment(work, edit, m, np.asarray(plan.rotation))
