@@ -36,7 +36,7 @@ from onnxprune.methods.targets import (
     ratio_for_target,
     width_cost,
 )
-from onnxprune.methods.width import keep_counts
+from onnxprune.methods.width import keep_counts, tied_counts
 from onnxprune.recalibrate import recalibrate
 from onnxprune.report import TargetResult
 
@@ -59,12 +59,14 @@ def choose_widths(graph: gs.Graph, groups: tuple[ChannelGroup, ...], config: Pru
     if kind is None:
         return Widths(keep_counts(groups, config.width))
     if kind == "latency":
-        measure = _latency_measure(graph, groups)
+        raw = _latency_measure(graph, groups)
     else:
         cost = cost_of(graph, groups, kind)
         full = cost({})
-        measure = lambda counts: cost(counts) / full  # noqa: E731
+        raw = lambda counts: cost(counts) / full  # noqa: E731
+    measure = lambda counts: raw(tied_counts(groups, counts))  # noqa: E731  as they will be pruned
     ratio, counts = ratio_for_target(groups, config.width, measure, target, trim=kind != "latency")
+    counts = tied_counts(groups, counts)
     return _reached(counts, TargetResult(kind, target, measure(counts), ratio=ratio))
 
 
@@ -88,6 +90,7 @@ def refine_widths(
             )
         scores = {name: method.scores(stats[name]) for name in widths.counts}
         counts = global_widths(scores, config.width.ratio, config.max_ratio, config.width.round_to)
+        counts = tied_counts(groups, counts)
         return Widths(counts, f"global ranking of {sum(map(len, scores.values()))} channels")
     kind, target = _target(config)
     if config.method != "id" or kind not in ("macs", "params"):
@@ -95,7 +98,7 @@ def refine_widths(
     channels = {g.name: g.channels for g in groups if g.name in widths.counts}
     cost = cost_of(graph, groups, kind)
     coupled = {g.name for g in groups if g.coupled}
-    candidates = _allocations(channels, stats, cost, target, config.width.round_to, coupled)
+    candidates = _allocations(groups, channels, stats, cost, target, config.width.round_to, coupled)
     reached = lambda counts: cost(counts) / cost({})  # noqa: E731
     if dataset is None:
         label, counts = next(iter(_feasible(candidates, reached, target).values()))
@@ -123,6 +126,7 @@ def _feasible(candidates: dict, reached: Callable, target: float) -> dict:
 
 
 def _allocations(
+    groups: tuple[ChannelGroup, ...],
     channels: Mapping[str, int],
     stats: Mapping[str, GroupStats],
     cost: WidthCost,
@@ -140,7 +144,7 @@ def _allocations(
         options.append(("by ID error, coupled groups kept", inner, True))
     for label, pool, per_tap in options:
         curves = {name: _curve(stats[name], per_tap=per_tap) for name in pool}
-        counts = allocate_by_error(pool, curves, cost, target, round_to)
+        counts = tied_counts(groups, allocate_by_error(pool, curves, cost, target, round_to))
         if cost(counts) <= target * cost({}) or pool is channels:
             found.setdefault(tuple(sorted(counts.items())), (label, counts))
     return found

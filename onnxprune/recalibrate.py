@@ -51,17 +51,28 @@ def _targets(
 ) -> list[tuple[str, str, np.ndarray]]:
     """(node, output tensor, original indices of its kept outputs) for every affected layer."""
     consumers = {c for g in groups if g.name in plans for c in g.consumers}
-    kept_out = {
-        p: np.asarray(plans[g.name].keep) for g in groups if g.name in plans for p in g.producers
-    }
     found = []
     for node in pruned.nodes:
         if node.name in consumers and node.op in _AFFINE_OPS:
-            width = _out_width(node)
-            keep = kept_out.get(node.name, np.arange(width))
+            keep = _kept_outputs(node, groups, plans)
             output = (shift_node(pruned, node) or node).outputs[0].name
             found.append((node.name, output, keep))
     return found
+
+
+def _kept_outputs(
+    node: gs.Node, groups: tuple[ChannelGroup, ...], plans: Mapping[str, Plan]
+) -> np.ndarray:
+    """Original indices of pruned `node`'s outputs, over every group they belong to (several
+    where a Split cut them)."""
+    owners = [g for g in groups if g.name in plans and node.name in g.producers]
+    removed = sum(g.channels - len(plans[g.name].keep) for g in owners)
+    kept = np.arange(_out_width(node) + removed)
+    for group in sorted(owners, key=lambda g: -g.first_row(node.name)):
+        lo = group.first_row(node.name)
+        segment = kept[lo : lo + group.channels][np.asarray(plans[group.name].keep)]
+        kept = np.concatenate([kept[:lo], segment, kept[lo + group.channels :]])
+    return kept
 
 
 def _out_width(node: gs.Node) -> int:

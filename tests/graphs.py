@@ -203,8 +203,8 @@ def blocked_by(op: str) -> onnx.ModelProto:
     b = Builder(10)
     h = b.relu("r1", b.conv("c1", "x", 3, 8))
     extra = []
-    if op == "Transpose":
-        h = b.node("Transpose", "blocker", [h], perm=[0, 1, 3, 2])
+    if op == "LpNormalization":
+        h = b.node("LpNormalization", "blocker", [h], axis=1)
     elif op == "Softmax":
         h = b.node("Softmax", "blocker", [h], axis=1)
     elif op == "LRN":

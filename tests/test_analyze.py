@@ -121,7 +121,7 @@ def test_channels_reaching_a_graph_output_are_unprunable():
 @pytest.mark.parametrize(
     "op, named",
     [
-        ("Transpose", "Transpose"),
+        ("LpNormalization", "LpNormalization"),
         ("Softmax", "Softmax"),
         ("LRN", "LRN"),
         ("Mystery", "com.example::Mystery"),
@@ -134,13 +134,15 @@ def test_unknown_or_channel_mixing_op_blocks_with_op_and_node(op, named):
     assert group.blocker == "blocker"
 
 
-def test_grouped_conv_is_listed_unprunable():
+def test_grouped_conv_makes_one_tied_group_per_conv_group():
     groups = groups_of(graphs.grouped_conv())
-    note = groups["g"]
-    assert not note.prunable and "group=2" in note.reason and note.blocker == "g"
-    upstream = groups["c1"]
-    assert not upstream.prunable and upstream.blocker == "g"
-    assert "not depthwise" in upstream.reason
+    for name in ("c1[0:4]", "c1[4:8]"):  # what conv group 0 / 1 of g reads
+        assert groups[name].prunable and groups[name].consumers == ("g",)
+        assert groups[name].ties == ("g:in",)
+    assert [e.offset for e in groups["c1[4:8]"].edits if e.role == "in"] == [4]
+    for name in ("g[0:4]", "g[4:8]"):  # what conv group 0 / 1 of g writes
+        assert groups[name].prunable and groups[name].consumers == ("c2",)
+        assert groups[name].ties == ("g:out",)
 
 
 def test_spatial_attention_map_is_passthrough_not_coupling():

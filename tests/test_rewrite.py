@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import graphs
 import numpy as np
 import onnx
@@ -29,6 +31,7 @@ from torch import nn
 
 import onnxprune
 from onnxprune.graph.analyze import analyze
+from onnxprune.graph.layout import is_grouped_conv
 from onnxprune.graph.load import export, load_model, normalize
 from onnxprune.graph.rewrite import rewrite
 from onnxprune.methods.base import Correction, Plan
@@ -66,6 +69,7 @@ def zero_removed_inputs(graph: gs.Graph, groups, plans) -> onnx.ModelProto:
     Where the channels pass a TSRA or RMSNorm (which mix channels through norms), the removed
     channels are also zeroed at their producers, and behind an RMSNorm the consumers read
     √(C_new/C_old) times the input: the mean square over fewer channels is larger by C_old/C_new.
+    A grouped Conv reads the channels through the filters of one conv group only.
     """
     nodes = {node.name: node for node in graph.nodes}
     for group in groups:
@@ -81,6 +85,11 @@ def zero_removed_inputs(graph: gs.Graph, groups, plans) -> onnx.ModelProto:
             node = nodes[edit.node]
             weight = np.array(node.inputs[edit.input].values)
             index = [slice(None)] * weight.ndim
+            if edit.role == "in" and is_grouped_conv(node):  # only its conv group's filters
+                k, local = divmod(edit.offset, weight.shape[1])
+                rows = weight.shape[0] // node.attrs["group"]
+                index[0] = slice(k * rows, (k + 1) * rows)
+                edit = replace(edit, offset=local)
             if edit.role == "in" and scale != 1.0:
                 index[edit.axis] = slice(
                     edit.offset * edit.spatial, (edit.offset + group.channels) * edit.spatial

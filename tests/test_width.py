@@ -237,7 +237,7 @@ def test_error_allocation_is_optimal_for_convex_errors_and_separable_cost():
 
     rng = np.random.default_rng(3)
     channels = {"a": 6, "b": 5, "c": 4}
-    cost = WidthCost(2.0, tuple(_Term(4.0 * c, (g, c), (), 1, None)
+    cost = WidthCost(2.0, tuple(_Term(4.0 * c, ((g, c),), c, (), 1, None)
                                 for g, c in channels.items()))  # fmt: skip
     curves = {}
     for g, c in channels.items():  # e²(k) convex in the removed count c − k, 0 at full width

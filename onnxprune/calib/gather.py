@@ -25,7 +25,7 @@ from onnxprune.graph.ops import rank_of
 from onnxprune.graph.sparsify import WeightLayer, to_canonical
 from onnxprune.graph.weights import (
     consumer_matrix,
-    filter_rows,
+    group_rows,
     producer_filters,
     producer_weight_names,
 )
@@ -167,7 +167,7 @@ def _group_grads(graph: gs.Graph, group: ChannelGroup, grads: Gradients) -> dict
     if all(name in grads.weights for name in names):
         nodes = {node.name: node for node in graph.nodes}
         out["weight_grads"] = tuple(
-            filter_rows(nodes[p], grads.weights[n])
+            group_rows(group, nodes[p], grads.weights[n])
             for p, n in zip(group.producers, names, strict=True)
         )
     return out

@@ -71,6 +71,8 @@ def format_analysis(result: Analysis, *, verbose: bool = False) -> str:
             lines.append(f"    producers: {', '.join(g.producers)}")
             lines.append(f"    consumers: {', '.join(g.consumers) or '-'}")
             lines.append(f"    taps: {', '.join(t.key for t in g.taps) or '-'}")
+            if g.ties:
+                lines.append(f"    equal widths with: {', '.join(g.ties)}")
     prunable = sum(g.prunable for g in result.groups)
     lines.append("")
     lines.append(
@@ -105,6 +107,7 @@ def to_dict(result: Analysis) -> dict:
                 "rotatable": g.rotatable,
                 "rotation_block": g.rotation_block,
                 "subspaces": list(g.subspaces),
+                "ties": list(g.ties),
             }
             for g in result.groups
         ],

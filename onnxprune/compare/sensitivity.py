@@ -36,7 +36,13 @@ from onnxprune.graph.analyze import analyze as find_groups
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import load_model, normalize
 from onnxprune.measure.cost import count
-from onnxprune.methods.width import WidthRule, check_ratio, group_ratio, rounding_step
+from onnxprune.methods.width import (
+    WidthRule,
+    check_ratio,
+    group_ratio,
+    rounding_step,
+    tied_counts,
+)
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
 ModelLike = str | os.PathLike | onnx.ModelProto
@@ -218,7 +224,8 @@ def allocate(
     missing = sorted(set(sensitivity.points) - set(known))
     if missing:
         raise UsageError(f"sensitivity groups {missing[:3]} are not in this model")
-    cost = cost_of(graph, groups, "macs")
+    widths_cost = cost_of(graph, groups, "macs")
+    cost = lambda widths: widths_cost({**widths, **tied_counts(groups, widths)})  # noqa: E731
     channels = {name: known[name].channels for name in sensitivity.points}
     curves = {name: _curve(pts, channels[name]) for name, pts in sensitivity.points.items()}
     widths = dict(channels)
@@ -232,6 +239,7 @@ def allocate(
                 hint="measure larger --ratios, or pass --prune-residual to include coupled groups",
             )
         widths[step[0]] = step[1]
+    widths.update(tied_counts(groups, widths))  # one conv group's step is all of theirs
     ratios = {name: (channels[name] - k) / channels[name] for name, k in widths.items()}
     loss = sum(float(np.interp(1 - widths[n] / channels[n], *curves[n][:2])) for n in widths)
     return Allocation(ratios, widths, target_macs, cost(widths) / full, loss)

@@ -1,20 +1,23 @@
 """Find the channel groups of a normalized graph (DESIGN.md §2).
 
-From every producer (Conv with group 1, ConvTranspose, Gemm, MatMul with a constant weight) the
-channels are followed forward through the ops that act channel by channel (graph/ops.py) until
-consumers read them through weights. Elementwise ops joining two activations tie their producers
-into one group (residual Add, SE gate Mul). Whatever the walk does not understand blocks the group
-with a reason and the blocking node; a blocked group is reported, never pruned.
+From every producer (Conv, ConvTranspose, Gemm, MatMul with a constant weight) the
+channels are followed forward through the ops that act channel by channel (graph/ops.py,
+graph/layout.py) until consumers read them through weights. Elementwise ops joining two
+activations tie their producers into one group (residual Add, SE gate Mul). Where a Split, Slice
+or grouped Conv separates a producer's channels, each part becomes a group of its own
+(`node[lo:hi]`). Whatever the walk does not understand blocks the group with a reason and the
+blocking node; a blocked group is reported, never pruned.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, Tap
+from onnxprune.graph.layout import is_grouped_conv, layout_step
 from onnxprune.graph.ops import NONLINEAR, State, const, rank_of, step
 from onnxprune.graph.rotation import invariant_step, is_rms_end, is_tsra, rotation_block
 
@@ -22,20 +25,32 @@ from onnxprune.graph.rotation import invariant_step, is_rms_end, is_tsra, rotati
 def analyze(graph: gs.Graph) -> tuple[ChannelGroup, ...]:
     """Channel groups of `graph` in topological order of their first producer."""
     order = {node.name: i for i, node in enumerate(graph.nodes)}
-    walks = [_walk(graph, p) for p in _producers(graph)]
+    walks = _aligned([w for p in _producers(graph) for w in _walk_parts(graph, p)], graph)
     members = _couple(walks)
     groups = [_merge([walks[i] for i in idx]) for idx in members]
-    groups += _grouped_conv_notes(graph)
     return tuple(sorted(groups, key=lambda g: order.get(g.producers[0], 0)))
 
 
 @dataclass
 class _Producer:
+    """A producer's output channels [lo, lo + channels) (all of them unless they were cut).
+
+    `blocks` > 1 for a grouped Conv: its conv groups write their outputs independently."""
+
     node: gs.Node
     channels: int
     edits: list[ParamEdit]
     start: State
     reason: str | None = None
+    lo: int = 0
+    whole: bool = True
+    blocks: int = 1
+
+    @property
+    def label(self) -> str:
+        """The group name: the node's, with the channel range when only a part is the group."""
+        name = self.node.name
+        return name if self.whole else f"{name}[{self.lo}:{self.lo + self.channels}]"
 
 
 @dataclass
@@ -53,6 +68,8 @@ class _Walk:
     invariants: list[tuple[str, str]] = field(default_factory=list)
     normed: dict[str, Tap] = field(default_factory=dict)  # tensor → output of the RMSNorm above
     normalized: list[tuple[str, Tap]] = field(default_factory=list)  # (tap key, that output)
+    cuts: set[int] = field(default_factory=set)
+    ties: set[str] = field(default_factory=set)
 
     def block(self, reason: str, node: str | None) -> None:
         if self.reason is None:
@@ -73,8 +90,10 @@ def _as_producer(node: gs.Node) -> _Producer | None:
     if weight is None or not node.outputs:
         return None
     out = node.outputs[0].name
-    if node.op == "Conv" and node.attrs.get("group", 1) == 1:
-        return _with_bias(node, weight.shape[0], [ParamEdit(node.name, 1, 0, 0, "out")], out, 0)
+    if node.op == "Conv" and (node.attrs.get("group", 1) == 1 or is_grouped_conv(node)):
+        producer = _with_bias(node, weight.shape[0], [ParamEdit(node.name, 1, 0, 0, "out")], out, 0)
+        producer.blocks = node.attrs.get("group", 1)  # one group per conv group, equal widths
+        return producer
     if node.op == "ConvTranspose" and node.attrs.get("group", 1) == 1:
         return _with_bias(node, weight.shape[1], [ParamEdit(node.name, 1, 1, 0, "out")], out, 0)
     if node.op == "Gemm" and weight.ndim == 2:
@@ -118,6 +137,74 @@ def _gemm_bias(node: gs.Node, producer: _Producer) -> _Producer:
     return producer
 
 
+def _walk_parts(graph: gs.Graph, producer: _Producer) -> list[_Walk]:
+    """Walk `producer`; where a Split, a Slice or a grouped Conv cuts its channels, walk each
+    part on its own (a grouped Conv producer is cut into its conv groups from the start).
+
+    The parts are independent groups: every op on the way acts channel by channel, so the
+    channels of one part never meet those of another except where a consumer reads both."""
+    if producer.blocks > 1 and producer.whole:  # a grouped Conv: one part per conv group
+        width = producer.channels // producer.blocks
+        walk = _Walk(producer, cuts=set(range(width, producer.channels, width)))
+    else:
+        walk = _walk(graph, producer)
+    if not walk.cuts:
+        if producer.blocks > 1:
+            walk.ties.add(f"{producer.node.name}:out")
+        return [walk]
+    return _cut(graph, producer, walk.cuts)
+
+
+def _part(producer: _Producer, lo: int, hi: int) -> _Producer:
+    """Channels [lo, hi) of `producer` (indices relative to its own range) as a producer."""
+    edits = [replace(e, offset=e.offset + lo) for e in producer.edits]
+    start = replace(producer.start, offset=producer.start.offset + lo)
+    return replace(
+        producer, channels=hi - lo, edits=edits, start=start, lo=producer.lo + lo, whole=False
+    )
+
+
+def _aligned(walks: list[_Walk], graph: gs.Graph) -> list[_Walk]:
+    """Cut walks that meet elementwise where the channels they meet are cut (an SE gate's
+    channels meeting a grouped Conv's conv groups), until all meetings line up."""
+    while True:
+        cuts = _meeting_cuts(walks)
+        if not cuts:
+            return walks
+        walks = [
+            part
+            for i, walk in enumerate(walks)
+            for part in (_cut(graph, walk.producer, cuts[i]) if i in cuts else [walk])
+        ]
+
+
+def _meeting_cuts(walks: list[_Walk]) -> dict[int, set[int]]:
+    """Per walk, the channel indices where another walk's segment starts or ends at a node
+    they both reach elementwise."""
+    bounds: dict[str, set[int]] = defaultdict(set)
+    for walk in walks:
+        for node, hits in walk.arrivals.items():
+            for _, offset in hits:
+                bounds[node].update((offset, offset + walk.producer.channels))
+    cuts: dict[int, set[int]] = defaultdict(set)
+    for w, walk in enumerate(walks):
+        for node, hits in walk.arrivals.items():
+            for _, offset in hits:
+                inside = {b - offset for b in bounds[node]}
+                cuts[w].update(c for c in inside if 0 < c < walk.producer.channels)
+    return {w: found for w, found in cuts.items() if found}
+
+
+def _cut(graph: gs.Graph, producer: _Producer, cuts: set[int]) -> list[_Walk]:
+    """Walk each part of `producer` between `cuts` on its own."""
+    edges = [0, *sorted(cuts), producer.channels]
+    return [
+        w
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+        for w in _walk_parts(graph, _part(producer, lo, hi))
+    ]
+
+
 def _walk(graph: gs.Graph, producer: _Producer) -> _Walk:
     """Follow one producer's channels forward until every path ends at a consumer or a block."""
     walk = _Walk(producer)
@@ -143,9 +230,14 @@ def _walk(graph: gs.Graph, producer: _Producer) -> _Walk:
 
 def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[State]) -> None:
     channels = walk.producer.channels
-    result = invariant_step(node, index, state, channels) or step(node, index, state, channels)
+    result = (
+        invariant_step(node, index, state, channels)
+        or layout_step(node, index, state, channels)
+        or step(node, index, state, channels)
+    )
     if result.kind == "block":
         walk.block(result.reason or "blocked", node.name)
+        walk.cuts.update(result.cuts)
         return
     if walk.rotation is None:
         walk.rotation = rotation_block(node, index, state, result)
@@ -158,7 +250,11 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
         _add_once(walk.invariants, ("rmsnorm", node.name))
     for edit in result.edits:
         walk.edits[(edit.node, edit.input, edit.axis, edit.offset, edit.role)] = edit
+    if result.kind == "drop":
+        return
     if result.kind == "consume":
+        if is_grouped_conv(node):
+            walk.ties.add(f"{node.name}:in")
         if result.edits:
             _add_once(walk.consumers, node.name)
             _add_once(walk.taps, _tap(state))
@@ -278,7 +374,7 @@ def _merge(walks: list[_Walk]) -> ChannelGroup:
         reason = "no consumer reads these channels through weights"
     rotation = next((w.rotation for w in walks if w.rotation), None)
     return ChannelGroup(
-        name=first.producer.node.name,
+        name=first.producer.label,
         channels=first.producer.channels,
         producers=tuple(w.producer.node.name for w in walks),
         passthrough=tuple(passthrough),
@@ -292,6 +388,7 @@ def _merge(walks: list[_Walk]) -> ChannelGroup:
         rotation_block=rotation,
         invariants=tuple(dict.fromkeys(n for w in walks for n in w.invariants)),
         normalized=tuple(normalized),
+        ties=tuple(sorted({t for w in walks for t in w.ties})),
     )
 
 
@@ -299,23 +396,3 @@ def _subspaces(edits, channels: int) -> tuple[int, ...]:
     """Channel indices of the group where a TSRA on the way starts its V subspace."""
     cuts = {e.split - e.offset for e in edits if e.role == "split" and e.split is not None}
     return tuple(sorted(c for c in cuts if 0 < c < channels))
-
-
-def _grouped_conv_notes(graph: gs.Graph) -> list[ChannelGroup]:
-    """Grouped (non-depthwise) convolutions are listed as unprunable so users see why."""
-    notes = []
-    for node in graph.nodes:
-        weight = const(node, 1)
-        group = node.attrs.get("group", 1)
-        if node.op != "Conv" or weight is None or group == 1 or weight.shape[1] == 1:
-            continue
-        notes.append(
-            ChannelGroup(
-                name=node.name,
-                channels=int(weight.shape[0]),
-                producers=(node.name,),
-                reason=f"grouped Conv (group={group}) is not supported",
-                blocker=node.name,
-            )
-        )
-    return notes

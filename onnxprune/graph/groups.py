@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Role = Literal["out", "chan", "in", "reshape", "split"]
+Role = Literal["out", "chan", "in", "reshape", "split", "count", "tail"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,10 @@ class ParamEdit:
     "in": a consumer's input-channel axis (the Plan's M and c are folded in);
     "reshape": a Reshape target whose explicit size must shrink;
     "split": a TSRA call whose `split` attribute (the index where V starts, `split` here) must
-    shrink by the pruned channels that lie before it.
+    shrink by the pruned channels that lie before it;
+    "count": entry `axis` of a 1-D integer constant (a Split size, a Slice bound, a Resize or
+    Reshape size) that counts the group's channels and shrinks by the removed ones × `spatial`;
+    "tail": such an entry counted from the end (a negative Slice bound), which grows by them.
     """
 
     node: str
@@ -76,6 +79,8 @@ class ChannelGroup:
     the channels with that norm's output (its input for RMSNormalization, whose output carries a
     per-channel scale): removing channels changes the norm's divisor, and the energies there say
     by how much.
+    `ties` name the grouped Convs this group is one conv group of ("node:in" for the channels
+    a conv group reads, "node:out" for those it writes): groups sharing a tie keep equal widths.
     """
 
     name: str
@@ -92,6 +97,7 @@ class ChannelGroup:
     rotation_block: str | None = None
     invariants: tuple[tuple[str, str], ...] = ()
     normalized: tuple[tuple[str, Tap], ...] = ()
+    ties: tuple[str, ...] = ()
 
     @property
     def rotatable(self) -> bool:
@@ -103,6 +109,13 @@ class ChannelGroup:
         """The subspaces as (start, stop) channel ranges covering the group."""
         edges = (0, *self.subspaces, self.channels)
         return tuple(zip(edges[:-1], edges[1:], strict=True))
+
+    def first_row(self, producer: str) -> int:
+        """The first output channel of `producer` in this group (> 0 where a Split cut its
+        outputs into several groups)."""
+        return next(
+            e.offset for e in self.edits if e.node == producer and e.role == "out" and e.input == 1
+        )
 
     @property
     def prunable(self) -> bool:

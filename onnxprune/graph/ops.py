@@ -30,13 +30,19 @@ class State:
 
 @dataclass
 class Step:
-    """The outcome of one node for one incoming state."""
+    """The outcome of one node for one incoming state.
 
-    kind: Literal["through", "consume", "block"]
+    kind "drop": the node discards the channels on this path (a Slice outside them) but its
+    `edits` still follow them. `cuts` (with "block"): channel indices of the group where
+    splitting it into independent groups lets every part pass (a Split or Slice boundary).
+    """
+
+    kind: Literal["through", "consume", "block", "drop"]
     next: State | None = None
     edits: list[ParamEdit] = field(default_factory=list)
     reason: str | None = None
     couple: bool = False
+    cuts: tuple[int, ...] = ()
 
 
 def step(node: gs.Node, index: int, state: State, channels: int) -> Step:

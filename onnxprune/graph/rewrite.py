@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, tap_key
+from onnxprune.graph.layout import is_grouped_conv, split_sizes
 from onnxprune.graph.load import export, infer_shapes
 from onnxprune.methods.base import Plan
 
@@ -51,23 +52,82 @@ def rewrite(
             _accumulate(deltas, name, np.asarray(shift, dtype=np.float64))
     for (name, index), items in jobs.items():
         node = nodes[name]
+        if node.op == "Split":
+            _split_sizes_input(node)
         value = np.asarray(node.inputs[index].values)
-        work = value.astype(np.float64)
-        for edit, group, plan in sorted(items, key=_edit_order):
-            work = _apply(work, edit, group, plan, node, deltas, exact_borders)
+        apply = _apply_grouped if index == 1 and is_grouped_conv(node) else _apply_all
+        work = apply(value.astype(np.float64), items, node, deltas, exact_borders)
         node.inputs[index] = gs.Constant(
             f"{node.inputs[index].name}__{name}", work.astype(value.dtype)
         )
+    _split_attributes([nodes[name] for name, _ in jobs], graph.opset)
     for name, items in splits.items():
         nodes[name].attrs["split"] = _new_split(items)
     outputs = _output_plans(groups, plans)
     for name, delta in deltas.items():
-        add_bias(graph, nodes[name], _to_new_outputs(delta, *outputs.get(name, (None, None))))
-    for node in graph.nodes:
-        if node.op == "Conv" and node.attrs.get("group", 1) > 1:
-            node.attrs["group"] = int(node.inputs[1].shape[0])
+        add_bias(graph, nodes[name], _to_new_outputs(delta, name, outputs.get(name, [])))
+    for name, index in jobs:
+        _follow_depthwise_group(nodes[name], index, jobs[(name, index)])
     graph.cleanup().toposort()
     return infer_shapes(graph)
+
+
+def _follow_depthwise_group(
+    node: gs.Node, index: int, items: list[tuple[ParamEdit, ChannelGroup, Plan]]
+) -> None:
+    """A depthwise Conv whose filters were sliced as channels keeps group = its channels.
+
+    Only such a Conv changes `group`: any other grouped Conv (outside every pruned group, or
+    pruned with its group structure kept) keeps its attribute."""
+    if node.op == "Conv" and index == 1 and any(e.role == "chan" for e, _, _ in items):
+        node.attrs["group"] = int(node.inputs[1].shape[0])
+
+
+def _apply_all(
+    work: np.ndarray,
+    items: list[tuple[ParamEdit, ChannelGroup, Plan]],
+    node: gs.Node,
+    deltas: dict[str, np.ndarray],
+    exact_borders: bool,
+) -> np.ndarray:
+    """Every edit of one constant, in `_edit_order`."""
+    for edit, group, plan in sorted(items, key=_edit_order):
+        work = _apply(work, edit, group, plan, node, deltas, exact_borders)
+    return work
+
+
+def _apply_grouped(
+    work: np.ndarray,
+    items: list[tuple[ParamEdit, ChannelGroup, Plan]],
+    node: gs.Node,
+    deltas: dict[str, np.ndarray],
+    exact_borders: bool,
+) -> np.ndarray:
+    """A grouped Conv's filters, edited one conv group at a time: an edit of its outputs
+    (axis 0) or of its input channels (axis 1, at an offset into all input channels) touches
+    only the filters of the conv group it falls in, and a bias shift only that group's outputs.
+    The conv group's filters are padded to the edit's offset, so the edit applies unchanged.
+    """
+    blocks = node.attrs["group"]
+    rows, width = work.shape[0] // blocks, work.shape[1]
+    chunks = np.split(work, blocks, axis=0)
+    for edit, group, plan in sorted(items, key=_edit_order):
+        size = rows if edit.axis == 0 else width
+        k = edit.offset // size
+        pads = [(0, 0)] * work.ndim
+        pads[edit.axis] = (k * size, 0)  # conv group k's filters, at the edit's own offsets
+        shifts: dict[str, np.ndarray] = {}
+        done = _apply(np.pad(chunks[k], pads), edit, group, plan, node, shifts, exact_borders)
+        chunks[k] = np.take(done, np.arange(k * size, done.shape[edit.axis]), axis=edit.axis)
+        for shift in shifts.values():
+            full = np.zeros((work.shape[0], *shift.shape[1:]))
+            full[k * rows : (k + 1) * rows] = shift
+            _accumulate(deltas, node.name, full)
+    if len({chunk.shape[:2] for chunk in chunks}) > 1:
+        raise OnnxPruneError(
+            f"grouped Conv '{node.name}' would keep unequal channel counts per conv group"
+        )
+    return np.concatenate(chunks, axis=0)
 
 
 def _new_split(items: list[tuple[ParamEdit, ChannelGroup, Plan]]) -> int:
@@ -89,23 +149,30 @@ def _edit_order(item: tuple[ParamEdit, ChannelGroup, Plan]) -> tuple[bool, int, 
 
 def _output_plans(
     groups: tuple[ChannelGroup, ...], plans: Mapping[str, Plan]
-) -> dict[str, tuple[ChannelGroup, Plan]]:
-    """Producer node → its group and plan, to map consumer bias shifts to the pruned outputs."""
-    found = {}
+) -> dict[str, list[tuple[ChannelGroup, Plan]]]:
+    """Producer node → its groups and plans (several where a Split cut its outputs), to map
+    consumer bias shifts to the pruned outputs."""
+    found = defaultdict(list)
     for group in groups:
         if group.prunable and group.name in plans:
             for name in group.producers:
-                found[name] = (group, plans[group.name])
+                found[name].append((group, plans[group.name]))
     return found
 
 
-def _to_new_outputs(delta: np.ndarray, group: ChannelGroup | None, plan: Plan | None) -> np.ndarray:
-    """A shift computed for the original output channels, rotated and sliced like the outputs."""
-    if plan is None:
-        return delta
-    if plan.rotation is not None:
-        delta = np.tensordot(np.asarray(plan.rotation), delta, axes=([1], [0]))
-    return delta[np.asarray(plan.keep)]
+def _to_new_outputs(
+    delta: np.ndarray, name: str, owners: list[tuple[ChannelGroup, Plan]]
+) -> np.ndarray:
+    """A shift computed for the original output channels of producer `name`, rotated and sliced
+    like its outputs (each group's segment, from the highest first row down)."""
+    for group, plan in sorted(owners, key=lambda owner: -owner[0].first_row(name)):
+        lo = group.first_row(name)
+        segment = delta[lo : lo + group.channels]
+        if plan.rotation is not None:
+            segment = np.tensordot(np.asarray(plan.rotation), segment, axes=([1], [0]))
+        segment = segment[np.asarray(plan.keep)]
+        delta = np.concatenate([delta[:lo], segment, delta[lo + group.channels :]])
+    return delta
 
 
 def _apply(
@@ -118,9 +185,10 @@ def _apply(
     exact_borders: bool,
 ) -> np.ndarray:
     m, keep = group.channels, np.asarray(plan.keep)
-    if edit.role == "reshape":
+    if edit.role in ("reshape", "count", "tail"):
         work = work.copy()
-        work[1] -= (m - len(keep)) * edit.spatial
+        sign = 1 if edit.role == "tail" else -1  # counted from the end, the entry grows
+        work[1 if edit.role == "reshape" else edit.axis] += sign * (m - len(keep)) * edit.spatial
         return work
     if plan.rotation is not None and _rotates(edit, node):
         work = _map_segment(work, edit, m, np.asarray(plan.rotation))
@@ -283,6 +351,27 @@ def _transpose_hits(
     t, i = np.nonzero((index >= 0) & (index < out))
     np.add.at(hits, (t, index[t, i]), 1.0)
     return hits
+
+
+def _split_sizes_input(node: gs.Node) -> None:
+    """Give a Split its sizes as a constant input (from its `split` attribute or equal parts),
+    so they can be edited like any constant; opsets < 13 take them back as the attribute."""
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        return
+    total = node.inputs[0].shape[node.attrs.get("axis", 0)]
+    sizes = np.asarray(split_sizes(node, int(total)), dtype=np.int64)
+    node.attrs.pop("split", None)
+    node.attrs.pop("num_outputs", None)
+    while len(node.inputs) > 1:  # an empty optional input
+        node.inputs.pop()
+    node.inputs.append(gs.Constant(f"{node.name}__split", sizes))
+
+
+def _split_attributes(nodes: list[gs.Node], opset: int) -> None:
+    """Before opset 13 a Split's sizes are its `split` attribute, not an input."""
+    for node in nodes:
+        if opset < 13 and node.op == "Split" and len(node.inputs) > 1:
+            node.attrs["split"] = [int(v) for v in node.inputs.pop().values]
 
 
 def add_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:

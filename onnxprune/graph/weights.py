@@ -6,12 +6,21 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ChannelGroup, ParamEdit
+from onnxprune.graph.layout import is_grouped_conv
 
 
 def producer_filters(graph: gs.Graph, group: ChannelGroup) -> tuple[np.ndarray, ...]:
     """Each producer's weight as (channels, fan_in) float64 rows, one row per output channel."""
     nodes = {node.name: node for node in graph.nodes}
-    return tuple(filter_rows(nodes[name], nodes[name].inputs[1].values) for name in group.producers)
+    return tuple(
+        group_rows(group, nodes[name], nodes[name].inputs[1].values) for name in group.producers
+    )
+
+
+def group_rows(group: ChannelGroup, node: gs.Node, weight: np.ndarray) -> np.ndarray:
+    """The rows of `filter_rows` that are `group`'s channels of producer `node`."""
+    lo = group.first_row(node.name)
+    return filter_rows(node, weight)[lo : lo + group.channels]
 
 
 def producer_weight_names(graph: gs.Graph, group: ChannelGroup) -> tuple[str, ...]:
@@ -37,7 +46,9 @@ def consumer_input_sizes(graph: gs.Graph, groups: tuple[ChannelGroup, ...]) -> d
     for group in groups:
         for edit in group.edits:
             if edit.role == "in":
-                sizes[edit.node] = int(nodes[edit.node].inputs[edit.input].shape[edit.axis])
+                node = nodes[edit.node]
+                blocks = node.attrs.get("group", 1) if is_grouped_conv(node) else 1
+                sizes[edit.node] = int(node.inputs[edit.input].shape[edit.axis]) * blocks
     return sizes
 
 
@@ -50,6 +61,13 @@ def consumer_matrix(graph: gs.Graph, edit: ParamEdit, channels: int) -> np.ndarr
     node = next(n for n in graph.nodes if n.name == edit.node)
     weight = np.asarray(node.inputs[edit.input].values, dtype=np.float64)
     out_axis = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}.get(node.op, 1 - edit.axis)
+    if is_grouped_conv(node):  # only the filters of the conv group the channels fall in
+        k, offset = divmod(edit.offset, weight.shape[1])
+        rows = weight.shape[0] // node.attrs["group"]
+        inside = np.zeros_like(weight[:, :channels])
+        block = slice(k * rows, (k + 1) * rows)
+        inside[block] = weight[block, offset : offset + channels]
+        return inside.reshape(weight.shape[0], channels, 1, -1).sum(axis=-1)
     start = edit.offset * edit.spatial
     segment = np.take(weight, np.arange(start, start + channels * edit.spatial), axis=edit.axis)
     segment = np.moveaxis(segment, [out_axis, edit.axis], [0, 1])

@@ -19,7 +19,7 @@ from onnxprune.methods.linalg import (
     reconstruction_error,
     selection_map,
 )
-from onnxprune.methods.width import rounding_step
+from onnxprune.methods.width import rounding_step, tied_counts
 
 
 def make_plans(
@@ -40,10 +40,33 @@ def make_plans(
             plan = plan_for_error(group, group_stats, config, planned)
         else:
             plan = planned(counts[group.name])
-        plan = with_errors(plan, group, group_stats)
-        if method.name != "cob":  # cob corrects the divisor itself, with --rms-correction
-            plan = divisor_corrected(plan, group, group_stats)
-        plans[group.name] = plan
+        plans[group.name] = _finished(plan, group, group_stats, method)
+    return plans if config.epsilon is None else _widen_tied(groups, stats, method, config, plans)
+
+
+def _finished(plan: Plan, group: ChannelGroup, stats: GroupStats, method: Method) -> Plan:
+    """The plan with its error numbers and, except for cob, the RMSNorm divisor correction."""
+    plan = with_errors(plan, group, stats)
+    if method.name != "cob":  # cob corrects the divisor itself, with --rms-correction
+        plan = divisor_corrected(plan, group, stats)
+    return plan
+
+
+def _widen_tied(
+    groups: tuple[ChannelGroup, ...],
+    stats: Mapping[str, GroupStats],
+    method: Method,
+    config: PruneConfig,
+    plans: dict[str, Plan],
+) -> dict[str, Plan]:
+    """Under --epsilon each group picks its own width; the conv groups of one grouped Conv are
+    planned again at the widest of theirs, so each still meets ε and `group` stays valid."""
+    widths = tied_counts(groups, {name: len(p.keep) for name, p in plans.items()}, widest=True)
+    for group in (g for g in groups if g.name in plans):
+        width = widths.get(group.name, group.channels)  # absent: a tied group was left alone
+        if width != len(plans[group.name].keep):
+            plan = _planned(method, group, stats[group.name], config, width)
+            plans[group.name] = _finished(plan, group, stats[group.name], method)
     return plans
 
 

@@ -20,7 +20,8 @@ from onnxprune.methods.width import WidthRule, keep_counts, kept, rounding_step
 @dataclass(frozen=True)
 class _Term:
     base: float
-    out: tuple[str, int] | None  # (group, channels) whose kept share scales the outputs
+    out: tuple[tuple[str, int], ...]  # (group, channels) parts of the outputs that may shrink
+    out_total: int  # all output channels (parts cut off by a Split may be in other groups)
     inputs: tuple[tuple[str, int, int], ...]  # (group, channels, spatial) read through weights
     in_total: int
     chan: tuple[str, int] | None  # a depthwise conv passing a group through
@@ -37,9 +38,11 @@ class WidthCost:
         total = self.fixed
         for term in self.terms:
             factor = 1.0
-            for share in (term.out, term.chan):
-                if share is not None:
-                    factor *= widths.get(share[0], share[1]) / share[1]
+            if term.out:
+                removed = sum(c - widths.get(g, c) for g, c in term.out)
+                factor *= (term.out_total - removed) / term.out_total
+            if term.chan is not None:
+                factor *= widths.get(term.chan[0], term.chan[1]) / term.chan[1]
             if term.inputs:
                 removed = sum((c - widths.get(g, c)) * sp for g, c, sp in term.inputs)
                 factor *= (term.in_total - removed) / term.in_total
@@ -52,13 +55,17 @@ def width_cost(
 ) -> WidthCost:
     """Build the cost function from per-node costs and each consumer's input-channel total."""
     touched: dict[str, dict] = {}
+    out_total: dict[str, int] = {}
     for group in groups:
+        for edit in group.edits:
+            if edit.role == "out" and edit.input == 1:
+                out_total[edit.node] = out_total.get(edit.node, 0) + group.channels
         if not group.prunable:
             continue
         for edit in group.edits:
-            entry = touched.setdefault(edit.node, {"out": None, "chan": None, "inputs": []})
+            entry = touched.setdefault(edit.node, {"out": [], "chan": None, "inputs": []})
             if edit.role == "out" and edit.input == 1:
-                entry["out"] = (group.name, group.channels)
+                entry["out"].append((group.name, group.channels))
             elif edit.role == "chan" and edit.input == 1:
                 entry["chan"] = (group.name, group.channels)
             elif edit.role == "in":
@@ -69,8 +76,16 @@ def width_cost(
         if entry is None:
             fixed += cost
             continue
+        outs = tuple(entry["out"])
         terms.append(
-            _Term(cost, entry["out"], tuple(entry["inputs"]), in_sizes.get(node, 1), entry["chan"])
+            _Term(
+                cost,
+                outs,
+                out_total.get(node, 1),
+                tuple(entry["inputs"]),
+                in_sizes.get(node, 1),
+                entry["chan"],
+            )
         )
     return WidthCost(fixed, tuple(terms))
 

@@ -41,7 +41,32 @@ def keep_counts(groups: Sequence[ChannelGroup], rule: WidthRule) -> dict[str, in
         ratio = group_ratio(group, rule)
         if ratio is not None:
             counts[group.name] = kept(group.channels, ratio, rule.round_to)
-    return counts
+    return tied_counts(groups, counts)
+
+
+def tied_counts(
+    groups: Sequence[ChannelGroup], counts: Mapping[str, int], *, widest: bool = False
+) -> dict[str, int]:
+    """Counts where groups sharing a tie (the conv groups of one grouped Conv) keep equal
+    widths: the smallest any of them is given, so a MAC target or a sensitivity probe on one
+    conv group holds for all (`widest`: the largest, so an error bound each met holds for all);
+    if one of them is left alone (absent), all are."""
+    pick = max if widest else min
+    tied, changed = dict(counts), True
+    while changed:  # a group in two ties joins them: repeat until every tie agrees
+        alone = {t for g in groups if g.name not in tied for t in g.ties}
+        low: dict[str, int] = {}
+        for group in (g for g in groups if g.name in tied):
+            for tie in group.ties:
+                low[tie] = pick(low.get(tie, tied[group.name]), tied[group.name])
+        changed = False
+        for group in (g for g in groups if g.ties and g.name in tied):
+            if alone & set(group.ties):
+                del tied[group.name]
+                changed = True
+            elif (new := pick(low[t] for t in group.ties)) != tied[group.name]:
+                tied[group.name], changed = new, True
+    return tied
 
 
 def group_ratio(group: ChannelGroup, rule: WidthRule) -> float | None:
