@@ -1,9 +1,10 @@
 """Export the model zoo: real torchvision / ultralytics architectures as users' ONNX files.
 
-Random weights (seeded), but not a fresh init: the BatchNorm and LayerNorm affine parameters are
-drawn at random (γ ∈ [0.05, 1.5], β ~ N(0, 0.2)) so channels differ in importance, and the
-BatchNorm running statistics are then re-estimated on the calibration photos (one train-mode
-pass, cumulative average), so every layer sees activations of the scale a trained network would.
+Random weights (seeded), but not a fresh init: the BatchNorm and LayerNorm affine parameters
+(and ViT's zero-initialised head) are drawn at random (γ ∈ [0.05, 1.5], β ~ N(0, 0.2)) so
+channels differ in importance, and the BatchNorm running statistics are then re-estimated on
+the calibration photos (one train-mode pass, cumulative average), so every layer sees
+activations of the scale a trained network would.
 Each model is exported by the legacy TorchScript exporter (opset 17, dynamic batch) as
 `<name>.onnx`; ResNet-50, MobileNetV3-Small and YOLOv8n also as `<name>.b1.onnx` (legacy, batch
 fixed at 1) and `<name>.dynamo.onnx` (dynamo exporter, opset 18, its lowest; dynamic batch where
@@ -213,7 +214,8 @@ def random_crop(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def randomise_norms(model: nn.Module, calib: np.ndarray, seed: int) -> nn.Module:
-    """Draw norm affine params at random, then re-estimate BN running stats on `calib`.
+    """Draw norm affine params (and zero-initialised Linear weights) at random, then
+    re-estimate BN running stats on `calib`.
 
     Random γ/β make channels differ; estimating the running statistics on real photos (one
     train-mode pass, cumulative average) keeps activations at a trained network's scale, where
@@ -223,6 +225,10 @@ def randomise_norms(model: nn.Module, calib: np.ndarray, seed: int) -> nn.Module
     norms = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
     with torch.no_grad():
         for module in model.modules():
+            if isinstance(module, nn.Linear) and not module.weight.any():
+                # ViT's head starts at zero: its logits would be 0 for every input
+                bound = module.in_features**-0.5
+                module.weight.uniform_(-bound, bound, generator=gen)
             if isinstance(module, norms) and getattr(module, "weight", None) is not None:
                 module.weight.copy_(torch.rand(module.weight.shape, generator=gen) * 1.45 + 0.05)
                 module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.2)
