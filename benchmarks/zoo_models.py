@@ -16,12 +16,14 @@ size, ImageNet mean/std, NCHW float32: `calib_<S>.npz` (32 samples from astronau
 rocket, immunohistochemistry) and `heldout_<S>.npz` (16 samples from chelsea, hubble_deep_field,
 retina, camera): disjoint photos. Keyed by the model's input name (`input`, YOLO: `images`).
 
-Install (benchmark deps, not core deps; torchvision must come with --no-deps because the index's
-torchvision is a CUDA build whose pinned torch would replace torch 2.13.0 CPU):
+Install (benchmark deps, not core deps). torchvision and ultralytics come with --no-deps: both
+depend on torch, and the index's torchvision is a CUDA build whose pinned torch would replace
+torch 2.13.0 CPU; ultralytics' import needs only opencv and pyyaml besides. The `zoo` extra
+holds the rest and nothing that depends on torch:
 
     pip install --no-deps torchvision==0.28.0
-    pip install --no-deps ultralytics            # its import needs only opencv + pyyaml here
-    pip install opencv-python-headless scikit-image    # or: pip install -e ".[zoo]"
+    pip install --no-deps ultralytics                     # 8.4.190 was used
+    pip install -e ".[zoo]"    # scikit-image, opencv-python-headless, pyyaml
 
 Run:
 
