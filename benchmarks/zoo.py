@@ -10,9 +10,10 @@ Per model file of `benchmarks/zoo_models.py`'s cache (legacy dynamic-batch expor
   ONNX Runtime actually produces at batch 1 (ratio 1.0 = agree);
 - ratio 0: `onnxprune.prune(ratio=0)` must reproduce the original (max |Δ| / max |y|);
 - `magnitude` and `id` at ratio 0.25 and 0.5 through the CLI (exit code, one-line error): checker
-  (full_check), ORT-runnable, rel-L2 deviation on the held-out photos, MAC cut (tool's count),
-  ORT speedup at batch 1 (interleaved medians), and pruning wall time ÷ one ORT forward pass
-  over the calibration data (the CLI time includes process start-up and its own verification).
+  (full_check), ORT-runnable, rel-L2 deviation on the held-out photos, MAC cut (tool's count
+  and from ORT's shapes), ORT speedup at batch 1 (interleaved medians), and pruning wall time ÷
+  one ORT forward pass over the calibration data (the CLI time includes process start-up and
+  its own verification).
 
 Every stage's exception is caught and recorded as one line; results are written after each model.
 
@@ -87,6 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="Results JSON.")
     parser.add_argument("--reuse", action="store_true", help="Keep models already in --out.")
     parser.add_argument("--repeats", type=int, default=10, help="Latency runs per model.")
+    parser.add_argument("--min-time", type=float, default=1.0, help="Latency seconds per model.")
     parser.add_argument("--threads", type=int, default=1, help="ORT threads for latency.")
     return parser.parse_args(argv)
 
@@ -119,7 +121,13 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "onnxruntime": ort.__version__,
         "onnxprune_commit": commit,
-        "latency": {"batch": 1, "threads": args.threads, "repeats": args.repeats, "warmup": 2},
+        "latency": {
+            "batch": 1,
+            "threads": args.threads,
+            "repeats_min": args.repeats,
+            "min_time_s": args.min_time,
+            "warmup": 2,
+        },
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
@@ -248,11 +256,18 @@ def example(group: Any) -> str:
 def mac_check(path: Path, heldout: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """The tool's Conv/Gemm/MatMul MACs at batch 1 against ORT-shape MACs."""
     model = onnx.load(str(path))
-    tool = sum(n.macs for n in count(model).per_node if n.op_type in MAC_OPS)
+    cost = count(model)
+    tool = sum(n.macs for n in cost.per_node if n.op_type in MAC_OPS)
     feeds = {k: v[:1] for k, v in heldout.items()}
     feeds = dict(zip([i.name for i in model.graph.input], feeds.values(), strict=False))
     independent = independent_macs(model, feeds)
-    return {"tool": tool, "ort_shapes": independent, "ratio": tool / independent}
+    unknown = len(cost.unknown)
+    return {
+        "tool": tool,
+        "ort_shapes": independent,
+        "ratio": tool / independent,
+        "unknown": unknown,
+    }
 
 
 def independent_macs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
@@ -359,12 +374,21 @@ def run_cli(
         if isinstance(forward, float):
             row["prune_over_forward"] = round(seconds / forward, 1)
         if proc.returncode != 0:
-            lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
-            errors = [x for x in lines if x.startswith("onnxprune: error")] or lines[-1:] or [""]
-            row["error"] = errors[0]
+            row["traceback"] = "Traceback (most recent call last)" in proc.stderr
+            row["error"] = cli_error(proc.stderr)
             return row
         row.update(evaluate(path, out, heldout, args))
     return row
+
+
+def cli_error(stderr: str) -> str:
+    """The CLI's one-line error, or the exception line of a traceback that escaped it."""
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith("onnxprune: error")]
+    if not errors and "Traceback (most recent call last)" in stderr:
+        last = max(i for i, x in enumerate(lines) if x.startswith("Traceback"))
+        errors = [x for x in lines[last + 1 :] if not x.startswith(" ")]
+    return (errors or lines[-1:] or [""])[0][:400]
 
 
 def evaluate(
@@ -380,10 +404,19 @@ def evaluate(
     except Exception as err:  # a pruned file ORT cannot run is a result
         row["ort_runs"] = one_line(err)
         return row
-    before, after = count(onnx.load(str(original))).macs, count(onnx.load(str(pruned))).macs
-    row["mac_cut"] = 1 - after / before
+    models = onnx.load(str(original)), onnx.load(str(pruned))
+    row["mac_cut"] = 1 - count(models[1]).macs / count(models[0]).macs
+    row["mac_cut_ort_shapes"] = guarded(ort_mac_cut, *models, heldout)
     row["latency"] = guarded(speedup, original, pruned, args)
     return row
+
+
+def ort_mac_cut(
+    original: onnx.ModelProto, pruned: onnx.ModelProto, data: Mapping[str, np.ndarray]
+) -> float:
+    """1 − pruned / original MACs, both counted from ORT's shapes at batch 1."""
+    feeds = {original.graph.input[0].name: next(iter(data.values()))[:1]}
+    return 1 - independent_macs(pruned, feeds) / independent_macs(original, feeds)
 
 
 def check(path: Path) -> bool:
@@ -400,7 +433,7 @@ def speedup(original: Path, pruned: Path, args: argparse.Namespace) -> dict[str,
         threads=args.threads,
         warmup=2,
         repeats=args.repeats,
-        min_time=0.0,
+        min_time=args.min_time,
     )
     first, second = timing.rows
     return {
