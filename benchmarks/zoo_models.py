@@ -1,8 +1,9 @@
 """Export the model zoo: real torchvision / ultralytics architectures as users' ONNX files.
 
 Random weights (seeded), but not a fresh init: the BatchNorm and LayerNorm affine parameters
-(and ViT's zero-initialised head) are drawn at random (γ ∈ [0.05, 1.5], β ~ N(0, 0.2)) so
-channels differ in importance, and the BatchNorm running statistics are then re-estimated on
+(γ ∈ [0.05, 1.5], β ~ N(0, 0.2)), ConvNeXt's layer scales (U[0.05, 0.5]; 1e-6 at init would
+make every block an identity) and ViT's zero-initialised head are drawn at random so channels
+differ in importance, and the BatchNorm running statistics are then re-estimated on
 the calibration photos (one train-mode pass, cumulative average), so every layer sees
 activations of the scale a trained network would.
 Each model is exported by the legacy TorchScript exporter (opset 17, dynamic batch) as
@@ -216,7 +217,7 @@ def random_crop(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def randomise_norms(model: nn.Module, calib: np.ndarray, seed: int) -> nn.Module:
-    """Draw norm affine params (and zero-initialised Linear weights) at random, then
+    """Draw norm affine params, layer scales and zero-initialised Linear weights at random, then
     re-estimate BN running stats on `calib`.
 
     Random γ/β make channels differ; estimating the running statistics on real photos (one
@@ -237,6 +238,9 @@ def randomise_norms(model: nn.Module, calib: np.ndarray, seed: int) -> nn.Module
             if isinstance(module, nn.BatchNorm2d):
                 module.reset_running_stats()
                 module.momentum = None
+            scale = getattr(module, "layer_scale", None)  # ConvNeXt: 1e-6 at init
+            if isinstance(scale, nn.Parameter):
+                scale.copy_(torch.rand(scale.shape, generator=gen) * 0.45 + 0.05)
         model.train()
         model(torch.from_numpy(calib[:16]))
     return model.eval()
