@@ -78,6 +78,8 @@ def run_cells(run: Mapping[str, Any]) -> list[str]:
     latency = run["latency"]
     speed = f"{latency['speedup']:.2f}" if "speedup" in latency else f"error: {latency['error']}"
     rel = f"{run['rel_l2'][0]:.3f}"
+    if "rel_l2_centered" in run:
+        rel += f" (centred {run['rel_l2_centered'][0]:.3f})"
     ort_cut = run["mac_cut_ort_shapes"]
     cut = f"{pct(run['mac_cut'])} ({pct(ort_cut) if isinstance(ort_cut, float) else 'error'})"
     return ["0", checker, rel, cut, speed, time_cell]
