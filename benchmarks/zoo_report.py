@@ -43,8 +43,8 @@ def coverage_table(models: Mapping[str, Any]) -> list[str]:
             groups = f"{a['groups']} ({a['prunable_groups']})"
             shares = [pct(a["default"]["share"]), pct(a["prune_residual"]["share"])]
             cells = [f"{a['analyze_s']:.1f}", groups, *shares]
-        ratio = check.get("error") or f"{check['ratio']:.4f}" + unknown_note(check)
-        dev = zero.get("error") or f"{zero['max_rel_deviation']:.1e}"
+        ratio = short(check.get("error")) or f"{check['ratio']:.4f}" + unknown_note(check)
+        dev = short(zero.get("error")) or f"{zero['max_rel_deviation']:.1e}"
         forward = m["forward_s"] if isinstance(m["forward_s"], float) else "error"
         lines.append(
             f"| {name} | " + " | ".join([*cells, ratio, dev, str(forward)]) + f" | "
@@ -102,6 +102,11 @@ def blocker_list(models: Mapping[str, Any]) -> list[str]:
 def unknown_note(check: Mapping[str, Any]) -> str:
     """How many nodes the tool's shape inference left unknown, if any."""
     return f" ({check['unknown']} nodes unknown)" if check.get("unknown") else ""
+
+
+def short(error: str | None) -> str:
+    """An error cut to fit a table cell (the full line is in the JSON)."""
+    return "" if error is None else f"error: {cell(error)[:90]}…"
 
 
 def pct(value: float | None) -> str:
