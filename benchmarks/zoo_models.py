@@ -1,0 +1,396 @@
+"""Export the model zoo: real torchvision / ultralytics architectures as users' ONNX files.
+
+Random weights (seeded), but not a fresh init: the BatchNorm and LayerNorm affine parameters
+(γ ∈ [0.05, 1.5], β ~ N(0, 0.2)), ConvNeXt's layer scales (U[0.05, 0.5]; 1e-6 at init would
+make every block an identity) and ViT's zero-initialised head are drawn at random so channels
+differ in importance, and the BatchNorm running statistics are then re-estimated on
+the calibration photos (one train-mode pass, cumulative average), so every layer sees
+activations of the scale a trained network would.
+Each model is exported by the legacy TorchScript exporter (opset 17, dynamic batch) as
+`<name>.onnx`; ResNet-50, MobileNetV3-Small and YOLOv8n also as `<name>.b1.onnx` (legacy, batch
+fixed at 1) and `<name>.dynamo.onnx` (dynamo exporter, opset 18, its lowest; dynamic batch where
+it succeeds). Every export is run once in ONNX Runtime and compared with torch (rel-L2 in
+`manifest.json`).
+
+Data: crops of scikit-image's bundled photos, random scale/aspect/flip, resized to the input
+size, ImageNet mean/std, NCHW float32: `calib_<S>.npz` (32 samples from astronaut, coffee,
+rocket, immunohistochemistry) and `heldout_<S>.npz` (16 samples from chelsea, hubble_deep_field,
+retina, camera): disjoint photos. Keyed by the model's input name (`input`, YOLO: `images`).
+
+Install (benchmark deps, not core deps). torchvision and ultralytics come with --no-deps: both
+depend on torch, and the index's torchvision is a CUDA build whose pinned torch would replace
+torch 2.13.0 CPU; ultralytics' import needs only opencv and pyyaml besides. The `zoo` extra
+holds the rest and nothing that depends on torch:
+
+    pip install --no-deps torchvision==0.28.0
+    pip install --no-deps ultralytics                     # 8.4.190 was used
+    pip install -e ".[zoo]"    # scikit-image, opencv-python-headless, pyyaml
+
+Run:
+
+    python benchmarks/zoo_models.py [--cache DIR] [--models a,b] [--force]
+
+The cache defaults to `benchmarks/results/cache/zoo` (git-ignored), or `$ONNXPRUNE_ZOO_CACHE`.
+A model whose files all exist is skipped unless `--force`. Writes `INDEX.md` and `manifest.json`
+there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import types
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+DEFAULT_CACHE = Path(__file__).resolve().parent / "results" / "cache" / "zoo"
+SEED = 0
+OPSET = 17
+DYNAMO_OPSET = 18  # the dynamo exporter's lowest; asking for 17 runs a failing down-conversion
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+CALIB_PHOTOS = ("astronaut", "coffee", "rocket", "immunohistochemistry")
+HELDOUT_PHOTOS = ("chelsea", "hubble_deep_field", "retina", "camera")
+N_CALIB, N_HELDOUT = 32, 16
+EXTRA_EXPORTS = ("resnet50", "mobilenet_v3_small", "yolov8n")
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """One zoo entry: how to build the torch module and what it reads."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    size: int
+    input_name: str = "input"
+    output_name: str = "logits"
+    source: str = "torchvision.models"
+
+
+def zoo_specs() -> dict[str, ZooSpec]:
+    """The zoo, in benchmark order (lightest first within each family)."""
+    tv = import_torchvision().models
+    specs = [
+        ZooSpec("squeezenet1_1", tv.squeezenet1_1, 224),
+        ZooSpec("mobilenet_v3_small", tv.mobilenet_v3_small, 224),
+        ZooSpec("shufflenet_v2_x1_0", tv.shufflenet_v2_x1_0, 224),
+        ZooSpec("regnet_y_400mf", tv.regnet_y_400mf, 224),
+        ZooSpec("efficientnet_b0", tv.efficientnet_b0, 224),
+        ZooSpec("densenet121", tv.densenet121, 224),
+        ZooSpec("resnet50", tv.resnet50, 224),
+        ZooSpec("resnext50_32x4d", tv.resnext50_32x4d, 224),
+        ZooSpec("convnext_tiny", tv.convnext_tiny, 224),
+        ZooSpec("vit_b_16", tv.vit_b_16, 224),
+        ZooSpec("yolov8n", build_yolov8n, 320, "images", "output0", "ultralytics DetectionModel"),
+    ]
+    return {s.name: s for s in specs}
+
+
+def import_torchvision() -> types.ModuleType:
+    """Import torchvision's Python models without its C extension's op registrations.
+
+    The index's torchvision 0.28.0 is a CUDA build: its `_C` library does not load against the
+    CPU torch, `extension._has_ops()` is then False and every op registration is skipped —
+    except `_meta_registrations`, which registers fake kernels for `torchvision::nms` & co.
+    unconditionally and fails because the ops do not exist. The model definitions need none of
+    those ops (they are for detection post-processing), so that one module is stubbed out.
+    """
+    name = "torchvision._meta_registrations"
+    sys.modules.setdefault(name, types.ModuleType(name))
+    import torchvision
+
+    return torchvision
+
+
+def build_yolov8n() -> nn.Module:
+    """YOLOv8n from its yaml (no weights download), fused and in ultralytics' ONNX export mode."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    import_torchvision()
+    from ultralytics.nn.modules import Detect
+    from ultralytics.nn.tasks import DetectionModel
+
+    model = DetectionModel("yolov8n.yaml", verbose=False)
+    for module in model.modules():
+        if isinstance(module, Detect):
+            module.export, module.format, module.dynamic = True, "onnx", True
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build the photos, then each requested model; write INDEX.md and manifest.json."""
+    args = parse_args(argv)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    specs = zoo_specs()
+    names = args.models.split(",") if args.models else list(specs)
+    manifest_path = cache / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    for name in names:
+        spec = specs[name]
+        if name in manifest and not args.force and all_present(cache, manifest[name]):
+            continue
+        data = ensure_data(cache, spec.size, spec.input_name)
+        start = time.perf_counter()
+        manifest[name] = export_model(spec, cache, data)
+        print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+        manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    (cache / "INDEX.md").write_text(index_markdown(manifest))
+
+
+def all_present(cache: Path, entry: dict) -> bool:
+    """Whether every file of a manifest entry was exported and is still there."""
+    files = entry["files"].values()
+    return all("error" not in f and (cache / f["file"]).exists() for f in files)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command line: cache folder, model subset, overwrite."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    default = os.environ.get("ONNXPRUNE_ZOO_CACHE", str(DEFAULT_CACHE))
+    parser.add_argument("--cache", default=default, help="Folder for the models and data.")
+    parser.add_argument("--models", default="", help="Comma-separated subset (default: all).")
+    parser.add_argument("--force", action="store_true", help="Re-export existing files.")
+    return parser.parse_args(argv)
+
+
+def ensure_data(cache: Path, size: int, key: str) -> dict[str, np.ndarray]:
+    """Calibration and held-out crops for one input size, written once as npz files."""
+    out = {}
+    for split, photos, count, seed in (
+        ("calib", CALIB_PHOTOS, N_CALIB, 1),
+        ("heldout", HELDOUT_PHOTOS, N_HELDOUT, 2),
+    ):
+        path = cache / f"{split}_{size}.npz"
+        if not path.exists():
+            np.savez(path, **{key: photo_crops(photos, count, size, seed)})
+        with np.load(path) as npz:
+            out[split] = npz[npz.files[0]]
+    return out
+
+
+def photo_crops(photos: tuple[str, ...], count: int, size: int, seed: int) -> np.ndarray:
+    """`count` random crops (8–100 % of the area, aspect 3/4–4/3, random flip) of the photos.
+
+    The photos are used in turn; each crop is resized to size×size with anti-aliasing and
+    normalised with the ImageNet mean/std. Returns NCHW float32.
+    """
+    import skimage.data
+    from skimage.color import gray2rgb
+    from skimage.transform import resize
+
+    rng = np.random.default_rng(seed)
+    images = [getattr(skimage.data, p)() for p in photos]
+    images = [gray2rgb(im) if im.ndim == 2 else im[..., :3] for im in images]
+    crops = []
+    for i in range(count):
+        image = images[i % len(images)]
+        crop = random_crop(image, rng)
+        crop = resize(crop, (size, size), anti_aliasing=True).astype(np.float32)
+        crops.append(((crop - MEAN) / STD).transpose(2, 0, 1))
+    return np.stack(crops).astype(np.float32)
+
+
+def random_crop(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random area/aspect crop as in torchvision's RandomResizedCrop, flipped half the time."""
+    h, w = image.shape[:2]
+    area = rng.uniform(0.08, 1.0) * h * w
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    ch = int(min(h, round(np.sqrt(area / aspect))))
+    cw = int(min(w, round(np.sqrt(area * aspect))))
+    top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    crop = image[top : top + ch, left : left + cw]
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+def randomise_norms(model: nn.Module, calib: np.ndarray, seed: int) -> nn.Module:
+    """Draw norm affine params, layer scales and zero-initialised Linear weights at random, then
+    re-estimate BN running stats on `calib`.
+
+    Random γ/β make channels differ; estimating the running statistics on real photos (one
+    train-mode pass, cumulative average) keeps activations at a trained network's scale, where
+    randomly drawn running stats compound across 50+ layers into overflow or collapse.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    norms = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and not module.weight.any():
+                # ViT's head starts at zero: its logits would be 0 for every input
+                bound = module.in_features**-0.5
+                module.weight.uniform_(-bound, bound, generator=gen)
+            if isinstance(module, norms) and getattr(module, "weight", None) is not None:
+                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) * 1.45 + 0.05)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.2)
+            if isinstance(module, nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.momentum = None
+            scale = getattr(module, "layer_scale", None)  # ConvNeXt: 1e-6 at init
+            if isinstance(scale, nn.Parameter):
+                scale.copy_(torch.rand(scale.shape, generator=gen) * 0.45 + 0.05)
+        model.train()
+        model(torch.from_numpy(calib[:16]))
+    return model.eval()
+
+
+def export_model(spec: ZooSpec, cache: Path, data: dict[str, np.ndarray]) -> dict[str, object]:
+    """Build, randomise and export one model in every form it gets; returns its manifest entry."""
+    torch.manual_seed(SEED)
+    model = randomise_norms(spec.build(), data["calib"], SEED)
+    if spec.name == "yolov8n":
+        model = model.fuse()  # as ultralytics' own exporter does
+    x = torch.from_numpy(data["heldout"][:2])
+    with torch.no_grad():
+        expected = model(x)
+        expected = (expected[0] if isinstance(expected, (tuple, list)) else expected).numpy()
+    forms = {"legacy": (f"{spec.name}.onnx", export_legacy, True)}
+    if spec.name in EXTRA_EXPORTS:
+        forms["legacy_b1"] = (f"{spec.name}.b1.onnx", export_legacy, False)
+        forms["dynamo"] = (f"{spec.name}.dynamo.onnx", export_dynamo, True)
+    files = {}
+    for form, (filename, exporter, dynamic) in forms.items():
+        files[form] = export_one(spec, model, x, cache / filename, exporter, dynamic, expected)
+    return {"size": spec.size, "input": spec.input_name, "source": spec.source, "files": files}
+
+
+def export_one(
+    spec: ZooSpec,
+    model: nn.Module,
+    x: torch.Tensor,
+    path: Path,
+    exporter: Callable[..., str],
+    dynamic: bool,
+    expected: np.ndarray,
+) -> dict[str, object]:
+    """Export one file and check it against torch; failures are recorded."""
+    entry: dict[str, object] = {"file": path.name}
+    try:
+        entry["how"] = exporter(model, x, path, spec, dynamic)
+        entry.update(check_export(path, spec.input_name, x.numpy(), expected))
+    except Exception as err:  # an exporter failure is a result to record, not a crash
+        entry["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        path.unlink(missing_ok=True)
+    print(f"  {path.name}: {entry}", flush=True)
+    return entry
+
+
+def export_legacy(
+    model: nn.Module, x: torch.Tensor, path: Path, spec: ZooSpec, dynamic: bool
+) -> str:
+    """TorchScript exporter, opset 17; dynamic batch axis or batch fixed at 1."""
+    axes = {spec.input_name: {0: "batch"}, spec.output_name: {0: "batch"}} if dynamic else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter is deliberate
+        torch.onnx.export(
+            model,
+            (x if dynamic else x[:1],),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[spec.input_name],
+            output_names=[spec.output_name],
+            dynamic_axes=axes,
+        )
+    batch = "dynamic batch" if dynamic else "batch 1"
+    return f"torch.onnx.export(dynamo=False, opset_version={OPSET}), {batch}"
+
+
+def export_dynamo(
+    model: nn.Module, x: torch.Tensor, path: Path, spec: ZooSpec, dynamic: bool
+) -> str:
+    """Dynamo exporter with embedded weights; falls back to batch 1 if the dynamic axis fails."""
+    common = {
+        "dynamo": True,
+        "opset_version": DYNAMO_OPSET,
+        "input_names": [spec.input_name],
+        "output_names": [spec.output_name],
+        "external_data": False,
+        "verbose": False,
+    }
+    how = f"torch.onnx.export(dynamo=True, opset_version={DYNAMO_OPSET})"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            dims = ({0: torch.export.Dim("batch", min=1, max=1024)},)
+            program = torch.onnx.export(model, (x,), dynamic_shapes=dims, **common)
+            how += ", dynamic batch"
+        except Exception as err:  # retry static, and say why in the index
+            program = torch.onnx.export(model, (x[:1],), **common)
+            how += f", batch 1 (dynamic batch failed: {type(err).__name__})"
+    program.save(str(path), external_data=False)
+    return how
+
+
+def check_export(
+    path: Path, input_name: str, x: np.ndarray, expected: np.ndarray
+) -> dict[str, object]:
+    """Run the file in ONNX Runtime and compare its first output with torch's (rel-L2)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0]
+    fixed = isinstance(inp.shape[0], int)
+    feed = x[:1] if fixed else x
+    got = session.run(None, {inp.name: feed})[0]
+    want = expected[: len(feed)]
+    rel = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+    model = onnx.load(str(path), load_external_data=False)
+    return {
+        "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "input_shape": dims(inp.shape),
+        "output_shape": [
+            d if isinstance(d, int) else str(d) for d in session.get_outputs()[0].shape
+        ],
+        "ort_vs_torch_rel_l2": rel,
+        "mb": round(path.stat().st_size / 2**20, 1),
+    }
+
+
+def dims(shape: list[int | str | None]) -> list[int | str]:
+    """ORT's shape with symbolic dimensions as their names (JSON-friendly)."""
+    return [d if isinstance(d, int) else str(d) for d in shape]
+
+
+def index_markdown(manifest: dict[str, dict]) -> str:
+    """INDEX.md: one row per file with its input, output, exporter and check."""
+    lines = [
+        "# onnxprune model zoo",
+        "",
+        "Written by `benchmarks/zoo_models.py` (see its docstring). Random seeded weights with",
+        "randomised norm affine params and BN stats estimated on the calibration photos.",
+        "",
+        "Data per input size S: `calib_S.npz` (32 crops of astronaut, coffee, rocket,",
+        "immunohistochemistry) and `heldout_S.npz` (16 crops of chelsea, hubble_deep_field,",
+        "retina, camera), ImageNet-normalised NCHW float32, keyed by the input name.",
+        "",
+        "| file | input | output | MB | opset | exported by | ORT vs torch rel-L2 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for entry in manifest.values():
+        for form in entry["files"].values():
+            if "error" in form:
+                lines.append(f"| {form['file']} | — | — | — | — | FAILED: {form['error']} | — |")
+                continue
+            shape = "×".join(str(d) for d in form["input_shape"])
+            out = "×".join(str(d) for d in form["output_shape"])
+            lines.append(
+                f"| {form['file']} | `{entry['input']}` {shape} | {out} | {form['mb']} | "
+                f"{form['opset']} | {form['how']} | {form['ort_vs_torch_rel_l2']:.1e} |"
+            )
+    lines += ["", "Calibration: `calib_224.npz` (key `input`), `calib_320.npz` (key `images`)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

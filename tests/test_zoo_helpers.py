@@ -1,0 +1,59 @@
+"""The zoo benchmark's independent MAC counter (benchmarks/zoo.py) against hand counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from benchmarks.zoo import independent_macs
+from onnxprune.measure.cost import count
+
+
+def _tiny_model() -> onnx.ModelProto:
+    """x[1,3,8,8] → Conv 4×3×3×3 pad 1 stride 2 (→ 1×4×4×4) → grouped Conv 4×2×1×1 group 2
+    → Flatten (64) → Gemm transB 10×64 → MatMul with a 10×5 weight; batch symbolic."""
+    rng = np.random.default_rng(0)
+    weights = {
+        "w1": rng.standard_normal((4, 3, 3, 3)),
+        "w2": rng.standard_normal((4, 2, 1, 1)),
+        "w3": rng.standard_normal((10, 64)),
+        "w4": rng.standard_normal((10, 5)),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Conv", ["a", "w2"], ["b"], group=2),
+        helper.make_node("Flatten", ["b"], ["f"]),
+        helper.make_node("Gemm", ["f", "w3"], ["g"], transB=1),
+        helper.make_node("MatMul", ["g", "w4"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])],
+        [numpy_helper.from_array(w.astype(np.float32), k) for k, w in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_independent_macs_match_a_hand_count() -> None:
+    x = np.zeros((1, 3, 8, 8), np.float32)
+    conv1 = (4 * 4 * 4) * (3 * 3 * 3)  # output elements × C_in·kH·kW
+    conv2 = (4 * 4 * 4) * 2  # grouped: C_in/group = 2
+    gemm = 10 * 64
+    matmul = 5 * 10
+    assert independent_macs(_tiny_model(), {"x": x}) == conv1 + conv2 + gemm + matmul
+
+
+def test_independent_macs_scale_with_the_batch_ort_runs() -> None:
+    model = _tiny_model()
+    one = independent_macs(model, {"x": np.zeros((1, 3, 8, 8), np.float32)})
+    three = independent_macs(model, {"x": np.zeros((3, 3, 8, 8), np.float32)})
+    assert three == 3 * one
+
+
+def test_the_tools_count_agrees_on_the_tiny_model() -> None:
+    model = _tiny_model()
+    x = np.zeros((1, 3, 8, 8), np.float32)
+    assert count(model).macs == independent_macs(model, {"x": x})
