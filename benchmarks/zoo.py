@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         models[name] = measure_model(entries[name], args)
         models[name]["benchmark_s"] = round(time.perf_counter() - start, 1)
+        models[name]["onnxprune_commit"] = results["settings"]["onnxprune_commit"]
         print(f"{name}: {models[name]['benchmark_s']} s", file=sys.stderr, flush=True)
         out.write_text(json.dumps(results, indent=1) + "\n")
 
