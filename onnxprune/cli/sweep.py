@@ -65,12 +65,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+def add_eval_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     """--eval and how to read it (image options are shared with --data)."""
     group = parser.add_argument_group("evaluation data")
     group.add_argument(
         "--eval",
-        required=True,
+        required=required,
         metavar="PATH",
         help="held-out data (.npz with labels, .npy, images)",
     )
