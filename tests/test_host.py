@@ -99,3 +99,34 @@ def test_cli_rounds_kept_widths_to_the_target_block(tmp_path, flags, widths):
 def test_cli_refuses_a_bad_round_to(capsys):
     assert main([str(reference_path("vgg")), "--round-to", "0"]) == 2
     assert "positive integer or 'auto'" in capsys.readouterr().err
+
+
+def _ort_block(tmp_path) -> int:
+    """The channel block this ONNX Runtime really uses: the width its optimizer pads a 36-channel
+    Conv filter to (48 = block 16, 40 = block 8; unpadded 36: no NCHWc, block 1)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((36, 36, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 36, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "optimized.onnx")
+    width = max(i.dims[0] for i in optimized.graph.initializer if len(i.dims) == 4)
+    return {48: 16, 40: 8, 36: 1}[width]
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/cpuinfo")
+def test_auto_agrees_with_the_block_onnxruntime_pads_to_on_this_host(tmp_path):
+    assert host_block_size() == _ort_block(tmp_path)

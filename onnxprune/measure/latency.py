@@ -248,18 +248,6 @@ def model_bytes(model: str | os.PathLike | onnx.ModelProto) -> int:
     return path.stat().st_size + sum((path.parent / name).stat().st_size for name in external)
 
 
-def _tensors(graph: onnx.GraphProto):
-    """Initializers and tensor attributes of `graph` and of its subgraphs (If/Loop bodies)."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            for sub in [attr.g] if attr.HasField("g") else attr.graphs:
-                yield from _tensors(sub)
-
-
 def plot_bench(result: BenchResult, path: str | os.PathLike) -> bool:
     """Median latency vs the best available score (accuracy, else agreement with the first
     model, else rel-L2), one point per model and batch, labelled with the model. Returns False
@@ -348,6 +336,18 @@ def make_session(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Initializers and tensor attributes of `graph` and of its subgraphs (If/Loop bodies)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in [attr.g] if attr.HasField("g") else attr.graphs:
+                yield from _tensors(sub)
 
 
 def _check_options(models, batches, threads, warmup, repeats, min_time) -> None:
