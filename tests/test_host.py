@@ -130,3 +130,16 @@ def _ort_block(tmp_path) -> int:
 @pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/cpuinfo")
 def test_auto_agrees_with_the_block_onnxruntime_pads_to_on_this_host(tmp_path):
     assert host_block_size() == _ort_block(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "flags, step", [([], 16), (["--target", "cpu-avx2"], 8), (["--round-to", "4"], 4)]
+)
+def test_sweep_and_sensitivity_pass_the_rounding_to_every_cell(flags, step):
+    from onnxprune.cli import build_parser
+    from onnxprune.cli.sweep import prune_options
+
+    for command in ("sweep", "sensitivity"):
+        argv = [command, "m.onnx", "--method" + ("s" if command == "sweep" else ""), "id"]
+        args = build_parser().parse_args([*argv, "--eval", "t.npz", *flags])
+        assert prune_options(args)["round_to"] == step

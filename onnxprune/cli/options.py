@@ -71,19 +71,20 @@ def add_rounding_arguments(group: argparse._ArgumentGroup) -> None:
     """--round-to N|auto and --target: the channel multiple kept widths are rounded to."""
     from onnxprune.measure.host import TARGETS
 
-    group.add_argument(
+    group.add_argument(  # absent unless given (SUPPRESS), so that --target can tell
         "--round-to",
         type=_round_to,
-        default=None,
+        default=argparse.SUPPRESS,
         metavar="N|auto",
         help="keep channel counts in multiples of N where a group has ≥ 2N (narrower groups: "
         "N/2, … down to 8); ORT's CPU conv kernels work in blocks of channels (16 floats with "
-        "AVX-512, 8 with AVX2), other widths waste the saving; 'auto': this CPU's block; "
+        "AVX-512, 8 on other x86-64), other widths waste the saving; 'auto': this CPU's block; "
         "1 disables rounding (default: 16)",
     )
     group.add_argument(
         "--target",
         choices=sorted(TARGETS),
+        default=argparse.SUPPRESS,
         help="round for this deployment CPU instead: its ORT conv block (cpu-avx2: 8, "
         "cpu-avx512: 16)",
     )
@@ -93,7 +94,7 @@ def rounding(args: argparse.Namespace) -> int:
     """The rounding step --round-to and --target ask for (16 when neither is given)."""
     from onnxprune.measure.host import round_to_for
 
-    return round_to_for(args.round_to, args.target)
+    return round_to_for(getattr(args, "round_to", None), getattr(args, "target", None))
 
 
 def add_biascomp_arguments(parser: argparse.ArgumentParser) -> None:
