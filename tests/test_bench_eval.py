@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import data_path, reference_path, run_model
+from onnx import TensorProto, helper
 
 from onnxprune.calib.data import Dataset
 from onnxprune.cli import main
@@ -37,16 +38,9 @@ def variants(tmp_path_factory) -> list:
     return paths
 
 
-@pytest.fixture(scope="module")
-def bench_json(variants, tmp_path_factory) -> tuple[dict, str]:
-    """The JSON and the table of `bench float int8 --eval test.npz`."""
-    out = tmp_path_factory.mktemp("bench") / "bench.json"
+def test_table_and_json_carry_size_params_and_scores(variants, tmp_path, capsys):
+    out = tmp_path / "bench.json"
     args = ["bench", *map(str, variants), "--eval", str(TEST), "--json", str(out), *FAST]
-    return args, out
-
-
-def test_table_and_json_carry_size_params_and_scores(variants, bench_json, capsys):
-    args, out = bench_json
     assert main(args) == 0
     table = capsys.readouterr().out
     header = table.splitlines()[0].split()
@@ -104,7 +98,22 @@ def test_plot_is_written_or_its_absence_explained(variants, tmp_path, capsys):
         assert plot.stat().st_size > 0
 
 
-def test_models_with_different_outputs_are_refused(variants, capsys):
+def test_a_model_that_cannot_read_the_data_is_refused(variants, capsys):
     mlp = reference_path("mlp")
     assert main(["bench", str(variants[0]), str(mlp), "--eval", str(TEST), *FAST]) == 1
-    assert "cannot" in capsys.readouterr().err
+    assert "'mlp.onnx' cannot run on the evaluation data" in capsys.readouterr().err
+
+
+def test_a_model_with_another_output_shape_is_refused(variants, tmp_path, capsys):
+    model = onnx.load(variants[0])
+    logits = model.graph.output[0].name
+    model.graph.initializer.extend(
+        [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in [("lo", 0), ("hi", 5)]]
+    )
+    model.graph.node.append(helper.make_node("Slice", [logits, "lo", "hi", "one"], ["first5"]))
+    model.graph.initializer.append(helper.make_tensor("one", TensorProto.INT64, [1], [1]))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("first5", TensorProto.FLOAT, None))
+    path = tmp_path / "five.onnx"
+    onnx.save(model, path)
+    assert main(["bench", str(variants[0]), str(path), "--eval", str(TEST), *FAST]) == 1
+    assert "(540, 5)" in capsys.readouterr().err
