@@ -100,6 +100,7 @@ def test_result_dict_and_table(files):
         "model",
         "batch",
         "params",
+        "file_bytes",
         "macs",
         "median_ms",
         "p90_ms",
@@ -110,6 +111,9 @@ def test_result_dict_and_table(files):
         "ideal_speedup",
         "unknown_nodes",
         "times_ms",
+        "accuracy",
+        "agreement",
+        "rel_l2",
     }
     assert set(row) == expected
     assert len(row["times_ms"]) == FAST["repeats"]

@@ -1,4 +1,5 @@
-"""`onnxprune bench`: latency, MACs and parameters of one or more models, measured interleaved."""
+"""`onnxprune bench`: latency, MACs, parameters, file size and (with --eval) accuracy and agreement
+of one or more models, measured interleaved."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import sys
 from pathlib import Path
 
 from onnxprune.cli.options import HelpFormatter, parse_input_shapes
+from onnxprune.cli.sweep import add_eval_arguments
 from onnxprune.errors import UsageError
 from onnxprune.measure.latency import PROVIDERS
 
 EXAMPLE = """example:
   onnxprune bench resnet50.onnx resnet50_pruned.onnx --batch 1,8,32 --json bench.json
   onnxprune bench model.onnx --input-shape pixel_values:1,3,224,224 --threads 4
+  onnxprune bench model.onnx model.pruned.onnx model.pruned.int8.onnx --eval test.npz --plot b.png
 
-The first model is the reference for the speedup columns ("ideal" is its MACs / these MACs)."""
+The first model is the reference for the speedup columns ("ideal" is its MACs / these MACs)
+and, with --eval, for top-1 agreement and rel-L2 (accuracy needs labels in the data)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,13 +71,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="Also write results with raw times as JSON ('-' for stdout).",
     )
+    add_eval_arguments(parser, required=False)
+    parser.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="with --eval: draw latency vs accuracy (or agreement) per model (needs matplotlib)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Parse the options, run the benchmark, print the table and write JSON."""
-    from onnxprune.measure.latency import benchmark
+    from onnxprune.measure.latency import benchmark, plot_bench
 
+    if args.plot and not args.eval:
+        raise UsageError("--plot shows latency against scores: give --eval data")
     result = benchmark(
         args.models,
         batches=parse_batches(args.batch),
@@ -84,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         min_time=args.min_time,
         seed=args.seed,
+        evaluation=_evaluation_data(args) if args.eval else None,
+        evaluation_name=args.eval or "",
     )
     to_stdout = args.json == "-"
     print(result.format_table(), file=sys.stderr if to_stdout else sys.stdout)
@@ -93,7 +107,24 @@ def run(args: argparse.Namespace) -> int:
             print(text)
         else:
             Path(args.json).write_text(text + "\n")
+    if args.plot and not plot_bench(result, args.plot):
+        print("onnxprune: warning: matplotlib is not installed: no plot", file=sys.stderr)
     return 0
+
+
+def _evaluation_data(args: argparse.Namespace):
+    """The --eval Dataset, read for the first model's inputs (as `prune --data` reads data)."""
+    from onnxprune.calib.data import input_specs, load_data
+    from onnxprune.graph.load import load_model
+
+    return load_data(
+        args.eval,
+        input_specs(load_model(args.models[0], weights=False)),
+        labels=args.eval_labels,
+        samples=args.eval_samples,
+        seed=args.seed,
+        role="evaluation",
+    )
 
 
 def parse_batches(text: str) -> tuple[int, ...]:

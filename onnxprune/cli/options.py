@@ -67,6 +67,36 @@ def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def add_rounding_arguments(group: argparse._ArgumentGroup) -> None:
+    """--round-to N|auto and --target: the channel multiple kept widths are rounded to."""
+    from onnxprune.measure.host import TARGETS
+
+    group.add_argument(  # absent unless given (SUPPRESS), so that --target can tell
+        "--round-to",
+        type=_round_to,
+        default=argparse.SUPPRESS,
+        metavar="N|auto",
+        help="keep channel counts in multiples of N where a group has ≥ 2N (narrower groups: "
+        "N/2, … down to 8); ORT's CPU conv kernels work in blocks of channels (16 floats with "
+        "AVX-512, 8 on other x86-64), other widths waste the saving; 'auto': this CPU's block; "
+        "1 disables rounding (default: 16)",
+    )
+    group.add_argument(
+        "--target",
+        choices=sorted(TARGETS),
+        default=argparse.SUPPRESS,
+        help="round for this deployment CPU instead: its ORT conv block (cpu-avx2: 8, "
+        "cpu-avx512: 16)",
+    )
+
+
+def rounding(args: argparse.Namespace) -> int:
+    """The rounding step --round-to and --target ask for (16 when neither is given)."""
+    from onnxprune.measure.host import round_to_for
+
+    return round_to_for(getattr(args, "round_to", None), getattr(args, "target", None))
+
+
 def add_biascomp_arguments(parser: argparse.ArgumentParser) -> None:
     """Granularity (channels or single weights) and elimination–compensation's options."""
     group = parser.add_argument_group("per-weight pruning and biascomp")
@@ -137,6 +167,19 @@ def reading_options(args: argparse.Namespace) -> dict:
         "layout": args.layout,
         "seed": args.seed,
     }
+
+
+def _round_to(text: str) -> int | str:
+    """'auto' or a positive integer (--round-to)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got '{text}'")
+    return value
 
 
 def _floats(text: str) -> tuple[float, ...]:

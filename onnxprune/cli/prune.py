@@ -12,9 +12,11 @@ from onnxprune.cli.options import (
     add_biascomp_arguments,
     add_data_arguments,
     add_input_shape_argument,
+    add_rounding_arguments,
     load_dataset,
     parse_input_shapes,
     reading_options,
+    rounding,
 )
 from onnxprune.config import COMPENSATIONS, QUANTIZE_MODES, PruneConfig
 from onnxprune.errors import RejectedError, UsageError
@@ -168,15 +170,7 @@ def _add_width_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="REGEX",
         help="leave groups whose name matches REGEX untouched (repeatable)",
     )
-    width.add_argument(
-        "--round-to",
-        type=int,
-        default=16,
-        metavar="N",
-        help="keep channel counts in multiples of N where a group has ≥ 2N (narrower groups: "
-        "N/2, … down to 8); ORT's CPU conv kernels work in blocks of 16 channels, other widths "
-        "waste the saving; 1 disables rounding (default: 16)",
-    )
+    add_rounding_arguments(width)
     width.add_argument(
         "--prune-residual",
         action="store_true",
@@ -316,7 +310,7 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         ratio=_ratio(args),
         layer_ratios=tuple(parse_layer_ratio(text) for text in args.layer_ratio),
         exclude=tuple(args.exclude),
-        round_to=args.round_to,
+        round_to=rounding(args),
         prune_residual=args.prune_residual,
         recipe=load_recipe(args.recipe) if args.recipe else {},
     )

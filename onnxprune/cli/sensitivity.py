@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from onnxprune.cli.options import HelpFormatter, add_data_arguments
+from onnxprune.cli.options import HelpFormatter, add_data_arguments, rounding
 from onnxprune.cli.sweep import add_eval_arguments, add_prune_arguments, load_splits, prune_options
 from onnxprune.errors import UsageError
 
@@ -80,14 +80,13 @@ def run(args: argparse.Namespace) -> int:
             print("plot skipped: matplotlib is not installed (pip install onnxprune[plot])")
         print("written: " + ", ".join(str(p) for p in paths))
     if args.recipe_out:
-        allocation = allocate(args.model, result, args.target_macs, round_to=args.round_to,
+        round_to = rounding(args)
+        allocation = allocate(args.model, result, args.target_macs, round_to=round_to,
                               prune_residual=args.prune_residual)  # fmt: skip
-        meta = {"method": spec.label, "round_to": args.round_to,
+        meta = {"method": spec.label, "round_to": round_to,
                 "prune_residual": args.prune_residual}  # fmt: skip
         Path(args.recipe_out).write_text(json.dumps(allocation.recipe(**meta), indent=1) + "\n")
-        flags = f" --round-to {args.round_to}" + (
-            " --prune-residual" if args.prune_residual else ""
-        )
+        flags = f" --round-to {round_to}" + (" --prune-residual" if args.prune_residual else "")
         print(
             f"recipe: {args.recipe_out} keeps {allocation.reached_macs:.3f} of the MACs "
             f"(target {args.target_macs:g}); prune with: onnxprune {args.model} --method "

@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING
 from onnxprune.cli.options import (
     HelpFormatter,
     add_data_arguments,
+    add_rounding_arguments,
     load_dataset,
     reading_options,
+    rounding,
 )
 from onnxprune.config import COMPENSATIONS
 from onnxprune.errors import UsageError
@@ -65,12 +67,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+def add_eval_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     """--eval and how to read it (image options are shared with --data)."""
     group = parser.add_argument_group("evaluation data")
     group.add_argument(
         "--eval",
-        required=True,
+        required=required,
         metavar="PATH",
         help="held-out data (.npz with labels, .npy, images)",
     )
@@ -81,7 +83,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     """The prune options a comparison passes through to every cell."""
     group = parser.add_argument_group("prune options (for every cell)")
-    group.add_argument("--round-to", type=int, default=16, metavar="N", help="channel rounding")
+    add_rounding_arguments(group)
     group.add_argument(
         "--prune-residual", action="store_true", help="also prune residual streams and SE gates"
     )
@@ -94,7 +96,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
 def prune_options(args: argparse.Namespace) -> dict:
     """The keyword options for `onnxprune.prune` from the parsed arguments."""
     return {
-        "round_to": args.round_to,
+        "round_to": rounding(args),
         "prune_residual": args.prune_residual,
         "compensate": args.compensate,
         "recalibrate": args.recalibrate,

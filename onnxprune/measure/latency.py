@@ -23,6 +23,9 @@ if TYPE_CHECKING:  # onnx and onnxruntime load where used: PROVIDERS serves the 
     import onnx
     import onnxruntime as ort
 
+    from onnxprune.calib.data import Dataset
+    from onnxprune.compare.sweep import Evaluation
+
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _NP_TYPES = {
     "tensor(float)": np.float32,
@@ -39,15 +42,21 @@ _NP_TYPES = {
 
 @dataclass(frozen=True)
 class BenchRow:
-    """Latency statistics (milliseconds) and static cost of one model at one batch size.
+    """Latency statistics (milliseconds), static cost and, with evaluation data, the scores of
+    one model at one batch size.
 
-    `macs` is counted at this row's batch size. `speedup` = median of the first model / this
-    median; `ideal_speedup` = MACs of the first model / these MACs (None when MACs are 0).
+    `macs` is counted at this row's batch size. `file_bytes` is the size on disk including
+    external data files (the serialized size for an in-memory model). `speedup` = median of the
+    first model / this median; `ideal_speedup` = MACs of the first model / these MACs (None when
+    MACs are 0). `accuracy` (labels and class scores), `agreement` (top-1 agreement with the
+    first model, class scores) and `rel_l2` (relative L2 distance of the first output from the
+    first model's) are None without evaluation data or where they do not apply.
     """
 
     model: str
     batch: int
     params: int
+    file_bytes: int
     macs: int
     median_ms: float
     p90_ms: float
@@ -58,6 +67,9 @@ class BenchRow:
     ideal_speedup: float | None
     unknown_nodes: int  # nodes whose shapes were unknown, so `macs` may be an undercount
     times_ms: tuple[float, ...] = field(repr=False)
+    accuracy: float | None = None
+    agreement: float | None = None
+    rel_l2: float | None = None
 
 
 @dataclass(frozen=True)
@@ -74,10 +86,12 @@ class BenchResult:
 
     def format_table(self) -> str:
         """A fixed-width table for the terminal (raw times left out)."""
+        scores = [k for k in SCORES if any(getattr(r, k) is not None for r in self.rows)]
         head = (
             "model",
             "batch",
             "params",
+            "size",
             "MACs",
             "median ms",
             "p90 ms",
@@ -86,8 +100,9 @@ class BenchResult:
             "samples/s",
             "speedup",
             "ideal",
+            *(SCORES[k] for k in scores),
         )
-        lines = [head] + [_table_cells(r) for r in self.rows]
+        lines = [head] + [_table_cells(r, scores) for r in self.rows]
         widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
         text = [
             "  ".join(
@@ -102,20 +117,31 @@ class BenchResult:
             f"repeats after {s['warmup']} warm-up runs; MACs at the row's batch size"
             " (+? = some node shapes unknown)"
         )
+        if s.get("evaluation"):
+            e = s["evaluation"]
+            text.append(
+                f"scores on {e['samples']} samples of {e['data']}; agreement and rel-L2 against "
+                f"{e['reference']}"
+            )
         if s.get("note"):
             text.append(f"note: {s['note']}")
         return "\n".join(text)
 
 
-def _table_cells(r: BenchRow) -> tuple[str, ...]:
+SCORES = {"accuracy": "accuracy", "agreement": "agreement", "rel_l2": "rel-L2"}  # field: column
+
+
+def _table_cells(r: BenchRow, scores: Sequence[str] = ()) -> tuple[str, ...]:
     from onnxprune.measure.cost import format_count
 
     ideal = "-" if r.ideal_speedup is None else f"{r.ideal_speedup:.2f}x"
     macs = format_count(r.macs) + ("+?" if r.unknown_nodes else "")
+    values = [getattr(r, k) for k in scores]
     return (
         r.model,
         str(r.batch),
         format_count(r.params),
+        format_count(r.file_bytes) + "B",
         macs,
         f"{r.median_ms:.3f}",
         f"{r.p90_ms:.3f}",
@@ -124,6 +150,7 @@ def _table_cells(r: BenchRow) -> tuple[str, ...]:
         f"{r.throughput:.1f}",
         f"{r.speedup:.2f}x",
         ideal,
+        *("-" if v is None else f"{v:.4g}" for v in values),
     )
 
 
@@ -140,11 +167,14 @@ def benchmark(
     seed: int = 0,
     spinning: bool = False,
     names: Sequence[str] | None = None,
+    evaluation: Dataset | None = None,
+    evaluation_name: str = "the evaluation data",
 ) -> BenchResult:
     """Time `models` interleaved at each batch size; at least `repeats` runs per model and batch,
     more until a batch's measurement loop has lasted `min_time` seconds. `spinning` lets idle
     intra-op threads busy-wait (ORT's default; unfair when sessions interleave). `names` label
-    the rows (default: file names)."""
+    the rows (default: file names). With `evaluation` data every model is also scored on it
+    (accuracy with labels; agreement and rel-L2 against the first model), before any timing."""
     import onnxruntime as ort
 
     from onnxprune.measure.cost import count
@@ -152,7 +182,9 @@ def benchmark(
     _check_options(models, batches, threads, warmup, repeats, min_time)
     threads = threads or physical_cores()
     loaded = [_load(m) for m in models]
+    sizes = [model_bytes(m) for m in models]
     labels = list(names) if names else _labels(models)
+    scores = _evaluate(loaded, labels, evaluation) if evaluation is not None else None
     sessions = [
         make_session(m, threads=threads, provider=provider, spinning=spinning) for m in loaded
     ]
@@ -172,7 +204,7 @@ def benchmark(
             count(m, input_shapes={k: v.shape for k, v in f.items()})
             for m, f in zip(loaded, feeds, strict=True)
         ]
-        rows += _rows(labels, batch, times, costs)
+        rows += _rows(labels, batch, times, costs, sizes, scores)
     settings = {
         "provider": provider,
         "threads": threads,
@@ -187,7 +219,61 @@ def benchmark(
         "onnxruntime": ort.__version__,
         **({"note": note} if note else {}),
     }
+    if evaluation is not None:
+        settings["evaluation"] = {
+            "data": evaluation_name,
+            "samples": len(evaluation),
+            "labels": evaluation.labels is not None,
+            "reference": labels[0],
+        }
     return BenchResult(tuple(rows), settings)
+
+
+def model_bytes(model: str | os.PathLike | onnx.ModelProto) -> int:
+    """Bytes a model takes on disk: the file plus the external data files its tensors name
+    (each counted once); for an in-memory model, its serialized size."""
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return model.ByteSize()
+    path = Path(model)
+    proto = onnx.load(str(path), load_external_data=False)
+    external = {
+        entry.value
+        for tensor in _tensors(proto.graph)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return path.stat().st_size + sum((path.parent / name).stat().st_size for name in external)
+
+
+def plot_bench(result: BenchResult, path: str | os.PathLike) -> bool:
+    """Median latency vs the best available score (accuracy, else agreement with the first
+    model, else rel-L2), one point per model and batch, labelled with the model. Returns False
+    (and writes nothing) without matplotlib; a UsageError when the rows hold no scores."""
+    from onnxprune.compare.sweep import pyplot, save_figure
+
+    key = next((k for k in SCORES if all(getattr(r, k) is not None for r in result.rows)), None)
+    if key is None:
+        raise UsageError("a bench plot shows latency against scores: give --eval data")
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for batch in dict.fromkeys(r.batch for r in result.rows):
+        rows = [r for r in result.rows if r.batch == batch]
+        ax.plot([r.median_ms for r in rows], [getattr(r, key) for r in rows], "o",
+                label=f"batch {batch}")  # fmt: skip
+        for r in rows:
+            ax.annotate(r.model, (r.median_ms, getattr(r, key)), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("median latency (ms)")
+    ax.set_ylabel(SCORES[key] + ("" if key == "accuracy" else f" vs {result.rows[0].model}"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(plt, fig, path)
+    return True
 
 
 def physical_cores() -> int:
@@ -250,6 +336,18 @@ def make_session(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Initializers and tensor attributes of `graph` and of its subgraphs (If/Loop bodies)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in [attr.g] if attr.HasField("g") else attr.graphs:
+                yield from _tensors(sub)
 
 
 def _check_options(models, batches, threads, warmup, repeats, min_time) -> None:
@@ -411,16 +509,41 @@ def _time_interleaved(sessions, feeds, warmup: int, repeats: int, min_time: floa
     return times
 
 
-def _rows(labels, batch: int, times, costs) -> list[BenchRow]:
+def _evaluate(
+    models: Sequence[onnx.ModelProto], labels: Sequence[str], data: Dataset
+) -> list[Evaluation]:
+    """Each model's scores on `data` against the first model's first output."""
+    from onnxprune.compare.sweep import Evaluator
+
+    evaluator = Evaluator(models[0], data)
+    scores = [evaluator.base]
+    for model, label in zip(models[1:], labels[1:], strict=True):
+        try:
+            got = evaluator.outputs(model)
+        except Exception as exc:  # ORT raises several pybind exception types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise DataError(f"'{label}' cannot run on the evaluation data: {first}") from exc
+        if got.shape != evaluator.reference.shape:
+            raise DataError(
+                f"the first output of '{label}' has shape {got.shape}, the reference "
+                f"'{labels[0]}' has {evaluator.reference.shape}: they cannot be compared"
+            )
+        scores.append(evaluator.score(got))
+    return scores
+
+
+def _rows(labels, batch: int, times, costs, sizes, scores) -> list[BenchRow]:
     medians = [float(np.median(t)) for t in times]
     rows = []
-    for label, t, cost, median in zip(labels, times, costs, medians, strict=True):
+    for i, (label, t, cost, median) in enumerate(zip(labels, times, costs, medians, strict=True)):
         q25, q75, p90 = np.percentile(t, [25, 75, 90])
+        score = scores[i] if scores else None
         rows.append(
             BenchRow(
                 model=label,
                 batch=batch,
                 params=cost.params,
+                file_bytes=sizes[i],
                 macs=cost.macs,
                 median_ms=median,
                 p90_ms=float(p90),
@@ -431,6 +554,9 @@ def _rows(labels, batch: int, times, costs) -> list[BenchRow]:
                 ideal_speedup=costs[0].macs / cost.macs if cost.macs else None,
                 unknown_nodes=len(cost.unknown),
                 times_ms=tuple(t),
+                accuracy=score.accuracy if score else None,
+                agreement=score.agreement if score else None,
+                rel_l2=score.rel_l2 if score else None,
             )
         )
     return rows

@@ -3,8 +3,9 @@
 A ratio counts channels removed from each group (not parameters or MACs). Rounding keeps counts in
 multiples of `round_to` where a group has at least 2·round_to channels (narrower groups in multiples
 of 8 where they have at least 16; `rounding_step`), because ONNX Runtime's
-CPU conv kernels process channels in blocks of 16: widths between multiples of 16 cost as much as
-the next multiple (benchmarks/round_to.py, docs/RESULTS.md).
+CPU conv kernels process channels in blocks of 16 on AVX-512 CPUs (8 on other x86-64): widths
+between multiples of 16 cost as much as the next multiple (benchmarks/round_to.py,
+docs/RESULTS.md). `--round-to auto` / `--target` pick the block (measure/host.py).
 """
 
 from __future__ import annotations
