@@ -77,6 +77,7 @@ def test_excluded_nodes_stay_float():
 def test_fp16_halves_weights_and_keeps_float32_io():
     model = onnx.load(VGG)
     half = quantize(model, "fp16")
+    onnx.checker.check_model(half, full_check=True)  # topologically sorted, types consistent
     weights = [i for i in half.graph.initializer if len(i.dims) > 1]
     assert weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
     for value in (*half.graph.input, *half.graph.output):

@@ -65,5 +65,6 @@ def run(args: argparse.Namespace) -> int:
         agreement = "" if out.top1_agreement is None else f", top-1 {out.top1_agreement:.1%}"
         print(f"  {out.name}: rel-L2 {out.rel_l2:.4f}, max |Δ| {out.max_abs:.4g}{agreement}")
     if dataset.synthetic:
-        print("onnxprune: warning: calibrated and checked on random data", file=sys.stderr)
+        what = "calibrated and checked" if args.mode == "int8" else "checked"
+        print(f"onnxprune: warning: {what} on random data (no --data)", file=sys.stderr)
     return 0

@@ -123,10 +123,16 @@ def _prepared(source: Path) -> Path:
 def _float16(model: onnx.ModelProto, excluded: list[str]) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    import onnx_graphsurgeon as gs
+
     try:
-        return convert_float_to_float16(model, keep_io_types=True, node_block_list=excluded)
+        half = convert_float_to_float16(model, keep_io_types=True, node_block_list=excluded)
     except Exception as exc:  # the converter raises many unrelated types
         raise QuantizationError(f"float16 conversion failed: {_line(exc)}") from exc
+    # the converter appends its input Casts at the end of the node list: ONNX wants them sorted
+    graph = gs.import_onnx(half)
+    graph.toposort()
+    return gs.export_onnx(graph, do_type_check=False)
 
 
 class _Reader:
