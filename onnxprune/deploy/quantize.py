@@ -121,9 +121,8 @@ def _prepared(source: Path) -> Path:
 
 
 def _float16(model: onnx.ModelProto, excluded: list[str]) -> onnx.ModelProto:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
     import onnx_graphsurgeon as gs
+    from onnxruntime.transformers.float16 import convert_float_to_float16
 
     try:
         half = convert_float_to_float16(model, keep_io_types=True, node_block_list=excluded)
