@@ -9,6 +9,7 @@ names, shapes inferred. `save_model` writes atomically.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -127,24 +128,18 @@ def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def infer_model_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference (with data propagation, through shape-preserving function calls)
-    for a model of any size: past the protobuf limit it runs on `weightless_copy` and the
-    shapes found are copied into `model` (a copy; weights are never serialized). Raises ONNX's
-    InferenceError."""
-    large = too_large_for_protobuf(model)
-    work = weightless_copy(model) if large else model
-    work = onnx.shape_inference.infer_shapes(work, data_prop=True)
+def add_inferred_shapes(model: onnx.ModelProto) -> None:
+    """Set `model`'s intermediate and output shapes by ONNX shape inference (with data
+    propagation, through shape-preserving function calls), run on `weightless_copy`: weights
+    are never serialized, so this works past the protobuf limit and costs no copy of them.
+    Raises ONNX's InferenceError."""
+    work = onnx.shape_inference.infer_shapes(weightless_copy(model), data_prop=True)
     while copy_function_shapes(work):
         work = onnx.shape_inference.infer_shapes(work, data_prop=True)
-    if not large:
-        return work
-    model = copy_model(model)
     del model.graph.value_info[:]
     model.graph.value_info.extend(work.graph.value_info)
     del model.graph.output[:]
     model.graph.output.extend(work.graph.output)
-    return model
 
 
 def normalize(model: onnx.ModelProto) -> gs.Graph:
@@ -166,8 +161,9 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and tensor.name not in io:
             tensor.shape = None
+    model = export(graph)
     try:
-        model = infer_model_shapes(export(graph))
+        add_inferred_shapes(model)
     except onnx.onnx_cpp2py_export.shape_inference.InferenceError as exc:
         raise ModelLoadError(f"shape inference failed: {_first_line(exc)}") from exc
     return gs.import_onnx(model)
@@ -325,12 +321,12 @@ def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` with intermediate shapes where inference finds them (Shape nodes fold only on
-    known shapes); unchanged when inference fails, which `infer_shapes` reports later."""
-    try:
-        return infer_model_shapes(model)
-    except onnx.onnx_cpp2py_export.shape_inference.InferenceError:
-        return model
+    """`model` (normalize's own copy, changed in place) with intermediate shapes where inference
+    finds them (Shape nodes fold only on known shapes); unchanged when inference fails, which
+    `infer_shapes` reports later."""
+    with contextlib.suppress(onnx.onnx_cpp2py_export.shape_inference.InferenceError):
+        add_inferred_shapes(model)
+    return model
 
 
 def fold_constants(graph: gs.Graph) -> gs.Graph:
