@@ -25,9 +25,10 @@ from onnx import numpy_helper
 from onnxprune.errors import ModelLoadError
 
 SUPPORTED_OPSETS = range(11, 24)
-# bytes above which a model is written with external data (protobuf refuses 2 GB); a module
-# attribute so tests can send a small model down the same path
-EXTERNAL_LIMIT = 1_800_000_000
+# bytes above which a model is written with external data and run, checked and shape-inferred
+# without serializing it whole (protobuf refuses 2 GB); ONNXPRUNE_EXTERNAL_LIMIT lowers it so
+# tests and benchmarks can send a small model down the same path
+EXTERNAL_LIMIT = int(os.environ.get("ONNXPRUNE_EXTERNAL_LIMIT", 1_800_000_000))
 _STUB_MIN_ELEMENTS = 64  # float initializers larger than this become typed inputs for inference
 FLOAT_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
