@@ -9,6 +9,7 @@ numbers; the input files' hashes before and after. Writes `results/large_model.j
 
     python benchmarks/large_model.py                       # ~2.3 GB model in /tmp, several minutes
     python benchmarks/large_model.py --input 8192 --hidden 1024 --out /tmp/small.json   # smoke test
+    python benchmarks/large_model.py --input 40960 --hidden 3072 --limit 100000000  # 0.6 GB, forced
 """
 
 from __future__ import annotations
@@ -44,12 +45,14 @@ def main() -> None:
         np.savez(work / "calib.npz", x=calib)
         before = _hashes(work, "mlp.onnx")
         chosen = {k: v for k, v in _steps(args).items() if k in args.steps.split(",")}
-        steps = {name: _step(work, cmd) for name, cmd in chosen.items()}
+        limit = {"ONNXPRUNE_EXTERNAL_LIMIT": str(args.limit)} if args.limit else {}
+        steps = {name: _step(work, cmd, limit) for name, cmd in chosen.items()}
         result = {
             "command": " ".join(sys.argv),
             "machine": _machine(),
             "model": {"file": str(model.name), "build_s": round(built, 1), **_sizes(work)},
             "calibration_samples": args.samples,
+            "external_limit": args.limit or "default (1.8e9 bytes)",
             "steps": steps,
             "input_unchanged": _hashes(work, "mlp.onnx") == before,
             "outputs": _sizes(work, ("mag", "id")),
@@ -137,7 +140,7 @@ def _steps(args: argparse.Namespace) -> dict[str, list[str]]:
         "bench": [
             "bench",
             "mlp.onnx",
-            "id.onnx",
+            *(["id.onnx"] if "prune_id" in args.steps else []),
             "--batch",
             "1",
             "--repeats",
@@ -152,9 +155,9 @@ def _steps(args: argparse.Namespace) -> dict[str, list[str]]:
     }
 
 
-def _step(work: Path, arguments: list[str]) -> dict:
+def _step(work: Path, arguments: list[str], limit: dict[str, str]) -> dict:
     """Run `onnxprune ARGUMENTS` in `work`: wall time, peak RSS, exit code, last lines, report."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **limit}
     command = [sys.executable, "-m", "onnxprune", *arguments]
     start = time.perf_counter()
     process = subprocess.Popen(
@@ -222,6 +225,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--ratio", type=float, default=0.5, help="channel ratio removed")
     parser.add_argument(
         "--steps", default="analyze,prune_magnitude,prune_id,bench", help="steps to run, in order"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=0, help="ONNXPRUNE_EXTERNAL_LIMIT for the steps (bytes)"
     )
     parser.add_argument("--tmp", default=None, help="folder for the model (default: $TMPDIR)")
     parser.add_argument("--out", type=Path, default=RESULTS)
