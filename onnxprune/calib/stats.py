@@ -21,6 +21,7 @@ from threadpoolctl import threadpool_limits
 
 from onnxprune.errors import ModelRunError, VerificationError
 from onnxprune.graph.groups import Tap
+from onnxprune.graph.load import copy_model
 from onnxprune.measure.verify import session_for
 from onnxprune.methods.base import TapStats
 
@@ -91,7 +92,7 @@ def collect(
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of `model` whose outputs also include the tensors `names`."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model = copy_model(model)
     present = {o.name for o in model.graph.output}
     for name in names:
         if name not in present:
@@ -123,7 +124,7 @@ def tapped_session(
     creation then fails. A copy read by nothing else is never fused. Returns the session and the
     output names to run, in the order of `names`.
     """
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model = copy_model(model)
     outputs = {o.name for o in model.graph.output}
     taken = outputs | {t for node in model.graph.node for t in (*node.input, *node.output)}
     aliases = []

@@ -269,13 +269,14 @@ def check_against_ort(
     Every graph output must satisfy max abs deviation <= atol + rtol * max|ORT output|; the first
     that does not raises InterpreterMismatchError. Returns the graph so callers can reuse it.
     """
-    import onnxruntime as ort
     import torch
+
+    from onnxprune.graph.session import inference_session
 
     graph = TorchGraph(model) if graph is None else graph
     with torch.no_grad():
         got = graph.run(feeds)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = inference_session(model)
     names = [o.name for o in session.get_outputs()]
     refs = session.run(names, _ort_feeds(model, feeds))
     for name, ref in zip(names, refs, strict=True):

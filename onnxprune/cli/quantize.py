@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Quantize, verify on the data (or seeded random inputs), write, print a summary."""
     from onnxprune.deploy.quantize import quantize  # lazy: --help needs no onnx
-    from onnxprune.graph.load import load_model, save_model
+    from onnxprune.graph.load import load_model, model_bytes, save_model
     from onnxprune.measure.verify import verify
 
     model = load_model(args.model)
@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else path.with_name(f"{path.stem}.{args.mode}.onnx")
     save_model(quantized, output)
     print(
-        f"{args.mode}: {model.ByteSize():,} → {quantized.ByteSize():,} bytes, written to {output}"
+        f"{args.mode}: {model_bytes(model):,} → {model_bytes(quantized):,} bytes, "
+        f"written to {output}"
     )
     for out in check.outputs:
         agreement = "" if out.top1_agreement is None else f", top-1 {out.top1_agreement:.1%}"

@@ -54,10 +54,12 @@ def quantize(
     import onnx
     import onnxruntime as ort
 
+    from onnxprune.graph.load import save_model
+
     ort.set_default_logger_severity(3)
     with tempfile.TemporaryDirectory(prefix="onnxprune-quant-") as tmp:
         source, target = Path(tmp) / "float.onnx", Path(tmp) / "quantized.onnx"
-        onnx.save_model(model, source)
+        save_model(model, source)
         try:
             if mode == "int8":
                 _static(source, target, data, excluded, batch_size)

@@ -9,6 +9,8 @@ names, shapes inferred. `save_model` writes atomically.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -23,7 +25,20 @@ from onnx import numpy_helper
 from onnxprune.errors import ModelLoadError
 
 SUPPORTED_OPSETS = range(11, 24)
-_EXTERNAL_LIMIT = 1_800_000_000  # bytes of weights above which output keeps external data
+# bytes above which a model is written with external data and run, checked and shape-inferred
+# without serializing it whole (protobuf refuses 2 GB); ONNXPRUNE_EXTERNAL_LIMIT lowers it so
+# tests and benchmarks can send a small model down the same path
+EXTERNAL_LIMIT = int(os.environ.get("ONNXPRUNE_EXTERNAL_LIMIT", 1_800_000_000))
+_STUB_MIN_ELEMENTS = 64  # float initializers larger than this become typed inputs for inference
+FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+    | {onnx.TensorProto.BFLOAT16}
+    | {
+        getattr(onnx.TensorProto, n)
+        for n in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ")
+        if hasattr(onnx.TensorProto, n)
+    }
+)
 _FOLD_MIN_BYTES = 1 << 20  # a folded tensor may always be this large (see `fold_constants`)
 
 
@@ -74,8 +89,58 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def too_large_for_protobuf(model: onnx.ModelProto) -> bool:
-    """Protobuf cannot serialize 2 GB: such models must be written with external data."""
-    return model.ByteSize() > _EXTERNAL_LIMIT
+    """Protobuf cannot serialize 2 GB: such models must be written with external data (and
+    run, checked and shape-inferred without serializing them whole)."""
+    return model_bytes(model) > EXTERNAL_LIMIT
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The serialized size of `model`, counted per initializer and node: protobuf's own
+    `ByteSize` raises past 2 GB."""
+    graph = model.graph
+    tensors = sum(len(t.raw_data) or t.ByteSize() for t in graph.initializer)
+    return (
+        tensors + sum(n.ByteSize() for n in graph.node) + sum(f.ByteSize() for f in model.functions)
+    )
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy of `model` that works past 2 GB (a serialize/parse round trip does not)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose float initializers of more than 64 elements are typed graph
+    inputs without data: shape inference and the checker need only their types and shapes, and
+    the copy is small whatever the size of the weights. The large tensors are never copied."""
+    copy = _without_initializers(model)
+    inputs = {vi.name: i for i, vi in enumerate(copy.graph.input)}
+    for init in model.graph.initializer:
+        if init.data_type in FLOAT_TYPES and math.prod(init.dims) > _STUB_MIN_ELEMENTS:
+            stub = onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+            if init.name in inputs:
+                copy.graph.input[inputs[init.name]].CopyFrom(stub)
+            else:
+                copy.graph.input.append(stub)
+        else:
+            copy.graph.initializer.add().CopyFrom(init)
+    return copy
+
+
+def add_inferred_shapes(model: onnx.ModelProto) -> None:
+    """Set `model`'s intermediate and output shapes by ONNX shape inference (with data
+    propagation, through shape-preserving function calls), run on `weightless_copy`: weights
+    are never serialized, so this works past the protobuf limit and costs no copy of them.
+    Raises ONNX's InferenceError."""
+    work = onnx.shape_inference.infer_shapes(weightless_copy(model), data_prop=True)
+    while copy_function_shapes(work):
+        work = onnx.shape_inference.infer_shapes(work, data_prop=True)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(work.graph.value_info)
+    del model.graph.output[:]
+    model.graph.output.extend(work.graph.output)
 
 
 def normalize(model: onnx.ModelProto) -> gs.Graph:
@@ -99,9 +164,7 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
             tensor.shape = None
     model = export(graph)
     try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        while copy_function_shapes(model):
-            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        add_inferred_shapes(model)
     except onnx.onnx_cpp2py_export.shape_inference.InferenceError as exc:
         raise ModelLoadError(f"shape inference failed: {_first_line(exc)}") from exc
     return gs.import_onnx(model)
@@ -142,28 +205,72 @@ def save_model(
     model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False
 ) -> None:
     """Write `model` to `path` atomically: everything goes into a temporary folder beside the
-    target first (the model and, with `external_data`, its `<name>.data` file), then is renamed
-    into place. `model` itself is not changed."""
+    target first (the model and, with `external_data` or past the protobuf limit, its
+    `<name>.data` file), then is renamed into place, the data file first. `model` itself is not
+    changed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as folder:
         staged = Path(folder) / path.name
-        if external_data:
-            copy = onnx.ModelProto.FromString(model.SerializeToString())
-            onnx.save_model(
-                copy,
-                str(staged),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=f"{path.name}.data",
-                size_threshold=1024,
-            )
-            data = staged.with_name(f"{path.name}.data")
-            if data.exists():
-                os.replace(data, path.with_name(data.name))
+        if external_data or too_large_for_protobuf(model):
+            data = write_external(model, staged)
+            os.replace(data, path.with_name(data.name))
         else:
             onnx.save_model(model, str(staged))
         os.replace(staged, path)
+
+
+def write_external(model: onnx.ModelProto, path: Path) -> Path:
+    """Write `model` to `path` with every tensor of 1 KiB or more in one `<name>.data` file
+    beside it (ONNX's external data layout, offsets aligned to 4 KiB so ONNX Runtime can map
+    them); returns the data file's path. Unlike `onnx.save_model(..., save_as_external_data=True)`
+    this leaves `model` unchanged without copying it: only the graph without weights is
+    serialized."""
+    data = path.with_name(f"{path.name}.data")
+    skeleton = _without_initializers(model)
+    with open(data, "wb") as out:
+        for init in model.graph.initializer:
+            tensor = skeleton.graph.initializer.add()
+            raw = b"" if init.data_type == onnx.TensorProto.STRING else _raw_bytes(init)
+            if len(raw) < 1024:
+                tensor.CopyFrom(init)
+                continue
+            out.seek(-out.tell() % 4096, os.SEEK_CUR)
+            tensor.name, tensor.data_type = init.name, init.data_type
+            tensor.dims.extend(init.dims)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            where = {"location": data.name, "offset": out.tell(), "length": len(raw)}
+            for key, value in where.items():
+                tensor.external_data.add(key=key, value=str(value))
+            out.write(raw)
+    onnx.save_model(skeleton, str(path))
+    return data
+
+
+def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
+    """The tensor's data in `raw_data` layout (little-endian, packed), wherever it is stored."""
+    return tensor.raw_data or numpy_helper.to_array(tensor).tobytes()
+
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with an empty initializer list, made without copying the weights."""
+    copy = onnx.ModelProto()
+    _copy_fields(model, copy, skip="graph")
+    _copy_fields(model.graph, copy.graph, skip="initializer")
+    return copy
+
+
+def _copy_fields(source, target, *, skip: str) -> None:
+    """Copy every set field of protobuf message `source` but `skip` into `target`."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field (descriptors' `label` is gone in 7.x)
+            getattr(target, field.name).extend(value)
+        elif hasattr(value, "CopyFrom"):
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -199,7 +306,7 @@ _CONSTANT_ATTRS = {
 
 def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """Turn top-level Constant nodes (Paddle-style weights) into initializers."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model = copy_model(model)
     keep = []
     for node in model.graph.node:
         attr = node.attribute[0] if node.op_type == "Constant" and node.attribute else None
@@ -215,12 +322,12 @@ def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` with intermediate shapes where inference finds them (Shape nodes fold only on
-    known shapes); unchanged when inference fails, which `infer_shapes` reports later."""
-    try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except onnx.onnx_cpp2py_export.shape_inference.InferenceError:
-        return model
+    """`model` (normalize's own copy, changed in place) with intermediate shapes where inference
+    finds them (Shape nodes fold only on known shapes); unchanged when inference fails, which
+    `infer_shapes` reports later."""
+    with contextlib.suppress(onnx.onnx_cpp2py_export.shape_inference.InferenceError):
+        add_inferred_shapes(model)
+    return model
 
 
 def fold_constants(graph: gs.Graph) -> gs.Graph:

@@ -19,22 +19,18 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import TensorProto, helper
+from onnx import helper
 
 from onnxprune.errors import UsageError
-from onnxprune.graph.load import copy_function_shapes, export, fold_constants
+from onnxprune.graph.load import (
+    FLOAT_TYPES,
+    copy_function_shapes,
+    export,
+    fold_constants,
+    weightless_copy,
+)
 
 Shape = tuple[int, ...]
-
-FLOAT_TYPES = frozenset(
-    {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
-    | {
-        getattr(TensorProto, n)
-        for n in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ")
-        if hasattr(TensorProto, n)
-    }
-)
-_STUB_MIN_ELEMENTS = 64  # float initializers larger than this become typed inputs for inference
 
 
 @dataclass(frozen=True)
@@ -113,10 +109,8 @@ def infer_static_shapes(
     model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None
 ) -> dict[str, tuple[int | None, ...]]:
     """Shapes of all tensors once symbolic input dims are fixed (to 1 or `input_shapes`)."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
+    work = weightless_copy(model)
     _fix_input_dims(work, input_shapes or {})
-    _stub_large_initializers(work)
     del work.graph.value_info[:]
     work = _inferred(work)
     shapes = _declared(work)
@@ -246,23 +240,6 @@ def _override_dims(name: str, dims: Iterable, shape: tuple[int, ...]) -> None:
     for dim, value in zip(dims, shape, strict=False):
         dim.Clear()
         dim.dim_value = int(value)
-
-
-def _stub_large_initializers(model: onnx.ModelProto) -> None:
-    """Turn large float initializers into typed graph inputs: inference needs only their shapes,
-    and this keeps the copy small (and under protobuf's 2 GB limit for big models)."""
-    keep = []
-    for init in model.graph.initializer:
-        if init.data_type in FLOAT_TYPES and math.prod(init.dims) > _STUB_MIN_ELEMENTS:
-            stub = helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
-            existing = [i for i, vi in enumerate(model.graph.input) if vi.name == init.name]
-            for i in reversed(existing):
-                del model.graph.input[i]
-            model.graph.input.append(stub)
-        else:
-            keep.append(init)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
 
 
 def _shape_getter(shapes: dict[str, tuple[int | None, ...]]) -> ShapeOf:

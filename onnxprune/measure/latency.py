@@ -308,6 +308,8 @@ def make_session(
     """An InferenceSession with the benchmark's fixed options and an explicit provider list."""
     import onnxruntime as ort
 
+    from onnxprune.graph.session import inference_session
+
     if provider not in PROVIDERS:
         raise UsageError(f"unknown provider '{provider}'; choose one of {sorted(PROVIDERS)}")
     name = PROVIDERS[provider]
@@ -328,7 +330,7 @@ def make_session(
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     providers = [name] if provider == "cpu" else [name, PROVIDERS["cpu"]]
     try:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+        return inference_session(model, opts, providers)
     except Exception as exc:  # ORT raises several pybind exception types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         name = model.graph.name

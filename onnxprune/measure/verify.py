@@ -11,6 +11,8 @@ import onnxruntime as ort
 
 from onnxprune.calib.data import batch_for, in_batches
 from onnxprune.errors import ModelRunError, VerificationError
+from onnxprune.graph.load import too_large_for_protobuf, weightless_copy
+from onnxprune.graph.session import inference_session
 
 WARN_AGREEMENT = 0.9  # below this top-1 agreement, or above this rel-L2, the report warns
 WARN_REL_L2 = 0.5
@@ -63,7 +65,7 @@ def verify(
 ) -> Verification:
     """Run the checker on `pruned`, then both models in ORT, and compare every output."""
     try:
-        onnx.checker.check_model(pruned, full_check=True)
+        onnx.checker.check_model(_checkable(pruned), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise VerificationError(f"pruned model fails the ONNX checker: {_line(exc)}") from exc
     reference = run_original(original, feeds)
@@ -141,9 +143,13 @@ def session_for(model: onnx.ModelProto, *, threads: int = 0) -> ort.InferenceSes
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    return inference_session(model, options)
+
+
+def _checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` itself, or past the protobuf limit (the checker serializes it) its weightless
+    copy: the graph, types and shapes are checked, the weights' values are not."""
+    return weightless_copy(model) if too_large_for_protobuf(model) else model
 
 
 def is_class_scores(array: np.ndarray) -> bool:
