@@ -32,8 +32,8 @@ def coverage_table(models: Mapping[str, Any]) -> list[str]:
     lines = [
         "| model | analyze s | groups (prunable) | MACs prunable: default | --prune-residual "
         "| MACs tool / ORT shapes | ratio 0 max rel dev | 1 ORT pass, 32 samples (s) "
-        "| benchmark s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| benchmark s | measured at |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in models.items():
         a, check, zero = m["analysis"], m["mac_check"], m["ratio0"]
@@ -48,7 +48,7 @@ def coverage_table(models: Mapping[str, Any]) -> list[str]:
         forward = m["forward_s"] if isinstance(m["forward_s"], float) else "error"
         lines.append(
             f"| {name} | " + " | ".join([*cells, ratio, dev, str(forward)]) + f" | "
-            f"{m['benchmark_s']:.0f} |"
+            f"{m['benchmark_s']:.0f} | {m.get('onnxprune_commit', '?')} |"
         )
     return lines
 
