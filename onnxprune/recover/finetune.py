@@ -15,7 +15,7 @@ Importing this module is cheap; torch is imported when `finetune` runs.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -235,7 +235,7 @@ def _loop(
     optimizer = torch.optim.Adam(graph.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     every = max(1, steps // EVALS)
-    state = _LoopState(graph.params_numpy(), 0, [_entry(0, None, trainer, batch, lr)])
+    state = _LoopState(_snapshot(graph), 0, [_entry(0, None, trainer, batch, lr)])
     order, running, since = _batches(len(trainer.train), batch, seed), 0.0, 0
     for step in range(1, steps + 1):
         optimizer.zero_grad(set_to_none=True)
@@ -249,7 +249,7 @@ def _loop(
             rate = schedule.get_last_lr()[0]
             state.history.append(_entry(step, running / since, trainer, batch, rate))
             running, since = 0.0, 0
-            _keep_best(state, graph.params_numpy)
+            _keep_best(state, graph)
             if out_of_time or step - state.best_step >= PATIENCE * every:
                 state.stopped = "time" if out_of_time else "early stop"
                 break
@@ -264,11 +264,16 @@ def _entry(
     return {"step": step, "train": train, "holdout": trainer.held_loss(batch), "lr": lr}
 
 
-def _keep_best(state: _LoopState, snapshot: Callable[[], dict[str, np.ndarray]]) -> None:
+def _keep_best(state: _LoopState, graph: TorchGraph) -> None:
     """Remember the weights of the last evaluation if its held-out loss is the lowest yet."""
     last = state.history[-1]
     if last["holdout"] < min(h["holdout"] for h in state.history[:-1]):
-        state.best, state.best_step = snapshot(), int(last["step"])
+        state.best, state.best_step = _snapshot(graph), int(last["step"])
+
+
+def _snapshot(graph: TorchGraph) -> dict[str, np.ndarray]:
+    """Copies of the current weights (`params_numpy` shares memory the optimizer overwrites)."""
+    return {name: value.copy() for name, value in graph.params_numpy().items()}
 
 
 def _batches(n: int, batch: int, seed: int):
