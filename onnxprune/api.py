@@ -162,6 +162,7 @@ def _prune_channels(
     )
     needs = pruner.needs | _extra_needs(config, groups, inputs.data)
     fitted = bool(needs - {"weights"}) or config.recalibrate or config.quantize == "int8"
+    fitted = fitted or config.finetune_steps > 0
     split = split_inputs(proto, inputs, config, fitted=fitted)
     fit = split.fit
     calibration = gather(graph, groups, widths.counts, needs, fit, config)
@@ -174,7 +175,10 @@ def _prune_channels(
         batches = lambda: (b.feeds for b in fit.batches(config.batch_size))  # noqa: E731
         pruned_graph, layers = recalibrate(export(graph), pruned_graph, groups, plans, batches)
         notes += (f"recalibrated the output mean and variance of {layers} layers",)
-    pruned = _quantized(_finish(proto, pruned_graph, config), split.fit, config)
+    pruned, notes = _finetuned(
+        proto, _finish(proto, pruned_graph, config), split.fit, config, notes
+    )
+    pruned = _quantized(pruned, split.fit, config)
     rows = tuple(_row(group, plans.get(group.name), config) for group in groups)
     report = _report(proto, pruned, split, config, calibration.loss, notes, rows, widths.target)
     return Result(pruned, report, groups, plans)
@@ -322,6 +326,36 @@ def _finish(original: onnx.ModelProto, graph: gs.Graph, config: PruneConfig) -> 
         model, {**{p.key: p.value for p in original.metadata_props}, "onnxprune": note}
     )
     return model
+
+
+def _finetuned(
+    original: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    fit: Dataset,
+    config: PruneConfig,
+    notes: tuple[str, ...],
+) -> tuple[onnx.ModelProto, tuple[str, ...]]:
+    """`pruned` fine-tuned by distillation from `original` on the fit split only (so that
+    verification stays on samples it never saw), with a note on what it did."""
+    if not config.finetune_steps:
+        return pruned, notes
+    from onnxprune.recover.finetune import finetune  # lazy: imports torch
+
+    result = finetune(
+        pruned,
+        original,
+        fit,
+        steps=config.finetune_steps,
+        batch_size=config.batch_size,
+        seed=config.seed,
+    )
+    note = (
+        f"fine-tuned by distillation: {result.steps_run} steps ({result.stopped}), weights of "
+        f"step {result.best_step}, held-out loss {result.initial_loss:.4g} → {result.best_loss:.4g}"
+    )
+    if fit.synthetic:
+        note += "; on random data: distillation on noise says little about real inputs"
+    return result.model, (*notes, note)
 
 
 def _quantized(pruned: onnx.ModelProto, fit: Dataset, config: PruneConfig) -> onnx.ModelProto:

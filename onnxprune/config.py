@@ -54,6 +54,7 @@ class PruneConfig:
     local: bool = False
     joint: bool = False
     steps: int = 1
+    finetune_steps: int = 0  # distillation steps from the original after pruning (0: none)
     input_shapes: Mapping[str, tuple[int, ...]] | None = None  # symbolic dims where no data is
 
     def __post_init__(self) -> None:
@@ -132,6 +133,12 @@ class PruneConfig:
         if self.local and self.granularity != "weight":
             raise UsageError("--local is for --granularity weight (channels rank per group)")
         _positive("steps", self.steps)
+        if self.finetune_steps < 0:
+            raise UsageError(f"'finetune_steps' must be at least 0; got {self.finetune_steps}")
+        if self.finetune_steps and self.granularity == "weight":
+            raise UsageError(
+                "--finetune would refill the zeroed weights; it is for channel pruning"
+            )
         if self.steps > 1 and self.granularity != "weight":
             raise UsageError("--steps is for --granularity weight")
 

@@ -1,5 +1,5 @@
 """Command line: `onnxprune [prune] model.onnx ...`, `analyze`, `bench`, `sweep`, `sensitivity`,
-`quantize`.
+`quantize`, `finetune`.
 
 Each subcommand is a module with `register(subparsers)`, which adds its parser and sets
 `func(args) -> int`. This module only dispatches and maps errors to exit codes.
@@ -21,9 +21,9 @@ EPILOG = (
 
 
 def _subcommands() -> list:
-    from onnxprune.cli import analyze, bench, prune, quantize, sensitivity, sweep
+    from onnxprune.cli import analyze, bench, finetune, prune, quantize, sensitivity, sweep
 
-    return [prune, analyze, bench, sweep, sensitivity, quantize]
+    return [prune, analyze, bench, sweep, sensitivity, quantize, finetune]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(
-        dest="command", metavar="{prune,analyze,bench,sweep,sensitivity,quantize}"
+        dest="command", metavar="{prune,analyze,bench,sweep,sensitivity,quantize,finetune}"
     )
     for module in _subcommands():
         module.register(sub)
@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `onnxprune` console script; returns the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    names = {"prune", "analyze", "bench", "sweep", "sensitivity", "quantize", "-h", "--help"}
+    names = {"prune", "analyze", "bench", "sweep", "sensitivity", "quantize", "finetune"}
+    names |= {"-h", "--help"}
     first = next((a for a in args_list if a != "--debug"), None)
     if first is not None and first not in names:
         args_list.insert(args_list.index(first), "prune")

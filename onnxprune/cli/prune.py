@@ -114,6 +114,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="REGEX",
         help="with --quantize: keep nodes whose name matches REGEX in float (repeatable)",
     )
+    out.add_argument(
+        "--finetune",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="fine-tune the pruned model by distillation from the original on the fit part of "
+        "--data for STEPS steps (needs torch; see `onnxprune finetune`)",
+    )
     out.add_argument("--report", metavar="FILE", help="write the report as JSON ('-' = stdout)")
     out.add_argument(
         "--bench",
@@ -265,6 +273,11 @@ def run(args: argparse.Namespace) -> int:
     config = _config(args)
     model = load_model(source, weights=False)
     dataset = load_dataset(args, model, random_samples=config.verify_samples) if args.data else None
+    if config.finetune_steps and dataset is not None and dataset.synthetic:
+        print(
+            "onnxprune: warning: --finetune on random data is distillation on noise",
+            file=sys.stderr,
+        )
     verify_data = None
     if args.verify_data:
         specs, options = input_specs(model), reading_options(args)
@@ -349,6 +362,7 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         local=args.local,
         joint=args.joint,
         steps=args.steps,
+        finetune_steps=args.finetune,
         jacobian=args.jacobian,
         input_shapes=parse_input_shapes(args.input_shape),
     )

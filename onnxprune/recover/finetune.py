@@ -1,0 +1,337 @@
+"""Fine-tune a pruned ONNX model by distillation from the original (the teacher), in torch.
+
+The student runs in the ONNX→torch interpreter (`calib.torch_exec.TorchGraph`), whose float
+initializers are leaf tensors an optimizer can update; the teacher's outputs come from ONNX
+Runtime on the same inputs. The loss per graph output is KL(softmax(t/T) ‖ softmax(s/T))·T² on
+2-D class scores and the relative squared error ‖s−t‖²/‖t‖² on anything else, plus the
+cross-entropy on the first class-score output when labels are given. Adam with a cosine
+schedule, a seeded batch order, early stopping on a held-out share of the inputs (the best
+weights by held-out distillation loss are kept). The written model is the student's graph with
+new initializer values only: same nodes, names, dtypes and shapes.
+
+Importing this module is cheap; torch is imported when `finetune` runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxprune.calib.data import Dataset, batch_for, input_specs
+from onnxprune.calib.split import split_for_verification
+from onnxprune.errors import DataError, UsageError
+from onnxprune.measure.verify import is_class_scores, run_original
+
+if TYPE_CHECKING:
+    import torch
+
+    from onnxprune.calib.torch_exec import TorchGraph
+
+EVALS = 20  # held-out evaluations over a run (every steps/EVALS steps)
+PATIENCE = 5  # evaluations without improvement before stopping early
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """A fine-tuned model and how it got there.
+
+    `history` has one entry per held-out evaluation: step, mean training loss since the last
+    one (None at step 0: the student as given), held-out distillation loss, learning rate.
+    `best_step` is the step whose weights `model` holds (0: fine-tuning never beat the input).
+    `stopped` says why training ended ("steps", "early stop", "time"). `holdout` is the data
+    early stopping used; `independent` is False when it is the training data itself (too few or
+    synthetic samples to hold any out).
+    """
+
+    model: onnx.ModelProto
+    history: tuple[dict[str, float | None], ...]
+    best_step: int
+    steps_run: int
+    stopped: str
+    seconds: float
+    holdout: Dataset
+    independent: bool
+    trained: tuple[str, ...]
+
+    @property
+    def initial_loss(self) -> float:
+        """Held-out distillation loss of the student before fine-tuning."""
+        return self.history[0]["holdout"]
+
+    @property
+    def best_loss(self) -> float:
+        """Held-out distillation loss of the returned weights."""
+        return min(h["holdout"] for h in self.history)
+
+
+def finetune(
+    student: onnx.ModelProto,
+    teacher: onnx.ModelProto,
+    data: Dataset,
+    *,
+    steps: int = 300,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    temperature: float = 4.0,
+    labels: np.ndarray | None = None,
+    max_seconds: float | None = None,
+    seed: int = 0,
+    holdout: float = 0.125,
+) -> FinetuneResult:
+    """Train the float initializers of `student` to reproduce `teacher` on `data`.
+
+    `labels` (one int per sample of `data`) add a cross-entropy term; without them the run is
+    pure distillation and `data.labels` is ignored. A seeded `holdout` share of `data` is kept
+    out of training for early stopping. Raises UsageError on bad options, DataError when the two
+    models do not share their inputs and outputs, UnsupportedOpError naming the first op the
+    torch interpreter cannot run.
+    """
+    import torch
+
+    from onnxprune.calib.torch_exec import TorchGraph, check_against_ort
+
+    _check_options(steps, lr, batch_size, temperature, max_seconds, holdout)
+    _check_pair(student, teacher)
+    split = split_for_verification(
+        Dataset(data.arrays, _labels(labels, data), data.synthetic, data.source),
+        share=holdout,
+        samples=len(data),
+        seed=seed,
+        fitted=True,
+    )
+    batch = batch_for((s.shape for s in input_specs(student)), batch_size)
+    torch.manual_seed(seed)
+    graph = TorchGraph(student)
+    check_against_ort(student, _rows(split.fit.arrays, np.arange(min(batch, len(split.fit)))))
+    trainer = _Trainer(graph, teacher, split.fit, split.verify, temperature)
+    loop = _loop(trainer, steps, lr, batch, max_seconds, seed)
+    trained = tuple(n for n, p in graph.params.items() if p.grad is not None)
+    model = with_initializers(student, loop.best)
+    return FinetuneResult(
+        model,
+        tuple(loop.history),
+        loop.best_step,
+        loop.steps_run,
+        loop.stopped,
+        loop.seconds,
+        split.verify,
+        split.independent,
+        trained,
+    )
+
+
+def with_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of `model` whose initializers named in `values` hold those values, cast to the
+    initializer's own dtype (names, shapes and the node list are unchanged)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for index, init in enumerate(out.graph.initializer):
+        if init.name in values:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+            value = np.asarray(values[init.name]).astype(dtype).reshape(tuple(init.dims))
+            out.graph.initializer[index].CopyFrom(numpy_helper.from_array(value, init.name))
+    return out
+
+
+@dataclass
+class _LoopState:
+    """What the training loop leaves behind."""
+
+    best: dict[str, np.ndarray]
+    best_step: int
+    history: list[dict[str, float | None]]
+    steps_run: int = 0
+    stopped: str = "steps"
+    seconds: float = 0.0
+
+
+class _Trainer:
+    """The student graph, the teacher's outputs on the train and held-out samples, the loss."""
+
+    def __init__(
+        self,
+        graph: TorchGraph,
+        teacher: onnx.ModelProto,
+        train: Dataset,
+        held: Dataset,
+        temperature: float,
+    ) -> None:
+        self.graph, self.train, self.held = graph, train, held
+        self.targets = run_original(teacher, train.arrays)
+        self.held_targets = run_original(teacher, held.arrays)
+        self.classes = [n for n, t in self.targets.items() if is_class_scores(t)]
+        self.temperature = temperature
+        if train.labels is not None and not self.classes:
+            raise UsageError("labels were given but no output of the teacher is 2-D class scores")
+
+    def loss(self, index: np.ndarray) -> torch.Tensor:
+        """Distillation (+ cross-entropy with labels) on the training samples at `index`."""
+        import torch
+
+        outputs = self.graph.run(_rows(self.train.arrays, index))
+        loss = self._distill(outputs, {n: t[index] for n, t in self.targets.items()})
+        if self.train.labels is not None:
+            labels = torch.from_numpy(self.train.labels[index].astype(np.int64))
+            loss = loss + torch.nn.functional.cross_entropy(outputs[self.classes[0]], labels)
+        return loss
+
+    def held_loss(self, batch: int) -> float:
+        """Mean distillation loss over the held-out samples (no gradients)."""
+        import torch
+
+        total, n = 0.0, len(self.held)
+        with torch.no_grad():
+            for start in range(0, n, batch):
+                index = np.arange(start, min(start + batch, n))
+                outputs = self.graph.run(_rows(self.held.arrays, index))
+                targets = {k: t[index] for k, t in self.held_targets.items()}
+                total += float(self._distill(outputs, targets)) * len(index)
+        return total / n
+
+    def _distill(
+        self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, np.ndarray]
+    ) -> torch.Tensor:
+        """Sum over the outputs of KL·T² (class scores) or relative squared error."""
+        import torch
+        import torch.nn.functional as F
+
+        total = torch.zeros(())
+        for name, target in targets.items():
+            s, t = outputs[name].float(), torch.from_numpy(np.asarray(target, np.float32))
+            if name in self.classes:
+                temp = self.temperature
+                kl = F.kl_div(
+                    F.log_softmax(s / temp, 1),
+                    F.log_softmax(t / temp, 1),
+                    log_target=True,
+                    reduction="batchmean",
+                )
+                total = total + kl * temp**2
+            else:
+                total = total + ((s - t) ** 2).sum() / (t**2).sum().clamp_min(1e-30)
+        return total
+
+
+def _loop(
+    trainer: _Trainer,
+    steps: int,
+    lr: float,
+    batch: int,
+    max_seconds: float | None,
+    seed: int,
+) -> _LoopState:
+    """Adam with a cosine schedule over `steps`; every steps/EVALS steps the held-out loss is
+    measured and the best weights kept; stops after PATIENCE evaluations without improvement
+    or when `max_seconds` have passed."""
+    import torch
+
+    graph, start = trainer.graph, time.monotonic()
+    optimizer = torch.optim.Adam(graph.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    every = max(1, steps // EVALS)
+    state = _LoopState(_snapshot(graph), 0, [_entry(0, None, trainer, batch, lr)])
+    order, running, since = _batches(len(trainer.train), batch, seed), 0.0, 0
+    for step in range(1, steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        loss = trainer.loss(next(order))
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        running, since, state.steps_run = running + float(loss.detach()), since + 1, step
+        out_of_time = max_seconds is not None and time.monotonic() - start > max_seconds
+        if step % every == 0 or step == steps or out_of_time:
+            rate = schedule.get_last_lr()[0]
+            state.history.append(_entry(step, running / since, trainer, batch, rate))
+            running, since = 0.0, 0
+            _keep_best(state, graph)
+            if out_of_time or step - state.best_step >= PATIENCE * every:
+                state.stopped = "time" if out_of_time else "early stop"
+                break
+    state.seconds = time.monotonic() - start
+    return state
+
+
+def _entry(
+    step: int, train: float | None, trainer: _Trainer, batch: int, lr: float
+) -> dict[str, float | None]:
+    """One history row; the held-out loss is measured now."""
+    return {"step": step, "train": train, "holdout": trainer.held_loss(batch), "lr": lr}
+
+
+def _keep_best(state: _LoopState, graph: TorchGraph) -> None:
+    """Remember the weights of the last evaluation if its held-out loss is the lowest yet."""
+    last = state.history[-1]
+    if last["holdout"] < min(h["holdout"] for h in state.history[:-1]):
+        state.best, state.best_step = _snapshot(graph), int(last["step"])
+
+
+def _snapshot(graph: TorchGraph) -> dict[str, np.ndarray]:
+    """Copies of the current weights (`params_numpy` shares memory the optimizer overwrites)."""
+    return {name: value.copy() for name, value in graph.params_numpy().items()}
+
+
+def _batches(n: int, batch: int, seed: int):
+    """Endless seeded sample order: a fresh permutation per epoch, cut into batches of at most
+    `batch` (a model with a fixed batch gets exactly `batch`: the epoch tail is skipped)."""
+    rng = np.random.default_rng(seed)
+    size = min(batch, n)
+    while True:
+        perm = rng.permutation(n)
+        for begin in range(0, n - size + 1, size):
+            yield np.sort(perm[begin : begin + size])
+
+
+def _rows(arrays: Mapping[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: np.ascontiguousarray(a[index]) for name, a in arrays.items()}
+
+
+def _labels(labels: np.ndarray | None, data: Dataset) -> np.ndarray | None:
+    """`labels` checked against `data` (None: an unlabeled run, whatever `data` carries)."""
+    if labels is None:
+        return None
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != len(data) or labels.dtype.kind not in "iu":
+        raise DataError(
+            f"labels must be {len(data)} integers (one per sample); got {labels.dtype} "
+            f"of length {len(labels)}"
+        )
+    return labels.astype(np.int64)
+
+
+def _check_pair(student: onnx.ModelProto, teacher: onnx.ModelProto) -> None:
+    """The teacher must take the student's inputs and produce its outputs (by name)."""
+    for role, get in (("inputs", input_specs), ("outputs", lambda m: m.graph.output)):
+        mine = sorted(x.name for x in get(student))
+        theirs = sorted(x.name for x in get(teacher))
+        if mine != theirs:
+            raise DataError(
+                f"student and teacher {role} differ: {', '.join(mine)} vs {', '.join(theirs)}"
+            )
+
+
+def _check_options(
+    steps: int,
+    lr: float,
+    batch_size: int,
+    temperature: float,
+    max_seconds: float | None,
+    holdout: float,
+) -> None:
+    """UsageError naming the first option out of range."""
+    checks = (
+        ("steps", steps, steps >= 1),
+        ("lr", lr, lr > 0),
+        ("batch_size", batch_size, batch_size >= 1),
+        ("temperature", temperature, temperature > 0),
+        ("max_seconds", max_seconds, max_seconds is None or max_seconds > 0),
+        ("holdout", holdout, 0 <= holdout <= 0.5),
+    )
+    for name, value, ok in checks:
+        if not ok:
+            raise UsageError(f"finetune '{name}' is out of range; got {value}")
