@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import onnx
@@ -129,6 +130,8 @@ def _ort_block(tmp_path) -> int:
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/cpuinfo")
 def test_auto_agrees_with_the_block_onnxruntime_pads_to_on_this_host(tmp_path):
+    if os.environ.get("ONNXPRUNE_TEST_ORT") == "disable_all":
+        pytest.skip("reads the NCHWc layout ORT's optimiser makes, which this run switches off")
     assert host_block_size() == _ort_block(tmp_path)
 
 
