@@ -7,6 +7,12 @@ a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of `exc`'s message (its type's name when empty), cut at `limit` chars:
+    how a library exception is quoted inside one of ours."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
 class OnnxPruneError(Exception):
     """A problem the user can fix; the message is one line naming the file, tensor or node."""
 

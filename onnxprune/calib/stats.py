@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 from threadpoolctl import threadpool_limits
 
-from onnxprune.errors import ModelRunError, VerificationError
+from onnxprune.errors import ModelRunError, VerificationError, first_line
 from onnxprune.graph.groups import Tap
 from onnxprune.graph.load import copy_model
 from onnxprune.measure.verify import session_for
@@ -107,7 +107,7 @@ def _run_input_model(
     try:
         return session.run(outputs, dict(feeds))
     except Exception as exc:  # ORT raises several unrelated exception types
-        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        line = first_line(exc)
         raise ModelRunError(
             f"ONNX Runtime cannot run the original model on the calibration data: {line}",
             hint="the input model or data is at fault: check the data's shapes and values",
@@ -139,7 +139,7 @@ def tapped_session(
     try:
         return session_for(model), aliases
     except Exception as exc:  # ORT raises several unrelated exception types
-        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        line = first_line(exc)
         raise VerificationError(f"ONNX Runtime cannot run the model to read taps: {line}") from exc
 
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from onnxprune.errors import OnnxPruneError, UsageError
+from onnxprune.errors import OnnxPruneError, UsageError, first_line
 
 if TYPE_CHECKING:  # the modes are read by the CLI parsers, which must start without onnx
     import onnx
@@ -66,7 +66,7 @@ def quantize(
             else:
                 _dynamic(source, target, excluded)
         except Exception as exc:  # the quantizer raises many unrelated types
-            message = f"ONNX Runtime's quantizer failed ({mode}): {_line(exc)}"
+            message = f"ONNX Runtime's quantizer failed ({mode}): {first_line(exc)}"
             raise QuantizationError(message) from exc
         return onnx.load_model(target)
 
@@ -129,7 +129,7 @@ def _float16(model: onnx.ModelProto, excluded: list[str]) -> onnx.ModelProto:
     try:
         half = convert_float_to_float16(model, keep_io_types=True, node_block_list=excluded)
     except Exception as exc:  # the converter raises many unrelated types
-        raise QuantizationError(f"float16 conversion failed: {_line(exc)}") from exc
+        raise QuantizationError(f"float16 conversion failed: {first_line(exc)}") from exc
     # the converter appends its input Casts at the end of the node list: ONNX wants them sorted
     graph = gs.import_onnx(half)
     graph.toposort()
@@ -150,7 +150,3 @@ class _Reader:
 
     def rewind(self) -> None:
         self._it = None
-
-
-def _line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

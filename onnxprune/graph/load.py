@@ -22,7 +22,7 @@ import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from onnxprune.errors import ModelLoadError
+from onnxprune.errors import ModelLoadError, first_line
 
 SUPPORTED_OPSETS = range(11, 24)
 # bytes above which a model is written with external data and run, checked and shape-inferred
@@ -53,7 +53,7 @@ def load_model(path: str | os.PathLike, *, weights: bool = True) -> onnx.ModelPr
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"'{path}' is not a valid ONNX file ({_first_line(exc)})") from exc
+        raise ModelLoadError(f"'{path}' is not a valid ONNX file ({first_line(exc, 200)})") from exc
     if not model.graph.node or not model.opset_import:
         raise ModelLoadError(f"'{path}' is not an ONNX model (no graph nodes or opset)")
     if weights:
@@ -166,7 +166,7 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
     try:
         add_inferred_shapes(model)
     except onnx.onnx_cpp2py_export.shape_inference.InferenceError as exc:
-        raise ModelLoadError(f"shape inference failed: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"shape inference failed: {first_line(exc, 200)}") from exc
     return gs.import_onnx(model)
 
 
@@ -273,11 +273,6 @@ def _copy_fields(source, target, *, skip: str) -> None:
             setattr(target, field.name, value)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
-
-
 def _load_external(model: onnx.ModelProto, path: Path) -> None:
     """Load external tensors, naming the missing data file when there is one."""
     for tensor in model.graph.initializer:
@@ -292,7 +287,9 @@ def _load_external(model: onnx.ModelProto, path: Path) -> None:
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read external data of '{path}': {_first_line(exc)}") from exc
+        raise ModelLoadError(
+            f"cannot read external data of '{path}': {first_line(exc, 200)}"
+        ) from exc
 
 
 _CONSTANT_ATTRS = {

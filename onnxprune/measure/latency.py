@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from onnxprune.errors import DataError, ModelLoadError, UsageError
+from onnxprune.errors import DataError, ModelLoadError, UsageError, first_line
 
 if TYPE_CHECKING:  # onnx and onnxruntime load where used: PROVIDERS serves the CLI's --help
     import onnx
@@ -332,7 +332,7 @@ def make_session(
     try:
         return inference_session(model, opts, providers)
     except Exception as exc:  # ORT raises several pybind exception types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc, 200)
         name = model.graph.name
         raise ModelLoadError(f"onnxruntime cannot load model '{name}': {first}") from exc
 
@@ -523,7 +523,7 @@ def _evaluate(
         try:
             got = evaluator.outputs(model)
         except Exception as exc:  # ORT raises several pybind exception types
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            first = first_line(exc, 200)
             raise DataError(f"'{label}' cannot run on the evaluation data: {first}") from exc
         if got.shape != evaluator.reference.shape:
             raise DataError(

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxprune.calib.data import batch_for, in_batches
-from onnxprune.errors import ModelRunError, VerificationError
+from onnxprune.errors import ModelRunError, VerificationError, first_line
 from onnxprune.graph.load import too_large_for_protobuf, weightless_copy
 from onnxprune.graph.session import inference_session
 
@@ -67,7 +67,7 @@ def verify(
     try:
         onnx.checker.check_model(_checkable(pruned), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise VerificationError(f"pruned model fails the ONNX checker: {_line(exc)}") from exc
+        raise VerificationError(f"pruned model fails the ONNX checker: {first_line(exc)}") from exc
     reference = run_original(original, feeds)
     result = run(pruned, feeds)
     outputs = tuple(_deviation(name, reference[name], result[name]) for name in reference)
@@ -87,7 +87,7 @@ def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np
             return dict(zip(names, session.run(names, dict(feeds)), strict=True))
         parts = [session.run(names, chunk) for chunk in in_batches(feeds, batch)]
     except Exception as exc:  # ORT raises several unrelated exception types
-        raise VerificationError(f"ONNX Runtime cannot run the model: {_line(exc)}") from exc
+        raise VerificationError(f"ONNX Runtime cannot run the model: {first_line(exc)}") from exc
     joined = [np.concatenate(outputs)[:samples] for outputs in zip(*parts, strict=True)]
     return dict(zip(names, joined, strict=True))
 
@@ -132,7 +132,7 @@ def run_original(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dic
         return run(model, feeds)
     except VerificationError as exc:
         raise ModelRunError(
-            f"ONNX Runtime cannot run the original model on this data: {_line(exc.__cause__)}",
+            f"ONNX Runtime cannot run the original model on this data: {first_line(exc.__cause__)}",
             hint="the input model or data is at fault: check the data's shapes and values",
         ) from exc
 
@@ -167,7 +167,3 @@ def _deviation(name: str, ref: np.ndarray, got: np.ndarray) -> OutputDeviation:
     if is_class_scores(ref):
         top1 = float(np.mean(ref.argmax(axis=1) == got.argmax(axis=1)))
     return OutputDeviation(name, float(np.abs(diff).max(initial=0.0)), rel, top1)
-
-
-def _line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
