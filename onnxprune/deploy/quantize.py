@@ -126,6 +126,8 @@ def _float16(model: onnx.ModelProto, excluded: list[str]) -> onnx.ModelProto:
     import onnx_graphsurgeon as gs
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from onnxprune.graph.load import export
+
     try:
         half = convert_float_to_float16(model, keep_io_types=True, node_block_list=excluded)
     except Exception as exc:  # the converter raises many unrelated types
@@ -133,7 +135,7 @@ def _float16(model: onnx.ModelProto, excluded: list[str]) -> onnx.ModelProto:
     # the converter appends its input Casts at the end of the node list: ONNX wants them sorted
     graph = gs.import_onnx(half)
     graph.toposort()
-    return gs.export_onnx(graph, do_type_check=False)
+    return export(graph)
 
 
 class _Reader:
