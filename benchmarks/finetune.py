@@ -37,7 +37,7 @@ def accuracy(model: onnx.ModelProto, test: np.lib.npyio.NpzFile) -> float:
     return float(np.mean(logits.argmax(1) == test["labels"]))
 
 
-def one(name: str, keep: float, steps: int, seconds: float, lr: float) -> dict:
+def one(name: str, keep: float, steps: int, seconds: float, lr: float, warmup: float) -> dict:
     """Prune `name` to `keep` of its MACs, fine-tune it both ways, measure test accuracy."""
     calib = np.load(ROOT / "models/digits32_calib.npz")
     test = np.load(ROOT / "models/digits32_test.npz")
@@ -58,7 +58,14 @@ def one(name: str, keep: float, steps: int, seconds: float, lr: float) -> dict:
     }
     for kind, labels in (("distill", None), ("labels", calib["labels"])):
         result = finetune(
-            pruned, teacher, data, steps=steps, lr=lr, labels=labels, max_seconds=seconds
+            pruned,
+            teacher,
+            data,
+            steps=steps,
+            lr=lr,
+            labels=labels,
+            max_seconds=seconds,
+            warmup=warmup,
         )
         row[kind] = accuracy(result.model, test)
         row[f"{kind}_s"] = round(result.seconds, 1)
@@ -73,12 +80,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--max-seconds", type=float, default=45.0)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=float, default=0.5, help="no early stop before this share")
+    parser.add_argument("--keep", default=",".join(map(str, KEEP)), help="fractions of MACs kept")
     args = parser.parse_args()
     torch.set_num_threads(1)  # a shared, loaded machine: more threads only spin
     rows = []
     for name in args.models.split(","):
-        for keep in KEEP:
-            rows.append(one(name, keep, args.steps, args.max_seconds, args.lr))
+        for keep in (float(k) for k in args.keep.split(",")):
+            rows.append(one(name, keep, args.steps, args.max_seconds, args.lr, args.warmup))
             print(json.dumps(rows[-1]), flush=True)
             Path(args.out).write_text(json.dumps({"options": vars(args), "rows": rows}, indent=1))
 

@@ -37,6 +37,7 @@ from onnxprune.methods.targets import (
     width_cost,
 )
 from onnxprune.methods.width import keep_counts, tied_counts
+from onnxprune.progress import progress
 from onnxprune.recalibrate import recalibrate
 from onnxprune.report import TargetResult
 
@@ -106,7 +107,8 @@ def refine_widths(
     candidates.setdefault(tuple(sorted(widths.counts.items())), ("near-uniform", widths.counts))
     candidates = _feasible(candidates, reached, target)
     score = output_deviation(graph, groups, stats, method, config, dataset)
-    scored = sorted((score(counts), label, counts) for label, counts in candidates.values())
+    found = progress(candidates.values(), len(candidates), "scoring width candidates")
+    scored = sorted((score(counts), label, counts) for label, counts in found)
     _, label, counts = scored[0]
     deviations = {lab: dev for dev, lab, _ in scored}
     ratio = widths.target.ratio if widths.target and label == "near-uniform" else None

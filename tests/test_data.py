@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import sys
 
 import numpy as np
@@ -15,7 +14,6 @@ from onnxprune.calib.data import (
     InputSpec,
     input_specs,
     load_data,
-    progress,
 )
 from onnxprune.errors import DataError, UsageError
 
@@ -435,33 +433,6 @@ def test_batches_cover_every_sample_once(two) -> None:
 def test_dataset_rejects_inconsistent_lengths() -> None:
     with pytest.raises(DataError):
         Dataset({"a": np.zeros((2, 1)), "b": np.zeros((3, 1))})
-
-
-# --- progress ------------------------------------------------------------------------------------
-
-
-class _Tty(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_progress_silent_when_disabled_or_not_tty(monkeypatch) -> None:
-    stream = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", stream)
-    assert list(progress(range(5), 5, "calib", enabled=True)) == list(range(5))
-    assert stream.getvalue() == ""
-    tty = _Tty()
-    monkeypatch.setattr(sys, "stderr", tty)
-    assert list(progress(range(5), 5, "calib", enabled=False)) == list(range(5))
-    assert tty.getvalue() == ""
-
-
-def test_progress_draws_on_tty(monkeypatch) -> None:
-    tty = _Tty()
-    monkeypatch.setattr(sys, "stderr", tty)
-    assert list(progress(range(4), 4, "calib", enabled=True)) == list(range(4))
-    out = tty.getvalue()
-    assert "\rcalib [" in out and "4/4" in out and out.endswith("\n")
 
 
 def test_random_data_for_symbolic_dims_asks_for_an_input_shape():

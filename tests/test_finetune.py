@@ -122,6 +122,18 @@ def test_a_diverging_run_keeps_the_input_weights(setup):
         assert np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
 
 
+@pytest.mark.parametrize(
+    ("warmup", "patience", "stop"), [(0.0, 5, 5), (0.0, 2, 2), (0.5, 5, 10), (0.5, 2, 10)]
+)
+def test_early_stopping_waits_for_the_warmup(setup, warmup, patience, stop):
+    """One evaluation per step (20 steps); a diverging run never beats step 0, so it stops
+    `patience` evaluations after it, but never before `warmup` · steps."""
+    teacher, student, data, _, _ = setup
+    result = finetune(student, teacher, data, steps=20, lr=50.0, patience=patience, warmup=warmup)
+    assert (result.best_step, result.steps_run, result.stopped) == (0, stop, "early stop")
+    assert [h["step"] for h in result.history] == list(range(stop + 1))
+
+
 def test_mismatched_teacher_inputs_are_refused(setup, tmp_path):
     teacher, student, data, _, _ = setup
     renamed = onnx.ModelProto()
@@ -140,7 +152,15 @@ def test_mismatched_teacher_inputs_are_refused(setup, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("option", "value"), [("steps", 0), ("lr", -1.0), ("temperature", 0.0), ("holdout", 0.9)]
+    ("option", "value"),
+    [
+        ("steps", 0),
+        ("lr", -1.0),
+        ("temperature", 0.0),
+        ("holdout", 0.9),
+        ("patience", 0),
+        ("warmup", 1.5),
+    ],
 )
 def test_bad_options_are_refused(setup, option, value):
     teacher, student, data, _, _ = setup

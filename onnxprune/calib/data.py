@@ -9,13 +9,11 @@ instead of deep inside ONNX Runtime.
 from __future__ import annotations
 
 import os
-import sys
-import time
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import onnx
@@ -32,7 +30,6 @@ __all__ = [
     "in_batches",
     "input_specs",
     "load_data",
-    "progress",
     "with_input_shapes",
 ]
 
@@ -40,9 +37,6 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 LABELS_KEY = "labels"
 LAYOUTS = ("NCHW", "NHWC")
 NPY_MAGIC = b"\x93NUMPY"
-
-T = TypeVar("T")
-
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -303,34 +297,6 @@ def load_data(
         origin=f"{shown} (",
         unit="samples",
     )
-
-
-def progress(iterable: Iterable[T], total: int, desc: str, enabled: bool) -> Iterator[T]:
-    """Yield from `iterable`, drawing a one-line progress bar on stderr if enabled and a TTY."""
-    stream = sys.stderr
-    if not enabled or not _isatty(stream):
-        yield from iterable
-        return
-    done, last = 0, 0.0
-
-    def draw() -> None:
-        filled = 24 * done // total if total > 0 else 0
-        bar = "#" * filled + "-" * (24 - filled)
-        stream.write(f"\r{desc} [{bar}] {done}/{total}")
-        stream.flush()
-
-    draw()
-    try:
-        for item in iterable:
-            yield item
-            done += 1
-            now = time.monotonic()
-            if now - last >= 0.1 or done == total:
-                draw()
-                last = now
-    finally:
-        stream.write("\n")
-        stream.flush()
 
 
 # --- sources -------------------------------------------------------------------------------------
@@ -801,8 +767,3 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _isatty(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError, OSError):
-        return False

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.calib.data import Dataset, progress
+from onnxprune.calib.data import Dataset
 from onnxprune.calib.grads import Gradients, Product, collect_gradients
 from onnxprune.calib.jacobian import Site, SiteStats, collect_jacobian_stats, collect_weight_stats
 from onnxprune.calib.stats import collect
@@ -30,6 +30,7 @@ from onnxprune.graph.weights import (
     producer_weight_names,
 )
 from onnxprune.methods.base import GroupStats
+from onnxprune.progress import progress
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def _batches(dataset: Dataset, config: PruneConfig, what: str, *, feeds_only: bo
     total = -(-len(dataset) // config.batch_size)
     batches = dataset.batches(config.batch_size)
     items = (b.feeds for b in batches) if feeds_only else batches
-    return progress(items, total, f"calibrating ({what})", enabled=True)
+    return progress(items, total, f"calibrating ({what})")
 
 
 def _group_grads(graph: gs.Graph, group: ChannelGroup, grads: Gradients) -> dict[str, object]:

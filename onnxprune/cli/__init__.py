@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from onnxprune.errors import OnnxPruneError, UsageError, VerificationError
+from onnxprune.progress import shown
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 3
 EPILOG = (
@@ -39,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for module in _subcommands():
         module.register(sub)
+    for command in sub.choices.values():
+        command.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="progress bars on stderr (default: only when stderr is a terminal)",
+        )
     return parser
 
 
@@ -59,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return int(args.func(args) or 0)
+        with shown(args.progress):
+            return int(args.func(args) or 0)
     except OnnxPruneError as exc:
         if args.debug:
             raise

@@ -44,6 +44,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--holdout", type=float, default=0.125, help="share of --data held out for early stopping"
     )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=5,
+        help="held-out evaluations (20 per run) without a new best before stopping early",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=0.5,
+        help="share of --steps run before early stopping may end the run",
+    )
     add_data_arguments(parser)
     parser.add_argument(
         "--labels",
@@ -84,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         max_seconds=args.max_seconds,
         seed=args.seed,
         holdout=args.holdout,
+        patience=args.patience,
+        warmup=args.warmup,
     )
     before = verify(teacher, student, result.holdout.arrays, data=result.holdout.source)
     after = verify(teacher, result.model, result.holdout.arrays, data=result.holdout.source)

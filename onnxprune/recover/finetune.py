@@ -5,9 +5,9 @@ initializers are leaf tensors an optimizer can update; the teacher's outputs com
 Runtime on the same inputs. The loss per graph output is KL(softmax(t/T) ‖ softmax(s/T))·T² on
 2-D class scores and the relative squared error ‖s−t‖²/‖t‖² on anything else, plus the
 cross-entropy on the first class-score output when labels are given. Adam with a cosine
-schedule, a seeded batch order, early stopping on a held-out share of the inputs (the best
-weights by held-out distillation loss are kept). The written model is the student's graph with
-new initializer values only: same nodes, names, dtypes and shapes.
+schedule, a seeded batch order, early stopping after a warm-up on a held-out share of the inputs
+(the best weights by held-out distillation loss are kept). The written model is the student's
+graph with new initializer values only: same nodes, names, dtypes and shapes.
 
 Importing this module is cheap; torch is imported when `finetune` runs.
 """
@@ -27,6 +27,7 @@ from onnxprune.calib.data import Dataset, batch_for, input_specs
 from onnxprune.calib.split import split_for_verification
 from onnxprune.errors import DataError, UsageError
 from onnxprune.measure.verify import is_class_scores, run_original
+from onnxprune.progress import Bar
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 EVALS = 20  # held-out evaluations over a run (every steps/EVALS steps)
 PATIENCE = 5  # evaluations without improvement before stopping early
+WARMUP = 0.5  # share of the steps run before early stopping may end a run
 
 
 @dataclass(frozen=True)
@@ -83,20 +85,24 @@ def finetune(
     max_seconds: float | None = None,
     seed: int = 0,
     holdout: float = 0.125,
+    patience: int = PATIENCE,
+    warmup: float = WARMUP,
 ) -> FinetuneResult:
     """Train the float initializers of `student` to reproduce `teacher` on `data`.
 
     `labels` (one int per sample of `data`) add a cross-entropy term; without them the run is
     pure distillation and `data.labels` is ignored. A seeded `holdout` share of `data` is kept
-    out of training for early stopping. Raises UsageError on bad options, DataError when the two
-    models do not share their inputs and outputs, UnsupportedOpError naming the first op the
-    torch interpreter cannot run.
+    out of training for early stopping: after `patience` held-out evaluations without a new best
+    the run stops, but never within the first `warmup` share of `steps` (Adam's first steps at
+    the cosine schedule's highest rate often raise the held-out loss before it falls). Raises
+    UsageError on bad options, DataError when the two models do not share their inputs and
+    outputs, UnsupportedOpError naming the first op the torch interpreter cannot run.
     """
     import torch
 
     from onnxprune.calib.torch_exec import TorchGraph, check_against_ort
 
-    _check_options(steps, lr, batch_size, temperature, max_seconds, holdout)
+    _check_options(steps, lr, batch_size, temperature, max_seconds, holdout, patience, warmup)
     _check_pair(student, teacher)
     split = split_for_verification(
         Dataset(data.arrays, _labels(labels, data), data.synthetic, data.source),
@@ -110,7 +116,8 @@ def finetune(
     graph = TorchGraph(student)
     check_against_ort(student, _rows(split.fit.arrays, np.arange(min(batch, len(split.fit)))))
     trainer = _Trainer(graph, teacher, split.fit, split.verify, temperature)
-    loop = _loop(trainer, steps, lr, batch, max_seconds, seed)
+    schedule = _Schedule(steps, lr, batch, max_seconds, seed, patience, round(warmup * steps))
+    loop = _loop(trainer, schedule)
     trained = tuple(n for n, p in graph.params.items() if p.grad is not None)
     model = with_initializers(student, loop.best)
     return FinetuneResult(
@@ -137,6 +144,28 @@ def with_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) 
             value = np.asarray(values[init.name]).astype(dtype).reshape(tuple(init.dims))
             out.graph.initializer[index].CopyFrom(numpy_helper.from_array(value, init.name))
     return out
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """How long and how fast to train, and when early stopping may end the run."""
+
+    steps: int
+    lr: float
+    batch: int
+    max_seconds: float | None
+    seed: int
+    patience: int  # held-out evaluations without a new best before stopping
+    min_steps: int  # no early stop before this step
+
+    @property
+    def every(self) -> int:
+        """Steps between held-out evaluations."""
+        return max(1, self.steps // EVALS)
+
+    def stops_early(self, step: int, best_step: int) -> bool:
+        """Past the warm-up, and `patience` evaluations since the best one."""
+        return step >= self.min_steps and step - best_step >= self.patience * self.every
 
 
 @dataclass
@@ -218,41 +247,36 @@ class _Trainer:
         return total
 
 
-def _loop(
-    trainer: _Trainer,
-    steps: int,
-    lr: float,
-    batch: int,
-    max_seconds: float | None,
-    seed: int,
-) -> _LoopState:
-    """Adam with a cosine schedule over `steps`; every steps/EVALS steps the held-out loss is
-    measured and the best weights kept; stops after PATIENCE evaluations without improvement
-    or when `max_seconds` have passed."""
+def _loop(trainer: _Trainer, plan: _Schedule) -> _LoopState:
+    """Adam with a cosine schedule over `plan.steps`; every `plan.every` steps the held-out loss
+    is measured and the best weights kept; stops early by `plan.stops_early` or when
+    `plan.max_seconds` have passed."""
     import torch
 
     graph, start = trainer.graph, time.monotonic()
-    optimizer = torch.optim.Adam(graph.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    every = max(1, steps // EVALS)
-    state = _LoopState(_snapshot(graph), 0, [_entry(0, None, trainer, batch, lr)])
-    order, running, since = _batches(len(trainer.train), batch, seed), 0.0, 0
-    for step in range(1, steps + 1):
-        optimizer.zero_grad(set_to_none=True)
-        loss = trainer.loss(next(order))
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        running, since, state.steps_run = running + float(loss.detach()), since + 1, step
-        out_of_time = max_seconds is not None and time.monotonic() - start > max_seconds
-        if step % every == 0 or step == steps or out_of_time:
-            rate = schedule.get_last_lr()[0]
-            state.history.append(_entry(step, running / since, trainer, batch, rate))
-            running, since = 0.0, 0
-            _keep_best(state, graph)
-            if out_of_time or step - state.best_step >= PATIENCE * every:
-                state.stopped = "time" if out_of_time else "early stop"
-                break
+    optimizer = torch.optim.Adam(graph.parameters(), lr=plan.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=plan.steps)
+    state = _LoopState(_snapshot(graph), 0, [_entry(0, None, trainer, plan.batch, plan.lr)])
+    order, running, since = _batches(len(trainer.train), plan.batch, plan.seed), 0.0, 0
+    with Bar(plan.steps, "fine-tuning") as bar:
+        for step in range(1, plan.steps + 1):
+            optimizer.zero_grad(set_to_none=True)
+            loss = trainer.loss(next(order))
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            value = float(loss.detach())
+            running, since, state.steps_run = running + value, since + 1, step
+            bar.update(note=f"loss {value:.4f}")
+            late = plan.max_seconds is not None and time.monotonic() - start > plan.max_seconds
+            if step % plan.every == 0 or step == plan.steps or late:
+                rate = schedule.get_last_lr()[0]
+                state.history.append(_entry(step, running / since, trainer, plan.batch, rate))
+                running, since = 0.0, 0
+                _keep_best(state, graph)
+                if late or plan.stops_early(step, state.best_step):
+                    state.stopped = "time" if late else "early stop"
+                    break
     state.seconds = time.monotonic() - start
     return state
 
@@ -322,6 +346,8 @@ def _check_options(
     temperature: float,
     max_seconds: float | None,
     holdout: float,
+    patience: int,
+    warmup: float,
 ) -> None:
     """UsageError naming the first option out of range."""
     checks = (
@@ -331,6 +357,8 @@ def _check_options(
         ("temperature", temperature, temperature > 0),
         ("max_seconds", max_seconds, max_seconds is None or max_seconds > 0),
         ("holdout", holdout, 0 <= holdout <= 0.5),
+        ("patience", patience, patience >= 1),
+        ("warmup", warmup, 0 <= warmup <= 1),
     )
     for name, value, ok in checks:
         if not ok:
