@@ -38,6 +38,7 @@ LABELS_KEY = "labels"
 LAYOUTS = ("NCHW", "NHWC")
 NPY_MAGIC = b"\x93NUMPY"
 
+
 @dataclass(frozen=True)
 class InputSpec:
     """One graph input the user must feed: its name, declared shape and numpy dtype.
@@ -765,5 +766,3 @@ def _quoted(names: Iterable[str]) -> str:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
