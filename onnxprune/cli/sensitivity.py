@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from onnxprune.cli.options import HelpFormatter, add_data_arguments, rounding
-from onnxprune.cli.sweep import add_eval_arguments, add_prune_arguments, load_splits, prune_options
+from onnxprune.cli.sweep import (
+    add_eval_arguments,
+    add_parallel_arguments,
+    add_prune_arguments,
+    backend,
+    load_splits,
+    prune_options,
+)
 from onnxprune.errors import UsageError
 
 EXAMPLE = """example:
@@ -37,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--ratios", default="0.25,0.5,0.75", help="ratios tried per group")
     add_eval_arguments(parser)
     add_prune_arguments(parser)
+    add_parallel_arguments(parser)
     add_data_arguments(parser)
     out = parser.add_argument_group("output")
     out.add_argument("--out", metavar="DIR", help="write sensitivity.csv/.json/.png here")
@@ -60,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         )
     spec = parse_method(args.method)
     ratios = parse_grid(args.ratios, "ratio")
+    where = backend(args, timed=False)
     calib, evaluation = load_splits(args)
     result = measure_sensitivity(
         args.model,
@@ -67,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         data=calib,
         evaluation=evaluation,
         ratios=ratios,
-        progress=lambda text: print(f"  {text}", file=sys.stderr, flush=True),
+        backend=where,
         **prune_options(args),
     )
     print(result.format_table())

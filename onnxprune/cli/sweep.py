@@ -20,12 +20,17 @@ from onnxprune.errors import UsageError
 
 if TYPE_CHECKING:  # the heavy modules load in run(), so that --help needs no onnx
     from onnxprune.calib.data import Dataset
+    from onnxprune.compare.parallel import Backend
 
 EXAMPLE = """example:
   onnxprune sweep model.onnx --methods id,id+bias,magnitude,magnitude+lsq,taylor \\
       --ratios 0.1:0.9:0.1 --data calib.npz --eval test.npz --out sweep/
   onnxprune sweep model.onnx --methods magnitude,random --targets 0.3,0.5,0.7 --seeds 5 \\
       --eval test.npz --no-latency
+  onnxprune sweep model.onnx --methods id,magnitude --data calib.npz --eval test.npz \\
+      --workers 4 --no-latency --out sweep/ --save-models
+  onnxprune sweep model.onnx --methods id,magnitude --data calib.npz --eval test.npz \\
+      --ray ray://head:10001 --no-latency
 
 A method spec is NAME[+MODIFIER...]; modifiers: bias, lsq (compensation), recalibrate.
 The metric is accuracy when --eval has labels, else top-1 agreement with the original
@@ -59,9 +64,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=int, default=1, help="seeds for 'random' (mean ± std)")
     add_eval_arguments(parser)
     add_prune_arguments(parser)
+    add_parallel_arguments(parser)
     add_data_arguments(parser)
     out = parser.add_argument_group("output")
     out.add_argument("--out", metavar="DIR", help="write sweep.csv, sweep.json and sweep.png here")
+    out.add_argument(
+        "--save-models", action="store_true", help="with --out: each cell's model in DIR/models/"
+    )
     out.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     out.add_argument("--repeats", type=int, default=20, help="timed runs per model and cell")
     parser.set_defaults(func=run)
@@ -91,6 +100,40 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
         "--compensate", choices=COMPENSATIONS, default="none", help="default compensation"
     )
     group.add_argument("--recalibrate", action="store_true", help="recalibrate after pruning")
+
+
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    """--workers and --ray: where the cells run (the results do not depend on it)."""
+    group = parser.add_argument_group("parallel cells (same results as one after another)")
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run cells in N local processes (threads per process: cores // N)",
+    )
+    group.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run cells as Ray tasks on the cluster at ADDRESS; without one, a local Ray with "
+        "--workers CPUs (needs the `ray` extra)",
+    )
+
+
+def backend(args: argparse.Namespace, *, timed: bool) -> Backend:
+    """The Backend from --workers/--ray; warns when cells are timed while others run."""
+    from onnxprune.compare.parallel import Backend
+
+    chosen = Backend(args.workers, args.ray)
+    if timed and (chosen.workers > 1 or chosen.ray):
+        print(
+            "onnxprune: warning: latencies are timed while other cells run in parallel; "
+            "use --no-latency, or time without --workers/--ray",
+            file=sys.stderr,
+        )
+    return chosen
 
 
 def prune_options(args: argparse.Namespace) -> dict:
@@ -141,6 +184,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--methods is empty")
     if args.repeats < 1:
         raise UsageError(f"--repeats must be at least 1; got {args.repeats}")
+    if args.save_models and not args.out:
+        raise UsageError("--save-models needs --out DIR")
+    where = backend(args, timed=not args.no_latency)
     calib, evaluation = load_splits(args)
     result = sweep(
         args.model,
@@ -152,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         latency=not args.no_latency,
         latency_repeats=args.repeats,
-        progress=lambda text: print(f"  {text}", file=sys.stderr, flush=True),
+        backend=where,
+        models_dir=Path(args.out) / "models" if args.save_models else None,
         **prune_options(args),
     )
     print(result.format_table())

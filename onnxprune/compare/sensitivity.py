@@ -5,7 +5,8 @@ everywhere else) at a few ratios and scores the result on the evaluation split. 
 spends a MAC budget greedily on the (group, width) steps with the least measured loss per MAC
 saved, interpolating linearly between the measured ratios and never beyond the largest one; the
 MACs of every candidate are exact (`budget.cost_of` on the normalized graph), so the recipe meets
-its target when pruned with the same `round_to` and `prune_residual`.
+its target when pruned with the same `round_to` and `prune_residual`. The (group, ratio) cells run
+one after another, in local worker processes or as Ray tasks (`compare.parallel`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import onnx
 
 from onnxprune.api import prune
 from onnxprune.budget import cost_of
+from onnxprune.compare.parallel import Backend, CellError, run_cells
 from onnxprune.compare.sweep import (
     Evaluator,
     MethodSpec,
@@ -31,7 +33,7 @@ from onnxprune.compare.sweep import (
     pyplot,
     save_figure,
 )
-from onnxprune.errors import NothingToPruneError, UsageError
+from onnxprune.errors import NothingToPruneError, OnnxPruneError, UsageError
 from onnxprune.graph.analyze import analyze as find_groups
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import load_model, normalize
@@ -155,13 +157,15 @@ def measure_sensitivity(
     data: Any,
     evaluation: Any,
     ratios: Sequence[float] = DEFAULT_RATIOS,
-    progress: Callable[[str], None] | None = None,
+    backend: Backend | None = None,
     **options: Any,
 ) -> Sensitivity:
     """Prune every prunable group alone at each of `ratios` and score it on `evaluation`.
 
     Options go to `onnxprune.prune` (`round_to`, `prune_residual`, `compensate` …); with
-    `prune_residual` the coupled groups (residual streams, SE gates) are measured too.
+    `prune_residual` the coupled groups (residual streams, SE gates) are measured too. `backend`
+    runs the cells in worker processes or on Ray (the numbers do not depend on it). A cell that
+    fails fails the measurement (an allocation needs every point), after all cells ran.
     """
     spec = method if isinstance(method, MethodSpec) else parse_method(method)
     ratios = tuple(sorted({check_ratio(r) for r in ratios}))
@@ -180,20 +184,14 @@ def measure_sensitivity(
                           samples=options.get("calib_samples"))  # fmt: skip
     macs = count(proto).macs
     base_options = {"verify": False, "allow_noop": True, **options, **spec.options}
-    points: dict[str, tuple[GroupPoint, ...]] = {}
-    for group in groups:
-        row = []
-        for ratio in ratios:
-            if progress:
-                progress(f"{group.name} r={ratio:g}")
-            result = prune(proto, method=spec.method, data=data, seed=seed, ratio=0.0,
-                           recipe={group.name: ratio}, **base_options)  # fmt: skip
-            plan = result.plans.get(group.name)
-            score = evaluator(result.model)
-            row.append(GroupPoint(ratio, group.channels if plan is None else len(plan.keep),
-                                  score.value, evaluator.loss(score), score.rel_l2,
-                                  result.report.macs[1]))  # fmt: skip
-        points[group.name] = tuple(row)
+    shared = _Shared(proto, spec.method, data, evaluator, seed, base_options)
+    tasks = [(g.name, g.channels, r) for g in groups for r in ratios]
+    outcomes = run_cells(_group_point, shared, tasks, backend or Backend(), "sensitivity cells")
+    for (group, _, ratio), outcome in zip(tasks, outcomes, strict=True):
+        if isinstance(outcome, CellError):
+            raise OnnxPruneError(f"group '{group}' at ratio {ratio:g}: {outcome.message}")
+    points = {g.name: tuple(outcomes[i * len(ratios) : (i + 1) * len(ratios)])
+              for i, g in enumerate(groups)}  # fmt: skip
     settings = {"options": {k: v for k, v in options.items() if _jsonable(v)}, "seed": seed}
     name = Path(model).stem if not isinstance(model, onnx.ModelProto) else proto.graph.name
     return Sensitivity(name, spec.label, evaluator.metric,
@@ -271,6 +269,30 @@ def plot_sensitivity(sensitivity: Sensitivity, path: str | os.PathLike) -> bool:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """What every sensitivity cell reads (sent once to each worker process)."""
+
+    model: onnx.ModelProto
+    method: str
+    data: Any
+    evaluator: Evaluator
+    seed: int
+    options: Mapping[str, Any]
+
+
+def _group_point(shared: _Shared, task: tuple[str, int, float]) -> GroupPoint:
+    """Prune only group `task[0]` (of `task[1]` channels) at ratio `task[2]` and score it."""
+    group, channels, ratio = task
+    result = prune(shared.model, method=shared.method, data=shared.data, seed=shared.seed,
+                   ratio=0.0, recipe={group: ratio}, **shared.options)  # fmt: skip
+    plan = result.plans.get(group)
+    score = shared.evaluator(result.model)
+    kept = channels if plan is None else len(plan.keep)
+    return GroupPoint(ratio, kept, score.value, shared.evaluator.loss(score), score.rel_l2,
+                      result.report.macs[1])  # fmt: skip
 
 
 def _curve(

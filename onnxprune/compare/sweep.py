@@ -4,6 +4,8 @@ Each cell (method spec × ratio or MAC target) is pruned from the same calibrati
 on a held-out split (accuracy where labels exist, else agreement with the original's top-1 or the
 relative L2 deviation of its output), costed (MACs, parameters) and optionally timed against the
 original at batch 1, interleaved. Random is repeated over seeds and reported as mean ± std.
+Cells run one after another, in local worker processes or as Ray tasks (`compare.parallel`);
+each writes its own pruned model when asked, and a failing cell is recorded in its row.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,10 @@ import onnx
 
 from onnxprune.api import prune
 from onnxprune.calib.data import Dataset, batch_for, input_specs, load_data
+from onnxprune.compare.parallel import Backend, CellError, run_cells
 from onnxprune.errors import DataError, OnnxPruneError, UsageError
-from onnxprune.graph.load import load_model
-from onnxprune.measure.cost import count
+from onnxprune.graph.load import load_model, save_model
+from onnxprune.measure.cost import Cost, count
 from onnxprune.measure.latency import benchmark
 from onnxprune.measure.verify import is_class_scores, session_for
 from onnxprune.methods import METHODS
@@ -40,7 +43,7 @@ MODIFIERS: dict[str, dict[str, Any]] = {
 CSV_COLUMNS = (
     "method", "kind", "point", "seeds", "metric", "metric_std", "accuracy", "agreement", "rel_l2",
     "macs", "params", "macs_reduction", "params_reduction", "latency_ms", "base_latency_ms",
-    "speedup", "seconds", "error",
+    "speedup", "seconds", "onnx", "error",
 )  # fmt: skip
 ModelLike = str | os.PathLike | onnx.ModelProto
 
@@ -85,6 +88,7 @@ class SweepCell:
     base_latency_ms: float | None = None
     speedup: float | None = None
     seconds: float | None = None
+    onnx: str = ""  # the pruned model's file, when the sweep writes them
     error: str = ""
 
 
@@ -210,15 +214,19 @@ def sweep(
     seeds: int = 1,
     latency: bool = True,
     latency_repeats: int = 20,
-    progress: Callable[[str], None] | None = None,
+    backend: Backend | None = None,
+    models_dir: str | os.PathLike | None = None,
     **options: Any,
 ) -> SweepResult:
     """Prune `model` with every method spec at every ratio (or MACs-reduction target) and score it.
 
     `data` is the calibration data (anything `onnxprune.prune` accepts), `evaluation` the held-out
     split. `targets` are MACs reductions t (pruned with `target_macs = 1 - t`). `seeds` repeats
-    the `random` method. Other options go to `onnxprune.prune` (`round_to`, `prune_residual`,
-    `compensate`, `recalibrate` …); a spec's modifiers override them.
+    the `random` method. `backend` runs the cells in worker processes or on Ray (default: here,
+    one after another); the cells and their numbers do not depend on it. With `models_dir` each
+    cell writes its pruned model there (the first seed's). Other options go to `onnxprune.prune`
+    (`round_to`, `prune_residual`, `compensate`, `recalibrate` …); a spec's modifiers override
+    them.
     """
     kind, points = _points(ratios, targets)
     if seeds < 1:
@@ -233,16 +241,19 @@ def sweep(
     if data is not None:  # read once, not once per cell
         data = as_dataset(proto, data, role="calibration", seed=base_seed,
                           samples=options.get("calib_samples"))  # fmt: skip
-    cells = []
-    for spec in specs:
-        for point in points:
-            if progress:
-                progress(f"{spec.label} {kind} {point:g}")
-            run_seeds = range(base_seed, base_seed + (seeds if spec.method == "random" else 1))
-            cells.append(
-                _cell(proto, spec, kind, point, run_seeds, data, evaluator, before, options,
-                      latency=latency, repeats=latency_repeats)
-            )  # fmt: skip
+    backend = backend or Backend()
+    shared = _Shared(proto, data, evaluator, before, options, latency, latency_repeats,
+                     None if models_dir is None else str(models_dir))  # fmt: skip
+    tasks = [
+        _Point(spec, kind, point, base_seed, seeds if spec.method == "random" else 1)
+        for spec in specs
+        for point in points
+    ]
+    outcomes = run_cells(_cell, shared, tasks, backend, "sweep cells")
+    cells = [
+        SweepCell(t.spec.label, kind, t.point, error=o.message) if isinstance(o, CellError) else o
+        for t, o in zip(tasks, outcomes, strict=True)
+    ]
     settings = {
         "methods": [s.label for s in specs],
         "kind": kind,
@@ -391,25 +402,56 @@ def _points(
     return "target", tuple(check_ratio(t, "target") for t in targets or ())
 
 
-def _cell(proto, spec, kind, point, seeds, data, evaluator, before, options, *, latency, repeats):
+@dataclass(frozen=True)
+class _Shared:
+    """What every cell of one sweep reads (sent once to each worker process)."""
+
+    model: onnx.ModelProto
+    data: Dataset | None
+    evaluator: Evaluator
+    before: Cost
+    options: Mapping[str, Any]
+    latency: bool
+    repeats: int
+    models_dir: str | None
+
+
+@dataclass(frozen=True)
+class _Point:
+    """One cell: a method spec at one ratio or target, over `seeds` seeds from `first_seed`."""
+
+    spec: MethodSpec
+    kind: str
+    point: float
+    first_seed: int
+    seeds: int
+
+
+def _cell(shared: _Shared, task: _Point) -> SweepCell:
+    """Prune, score, cost, optionally write and time one cell; a refused prune is its error."""
+    spec, kind, point = task.spec, task.kind, task.point
     width = {"ratio": point} if kind == "ratio" else {"target_macs": 1.0 - point}
     literal = {"compensate": "none", "recalibrate": False}  # a spec names all it adds
-    prune_options = {"verify": False, "allow_noop": True, **literal, **options, **spec.options}
-    prune_options.update(width)
+    prune_options = {"verify": False, "allow_noop": True, **literal, **shared.options}
+    prune_options.update({**spec.options, **width})
     scores, macs, params, seconds, model = [], [], [], [], None
     try:
-        for seed in seeds:
+        for seed in range(task.first_seed, task.first_seed + task.seeds):
             start = time.perf_counter()
-            result = prune(proto, method=spec.method, data=data, seed=seed, **prune_options)
+            result = prune(shared.model, method=spec.method, data=shared.data, seed=seed,
+                           **prune_options)  # fmt: skip
             seconds.append(time.perf_counter() - start)
             model = model or result.model
-            scores.append(evaluator(result.model))
+            scores.append(shared.evaluator(result.model))
             macs.append(result.report.macs[1])
             params.append(result.report.params[1])
     except OnnxPruneError as exc:
         return SweepCell(spec.label, kind, point, error=str(exc).splitlines()[0])
-    timing = _latency(proto, model, repeats) if latency and model is not None else (None, None)
+    path = _write(model, shared.models_dir, task) if shared.models_dir else ""
+    timed = shared.latency and model is not None
+    timing = _latency(shared.model, model, shared.repeats) if timed else (None, None)
     values = [s.value for s in scores]
+    before = shared.before
     return SweepCell(
         method=spec.label,
         kind=kind,
@@ -428,7 +470,17 @@ def _cell(proto, spec, kind, point, seeds, data, evaluator, before, options, *, 
         base_latency_ms=timing[0],
         speedup=timing[0] / timing[1] if timing[1] else None,
         seconds=float(np.mean(seconds)),
+        onnx=path,
     )
+
+
+def _write(model: onnx.ModelProto, folder: str, task: _Point) -> str:
+    """Save one cell's pruned model as `<folder>/<spec>_<kind><point>.onnx`; return the path."""
+    name = "".join(c if c.isalnum() or c in "+-." else "_" for c in task.spec.label)
+    path = Path(folder) / f"{name}_{task.kind}{task.point:g}.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, path)
+    return str(path)
 
 
 def _latency(original: onnx.ModelProto, pruned: onnx.ModelProto, repeats: int):

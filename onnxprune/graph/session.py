@@ -8,6 +8,7 @@ the external data while the session is created, so the folder is removed as soon
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ import onnxruntime as ort
 from onnxprune.graph.load import too_large_for_protobuf, write_external
 
 CPU = ("CPUExecutionProvider",)
+THREADS_ENV = "ONNXPRUNE_ORT_THREADS"  # set in parallel sweep workers: cores // workers
 
 
 def inference_session(
@@ -33,3 +35,10 @@ def inference_session(
         path = Path(folder) / "model.onnx"
         write_external(model, path)
         return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
+def default_threads() -> int:
+    """Intra-op threads for sessions whose caller does not choose: `$ONNXPRUNE_ORT_THREADS`
+    (parallel workers set it so that N processes share the cores), else 0 (ORT's default)."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    return int(value) if value.isdigit() else 0

@@ -177,10 +177,11 @@ def benchmark(
     (accuracy with labels; agreement and rel-L2 against the first model), before any timing."""
     import onnxruntime as ort
 
+    from onnxprune.graph.session import default_threads
     from onnxprune.measure.cost import count
 
     _check_options(models, batches, threads, warmup, repeats, min_time)
-    threads = threads or physical_cores()
+    threads = threads or default_threads() or physical_cores()
     loaded = [_load(m) for m in models]
     sizes = [model_bytes(m) for m in models]
     labels = list(names) if names else _labels(models)

@@ -12,7 +12,7 @@ import onnxruntime as ort
 from onnxprune.calib.data import batch_for, in_batches
 from onnxprune.errors import ModelRunError, VerificationError, first_line
 from onnxprune.graph.load import too_large_for_protobuf, weightless_copy
-from onnxprune.graph.session import inference_session
+from onnxprune.graph.session import default_threads, inference_session
 
 WARN_AGREEMENT = 0.9  # below this top-1 agreement, or above this rel-L2, the report warns
 WARN_REL_L2 = 0.5
@@ -138,9 +138,10 @@ def run_original(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dic
 
 
 def session_for(model: onnx.ModelProto, *, threads: int = 0) -> ort.InferenceSession:
-    """An ORT CPU session for an in-memory model."""
+    """An ORT CPU session for an in-memory model; `threads` 0: `default_threads()`."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    threads = threads or default_threads()
     if threads:
         options.intra_op_num_threads = threads
     return inference_session(model, options)

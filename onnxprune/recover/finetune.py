@@ -164,8 +164,9 @@ class _Schedule:
         return max(1, self.steps // EVALS)
 
     def stops_early(self, step: int, best_step: int) -> bool:
-        """Past the warm-up, and `patience` evaluations since the best one."""
-        return step >= self.min_steps and step - best_step >= self.patience * self.every
+        """Past the warm-up, before the last step, and `patience` evaluations since the best."""
+        waited = step - best_step >= self.patience * self.every
+        return self.min_steps <= step < self.steps and waited
 
 
 @dataclass
