@@ -88,3 +88,12 @@ def test_ray_gives_the_serial_cells():
     strip = lambda result: [{**c, "seconds": None} for c in result.to_dict()["cells"]]  # noqa: E731
     assert strip(on_ray) == strip(serial) and not any(c.error for c in serial.cells)
     assert on_ray.format_table() == serial.format_table()
+
+
+def test_a_model_past_the_protobuf_limit_is_not_sent_to_workers(monkeypatch):
+    from onnxprune.graph import load
+
+    monkeypatch.setattr(load, "EXTERNAL_LIMIT", 1 << 10)  # the mlp is larger: "past the limit"
+    with pytest.raises(UsageError, match="past protobuf's 2 GB limit cannot be sent"):
+        sweep(MODEL, ["magnitude"], data=None, evaluation=TEST, ratios=[0.3],
+              backend=Backend(workers=2))  # fmt: skip

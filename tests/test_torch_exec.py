@@ -397,6 +397,39 @@ def test_unsupported_op_is_named_at_construction() -> None:
         TorchGraph(model)
 
 
+def test_freeze_runs_an_unsupported_op_in_ort_without_gradient() -> None:
+    """Relu(x·w) → Hardmax → ·v: Hardmax runs in ORT (one-hot rows, exact), `v` gets its
+    exact gradient, and nothing flows back to `w` through the frozen node."""
+    rng = np.random.default_rng(0)
+    w, v = rng.normal(size=(4, 5)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm1"),
+        helper.make_node("Hardmax", ["h"], ["onehot"], name="the_hardmax"),
+        helper.make_node("MatMul", ["onehot", "v"], ["y"], name="mm2"),
+    ]
+    inits = (numpy_helper.from_array(w, "w"), numpy_helper.from_array(v, "v"))
+    model = _model(nodes, {"x": TensorProto.FLOAT}, {"y": TensorProto.FLOAT}, opset=17,
+                   inits=inits)  # fmt: skip
+    graph = TorchGraph(model, freeze=True)
+    assert graph.frozen == ("the_hardmax",)
+    x = rng.normal(size=(6, 4)).astype(np.float32)
+    onehot = np.eye(5, dtype=np.float32)[(x @ w).argmax(1)]
+    y = graph.run({"x": x})["y"]
+    np.testing.assert_array_equal(y.detach().numpy(), onehot @ v)
+    y.sum().backward()
+    assert graph.params["w"].grad is None
+    np.testing.assert_allclose(graph.params["v"].grad.numpy(), onehot.T @ np.ones((6, 3)))
+    check_against_ort(model, {"x": x}, graph=graph, rtol=0, atol=0)
+
+
+def test_freeze_refuses_an_op_ort_cannot_run_either() -> None:
+    nodes = [helper.make_node("Foo", ["x"], ["y"], name="custom", domain="com.example")]
+    model = _model(nodes, {"x": TensorProto.FLOAT}, {"y": TensorProto.FLOAT}, opset=17,
+                   extra_opsets={"com.example": 1})  # fmt: skip
+    with pytest.raises(UnsupportedOpError, match="com.example::Foo.*custom.*neither"):
+        TorchGraph(model, freeze=True)
+
+
 def test_local_functions_are_inlined() -> None:
     fn = helper.make_function(
         "local",

@@ -4,7 +4,8 @@ ONNX Runtime gives activations but not gradients. Gradient-based criteria (Taylo
 later fine-tuning need both, so `TorchGraph` executes the ONNX nodes one by one with the op table
 in `torch_ops`, keeping float initializers as leaf tensors that can be differentiated or handed to
 an optimizer. `check_against_ort` guards the interpreter: its forward pass must match ONNX Runtime
-before any gradient computed with it is trusted.
+before any gradient computed with it is trusted. An op the table lacks is refused, or with
+`freeze=True` (fine-tuning) run by ONNX Runtime as a frozen step (`calib.ort_node`).
 
 Importing this module is cheap and works without torch; torch is imported when a graph is built.
 """
@@ -94,20 +95,45 @@ def _compile(node: onnx.NodeProto, index: int, opset: int, ops: Any) -> _Step:
     return _Step(ops.OPS[node.op_type], spec, tuple(node.input), tuple(node.output))
 
 
+def _compile_all(
+    model: onnx.ModelProto, opset: int, ops: Any, freeze: bool
+) -> tuple[list[_Step], tuple[str, ...]]:
+    """Every node bound to its op function; with `freeze`, the nodes the table lacks become
+    ONNX Runtime steps (their names are returned) instead of an UnsupportedOpError."""
+    from onnxprune.calib.ort_node import OrtNode, output_types
+
+    steps, frozen, types = [], [], None
+    for index, node in enumerate(model.graph.node):
+        try:
+            steps.append(_compile(node, index, opset, ops))
+        except UnsupportedOpError:
+            if not freeze:
+                raise
+            types = output_types(model) if types is None else types
+            spec = ops.OpNode(node.op_type, node.name or f"#{index}", {}, opset, len(node.output))
+            fn = OrtNode(node, model, types)
+            steps.append(_Step(fn, spec, tuple(node.input), tuple(node.output)))
+            frozen.append(spec.name)
+    return steps, tuple(frozen)
+
+
 class TorchGraph:
     """An ONNX graph executable with torch autograd.
 
     `params` maps each float initializer name to a float32 leaf tensor with requires_grad=True
     (an optimizer may update them in place); other initializers and Constant node values live in
-    `constants`. Integer tensors are int64 so shape arithmetic stays exact.
+    `constants`. Integer tensors are int64 so shape arithmetic stays exact. With `freeze`, nodes
+    the op table lacks run in ONNX Runtime without gradient; `frozen` names them.
     """
 
-    def __init__(self, model: onnx.ModelProto, *, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, model: onnx.ModelProto, *, device: str | torch.device = "cpu", freeze: bool = False
+    ) -> None:
         ops = _torch_ops()
         if model.functions:
             model = onnx.inliner.inline_local_functions(model)
         opset, graph = _default_opset(model), model.graph
-        steps = [_compile(node, i, opset, ops) for i, node in enumerate(graph.node)]
+        steps, self.frozen = _compile_all(model, opset, ops, freeze)
         self.device = ops.torch.device(device)
         self.params: dict[str, torch.Tensor] = {}
         self.constants: dict[str, torch.Tensor] = {}

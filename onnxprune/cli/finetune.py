@@ -121,6 +121,13 @@ def _summary(
     for row in dict((h["step"], h) for h in shown).values():
         train = "     -" if row["train"] is None else f"{row['train']:.4f}"
         print(f"  step {row['step']:>5}: train {train}  held-out {row['holdout']:.4f}")
+    if result.frozen:
+        print(
+            f"frozen: {len(result.frozen)} node(s) the torch interpreter lacks ran in ONNX Runtime "
+            f"with no gradient through them ({', '.join(result.frozen[:5])}"
+            f"{' …' if len(result.frozen) > 5 else ''}); {len(result.trained)} initializer(s) "
+            "trained"
+        )
     where = "held out" if result.independent else "TRAINED ON (no hold-out possible)"
     print(f"against the teacher on {after.samples} samples {where}:")
     for old, new in zip(before.outputs, after.outputs, strict=True):

@@ -26,7 +26,10 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
+import onnx
+
 from onnxprune.errors import OnnxPruneError, UsageError, first_line
+from onnxprune.graph.load import too_large_for_protobuf
 from onnxprune.graph.session import THREADS_ENV
 from onnxprune.progress import Bar, shown
 
@@ -53,9 +56,18 @@ class Backend:
         if self.workers < 1:
             raise UsageError(f"'workers' must be at least 1; got {self.workers}")
 
-    def describe(self) -> dict[str, Any]:
-        """JSON-ready settings for a report."""
-        return {"workers": self.workers, "ray": self.ray}
+    @property
+    def parallel(self) -> bool:
+        """Whether cells leave this process (so that what they share must be pickled)."""
+        return self.workers > 1 or self.ray is not None
+
+    def check_model(self, model: onnx.ModelProto) -> None:
+        """UsageError when cells would need a copy of a model that pickling cannot carry."""
+        if self.parallel and too_large_for_protobuf(model):
+            raise UsageError(
+                "a model past protobuf's 2 GB limit cannot be sent to worker processes",
+                hint="run without --workers/--ray",
+            )
 
 
 def run_cells(

@@ -177,6 +177,8 @@ def measure_sensitivity(
         raise NothingToPruneError("nothing to measure: no channel group is prunable",
                                   hint="run `onnxprune analyze MODEL`; --prune-residual "
                                   "includes residual streams and SE gates")  # fmt: skip
+    backend = backend or Backend()
+    backend.check_model(proto)
     evaluator = Evaluator(proto, as_dataset(proto, evaluation, role="evaluation"))
     seed = int(options.pop("seed", 0))
     if data is not None:
@@ -186,7 +188,7 @@ def measure_sensitivity(
     base_options = {"verify": False, "allow_noop": True, **options, **spec.options}
     shared = _Shared(proto, spec.method, data, evaluator, seed, base_options)
     tasks = [(g.name, g.channels, r) for g in groups for r in ratios]
-    outcomes = run_cells(_group_point, shared, tasks, backend or Backend(), "sensitivity cells")
+    outcomes = run_cells(_group_point, shared, tasks, backend, "sensitivity cells")
     for (group, _, ratio), outcome in zip(tasks, outcomes, strict=True):
         if isinstance(outcome, CellError):
             raise OnnxPruneError(f"group '{group}' at ratio {ratio:g}: {outcome.message}")

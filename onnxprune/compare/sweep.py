@@ -235,13 +235,14 @@ def sweep(
     if not specs:
         raise UsageError("no methods to sweep")
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    backend = backend or Backend()
+    backend.check_model(proto)
     evaluator = Evaluator(proto, as_dataset(proto, evaluation, role="evaluation"))
     before = count(proto)
     base_seed = int(options.pop("seed", 0))
     if data is not None:  # read once, not once per cell
         data = as_dataset(proto, data, role="calibration", seed=base_seed,
                           samples=options.get("calib_samples"))  # fmt: skip
-    backend = backend or Backend()
     shared = _Shared(proto, data, evaluator, before, options, latency, latency_repeats,
                      None if models_dir is None else str(models_dir))  # fmt: skip
     tasks = [

@@ -48,7 +48,9 @@ class FinetuneResult:
     `best_step` is the step whose weights `model` holds (0: fine-tuning never beat the input).
     `stopped` says why training ended ("steps", "early stop", "time"). `holdout` is the data
     early stopping used; `independent` is False when it is the training data itself (too few or
-    synthetic samples to hold any out).
+    synthetic samples to hold any out). `trained` names the initializers that received gradients;
+    `frozen` the nodes the interpreter lacks, run by ONNX Runtime with no gradient through them
+    (what reaches the loss only through them keeps its values).
     """
 
     model: onnx.ModelProto
@@ -60,6 +62,7 @@ class FinetuneResult:
     holdout: Dataset
     independent: bool
     trained: tuple[str, ...]
+    frozen: tuple[str, ...] = ()
 
     @property
     def initial_loss(self) -> float:
@@ -96,7 +99,8 @@ def finetune(
     the run stops, but never within the first `warmup` share of `steps` (Adam's first steps at
     the cosine schedule's highest rate often raise the held-out loss before it falls). Raises
     UsageError on bad options, DataError when the two models do not share their inputs and
-    outputs, UnsupportedOpError naming the first op the torch interpreter cannot run.
+    outputs. Nodes the torch interpreter lacks run in ONNX Runtime, frozen (`frozen`); a graph is
+    refused (UnsupportedOpError) only when such a node's output types are unknown.
     """
     import torch
 
@@ -113,8 +117,9 @@ def finetune(
     )
     batch = batch_for((s.shape for s in input_specs(student)), batch_size)
     torch.manual_seed(seed)
-    graph = TorchGraph(student)
-    check_against_ort(student, _rows(split.fit.arrays, np.arange(min(batch, len(split.fit)))))
+    graph = TorchGraph(student, freeze=True)
+    first = _rows(split.fit.arrays, np.arange(min(batch, len(split.fit))))
+    check_against_ort(student, first, graph=graph)
     trainer = _Trainer(graph, teacher, split.fit, split.verify, temperature)
     schedule = _Schedule(steps, lr, batch, max_seconds, seed, patience, round(warmup * steps))
     loop = _loop(trainer, schedule)
@@ -130,6 +135,7 @@ def finetune(
         split.verify,
         split.independent,
         trained,
+        graph.frozen,
     )
 
 
