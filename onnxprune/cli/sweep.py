@@ -117,8 +117,8 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         const="local",
         metavar="ADDRESS",
-        help="run cells as Ray tasks on the cluster at ADDRESS; without one, a local Ray with "
-        "--workers CPUs (needs the `ray` extra)",
+        help="run cells as Ray tasks on the cluster at ADDRESS; without one, on a local Ray with "
+        "--workers CPUs (all cores if 1; needs the `ray` extra)",
     )
 
 
@@ -127,7 +127,7 @@ def backend(args: argparse.Namespace, *, timed: bool) -> Backend:
     from onnxprune.compare.parallel import Backend
 
     chosen = Backend(args.workers, args.ray)
-    if timed and (chosen.workers > 1 or chosen.ray):
+    if timed and chosen.parallel:
         print(
             "onnxprune: warning: latencies are timed while other cells run in parallel; "
             "use --no-latency, or time without --workers/--ray",

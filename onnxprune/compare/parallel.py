@@ -47,7 +47,8 @@ class CellError:
 @dataclass(frozen=True)
 class Backend:
     """Where cells run: `workers` local processes (1: in this process), or Ray when `ray` is
-    set (`LOCAL_RAY` starts a local instance with `workers` CPUs, else a cluster address)."""
+    set (`LOCAL_RAY` starts a local instance with `workers` CPUs, or all cores when `workers`
+    is 1; anything else is a cluster address)."""
 
     workers: int = 1
     ray: str | None = None
@@ -183,7 +184,7 @@ def _worker_cell(fn: CellFunction, task: Any) -> Any:
 
 def _on_ray(fn: CellFunction, shared: Any, tasks: Sequence[Any], backend: Backend, bar: Bar):
     """Every cell as a Ray task of one CPU; joins the cluster at `backend.ray`, or starts a
-    local instance with `backend.workers` CPUs (shut down again at the end)."""
+    local instance (shut down again at the end)."""
     ray = _import_ray()
     started = not ray.is_initialized()
     if started:
@@ -215,11 +216,12 @@ def _import_ray() -> Any:
 
 
 def _start_ray(ray: Any, backend: Backend) -> None:
-    """`ray.init`: a local instance with `backend.workers` CPUs, or the cluster's address."""
+    """`ray.init`: a local instance (`backend.workers` CPUs, all cores for 1), or the cluster."""
     options: dict[str, Any] = {"include_dashboard": False, "logging_level": "error"}
     try:
         if backend.ray == LOCAL_RAY:
-            ray.init(num_cpus=backend.workers, **options)
+            cpus = backend.workers if backend.workers > 1 else threads_per_worker(1)
+            ray.init(num_cpus=cpus, **options)
         else:
             ray.init(address=backend.ray, **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
