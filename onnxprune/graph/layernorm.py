@@ -1,0 +1,465 @@
+"""LayerNorm → RMSNorm on mean-free residual streams (SliceGPT, Ashkboos et al. 2024).
+
+LayerNorm(x) = γ ⊙ (x − mean(x)) / √(var(x) + ε) + β mixes every channel into every other
+through the mean, so no rotation of the channels commutes with it. Two exact rewrites remove
+that obstacle:
+
+* **Centre the writers.** Every term summed into the stream a LayerNorm reads (a MatMul/Gemm
+  and its bias, an embedding table, a constant such as a position embedding) has its output
+  columns centred: W ← W (I − 11ᵀ/d). The stream is then mean-free, and LayerNorm sees the
+  same input minus its mean, which it ignores.
+* **Fold the affine into the readers.** γ scales the rows of every MatMul/Gemm reading the norm
+  (W ← diag(γ) W), β W goes into its bias. A reader that has no weights (a residual Add after a
+  post-LN block, a graph output, pooling) gets one inserted MatMul diag(γ) + β, a consumer of
+  the stream; when it feeds another stream (post-LN), its columns are centred like any writer's.
+
+What remains is x / √(Σx²/d + ε), written Mul(x, x) → ReduceSum → Div d → Add ε → Sqrt → Div.
+It commutes with any rotation of the channels (graph/rotation.py), and after slicing to k of
+d channels it still divides by the original d: the norm of a token whose dropped directions
+carry no energy is unchanged. The converted graph computes the same function to float
+rounding. A stream that a writer or reader outside these forms touches keeps its LayerNorm,
+with the reason recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.graph.load import export, infer_shapes
+from onnxprune.graph.ops import const, rank_of
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """The converted graph, the LayerNorms it turned into RMSNorms, and those it kept (why)."""
+
+    graph: gs.Graph
+    converted: tuple[str, ...] = ()
+    kept: tuple[tuple[str, str], ...] = ()
+
+
+def to_rmsnorm(graph: gs.Graph) -> Conversion:
+    """Convert every LayerNorm over the last axis whose stream can be made mean-free.
+
+    `graph` is left unchanged; without a convertible LayerNorm the copy is returned as is.
+    """
+    graph = gs.import_onnx(export(graph))
+    norms = list(find_layernorms(graph))
+    if not norms:
+        return Conversion(graph)
+    streams = _settle({norm.name: _stream(norm, norms) for norm in norms})
+    converted = [norm for norm in norms if isinstance(streams[norm.name], _Stream)]
+    affine = {norm.name: _fold_affine(graph, norm) for norm in converted}
+    terms: dict[tuple[str, int], _Term] = {}
+    for norm in converted:
+        stream = streams[norm.name]
+        for term in [*stream.terms, *(t for up in stream.after for t in affine[up])]:
+            terms.setdefault(term.key, term)
+    for term in terms.values():
+        _centre(term)
+    for norm in converted:
+        _replace(graph, norm, graph.opset)
+    graph.cleanup().toposort()
+    kept = tuple((name, why) for name, why in streams.items() if isinstance(why, str))
+    names = tuple(norm.name for norm in converted)
+    return Conversion(infer_shapes(graph) if names else graph, names, kept)
+
+
+@dataclass
+class LayerNorm:
+    """One LayerNorm over the last axis: its input, output, affine and the nodes computing it."""
+
+    name: str
+    x: gs.Tensor
+    out: gs.Tensor
+    gamma: np.ndarray
+    beta: np.ndarray
+    eps: float
+    nodes: list[gs.Node] = field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        return len(self.gamma)
+
+
+def find_layernorms(graph: gs.Graph) -> Iterator[LayerNorm]:
+    """LayerNormalization ops and the primitive pattern the legacy exporter writes below opset 17
+    (ReduceMean → Sub → Pow → ReduceMean → Add ε → Sqrt → Div → Mul γ → Add β), over the last
+    axis with constant affine parameters."""
+    for node in list(graph.nodes):
+        norm = _layernorm_op(node) if node.op == "LayerNormalization" else _primitive(node)
+        if norm is not None:
+            yield norm
+
+
+def _layernorm_op(node: gs.Node) -> LayerNorm | None:
+    rank, gamma = rank_of(node.inputs[0]), const(node, 1)
+    if rank is None or gamma is None or node.attrs.get("axis", -1) % rank != rank - 1:
+        return None
+    if any(out.outputs for out in node.outputs[1:]):
+        return None  # the mean or inverse deviation is read elsewhere
+    beta = const(node, 2) if len(node.inputs) > 2 and node.inputs[2].name else np.zeros(1)
+    if beta is None:
+        return None
+    d = gamma.size
+    gamma, beta = _vector(gamma, d), _vector(beta, d)
+    eps = float(node.attrs.get("epsilon", 1e-5))
+    return LayerNorm(node.name, node.inputs[0], node.outputs[0], gamma, beta, eps, [node])
+
+
+def _primitive(mean: gs.Node) -> LayerNorm | None:
+    """The pattern starting at its first ReduceMean, or None if `mean` does not start one."""
+    x = mean.inputs[0] if mean.op == "ReduceMean" else None
+    rank = rank_of(x) if x is not None else None
+    if rank is None or _last_axis_only(mean, rank) is False:
+        return None
+    sub = _single_user(mean, "Sub")
+    if sub is None or [t.name for t in sub.inputs] != [x.name, mean.outputs[0].name]:
+        return None
+    users = {u.op: u for u in sub.outputs[0].outputs}
+    square, div = users.get("Pow"), users.get("Div")
+    if len(sub.outputs[0].outputs) != 2 or square is None or div is None:
+        return None
+    chain = _chain(square, ("ReduceMean", "Add", "Sqrt"))
+    if chain is None or _single_user(chain[-1], "Div") is not div:
+        return None
+    exponent, eps = const(square, 1), _scalar_operand(chain[1])
+    if exponent is None or exponent.size != 1 or float(exponent.reshape(-1)[0]) != 2.0:
+        return None
+    if eps is None or _last_axis_only(chain[0], rank) is False:
+        return None
+    affine = _chain(div, ("Mul", "Add"))
+    if affine is None:
+        return None
+    gamma, beta = _other_constant(affine[0], div), _other_constant(affine[1], affine[0])
+    if gamma is None or beta is None or gamma.size != beta.size or gamma.size < 2:
+        return None
+    nodes = [mean, sub, square, *chain, div, *affine]
+    d = gamma.size
+    out = affine[1].outputs[0]
+    return LayerNorm(div.name, x, out, _vector(gamma, d), _vector(beta, d), eps, nodes)
+
+
+def _vector(value: np.ndarray, d: int) -> np.ndarray:
+    return np.broadcast_to(np.asarray(value, np.float64).reshape(-1), (d,)).copy()
+
+
+def _last_axis_only(node: gs.Node, rank: int) -> bool:
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1:
+        value = const(node, 1)
+        axes = None if value is None else value.reshape(-1).tolist()
+    return axes is not None and sorted(int(a) % rank for a in axes) == [rank - 1]
+
+
+def _single_user(node: gs.Node, op: str) -> gs.Node | None:
+    users = node.outputs[0].outputs
+    return users[0] if len(users) == 1 and users[0].op == op else None
+
+
+def _chain(start: gs.Node, ops: tuple[str, ...]) -> list[gs.Node] | None:
+    """The nodes after `start`, each the single user of the previous, with the given ops."""
+    chain, node = [], start
+    for op in ops:
+        node = _single_user(node, op)
+        if node is None:
+            return None
+        chain.append(node)
+    return chain
+
+
+def _scalar_operand(node: gs.Node) -> float | None:
+    values = [const(node, i) for i in (0, 1)]
+    found = [v for v in values if v is not None and v.size == 1]
+    return float(found[0].reshape(-1)[0]) if len(found) == 1 else None
+
+
+def _other_constant(node: gs.Node, source: gs.Node) -> np.ndarray | None:
+    """The constant operand of `node` whose other operand is `source`'s output."""
+    names = [t.name for t in node.inputs]
+    if len(names) != 2 or source.outputs[0].name not in names:
+        return None
+    return const(node, 1 - names.index(source.outputs[0].name))
+
+
+# --- folding γ and β into the readers -----------------------------------------------------
+
+
+def _fold_affine(graph: gs.Graph, norm: LayerNorm) -> list[_Term]:
+    """Fold γ and β into the norm's weight readers; route every other reader through one
+    inserted MatMul diag(γ) + β. Returns that affine's constants (to centre when it writes a
+    stream), or [] when every reader has weights."""
+    others = [
+        user
+        for user in list(norm.out.outputs)
+        if user.op != "Shape" and not _fold_into_reader(graph, user, norm)
+    ]
+    return _insert_affine(graph, norm, others) if others else []
+
+
+def _weight_reader(node: gs.Node, norm: LayerNorm) -> bool:
+    """True for a MatMul/Gemm reading the norm's output as its features with constant W (, C)."""
+    weight = const(node, 1)
+    if weight is None or weight.ndim != 2 or node.inputs[0] is not norm.out:
+        return False
+    if node.op == "MatMul":
+        return True
+    bias_ok = len(node.inputs) < 3 or not node.inputs[2].name or const(node, 2) is not None
+    return node.op == "Gemm" and not node.attrs.get("transA", 0) and bias_ok
+
+
+def _fold_into_reader(graph: gs.Graph, node: gs.Node, norm: LayerNorm) -> bool:
+    """W ← diag(γ) W and bias += βᵀ W for a weight reader; False for any other reader."""
+    if not _weight_reader(node, norm):
+        return False
+    weight = const(node, 1)
+    transposed = node.op == "Gemm" and node.attrs.get("transB", 0)
+    w = np.asarray(weight.T if transposed else weight, np.float64)
+    scaled = norm.gamma[:, None] * w
+    _set_input(node, 1, scaled.T if transposed else scaled, weight.dtype)
+    if node.op == "MatMul":
+        _add_to_output(graph, node, norm.beta @ w)
+    else:
+        _add_gemm_bias(node, node.attrs.get("alpha", 1.0) * (norm.beta @ w), weight.dtype)
+    return True
+
+
+def _insert_affine(graph: gs.Graph, norm: LayerNorm, readers: list[gs.Node]) -> list[_Term]:
+    """y = n diag(γ) + β as MatMul + Add, read by `readers` instead of the norm's output."""
+    dtype = norm.out.dtype or np.float32
+    out = gs.Variable(f"{norm.name}__affine", dtype=dtype)
+    mid = gs.Variable(f"{norm.name}__affine_mm", dtype=dtype)
+    weight = gs.Constant(f"{norm.name}__gamma_matrix", np.diag(norm.gamma).astype(dtype))
+    shift = gs.Constant(f"{norm.name}__beta", norm.beta.astype(dtype))
+    matmul = gs.Node("MatMul", f"{norm.name}__gamma", inputs=[norm.out, weight], outputs=[mid])
+    add = gs.Node("Add", f"{norm.name}__beta_add", inputs=[mid, shift], outputs=[out])
+    graph.nodes += [matmul, add]
+    for reader in readers:
+        for i, tensor in enumerate(reader.inputs):
+            if tensor is norm.out:
+                reader.inputs[i] = out
+    for i, graph_output in enumerate(graph.outputs):
+        if graph_output is norm.out:
+            _rename_output(graph, i, norm, out)
+    return [_Term(matmul, 1, 1), _Term(add, 1, -1)]
+
+
+def _rename_output(graph: gs.Graph, index: int, norm: LayerNorm, out: gs.Tensor) -> None:
+    """Keep the graph output's name on the affine's result; the norm's output gets a new one."""
+    name = norm.out.name
+    norm.out.name, out.name = f"{name}__normed", name
+    out.shape = norm.out.shape
+    graph.outputs[index] = out
+
+
+def _set_input(node: gs.Node, index: int, value: np.ndarray, dtype: np.dtype) -> None:
+    node.inputs[index] = gs.Constant(f"{node.inputs[index].name}__{node.name}", value.astype(dtype))
+
+
+def _add_to_output(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
+    """Add `shift` to a MatMul's output: into its bias Add when it has one, else a new Add."""
+    if not np.any(shift):
+        return
+    bias_add = _single_user(node, "Add")
+    if bias_add is not None:
+        index = next((i for i in (0, 1) if const(bias_add, i) is not None), None)
+        value = None if index is None else const(bias_add, index)
+        if value is not None and value.shape[-1:] == shift.shape and value.ndim == 1:
+            _set_input(bias_add, index, value.astype(np.float64) + shift, value.dtype)
+            return
+    out = node.outputs[0]
+    inner = gs.Variable(f"{out.name}__pre_beta", dtype=out.dtype)
+    node.outputs[0] = inner
+    shift_const = gs.Constant(f"{node.name}__beta", shift.astype(node.inputs[1].values.dtype))
+    add = gs.Node("Add", f"{node.name}__beta_add", inputs=[inner, shift_const], outputs=[out])
+    graph.nodes.append(add)
+
+
+def _add_gemm_bias(node: gs.Node, shift: np.ndarray, dtype: np.dtype) -> None:
+    """C ← beta·C + shift, beta ← 1 (C created when missing)."""
+    has = len(node.inputs) > 2 and node.inputs[2].name
+    old = node.attrs.get("beta", 1.0) * np.asarray(const(node, 2), np.float64) if has else 0.0
+    value = np.asarray(old + shift, np.float64)
+    node.attrs["beta"] = 1.0
+    bias = gs.Constant(f"{node.name}__bias_beta", value.astype(dtype))
+    if has:
+        node.inputs[2] = bias
+    else:
+        node.inputs.append(bias)
+
+
+# --- centring the writers -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Term:
+    """A constant input of a writer whose values along `axis` are the stream's channels."""
+
+    node: gs.Node
+    input: int
+    axis: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.node.name, self.input)
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """What makes one norm's input mean-free: constants to centre, and the norms upstream
+    (post-LN) whose inserted affine writes into it and must be centred too."""
+
+    terms: tuple[_Term, ...]
+    after: tuple[str, ...]
+
+
+def _stream(norm: LayerNorm, norms: list[LayerNorm]) -> _Stream | str:
+    """The stream feeding `norm`, followed back through residual Adds (and Concats along other
+    axes) to its writers, or why it cannot be made mean-free.
+
+    Every tensor on the way must be read only by LayerNorms, Shape, or the Adds and Concats
+    that carry it on to a LayerNorm: centring changes what any other reader sees. The output of
+    an upstream norm (post-LN) is a writer too, through the affine its non-weight readers get.
+    """
+    readers = {node.name for n in norms for node in n.nodes}
+    outputs = {n.out.name: n for n in norms}
+    terms, after, tensors, stack = [], [], {}, [norm.x]
+    while stack:
+        tensor = stack.pop()
+        if tensor.name in tensors:
+            continue
+        tensors[tensor.name] = tensor
+        if tensor.name in outputs:
+            after.append(outputs[tensor.name])
+            continue
+        found = _writer_terms(tensor)
+        if isinstance(found, str):
+            return found
+        terms += found[0]
+        stack += found[1]
+    carried = {n.name for t in tensors.values() for n in t.inputs}
+    for tensor in tensors.values():
+        upstream = outputs.get(tensor.name)
+        for user in tensor.outputs:
+            if upstream is not None and _weight_reader(user, upstream):
+                continue
+            if user.name in readers or user.name in carried or user.op == "Shape":
+                continue
+            if user.op in ("Add", "Concat") and _leads_to_norm(user, readers):
+                continue
+            return f"the stream '{tensor.name}' is also read by {user.op} '{user.name}'"
+    return _Stream(tuple(terms), tuple(n.name for n in after))
+
+
+def _settle(streams: dict[str, _Stream | str]) -> dict[str, _Stream | str]:
+    """A norm whose stream comes from a norm that stays a LayerNorm stays one too."""
+    changed = True
+    while changed:
+        changed = False
+        for name, stream in streams.items():
+            if isinstance(stream, _Stream):
+                blocked = next((u for u in stream.after if isinstance(streams[u], str)), None)
+                if blocked is not None:
+                    streams[name] = f"its stream comes from LayerNorm '{blocked}', which stays"
+                    changed = True
+    return streams
+
+
+def _writer_terms(tensor: gs.Tensor) -> tuple[list[_Term], list[gs.Tensor]] | str:
+    """The constants of the node writing `tensor` to centre, and its stream inputs to follow."""
+    if not tensor.inputs:
+        return f"the stream '{tensor.name}' is a graph input, which cannot be centred"
+    node = tensor.inputs[0]
+    weight = const(node, 1)
+    if node.op == "MatMul" and weight is not None and weight.ndim == 2:
+        return [_Term(node, 1, 1)], []
+    if node.op == "Gemm" and weight is not None and not node.attrs.get("transA", 0):
+        return _gemm_terms(node)
+    if node.op == "Gather" and const(node, 0) is not None and node.attrs.get("axis", 0) == 0:
+        return ([_Term(node, 0, 1)], []) if const(node, 0).ndim == 2 else _cannot(node)
+    if node.op in ("Add", "Concat"):
+        return _sum_terms(node)
+    return _cannot(node)
+
+
+def _cannot(node: gs.Node) -> str:
+    return f"the stream is written by {node.op} '{node.name}', whose output cannot be centred"
+
+
+def _gemm_terms(node: gs.Node) -> tuple[list[_Term], list[gs.Tensor]] | str:
+    terms = [_Term(node, 1, 0 if node.attrs.get("transB", 0) else 1)]
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        if const(node, 2) is None:
+            return _cannot(node)
+        terms.append(_Term(node, 2, -1))
+    return terms, []
+
+
+def _sum_terms(node: gs.Node) -> tuple[list[_Term], list[gs.Tensor]] | str:
+    """An Add sums writers; a Concat joins them along an axis other than the channels."""
+    rank = rank_of(node.outputs[0])
+    if node.op == "Concat" and (rank is None or node.attrs.get("axis", 0) % rank == rank - 1):
+        return _cannot(node)
+    terms, inputs = [], []
+    for i, tensor in enumerate(node.inputs):
+        if isinstance(tensor, gs.Constant):
+            terms.append(_Term(node, i, -1))
+        else:
+            inputs.append(tensor)
+    return terms, inputs
+
+
+def _leads_to_norm(node: gs.Node, readers: set[str]) -> bool:
+    """True when `node`'s output reaches a LayerNorm through Adds and Concats only."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current.name in seen:
+            continue
+        seen.add(current.name)
+        for user in current.outputs[0].outputs:
+            if user.name in readers:
+                return True
+            if user.op in ("Add", "Concat"):
+                stack.append(user)
+    return False
+
+
+def _centre(term: _Term) -> None:
+    """Subtract the mean over the stream's channels from the writer's constant."""
+    value = np.asarray(term.node.inputs[term.input].values)
+    work = value.astype(np.float64).reshape(value.shape or (1,))
+    work = work - work.mean(axis=term.axis, keepdims=True)
+    _set_input(term.node, term.input, work.reshape(value.shape), value.dtype)
+
+
+# --- the RMSNorm that replaces the LayerNorm --------------------------------------------------
+
+
+def _replace(graph: gs.Graph, norm: LayerNorm, opset: int) -> None:
+    """x / √(Σ_c x² / d + ε) over the last axis, writing the norm's output tensor."""
+    for node in norm.nodes:
+        node.outputs.clear()
+    dtype = norm.x.dtype or np.float32
+    name = f"{norm.name}__rms"
+
+    def var(suffix: str) -> gs.Variable:
+        return gs.Variable(f"{name}_{suffix}", dtype=dtype)
+
+    square, total, mean, shifted, root = (var(s) for s in ("sq", "sum", "mean", "eps", "root"))
+    axes = np.array([-1], np.int64)
+    reduce_inputs = [square] if opset < 13 else [square, gs.Constant(f"{name}_axes", axes)]
+    reduce_attrs = {"keepdims": 1, **({"axes": [-1]} if opset < 13 else {})}
+    scalar = lambda s, v: gs.Constant(f"{name}_{s}", np.array(v, dtype))  # noqa: E731
+    graph.nodes += [
+        gs.Node("Mul", name, inputs=[norm.x, norm.x], outputs=[square]),
+        gs.Node("ReduceSum", f"{name}_sum", reduce_attrs, reduce_inputs, [total]),
+        gs.Node("Div", f"{name}_width", inputs=[total, scalar("d", norm.width)], outputs=[mean]),
+        gs.Node("Add", f"{name}_add", inputs=[mean, scalar("e", norm.eps)], outputs=[shifted]),
+        gs.Node("Sqrt", f"{name}_sqrt", inputs=[shifted], outputs=[root]),
+        gs.Node("Div", f"{name}_div", inputs=[norm.x, root], outputs=[norm.out]),
+    ]
