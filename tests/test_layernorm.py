@@ -192,3 +192,21 @@ def test_cob_without_layernorms_to_convert_is_unchanged(exported):
     assert all("stays" in why for _, why in conversion.kept[1:])
     result = onnxprune.prune(model, method="cob", ratio=0.25, data=_feeds(model, 64, 0))
     assert any("LayerNorm" in note and "stays" in note for note in result.report.notes)
+
+
+@pytest.mark.parametrize("opset", [14, 17])
+def test_a_norm_that_is_the_graph_output_keeps_its_name_and_affine(tmp_path, opset):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(FEATURES, D), nn.LayerNorm(D)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.normal_(0.0, 0.3)
+    x = torch.randn(2, TOKENS, FEATURES)
+    torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=False, opset_version=opset,
+                      input_names=["x"], output_names=["y"])  # fmt: skip
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    conversion = to_rmsnorm(normalize(proto))
+    assert len(conversion.converted) == 1
+    converted = export(conversion.graph)
+    assert [o.name for o in converted.graph.output] == ["y"]
+    assert_outputs_close(proto, converted, _feeds(proto, 2, 2), atol=1e-5, rtol=1e-5)

@@ -198,7 +198,9 @@ def _fold_affine(graph: gs.Graph, norm: LayerNorm) -> list[_Term]:
         for user in list(norm.out.outputs)
         if user.op != "Shape" and not _fold_into_reader(graph, user, norm)
     ]
-    return _insert_affine(graph, norm, others) if others else []
+    if not others and not any(t is norm.out for t in graph.outputs):
+        return []
+    return _insert_affine(graph, norm, others)
 
 
 def _weight_reader(node: gs.Node, norm: LayerNorm) -> bool:

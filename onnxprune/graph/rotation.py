@@ -131,6 +131,17 @@ def is_rms_end(node: gs.Node, x: str, axis: int) -> bool:
     return producer is not None and rms_square(producer, x, axis) is node
 
 
+def rms_kind(node: gs.Node, x: str) -> str:
+    """ "rmssum" for the x / √(Σx²/d + ε) that graph/layernorm.py writes (d stays the original
+    width after slicing), "rmsnorm" for a mean over the channels present."""
+    producer = next((t.inputs[0] for t in node.inputs if t.name != x and t.inputs), None)
+    while producer is not None and producer.op in _DENOMINATOR:
+        if producer.op == "ReduceSum":
+            return "rmssum"
+        producer = next((t.inputs[0] for t in producer.inputs if t.inputs), None)
+    return "rmsnorm"
+
+
 _COMMUTING = frozenset(
     {"AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Squeeze", "Unsqueeze"}
     | {"Concat", "Identity", "Dropout", "Cast", "Neg", "Resize", "Upsample"}
