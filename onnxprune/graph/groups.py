@@ -77,9 +77,9 @@ class ChannelGroup:
     `invariants` lists the rotation-invariant nonlinear ops on the way as (kind, node), kind
     "tsra", "rmsnorm" or "rmssum" (an RMSNorm dividing by the original width however many
     channels remain: graph/layernorm.py's). `normalized` pairs the key of every tap that lies
-    after an RMSNorm of the channels with that norm's output (its input for RMSNormalization, whose output carries a
-    per-channel scale): removing channels changes the norm's divisor, and the energies there say
-    by how much.
+    after an RMSNorm of the channels with that norm's output (its input for RMSNormalization,
+    whose output carries a per-channel scale): removing channels changes the norm's divisor,
+    and the energies there say by how much.
     `ties` name the grouped Convs this group is one conv group of ("node:in" for the channels
     a conv group reads, "node:out" for those it writes): groups sharing a tie keep equal widths.
     """
