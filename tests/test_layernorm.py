@@ -75,6 +75,22 @@ class _Transformer(nn.Module):
         return self.head(h.mean(1))
 
 
+class _ViT(nn.Module):
+    """Pre-LN ViT: 4×4 patches of an 8×8 image by a Conv, a class token, position embeddings,
+    2 blocks, a final norm, the class token's features to the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch, self.ln, self.head = nn.Conv2d(1, D, 4, 4), nn.LayerNorm(D), nn.Linear(D, 3)
+        self.cls, self.pos = nn.Parameter(torch.randn(1, 1, D)), nn.Parameter(torch.randn(1, 5, D))
+        self.blocks = nn.Sequential(_Block(False), _Block(False))
+
+    def forward(self, x):
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), h], 1) + self.pos
+        return self.head(self.ln(self.blocks(h))[:, 0])
+
+
 def _transformer(post: bool, *, embed_norm: bool = True, rank: int | None = None):
     """Seeded weights with random LayerNorm affines; with `rank`, every stream writer's output
     columns lie in one random rank-dim subspace (so does the stream, once centred)."""
@@ -210,3 +226,32 @@ def test_a_norm_that_is_the_graph_output_keeps_its_name_and_affine(tmp_path, ops
     converted = export(conversion.graph)
     assert [o.name for o in converted.graph.output] == ["y"]
     assert_outputs_close(proto, converted, _feeds(proto, 2, 2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_vit_stream_is_centred_by_one_inserted_matmul_and_sliced(tmp_path, exporter):
+    torch.manual_seed(2)
+    vit = _ViT().eval()
+    x = torch.randn(2, 1, 8, 8)
+    path = str(tmp_path / "vit.onnx")
+    if exporter == "dynamo":
+        torch.onnx.export(vit, (x,), path, dynamo=True, verbose=False)
+    else:
+        torch.onnx.export(vit, (x,), path, dynamo=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})  # fmt: skip
+    model = onnx.load(path)
+    rng = np.random.default_rng(0)
+    feeds = {model.graph.input[0].name: rng.normal(size=(64, 1, 8, 8)).astype(np.float32)}
+    test = {k: v[:2] for k, v in feeds.items()}
+    conversion = to_rmsnorm(normalize(model))
+    assert len(conversion.converted) == 5
+    centring = [n for n in conversion.graph.nodes if n.name.endswith("__centre")]
+    assert len(centring) == 1  # after the class-token Concat
+    assert_outputs_close(model, export(conversion.graph), test, atol=1e-5, rtol=1e-5)
+    stream = [g for g in analyze(conversion.graph) if len(g.producers) == 5]
+    assert len(stream) == 1 and stream[0].rotatable
+    assert stream[0].producers[0] == centring[0].name
+    full = onnxprune.prune(model, method="cob", ratio=0.0, data=feeds)
+    assert_outputs_close(model, full.model, test, atol=1e-5, rtol=1e-4)
+    sliced = onnxprune.prune(model, method="cob", ratio=0.25, round_to=1, data=feeds)
+    assert len(sliced.plans[stream[0].name].keep) == 12

@@ -6,8 +6,9 @@ that obstacle:
 
 * **Centre the writers.** Every term summed into the stream a LayerNorm reads (a MatMul/Gemm
   and its bias, an embedding table, a constant such as a position embedding) has its output
-  columns centred: W ← W (I − 11ᵀ/d). The stream is then mean-free, and LayerNorm sees the
-  same input minus its mean, which it ignores.
+  columns centred: W ← W (I − 11ᵀ/d); a writer with no such constant (a class-token Concat
+  after a patch-embedding Conv) gets an inserted MatMul by I − 11ᵀ/d. The stream is then
+  mean-free, and LayerNorm sees the same input minus its mean, which it ignores.
 * **Fold the affine into the readers.** γ scales the rows of every MatMul/Gemm reading the norm
   (W ← diag(γ) W), β W goes into its bias. A reader that has no weights (a residual Add after a
   post-LN block, a graph output, pooling) gets one inserted MatMul diag(γ) + β, a consumer of
@@ -54,13 +55,13 @@ def to_rmsnorm(graph: gs.Graph) -> Conversion:
     streams = _settle({norm.name: _stream(norm, norms) for norm in norms})
     converted = [norm for norm in norms if isinstance(streams[norm.name], _Stream)]
     affine = {norm.name: _fold_affine(graph, norm) for norm in converted}
-    terms: dict[tuple[str, int], _Term] = {}
+    terms: dict[tuple[str, int], _Term | _Entry] = {}
     for norm in converted:
         stream = streams[norm.name]
         for term in [*stream.terms, *(t for up in stream.after for t in affine[up])]:
             terms.setdefault(term.key, term)
     for term in terms.values():
-        _centre(term)
+        _centre(graph, term)
     for norm in converted:
         _replace(graph, norm, graph.opset)
     graph.cleanup().toposort()
@@ -311,20 +312,33 @@ class _Term:
 
 
 @dataclass(frozen=True)
+class _Entry:
+    """A tensor entering the stream from a writer with no constants to centre: an inserted
+    MatMul by C = I − 11ᵀ/d centres it (d² MACs per token; a producer for the analyzer)."""
+
+    tensor: gs.Tensor
+    width: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.tensor.name, -1)
+
+
+@dataclass(frozen=True)
 class _Stream:
     """What makes one norm's input mean-free: constants to centre, and the norms upstream
     (post-LN) whose inserted affine writes into it and must be centred too."""
 
-    terms: tuple[_Term, ...]
+    terms: tuple[_Term | _Entry, ...]
     after: tuple[str, ...]
 
 
 def _stream(norm: LayerNorm, norms: list[LayerNorm]) -> _Stream | str:
-    """The stream feeding `norm`, followed back through residual Adds (and Concats along other
-    axes) to its writers, or why it cannot be made mean-free.
+    """The stream feeding `norm`, followed back through residual Adds to its writers, or why it
+    cannot be made mean-free.
 
-    Every tensor on the way must be read only by LayerNorms, Shape, or the Adds and Concats
-    that carry it on to a LayerNorm: centring changes what any other reader sees. The output of
+    Every tensor on the way must be read only by LayerNorms, Shape, or the Adds that carry it
+    on to a LayerNorm: centring changes what any other reader sees. The output of
     an upstream norm (post-LN) is a writer too, through the affine its non-weight readers get.
     """
     readers = {node.name for n in norms for node in n.nodes}
@@ -338,7 +352,7 @@ def _stream(norm: LayerNorm, norms: list[LayerNorm]) -> _Stream | str:
         if tensor.name in outputs:
             after.append(outputs[tensor.name])
             continue
-        found = _writer_terms(tensor)
+        found = _writer_terms(tensor, norm.width)
         if isinstance(found, str):
             return found
         terms += found[0]
@@ -351,7 +365,7 @@ def _stream(norm: LayerNorm, norms: list[LayerNorm]) -> _Stream | str:
                 continue
             if user.name in readers or user.name in carried or user.op == "Shape":
                 continue
-            if user.op in ("Add", "Concat") and _leads_to_norm(user, readers):
+            if user.op == "Add" and _leads_to_norm(user, readers):
                 continue
             return f"the stream '{tensor.name}' is also read by {user.op} '{user.name}'"
     return _Stream(tuple(terms), tuple(n.name for n in after))
@@ -371,8 +385,13 @@ def _settle(streams: dict[str, _Stream | str]) -> dict[str, _Stream | str]:
     return streams
 
 
-def _writer_terms(tensor: gs.Tensor) -> tuple[list[_Term], list[gs.Tensor]] | str:
-    """The constants of the node writing `tensor` to centre, and its stream inputs to follow."""
+def _writer_terms(
+    tensor: gs.Tensor, width: int
+) -> tuple[list[_Term | _Entry], list[gs.Tensor]] | str:
+    """The constants of the node writing `tensor` to centre, and its stream inputs to follow.
+
+    A writer without such constants (a Concat of a class token, a Transpose after a patch
+    embedding Conv) is centred by an inserted MatMul C where its output enters the stream."""
     if not tensor.inputs:
         return f"the stream '{tensor.name}' is a graph input, which cannot be centred"
     node = tensor.inputs[0]
@@ -382,14 +401,18 @@ def _writer_terms(tensor: gs.Tensor) -> tuple[list[_Term], list[gs.Tensor]] | st
     if node.op == "Gemm" and weight is not None and not node.attrs.get("transA", 0):
         return _gemm_terms(node)
     if node.op == "Gather" and const(node, 0) is not None and node.attrs.get("axis", 0) == 0:
-        return ([_Term(node, 0, 1)], []) if const(node, 0).ndim == 2 else _cannot(node)
-    if node.op in ("Add", "Concat"):
+        if const(node, 0).ndim == 2:
+            return [_Term(node, 0, 1)], []
+    elif node.op == "Add":
         return _sum_terms(node)
+    shape = tensor.shape
+    if shape and shape[-1] == width:
+        return [_Entry(tensor, width)], []
     return _cannot(node)
 
 
 def _cannot(node: gs.Node) -> str:
-    return f"the stream is written by {node.op} '{node.name}', whose output cannot be centred"
+    return f"the stream is written by {node.op} '{node.name}', whose width is unknown"
 
 
 def _gemm_terms(node: gs.Node) -> tuple[list[_Term], list[gs.Tensor]] | str:
@@ -401,11 +424,8 @@ def _gemm_terms(node: gs.Node) -> tuple[list[_Term], list[gs.Tensor]] | str:
     return terms, []
 
 
-def _sum_terms(node: gs.Node) -> tuple[list[_Term], list[gs.Tensor]] | str:
-    """An Add sums writers; a Concat joins them along an axis other than the channels."""
-    rank = rank_of(node.outputs[0])
-    if node.op == "Concat" and (rank is None or node.attrs.get("axis", 0) % rank == rank - 1):
-        return _cannot(node)
+def _sum_terms(node: gs.Node) -> tuple[list[_Term], list[gs.Tensor]]:
+    """An Add sums writers: its constant operands are centred, its other inputs followed."""
     terms, inputs = [], []
     for i, tensor in enumerate(node.inputs):
         if isinstance(tensor, gs.Constant):
@@ -416,7 +436,7 @@ def _sum_terms(node: gs.Node) -> tuple[list[_Term], list[gs.Tensor]] | str:
 
 
 def _leads_to_norm(node: gs.Node, readers: set[str]) -> bool:
-    """True when `node`'s output reaches a LayerNorm through Adds and Concats only."""
+    """True when `node`'s output reaches a LayerNorm through Adds only."""
     stack, seen = [node], set()
     while stack:
         current = stack.pop()
@@ -426,13 +446,24 @@ def _leads_to_norm(node: gs.Node, readers: set[str]) -> bool:
         for user in current.outputs[0].outputs:
             if user.name in readers:
                 return True
-            if user.op in ("Add", "Concat"):
+            if user.op == "Add":
                 stack.append(user)
     return False
 
 
-def _centre(term: _Term) -> None:
-    """Subtract the mean over the stream's channels from the writer's constant."""
+def _centre(graph: gs.Graph, term: _Term | _Entry) -> None:
+    """Subtract the mean over the stream's channels from the writer's constant, or insert the
+    centring MatMul (the writer's output renamed; every reader keeps reading the old tensor)."""
+    if isinstance(term, _Entry):
+        tensor, d = term.tensor, term.width
+        writer = tensor.inputs[0]
+        raw = gs.Variable(f"{tensor.name}__uncentred", dtype=tensor.dtype, shape=tensor.shape)
+        writer.outputs[writer.outputs.index(tensor)] = raw
+        centring = (np.eye(d) - 1.0 / d).astype(tensor.dtype or np.float32)
+        matrix = gs.Constant(f"{tensor.name}__centring", centring)
+        graph.nodes.append(gs.Node("MatMul", f"{tensor.name}__centre", inputs=[raw, matrix],
+                                   outputs=[tensor]))  # fmt: skip
+        return
     value = np.asarray(term.node.inputs[term.input].values)
     work = value.astype(np.float64).reshape(value.shape or (1,))
     work = work - work.mean(axis=term.axis, keepdims=True)
