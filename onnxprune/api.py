@@ -195,7 +195,11 @@ def _streams_for_cob(
     if config.method != "cob":
         return graph, config, ()
     conversion = to_rmsnorm(graph)
-    notes = tuple(f"cob: LayerNorm '{name}' stays: {why}" for name, why in conversion.kept)
+    notes = ()
+    if conversion.kept:
+        name, why = conversion.kept[0]
+        notes = (f"cob: {len(conversion.kept)} LayerNorm(s) stay, their streams unsliced, "
+                 f"e.g. '{name}': {why}",)  # fmt: skip
     if not conversion.converted:
         return graph, config, notes
     width = replace(config.width, prune_residual=True)

@@ -199,7 +199,7 @@ def test_slicing_a_stream_of_rank_k_to_k_is_exact_and_to_k_minus_1_is_not(export
     assert max_deviation(model, short.model, test) > 1e-2
 
 
-def test_cob_without_layernorms_to_convert_is_unchanged(exported):
+def test_a_stream_read_outside_norms_keeps_its_layernorms_and_says_why(exported):
     model = exported(True, "legacy", embed_norm=False)
     conversion = to_rmsnorm(normalize(model))
     assert conversion.converted == ()
@@ -207,7 +207,10 @@ def test_cob_without_layernorms_to_convert_is_unchanged(exported):
     assert "also read by MatMul" in why and "q/MatMul" in why
     assert all("stays" in why for _, why in conversion.kept[1:])
     result = onnxprune.prune(model, method="cob", ratio=0.25, data=_feeds(model, 64, 0))
-    assert any("LayerNorm" in note and "stays" in note for note in result.report.notes)
+    kept = len(conversion.kept)
+    assert kept == 4  # 2 blocks × 2; no embedding or final norm
+    assert any(f"{kept} LayerNorm(s) stay" in note for note in result.report.notes)
+    assert [n.op_type for n in result.model.graph.node].count("LayerNormalization") == kept
 
 
 @pytest.mark.parametrize("opset", [14, 17])
