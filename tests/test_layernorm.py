@@ -8,7 +8,9 @@ On tiny pre-LN (GPT/ViT-style) and post-LN (BERT-style) transformers exported by
   are one group per norm, each written by the inserted affine of the norm before it;
 - cob at full width (a nontrivial rotation of every stream) leaves the output unchanged;
 - where the stream spans only k of d dimensions, cob keeping k is exact, keeping k − 1 is not;
-- a stream read outside norms (post-LN without an embedding norm) keeps its LayerNorms, saying why.
+- a stream read outside norms (post-LN without an embedding norm) keeps its LayerNorms, saying why;
+- the converted norms divide by the original width after slicing (kind "rmssum"), so
+  `--rms-correction` scales by the kept energy alone.
 """
 
 from __future__ import annotations
@@ -258,3 +260,13 @@ def test_vit_stream_is_centred_by_one_inserted_matmul_and_sliced(tmp_path, expor
     assert_outputs_close(model, full.model, test, atol=1e-5, rtol=1e-4)
     sliced = onnxprune.prune(model, method="cob", ratio=0.25, round_to=1, data=feeds)
     assert len(sliced.plans[stream[0].name].keep) == 12
+
+
+def test_converted_norms_keep_their_divisor_so_the_rms_correction_is_energy_only(exported):
+    model = exported(False, "legacy")
+    stream = next(g for g in analyze(to_rmsnorm(normalize(model)).graph) if len(g.producers) == 5)
+    assert {kind for kind, _ in stream.invariants} == {"rmssum"}
+    options = {"method": "cob", "ratio": 0.25, "round_to": 1, "data": _feeds(model, 64, 0)}
+    plan = onnxprune.prune(model, rms_correction=True, **options).plans[stream.name]
+    # √(E_kept / E_all) < 1; a mean-divisor norm would also get √(16 / 12) > 1.15
+    assert 0.9 < plan.info["rms_scale"] < 1.0
