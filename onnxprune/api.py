@@ -24,6 +24,7 @@ from onnxprune.deploy.quantize import quantize
 from onnxprune.errors import NothingToPruneError, RejectedError, UsageError
 from onnxprune.graph.analyze import analyze as find_groups
 from onnxprune.graph.groups import ChannelGroup
+from onnxprune.graph.layernorm import to_rmsnorm
 from onnxprune.graph.load import (
     check_opset,
     export,
@@ -143,6 +144,7 @@ def _prune_channels(
     proto: onnx.ModelProto, graph: gs.Graph, inputs: DataInputs, config: PruneConfig
 ) -> Result:
     """Channel pruning: analyze, choose widths, calibrate on the fit split, plan, rewrite."""
+    graph, config, notes = _streams_for_cob(graph, config)
     groups = find_groups(graph)
     widths = choose_widths(graph, groups, config)
     if not widths.counts and not config.allow_noop:
@@ -169,7 +171,7 @@ def _prune_channels(
     widths = refine_widths(graph, groups, widths, calibration.stats, pruner, config, fit)
     plans = make_plans(groups, widths.counts, calibration.stats, pruner, config)
     pruned_graph = rewrite(graph, groups, plans, exact_borders=config.exact_borders)
-    notes = (widths.note,) if widths.note else ()
+    notes += (widths.note,) if widths.note else ()
     notes += unrotated_note(groups, plans) if config.method == "cob" else ()
     if config.recalibrate:
         batches = lambda: (b.feeds for b in fit.batches(config.batch_size))  # noqa: E731
@@ -182,6 +184,30 @@ def _prune_channels(
     rows = tuple(_row(group, plans.get(group.name), config) for group in groups)
     report = _report(proto, pruned, split, config, calibration.loss, notes, rows, widths.target)
     return Result(pruned, report, groups, plans)
+
+
+def _streams_for_cob(
+    graph: gs.Graph, config: PruneConfig
+) -> tuple[gs.Graph, PruneConfig, tuple[str, ...]]:
+    """For cob, LayerNorms become RMSNorms on mean-free streams (graph/layernorm.py), exactly,
+    so the residual streams through them can be rotated and sliced (SliceGPT). Those streams
+    are coupled groups: they are pruned as with `prune_residual`."""
+    if config.method != "cob":
+        return graph, config, ()
+    conversion = to_rmsnorm(graph)
+    notes = ()
+    if conversion.kept:
+        name, why = conversion.kept[0]
+        notes = (f"cob: {len(conversion.kept)} LayerNorm(s) stay, their streams unsliced, "
+                 f"e.g. '{name}': {why}",)  # fmt: skip
+    if not conversion.converted:
+        return graph, config, notes
+    width = replace(config.width, prune_residual=True)
+    note = (
+        f"cob: {len(conversion.converted)} LayerNorm(s) turned into RMSNorms on mean-free "
+        "streams; the residual streams are rotated and sliced"
+    )
+    return conversion.graph, replace(config, width=width), (note, *notes)
 
 
 def _prune_weights(

@@ -19,7 +19,13 @@ import onnx_graphsurgeon as gs
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, Tap
 from onnxprune.graph.layout import is_grouped_conv, layout_step
 from onnxprune.graph.ops import NONLINEAR, State, const, rank_of, step
-from onnxprune.graph.rotation import invariant_step, is_rms_end, is_tsra, rotation_block
+from onnxprune.graph.rotation import (
+    invariant_step,
+    is_rms_end,
+    is_tsra,
+    rms_kind,
+    rotation_block,
+)
 
 
 def analyze(graph: gs.Graph) -> tuple[ChannelGroup, ...]:
@@ -247,7 +253,7 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
     if is_tsra(node):
         _add_once(walk.invariants, ("tsra", node.name))
     elif rms:
-        _add_once(walk.invariants, ("rmsnorm", node.name))
+        _add_once(walk.invariants, (rms_kind(node, state.tensor), node.name))
     for edit in result.edits:
         walk.edits[(edit.node, edit.input, edit.axis, edit.offset, edit.role)] = edit
     if result.kind == "drop":

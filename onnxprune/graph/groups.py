@@ -75,10 +75,11 @@ class ChannelGroup:
     into: a rotation must be block-diagonal on them and pruning keeps ≥ 1 channel in each.
     `rotation_block` says why an orthogonal change of basis cannot be folded (None: it can),
     `invariants` lists the rotation-invariant nonlinear ops on the way as (kind, node), kind
-    "tsra" or "rmsnorm". `normalized` pairs the key of every tap that lies after an RMSNorm of
-    the channels with that norm's output (its input for RMSNormalization, whose output carries a
-    per-channel scale): removing channels changes the norm's divisor, and the energies there say
-    by how much.
+    "tsra", "rmsnorm" or "rmssum" (an RMSNorm dividing by the original width however many
+    channels remain: graph/layernorm.py's). `normalized` pairs the key of every tap that lies
+    after an RMSNorm of the channels with that norm's output (its input for RMSNormalization,
+    whose output carries a per-channel scale): removing channels changes the norm's divisor,
+    and the energies there say by how much.
     `ties` name the grouped Convs this group is one conv group of ("node:in" for the channels
     a conv group reads, "node:out" for those it writes): groups sharing a tie keep equal widths.
     """

@@ -5,7 +5,8 @@ Two questions the analyzer asks of every op between a producer and its taps:
 * `invariant_step`: may channels pass through this op, which mixes channels (so `ops.step` would
   block it) but only through rotation-invariant norms? TSRA (the project's `onnxprune::TSRA`
   function: channels [0, split) = U, the rest = V), RMSNorm (the `onnxprune::RMSNorm` function,
-  opset-23 `RMSNormalization`, and the primitive Pow/Mul → ReduceMean → Add ε → Sqrt → Div pattern).
+  opset-23 `RMSNormalization`, and the primitive Pow/Mul → ReduceMean → Add ε → Sqrt → Div pattern,
+  or ReduceSum → Div d in place of the ReduceMean: the form graph/layernorm.py writes).
 * `rotation_block`: does the op commute with an orthogonal map Q of the group's channels
   (METHODS.md §1.2, issue 8 item 3)? Linear ops that act identically on every channel do
   (average pooling, flatten, concat, padding with zeros, scalar scaling, residual sums of
@@ -79,12 +80,16 @@ def rms_square(node: gs.Node, x: str, axis: int) -> gs.Node | None:
             return None
     elif node.op != "Mul" or any(t.name != x for t in node.inputs):
         return None
-    mean = _only_user(node, "ReduceMean")
+    mean = _only_user(node, "ReduceMean") or _only_user(node, "ReduceSum")
     rank = rank_of(node.inputs[0])
     if mean is None or rank is None or not mean.attrs.get("keepdims", 1):
         return None
     if _axes(mean, rank) != [axis]:
         return None
+    if mean.op == "ReduceSum":  # Σx²/d with a fixed d (graph/layernorm.py)
+        mean = _only_user(mean, "Div")
+        if mean is None or const(mean, 1) is None or const(mean, 1).size != 1:
+            return None
     add = _only_user(mean, "Add")
     if add is None or not any(
         const(add, i) is not None and const(add, i).size == 1 for i in (0, 1)
@@ -115,12 +120,26 @@ def _axes(node: gs.Node, rank: int) -> list[int] | None:
     return None if axes is None else sorted(int(a) % rank for a in axes)
 
 
+_DENOMINATOR = frozenset({"Reciprocal", "Sqrt", "Add", "ReduceMean", "ReduceSum", "Div"})
+
+
 def is_rms_end(node: gs.Node, x: str, axis: int) -> bool:
     """True for the Div/Mul that completes an RMSNorm pattern of `x` over `axis`."""
     producer = next((t.inputs[0] for t in node.inputs if t.name != x and t.inputs), None)
-    while producer is not None and producer.op in ("Reciprocal", "Sqrt", "Add", "ReduceMean"):
+    while producer is not None and producer.op in _DENOMINATOR:
         producer = next((t.inputs[0] for t in producer.inputs if t.inputs), None)
     return producer is not None and rms_square(producer, x, axis) is node
+
+
+def rms_kind(node: gs.Node, x: str) -> str:
+    """ "rmssum" for the x / √(Σx²/d + ε) that graph/layernorm.py writes (d stays the original
+    width after slicing), "rmsnorm" for a mean over the channels present."""
+    producer = next((t.inputs[0] for t in node.inputs if t.name != x and t.inputs), None)
+    while producer is not None and producer.op in _DENOMINATOR:
+        if producer.op == "ReduceSum":
+            return "rmssum"
+        producer = next((t.inputs[0] for t in producer.inputs if t.inputs), None)
+    return "rmsnorm"
 
 
 _COMMUTING = frozenset(

@@ -99,16 +99,19 @@ class ChangeOfBasis:
     def _rms_scale(self, group: ChannelGroup, lam: np.ndarray, kept: np.ndarray) -> float:
         """√(C_old·E_kept / (C_new·E_all)): undoes the RMS divisor's change after pruning.
 
-        RMSNorm divides by √(Σ h²/C); removing channels changes both the count and the energy.
+        RMSNorm divides by √(Σ h²/C); removing channels changes both the count and the energy
+        (only the energy for the norms graph/layernorm.py writes, whose C stays the original).
         The energies are those of the tap (post-TSRA), a proxy for the pre-norm ones; the factor
         is exact when the removed directions carry no energy (TSRA gains are positive).
         """
-        if not self.rms_correction or not any(k == "rmsnorm" for k, _ in group.invariants):
+        kinds = {kind for kind, _ in group.invariants}
+        if not self.rms_correction or not kinds & {"rmsnorm", "rmssum"}:
             return 1.0
         total, kept_energy = float(np.sum(lam)), float(np.sum(lam[kept]))
         if total <= 0 or kept_energy <= 0:
             return 1.0
-        return math.sqrt(group.channels * kept_energy / (len(kept) * total))
+        counts = group.channels / len(kept) if "rmsnorm" in kinds else 1.0
+        return math.sqrt(counts * kept_energy / total)
 
 
 def unrotated_note(groups: Sequence[ChannelGroup], plans: Mapping[str, Plan]) -> tuple[str, ...]:

@@ -1,0 +1,381 @@
+"""LayerNorm → RMSNorm on mean-free residual streams (SliceGPT, Ashkboos et al. 2024).
+
+LayerNorm(x) = γ ⊙ (x − mean(x)) / √(var(x) + ε) + β mixes every channel into every other
+through the mean, so no rotation of the channels commutes with it. Two exact rewrites remove
+that obstacle:
+
+* **Centre the writers.** Every term summed into the stream a LayerNorm reads (a MatMul/Gemm
+  and its bias, an embedding table, a constant such as a position embedding) has its output
+  columns centred: W ← W (I − 11ᵀ/d); a writer with no such constant (a class-token Concat
+  after a patch-embedding Conv) gets an inserted MatMul by I − 11ᵀ/d. The stream is then
+  mean-free, and LayerNorm sees the same input minus its mean, which it ignores.
+* **Fold the affine into the readers.** γ scales the rows of every MatMul/Gemm reading the norm
+  (W ← diag(γ) W), β W goes into its bias. A reader that has no weights (a residual Add after a
+  post-LN block, a graph output, pooling) gets one inserted MatMul diag(γ) + β, a consumer of
+  the stream; when it feeds another stream (post-LN), its columns are centred like any writer's.
+
+What remains is x / √(Σx²/d + ε), written Mul(x, x) → ReduceSum → Div d → Add ε → Sqrt → Div.
+It commutes with any rotation of the channels (graph/rotation.py), and after slicing to k of
+d channels it still divides by the original d: the norm of a token whose dropped directions
+carry no energy is unchanged. The converted graph computes the same function to float
+rounding. A stream that a writer or reader outside these forms touches keeps its LayerNorm,
+with the reason recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.graph.layernorm_match import LayerNorm, find_layernorms, single_user
+from onnxprune.graph.load import export, infer_shapes
+from onnxprune.graph.ops import const
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """The converted graph, the LayerNorms it turned into RMSNorms, and those it kept (why)."""
+
+    graph: gs.Graph
+    converted: tuple[str, ...] = ()
+    kept: tuple[tuple[str, str], ...] = ()
+
+
+def to_rmsnorm(graph: gs.Graph) -> Conversion:
+    """Convert every LayerNorm over the last axis whose stream can be made mean-free.
+
+    `graph` is left unchanged; without a convertible LayerNorm the copy is returned as is.
+    """
+    graph = gs.import_onnx(export(graph))
+    norms = list(find_layernorms(graph))
+    if not norms:
+        return Conversion(graph)
+    streams = _settle({norm.name: _stream(norm, norms) for norm in norms})
+    converted = [norm for norm in norms if isinstance(streams[norm.name], _Stream)]
+    affine = {norm.name: _fold_affine(graph, norm) for norm in converted}
+    terms: dict[tuple[str, int], _Term | _Entry] = {}
+    for norm in converted:
+        stream = streams[norm.name]
+        for term in [*stream.terms, *(t for up in stream.after for t in affine[up])]:
+            terms.setdefault(term.key, term)
+    for term in terms.values():
+        _centre(graph, term)
+    for norm in converted:
+        _replace(graph, norm, graph.opset)
+    graph.cleanup().toposort()
+    kept = tuple((name, why) for name, why in streams.items() if isinstance(why, str))
+    names = tuple(norm.name for norm in converted)
+    return Conversion(infer_shapes(graph) if names else graph, names, kept)
+
+
+# --- folding γ and β into the readers -----------------------------------------------------
+
+
+def _fold_affine(graph: gs.Graph, norm: LayerNorm) -> list[_Term]:
+    """Fold γ and β into the norm's weight readers; route every other reader through one
+    inserted MatMul diag(γ) + β. Returns that affine's constants (to centre when it writes a
+    stream), or [] when every reader has weights."""
+    others = [
+        user
+        for user in list(norm.out.outputs)
+        if user.op != "Shape" and not _fold_into_reader(graph, user, norm)
+    ]
+    if not others and not any(t is norm.out for t in graph.outputs):
+        return []
+    return _insert_affine(graph, norm, others)
+
+
+def _weight_reader(node: gs.Node, norm: LayerNorm) -> bool:
+    """True for a MatMul/Gemm reading the norm's output as its features with constant W (, C)."""
+    weight = const(node, 1)
+    if weight is None or weight.ndim != 2 or node.inputs[0] is not norm.out:
+        return False
+    if node.op == "MatMul":
+        return True
+    bias_ok = len(node.inputs) < 3 or not node.inputs[2].name or const(node, 2) is not None
+    return node.op == "Gemm" and not node.attrs.get("transA", 0) and bias_ok
+
+
+def _fold_into_reader(graph: gs.Graph, node: gs.Node, norm: LayerNorm) -> bool:
+    """W ← diag(γ) W and bias += βᵀ W for a weight reader; False for any other reader."""
+    if not _weight_reader(node, norm):
+        return False
+    weight = const(node, 1)
+    transposed = node.op == "Gemm" and node.attrs.get("transB", 0)
+    w = np.asarray(weight.T if transposed else weight, np.float64)
+    scaled = norm.gamma[:, None] * w
+    _set_input(node, 1, scaled.T if transposed else scaled, weight.dtype)
+    if node.op == "MatMul":
+        _add_to_output(graph, node, norm.beta @ w)
+    else:
+        _add_gemm_bias(node, node.attrs.get("alpha", 1.0) * (norm.beta @ w), weight.dtype)
+    return True
+
+
+def _insert_affine(graph: gs.Graph, norm: LayerNorm, readers: list[gs.Node]) -> list[_Term]:
+    """y = n diag(γ) + β as MatMul + Add, read by `readers` instead of the norm's output."""
+    dtype = norm.out.dtype or np.float32
+    out = gs.Variable(f"{norm.name}__affine", dtype=dtype)
+    mid = gs.Variable(f"{norm.name}__affine_mm", dtype=dtype)
+    weight = gs.Constant(f"{norm.name}__gamma_matrix", np.diag(norm.gamma).astype(dtype))
+    shift = gs.Constant(f"{norm.name}__beta", norm.beta.astype(dtype))
+    matmul = gs.Node("MatMul", f"{norm.name}__gamma", inputs=[norm.out, weight], outputs=[mid])
+    add = gs.Node("Add", f"{norm.name}__beta_add", inputs=[mid, shift], outputs=[out])
+    graph.nodes += [matmul, add]
+    for reader in readers:
+        for i, tensor in enumerate(reader.inputs):
+            if tensor is norm.out:
+                reader.inputs[i] = out
+    for i, graph_output in enumerate(graph.outputs):
+        if graph_output is norm.out:
+            _rename_output(graph, i, norm, out)
+    return [_Term(matmul, 1, 1), _Term(add, 1, -1)]
+
+
+def _rename_output(graph: gs.Graph, index: int, norm: LayerNorm, out: gs.Tensor) -> None:
+    """Keep the graph output's name on the affine's result; the norm's output gets a new one."""
+    name = norm.out.name
+    norm.out.name, out.name = f"{name}__normed", name
+    out.shape = norm.out.shape
+    graph.outputs[index] = out
+
+
+def _set_input(node: gs.Node, index: int, value: np.ndarray, dtype: np.dtype) -> None:
+    node.inputs[index] = gs.Constant(f"{node.inputs[index].name}__{node.name}", value.astype(dtype))
+
+
+def _add_to_output(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
+    """Add `shift` to a MatMul's output: into its bias Add when it has one, else a new Add."""
+    if not np.any(shift):
+        return
+    bias_add = single_user(node, "Add")
+    if bias_add is not None:
+        index = next((i for i in (0, 1) if const(bias_add, i) is not None), None)
+        value = None if index is None else const(bias_add, index)
+        if value is not None and value.shape[-1:] == shift.shape and value.ndim == 1:
+            _set_input(bias_add, index, value.astype(np.float64) + shift, value.dtype)
+            return
+    out = node.outputs[0]
+    inner = gs.Variable(f"{out.name}__pre_beta", dtype=out.dtype)
+    node.outputs[0] = inner
+    shift_const = gs.Constant(f"{node.name}__beta", shift.astype(node.inputs[1].values.dtype))
+    add = gs.Node("Add", f"{node.name}__beta_add", inputs=[inner, shift_const], outputs=[out])
+    graph.nodes.append(add)
+
+
+def _add_gemm_bias(node: gs.Node, shift: np.ndarray, dtype: np.dtype) -> None:
+    """C ← beta·C + shift, beta ← 1 (C created when missing)."""
+    has = len(node.inputs) > 2 and node.inputs[2].name
+    old = node.attrs.get("beta", 1.0) * np.asarray(const(node, 2), np.float64) if has else 0.0
+    value = np.asarray(old + shift, np.float64)
+    node.attrs["beta"] = 1.0
+    bias = gs.Constant(f"{node.name}__bias_beta", value.astype(dtype))
+    if has:
+        node.inputs[2] = bias
+    else:
+        node.inputs.append(bias)
+
+
+# --- centring the writers -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Term:
+    """A constant input of a writer whose values along `axis` are the stream's channels."""
+
+    node: gs.Node
+    input: int
+    axis: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.node.name, self.input)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A tensor entering the stream from a writer with no constants to centre: an inserted
+    MatMul by C = I − 11ᵀ/d centres it (d² MACs per token; a producer for the analyzer)."""
+
+    tensor: gs.Tensor
+    width: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.tensor.name, -1)
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """What makes one norm's input mean-free: constants to centre, and the norms upstream
+    (post-LN) whose inserted affine writes into it and must be centred too."""
+
+    terms: tuple[_Term | _Entry, ...]
+    after: tuple[str, ...]
+
+
+def _stream(norm: LayerNorm, norms: list[LayerNorm]) -> _Stream | str:
+    """The stream feeding `norm`, followed back through residual Adds to its writers, or why it
+    cannot be made mean-free.
+
+    Every tensor on the way must be read only by LayerNorms, Shape, or the Adds that carry it
+    on to a LayerNorm: centring changes what any other reader sees. The output of
+    an upstream norm (post-LN) is a writer too, through the affine its non-weight readers get.
+    """
+    readers = {node.name for n in norms for node in n.nodes}
+    outputs = {n.out.name: n for n in norms}
+    terms, after, tensors, stack = [], [], {}, [norm.x]
+    while stack:
+        tensor = stack.pop()
+        if tensor.name in tensors:
+            continue
+        tensors[tensor.name] = tensor
+        if tensor.name in outputs:
+            after.append(outputs[tensor.name])
+            continue
+        found = _writer_terms(tensor, norm.width)
+        if isinstance(found, str):
+            return found
+        terms += found[0]
+        stack += found[1]
+    carried = {n.name for t in tensors.values() for n in t.inputs}
+    for tensor in tensors.values():
+        upstream = outputs.get(tensor.name)
+        for user in tensor.outputs:
+            if upstream is not None and _weight_reader(user, upstream):
+                continue
+            if user.name in readers or user.name in carried or user.op == "Shape":
+                continue
+            if user.op == "Add" and _leads_to_norm(user, readers):
+                continue
+            return f"the stream '{tensor.name}' is also read by {user.op} '{user.name}'"
+    return _Stream(tuple(terms), tuple(n.name for n in after))
+
+
+def _settle(streams: dict[str, _Stream | str]) -> dict[str, _Stream | str]:
+    """A norm whose stream comes from a norm that stays a LayerNorm stays one too."""
+    changed = True
+    while changed:
+        changed = False
+        for name, stream in streams.items():
+            if isinstance(stream, _Stream):
+                blocked = next((u for u in stream.after if isinstance(streams[u], str)), None)
+                if blocked is not None:
+                    streams[name] = f"its stream comes from LayerNorm '{blocked}', which stays"
+                    changed = True
+    return streams
+
+
+def _writer_terms(
+    tensor: gs.Tensor, width: int
+) -> tuple[list[_Term | _Entry], list[gs.Tensor]] | str:
+    """The constants of the node writing `tensor` to centre, and its stream inputs to follow.
+
+    A writer without such constants (a Concat of a class token, a Transpose after a patch
+    embedding Conv) is centred by an inserted MatMul C where its output enters the stream."""
+    if not tensor.inputs:
+        return f"the stream '{tensor.name}' is a graph input, which cannot be centred"
+    node = tensor.inputs[0]
+    weight = const(node, 1)
+    if node.op == "MatMul" and weight is not None and weight.ndim == 2:
+        return [_Term(node, 1, 1)], []
+    if node.op == "Gemm" and weight is not None and not node.attrs.get("transA", 0):
+        return _gemm_terms(node)
+    if node.op == "Gather" and const(node, 0) is not None and node.attrs.get("axis", 0) == 0:
+        if const(node, 0).ndim == 2:
+            return [_Term(node, 0, 1)], []
+    elif node.op == "Add":
+        return _sum_terms(node)
+    shape = tensor.shape
+    if shape and shape[-1] == width:
+        return [_Entry(tensor, width)], []
+    return _cannot(node)
+
+
+def _cannot(node: gs.Node) -> str:
+    return f"the stream is written by {node.op} '{node.name}', whose width is unknown"
+
+
+def _gemm_terms(node: gs.Node) -> tuple[list[_Term], list[gs.Tensor]] | str:
+    terms = [_Term(node, 1, 0 if node.attrs.get("transB", 0) else 1)]
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        if const(node, 2) is None:
+            return _cannot(node)
+        terms.append(_Term(node, 2, -1))
+    return terms, []
+
+
+def _sum_terms(node: gs.Node) -> tuple[list[_Term], list[gs.Tensor]]:
+    """An Add sums writers: its constant operands are centred, its other inputs followed."""
+    terms, inputs = [], []
+    for i, tensor in enumerate(node.inputs):
+        if isinstance(tensor, gs.Constant):
+            terms.append(_Term(node, i, -1))
+        else:
+            inputs.append(tensor)
+    return terms, inputs
+
+
+def _leads_to_norm(node: gs.Node, readers: set[str]) -> bool:
+    """True when `node`'s output reaches a LayerNorm through Adds only."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current.name in seen:
+            continue
+        seen.add(current.name)
+        for user in current.outputs[0].outputs:
+            if user.name in readers:
+                return True
+            if user.op == "Add":
+                stack.append(user)
+    return False
+
+
+def _centre(graph: gs.Graph, term: _Term | _Entry) -> None:
+    """Subtract the mean over the stream's channels from the writer's constant, or insert the
+    centring MatMul (the writer's output renamed; every reader keeps reading the old tensor)."""
+    if isinstance(term, _Entry):
+        tensor, d = term.tensor, term.width
+        writer = tensor.inputs[0]
+        raw = gs.Variable(f"{tensor.name}__uncentred", dtype=tensor.dtype, shape=tensor.shape)
+        writer.outputs[writer.outputs.index(tensor)] = raw
+        centring = (np.eye(d) - 1.0 / d).astype(tensor.dtype or np.float32)
+        matrix = gs.Constant(f"{tensor.name}__centring", centring)
+        graph.nodes.append(gs.Node("MatMul", f"{tensor.name}__centre", inputs=[raw, matrix],
+                                   outputs=[tensor]))  # fmt: skip
+        return
+    value = np.asarray(term.node.inputs[term.input].values)
+    work = value.astype(np.float64).reshape(value.shape or (1,))
+    work = work - work.mean(axis=term.axis, keepdims=True)
+    _set_input(term.node, term.input, work.reshape(value.shape), value.dtype)
+
+
+# --- the RMSNorm that replaces the LayerNorm --------------------------------------------------
+
+
+def _replace(graph: gs.Graph, norm: LayerNorm, opset: int) -> None:
+    """x / √(Σ_c x² / d + ε) over the last axis, writing the norm's output tensor."""
+    for node in norm.nodes:
+        node.outputs.clear()
+    dtype = norm.x.dtype or np.float32
+    name = f"{norm.name}__rms"
+
+    def var(suffix: str) -> gs.Variable:
+        return gs.Variable(f"{name}_{suffix}", dtype=dtype)
+
+    square, total, mean, shifted, root = (var(s) for s in ("sq", "sum", "mean", "eps", "root"))
+    axes = np.array([-1], np.int64)
+    reduce_inputs = [square] if opset < 13 else [square, gs.Constant(f"{name}_axes", axes)]
+    reduce_attrs = {"keepdims": 1, **({"axes": [-1]} if opset < 13 else {})}
+    scalar = lambda s, v: gs.Constant(f"{name}_{s}", np.array(v, dtype))  # noqa: E731
+    graph.nodes += [
+        gs.Node("Mul", name, inputs=[norm.x, norm.x], outputs=[square]),
+        gs.Node("ReduceSum", f"{name}_sum", reduce_attrs, reduce_inputs, [total]),
+        gs.Node("Div", f"{name}_width", inputs=[total, scalar("d", norm.width)], outputs=[mean]),
+        gs.Node("Add", f"{name}_add", inputs=[mean, scalar("e", norm.eps)], outputs=[shifted]),
+        gs.Node("Sqrt", f"{name}_sqrt", inputs=[shifted], outputs=[root]),
+        gs.Node("Div", f"{name}_div", inputs=[norm.x, root], outputs=[norm.out]),
+    ]

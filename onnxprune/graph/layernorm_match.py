@@ -1,0 +1,130 @@
+"""Find LayerNorms over the last axis: the opset-17 op and the primitive pattern the legacy
+exporter writes below opset 17 (graph/layernorm.py converts them to RMSNorms)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.graph.ops import const, rank_of
+
+
+@dataclass
+class LayerNorm:
+    """One LayerNorm over the last axis: its input, output, affine and the nodes computing it."""
+
+    name: str
+    x: gs.Tensor
+    out: gs.Tensor
+    gamma: np.ndarray
+    beta: np.ndarray
+    eps: float
+    nodes: list[gs.Node] = field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        return len(self.gamma)
+
+
+def find_layernorms(graph: gs.Graph) -> Iterator[LayerNorm]:
+    """LayerNormalization ops and the primitive pattern the legacy exporter writes below opset 17
+    (ReduceMean → Sub → Pow → ReduceMean → Add ε → Sqrt → Div → Mul γ → Add β), over the last
+    axis with constant affine parameters."""
+    for node in list(graph.nodes):
+        norm = _layernorm_op(node) if node.op == "LayerNormalization" else _primitive(node)
+        if norm is not None:
+            yield norm
+
+
+def _layernorm_op(node: gs.Node) -> LayerNorm | None:
+    rank, gamma = rank_of(node.inputs[0]), const(node, 1)
+    if rank is None or gamma is None or node.attrs.get("axis", -1) % rank != rank - 1:
+        return None
+    if any(out.outputs for out in node.outputs[1:]):
+        return None  # the mean or inverse deviation is read elsewhere
+    beta = const(node, 2) if len(node.inputs) > 2 and node.inputs[2].name else np.zeros(1)
+    if beta is None:
+        return None
+    d = gamma.size
+    gamma, beta = _vector(gamma, d), _vector(beta, d)
+    eps = float(node.attrs.get("epsilon", 1e-5))
+    return LayerNorm(node.name, node.inputs[0], node.outputs[0], gamma, beta, eps, [node])
+
+
+def _primitive(mean: gs.Node) -> LayerNorm | None:
+    """The pattern starting at its first ReduceMean, or None if `mean` does not start one."""
+    x = mean.inputs[0] if mean.op == "ReduceMean" else None
+    rank = rank_of(x) if x is not None else None
+    if rank is None or _last_axis_only(mean, rank) is False:
+        return None
+    sub = single_user(mean, "Sub")
+    if sub is None or [t.name for t in sub.inputs] != [x.name, mean.outputs[0].name]:
+        return None
+    users = {u.op: u for u in sub.outputs[0].outputs}
+    square, div = users.get("Pow"), users.get("Div")
+    if len(sub.outputs[0].outputs) != 2 or square is None or div is None:
+        return None
+    chain = _chain(square, ("ReduceMean", "Add", "Sqrt"))
+    if chain is None or single_user(chain[-1], "Div") is not div:
+        return None
+    exponent, eps = const(square, 1), _scalar_operand(chain[1])
+    if exponent is None or exponent.size != 1 or float(exponent.reshape(-1)[0]) != 2.0:
+        return None
+    if eps is None or _last_axis_only(chain[0], rank) is False:
+        return None
+    affine = _chain(div, ("Mul", "Add"))
+    if affine is None:
+        return None
+    gamma, beta = _other_constant(affine[0], div), _other_constant(affine[1], affine[0])
+    if gamma is None or beta is None or gamma.size != beta.size or gamma.size < 2:
+        return None
+    nodes = [mean, sub, square, *chain, div, *affine]
+    d = gamma.size
+    out = affine[1].outputs[0]
+    return LayerNorm(div.name, x, out, _vector(gamma, d), _vector(beta, d), eps, nodes)
+
+
+def _vector(value: np.ndarray, d: int) -> np.ndarray:
+    return np.broadcast_to(np.asarray(value, np.float64).reshape(-1), (d,)).copy()
+
+
+def _last_axis_only(node: gs.Node, rank: int) -> bool:
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1:
+        value = const(node, 1)
+        axes = None if value is None else value.reshape(-1).tolist()
+    return axes is not None and sorted(int(a) % rank for a in axes) == [rank - 1]
+
+
+def single_user(node: gs.Node, op: str) -> gs.Node | None:
+    """The one node reading `node`'s first output, if there is exactly one and it is an `op`."""
+    users = node.outputs[0].outputs
+    return users[0] if len(users) == 1 and users[0].op == op else None
+
+
+def _chain(start: gs.Node, ops: tuple[str, ...]) -> list[gs.Node] | None:
+    """The nodes after `start`, each the single user of the previous, with the given ops."""
+    chain, node = [], start
+    for op in ops:
+        node = single_user(node, op)
+        if node is None:
+            return None
+        chain.append(node)
+    return chain
+
+
+def _scalar_operand(node: gs.Node) -> float | None:
+    values = [const(node, i) for i in (0, 1)]
+    found = [v for v in values if v is not None and v.size == 1]
+    return float(found[0].reshape(-1)[0]) if len(found) == 1 else None
+
+
+def _other_constant(node: gs.Node, source: gs.Node) -> np.ndarray | None:
+    """The constant operand of `node` whose other operand is `source`'s output."""
+    names = [t.name for t in node.inputs]
+    if len(names) != 2 or source.outputs[0].name not in names:
+        return None
+    return const(node, 1 - names.index(source.outputs[0].name))
