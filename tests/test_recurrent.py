@@ -20,6 +20,7 @@ import pytest
 from conftest import assert_outputs_close, run_model
 
 import onnxprune
+from onnxprune.calib.torch_exec import check_against_ort
 from onnxprune.graph.analyze import analyze
 from onnxprune.graph.load import export, normalize
 from onnxprune.graph.rewrite import rewrite
@@ -310,3 +311,25 @@ def test_constant_input_feature_folds_into_the_lstm_bias(save_tmp):
     )  # fmt: skip
     assert list(result.plans) == ["feat"] and 1 not in result.plans["feat"].keep
     assert_outputs_close(path, result.model, {"x": _x(8, 4)}, atol=1e-5)
+
+
+# --- the torch interpreter (gradient methods) ---------------------------------------------
+
+
+@pytest.mark.parametrize("op, direction, options", CASES)
+def test_torch_interpreter_runs_the_recurrence_like_onnx_runtime(op, direction, options):
+    model = recurrent_model(op, direction, read_final=True, **options)
+    graph = check_against_ort(model, {"x": _x(4)}, rtol=1e-4, atol=1e-5)
+    out = graph.run({"x": _x(4)})
+    sum(value.sum() for value in out.values()).backward()
+    assert all(graph.params[name].grad is not None for name in ("W", "R", "B"))
+
+
+def test_taylor_scores_lstm_hidden_units(save_tmp):
+    path = save_tmp(recurrent_model("LSTM", "bidirectional"))
+    x = _x()
+    result = onnxprune.prune(
+        path, method="taylor", ratio=1 / 3, round_to=1, exclude=["feat"],
+        data={"x": x},
+    )  # fmt: skip
+    assert {len(p.keep) for p in result.plans.values()} == {2}

@@ -266,34 +266,78 @@ def _starts(node: gs.Node, directions: int, size: int):
     merged = _merged(sequence, directions, size)
     if merged is None:
         return None
-    reshape, counts = merged
+    reshape, stated = merged
     out = reshape.outputs[0].name
     return [
         (
             (State(out, 2, d * size),),
             Tap(out, 2, d * size),
-            (ParamEdit(reshape.name, 1, 2, d * size, "count"),) if counts else (),
+            tuple(ParamEdit(n, i, e, d * size, "count") for n, i, e in stated),
         )
         for d in range(directions)
     ]
 
 
-def _merged(sequence: gs.Tensor, directions: int, size: int) -> tuple[gs.Node, bool] | None:
-    """The Reshape after Transpose(0, 2, 1, 3) that turns Y into (T, B, D·H), and whether its
-    target states D·H explicitly (else -1); None when Y is read any other way."""
+def _merged(sequence: gs.Tensor, directions: int, size: int):
+    """The Reshape after Transpose(0, 2, 1, 3) that turns Y into (T, B, D·H), and the
+    (node, input, entry) of every constant that states D·H (none for -1); None when Y is read
+    any other way. Besides the Reshape, only Shape nodes reading the leading dims may read the
+    transposed tensor (the dynamo exporter computes the target from them)."""
     if len(sequence.outputs) != 1 or sequence.outputs[0].op != "Transpose":
         return None
     transpose = sequence.outputs[0]
     if list(transpose.attrs.get("perm", [])) != [0, 2, 1, 3]:
         return None
     users = transpose.outputs[0].outputs
-    if len(users) != 1 or users[0].op != "Reshape" or users[0].attrs.get("allowzero", 0):
+    reshapes = [u for u in users if u.op == "Reshape"]
+    if len(reshapes) != 1 or not all(u.op == "Reshape" or _leading_dims_only(u) for u in users):
         return None
-    reshape = users[0]
-    target, shape = const(reshape, 1), shape_of(reshape.outputs[0])
-    if target is None or target.size != 3 or shape is None or len(shape) != 3:
+    reshape = reshapes[0]
+    shape = shape_of(reshape.outputs[0])
+    if shape is None or len(shape) != 3:  # (allowzero is moot: the inferred shape says D·H)
         return None
-    last = int(target[2])
-    if last not in (-1, directions * size) or shape[2] != directions * size:
-        return None
-    return reshape, last == directions * size
+    stated = _last_entry(reshape, directions * size)
+    return None if shape[2] != directions * size or stated is None else (reshape, stated)
+
+
+def _last_entry(reshape: gs.Node, width: int) -> list[tuple[str, int, int]] | None:
+    """Where the Reshape target's last entry (the merged D·H) is stated: [] for -1, the
+    constant holding `width` as (node, input, entry), None when it is anything else."""
+    target = const(reshape, 1)
+    where = (reshape.name, 1, 2)
+    if target is None:  # dynamo: Concat(leading dims from Shape, constant last entry)
+        source = reshape.inputs[1].inputs
+        if (
+            not source
+            or source[0].op != "Concat"
+            or const(source[0], len(source[0].inputs) - 1) is None
+        ):
+            return None
+        concat = source[0]
+        target = const(concat, len(concat.inputs) - 1)
+        where = (concat.name, len(concat.inputs) - 1, target.size - 1)
+    last = int(target.reshape(-1)[-1])
+    if last == -1:
+        return []
+    return [where] if last == width else None
+
+
+def _leading_dims_only(node: gs.Node) -> bool:
+    """A Shape whose readers take only entries before the last (the hidden axis) from it."""
+    if node.op != "Shape":
+        return False
+    return all(_reads_before(user, 3) for user in node.outputs[0].outputs)
+
+
+def _reads_before(node: gs.Node, last: int) -> bool:
+    """A Slice or Gather of a shape vector (length last + 1) that never reads entry `last`."""
+    if node.op == "Gather":
+        indices = const(node, 1)
+        return indices is not None and all(i % (last + 1) < last for i in indices.reshape(-1))
+    if node.op == "Slice" and len(node.inputs) in (3, 4):
+        starts, ends = const(node, 1), const(node, 2)
+        if starts is None or ends is None or starts.size != 1:
+            return False
+        end = int(ends.reshape(-1)[0])
+        return int(starts.reshape(-1)[0]) >= 0 and 0 <= end <= last
+    return False
