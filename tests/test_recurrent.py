@@ -21,6 +21,7 @@ from conftest import assert_outputs_close, run_model
 
 import onnxprune
 from onnxprune.calib.torch_exec import check_against_ort
+from onnxprune.errors import UsageError
 from onnxprune.graph.analyze import analyze
 from onnxprune.graph.load import export, normalize
 from onnxprune.graph.rewrite import rewrite
@@ -333,3 +334,9 @@ def test_taylor_scores_lstm_hidden_units(save_tmp):
         data={"x": x},
     )  # fmt: skip
     assert {len(p.keep) for p in result.plans.values()} == {2}
+
+
+def test_per_channel_biascomp_refuses_recurrent_readers(save_tmp):
+    path = save_tmp(recurrent_model("LSTM"))
+    with pytest.raises(UsageError, match="read by LSTM 'rnn'"):
+        onnxprune.prune(path, method="biascomp", ratio=0.3, data={"x": _x()})
