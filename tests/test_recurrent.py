@@ -17,7 +17,7 @@ import graphs
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_outputs_close, run_model
+from conftest import assert_outputs_close, data_path, reference_feeds, reference_path, run_model
 
 import onnxprune
 from onnxprune.calib.torch_exec import check_against_ort
@@ -340,3 +340,32 @@ def test_per_channel_biascomp_refuses_recurrent_readers(save_tmp):
     path = save_tmp(recurrent_model("LSTM"))
     with pytest.raises(UsageError, match="read by LSTM 'rnn'"):
         onnxprune.prune(path, method="biascomp", ratio=0.3, data={"x": _x()})
+
+
+# --- the CRNN reference model (both exporters) --------------------------------------------
+
+
+@pytest.mark.parametrize("exporter", ["onnx", "dynamo.onnx"])
+def test_crnn_lstm_units_and_the_conv_before_them_are_prunable(exporter):
+    analysis = onnxprune.analyze(str(reference_path("crnn", exporter)))
+    recurrent = [g for g in analysis.groups if "LSTM" in g.name]
+    assert len(recurrent) == 4 and all(g.prunable for g in recurrent)
+    assert sum(g.prunable for g in analysis.groups) == len(analysis.groups) - 1  # the output
+
+
+@pytest.mark.parametrize("exporter", ["onnx", "dynamo.onnx"])
+def test_crnn_keeps_string_accuracy_at_half_the_lstm_parameters(exporter):
+    """43 of 64 units per direction: 50.2 % fewer LSTM weights; ID within 2 points."""
+    from models.crnn import string_accuracy
+
+    path = reference_path("crnn", exporter)
+    with np.load(data_path("crnn", "test")) as test:
+        x, labels = test["input"][:300], test["labels"][:300]
+    calib = reference_feeds("crnn", 128)
+    result = onnxprune.prune(
+        str(path), method="id", ratio=21 / 64, round_to=1, exclude=["Conv"], data=calib
+    )
+    assert {len(p.keep) for p in result.plans.values()} == {43}
+    before = string_accuracy(run_model(path, {"input": x})["logits"], labels)
+    after = string_accuracy(run_model(result.model, {"input": x})["logits"], labels)
+    assert after >= before - 2.0
