@@ -369,3 +369,21 @@ def test_crnn_keeps_string_accuracy_at_half_the_lstm_parameters(exporter):
     before = string_accuracy(run_model(path, {"input": x})["logits"], labels)
     after = string_accuracy(run_model(result.model, {"input": x})["logits"], labels)
     assert after >= before - 2.0
+
+
+def test_zero_bias_and_peepholes_are_sliced_like_any(save_tmp):
+    """All-zero B and P are ordinary constants: sliced, not mistaken for absent inputs."""
+    zeros = {"B": np.zeros((1, 8 * H))}
+    model = recurrent_model("LSTM", weights=zeros, peepholes=True)
+    p = next(t for t in model.graph.initializer if t.name == "P")
+    p.CopyFrom(onnx.numpy_helper.from_array(np.zeros((1, 3 * H), np.float32), "P"))
+    path = save_tmp(model)
+    result = onnxprune.prune(
+        path, method="magnitude", ratio=1 / 3, round_to=1, exclude=["feat"], data={"x": _x()}
+    )
+    units = {0: (np.asarray(result.plans["rnn"].keep), np.eye(H)[result.plans["rnn"].keep], 0)}
+    x = _x(8, 4)
+    np.testing.assert_allclose(
+        run_model(result.model, {"x": x})["head_out"], reference(model, x, units), rtol=1e-4,
+        atol=1e-5,
+    )  # fmt: skip

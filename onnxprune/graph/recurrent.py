@@ -34,6 +34,11 @@ from onnxprune.graph.ops import State, Step, const, rank_of, shape_of
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 """Recurrent ops and their gate blocks."""
 
+Arrays = dict[int, np.ndarray | None]
+"""A recurrent node's W, R, B, initial states and peepholes by input index (None: absent)."""
+Walk = tuple[tuple[State, ...], Tap | None, tuple[ParamEdit, ...]]
+"""Per direction: the walk's start states, the hidden-state tap, extra edits."""
+
 _INITIAL = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}
 _PASS_ZERO = frozenset({"Slice", "Expand", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Cast"})
 
@@ -46,7 +51,6 @@ class Hidden:
     tensor carrying the hidden state itself, whose correction is folded into the recurrence.
     """
 
-    direction: int
     channels: int
     lo: int
     whole: bool
@@ -84,24 +88,17 @@ def hidden_units(node: gs.Node, outputs: set[str]) -> list[Hidden]:
         walks = [(fallback, None, ())] * directions
     return [
         Hidden(
-            d,
-            size,
-            d * size,
-            directions == 1,
-            (_hidden_edit(node, d, tap), *extra) if tap else (),
-            starts,
-            tap,
-            f"{node.name}:hidden",
-            reason,
-        )  # fmt: skip
+            channels=size,
+            lo=d * size,
+            whole=directions == 1,
+            edits=(_hidden_edit(node, d, tap), *extra) if tap else (),
+            starts=starts,
+            tap=tap,
+            tie=f"{node.name}:hidden",
+            reason=reason,
+        )
         for d, (starts, tap, extra) in enumerate(walks)
     ]
-
-
-def _hidden_edit(node: gs.Node, direction: int, tap: Tap) -> ParamEdit:
-    """The edit of every array the units of `direction` touch; the recurrence takes the
-    correction of `tap` (role "hidden": `axis` is the direction)."""
-    return ParamEdit(node.name, 2, direction, tap.offset, "hidden", 1, tap.tensor)
 
 
 def recurrent_step(node: gs.Node, index: int, state: State, channels: int) -> Step | None:
@@ -147,9 +144,7 @@ class Units:
     c: np.ndarray | None = None
 
 
-def pruned_arrays(
-    node: gs.Node, arrays: dict[int, np.ndarray | None], units: dict[int, Units]
-) -> dict[int, np.ndarray | None]:
+def pruned_arrays(node: gs.Node, arrays: Arrays, units: dict[int, Units]) -> Arrays:
     """W, R, B, initial states and peepholes (by input index; None: absent or zero) with the
     hidden units of each direction in `units` removed and the recurrence corrected; directions
     not in `units` keep all units. All directions must keep the same count."""
@@ -168,7 +163,33 @@ def pruned_arrays(
     return out
 
 
-def _direction(arrays, out, d: int, units: Units, gates: int, reset_inside: bool) -> dict:
+def is_zero(tensor: gs.Tensor) -> bool:
+    """True when `tensor` is provably all zeros: a zero constant, or ConstantOfShape(0) through
+    ops that only move or select values (the exporters' zero initial states)."""
+    for _ in range(16):
+        if isinstance(tensor, gs.Constant):
+            return not np.any(tensor.values)
+        if not tensor.inputs:
+            return False
+        node = tensor.inputs[0]
+        if node.op == "ConstantOfShape":
+            value = node.attrs.get("value")
+            return value is None or not np.any(value.values)
+        if node.op not in _PASS_ZERO:
+            return False
+        tensor = node.inputs[0]
+    return False
+
+
+def _hidden_edit(node: gs.Node, direction: int, tap: Tap) -> ParamEdit:
+    """The edit of every array the units of `direction` touch; the recurrence takes the
+    correction of `tap` (role "hidden": `axis` is the direction)."""
+    return ParamEdit(node.name, 2, direction, tap.offset, "hidden", 1, tap.tensor)
+
+
+def _direction(
+    arrays: Arrays, out: Arrays, d: int, units: Units, gates: int, reset_inside: bool
+) -> dict[int, np.ndarray]:
     """Direction d's arrays with `units` applied (B from `out`, which may hold a new bias)."""
     size = arrays[2].shape[-1]
     rows = np.concatenate([g * size + units.keep for g in range(gates)])
@@ -196,27 +217,9 @@ def _direction(arrays, out, d: int, units: Units, gates: int, reset_inside: bool
     return result
 
 
-def initial_inputs(node: gs.Node) -> tuple[int, ...]:
+def _initial_inputs(node: gs.Node) -> tuple[int, ...]:
     """Input indices of the initial states (h, and c for an LSTM)."""
     return _INITIAL[node.op]
-
-
-def is_zero(tensor: gs.Tensor) -> bool:
-    """True when `tensor` is provably all zeros: a zero constant, or ConstantOfShape(0) through
-    ops that only move or select values (the exporters' zero initial states)."""
-    for _ in range(16):
-        if isinstance(tensor, gs.Constant):
-            return not np.any(tensor.values)
-        if not tensor.inputs:
-            return False
-        node = tensor.inputs[0]
-        if node.op == "ConstantOfShape":
-            value = node.attrs.get("value")
-            return value is None or not np.any(value.values)
-        if node.op not in _PASS_ZERO:
-            return False
-        tensor = node.inputs[0]
-    return False
 
 
 def _hidden_size(node: gs.Node) -> int:
@@ -233,7 +236,7 @@ def _unsupported(node: gs.Node) -> str | None:
         present = len(node.inputs) > index and node.inputs[index].name
         if (present or index < 3) and const(node, index) is None:
             return f"{node.op} '{node.name}' has a non-constant {what}"
-    for index in initial_inputs(node):
+    for index in _initial_inputs(node):
         tensor = node.inputs[index] if len(node.inputs) > index else None
         if (
             tensor is not None
@@ -256,7 +259,7 @@ def _outputs_reason(node: gs.Node, directions: int, outputs: set[str]) -> str | 
     return None
 
 
-def _starts(node: gs.Node, directions: int, size: int):
+def _starts(node: gs.Node, directions: int, size: int) -> list[Walk] | None:
     """Per direction: (walk start states, hidden-state tap, extra edits); None when a
     bidirectional output is not merged the way the exporters merge it."""
     sequence = node.outputs[0]
@@ -278,7 +281,9 @@ def _starts(node: gs.Node, directions: int, size: int):
     ]
 
 
-def _merged(sequence: gs.Tensor, directions: int, size: int):
+def _merged(
+    sequence: gs.Tensor, directions: int, size: int
+) -> tuple[gs.Node, list[tuple[str, int, int]]] | None:
     """The Reshape after Transpose(0, 2, 1, 3) that turns Y into (T, B, D·H), and the
     (node, input, entry) of every constant that states D·H (none for -1); None when Y is read
     any other way. Besides the Reshape, only Shape nodes reading the leading dims may read the

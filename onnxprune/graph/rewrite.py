@@ -115,10 +115,12 @@ def _prune_recurrent(
 
 
 def _optional(node: gs.Node, index: int) -> np.ndarray | None:
-    """Input `index` of a recurrent node as float64, None when absent or provably zero."""
-    if len(node.inputs) <= index or not node.inputs[index].name or is_zero(node.inputs[index]):
+    """Input `index` of a recurrent node as float64; None when absent, or for an initial state
+    (5, 6) that is provably zero (it may be computed, e.g. ConstantOfShape of the batch)."""
+    tensor = node.inputs[index] if len(node.inputs) > index else None
+    if tensor is None or not tensor.name or (index in (5, 6) and is_zero(tensor)):
         return None
-    return np.asarray(node.inputs[index].values, dtype=np.float64)
+    return np.asarray(tensor.values, dtype=np.float64)
 
 
 def _follow_depthwise_group(
