@@ -101,6 +101,26 @@ def run(exporter: str, ratios: tuple[float, ...], taylor: tuple[float, ...]) -> 
     return rows
 
 
+def whole(targets: tuple[float, ...]) -> list[dict]:
+    """`id` (defaults) on every group, convs included, at MAC targets (legacy export)."""
+    path = MODELS / "crnn.onnx"
+    with np.load(MODELS / "strings_test.npz") as test, np.load(MODELS / "strings_calib.npz") as c:
+        x, labels, fit = test["input"], test["labels"], {"input": c["input"]}
+    rows = []
+    for target in targets:
+        result = onnxprune.prune(str(path), method="id", target_macs=target, round_to=1, data=fit)
+        params, macs = result.report.params, result.report.macs
+        rows.append({
+            "target_macs": target,
+            "widths": {name: len(plan.keep) for name, plan in result.plans.items()},
+            "params_kept": params[1] / params[0],
+            "macs_kept": macs[1] / macs[0],
+            "string_acc": accuracy(result.model, x, labels),
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     base = rows[0]["lstm_params"]
     lines = [
@@ -128,6 +148,7 @@ def main() -> None:
     parser.add_argument("--exporters", default="legacy,dynamo")
     parser.add_argument("--ratios", default=",".join(str(r) for r in RATIOS))
     parser.add_argument("--taylor-ratios", default=str(21 / 64), help="'' for none")
+    parser.add_argument("--whole-targets", default="", help="e.g. 0.5,0.3: all groups, id")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     for exporter in args.exporters.split(","):
@@ -136,6 +157,11 @@ def main() -> None:
         print(f"{exporter}: {touched} of {total} weights in prunable groups "
               f"({100 * touched / total:.1f} %)")  # fmt: skip
     if args.share_only:
+        return
+    if args.whole_targets:
+        rows = whole(tuple(float(t) for t in args.whole_targets.split(",")))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1) + "\n")
         return
     ratios = tuple(float(r) for r in args.ratios.split(","))
     taylor = tuple(float(r) for r in args.taylor_ratios.split(",") if r)
