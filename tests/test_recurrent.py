@@ -387,3 +387,23 @@ def test_zero_bias_and_peepholes_are_sliced_like_any(save_tmp):
         run_model(result.model, {"x": x})["head_out"], reference(model, x, units), rtol=1e-4,
         atol=1e-5,
     )  # fmt: skip
+
+
+def test_magnitude_ranks_units_by_their_input_rows_in_every_gate(save_tmp):
+    """Unit 1's W rows are 10× larger in every gate block: magnitude keeps it."""
+    rng = np.random.default_rng(7)
+    w = 0.1 * rng.standard_normal((1, 4 * H, IN))
+    w[0, 1::H] *= 100.0
+    path = save_tmp(recurrent_model("LSTM", weights={"W": w}))
+    result = onnxprune.prune(
+        path, method="magnitude", ratio=2 / 3, round_to=1, exclude=["feat"], data={"x": _x()}
+    )
+    assert list(result.plans["rnn"].keep) == [1]
+
+
+def test_ippro_pairs_unit_rows_with_their_gradients(save_tmp):
+    path = save_tmp(recurrent_model("GRU", "bidirectional"))
+    result = onnxprune.prune(
+        path, method="ippro", ratio=1 / 3, round_to=1, exclude=["feat"], data={"x": _x()}
+    )
+    assert {len(p.keep) for p in result.plans.values()} == {2}

@@ -117,15 +117,11 @@ def recurrent_step(node: gs.Node, index: int, state: State, channels: int) -> St
     return Step("consume", edits=[edit])
 
 
-def unit_rows(node: gs.Node, direction: int, channels: int) -> np.ndarray:
-    """(H, fan-in) rows of direction `direction`: unit j's rows of every gate block of W and R
-    side by side (what a magnitude criterion ranks)."""
-    gates = GATES[node.op]
-    parts = [np.asarray(node.inputs[i].values, dtype=np.float64)[direction] for i in (1, 2)]
-    blocks = [
-        p.reshape(gates, channels, -1).transpose(1, 0, 2).reshape(channels, -1) for p in parts
-    ]
-    return np.concatenate(blocks, axis=1)
+def unit_rows(weight: np.ndarray, gates: int, direction: int, channels: int) -> np.ndarray:
+    """(H, G·In) rows of W [D, G·H, In] (or its gradient) for `direction`: unit j's rows of
+    every gate block side by side (what magnitude ranks and IPPRO pairs with gradients)."""
+    block = np.asarray(weight, dtype=np.float64)[direction].reshape(gates, channels, -1)
+    return block.transpose(1, 0, 2).reshape(channels, -1)
 
 
 def input_shift(segment: np.ndarray, c: np.ndarray, axis: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ChannelGroup, ParamEdit
 from onnxprune.graph.layout import is_grouped_conv
-from onnxprune.graph.recurrent import is_recurrent, unit_rows
+from onnxprune.graph.recurrent import GATES, is_recurrent, unit_rows
 
 
 def producer_filters(graph: gs.Graph, group: ChannelGroup) -> tuple[np.ndarray, ...]:
@@ -20,10 +20,10 @@ def producer_filters(graph: gs.Graph, group: ChannelGroup) -> tuple[np.ndarray, 
 
 def group_rows(group: ChannelGroup, node: gs.Node, weight: np.ndarray) -> np.ndarray:
     """The rows of `filter_rows` that are `group`'s channels of producer `node` (an RNN's:
-    each unit's rows of every gate block of W and R)."""
+    each unit's rows of every gate block of W)."""
     if is_recurrent(node):
         edit = next(e for e in group.edits if e.node == node.name and e.role == "hidden")
-        return unit_rows(node, edit.axis, group.channels)
+        return unit_rows(weight, GATES[node.op], edit.axis, group.channels)
     lo = group.first_row(node.name)
     return filter_rows(node, weight)[lo : lo + group.channels]
 
