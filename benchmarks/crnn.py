@@ -121,6 +121,35 @@ def whole(targets: tuple[float, ...]) -> list[dict]:
     return rows
 
 
+def ablation(ratios: tuple[float, ...]) -> list[dict]:
+    """Plain ID (legacy export, LSTM groups) with the recurrence corrected (R' = R Mᵀ, the
+    tool's rule) and with R's columns of the removed units only dropped (the rewrite is
+    patched to pass the recurrence no correction; consumers keep theirs)."""
+    from onnxprune.graph import recurrent, rewrite
+
+    def dropped(node, arrays, units):
+        plain = {d: recurrent.Units(u.keep) for d, u in units.items()}
+        return recurrent.pruned_arrays(node, arrays, plain)
+
+    rows = []
+    for variant in ("folded", "dropped"):
+        rewrite.pruned_arrays = recurrent.pruned_arrays if variant == "folded" else dropped
+        rows += [{**r, "method": f"id (plain), recurrence {variant}"} for r in _id_rows(ratios)]
+    rewrite.pruned_arrays = recurrent.pruned_arrays
+    return rows
+
+
+def _id_rows(ratios: tuple[float, ...]) -> list[dict]:
+    saved = dict(METHODS)
+    METHODS.clear()
+    METHODS["id (plain)"] = saved["id (plain)"]
+    try:
+        return run("legacy", ratios, ())[1:]
+    finally:
+        METHODS.clear()
+        METHODS.update(saved)
+
+
 def table(rows: list[dict]) -> str:
     base = rows[0]["lstm_params"]
     lines = [
@@ -149,6 +178,7 @@ def main() -> None:
     parser.add_argument("--ratios", default=",".join(str(r) for r in RATIOS))
     parser.add_argument("--taylor-ratios", default=str(21 / 64), help="'' for none")
     parser.add_argument("--whole-targets", default="", help="e.g. 0.5,0.3: all groups, id")
+    parser.add_argument("--ablation", action="store_true", help="recurrence folded vs dropped")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     for exporter in args.exporters.split(","):
@@ -157,6 +187,14 @@ def main() -> None:
         print(f"{exporter}: {touched} of {total} weights in prunable groups "
               f"({100 * touched / total:.1f} %)")  # fmt: skip
     if args.share_only:
+        return
+    if args.ablation:
+        rows = ablation(tuple(float(r) for r in args.ratios.split(",")))
+        base = lstm_params(onnx.load(str(MODELS / "crnn.onnx")))
+        print(table([{"exporter": "legacy", "method": "original", "ratio": 0.0,
+                      "lstm_params": base, "string_acc": float("nan")}, *rows]))  # fmt: skip
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1) + "\n")
         return
     if args.whole_targets:
         rows = whole(tuple(float(t) for t in args.whole_targets.split(",")))
