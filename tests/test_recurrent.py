@@ -101,8 +101,6 @@ def reference(model: onnx.ModelProto, x: np.ndarray, units: dict[int, tuple]) ->
     outs = []
     for d in range(d_total):
         keep, m, c = units.get(d, (np.arange(H), np.eye(H), np.zeros(H)))
-        full = np.zeros(H)
-        full[keep] = 1.0
         steps = (
             range(T)
             if (d == 0 and attrs.get("direction", b"forward") != b"reverse")
@@ -115,7 +113,7 @@ def reference(model: onnx.ModelProto, x: np.ndarray, units: dict[int, tuple]) ->
     return seq @ init["head.w"]
 
 
-def _run(op, attrs, p, feat, steps, keep, m, c):
+def _run(op: str, attrs: dict, p: dict, feat: np.ndarray, steps: range, keep, m, c) -> np.ndarray:
     """One direction; the recurrence and the output read the reconstruction of h_S."""
     n = feat.shape[1]
     h, cell = np.zeros((n, H)), np.zeros((n, H))
