@@ -44,8 +44,10 @@ def rewrite(
         if plan is None or not group.prunable:
             continue
         for edit in group.edits:
-            if edit.role in ("split", "hidden"):
-                (splits if edit.role == "split" else hidden)[edit.node].append((edit, group, plan))
+            if edit.role == "split":
+                splits[edit.node].append((edit, group, plan))
+            elif edit.role == "hidden":
+                hidden[edit.node].append((edit, group, plan))
             else:
                 jobs[(edit.node, edit.input)].append((edit, group, plan))
     deltas: dict[str, np.ndarray] = {}
@@ -62,7 +64,7 @@ def rewrite(
         node.inputs[index] = gs.Constant(
             f"{node.inputs[index].name}__{name}", work.astype(value.dtype)
         )
-    for name in {*hidden, *(n for n in deltas if is_recurrent(nodes[n]))}:
+    for name in sorted({*hidden, *(n for n in deltas if is_recurrent(nodes[n]))}):
         _prune_recurrent(nodes[name], hidden.get(name, []), deltas.pop(name, None))
     _split_attributes([nodes[name] for name, _ in jobs], graph.opset)
     for name, items in splits.items():
@@ -101,6 +103,13 @@ def _prune_recurrent(
         arrays = pruned_arrays(node, arrays, units)
     except ValueError as err:
         raise OnnxPruneError(str(err)) from None
+    _set_recurrent_inputs(node, arrays)
+    node.attrs["hidden_size"] = int(arrays[2].shape[-1])
+
+
+def _set_recurrent_inputs(node: gs.Node, arrays: dict[int, np.ndarray | None]) -> None:
+    """Write the new arrays as the node's inputs: a bias created here is appended, and a
+    dropped (zero) initial state becomes an empty input."""
     dtype = node.inputs[1].values.dtype
     while len(node.inputs) < 8 and arrays.get(len(node.inputs)) is not None:
         node.inputs.append(gs.Variable.empty())
@@ -111,7 +120,6 @@ def _prune_recurrent(
                 if value is None
                 else gs.Constant(f"{node.name}__in{index}", value.astype(dtype))
             )
-    node.attrs["hidden_size"] = int(arrays[2].shape[-1])
 
 
 def _optional(node: gs.Node, index: int) -> np.ndarray | None:
