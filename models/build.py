@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import archs
+from models import archs, crnn
 from models.data import SEED, Digits, Split, load
 
 OUT_DIR = Path(__file__).resolve().parent
@@ -91,8 +91,9 @@ def train(model: nn.Module, data: Digits, spec: Spec) -> nn.Module:
     return model.eval()
 
 
-def export_legacy(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """TorchScript exporter, opset 17, dynamic batch (BatchNorm gets folded into Conv)."""
+def export_legacy(model: nn.Module, example: torch.Tensor, path: Path, batch_axis: int = 0) -> None:
+    """TorchScript exporter, opset 17, dynamic batch (BatchNorm gets folded into Conv);
+    `batch_axis` is the batch axis of the output (1 for time-major sequence outputs)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # legacy exporter is deliberate
         torch.onnx.export(
@@ -103,7 +104,7 @@ def export_legacy(model: nn.Module, example: torch.Tensor, path: Path) -> None:
             opset_version=17,
             input_names=["input"],
             output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            dynamic_axes={"input": {0: "batch"}, "logits": {batch_axis: "batch"}},
         )
 
 
@@ -127,16 +128,19 @@ def export_dynamo(model: nn.Module, example: torch.Tensor, path: Path) -> bool:
     return dynamic
 
 
-def run_onnx(path: Path, x: np.ndarray, dynamic: bool) -> np.ndarray:
-    """Logits from ONNX Runtime on CPU; a static-batch model is fed one row at a time."""
+def run_onnx(path: Path, x: np.ndarray, dynamic: bool, axis: int = 0) -> np.ndarray:
+    """Logits from ONNX Runtime on CPU; a static-batch model is fed one row at a time (its
+    outputs joined along the output's batch `axis`)."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     if dynamic:
         return session.run(["logits"], {"input": x})[0]
     rows = [session.run(["logits"], {"input": x[i : i + 1]})[0] for i in range(len(x))]
-    return np.concatenate(rows)
+    return np.concatenate(rows, axis=axis)
 
 
-def verify(path: Path, expected: np.ndarray, x: np.ndarray, dynamic: bool) -> np.ndarray:
+def verify(
+    path: Path, expected: np.ndarray, x: np.ndarray, dynamic: bool, axis: int = 0
+) -> np.ndarray:
     """Check the file is valid, self-contained, small and matches torch; return its logits."""
     onnx.checker.check_model(str(path), full_check=True)
     external = [t.name for t in onnx.load(str(path)).graph.initializer if t.data_location]
@@ -144,7 +148,7 @@ def verify(path: Path, expected: np.ndarray, x: np.ndarray, dynamic: bool) -> np
         raise RuntimeError(f"{path.name}: external initializers {external[:3]}")
     if path.stat().st_size >= MAX_BYTES:
         raise RuntimeError(f"{path.name}: {path.stat().st_size} bytes exceeds 2 MB")
-    logits = run_onnx(path, x, dynamic)
+    logits = run_onnx(path, x, dynamic, axis)
     diff = float(np.abs(logits - expected).max())
     if diff >= TOLERANCE:
         raise RuntimeError(f"{path.name}: max abs diff vs torch {diff:.2e} >= {TOLERANCE}")
@@ -229,13 +233,20 @@ def write_manifest(entries: dict[str, dict], data: dict[bool, Digits]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Build all models, or only those named with ``--only``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=sorted(SPECS), help="models to rebuild")
-    names = parser.parse_args(argv).only or list(SPECS)
+    choices = [*sorted(SPECS), "crnn"]
+    parser.add_argument("--only", nargs="+", choices=choices, help="models to rebuild")
+    names = parser.parse_args(argv).only or choices
     start = time.perf_counter()
-    data = {flat: load(flat) for flat in {SPECS[n].flat for n in names}}
+    data = {flat: load(flat) for flat in {SPECS[n].flat for n in names if n in SPECS} or {True}}
     for flat, digits in data.items():
         save_splits(digits, flat)
-    entries = {name: build_one(name, SPECS[name], data[SPECS[name].flat]) for name in names}
+    entries = {
+        name: build_one(name, SPECS[name], data[SPECS[name].flat])
+        for name in names
+        if name in SPECS
+    }
+    if "crnn" in names:
+        entries["crnn"] = crnn.build(OUT_DIR)
     write_manifest(entries, data)
     print(f"built {len(entries)} model(s) in {time.perf_counter() - start:.1f}s")
 

@@ -13,9 +13,13 @@ import pytest
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 MANIFEST = json.loads((MODELS_DIR / "manifest.json").read_text())
 ENTRIES: dict[str, dict] = MANIFEST["models"]
-EXPECTED = {"mlp", "vgg", "resnet", "mobilenetv2", "inception", "senet", "tsra_vgg", "relu_vgg"}
+EXPECTED = {
+    *("mlp", "vgg", "resnet", "mobilenetv2", "inception", "senet", "tsra_vgg", "relu_vgg"),
+    "crnn",
+}
 EXPORTERS = {"onnx": "test_accuracy_pct", "onnx_dynamo": "test_accuracy_pct_dynamo"}
-CASES = [(name, key) for name in sorted(ENTRIES) for key in EXPORTERS if ENTRIES[name][key]]
+CLASSIFIERS = sorted(name for name, entry in ENTRIES.items() if "metric" not in entry)
+CASES = [(name, key) for name in CLASSIFIERS for key in EXPORTERS if ENTRIES[name][key]]
 SPLITS = ["digits32", "digits64"]
 
 
@@ -76,3 +80,28 @@ def test_calibration_and_test_are_disjoint(prefix: str) -> None:
     calib_rows = {row.tobytes() for row in calib.reshape(len(calib), -1)}
     test_rows = {row.tobytes() for row in test.reshape(len(test), -1)}
     assert not calib_rows & test_rows
+
+
+@pytest.mark.parametrize("key", ["onnx", "onnx_dynamo"])
+def test_crnn_reproduces_manifest_string_accuracy(key: str) -> None:
+    from models.crnn import string_accuracy
+
+    entry = ENTRIES["crnn"]
+    x, labels = load_split(entry["test"])
+    logits = predict(MODELS_DIR / entry[key], x, True)
+    assert logits.shape == (20, len(x), 11)
+    suffix = "" if key == "onnx" else "_dynamo"
+    assert string_accuracy(logits, labels) == pytest.approx(
+        entry[f"test_string_accuracy_pct{suffix}"], abs=0.2
+    )
+
+
+def test_crnn_strings_use_disjoint_digits() -> None:
+    """Calibration strings come from calibration digits, test strings from test digits."""
+    calib, _ = load_split("strings_calib.npz")
+    test, _ = load_split("strings_test.npz")
+
+    def glyphs(x: np.ndarray) -> set[bytes]:
+        return {x[i, 0, :, k : k + 8].tobytes() for i in range(len(x)) for k in (0, 8, 16)}
+
+    assert not glyphs(calib) & glyphs(test)

@@ -69,7 +69,8 @@ def zero_removed_inputs(graph: gs.Graph, groups, plans) -> onnx.ModelProto:
     Where the channels pass a TSRA or RMSNorm (which mix channels through norms), the removed
     channels are also zeroed at their producers, and behind an RMSNorm the consumers read
     √(C_new/C_old) times the input: the mean square over fewer channels is larger by C_old/C_new.
-    A grouped Conv reads the channels through the filters of one conv group only.
+    A grouped Conv reads the channels through the filters of one conv group only. A recurrent
+    node's hidden units are also read by its recurrence: R's columns of the removed ones are 0.
     """
     nodes = {node.name: node for node in graph.nodes}
     for group in groups:
@@ -100,6 +101,11 @@ def zero_removed_inputs(graph: gs.Graph, groups, plans) -> onnx.ModelProto:
                 index[edit.axis] = slice(start, start + edit.spatial)
                 weight[tuple(index)] = 0
             node.inputs[edit.input] = gs.Constant(f"{edit.node}.zeroed{edit.input}", weight)
+        for edit in (e for e in group.edits if e.role == "hidden"):  # the recurrence reads h
+            node = nodes[edit.node]
+            recurrence = np.array(node.inputs[2].values)
+            recurrence[edit.axis][:, removed] = 0
+            node.inputs[2] = gs.Constant(f"{edit.node}.recurrence{edit.axis}", recurrence)
     return export(graph)
 
 

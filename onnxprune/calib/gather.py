@@ -19,9 +19,11 @@ from onnxprune.calib.grads import Gradients, Product, collect_gradients
 from onnxprune.calib.jacobian import Site, SiteStats, collect_jacobian_stats, collect_weight_stats
 from onnxprune.calib.stats import collect
 from onnxprune.config import PruneConfig
+from onnxprune.errors import UsageError
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import export
 from onnxprune.graph.ops import rank_of
+from onnxprune.graph.recurrent import is_recurrent
 from onnxprune.graph.sparsify import WeightLayer, to_canonical
 from onnxprune.graph.weights import (
     consumer_matrix,
@@ -133,10 +135,20 @@ def _gradients(model, graph, selected, needs, dataset, config) -> Gradients | No
 
 
 def _consumer_sites(graph: gs.Graph, groups: list[ChannelGroup]) -> dict[str, list]:
-    """Per group: (consumer node, its Jacobian Site, its weight on the group) for every consumer."""
+    """Per group: (consumer node, its Jacobian Site, its weight on the group) for every consumer.
+
+    A recurrent node as reader (its input weights or its own recurrence) is refused: its gate
+    pre-activations, which the bias shift acts on, are no tensor of the graph."""
     nodes = {node.name: node for node in graph.nodes}
     found: dict[str, list] = {}
     for group in groups:
+        for edit in group.edits:
+            if edit.role in ("in", "hidden") and is_recurrent(nodes[edit.node]):
+                raise UsageError(
+                    f"group '{group.name}' is read by {nodes[edit.node].op} '{edit.node}': "
+                    "per-channel biascomp does not weigh recurrent gates",
+                    hint="--exclude the group, or use another method",
+                )
         for edit in (e for e in group.edits if e.role == "in"):
             tap = next(t for t in group.taps if t.tensor == edit.tap and t.offset == edit.offset)
             node = nodes[edit.node]

@@ -20,6 +20,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from onnxprune.calib.torch_recurrent import RECURRENT_OPS
 from onnxprune.errors import UnsupportedOpError
 
 Tensor = torch.Tensor
@@ -707,6 +708,7 @@ def _identity(n: OpNode, xs: list) -> Result:
 
 
 OPS: dict[str, Callable[[OpNode, list], Result]] = {
+    **RECURRENT_OPS,
     "Conv": _conv,
     "ConvTranspose": _conv_transpose,
     "Gemm": _gemm,
@@ -797,4 +799,4 @@ OPS: dict[str, Callable[[OpNode, list], Result]] = {
 }
 
 #: Most outputs an op may have in use; other ops allow one. None means any number.
-MAX_OUTPUTS: dict[str, int | None] = {"Split": None, "Dropout": 2}
+MAX_OUTPUTS: dict[str, int | None] = {"Split": None, "Dropout": 2, "LSTM": 3, "GRU": 2, "RNN": 2}

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, Tap
 from onnxprune.graph.layout import is_grouped_conv, layout_step
 from onnxprune.graph.ops import NONLINEAR, State, const, rank_of, step
+from onnxprune.graph.recurrent import ROTATION_BLOCK, hidden_units, is_recurrent, recurrent_step
 from onnxprune.graph.rotation import (
     invariant_step,
     is_rms_end,
@@ -51,6 +52,10 @@ class _Producer:
     lo: int = 0
     whole: bool = True
     blocks: int = 1
+    also: tuple[State, ...] = ()  # further starts (an RNN's final states)
+    taps: tuple[Tap, ...] = ()  # taps read by the producer itself (an RNN's recurrence)
+    ties: tuple[str, ...] = ()
+    rotation: str | None = None
 
     @property
     def label(self) -> str:
@@ -84,7 +89,11 @@ class _Walk:
 
 def _producers(graph: gs.Graph) -> list[_Producer]:
     found = []
+    outputs = {t.name for t in graph.outputs}
     for node in graph.nodes:
+        if is_recurrent(node):
+            found.extend(_recurrent(node, outputs))
+            continue
         producer = _as_producer(node)
         if producer is not None:
             found.append(producer)
@@ -116,6 +125,26 @@ def _as_producer(node: gs.Node) -> _Producer | None:
             node, weight.shape[1], [ParamEdit(node.name, 1, 1, 0, "out")], State(out, rank - 1, 0)
         )
     return None
+
+
+def _recurrent(node: gs.Node, outputs: set[str]) -> list[_Producer]:
+    """One producer per direction of an LSTM/GRU/RNN (graph/recurrent.py)."""
+    return [
+        _Producer(
+            node,
+            h.channels,
+            list(h.edits),
+            h.starts[0],
+            h.reason,
+            h.lo,
+            h.whole,
+            also=h.starts[1:],
+            taps=(h.tap,) if h.tap else (),
+            ties=(h.tie,),
+            rotation=ROTATION_BLOCK,
+        )  # fmt: skip
+        for h in hidden_units(node, outputs)
+    ]
 
 
 def _with_bias(
@@ -154,7 +183,7 @@ def _walk_parts(graph: gs.Graph, producer: _Producer) -> list[_Walk]:
         walk = _Walk(producer, cuts=set(range(width, producer.channels, width)))
     else:
         walk = _walk(graph, producer)
-    if not walk.cuts:
+    if not walk.cuts or is_recurrent(producer.node):  # hidden units are not cut: stay blocked
         if producer.blocks > 1:
             walk.ties.add(f"{producer.node.name}:out")
         return [walk]
@@ -175,6 +204,9 @@ def _aligned(walks: list[_Walk], graph: gs.Graph) -> list[_Walk]:
     channels meeting a grouped Conv's conv groups), until all meetings line up."""
     while True:
         cuts = _meeting_cuts(walks)
+        for i in [i for i in cuts if is_recurrent(walks[i].producer.node)]:
+            walks[i].block("hidden units meet channels cut elsewhere", None)
+            del cuts[i]
         if not cuts:
             return walks
         walks = [
@@ -213,12 +245,14 @@ def _cut(graph: gs.Graph, producer: _Producer, cuts: set[int]) -> list[_Walk]:
 
 def _walk(graph: gs.Graph, producer: _Producer) -> _Walk:
     """Follow one producer's channels forward until every path ends at a consumer or a block."""
-    walk = _Walk(producer)
+    walk = _Walk(
+        producer, taps=list(producer.taps), ties=set(producer.ties), rotation=producer.rotation
+    )
     if producer.reason:
         walk.block(producer.reason, producer.node.name)
     tensors = graph.tensors()
     outputs = {t.name for t in graph.outputs}
-    stack, seen = [producer.start], set()
+    stack, seen = [producer.start, *producer.also], set()
     while stack:
         state = stack.pop()
         if state in seen:
@@ -237,7 +271,8 @@ def _walk(graph: gs.Graph, producer: _Producer) -> _Walk:
 def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[State]) -> None:
     channels = walk.producer.channels
     result = (
-        invariant_step(node, index, state, channels)
+        recurrent_step(node, index, state, channels)
+        or invariant_step(node, index, state, channels)
         or layout_step(node, index, state, channels)
         or step(node, index, state, channels)
     )

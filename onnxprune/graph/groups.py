@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Role = Literal["out", "chan", "in", "reshape", "split", "count", "tail"]
+Role = Literal["out", "chan", "in", "reshape", "split", "count", "tail", "hidden"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,10 @@ class ParamEdit:
     shrink by the pruned channels that lie before it;
     "count": entry `axis` of a 1-D integer constant (a Split size, a Slice bound, a Resize or
     Reshape size) that counts the group's channels and shrinks by the removed ones × `spatial`;
-    "tail": such an entry counted from the end (a negative Slice bound), which grows by them.
+    "tail": such an entry counted from the end (a negative Slice bound), which grows by them;
+    "hidden": the hidden units of direction `axis` of a recurrent node (LSTM/GRU/RNN): every
+    gate block's rows of W, R and B, the initial states, the peepholes and `hidden_size`, and
+    R's columns, into which the correction of `tap` (at `offset`) is folded (graph/recurrent.py).
     """
 
     node: str

@@ -18,6 +18,7 @@ from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, tap_key
 from onnxprune.graph.layout import is_grouped_conv, split_sizes
 from onnxprune.graph.load import export, infer_shapes
+from onnxprune.graph.recurrent import Units, input_shift, is_recurrent, is_zero, pruned_arrays
 from onnxprune.methods.base import Plan
 
 
@@ -37,6 +38,7 @@ def rewrite(
     nodes = {node.name: node for node in graph.nodes}
     jobs: dict[tuple[str, int], list[tuple[ParamEdit, ChannelGroup, Plan]]] = defaultdict(list)
     splits: dict[str, list[tuple[ParamEdit, ChannelGroup, Plan]]] = defaultdict(list)
+    hidden: dict[str, list[tuple[ParamEdit, ChannelGroup, Plan]]] = defaultdict(list)
     for group in groups:
         plan = plans.get(group.name)
         if plan is None or not group.prunable:
@@ -44,6 +46,8 @@ def rewrite(
         for edit in group.edits:
             if edit.role == "split":
                 splits[edit.node].append((edit, group, plan))
+            elif edit.role == "hidden":
+                hidden[edit.node].append((edit, group, plan))
             else:
                 jobs[(edit.node, edit.input)].append((edit, group, plan))
     deltas: dict[str, np.ndarray] = {}
@@ -60,6 +64,8 @@ def rewrite(
         node.inputs[index] = gs.Constant(
             f"{node.inputs[index].name}__{name}", work.astype(value.dtype)
         )
+    for name in sorted({*hidden, *(n for n in deltas if is_recurrent(nodes[n]))}):
+        _prune_recurrent(nodes[name], hidden.get(name, []), deltas.pop(name, None))
     _split_attributes([nodes[name] for name, _ in jobs], graph.opset)
     for name, items in splits.items():
         nodes[name].attrs["split"] = _new_split(items)
@@ -70,6 +76,59 @@ def rewrite(
         _follow_depthwise_group(nodes[name], index, jobs[(name, index)])
     graph.cleanup().toposort()
     return infer_shapes(graph)
+
+
+def _prune_recurrent(
+    node: gs.Node, items: list[tuple[ParamEdit, ChannelGroup, Plan]], shift: np.ndarray | None
+) -> None:
+    """Remove the planned hidden units of an LSTM/GRU/RNN (its weights already carry the
+    folds of the groups it consumes, and `shift` = W c of their constants goes into Wb first).
+
+    Zero initial states are dropped (an absent state is zero); the recurrence takes the
+    correction of the hidden-state tap the edit names."""
+    arrays = {i: _optional(node, i) for i in (1, 2, 3, 5, 6, 7)}
+    if shift is not None:
+        if arrays[3] is None:
+            arrays[3] = np.zeros((shift.shape[0], 2 * shift.shape[1]))
+        arrays[3][:, : shift.shape[1]] += shift
+    units = {}
+    for edit, _, plan in items:
+        correction = plan.corrections.get(tap_key(edit.tap, edit.offset))
+        units[edit.axis] = Units(
+            np.asarray(plan.keep),
+            None if correction is None else np.asarray(correction.M, dtype=np.float64),
+            None if correction is None or correction.c is None else np.asarray(correction.c),
+        )
+    try:
+        arrays = pruned_arrays(node, arrays, units)
+    except ValueError as err:
+        raise OnnxPruneError(str(err)) from None
+    _set_recurrent_inputs(node, arrays)
+    node.attrs["hidden_size"] = int(arrays[2].shape[-1])
+
+
+def _set_recurrent_inputs(node: gs.Node, arrays: dict[int, np.ndarray | None]) -> None:
+    """Write the new arrays as the node's inputs: a bias created here is appended, and a
+    dropped (zero) initial state becomes an empty input."""
+    dtype = node.inputs[1].values.dtype
+    while len(node.inputs) < 8 and arrays.get(len(node.inputs)) is not None:
+        node.inputs.append(gs.Variable.empty())
+    for index, value in arrays.items():
+        if index < len(node.inputs) and (value is not None or index in (5, 6)):
+            node.inputs[index] = (
+                gs.Variable.empty()
+                if value is None
+                else gs.Constant(f"{node.name}__in{index}", value.astype(dtype))
+            )
+
+
+def _optional(node: gs.Node, index: int) -> np.ndarray | None:
+    """Input `index` of a recurrent node as float64; None when absent, or for an initial state
+    (5, 6) that is provably zero (it may be computed, e.g. ConstantOfShape of the batch)."""
+    tensor = node.inputs[index] if len(node.inputs) > index else None
+    if tensor is None or not tensor.name or (index in (5, 6) and is_zero(tensor)):
+        return None
+    return np.asarray(tensor.values, dtype=np.float64)
 
 
 def _follow_depthwise_group(
@@ -262,6 +321,8 @@ def _weight_times(
 ) -> np.ndarray:
     """W c for the consumer's output units: contract channels with c, sum taps and positions."""
     _, seg, _ = _split(work, edit, m)
+    if is_recurrent(node):
+        return input_shift(seg, c, edit.axis)
     out_axis = _OUT_AXIS.get(node.op, 1 - edit.axis)
     # contracting the channel axis leaves the output axis at its original index
     weighted = np.moveaxis(np.tensordot(seg, c, axes=([edit.axis], [0])), out_axis, 0)

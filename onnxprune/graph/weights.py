@@ -7,6 +7,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ChannelGroup, ParamEdit
 from onnxprune.graph.layout import is_grouped_conv
+from onnxprune.graph.recurrent import GATES, is_recurrent, unit_rows
 
 
 def producer_filters(graph: gs.Graph, group: ChannelGroup) -> tuple[np.ndarray, ...]:
@@ -18,7 +19,11 @@ def producer_filters(graph: gs.Graph, group: ChannelGroup) -> tuple[np.ndarray, 
 
 
 def group_rows(group: ChannelGroup, node: gs.Node, weight: np.ndarray) -> np.ndarray:
-    """The rows of `filter_rows` that are `group`'s channels of producer `node`."""
+    """The rows of `filter_rows` that are `group`'s channels of producer `node` (an RNN's:
+    each unit's rows of every gate block of W)."""
+    if is_recurrent(node):
+        edit = next(e for e in group.edits if e.node == node.name and e.role == "hidden")
+        return unit_rows(weight, GATES[node.op], edit.axis, group.channels)
     lo = group.first_row(node.name)
     return filter_rows(node, weight)[lo : lo + group.channels]
 
@@ -40,13 +45,16 @@ def filter_rows(node: gs.Node, weight: np.ndarray) -> np.ndarray:
 
 
 def consumer_input_sizes(graph: gs.Graph, groups: tuple[ChannelGroup, ...]) -> dict[str, int]:
-    """Length of each consumer weight's input axis (channels × positions), by node name."""
+    """Length of each consumer weight's input axis (channels × positions), by node name; for a
+    recurrent node, In + H (W's and R's columns: its hidden units are inputs too)."""
     nodes = {node.name: node for node in graph.nodes}
     sizes = {}
     for group in groups:
         for edit in group.edits:
-            if edit.role == "in":
-                node = nodes[edit.node]
+            node = nodes[edit.node]
+            if is_recurrent(node) and edit.role in ("in", "hidden"):  # W's and R's columns
+                sizes[edit.node] = int(node.inputs[1].shape[2] + node.inputs[2].shape[2])
+            elif edit.role == "in":
                 blocks = node.attrs.get("group", 1) if is_grouped_conv(node) else 1
                 sizes[edit.node] = int(node.inputs[edit.input].shape[edit.axis]) * blocks
     return sizes

@@ -58,10 +58,9 @@ def width_cost(
     out_total: dict[str, int] = {}
     for group in groups:
         for edit in group.edits:
-            if edit.role == "out" and edit.input == 1:
+            if (edit.role == "out" and edit.input == 1) or edit.role == "hidden":
                 out_total[edit.node] = out_total.get(edit.node, 0) + group.channels
-        if not group.prunable:
-            continue
+    for group in (g for g in groups if g.prunable):
         for edit in group.edits:
             entry = touched.setdefault(edit.node, {"out": [], "chan": None, "inputs": []})
             if edit.role == "out" and edit.input == 1:
@@ -70,6 +69,10 @@ def width_cost(
                 entry["chan"] = (group.name, group.channels)
             elif edit.role == "in":
                 entry["inputs"].append((group.name, group.channels, edit.spatial))
+            elif edit.role == "hidden":  # G·H' rows × (In' + H') columns per direction
+                entry["out"].append((group.name, group.channels))
+                directions = out_total[edit.node] // group.channels
+                entry["inputs"].append((group.name, group.channels, 1 / directions))
     terms, fixed = [], 0.0
     for node, cost in node_cost.items():
         entry = touched.get(node)

@@ -1,0 +1,407 @@
+"""LSTM/GRU/RNN hidden units as groups (graph/recurrent.py), checked against a numpy reference.
+
+- the analyzer finds one group per layer and direction, blocks what it cannot follow;
+- any kept subset with any correction (M, c) equals, brute force, the original recurrence in
+  numpy where every step's hidden state is replaced by its reconstruction Mᵀ h_S + c (selection:
+  the removed units forced to 0), for LSTM (with peepholes), GRU (both linear_before_reset) and
+  RNN, forward, reverse and bidirectional;
+- ratio 0 is the identity; a duplicated hidden unit is removed exactly by ID; a constant input
+  feature is removed exactly with its mean folded into the LSTM bias.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import graphs
+import numpy as np
+import onnx
+import pytest
+from conftest import assert_outputs_close, data_path, reference_feeds, reference_path, run_model
+
+import onnxprune
+from onnxprune.calib.torch_exec import check_against_ort
+from onnxprune.errors import UsageError
+from onnxprune.graph.analyze import analyze
+from onnxprune.graph.load import export, normalize
+from onnxprune.graph.rewrite import rewrite
+from onnxprune.methods.base import Correction, Plan
+
+T, B, IN, H, K = 5, 3, 4, 3, 2
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def recurrent_model(
+    op: str = "LSTM",
+    direction: str = "forward",
+    *,
+    seed: int = 0,
+    peepholes: bool = False,
+    lbr: int = 1,
+    weights: dict[str, np.ndarray] | None = None,
+    zero_state: bool = False,
+    read_final: bool = False,
+    features: np.ndarray | None = None,
+) -> onnx.ModelProto:
+    """x (T, N, IN) → MatMul+Add (IN features) → op → merge directions → MatMul (K) → y.
+
+    `weights` overrides W, R, B; `features` the feature MatMul's weight (IN, IN)."""
+    b = graphs.Builder(seed)
+    d = 2 if direction == "bidirectional" else 1
+    g = GATES[op]
+    w = (weights or {}).get("W", 0.5 * b.rng.standard_normal((d, g * H, IN)))
+    r = (weights or {}).get("R", 0.5 * b.rng.standard_normal((d, g * H, H)))
+    bias = (weights or {}).get("B", 0.3 * b.rng.standard_normal((d, 2 * g * H)))
+    fw = features if features is not None else 0.5 * b.rng.standard_normal((IN, IN))
+    feat = b.node("MatMul", "feat", ["x", b.const("feat.w", fw.astype(np.float32))])
+    feat = b.node("Add", "feat_add", [feat, b.rand("feat.b", IN)])
+    inputs = [
+        feat,
+        *(b.const(n, v.astype(np.float32)) for n, v in (("W", w), ("R", r), ("B", bias))),
+    ]
+    if zero_state:
+        zeros = np.zeros((d, 1, H), np.float32)
+        shape = b.node("Shape", "shape", [feat], start=1, end=2)
+        dims = [b.const("dd", np.array([d], np.int64)), shape, b.const("hh", np.array([H]))]
+        full = b.node("Concat", "state_shape", dims, axis=0)
+        state = b.node(
+            "ConstantOfShape", "zeros", [full], value=onnx.numpy_helper.from_array(zeros[0, 0, :1])
+        )
+        inputs += ["", state] + ([state] if op == "LSTM" else [])
+    if peepholes:
+        inputs += [""] * (7 - len(inputs)) + [b.rand("P", d, 3 * H)]
+    attrs = {"linear_before_reset": lbr} if op == "GRU" else {}
+    seq = b.node(op, "rnn", inputs, outputs=2, hidden_size=H, direction=direction, **attrs)
+    if d == 1:
+        seq = b.node("Squeeze", "squeeze", [seq, b.const("axes", np.array([1], np.int64))])
+    else:
+        seq = b.node("Transpose", "transpose", [seq], perm=[0, 2, 1, 3])
+        seq = b.node("Reshape", "merge", [seq, b.const("target", np.array([0, 0, -1], np.int64))])
+    y = b.node("MatMul", "head", [seq, b.rand("head.w", d * H, K)])
+    outputs = [y]
+    if read_final:
+        outputs.append(b.node("Relu", "final", ["rnn_out1"]))
+    return b.model(outputs, inputs=[("x", (T, "N", IN))])
+
+
+def reference(model: onnx.ModelProto, x: np.ndarray, units: dict[int, tuple]) -> np.ndarray:
+    """The output y of `recurrent_model` in numpy, the hidden state of direction d replaced at
+    every step (and before the first) by Mᵀ h_S + c for `units[d]` = (keep, M, c)."""
+    init = {
+        t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer
+    }
+    node = next(n for n in model.graph.node if n.name == "rnn")
+    op, attrs = node.op_type, {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    feat = x.astype(np.float64) @ init["feat.w"] + init["feat.b"]
+    d_total = init["W"].shape[0]
+    outs = []
+    for d in range(d_total):
+        keep, m, c = units.get(d, (np.arange(H), np.eye(H), np.zeros(H)))
+        steps = (
+            range(T)
+            if (d == 0 and attrs.get("direction", b"forward") != b"reverse")
+            else range(T - 1, -1, -1)
+        )
+        params = {k: init[k][d] for k in ("W", "R", "B")}
+        params["P"] = init["P"][d] if "P" in init else np.zeros(3 * H)
+        outs.append(_run(op, attrs, params, feat, steps, keep, m, c))
+    seq = np.concatenate(outs, axis=-1)  # (T, N, D·H)
+    return seq @ init["head.w"]
+
+
+def _run(op: str, attrs: dict, p: dict, feat: np.ndarray, steps: range, keep, m, c) -> np.ndarray:
+    """One direction; the recurrence and the output read the reconstruction of h_S."""
+    n = feat.shape[1]
+    h, cell = np.zeros((n, H)), np.zeros((n, H))
+    out = np.zeros((T, n, H))
+    g = GATES[op]
+    wb, rb = p["B"][: g * H], p["B"][g * H :]
+
+    def seen(state):  # what the recurrence and the consumer read
+        return state[:, keep] @ m + c
+
+    for t in steps:
+        hr = seen(h)
+        xw = feat[t] @ p["W"].T + wb
+        if op == "LSTM":
+            a = xw + hr @ p["R"].T + rb
+            i, o, f, cc = np.split(a, 4, axis=1)
+            pi, po, pf = np.split(p["P"], 3)
+            i, f = _sigmoid(i + pi * cell), _sigmoid(f + pf * cell)
+            cell = f * cell + i * np.tanh(cc)
+            h = _sigmoid(o + po * cell) * np.tanh(cell)
+        elif op == "GRU":
+            rz = xw[:, : 2 * H] + hr @ p["R"][: 2 * H].T + rb[: 2 * H]
+            z, r = _sigmoid(rz[:, :H]), _sigmoid(rz[:, H:])
+            rh = p["R"][2 * H :]
+            if attrs.get("linear_before_reset", 0):
+                hh = np.tanh(xw[:, 2 * H :] + r * (hr @ rh.T + rb[2 * H :]))
+            else:  # reads r ⊙ h: the kept units only, no reconstruction
+                mask = np.zeros(H)
+                mask[keep] = 1.0
+                hh = np.tanh(xw[:, 2 * H :] + (r * h * mask) @ rh.T + rb[2 * H :])
+            h = (1 - z) * hh + z * h  # each unit keeps its own state
+        else:
+            h = np.tanh(xw + hr @ p["R"].T + rb)
+        out[t] = h
+    return np.stack([seen(s) for s in out])
+
+
+def _pruned(model: onnx.ModelProto, units: dict[int, tuple]) -> onnx.ModelProto:
+    graph = normalize(model)
+    groups = {g.name: g for g in analyze(graph)}
+    plans = {}
+    for d, (keep, m, c) in units.items():
+        name = "rnn" if "rnn" in groups else f"rnn[{d * H}:{(d + 1) * H}]"
+        group = groups[name]
+        plans[name] = Plan(np.asarray(keep), {t.key: Correction(m, c) for t in group.taps})
+    return export(rewrite(graph, tuple(groups.values()), plans))
+
+
+CASES = [
+    ("LSTM", "forward", {}),
+    ("LSTM", "reverse", {"peepholes": True}),
+    ("LSTM", "bidirectional", {"peepholes": True, "zero_state": True}),
+    ("GRU", "forward", {"lbr": 1}),
+    ("GRU", "bidirectional", {"lbr": 0}),
+    ("RNN", "bidirectional", {}),
+]
+
+
+@pytest.mark.parametrize("op, direction, options", CASES)
+def test_every_subset_matches_the_reconstructed_recurrence(op, direction, options):
+    """Brute force over every kept pair of 3 units, with plain selection and with a random
+    correction (M, c) in the recurrence and the consumer (different per direction)."""
+    model = recurrent_model(op, direction, **options)
+    x = np.random.default_rng(1).standard_normal((T, 2, IN)).astype(np.float32)
+    rng = np.random.default_rng(2)
+    directions = 2 if direction == "bidirectional" else 1
+    for keeps in itertools.product(itertools.combinations(range(H), 2), repeat=directions):
+        for corrected in (False, True):
+            units = {}
+            for d, keep in enumerate(keeps):
+                m = np.eye(H)[list(keep)]
+                c = np.zeros(H)
+                if corrected:
+                    m = m + 0.3 * rng.standard_normal(m.shape)
+                    c = 0.2 * rng.standard_normal(H)
+                units[d] = (np.asarray(keep), m, c)
+            got = run_model(_pruned(model, units), {"x": x})["head_out"]
+            want = reference(model, x, units)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("op, direction, options", CASES)
+def test_the_reference_is_onnx_runtimes_recurrence(op, direction, options):
+    model = recurrent_model(op, direction, **options)
+    x = np.random.default_rng(1).standard_normal((T, 2, IN)).astype(np.float32)
+    want = reference(model, x, {})
+    got = run_model(model, {"x": x})["head_out"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+# --- the analyzer -------------------------------------------------------------------------
+
+
+def _groups(model: onnx.ModelProto) -> dict:
+    return {g.name: g for g in analyze(normalize(model))}
+
+
+def test_one_group_per_direction_with_equal_widths_and_the_recurrence_tap():
+    groups = _groups(recurrent_model("LSTM", "bidirectional"))
+    forward, backward = groups["rnn[0:3]"], groups["rnn[3:6]"]
+    for d, group in enumerate((forward, backward)):
+        assert group.prunable and not group.rotatable
+        assert group.consumers == ("head",) and group.ties == ("rnn:hidden",)
+        assert [t.key for t in group.taps] == ["merge_out" if d == 0 else "merge_out@3"]
+    assert groups["feat"].prunable and groups["feat"].consumers == ("rnn",)
+
+
+def test_unidirectional_final_state_is_followed():
+    group = _groups(recurrent_model("GRU", read_final=True))["rnn"]
+    assert group.reason == "channels reach graph output 'final_out'"
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (lambda m: _attr(m, "layout", 1), "layout=1"),
+        (lambda m: _input(m, 5, "x"), "initial state that is neither constant nor zero"),
+    ],
+)
+def test_unsupported_recurrent_nodes_are_refused_with_the_reason(change, reason):
+    model = recurrent_model("LSTM")
+    change(model)
+    assert reason in _groups(model)["rnn"].reason
+
+
+def test_bidirectional_final_states_are_refused():
+    group = _groups(recurrent_model("LSTM", "bidirectional", read_final=True))["rnn[0:3]"]
+    assert "final states Y_h/Y_c are read" in group.reason
+
+
+def _attr(model: onnx.ModelProto, name: str, value: int) -> None:
+    node = next(n for n in model.graph.node if n.name == "rnn")
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def _input(model: onnx.ModelProto, index: int, tensor: str) -> None:
+    node = next(n for n in model.graph.node if n.name == "rnn")
+    while len(node.input) <= index:
+        node.input.append("")
+    node.input[index] = tensor
+
+
+# --- end to end: exact where the algebra says so ------------------------------------------
+
+
+def _x(n: int = 64, seed: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((T, n, IN)).astype(np.float32)
+
+
+@pytest.mark.parametrize("op, direction, options", CASES)
+@pytest.mark.parametrize("method", ["magnitude", "id"])
+def test_ratio_zero_is_the_identity(op, direction, options, method, save_tmp):
+    path = save_tmp(recurrent_model(op, direction, **options))
+    result = onnxprune.prune(path, method=method, ratio=0.0, round_to=1, data={"x": _x()})
+    assert_outputs_close(path, result.model, {"x": _x(8, 4)}, atol=1e-6)
+
+
+def _duplicated(op: str, d: int) -> dict[str, np.ndarray]:
+    """W, R, B where unit 2 of every direction repeats unit 0 (same rows in every gate block):
+    their hidden states are equal at every step."""
+    rng, g = np.random.default_rng(5), GATES[op]
+    w = rng.standard_normal((d, g * H, IN))
+    r = rng.standard_normal((d, g * H, H))
+    bias = rng.standard_normal((d, 2 * g * H))
+    for k in range(g):
+        w[:, k * H + 2], r[:, k * H + 2] = w[:, k * H], r[:, k * H]
+        bias[:, k * H + 2], bias[:, (g + k) * H + 2] = bias[:, k * H], bias[:, (g + k) * H]
+    return {"W": w, "R": r, "B": bias}
+
+
+@pytest.mark.parametrize("op, direction", [("LSTM", "bidirectional"), ("GRU", "forward")])
+@pytest.mark.parametrize("compensate", ["none", "bias"])
+def test_duplicated_hidden_unit_is_removed_exactly_by_id(op, direction, compensate, save_tmp):
+    d = 2 if direction == "bidirectional" else 1
+    path = save_tmp(recurrent_model(op, direction, weights=_duplicated(op, d)))
+    result = onnxprune.prune(
+        path, method="id", compensate=compensate, recalibrate=False, ratio=1 / 3, round_to=1,
+        exclude=["feat"], data={"x": _x()},
+    )  # fmt: skip
+    for name, plan in result.plans.items():
+        assert len(plan.keep) == 2 and 1 in plan.keep, name
+    assert_outputs_close(path, result.model, {"x": _x(8, 4)}, atol=1e-5)
+
+
+def test_constant_input_feature_folds_into_the_lstm_bias(save_tmp):
+    """Feature 1 of the MatMul before the LSTM is a constant (zero weight column): ID with an
+    intercept removes it exactly, W's columns taking M and Wb the shift W c."""
+    features = 0.5 * np.random.default_rng(6).standard_normal((IN, IN))
+    features[:, 1] = 0.0
+    path = save_tmp(recurrent_model("LSTM", "bidirectional", features=features))
+    result = onnxprune.prune(
+        path, method="id", compensate="bias", recalibrate=False, ratio=0.25, round_to=1,
+        exclude=["rnn"], data={"x": _x()},
+    )  # fmt: skip
+    assert list(result.plans) == ["feat"] and 1 not in result.plans["feat"].keep
+    assert_outputs_close(path, result.model, {"x": _x(8, 4)}, atol=1e-5)
+
+
+# --- the torch interpreter (gradient methods) ---------------------------------------------
+
+
+@pytest.mark.parametrize("op, direction, options", CASES)
+def test_torch_interpreter_runs_the_recurrence_like_onnx_runtime(op, direction, options):
+    model = recurrent_model(op, direction, read_final=True, **options)
+    graph = check_against_ort(model, {"x": _x(4)}, rtol=1e-4, atol=1e-5)
+    out = graph.run({"x": _x(4)})
+    sum(value.sum() for value in out.values()).backward()
+    assert all(graph.params[name].grad is not None for name in ("W", "R", "B"))
+
+
+def test_taylor_scores_lstm_hidden_units(save_tmp):
+    path = save_tmp(recurrent_model("LSTM", "bidirectional"))
+    x = _x()
+    result = onnxprune.prune(
+        path, method="taylor", ratio=1 / 3, round_to=1, exclude=["feat"],
+        data={"x": x},
+    )  # fmt: skip
+    assert {len(p.keep) for p in result.plans.values()} == {2}
+
+
+def test_per_channel_biascomp_refuses_recurrent_readers(save_tmp):
+    path = save_tmp(recurrent_model("LSTM"))
+    with pytest.raises(UsageError, match="read by LSTM 'rnn'"):
+        onnxprune.prune(path, method="biascomp", ratio=0.3, data={"x": _x()})
+
+
+# --- the CRNN reference model (both exporters) --------------------------------------------
+
+
+@pytest.mark.parametrize("exporter", ["onnx", "dynamo.onnx"])
+def test_crnn_lstm_units_and_the_conv_before_them_are_prunable(exporter):
+    analysis = onnxprune.analyze(str(reference_path("crnn", exporter)))
+    recurrent = [g for g in analysis.groups if "LSTM" in g.name]
+    assert len(recurrent) == 4 and all(g.prunable for g in recurrent)
+    assert sum(g.prunable for g in analysis.groups) == len(analysis.groups) - 1  # the output
+
+
+@pytest.mark.parametrize("exporter", ["onnx", "dynamo.onnx"])
+def test_crnn_keeps_string_accuracy_at_half_the_lstm_parameters(exporter):
+    """43 of 64 units per direction: 50.2 % fewer LSTM weights; ID within 2 points."""
+    from models.crnn import string_accuracy
+
+    path = reference_path("crnn", exporter)
+    with np.load(data_path("crnn", "test")) as test:
+        x, labels = test["input"][:300], test["labels"][:300]
+    calib = reference_feeds("crnn", 128)
+    result = onnxprune.prune(
+        str(path), method="id", ratio=21 / 64, round_to=1, exclude=["Conv"], data=calib
+    )
+    assert {len(p.keep) for p in result.plans.values()} == {43}
+    before = string_accuracy(run_model(path, {"input": x})["logits"], labels)
+    after = string_accuracy(run_model(result.model, {"input": x})["logits"], labels)
+    assert after >= before - 2.0
+
+
+def test_zero_bias_and_peepholes_are_sliced_like_any(save_tmp):
+    """All-zero B and P are ordinary constants: sliced, not mistaken for absent inputs."""
+    zeros = {"B": np.zeros((1, 8 * H))}
+    model = recurrent_model("LSTM", weights=zeros, peepholes=True)
+    p = next(t for t in model.graph.initializer if t.name == "P")
+    p.CopyFrom(onnx.numpy_helper.from_array(np.zeros((1, 3 * H), np.float32), "P"))
+    path = save_tmp(model)
+    result = onnxprune.prune(
+        path, method="magnitude", ratio=1 / 3, round_to=1, exclude=["feat"], data={"x": _x()}
+    )
+    units = {0: (np.asarray(result.plans["rnn"].keep), np.eye(H)[result.plans["rnn"].keep], 0)}
+    x = _x(8, 4)
+    np.testing.assert_allclose(
+        run_model(result.model, {"x": x})["head_out"], reference(model, x, units), rtol=1e-4,
+        atol=1e-5,
+    )  # fmt: skip
+
+
+def test_magnitude_ranks_units_by_their_input_rows_in_every_gate(save_tmp):
+    """Unit 1's W rows are 10× larger in every gate block: magnitude keeps it."""
+    rng = np.random.default_rng(7)
+    w = 0.1 * rng.standard_normal((1, 4 * H, IN))
+    w[0, 1::H] *= 100.0
+    path = save_tmp(recurrent_model("LSTM", weights={"W": w}))
+    result = onnxprune.prune(
+        path, method="magnitude", ratio=2 / 3, round_to=1, exclude=["feat"], data={"x": _x()}
+    )
+    assert list(result.plans["rnn"].keep) == [1]
+
+
+def test_ippro_pairs_unit_rows_with_their_gradients(save_tmp):
+    path = save_tmp(recurrent_model("GRU", "bidirectional"))
+    result = onnxprune.prune(
+        path, method="ippro", ratio=1 / 3, round_to=1, exclude=["feat"], data={"x": _x()}
+    )
+    assert {len(p.keep) for p in result.plans.values()} == {2}
