@@ -165,13 +165,14 @@ def _to_new_outputs(
 ) -> np.ndarray:
     """A shift computed for the original output channels of producer `name`, rotated and sliced
     like its outputs (each group's segment, from the highest first row down)."""
-    for group, plan in sorted(owners, key=lambda owner: -owner[0].first_row(name)):
-        lo = group.first_row(name)
-        segment = delta[lo : lo + group.channels]
+    for group, plan in sorted(owners, key=lambda owner: -owner[0].row_span(name)[0]):
+        lo, rows = group.row_span(name)
+        end = lo + group.channels * rows
+        segment = delta[lo:end].reshape(group.channels, rows, *delta.shape[1:])
         if plan.rotation is not None:
             segment = np.tensordot(np.asarray(plan.rotation), segment, axes=([1], [0]))
-        segment = segment[np.asarray(plan.keep)]
-        delta = np.concatenate([delta[:lo], segment, delta[lo + group.channels :]])
+        segment = segment[np.asarray(plan.keep)].reshape(-1, *delta.shape[1:])
+        delta = np.concatenate([delta[:lo], segment, delta[end:]])
     return delta
 
 

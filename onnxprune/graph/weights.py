@@ -19,8 +19,9 @@ def producer_filters(graph: gs.Graph, group: ChannelGroup) -> tuple[np.ndarray, 
 
 def group_rows(group: ChannelGroup, node: gs.Node, weight: np.ndarray) -> np.ndarray:
     """The rows of `filter_rows` that are `group`'s channels of producer `node`."""
-    lo = group.first_row(node.name)
-    return filter_rows(node, weight)[lo : lo + group.channels]
+    lo, rows = group.row_span(node.name)
+    filters = filter_rows(node, weight)[lo : lo + group.channels * rows]
+    return filters.reshape(group.channels, -1)  # a head's D rows as one channel
 
 
 def producer_weight_names(graph: gs.Graph, group: ChannelGroup) -> tuple[str, ...]:
