@@ -31,12 +31,12 @@ HEAD_DIM = DIM // HEADS
 class TinyAttention(nn.Module):
     """Tokens (batch, 5, 6) → 3-head attention → mean over tokens → 4 class scores."""
 
-    def __init__(self, softmax_over_heads: bool = False) -> None:
+    def __init__(self, softmax_over_heads: bool = False, sdpa: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.attn = Attention(DIM, HEADS)
         self.fc = nn.Linear(DIM, 4)
-        self.softmax_over_heads = softmax_over_heads
+        self.softmax_over_heads, self.sdpa = softmax_over_heads, sdpa
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         """The per-head attention outputs (batch, tokens, heads, head dim) the out proj reads."""
@@ -46,6 +46,8 @@ class TinyAttention(nn.Module):
             return t.reshape(x.shape[0], TOKENS, HEADS, HEAD_DIM).transpose(1, 2)
 
         q, k, v = split(a.q(x)), split(a.k(x)), split(a.v(x))
+        if self.sdpa:  # torch's fused call: exported with the scale on q and k separately
+            return nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
         scores = (q @ k.transpose(-2, -1)) * HEAD_DIM**-0.5
         axis = 1 if self.softmax_over_heads else -1
         return (scores.softmax(dim=axis) @ v).transpose(1, 2)
@@ -71,8 +73,9 @@ def _head_group(model: onnx.ModelProto):
     return next(g for g in groups if g.head_dim > 1), groups
 
 
-def test_q_k_v_and_out_projection_form_one_group_of_heads():
-    model = _export(TinyAttention())
+@pytest.mark.parametrize("sdpa", [False, True], ids=["explicit", "sdpa"])
+def test_q_k_v_and_out_projection_form_one_group_of_heads(sdpa):
+    model = _export(TinyAttention(sdpa=sdpa))
     heads, groups = _head_group(model)
     assert heads.prunable and not heads.coupled, heads.reason
     assert (heads.channels, heads.head_dim) == (HEADS, HEAD_DIM)
