@@ -14,6 +14,7 @@ MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 MANIFEST = json.loads((MODELS_DIR / "manifest.json").read_text())
 ENTRIES: dict[str, dict] = MANIFEST["models"]
 EXPECTED = {"mlp", "vgg", "resnet", "mobilenetv2", "inception", "senet", "tsra_vgg", "relu_vgg"}
+EXPECTED |= {"vit"}
 EXPORTERS = {"onnx": "test_accuracy_pct", "onnx_dynamo": "test_accuracy_pct_dynamo"}
 CASES = [(name, key) for name in sorted(ENTRIES) for key in EXPORTERS if ENTRIES[name][key]]
 SPLITS = ["digits32", "digits64"]
