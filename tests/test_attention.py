@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import assert_outputs_close, max_deviation, run_model
+from conftest import assert_outputs_close, max_deviation, reference_path, run_model
 from torch import nn
 
 import onnxprune
@@ -170,3 +170,14 @@ def test_every_method_prunes_heads_to_a_running_model(method):
     assert len(result.plans[group.name].keep) == 2
     out = run_model(result.model, {"input": x[:4]})["logits"]
     assert out.shape == (4, 4) and np.isfinite(out).all()
+
+
+def test_mac_target_counts_the_attention_matmuls_that_shrink_with_the_heads():
+    """The width cost model's MACs for the chosen widths are the pruned ViT's counted MACs:
+    q·kᵀ and attention·v shrink with the heads (a fifth of the model's MACs)."""
+    result = onnxprune.prune(
+        reference_path("vit"), method="magnitude", target_macs=0.5, round_to=1, verify=False
+    )
+    before, after = result.report.macs
+    assert result.report.target.reached == pytest.approx(after / before, abs=1e-3)
+    assert 0.45 <= after / before <= 0.5
