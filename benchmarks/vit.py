@@ -48,8 +48,10 @@ def main() -> None:
     if not args.markdown:
         methods = {label: METHODS[label] for label in args.methods.split(",")}
         old = json.loads(args.out.read_text()) if args.out.is_file() else {"exports": {}}
-        for name in args.exports.split(","):  # an export not named keeps its earlier numbers
-            old["exports"][name] = measure(MODELS / name, methods)
+        for name in args.exports.split(","):  # what is not measured keeps its earlier numbers
+            new = measure(MODELS / name, methods)
+            entry = old["exports"].setdefault(name, {"methods": {}})
+            entry.update({**new, "methods": {**entry["methods"], **new["methods"]}})
         old["meta"] = {"machine": platform.processor() or platform.machine(), "date": time.ctime()}
         args.out.write_text(json.dumps(old, indent=1) + "\n")
     print(markdown(json.loads(args.out.read_text())["exports"]))

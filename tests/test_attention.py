@@ -8,6 +8,8 @@ through the reference-model tests of test_prune.py and test_rewrite.py.
 
 from __future__ import annotations
 
+import itertools
+
 import graphs
 import numpy as np
 import onnx
@@ -23,6 +25,7 @@ from onnxprune.calib.gather import gather
 from onnxprune.config import PruneConfig
 from onnxprune.graph.analyze import analyze
 from onnxprune.graph.load import normalize
+from onnxprune.methods.id import InterpolativeDecomposition
 
 TOKENS, DIM, HEADS = 5, 6, 3
 HEAD_DIM = DIM // HEADS
@@ -124,6 +127,31 @@ def test_per_head_statistics_equal_brute_force():
         np.testing.assert_allclose(weights, expected, rtol=1e-6)
 
 
+def test_head_correction_is_the_least_squares_map_from_every_kept_feature():
+    """ID on heads: the greedy choice equals the best pair by brute force over all pairs, and
+    its map is numpy's least squares from the kept heads' features to every feature."""
+    module = TinyAttention().eval()
+    x = _inputs()
+    graph = normalize(_export(module))
+    groups = analyze(graph)
+    group = next(g for g in groups if g.head_dim > 1)
+    config = PruneConfig(method="id", batch_size=16)
+    data = Dataset({"input": x})
+    stats = gather(graph, groups, {group.name: 2}, frozenset({"gram"}), data, config).stats
+    plan = InterpolativeDecomposition().plan(group, stats[group.name], 2)
+    heads = module.heads(torch.from_numpy(x)).detach().numpy().astype(np.float64)
+    z = heads.reshape(-1, DIM)  # rows: samples × tokens, columns: head-major features
+    residual = {}
+    for pair in itertools.combinations(range(HEADS), 2):
+        kept = z[:, [h * HEAD_DIM + d for h in pair for d in range(HEAD_DIM)]]
+        fit, *_ = np.linalg.lstsq(kept, z, rcond=None)
+        residual[pair] = (np.linalg.norm(z - kept @ fit), fit)
+    best = min(residual, key=lambda pair: residual[pair][0])
+    assert tuple(plan.keep) == best
+    (correction,) = plan.corrections.values()
+    np.testing.assert_allclose(correction.M, residual[best][1], rtol=1e-4, atol=1e-6)
+
+
 def _with_duplicate_head(module: TinyAttention) -> TinyAttention:
     """Head 2 := head 0 (q, k, v columns and biases), so its output equals head 0's."""
     lo, hi = slice(0, HEAD_DIM), slice(2 * HEAD_DIM, 3 * HEAD_DIM)
@@ -152,9 +180,11 @@ def test_a_duplicate_head_is_pruned_exactly_by_id(tmp_path):
     assert_outputs_close(model, result.model, feeds, atol=1e-5)
     (correction,) = result.plans[group.name].corrections.values()
     twin = 0 if 0 in keep else 2
-    np.testing.assert_allclose(
-        correction.M[:, ({0, 2} - {twin}).pop()], np.eye(HEADS - 1)[keep.index(twin)], atol=1e-6
-    )
+    gone = ({0, 2} - {twin}).pop()  # the map from the kept features copies the twin's D features
+    expected = np.zeros(((HEADS - 1) * HEAD_DIM, HEAD_DIM))
+    expected[keep.index(twin) * HEAD_DIM : (keep.index(twin) + 1) * HEAD_DIM] = np.eye(HEAD_DIM)
+    block = correction.M[:, gone * HEAD_DIM : (gone + 1) * HEAD_DIM]
+    np.testing.assert_allclose(block, expected, atol=1e-6)
     removed = onnxprune.prune(model, method="activation", **plain, **options)
     assert max_deviation(model, removed.model, feeds) > 1e-2
 

@@ -86,11 +86,8 @@ def _split_heads(node: gs.Node, state: State) -> Step | None:
     if split is None:
         return None
     axis, heads, dim = split
-    if state.spatial != dim:
-        return _block(
-            f"Reshape '{node.name}' splits the channels into heads of {dim} features; "
-            f"the group's channels have {state.spatial}"
-        )
+    if state.spatial != dim:  # not a channel per head: graph/layout.py refuses the split
+        return None
     edits = _target_edits(node, axis, heads, ParamEdit(node.name, 1, axis, state.offset, "count"))
     if isinstance(edits, Step):
         return edits

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -198,6 +199,8 @@ def _apply(
     correction = plan.corrections.get(tap_key(edit.tap, edit.offset)) if edit.tap else None
     if correction is None:
         return _select(work, edit, m, keep)
+    if np.shape(correction.M)[1] == m * edit.spatial != m:  # a map of every feature (heads)
+        edit, m = replace(edit, offset=edit.offset * edit.spatial, spatial=1), m * edit.spatial
     if correction.c is not None and np.any(correction.c):
         c = np.asarray(correction.c, dtype=np.float64)
         delta = _padded_conv_shift(work, edit, m, node, c) if exact_borders else None
