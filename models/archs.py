@@ -194,3 +194,57 @@ class SENet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.features(x))
         return self.fc(torch.flatten(x, 1))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention written out the way most ViT code does it: separate Linear
+    q/k/v, reshape to (batch, tokens, heads, head dim), softmax(q kᵀ / √d) v, out projection."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        scores = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
+        out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, tokens, dim)
+        return self.proj(out)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x)) with GELU."""
+
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Vision transformer on 32x32 digits: 4x4 patches (64 tokens of width 64), learned position
+    embeddings, 4 pre-LN blocks of 4 heads, final LayerNorm, mean over tokens, Linear."""
+
+    def __init__(self, dim: int = 64, depth: int = 4, heads: int = 4, hidden: int = 128) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(1, dim, 4, stride=4)
+        self.position = nn.Parameter(torch.zeros(1, 64, dim))
+        nn.init.trunc_normal_(self.position, std=0.02)
+        self.blocks = nn.Sequential(*[EncoderBlock(dim, heads, hidden) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2) + self.position
+        return self.fc(self.norm(self.blocks(tokens)).mean(dim=1))

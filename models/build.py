@@ -51,6 +51,7 @@ SPECS: dict[str, Spec] = {
     "mobilenetv2": Spec(archs.MobileNetV2, flat=False, epochs=15),
     "inception": Spec(archs.Inception, flat=False, epochs=15),
     "senet": Spec(archs.SENet, flat=False, epochs=15),
+    "vit": Spec(archs.ViT, flat=False, epochs=50, lr=1e-3),
 }
 
 

@@ -66,12 +66,13 @@ def _kept_outputs(
     """Original indices of pruned `node`'s outputs, over every group they belong to (several
     where a Split cut them)."""
     owners = [g for g in groups if g.name in plans and node.name in g.producers]
-    removed = sum(g.channels - len(plans[g.name].keep) for g in owners)
+    removed = sum((g.channels - len(plans[g.name].keep)) * g.row_span(node.name)[1] for g in owners)
     kept = np.arange(_out_width(node) + removed)
-    for group in sorted(owners, key=lambda g: -g.first_row(node.name)):
-        lo = group.first_row(node.name)
-        segment = kept[lo : lo + group.channels][np.asarray(plans[group.name].keep)]
-        kept = np.concatenate([kept[:lo], segment, kept[lo + group.channels :]])
+    for group in sorted(owners, key=lambda g: -g.row_span(node.name)[0]):
+        lo, rows = group.row_span(node.name)
+        end = lo + group.channels * rows
+        segment = kept[lo:end].reshape(group.channels, rows)[np.asarray(plans[group.name].keep)]
+        kept = np.concatenate([kept[:lo], segment.reshape(-1), kept[end:]])
     return kept
 
 

@@ -15,7 +15,7 @@ MANIFEST = json.loads((MODELS_DIR / "manifest.json").read_text())
 ENTRIES: dict[str, dict] = MANIFEST["models"]
 EXPECTED = {
     *("mlp", "vgg", "resnet", "mobilenetv2", "inception", "senet", "tsra_vgg", "relu_vgg"),
-    "crnn",
+    *("crnn", "vit"),
 }
 EXPORTERS = {"onnx": "test_accuracy_pct", "onnx_dynamo": "test_accuracy_pct_dynamo"}
 CLASSIFIERS = sorted(name for name, entry in ENTRIES.items() if "metric" not in entry)

@@ -20,7 +20,7 @@ from onnxprune.calib.jacobian import Site, SiteStats, collect_jacobian_stats, co
 from onnxprune.calib.stats import collect
 from onnxprune.config import PruneConfig
 from onnxprune.errors import UsageError
-from onnxprune.graph.groups import ChannelGroup
+from onnxprune.graph.groups import ChannelGroup, Tap
 from onnxprune.graph.load import export
 from onnxprune.graph.ops import rank_of
 from onnxprune.graph.recurrent import is_recurrent
@@ -31,7 +31,8 @@ from onnxprune.graph.weights import (
     producer_filters,
     producer_weight_names,
 )
-from onnxprune.methods.base import GroupStats
+from onnxprune.methods.base import GroupStats, TapStats
+from onnxprune.methods.heads import feature_tap
 from onnxprune.progress import progress
 
 
@@ -58,6 +59,12 @@ def gather(
     if "gram" in needs:
         wanted = [(tap, g.channels) for g in selected for tap in g.taps]
         wanted += [(norm, g.channels) for g in selected for _, norm in g.normalized]
+        wanted += [
+            (feature_tap(tap, g.head_dim), g.channels * g.head_dim)
+            for g in selected
+            if g.head_dim > 1
+            for tap in g.taps
+        ]
         wanted = list(dict.fromkeys(wanted))
         batches = _batches(dataset, config, "statistics")
         taps = collect(model, wanted, batches, qr=config.id_solver == "qr")
@@ -81,8 +88,17 @@ def gather(
                 for name, site, weight in consumers.get(group.name, ())
             },
             norms={key: taps[norm] for key, norm in group.normalized if norm in taps},
+            features=_features(group, taps),
         )
     return Calibration(stats, grads.loss if grads else None)
+
+
+def _features(group: ChannelGroup, taps: Mapping[Tap, TapStats]) -> dict[str, TapStats]:
+    """A head group's feature-level tap statistics, by head tap key (empty for other groups)."""
+    if group.head_dim == 1:
+        return {}
+    found = ((tap.key, feature_tap(tap, group.head_dim)) for tap in group.taps)
+    return {key: taps[features] for key, features in found if features in taps}
 
 
 def gather_weights(

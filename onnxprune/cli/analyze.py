@@ -56,6 +56,7 @@ def format_analysis(result: Analysis, *, verbose: bool = False) -> str:
     lines = [f"{'group':<{width}}  {'channels':>8}  {'MACs':>8}  status"]
     for g in result.groups:
         status = "prunable" + (" (coupled: --prune-residual)" if g.coupled else "")
+        status += f" (attention heads of {g.head_dim})" if g.head_dim > 1 else ""
         if not g.prunable:
             status = f"unprunable: {g.reason}" + (f" at '{g.blocker}'" if g.blocker else "")
         elif g.rotation_block:
@@ -108,6 +109,7 @@ def to_dict(result: Analysis) -> dict:
                 "rotation_block": g.rotation_block,
                 "subspaces": list(g.subspaces),
                 "ties": list(g.ties),
+                "head_dim": g.head_dim,
             }
             for g in result.groups
         ],

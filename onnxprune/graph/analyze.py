@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import onnx_graphsurgeon as gs
 
+from onnxprune.graph.attention import attention_step, head_width
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, Tap
 from onnxprune.graph.layout import is_grouped_conv, layout_step
 from onnxprune.graph.ops import NONLINEAR, State, const, rank_of, step
@@ -96,8 +97,22 @@ def _producers(graph: gs.Graph) -> list[_Producer]:
             continue
         producer = _as_producer(node)
         if producer is not None:
-            found.append(producer)
+            found.append(_as_heads(producer))
     return found
+
+
+def _as_heads(producer: _Producer) -> _Producer:
+    """A MatMul producer whose output is split into attention heads has one channel per head,
+    of D features each (graph/attention.py)."""
+    width = head_width(producer.node) if producer.node.op == "MatMul" else None
+    if width is None or producer.channels % width:
+        return producer
+    return replace(
+        producer,
+        channels=producer.channels // width,
+        edits=[replace(e, spatial=width) for e in producer.edits],
+        start=replace(producer.start, spatial=width),
+    )
 
 
 def _as_producer(node: gs.Node) -> _Producer | None:
@@ -273,6 +288,7 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
     result = (
         recurrent_step(node, index, state, channels)
         or invariant_step(node, index, state, channels)
+        or attention_step(node, index, state, channels)
         or layout_step(node, index, state, channels)
         or step(node, index, state, channels)
     )
@@ -430,6 +446,7 @@ def _merge(walks: list[_Walk]) -> ChannelGroup:
         invariants=tuple(dict.fromkeys(n for w in walks for n in w.invariants)),
         normalized=tuple(normalized),
         ties=tuple(sorted({t for w in walks for t in w.ties})),
+        head_dim=first.producer.start.spatial,
     )
 
 

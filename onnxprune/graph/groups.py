@@ -85,6 +85,9 @@ class ChannelGroup:
     and the energies there say by how much.
     `ties` name the grouped Convs this group is one conv group of ("node:in" for the channels
     a conv group reads, "node:out" for those it writes): groups sharing a tie keep equal widths.
+    `head_dim` > 1: the channels are attention heads of that many features each
+    (graph/attention.py); the q, k and v producers meet in the attention MatMuls, not
+    elementwise, so the group is not `coupled`.
     """
 
     name: str
@@ -102,6 +105,7 @@ class ChannelGroup:
     invariants: tuple[tuple[str, str], ...] = ()
     normalized: tuple[tuple[str, Tap], ...] = ()
     ties: tuple[str, ...] = ()
+    head_dim: int = 1
 
     @property
     def rotatable(self) -> bool:
@@ -114,12 +118,13 @@ class ChannelGroup:
         edges = (0, *self.subspaces, self.channels)
         return tuple(zip(edges[:-1], edges[1:], strict=True))
 
-    def first_row(self, producer: str) -> int:
-        """The first output channel of `producer` in this group (> 0 where a Split cut its
-        outputs into several groups)."""
-        return next(
-            e.offset for e in self.edits if e.node == producer and e.role == "out" and e.input == 1
+    def row_span(self, producer: str) -> tuple[int, int]:
+        """(first output row, rows per channel) of `producer` in this group: the first row is > 0
+        where a Split cut its outputs into several groups, a channel is `head_dim` rows."""
+        edit = next(
+            e for e in self.edits if e.node == producer and e.role == "out" and e.input == 1
         )
+        return edit.offset * edit.spatial, edit.spatial
 
     @property
     def prunable(self) -> bool:
@@ -129,4 +134,4 @@ class ChannelGroup:
     @property
     def coupled(self) -> bool:
         """True for groups tied elementwise across producers (residual streams, SE gates)."""
-        return len(self.producers) > 1
+        return len(self.producers) > 1 and self.head_dim == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -224,13 +225,14 @@ def _to_new_outputs(
 ) -> np.ndarray:
     """A shift computed for the original output channels of producer `name`, rotated and sliced
     like its outputs (each group's segment, from the highest first row down)."""
-    for group, plan in sorted(owners, key=lambda owner: -owner[0].first_row(name)):
-        lo = group.first_row(name)
-        segment = delta[lo : lo + group.channels]
+    for group, plan in sorted(owners, key=lambda owner: -owner[0].row_span(name)[0]):
+        lo, rows = group.row_span(name)
+        end = lo + group.channels * rows
+        segment = delta[lo:end].reshape(group.channels, rows, *delta.shape[1:])
         if plan.rotation is not None:
             segment = np.tensordot(np.asarray(plan.rotation), segment, axes=([1], [0]))
-        segment = segment[np.asarray(plan.keep)]
-        delta = np.concatenate([delta[:lo], segment, delta[lo + group.channels :]])
+        segment = segment[np.asarray(plan.keep)].reshape(-1, *delta.shape[1:])
+        delta = np.concatenate([delta[:lo], segment, delta[end:]])
     return delta
 
 
@@ -256,6 +258,8 @@ def _apply(
     correction = plan.corrections.get(tap_key(edit.tap, edit.offset)) if edit.tap else None
     if correction is None:
         return _select(work, edit, m, keep)
+    if np.shape(correction.M)[1] == m * edit.spatial != m:  # a map of every feature (heads)
+        edit, m = replace(edit, offset=edit.offset * edit.spatial, spatial=1), m * edit.spatial
     if correction.c is not None and np.any(correction.c):
         c = np.asarray(correction.c, dtype=np.float64)
         delta = _padded_conv_shift(work, edit, m, node, c) if exact_borders else None

@@ -20,12 +20,13 @@ def producer_filters(graph: gs.Graph, group: ChannelGroup) -> tuple[np.ndarray, 
 
 def group_rows(group: ChannelGroup, node: gs.Node, weight: np.ndarray) -> np.ndarray:
     """The rows of `filter_rows` that are `group`'s channels of producer `node` (an RNN's:
-    each unit's rows of every gate block of W)."""
+    each unit's rows of every gate block of W; an attention head's D rows as one channel)."""
     if is_recurrent(node):
         edit = next(e for e in group.edits if e.node == node.name and e.role == "hidden")
         return unit_rows(weight, GATES[node.op], edit.axis, group.channels)
-    lo = group.first_row(node.name)
-    return filter_rows(node, weight)[lo : lo + group.channels]
+    lo, rows = group.row_span(node.name)
+    filters = filter_rows(node, weight)[lo : lo + group.channels * rows]
+    return filters.reshape(group.channels, -1)
 
 
 def producer_weight_names(graph: gs.Graph, group: ChannelGroup) -> tuple[str, ...]:

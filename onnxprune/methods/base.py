@@ -72,6 +72,8 @@ class GroupStats:
     group as (outputs, channels, features) — for elimination–compensation.
     `norms`: per tap key behind an RMSNorm (`ChannelGroup.normalized`), the statistics of that
     norm's output, whose energies give the divisor correction.
+    `features`: for attention heads, the statistics of each tap with every feature of every
+    head as a channel (methods/heads.py), by the head tap's key.
     """
 
     weights: tuple[np.ndarray, ...] = ()
@@ -79,6 +81,7 @@ class GroupStats:
     grads: Mapping[str, object] = field(default_factory=dict)
     consumers: Mapping[str, tuple[object, np.ndarray]] = field(default_factory=dict)
     norms: Mapping[str, TapStats] = field(default_factory=dict)
+    features: Mapping[str, TapStats] = field(default_factory=dict)
 
 
 class Method(Protocol):

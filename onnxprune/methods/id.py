@@ -14,6 +14,7 @@ import numpy as np
 
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.methods.base import Correction, GroupStats, Plan, TapStats
+from onnxprune.methods.heads import feature_corrections, select_heads
 from onnxprune.methods.linalg import (
     interpolative_from_blocks,
     interpolative_from_gram,
@@ -31,6 +32,11 @@ class InterpolativeDecomposition:
     needs: frozenset[str] = frozenset({"gram"})
 
     def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
+        if group.head_dim > 1 and stats.features:  # heads: a map from every kept feature
+            options = {"intercept": self.intercept}
+            chosen = select_heads(stats.features.values(), keep, group.head_dim, **options)
+            corrections = feature_corrections(stats, chosen, group.head_dim, **options)
+            return Plan(keep=chosen, corrections=corrections)
         taps = list(stats.taps.items())
         if len(taps) == 1:
             tensor, tap = taps[0]

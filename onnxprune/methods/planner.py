@@ -11,7 +11,8 @@ import numpy as np
 
 from onnxprune.config import PruneConfig
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.base import Correction, GroupStats, Method, Plan
+from onnxprune.methods.base import Correction, GroupStats, Method, Plan, TapStats
+from onnxprune.methods.heads import head_features
 from onnxprune.methods.id import lsq_corrections, mean_shift_corrections, pooled_gram
 from onnxprune.methods.linalg import (
     id_error_curve,
@@ -121,11 +122,27 @@ def tap_errors(plan: Plan, group: ChannelGroup, stats: GroupStats) -> list[float
         correction = plan.corrections.get(key)
         M = selection_map(group.channels, plan.keep) if correction is None else correction.M
         c = None if correction is None else correction.c
-        keep = plan.keep
+        tap, keep = _feature_level(group, stats, key, tap, plan.keep, M)
         if plan.rotation is not None:  # a ≈ Mᵀ (Q a)_S + c: the map from a itself is Q_Sᵀ M
             M, keep = np.asarray(plan.rotation)[np.asarray(keep)].T @ M, np.arange(group.channels)
         errors.append(reconstruction_error(tap.gram, tap.mean, tap.n, keep, M, c))
     return errors
+
+
+def _feature_level(
+    group: ChannelGroup,
+    stats: GroupStats,
+    key: str,
+    tap: TapStats,
+    keep: np.ndarray,
+    M: np.ndarray | None,
+) -> tuple[TapStats, np.ndarray]:
+    """The tap statistics and kept indices a correction M is stated in: a head group's map
+    from every kept feature (methods/heads.py) is judged on the features, any other on the
+    channels."""
+    if M is None or group.head_dim == 1 or np.shape(M)[1] == group.channels:
+        return tap, keep
+    return stats.features[key], head_features(keep, group.head_dim)
 
 
 def with_errors(plan: Plan, group: ChannelGroup, stats: GroupStats) -> Plan:
@@ -133,7 +150,12 @@ def with_errors(plan: Plan, group: ChannelGroup, stats: GroupStats) -> Plan:
     if not stats.taps:
         return plan
     errors = tap_errors(plan, group, stats)
-    optimal = [optimal_rank_error(tap.gram, len(plan.keep)) for tap in stats.taps.values()]
+    optimal = []
+    for key, tap in stats.taps.items():
+        correction = plan.corrections.get(key)
+        M = None if correction is None else correction.M
+        tap, keep = _feature_level(group, stats, key, tap, plan.keep, M)
+        optimal.append(optimal_rank_error(tap.gram, len(keep)))
     err, opt = float(np.max(errors)), float(np.max(optimal))
     info = {**plan.info, "err": err}
     if opt > 1e-6:

@@ -24,7 +24,7 @@ class _Term:
     out_total: int  # all output channels (parts cut off by a Split may be in other groups)
     inputs: tuple[tuple[str, int, int], ...]  # (group, channels, spatial) read through weights
     in_total: int
-    chan: tuple[str, int] | None  # a depthwise conv passing a group through
+    chan: tuple[str, int] | None  # a depthwise conv (or attention MatMul) passing a group through
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,10 @@ def width_cost(
                 entry["out"].append((group.name, group.channels))
                 directions = out_total[edit.node] // group.channels
                 entry["inputs"].append((group.name, group.channels, 1 / directions))
+        if group.head_dim > 1:  # q·kᵀ and attention·v batch over the heads: both shrink
+            for name in group.passthrough:
+                entry = touched.setdefault(name, {"out": [], "chan": None, "inputs": []})
+                entry["chan"] = (group.name, group.channels)
     terms, fixed = [], 0.0
     for node, cost in node_cost.items():
         entry = touched.get(node)

@@ -1,0 +1,213 @@
+"""Attention heads as channel groups (graph/attention.py), on a tiny exported attention layer.
+
+The layer is the digits ViT's own `models.archs.Attention` (separate q/k/v Linears, heads by
+reshape, softmax, out projection), exported by torch's legacy exporter with a dynamic batch, so
+its head count sits in a Concat of shape pieces; the committed ViT exports (both exporters) run
+through the reference-model tests of test_prune.py and test_rewrite.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import graphs
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import assert_outputs_close, max_deviation, reference_path, run_model
+from torch import nn
+
+import onnxprune
+from models.archs import Attention
+from onnxprune.calib.data import Dataset
+from onnxprune.calib.gather import gather
+from onnxprune.config import PruneConfig
+from onnxprune.graph.analyze import analyze
+from onnxprune.graph.load import normalize
+from onnxprune.methods.id import InterpolativeDecomposition
+
+TOKENS, DIM, HEADS = 5, 6, 3
+HEAD_DIM = DIM // HEADS
+
+
+class TinyAttention(nn.Module):
+    """Tokens (batch, 5, 6) → 3-head attention → mean over tokens → 4 class scores."""
+
+    def __init__(self, softmax_over_heads: bool = False, sdpa: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = Attention(DIM, HEADS)
+        self.fc = nn.Linear(DIM, 4)
+        self.softmax_over_heads, self.sdpa = softmax_over_heads, sdpa
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-head attention outputs (batch, tokens, heads, head dim) the out proj reads."""
+        a = self.attn
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(x.shape[0], TOKENS, HEADS, HEAD_DIM).transpose(1, 2)
+
+        q, k, v = split(a.q(x)), split(a.k(x)), split(a.v(x))
+        if self.sdpa:  # torch's fused call: exported with the scale on q and k separately
+            return nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        scores = (q @ k.transpose(-2, -1)) * HEAD_DIM**-0.5
+        axis = 1 if self.softmax_over_heads else -1
+        return (scores.softmax(dim=axis) @ v).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.heads(x))
+
+    def logits(self, heads: torch.Tensor) -> torch.Tensor:
+        merged = heads.reshape(heads.shape[0], TOKENS, DIM)
+        return self.fc(self.attn.proj(merged).mean(dim=1))
+
+
+def _export(module: nn.Module) -> onnx.ModelProto:
+    return graphs.export_torch(module, (2, TOKENS, DIM))
+
+
+def _inputs(n: int = 48, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, TOKENS, DIM)).astype(np.float32)
+
+
+def _head_group(model: onnx.ModelProto):
+    groups = analyze(normalize(model))
+    return next(g for g in groups if g.head_dim > 1), groups
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["explicit", "sdpa"])
+def test_q_k_v_and_out_projection_form_one_group_of_heads(sdpa):
+    model = _export(TinyAttention(sdpa=sdpa))
+    heads, groups = _head_group(model)
+    assert heads.prunable and not heads.coupled, heads.reason
+    assert (heads.channels, heads.head_dim) == (HEADS, HEAD_DIM)
+    assert heads.producers == ("/q/MatMul", "/k/MatMul", "/v/MatMul")
+    assert heads.consumers == ("/proj/MatMul",)
+    assert [t.spatial for t in heads.taps] == [HEAD_DIM]
+    assert len([g for g in groups if g.head_dim > 1]) == 1
+
+
+def test_softmax_over_the_head_axis_is_refused():
+    heads, _ = _head_group(_export(TinyAttention(softmax_over_heads=True)))
+    assert not heads.prunable and "Softmax" in heads.reason
+
+
+def test_per_head_statistics_equal_brute_force():
+    """Gram, mean |a| and Taylor sums of the heads at the out projection, and each producer's
+    filters per head, against the torch layer computed directly: a head's D features are
+    positions of one channel."""
+    module = TinyAttention().eval()
+    x, labels = _inputs(), np.arange(48) % 4
+    model = _export(module)
+    graph = normalize(model)
+    groups = analyze(graph)
+    group = next(g for g in groups if g.head_dim > 1)
+    config = PruneConfig(method="taylor", batch_size=16)
+    needs = frozenset({"weights", "gram", "grad"})
+    data = Dataset({"input": x}, labels=labels)
+    stats = gather(graph, groups, {group.name: 1}, needs, data, config).stats[group.name]
+
+    heads = module.heads(torch.from_numpy(x)).detach().requires_grad_(True)
+    loss = nn.functional.cross_entropy(
+        module.logits(heads), torch.from_numpy(labels), reduction="sum"
+    )
+    loss.backward()
+    a, g = heads.detach().numpy().astype(np.float64), heads.grad.numpy().astype(np.float64)
+    rows = np.moveaxis(a, 2, -1).reshape(-1, HEADS)  # samples × tokens × head dim, heads
+    tap = next(iter(stats.taps.values()))
+    assert tap.n == 48 * TOKENS * HEAD_DIM
+    np.testing.assert_allclose(tap.gram, rows.T @ rows, rtol=1e-4)
+    np.testing.assert_allclose(tap.abs_sum, np.abs(rows).sum(axis=0), rtol=1e-4)
+    taylor = ((a * g).sum(axis=(1, 3)) ** 2).sum(axis=0)
+    np.testing.assert_allclose(stats.grads["taylor"], taylor, rtol=1e-3)
+    linears = (module.attn.q, module.attn.k, module.attn.v)
+    for weights, linear in zip(stats.weights, linears, strict=True):
+        expected = linear.weight.detach().numpy().reshape(HEADS, -1)
+        np.testing.assert_allclose(weights, expected, rtol=1e-6)
+
+
+def test_head_correction_is_the_least_squares_map_from_every_kept_feature():
+    """ID on heads: the greedy choice equals the best pair by brute force over all pairs, and
+    its map is numpy's least squares from the kept heads' features to every feature."""
+    module = TinyAttention().eval()
+    x = _inputs()
+    graph = normalize(_export(module))
+    groups = analyze(graph)
+    group = next(g for g in groups if g.head_dim > 1)
+    config = PruneConfig(method="id", batch_size=16)
+    data = Dataset({"input": x})
+    stats = gather(graph, groups, {group.name: 2}, frozenset({"gram"}), data, config).stats
+    plan = InterpolativeDecomposition().plan(group, stats[group.name], 2)
+    heads = module.heads(torch.from_numpy(x)).detach().numpy().astype(np.float64)
+    z = heads.reshape(-1, DIM)  # rows: samples × tokens, columns: head-major features
+    residual = {}
+    for pair in itertools.combinations(range(HEADS), 2):
+        kept = z[:, [h * HEAD_DIM + d for h in pair for d in range(HEAD_DIM)]]
+        fit, *_ = np.linalg.lstsq(kept, z, rcond=None)
+        residual[pair] = (np.linalg.norm(z - kept @ fit), fit)
+    best = min(residual, key=lambda pair: residual[pair][0])
+    assert tuple(plan.keep) == best
+    (correction,) = plan.corrections.values()
+    np.testing.assert_allclose(correction.M, residual[best][1], rtol=1e-4, atol=1e-6)
+
+
+def _with_duplicate_head(module: TinyAttention) -> TinyAttention:
+    """Head 2 := head 0 (q, k, v columns and biases), so its output equals head 0's."""
+    lo, hi = slice(0, HEAD_DIM), slice(2 * HEAD_DIM, 3 * HEAD_DIM)
+    with torch.no_grad():
+        for linear in (module.attn.q, module.attn.k, module.attn.v):
+            linear.weight[hi] = linear.weight[lo]
+            linear.bias[hi] = linear.bias[lo]
+    return module
+
+
+def test_a_duplicate_head_is_pruned_exactly_by_id(tmp_path):
+    """Head 2 repeats head 0: ID keeps one copy and folds T = 1 into the out projection, so the
+    pruned layer computes the same function; dropping the same head without the fold does not."""
+    model = _export(_with_duplicate_head(TinyAttention()))
+    x = _inputs()
+    feeds = {"input": x[:16]}
+    options = dict(ratio=1 / HEADS, round_to=1, exclude=["proj"], data={"input": x}, verify=False)
+    plain = dict(compensate="none", recalibrate=False)
+    result = onnxprune.prune(model, method="id", **plain, **options)
+    group = next(g for g in result.groups if g.head_dim > 1)
+    keep = np.asarray(result.plans[group.name].keep).tolist()
+    assert len(keep) == HEADS - 1 and 1 in keep  # one of the twins went
+    proj = next(n for n in result.model.graph.node if n.name == "/proj/MatMul")
+    weight = next(t for t in result.model.graph.initializer if t.name == proj.input[1])
+    assert tuple(weight.dims) == ((HEADS - 1) * HEAD_DIM, DIM)
+    assert_outputs_close(model, result.model, feeds, atol=1e-5)
+    (correction,) = result.plans[group.name].corrections.values()
+    twin = 0 if 0 in keep else 2
+    gone = ({0, 2} - {twin}).pop()  # the map from the kept features copies the twin's D features
+    expected = np.zeros(((HEADS - 1) * HEAD_DIM, HEAD_DIM))
+    expected[keep.index(twin) * HEAD_DIM : (keep.index(twin) + 1) * HEAD_DIM] = np.eye(HEAD_DIM)
+    block = correction.M[:, gone * HEAD_DIM : (gone + 1) * HEAD_DIM]
+    np.testing.assert_allclose(block, expected, atol=1e-6)
+    removed = onnxprune.prune(model, method="activation", **plain, **options)
+    assert max_deviation(model, removed.model, feeds) > 1e-2
+
+
+@pytest.mark.parametrize("method", ["magnitude", "activation", "taylor", "ippro", "id"])
+def test_every_method_prunes_heads_to_a_running_model(method):
+    model = _export(TinyAttention())
+    x = _inputs()
+    result = onnxprune.prune(
+        model, method=method, ratio=0.5, round_to=1, data={"input": x}, labels=np.arange(48) % 4
+    )
+    group = next(g for g in result.groups if g.head_dim > 1)
+    assert len(result.plans[group.name].keep) == 2
+    out = run_model(result.model, {"input": x[:4]})["logits"]
+    assert out.shape == (4, 4) and np.isfinite(out).all()
+
+
+def test_mac_target_counts_the_attention_matmuls_that_shrink_with_the_heads():
+    """The width cost model's MACs for the chosen widths are the pruned ViT's counted MACs:
+    q·kᵀ and attention·v shrink with the heads (a fifth of the model's MACs)."""
+    result = onnxprune.prune(
+        reference_path("vit"), method="magnitude", target_macs=0.5, round_to=1, verify=False
+    )
+    before, after = result.report.macs
+    assert result.report.target.reached == pytest.approx(after / before, abs=1e-3)
+    assert 0.45 <= after / before <= 0.5
