@@ -24,7 +24,7 @@ from onnxprune.compare import allocate, measure_sensitivity
 from onnxprune.graph.analyze import analyze
 from onnxprune.graph.load import export, normalize
 from onnxprune.measure.cost import count
-from onnxprune.methods import METHODS
+from onnxprune.options import METHODS
 
 
 def _groups(model: onnx.ModelProto) -> dict:

@@ -29,7 +29,7 @@ from onnxprune.graph.weights import (
     producer_filters,
     producer_weight_names,
 )
-from onnxprune.methods.base import GroupStats
+from onnxprune.plan import GroupStats
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, tap_key
 from onnxprune.graph.layout import is_grouped_conv, split_sizes
 from onnxprune.graph.load import export, infer_shapes
-from onnxprune.methods.base import Plan
+from onnxprune.plan import Plan
 
 
 def rewrite(

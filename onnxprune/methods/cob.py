@@ -26,25 +26,8 @@ import numpy as np
 
 from onnxprune.errors import UsageError
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.base import Correction, GroupStats, Plan, TapStats, top_k
-
-THRESHOLD_RULES = ("max", "mean", "median", "zscore")
-
-
-def parse_threshold(text: str) -> tuple[str, float]:
-    """Parse `RULE:T` (max:0.1, mean:T, median:T, zscore:T) from --threshold."""
-    rule, sep, value = text.partition(":")
-    if not sep or rule not in THRESHOLD_RULES:
-        raise UsageError(
-            f"--threshold expects RULE:T, RULE one of {', '.join(THRESHOLD_RULES)}; got '{text}'"
-        )
-    try:
-        number = float(value)
-    except ValueError as exc:
-        raise UsageError(f"--threshold expects a number after ':'; got '{value}'") from exc
-    if not math.isfinite(number) or (rule != "zscore" and number < 0):
-        raise UsageError(f"--threshold {rule} needs a finite value ≥ 0; got {value}")
-    return rule, number
+from onnxprune.methods.base import top_k
+from onnxprune.plan import Correction, GroupStats, Plan, TapStats
 
 
 def channel_ratio_for_params(fraction: float) -> float:

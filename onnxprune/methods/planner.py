@@ -11,7 +11,7 @@ import numpy as np
 
 from onnxprune.config import PruneConfig
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.base import Correction, GroupStats, Method, Plan
+from onnxprune.methods.base import Method
 from onnxprune.methods.id import lsq_corrections, mean_shift_corrections, pooled_gram
 from onnxprune.methods.linalg import (
     id_error_curve,
@@ -20,6 +20,7 @@ from onnxprune.methods.linalg import (
     selection_map,
 )
 from onnxprune.methods.width import rounding_step, tied_counts
+from onnxprune.plan import Correction, GroupStats, Plan
 
 
 def make_plans(
