@@ -31,9 +31,9 @@ from torch import nn
 
 import onnxprune
 from onnxprune.graph.analyze import analyze
-from onnxprune.graph.layout import is_grouped_conv
 from onnxprune.graph.load import export, load_model, normalize
 from onnxprune.graph.rewrite import rewrite
+from onnxprune.ops.conv import is_grouped_conv
 from onnxprune.plan import Correction, Plan
 
 # --- identity plans on the reference models ---------------------------------------------------

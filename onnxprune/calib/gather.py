@@ -21,7 +21,6 @@ from onnxprune.calib.stats import collect
 from onnxprune.config import PruneConfig
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import export
-from onnxprune.graph.ops import rank_of
 from onnxprune.graph.sparsify import WeightLayer, to_canonical
 from onnxprune.graph.weights import (
     consumer_matrix,
@@ -29,6 +28,7 @@ from onnxprune.graph.weights import (
     producer_filters,
     producer_weight_names,
 )
+from onnxprune.ops.flow import rank_of
 from onnxprune.plan import GroupStats
 
 

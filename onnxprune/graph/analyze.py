@@ -1,8 +1,8 @@
 """Find the channel groups of a normalized graph (DESIGN.md §2).
 
 From every producer (Conv, ConvTranspose, Gemm, MatMul with a constant weight) the
-channels are followed forward through the ops that act channel by channel (graph/ops.py,
-graph/layout.py) until consumers read them through weights. Elementwise ops joining two
+channels are followed forward through the ops that act channel by channel (each op's handler
+in onnxprune/ops/ says how) until consumers read them through weights. Elementwise ops joining two
 activations tie their producers into one group (residual Add, SE gate Mul). Where a Split, Slice
 or grouped Conv separates a producer's channels, each part becomes a group of its own
 (`node[lo:hi]`). Whatever the walk does not understand blocks the group with a reason and the
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field, replace
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, Tap
-from onnxprune.graph.layout import is_grouped_conv, layout_step
-from onnxprune.graph.ops import NONLINEAR, State, const, rank_of, step
-from onnxprune.graph.rotation import invariant_step, is_rms_end, is_tsra, rotation_block
+from onnxprune.ops.conv import is_grouped_conv
+from onnxprune.ops.flow import State, block, const, rank_of
+from onnxprune.ops.registry import handler_for, unknown
 
 
 def analyze(graph: gs.Graph) -> tuple[ChannelGroup, ...]:
@@ -229,25 +229,20 @@ def _walk(graph: gs.Graph, producer: _Producer) -> _Walk:
 
 
 def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[State]) -> None:
-    channels = walk.producer.channels
-    result = (
-        invariant_step(node, index, state, channels)
-        or layout_step(node, index, state, channels)
-        or step(node, index, state, channels)
-    )
+    handler = handler_for(node)
+    if handler is None:
+        result = block(unknown(node))
+    else:
+        result = handler.step(node, index, state, walk.producer.channels)
     if result.kind == "block":
         walk.block(result.reason or "blocked", node.name)
         walk.cuts.update(result.cuts)
         return
-    if walk.rotation is None:
-        walk.rotation = rotation_block(node, index, state, result)
-    rms = node.op in ("RMSNorm", "RMSNormalization") or (
-        node.op in ("Div", "Mul") and is_rms_end(node, state.tensor, state.axis)
-    )
-    if is_tsra(node):
-        _add_once(walk.invariants, ("tsra", node.name))
-    elif rms:
-        _add_once(walk.invariants, ("rmsnorm", node.name))
+    if walk.rotation is None and result.kind == "through":
+        walk.rotation = handler.rotation(node, index, state, result)
+    invariant = handler.invariant(node, state)
+    if invariant is not None:
+        _add_once(walk.invariants, (invariant, node.name))
     for edit in result.edits:
         walk.edits[(edit.node, edit.input, edit.axis, edit.offset, edit.role)] = edit
     if result.kind == "drop":
@@ -262,34 +257,17 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
                 _add_once(walk.normalized, (_tap(state).key, walk.normed[state.tensor]))
         return
     _add_once(walk.passthrough, node.name)
-    if (node.op in NONLINEAR or is_tsra(node)) and walk.sigma is None and result.next is not None:
+    if handler.nonlinear and walk.sigma is None and result.next is not None:
         nxt = result.next
         walk.sigma = (_tap(state), Tap(nxt.tensor, nxt.axis, nxt.offset, nxt.spatial))
     if result.couple:
         walk.arrivals[node.name].append((index, state.offset))
-    if rms:  # energies are read after the norm, before RMSNormalization's per-channel scale
-        source = state if node.op == "RMSNormalization" else result.next
+    if invariant == "rmsnorm":  # energies are read after the norm, before a per-channel scale
+        source = state if handler.scaled else result.next
         walk.normed[result.next.tensor] = _tap(source)
-    elif state.tensor in walk.normed and _scales_along(node, index):
+    elif state.tensor in walk.normed and handler.scales_along(node, index):
         walk.normed[result.next.tensor] = walk.normed[state.tensor]
     stack.append(result.next)
-
-
-_HOMOGENEOUS = frozenset(
-    {"Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
-    | {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Concat", "Identity", "Dropout", "Resize"}
-    | {"Upsample", "ReduceMean", "ReduceSum", "ReduceMax"}
-)
-
-
-def _scales_along(node: gs.Node, index: int) -> bool:
-    """True when scaling the channels entering `node` scales its output alike, so an RMSNorm's
-    changed divisor reaches the taps behind it as the same factor (not TSRA: its gain depends on
-    which channels remain; not Sigmoid, a bias or a residual Add)."""
-    if node.op in _HOMOGENEOUS:
-        return True
-    constant = [isinstance(t, gs.Constant) for t in node.inputs]
-    return (node.op == "Mul" and any(constant)) or (node.op == "Div" and index == 0 and constant[1])
 
 
 def _tap(state: State) -> Tap:

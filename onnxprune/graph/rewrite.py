@@ -16,8 +16,9 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, tap_key
-from onnxprune.graph.layout import is_grouped_conv, split_sizes
 from onnxprune.graph.load import export, infer_shapes
+from onnxprune.ops.conv import is_grouped_conv
+from onnxprune.ops.registry import handler_for
 from onnxprune.plan import Plan
 
 
@@ -52,35 +53,22 @@ def rewrite(
             _accumulate(deltas, name, np.asarray(shift, dtype=np.float64))
     for (name, index), items in jobs.items():
         node = nodes[name]
-        if node.op == "Split":
-            _split_sizes_input(node)
+        handler_for(node).prepare(node)
         value = np.asarray(node.inputs[index].values)
         apply = _apply_grouped if index == 1 and is_grouped_conv(node) else _apply_all
         work = apply(value.astype(np.float64), items, node, deltas, exact_borders)
         node.inputs[index] = gs.Constant(
             f"{node.inputs[index].name}__{name}", work.astype(value.dtype)
         )
-    _split_attributes([nodes[name] for name, _ in jobs], graph.opset)
+    for (name, index), items in jobs.items():
+        handler_for(nodes[name]).finish(nodes[name], index, [e for e, _, _ in items], graph.opset)
     for name, items in splits.items():
         nodes[name].attrs["split"] = _new_split(items)
     outputs = _output_plans(groups, plans)
     for name, delta in deltas.items():
         add_bias(graph, nodes[name], _to_new_outputs(delta, name, outputs.get(name, [])))
-    for name, index in jobs:
-        _follow_depthwise_group(nodes[name], index, jobs[(name, index)])
     graph.cleanup().toposort()
     return infer_shapes(graph)
-
-
-def _follow_depthwise_group(
-    node: gs.Node, index: int, items: list[tuple[ParamEdit, ChannelGroup, Plan]]
-) -> None:
-    """A depthwise Conv whose filters were sliced as channels keeps group = its channels.
-
-    Only such a Conv changes `group`: any other grouped Conv (outside every pruned group, or
-    pruned with its group structure kept) keeps its attribute."""
-    if node.op == "Conv" and index == 1 and any(e.role == "chan" for e, _, _ in items):
-        node.attrs["group"] = int(node.inputs[1].shape[0])
 
 
 def _apply_all(
@@ -351,27 +339,6 @@ def _transpose_hits(
     t, i = np.nonzero((index >= 0) & (index < out))
     np.add.at(hits, (t, index[t, i]), 1.0)
     return hits
-
-
-def _split_sizes_input(node: gs.Node) -> None:
-    """Give a Split its sizes as a constant input (from its `split` attribute or equal parts),
-    so they can be edited like any constant; opsets < 13 take them back as the attribute."""
-    if len(node.inputs) > 1 and node.inputs[1].name:
-        return
-    total = node.inputs[0].shape[node.attrs.get("axis", 0)]
-    sizes = np.asarray(split_sizes(node, int(total)), dtype=np.int64)
-    node.attrs.pop("split", None)
-    node.attrs.pop("num_outputs", None)
-    while len(node.inputs) > 1:  # an empty optional input
-        node.inputs.pop()
-    node.inputs.append(gs.Constant(f"{node.name}__split", sizes))
-
-
-def _split_attributes(nodes: list[gs.Node], opset: int) -> None:
-    """Before opset 13 a Split's sizes are its `split` attribute, not an input."""
-    for node in nodes:
-        if opset < 13 and node.op == "Split" and len(node.inputs) > 1:
-            node.attrs["split"] = [int(v) for v in node.inputs.pop().values]
 
 
 def add_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:

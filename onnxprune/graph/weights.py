@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ChannelGroup, ParamEdit
-from onnxprune.graph.layout import is_grouped_conv
+from onnxprune.ops.conv import is_grouped_conv
 
 
 def producer_filters(graph: gs.Graph, group: ChannelGroup) -> tuple[np.ndarray, ...]:

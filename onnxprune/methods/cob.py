@@ -3,9 +3,9 @@
 Per group, an orthogonal Q = blockdiag(Q_S) over the TSRA subspaces S (one block when there is
 no TSRA) is read off the tap Gram by PCA: Q_S's rows are the eigenvectors of G_SS in descending
 order of eigenvalue. The producers are rotated (W ← QW, b ← Qb; graph/rewrite.py) and, since every
-op up to the taps commutes with Q (graph/rotation.py), the tap becomes ã = Q a. The kept rotated
-channels are the leading principal directions, importance √λ; the consumers get W ← W Q_Sᵀ through
-the correction a ≈ Mᵀ ã_S + c with M = Q[S].
+op up to the taps commutes with Q (each op handler's `rotation`), the tap becomes ã = Q a. The
+kept rotated channels are the leading principal directions, importance √λ; the consumers get
+W ← W Q_Sᵀ through the correction a ≈ Mᵀ ã_S + c with M = Q[S].
 
 Through TSRA / RMSNorm the Gram is uncentred (as the authors' code) and c = 0. On a linear chain
 (nothing nonlinear between producer and tap) the PCA is centred and the mean of the dropped

@@ -1,0 +1,131 @@
+"""Conv and ConvTranspose: the producers and consumers of channels in CNNs.
+
+A plain Conv (group 1) or ConvTranspose reads the channels through its weight (a consumer). A
+depthwise Conv (C in = C out = group) acts channel by channel: the channels pass, its filters
+and bias are sliced with them and `group` follows their count. Any other grouped Conv reads each
+conv group's input channels on their own: the group is cut at the conv-group boundaries, and
+each part is read through that conv group's filters alone, so its correction stays inside the
+conv group (the parts keep equal widths, `ChannelGroup.ties`, so `group` stays valid).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import onnx_graphsurgeon as gs
+
+from onnxprune.graph.groups import ParamEdit
+from onnxprune.ops.flow import State, Step, block, const, cuts_at, shape_of, through
+from onnxprune.ops.registry import Handler, ShapeOf, register
+
+if TYPE_CHECKING:
+    import onnx
+
+
+def is_grouped_conv(node: gs.Node) -> bool:
+    """A Conv with group > 1 that is not a plain depthwise conv (C in = C out = group, which
+    passes the channels through)."""
+    weight, group = const(node, 1), node.attrs.get("group", 1)
+    if node.op != "Conv" or group == 1 or weight is None:
+        return False
+    return not (weight.shape[0] == group and weight.shape[1] == 1)  # depthwise: C in = group
+
+
+@register("Conv")
+class Conv(Handler):
+    """Conv: consumer (plain or per conv group) or, depthwise, a channel-wise passthrough."""
+
+    def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
+        if is_grouped_conv(node):
+            if index != 0:
+                return block(f"channels enter Conv '{node.name}' as a parameter input")
+            return _grouped(node, state, channels)
+        weight = const(node, 1)
+        if index != 0 or weight is None:
+            return block(
+                f"channels reach a weight input of Conv '{node.name}' or it is not constant"
+            )
+        if state.axis != 1 or state.spatial != 1:
+            return block(f"Conv '{node.name}' reads channels on another axis")
+        group = node.attrs.get("group", 1)
+        if group == 1:
+            edit = ParamEdit(node.name, 1, 1, state.offset, "in", tap=state.tensor)
+            return Step("consume", edits=[edit])
+        if group == weight.shape[0] and weight.shape[1] == 1 and _in_channels(node) == group:
+            edits = [ParamEdit(node.name, 1, 0, state.offset, "chan")]
+            if const(node, 2) is not None:
+                edits.append(ParamEdit(node.name, 2, 0, state.offset, "chan"))
+            return through(node, state, edits=edits)
+        return block(f"grouped Conv '{node.name}' (group={group}) is not depthwise")
+
+    def rotation(self, node: gs.Node, index: int, state: State, result: Step) -> str | None:
+        return f"Conv '{node.name}' is a depthwise conv with per-channel kernels"
+
+    def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
+        return conv_macs(node, shape_of, 1)
+
+    def finish(self, node: gs.Node, index: int, edits: list[ParamEdit], opset: int) -> None:
+        """A depthwise Conv whose filters were sliced as channels keeps group = its channels.
+
+        Only such a Conv changes `group`: any other grouped Conv (outside every pruned group,
+        or pruned with its group structure kept) keeps its attribute."""
+        if index == 1 and any(e.role == "chan" for e in edits):
+            node.attrs["group"] = int(node.inputs[1].shape[0])
+
+
+@register("ConvInteger")
+class ConvInteger(Handler):
+    """Quantized Conv (integer inputs): counted, never pruned."""
+
+    def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
+        return conv_macs(node, shape_of, 1)
+
+
+@register("QLinearConv")
+class QLinearConv(Handler):
+    """Quantized Conv with its scales and zero points as inputs: the weight is input 3."""
+
+    def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
+        return conv_macs(node, shape_of, 3)
+
+
+@register("ConvTranspose")
+class ConvTranspose(Handler):
+    """ConvTranspose (group 1): a consumer through its weight's first axis."""
+
+    def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
+        if index != 0 or const(node, 1) is None or node.attrs.get("group", 1) != 1:
+            return block(f"ConvTranspose '{node.name}' is grouped or has a non-constant weight")
+        if state.axis != 1 or state.spatial != 1:
+            return block(f"ConvTranspose '{node.name}' reads channels on another axis")
+        edit = ParamEdit(node.name, 1, 0, state.offset, "in", tap=state.tensor)
+        return Step("consume", edits=[edit])
+
+    def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
+        """Every input element is multiplied by a (C_out/group)·kernel slice: |X| · prod(W[1:])."""
+        return math.prod(shape_of(node.input[0])) * math.prod(shape_of(node.input[1])[1:])
+
+
+def conv_macs(node: onnx.NodeProto, shape_of: ShapeOf, weight_index: int) -> int:
+    """N·C_out·spatial_out · (C_in/group)·kernel = |Y| · prod(W.shape[1:]), any spatial rank."""
+    weight = shape_of(node.input[weight_index])
+    return math.prod(shape_of(node.output[0])) * math.prod(weight[1:])
+
+
+def _grouped(node: gs.Node, state: State, channels: int) -> Step:
+    """A grouped Conv consumes the channels of one conv group; others are cut at its bounds."""
+    if state.axis != 1 or state.spatial != 1:
+        return block(f"Conv '{node.name}' reads channels on another axis")
+    per_group = int(const(node, 1).shape[1])
+    bounds = list(range(per_group, per_group * node.attrs["group"], per_group))
+    cuts = cuts_at(bounds, state, channels)
+    if cuts:
+        return block(f"grouped Conv '{node.name}' reads the channels in several conv groups", cuts)
+    edit = ParamEdit(node.name, 1, 1, state.offset, "in", tap=state.tensor)
+    return Step("consume", edits=[edit])
+
+
+def _in_channels(node: gs.Node) -> int | None:
+    shape = shape_of(node.inputs[0])
+    return shape[1] if shape and isinstance(shape[1], int) else None

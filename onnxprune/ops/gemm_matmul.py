@@ -1,0 +1,104 @@
+"""Gemm and MatMul (dense layers), their quantized forms, and Einsum: consumers and MAC counts.
+
+A Gemm reads the channels as the features of A (after a Flatten, `spatial` features each);
+a MatMul with a constant 2-D right operand reads them on the last axis of its left one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.graph.groups import ParamEdit
+from onnxprune.ops.flow import State, Step, block, const, rank_of
+from onnxprune.ops.registry import Handler, ShapeOf, node_attrs, register
+
+if TYPE_CHECKING:
+    import onnx
+
+
+@register("Gemm")
+class Gemm(Handler):
+    """Y = alpha·A'B' + beta·C, the channels being A's features (transA = 0)."""
+
+    def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
+        if index != 0 or const(node, 1) is None or node.attrs.get("transA", 0) or state.axis != 1:
+            return block(f"Gemm '{node.name}' reads the channels other than as features of A")
+        axis = 1 if node.attrs.get("transB", 0) else 0
+        edit = ParamEdit(node.name, 1, axis, state.offset, "in", state.spatial, state.tensor)
+        return Step("consume", edits=[edit])
+
+    def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
+        attrs = node_attrs(node)
+        a, b = shape_of(node.input[0]), shape_of(node.input[1])
+        m, k = (a[1], a[0]) if attrs.get("transA", 0) else (a[0], a[1])
+        n = b[0] if attrs.get("transB", 0) else b[1]
+        return m * n * k
+
+
+@register("MatMul")
+class MatMul(Handler):
+    """A @ W with a constant 2-D W: the channels are A's last axis."""
+
+    def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
+        weight, rank = const(node, 1), rank_of(node.inputs[0])
+        if (
+            index != 0
+            or weight is None
+            or weight.ndim != 2
+            or rank is None
+            or state.axis != rank - 1
+        ):
+            return block(f"MatMul '{node.name}' reads the channels other than as its last axis")
+        edit = ParamEdit(node.name, 1, 0, state.offset, "in", state.spatial, state.tensor)
+        return Step("consume", edits=[edit])
+
+    def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
+        return matmul_macs(node, shape_of, 1)
+
+
+@register("MatMulInteger")
+class MatMulInteger(Handler):
+    """Quantized MatMul: counted, never pruned."""
+
+    def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
+        return matmul_macs(node, shape_of, 1)
+
+
+@register("QLinearMatMul")
+class QLinearMatMul(Handler):
+    """Quantized MatMul with scales and zero points as inputs: B is input 3."""
+
+    def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
+        return matmul_macs(node, shape_of, 3)
+
+
+@register("Einsum")
+class Einsum(Handler):
+    """Einsum: counted for two operands without an ellipsis, never pruned."""
+
+    def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
+        """Product of every label's size; 0 for any other equation."""
+        equation = str(node_attrs(node).get("equation", b""), "utf-8").replace(" ", "")
+        terms = equation.split("->")[0].split(",")
+        if len(terms) != 2 or "..." in equation or len(node.input) != 2:
+            return 0
+        sizes: dict[str, int] = {}
+        for term, name in zip(terms, node.input, strict=True):
+            shape = shape_of(name)
+            if len(shape) != len(term):
+                return 0
+            sizes.update(zip(term, shape, strict=True))
+        return math.prod(sizes.values())
+
+
+def matmul_macs(node: onnx.NodeProto, shape_of: ShapeOf, b_index: int) -> int:
+    """Batched, broadcast matmul: prod(broadcast batch) · M · N · K (1-D operands promoted)."""
+    a, b = shape_of(node.input[0]), shape_of(node.input[b_index])
+    a = (1, *a) if len(a) == 1 else a
+    b = (*b, 1) if len(b) == 1 else b
+    batch = np.broadcast_shapes(a[:-2], b[:-2])
+    return math.prod(batch) * a[-2] * a[-1] * b[-1]
