@@ -9,21 +9,24 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
 
-import onnxprune.ops as ops
+from onnxprune import ops
 from onnxprune.ops.registry import Handler, handler_for, register, registered
 
 
 def test_every_family_module_registers_a_handler():
-    modules = {m.name for m in pkgutil.iter_modules(ops.__path__)} - {"flow", "registry"}
+    helpers = {"flow", "registry", "torch_support"}
+    modules = {m.name for m in pkgutil.iter_modules(ops.__path__)} - helpers
     owners = {type(h).__module__.rsplit(".", 1)[1] for h in registered().values()}
     assert owners == modules
 
 
-def test_every_handler_has_a_flow_rule_or_a_mac_count():
+def test_every_handler_has_a_flow_rule_a_mac_count_or_a_torch_equivalent():
     empty = [
         op
         for (_, op), handler in registered().items()
-        if type(handler).step is Handler.step and type(handler).macs is Handler.macs
+        if type(handler).step is Handler.step
+        and type(handler).macs is Handler.macs
+        and handler.torch(op) is None
     ]
     assert empty == []
 

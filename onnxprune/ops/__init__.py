@@ -10,6 +10,8 @@ applies (registry.Handler has the defaults):
   `invariant(...)`, `nonlinear`, `scales_along(...)` — what CoB, IPPRO and the RMSNorm
   correction need to know of it;
 * `macs(node_proto, shape_of)` — its multiply-accumulates (measure/cost.py);
+* `torch(op_type)` — its torch equivalent for the interpreter (calib/torch_exec.py; the
+  functions import torch themselves, torch_support.py holds what they share);
 * `prepare(node)` / `finish(node, index, edits, opset)` — attribute fix-ups of the rewriter
   (a Split's sizes as an input and back, a depthwise Conv's `group`).
 
@@ -24,9 +26,11 @@ from __future__ import annotations
 from onnxprune.ops import (  # noqa: F401 - importing a family registers its handlers
     activation,
     concat_split,
+    constant,
     conv,
     elementwise,
     gemm_matmul,
+    logic,
     norm,
     pool,
     recurrent,

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -29,6 +31,12 @@ from onnxprune.ops.flow import (
     through,
 )
 from onnxprune.ops.registry import Handler, register
+from onnxprune.ops.torch_support import from_input_or_attr, ints, opt
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from onnxprune.ops.torch_support import OpNode, Result, TorchOp
 
 
 @register("Concat")
@@ -52,6 +60,9 @@ class Concat(Handler):
 
     def scales_along(self, node: gs.Node, index: int) -> bool:
         return True
+
+    def torch(self, op_type: str) -> TorchOp | None:
+        return _concat
 
 
 @register("Split")
@@ -94,6 +105,12 @@ class Split(Handler):
         if opset < 13 and len(node.inputs) > 1:
             node.attrs["split"] = [int(v) for v in node.inputs.pop().values]
 
+    def torch(self, op_type: str) -> TorchOp | None:
+        return _split
+
+    def max_outputs(self, op_type: str) -> int | None:
+        return None
+
 
 @register("Slice")
 class Slice(Handler):
@@ -129,6 +146,17 @@ class Slice(Handler):
         if start <= state.offset and state.offset + channels <= end:
             return through(node, state, offset=state.offset - start, edits=edits)
         return Step("drop", edits=edits)
+
+    def torch(self, op_type: str) -> TorchOp | None:
+        return _slice
+
+
+@register("Gather", "GatherElements")
+class Gather(Handler):
+    """Gather / GatherElements: interpreted, not analyzed (channels block)."""
+
+    def torch(self, op_type: str) -> TorchOp | None:
+        return _gather if op_type == "Gather" else _gather_elements
 
 
 def split_sizes(node: gs.Node, total: int) -> list[int] | None:
@@ -181,3 +209,77 @@ def _bound_edit(
     if 0 <= bound <= total and state.offset + channels <= bound:
         return [count_edit(node, index, entry, state)]
     return []
+
+
+# ------------------------------------------------------------ torch equivalents
+
+
+def _concat(n: OpNode, xs: list) -> Result:
+    """Concatenate along axis."""
+    import torch
+
+    return torch.cat([x for x in xs if x is not None], dim=n.get("axis"))
+
+
+def _split(n: OpNode, xs: list) -> Result:
+    """Split by sizes (input >= 13, attribute before) or into equal parts (num_outputs >= 18)."""
+    import torch
+
+    x, axis = xs[0], n.get("axis", 0)
+    sizes = from_input_or_attr(n, xs, 1, "split")
+    if not sizes:
+        count, dim = n.get("num_outputs", n.n_outputs), x.shape[axis]
+        chunk = -(-dim // count)
+        sizes = [max(0, min(chunk, dim - i * chunk)) for i in range(count)]
+    return tuple(torch.split(x, list(sizes), dim=axis))
+
+
+def _slice_axis(x: Tensor, axis: int, start: int, end: int, step: int) -> Tensor:
+    """One axis of Slice with ONNX clamping; negative steps go through index_select."""
+    import torch
+
+    dim = x.shape[axis]
+    start, end = start + dim if start < 0 else start, end + dim if end < 0 else end
+    if step > 0:
+        bounds = slice(min(max(start, 0), dim), min(max(end, 0), dim), step)
+        index = [slice(None)] * axis + [bounds]
+        return x[tuple(index)]
+    start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+    idx = torch.arange(start, end, step, device=x.device) if start > end else x.new_zeros(0).long()
+    return x.index_select(axis, idx)
+
+
+def _slice(n: OpNode, xs: list) -> Result:
+    """Slice with starts/ends/axes/steps as inputs (opset >= 10) or attributes (older)."""
+    x = xs[0]
+    if len(xs) > 1:
+        starts, ends = ints(xs[1]), ints(xs[2])
+        axes = ints(xs[3]) if opt(xs, 3) is not None else None
+        steps = ints(xs[4]) if opt(xs, 4) is not None else None
+    else:
+        starts, ends, axes, steps = n.get("starts"), n.get("ends"), n.get("axes"), None
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        x = _slice_axis(x, axis % x.dim(), start, end, step)
+    return x
+
+
+def _gather(n: OpNode, xs: list) -> Result:
+    """Gather along axis with (possibly negative, any-rank) indices."""
+    import torch
+
+    x, idx = xs[0], xs[1].long()
+    axis = n.get("axis", 0) % x.dim()
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+    out = x.index_select(axis, idx.reshape(-1))
+    return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :]))
+
+
+def _gather_elements(n: OpNode, xs: list) -> Result:
+    """GatherElements (torch.gather) with negative index support."""
+    import torch
+
+    x, idx = xs[0], xs[1].long()
+    axis = n.get("axis", 0) % x.dim()
+    return torch.gather(x, axis, torch.where(idx < 0, idx + x.shape[axis], idx))

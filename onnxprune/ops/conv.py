@@ -11,6 +11,7 @@ conv group (the parts keep equal widths, `ChannelGroup.ties`, so `group` stays v
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import onnx_graphsurgeon as gs
@@ -18,9 +19,13 @@ import onnx_graphsurgeon as gs
 from onnxprune.graph.groups import ParamEdit
 from onnxprune.ops.flow import State, Step, block, const, cuts_at, shape_of, through
 from onnxprune.ops.registry import Handler, ShapeOf, register
+from onnxprune.ops.torch_support import geometry, opt, torch_pads
 
 if TYPE_CHECKING:
     import onnx
+    from torch import Tensor
+
+    from onnxprune.ops.torch_support import OpNode, Result, TorchOp
 
 
 def is_grouped_conv(node: gs.Node) -> bool:
@@ -65,6 +70,9 @@ class Conv(Handler):
     def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
         return conv_macs(node, shape_of, 1)
 
+    def torch(self, op_type: str) -> TorchOp | None:
+        return _conv
+
     def finish(self, node: gs.Node, index: int, edits: list[ParamEdit], opset: int) -> None:
         """A depthwise Conv whose filters were sliced as channels keeps group = its channels.
 
@@ -106,6 +114,9 @@ class ConvTranspose(Handler):
         """Every input element is multiplied by a (C_out/group)·kernel slice: |X| · prod(W[1:])."""
         return math.prod(shape_of(node.input[0])) * math.prod(shape_of(node.input[1])[1:])
 
+    def torch(self, op_type: str) -> TorchOp | None:
+        return _conv_transpose
+
 
 def conv_macs(node: onnx.NodeProto, shape_of: ShapeOf, weight_index: int) -> int:
     """N·C_out·spatial_out · (C_in/group)·kernel = |Y| · prod(W.shape[1:]), any spatial rank."""
@@ -129,3 +140,59 @@ def _grouped(node: gs.Node, state: State, channels: int) -> Step:
 def _in_channels(node: gs.Node) -> int | None:
     shape = shape_of(node.inputs[0])
     return shape[1] if shape and isinstance(shape[1], int) else None
+
+
+# ------------------------------------------------------------ torch equivalents
+
+
+def _conv(n: OpNode, xs: list) -> Result:
+    """Conv with groups, strides, dilations and (a)symmetric or auto pads."""
+    import torch.nn.functional as F
+
+    x, w, b = xs[0], xs[1], opt(xs, 2)
+    kernel = list(w.shape[2:])
+    k = len(kernel)
+    if k not in (1, 2, 3):
+        raise n.unsupported(f"{k}-d convolution")
+    strides, dilations, pads = geometry(n, x, kernel)
+    padding: list[int] | int = pads[:k]
+    if pads[:k] != pads[k:]:
+        x, padding = F.pad(x, torch_pads(pads)), 0
+    return getattr(F, f"conv{k}d")(x, w, b, strides, padding, dilations, n.get("group", 1))
+
+
+def _conv_transpose_pads(
+    n: OpNode, x: Tensor, full: Sequence[int], out_pad: Sequence[int], strides: Sequence[int]
+) -> list[int]:
+    """Crop amounts [b..., e...] that turn the full transposed-conv output into the ONNX one."""
+    k = len(full)
+    auto = n.get("auto_pad", "NOTSET")
+    target = n.get("output_shape")
+    if target is None and auto in ("SAME_UPPER", "SAME_LOWER"):
+        target = [size * s for size, s in zip(x.shape[2:], strides, strict=True)]
+    if target is None:
+        return [0] * (2 * k) if auto == "VALID" else list(n.get("pads", [0] * (2 * k)))
+    target = list(target)[-k:]
+    total = [f + o - t for f, o, t in zip(full, out_pad, target, strict=True)]
+    if auto == "SAME_UPPER":
+        return [t // 2 for t in total] + [t - t // 2 for t in total]
+    return [t - t // 2 for t in total] + [t // 2 for t in total]
+
+
+def _conv_transpose(n: OpNode, xs: list) -> Result:
+    """ConvTranspose: full transposed conv, then output_padding and pads applied as a crop."""
+    import torch.nn.functional as F
+
+    x, w, b = xs[0], xs[1], opt(xs, 2)
+    k = w.dim() - 2
+    if k not in (1, 2, 3):
+        raise n.unsupported(f"{k}-d transposed convolution")
+    strides = list(n.get("strides", [1] * k))
+    dilations = list(n.get("dilations", [1] * k))
+    out_pad = list(n.get("output_padding", [0] * k))
+    y = getattr(F, f"conv_transpose{k}d")(x, w, None, strides, 0, 0, n.get("group", 1), dilations)
+    pads = _conv_transpose_pads(n, x, list(y.shape[2:]), out_pad, strides)
+    crop = [-p for p in pads[:k]] + [o - p for o, p in zip(out_pad, pads[k:], strict=True)]
+    if any(crop):
+        y = F.pad(y, torch_pads(crop))
+    return y if b is None else y + b.reshape(1, -1, *[1] * k)

@@ -8,12 +8,19 @@ Mul that squares the channels and starts an RMSNorm pattern reads them only for 
 
 from __future__ import annotations
 
+import functools
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.ops.flow import State, Step, block, rank_of, shape_of, through, with_param
 from onnxprune.ops.registry import Handler, register
 from onnxprune.ops.rmsnorm import is_rms_end, rms_square
+from onnxprune.ops.torch_support import binary, variadic
+
+if TYPE_CHECKING:
+    from onnxprune.ops.torch_support import OpNode, Result, TorchOp
 
 
 @register("Add", "Sub", "Mul", "Div", "Max", "Min", "Pow")
@@ -72,3 +79,46 @@ class Elementwise(Handler):
         return (node.op == "Mul" and any(constant)) or (
             node.op == "Div" and index == 0 and constant[1]
         )
+
+    def torch(self, op_type: str) -> TorchOp | None:
+        import torch
+
+        return {
+            "Add": binary(torch.add),
+            "Sub": binary(torch.sub),
+            "Mul": binary(torch.mul),
+            "Div": _div,
+            "Pow": binary(torch.pow),
+            "Max": variadic(torch.maximum),
+            "Min": variadic(torch.minimum),
+        }[op_type]
+
+
+@register("Sum", "Mean")
+class Variadic(Handler):
+    """Sum and Mean of any number of inputs: interpreted, not analyzed (channels block)."""
+
+    def torch(self, op_type: str) -> TorchOp | None:
+        import torch
+
+        return variadic(torch.add) if op_type == "Sum" else _mean
+
+
+# ------------------------------------------------------------ torch equivalents
+
+
+def _mean(n: OpNode, xs: list) -> Result:
+    """Elementwise mean of all inputs with broadcasting."""
+    import torch
+
+    return functools.reduce(torch.add, xs) / len(xs)
+
+
+def _div(n: OpNode, xs: list) -> Result:
+    """Division; integer inputs truncate like C++ (and ONNX Runtime)."""
+    import torch
+
+    a, b = xs
+    if a.is_floating_point() or b.is_floating_point():
+        return a / b
+    return torch.div(a, b, rounding_mode="trunc")

@@ -15,9 +15,12 @@ import onnx_graphsurgeon as gs
 from onnxprune.graph.groups import ParamEdit
 from onnxprune.ops.flow import State, Step, block, const, rank_of
 from onnxprune.ops.registry import Handler, ShapeOf, node_attrs, register
+from onnxprune.ops.torch_support import binary, opt
 
 if TYPE_CHECKING:
     import onnx
+
+    from onnxprune.ops.torch_support import OpNode, Result, TorchOp
 
 
 @register("Gemm")
@@ -37,6 +40,9 @@ class Gemm(Handler):
         m, k = (a[1], a[0]) if attrs.get("transA", 0) else (a[0], a[1])
         n = b[0] if attrs.get("transB", 0) else b[1]
         return m * n * k
+
+    def torch(self, op_type: str) -> TorchOp | None:
+        return _gemm
 
 
 @register("MatMul")
@@ -58,6 +64,11 @@ class MatMul(Handler):
 
     def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
         return matmul_macs(node, shape_of, 1)
+
+    def torch(self, op_type: str) -> TorchOp | None:
+        import torch
+
+        return binary(torch.matmul)
 
 
 @register("MatMulInteger")
@@ -94,6 +105,9 @@ class Einsum(Handler):
             sizes.update(zip(term, shape, strict=True))
         return math.prod(sizes.values())
 
+    def torch(self, op_type: str) -> TorchOp | None:
+        return _einsum
+
 
 def matmul_macs(node: onnx.NodeProto, shape_of: ShapeOf, b_index: int) -> int:
     """Batched, broadcast matmul: prod(broadcast batch) · M · N · K (1-D operands promoted)."""
@@ -102,3 +116,26 @@ def matmul_macs(node: onnx.NodeProto, shape_of: ShapeOf, b_index: int) -> int:
     b = (*b, 1) if len(b) == 1 else b
     batch = np.broadcast_shapes(a[:-2], b[:-2])
     return math.prod(batch) * a[-2] * a[-1] * b[-1]
+
+
+# ------------------------------------------------------------ torch equivalents
+
+
+def _gemm(n: OpNode, xs: list) -> Result:
+    """alpha * A' @ B' + beta * C."""
+    a, b, c = xs[0], xs[1], opt(xs, 2)
+    a = a.t() if n.get("transA", 0) else a
+    b = b.t() if n.get("transB", 0) else b
+    y = a @ b
+    alpha, beta = n.get("alpha", 1.0), n.get("beta", 1.0)
+    y = y if alpha == 1.0 else y * alpha
+    if c is None:
+        return y
+    return y + (c if beta == 1.0 else c * beta)
+
+
+def _einsum(n: OpNode, xs: list) -> Result:
+    """Einstein summation with the node's equation."""
+    import torch
+
+    return torch.einsum(n.get("equation"), *xs)

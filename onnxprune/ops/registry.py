@@ -2,10 +2,11 @@
 
 A Handler holds what onnxprune knows about an op: how a group's channels flow through it
 (`step`), whether it commutes with a change of basis of them (`rotation`), its multiply-
-accumulates (`macs`) and the attribute fix-ups the rewriter needs (`prepare`, `finish`). Each
-method has a default that claims nothing: an op without a handler, or a handler without a
-`step`, blocks the group with a reason; one without `rotation` does not commute; one without
-`macs` counts none.
+accumulates (`macs`), its torch equivalent for the interpreter (`torch`) and the attribute
+fix-ups the rewriter needs (`prepare`, `finish`). Each method has a default that claims nothing:
+an op without a handler, or a handler without a `step`, blocks the group with a reason; one
+without `rotation` does not commute; one without `macs` counts none; one without `torch` is not
+run by the interpreter.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from onnxprune.ops.flow import State, Step, block
 
 if TYPE_CHECKING:
     import onnx
+
+    from onnxprune.ops.torch_support import TorchOp
 
 Shape = tuple[int, ...]
 ShapeOf = Callable[[str], Shape]
@@ -59,6 +62,15 @@ class Handler:
     def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
         """Multiply-accumulates of one run of the node (element-wise work is not counted)."""
         return 0
+
+    def torch(self, op_type: str) -> TorchOp | None:
+        """The torch equivalent of `op_type` for the interpreter (calib/torch_exec.py), None
+        where it has none. Implementations import torch inside, so handlers stay torch-free."""
+        return None
+
+    def max_outputs(self, op_type: str) -> int | None:
+        """How many outputs the torch equivalent provides (None: any number)."""
+        return 1
 
     def prepare(self, node: gs.Node) -> None:
         """Put what the rewriter edits into constant inputs before any edit (in place)."""

@@ -8,6 +8,9 @@ first half) is refused. Shape is harmless when only dims other than the channels
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -24,6 +27,10 @@ from onnxprune.ops.flow import (
     through,
 )
 from onnxprune.ops.registry import Handler, register
+from onnxprune.ops.torch_support import from_input_or_attr, ints
+
+if TYPE_CHECKING:
+    from onnxprune.ops.torch_support import OpNode, Result, TorchOp
 
 
 class _Commuting(Handler):
@@ -59,6 +66,9 @@ class Squeeze(_Commuting):
                 axis += 1
         return through(node, state, axis=axis)
 
+    def torch(self, op_type: str) -> TorchOp | None:
+        return _squeeze if op_type == "Squeeze" else _unsqueeze
+
 
 @register("Flatten")
 class Flatten(_Commuting):
@@ -75,6 +85,9 @@ class Flatten(_Commuting):
         if not all(isinstance(d, int) for d in rest):
             return block(f"Flatten '{node.name}' has dynamic spatial dims")
         return through(node, state, spatial=state.spatial * int(np.prod(rest, dtype=np.int64)))
+
+    def torch(self, op_type: str) -> TorchOp | None:
+        return _flatten
 
 
 @register("Reshape")
@@ -107,6 +120,9 @@ class Reshape(_Commuting):
         )
         return through(node, state, spatial=spatial, edits=edits)
 
+    def torch(self, op_type: str) -> TorchOp | None:
+        return _reshape
+
 
 @register("Transpose")
 class Transpose(Handler):
@@ -121,6 +137,9 @@ class Transpose(Handler):
         perm = list(node.attrs.get("perm", range(rank - 1, -1, -1)))
         return through(node, state, axis=perm.index(state.axis))
 
+    def torch(self, op_type: str) -> TorchOp | None:
+        return _transpose
+
 
 @register("Shape")
 class Shape(Handler):
@@ -133,6 +152,17 @@ class Shape(Handler):
             if indices is None or state.axis - start in np.asarray(indices).reshape(-1).tolist():
                 return block(f"the shape of the channels is read by '{user.name}' ({user.op})")
         return Step("consume")
+
+    def torch(self, op_type: str) -> TorchOp | None:
+        return _shape
+
+
+@register("Size", "Expand", "Tile")
+class ShapeArithmetic(Handler):
+    """Size, Expand and Tile: interpreted, not analyzed (channels block)."""
+
+    def torch(self, op_type: str) -> TorchOp | None:
+        return {"Size": _size, "Expand": _expand, "Tile": _tile}[op_type]
 
 
 def _splits_channel_axis(node: gs.Node, state: State) -> bool:
@@ -158,3 +188,75 @@ def _flattens_to_batch(node: gs.Node, batch: object, target: list[int], features
     if first == 0 or (isinstance(batch, int) and first == batch):
         return second in (-1, features)
     return first == -1 and second == features
+
+
+# ------------------------------------------------------------ torch equivalents
+
+
+def _flatten(n: OpNode, xs: list) -> Result:
+    """2-D view: dims before axis, dims from axis on."""
+    x = xs[0]
+    axis = n.get("axis", 1)
+    axis = axis + x.dim() if axis < 0 else axis
+    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+
+
+def _reshape(n: OpNode, xs: list) -> Result:
+    """Reshape; 0 copies the input dim unless allowzero=1, -1 is inferred."""
+    x, shape = xs[0], ints(xs[1])
+    if not n.get("allowzero", 0):
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _transpose(n: OpNode, xs: list) -> Result:
+    """Permute dims; default perm reverses them."""
+    x = xs[0]
+    return x.permute(n.get("perm") or list(reversed(range(x.dim()))))
+
+
+def _squeeze(n: OpNode, xs: list) -> Result:
+    """Drop the given size-1 axes (input >= 13, attribute before), or all size-1 axes."""
+    x = xs[0]
+    axes = from_input_or_attr(n, xs, 1, "axes")
+    if not axes:
+        return x.squeeze()
+    return x.squeeze(tuple(a % x.dim() for a in axes))
+
+
+def _unsqueeze(n: OpNode, xs: list) -> Result:
+    """Insert size-1 axes at positions of the output (input >= 13, attribute before)."""
+    x = xs[0]
+    axes = from_input_or_attr(n, xs, 1, "axes")
+    rank = x.dim() + len(axes)
+    for a in sorted(a % rank for a in axes):
+        x = x.unsqueeze(a)
+    return x
+
+
+def _shape(n: OpNode, xs: list) -> Result:
+    """Shape as int64, with the opset-15 start/end window (Python slice semantics)."""
+    import torch
+
+    dims = list(xs[0].shape)[n.get("start", 0) : n.get("end")]
+    return torch.tensor(dims, dtype=torch.int64, device=xs[0].device)
+
+
+def _size(n: OpNode, xs: list) -> Result:
+    """Element count as an int64 scalar."""
+    import torch
+
+    return torch.tensor(xs[0].numel(), dtype=torch.int64, device=xs[0].device)
+
+
+def _expand(n: OpNode, xs: list) -> Result:
+    """Bidirectional broadcast of X against the requested shape."""
+    import torch
+
+    x = xs[0]
+    return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(ints(xs[1]))))
+
+
+def _tile(n: OpNode, xs: list) -> Result:
+    """Repeat X along each axis."""
+    return xs[0].repeat(ints(xs[1]))

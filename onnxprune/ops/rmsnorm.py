@@ -18,16 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit
-from onnxprune.ops.flow import (
-    State,
-    Step,
-    axes_of,
-    block,
-    const,
-    rank_of,
-    through,
-    with_param,
-)
+from onnxprune.ops.flow import State, Step, axes_of, block, const, rank_of, through, with_param
 from onnxprune.ops.registry import Handler, register
 
 DOMAIN = "onnxprune"
