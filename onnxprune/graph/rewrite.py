@@ -242,15 +242,12 @@ def _map_segment(work: np.ndarray, edit: ParamEdit, m: int, matrix: np.ndarray) 
     return _join(before, mapped, after, edit.axis)
 
 
-_OUT_AXIS = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}
-
-
 def _weight_times(
     work: np.ndarray, edit: ParamEdit, m: int, node: gs.Node, c: np.ndarray
 ) -> np.ndarray:
     """W c for the consumer's output units: contract channels with c, sum taps and positions."""
     _, seg, _ = _split(work, edit, m)
-    out_axis = _OUT_AXIS.get(node.op, 1 - edit.axis)
+    out_axis = handler_for(node).out_axis(node)
     # contracting the channel axis leaves the output axis at its original index
     weighted = np.moveaxis(np.tensordot(seg, c, axes=([edit.axis], [0])), out_axis, 0)
     total = weighted.reshape(weighted.shape[0], -1).sum(axis=1)
@@ -386,7 +383,7 @@ def affine_outputs(graph: gs.Graph, name: str, scale: np.ndarray, shift: np.ndar
     """
     node = next(n for n in graph.nodes if n.name == name)
     weight = np.asarray(node.inputs[1].values)
-    axis = _OUT_AXIS.get(node.op, 0 if node.attrs.get("transB", 0) else 1)
+    axis = handler_for(node).out_axis(node)
     shape = [1] * weight.ndim
     shape[axis] = -1
     scaled = weight.astype(np.float64) * scale.reshape(shape)

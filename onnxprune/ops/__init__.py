@@ -9,6 +9,8 @@ applies (registry.Handler has the defaults):
 * `rotation(...)` — why it does not commute with an orthogonal change of basis (None: it does);
   `invariant(...)`, `nonlinear`, `scales_along(...)` — what CoB, IPPRO and the RMSNorm
   correction need to know of it;
+* `out_axis(node)` — which axis of its weight indexes its outputs (producer rows, where a
+  consumer's correction lands: graph/rewrite.py, graph/weights.py);
 * `macs(node_proto, shape_of)` — its multiply-accumulates (measure/cost.py);
 * `torch(op_type)` — its torch equivalent for the interpreter (calib/torch_exec.py; the
   functions import torch themselves, torch_support.py holds what they share);

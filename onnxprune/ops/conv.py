@@ -67,6 +67,9 @@ class Conv(Handler):
     def rotation(self, node: gs.Node, index: int, state: State, result: Step) -> str | None:
         return f"Conv '{node.name}' is a depthwise conv with per-channel kernels"
 
+    def out_axis(self, node: gs.Node) -> int | None:
+        return 0
+
     def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
         return conv_macs(node, shape_of, 1)
 
@@ -82,20 +85,13 @@ class Conv(Handler):
             node.attrs["group"] = int(node.inputs[1].shape[0])
 
 
-@register("ConvInteger")
-class ConvInteger(Handler):
-    """Quantized Conv (integer inputs): counted, never pruned."""
+@register("ConvInteger", "QLinearConv")
+class QuantizedConv(Handler):
+    """Quantized Conv: counted, never pruned. QLinearConv's weight is input 3 (after the input's
+    scale and zero point)."""
 
     def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
-        return conv_macs(node, shape_of, 1)
-
-
-@register("QLinearConv")
-class QLinearConv(Handler):
-    """Quantized Conv with its scales and zero points as inputs: the weight is input 3."""
-
-    def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
-        return conv_macs(node, shape_of, 3)
+        return conv_macs(node, shape_of, 3 if node.op_type == "QLinearConv" else 1)
 
 
 @register("ConvTranspose")
@@ -109,6 +105,10 @@ class ConvTranspose(Handler):
             return block(f"ConvTranspose '{node.name}' reads channels on another axis")
         edit = ParamEdit(node.name, 1, 0, state.offset, "in", tap=state.tensor)
         return Step("consume", edits=[edit])
+
+    def out_axis(self, node: gs.Node) -> int | None:
+        """Weight (C_in, C_out / group, kernel...)."""
+        return 1
 
     def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
         """Every input element is multiplied by a (C_out/group)·kernel slice: |X| · prod(W[1:])."""

@@ -34,6 +34,9 @@ class Gemm(Handler):
         edit = ParamEdit(node.name, 1, axis, state.offset, "in", state.spatial, state.tensor)
         return Step("consume", edits=[edit])
 
+    def out_axis(self, node: gs.Node) -> int | None:
+        return 0 if node.attrs.get("transB", 0) else 1
+
     def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
         attrs = node_attrs(node)
         a, b = shape_of(node.input[0]), shape_of(node.input[1])
@@ -62,6 +65,9 @@ class MatMul(Handler):
         edit = ParamEdit(node.name, 1, 0, state.offset, "in", state.spatial, state.tensor)
         return Step("consume", edits=[edit])
 
+    def out_axis(self, node: gs.Node) -> int | None:
+        return 1
+
     def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
         return matmul_macs(node, shape_of, 1)
 
@@ -71,20 +77,13 @@ class MatMul(Handler):
         return binary(torch.matmul)
 
 
-@register("MatMulInteger")
-class MatMulInteger(Handler):
-    """Quantized MatMul: counted, never pruned."""
+@register("MatMulInteger", "QLinearMatMul")
+class QuantizedMatMul(Handler):
+    """Quantized MatMul: counted, never pruned. QLinearMatMul's B is input 3 (after A's scale and
+    zero point)."""
 
     def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
-        return matmul_macs(node, shape_of, 1)
-
-
-@register("QLinearMatMul")
-class QLinearMatMul(Handler):
-    """Quantized MatMul with scales and zero points as inputs: B is input 3."""
-
-    def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
-        return matmul_macs(node, shape_of, 3)
+        return matmul_macs(node, shape_of, 3 if node.op_type == "QLinearMatMul" else 1)
 
 
 @register("Einsum")

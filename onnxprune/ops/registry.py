@@ -1,12 +1,12 @@
 """One handler per op family, looked up by (domain, op type).
 
 A Handler holds what onnxprune knows about an op: how a group's channels flow through it
-(`step`), whether it commutes with a change of basis of them (`rotation`), its multiply-
-accumulates (`macs`), its torch equivalent for the interpreter (`torch`) and the attribute
-fix-ups the rewriter needs (`prepare`, `finish`). Each method has a default that claims nothing:
-an op without a handler, or a handler without a `step`, blocks the group with a reason; one
-without `rotation` does not commute; one without `macs` counts none; one without `torch` is not
-run by the interpreter.
+(`step`), whether it commutes with a change of basis of them (`rotation`), which axis of its
+weight indexes its outputs (`out_axis`), its multiply-accumulates (`macs`), its torch equivalent
+for the interpreter (`torch`) and the attribute fix-ups the rewriter needs (`prepare`,
+`finish`). Each method has a default that claims nothing: an op without a handler, or a handler
+without a `step`, blocks the group with a reason; one without `rotation` does not commute; one
+without `macs` counts none; one without `torch` is not run by the interpreter.
 """
 
 from __future__ import annotations
@@ -58,6 +58,11 @@ class Handler:
         """True when scaling the channels entering at `index` scales the output alike (so an
         RMSNorm's changed divisor reaches the taps behind it as the same factor)."""
         return False
+
+    def out_axis(self, node: gs.Node) -> int | None:
+        """The axis of the node's constant weight (input 1) that indexes its output channels
+        (where producer rows are sliced and a consumer's correction lands); None without one."""
+        return None
 
     def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
         """Multiply-accumulates of one run of the node (element-wise work is not counted)."""
