@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, Tap
 from onnxprune.ops.conv import is_grouped_conv
-from onnxprune.ops.flow import State, block, const, rank_of
+from onnxprune.ops.flow import State, block, const
 from onnxprune.ops.registry import handler_for, unknown
 
 
@@ -86,55 +86,17 @@ def _producers(graph: gs.Graph) -> list[_Producer]:
 
 
 def _as_producer(node: gs.Node) -> _Producer | None:
-    weight = const(node, 1)
-    if weight is None or not node.outputs:
+    """The node as a producer, when its handler says it creates channels through a constant
+    weight."""
+    handler = handler_for(node)
+    if handler is None or const(node, 1) is None or not node.outputs:
         return None
-    out = node.outputs[0].name
-    if node.op == "Conv" and (node.attrs.get("group", 1) == 1 or is_grouped_conv(node)):
-        producer = _with_bias(node, weight.shape[0], [ParamEdit(node.name, 1, 0, 0, "out")], out, 0)
-        producer.blocks = node.attrs.get("group", 1)  # one group per conv group, equal widths
-        return producer
-    if node.op == "ConvTranspose" and node.attrs.get("group", 1) == 1:
-        return _with_bias(node, weight.shape[1], [ParamEdit(node.name, 1, 1, 0, "out")], out, 0)
-    if node.op == "Gemm" and weight.ndim == 2:
-        axis = 0 if node.attrs.get("transB", 0) else 1
-        producer = _Producer(
-            node, weight.shape[axis], [ParamEdit(node.name, 1, axis, 0, "out")], State(out, 1, 0)
-        )
-        return _gemm_bias(node, producer)
-    if node.op == "MatMul" and weight.ndim == 2:
-        rank = rank_of(node.outputs[0])
-        if rank is None:
-            return None
-        return _Producer(
-            node, weight.shape[1], [ParamEdit(node.name, 1, 1, 0, "out")], State(out, rank - 1, 0)
-        )
-    return None
-
-
-def _with_bias(
-    node: gs.Node, channels: int, edits: list[ParamEdit], out: str, bias_axis: int
-) -> _Producer:
-    producer = _Producer(node, channels, edits, State(out, 1, 0))
-    if len(node.inputs) > 2 and node.inputs[2].name:
-        if const(node, 2) is None:
-            producer.reason = f"'{node.name}' has a non-constant bias"
-        else:
-            edits.append(ParamEdit(node.name, 2, bias_axis, 0, "out"))
-    return producer
-
-
-def _gemm_bias(node: gs.Node, producer: _Producer) -> _Producer:
-    if len(node.inputs) < 3 or not node.inputs[2].name:
-        return producer
-    bias = const(node, 2)
-    if bias is None:
-        producer.reason = f"'{node.name}' has a non-constant bias"
-    elif bias.ndim and bias.shape[-1] == producer.channels and producer.channels > 1:
-        if bias.ndim == 2 and bias.shape[0] != 1:
-            producer.reason = f"'{node.name}' has a per-row bias"
-        producer.edits.append(ParamEdit(node.name, 2, bias.ndim - 1, 0, "out"))
-    return producer
+    output = handler.produce(node)
+    if output is None:
+        return None
+    start = State(node.outputs[0].name, output.axis, 0)
+    edits = list(output.edits)
+    return _Producer(node, output.channels, edits, start, output.reason, blocks=output.blocks)
 
 
 def _walk_parts(graph: gs.Graph, producer: _Producer) -> list[_Walk]:

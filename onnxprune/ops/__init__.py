@@ -4,6 +4,7 @@
 analyzer then blocks the group with a reason: it never guesses). A Handler answers, where it
 applies (registry.Handler has the defaults):
 
+* `produce(node) -> Output` — the channels it creates through its weight (a group's producer);
 * `step(node, index, state, channels) -> Step` — how a group's channels flow through the node
   (flow.py: through / consume / drop / block, the constants to edit as `ParamEdit`s);
 * `rotation(...)` — why it does not commute with an orthogonal change of basis (None: it does);

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit
-from onnxprune.ops.flow import State, Step, block, const, cuts_at, shape_of, through
+from onnxprune.ops.flow import Output, State, Step, block, const, cuts_at, shape_of, through
 from onnxprune.ops.registry import Handler, ShapeOf, register
 from onnxprune.ops.torch_support import geometry, opt, torch_pads
 
@@ -67,6 +67,15 @@ class Conv(Handler):
     def rotation(self, node: gs.Node, index: int, state: State, result: Step) -> str | None:
         return f"Conv '{node.name}' is a depthwise conv with per-channel kernels"
 
+    def produce(self, node: gs.Node) -> Output | None:
+        """A plain or grouped Conv (one group per conv group, equal widths); a depthwise one
+        passes channels instead."""
+        group = node.attrs.get("group", 1)
+        if group != 1 and not is_grouped_conv(node):
+            return None
+        channels = const(node, 1).shape[0]
+        return _with_bias(node, channels, ParamEdit(node.name, 1, 0, 0, "out"), blocks=group)
+
     def out_axis(self, node: gs.Node) -> int | None:
         return 0
 
@@ -106,6 +115,12 @@ class ConvTranspose(Handler):
         edit = ParamEdit(node.name, 1, 0, state.offset, "in", tap=state.tensor)
         return Step("consume", edits=[edit])
 
+    def produce(self, node: gs.Node) -> Output | None:
+        if node.attrs.get("group", 1) != 1:
+            return None
+        channels = const(node, 1).shape[1]
+        return _with_bias(node, channels, ParamEdit(node.name, 1, 1, 0, "out"))
+
     def out_axis(self, node: gs.Node) -> int | None:
         """Weight (C_in, C_out / group, kernel...)."""
         return 1
@@ -122,6 +137,18 @@ def conv_macs(node: onnx.NodeProto, shape_of: ShapeOf, weight_index: int) -> int
     """N·C_out·spatial_out · (C_in/group)·kernel = |Y| · prod(W.shape[1:]), any spatial rank."""
     weight = shape_of(node.input[weight_index])
     return math.prod(shape_of(node.output[0])) * math.prod(weight[1:])
+
+
+def _with_bias(node: gs.Node, channels: int, rows: ParamEdit, *, blocks: int = 1) -> Output:
+    """A conv producer's output: its weight rows and, when it has one, its bias (which must be a
+    constant to be sliced)."""
+    edits, reason = [rows], None
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        if const(node, 2) is None:
+            reason = f"'{node.name}' has a non-constant bias"
+        else:
+            edits.append(ParamEdit(node.name, 2, 0, 0, "out"))
+    return Output(channels, 1, tuple(edits), reason, blocks)
 
 
 def _grouped(node: gs.Node, state: State, channels: int) -> Step:

@@ -44,6 +44,19 @@ class Step:
     cuts: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True)
+class Output:
+    """The channels a producer writes through its weight: how many, on which axis of its output,
+    the constants holding them (role "out" edits: weight rows, bias), why they cannot be pruned
+    (None: they can), and `blocks` > 1 for a grouped Conv, whose conv groups write apart."""
+
+    channels: int
+    axis: int
+    edits: tuple[ParamEdit, ...]
+    reason: str | None = None
+    blocks: int = 1
+
+
 def block(reason: str, cuts: tuple[int, ...] = ()) -> Step:
     """Refuse the group here, with the reason (and where cutting it would let the parts pass)."""
     return Step("block", reason=reason, cuts=cuts)

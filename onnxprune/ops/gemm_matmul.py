@@ -13,7 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit
-from onnxprune.ops.flow import State, Step, block, const, rank_of
+from onnxprune.ops.flow import Output, State, Step, block, const, rank_of
 from onnxprune.ops.registry import Handler, ShapeOf, node_attrs, register
 from onnxprune.ops.torch_support import binary, opt
 
@@ -33,6 +33,25 @@ class Gemm(Handler):
         axis = 1 if node.attrs.get("transB", 0) else 0
         edit = ParamEdit(node.name, 1, axis, state.offset, "in", state.spatial, state.tensor)
         return Step("consume", edits=[edit])
+
+    def produce(self, node: gs.Node) -> Output | None:
+        """Gemm with a constant 2-D B: its output features; a bias that is not constant, or
+        differs per row, blocks them."""
+        weight = const(node, 1)
+        if weight.ndim != 2:
+            return None
+        axis = self.out_axis(node)
+        channels, reason = weight.shape[axis], None
+        edits = [ParamEdit(node.name, 1, axis, 0, "out")]
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            bias = const(node, 2)
+            if bias is None:
+                reason = f"'{node.name}' has a non-constant bias"
+            elif bias.ndim and bias.shape[-1] == channels and channels > 1:
+                if bias.ndim == 2 and bias.shape[0] != 1:
+                    reason = f"'{node.name}' has a per-row bias"
+                edits.append(ParamEdit(node.name, 2, bias.ndim - 1, 0, "out"))
+        return Output(channels, 1, tuple(edits), reason)
 
     def out_axis(self, node: gs.Node) -> int | None:
         return 0 if node.attrs.get("transB", 0) else 1
@@ -64,6 +83,13 @@ class MatMul(Handler):
             return block(f"MatMul '{node.name}' reads the channels other than as its last axis")
         edit = ParamEdit(node.name, 1, 0, state.offset, "in", state.spatial, state.tensor)
         return Step("consume", edits=[edit])
+
+    def produce(self, node: gs.Node) -> Output | None:
+        """MatMul with a constant 2-D right operand: the columns, on the output's last axis."""
+        weight, rank = const(node, 1), rank_of(node.outputs[0])
+        if weight.ndim != 2 or rank is None:
+            return None
+        return Output(weight.shape[1], rank - 1, (ParamEdit(node.name, 1, 1, 0, "out"),))
 
     def out_axis(self, node: gs.Node) -> int | None:
         return 1

@@ -1,12 +1,13 @@
 """One handler per op family, looked up by (domain, op type).
 
-A Handler holds what onnxprune knows about an op: how a group's channels flow through it
-(`step`), whether it commutes with a change of basis of them (`rotation`), which axis of its
-weight indexes its outputs (`out_axis`), its multiply-accumulates (`macs`), its torch equivalent
-for the interpreter (`torch`) and the attribute fix-ups the rewriter needs (`prepare`,
-`finish`). Each method has a default that claims nothing: an op without a handler, or a handler
-without a `step`, blocks the group with a reason; one without `rotation` does not commute; one
-without `macs` counts none; one without `torch` is not run by the interpreter.
+A Handler holds what onnxprune knows about an op: which channels it creates (`produce`), how a
+group's channels flow through it (`step`), whether it commutes with a change of basis of them
+(`rotation`), which axis of its weight indexes its outputs (`out_axis`), its multiply-
+accumulates (`macs`), its torch equivalent for the interpreter (`torch`) and the attribute
+fix-ups the rewriter needs (`prepare`, `finish`). Each method has a default that claims nothing:
+an op without a handler, or a handler without a `step`, blocks the group with a reason; one
+without `produce` creates no group; one without `rotation` does not commute; one without `macs`
+counts none; one without `torch` is not run by the interpreter.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from onnxprune.graph.groups import ParamEdit
-from onnxprune.ops.flow import State, Step, block
+from onnxprune.ops.flow import Output, State, Step, block
 
 if TYPE_CHECKING:
     import onnx
@@ -58,6 +59,11 @@ class Handler:
         """True when scaling the channels entering at `index` scales the output alike (so an
         RMSNorm's changed divisor reaches the taps behind it as the same factor)."""
         return False
+
+    def produce(self, node: gs.Node) -> Output | None:
+        """The channels the node creates through its constant weight (input 1), when it is a
+        producer of a channel group; None otherwise."""
+        return None
 
     def out_axis(self, node: gs.Node) -> int | None:
         """The axis of the node's constant weight (input 1) that indexes its output channels
