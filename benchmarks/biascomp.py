@@ -38,7 +38,8 @@ from onnxprune.graph.sparsify import layer_weights, sparsify, weight_layers  # n
 from onnxprune.methods import build_method  # noqa: E402
 from onnxprune.methods.planner import make_plans  # noqa: E402
 from onnxprune.methods.sparse import bias_shifts, choose_removed, weight_scores  # noqa: E402
-from onnxprune.methods.width import WidthRule, keep_counts  # noqa: E402
+from onnxprune.methods.width import keep_counts  # noqa: E402
+from onnxprune.options import WidthRule  # noqa: E402
 
 MODELS = ROOT / "models"
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)

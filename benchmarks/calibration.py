@@ -57,7 +57,7 @@ from onnxprune.graph.analyze import analyze as find_groups  # noqa: E402
 from onnxprune.graph.load import export, load_model, normalize  # noqa: E402
 from onnxprune.measure.latency import physical_cores  # noqa: E402
 from onnxprune.measure.verify import session_for  # noqa: E402
-from onnxprune.methods.width import WidthRule  # noqa: E402
+from onnxprune.options import WidthRule  # noqa: E402
 
 MODELS = ROOT / "models"
 RESULTS = ROOT / "benchmarks" / "results"

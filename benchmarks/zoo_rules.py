@@ -28,7 +28,8 @@ import onnxprune  # noqa: E402
 from onnxprune.budget import cost_of  # noqa: E402
 from onnxprune.graph.analyze import analyze  # noqa: E402
 from onnxprune.graph.load import load_model, normalize  # noqa: E402
-from onnxprune.methods.width import WidthRule, keep_counts  # noqa: E402
+from onnxprune.methods.width import keep_counts  # noqa: E402
+from onnxprune.options import WidthRule  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "zoo_rules.json"
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from onnxprune.api import Analysis, Result, analyze, prune
     from onnxprune.calib.data import Dataset
     from onnxprune.config import PruneConfig
-    from onnxprune.methods.width import WidthRule
+    from onnxprune.options import WidthRule
     from onnxprune.report import Report
 
 __all__ = [
@@ -44,7 +44,7 @@ _LAZY = {
     "prune": "onnxprune.api",
     "PruneConfig": "onnxprune.config",
     "Dataset": "onnxprune.calib.data",
-    "WidthRule": "onnxprune.methods.width",
+    "WidthRule": "onnxprune.options",
     "Report": "onnxprune.report",
     "compare": "onnxprune.compare",
 }

@@ -47,11 +47,12 @@ from onnxprune.measure.cost import count
 from onnxprune.measure.latency import benchmark
 from onnxprune.measure.verify import Verification, deviation_warning, shortfalls, verify
 from onnxprune.methods import build_method
-from onnxprune.methods.base import Plan
 from onnxprune.methods.cob import unrotated_note
 from onnxprune.methods.planner import make_plans
 from onnxprune.methods.sparse import WEIGHT_NEEDS, bias_shifts, choose_removed, weight_scores
-from onnxprune.methods.width import WidthRule, group_ratio
+from onnxprune.methods.width import group_ratio
+from onnxprune.options import WidthRule
+from onnxprune.plan import Plan
 from onnxprune.recalibrate import recalibrate
 from onnxprune.report import GroupRow, Report, TargetResult
 

@@ -25,7 +25,7 @@ from onnxprune.graph.rewrite import rewrite
 from onnxprune.graph.weights import consumer_input_sizes
 from onnxprune.measure.cost import count
 from onnxprune.measure.verify import run, run_original
-from onnxprune.methods.base import GroupStats, Method, Plan
+from onnxprune.methods.base import Method
 from onnxprune.methods.id import pooled_gram
 from onnxprune.methods.linalg import id_error_curve
 from onnxprune.methods.planner import make_plans
@@ -37,6 +37,7 @@ from onnxprune.methods.targets import (
     width_cost,
 )
 from onnxprune.methods.width import keep_counts, tied_counts
+from onnxprune.plan import GroupStats, Plan
 from onnxprune.progress import progress
 from onnxprune.recalibrate import recalibrate
 from onnxprune.report import TargetResult

@@ -7,10 +7,15 @@ from dataclasses import dataclass, field
 
 from onnxprune.deploy.quantize import MODES as QUANTIZE_MODES
 from onnxprune.errors import UsageError
-from onnxprune.methods import METHODS
-from onnxprune.methods.cob import parse_threshold
-from onnxprune.methods.sparse import check_weight_options
-from onnxprune.methods.width import WidthRule, check_patterns, check_ratio
+from onnxprune.options import (
+    METHODS,
+    WidthRule,
+    check_patterns,
+    check_ratio,
+    check_weight_options,
+    parse_jacobian,
+    parse_threshold,
+)
 
 COMPENSATIONS = ("none", "bias", "lsq")
 
@@ -84,8 +89,6 @@ class PruneConfig:
             if not 0.0 < value <= 1.0:
                 raise UsageError(f"'{name}' is the fraction to keep, in (0, 1]; got {value}")
         check_ratio(self.max_ratio, "max_ratio")
-        from onnxprune.calib.jacobian import parse_jacobian  # lazy: it loads onnx, not --help
-
         parse_jacobian(self.jacobian)
         self._check_cob()
         self._check_granularity()

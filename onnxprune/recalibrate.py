@@ -18,7 +18,7 @@ from onnxprune.calib.stats import channel_moments
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import export
 from onnxprune.graph.rewrite import affine_outputs, shift_node
-from onnxprune.methods.base import Plan
+from onnxprune.plan import Plan
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 _AFFINE_OPS = ("Conv", "ConvTranspose", "Gemm")

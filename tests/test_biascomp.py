@@ -14,7 +14,6 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxprune
 from onnxprune.calib.data import Dataset
 from onnxprune.calib.gather import gather, gather_weights
-from onnxprune.calib.jacobian import parse_jacobian
 from onnxprune.cli import main
 from onnxprune.config import PruneConfig
 from onnxprune.errors import UsageError
@@ -23,6 +22,7 @@ from onnxprune.graph.load import export, normalize
 from onnxprune.graph.sparsify import layer_weights, sparsify, weight_layers
 from onnxprune.methods.biascomp import bias_shift, channel_importance
 from onnxprune.methods.sparse import importance, independent_shift, joint_shift
+from onnxprune.options import parse_jacobian
 
 
 def _mlp(w1, b1, w2, b2, *more, act: str | None = "Relu") -> onnx.ModelProto:

@@ -26,14 +26,9 @@ from onnxprune.errors import UsageError
 from onnxprune.graph.analyze import analyze
 from onnxprune.graph.load import export, normalize
 from onnxprune.graph.rewrite import rewrite
-from onnxprune.methods.base import Correction, Plan
-from onnxprune.methods.cob import (
-    block_pca,
-    channel_ratio_for_params,
-    fixed_keep,
-    parse_threshold,
-    threshold_keep,
-)
+from onnxprune.methods.cob import block_pca, channel_ratio_for_params, fixed_keep, threshold_keep
+from onnxprune.options import parse_threshold
+from onnxprune.plan import Correction, Plan
 
 RNG = np.random.default_rng(0)
 

@@ -22,7 +22,7 @@ from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import export, normalize
 from onnxprune.graph.rewrite import rewrite
-from onnxprune.methods.base import Correction, Plan
+from onnxprune.plan import Correction, Plan
 
 
 def _tensor(model: onnx.ModelProto, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:

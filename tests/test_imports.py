@@ -1,17 +1,24 @@
-"""Start-up cost: heavy modules load only where they are used.
+"""Start-up cost: heavy modules load only where they are used; and which layer may import which.
 
 Each check runs in a fresh interpreter, since this test process has long since imported
 everything. scipy.stats and scipy.spatial cost ~0.7 s and torch seconds; `onnx` alone ~1 s
 (ml_dtypes registering its dtypes with numpy), which `onnxprune --help` must not pay.
+
+The layering rules (DESIGN.md §1b) are read from the source with `ast`, so an import that breaks
+them fails here even where it would not (yet) make a cycle.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+import onnxprune as onnxprune_package
 
 HEAVY = ("torch", "scipy.stats", "scipy.spatial", "scipy.linalg")
 
@@ -56,3 +63,79 @@ def test_an_unknown_name_is_an_attribute_error():
 
     with pytest.raises(AttributeError, match="no_such_name"):
         onnxprune.no_such_name  # noqa: B018
+
+
+def _imports(path: Path) -> set[str]:
+    """The onnxprune modules `path` imports at run time (anywhere in it, lazily too; not under
+    `if TYPE_CHECKING:`), by their dotted names."""
+    tree = ast.parse(path.read_text())
+    hidden = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")
+        for inner in ast.walk(node)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in hidden:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.split(".")[0] == "onnxprune"}
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Every onnxprune module's name → the onnxprune modules it imports."""
+    root = Path(onnxprune_package.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = _imports(path)
+    return modules
+
+
+def _reach(modules: dict[str, set[str]], start: str) -> set[str]:
+    """The modules `start` loads, directly or through the modules it imports."""
+    seen, stack = set(), [start]
+    while stack:
+        for name in modules.get(stack.pop(), set()) - seen:
+            seen.add(name)
+            stack.append(name)
+    return seen
+
+
+def _inside(name: str, packages: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def test_the_graph_layer_imports_only_graph_ops_plan_and_errors():
+    allowed = ("onnxprune.graph", "onnxprune.ops", "onnxprune.plan", "onnxprune.errors")
+    modules = _module_imports()
+    wrong = {
+        (name, imported)
+        for name, imports in modules.items()
+        if _inside(name, ("onnxprune.graph", "onnxprune.ops"))
+        for imported in imports
+        if not _inside(imported, allowed)
+    }
+    assert wrong == set()
+
+
+def test_config_and_the_neutral_modules_load_no_method_or_calibration_code():
+    modules = _module_imports()
+    for start in ("onnxprune.config", "onnxprune.options", "onnxprune.plan"):
+        reached = _reach(modules, start)
+        assert not [m for m in reached if _inside(m, ("onnxprune.methods", "onnxprune.calib"))]
+    assert modules["onnxprune.options"] <= {"onnxprune.errors"}
+    assert modules["onnxprune.plan"] == set()
+
+
+def test_the_import_rules_see_imports():
+    """The parser finds a lazy import inside a function and skips a TYPE_CHECKING one."""
+    modules = _module_imports()
+    assert "onnxprune.calib.data" not in modules["onnxprune.deploy.quantize"]
+    assert "onnxprune.methods.activation" in modules["onnxprune.methods"]
+    assert "onnxprune.methods.base" in modules["onnxprune.methods.magnitude"]

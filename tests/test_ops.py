@@ -1,4 +1,4 @@
-"""Channel rules for real architectures (graph/ops.py), each on a minimal graph.
+"""Channel rules for real architectures (the op handlers, onnxprune/ops), each on a minimal graph.
 
 Every rule is checked the same way: ratio 0 reproduces the original, and a pruned model runs in
 ONNX Runtime and equals a numpy reference of what the pruning should do (the original with the
@@ -24,7 +24,7 @@ from onnxprune.compare import allocate, measure_sensitivity
 from onnxprune.graph.analyze import analyze
 from onnxprune.graph.load import export, normalize
 from onnxprune.measure.cost import count
-from onnxprune.methods import METHODS
+from onnxprune.options import METHODS
 
 
 def _groups(model: onnx.ModelProto) -> dict:

@@ -1,4 +1,4 @@
-"""LSTM/GRU/RNN hidden units as groups (graph/recurrent.py), checked against a numpy reference.
+"""LSTM/GRU/RNN hidden units as groups (ops/recurrent.py), checked against a numpy reference.
 
 - the analyzer finds one group per layer and direction, blocks what it cannot follow;
 - any kept subset with any correction (M, c) equals, brute force, the original recurrence in
@@ -25,7 +25,7 @@ from onnxprune.errors import UsageError
 from onnxprune.graph.analyze import analyze
 from onnxprune.graph.load import export, normalize
 from onnxprune.graph.rewrite import rewrite
-from onnxprune.methods.base import Correction, Plan
+from onnxprune.plan import Correction, Plan
 
 T, B, IN, H, K = 5, 3, 4, 3, 2
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}

@@ -31,10 +31,10 @@ from torch import nn
 
 import onnxprune
 from onnxprune.graph.analyze import analyze
-from onnxprune.graph.layout import is_grouped_conv
 from onnxprune.graph.load import export, load_model, normalize
 from onnxprune.graph.rewrite import rewrite
-from onnxprune.methods.base import Correction, Plan
+from onnxprune.ops.conv import is_grouped_conv
+from onnxprune.plan import Correction, Plan
 
 # --- identity plans on the reference models ---------------------------------------------------
 

@@ -12,8 +12,6 @@ from hypothesis import strategies as st
 from onnxprune.errors import UsageError
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.methods.width import (
-    WidthRule,
-    check_ratio,
     group_ratio,
     keep_counts,
     kept,
@@ -21,6 +19,7 @@ from onnxprune.methods.width import (
     parse_layer_ratio,
     rounding_step,
 )
+from onnxprune.options import WidthRule, check_ratio
 
 
 def group(

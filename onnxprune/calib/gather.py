@@ -22,8 +22,6 @@ from onnxprune.config import PruneConfig
 from onnxprune.errors import UsageError
 from onnxprune.graph.groups import ChannelGroup, Tap
 from onnxprune.graph.load import export
-from onnxprune.graph.ops import rank_of
-from onnxprune.graph.recurrent import is_recurrent
 from onnxprune.graph.sparsify import WeightLayer, to_canonical
 from onnxprune.graph.weights import (
     consumer_matrix,
@@ -31,8 +29,10 @@ from onnxprune.graph.weights import (
     producer_filters,
     producer_weight_names,
 )
-from onnxprune.methods.base import GroupStats, TapStats
 from onnxprune.methods.heads import feature_tap
+from onnxprune.ops.flow import rank_of
+from onnxprune.ops.recurrent import is_recurrent
+from onnxprune.plan import GroupStats, TapStats
 from onnxprune.progress import progress
 
 

@@ -24,9 +24,9 @@ import onnx
 from onnxprune.calib.data import Batch
 from onnxprune.calib.grads import checked_graph
 from onnxprune.calib.stats import channel_view
-from onnxprune.errors import UsageError
 from onnxprune.graph.groups import Tap
 from onnxprune.graph.sparsify import WeightLayer
+from onnxprune.options import parse_jacobian
 
 
 @dataclass(frozen=True)
@@ -65,16 +65,6 @@ class SiteStats:
     s2: np.ndarray
     mean: np.ndarray
     joint: JointStats | None = None
-
-
-def parse_jacobian(text: str) -> tuple[str, int]:
-    """'exact' → ("exact", 0); 'probe:N' → ("probe", N)."""
-    if text == "exact":
-        return "exact", 0
-    kind, _, count = text.partition(":")
-    if kind == "probe" and count.isdigit() and int(count) > 0:
-        return "probe", int(count)
-    raise UsageError(f"--jacobian expects 'exact' or 'probe:N'; got '{text}'")
 
 
 def collect_jacobian_stats(

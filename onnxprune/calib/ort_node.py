@@ -54,7 +54,7 @@ class OrtNode:
             ) from exc
 
     def __call__(self, spec: Any, args: Sequence[Any]) -> tuple:
-        from onnxprune.calib.torch_ops import to_tensor
+        from onnxprune.ops.torch_support import to_tensor
 
         arrays = [None if a is None else a.detach().cpu().numpy() for a in args]
         feeds = {n: a for n, a in zip(self.node.input, arrays, strict=False) if n}

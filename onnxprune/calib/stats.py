@@ -23,7 +23,7 @@ from onnxprune.errors import ModelRunError, VerificationError, first_line
 from onnxprune.graph.groups import Tap
 from onnxprune.graph.load import copy_model
 from onnxprune.measure.verify import session_for
-from onnxprune.methods.base import TapStats
+from onnxprune.plan import TapStats
 
 
 class TapAccumulator:

@@ -1,11 +1,12 @@
 """ONNX→PyTorch interpreter: runs an ONNX graph with torch ops so autograd yields gradients.
 
 ONNX Runtime gives activations but not gradients. Gradient-based criteria (Taylor, Fisher) and
-later fine-tuning need both, so `TorchGraph` executes the ONNX nodes one by one with the op table
-in `torch_ops`, keeping float initializers as leaf tensors that can be differentiated or handed to
-an optimizer. `check_against_ort` guards the interpreter: its forward pass must match ONNX Runtime
-before any gradient computed with it is trusted. An op the table lacks is refused, or with
-`freeze=True` (fine-tuning) run by ONNX Runtime as a frozen step (`calib.ort_node`).
+later fine-tuning need both, so `TorchGraph` executes the ONNX nodes one by one with each op's
+torch equivalent (its handler's `torch`, onnxprune/ops), keeping float initializers as leaf
+tensors that can be differentiated or handed to an optimizer. `check_against_ort` guards the
+interpreter: its forward pass must match ONNX Runtime before any gradient computed with it is
+trusted. An op without a torch equivalent is refused, or with `freeze=True` (fine-tuning) run
+by ONNX Runtime as a frozen step (`calib.ort_node`).
 
 Importing this module is cheap and works without torch; torch is imported when a graph is built.
 """
@@ -30,11 +31,12 @@ from onnxprune.errors import (
     UnsupportedOpError,
     UsageError,
 )
+from onnxprune.ops.registry import handler_for
 
 if TYPE_CHECKING:
     import torch
 
-    from onnxprune.calib.torch_ops import OpNode
+    from onnxprune.ops.torch_support import OpNode
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -44,16 +46,17 @@ def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def _torch_ops() -> Any:
-    """The op table module (imports torch), or a one-line error when torch is missing."""
+def _torch_support() -> Any:
+    """The interpreter's helpers (ops/torch_support.py), or a one-line error when torch is
+    missing."""
     if not torch_available():
         raise OnnxPruneError(
             "PyTorch is not installed; gradient-based methods need it",
             hint="pip install 'onnxprune[torch]'",
         )
-    from onnxprune.calib import torch_ops
+    from onnxprune.ops import torch_support
 
-    return torch_ops
+    return torch_support
 
 
 @dataclass(frozen=True)
@@ -75,15 +78,17 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 
 def _compile(node: onnx.NodeProto, index: int, opset: int, ops: Any) -> _Step:
-    """Check one node against the op table and bind its op function."""
+    """Check one node against its handler and bind the handler's torch equivalent."""
     name = node.name or f"#{index}"
-    if node.domain not in _DEFAULT_DOMAINS or node.op_type not in ops.OPS:
+    handler = handler_for(node)
+    fn = None if handler is None else handler.torch(node.op_type)
+    if fn is None:
         op = node.op_type if node.domain in _DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
         raise UnsupportedOpError(
             f"op {op} (node '{name}') is not supported by the torch interpreter"
         )
     used = [i for i, out in enumerate(node.output) if out]
-    limit = ops.MAX_OUTPUTS.get(node.op_type, 1)
+    limit = handler.max_outputs(node.op_type)
     if limit is not None and used and used[-1] >= limit:
         raise UnsupportedOpError(
             f"{node.op_type} node '{name}': output {used[-1]} "
@@ -92,14 +97,14 @@ def _compile(node: onnx.NodeProto, index: int, opset: int, ops: Any) -> _Step:
         )
     attrs = ops.parse_attrs(node)
     spec = ops.OpNode(node.op_type, name, attrs, opset, len(node.output))
-    return _Step(ops.OPS[node.op_type], spec, tuple(node.input), tuple(node.output))
+    return _Step(fn, spec, tuple(node.input), tuple(node.output))
 
 
 def _compile_all(
     model: onnx.ModelProto, opset: int, ops: Any, freeze: bool
 ) -> tuple[list[_Step], tuple[str, ...]]:
-    """Every node bound to its op function; with `freeze`, the nodes the table lacks become
-    ONNX Runtime steps (their names are returned) instead of an UnsupportedOpError."""
+    """Every node bound to its op function; with `freeze`, the nodes without a torch equivalent
+    become ONNX Runtime steps (their names are returned) instead of an UnsupportedOpError."""
     from onnxprune.calib.ort_node import OrtNode, output_types
 
     steps, frozen, types = [], [], None
@@ -123,18 +128,20 @@ class TorchGraph:
     `params` maps each float initializer name to a float32 leaf tensor with requires_grad=True
     (an optimizer may update them in place); other initializers and Constant node values live in
     `constants`. Integer tensors are int64 so shape arithmetic stays exact. With `freeze`, nodes
-    the op table lacks run in ONNX Runtime without gradient; `frozen` names them.
+    without a torch equivalent run in ONNX Runtime without gradient; `frozen` names them.
     """
 
     def __init__(
         self, model: onnx.ModelProto, *, device: str | torch.device = "cpu", freeze: bool = False
     ) -> None:
-        ops = _torch_ops()
+        import torch
+
+        ops = _torch_support()
         if model.functions:
             model = onnx.inliner.inline_local_functions(model)
         opset, graph = _default_opset(model), model.graph
         steps, self.frozen = _compile_all(model, opset, ops, freeze)
-        self.device = ops.torch.device(device)
+        self.device = torch.device(device)
         self.params: dict[str, torch.Tensor] = {}
         self.constants: dict[str, torch.Tensor] = {}
         for init in graph.initializer:
@@ -174,7 +181,7 @@ class TorchGraph:
                 f"(inputs: {', '.join(self.input_names)})"
             )
         if not isinstance(value, torch.Tensor):
-            return _torch_ops().to_tensor(np.asarray(value), self.device)
+            return _torch_support().to_tensor(np.asarray(value), self.device)
         if value.is_floating_point() and value.dtype != torch.float32:
             value = value.float()
         return value.to(self.device)

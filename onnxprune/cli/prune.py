@@ -20,9 +20,9 @@ from onnxprune.cli.options import (
 )
 from onnxprune.config import COMPENSATIONS, QUANTIZE_MODES, PruneConfig
 from onnxprune.errors import RejectedError, UsageError
-from onnxprune.methods import METHODS
 from onnxprune.methods.cob import channel_ratio_for_params
-from onnxprune.methods.width import WidthRule, load_recipe, parse_layer_ratio
+from onnxprune.methods.width import load_recipe, parse_layer_ratio
+from onnxprune.options import METHODS, WidthRule
 
 if TYPE_CHECKING:
     from onnxprune.api import Result

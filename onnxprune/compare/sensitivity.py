@@ -38,13 +38,8 @@ from onnxprune.graph.analyze import analyze as find_groups
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import load_model, normalize
 from onnxprune.measure.cost import count
-from onnxprune.methods.width import (
-    WidthRule,
-    check_ratio,
-    group_ratio,
-    rounding_step,
-    tied_counts,
-)
+from onnxprune.methods.width import group_ratio, rounding_step, tied_counts
+from onnxprune.options import WidthRule, check_ratio
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
 ModelLike = str | os.PathLike | onnx.ModelProto

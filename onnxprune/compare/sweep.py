@@ -32,8 +32,7 @@ from onnxprune.graph.load import load_model, save_model
 from onnxprune.measure.cost import Cost, count
 from onnxprune.measure.latency import benchmark
 from onnxprune.measure.verify import is_class_scores, session_for
-from onnxprune.methods import METHODS
-from onnxprune.methods.width import check_ratio
+from onnxprune.options import METHODS, check_ratio
 
 MODIFIERS: dict[str, dict[str, Any]] = {
     "bias": {"compensate": "bias"},

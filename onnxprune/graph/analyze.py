@@ -1,8 +1,8 @@
 """Find the channel groups of a normalized graph (DESIGN.md §2).
 
 From every producer (Conv, ConvTranspose, Gemm, MatMul with a constant weight) the
-channels are followed forward through the ops that act channel by channel (graph/ops.py,
-graph/layout.py) until consumers read them through weights. Elementwise ops joining two
+channels are followed forward through the ops that act channel by channel (each op's handler
+in onnxprune/ops/ says how) until consumers read them through weights. Elementwise ops joining two
 activations tie their producers into one group (residual Add, SE gate Mul). Where a Split, Slice
 or grouped Conv separates a producer's channels, each part becomes a group of its own
 (`node[lo:hi]`). Whatever the walk does not understand blocks the group with a reason and the
@@ -18,16 +18,10 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.graph.attention import attention_step, head_width
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, Tap
-from onnxprune.graph.layout import is_grouped_conv, layout_step
-from onnxprune.graph.ops import NONLINEAR, State, const, rank_of, step
-from onnxprune.graph.recurrent import ROTATION_BLOCK, hidden_units, is_recurrent, recurrent_step
-from onnxprune.graph.rotation import (
-    invariant_step,
-    is_rms_end,
-    is_tsra,
-    rms_kind,
-    rotation_block,
-)
+from onnxprune.ops.conv import is_grouped_conv
+from onnxprune.ops.flow import State, block, const
+from onnxprune.ops.recurrent import ROTATION_BLOCK, hidden_units, is_recurrent
+from onnxprune.ops.registry import handler_for, unknown
 
 
 def analyze(graph: gs.Graph) -> tuple[ChannelGroup, ...]:
@@ -116,34 +110,21 @@ def _as_heads(producer: _Producer) -> _Producer:
 
 
 def _as_producer(node: gs.Node) -> _Producer | None:
-    weight = const(node, 1)
-    if weight is None or not node.outputs:
+    """The node as a producer, when its handler says it creates channels through a constant
+    weight."""
+    handler = handler_for(node)
+    if handler is None or const(node, 1) is None or not node.outputs:
         return None
-    out = node.outputs[0].name
-    if node.op == "Conv" and (node.attrs.get("group", 1) == 1 or is_grouped_conv(node)):
-        producer = _with_bias(node, weight.shape[0], [ParamEdit(node.name, 1, 0, 0, "out")], out, 0)
-        producer.blocks = node.attrs.get("group", 1)  # one group per conv group, equal widths
-        return producer
-    if node.op == "ConvTranspose" and node.attrs.get("group", 1) == 1:
-        return _with_bias(node, weight.shape[1], [ParamEdit(node.name, 1, 1, 0, "out")], out, 0)
-    if node.op == "Gemm" and weight.ndim == 2:
-        axis = 0 if node.attrs.get("transB", 0) else 1
-        producer = _Producer(
-            node, weight.shape[axis], [ParamEdit(node.name, 1, axis, 0, "out")], State(out, 1, 0)
-        )
-        return _gemm_bias(node, producer)
-    if node.op == "MatMul" and weight.ndim == 2:
-        rank = rank_of(node.outputs[0])
-        if rank is None:
-            return None
-        return _Producer(
-            node, weight.shape[1], [ParamEdit(node.name, 1, 1, 0, "out")], State(out, rank - 1, 0)
-        )
-    return None
+    output = handler.produce(node)
+    if output is None:
+        return None
+    start = State(node.outputs[0].name, output.axis, 0)
+    edits = list(output.edits)
+    return _Producer(node, output.channels, edits, start, output.reason, blocks=output.blocks)
 
 
 def _recurrent(node: gs.Node, outputs: set[str]) -> list[_Producer]:
-    """One producer per direction of an LSTM/GRU/RNN (graph/recurrent.py)."""
+    """One producer per direction of an LSTM/GRU/RNN (ops/recurrent.py)."""
     return [
         _Producer(
             node,
@@ -160,31 +141,6 @@ def _recurrent(node: gs.Node, outputs: set[str]) -> list[_Producer]:
         )  # fmt: skip
         for h in hidden_units(node, outputs)
     ]
-
-
-def _with_bias(
-    node: gs.Node, channels: int, edits: list[ParamEdit], out: str, bias_axis: int
-) -> _Producer:
-    producer = _Producer(node, channels, edits, State(out, 1, 0))
-    if len(node.inputs) > 2 and node.inputs[2].name:
-        if const(node, 2) is None:
-            producer.reason = f"'{node.name}' has a non-constant bias"
-        else:
-            edits.append(ParamEdit(node.name, 2, bias_axis, 0, "out"))
-    return producer
-
-
-def _gemm_bias(node: gs.Node, producer: _Producer) -> _Producer:
-    if len(node.inputs) < 3 or not node.inputs[2].name:
-        return producer
-    bias = const(node, 2)
-    if bias is None:
-        producer.reason = f"'{node.name}' has a non-constant bias"
-    elif bias.ndim and bias.shape[-1] == producer.channels and producer.channels > 1:
-        if bias.ndim == 2 and bias.shape[0] != 1:
-            producer.reason = f"'{node.name}' has a per-row bias"
-        producer.edits.append(ParamEdit(node.name, 2, bias.ndim - 1, 0, "out"))
-    return producer
 
 
 def _walk_parts(graph: gs.Graph, producer: _Producer) -> list[_Walk]:
@@ -284,27 +240,24 @@ def _walk(graph: gs.Graph, producer: _Producer) -> _Walk:
 
 
 def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[State]) -> None:
-    channels = walk.producer.channels
-    result = (
-        recurrent_step(node, index, state, channels)
-        or invariant_step(node, index, state, channels)
-        or attention_step(node, index, state, channels)
-        or layout_step(node, index, state, channels)
-        or step(node, index, state, channels)
-    )
+    handler = handler_for(node)
+    result = attention_step(node, index, state, walk.producer.channels)
+    if result is None:
+        if handler is None:
+            result = block(unknown(node))
+        else:
+            result = handler.step(node, index, state, walk.producer.channels)
     if result.kind == "block":
         walk.block(result.reason or "blocked", node.name)
         walk.cuts.update(result.cuts)
         return
-    if walk.rotation is None:
-        walk.rotation = rotation_block(node, index, state, result)
-    rms = node.op in ("RMSNorm", "RMSNormalization") or (
-        node.op in ("Div", "Mul") and is_rms_end(node, state.tensor, state.axis)
-    )
-    if is_tsra(node):
-        _add_once(walk.invariants, ("tsra", node.name))
-    elif rms:
-        _add_once(walk.invariants, (rms_kind(node, state.tensor), node.name))
+    if walk.rotation is None and result.kind == "through":
+        walk.rotation = (
+            unknown(node) if handler is None else handler.rotation(node, index, state, result)
+        )
+    invariant = None if handler is None else handler.invariant(node, state)
+    if invariant is not None:
+        _add_once(walk.invariants, (invariant, node.name))
     for edit in result.edits:
         walk.edits[(edit.node, edit.input, edit.axis, edit.offset, edit.role)] = edit
     if result.kind == "drop":
@@ -319,34 +272,17 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
                 _add_once(walk.normalized, (_tap(state).key, walk.normed[state.tensor]))
         return
     _add_once(walk.passthrough, node.name)
-    if (node.op in NONLINEAR or is_tsra(node)) and walk.sigma is None and result.next is not None:
+    if handler.nonlinear and walk.sigma is None and result.next is not None:
         nxt = result.next
         walk.sigma = (_tap(state), Tap(nxt.tensor, nxt.axis, nxt.offset, nxt.spatial))
     if result.couple:
         walk.arrivals[node.name].append((index, state.offset))
-    if rms:  # energies are read after the norm, before RMSNormalization's per-channel scale
-        source = state if node.op == "RMSNormalization" else result.next
+    if invariant == "rmsnorm":  # energies are read after the norm, before a per-channel scale
+        source = state if handler.scaled else result.next
         walk.normed[result.next.tensor] = _tap(source)
-    elif state.tensor in walk.normed and _scales_along(node, index):
+    elif state.tensor in walk.normed and handler.scales_along(node, index):
         walk.normed[result.next.tensor] = walk.normed[state.tensor]
     stack.append(result.next)
-
-
-_HOMOGENEOUS = frozenset(
-    {"Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
-    | {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Concat", "Identity", "Dropout", "Resize"}
-    | {"Upsample", "ReduceMean", "ReduceSum", "ReduceMax"}
-)
-
-
-def _scales_along(node: gs.Node, index: int) -> bool:
-    """True when scaling the channels entering `node` scales its output alike, so an RMSNorm's
-    changed divisor reaches the taps behind it as the same factor (not TSRA: its gain depends on
-    which channels remain; not Sigmoid, a bias or a residual Add)."""
-    if node.op in _HOMOGENEOUS:
-        return True
-    constant = [isinstance(t, gs.Constant) for t in node.inputs]
-    return (node.op == "Mul" and any(constant)) or (node.op == "Div" and index == 0 and constant[1])
 
 
 def _tap(state: State) -> Tap:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit
-from onnxprune.graph.ops import State, Step, _through, const, rank_of, shape_of
+from onnxprune.ops.flow import State, Step, const, rank_of, shape_of, through
 
 _SCALING = frozenset({"Add", "Sub", "Mul", "Div"})
 
@@ -86,12 +86,12 @@ def _split_heads(node: gs.Node, state: State) -> Step | None:
     if split is None:
         return None
     axis, heads, dim = split
-    if state.spatial != dim:  # not a channel per head: graph/layout.py refuses the split
+    if state.spatial != dim:  # not a channel per head: ops/reshape.py refuses the split
         return None
     edits = _target_edits(node, axis, heads, ParamEdit(node.name, 1, axis, state.offset, "count"))
     if isinstance(edits, Step):
         return edits
-    return _through(node, state, axis=axis, spatial=1, edits=edits)
+    return through(node, state, axis=axis, spatial=1, edits=edits)
 
 
 def _merge_heads(node: gs.Node, state: State) -> Step | None:
@@ -111,7 +111,7 @@ def _merge_heads(node: gs.Node, state: State) -> Step | None:
     edits = _target_edits(node, axis, width, edit)
     if isinstance(edits, Step):
         return edits
-    return _through(node, state, axis=axis, spatial=dim, edits=edits)
+    return through(node, state, axis=axis, spatial=dim, edits=edits)
 
 
 def _target_edits(node: gs.Node, entry: int, expected: int, edit: ParamEdit) -> list | Step:
@@ -161,8 +161,8 @@ def _batched_matmul(node: gs.Node, index: int, state: State) -> Step | None:
     axis = state.axis + out_rank - rank
     other_axis = axis - (out_rank - len(other))
     if other_axis < 0 or other[other_axis] == 1:
-        return _through(node, state, axis=axis)  # broadcast against one head (shared k/v)
-    return _through(node, state, axis=axis, couple=True)
+        return through(node, state, axis=axis)  # broadcast against one head (shared k/v)
+    return through(node, state, axis=axis, couple=True)
 
 
 def _softmax(node: gs.Node, state: State) -> Step:
@@ -171,7 +171,7 @@ def _softmax(node: gs.Node, state: State) -> Step:
         return _block(f"Softmax '{node.name}' has an unknown rank or an implicit axis")
     if state.axis >= node.attrs["axis"] % rank:  # before opset 13 it flattens axis … rank − 1
         return _block(f"Softmax '{node.name}' normalizes over the channels")
-    return _through(node, state)
+    return through(node, state)
 
 
 def _block(reason: str) -> Step:

@@ -55,7 +55,7 @@ class ParamEdit:
     "tail": such an entry counted from the end (a negative Slice bound), which grows by them;
     "hidden": the hidden units of direction `axis` of a recurrent node (LSTM/GRU/RNN): every
     gate block's rows of W, R and B, the initial states, the peepholes and `hidden_size`, and
-    R's columns, into which the correction of `tap` (at `offset`) is folded (graph/recurrent.py).
+    R's columns, into which the correction of `tap` (at `offset`) is folded (ops/recurrent.py).
     """
 
     node: str

@@ -15,8 +15,8 @@ that obstacle:
   the stream; when it feeds another stream (post-LN), its columns are centred like any writer's.
 
 What remains is x / √(Σx²/d + ε), written Mul(x, x) → ReduceSum → Div d → Add ε → Sqrt → Div.
-It commutes with any rotation of the channels (graph/rotation.py), and after slicing to k of
-d channels it still divides by the original d: the norm of a token whose dropped directions
+It commutes with any rotation of the channels (ops/rmsnorm.py), and after slicing to k of d
+channels it still divides by the original d: the norm of a token whose dropped directions
 carry no energy is unchanged. The converted graph computes the same function to float
 rounding. A stream that a writer or reader outside these forms touches keeps its LayerNorm,
 with the reason recorded.
@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.graph.layernorm_match import LayerNorm, find_layernorms, single_user
 from onnxprune.graph.load import export, infer_shapes
-from onnxprune.graph.ops import const
+from onnxprune.ops.flow import const
 
 
 @dataclass(frozen=True)

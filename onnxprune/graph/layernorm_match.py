@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.graph.ops import const, rank_of
+from onnxprune.ops.flow import const, rank_of
 
 
 @dataclass

@@ -17,10 +17,11 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, tap_key
-from onnxprune.graph.layout import is_grouped_conv, split_sizes
 from onnxprune.graph.load import export, infer_shapes
-from onnxprune.graph.recurrent import Units, input_shift, is_recurrent, is_zero, pruned_arrays
-from onnxprune.methods.base import Plan
+from onnxprune.ops.conv import is_grouped_conv
+from onnxprune.ops.recurrent import Units, input_shift, is_recurrent, is_zero, pruned_arrays
+from onnxprune.ops.registry import handler_for
+from onnxprune.plan import Plan
 
 
 def rewrite(
@@ -57,8 +58,7 @@ def rewrite(
             _accumulate(deltas, name, np.asarray(shift, dtype=np.float64))
     for (name, index), items in jobs.items():
         node = nodes[name]
-        if node.op == "Split":
-            _split_sizes_input(node)
+        handler_for(node).prepare(node)
         value = np.asarray(node.inputs[index].values)
         apply = _apply_grouped if index == 1 and is_grouped_conv(node) else _apply_all
         work = apply(value.astype(np.float64), items, node, deltas, exact_borders)
@@ -67,14 +67,13 @@ def rewrite(
         )
     for name in sorted({*hidden, *(n for n in deltas if is_recurrent(nodes[n]))}):
         _prune_recurrent(nodes[name], hidden.get(name, []), deltas.pop(name, None))
-    _split_attributes([nodes[name] for name, _ in jobs], graph.opset)
+    for (name, index), items in jobs.items():
+        handler_for(nodes[name]).finish(nodes[name], index, [e for e, _, _ in items], graph.opset)
     for name, items in splits.items():
         nodes[name].attrs["split"] = _new_split(items)
     outputs = _output_plans(groups, plans)
     for name, delta in deltas.items():
         add_bias(graph, nodes[name], _to_new_outputs(delta, name, outputs.get(name, [])))
-    for name, index in jobs:
-        _follow_depthwise_group(nodes[name], index, jobs[(name, index)])
     graph.cleanup().toposort()
     return infer_shapes(graph)
 
@@ -130,17 +129,6 @@ def _optional(node: gs.Node, index: int) -> np.ndarray | None:
     if tensor is None or not tensor.name or (index in (5, 6) and is_zero(tensor)):
         return None
     return np.asarray(tensor.values, dtype=np.float64)
-
-
-def _follow_depthwise_group(
-    node: gs.Node, index: int, items: list[tuple[ParamEdit, ChannelGroup, Plan]]
-) -> None:
-    """A depthwise Conv whose filters were sliced as channels keeps group = its channels.
-
-    Only such a Conv changes `group`: any other grouped Conv (outside every pruned group, or
-    pruned with its group structure kept) keeps its attribute."""
-    if node.op == "Conv" and index == 1 and any(e.role == "chan" for e, _, _ in items):
-        node.attrs["group"] = int(node.inputs[1].shape[0])
 
 
 def _apply_all(
@@ -317,9 +305,6 @@ def _map_segment(work: np.ndarray, edit: ParamEdit, m: int, matrix: np.ndarray) 
     return _join(before, mapped, after, edit.axis)
 
 
-_OUT_AXIS = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}
-
-
 def _weight_times(
     work: np.ndarray, edit: ParamEdit, m: int, node: gs.Node, c: np.ndarray
 ) -> np.ndarray:
@@ -327,7 +312,7 @@ def _weight_times(
     _, seg, _ = _split(work, edit, m)
     if is_recurrent(node):
         return input_shift(seg, c, edit.axis)
-    out_axis = _OUT_AXIS.get(node.op, 1 - edit.axis)
+    out_axis = handler_for(node).out_axis(node)
     # contracting the channel axis leaves the output axis at its original index
     weighted = np.moveaxis(np.tensordot(seg, c, axes=([edit.axis], [0])), out_axis, 0)
     total = weighted.reshape(weighted.shape[0], -1).sum(axis=1)
@@ -418,27 +403,6 @@ def _transpose_hits(
     return hits
 
 
-def _split_sizes_input(node: gs.Node) -> None:
-    """Give a Split its sizes as a constant input (from its `split` attribute or equal parts),
-    so they can be edited like any constant; opsets < 13 take them back as the attribute."""
-    if len(node.inputs) > 1 and node.inputs[1].name:
-        return
-    total = node.inputs[0].shape[node.attrs.get("axis", 0)]
-    sizes = np.asarray(split_sizes(node, int(total)), dtype=np.int64)
-    node.attrs.pop("split", None)
-    node.attrs.pop("num_outputs", None)
-    while len(node.inputs) > 1:  # an empty optional input
-        node.inputs.pop()
-    node.inputs.append(gs.Constant(f"{node.name}__split", sizes))
-
-
-def _split_attributes(nodes: list[gs.Node], opset: int) -> None:
-    """Before opset 13 a Split's sizes are its `split` attribute, not an input."""
-    for node in nodes:
-        if opset < 13 and node.op == "Split" and len(node.inputs) > 1:
-            node.attrs["split"] = [int(v) for v in node.inputs.pop().values]
-
-
 def add_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:
     """Add `delta` to a consumer's output bias, creating the bias (or an Add) if needed."""
     dtype = node.inputs[1].values.dtype
@@ -484,7 +448,7 @@ def affine_outputs(graph: gs.Graph, name: str, scale: np.ndarray, shift: np.ndar
     """
     node = next(n for n in graph.nodes if n.name == name)
     weight = np.asarray(node.inputs[1].values)
-    axis = _OUT_AXIS.get(node.op, 0 if node.attrs.get("transB", 0) else 1)
+    axis = handler_for(node).out_axis(node)
     shape = [1] * weight.ndim
     shape[axis] = -1
     scaled = weight.astype(np.float64) * scale.reshape(shape)

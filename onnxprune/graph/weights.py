@@ -6,8 +6,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ChannelGroup, ParamEdit
-from onnxprune.graph.layout import is_grouped_conv
-from onnxprune.graph.recurrent import GATES, is_recurrent, unit_rows
+from onnxprune.ops.conv import is_grouped_conv
+from onnxprune.ops.recurrent import GATES, is_recurrent, unit_rows
+from onnxprune.ops.registry import handler_for
 
 
 def producer_filters(graph: gs.Graph, group: ChannelGroup) -> tuple[np.ndarray, ...]:
@@ -37,11 +38,7 @@ def producer_weight_names(graph: gs.Graph, group: ChannelGroup) -> tuple[str, ..
 
 def filter_rows(node: gs.Node, weight: np.ndarray) -> np.ndarray:
     """`weight` (or its gradient) laid out as one row per output channel of producer `node`."""
-    weight = np.asarray(weight, dtype=np.float64)
-    if node.op == "ConvTranspose":
-        weight = np.moveaxis(weight, 1, 0)
-    elif node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transB", 0)):
-        weight = weight.T
+    weight = np.moveaxis(np.asarray(weight, dtype=np.float64), handler_for(node).out_axis(node), 0)
     return weight.reshape(weight.shape[0], -1)
 
 
@@ -69,7 +66,7 @@ def consumer_matrix(graph: gs.Graph, edit: ParamEdit, channels: int) -> np.ndarr
     """
     node = next(n for n in graph.nodes if n.name == edit.node)
     weight = np.asarray(node.inputs[edit.input].values, dtype=np.float64)
-    out_axis = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}.get(node.op, 1 - edit.axis)
+    out_axis = handler_for(node).out_axis(node)
     if is_grouped_conv(node):  # only the filters of the conv group the channels fall in
         k, offset = divmod(edit.offset, weight.shape[1])
         rows = weight.shape[0] // node.attrs["group"]

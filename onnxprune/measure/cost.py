@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper
 
 from onnxprune.errors import UsageError
 from onnxprune.graph.load import (
@@ -29,8 +27,7 @@ from onnxprune.graph.load import (
     fold_constants,
     weightless_copy,
 )
-
-Shape = tuple[int, ...]
+from onnxprune.ops.registry import Shape, ShapeOf, handler_for, node_attrs
 
 
 @dataclass(frozen=True)
@@ -57,9 +54,6 @@ class Cost:
 
 class _UnknownShape(Exception):
     """A shape needed for counting is not known."""
-
-
-ShapeOf = Callable[[str], Shape]
 
 
 def count(
@@ -292,11 +286,13 @@ def _first_use_params(node: onnx.NodeProto, sizes: dict[str, int], seen: set[str
 
 def _node_work(node: onnx.NodeProto, shape_of: ShapeOf) -> tuple[int, int]:
     """(MACs, element-wise ops) of one node; raises _UnknownShape when a needed shape is missing."""
+    handler = handler_for(node)
+    macs = 0 if handler is None else handler.macs(node, shape_of)
+    if macs:
+        return macs, 0
     op = node.op_type
-    if op in _MAC_OPS:
-        return _MAC_OPS[op](node, shape_of), 0
     if op in _POOLS:
-        kernel = math.prod(_attrs(node).get("kernel_shape", [1]))
+        kernel = math.prod(node_attrs(node).get("kernel_shape", [1]))
         return 0, _numel(shape_of(node.output[0])) * kernel
     if op in _INPUT_SIZED:
         return 0, _numel(shape_of(node.input[0]))
@@ -305,79 +301,6 @@ def _node_work(node: onnx.NodeProto, shape_of: ShapeOf) -> tuple[int, int]:
     return 0, 0
 
 
-def _conv_macs(weight_index: int) -> Callable[[onnx.NodeProto, ShapeOf], int]:
-    """N·C_out·spatial_out · (C_in/group)·kernel = |Y| · prod(W.shape[1:]), any spatial rank."""
-
-    def macs(node: onnx.NodeProto, shape_of: ShapeOf) -> int:
-        weight = shape_of(node.input[weight_index])
-        return _numel(shape_of(node.output[0])) * math.prod(weight[1:])
-
-    return macs
-
-
-def _conv_transpose_macs(node: onnx.NodeProto, shape_of: ShapeOf) -> int:
-    """Every input element is multiplied by a (C_out/group)·kernel slice: |X| · prod(W[1:])."""
-    return _numel(shape_of(node.input[0])) * math.prod(shape_of(node.input[1])[1:])
-
-
-def _gemm_macs(node: onnx.NodeProto, shape_of: ShapeOf) -> int:
-    attrs = _attrs(node)
-    a, b = shape_of(node.input[0]), shape_of(node.input[1])
-    m, k = (a[1], a[0]) if attrs.get("transA", 0) else (a[0], a[1])
-    n = b[0] if attrs.get("transB", 0) else b[1]
-    return m * n * k
-
-
-def _matmul_macs(b_index: int) -> Callable[[onnx.NodeProto, ShapeOf], int]:
-    """Batched, broadcast matmul: prod(broadcast batch) · M · N · K (1-D operands promoted)."""
-
-    def macs(node: onnx.NodeProto, shape_of: ShapeOf) -> int:
-        a, b = shape_of(node.input[0]), shape_of(node.input[b_index])
-        a = (1, *a) if len(a) == 1 else a
-        b = (*b, 1) if len(b) == 1 else b
-        batch = np.broadcast_shapes(a[:-2], b[:-2])
-        return math.prod(batch) * a[-2] * a[-1] * b[-1]
-
-    return macs
-
-
-def _einsum_macs(node: onnx.NodeProto, shape_of: ShapeOf) -> int:
-    """Two-operand einsum without ellipsis: product of every label's size; anything else 0."""
-    equation = str(_attrs(node).get("equation", b""), "utf-8").replace(" ", "")
-    terms = equation.split("->")[0].split(",")
-    if len(terms) != 2 or "..." in equation or len(node.input) != 2:
-        return 0
-    sizes: dict[str, int] = {}
-    for term, name in zip(terms, node.input, strict=True):
-        shape = shape_of(name)
-        if len(shape) != len(term):
-            return 0
-        sizes.update(zip(term, shape, strict=True))
-    return math.prod(sizes.values())
-
-
-def _rnn_macs(node: onnx.NodeProto, shape_of: ShapeOf) -> int:
-    """Per step and batch row: W·x and R·h for every gate and direction."""
-    x = shape_of(node.input[0])
-    steps, batch = (x[1], x[0]) if _attrs(node).get("layout", 0) else (x[0], x[1])
-    weights = _numel(shape_of(node.input[1])) + _numel(shape_of(node.input[2]))
-    return steps * batch * weights
-
-
-_MAC_OPS: dict[str, Callable[[onnx.NodeProto, ShapeOf], int]] = {
-    "Conv": _conv_macs(1),
-    "ConvInteger": _conv_macs(1),
-    "QLinearConv": _conv_macs(3),
-    "ConvTranspose": _conv_transpose_macs,
-    "Gemm": _gemm_macs,
-    "MatMul": _matmul_macs(1),
-    "MatMulInteger": _matmul_macs(1),
-    "QLinearMatMul": _matmul_macs(3),
-    "Einsum": _einsum_macs,
-    "RNN": _rnn_macs,
-    "GRU": _rnn_macs,
-    "LSTM": _rnn_macs,
-}
 _POOLS = frozenset({"MaxPool", "AveragePool", "LpPool"})
 _INPUT_SIZED = frozenset(
     {
@@ -463,10 +386,6 @@ ELEMENTWISE_OPS = frozenset(
         "QuantizeLinear",
     }
 )
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _numel(shape: Shape) -> int:

@@ -1,4 +1,4 @@
-"""Pruning methods, one module per family, registered by name in METHODS."""
+"""Pruning methods, one module per family, built by name (the names: `options.METHODS`)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ def build_method(
 ) -> Method:
     """The method registered as `name`, configured with its options.
 
-    The method modules are imported here, not at the top, so that reading METHODS (the CLI's
-    choices) costs no imports.
+    The method modules are imported here, not at the top, so that importing this package costs
+    nothing until a method is built.
     """
     from onnxprune.methods.activation import Activation
     from onnxprune.methods.biascomp import BiasCompensation
@@ -46,16 +46,3 @@ def build_method(
         "biascomp": lambda: BiasCompensation(joint=joint),
     }
     return SubspaceGuard(factories[name]())  # any method keeps ≥ 1 channel per TSRA subspace
-
-
-METHODS: tuple[str, ...] = (
-    "id",
-    "magnitude",
-    "random",
-    "taylor",
-    "fpgm",
-    "activation",
-    "ippro",
-    "biascomp",
-    "cob",
-)

@@ -1,87 +1,18 @@
-"""What a method returns, and the interface every method implements.
+"""The interface every method implements, and helpers for selection-only plans.
 
-A Plan keeps channels `keep` of a group and replaces each tap activation by a ≈ Mᵀ a_S + c
-(DESIGN.md §3); a CoB plan also rotates the producers first. Methods never touch ONNX protos:
-they read a ChannelGroup and its GroupStats and return a Plan.
+A method reads a ChannelGroup and its GroupStats and returns a Plan (onnxprune/plan.py: keep
+channels `keep`, replace each tap activation by a ≈ Mᵀ a_S + c, DESIGN.md §3; a CoB plan also
+rotates the producers first). Methods never touch ONNX protos.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from onnxprune.graph.groups import ChannelGroup
-
-
-@dataclass(frozen=True)
-class Correction:
-    """a ≈ Mᵀ a_S + c at one tap: M is (k, m), c is (m,) or None."""
-
-    M: np.ndarray
-    c: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Which channels of a group stay, and the correction folded into its consumers.
-
-    `corrections` maps tap keys (`Tap.key`: the tensor name, '@offset' for a segment not at
-    channel 0) to their Correction; a tap without one gets plain
-    selection. `shifts` adds a bias shift per output unit of named consumer nodes (for
-    corrections that differ per output unit, such as the Jacobian-weighted bias compensation).
-    `rotation` (m, m, orthogonal) is applied to the producers before slicing.
-    `info` carries per-group numbers for the report (e.g. relative reconstruction error).
-    """
-
-    keep: np.ndarray
-    corrections: Mapping[str, Correction] = field(default_factory=dict)
-    shifts: Mapping[str, np.ndarray] = field(default_factory=dict)
-    rotation: np.ndarray | None = None
-    info: Mapping[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class TapStats:
-    """Streamed first and second moments of one tap over n rows (samples × positions).
-
-    `r_factor` is the triangular factor of the stacked rows when the QR solver asked for it.
-    """
-
-    n: int
-    sum: np.ndarray
-    gram: np.ndarray
-    abs_sum: np.ndarray
-    r_factor: np.ndarray | None = None
-
-    @property
-    def mean(self) -> np.ndarray:
-        return self.sum / max(self.n, 1)
-
-
-@dataclass(frozen=True)
-class GroupStats:
-    """Everything a method may read about one group.
-
-    `weights`: each producer's filters as rows (m, fan_in), BatchNorm already folded.
-    `taps`: statistics per tap key (`Tap.key`; empty for data-free methods).
-    `grads`: per-channel gradient sums (e.g. "taylor": Σ_samples (Σ_positions a·g)²), when needed.
-    `consumers`: per consumer node, its Jacobian-weighted input statistics and its weight on the
-    group as (outputs, channels, features) — for elimination–compensation.
-    `norms`: per tap key behind an RMSNorm (`ChannelGroup.normalized`), the statistics of that
-    norm's output, whose energies give the divisor correction.
-    `features`: for attention heads, the statistics of each tap with every feature of every
-    head as a channel (methods/heads.py), by the head tap's key.
-    """
-
-    weights: tuple[np.ndarray, ...] = ()
-    taps: Mapping[str, TapStats] = field(default_factory=dict)
-    grads: Mapping[str, object] = field(default_factory=dict)
-    consumers: Mapping[str, tuple[object, np.ndarray]] = field(default_factory=dict)
-    norms: Mapping[str, TapStats] = field(default_factory=dict)
-    features: Mapping[str, TapStats] = field(default_factory=dict)
+from onnxprune.plan import GroupStats, Plan
 
 
 class Method(Protocol):

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.base import GroupStats, Plan, top_k
+from onnxprune.methods.base import top_k
 from onnxprune.methods.sparse import importance, independent_shift, joint_shift
+from onnxprune.plan import GroupStats, Plan
 
 
 @dataclass(frozen=True)

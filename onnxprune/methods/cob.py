@@ -3,9 +3,9 @@
 Per group, an orthogonal Q = blockdiag(Q_S) over the TSRA subspaces S (one block when there is
 no TSRA) is read off the tap Gram by PCA: Q_S's rows are the eigenvectors of G_SS in descending
 order of eigenvalue. The producers are rotated (W ← QW, b ← Qb; graph/rewrite.py) and, since every
-op up to the taps commutes with Q (graph/rotation.py), the tap becomes ã = Q a. The kept rotated
-channels are the leading principal directions, importance √λ; the consumers get W ← W Q_Sᵀ through
-the correction a ≈ Mᵀ ã_S + c with M = Q[S].
+op up to the taps commutes with Q (each op handler's `rotation`), the tap becomes ã = Q a. The
+kept rotated channels are the leading principal directions, importance √λ; the consumers get
+W ← W Q_Sᵀ through the correction a ≈ Mᵀ ã_S + c with M = Q[S].
 
 Through TSRA / RMSNorm the Gram is uncentred (as the authors' code) and c = 0. On a linear chain
 (nothing nonlinear between producer and tap) the PCA is centred and the mean of the dropped
@@ -26,25 +26,8 @@ import numpy as np
 
 from onnxprune.errors import UsageError
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.base import Correction, GroupStats, Plan, TapStats, top_k
-
-THRESHOLD_RULES = ("max", "mean", "median", "zscore")
-
-
-def parse_threshold(text: str) -> tuple[str, float]:
-    """Parse `RULE:T` (max:0.1, mean:T, median:T, zscore:T) from --threshold."""
-    rule, sep, value = text.partition(":")
-    if not sep or rule not in THRESHOLD_RULES:
-        raise UsageError(
-            f"--threshold expects RULE:T, RULE one of {', '.join(THRESHOLD_RULES)}; got '{text}'"
-        )
-    try:
-        number = float(value)
-    except ValueError as exc:
-        raise UsageError(f"--threshold expects a number after ':'; got '{value}'") from exc
-    if not math.isfinite(number) or (rule != "zscore" and number < 0):
-        raise UsageError(f"--threshold {rule} needs a finite value ≥ 0; got {value}")
-    return rule, number
+from onnxprune.methods.base import top_k
+from onnxprune.plan import Correction, GroupStats, Plan, TapStats
 
 
 def channel_ratio_for_params(fraction: float) -> float:

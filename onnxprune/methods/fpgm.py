@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.base import GroupStats, Plan, selection_plan
+from onnxprune.methods.base import selection_plan
+from onnxprune.plan import GroupStats, Plan
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from collections.abc import Iterable
 import numpy as np
 
 from onnxprune.graph.groups import Tap
-from onnxprune.methods.base import Correction, GroupStats, TapStats
 from onnxprune.methods.linalg import least_squares_map, reconstruction_error
+from onnxprune.plan import Correction, GroupStats, TapStats
 
 
 def feature_tap(tap: Tap, head_dim: int) -> Tap:

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.base import Correction, GroupStats, Plan, TapStats
 from onnxprune.methods.heads import feature_corrections, select_heads
 from onnxprune.methods.linalg import (
     interpolative_from_blocks,
     interpolative_from_gram,
     least_squares_map,
 )
+from onnxprune.plan import Correction, GroupStats, Plan, TapStats
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 
 from onnxprune.config import PruneConfig
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.base import Correction, GroupStats, Method, Plan, TapStats
+from onnxprune.methods.base import Method
 from onnxprune.methods.heads import head_features
 from onnxprune.methods.id import lsq_corrections, mean_shift_corrections, pooled_gram
 from onnxprune.methods.linalg import (
@@ -21,6 +21,7 @@ from onnxprune.methods.linalg import (
     selection_map,
 )
 from onnxprune.methods.width import rounding_step, tied_counts
+from onnxprune.plan import Correction, GroupStats, Plan, TapStats
 
 
 def make_plans(

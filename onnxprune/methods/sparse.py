@@ -19,31 +19,7 @@ import numpy as np
 
 from onnxprune.errors import UsageError
 
-WEIGHT_METHODS = ("biascomp", "magnitude", "taylor", "random")
 WEIGHT_NEEDS = {"biascomp": frozenset({"jacobian"}), "taylor": frozenset({"grad"})}
-
-
-def check_weight_options(
-    granularity: str, method: str, sparsity: float | None, *, channel_only: Mapping[str, bool]
-) -> None:
-    """One-line UsageError for any option that does not fit the chosen granularity."""
-    if granularity not in ("channel", "weight"):
-        raise UsageError(f"'granularity' must be 'channel' or 'weight'; got '{granularity}'")
-    if granularity == "channel":
-        if sparsity is not None:
-            raise UsageError("--sparsity is for --granularity weight; channels use --ratio")
-        return
-    if method not in WEIGHT_METHODS:
-        raise UsageError(
-            f"--granularity weight supports {', '.join(WEIGHT_METHODS)}; got '{method}'"
-        )
-    if sparsity is None:
-        raise UsageError("--granularity weight needs --sparsity F (fraction of weights removed)")
-    if not 0.0 <= sparsity < 1.0:
-        raise UsageError(f"'sparsity' must be in [0, 1); got {sparsity}")
-    for option, given in channel_only.items():
-        if given:
-            raise UsageError(f"{option} applies to channel pruning, not --granularity weight")
 
 
 def weight_scores(

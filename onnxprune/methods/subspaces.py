@@ -17,8 +17,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.base import GroupStats, Method, Plan
+from onnxprune.methods.base import Method
 from onnxprune.methods.id import lsq_corrections
+from onnxprune.plan import GroupStats, Plan
 
 
 def empty_subspace(group: ChannelGroup, keep: np.ndarray) -> bool:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.width import WidthRule, keep_counts, kept, rounding_step
+from onnxprune.methods.width import keep_counts, kept, rounding_step
+from onnxprune.options import WidthRule
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.base import GroupStats, Plan, selection_plan
+from onnxprune.methods.base import selection_plan
+from onnxprune.plan import GroupStats, Plan
 
 
 @dataclass(frozen=True)

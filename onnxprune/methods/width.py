@@ -14,25 +14,13 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from onnxprune.errors import UsageError
 from onnxprune.graph.groups import ChannelGroup
+from onnxprune.options import WidthRule, check_ratio, check_regex
 
 MIN_STEP = 8  # narrower multiples gained nothing measurable (benchmarks/round_to.py)
-
-
-@dataclass(frozen=True)
-class WidthRule:
-    """The user's width options, validated once."""
-
-    ratio: float = 0.5
-    layer_ratios: tuple[tuple[str, float], ...] = ()
-    exclude: tuple[str, ...] = ()
-    round_to: int = 16
-    prune_residual: bool = False
-    recipe: Mapping[str, float] = field(default_factory=dict)
 
 
 def keep_counts(groups: Sequence[ChannelGroup], rule: WidthRule) -> dict[str, int]:
@@ -110,30 +98,16 @@ def rounding_step(channels: int, round_to: int) -> int:
     return max(step, 1)
 
 
-def check_ratio(value: float, what: str = "ratio") -> float:
-    """A removal ratio must lie in [0, 1)."""
-    if not 0.0 <= value < 1.0 or math.isnan(value):
-        raise UsageError(f"'{what}' must be in [0, 1); got {value}")
-    return float(value)
-
-
 def parse_layer_ratio(text: str) -> tuple[str, float]:
     """Parse `REGEX=R` from --layer-ratio."""
     pattern, sep, value = text.rpartition("=")
     if not sep or not pattern:
         raise UsageError(f"--layer-ratio expects REGEX=R; got '{text}'")
-    _check_regex(pattern)
+    check_regex(pattern)
     try:
         return pattern, check_ratio(float(value), f"layer ratio for {pattern}")
     except ValueError as exc:
         raise UsageError(f"--layer-ratio expects a number after '='; got '{value}'") from exc
-
-
-def check_patterns(patterns: Sequence[str]) -> tuple[str, ...]:
-    """Validate --exclude regular expressions."""
-    for pattern in patterns:
-        _check_regex(pattern)
-    return tuple(patterns)
 
 
 def load_recipe(path: str | Path) -> dict[str, float]:
@@ -175,10 +149,3 @@ def _parse_recipe_text(path: Path, text: str) -> object:
         except yaml.YAMLError as exc:
             raise ValueError(str(exc).splitlines()[0]) from exc
     return json.loads(text)
-
-
-def _check_regex(pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise UsageError(f"invalid regular expression '{pattern}': {exc}") from exc

@@ -1,4 +1,4 @@
-"""ONNX LSTM, GRU and RNN for the torch interpreter (calib/torch_ops.py registers them).
+"""ONNX LSTM, GRU and RNN for the torch interpreter (ops/recurrent.py's handler returns them).
 
 Written out step by step from the ONNX operator definitions (layout 0, default activations:
 sigmoid for the gates, tanh otherwise), so every weight gets a gradient. Variants the
@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # torch_ops imports this module to register the ops
-    from onnxprune.calib.torch_ops import OpNode, Result
+if TYPE_CHECKING:
+    from onnxprune.ops.torch_support import OpNode, Result
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 _DEFAULT_ACTIVATIONS = {
@@ -113,4 +113,3 @@ def _rnn(n: OpNode, x: Tensor, h: Tensor, c: Tensor, params) -> tuple[Tensor, Te
 
 
 _STEPS: dict[str, Callable] = {"LSTM": _lstm, "GRU": _gru, "RNN": _rnn}
-RECURRENT_OPS = {op: recurrent for op in _GATES}

@@ -23,13 +23,21 @@ constant `c` of the correction goes into Wb (`input_shift`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit, Tap
-from onnxprune.graph.ops import State, Step, const, rank_of, shape_of
+from onnxprune.ops.flow import State, Step, const, rank_of, shape_of
+from onnxprune.ops.registry import Handler, ShapeOf, node_attrs, register
+
+if TYPE_CHECKING:
+    import onnx
+
+    from onnxprune.ops.torch_support import TorchOp
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 """Recurrent ops and their gate blocks."""
@@ -101,20 +109,38 @@ def hidden_units(node: gs.Node, outputs: set[str]) -> list[Hidden]:
     ]
 
 
-def recurrent_step(node: gs.Node, index: int, state: State, channels: int) -> Step | None:
-    """A recurrent node reading the group's channels: W's columns consume them when they are
-    its input sequence X; any other input (initial state, lengths) blocks. None for other ops."""
-    if not is_recurrent(node):
-        return None
-    if index != 0:
-        return Step("block", reason=f"channels reach input {index} of {node.op} '{node.name}'")
-    reason = _unsupported(node)
-    if reason is None and (rank_of(node.inputs[0]) != 3 or state.axis != 2):
-        reason = f"{node.op} '{node.name}' reads the channels other than as input features"
-    if reason is not None:
-        return Step("block", reason=reason)
-    edit = ParamEdit(node.name, 1, 2, state.offset, "in", state.spatial, state.tensor)
-    return Step("consume", edits=[edit])
+@register("RNN", "GRU", "LSTM")
+class Recurrent(Handler):
+    """A recurrent layer reading a group's channels as its input sequence X (W's columns
+    consume them); its own hidden units are producers (`hidden_units`)."""
+
+    def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
+        """W's columns consume the channels of X; any other input (initial state, lengths)
+        blocks."""
+        if index != 0:
+            return Step("block", reason=f"channels reach input {index} of {node.op} '{node.name}'")
+        reason = _unsupported(node)
+        if reason is None and (rank_of(node.inputs[0]) != 3 or state.axis != 2):
+            reason = f"{node.op} '{node.name}' reads the channels other than as input features"
+        if reason is not None:
+            return Step("block", reason=reason)
+        edit = ParamEdit(node.name, 1, 2, state.offset, "in", state.spatial, state.tensor)
+        return Step("consume", edits=[edit])
+
+    def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
+        """Per step and batch row: W·x and R·h for every gate and direction."""
+        x = shape_of(node.input[0])
+        steps, batch = (x[1], x[0]) if node_attrs(node).get("layout", 0) else (x[0], x[1])
+        weights = math.prod(shape_of(node.input[1])) + math.prod(shape_of(node.input[2]))
+        return steps * batch * weights
+
+    def torch(self, op_type: str) -> TorchOp | None:
+        from onnxprune.ops.torch_recurrent import recurrent
+
+        return recurrent
+
+    def max_outputs(self, op_type: str) -> int | None:
+        return 3 if op_type == "LSTM" else 2
 
 
 def unit_rows(weight: np.ndarray, gates: int, direction: int, channels: int) -> np.ndarray:

@@ -1,0 +1,262 @@
+"""Ops that reshape or permute a tensor: Squeeze, Unsqueeze, Flatten, Reshape, Transpose, Shape.
+
+The channels pass with their axis moved. Flatten and a channel-major Reshape to (batch, C·H·W)
+make every channel `spatial` consecutive features (a Reshape with an explicit feature count has
+it shrink with the group). A Reshape that splits the channel axis in two (a channel shuffle's
+first half) is refused. Shape is harmless when only dims other than the channels are read.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.graph.groups import ParamEdit
+from onnxprune.ops.flow import (
+    State,
+    Step,
+    axes_of,
+    block,
+    const,
+    parameter_input,
+    rank_of,
+    shape_of,
+    through,
+)
+from onnxprune.ops.registry import Handler, register
+from onnxprune.ops.torch_support import from_input_or_attr, ints
+
+if TYPE_CHECKING:
+    from onnxprune.ops.torch_support import OpNode, Result, TorchOp
+
+
+class _Commuting(Handler):
+    """Moves elements without changing them, alike on every channel: commutes with a rotation
+    and passes a scaling on."""
+
+    def rotation(self, node: gs.Node, index: int, state: State, result: Step) -> str | None:
+        return None
+
+    def scales_along(self, node: gs.Node, index: int) -> bool:
+        return True
+
+
+@register("Squeeze", "Unsqueeze")
+class Squeeze(_Commuting):
+    """Squeeze/Unsqueeze: the channel axis moves by the axes removed or inserted before it."""
+
+    def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
+        if (found := parameter_input(node, index)) is not None:
+            return found
+        rank_in, rank_out = rank_of(node.inputs[0]), rank_of(node.outputs[0])
+        axes = axes_of(node)
+        if rank_in is None or rank_out is None or axes is None:
+            return block(f"{node.op} '{node.name}' has unknown axes or shapes")
+        if node.op == "Squeeze":
+            axes = [a % rank_in for a in axes]
+            if state.axis in axes:
+                return block(f"Squeeze '{node.name}' removes the channel axis")
+            return through(node, state, axis=state.axis - sum(a < state.axis for a in axes))
+        axis = state.axis
+        for a in sorted(a % rank_out for a in axes):
+            if a <= axis:
+                axis += 1
+        return through(node, state, axis=axis)
+
+    def torch(self, op_type: str) -> TorchOp | None:
+        return _squeeze if op_type == "Squeeze" else _unsqueeze
+
+
+@register("Flatten")
+class Flatten(_Commuting):
+    """Flatten from the channel axis: each channel becomes H·W consecutive features."""
+
+    def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
+        if (found := parameter_input(node, index)) is not None:
+            return found
+        shape = shape_of(node.inputs[0])
+        axis = node.attrs.get("axis", 1)
+        if shape is None or axis % len(shape) != 1 or state.axis != 1:
+            return block(f"Flatten '{node.name}' does not flatten from the channel axis")
+        rest = shape[2:]
+        if not all(isinstance(d, int) for d in rest):
+            return block(f"Flatten '{node.name}' has dynamic spatial dims")
+        return through(node, state, spatial=state.spatial * int(np.prod(rest, dtype=np.int64)))
+
+    def torch(self, op_type: str) -> TorchOp | None:
+        return _flatten
+
+
+@register("Reshape")
+class Reshape(_Commuting):
+    """Only a channel-major flatten of (batch, C, ...) to (batch, C·H·W) is understood."""
+
+    def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
+        if (found := parameter_input(node, index)) is not None:
+            return found
+        if _splits_channel_axis(node, state):
+            return block(
+                f"Reshape '{node.name}' splits the channel axis into groups (a channel "
+                "shuffle): not supported"
+            )
+        shape_in, target = shape_of(node.inputs[0]), const(node, 1)
+        fail = block(f"Reshape '{node.name}' does not flatten from the channel axis")
+        if shape_in is None or target is None or target.size != 2 or state.axis != 1:
+            return fail
+        rest = shape_in[2:]
+        if not all(isinstance(d, int) for d in rest + [shape_in[1]]):
+            return fail
+        features = int(shape_in[1]) * int(np.prod(rest, dtype=np.int64))
+        if not _flattens_to_batch(node, shape_in[0], [int(t) for t in target], features):
+            return fail
+        spatial = state.spatial * int(np.prod(rest, dtype=np.int64))
+        edits = (
+            []
+            if target[1] in (-1, 0)
+            else [ParamEdit(node.name, 1, 0, state.offset, "reshape", spatial)]
+        )
+        return through(node, state, spatial=spatial, edits=edits)
+
+    def torch(self, op_type: str) -> TorchOp | None:
+        return _reshape
+
+
+@register("Transpose")
+class Transpose(Handler):
+    """Transpose: the channels pass unchanged on their new axis."""
+
+    def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
+        if (found := parameter_input(node, index)) is not None:
+            return found
+        rank = rank_of(node.inputs[0])
+        if rank is None:
+            return block(f"Transpose '{node.name}' has an unknown rank")
+        perm = list(node.attrs.get("perm", range(rank - 1, -1, -1)))
+        return through(node, state, axis=perm.index(state.axis))
+
+    def torch(self, op_type: str) -> TorchOp | None:
+        return _transpose
+
+
+@register("Shape")
+class Shape(Handler):
+    """Shape reads no values; it ends the path unless the channel count is read from it."""
+
+    def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
+        start = node.attrs.get("start", 0)
+        for user in node.outputs[0].outputs:
+            indices = const(user, 1) if user.op == "Gather" else None
+            if indices is None or state.axis - start in np.asarray(indices).reshape(-1).tolist():
+                return block(f"the shape of the channels is read by '{user.name}' ({user.op})")
+        return Step("consume")
+
+    def torch(self, op_type: str) -> TorchOp | None:
+        return _shape
+
+
+@register("Size", "Expand", "Tile")
+class ShapeArithmetic(Handler):
+    """Size, Expand and Tile: interpreted, not analyzed (channels block)."""
+
+    def torch(self, op_type: str) -> TorchOp | None:
+        return {"Size": _size, "Expand": _expand, "Tile": _tile}[op_type]
+
+
+def _splits_channel_axis(node: gs.Node, state: State) -> bool:
+    """True when the output has one more axis, everything but the channel axis kept: the
+    channel axis was split in two (a channel shuffle's first half)."""
+    shape_in, shape_out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
+    if shape_in is None or shape_out is None or len(shape_out) != len(shape_in) + 1:
+        return False
+    axis = state.axis
+    head, tail = shape_in[:axis], shape_in[axis + 1 :]
+    return shape_out[:axis] == head and shape_out[axis + 2 :] == tail
+
+
+def _flattens_to_batch(node: gs.Node, batch: object, target: list[int], features: int) -> bool:
+    """True when the target provably keeps the batch axis and puts all C·H·W features second.
+
+    [0, -1], [0, F], [-1, F] and [B, -1 or F] for a static batch B qualify; [-1, H·W] (channels
+    folded into the batch) or any other split does not. `allowzero` would make 0 a real zero.
+    """
+    first, second = target
+    if node.attrs.get("allowzero", 0) and 0 in target:
+        return False
+    if first == 0 or (isinstance(batch, int) and first == batch):
+        return second in (-1, features)
+    return first == -1 and second == features
+
+
+# ------------------------------------------------------------ torch equivalents
+
+
+def _flatten(n: OpNode, xs: list) -> Result:
+    """2-D view: dims before axis, dims from axis on."""
+    x = xs[0]
+    axis = n.get("axis", 1)
+    axis = axis + x.dim() if axis < 0 else axis
+    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+
+
+def _reshape(n: OpNode, xs: list) -> Result:
+    """Reshape; 0 copies the input dim unless allowzero=1, -1 is inferred."""
+    x, shape = xs[0], ints(xs[1])
+    if not n.get("allowzero", 0):
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _transpose(n: OpNode, xs: list) -> Result:
+    """Permute dims; default perm reverses them."""
+    x = xs[0]
+    return x.permute(n.get("perm") or list(reversed(range(x.dim()))))
+
+
+def _squeeze(n: OpNode, xs: list) -> Result:
+    """Drop the given size-1 axes (input >= 13, attribute before), or all size-1 axes."""
+    x = xs[0]
+    axes = from_input_or_attr(n, xs, 1, "axes")
+    if not axes:
+        return x.squeeze()
+    return x.squeeze(tuple(a % x.dim() for a in axes))
+
+
+def _unsqueeze(n: OpNode, xs: list) -> Result:
+    """Insert size-1 axes at positions of the output (input >= 13, attribute before)."""
+    x = xs[0]
+    axes = from_input_or_attr(n, xs, 1, "axes")
+    rank = x.dim() + len(axes)
+    for a in sorted(a % rank for a in axes):
+        x = x.unsqueeze(a)
+    return x
+
+
+def _shape(n: OpNode, xs: list) -> Result:
+    """Shape as int64, with the opset-15 start/end window (Python slice semantics)."""
+    import torch
+
+    dims = list(xs[0].shape)[n.get("start", 0) : n.get("end")]
+    return torch.tensor(dims, dtype=torch.int64, device=xs[0].device)
+
+
+def _size(n: OpNode, xs: list) -> Result:
+    """Element count as an int64 scalar."""
+    import torch
+
+    return torch.tensor(xs[0].numel(), dtype=torch.int64, device=xs[0].device)
+
+
+def _expand(n: OpNode, xs: list) -> Result:
+    """Bidirectional broadcast of X against the requested shape."""
+    import torch
+
+    x = xs[0]
+    return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(ints(xs[1]))))
+
+
+def _tile(n: OpNode, xs: list) -> Result:
+    """Repeat X along each axis."""
+    return xs[0].repeat(ints(xs[1]))
