@@ -9,10 +9,12 @@ from onnxprune.deploy.quantize import MODES as QUANTIZE_MODES
 from onnxprune.errors import UsageError
 from onnxprune.methods import METHODS
 from onnxprune.methods.cob import parse_threshold
+from onnxprune.methods.magnitude import CRITERIA
 from onnxprune.methods.sparse import check_weight_options
 from onnxprune.methods.width import WidthRule, check_patterns, check_ratio
 
 COMPENSATIONS = ("none", "bias", "lsq")
+MAGNITUDE_CRITERION = "gamma"  # PLACEHOLDER until measured
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,9 @@ class PruneConfig:
     method: str = "magnitude"
     width: WidthRule = field(default_factory=WidthRule)
     norm: int = 1
+    criterion: str | None = (
+        None  # magnitude's ranking; None: the method's default (METHOD_DEFAULTS)
+    )
     compensate: str | None = None  # None: the method's default (METHOD_DEFAULTS)
     id_solver: str = "gram"
     epsilon: float | None = None
@@ -46,7 +51,7 @@ class PruneConfig:
     ippro_lambda: float | None = None
     jacobian: str = "exact"
     global_ranking: bool = False
-    max_ratio: float = 0.9
+    max_group_ratio: float = 0.9
     threshold: str | None = None
     rms_correction: bool = False
     granularity: str = "channel"
@@ -83,7 +88,8 @@ class PruneConfig:
         for name, value in targets.items():
             if not 0.0 < value <= 1.0:
                 raise UsageError(f"'{name}' is the fraction to keep, in (0, 1]; got {value}")
-        check_ratio(self.max_ratio, "max_ratio")
+        check_ratio(self.max_group_ratio, "max_group_ratio")
+        self._check_criterion()
         from onnxprune.calib.jacobian import parse_jacobian  # lazy: it loads onnx, not --help
 
         parse_jacobian(self.jacobian)
@@ -98,6 +104,20 @@ class PruneConfig:
         for name, shape in (self.input_shapes or {}).items():
             if not shape or any(int(d) < 1 for d in shape):
                 raise UsageError(f"'input_shapes' of '{name}' must be positive dims; got {shape}")
+
+    def _check_criterion(self) -> None:
+        """--criterion is magnitude's; --global spends a channel ratio or a MAC/param target."""
+        if self.criterion not in (None, *CRITERIA):
+            raise UsageError(
+                f"'criterion' must be one of {', '.join(CRITERIA)}; got {self.criterion}"
+            )
+        if self.criterion is not None and self.method != "magnitude":
+            raise UsageError(f"--criterion ranks --method magnitude; got --method {self.method}")
+        if self.global_ranking and (self.target_latency is not None or self.epsilon is not None):
+            raise UsageError(
+                "--global allocates a ratio or a MAC/parameter target; "
+                "drop --target-latency and --epsilon"
+            )
 
     def _check_verification(self) -> None:
         """The held-out share and the acceptance bounds; bounds need verification to run."""
@@ -183,6 +203,8 @@ def method_defaults(method: str, id_solver: str = "gram") -> dict[str, object]:
     intercept variant."""
     if method == "id":
         return {"compensate": "bias" if id_solver == "gram" else "none", "recalibrate": True}
+    if method == "magnitude":
+        return {"compensate": "none", "recalibrate": False, "criterion": MAGNITUDE_CRITERION}
     return {"compensate": "none", "recalibrate": False}
 
 

@@ -292,7 +292,7 @@ def test_ippro_scores_are_near_one_and_lowest_are_pruned():
     groups, stats = _ippro_stats(
         onnx.load(str(reference_path("mlp"))), Dataset(reference_feeds("mlp", 128))
     )
-    scores = IPPRO().scores(stats[groups[0].name])
+    scores = IPPRO().scores_at(stats[groups[0].name])
     assert np.all(np.abs(scores - 1) < 0.25)
     plan = IPPRO().plan(groups[0], stats[groups[0].name], 100)
     removed = np.setdiff1d(np.arange(len(scores)), plan.keep)

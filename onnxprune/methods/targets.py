@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.width import WidthRule, keep_counts, kept, rounding_step
+from onnxprune.methods.width import WidthRule, keep_counts, rounding_step
 
 
 @dataclass(frozen=True)
@@ -167,52 +167,63 @@ def allocate_by_error(
     `target` is the fraction of the full cost to keep. Steps are `round_to` channels where a
     group has at least 2·round_to, else one channel; every group keeps at least one.
     """
+    full = cost(dict(channels))
+    damage = {name: np.asarray(curve) ** 2 for name, curve in curves.items()}
+    floors = dict.fromkeys(channels, 1)
+    return allocate(channels, damage, cost, lambda w: cost(w) <= target * full, round_to, floors)
+
+
+def allocate(
+    channels: Mapping[str, int],
+    damage: Mapping[str, np.ndarray],
+    cost: WidthCost,
+    done: Callable[[Mapping[str, int]], bool],
+    round_to: int,
+    floors: Mapping[str, int],
+) -> dict[str, int]:
+    """Greedy widths: until `done(widths)`, narrow by one rounding step the group whose damage
+    grows least per unit of cost saved (`damage[g][k]`: group g's damage at width k, k = 0..m,
+    non-increasing in k), never below `floors[g]`.
+
+    A step that saves no cost is taken only when no other is left. Where every channel costs
+    the same and each damage curve is convex in the removed count, the widths reached have the
+    least total damage for their number of removed channels; where damages match, the most
+    cost saved (tests/test_targets.py checks both against brute force).
+    """
     widths = dict(channels)
-    full = cost(widths)
-    while cost(widths) > target * full:
-        choice = _cheapest_step(widths, channels, curves, cost, round_to)
+    while not done(widths):
+        choice = _cheapest_step(widths, channels, damage, cost, round_to, floors)
         if choice is None:
             break
         widths[choice[0]] = choice[1]
     return widths
 
 
-def _cheapest_step(widths, channels, curves, cost, round_to):
+def _cheapest_step(widths, channels, damage, cost, round_to, floors):
     now = cost(widths)
-    best, best_rate = None, np.inf
+    best, best_rate = None, (np.inf, np.inf)
     for name, k in widths.items():
         new = _step_down(k, channels[name], round_to)
-        if new == 0:
+        if new == 0 or new < floors[name]:
             continue
         saved = now - cost({**widths, name: new})
-        if saved <= 0:
-            continue
-        rate = (curves[name][new] ** 2 - curves[name][k] ** 2) / saved
-        if rate < best_rate:
+        grown = float(damage[name][new] - damage[name][k])
+        rate = (grown / saved, 0.0) if saved > 0 else (np.inf, grown)
+        if best is None or rate < best_rate:
             best, best_rate = (name, new), rate
     return best
 
 
-def global_widths(
-    scores: Mapping[str, np.ndarray], ratio: float, max_ratio: float, round_to: int
-) -> dict[str, int]:
-    """Rank every channel of every group together and remove the lowest `ratio` of them.
+def removal_floors(channels: Mapping[str, int], max_ratio: float) -> dict[str, int]:
+    """The narrowest width each group may reach when it may lose at most `max_ratio` of its
+    channels (at least one channel stays)."""
+    return {name: max(1, m - int(np.floor(max_ratio * m + 1e-9))) for name, m in channels.items()}
 
-    For scale-free scores (PROscore). No group loses more than `max_ratio` of its channels, so no
-    layer collapses; kept counts are then rounded like a per-group ratio would be.
-    """
-    caps = {g: int(np.floor(max_ratio * len(s) + 1e-9)) for g, s in scores.items()}
-    budget = int(np.floor(ratio * sum(len(s) for s in scores.values()) + 1e-9))
-    ranked = sorted((float(v), g) for g, s in scores.items() for v in s)
-    removed = dict.fromkeys(scores, 0)
-    for _, group in ranked:
-        if budget == 0:
-            break
-        if removed[group] < caps[group]:
-            removed[group] += 1
-            budget -= 1
-    counts = {}
-    for group, s in scores.items():
-        channels = len(s)
-        counts[group] = kept(channels, removed[group] / channels, round_to)
-    return counts
+
+def score_damage(scores: np.ndarray, *, normalise: bool = True) -> np.ndarray:
+    """Damage of keeping the k best-scoring channels, k = 0..m: the summed scores of the m − k
+    removed ones, as a share of the group's total with `normalise` (scores below 0 count 0)."""
+    ranked = np.sort(np.clip(np.asarray(scores, dtype=np.float64), 0.0, None))[::-1]
+    removed = np.concatenate([np.cumsum(ranked[::-1])[::-1], [0.0]])
+    total = float(removed[0])
+    return removed / total if normalise and total > 0 else removed
