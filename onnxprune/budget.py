@@ -42,7 +42,7 @@ from onnxprune.methods.targets import (
 )
 from onnxprune.methods.width import keep_counts, tied_counts
 from onnxprune.recalibrate import recalibrate
-from onnxprune.report import TargetResult
+from onnxprune.report import MISS_TOLERANCE, TargetResult
 
 Score = Callable[[Mapping[str, int]], float]
 
@@ -58,7 +58,8 @@ class Widths:
 
 
 def choose_widths(graph: gs.Graph, groups: tuple[ChannelGroup, ...], config: PruneConfig) -> Widths:
-    """Kept counts from the ratio options, or from a uniform ratio that meets the target."""
+    """Kept counts from the ratio options, or from the near-uniform widths nearest the target
+    (at most MISS_TOLERANCE of the original above it)."""
     kind, target = _target(config)
     if kind is None:
         return Widths(keep_counts(groups, config.width))
@@ -69,7 +70,9 @@ def choose_widths(graph: gs.Graph, groups: tuple[ChannelGroup, ...], config: Pru
         full = cost({})
         raw = lambda counts: cost(counts) / full  # noqa: E731
     measure = lambda counts: raw(tied_counts(groups, counts))  # noqa: E731  as they will be pruned
-    ratio, counts = ratio_for_target(groups, config.width, measure, target, trim=kind != "latency")
+    ratio, counts = ratio_for_target(
+        groups, config.width, measure, target, trim=kind != "latency", tolerance=MISS_TOLERANCE
+    )
     counts = tied_counts(groups, counts)
     return _reached(counts, TargetResult(kind, target, measure(counts), ratio=ratio))
 
@@ -172,10 +175,10 @@ def _reached(counts: dict[str, int], outcome: TargetResult) -> Widths:
 
 
 def _feasible(candidates: dict, reached: Callable, target: float) -> dict:
-    """The candidates that meet the target, or, if none does, those that come closest: a
-    smaller deviation never excuses a missed budget."""
-    floor = max(target, min(reached(counts) for _, counts in candidates.values()))
-    return {k: v for k, v in candidates.items() if reached(v[1]) <= floor + 1e-3}
+    """The candidates that meet the target (up to MISS_TOLERANCE above it), or, if none does,
+    those that come closest: a smaller deviation never excuses a missed budget."""
+    floor = max(target + MISS_TOLERANCE, min(reached(counts) for _, counts in candidates.values()))
+    return {k: v for k, v in candidates.items() if reached(v[1]) <= floor + 1e-9}
 
 
 def _allocations(

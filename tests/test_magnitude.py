@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import graphs
 import numpy as np
 import pytest
 from onnx import numpy_helper
@@ -10,7 +11,6 @@ import onnxprune
 from onnxprune.config import PruneConfig
 from onnxprune.errors import UsageError
 from onnxprune.graph.load import folded_batchnorms, normalize
-from tests import graphs
 
 EPS = float(np.float32(1e-3))  # the BatchNorm epsilon attribute, stored as float32
 

@@ -3,14 +3,14 @@ against brute force on a two-branch model whose groups can be told apart by cost
 
 from __future__ import annotations
 
+import graphs
 import numpy as np
 import pytest
+from conftest import reference_path
 
 import onnxprune
 from onnxprune.config import PruneConfig
 from onnxprune.errors import UsageError
-from tests import graphs
-from tests.conftest import reference_path
 
 
 def two_branches(w1: np.ndarray, w2: np.ndarray, out2: int) -> object:
@@ -111,3 +111,31 @@ def test_global_with_a_mac_target_meets_it():
 def test_global_refuses_latency_targets_and_epsilon():
     with pytest.raises(UsageError, match="--global allocates"):
         PruneConfig(method="id", global_ranking=True, epsilon=0.1)
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet", "mobilenetv2", "inception"])
+def test_a_mac_target_lands_nearest_among_near_uniform_widths(name):
+    """Brute force over every near-uniform rounded width vector one step around the result:
+    none is nearer the target while staying within the tolerance above it."""
+    from onnxprune.budget import choose_widths, cost_of
+    from onnxprune.graph.analyze import analyze
+    from onnxprune.graph.load import load_model, normalize
+    from onnxprune.methods.targets import _step_down
+    from onnxprune.report import MISS_TOLERANCE
+
+    graph = normalize(load_model(reference_path(name)))
+    groups = analyze(graph)
+    config = PruneConfig(method="magnitude", target_macs=0.5)
+    widths = choose_widths(graph, groups, config)
+    cost = cost_of(graph, groups, "macs")
+    reached = cost(widths.counts) / cost({})
+    assert reached == pytest.approx(widths.target.reached, rel=1e-12)
+    assert reached <= 0.5 + MISS_TOLERANCE and not widths.target.missed
+    channels = {g.name: g.channels for g in groups}
+    for group, k in widths.counts.items():
+        for new in (_step_down(k, channels[group], 16), min(k + 16, channels[group])):
+            if new <= 0:
+                continue
+            other = cost({**widths.counts, group: new}) / cost({})
+            if other <= 0.5 + MISS_TOLERANCE:
+                assert abs(reached - 0.5) <= abs(other - 0.5) + 1e-12, (group, new)

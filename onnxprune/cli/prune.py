@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from onnxprune.cli import EXIT_OK, EXIT_TARGET
 from onnxprune.cli.bench import parse_batches
 from onnxprune.cli.options import (
     add_biascomp_arguments,
@@ -299,7 +300,8 @@ def run(args: argparse.Namespace) -> int:
             _emit(exc.result, args, rejected_path(output), "written (rejected)")
         raise
     _emit(result, args, output)
-    return 0
+    missed = result.report.target is not None and result.report.target.missed
+    return EXIT_TARGET if missed else EXIT_OK
 
 
 def rejected_path(output: Path) -> Path:

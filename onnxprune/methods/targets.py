@@ -97,14 +97,17 @@ def ratio_for_target(
     target: float,
     *,
     trim: bool = True,
+    tolerance: float = 0.0,
 ) -> tuple[float, dict[str, int]]:
-    """The uniform ratio whose widths bring `measure` (a fraction of the original) to `target`.
+    """The uniform ratio whose widths bring `measure` (a fraction of the original) nearest to
+    `target`, never more than `tolerance` above it.
 
     Bisection on the ratio. A uniform ratio moves every group at once, so its cost jumps in
-    steps of a few percent on small models; with `trim` (for cheap, exact measures) the widths
-    just above the target are then narrowed one step at a time, always in the group that keeps
-    the largest fraction, until the target is met: the result stays near-uniform and lands
-    within one channel's cost of the target.
+    steps of a few percent on small models (more with rounding); with `trim` (for cheap, exact
+    measures) the widths just above the target are then narrowed one step at a time in the group
+    that keeps the largest fraction, and the last step is taken in whichever group lands
+    nearest the target (`_narrow`): the result stays near-uniform and lands within about one
+    channel block's cost of the target on either side, instead of always below it.
     """
     lo, hi = 0.0, 0.999
     below: tuple[float, float, dict[str, int]] | None = None
@@ -121,30 +124,85 @@ def ratio_for_target(
             hi = mid
             if below is None or value > below[0]:
                 below = (value, mid, counts)
+    candidates = [c for c in (below, above) if c is not None]
     if trim and above is not None:
         channels = {g.name: g.channels for g in groups if g.name in above[2]}
-        counts = _narrow(dict(above[2]), channels, measure, target, rule.round_to)
-        if measure(counts) <= target:
-            return above[1], counts
-    best = below or above
-    assert best is not None
-    return best[1], best[2]
+        counts = _narrow(
+            dict(above[2]), channels, measure, target, round_to=rule.round_to, tolerance=tolerance
+        )
+        candidates.append((measure(counts), above[1], counts))
+    found = [c for c in candidates if c[0] <= target + tolerance]
+    if not found:  # the target cannot be met: come as close as the widths allow
+        best = min(candidates, key=lambda c: c[0])
+        return best[1], best[2]
+    best = min(found, key=lambda c: (abs(c[0] - target), c[0]))
+    if not trim:
+        return best[1], best[2]
+    channels = {g.name: g.channels for g in groups if g.name in best[2]}
+    return best[1], _closest(
+        dict(best[2]), channels, measure, target, round_to=rule.round_to, tolerance=tolerance
+    )
 
 
 def _narrow(
-    counts: dict[str, int], channels: Mapping[str, int], measure, target: float, round_to: int
+    counts: dict[str, int],
+    channels: Mapping[str, int],
+    measure,
+    target: float,
+    *,
+    round_to: int,
+    tolerance: float,
 ) -> dict[str, int]:
-    while measure(counts) > target:
-        options = [
-            (k / channels[g], g)
-            for g, k in counts.items()
-            if _step_down(k, channels[g], round_to) > 0
+    """Narrow the group that keeps the largest fraction one step at a time while `measure`
+    exceeds `target` + `tolerance`; once a single step in some group lands at or under that
+    bound, return the state nearest `target` among those steps (and the current state, when it
+    is under the bound itself)."""
+    while True:
+        steps = {}
+        for group, k in counts.items():
+            if (new := _step_down(k, channels[group], round_to)) > 0:
+                steps[group] = {**counts, group: new}
+        landing = [c for c in (counts, *steps.values()) if measure(c) <= target + tolerance]
+        if landing or not steps:
+            return min(landing, key=lambda c: abs(measure(c) - target)) if landing else counts
+        group = max(steps, key=lambda g: (counts[g] / channels[g], g))
+        counts = steps[group]
+
+
+def _closest(
+    counts: dict[str, int],
+    channels: Mapping[str, int],
+    measure,
+    target: float,
+    *,
+    round_to: int,
+    tolerance: float,
+) -> dict[str, int]:
+    """Move one group one rounding step narrower or wider while that brings `measure` nearer
+    `target` without passing `target` + `tolerance`: the near-uniform widths, polished so that
+    no single step lands nearer."""
+    gap = lambda c: abs(measure(c) - target)  # noqa: E731
+    while True:
+        moves = []
+        for group, k in counts.items():
+            for new in (
+                _step_down(k, channels[group], round_to),
+                _step_up(k, channels[group], round_to),
+            ):
+                if new > 0 and new != k:
+                    moves.append({**counts, group: new})
+        better = [
+            c for c in moves if measure(c) <= target + tolerance and gap(c) < gap(counts) - 1e-12
         ]
-        if not options:
-            break
-        _, group = max(options)
-        counts[group] = _step_down(counts[group], channels[group], round_to)
-    return counts
+        if not better:
+            return counts
+        counts = min(better, key=gap)
+
+
+def _step_up(k: int, channels: int, round_to: int) -> int:
+    """The next wider width allowed by rounding (the full width at most)."""
+    step = rounding_step(channels, round_to)
+    return min(channels, k + step - k % step)
 
 
 def _step_down(k: int, channels: int, round_to: int) -> int:
