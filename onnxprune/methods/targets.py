@@ -105,9 +105,9 @@ def ratio_for_target(
     Bisection on the ratio. A uniform ratio moves every group at once, so its cost jumps in
     steps of a few percent on small models (more with rounding); with `trim` (for cheap, exact
     measures) the widths just above the target are then narrowed one step at a time in the group
-    that keeps the largest fraction, and the last step is taken in whichever group lands
-    nearest the target (`_narrow`): the result stays near-uniform and lands within about one
-    channel block's cost of the target on either side, instead of always below it.
+    that keeps the largest fraction until within the tolerance (`_narrow`), and single steps
+    that land nearer the target are taken after (`_closest`): the result stays near-uniform
+    and lands nearest the target on either side, instead of always below it.
     """
     lo, hi = 0.0, 0.999
     below: tuple[float, float, dict[str, int]] | None = None
@@ -127,9 +127,7 @@ def ratio_for_target(
     candidates = [c for c in (below, above) if c is not None]
     if trim and above is not None:
         channels = {g.name: g.channels for g in groups if g.name in above[2]}
-        counts = _narrow(
-            dict(above[2]), channels, measure, target, round_to=rule.round_to, tolerance=tolerance
-        )
+        counts = _narrow(dict(above[2]), channels, measure, target + tolerance, rule.round_to)
         candidates.append((measure(counts), above[1], counts))
     found = [c for c in candidates if c[0] <= target + tolerance]
     if not found:  # the target cannot be met: come as close as the widths allow
@@ -145,28 +143,19 @@ def ratio_for_target(
 
 
 def _narrow(
-    counts: dict[str, int],
-    channels: Mapping[str, int],
-    measure,
-    target: float,
-    *,
-    round_to: int,
-    tolerance: float,
+    counts: dict[str, int], channels: Mapping[str, int], measure, bound: float, round_to: int
 ) -> dict[str, int]:
-    """Narrow the group that keeps the largest fraction one step at a time while `measure`
-    exceeds `target` + `tolerance`; once a single step in some group lands at or under that
-    bound, return the state nearest `target` among those steps (and the current state, when it
-    is under the bound itself)."""
-    while True:
-        steps = {}
-        for group, k in counts.items():
-            if (new := _step_down(k, channels[group], round_to)) > 0:
-                steps[group] = {**counts, group: new}
-        landing = [c for c in (counts, *steps.values()) if measure(c) <= target + tolerance]
-        if landing or not steps:
-            return min(landing, key=lambda c: abs(measure(c) - target)) if landing else counts
-        group = max(steps, key=lambda g: (counts[g] / channels[g], g))
-        counts = steps[group]
+    """Narrow the group that keeps the largest fraction one step at a time until `measure`
+    is at most `bound` (or nothing can narrow)."""
+    while measure(counts) > bound:
+        options = [
+            (k / channels[g], g) for g, k in counts.items() if _step_down(k, channels[g], round_to)
+        ]
+        if not options:
+            break
+        _, group = max(options)
+        counts[group] = _step_down(counts[group], channels[group], round_to)
+    return counts
 
 
 def _closest(
