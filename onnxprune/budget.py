@@ -86,7 +86,7 @@ def refine_widths(
     config: PruneConfig,
     dataset: Dataset | None = None,
 ) -> Widths:
-    """Global ranking (scale-free scores), or for ID with a MAC/parameter target: candidate
+    """`--global` (any method: `global_widths`), or for ID with a MAC/parameter target: candidate
     allocations by ID error per cost and the uniform one, the best by measured output deviation
     on `dataset` (without it: the tap-counted error allocation)."""
     if config.global_ranking:
@@ -139,9 +139,9 @@ def global_widths(
         groups, allocate(channels, damage, cost, done, config.width.round_to, floors)
     )
     removed, total = sum(channels[g] - k for g, k in counts.items()), sum(channels.values())
-    note = (
-        f"global allocation by {method.name} damage per MAC: {removed} of {total} channels removed"
-    )
+    unit = "parameter" if kind == "params" else "MAC"
+    note = f"global allocation by {method.name} damage per {unit}: {removed} of {total} channels"
+    note += " removed"
     if kind is None:
         return Widths(counts, note)
     return _reached(counts, TargetResult(kind, target, cost(counts) / full, "global"))
