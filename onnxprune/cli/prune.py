@@ -230,7 +230,8 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-group-ratio",
         type=float,
         default=0.9,
-        help="with --global: the largest fraction of its channels any one group may lose",
+        help="with --global: the largest fraction of its channels any one group may lose "
+        "(default: 0.9)",
     )
     method.add_argument(
         "--recalibrate",
