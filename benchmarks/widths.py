@@ -1,9 +1,10 @@
 """How widths are chosen, measured: `--global` against near-uniform widths, and the rounding.
 
 Every digits CNN is pruned to 50 / 70 / 85 % fewer MACs (`--target-macs`) by `id` and
-`magnitude` with their defaults, near-uniform (the default) and with `--global`, and by `id` at
-`--round-to` 16 (default), 8 and 1. Fitted on 384 calibration samples; accuracy on the other
-128 (validation, benchmarks/defaults.py's split) decides, test accuracy is recorded beside it.
+`magnitude` with their defaults (and magnitude with `--recalibrate`), near-uniform (the default)
+and with `--global`, and by `id` at `--round-to` 16 (default), 8 and 1. Fitted on 384
+calibration samples; accuracy on the other 128 (validation, benchmarks/defaults.py's split)
+decides, test accuracy is recorded beside it.
 
     python benchmarks/widths.py --out benchmarks/results/widths.json
 """
@@ -31,6 +32,12 @@ VARIANTS = {
     "id --round-to 1": {"method": "id", "round_to": 1},
     "magnitude": {"method": "magnitude"},
     "magnitude --global": {"method": "magnitude", "global_ranking": True},
+    "magnitude --recalibrate": {"method": "magnitude", "recalibrate": True},
+    "magnitude --recalibrate --global": {
+        "method": "magnitude",
+        "recalibrate": True,
+        "global_ranking": True,
+    },
 }
 
 
