@@ -232,33 +232,39 @@ def allocate(
     grows least per unit of cost saved (`damage[g][k]`: group g's damage at width k, k = 0..m,
     non-increasing in k), never below `floors[g]`.
 
-    A step that saves no cost is taken only when no other is left. Where every channel costs
-    the same and each damage curve is convex in the removed count, the widths reached have the
-    least total damage for their number of removed channels; where damages match, the most
-    cost saved (tests/test_targets.py checks both against brute force).
+    A step that saves no cost is taken only when no other is left. The last step is the one,
+    among those that finish, whose damage grows least (a large group's step would otherwise
+    overshoot a cost target by its whole block). Where every channel costs the same and each
+    damage curve is convex in the removed count, the widths reached have the least total
+    damage for their number of removed channels; where damages match, the most cost saved
+    (tests/test_targets.py checks both against brute force).
     """
     widths = dict(channels)
     while not done(widths):
-        choice = _cheapest_step(widths, channels, damage, cost, round_to, floors)
-        if choice is None:
+        steps = _steps(widths, channels, damage, cost, round_to, floors)
+        if not steps:
             break
-        widths[choice[0]] = choice[1]
+        finishing = [s for s in steps if done({**widths, s[2]: s[3]})]
+        if finishing:
+            _, _, name, new = min(finishing, key=lambda s: (s[1], s[0]))
+            return {**widths, name: new}
+        _, _, name, new = min(steps, key=lambda s: s[:2])
+        widths[name] = new
     return widths
 
 
-def _cheapest_step(widths, channels, damage, cost, round_to, floors):
-    now = cost(widths)
-    best, best_rate = None, (np.inf, np.inf)
+def _steps(widths, channels, damage, cost, round_to, floors) -> list[tuple]:
+    """Every allowed one-step narrowing as (damage growth per cost saved, damage growth, group,
+    new width); a step saving no cost rates infinite, ordered by its damage growth."""
+    now, found = cost(widths), []
     for name, k in widths.items():
         new = _step_down(k, channels[name], round_to)
         if new == 0 or new < floors[name]:
             continue
         saved = now - cost({**widths, name: new})
         grown = float(damage[name][new] - damage[name][k])
-        rate = (grown / saved, 0.0) if saved > 0 else (np.inf, grown)
-        if best is None or rate < best_rate:
-            best, best_rate = (name, new), rate
-    return best
+        found.append((grown / saved if saved > 0 else np.inf, grown, name, new))
+    return found
 
 
 def removal_floors(channels: Mapping[str, int], max_ratio: float) -> dict[str, int]:
