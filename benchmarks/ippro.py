@@ -72,7 +72,7 @@ def correlations(path: Path, data: Dataset) -> dict[str, dict[str, float]]:
     stats = gather(graph, groups, counts, needs, data, PruneConfig(method="ippro")).stats
     table = {}
     for name, s in stats.items():
-        pro = IPPRO().scores(s)
+        pro = IPPRO().scores_at(s)
         filters = np.concatenate(s.weights, axis=1)
         others = {
             "magnitude": np.abs(filters).sum(axis=1),

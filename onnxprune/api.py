@@ -156,6 +156,7 @@ def _prune_channels(
     pruner = build_method(
         config.method,
         norm=config.norm,
+        criterion=config.criterion or "folded",
         compensate=config.compensate,
         id_solver=config.id_solver,
         ippro_lambda=config.ippro_lambda,

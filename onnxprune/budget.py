@@ -1,6 +1,8 @@
 """Turn the width options into kept channel counts: a ratio, or a MAC/parameter/latency target.
 
-Before calibration, `choose_widths` resolves ratios and targets by a uniform-ratio search. For ID
+Before calibration, `choose_widths` resolves ratios and targets by a uniform-ratio search. With
+`--global` (any method), `refine_widths` then spends the budget (the channel ratio, or the MAC /
+parameter target) greedily across groups by the method's damage estimate per MAC saved. For ID
 with a MAC or parameter target, `refine_widths` proposes allocations after calibration (greedy by
 the ID error increase per unit of cost saved, with a coupled group's error counted once per tap
 or pooled, and the near-uniform one) and keeps the one whose pruned model deviates least from
@@ -31,16 +33,18 @@ from onnxprune.methods.linalg import id_error_curve
 from onnxprune.methods.planner import make_plans
 from onnxprune.methods.targets import (
     WidthCost,
+    allocate,
     allocate_by_error,
-    global_widths,
     ratio_for_target,
+    removal_floors,
+    score_damage,
     width_cost,
 )
 from onnxprune.methods.width import keep_counts, tied_counts
 from onnxprune.plan import GroupStats, Plan
 from onnxprune.progress import progress
 from onnxprune.recalibrate import recalibrate
-from onnxprune.report import TargetResult
+from onnxprune.report import MISS_TOLERANCE, TargetResult
 
 Score = Callable[[Mapping[str, int]], float]
 
@@ -56,7 +60,8 @@ class Widths:
 
 
 def choose_widths(graph: gs.Graph, groups: tuple[ChannelGroup, ...], config: PruneConfig) -> Widths:
-    """Kept counts from the ratio options, or from a uniform ratio that meets the target."""
+    """Kept counts from the ratio options, or from the near-uniform widths nearest the target
+    (at most MISS_TOLERANCE of the original above it)."""
     kind, target = _target(config)
     if kind is None:
         return Widths(keep_counts(groups, config.width))
@@ -67,7 +72,9 @@ def choose_widths(graph: gs.Graph, groups: tuple[ChannelGroup, ...], config: Pru
         full = cost({})
         raw = lambda counts: cost(counts) / full  # noqa: E731
     measure = lambda counts: raw(tied_counts(groups, counts))  # noqa: E731  as they will be pruned
-    ratio, counts = ratio_for_target(groups, config.width, measure, target, trim=kind != "latency")
+    ratio, counts = ratio_for_target(
+        groups, config.width, measure, target, trim=kind != "latency", tolerance=MISS_TOLERANCE
+    )
     counts = tied_counts(groups, counts)
     return _reached(counts, TargetResult(kind, target, measure(counts), ratio=ratio))
 
@@ -81,19 +88,11 @@ def refine_widths(
     config: PruneConfig,
     dataset: Dataset | None = None,
 ) -> Widths:
-    """Global ranking (scale-free scores), or for ID with a MAC/parameter target: candidate
+    """`--global` (any method: `global_widths`), or for ID with a MAC/parameter target: candidate
     allocations by ID error per cost and the uniform one, the best by measured output deviation
     on `dataset` (without it: the tap-counted error allocation)."""
     if config.global_ranking:
-        if not hasattr(method, "scores"):
-            raise UsageError(
-                f"--global needs scores comparable across layers; '{method.name}' has none",
-                hint="use --method ippro",
-            )
-        scores = {name: method.scores(stats[name]) for name in widths.counts}
-        counts = global_widths(scores, config.width.ratio, config.max_ratio, config.width.round_to)
-        counts = tied_counts(groups, counts)
-        return Widths(counts, f"global ranking of {sum(map(len, scores.values()))} channels")
+        return global_widths(graph, groups, widths, stats, method, config)
     kind, target = _target(config)
     if config.method != "id" or kind not in ("macs", "params"):
         return widths
@@ -117,15 +116,72 @@ def refine_widths(
     return _reached(counts, outcome)
 
 
+def global_widths(
+    graph: gs.Graph,
+    groups: tuple[ChannelGroup, ...],
+    widths: Widths,
+    stats: Mapping[str, GroupStats],
+    method: Method,
+    config: PruneConfig,
+) -> Widths:
+    """`--global`: widths allocated across the selected groups by `damage_curve` per MAC saved,
+    until `ratio` of all their channels are removed (or the MAC/parameter target is met), no
+    group losing more than `max_group_ratio` of its channels."""
+    channels = {g.name: g.channels for g in groups if g.name in widths.counts}
+    damage = {name: damage_curve(method, group_of(groups, name), stats[name], config.seed)
+              for name in channels}  # fmt: skip
+    kind, target = _target(config)
+    cost = cost_of(graph, groups, "params" if kind == "params" else "macs")
+    full, budget = cost({}), int(np.floor(config.width.ratio * sum(channels.values()) + 1e-9))
+    if kind is None:
+        done = lambda w: sum(channels[g] - k for g, k in w.items()) >= budget  # noqa: E731
+    else:
+        done = lambda w: cost(w) <= target * full  # noqa: E731
+    floors = removal_floors(channels, config.max_group_ratio)
+    counts = tied_counts(
+        groups, allocate(channels, damage, cost, done, config.width.round_to, floors)
+    )
+    removed, total = sum(channels[g] - k for g, k in counts.items()), sum(channels.values())
+    unit = "parameter" if kind == "params" else "MAC"
+    note = f"global allocation by {method.name} damage per {unit}: {removed} of {total} channels"
+    note += " removed"
+    if kind is None:
+        return Widths(counts, note)
+    return _reached(counts, TargetResult(kind, target, cost(counts) / full, "global"))
+
+
+def damage_curve(method: Method, group: ChannelGroup, stats: GroupStats, seed: int) -> np.ndarray:
+    """What keeping k channels of `group` costs in `method`'s own terms, k = 0..m (0 at k = m).
+
+    ID: its squared relative error (summed over a coupled group's taps), read off one pivoted
+    factorisation. Other methods: the removed share of their channel scores (score_damage),
+    normalised per group because raw scores are in per-layer units (filter norms grow with the
+    fan-in, gradients with the layer's place in the network; METHODS.md, "Global allocation");
+    scale-free scores (IPPRO's PROscore) are summed as they are.
+    """
+    if method.name == "id":
+        return _curve(stats) ** 2
+    scores = getattr(method, "scores", None)
+    if scores is None:
+        raise UsageError(f"--global needs per-channel scores; '{method.name}' has none")
+    normalise = not getattr(method, "scale_free", False)
+    return score_damage(scores(group, stats, seed=seed), normalise=normalise)
+
+
+def group_of(groups: tuple[ChannelGroup, ...], name: str) -> ChannelGroup:
+    """The group called `name`."""
+    return next(g for g in groups if g.name == name)
+
+
 def _reached(counts: dict[str, int], outcome: TargetResult) -> Widths:
     return Widths(counts, outcome.note(), outcome)
 
 
 def _feasible(candidates: dict, reached: Callable, target: float) -> dict:
-    """The candidates that meet the target, or, if none does, those that come closest: a
-    smaller deviation never excuses a missed budget."""
-    floor = max(target, min(reached(counts) for _, counts in candidates.values()))
-    return {k: v for k, v in candidates.items() if reached(v[1]) <= floor + 1e-3}
+    """The candidates that meet the target (up to MISS_TOLERANCE above it), or, if none does,
+    those that come closest: a smaller deviation never excuses a missed budget."""
+    floor = max(target + MISS_TOLERANCE, min(reached(counts) for _, counts in candidates.values()))
+    return {k: v for k, v in candidates.items() if reached(v[1]) <= floor + 1e-9}
 
 
 def _allocations(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from onnxprune.deploy.quantize import MODES as QUANTIZE_MODES
 from onnxprune.errors import UsageError
 from onnxprune.options import (
+    CRITERIA,
     METHODS,
     WidthRule,
     check_patterns,
@@ -18,6 +19,9 @@ from onnxprune.options import (
 )
 
 COMPENSATIONS = ("none", "bias", "lsq")
+# magnitude's default ranking: |γ| of the folded BatchNorm had the best mean validation accuracy
+# of the four criteria on the digits CNNs exported with BatchNorm (benchmarks/ranking.py)
+MAGNITUDE_CRITERION = "gamma"
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,9 @@ class PruneConfig:
     method: str = "magnitude"
     width: WidthRule = field(default_factory=WidthRule)
     norm: int = 1
+    criterion: str | None = (
+        None  # magnitude's ranking; None: the method's default (METHOD_DEFAULTS)
+    )
     compensate: str | None = None  # None: the method's default (METHOD_DEFAULTS)
     id_solver: str = "gram"
     epsilon: float | None = None
@@ -51,7 +58,7 @@ class PruneConfig:
     ippro_lambda: float | None = None
     jacobian: str = "exact"
     global_ranking: bool = False
-    max_ratio: float = 0.9
+    max_group_ratio: float = 0.9
     threshold: str | None = None
     rms_correction: bool = False
     granularity: str = "channel"
@@ -88,7 +95,8 @@ class PruneConfig:
         for name, value in targets.items():
             if not 0.0 < value <= 1.0:
                 raise UsageError(f"'{name}' is the fraction to keep, in (0, 1]; got {value}")
-        check_ratio(self.max_ratio, "max_ratio")
+        check_ratio(self.max_group_ratio, "max_group_ratio")
+        self._check_criterion()
         parse_jacobian(self.jacobian)
         self._check_cob()
         self._check_granularity()
@@ -101,6 +109,20 @@ class PruneConfig:
         for name, shape in (self.input_shapes or {}).items():
             if not shape or any(int(d) < 1 for d in shape):
                 raise UsageError(f"'input_shapes' of '{name}' must be positive dims; got {shape}")
+
+    def _check_criterion(self) -> None:
+        """--criterion is magnitude's; --global spends a channel ratio or a MAC/param target."""
+        if self.criterion not in (None, *CRITERIA):
+            raise UsageError(
+                f"'criterion' must be one of {', '.join(CRITERIA)}; got {self.criterion}"
+            )
+        if self.criterion is not None and self.method != "magnitude":
+            raise UsageError(f"--criterion ranks --method magnitude; got --method {self.method}")
+        if self.global_ranking and (self.target_latency is not None or self.epsilon is not None):
+            raise UsageError(
+                "--global allocates a ratio or a MAC/parameter target; "
+                "drop --target-latency and --epsilon"
+            )
 
     def _check_verification(self) -> None:
         """The held-out share and the acceptance bounds; bounds need verification to run."""
@@ -179,13 +201,15 @@ class PruneConfig:
 
 
 def method_defaults(method: str, id_solver: str = "gram") -> dict[str, object]:
-    """What `compensate` and `recalibrate` mean when not given. For `id` the intercept and
-    recalibration are on: on a validation split carved from the calibration data they gave the
-    best mean accuracy of the four combinations at 50–85 % fewer MACs on every digits model
-    (benchmarks/defaults.py: 97.2 % vs 84.2 % for plain ID). The blocked-QR solver has no
-    intercept variant."""
+    """What `compensate`, `recalibrate` (and magnitude's `criterion`) mean when not given. For
+    `id` the intercept and recalibration are on: on a validation split carved from the
+    calibration data they gave the best mean accuracy of the four combinations at 50–85 % fewer
+    MACs on every digits model (benchmarks/defaults.py: 97.2 % vs 84.2 % for plain ID). The
+    blocked-QR solver has no intercept variant. Magnitude ranks by |γ| (MAGNITUDE_CRITERION)."""
     if method == "id":
         return {"compensate": "bias" if id_solver == "gram" else "none", "recalibrate": True}
+    if method == "magnitude":
+        return {"compensate": "none", "recalibrate": False, "criterion": MAGNITUDE_CRITERION}
     return {"compensate": "none", "recalibrate": False}
 
 

@@ -27,6 +27,10 @@ METHODS: tuple[str, ...] = (
 )
 """The method names, in the order the CLI lists them (methods.build_method builds each)."""
 
+CRITERIA = ("gamma", "bn-scale", "raw", "folded")
+"""What magnitude ranks a channel by (methods/magnitude.py): |γ| of the BatchNorm folded into
+it, |γ|/σ, the raw filter's norm before folding, or the folded filter's norm."""
+
 WEIGHT_METHODS = ("biascomp", "magnitude", "taylor", "random")
 THRESHOLD_RULES = ("max", "mean", "median", "zscore")
 

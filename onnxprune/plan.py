@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # only the type: the loader imports onnxruntime
+    from onnxprune.graph.load import FoldedBatchNorm
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ class GroupStats:
     """Everything a method may read about one group.
 
     `weights`: each producer's filters as rows (m, fan_in), BatchNorm already folded.
+    `batchnorms`: per producer, the BatchNorm folded into it at load time (γ, σ, raw filter
+    norms), or None; filled with `weights`.
     `taps`: statistics per tap key (`Tap.key`; empty for data-free methods).
     `grads`: per-channel gradient sums (e.g. "taylor": Σ_samples (Σ_positions a·g)²), when needed.
     `consumers`: per consumer node, its Jacobian-weighted input statistics and its weight on the
@@ -74,6 +80,7 @@ class GroupStats:
     """
 
     weights: tuple[np.ndarray, ...] = ()
+    batchnorms: tuple[FoldedBatchNorm | None, ...] = ()
     taps: Mapping[str, TapStats] = field(default_factory=dict)
     grads: Mapping[str, object] = field(default_factory=dict)
     consumers: Mapping[str, tuple[object, np.ndarray]] = field(default_factory=dict)

@@ -336,3 +336,18 @@ def test_module_entry_point_help():
     )
     assert proc.returncode == 0
     assert "usage: onnxprune" in proc.stdout and "exit codes" in proc.stdout
+
+
+def test_missed_target_warns_and_exits_4_with_the_model_written(capsys, tmp_path):
+    """ResNet's residual streams are left whole without --prune-residual, so it cannot reach
+    15 % of its MACs: the model is written, the miss is one warning line, and the exit code
+    says so; a target it can reach exits 0."""
+    src, out = reference_path("resnet"), tmp_path / "small.onnx"
+    assert main([str(src), "--target-macs", "0.15", "--no-verify", "-o", str(out)]) == 4
+    err = capsys.readouterr().err
+    assert out.is_file()
+    assert [line for line in err.splitlines() if "target macs 0.150 missed" in line] == [
+        next(line for line in err.splitlines() if line.startswith("onnxprune: warning: target"))
+    ]
+    assert main([str(src), "--target-macs", "0.5", "--no-verify", "-o", str(out)]) == 0
+    assert "missed" not in capsys.readouterr().err

@@ -17,6 +17,7 @@ from onnxprune.errors import UnsupportedOpError
 from onnxprune.graph.analyze import analyze
 from onnxprune.graph.load import normalize
 from onnxprune.methods.ippro import IPPRO
+from onnxprune.report import MISS_TOLERANCE
 
 
 def _mlp(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> onnx.ModelProto:
@@ -124,12 +125,13 @@ def test_id_never_trades_the_mac_target_for_a_smaller_deviation():
 @pytest.mark.parametrize("name, target", [("vgg", 0.3), ("resnet", 0.3), ("mobilenetv2", 0.5)])
 def test_id_target_keeps_the_allocation_with_least_measured_deviation(name, target):
     """The report's deviations are real: the kept allocation's, measured here independently on
-    the same 256 calibration samples, is the smallest of the candidates; the budget is met."""
+    the same 256 calibration samples, is the smallest of the candidates; the budget is met (up
+    to the 0.01 of the original that counts as met: near-uniform widths land nearest)."""
     feeds = reference_feeds(name, 256)
     result = onnxprune.prune(reference_path(name), method="id", target_macs=target, data=feeds,
                              round_to=1, prune_residual=True, verify=False)  # fmt: skip
     before, after = result.report.macs
-    assert after / before <= target
+    assert after / before <= target + MISS_TOLERANCE
     outcome = result.report.target
     chosen = outcome.deviations[outcome.allocation]
     assert len(outcome.deviations) > 1, outcome  # at least one alternative allocation was scored
@@ -292,7 +294,7 @@ def test_ippro_scores_are_near_one_and_lowest_are_pruned():
     groups, stats = _ippro_stats(
         onnx.load(str(reference_path("mlp"))), Dataset(reference_feeds("mlp", 128))
     )
-    scores = IPPRO().scores(stats[groups[0].name])
+    scores = IPPRO().scores_at(stats[groups[0].name])
     assert np.all(np.abs(scores - 1) < 0.25)
     plan = IPPRO().plan(groups[0], stats[groups[0].name], 100)
     removed = np.setdiff1d(np.arange(len(scores)), plan.keep)

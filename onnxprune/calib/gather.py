@@ -26,6 +26,7 @@ from onnxprune.graph.sparsify import WeightLayer, to_canonical
 from onnxprune.graph.weights import (
     consumer_matrix,
     group_rows,
+    producer_batchnorms,
     producer_filters,
     producer_weight_names,
 )
@@ -81,6 +82,7 @@ def gather(
     for group in selected:
         stats[group.name] = GroupStats(
             weights=producer_filters(graph, group) if "weights" in needs else (),
+            batchnorms=producer_batchnorms(graph, group) if "weights" in needs else (),
             taps={tap.key: taps[tap] for tap in group.taps if tap in taps},
             grads=_group_grads(graph, group, grads) if grads else {},
             consumers={

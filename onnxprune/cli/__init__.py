@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from onnxprune.errors import OnnxPruneError, UsageError, VerificationError
 from onnxprune.progress import shown
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_VERIFY, EXIT_TARGET = 0, 1, 2, 3, 4
 EPILOG = (
-    "exit codes: 0 ok, 1 error (one-line reason), 2 bad usage, 3 verification failed; "
+    "exit codes: 0 ok, 1 error (one-line reason), 2 bad usage, 3 verification failed, "
+    "4 --target-* missed by more than 0.01 of the original (model written, warning on stderr); "
     "a command without a subcommand is `prune`"
 )
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from onnxprune.cli import EXIT_OK, EXIT_TARGET
 from onnxprune.cli.bench import parse_batches
 from onnxprune.cli.options import (
     add_biascomp_arguments,
@@ -18,11 +19,11 @@ from onnxprune.cli.options import (
     reading_options,
     rounding,
 )
-from onnxprune.config import COMPENSATIONS, QUANTIZE_MODES, PruneConfig
+from onnxprune.config import COMPENSATIONS, MAGNITUDE_CRITERION, QUANTIZE_MODES, PruneConfig
 from onnxprune.errors import RejectedError, UsageError
 from onnxprune.methods.cob import channel_ratio_for_params
 from onnxprune.methods.width import load_recipe, parse_layer_ratio
-from onnxprune.options import METHODS, WidthRule
+from onnxprune.options import CRITERIA, METHODS, WidthRule
 
 if TYPE_CHECKING:
     from onnxprune.api import Result
@@ -210,16 +211,26 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         help="ippro: the step λ in PROscore (default: per layer, 0.1·min‖F‖/max(|∂L/∂D|, ‖∇F‖))",
     )
     method.add_argument(
+        "--criterion",
+        choices=CRITERIA,
+        help="magnitude: rank by |γ| of the BatchNorm folded at load time ('gamma'), |γ|/σ "
+        "('bn-scale'), the filter norm before the fold ('raw') or after it ('folded'); "
+        "producers without a BatchNorm use the filter norm (default: "
+        f"{MAGNITUDE_CRITERION}, best on validation data, docs/RESULTS.md)",
+    )
+    method.add_argument(
         "--global",
         dest="global_ranking",
         action="store_true",
-        help="ippro: rank all groups' channels together instead of per group",
+        help="any method: remove --ratio of all selected channels (or meet --target-macs/"
+        "--target-params), allocated across groups by the method's damage per MAC saved",
     )
     method.add_argument(
-        "--max-ratio",
+        "--max-group-ratio",
         type=float,
         default=0.9,
-        help="with --global: the largest fraction any one group may lose",
+        help="with --global: the largest fraction of its channels any one group may lose "
+        "(default: 0.9)",
     )
     method.add_argument(
         "--recalibrate",
@@ -289,7 +300,8 @@ def run(args: argparse.Namespace) -> int:
             _emit(exc.result, args, rejected_path(output), "written (rejected)")
         raise
     _emit(result, args, output)
-    return 0
+    missed = result.report.target is not None and result.report.target.missed
+    return EXIT_TARGET if missed else EXIT_OK
 
 
 def rejected_path(output: Path) -> Path:
@@ -331,6 +343,7 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         method=args.method,
         width=width,
         norm=args.norm,
+        criterion=args.criterion,
         compensate=args.compensate,
         id_solver=args.id_solver,
         epsilon=args.epsilon,
@@ -352,7 +365,7 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         threshold=args.threshold,
         rms_correction=args.rms_correction,
         global_ranking=args.global_ranking,
-        max_ratio=args.max_ratio,
+        max_group_ratio=args.max_group_ratio,
         target_macs=args.target_macs,
         target_params=args.target_params,
         target_latency=args.target_latency,

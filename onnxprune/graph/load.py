@@ -4,7 +4,8 @@
 can be wrong); `normalize` returns the graph every later stage works on: Constant nodes folded into
 initializers, subgraphs computed from constants alone folded into constants, Identity/Dropout
 removed, BatchNormalization folded into the Conv/Gemm before it where that is exact, unique node
-names, shapes inferred. `save_model` writes atomically.
+names, shapes inferred. `save_model` writes atomically. What a fold removes and magnitude ranking
+still reads (γ, σ and the raw filter norms) stays readable through `folded_batchnorms`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +145,25 @@ def add_inferred_shapes(model: onnx.ModelProto) -> None:
     model.graph.output.extend(work.graph.output)
 
 
+@dataclass(frozen=True)
+class FoldedBatchNorm:
+    """A BatchNormalization folded into its producer at load time, per output channel: γ,
+    σ = √(var + ε), and the L1 and L2 norms of the producer's filter rows before the fold.
+
+    The fold multiplies each filter by γ/σ, so the folded weights alone no longer show which
+    channels the network itself scaled down (network slimming's |γ|) nor the raw filter norms.
+    """
+
+    gamma: np.ndarray
+    sigma: np.ndarray
+    raw_l1: np.ndarray
+    raw_l2: np.ndarray
+
+    def rows(self, lo: int, hi: int) -> FoldedBatchNorm:
+        """The same record for output channels lo..hi-1 (a group cut by a Split)."""
+        return FoldedBatchNorm(*(v[lo:hi] for v in vars(self).values()))
+
+
 def normalize(model: onnx.ModelProto) -> gs.Graph:
     """Return the canonical graph: constants folded, no-ops removed, BN folded, shapes inferred."""
     model = _constants_to_initializers(model)
@@ -151,9 +172,16 @@ def normalize(model: onnx.ModelProto) -> gs.Graph:
     _remove_noops(graph)
     _copy_dims_as_zero(graph)
     fold_constants(graph).cleanup()
-    _fold_batchnorm(graph)
+    folds = _fold_batchnorm(graph)
     graph.cleanup().toposort()
-    return infer_shapes(graph)
+    graph = infer_shapes(graph)
+    graph.folded_batchnorms = folds  # plain attribute: a copy or re-import drops it
+    return graph
+
+
+def folded_batchnorms(graph: gs.Graph) -> dict[str, FoldedBatchNorm]:
+    """The BatchNorms `normalize` folded, by producer node name (empty for other graphs)."""
+    return getattr(graph, "folded_batchnorms", None) or {}
 
 
 def infer_shapes(graph: gs.Graph) -> gs.Graph:
@@ -445,8 +473,10 @@ def _remove_noops(graph: gs.Graph) -> None:
         node.inputs.clear()
 
 
-def _fold_batchnorm(graph: gs.Graph) -> None:
-    """Fold BatchNormalization into a preceding Conv/Gemm that feeds only it (exact)."""
+def _fold_batchnorm(graph: gs.Graph) -> dict[str, FoldedBatchNorm]:
+    """Fold BatchNormalization into a preceding Conv/Gemm that feeds only it (exact); return
+    what each fold removed, by producer name."""
+    folds = {}
     for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
         x = bn.inputs[0]
         if len(bn.outputs) != 1 or len(x.outputs) != 1 or not x.inputs:
@@ -455,14 +485,16 @@ def _fold_batchnorm(graph: gs.Graph) -> None:
         if x in graph.outputs or not all(isinstance(t, gs.Constant) for t in bn.inputs[1:5]):
             continue
         if prev.op == "Conv" and _const(prev, 1):
-            _fold_into(prev, bn, out_axis=0)
+            folds[prev.name] = _fold_into(prev, bn, out_axis=0)
         elif prev.op == "Gemm" and _const(prev, 1) and _gemm_bias_foldable(prev):
-            _fold_into(prev, bn, out_axis=0 if prev.attrs.get("transB", 0) else 1)
+            out_axis = 0 if prev.attrs.get("transB", 0) else 1
+            folds[prev.name] = _fold_into(prev, bn, out_axis=out_axis)
         else:
             continue
         prev.outputs[0] = bn.outputs[0]
         bn.outputs.clear()
         bn.inputs.clear()
+    return folds
 
 
 def _const(node: gs.Node, index: int) -> bool:
@@ -479,11 +511,14 @@ def _gemm_bias_foldable(node: gs.Node) -> bool:
     return isinstance(bias, gs.Constant) and (bias.values.ndim <= 1 or bias.values.shape[0] == 1)
 
 
-def _fold_into(node: gs.Node, bn: gs.Node, *, out_axis: int) -> None:
+def _fold_into(node: gs.Node, bn: gs.Node, *, out_axis: int) -> FoldedBatchNorm:
     """W ← W·s along the output axis, b ← (b − μ)·s + β with s = γ/√(σ² + ε)."""
     gamma, beta, mean, var = (t.values.astype(np.float64) for t in bn.inputs[1:5])
-    scale = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+    sigma = np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+    scale = gamma / sigma
     weight = node.inputs[1].values
+    rows = np.moveaxis(weight.astype(np.float64), out_axis, 0).reshape(len(scale), -1)
+    record = FoldedBatchNorm(gamma, sigma, np.abs(rows).sum(1), np.sqrt((rows**2).sum(1)))
     shape = [1] * weight.ndim
     shape[out_axis] = -1
     new_w = (weight.astype(np.float64) * scale.reshape(shape)).astype(weight.dtype)
@@ -497,6 +532,7 @@ def _fold_into(node: gs.Node, bn: gs.Node, *, out_axis: int) -> None:
         node.inputs.append(bias_const)
     if node.op == "Gemm":
         node.attrs["beta"] = 1.0
+    return record
 
 
 def _effective_bias(node: gs.Node, channels: int) -> np.ndarray:

@@ -6,6 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ChannelGroup, ParamEdit
+from onnxprune.graph.load import FoldedBatchNorm, folded_batchnorms
 from onnxprune.ops.conv import is_grouped_conv
 from onnxprune.ops.recurrent import GATES, is_recurrent, unit_rows
 from onnxprune.ops.registry import handler_for
@@ -17,6 +18,18 @@ def producer_filters(graph: gs.Graph, group: ChannelGroup) -> tuple[np.ndarray, 
     return tuple(
         group_rows(group, nodes[name], nodes[name].inputs[1].values) for name in group.producers
     )
+
+
+def producer_batchnorms(graph: gs.Graph, group: ChannelGroup) -> tuple[FoldedBatchNorm | None, ...]:
+    """Each producer's BatchNorm folded at load time, cut to the group's channels (None for a
+    producer that had none), in the order of `producer_filters`."""
+    folds = folded_batchnorms(graph)
+    found = []
+    for name in group.producers:
+        lo, rows = group.row_span(name)
+        fold = folds.get(name)
+        found.append(None if fold is None else fold.rows(lo, lo + group.channels * rows))
+    return tuple(found)
 
 
 def group_rows(group: ChannelGroup, node: gs.Node, weight: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ def build_method(
     name: str,
     *,
     norm: int = 1,
+    criterion: str = "folded",
     compensate: str = "none",
     id_solver: str = "gram",
     ippro_lambda: float | None = None,
@@ -35,7 +36,7 @@ def build_method(
     from onnxprune.methods.taylor import Taylor
 
     factories = {
-        "magnitude": lambda: Magnitude(norm=norm),
+        "magnitude": lambda: Magnitude(norm=norm, criterion=criterion),
         "random": Random,
         "id": lambda: InterpolativeDecomposition(compensate != "none", id_solver),
         "taylor": Taylor,

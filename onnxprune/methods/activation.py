@@ -23,8 +23,11 @@ class Activation:
     needs: frozenset[str] = frozenset({"gram"})
 
     def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
-        scores = sum(_unit(tap.abs_sum / max(tap.n, 1)) for tap in stats.taps.values())
-        return selection_plan(np.asarray(scores), keep)
+        return selection_plan(self.scores(group, stats, seed=seed), keep)
+
+    def scores(self, group: ChannelGroup, stats: GroupStats, *, seed: int = 0) -> np.ndarray:
+        """Mean |a| per channel, each tap scaled to unit total, summed over the taps."""
+        return np.asarray(sum(_unit(tap.abs_sum / max(tap.n, 1)) for tap in stats.taps.values()))
 
 
 def _unit(values: np.ndarray) -> np.ndarray:

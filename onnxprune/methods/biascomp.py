@@ -37,14 +37,18 @@ class BiasCompensation:
     joint: bool = False
 
     def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
-        scores = sum(channel_importance(*pair) for pair in stats.consumers.values())
-        kept = top_k(np.asarray(scores), keep)
+        kept = top_k(self.scores(group, stats, seed=seed), keep)
         removed = np.setdiff1d(np.arange(group.channels), kept)
         shifts = {
             name: bias_shift(site, weight, removed, joint=self.joint)
             for name, (site, weight) in stats.consumers.items()
         }
         return Plan(keep=kept, shifts=shifts)
+
+    def scores(self, group: ChannelGroup, stats: GroupStats, *, seed: int = 0) -> np.ndarray:
+        """The output change each channel's removal leaves after its bias shift, summed over
+        the consumers."""
+        return np.asarray(sum(channel_importance(*pair) for pair in stats.consumers.values()))
 
 
 def channel_importance(site, weight: np.ndarray) -> np.ndarray:

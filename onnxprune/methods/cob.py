@@ -72,6 +72,15 @@ class ChangeOfBasis:
             info["rms_scale"] = scale
         return Plan(keep=kept, corrections=corrections, rotation=Q, info=info)
 
+    def scores(self, group: ChannelGroup, stats: GroupStats, *, seed: int = 0) -> np.ndarray:
+        """Energy of every direction the plan chooses from (the PCA eigenvalues per subspace;
+        the channel energies where the group cannot rotate): the share removed is the squared
+        relative error of the kept subspace."""
+        gram = _pooled(list(stats.taps.values()), group.rotatable and not group.invariants)
+        if not group.rotatable:
+            return np.clip(np.diag(gram), 0.0, None)
+        return np.clip(block_pca(gram, group.ranges)[1], 0.0, None)
+
     def _select(
         self, importance: np.ndarray, ranges: Sequence[tuple[int, int]], keep: int
     ) -> np.ndarray:

@@ -24,7 +24,11 @@ class FPGM:
     needs: frozenset[str] = frozenset({"weights"})
 
     def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
+        return selection_plan(self.scores(group, stats, seed=seed), keep)
+
+    def scores(self, group: ChannelGroup, stats: GroupStats, *, seed: int = 0) -> np.ndarray:
+        """Each filter's summed distance to the others."""
         from scipy.spatial.distance import cdist  # lazy: scipy.spatial slows every CLI start
 
         filters = np.concatenate(stats.weights, axis=1)
-        return selection_plan(cdist(filters, filters).sum(axis=1), keep)
+        return cdist(filters, filters).sum(axis=1)

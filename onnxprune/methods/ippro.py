@@ -33,12 +33,18 @@ class IPPRO:
     name: str = "ippro"
     needs: frozenset[str] = frozenset({"weights", "ippro"})
 
+    scale_free: bool = True  # --global compares raw PROscores across groups
+
     def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
-        scores = self.scores(stats)
+        scores = self.scores(group, stats, seed=seed)
         return selection_plan(scores, keep, rank_stability=rank_stability(stats, self.lam))
 
-    def scores(self, stats: GroupStats, factor: float = 1.0) -> np.ndarray:
+    def scores(self, group: ChannelGroup, stats: GroupStats, *, seed: int = 0) -> np.ndarray:
         """PROscore of every channel (mean over the group's producers)."""
+        return self.scores_at(stats)
+
+    def scores_at(self, stats: GroupStats, factor: float = 1.0) -> np.ndarray:
+        """PROscores with λ scaled by `factor` (for the rank-stability check)."""
         d = np.asarray(stats.grads["ippro_d"], dtype=np.float64)
         per_producer = [
             proscore(f, g, d, factor * (self.lam or default_lambda(f, g, d)))
@@ -69,8 +75,10 @@ def rank_stability(stats: GroupStats, lam: float | None) -> float:
     from scipy.stats import spearmanr  # lazy: scipy.stats adds ~0.5 s to every CLI start
 
     method = IPPRO(lam=lam)
-    reference = method.scores(stats)
+    reference = method.scores_at(stats)
     if np.ptp(reference) == 0:
         return 1.0
-    rhos = [spearmanr(reference, method.scores(stats, f)).statistic for f in STABILITY_FACTORS[1:]]
+    rhos = [
+        spearmanr(reference, method.scores_at(stats, f)).statistic for f in STABILITY_FACTORS[1:]
+    ]
     return float(np.nanmin(rhos))

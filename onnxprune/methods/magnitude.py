@@ -1,4 +1,15 @@
-"""Data-free selection: filter norms (magnitude) and a seeded random baseline."""
+"""Data-free selection: filter norms or BatchNorm scales (magnitude) and a seeded random baseline.
+
+The loader folds BatchNorm into the filters before any method runs (graph/load.py), which
+multiplies each filter by γ/σ: the folded norm then mixes the filter's size with the scale the
+network learned for the channel. `criterion` chooses what magnitude ranks
+(docs/METHODS.md, "Magnitude criteria"; measured in docs/RESULTS.md):
+
+- "folded": the norm of the BN-folded filter (also the only choice without BatchNorm);
+- "raw": the norm of the filter before the fold;
+- "gamma": |γ| of the folded BatchNorm (network slimming), the raw norm where a producer had none;
+- "bn-scale": |γ|/σ, the factor the fold applied, the raw norm where a producer had none.
+"""
 
 from __future__ import annotations
 
@@ -13,18 +24,39 @@ from onnxprune.plan import GroupStats, Plan
 
 @dataclass(frozen=True)
 class Magnitude:
-    """Keep the channels whose producer filters have the largest L1 or L2 norm.
+    """Keep the channels with the largest filter norm or BatchNorm scale (`criterion`).
 
-    Coupled groups sum the per-producer norms, so a channel is judged by all filters that write it.
+    Coupled groups sum the per-producer scores, so a channel is judged by all filters that write
+    it; except for "folded", each producer's scores are first scaled to unit sum, so that a
+    producer with a BatchNorm (scores |γ|) and one without (filter norms) count alike.
     """
 
     norm: int = 1
+    criterion: str = "folded"
     name: str = "magnitude"
     needs: frozenset[str] = frozenset({"weights"})
 
     def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
-        scores = sum(np.linalg.norm(w, ord=self.norm, axis=1) for w in stats.weights)
-        return selection_plan(np.asarray(scores), keep)
+        return selection_plan(self.scores(group, stats, seed=seed), keep)
+
+    def scores(self, group: ChannelGroup, stats: GroupStats, *, seed: int = 0) -> np.ndarray:
+        """The criterion of every channel of the group (higher: kept first)."""
+        folds = stats.batchnorms or (None,) * len(stats.weights)
+        per_producer = [self._producer(w, f) for w, f in zip(stats.weights, folds, strict=True)]
+        if self.criterion != "folded":
+            per_producer = [s / max(float(s.sum()), 1e-300) for s in per_producer]
+        return np.asarray(sum(per_producer))
+
+    def _producer(self, filters: np.ndarray, fold) -> np.ndarray:
+        """One producer's scores; `fold` is its FoldedBatchNorm or None."""
+        folded = np.linalg.norm(filters, ord=self.norm, axis=1)
+        if self.criterion == "folded" or fold is None:
+            return folded
+        if self.criterion == "raw":
+            return fold.raw_l1 if self.norm == 1 else fold.raw_l2
+        if self.criterion == "gamma":
+            return np.abs(fold.gamma)
+        return np.abs(fold.gamma) / fold.sigma
 
 
 @dataclass(frozen=True)
@@ -35,6 +67,9 @@ class Random:
     needs: frozenset[str] = frozenset()
 
     def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
+        return selection_plan(self.scores(group, stats, seed=seed), keep)
+
+    def scores(self, group: ChannelGroup, stats: GroupStats, *, seed: int = 0) -> np.ndarray:
+        """Seeded uniform scores, different per group."""
         salt = sum(group.name.encode())
-        rng = np.random.default_rng([seed, salt])
-        return selection_plan(rng.random(group.channels), keep)
+        return np.random.default_rng([seed, salt]).random(group.channels)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.width import keep_counts, kept, rounding_step
+from onnxprune.methods.width import keep_counts, rounding_step
 from onnxprune.options import WidthRule
 
 
@@ -105,14 +105,17 @@ def ratio_for_target(
     target: float,
     *,
     trim: bool = True,
+    tolerance: float = 0.0,
 ) -> tuple[float, dict[str, int]]:
-    """The uniform ratio whose widths bring `measure` (a fraction of the original) to `target`.
+    """The uniform ratio whose widths bring `measure` (a fraction of the original) nearest to
+    `target`, never more than `tolerance` above it.
 
     Bisection on the ratio. A uniform ratio moves every group at once, so its cost jumps in
-    steps of a few percent on small models; with `trim` (for cheap, exact measures) the widths
-    just above the target are then narrowed one step at a time, always in the group that keeps
-    the largest fraction, until the target is met: the result stays near-uniform and lands
-    within one channel's cost of the target.
+    steps of a few percent on small models (more with rounding); with `trim` (for cheap, exact
+    measures) the widths just above the target are then narrowed one step at a time in the group
+    that keeps the largest fraction until within the tolerance (`_narrow`), and single steps
+    that land nearer the target are taken after (`_closest`): the result stays near-uniform
+    and lands nearest the target on either side, instead of always below it.
     """
     lo, hi = 0.0, 0.999
     below: tuple[float, float, dict[str, int]] | None = None
@@ -129,30 +132,74 @@ def ratio_for_target(
             hi = mid
             if below is None or value > below[0]:
                 below = (value, mid, counts)
+    candidates = [c for c in (below, above) if c is not None]
     if trim and above is not None:
         channels = {g.name: g.channels for g in groups if g.name in above[2]}
-        counts = _narrow(dict(above[2]), channels, measure, target, rule.round_to)
-        if measure(counts) <= target:
-            return above[1], counts
-    best = below or above
-    assert best is not None
-    return best[1], best[2]
+        counts = _narrow(dict(above[2]), channels, measure, target + tolerance, rule.round_to)
+        candidates.append((measure(counts), above[1], counts))
+    found = [c for c in candidates if c[0] <= target + tolerance]
+    if not found:  # the target cannot be met: come as close as the widths allow
+        best = min(candidates, key=lambda c: c[0])
+        return best[1], best[2]
+    best = min(found, key=lambda c: (abs(c[0] - target), c[0]))
+    if not trim:
+        return best[1], best[2]
+    channels = {g.name: g.channels for g in groups if g.name in best[2]}
+    return best[1], _closest(
+        dict(best[2]), channels, measure, target, round_to=rule.round_to, tolerance=tolerance
+    )
 
 
 def _narrow(
-    counts: dict[str, int], channels: Mapping[str, int], measure, target: float, round_to: int
+    counts: dict[str, int], channels: Mapping[str, int], measure, bound: float, round_to: int
 ) -> dict[str, int]:
-    while measure(counts) > target:
+    """Narrow the group that keeps the largest fraction one step at a time until `measure`
+    is at most `bound` (or nothing can narrow)."""
+    while measure(counts) > bound:
         options = [
-            (k / channels[g], g)
-            for g, k in counts.items()
-            if _step_down(k, channels[g], round_to) > 0
+            (k / channels[g], g) for g, k in counts.items() if _step_down(k, channels[g], round_to)
         ]
         if not options:
             break
         _, group = max(options)
         counts[group] = _step_down(counts[group], channels[group], round_to)
     return counts
+
+
+def _closest(
+    counts: dict[str, int],
+    channels: Mapping[str, int],
+    measure,
+    target: float,
+    *,
+    round_to: int,
+    tolerance: float,
+) -> dict[str, int]:
+    """Move one group one rounding step narrower or wider while that brings `measure` nearer
+    `target` without passing `target` + `tolerance`: the near-uniform widths, polished so that
+    no single step lands nearer."""
+    gap = lambda c: abs(measure(c) - target)  # noqa: E731
+    while True:
+        moves = []
+        for group, k in counts.items():
+            for new in (
+                _step_down(k, channels[group], round_to),
+                _step_up(k, channels[group], round_to),
+            ):
+                if new > 0 and new != k:
+                    moves.append({**counts, group: new})
+        better = [
+            c for c in moves if measure(c) <= target + tolerance and gap(c) < gap(counts) - 1e-12
+        ]
+        if not better:
+            return counts
+        counts = min(better, key=gap)
+
+
+def _step_up(k: int, channels: int, round_to: int) -> int:
+    """The next wider width allowed by rounding (the full width at most)."""
+    step = rounding_step(channels, round_to)
+    return min(channels, k + step - k % step)
 
 
 def _step_down(k: int, channels: int, round_to: int) -> int:
@@ -175,52 +222,69 @@ def allocate_by_error(
     `target` is the fraction of the full cost to keep. Steps are `round_to` channels where a
     group has at least 2·round_to, else one channel; every group keeps at least one.
     """
+    full = cost(dict(channels))
+    damage = {name: np.asarray(curve) ** 2 for name, curve in curves.items()}
+    floors = dict.fromkeys(channels, 1)
+    return allocate(channels, damage, cost, lambda w: cost(w) <= target * full, round_to, floors)
+
+
+def allocate(
+    channels: Mapping[str, int],
+    damage: Mapping[str, np.ndarray],
+    cost: WidthCost,
+    done: Callable[[Mapping[str, int]], bool],
+    round_to: int,
+    floors: Mapping[str, int],
+) -> dict[str, int]:
+    """Greedy widths: until `done(widths)`, narrow by one rounding step the group whose damage
+    grows least per unit of cost saved (`damage[g][k]`: group g's damage at width k, k = 0..m,
+    non-increasing in k), never below `floors[g]`.
+
+    A step that saves no cost is taken only when no other is left. The last step is the one,
+    among those that finish, whose damage grows least (a large group's step would otherwise
+    overshoot a cost target by its whole block). Where every channel costs the same and each
+    damage curve is convex in the removed count, the widths reached have the least total
+    damage for their number of removed channels; where damages match, the most cost saved
+    (tests/test_targets.py checks both against brute force).
+    """
     widths = dict(channels)
-    full = cost(widths)
-    while cost(widths) > target * full:
-        choice = _cheapest_step(widths, channels, curves, cost, round_to)
-        if choice is None:
+    while not done(widths):
+        steps = _steps(widths, channels, damage, cost, round_to, floors)
+        if not steps:
             break
-        widths[choice[0]] = choice[1]
+        finishing = [s for s in steps if done({**widths, s[2]: s[3]})]
+        if finishing:
+            _, _, name, new = min(finishing, key=lambda s: (s[1], s[0]))
+            return {**widths, name: new}
+        _, _, name, new = min(steps, key=lambda s: s[:2])
+        widths[name] = new
     return widths
 
 
-def _cheapest_step(widths, channels, curves, cost, round_to):
-    now = cost(widths)
-    best, best_rate = None, np.inf
+def _steps(widths, channels, damage, cost, round_to, floors) -> list[tuple]:
+    """Every allowed one-step narrowing as (damage growth per cost saved, damage growth, group,
+    new width); a step saving no cost rates infinite, ordered by its damage growth."""
+    now, found = cost(widths), []
     for name, k in widths.items():
         new = _step_down(k, channels[name], round_to)
-        if new == 0:
+        if new == 0 or new < floors[name]:
             continue
         saved = now - cost({**widths, name: new})
-        if saved <= 0:
-            continue
-        rate = (curves[name][new] ** 2 - curves[name][k] ** 2) / saved
-        if rate < best_rate:
-            best, best_rate = (name, new), rate
-    return best
+        grown = float(damage[name][new] - damage[name][k])
+        found.append((grown / saved if saved > 0 else np.inf, grown, name, new))
+    return found
 
 
-def global_widths(
-    scores: Mapping[str, np.ndarray], ratio: float, max_ratio: float, round_to: int
-) -> dict[str, int]:
-    """Rank every channel of every group together and remove the lowest `ratio` of them.
+def removal_floors(channels: Mapping[str, int], max_ratio: float) -> dict[str, int]:
+    """The narrowest width each group may reach when it may lose at most `max_ratio` of its
+    channels (at least one channel stays)."""
+    return {name: max(1, m - int(np.floor(max_ratio * m + 1e-9))) for name, m in channels.items()}
 
-    For scale-free scores (PROscore). No group loses more than `max_ratio` of its channels, so no
-    layer collapses; kept counts are then rounded like a per-group ratio would be.
-    """
-    caps = {g: int(np.floor(max_ratio * len(s) + 1e-9)) for g, s in scores.items()}
-    budget = int(np.floor(ratio * sum(len(s) for s in scores.values()) + 1e-9))
-    ranked = sorted((float(v), g) for g, s in scores.items() for v in s)
-    removed = dict.fromkeys(scores, 0)
-    for _, group in ranked:
-        if budget == 0:
-            break
-        if removed[group] < caps[group]:
-            removed[group] += 1
-            budget -= 1
-    counts = {}
-    for group, s in scores.items():
-        channels = len(s)
-        counts[group] = kept(channels, removed[group] / channels, round_to)
-    return counts
+
+def score_damage(scores: np.ndarray, *, normalise: bool = True) -> np.ndarray:
+    """Damage of keeping the k best-scoring channels, k = 0..m: the summed scores of the m − k
+    removed ones, as a share of the group's total with `normalise` (scores below 0 count 0)."""
+    ranked = np.sort(np.clip(np.asarray(scores, dtype=np.float64), 0.0, None))[::-1]
+    removed = np.concatenate([np.cumsum(ranked[::-1])[::-1], [0.0]])
+    total = float(removed[0])
+    return removed / total if normalise and total > 0 else removed

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.methods.base import selection_plan
 from onnxprune.plan import GroupStats, Plan
@@ -22,4 +24,8 @@ class Taylor:
     needs: frozenset[str] = frozenset({"grad"})
 
     def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
-        return selection_plan(stats.grads["taylor"], keep)
+        return selection_plan(self.scores(group, stats, seed=seed), keep)
+
+    def scores(self, group: ChannelGroup, stats: GroupStats, *, seed: int = 0) -> np.ndarray:
+        """The gradient pass's Σ_samples (Σ_positions a·∂L/∂a)² per channel."""
+        return np.asarray(stats.grads["taylor"], dtype=np.float64)
