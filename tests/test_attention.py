@@ -210,4 +210,4 @@ def test_mac_target_counts_the_attention_matmuls_that_shrink_with_the_heads():
     )
     before, after = result.report.macs
     assert result.report.target.reached == pytest.approx(after / before, abs=1e-3)
-    assert 0.45 <= after / before <= 0.5
+    assert 0.45 <= after / before <= 0.51  # targets land nearest, at most 0.01 above
