@@ -14,13 +14,17 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune.calib.stats import channel_moments
+from onnxprune.calib.stats import ChannelMoments, add_taps, channel_moments
+from onnxprune.errors import VerificationError, first_line
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import export
 from onnxprune.graph.rewrite import affine_outputs, shift_node
+from onnxprune.graph.segments import Segment, segment_model, split_at
+from onnxprune.measure.verify import session_for
 from onnxprune.methods.base import Plan
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
+Values = list[dict[str, np.ndarray]]  # per calibration batch: tensor name → value
 _AFFINE_OPS = ("Conv", "ConvTranspose", "Gemm")
 
 
@@ -31,19 +35,89 @@ def recalibrate(
     plans: Mapping[str, Plan],
     batches: Batches,
 ) -> tuple[gs.Graph, int]:
-    """Recalibrate `pruned` in place against `original`; returns it and the layers adjusted."""
-    targets = _targets(pruned, groups, plans)
+    """Recalibrate `pruned` in place against `original`; returns it and the layers adjusted.
+
+    One pass over `original` gives the reference moments; the pruned model then runs once, cut
+    into segments that end at the affected layers (`graph.segments`): after each, the layer's
+    moments are read, its affine is folded into the graph and applied to the values the later
+    segments read. A layer's moments depend only on the layers upstream of it, all adjusted
+    before it, so this equals adjusting the layers one by one with a full pass each.
+    """
+    targets = {tensor: (name, keep) for name, tensor, keep in _targets(pruned, groups, plans)}
     if not targets:
         return pruned, 0
-    reference = channel_moments(original, {t: 1 for _, t, _ in targets}, batches())
-    for name, tensor, keep in targets:
-        mean, var = (values[keep] for values in reference[tensor])
-        now_mean, now_var = channel_moments(export(pruned), {tensor: 1}, batches())[tensor]
-        scale = np.ones_like(var)
-        live = now_var > 1e-12 * max(float(now_var.max()), 1e-30)
-        scale[live] = np.sqrt(var[live] / now_var[live])
-        affine_outputs(pruned, name, scale, mean - scale * now_mean)
+    reference = channel_moments(original, dict.fromkeys(targets, 1), batches())
+    model = export(pruned)
+    segments = split_at(model, targets)
+    values = _initial_values(segments, batches())
+    for index, segment in enumerate(segments):
+        _run_segment(model, segment, values)
+        name, keep = targets[segment.end]
+        mean, var = (v[keep] for v in reference[segment.end])
+        scale, shift = _affine(mean, var, values, segment.end)
+        affine_outputs(pruned, name, scale, shift)
+        _forget(values, segments[index + 1 :], segment.end, scale, shift)
     return pruned, len(targets)
+
+
+def _initial_values(segments: list[Segment], batches: Iterable[Mapping[str, np.ndarray]]) -> Values:
+    """The graph inputs any segment reads, per batch."""
+    wanted = {name for segment in segments for name in segment.inputs}
+    return [{k: v for k, v in feeds.items() if k in wanted} for feeds in batches]
+
+
+def _run_segment(model: onnx.ModelProto, segment: Segment, values: Values) -> None:
+    """Run `segment` on every batch and add its outputs to `values`."""
+    if not values:
+        return
+    types = {n: onnx.helper.np_dtype_to_tensor_dtype(values[0][n].dtype) for n in segment.inputs}
+    part = segment_model(model, segment, types)
+    aliases = add_taps(part, segment.outputs)
+    try:
+        session = session_for(part)
+        for batch in values:
+            found = session.run(aliases, {name: batch[name] for name in segment.inputs})
+            batch.update(zip(segment.outputs, found, strict=True))
+    except Exception as exc:  # ORT raises several unrelated exception types
+        raise VerificationError(
+            f"ONNX Runtime cannot run the pruned model up to '{segment.end}': {first_line(exc)}"
+        ) from exc
+
+
+def _affine(
+    mean: np.ndarray, var: np.ndarray, values: Values, tensor: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel scale and shift that give `tensor` (channel axis 1) the mean `mean` and
+    variance `var` again; channels that are constant now only get the shift."""
+    moments = ChannelMoments(1)
+    for batch in values:
+        moments.add(batch[tensor])
+    now_mean, now_var = moments.result()
+    scale = np.ones_like(var)
+    live = now_var > 1e-12 * max(float(now_var.max()), 1e-30)
+    scale[live] = np.sqrt(var[live] / now_var[live])
+    return scale, mean - scale * now_mean
+
+
+def _forget(
+    values: Values, later: list[Segment], end: str, scale: np.ndarray, shift: np.ndarray
+) -> None:
+    """Keep in `values` only what the `later` segments read, with `end` mapped by the affine
+    just folded into its layer."""
+    needed = {name for segment in later for name in segment.inputs}
+    for batch in values:
+        for name in set(batch) - needed:
+            del batch[name]
+        if end in batch:
+            batch[end] = _mapped(batch[end], scale, shift)
+
+
+def _mapped(value: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """value·scale + shift per channel (axis 1), computed in `value`'s precision."""
+    shape = (1, -1) + (1,) * (value.ndim - 2)
+    value = value * scale.astype(value.dtype).reshape(shape)
+    value += shift.astype(value.dtype).reshape(shape)
+    return value
 
 
 def _targets(
