@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune.calib.stats import ChannelMoments, add_taps, channel_moments
+from onnxprune.calib.stats import ChannelMoments, Moments, add_taps, channel_moments
 from onnxprune.errors import VerificationError, first_line
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import export
@@ -29,35 +29,53 @@ _AFFINE_OPS = ("Conv", "ConvTranspose", "Gemm")
 
 
 def recalibrate(
-    original: onnx.ModelProto,
+    original: Callable[[], onnx.ModelProto],
     pruned: gs.Graph,
     groups: tuple[ChannelGroup, ...],
     plans: Mapping[str, Plan],
     batches: Batches,
+    *,
+    reference: Mapping[str, Moments] | None = None,
 ) -> tuple[gs.Graph, int]:
-    """Recalibrate `pruned` in place against `original`; returns it and the layers adjusted.
+    """Recalibrate `pruned` in place against the model `original()`; returns it and the layers
+    adjusted.
 
-    One pass over `original` gives the reference moments; the pruned model then runs once, cut
-    into segments that end at the affected layers (`graph.segments`): after each, the layer's
-    moments are read, its affine is folded into the graph and applied to the values the later
-    segments read. A layer's moments depend only on the layers upstream of it, all adjusted
-    before it, so this equals adjusting the layers one by one with a full pass each.
+    The original's moments at the affected layers come from `reference` (`reference_tensors`,
+    read in the statistics pass) or, for those it lacks, from one pass over `original()`. The
+    pruned model then runs once, cut into segments that end at the affected layers
+    (`graph.segments`): after each, the layer's moments are read, its affine is folded into the
+    graph and applied to the values the later segments read. A layer's moments depend only on
+    the layers upstream of it, all adjusted before it, so this equals adjusting the layers one
+    by one with a full pass each.
     """
     targets = {tensor: (name, keep) for name, tensor, keep in _targets(pruned, groups, plans)}
     if not targets:
         return pruned, 0
-    reference = channel_moments(original, dict.fromkeys(targets, 1), batches())
+    known = dict(reference or {})
+    missing = dict.fromkeys((t for t in targets if t not in known), 1)
+    if missing:
+        known.update(channel_moments(original(), missing, batches()))
     model = export(pruned)
     segments = split_at(model, targets)
     values = _initial_values(segments, batches())
     for index, segment in enumerate(segments):
         _run_segment(model, segment, values)
         name, keep = targets[segment.end]
-        mean, var = (v[keep] for v in reference[segment.end])
+        mean, var = (v[keep] for v in known[segment.end])
         scale, shift = _affine(mean, var, values, segment.end)
         affine_outputs(pruned, name, scale, shift)
         _forget(values, segments[index + 1 :], segment.end, scale, shift)
     return pruned, len(targets)
+
+
+def reference_tensors(
+    graph: gs.Graph, groups: tuple[ChannelGroup, ...], names: Iterable[str]
+) -> list[str]:
+    """The tensors whose original moments `recalibrate` reads when the groups `names` are
+    pruned: the outputs of their Conv/ConvTranspose/Gemm consumers."""
+    names = set(names)
+    consumers = {c for g in groups if g.name in names for c in g.consumers}
+    return [n.outputs[0].name for n in graph.nodes if n.name in consumers and n.op in _AFFINE_OPS]
 
 
 def _initial_values(segments: list[Segment], batches: Iterable[Mapping[str, np.ndarray]]) -> Values:

@@ -145,7 +145,9 @@ def test_segmented_recalibration_equals_one_full_pass_per_layer(case):
     original = export(normalize(model))
     batches = [{k: v[i : i + 32] for k, v in feeds.items()} for i in range(0, 80, 32)]
     fast, slow = gs.import_onnx(result.model), gs.import_onnx(result.model)
-    _, layers = recalibrate(original, fast, result.groups, result.plans, lambda: iter(batches))
+    _, layers = recalibrate(
+        lambda: original, fast, result.groups, result.plans, lambda: iter(batches)
+    )
     _one_pass_per_layer(original, slow, result.groups, result.plans, batches)
     assert layers >= 3
     if case is _residual_with_border_shift:
