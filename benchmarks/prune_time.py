@@ -5,10 +5,11 @@ trees (interleaved, so a busy machine slows every tree alike).
 Each measurement runs in a fresh interpreter (`--child`), so peak RSS is that of one call:
 *prune* reads the data and the model, notes its RSS (the base: interpreter, libraries, data),
 then times `onnxprune.prune(path, data=…, ratio=0.25, …)` (verification on its held-out share
-included, interpreter start-up and imports not) and reports ru_maxrss. *pass* times one ORT pass
-over the same samples in batches of 32 (1 for a fixed-batch model; session creation and one
-warm-up batch not counted), median of three. A prune is compared with the mean of the passes
-measured just before and after it.
+included and also timed alone, interpreter start-up and imports not) and reports ru_maxrss.
+*pass* times one ORT pass over the same samples in batches of 32 (1 for a fixed-batch model;
+session creation and one warm-up batch not counted), median of three. A prune is compared
+with the mean of the passes measured just before and after it: wall ÷ wall, and CPU ÷ CPU
+(process time, every thread: what survives a machine whose cores other jobs share).
 
     git archive <commit> | tar -x -C /tmp/base         # the tree to compare against
     python benchmarks/prune_time.py --trees before=/tmp/base,after=. \\
@@ -59,7 +60,7 @@ def load_data(path: Path, samples: int | None) -> dict[str, np.ndarray]:
 
 
 def child_pass(model: Path, data: Path, samples: int | None) -> dict:
-    """Seconds of one ORT pass over the data (median of 3)."""
+    """Wall and CPU seconds of one ORT pass over the data (medians of 3)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
@@ -68,13 +69,14 @@ def child_pass(model: Path, data: Path, samples: int | None) -> dict:
     step = 1 if spec.shape[0] == 1 else 32
     batches = [x[i : i + step] for i in range(0, len(x), step)]
     session.run(None, {spec.name: batches[0]})
-    times = []
+    times, cpu = [], []
     for _ in range(3):
-        start = time.perf_counter()
+        start, used = time.perf_counter(), time.process_time()
         for batch in batches:
             session.run(None, {spec.name: batch})
         times.append(time.perf_counter() - start)
-    return {"pass_s": statistics.median(times)}
+        cpu.append(time.process_time() - used)
+    return {"pass_s": statistics.median(times), "pass_cpu_s": statistics.median(cpu)}
 
 
 def child_prune(model: Path, data: Path, samples: int | None, method: str) -> dict:
@@ -82,7 +84,9 @@ def child_prune(model: Path, data: Path, samples: int | None, method: str) -> di
     import onnx
 
     import onnxprune
+    import onnxprune.api
 
+    verify_s = timed(onnxprune.api, "_verification")
     feeds = load_data(data, samples)
     proto = onnx.load(str(model), load_external_data=False)
     weights = sum(
@@ -99,12 +103,28 @@ def child_prune(model: Path, data: Path, samples: int | None, method: str) -> di
     return {
         "prune_s": wall,
         "prune_cpu_s": cpu,
+        "verify_s": sum(verify_s),
         "base_rss_mb": base,
         "peak_rss_mb": peak,
         "weights_mb": weights / 2**20,
         "rel_l2": check.rel_l2 if check else None,
         "macs_kept": result.report.macs[1] / result.report.macs[0],
     }
+
+
+def timed(module: object, name: str) -> list[float]:
+    """Wrap `module.name` so that the wall seconds of its calls land in the returned list."""
+    seconds, call = [], getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    setattr(module, name, wrapper)
+    return seconds
 
 
 def rss_mb() -> float:
@@ -133,12 +153,16 @@ def measure(name: str, methods: list[str], trees: dict[str, Path], samples: int 
     for method in methods:
         prunes = {label: spawn(tree, "prune", *common, method) for label, tree in trees.items()}
         after = spawn(ROOT, "pass", *common)
-        seconds = statistics.mean(p["pass_s"] for p in (before, after) if "pass_s" in p)
+        passes = [p for p in (before, after) if "pass_s" in p]
+        seconds = statistics.mean(p["pass_s"] for p in passes)
+        cpu = statistics.mean(p["pass_cpu_s"] for p in passes)
         for label, found in prunes.items():
             row = {"model": name, "method": method, "tree": label, "pass_s": seconds, **found}
+            row["pass_cpu_s"] = cpu
             if "prune_s" in found:
                 row["prune_over_pass"] = found["prune_s"] / seconds
-                row["cpu_over_pass"] = found["prune_cpu_s"] / seconds
+                row["cpu_over_pass"] = found["prune_cpu_s"] / cpu
+                row["unverified_over_pass"] = (found["prune_s"] - found["verify_s"]) / seconds
                 row["peak_over_weights"] = found["peak_rss_mb"] / found["weights_mb"]
             rows.append(row)
             print(format_row(row), flush=True)
@@ -152,8 +176,9 @@ def format_row(row: dict) -> str:
     return (
         f"{row['model']:<12} {row['method']:<12} {row['tree']:<7} pass {row['pass_s']:6.2f} s  "
         f"prune {row['prune_s']:7.2f} s = {row['prune_over_pass']:5.1f}× (cpu "
-        f"{row['cpu_over_pass']:5.1f}×)  RSS base {row['base_rss_mb']:5.0f} peak "
-        f"{row['peak_rss_mb']:6.0f} MB = {row['peak_over_weights']:6.1f}× weights "
+        f"{row['cpu_over_pass']:5.1f}×, w/o verify {row['unverified_over_pass']:5.1f}×)  "
+        f"RSS base {row['base_rss_mb']:5.0f} peak {row['peak_rss_mb']:6.0f} MB = "
+        f"{row['peak_over_weights']:6.1f}× weights "
         f"({row['weights_mb']:.1f} MB)  rel-L2 {row['rel_l2'] or 0:.4f}"
     )
 

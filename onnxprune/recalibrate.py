@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
 from onnxprune.calib.stats import ChannelMoments, Moments, add_taps, channel_moments
 from onnxprune.errors import VerificationError, first_line
@@ -20,7 +21,7 @@ from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import export
 from onnxprune.graph.rewrite import affine_outputs, shift_node
 from onnxprune.graph.segments import Segment, segment_model, split_at
-from onnxprune.measure.verify import session_for
+from onnxprune.graph.session import inference_session
 from onnxprune.methods.base import Plan
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
@@ -92,7 +93,7 @@ def _run_segment(model: onnx.ModelProto, segment: Segment, values: Values) -> No
     part = segment_model(model, segment, types)
     aliases = add_taps(part, segment.outputs)
     try:
-        session = session_for(part)
+        session = inference_session(part, _segment_options())
         for batch in values:
             found = session.run(aliases, {name: batch[name] for name in segment.inputs})
             batch.update(zip(segment.outputs, found, strict=True))
@@ -100,6 +101,15 @@ def _run_segment(model: onnx.ModelProto, segment: Segment, values: Values) -> No
         raise VerificationError(
             f"ONNX Runtime cannot run the pruned model up to '{segment.end}': {first_line(exc)}"
         ) from exc
+
+
+def _segment_options() -> ort.SessionOptions:
+    """Options for the short runs of a segment: ORT's worker threads do not spin-wait between
+    them (on cores that other work shares, spinning threads only take time from each other)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 def _affine(
@@ -131,9 +141,10 @@ def _forget(
 
 
 def _mapped(value: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """value·scale + shift per channel (axis 1), computed in `value`'s precision."""
+    """`value` (an array this module owns) mapped in place to value·scale + shift per channel
+    (axis 1), in its own precision."""
     shape = (1, -1) + (1,) * (value.ndim - 2)
-    value = value * scale.astype(value.dtype).reshape(shape)
+    value *= scale.astype(value.dtype).reshape(shape)
     value += shift.astype(value.dtype).reshape(shape)
     return value
 
