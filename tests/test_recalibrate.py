@@ -12,6 +12,7 @@ import pytest
 from conftest import assert_outputs_close, reference_feeds, reference_path
 
 import onnxprune
+import onnxprune.calib.stats as stats_module
 import onnxprune.recalibrate as recalibrate_module
 from onnxprune.calib.stats import TapAccumulator, channel_moments, collect, tapped_session
 from onnxprune.graph.groups import Tap
@@ -160,3 +161,22 @@ def test_segmented_recalibration_equals_one_full_pass_per_layer(case):
         scale = float(np.abs(expected).max())
         np.testing.assert_allclose(tensor.values, expected, rtol=1e-4, atol=1e-5 * scale)
     assert_outputs_close(export(slow), export(fast), batches[0], atol=1e-5)
+
+
+def test_batches_run_in_parts_under_the_byte_budget_with_the_same_statistics(monkeypatch):
+    """A batch whose taps exceed RUN_BYTES runs in parts (here one sample each): the streamed
+    sums are the same up to float64 rounding."""
+    model = load_model(reference_path("resnet"))
+    names = _residual_inputs(model)[:2]
+    feeds = reference_feeds("resnet", 24)
+    taps = [(Tap(tensor=name, axis=1, offset=0, spatial=1), 8) for name in names]
+    whole = collect(model, taps, [feeds])
+    session, aliases = tapped_session(model, names)
+    monkeypatch.setattr(stats_module, "RUN_BYTES", 1)
+    assert len(list(stats_module.tap_runs(session, aliases, names, [feeds]))) == 24
+    parts = collect(model, taps, [feeds])
+    for tap, _ in taps:
+        assert parts[tap].n == whole[tap].n
+        scale = np.abs(whole[tap].gram).max()
+        np.testing.assert_allclose(parts[tap].gram, whole[tap].gram, rtol=1e-9, atol=1e-12 * scale)
+        np.testing.assert_allclose(parts[tap].sum, whole[tap].sum, rtol=1e-9, atol=1e-9)

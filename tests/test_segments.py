@@ -60,3 +60,31 @@ def test_chained_segments_give_every_end_the_whole_model_value():
 
 def test_no_ends_no_segments():
     assert split_at(graphs.conv_chain(), []) == []
+
+
+def test_a_tensor_read_only_inside_a_subgraph_is_a_segment_input():
+    """An If branch reads `a` from the outer scope without listing it as a node input."""
+    a_out = onnx.helper.make_tensor_value_info("a_out", onnx.TensorProto.FLOAT, None)
+    branch = lambda op: onnx.helper.make_graph(  # noqa: E731
+        [onnx.helper.make_node(op, ["a"], ["a_out"])], op, [], [a_out]
+    )
+    nodes = [
+        onnx.helper.make_node("Relu", ["x"], ["a"], name="relu"),
+        onnx.helper.make_node("Sigmoid", ["a"], ["s"], name="sigmoid"),
+        onnx.helper.make_node(
+            "If", ["c"], ["y"], name="if", then_branch=branch("Neg"), else_branch=branch("Abs")
+        ),
+    ]
+    inputs = [
+        onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3]),
+        onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+    ]
+    outputs = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in "sy"]
+    graph = onnx.helper.make_graph(nodes, "if", inputs, outputs)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    first, second = split_at(model, ["s", "y"])
+    assert first.outputs == ("s", "a")  # handed on: the If's branches read it
+    assert set(second.inputs) == {"a", "c"}
+    x = np.array([[-1.0, 2.0, -3.0], [4.0, -5.0, 6.0]], dtype=np.float32)
+    got = _chained(model, ["s", "y"], {"x": x, "c": np.array(True)})
+    np.testing.assert_array_equal(got["y"], -np.maximum(x, 0))
