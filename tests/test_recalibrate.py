@@ -136,10 +136,17 @@ def _digits_resnet():
     return load_model(reference_path("resnet")), reference_feeds("resnet", 80), options
 
 
-@pytest.mark.parametrize("case", [_digits_resnet, _residual_with_border_shift])
-def test_segmented_recalibration_equals_one_full_pass_per_layer(case):
+@pytest.mark.parametrize(
+    ("case", "spill"),
+    [(_digits_resnet, False), (_residual_with_border_shift, False), (_digits_resnet, True)],
+    ids=["resnet", "border-shift", "resnet-on-disk"],
+)
+def test_segmented_recalibration_equals_one_full_pass_per_layer(case, spill, monkeypatch):
     """The segmented single pass folds the same affines as re-running the whole pruned model
-    for every layer (float32 rounding apart), over several batches."""
+    for every layer (float32 rounding apart), over several batches; also with every held value
+    in files (`spill`: HELD_BYTES = 0)."""
+    if spill:
+        monkeypatch.setattr(recalibrate_module, "HELD_BYTES", 0)
     model, feeds, options = case()
     result = onnxprune.prune(model, method="magnitude", round_to=1, data=feeds,
                              recalibrate=False, verify=False, holdout=0, **options)  # fmt: skip
