@@ -69,7 +69,7 @@ def main() -> None:
         pruned = rewrite(graph, groups, plans)
         if args.recalibrate:
             batches = lambda: (b.feeds for b in data.batches(32))  # noqa: E731
-            pruned, _ = recalibrate(original, pruned, groups, plans, batches)
+            pruned, _ = recalibrate(lambda: original, pruned, groups, plans, batches)
         model = export(pruned)
         acc = (first(run(model, {"input": test["input"]})).argmax(1) == test["labels"]).mean()
         got = first(run(model, {"input": calib["input"][:256]}))

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from threadpoolctl import threadpool_limits
 
 from onnxprune.budget import choose_widths, refine_widths
 from onnxprune.calib.data import Dataset, batch_for, count_shapes, input_specs
@@ -53,7 +54,7 @@ from onnxprune.methods.sparse import WEIGHT_NEEDS, bias_shifts, choose_removed, 
 from onnxprune.methods.width import group_ratio
 from onnxprune.options import WidthRule
 from onnxprune.plan import Plan
-from onnxprune.recalibrate import recalibrate
+from onnxprune.recalibrate import recalibrate, reference_tensors
 from onnxprune.report import GroupRow, Report, TargetResult
 
 ModelLike = str | os.PathLike | onnx.ModelProto
@@ -169,15 +170,20 @@ def _prune_channels(
     fitted = fitted or config.finetune_steps > 0
     split = split_inputs(proto, inputs, config, fitted=fitted)
     fit = split.fit
-    calibration = gather(graph, groups, widths.counts, needs, fit, config)
-    widths = refine_widths(graph, groups, widths, calibration.stats, pruner, config, fit)
-    plans = make_plans(groups, widths.counts, calibration.stats, pruner, config)
+    moments = reference_tensors(graph, groups, widths.counts) if config.recalibrate else ()
+    calibration = gather(graph, groups, widths.counts, needs, fit, config, moments=moments)
+    with threadpool_limits(1, "blas"):  # on busy cores OpenBLAS threads spin (calib/stats.py)
+        widths = refine_widths(graph, groups, widths, calibration.stats, pruner, config, fit)
+        plans = make_plans(groups, widths.counts, calibration.stats, pruner, config)
     pruned_graph = rewrite(graph, groups, plans, exact_borders=config.exact_borders)
     notes += (widths.note,) if widths.note else ()
     notes += unrotated_note(groups, plans) if config.method == "cob" else ()
     if config.recalibrate:
         batches = lambda: (b.feeds for b in fit.batches(config.batch_size))  # noqa: E731
-        pruned_graph, layers = recalibrate(export(graph), pruned_graph, groups, plans, batches)
+        original, reference = (lambda: export(graph)), calibration.moments
+        pruned_graph, layers = recalibrate(
+            original, pruned_graph, groups, plans, batches, reference=reference
+        )
         notes += (f"recalibrated the output mean and variance of {layers} layers",)
     pruned, notes = _finetuned(
         proto, _finish(proto, pruned_graph, config), split.fit, config, notes

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.calib.data import Dataset
+from onnxprune.calib.stats import channel_moments
 from onnxprune.config import PruneConfig
 from onnxprune.errors import UsageError
 from onnxprune.graph.groups import ChannelGroup
@@ -43,7 +44,7 @@ from onnxprune.methods.targets import (
 from onnxprune.methods.width import keep_counts, tied_counts
 from onnxprune.plan import GroupStats, Plan
 from onnxprune.progress import progress
-from onnxprune.recalibrate import recalibrate
+from onnxprune.recalibrate import recalibrate, reference_tensors
 from onnxprune.report import MISS_TOLERANCE, TargetResult
 
 Score = Callable[[Mapping[str, int]], float]
@@ -226,12 +227,18 @@ def output_deviation(
     original = export(graph)
     reference = run_original(original, feeds)
     batches = lambda: (b.feeds for b in subset.batches(config.batch_size))  # noqa: E731
+    moments = {}  # the original's, at every layer any candidate recalibrates: one pass for all
+    if config.recalibrate:
+        tensors = dict.fromkeys(reference_tensors(graph, groups, stats), 1)
+        moments = channel_moments(original, tensors, batches())
 
     def score(counts: Mapping[str, int]) -> float:
         plans = make_plans(groups, counts, stats, method, config)
         pruned = rewrite(graph, groups, plans, exact_borders=config.exact_borders)
         if config.recalibrate:
-            pruned, _ = recalibrate(original, pruned, groups, plans, batches)
+            pruned, _ = recalibrate(
+                lambda: original, pruned, groups, plans, batches, reference=moments
+            )
         got = run(export(pruned), feeds)
         diff = sum(float(np.sum((got[k] - v) ** 2)) for k, v in reference.items())
         return float(np.sqrt(diff / max(sum(float(np.sum(v**2)) for v in reference.values()),

@@ -3,16 +3,22 @@
 
 from __future__ import annotations
 
+import graphs
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
-from conftest import reference_feeds, reference_path
+from conftest import assert_outputs_close, reference_feeds, reference_path
 
 import onnxprune
+import onnxprune.calib.stats as stats_module
+import onnxprune.recalibrate as recalibrate_module
 from onnxprune.calib.stats import TapAccumulator, channel_moments, collect, tapped_session
 from onnxprune.graph.groups import Tap
-from onnxprune.graph.load import load_model
+from onnxprune.graph.load import export, load_model, normalize
+from onnxprune.graph.rewrite import affine_outputs
+from onnxprune.recalibrate import recalibrate
 
 
 def _unoptimized(model: onnx.ModelProto, names: list[str], feeds: dict) -> list[np.ndarray]:
@@ -102,3 +108,82 @@ def test_recalibrate_on_resnet_with_residual_streams_restores_every_layer(target
         live = ref_var > 1e-6 * ref_var.max()
         np.testing.assert_allclose(mean, ref_mean, atol=1e-3 * np.sqrt(ref_var.max()))
         np.testing.assert_allclose(var[live], ref_var[live], rtol=1e-3)
+
+
+def _one_pass_per_layer(original, pruned, groups, plans, batches) -> None:
+    """The recalibration as first written (the reference): layer after layer in graph order,
+    a full pass of the whole pruned model for each."""
+    targets = recalibrate_module._targets(pruned, groups, plans)
+    reference = channel_moments(original, {t: 1 for _, t, _ in targets}, batches)
+    for name, tensor, keep in targets:
+        mean, var = (values[keep] for values in reference[tensor])
+        now_mean, now_var = channel_moments(export(pruned), {tensor: 1}, batches)[tensor]
+        scale = np.ones_like(var)
+        live = now_var > 1e-12 * max(float(now_var.max()), 1e-30)
+        scale[live] = np.sqrt(var[live] / now_var[live])
+        affine_outputs(pruned, name, scale, mean - scale * now_mean)
+
+
+def _residual_with_border_shift():
+    """graphs.residual_block pruned with exact borders: shift Adds after padded consumers."""
+    model = graphs.residual_block()
+    options = {"compensate": "bias", "exact_borders": True, "ratio": 0.25, "prune_residual": True}
+    return model, graphs.random_input(model, 80), options
+
+
+def _digits_resnet():
+    options = {"target_macs": 0.5, "prune_residual": True}
+    return load_model(reference_path("resnet")), reference_feeds("resnet", 80), options
+
+
+@pytest.mark.parametrize(
+    ("case", "spill"),
+    [(_digits_resnet, False), (_residual_with_border_shift, False), (_digits_resnet, True)],
+    ids=["resnet", "border-shift", "resnet-on-disk"],
+)
+def test_segmented_recalibration_equals_one_full_pass_per_layer(case, spill, monkeypatch):
+    """The segmented single pass folds the same affines as re-running the whole pruned model
+    for every layer (float32 rounding apart), over several batches; also with every held value
+    in files (`spill`: HELD_BYTES = 0)."""
+    if spill:
+        monkeypatch.setattr(recalibrate_module, "HELD_BYTES", 0)
+    model, feeds, options = case()
+    result = onnxprune.prune(model, method="magnitude", round_to=1, data=feeds,
+                             recalibrate=False, verify=False, holdout=0, **options)  # fmt: skip
+    original = export(normalize(model))
+    batches = [{k: v[i : i + 32] for k, v in feeds.items()} for i in range(0, 80, 32)]
+    fast, slow = gs.import_onnx(result.model), gs.import_onnx(result.model)
+    _, layers = recalibrate(
+        lambda: original, fast, result.groups, result.plans, lambda: iter(batches)
+    )
+    _one_pass_per_layer(original, slow, result.groups, result.plans, batches)
+    assert layers >= 3
+    if case is _residual_with_border_shift:
+        assert any(node.name.endswith("__shift_add") for node in fast.nodes)
+    slow_values = {t.name: t.values for t in slow.tensors().values() if isinstance(t, gs.Constant)}
+    recalibrated = [t for t in fast.tensors().values() if t.name.endswith("__recal")]
+    assert len(recalibrated) >= layers
+    for tensor in recalibrated:
+        expected = slow_values[tensor.name]
+        scale = float(np.abs(expected).max())
+        np.testing.assert_allclose(tensor.values, expected, rtol=1e-4, atol=1e-5 * scale)
+    assert_outputs_close(export(slow), export(fast), batches[0], atol=1e-5)
+
+
+def test_batches_run_in_parts_under_the_byte_budget_with_the_same_statistics(monkeypatch):
+    """A batch whose taps exceed RUN_BYTES runs in parts (here one sample each): the streamed
+    sums are the same up to float64 rounding."""
+    model = load_model(reference_path("resnet"))
+    names = _residual_inputs(model)[:2]
+    feeds = reference_feeds("resnet", 24)
+    taps = [(Tap(tensor=name, axis=1, offset=0, spatial=1), 8) for name in names]
+    whole = collect(model, taps, [feeds])
+    session, aliases = tapped_session(model, names)
+    monkeypatch.setattr(stats_module, "RUN_BYTES", 1)
+    assert len(list(stats_module.tap_runs(session, aliases, names, [feeds]))) == 24
+    parts = collect(model, taps, [feeds])
+    for tap, _ in taps:
+        assert parts[tap].n == whole[tap].n
+        scale = np.abs(whole[tap].gram).max()
+        np.testing.assert_allclose(parts[tap].gram, whole[tap].gram, rtol=1e-9, atol=1e-12 * scale)
+        np.testing.assert_allclose(parts[tap].sum, whole[tap].sum, rtol=1e-9, atol=1e-9)

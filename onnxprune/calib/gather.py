@@ -8,7 +8,7 @@ nonlinearity) — these two from one pass through the ONNX→torch interpreter �
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.calib.data import Dataset
 from onnxprune.calib.grads import Gradients, Product, collect_gradients
 from onnxprune.calib.jacobian import Site, SiteStats, collect_jacobian_stats, collect_weight_stats
-from onnxprune.calib.stats import collect
+from onnxprune.calib.stats import Moments, collect_all
 from onnxprune.config import PruneConfig
 from onnxprune.errors import UsageError
 from onnxprune.graph.groups import ChannelGroup, Tap
@@ -39,10 +39,12 @@ from onnxprune.progress import progress
 
 @dataclass(frozen=True)
 class Calibration:
-    """Per-group statistics, and the loss the gradient pass used (None without gradients)."""
+    """Per-group statistics, the loss the gradient pass used (None without gradients), and
+    the per-channel moments of the tensors asked for (`moments` of `gather`)."""
 
     stats: Mapping[str, GroupStats] = field(default_factory=dict)
     loss: str | None = None
+    moments: Mapping[str, Moments] = field(default_factory=dict)
 
 
 def gather(
@@ -52,12 +54,16 @@ def gather(
     needs: frozenset[str],
     dataset: Dataset,
     config: PruneConfig,
+    *,
+    moments: Sequence[str] = (),
 ) -> Calibration:
-    """GroupStats for every group in `counts`: weights, tap statistics and/or gradient sums."""
+    """GroupStats for every group in `counts`: weights, tap statistics and/or gradient sums;
+    and the per-channel moments (channel axis 1) of the tensors `moments`, read in the same ORT
+    pass as the tap statistics."""
     selected = [g for g in groups if g.name in counts]
-    model = export(graph) if needs & {"gram", "grad", "ippro", "jacobian"} else None
-    taps = {}
-    if "gram" in needs:
+    model = export(graph) if needs & {"gram", "grad", "ippro", "jacobian"} or moments else None
+    taps, found = {}, {}
+    if "gram" in needs or moments:
         wanted = [(tap, g.channels) for g in selected for tap in g.taps]
         wanted += [(norm, g.channels) for g in selected for _, norm in g.normalized]
         wanted += [
@@ -66,9 +72,10 @@ def gather(
             if g.head_dim > 1
             for tap in g.taps
         ]
-        wanted = list(dict.fromkeys(wanted))
+        wanted = list(dict.fromkeys(wanted)) if "gram" in needs else []
         batches = _batches(dataset, config, "statistics")
-        taps = collect(model, wanted, batches, qr=config.id_solver == "qr")
+        qr = config.id_solver == "qr"
+        taps, found = collect_all(model, wanted, dict.fromkeys(moments, 1), batches, qr=qr)
     grads = _gradients(model, graph, selected, needs, dataset, config)
     consumers = _consumer_sites(graph, selected) if "jacobian" in needs else {}
     jacobian = {}
@@ -92,7 +99,7 @@ def gather(
             norms={key: taps[norm] for key, norm in group.normalized if norm in taps},
             features=_features(group, taps),
         )
-    return Calibration(stats, grads.loss if grads else None)
+    return Calibration(stats, grads.loss if grads else None, found)
 
 
 def _features(group: ChannelGroup, taps: Mapping[Tap, TapStats]) -> dict[str, TapStats]:

@@ -12,7 +12,8 @@ longer, the whole statistics pass 4–20× (benchmarks/gram_update.py, docs/RESU
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -24,6 +25,8 @@ from onnxprune.graph.groups import Tap
 from onnxprune.graph.load import copy_model
 from onnxprune.measure.verify import session_for
 from onnxprune.plan import TapStats
+
+Moments = tuple[np.ndarray, np.ndarray]  # per channel: mean, (population) variance
 
 
 class TapAccumulator:
@@ -77,17 +80,71 @@ def collect(
     qr: bool = False,
 ) -> dict[Tap, TapStats]:
     """Run `batches` through `model` in ORT and return the statistics of every (tap, channels)."""
-    if not taps:
-        return {}
-    names = sorted({tap.tensor for tap, _ in taps})
+    return collect_all(model, taps, {}, batches, qr=qr)[0]
+
+
+def channel_moments(
+    model: onnx.ModelProto,
+    tensors: Mapping[str, int],
+    batches: Iterable[Mapping[str, np.ndarray]],
+) -> dict[str, Moments]:
+    """Per-channel mean and variance of each tensor (name → channel axis) over all positions."""
+    return collect_all(model, [], tensors, batches)[1]
+
+
+def collect_all(
+    model: onnx.ModelProto,
+    taps: Sequence[tuple[Tap, int]],
+    tensors: Mapping[str, int],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    qr: bool = False,
+) -> tuple[dict[Tap, TapStats], dict[str, Moments]]:
+    """`collect` and `channel_moments` from one ORT pass: the statistics of every (tap,
+    channels), and the per-channel mean and variance of every tensor (name → channel axis)."""
+    if not taps and not tensors:
+        return {}, {}
+    names = sorted({tap.tensor for tap, _ in taps} | set(tensors))
     session, aliases = tapped_session(model, names)
     accumulators = {tap: TapAccumulator(channels, qr=qr) for tap, channels in taps}
+    moments = {name: ChannelMoments(axis) for name, axis in tensors.items()}
     with threadpool_limits(1, "blas"):
-        for feeds in batches:
-            values = dict(zip(names, _run_input_model(session, aliases, feeds), strict=True))
+        for values in tap_runs(session, aliases, names, batches):
             for (tap, channels), acc in zip(taps, accumulators.values(), strict=True):
                 acc.add(tap_rows(values[tap.tensor], tap, channels))
-    return {tap: acc.result() for tap, acc in accumulators.items()}
+            for name, moment in moments.items():
+                moment.add(values[name])
+    stats = {tap: acc.result() for tap, acc in accumulators.items()}
+    return stats, {name: moment.result() for name, moment in moments.items()}
+
+
+def tap_runs(
+    session: ort.InferenceSession,
+    aliases: Sequence[str],
+    names: Sequence[str],
+    batches: Iterable[Mapping[str, np.ndarray]],
+) -> Iterator[dict[str, np.ndarray]]:
+    """The tapped tensors (name → value) run by run over `batches`.
+
+    A run holds all its taps at once, and ORT's arena grows with them (ResNet-50's taps at batch
+    24 took 1.2 GB): so a batch runs in parts whose tap outputs stay under RUN_BYTES, the part
+    size taken from a first run of one sample, unless the model fixes its batch size.
+    """
+    fixed = any(i.shape and isinstance(i.shape[0], int) for i in session.get_inputs())
+    step = None
+    for feeds in batches:
+        total, start = (len(next(iter(feeds.values()))) if feeds else 0), 0
+        while start < total:
+            size = total if fixed else min(step or 1, total - start)
+            part = {k: v[start : start + size] for k, v in feeds.items()}
+            values = _run_input_model(session, aliases, part)
+            if step is None:
+                step = max(1, RUN_BYTES * size // max(1, sum(v.nbytes for v in values)))
+            yield dict(zip(names, values, strict=True))
+            start += size
+
+
+RUN_BYTES = 64 << 20
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -101,11 +158,11 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
 
 
 def _run_input_model(
-    session: ort.InferenceSession, outputs: list[str], feeds: Mapping[str, np.ndarray]
+    session: ort.InferenceSession, outputs: Sequence[str], feeds: Mapping[str, np.ndarray]
 ) -> list[np.ndarray]:
     """`session.run`; the model is the user's, so ORT failing on it is the input's problem."""
     try:
-        return session.run(outputs, dict(feeds))
+        return session.run(list(outputs), dict(feeds))
     except Exception as exc:  # ORT raises several unrelated exception types
         line = first_line(exc)
         raise ModelRunError(
@@ -117,14 +174,25 @@ def _run_input_model(
 def tapped_session(
     model: onnx.ModelProto, names: Sequence[str]
 ) -> tuple[ort.InferenceSession, list[str]]:
-    """An ORT session that also outputs the tensors `names`, each through an Identity copy.
+    """An ORT session that also outputs the tensors `names`, each through an Identity copy
+    (`add_taps`); returns the session and the output names to run, in the order of `names`."""
+    model = copy_model(model)
+    aliases = add_taps(model, names)
+    try:
+        return session_for(model), aliases
+    except Exception as exc:  # ORT raises several unrelated exception types
+        line = first_line(exc)
+        raise VerificationError(f"ONNX Runtime cannot run the model to read taps: {line}") from exc
+
+
+def add_taps(model: onnx.ModelProto, names: Sequence[str]) -> list[str]:
+    """Make `model` (in place) output the tensors `names`, each through an Identity copy, and
+    return the output names that read them, in the order of `names`.
 
     Naming an inner tensor as a graph output is not enough: ORT's layout optimizer (NCHWc, level
     ALL) can fuse a Conv with the Add that reads it and drop the tensor anyway, and session
-    creation then fails. A copy read by nothing else is never fused. Returns the session and the
-    output names to run, in the order of `names`.
+    creation then fails. A copy read by nothing else is never fused.
     """
-    model = copy_model(model)
     outputs = {o.name for o in model.graph.output}
     taken = outputs | {t for node in model.graph.node for t in (*node.input, *node.output)}
     aliases = []
@@ -136,11 +204,7 @@ def tapped_session(
         model.graph.node.append(onnx.helper.make_node("Identity", [name], [alias], name=alias))
         model.graph.output.append(onnx.ValueInfoProto(name=alias))
         aliases.append(alias)
-    try:
-        return session_for(model), aliases
-    except Exception as exc:  # ORT raises several unrelated exception types
-        line = first_line(exc)
-        raise VerificationError(f"ONNX Runtime cannot run the model to read taps: {line}") from exc
+    return aliases
 
 
 def _fresh(name: str, taken: set[str]) -> str:
@@ -152,25 +216,33 @@ def _fresh(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def channel_moments(
-    model: onnx.ModelProto,
-    tensors: Mapping[str, int],
-    batches: Iterable[Mapping[str, np.ndarray]],
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per-channel mean and variance of each tensor (name → channel axis) over all positions."""
-    names = sorted(tensors)
-    session, aliases = tapped_session(model, names)
-    sums: dict[str, list] = {name: [0, 0.0, 0.0] for name in names}
-    for feeds in batches:
-        for name, value in zip(names, session.run(aliases, dict(feeds)), strict=True):
-            rows = np.moveaxis(value, tensors[name], -1).reshape(-1, value.shape[tensors[name]])
-            rows = rows.astype(np.float64)
-            acc = sums[name]
-            acc[0] += rows.shape[0]
-            acc[1] = acc[1] + rows.sum(axis=0)
-            acc[2] = acc[2] + (rows**2).sum(axis=0)
-    out = {}
-    for name, (n, total, squares) in sums.items():
-        mean = total / n
-        out[name] = (mean, np.maximum(squares / n - mean**2, 0.0))
-    return out
+class ChannelMoments:
+    """Running n, Σa and Σa² per channel along `axis`, in float64.
+
+    The tensor is read as (before, channels, after) blocks of about a million elements, summed
+    with float64 accumulators and no axis moved (moving it made a strided copy 8× slower).
+    """
+
+    def __init__(self, axis: int) -> None:
+        self.axis = axis
+        self.n = 0
+        self.sum: np.ndarray | float = 0.0
+        self.squares: np.ndarray | float = 0.0
+
+    def add(self, value: np.ndarray) -> None:
+        before, channels = math.prod(value.shape[: self.axis]), value.shape[self.axis]
+        blocks = value.reshape(before, channels, math.prod(value.shape[self.axis + 1 :]))
+        step = max(1, _BLOCK_ELEMENTS // max(blocks.shape[1] * blocks.shape[2], 1))
+        for start in range(0, blocks.shape[0], step):
+            block = blocks[start : start + step]
+            self.sum = self.sum + block.sum(axis=(0, 2), dtype=np.float64)
+            self.squares = self.squares + np.einsum("bcp,bcp->c", block, block, dtype=np.float64)
+        self.n += before * blocks.shape[2]
+
+    def result(self) -> Moments:
+        """Mean and (population) variance per channel."""
+        mean = self.sum / self.n
+        return mean, np.maximum(self.squares / self.n - mean**2, 0.0)
+
+
+_BLOCK_ELEMENTS = 1 << 20

@@ -1,0 +1,87 @@
+"""Cut a model into consecutive sub-models that end at chosen tensors.
+
+A pass that must stop after each of several tensors — recalibration measures a layer's output,
+adjusts the layer, and only then may go on — would otherwise run the whole model once per stop.
+Run segment after segment instead, each fed the tensors the earlier ones produced, and every node
+runs once. Segment k holds the nodes (in the model's topological order) after segment k−1's last
+node up to the producer of its end tensor; it reads the graph inputs and earlier tensors it needs
+and outputs its end and every tensor a later segment reads. Nodes after the last end never run.
+
+Sub-models are built one at a time (`segment_model`), copying only their own weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import onnx
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Nodes (indices into the model's node list) from the previous end to `end`, the tensors
+    they read from earlier segments or the graph inputs, and those they hand on (`end` first)."""
+
+    nodes: tuple[int, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    end: str
+
+
+def split_at(model: onnx.ModelProto, ends: Iterable[str]) -> list[Segment]:
+    """The segments of `model` that end at each tensor of `ends`, in topological order (the
+    node order of a valid model). Each end must be a node output."""
+    nodes = model.graph.node
+    producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
+    stops = sorted((producer[end], end) for end in set(ends))
+    if not stops:
+        return []
+    constants = {t.name for t in model.graph.initializer}
+    last = stops[-1][0]
+    reads = [_reads(node) - constants for node in nodes[: last + 1]]
+    last_read = {name: i for i, names in enumerate(reads) for name in names}
+    segments, first = [], 0
+    for stop, end in stops:
+        span = range(first, stop + 1)
+        made = {name for i in span for name in nodes[i].output if name}
+        inputs = sorted({name for i in span for name in reads[i]} - made)
+        later = sorted(name for name in made if last_read.get(name, -1) > stop and name != end)
+        segments.append(Segment(tuple(span), tuple(inputs), (end, *later), end))
+        first = stop + 1
+    return segments
+
+
+def segment_model(
+    model: onnx.ModelProto, segment: Segment, types: Mapping[str, int]
+) -> onnx.ModelProto:
+    """`segment` of `model` as a model of its own: its inputs typed as `types` (name → ONNX
+    element type), its outputs `segment.outputs`, the initializers its nodes read copied."""
+    graph = model.graph
+    picked = [graph.node[i] for i in segment.nodes]
+    read = set().union(*(_reads(node) for node in picked))
+    inputs = [onnx.helper.make_tensor_value_info(n, types[n], None) for n in segment.inputs]
+    part = onnx.helper.make_graph(
+        picked,
+        f"{graph.name}:{segment.end}",
+        inputs,
+        [onnx.ValueInfoProto(name=name) for name in segment.outputs],
+        initializer=[t for t in graph.initializer if t.name in read],
+    )
+    part = onnx.helper.make_model(
+        part, opset_imports=model.opset_import, ir_version=model.ir_version
+    )
+    part.functions.extend(model.functions)
+    return part
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The tensors `node` reads: its inputs and the outer-scope names its subgraphs read."""
+    names = {name for name in node.input if name}
+    for attr in node.attribute:
+        for graph in (*([attr.g] if attr.HasField("g") else ()), *attr.graphs):
+            inner = set().union(set(), *(_reads(n) for n in graph.node))
+            local = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+            local |= {name for n in graph.node for name in n.output}
+            names |= inner - local
+    return names
