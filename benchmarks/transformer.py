@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +40,13 @@ import onnx  # noqa: E402
 
 import onnxprune  # noqa: E402
 from benchmarks.accuracy import machine  # noqa: E402
-from benchmarks.minilm_model import INPUTS, MiniLMFiles, ensure_minilm, export_legacy  # noqa: E402
+from benchmarks.minilm_model import (  # noqa: E402
+    INPUTS,
+    MiniLMFiles,
+    ensure_minilm,
+    export_legacy,
+    load_torch,
+)
 from onnxprune.calib.data import Dataset  # noqa: E402
 from onnxprune.compare.sweep import Evaluator  # noqa: E402
 from onnxprune.measure.cost import count  # noqa: E402
@@ -49,14 +54,14 @@ from onnxprune.measure.latency import benchmark  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "transformer.json"
 SHAPE = (8, 128)  # batch, sequence for MACs and latency
-SPECS = {
-    "id": {"method": "id", "compensate": "none", "recalibrate": False},
-    "id (defaults: +bias +recalibrate)": {"method": "id"},
-    "biascomp (probe:4)": {"method": "biascomp", "jacobian": "probe:4"},
-    "taylor": {"method": "taylor"},
-    "magnitude": {"method": "magnitude"},
+SPECS = {  # file stem: (label, prune options)
+    "id": ("id", {"method": "id", "compensate": "none", "recalibrate": False}),
+    "id_defaults": ("id (defaults: +bias +recalibrate)", {"method": "id"}),
+    "biascomp": ("biascomp (probe:4)", {"method": "biascomp", "jacobian": "probe:4"}),
+    "taylor": ("taylor", {"method": "taylor"}),
+    "magnitude": ("magnitude", {"method": "magnitude"}),
 }
-QUICK_SPECS = ("id", "id (defaults: +bias +recalibrate)")
+QUICK_SPECS = ("id", "id_defaults")
 RATIOS = (0.25, 0.5)
 TP_CRITERIA = ("l2", "taylor")
 HEADS, HIDDEN, FFN = 12, 384, 1536
@@ -88,12 +93,13 @@ def run(files: MiniLMFiles, specs: dict, ratios, criteria, *, repeats: int, out:
     original = onnx.load(files.legacy)
     evaluator = Evaluator(original, _dataset(files.heldout))
     base_macs = _macs(original)
-    folder = Path(tempfile.mkdtemp(prefix="minilm_bench_"))
+    folder = files.legacy.parent / "transformer_bench"
+    folder.mkdir(exist_ok=True)
     result = {"machine": {**machine(), "isa": _isa()}, "shape": SHAPE, "base_macs": base_macs,
               "data": [files.calib.name, files.heldout.name], "cells": []}  # fmt: skip
     for ratio in ratios:
-        cells = [_ours(files, label, options, ratio, evaluator, base_macs, folder)
-                 for label, options in specs.items()]  # fmt: skip
+        cells = [_ours(files, stem, spec, ratio, evaluator, base_macs, folder)
+                 for stem, spec in specs.items()]  # fmt: skip
         reached = max((c["macs_reduction"] for c in cells if "error" not in c), default=ratio)
         cells += [{**_torch_pruning(files, criterion, reached, evaluator, base_macs, folder),
                    "ratio": ratio} for criterion in criteria]  # fmt: skip
@@ -107,19 +113,24 @@ def run(files: MiniLMFiles, specs: dict, ratios, criteria, *, repeats: int, out:
     return result
 
 
-def _ours(files, label, options, ratio, evaluator, base_macs, out) -> dict:
-    """One onnxprune cell: prune, save, score."""
-    start = time.perf_counter()
-    try:
-        result = onnxprune.prune(str(files.legacy), ratio=ratio, data=str(files.calib),
-                                 verify=False, **options)  # fmt: skip
-    except onnxprune.OnnxPruneError as exc:
-        return {"tool": "onnxprune", "method": label, "ratio": ratio, "error": str(exc)}
-    seconds = time.perf_counter() - start
-    path = out / f"ours_{label.split()[0]}_{ratio}_{len(list(out.iterdir()))}.onnx"
-    result.save(path)
-    cell = {"tool": "onnxprune", "method": label, "ratio": ratio, "prune_seconds": seconds}
-    return {**cell, **_scores(result.model, path, evaluator, base_macs)}
+def _ours(files, stem, spec, ratio, evaluator, base_macs, folder) -> dict:
+    """One onnxprune cell: prune (or reuse the file an earlier run of this cell saved), score."""
+    label, options = spec
+    path = folder / f"ours_{stem}_{ratio}.onnx"
+    meta = path.with_suffix(".json")
+    cell = {"tool": "onnxprune", "method": label, "ratio": ratio}
+    if not path.exists():
+        start = time.perf_counter()
+        try:
+            result = onnxprune.prune(str(files.legacy), ratio=ratio, data=str(files.calib),
+                                     verify=False, **options)  # fmt: skip
+        except onnxprune.OnnxPruneError as exc:
+            return {**cell, "error": str(exc)}
+        meta.write_text(json.dumps({"prune_seconds": time.perf_counter() - start}))
+        result.save(path)
+    seconds = json.loads(meta.read_text())["prune_seconds"] if meta.exists() else None
+    cell["prune_seconds"] = seconds
+    return {**cell, **_scores(onnx.load(path), path, evaluator, base_macs)}
 
 
 def _torch_pruning(files, criterion, target, evaluator, base_macs, out) -> dict:
@@ -156,11 +167,10 @@ def tp_prune(files: MiniLMFiles, criterion: str, head_ratio: float, ffn_ratio: f
     """transformers' BertModel pruned by Torch-Pruning's MetaPruner (heads + FFN, hidden kept)."""
     import torch
     import torch_pruning as tp
+
+    model = load_torch(files.model_dir)  # imports transformers behind the torchvision stub
     from transformers.models.bert.modeling_bert import BertSelfAttention
 
-    from benchmarks.minilm_model import load_torch
-
-    model = load_torch(files.model_dir)
     with np.load(files.calib) as data:
         calib = {k: torch.from_numpy(data[k]) for k in INPUTS}
     attention = [m for m in model.modules() if isinstance(m, BertSelfAttention)]
@@ -250,7 +260,7 @@ def markdown(result: dict) -> str:
             f"{c['cosine']:.4f} | {100 * c['retrieval']:.1f} % | {c['spearman']:.4f} | "
             f"{c['rel_l2']:.3f} | {c.get('median_ms', float('nan')):.0f} | "
             f"{c.get('speedup', float('nan')):.2f}× | {c.get('ideal_speedup', float('nan')):.2f}× "
-            f"| {c['prune_seconds']:.0f} |"
+            f"| {'-' if c['prune_seconds'] is None else round(c['prune_seconds'])} |"
         )
     m = result["machine"]
     base = ", ".join(f"{v:.0f}" for v in result["base_latency_ms"].values())
