@@ -496,7 +496,9 @@ def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype) -> np.ndarr
     if dtype == np.bool_:
         return rng.random(shape) < 0.5
     if np.issubdtype(dtype, np.integer):
-        return rng.integers(0, 10, size=shape).astype(dtype)  # small: valid indices/token ids
+        # 0 or 1: valid for any index input of a table with two rows (BERT's token_type_ids,
+        # masks); with 0..9, BERT's segment embedding lookup failed
+        return rng.integers(0, 2, size=shape).astype(dtype)
     return rng.standard_normal(shape).astype(dtype)
 
 
