@@ -170,7 +170,7 @@ def _prune_channels(
     fitted = fitted or config.finetune_steps > 0
     split = split_inputs(proto, inputs, config, fitted=fitted)
     fit = split.fit
-    moments = reference_tensors(graph, groups, widths.counts) if config.recalibrate else ()
+    moments = reference_tensors(graph, groups, widths.counts) if config.recalibrate else {}
     calibration = gather(graph, groups, widths.counts, needs, fit, config, moments=moments)
     with threadpool_limits(1, "blas"):  # on busy cores OpenBLAS threads spin (calib/stats.py)
         widths = refine_widths(graph, groups, widths, calibration.stats, pruner, config, fit)

@@ -229,7 +229,7 @@ def output_deviation(
     batches = lambda: (b.feeds for b in subset.batches(config.batch_size))  # noqa: E731
     moments = {}  # the original's, at every layer any candidate recalibrates: one pass for all
     if config.recalibrate:
-        tensors = dict.fromkeys(reference_tensors(graph, groups, stats), 1)
+        tensors = reference_tensors(graph, groups, stats)
         moments = channel_moments(original, tensors, batches())
 
     def score(counts: Mapping[str, int]) -> float:

@@ -1,9 +1,11 @@
 """Restore each affected layer's per-channel output mean and variance after pruning.
 
 What re-estimating BatchNorm statistics does in PyTorch, done on the folded graph: for every
-Conv/Gemm that lost input channels, in topological order, its outputs are mapped by a per-channel
-affine y ← (y − μ')·σ/σ' + μ so that on the calibration data they have the original model's mean
-μ and standard deviation σ again; the affine is folded into its weights and bias. Label-free.
+Conv/Gemm/MatMul that lost input channels, in topological order, its outputs are mapped by a
+per-channel affine y ← (y − μ')·σ/σ' + μ so that on the calibration data they have the original
+model's mean μ and standard deviation σ again; the affine is folded into its weights and bias (a
+MatMul's shift into the Add after it). Channels are axis 1 of a Conv/Gemm output and the last
+axis of a MatMul's (a transformer's Linear on (batch, sequence, features)). Label-free.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from onnxprune.plan import Plan
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 Values = list[dict[str, np.ndarray]]  # per calibration batch: tensor name → value
-_AFFINE_OPS = ("Conv", "ConvTranspose", "Gemm")
+_AFFINE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def recalibrate(
@@ -51,11 +53,11 @@ def recalibrate(
     the layers upstream of it, all adjusted before it, so this equals adjusting the layers one
     by one with a full pass each.
     """
-    targets = {tensor: (name, keep) for name, tensor, keep in _targets(pruned, groups, plans)}
+    targets = {t: (name, axis, keep) for name, t, axis, keep in _targets(pruned, groups, plans)}
     if not targets:
         return pruned, 0
     known = dict(reference or {})
-    missing = dict.fromkeys((t for t in targets if t not in known), 1)
+    missing = {t: axis for t, (_, axis, _) in targets.items() if t not in known}
     if missing:
         known.update(channel_moments(original(), missing, batches()))
     model = export(pruned)
@@ -64,22 +66,27 @@ def recalibrate(
         values = Held(_initial_values(segments, batches()), Path(folder))
         for index, segment in enumerate(segments):
             _run_segment(model, segment, values)
-            name, keep = targets[segment.end]
+            name, axis, keep = targets[segment.end]
             mean, var = (v[keep] for v in known[segment.end])
-            scale, shift = _affine(mean, var, values, segment.end)
+            scale, shift = _affine(mean, var, values, segment.end, axis)
             affine_outputs(pruned, name, scale, shift)
-            _forget(values, segments[index + 1 :], segment.end, scale, shift)
+            _forget(values, segments[index + 1 :], segment.end, axis, scale, shift)
     return pruned, len(targets)
 
 
 def reference_tensors(
     graph: gs.Graph, groups: tuple[ChannelGroup, ...], names: Iterable[str]
-) -> list[str]:
+) -> dict[str, int]:
     """The tensors whose original moments `recalibrate` reads when the groups `names` are
-    pruned: the outputs of their Conv/ConvTranspose/Gemm consumers."""
+    pruned, with their channel axis: the outputs of their Conv/ConvTranspose/Gemm/MatMul
+    consumers."""
     names = set(names)
     consumers = {c for g in groups if g.name in names for c in g.consumers}
-    return [n.outputs[0].name for n in graph.nodes if n.name in consumers and n.op in _AFFINE_OPS]
+    return {
+        n.outputs[0].name: _channel_axis(n)
+        for n in graph.nodes
+        if n.name in consumers and _is_affine_layer(n)
+    }
 
 
 class Held:
@@ -166,11 +173,11 @@ def _segment_options() -> ort.SessionOptions:
 
 
 def _affine(
-    mean: np.ndarray, var: np.ndarray, values: Held, tensor: str
+    mean: np.ndarray, var: np.ndarray, values: Held, tensor: str, axis: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel scale and shift that give `tensor` (channel axis 1) the mean `mean` and
+    """Per-channel scale and shift that give `tensor` (channels on `axis`) the mean `mean` and
     variance `var` again; channels that are constant now only get the shift."""
-    moments = ChannelMoments(1)
+    moments = ChannelMoments(axis)
     for index in range(len(values)):
         moments.add(values.load(index, [tensor])[tensor])
     now_mean, now_var = moments.result()
@@ -181,7 +188,7 @@ def _affine(
 
 
 def _forget(
-    values: Held, later: list[Segment], end: str, scale: np.ndarray, shift: np.ndarray
+    values: Held, later: list[Segment], end: str, axis: int, scale: np.ndarray, shift: np.ndarray
 ) -> None:
     """Keep in `values` only what the `later` segments read, with `end` mapped by the affine
     just folded into its layer."""
@@ -190,13 +197,14 @@ def _forget(
     if end in needed:
         for index in range(len(values)):
             value = values.load(index, [end])[end]
-            values.store(index, {end: _mapped(value, scale, shift)})
+            values.store(index, {end: _mapped(value, axis, scale, shift)})
 
 
-def _mapped(value: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+def _mapped(value: np.ndarray, axis: int, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """`value` (an array this module owns) mapped in place to value·scale + shift per channel
-    (axis 1), in its own precision."""
-    shape = (1, -1) + (1,) * (value.ndim - 2)
+    (on `axis`), in its own precision."""
+    shape = [1] * value.ndim
+    shape[axis] = -1
     value *= scale.astype(value.dtype).reshape(shape)
     value += shift.astype(value.dtype).reshape(shape)
     return value
@@ -204,16 +212,29 @@ def _mapped(value: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarr
 
 def _targets(
     pruned: gs.Graph, groups: tuple[ChannelGroup, ...], plans: Mapping[str, Plan]
-) -> list[tuple[str, str, np.ndarray]]:
-    """(node, output tensor, original indices of its kept outputs) for every affected layer."""
+) -> list[tuple[str, str, int, np.ndarray]]:
+    """(node, output tensor, its channel axis, original indices of its kept outputs) for every
+    affected layer (a MatMul only with a 2-D weight, whose columns are its output channels)."""
     consumers = {c for g in groups if g.name in plans for c in g.consumers}
     found = []
     for node in pruned.nodes:
-        if node.name in consumers and node.op in _AFFINE_OPS:
+        if node.name in consumers and _is_affine_layer(node):
             keep = _kept_outputs(node, groups, plans)
             output = (shift_node(pruned, node) or node).outputs[0].name
-            found.append((node.name, output, keep))
+            found.append((node.name, output, _channel_axis(node), keep))
     return found
+
+
+def _is_affine_layer(node: gs.Node) -> bool:
+    """A Conv/ConvTranspose/Gemm, or a MatMul with a 2-D weight (its columns are its outputs)."""
+    if node.op == "MatMul":
+        return isinstance(node.inputs[1], gs.Constant) and node.inputs[1].values.ndim == 2
+    return node.op in _AFFINE_OPS
+
+
+def _channel_axis(node: gs.Node) -> int:
+    """Axis 1 of a Conv/Gemm output, the last axis of a MatMul's."""
+    return -1 if node.op == "MatMul" else 1
 
 
 def _kept_outputs(
@@ -238,4 +259,6 @@ def _out_width(node: gs.Node) -> int:
         return int(weight.shape[1] * node.attrs.get("group", 1))
     if node.op == "Gemm":
         return int(weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[1])
+    if node.op == "MatMul":
+        return int(weight.shape[1])
     return int(weight.shape[0])

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxprune
 from onnxprune.calib.data import Dataset
 from onnxprune.calib.gather import gather, gather_weights
+from onnxprune.calib.jacobian import EXACT_LIMIT
 from onnxprune.cli import main
 from onnxprune.config import PruneConfig
 from onnxprune.errors import UsageError
@@ -468,3 +469,17 @@ def test_bad_weight_options_are_one_line_usage_errors(tmp_path, capsys, args, me
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_exact_jacobian_is_refused_for_a_wide_output_and_probes_run():
+    """Regression: on MiniLM (token states 64 × 384 per sentence) the default exact Jacobian
+    ran one backward pass per output component and did not finish in 15 minutes."""
+    rng = np.random.default_rng(0)
+    wide = EXACT_LIMIT + 1
+    model = _mlp(rng.standard_normal((6, 3)), rng.standard_normal(6),
+                 rng.standard_normal((wide, 6)), rng.standard_normal(wide))  # fmt: skip
+    x = rng.standard_normal((16, 3)).astype(np.float32)
+    with pytest.raises(UsageError, match=rf"{wide} for output 'y'.*probe:N"):
+        _hidden_stats(model, x)
+    site, _ = _hidden_stats(model, x, jacobian="probe:2")
+    assert site.s0.shape == (wide,) and np.all(np.isfinite(site.s0))

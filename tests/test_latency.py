@@ -114,6 +114,9 @@ def test_result_dict_and_table(files):
         "accuracy",
         "agreement",
         "rel_l2",
+        "cosine",
+        "retrieval",
+        "spearman",
     }
     assert set(row) == expected
     assert len(row["times_ms"]) == FAST["repeats"]
@@ -221,3 +224,19 @@ def test_cli_errors_are_one_line(files, main, capsys, args, message):
     assert main(argv + ["--repeats", "1", "--min-time", "0"]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+def test_random_index_inputs_fit_a_two_row_embedding_table():
+    """Regression: random int64 inputs were drawn from 0..9, and BERT's token_type_ids index a
+    table of 2 rows, so `bench` of any exported BERT failed in ORT's Gather."""
+    table = numpy_helper.from_array(np.ones((2, 4), np.float32), "segments")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["segments", "token_type_ids"], ["y"])],
+        "bert_segments",
+        [helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 4])],
+        [table],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = benchmark([model], batches=(4,), **FAST)
+    assert result.rows[0].batch == 4 and result.rows[0].median_ms > 0

@@ -10,6 +10,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from conftest import assert_outputs_close, reference_feeds, reference_path
+from graphs import Builder
 
 import onnxprune
 import onnxprune.calib.stats as stats_module
@@ -114,10 +115,10 @@ def _one_pass_per_layer(original, pruned, groups, plans, batches) -> None:
     """The recalibration as first written (the reference): layer after layer in graph order,
     a full pass of the whole pruned model for each."""
     targets = recalibrate_module._targets(pruned, groups, plans)
-    reference = channel_moments(original, {t: 1 for _, t, _ in targets}, batches)
-    for name, tensor, keep in targets:
+    reference = channel_moments(original, {t: axis for _, t, axis, _ in targets}, batches)
+    for name, tensor, axis, keep in targets:
         mean, var = (values[keep] for values in reference[tensor])
-        now_mean, now_var = channel_moments(export(pruned), {tensor: 1}, batches)[tensor]
+        now_mean, now_var = channel_moments(export(pruned), {tensor: axis}, batches)[tensor]
         scale = np.ones_like(var)
         live = now_var > 1e-12 * max(float(now_var.max()), 1e-30)
         scale[live] = np.sqrt(var[live] / now_var[live])
@@ -187,3 +188,41 @@ def test_batches_run_in_parts_under_the_byte_budget_with_the_same_statistics(mon
         scale = np.abs(whole[tap].gram).max()
         np.testing.assert_allclose(parts[tap].gram, whole[tap].gram, rtol=1e-9, atol=1e-12 * scale)
         np.testing.assert_allclose(parts[tap].sum, whole[tap].sum, rtol=1e-9, atol=1e-9)
+
+
+def _token_ffn() -> onnx.ModelProto:
+    """x[N,6,8] → MatMul (8×16) + bias → Relu → MatMul (16×8) + bias → y: a transformer FFN on
+    token features, channels on the last axis."""
+    b = Builder(3)
+    h = b.node("MatMul", "up", ["x", b.rand("up.w", 8, 16)])
+    h = b.relu("act", b.node("Add", "up_bias", [h, b.rand("up.b", 16)]))
+    y = b.node("MatMul", "down", [h, b.rand("down.w", 16, 8)])
+    return b.model([b.node("Add", "down_bias", [y, b.rand("down.b", 8)])], shape=("N", 6, 8))
+
+
+@pytest.mark.parametrize("method, compensate", [("magnitude", "none"), ("id", "bias")])
+def test_recalibrate_restores_a_matmul_consumers_moments_on_its_last_axis(method, compensate):
+    """Regression: MatMul consumers (every Linear of an exported transformer) were skipped, so
+    `--method id` recalibrated 0 layers of MiniLM's FFNs. With a bias correction the shift Add
+    exists already and takes the affine's shift; without one it is created."""
+    model = _token_ffn()
+    feeds = {"x": np.random.default_rng(0).standard_normal((64, 6, 8)).astype(np.float32)}
+    result = onnxprune.prune(model, method=method, compensate=compensate, recalibrate=True,
+                             ratio=0.5, round_to=1, data=feeds, verify=False)  # fmt: skip
+    assert "recalibrated the output mean and variance of 1 layers" in result.report.notes
+    ref_mean, ref_var = channel_moments(model, {"down_out": -1}, [feeds])["down_out"]
+    mean, var = channel_moments(result.model, {"down_out": -1}, [feeds])["down_out"]
+    np.testing.assert_allclose(mean, ref_mean, atol=1e-4 * np.sqrt(ref_var.max()))
+    np.testing.assert_allclose(var, ref_var, rtol=1e-4)
+    unrecalibrated = onnxprune.prune(
+        model,
+        method=method,
+        compensate=compensate,
+        ratio=0.5,
+        recalibrate=False,
+        round_to=1,
+        data=feeds,
+        verify=False,
+    )
+    _, var_before = channel_moments(unrecalibrated.model, {"down_out": -1}, [feeds])["down_out"]
+    assert np.max(np.abs(var_before / ref_var - 1)) > 1e-2  # the pass had something to restore

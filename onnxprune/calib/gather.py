@@ -8,7 +8,7 @@ nonlinearity) — these two from one pass through the ONNX→torch interpreter �
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,11 +55,11 @@ def gather(
     dataset: Dataset,
     config: PruneConfig,
     *,
-    moments: Sequence[str] = (),
+    moments: Mapping[str, int] | None = None,
 ) -> Calibration:
     """GroupStats for every group in `counts`: weights, tap statistics and/or gradient sums;
-    and the per-channel moments (channel axis 1) of the tensors `moments`, read in the same ORT
-    pass as the tap statistics."""
+    and the per-channel moments of the tensors `moments` (name → channel axis), read in the
+    same ORT pass as the tap statistics."""
     selected = [g for g in groups if g.name in counts]
     model = export(graph) if needs & {"gram", "grad", "ippro", "jacobian"} or moments else None
     taps, found = {}, {}
@@ -75,7 +75,7 @@ def gather(
         wanted = list(dict.fromkeys(wanted)) if "gram" in needs else []
         batches = _batches(dataset, config, "statistics")
         qr = config.id_solver == "qr"
-        taps, found = collect_all(model, wanted, dict.fromkeys(moments, 1), batches, qr=qr)
+        taps, found = collect_all(model, wanted, dict(moments or {}), batches, qr=qr)
     grads = _gradients(model, graph, selected, needs, dataset, config)
     consumers = _consumer_sites(graph, selected) if "jacobian" in needs else {}
     jacobian = {}

@@ -24,9 +24,12 @@ import onnx
 from onnxprune.calib.data import Batch
 from onnxprune.calib.grads import checked_graph
 from onnxprune.calib.stats import channel_view
+from onnxprune.errors import UsageError
 from onnxprune.graph.groups import Tap
 from onnxprune.graph.sparsify import WeightLayer
 from onnxprune.options import parse_jacobian
+
+EXACT_LIMIT = 4096  # output components per sample for --jacobian exact
 
 
 @dataclass(frozen=True)
@@ -137,11 +140,20 @@ def _passes(model, axes, inputs, batches, jacobian, joint, seed):
 def backward_passes(values, outputs, names, kind, probes, rng):
     """Yield (weight, {z name: ∂⟨r, f⟩/∂z}) per backward pass: r = e_k for every output
     component k (exact, weight 1) or N Gaussian probes (weight 1/N), so that the weighted sum
-    of gradient products over the passes is (an unbiased estimate of) JᵀJ."""
+    of gradient products over the passes is (an unbiased estimate of) JᵀJ.
+
+    Exact is refused above EXACT_LIMIT components per sample: a sentence encoder's token states
+    (64 × 384) would take 24,576 backward passes per batch, hours where probes take seconds."""
     import torch
 
     output = values[outputs[0]]
     flat = output.reshape(output.shape[0], -1)
+    if kind == "exact" and flat.shape[1] > EXACT_LIMIT:
+        raise UsageError(
+            f"--jacobian exact needs one backward pass per output component, {flat.shape[1]} "
+            f"for output '{outputs[0]}' (limit {EXACT_LIMIT}); use --jacobian probe:N, e.g. "
+            "probe:32"
+        )
     tensors = [values[n] for n in names]
     count = flat.shape[1] if kind == "exact" else probes
     for index in range(count):

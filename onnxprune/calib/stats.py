@@ -230,8 +230,9 @@ class ChannelMoments:
         self.squares: np.ndarray | float = 0.0
 
     def add(self, value: np.ndarray) -> None:
-        before, channels = math.prod(value.shape[: self.axis]), value.shape[self.axis]
-        blocks = value.reshape(before, channels, math.prod(value.shape[self.axis + 1 :]))
+        axis = self.axis % value.ndim  # -1: a MatMul's channels on the last axis
+        before, channels = math.prod(value.shape[:axis]), value.shape[axis]
+        blocks = value.reshape(before, channels, math.prod(value.shape[axis + 1 :]))
         step = max(1, _BLOCK_ELEMENTS // max(blocks.shape[1] * blocks.shape[2], 1))
         for start in range(0, blocks.shape[0], step):
             block = blocks[start : start + step]

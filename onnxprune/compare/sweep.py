@@ -1,7 +1,8 @@
 """Sweep: prune one model with several method specs at several widths and score every result.
 
 Each cell (method spec × ratio or MAC target) is pruned from the same calibration data, evaluated
-on a held-out split (accuracy where labels exist, else agreement with the original's top-1 or the
+on a held-out split (accuracy where labels exist, else agreement with the original's top-1, the
+cosine of mean-pooled sentence embeddings for an encoder fed an `attention_mask`, or the
 relative L2 deviation of its output), costed (MACs, parameters) and optionally timed against the
 original at batch 1, interleaved. Random is repeated over seeds and reported as mean ± std.
 Cells run one after another, in local worker processes or as Ray tasks (`compare.parallel`);
@@ -30,6 +31,7 @@ from onnxprune.compare.parallel import Backend, CellError, run_cells
 from onnxprune.errors import DataError, OnnxPruneError, UsageError
 from onnxprune.graph.load import load_model, save_model
 from onnxprune.measure.cost import Cost, count
+from onnxprune.measure.embedding import embedding_scores, token_state_mask
 from onnxprune.measure.latency import benchmark
 from onnxprune.measure.verify import is_class_scores, session_for
 from onnxprune.options import METHODS, check_ratio
@@ -41,6 +43,7 @@ MODIFIERS: dict[str, dict[str, Any]] = {
 }
 CSV_COLUMNS = (
     "method", "kind", "point", "seeds", "metric", "metric_std", "accuracy", "agreement", "rel_l2",
+    "cosine", "retrieval", "spearman",
     "macs", "params", "macs_reduction", "params_reduction", "latency_ms", "base_latency_ms",
     "speedup", "seconds", "onnx", "error",
 )  # fmt: skip
@@ -58,12 +61,18 @@ class MethodSpec:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Scores of one model on the evaluation split; `value` is the sweep's chosen metric."""
+    """Scores of one model on the evaluation split; `value` is the sweep's chosen metric.
+
+    `cosine`, `retrieval` and `spearman` (onnxprune.measure.embedding) are set for encoders whose
+    first output is token states and whose inputs include an `attention_mask`."""
 
     value: float
     accuracy: float | None
     agreement: float | None
     rel_l2: float
+    cosine: float | None = None
+    retrieval: float | None = None
+    spearman: float | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,9 @@ class SweepCell:
     accuracy: float | None = None
     agreement: float | None = None
     rel_l2: float | None = None
+    cosine: float | None = None
+    retrieval: float | None = None
+    spearman: float | None = None
     macs: int | None = None
     params: int | None = None
     macs_reduction: float | None = None
@@ -151,8 +163,9 @@ class Evaluator:
     """Scores models on an evaluation Dataset against the original's outputs.
 
     The metric is accuracy when the data has labels and the first output is class scores,
-    otherwise top-1 agreement with the original (class scores) or relative L2 deviation
-    (anything else, lower is better).
+    otherwise top-1 agreement with the original (class scores), the mean cosine of mean-pooled
+    embeddings (token states (N, S, H) of an encoder fed an `attention_mask` (N, S)), or
+    relative L2 deviation (anything else, lower is better).
     """
 
     def __init__(self, original: onnx.ModelProto, data: Dataset, *, batch_size: int = 256):
@@ -162,8 +175,11 @@ class Evaluator:
         self.batch_size = batch_size
         self.reference = self.outputs(original)
         self.classify = is_class_scores(self.reference)
+        self.mask = token_state_mask(self.reference, data.arrays)
         if data.labels is not None and self.classify:
             self.metric = "accuracy"
+        elif self.mask is not None:
+            self.metric = "cosine"
         else:
             self.metric = "agreement" if self.classify else "rel_l2"
         self.higher_is_better = self.metric != "rel_l2"
@@ -183,7 +199,7 @@ class Evaluator:
         return np.concatenate(parts)
 
     def score(self, got: np.ndarray) -> Evaluation:
-        """Accuracy, agreement and relative L2 deviation of outputs `got`."""
+        """Accuracy, agreement, embedding scores and relative L2 deviation of outputs `got`."""
         ref64, got64 = self.reference.astype(np.float64), got.astype(np.float64)
         rel = float(np.linalg.norm(got64 - ref64) / max(np.linalg.norm(ref64), 1e-30))
         accuracy = agreement = None
@@ -192,8 +208,11 @@ class Evaluator:
             agreement = float(np.mean(top == self.reference.argmax(axis=1)))
             if self.data.labels is not None:
                 accuracy = float(np.mean(top == self.data.labels))
-        value = {"accuracy": accuracy, "agreement": agreement, "rel_l2": rel}[self.metric]
-        return Evaluation(float(value), accuracy, agreement, rel)  # type: ignore[arg-type]
+        embed = None if self.mask is None else embedding_scores(self.reference, got, self.mask)
+        value = {"accuracy": accuracy, "agreement": agreement, "rel_l2": rel,
+                 "cosine": embed.cosine if embed else None}[self.metric]  # fmt: skip
+        return Evaluation(float(value), accuracy, agreement, rel,  # type: ignore[arg-type]
+                          **(asdict(embed) if embed else {}))  # fmt: skip
 
     def loss(self, evaluation: Evaluation) -> float:
         """How much worse than the original (≥ 0 means worse) in the metric's units."""
@@ -462,6 +481,9 @@ def _cell(shared: _Shared, task: _Point) -> SweepCell:
         accuracy=_mean([s.accuracy for s in scores]),
         agreement=_mean([s.agreement for s in scores]),
         rel_l2=_mean([s.rel_l2 for s in scores]),
+        cosine=_mean([s.cosine for s in scores]),
+        retrieval=_mean([s.retrieval for s in scores]),
+        spearman=_mean([s.spearman for s in scores]),
         macs=round(float(np.mean(macs))),
         params=round(float(np.mean(params))),
         macs_reduction=1.0 - float(np.mean(macs)) / before.macs if before.macs else 0.0,

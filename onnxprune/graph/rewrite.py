@@ -442,9 +442,12 @@ def _set_bias(node: gs.Node, bias: np.ndarray, dtype: np.dtype) -> None:
 
 
 def affine_outputs(graph: gs.Graph, name: str, scale: np.ndarray, shift: np.ndarray) -> None:
-    """Make node `name` (Conv/ConvTranspose/Gemm) output y·scale + shift per output channel.
+    """Make node `name` (Conv/ConvTranspose/Gemm/MatMul with a 2-D weight) output y·scale + shift
+    per output channel.
 
-    W is scaled along its output axis and the bias becomes b·scale + shift (created if missing).
+    W is scaled along its output axis and the bias becomes b·scale + shift (created if missing);
+    a MatMul has no bias input, so its shift goes into the Add after it (`shift_node`, created if
+    missing), whose constant broadcasts along the last axis as the MatMul's channels do.
     """
     node = next(n for n in graph.nodes if n.name == name)
     weight = np.asarray(node.inputs[1].values)
@@ -453,6 +456,9 @@ def affine_outputs(graph: gs.Graph, name: str, scale: np.ndarray, shift: np.ndar
     shape[axis] = -1
     scaled = weight.astype(np.float64) * scale.reshape(shape)
     node.inputs[1] = gs.Constant(f"{node.inputs[1].name}__recal", scaled.astype(weight.dtype))
+    if node.op == "MatMul":
+        _affine_shift_after(graph, node, scale, shift, weight.dtype)
+        return
     has_bias = len(node.inputs) > 2 and node.inputs[2].name
     bias = 0.0
     if has_bias:
@@ -467,6 +473,19 @@ def affine_outputs(graph: gs.Graph, name: str, scale: np.ndarray, shift: np.ndar
         values = const.values.astype(np.float64)
         values = values * scale.reshape(-1, *[1] * (values.ndim - 1))
         after.inputs[1] = gs.Constant(f"{const.name}__recal", values.astype(const.values.dtype))
+
+
+def _affine_shift_after(
+    graph: gs.Graph, node: gs.Node, scale: np.ndarray, shift: np.ndarray, dtype: np.dtype
+) -> None:
+    """(y + c)·scale + shift for a MatMul's output y and the constant c its shift Add holds."""
+    after = shift_node(graph, node)
+    if after is None:
+        _add_after(graph, node, shift.astype(dtype))
+        return
+    const = after.inputs[1]
+    values = const.values.astype(np.float64) * scale + shift
+    after.inputs[1] = gs.Constant(f"{const.name}__recal", values.astype(const.values.dtype))
 
 
 def shift_node(graph: gs.Graph, node: gs.Node) -> gs.Node | None:
