@@ -1,14 +1,16 @@
-"""Quick regression check on zoo exports: groups, prunable groups, and `magnitude --ratio 0.25`
-(full checker, held-out rel-L2, MAC cut) — the part of `zoo.py` that takes seconds, for the
-models whose full `zoo.py` run takes many minutes. 224×224 models only.
+"""Quick regression check on zoo exports: groups, prunable groups, and one prune at `--ratio`
+(default `magnitude --ratio 0.25`; full checker, held-out rel-L2, MAC cut) — the part of
+`zoo.py` that takes seconds, for the models whose full `zoo.py` run takes many minutes. The
+calibration file follows the model's input size (calib_224.npz or calib_320.npz).
 
-    python benchmarks/zoo_quick.py resnet50 densenet121 convnext_tiny vit_b_16
+    python benchmarks/zoo_quick.py resnet50 densenet121 convnext_tiny vit_b_16 yolov8n
+    python benchmarks/zoo_quick.py --method id resnet50
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 import time
 
 import numpy as np
@@ -20,16 +22,19 @@ from onnxprune.measure.verify import run
 CACHE = os.environ.get("ONNXPRUNE_ZOO_CACHE", "/work/zoo_cache")
 
 
-def check(name: str) -> dict:
-    """Analysis counts and a checked magnitude prune at ratio 0.25 of one zoo export."""
+def check(name: str, method: str = "magnitude", ratio: float = 0.25) -> dict:
+    """Analysis counts and a checked prune by `method` at `ratio` of one zoo export."""
     start = time.time()
     path = f"{CACHE}/{name}.onnx"
     analysis = onnxprune.analyze(path)
     model = onnx.load(path)
     key = model.graph.input[0].name
-    with np.load(f"{CACHE}/calib_224.npz") as calib, np.load(f"{CACHE}/heldout_224.npz") as held:
-        fit, test = calib[key], {key: held[key]}
-    pruned = onnxprune.prune(model, method="magnitude", ratio=0.25, data={key: fit}, verify=False)
+    size = model.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+    with np.load(f"{CACHE}/calib_{size}.npz") as calib:
+        fit = calib[key]
+    with np.load(f"{CACHE}/heldout_{size}.npz") as held:
+        test = {key: held[key]}
+    pruned = onnxprune.prune(model, method=method, ratio=ratio, data={key: fit}, verify=False)
     onnx.checker.check_model(pruned.model, full_check=True)
     ref = next(iter(run(model, test).values()))
     got = next(iter(run(pruned.model, test).values()))
@@ -37,12 +42,21 @@ def check(name: str) -> dict:
     return {
         "groups": len(analysis.groups),
         "prunable": sum(g.prunable for g in analysis.groups),
-        "magnitude@0.25 rel_l2": round(float(np.linalg.norm(got - ref) / np.linalg.norm(ref)), 3),
+        f"{method}@{ratio} rel_l2": round(_rel_l2(got, ref), 3),
         "mac_cut": round(1 - after / before, 3),
         "s": round(time.time() - start, 1),
     }
 
 
+def _rel_l2(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
 if __name__ == "__main__":
-    for model_name in sys.argv[1:]:
-        print(model_name, check(model_name), flush=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="+", help=f"zoo export names (files in {CACHE})")
+    parser.add_argument("--method", default="magnitude")
+    parser.add_argument("--ratio", type=float, default=0.25)
+    args = parser.parse_args()
+    for model_name in args.models:
+        print(model_name, check(model_name, args.method, args.ratio), flush=True)

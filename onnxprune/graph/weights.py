@@ -26,9 +26,12 @@ def producer_batchnorms(graph: gs.Graph, group: ChannelGroup) -> tuple[FoldedBat
     folds = folded_batchnorms(graph)
     found = []
     for name in group.producers:
+        fold = folds.get(name)  # only Conv/Gemm producers had a BatchNorm to fold
+        if fold is None:
+            found.append(None)
+            continue
         lo, rows = group.row_span(name)
-        fold = folds.get(name)
-        found.append(None if fold is None else fold.rows(lo, lo + group.channels * rows))
+        found.append(fold.rows(lo, lo + group.channels * rows))
     return tuple(found)
 
 
