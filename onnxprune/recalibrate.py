@@ -71,6 +71,7 @@ def recalibrate(
             scale, shift = _affine(mean, var, values, segment.end, axis)
             affine_outputs(pruned, name, scale, shift)
             _forget(values, segments[index + 1 :], segment.end, axis, scale, shift)
+    pruned.toposort()  # a MatMul's shift is a new Add after it (affine_outputs)
     return pruned, len(targets)
 
 
