@@ -239,7 +239,7 @@ def members(group: Any) -> set[str]:
 def blocker_key(group: Any, ops: Mapping[str, str]) -> str:
     """`OpType: reason` with quoted names elided, so the same cause ranks as one row."""
     if group.prunable:
-        return "coupled (residual Add / gate Mul): needs --prune-residual"
+        return "coupled (residual Add): needs --prune-residual"
     reason = re.sub(r"'[^']*'", "'…'", group.reason or "")
     op = ops.get(group.blocker or "", "graph")  # a blocker that is no node: an output, an input
     return f"{op}: {reason}"

@@ -485,7 +485,7 @@ def _row(group: ChannelGroup, plan: Plan | None, config: PruneConfig) -> GroupRo
         where = f" at '{group.blocker}'" if group.blocker else ""
         status = f"unprunable: {group.reason}{where}"
     elif group.coupled and not config.width.prune_residual:
-        status = "coupled (residual/gate): pass --prune-residual to prune"
+        status = "coupled (residual stream): pass --prune-residual to prune"
     elif group_ratio(group, config.width) is None:
         status = "excluded"
     else:

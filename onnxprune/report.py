@@ -70,7 +70,7 @@ class TargetResult:
             return None
         return (
             f"target {self.kind} {self.target:.3f} missed: reached {self.reached:.3f} of the "
-            "original; the groups allowed to shrink cannot go lower (coupled residual/gate groups "
+            "original; the groups allowed to shrink cannot go lower (coupled residual groups "
             "shrink only with --prune-residual, --round-to N keeps multiples of N, excluded and "
             "unprunable groups stay)"
         )

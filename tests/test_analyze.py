@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 
 import graphs
+import onnx
 import pytest
-from conftest import reference_path
+from conftest import assert_outputs_close, reference_path
+from onnx import numpy_helper
 
 import onnxprune
 from onnxprune.cli import main
@@ -49,7 +51,7 @@ def test_residual_add_is_one_coupled_group():
     assert list(groups) == ["c1", "c3"]
     trunk = groups["c1"]
     assert set(trunk.producers) == {"c1", "c2"}
-    assert trunk.coupled and trunk.prunable
+    assert trunk.coupled and trunk.prunable and not trunk.gated
     assert set(trunk.consumers) == {"c2", "c3"}
     assert "add" in trunk.passthrough
     assert {t.tensor for t in trunk.taps} == {"r1_out", "r2_out"}
@@ -101,15 +103,40 @@ def test_depthwise_conv_is_passthrough_with_sliced_weights():
     assert {(e.input, e.role) for e in edits(group, "dw")} == {(1, "chan"), (2, "chan")}
 
 
-def test_se_block_couples_trunk_and_expand_conv():
+def test_se_block_ties_trunk_and_gate_conv_as_a_gated_group():
+    """The SE gate's Mul ties ct and ce into one group; a gate is not a residual stream, so the
+    group is `gated`, not `coupled`, and is pruned without --prune-residual."""
     groups = groups_of(graphs.se_block())
     trunk, reduce = groups["ct"], groups["cr"]
-    assert set(trunk.producers) == {"ct", "ce"} and trunk.coupled and trunk.prunable
+    assert set(trunk.producers) == {"ct", "ce"} and trunk.prunable
+    assert trunk.gated and not trunk.coupled
     assert set(trunk.consumers) == {"co", "cr"}
     assert "gate" in trunk.passthrough and "gap" in trunk.passthrough
     assert reduce.producers == ("cr",) and reduce.consumers == ("ce",)
     assert reduce.prunable and not reduce.coupled
     assert "ce" not in groups  # merged into the trunk group
+
+
+def test_se_gated_group_pruned_by_default_equals_zeroed_trunk_channels():
+    """Pruning the SE trunk without --prune-residual removes channel c from ct and from the gate
+    conv ce together: selection alone (magnitude) equals the original with ct's filter c and
+    bias zeroed (t_c = relu(0) = 0 reaches the squeeze and the gated product as nothing)."""
+    model = graphs.se_block()
+    result = onnxprune.prune(model, method="magnitude", ratio=0.5, round_to=1, verify=False)
+    kept = result.plans["ct"].keep
+    assert len(kept) == 4
+    init = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    assert {v.shape[0] for k, v in init.items() if k.startswith(("ct", "ce")) and v.ndim} == {4}
+    zeroed = onnx.ModelProto()
+    zeroed.CopyFrom(model)
+    removed = sorted(set(range(8)) - {int(i) for i in kept})
+    for tensor in zeroed.graph.initializer:
+        if tensor.name.startswith("ct"):
+            value = numpy_helper.to_array(tensor).copy()
+            value[removed] = 0
+            tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+    feeds = graphs.random_input(model, 3)
+    assert_outputs_close(zeroed, result.model, feeds)
 
 
 def test_channels_reaching_a_graph_output_are_unprunable():

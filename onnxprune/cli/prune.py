@@ -183,7 +183,7 @@ def _add_width_arguments(parser: argparse.ArgumentParser) -> None:
     width.add_argument(
         "--prune-residual",
         action="store_true",
-        help="also prune groups tied by Add/Mul (residual streams, SE gates)",
+        help="also prune groups tied by a residual sum (SE-gated groups are pruned by default)",
     )
 
 

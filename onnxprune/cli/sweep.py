@@ -93,9 +93,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     """The prune options a comparison passes through to every cell."""
     group = parser.add_argument_group("prune options (for every cell)")
     add_rounding_arguments(group)
-    group.add_argument(
-        "--prune-residual", action="store_true", help="also prune residual streams and SE gates"
-    )
+    group.add_argument("--prune-residual", action="store_true", help="also prune residual streams")
     group.add_argument(
         "--compensate", choices=COMPENSATIONS, default="none", help="default compensation"
     )

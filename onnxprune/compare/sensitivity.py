@@ -158,7 +158,7 @@ def measure_sensitivity(
     """Prune every prunable group alone at each of `ratios` and score it on `evaluation`.
 
     Options go to `onnxprune.prune` (`round_to`, `prune_residual`, `compensate` …); with
-    `prune_residual` the coupled groups (residual streams, SE gates) are measured too. `backend`
+    `prune_residual` the coupled groups (residual streams) are measured too. `backend`
     runs the cells in worker processes or on Ray (the numbers do not depend on it). A cell that
     fails fails the measurement (an allocation needs every point), after all cells ran.
     """
@@ -171,7 +171,7 @@ def measure_sensitivity(
     if not groups:
         raise NothingToPruneError("nothing to measure: no channel group is prunable",
                                   hint="run `onnxprune analyze MODEL`; --prune-residual "
-                                  "includes residual streams and SE gates")  # fmt: skip
+                                  "includes residual streams")  # fmt: skip
     backend = backend or Backend()
     backend.check_model(proto)
     evaluator = Evaluator(proto, as_dataset(proto, evaluation, role="evaluation"))

@@ -76,6 +76,7 @@ class _Walk:
     normalized: list[tuple[str, Tap]] = field(default_factory=list)  # (tap key, that output)
     cuts: set[int] = field(default_factory=set)
     ties: set[str] = field(default_factory=set)
+    joins: dict[str, str] = field(default_factory=dict)  # node → op where producers meet
 
     def block(self, reason: str, node: str | None) -> None:
         if self.reason is None:
@@ -277,6 +278,7 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
         walk.sigma = (_tap(state), Tap(nxt.tensor, nxt.axis, nxt.offset, nxt.spatial))
     if result.couple:
         walk.arrivals[node.name].append((index, state.offset))
+        walk.joins[node.name] = node.op
     if invariant == "rmsnorm":  # energies are read after the norm, before a per-channel scale
         source = state if handler.scaled else result.next
         walk.normed[result.next.tensor] = _tap(source)
@@ -383,6 +385,7 @@ def _merge(walks: list[_Walk]) -> ChannelGroup:
         normalized=tuple(normalized),
         ties=tuple(sorted({t for w in walks for t in w.ties})),
         head_dim=first.producer.start.spatial,
+        gated=all(op == "Mul" for w in walks for op in w.joins.values()),
     )
 
 

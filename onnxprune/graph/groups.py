@@ -88,6 +88,9 @@ class ChannelGroup:
     `head_dim` > 1: the channels are attention heads of that many features each
     (graph/attention.py); the q, k and v producers meet in the attention MatMuls, not
     elementwise, so the group is not `coupled`.
+    `gated`: the producers meet only where one gates the other (Mul: an SE / squeeze-excitation
+    gate, a gated FFN's GLU): removing channel c removes it from the gated tensor and from the
+    gate alike and touches nothing else, so such a group is not `coupled` either.
     """
 
     name: str
@@ -106,6 +109,7 @@ class ChannelGroup:
     normalized: tuple[tuple[str, Tap], ...] = ()
     ties: tuple[str, ...] = ()
     head_dim: int = 1
+    gated: bool = False
 
     @property
     def rotatable(self) -> bool:
@@ -133,5 +137,6 @@ class ChannelGroup:
 
     @property
     def coupled(self) -> bool:
-        """True for groups tied elementwise across producers (residual streams, SE gates)."""
-        return len(self.producers) > 1 and self.head_dim == 1
+        """True for groups tied elementwise across producers by a sum (residual streams), the
+        groups `--prune-residual` opts into; not for head groups or gate-only groups."""
+        return len(self.producers) > 1 and self.head_dim == 1 and not self.gated
