@@ -412,16 +412,16 @@ def test_ippro_pairs_unit_rows_with_their_gradients(save_tmp):
 HIDDEN = 8
 
 
-def _classifier(read: str, seed: int = 0, duplicate: bool = False):
-    """x (T, N, IN) → torch LSTM(HIDDEN) → `read` → Linear(·, K): "hn" reads h_n[-1], "last"
-    y[-1], "hn2" the bidirectional cat(h_n[-2], h_n[-1]). With `duplicate`, unit 2 repeats
-    unit 0 in every gate block (equal hidden states at every step)."""
+def _classifier(read: str, seed: int = 0, duplicate: bool = False, layers: int = 1):
+    """x (T, N, IN) → torch LSTM(HIDDEN, `layers`) → `read` → Linear(·, K): "hn" reads h_n[-1],
+    "last" y[-1], "hn2" the bidirectional cat(h_n[-2], h_n[-1]). With `duplicate`, unit 2
+    repeats unit 0 in every gate block of every layer (equal hidden states at every step)."""
     import torch
 
     class Classifier(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.lstm = torch.nn.LSTM(IN, HIDDEN, bidirectional=read == "hn2")
+            self.lstm = torch.nn.LSTM(IN, HIDDEN, layers, bidirectional=read == "hn2")
             self.fc = torch.nn.Linear(2 * HIDDEN if read == "hn2" else HIDDEN, K)
 
         def forward(self, x):
@@ -469,25 +469,29 @@ EXPORTERS = ["onnx", "dynamo"]
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("read", ["hn", "last"])
-def test_classifier_reading_the_final_state_is_prunable(read, exporter, tmp_path):
-    path = _export(_classifier(read), exporter, tmp_path / "m.onnx")
+@pytest.mark.parametrize("read, layers", [("hn", 1), ("last", 1), ("hn", 2)])
+def test_classifier_reading_the_final_state_is_prunable(read, layers, exporter, tmp_path):
+    """h_n[-1] of a stacked LSTM is a Gather of the layers' Y_h concatenated on axis 0: the
+    loader lets it read the last layer's Y_h (graph/load.py), so every layer is a group."""
+    path = _export(_classifier(read, layers=layers), exporter, tmp_path / "m.onnx")
     groups = [g for g in onnxprune.analyze(path).groups if g.channels == HIDDEN]
-    assert len(groups) == 1 and groups[0].prunable, groups[0].reason
+    assert len(groups) == layers and all(g.prunable for g in groups), groups[0].reason
     result = onnxprune.prune(path, method="id", ratio=0.0, round_to=1, data={"x": _x()})
     assert_outputs_close(path, result.model, {"x": _x(8, 4)}, atol=1e-6)
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("read", ["hn", "last"])
-def test_classifier_duplicated_unit_is_removed_exactly_by_id(read, exporter, tmp_path):
-    path = _export(_classifier(read, duplicate=True), exporter, tmp_path / "m.onnx")
+@pytest.mark.parametrize("read, layers", [("hn", 1), ("last", 1), ("hn", 2)])
+def test_classifier_duplicated_unit_is_removed_exactly_by_id(read, layers, exporter, tmp_path):
+    module = _classifier(read, duplicate=True, layers=layers)
+    path = _export(module, exporter, tmp_path / "m.onnx")
     result = onnxprune.prune(
         path, method="id", compensate="none", recalibrate=False, ratio=1 / HIDDEN, round_to=1,
         data={"x": _x()},
     )  # fmt: skip
-    (plan,) = result.plans.values()
-    assert len(plan.keep) == HIDDEN - 1 and not {0, 2} <= set(plan.keep.tolist())
+    assert len(result.plans) == layers
+    for plan in result.plans.values():
+        assert len(plan.keep) == HIDDEN - 1 and not {0, 2} <= set(plan.keep.tolist())
     assert_outputs_close(path, result.model, {"x": _x(8, 4)}, atol=1e-5)
 
 
@@ -516,10 +520,13 @@ def test_classifier_at_half_the_units_is_the_lstm_of_the_kept_units(exporter, tm
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-def test_bidirectional_classifier_reading_both_final_states_is_refused(exporter, tmp_path):
-    """cat(h_n[-2], h_n[-1]): Gathers of Y_h's direction axis, joined on the hidden axis; the
-    directions' units are followed only through Y, so both groups are refused with the reason."""
-    path = _export(_classifier("hn2"), exporter, tmp_path / "m.onnx")
+@pytest.mark.parametrize("layers", [1, 2])
+def test_bidirectional_classifier_reading_both_final_states_is_refused(layers, exporter, tmp_path):
+    """cat(h_n[-2], h_n[-1]): Gathers of the last layer's Y_h on the direction axis, joined on
+    the hidden axis; the directions' units are followed only through Y, so that layer's groups
+    are refused with the reason. A layer before it (Y_h unread) stays prunable."""
+    path = _export(_classifier("hn2", layers=layers), exporter, tmp_path / "m.onnx")
     groups = [g for g in onnxprune.analyze(path).groups if g.channels == HIDDEN]
-    assert len(groups) == 2
-    assert all("final states Y_h/Y_c are read" in g.reason for g in groups)
+    refused = [g for g in groups if not g.prunable]
+    assert len(groups) == 2 * layers and len(refused) == 2
+    assert all("final states Y_h/Y_c are read" in g.reason for g in refused)
