@@ -339,7 +339,7 @@ def gathered(on_channels: bool = False) -> onnx.ModelProto:
     """h = c1(x) [N, 8, 8, 8] (linear: the group is rotatable); ya = ca(h[:, :, [0, 2, 5]])
     (1-D indices keep the rank); yb = m(h[:, :, 3, 3]) (scalar indices remove axes after the
     channels) with m a Gemm (8→4). With `on_channels`, ya's Gather picks channels [0, 2, 5]
-    instead (axis 1, ca reads 3)."""
+    instead (axis 1, ca reads 3). yc = cc(h[:, :, 1:3]): a Slice on another axis passes too."""
     b = graphs.Builder(44)
     h = b.conv("c1", "x", 3, 8)
     rows = b.const("rows", np.array([0, 2, 5], dtype=np.int64))
@@ -348,19 +348,25 @@ def gathered(on_channels: bool = False) -> onnx.ModelProto:
     three = b.const("three", np.array(3, dtype=np.int64))
     row = b.node("Gather", "gb", [h, three], axis=2)
     yb = b.gemm("m", b.node("Gather", "gc", [row, three], axis=-1), 8, 4)
-    return b.model([ya, yb])
+    bounds = [
+        b.const(n, np.array([v], dtype=np.int64)) for n, v in (("lo", 1), ("hi", 3), ("ax", 2))
+    ]
+    yc = b.conv("cc", b.node("Slice", "rows13", [h, *bounds]), 8, 4)
+    return b.model([ya, yb, yc])
 
 
 def test_gather_on_another_axis_passes_the_channels():
     model = gathered()
     group = _groups(model)["c1"]
-    assert group.prunable and group.rotatable and set(group.consumers) == {"ca", "m"}
+    assert group.prunable and group.rotatable and set(group.consumers) == {"ca", "m", "cc"}
     feeds = graphs.random_input(model, 8)
     for method in ("magnitude", "cob"):  # cob: a full rotation of the channels through Gather
         exact = onnxprune.prune(
             model, method=method, ratio=0.0, round_to=1, data=graphs.random_input(model, 32, 1)
         )
         assert_outputs_close(model, exact.model, feeds, atol=1e-5)
+    assert exact.plans["c1"].info["rotated"] == 1.0  # cob's rotation changed c1's filters
+    assert not np.allclose(_initializer(exact.model, "c1", 1), _initializer(model, "c1", 1))
     result = _prune_exact(model)
     assert len(result.plans["c1"].keep) == 4
     assert _initializer(result.model, "ca", 1).shape[1] == 4

@@ -151,6 +151,14 @@ class Slice(Handler):
             return through(node, state, offset=state.offset - start, edits=edits)
         return Step("drop", edits=edits)
 
+    def rotation(self, node: gs.Node, index: int, state: State, result: Step) -> str | None:
+        """A Slice of other axes only takes whole channel vectors: it commutes."""
+        rank = rank_of(node.inputs[0])
+        inputs = None if rank is None else _slice_inputs(node, rank)
+        if inputs is not None and state.axis not in inputs[2]:
+            return None
+        return f"Slice '{node.name}' cuts the channel axis"
+
     def torch(self, op_type: str) -> TorchOp | None:
         return _slice
 
