@@ -292,3 +292,23 @@ def test_reference_model_loads_unchanged():
     model = load_model(path)
     assert model.SerializeToString() == onnx.load(str(path)).SerializeToString()
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "indices, axis, reads",
+    [
+        (np.array(-1), 0, "b"),  # h_n[-1] of a stacked LSTM: the last part, index 0 there
+        (np.array([0, 1]), 0, "a"),
+        (np.array([1, 2]), 0, "cat_out"),  # spans both parts: unchanged
+        (np.array(0), 1, "cat_out"),  # another axis than the Concat's: unchanged
+    ],
+)
+def test_a_gather_of_one_concat_part_reads_that_part(indices, axis, reads):
+    b = graphs.Builder(7)
+    cat = b.node("Concat", "cat", ["a", b.rand("b", 1, 3, 4)], axis=0)
+    gather = b.node("Gather", "pick", [cat, b.const("i", indices)], axis=axis)
+    model = b.model([b.node("Relu", "act", [gather])], inputs=[("a", (2, 3, 4))])
+    graph = normalize(model)
+    assert next(n for n in graph.nodes if n.name == "pick").inputs[0].name == reads
+    feeds = {"a": np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)}
+    assert_outputs_close(model, export(graph), feeds, atol=0.0)

@@ -332,6 +332,52 @@ def test_slice_with_a_step_on_the_channels_blocks():
     assert not group.prunable and group.blocker == "sa" and "step" in group.reason
 
 
+# --- Gather on another axis than the channels ------------------------------------------------
+
+
+def gathered(on_channels: bool = False) -> onnx.ModelProto:
+    """h = c1(x) [N, 8, 8, 8] (linear: the group is rotatable); ya = ca(h[:, :, [0, 2, 5]])
+    (1-D indices keep the rank); yb = m(h[:, :, 3, 3]) (scalar indices remove axes after the
+    channels) with m a Gemm (8→4). With `on_channels`, ya's Gather picks channels [0, 2, 5]
+    instead (axis 1, ca reads 3). yc = cc(h[:, :, 1:3]): a Slice on another axis passes too."""
+    b = graphs.Builder(44)
+    h = b.conv("c1", "x", 3, 8)
+    rows = b.const("rows", np.array([0, 2, 5], dtype=np.int64))
+    picked = b.node("Gather", "ga", [h, rows], axis=1 if on_channels else 2)
+    ya = b.conv("ca", picked, 3 if on_channels else 8, 4)
+    three = b.const("three", np.array(3, dtype=np.int64))
+    row = b.node("Gather", "gb", [h, three], axis=2)
+    yb = b.gemm("m", b.node("Gather", "gc", [row, three], axis=-1), 8, 4)
+    bounds = [
+        b.const(n, np.array([v], dtype=np.int64)) for n, v in (("lo", 1), ("hi", 3), ("ax", 2))
+    ]
+    yc = b.conv("cc", b.node("Slice", "rows13", [h, *bounds]), 8, 4)
+    return b.model([ya, yb, yc])
+
+
+def test_gather_on_another_axis_passes_the_channels():
+    model = gathered()
+    group = _groups(model)["c1"]
+    assert group.prunable and group.rotatable and set(group.consumers) == {"ca", "m", "cc"}
+    feeds = graphs.random_input(model, 8)
+    for method in ("magnitude", "cob"):  # cob: a full rotation of the channels through Gather
+        exact = onnxprune.prune(
+            model, method=method, ratio=0.0, round_to=1, data=graphs.random_input(model, 32, 1)
+        )
+        assert_outputs_close(model, exact.model, feeds, atol=1e-5)
+    assert exact.plans["c1"].info["rotated"] == 1.0  # cob's rotation changed c1's filters
+    assert not np.allclose(_initializer(exact.model, "c1", 1), _initializer(model, "c1", 1))
+    result = _prune_exact(model)
+    assert len(result.plans["c1"].keep) == 4
+    assert _initializer(result.model, "ca", 1).shape[1] == 4
+    assert _initializer(result.model, "m", 1).shape[1] == 4
+
+
+def test_gather_on_the_channel_axis_blocks():
+    group = _groups(gathered(on_channels=True))["c1"]
+    assert not group.prunable and group.blocker == "ga" and "channel axis" in group.reason
+
+
 # --- Transpose (ConvNeXt's channels-last block) and LayerNormalization -------------------------
 
 
@@ -378,7 +424,7 @@ def resized(channel_size: int = 8, axes: bool = False) -> onnx.ModelProto:
     """relu(c1(x)) [2, 8, 4, 4] → Resize to 8×8 by `sizes` → c2(4) → y. With `axes` (opset 18)
     the sizes name only H and W; else they state (2, channel_size, 8, 8)."""
     b = graphs.Builder(44)
-    h = b.relu("r1", b.conv("c1", "x", 3, 8))
+    h = b.conv("c1", "x", 3, 8)
     sizes = [8, 8] if axes else [2, channel_size, 8, 8]
     size = b.const("rs.sizes", np.array(sizes, dtype=np.int64))
     extra = {"axes": [2, 3]} if axes else {}

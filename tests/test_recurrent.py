@@ -405,3 +405,128 @@ def test_ippro_pairs_unit_rows_with_their_gradients(save_tmp):
         path, method="ippro", ratio=1 / 3, round_to=1, exclude=["feat"], data={"x": _x()}
     )
     assert {len(p.keep) for p in result.plans.values()} == {2}
+
+
+# --- torch classifiers reading h_n[-1] (a Gather on the direction axis) or y[-1] ----------
+
+HIDDEN = 8
+
+
+def _classifier(read: str, seed: int = 0, duplicate: bool = False, layers: int = 1):
+    """x (T, N, IN) → torch LSTM(HIDDEN, `layers`) → `read` → Linear(·, K): "hn" reads h_n[-1],
+    "last" y[-1], "hn2" the bidirectional cat(h_n[-2], h_n[-1]). With `duplicate`, unit 2
+    repeats unit 0 in every gate block of every layer (equal hidden states at every step)."""
+    import torch
+
+    class Classifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = torch.nn.LSTM(IN, HIDDEN, layers, bidirectional=read == "hn2")
+            self.fc = torch.nn.Linear(2 * HIDDEN if read == "hn2" else HIDDEN, K)
+
+        def forward(self, x):
+            y, (h, _) = self.lstm(x)
+            if read == "hn":
+                return self.fc(h[-1])
+            if read == "last":
+                return self.fc(y[-1])
+            return self.fc(torch.cat([h[-2], h[-1]], dim=1))
+
+    torch.manual_seed(seed)
+    module = Classifier().eval()
+    if duplicate:
+        with torch.no_grad():
+            for value in module.lstm.parameters():
+                blocks = value.view(4, HIDDEN, *value.shape[1:])
+                blocks[:, 2] = blocks[:, 0]
+    return module
+
+
+def _export(module, exporter: str, path) -> str:
+    """`module` exported by the legacy ("onnx") or the dynamo exporter, batch dynamic."""
+    import warnings
+
+    import torch
+
+    x = torch.randn(T, 2, IN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "onnx":
+            torch.onnx.export(
+                module, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                output_names=["y"], dynamic_axes={"x": {1: "N"}, "y": {0: "N"}},
+            )  # fmt: skip
+        else:
+            batch = torch.export.Dim("N")
+            torch.onnx.export(
+                module, (x,), str(path), dynamo=True, input_names=["x"], output_names=["y"],
+                dynamic_shapes=({1: batch},), verbose=False,
+            )  # fmt: skip
+    return str(path)
+
+
+EXPORTERS = ["onnx", "dynamo"]
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("read, layers", [("hn", 1), ("last", 1), ("hn", 2)])
+def test_classifier_reading_the_final_state_is_prunable(read, layers, exporter, tmp_path):
+    """h_n[-1] of a stacked LSTM is a Gather of the layers' Y_h concatenated on axis 0: the
+    loader lets it read the last layer's Y_h (graph/load.py), so every layer is a group."""
+    path = _export(_classifier(read, layers=layers), exporter, tmp_path / "m.onnx")
+    groups = [g for g in onnxprune.analyze(path).groups if g.channels == HIDDEN]
+    assert len(groups) == layers and all(g.prunable for g in groups), groups[0].reason
+    result = onnxprune.prune(path, method="id", ratio=0.0, round_to=1, data={"x": _x()})
+    assert_outputs_close(path, result.model, {"x": _x(8, 4)}, atol=1e-6)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("read, layers", [("hn", 1), ("last", 1), ("hn", 2)])
+def test_classifier_duplicated_unit_is_removed_exactly_by_id(read, layers, exporter, tmp_path):
+    module = _classifier(read, duplicate=True, layers=layers)
+    path = _export(module, exporter, tmp_path / "m.onnx")
+    result = onnxprune.prune(
+        path, method="id", compensate="none", recalibrate=False, ratio=1 / HIDDEN, round_to=1,
+        data={"x": _x()},
+    )  # fmt: skip
+    assert len(result.plans) == layers
+    for plan in result.plans.values():
+        assert len(plan.keep) == HIDDEN - 1 and not {0, 2} <= set(plan.keep.tolist())
+    assert_outputs_close(path, result.model, {"x": _x(8, 4)}, atol=1e-5)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_classifier_at_half_the_units_is_the_lstm_of_the_kept_units(exporter, tmp_path):
+    """Magnitude at 50 %: the pruned model equals, in torch, an LSTM built from the kept units'
+    rows of every gate block (and columns of the recurrence) → Linear on their columns."""
+    import torch
+
+    module = _classifier("hn", seed=1)
+    path = _export(module, exporter, tmp_path / "m.onnx")
+    result = onnxprune.prune(path, method="magnitude", ratio=0.5, round_to=1, data={"x": _x()})
+    (plan,) = result.plans.values()
+    keep = torch.as_tensor(np.sort(plan.keep))
+    small = torch.nn.LSTM(IN, len(keep))
+    rows = torch.cat([g * HIDDEN + keep for g in range(4)])
+    with torch.no_grad():
+        for name, value in module.lstm.named_parameters():
+            value = value[rows]
+            getattr(small, name).copy_(value[:, keep] if name.startswith("weight_hh") else value)
+        x = torch.as_tensor(_x(8, 4))
+        expected = module.fc.weight[:, keep] @ small(x)[1][0][-1].T + module.fc.bias[:, None]
+    got = run_model(result.model, {"x": _x(8, 4)})["y"]
+    assert got.shape == (8, K) and len(keep) == HIDDEN // 2
+    np.testing.assert_allclose(got, expected.T.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("layers", [1, 2])
+def test_bidirectional_classifier_reading_both_final_states_is_refused(layers, exporter, tmp_path):
+    """cat(h_n[-2], h_n[-1]): Gathers of the last layer's Y_h on the direction axis, joined on
+    the hidden axis; the directions' units are followed only through Y, so that layer's groups
+    are refused with the reason. A layer before it (Y_h unread) stays prunable."""
+    path = _export(_classifier("hn2", layers=layers), exporter, tmp_path / "m.onnx")
+    groups = [g for g in onnxprune.analyze(path).groups if g.channels == HIDDEN]
+    refused = [g for g in groups if not g.prunable]
+    assert len(groups) == 2 * layers and len(refused) == 2
+    assert all("final states Y_h/Y_c are read" in g.reason for g in refused)

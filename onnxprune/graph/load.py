@@ -11,6 +11,7 @@ still reads (γ, σ and the raw filter norms) stays readable through `folded_bat
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import tempfile
@@ -172,6 +173,7 @@ def normalize(model: onnx.ModelProto) -> gs.Graph:
     _remove_noops(graph)
     _copy_dims_as_zero(graph)
     fold_constants(graph).cleanup()
+    _gather_from_concat_part(graph)
     folds = _fold_batchnorm(graph)
     graph.cleanup().toposort()
     graph = infer_shapes(graph)
@@ -415,6 +417,33 @@ def _copy_dims_as_zero(graph: gs.Graph) -> None:
             if _dim_of(part) == (node.inputs[0], position):
                 zero = gs.Constant(f"{concat.name}.copy{position}", np.zeros(1, np.int64))
                 concat.inputs[position] = zero
+
+
+def _gather_from_concat_part(graph: gs.Graph) -> None:
+    """Let a Gather of a Concat, on the Concat's axis, whose constant indices all fall in one of
+    the Concat's inputs read that input (indices shifted): the same values. torch exports a
+    stacked LSTM's `h_n[-1]` so (every layer's Y_h joined on axis 0), and the analyzer follows
+    the last layer's hidden units through the Gather but not through the Concat."""
+    for gather in graph.nodes:
+        concat = _producer(gather.inputs[0], "Concat") if gather.op == "Gather" else None
+        indices = _const_values(gather, 1) if concat else None
+        shape = None if indices is None else gather.inputs[0].shape
+        if shape is None or indices.size == 0:
+            continue
+        axis = gather.attrs.get("axis", 0) % len(shape)
+        sizes = [None if t.shape is None else t.shape[axis] for t in concat.inputs]
+        if concat.attrs.get("axis", 0) % len(shape) != axis or not all(
+            isinstance(size, int) for size in sizes
+        ):
+            continue
+        bounds = np.cumsum([0, *sizes])
+        flat = np.where(indices < 0, indices + bounds[-1], indices)
+        for k, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+            if np.all((lo <= flat) & (flat < hi)):
+                part = np.asarray(flat - lo, dtype=indices.dtype)
+                gather.inputs[1] = gs.Constant(f"{gather.name}.part", part)
+                gather.inputs[0] = concat.inputs[k]
+                break
 
 
 def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:

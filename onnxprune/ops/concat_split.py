@@ -1,4 +1,4 @@
-"""Ops that join or partition the channel axis: Concat, Split, Slice.
+"""Ops that join, partition or select along axes: Concat, Split, Slice, Gather.
 
 * Concat on the channel axis passes each input's channels at its offset in the output.
 * Split on the channel axis sends the group to the output that holds it, at that output's
@@ -7,6 +7,10 @@
 * Slice (constant bounds, step 1) passes the channels inside it at a new offset and drops
   those outside; its bounds move with the channels pruned before them (after them, for a
   bound counted from the end). Groups straddling a bound are cut like at a Split.
+* Gather (constant indices) on another axis than the channels passes them all (a scalar
+  index before the channel axis removes an axis, so the channel axis moves down by one): the
+  exporters' `h_n[-1]` (Gather on the direction axis of an LSTM's Y_h) and `y[-1]` (on the
+  sequence axis). On the channel axis it blocks.
 """
 
 from __future__ import annotations
@@ -147,16 +151,54 @@ class Slice(Handler):
             return through(node, state, offset=state.offset - start, edits=edits)
         return Step("drop", edits=edits)
 
+    def rotation(self, node: gs.Node, index: int, state: State, result: Step) -> str | None:
+        """A Slice of other axes only takes whole channel vectors: it commutes."""
+        rank = rank_of(node.inputs[0])
+        inputs = None if rank is None else _slice_inputs(node, rank)
+        if inputs is not None and state.axis not in inputs[2]:
+            return None
+        return f"Slice '{node.name}' cuts the channel axis"
+
     def torch(self, op_type: str) -> TorchOp | None:
         return _slice
 
 
-@register("Gather", "GatherElements")
+@register("Gather")
 class Gather(Handler):
-    """Gather / GatherElements: interpreted, not analyzed (channels block)."""
+    """Gather with constant indices on another axis than the channels: every channel passes,
+    on an axis that moves by the indices' rank minus one when the gathered axis precedes it
+    (a scalar index removes that axis). Gathering the channel axis itself selects channels by
+    index, which the group's offsets cannot follow: it blocks."""
+
+    def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
+        if (found := parameter_input(node, index)) is not None:
+            return found
+        rank, indices = rank_of(node.inputs[0]), const(node, 1)
+        if rank is None or indices is None:
+            return block(f"Gather '{node.name}' has non-constant indices or an unknown rank")
+        axis = node.attrs.get("axis", 0) % rank
+        if axis == state.axis:
+            return block(f"Gather '{node.name}' selects along the channel axis")
+        moved = state.axis + indices.ndim - 1 if axis < state.axis else state.axis
+        return through(node, state, axis=moved)
+
+    def rotation(self, node: gs.Node, index: int, state: State, result: Step) -> str | None:
+        return None
+
+    def scales_along(self, node: gs.Node, index: int) -> bool:
+        return True
 
     def torch(self, op_type: str) -> TorchOp | None:
-        return _gather if op_type == "Gather" else _gather_elements
+        return _gather
+
+
+@register("GatherElements")
+class GatherElements(Handler):
+    """GatherElements: interpreted, not analyzed (each element picks its own source, so
+    channels block)."""
+
+    def torch(self, op_type: str) -> TorchOp | None:
+        return _gather_elements
 
 
 def split_sizes(node: gs.Node, total: int) -> list[int] | None:

@@ -10,11 +10,13 @@ one group per layer and direction (`hidden_units`), and the directions of one no
 widths (`hidden_size` is shared).
 
 The group's channels flow on from Y: unidirectionally as Y's last axis (`Squeeze` of the
-direction axis and the rest are ordinary ops); bidirectionally only through the exporters'
-Transpose(0, 2, 1, 3) → Reshape to (T, B, D·H), where direction d is the range [d·H, (d+1)·H)
-of the last axis. The recurrence is one more consumer of the hidden state: the correction of a
-tap carrying h (Y itself, or that Reshape) is folded into R's columns like into any consumer's
-weights (R' = R Mᵀ, Rb' = Rb + R c). What is exact there and what is not: docs/DESIGN.md
+direction axis and the rest are ordinary ops, or the dynamo exporter's Transpose → Reshape to
+(T, B, H)) and from Y_h, Y_c (a classifier's `h_n[-1]` is a Gather of their direction axis:
+concat_split.py); bidirectionally only through the exporters' Transpose(0, 2, 1, 3) → Reshape
+to (T, B, D·H), where direction d is the range [d·H, (d+1)·H) of the last axis. The
+recurrence is one more consumer of the hidden state: the correction of a tap carrying h (Y
+itself, or that Reshape) is folded into R's columns like into any consumer's weights
+(R' = R Mᵀ, Rb' = Rb + R c). What is exact there and what is not: docs/DESIGN.md
 ("Recurrent layers").
 
 A recurrent node reading the group's channels as its input X is a consumer (W's columns); a
@@ -285,10 +287,15 @@ def _starts(node: gs.Node, directions: int, size: int) -> list[Walk] | None:
     """Per direction: (walk start states, hidden-state tap, extra edits); None when a
     bidirectional output is not merged the way the exporters merge it."""
     sequence = node.outputs[0]
-    if directions == 1:
-        finals = [State(t.name, 2, 0) for t in node.outputs[1:] if t.name]
-        return [((State(sequence.name, 3, 0), *finals), Tap(sequence.name, 3, 0), ())]
     merged = _merged(sequence, directions, size)
+    if directions == 1:
+        finals = tuple(State(t.name, 2, 0) for t in node.outputs[1:] if t.name)
+        if merged is None:  # Y read as it is (Squeeze of the direction axis, or not at all)
+            return [((State(sequence.name, 3, 0), *finals), Tap(sequence.name, 3, 0), ())]
+        reshape, stated = merged  # the dynamo exporter merges (T, B, 1, H) to (T, B, H)
+        out = reshape.outputs[0].name
+        extra = tuple(ParamEdit(n, i, e, 0, "count") for n, i, e in stated)
+        return [((State(out, 2, 0), *finals), Tap(out, 2, 0), extra)]
     if merged is None:
         return None
     reshape, stated = merged
