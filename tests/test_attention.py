@@ -217,7 +217,9 @@ def test_mac_target_counts_the_attention_matmuls_that_shrink_with_the_heads():
 class BertStyleAttention(nn.Module):
     """transformers' BertSelfAttention pattern: `view(*input_shape, -1, D)` with the shape of the
     layer's input (shape pieces beside a -1 head count, which shape inference leaves symbolic)
-    and a merge that states H·D (`all_head_size`) or -1; then mean over tokens → 4 scores."""
+    and a merge that states H·D (`all_head_size`) or -1; the padding mask reaches the scores
+    through `expand(batch, 1, tokens, tokens)` (an Expand with a computed target, whose head
+    axis shape inference cannot see is 1); then mean over tokens → 4 scores."""
 
     def __init__(self, merge_constant: bool) -> None:
         super().__init__()
@@ -226,14 +228,15 @@ class BertStyleAttention(nn.Module):
         self.out, self.fc = nn.Linear(DIM, DIM), nn.Linear(DIM, 4)
         self.merge_constant = merge_constant
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         shape = x.size()[:-1]
+        bias = (1.0 - mask[:, None, None, :].expand(shape[0], 1, shape[1], shape[1])) * -1e4
 
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(*shape, -1, HEAD_DIM).permute(0, 2, 1, 3)
 
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-        scores = torch.matmul(q, k.transpose(-1, -2)) / HEAD_DIM**0.5
+        scores = torch.matmul(q, k.transpose(-1, -2)) / HEAD_DIM**0.5 + bias
         context = torch.matmul(scores.softmax(dim=-1), v).permute(0, 2, 1, 3).contiguous()
         merged = context.view(*shape, DIM if self.merge_constant else -1)
         return self.fc(self.out(merged).mean(dim=1))
@@ -245,18 +248,18 @@ def _export_bert_style(module: nn.Module) -> onnx.ModelProto:
     import warnings
 
     buffer = io.BytesIO()
-    axes = {"input": {0: "batch", 1: "tokens"}, "logits": {0: "batch"}}
+    axes = {"input": {0: "batch", 1: "tokens"}, "mask": {0: "batch", 1: "tokens"}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module.eval(),
-            (torch.randn(2, TOKENS, DIM),),
+            (torch.randn(2, TOKENS, DIM), torch.ones(2, TOKENS)),
             buffer,
             dynamo=False,
             opset_version=17,
-            input_names=["input"],
+            input_names=["input", "mask"],
             output_names=["logits"],
-            dynamic_axes=axes,
+            dynamic_axes={**axes, "logits": {0: "batch"}},
         )
     return onnx.load_from_string(buffer.getvalue())
 
@@ -273,16 +276,20 @@ def test_bert_style_heads_are_pruned_exactly_with_the_head_counts_edited(merge_c
     assert (heads.channels, heads.head_dim) == (HEADS, HEAD_DIM)
     assert heads.consumers == ("/out/MatMul",)
     x = _inputs()
-    options = dict(ratio=1 / HEADS, round_to=1, exclude=["out"], data={"input": x}, verify=False)
-    result = onnxprune.prune(model, method="id", compensate="none", recalibrate=False, **options)
+    options = dict(ratio=1 / HEADS, round_to=1, exclude=["out"], verify=False)
+    data = {"input": x, "mask": _padding_masks(48, TOKENS)}
+    result = onnxprune.prune(
+        model, method="id", compensate="none", recalibrate=False, data=data, **options
+    )
     group = next(g for g in result.groups if g.head_dim > 1)
     assert len(result.plans[group.name].keep) == HEADS - 1
     longer = np.random.default_rng(3).standard_normal((4, TOKENS + 2, DIM)).astype(np.float32)
-    assert_outputs_close(model, result.model, {"input": longer}, atol=1e-5)
+    feeds = {"input": longer, "mask": _padding_masks(4, TOKENS + 2)}
+    assert_outputs_close(model, result.model, feeds, atol=1e-5)
     stated = [  # the constant pieces of each Reshape's target (beside the input's shape)
         [int(t.values[0]) for t in n.inputs[1].inputs[0].inputs if isinstance(t, gs.Constant)]
         for n in normalize(result.model).nodes
-        if n.op == "Reshape"
+        if n.op == "Reshape" and n.inputs[1].inputs and n.inputs[1].inputs[0].op == "Concat"
     ]
     merged = (HEADS - 1) * HEAD_DIM if merge_constant else -1
     assert stated == [[-1, HEAD_DIM]] * 3 + [[merged]]
@@ -296,3 +303,9 @@ def _with_duplicate_head_of(module: BertStyleAttention) -> BertStyleAttention:
             linear.weight[hi] = linear.weight[lo]
             linear.bias[hi] = linear.bias[lo]
     return module
+
+
+def _padding_masks(n: int, tokens: int) -> np.ndarray:
+    """1 for the first 2 … `tokens` tokens of each row, 0 after (padding)."""
+    lengths = 2 + np.arange(n) % (tokens - 1)
+    return (np.arange(tokens) < lengths[:, None]).astype(np.float32)
