@@ -103,7 +103,9 @@ def _split_heads(node: gs.Node, state: State) -> Step | None:
 def _merge_heads(node: gs.Node, state: State, channels: int) -> Step | None:
     """(…, H, D, …) → (…, H·D, …) where the channels are the heads: each becomes D features.
     H and H·D may be symbolic (after a broadcast with the attention mask shape inference loses
-    them): H is then the group's `channels`, and the target must state H·D or -1 there."""
+    them): H is then the group's `channels`, and the target must state H·D or -1 there. With
+    -1 the merged axis is H·D wherever the out projection (H·D weight rows) runs at all; its
+    other entries (the token dims, from shapes the heads do not change) stay as they are."""
     shape_in, shape_out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
     if shape_in is None or shape_out is None or len(shape_out) != len(shape_in) - 1:
         return None
