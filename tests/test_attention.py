@@ -13,6 +13,7 @@ import itertools
 import graphs
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 import torch
 from conftest import assert_outputs_close, max_deviation, reference_path, run_model
@@ -211,3 +212,100 @@ def test_mac_target_counts_the_attention_matmuls_that_shrink_with_the_heads():
     before, after = result.report.macs
     assert result.report.target.reached == pytest.approx(after / before, abs=1e-3)
     assert 0.45 <= after / before <= 0.51  # targets land nearest, at most 0.01 above
+
+
+class BertStyleAttention(nn.Module):
+    """transformers' BertSelfAttention pattern: `view(*input_shape, -1, D)` with the shape of the
+    layer's input (shape pieces beside a -1 head count, which shape inference leaves symbolic)
+    and a merge that states H·D (`all_head_size`) or -1; the padding mask reaches the scores
+    through `expand(batch, 1, tokens, tokens)` (an Expand with a computed target, whose head
+    axis shape inference cannot see is 1); then mean over tokens → 4 scores."""
+
+    def __init__(self, merge_constant: bool) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.q, self.k, self.v = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
+        self.out, self.fc = nn.Linear(DIM, DIM), nn.Linear(DIM, 4)
+        self.merge_constant = merge_constant
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        shape = x.size()[:-1]
+        bias = (1.0 - mask[:, None, None, :].expand(shape[0], 1, shape[1], shape[1])) * -1e4
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(*shape, -1, HEAD_DIM).permute(0, 2, 1, 3)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / HEAD_DIM**0.5 + bias
+        context = torch.matmul(scores.softmax(dim=-1), v).permute(0, 2, 1, 3).contiguous()
+        merged = context.view(*shape, DIM if self.merge_constant else -1)
+        return self.fc(self.out(merged).mean(dim=1))
+
+
+def _export_bert_style(module: nn.Module) -> onnx.ModelProto:
+    """Legacy export with batch and tokens dynamic, as transformers models are exported."""
+    import io
+    import warnings
+
+    buffer = io.BytesIO()
+    axes = {"input": {0: "batch", 1: "tokens"}, "mask": {0: "batch", 1: "tokens"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(),
+            (torch.randn(2, TOKENS, DIM), torch.ones(2, TOKENS)),
+            buffer,
+            dynamo=False,
+            opset_version=17,
+            input_names=["input", "mask"],
+            output_names=["logits"],
+            dynamic_axes={**axes, "logits": {0: "batch"}},
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.mark.parametrize("merge_constant", [False, True], ids=["merge-1", "merge-HD"])
+def test_bert_style_heads_are_pruned_exactly_with_the_head_counts_edited(merge_constant):
+    """The BERT export's symbolic head count and its merge target are understood: a duplicated
+    head is removed by ID with T = 1 folded into the out projection, so the pruned layer is the
+    same function at any token count (the merge's H·D, where stated, becomes H'·D)."""
+    module = _with_duplicate_head_of(BertStyleAttention(merge_constant))
+    model = _export_bert_style(module)
+    heads, _ = _head_group(model)
+    assert heads.prunable, heads.reason
+    assert (heads.channels, heads.head_dim) == (HEADS, HEAD_DIM)
+    assert heads.consumers == ("/out/MatMul",)
+    x = _inputs()
+    options = dict(ratio=1 / HEADS, round_to=1, exclude=["out"], verify=False)
+    data = {"input": x, "mask": _padding_masks(48, TOKENS)}
+    result = onnxprune.prune(
+        model, method="id", compensate="none", recalibrate=False, data=data, **options
+    )
+    group = next(g for g in result.groups if g.head_dim > 1)
+    assert len(result.plans[group.name].keep) == HEADS - 1
+    longer = np.random.default_rng(3).standard_normal((4, TOKENS + 2, DIM)).astype(np.float32)
+    feeds = {"input": longer, "mask": _padding_masks(4, TOKENS + 2)}
+    assert_outputs_close(model, result.model, feeds, atol=1e-5)
+    stated = [  # the constant pieces of each Reshape's target (beside the input's shape)
+        [int(t.values[0]) for t in n.inputs[1].inputs[0].inputs if isinstance(t, gs.Constant)]
+        for n in normalize(result.model).nodes
+        if n.op == "Reshape" and n.inputs[1].inputs and n.inputs[1].inputs[0].op == "Concat"
+    ]
+    merged = (HEADS - 1) * HEAD_DIM if merge_constant else -1
+    assert stated == [[-1, HEAD_DIM]] * 3 + [[merged]]
+
+
+def _with_duplicate_head_of(module: BertStyleAttention) -> BertStyleAttention:
+    """Head 2 := head 0 in q, k and v, so its output equals head 0's."""
+    lo, hi = slice(0, HEAD_DIM), slice(2 * HEAD_DIM, 3 * HEAD_DIM)
+    with torch.no_grad():
+        for linear in (module.q, module.k, module.v):
+            linear.weight[hi] = linear.weight[lo]
+            linear.bias[hi] = linear.bias[lo]
+    return module
+
+
+def _padding_masks(n: int, tokens: int) -> np.ndarray:
+    """1 for the first 2 … `tokens` tokens of each row, 0 after (padding)."""
+    lengths = 2 + np.arange(n) % (tokens - 1)
+    return (np.arange(tokens) < lengths[:, None]).astype(np.float32)

@@ -36,7 +36,7 @@ def attention_step(node: gs.Node, index: int, state: State, channels: int) -> St
     if node.domain not in (None, "", "ai.onnx") or (index != 0 and node.op != "MatMul"):
         return None
     if node.op == "Reshape":
-        return _split_heads(node, state) or _merge_heads(node, state)
+        return _split_heads(node, state) or _merge_heads(node, state, channels)
     if node.op == "MatMul":
         return _batched_matmul(node, index, state)
     if node.op == "Softmax":
@@ -68,14 +68,20 @@ def head_width(node: gs.Node) -> int | None:
 
 def _head_split(node: gs.Node, axis: int) -> tuple[int, int, int] | None:
     """(axis, H, D) when Reshape `node` splits input `axis` of static size H·D into (H, D) at
-    output axes (axis, axis + 1) and keeps every axis after it; else None."""
+    output axes (axis, axis + 1) and keeps every axis after it; else None. H may be symbolic
+    (transformers' `view(*shape[:-1], -1, D)`): with the axes before `axis` the same as the
+    input's and D static, the element count makes it H·D / D."""
     shape_in, shape_out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
     if shape_in is None or shape_out is None or len(shape_out) != len(shape_in) + 1:
         return None
     if shape_in[axis + 1 :] != shape_out[axis + 2 :]:
         return None
     width, heads, dim = shape_in[axis], shape_out[axis], shape_out[axis + 1]
-    if not all(isinstance(d, int) for d in (width, heads, dim)) or heads * dim != width:
+    if not isinstance(width, int) or not isinstance(dim, int) or dim <= 0 or width % dim:
+        return None
+    if not isinstance(heads, int) and shape_in[:axis] == shape_out[:axis]:
+        heads = width // dim
+    if not isinstance(heads, int) or heads * dim != width:
         return None
     return axis, heads, dim
 
@@ -94,8 +100,12 @@ def _split_heads(node: gs.Node, state: State) -> Step | None:
     return through(node, state, axis=axis, spatial=1, edits=edits)
 
 
-def _merge_heads(node: gs.Node, state: State) -> Step | None:
-    """(…, H, D, …) → (…, H·D, …) where the channels are the heads: each becomes D features."""
+def _merge_heads(node: gs.Node, state: State, channels: int) -> Step | None:
+    """(…, H, D, …) → (…, H·D, …) where the channels are the heads: each becomes D features.
+    H and H·D may be symbolic (after a broadcast with the attention mask shape inference loses
+    them): H is then the group's `channels`, and the target must state H·D or -1 there. With
+    -1 the merged axis is H·D wherever the out projection (H·D weight rows) runs at all; its
+    other entries (the token dims, from shapes the heads do not change) stay as they are."""
     shape_in, shape_out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
     if shape_in is None or shape_out is None or len(shape_out) != len(shape_in) - 1:
         return None
@@ -103,12 +113,13 @@ def _merge_heads(node: gs.Node, state: State) -> Step | None:
     if axis + 1 >= len(shape_in) or shape_in[axis + 2 :] != shape_out[axis + 1 :]:
         return None
     heads, dim, width = shape_in[axis], shape_in[axis + 1], shape_out[axis]
-    if not all(isinstance(d, int) for d in (heads, dim, width)) or heads * dim != width:
+    heads = heads if isinstance(heads, int) else channels
+    if not isinstance(dim, int) or (isinstance(width, int) and heads * dim != width):
         return None
     if state.spatial != 1:
         return _block(f"Reshape '{node.name}' merges heads of channels that are not single")
     edit = ParamEdit(node.name, 1, axis, state.offset, "count", dim)
-    edits = _target_edits(node, axis, width, edit)
+    edits = _target_edits(node, axis, heads * dim, edit)
     if isinstance(edits, Step):
         return edits
     return through(node, state, axis=axis, spatial=dim, edits=edits)

@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.ops.flow import State, Step, block, rank_of, shape_of, through, with_param
 from onnxprune.ops.registry import Handler, register
 from onnxprune.ops.rmsnorm import is_rms_end, rms_kind, rms_square
+from onnxprune.ops.shape_values import is_one
 from onnxprune.ops.torch_support import binary, variadic
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ class Elementwise(Handler):
             return block(f"Pow '{node.name}' with a tensor exponent")
         axis = state.axis + out_rank - in_rank
         other_axis = axis - (out_rank - len(other_shape))
-        if other_axis < 0 or other_shape[other_axis] == 1:
+        if other_axis < 0 or is_one(node.inputs[other], other_axis):
             return through(node, state, axis=axis)  # e.g. a spatial attention map: channel-wise
         return through(node, state, axis=axis, couple=True)
 

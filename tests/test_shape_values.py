@@ -1,0 +1,65 @@
+"""Axes of size one behind a computed Expand target (ops/shape_values.py), against ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from conftest import run_model
+from onnx import TensorProto, helper
+
+from onnxprune.ops.shape_values import entry_value, is_one
+
+
+def _expand_model(middle: str) -> onnx.ModelProto:
+    """y = Expand(x, Where(Equal(t, -1), 1, t)), t = [batch of x, MIDDLE, 4]: torch's `expand`
+    with a -1-or-size entry. MIDDLE is "-1" (a constant: y keeps x's axis 1, of size 1) or
+    "rows" (the size of another input's axis 0: y's axis 1 is that size)."""
+    constants = {
+        "minus": np.array([-1], np.int64),
+        "minus3": -np.ones(3, np.int64),
+        "four": np.array([4], np.int64),
+        "ones": np.ones(3, np.int64),
+        "zero": np.array([0], np.int64),
+    }
+    nodes = [
+        helper.make_node("Shape", ["x"], ["sx"]),
+        helper.make_node("Gather", ["sx", "zero"], ["b"]),
+        helper.make_node("Shape", ["r"], ["sr"]),
+        helper.make_node("Gather", ["sr", "zero"], ["rows"]),
+        helper.make_node(
+            "Concat", ["b", "minus" if middle == "-1" else "rows", "four"], ["t"], axis=0
+        ),
+        helper.make_node("Equal", ["t", "minus3"], ["eq"]),
+        helper.make_node("Where", ["eq", "ones", "t"], ["target"]),
+        helper.make_node("Expand", ["x", "target"], ["e"]),
+        helper.make_node("Cast", ["e"], ["y"], to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "expand",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 4]),
+            helper.make_tensor_value_info("r", TensorProto.FLOAT, ["rows"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(v, k) for k, v in constants.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return onnx.shape_inference.infer_shapes(model)
+
+
+@pytest.mark.parametrize("middle", ["-1", "rows"])
+def test_is_one_only_where_constants_decide_a_one(middle):
+    model = _expand_model(middle)
+    graph = gs.import_onnx(model)
+    y = graph.tensors()["y"]
+    assert not isinstance(y.shape[1], int)  # shape inference alone does not know
+    feeds = {"x": np.zeros((2, 1, 4), np.float32), "r": np.zeros(3, np.float32)}
+    actual = run_model(model, feeds)["y"].shape
+    assert is_one(y, 1) == (actual[1] == 1) == (middle == "-1")
+    assert is_one(y, -2) == is_one(y, 1)
+    assert not is_one(y, 0) and not is_one(y, 2)
+    assert entry_value(graph.tensors()["target"], 2) == 4
+    assert entry_value(graph.tensors()["target"], 0) is None
