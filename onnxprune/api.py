@@ -343,8 +343,15 @@ def _extra_needs(
 
 
 def _finish(original: onnx.ModelProto, graph: gs.Graph, config: PruneConfig) -> onnx.ModelProto:
-    """Export the pruned graph keeping the original's IR version, opsets and metadata."""
+    """Export the pruned graph keeping the original's IR version, opsets and metadata.
+
+    Intermediate shapes (`value_info`) are written only when the original had them: they
+    change which fusions ONNX Runtime applies (MiniLM without them, as exported, ran 13 %
+    faster on CPU than with the complete shapes, which enable its slower SkipLayerNorm fusion),
+    so a pruned model keeps the runtime behaviour its input had."""
     model = export(graph)
+    if not original.graph.value_info:
+        del model.graph.value_info[:]
     model.ir_version = original.ir_version
     for attr in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, attr, getattr(original, attr))

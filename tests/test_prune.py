@@ -34,6 +34,16 @@ from onnxprune.config import PruneConfig
 from onnxprune.errors import NothingToPruneError, UsageError
 
 
+@pytest.mark.parametrize("exporter", ["onnx", "dynamo.onnx"])
+def test_intermediate_shapes_are_written_only_where_the_original_had_them(exporter):
+    """The legacy export has no value_info, the dynamo one has it for every tensor: the pruned
+    model follows its input (ONNX Runtime fuses differently with complete shapes)."""
+    original = onnx.load(reference_path("vgg", exporter))
+    result = onnxprune.prune(original, method="magnitude", ratio=0.5, verify=False)
+    assert bool(result.model.graph.value_info) == bool(original.graph.value_info)
+    assert bool(original.graph.value_info) == (exporter == "dynamo.onnx")
+
+
 @pytest.mark.parametrize("name, exporter", REFERENCE_MODELS, ids=REFERENCE_IDS)
 def test_magnitude_half_gives_valid_smaller_model(name, exporter, tmp_path):
     path = tmp_path / reference_path(name, exporter).name
