@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 import onnxprune
-from benchmarks.defaults import splits, top1
+from benchmarks.defaults import pruned_cell, splits, top1
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("vgg", "resnet", "mobilenetv2", "inception", "senet")
@@ -86,12 +86,7 @@ def measure(name: str, cache: Path) -> dict:
                     verify=False,
                 )
                 label = criterion + (" + recalibrate" if recalibrate else "")
-                cell = {
-                    "validation": top1(result.model, *val),
-                    "test": top1(result.model, *test),
-                    "macs_kept": result.report.macs[1] / result.report.macs[0],
-                    "seconds": time.perf_counter() - start,
-                }
+                cell = pruned_cell(result, val, test, start)
                 cells[f"{label} @ {reduction}"] = cell
                 print(name, label, reduction, {k: round(v, 4) for k, v in cell.items()}, flush=True)
     return cells
