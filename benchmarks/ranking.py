@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,28 +39,14 @@ def bn_model(name: str, cache: Path) -> onnx.ModelProto:
     if not path.is_file():
         import torch
 
-        from models.build import SEED, SPECS, seed_everything, train
+        from models.build import SEED, SPECS, export_legacy, seed_everything, train
         from models.data import load
 
         spec = SPECS[name]
         seed_everything(SEED)
         model = train(spec.factory(), load(spec.flat), spec)
-        example = torch.zeros(2, 1, 32, 32)
         cache.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (example,),
-                str(path),
-                dynamo=False,
-                opset_version=17,
-                training=torch.onnx.TrainingMode.PRESERVE,
-                do_constant_folding=False,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            )
+        export_legacy(model, torch.zeros(2, 1, 32, 32), path, keep_batchnorm=True)
     model = onnx.load(path)
     if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
         raise SystemExit(f"{path}: the export folded BatchNorm; nothing to measure")

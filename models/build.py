@@ -92,9 +92,18 @@ def train(model: nn.Module, data: Digits, spec: Spec) -> nn.Module:
     return model.eval()
 
 
-def export_legacy(model: nn.Module, example: torch.Tensor, path: Path, batch_axis: int = 0) -> None:
-    """TorchScript exporter, opset 17, dynamic batch (BatchNorm gets folded into Conv);
-    `batch_axis` is the batch axis of the output (1 for time-major sequence outputs)."""
+def export_legacy(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    batch_axis: int = 0,
+    *,
+    keep_batchnorm: bool = False,
+) -> None:
+    """TorchScript exporter, opset 17, dynamic batch (BatchNorm gets folded into Conv unless
+    `keep_batchnorm`); `batch_axis` is the batch axis of the output (1 for time-major sequence
+    outputs)."""
+    keep = {"training": torch.onnx.TrainingMode.PRESERVE, "do_constant_folding": False}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # legacy exporter is deliberate
         torch.onnx.export(
@@ -103,6 +112,7 @@ def export_legacy(model: nn.Module, example: torch.Tensor, path: Path, batch_axi
             str(path),
             dynamo=False,
             opset_version=17,
+            **(keep if keep_batchnorm else {}),
             input_names=["input"],
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {batch_axis: "batch"}},
