@@ -52,6 +52,9 @@ def test_block_size_from_flags(machine, cpuinfo, block):
         (None, "cpu-avx2", 8),
         ("auto", "cpu-avx2", 8),
         ("auto", "cpu-avx512", 16),
+        (None, "arm-neon", 1),
+        (None, "arm-neon-nchwc", 16),
+        (None, "cuda", 8),
     ],
 )
 def test_round_to_for_explicit_values_and_targets(round_to, target, step):

@@ -85,8 +85,9 @@ def add_rounding_arguments(group: argparse._ArgumentGroup) -> None:
         "--target",
         choices=sorted(TARGETS),
         default=argparse.SUPPRESS,
-        help="round for this deployment CPU instead: its ORT conv block (cpu-avx2: 8, "
-        "cpu-avx512: 16)",
+        help="round for this deployment target instead: its kernels' channel block (cpu-avx2: "
+        "8, cpu-avx512: 16, arm-neon: 1 = ORT's default ARM64 build has no NCHWc kernels, "
+        "arm-neon-nchwc: 16, cuda: 8 = Tensor Core convs in FP16)",
     )
 
 

@@ -11,7 +11,13 @@ has none: ARM64 gets NEON NCHWc kernels only from the opt-in build option
 onnxruntime_USE_ARM_NEON_NCHWC, and without NCHWc support ORT registers no NCHWc kernels
 (onnxruntime/contrib_ops/cpu/cpu_contrib_kernels.cc). Hence `auto` is 1 (no rounding) off x86-64:
 without a block to fill, rounding would only keep channels no kernel is known to need; a build
-with NCHWc kernels there can be given its block with --round-to N.
+with NCHWc kernels there can be given its block with --round-to N, or `--target
+arm-neon-nchwc` (16: sconv.h's MLAS_NEON_BLOCK_SIZE, which must equal that build's
+NchwcBlockSize).
+
+`--target cuda` is 8 from NVIDIA's cuDNN guidance rather than ORT's source: Tensor Core
+convolutions want input and output channels divisible by 8 in FP16 (4 in TF32, so 8 serves both).
+None of the non-host targets is measured here (docs/RESULTS.md, "Channel rounding").
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from pathlib import Path
 
 from onnxprune.errors import UsageError
 
-TARGETS = {"cpu-avx2": 8, "cpu-avx512": 16}  # --target: the NCHWc block of that x86-64 CPU
+# --target: the channel multiple each deployment target's kernels work in (module docstring).
+TARGETS = {"cpu-avx2": 8, "cpu-avx512": 16, "arm-neon": 1, "arm-neon-nchwc": 16, "cuda": 8}
 X86_64 = {"x86_64", "amd64"}
 
 
