@@ -117,8 +117,10 @@ def test_result_dict_and_table(files):
         "cosine",
         "retrieval",
         "spearman",
+        "provider",
     }
     assert set(row) == expected
+    assert row["provider"] == "cpu"
     assert len(row["times_ms"]) == FAST["repeats"]
     table = result.format_table()
     assert "median ms" in table and "1:conv8" in table
@@ -149,7 +151,11 @@ def test_explicit_threads_and_cuda_error(files):
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(UsageError, match="CUDAExecutionProvider"):
-            benchmark([str(files["small"])], provider="cuda", **FAST)
+            benchmark([str(files["small"])], providers=("cuda",), **FAST)
+    with pytest.raises(UsageError, match="choose from cpu, cuda, tensorrt, openvino"):
+        benchmark([str(files["small"])], providers=("rocm",), **FAST)
+    with pytest.raises(UsageError, match="each execution provider once"):
+        benchmark([str(files["small"])], providers=("cpu", "cpu"), **FAST)
 
 
 def test_dynamic_dims_need_input_shape(files):

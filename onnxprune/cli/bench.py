@@ -42,9 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--provider",
-        choices=sorted(PROVIDERS),
         default="cpu",
-        help="ONNX Runtime execution provider.",
+        metavar="NAME[,NAME...]",
+        help=f"ONNX Runtime execution provider(s), from {', '.join(PROVIDERS)}; several: every "
+        "model on each, interleaved in one run, rows named by provider (default: cpu)",
     )
     parser.add_argument(
         "--input-shape",
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         args.models,
         batches=parse_batches(args.batch),
         threads=args.threads,
-        provider=args.provider,
+        providers=[p.strip() for p in args.provider.split(",") if p.strip()],
         input_shapes=parse_input_shapes(args.input_shape),
         warmup=args.warmup,
         repeats=args.repeats,

@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -35,6 +35,9 @@ from onnxprune.measure.embedding import embedding_scores, token_state_mask
 from onnxprune.measure.latency import benchmark
 from onnxprune.measure.verify import is_class_scores, session_for
 from onnxprune.options import METHODS, check_ratio
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 MODIFIERS: dict[str, dict[str, Any]] = {
     "bias": {"compensate": "bias"},
@@ -192,7 +195,10 @@ class Evaluator:
     def outputs(self, model: onnx.ModelProto) -> np.ndarray:
         """The first output of `model` over the evaluation split, in batches (of the model's
         fixed batch when it has one)."""
-        session = session_for(model)
+        return self.session_outputs(session_for(model))
+
+    def session_outputs(self, session: ort.InferenceSession) -> np.ndarray:
+        """`outputs` of a model already loaded in `session` (any execution provider)."""
         name = session.get_outputs()[0].name
         batch = batch_for((arg.shape for arg in session.get_inputs()), self.batch_size)
         parts = [session.run([name], b.feeds)[0] for b in self.data.batches(batch)]

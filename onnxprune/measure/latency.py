@@ -26,7 +26,12 @@ if TYPE_CHECKING:  # onnx and onnxruntime load where used: PROVIDERS serves the 
     from onnxprune.calib.data import Dataset
     from onnxprune.compare.sweep import Evaluation
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDERS = {  # --provider name: ONNX Runtime's provider, and the package that brings it
+    "cpu": ("CPUExecutionProvider", "onnxruntime"),
+    "cuda": ("CUDAExecutionProvider", "onnxruntime-gpu"),
+    "tensorrt": ("TensorrtExecutionProvider", "onnxruntime-gpu and TensorRT"),
+    "openvino": ("OpenVINOExecutionProvider", "onnxruntime-openvino"),
+}
 _NP_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -53,6 +58,8 @@ class BenchRow:
     first model's) and, for sentence encoders (token states and an `attention_mask` input),
     `cosine`, `retrieval` and `spearman` of mean-pooled embeddings against the first model's
     (onnxprune.measure.embedding) are None without evaluation data or where they do not apply.
+    `provider` is the execution provider the row ran on (scores included); "first model" is
+    the first model on the first provider.
     """
 
     model: str
@@ -75,6 +82,7 @@ class BenchRow:
     cosine: float | None = None
     retrieval: float | None = None
     spearman: float | None = None
+    provider: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -165,7 +173,7 @@ def benchmark(
     *,
     batches: Sequence[int] = (1,),
     threads: int | None = None,
-    provider: str = "cpu",
+    providers: Sequence[str] = ("cpu",),
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     warmup: int = 10,
     repeats: int = 50,
@@ -179,22 +187,30 @@ def benchmark(
     """Time `models` interleaved at each batch size; at least `repeats` runs per model and batch,
     more until a batch's measurement loop has lasted `min_time` seconds. `spinning` lets idle
     intra-op threads busy-wait (ORT's default; unfair when sessions interleave). `names` label
-    the rows (default: file names). With `evaluation` data every model is also scored on it
-    (accuracy with labels; agreement and rel-L2 against the first model), before any timing."""
+    the rows (default: file names). Every model runs on each of `providers` (rows labelled with
+    the provider when there are several), all sessions interleaved in one loop. With
+    `evaluation` data every session is also scored on it (accuracy with labels; agreement and
+    rel-L2 against the first model on the CPU provider), before any timing."""
     import onnxruntime as ort
 
     from onnxprune.graph.session import default_threads
     from onnxprune.measure.cost import count
 
     _check_options(models, batches, threads, warmup, repeats, min_time)
+    if not providers or len(set(providers)) != len(providers):
+        raise UsageError(f"give each execution provider once, got {list(providers)}")
     threads = threads or default_threads() or physical_cores()
+    cells = [(p, i) for p in providers for i in range(len(models))]  # (provider, model) pairs
     loaded = [_load(m) for m in models]
-    sizes = [model_bytes(m) for m in models]
-    labels = list(names) if names else _labels(models)
-    scores = _evaluate(loaded, labels, evaluation) if evaluation is not None else None
+    sizes = [model_bytes(models[i]) for _, i in cells]
+    names = list(names) if names else _labels(models)
+    labels = [names[i] if len(providers) == 1 else f"{names[i]} [{p}]" for p, i in cells]
+    loaded = [loaded[i] for _, i in cells]
     sessions = [
-        make_session(m, threads=threads, provider=provider, spinning=spinning) for m in loaded
+        make_session(m, threads=threads, provider=p, spinning=spinning)
+        for m, (p, _) in zip(loaded, cells, strict=True)
     ]
+    scores = _evaluate(loaded[0], sessions, labels, evaluation) if evaluation is not None else None
     batches, note = _accepted_batches(sessions, labels, batches)
     _check_input_names(sessions, input_shapes or {})
     feeds_by_batch = {  # built up front so a bad shape fails before any timing
@@ -211,9 +227,9 @@ def benchmark(
             count(m, input_shapes={k: v.shape for k, v in f.items()})
             for m, f in zip(loaded, feeds, strict=True)
         ]
-        rows += _rows(labels, batch, times, costs, sizes, scores)
+        rows += _rows(labels, batch, times, costs, sizes, scores, [p for p, _ in cells])
     settings = {
-        "provider": provider,
+        "provider": ", ".join(providers),
         "threads": threads,
         "inter_op_threads": 1,
         "allow_spinning": spinning,
@@ -318,13 +334,13 @@ def make_session(
     from onnxprune.graph.session import inference_session
 
     if provider not in PROVIDERS:
-        raise UsageError(f"unknown provider '{provider}'; choose one of {sorted(PROVIDERS)}")
-    name = PROVIDERS[provider]
+        raise UsageError(f"unknown provider '{provider}'; choose from {', '.join(PROVIDERS)}")
+    name, package = PROVIDERS[provider]
     available = ort.get_available_providers()
     if name not in available:
         raise UsageError(
             f"provider '{provider}' needs {name}, but this onnxruntime offers only "
-            f"{available} (install onnxruntime-gpu for cuda)"
+            f"{available} (it comes with {package})"
         )
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -335,7 +351,7 @@ def make_session(
     # Interleaved sessions each own a thread pool; spinning workers of the session that just ran
     # would steal cores from the next one (measured: 3-10x slower medians on 2 cores).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    providers = [name] if provider == "cpu" else [name, PROVIDERS["cpu"]]
+    providers = [name] if provider == "cpu" else [name, PROVIDERS["cpu"][0]]
     try:
         return inference_session(model, opts, providers)
     except Exception as exc:  # ORT raises several pybind exception types
@@ -521,16 +537,20 @@ def _time_interleaved(sessions, feeds, warmup: int, repeats: int, min_time: floa
 
 
 def _evaluate(
-    models: Sequence[onnx.ModelProto], labels: Sequence[str], data: Dataset
+    reference: onnx.ModelProto,
+    sessions: Sequence[ort.InferenceSession],
+    labels: Sequence[str],
+    data: Dataset,
 ) -> list[Evaluation]:
-    """Each model's scores on `data` against the first model's first output."""
+    """Each session's scores on `data` against the first output of `reference` (on the CPU
+    provider), so that a provider's own rounding shows in its rows."""
     from onnxprune.compare.sweep import Evaluator
 
-    evaluator = Evaluator(models[0], data)
-    scores = [evaluator.base]
-    for model, label in zip(models[1:], labels[1:], strict=True):
+    evaluator = Evaluator(reference, data)
+    scores = []
+    for session, label in zip(sessions, labels, strict=True):
         try:
-            got = evaluator.outputs(model)
+            got = evaluator.session_outputs(session)
         except Exception as exc:  # ORT raises several pybind exception types
             first = first_line(exc, 200)
             raise DataError(f"'{label}' cannot run on the evaluation data: {first}") from exc
@@ -543,7 +563,7 @@ def _evaluate(
     return scores
 
 
-def _rows(labels, batch: int, times, costs, sizes, scores) -> list[BenchRow]:
+def _rows(labels, batch: int, times, costs, sizes, scores, providers) -> list[BenchRow]:
     medians = [float(np.median(t)) for t in times]
     rows = []
     for i, (label, t, cost, median) in enumerate(zip(labels, times, costs, medians, strict=True)):
@@ -571,6 +591,7 @@ def _rows(labels, batch: int, times, costs, sizes, scores) -> list[BenchRow]:
                 cosine=score.cosine if score else None,
                 retrieval=score.retrieval if score else None,
                 spearman=score.spearman if score else None,
+                provider=providers[i],
             )
         )
     return rows
