@@ -409,6 +409,7 @@ def _quantized(pruned: onnx.ModelProto, fit: Dataset, config: PruneConfig) -> on
         config.quantize,
         data=fit,
         exclude=config.quantize_exclude,
+        float_ends=config.quantize_float_ends,
         batch_size=config.batch_size,
     )
 

@@ -50,6 +50,7 @@ class PruneConfig:
     max_deviation: float | None = None
     quantize: str | None = None
     quantize_exclude: tuple[str, ...] = ()
+    quantize_float_ends: bool = False
     allow_noop: bool = False
     target_macs: float | None = None
     target_params: float | None = None

@@ -74,6 +74,17 @@ def test_excluded_nodes_stay_float():
     assert others and all(n.input[1].endswith("_DequantizeLinear_Output") for n in others)
 
 
+def test_float_ends_keep_the_first_conv_and_the_last_gemm_float():
+    model = onnx.load(VGG)
+    weighted = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    quantized = quantize(model, "int8", data=_calibration(32), float_ends=True)
+    nodes = {n.name: n for n in quantized.graph.node}
+    for end in (weighted[0], weighted[-1]):
+        assert nodes[end.name].input[1] == end.input[1]  # float weight, no DequantizeLinear
+    middle = [nodes[n.name].input[1] for n in weighted[1:-1]]
+    assert middle and all(w.endswith("_DequantizeLinear_Output") for w in middle)
+
+
 def test_fp16_halves_weights_and_keeps_float32_io():
     model = onnx.load(VGG)
     half = quantize(model, "fp16")

@@ -37,6 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="keep nodes whose name matches REGEX in float (repeatable)",
     )
     parser.add_argument(
+        "--quantize-float-ends",
+        action="store_true",
+        help="keep the first and last Conv/Gemm/MatMul in float",
+    )
+    parser.add_argument(
         "--verify-samples", type=int, default=64, help="samples compared with the float model"
     )
     add_data_arguments(parser)
@@ -52,7 +57,12 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     dataset = load_dataset(args, model)
     quantized = quantize(
-        model, args.mode, data=dataset, exclude=args.quantize_exclude, batch_size=args.batch_size
+        model,
+        args.mode,
+        data=dataset,
+        exclude=args.quantize_exclude,
+        float_ends=args.quantize_float_ends,
+        batch_size=args.batch_size,
     )
     check = verify(model, quantized, dataset.head(args.verify_samples).arrays, data=dataset.source)
     path = Path(args.model)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the modes are read by the CLI parsers, which must start wit
 
 MODES = ("int8", "int8-dynamic", "fp16")
 DYNAMIC_OPS = ("MatMul", "Gemm", "LSTM", "GRU", "Attention")
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def quantize(
@@ -38,15 +39,19 @@ def quantize(
     *,
     data: Dataset | None = None,
     exclude: Sequence[str] = (),
+    float_ends: bool = False,
     batch_size: int = 32,
 ) -> onnx.ModelProto:
-    """`model` quantized in `mode`; nodes whose name matches a regex in `exclude` stay float.
+    """`model` quantized in `mode`; nodes whose name matches a regex in `exclude` stay float,
+    and with `float_ends` the first and last weighted layers too (`end_layers`).
 
     ``int8`` calibrates activation ranges on `data` (required); the other modes ignore it.
     """
     if mode not in MODES:
         raise UsageError(f"unknown quantization '{mode}'; choose from {', '.join(MODES)}")
     excluded = excluded_nodes(model, exclude)
+    if float_ends:
+        excluded = list(dict.fromkeys(excluded + end_layers(model)))
     if mode == "fp16":
         return _float16(model, excluded)
     if mode == "int8" and (data is None or len(data) == 0):
@@ -84,6 +89,14 @@ def excluded_nodes(model: onnx.ModelProto, patterns: Sequence[str]) -> list[str]
         except re.error as exc:
             raise UsageError(f"--quantize-exclude '{pattern}' is not a regex: {exc}") from exc
     return [n.name for n in model.graph.node if any(c.search(n.name) for c in compiled)]
+
+
+def end_layers(model: onnx.ModelProto) -> list[str]:
+    """Names of the first and the last weighted layer (Conv, ConvTranspose, Gemm, MatMul) in
+    the graph's node order: the layers quantization is said to hurt most (the input's raw values,
+    the output's logits)."""
+    weighted = [n.name for n in model.graph.node if n.op_type in WEIGHTED_OPS]
+    return list(dict.fromkeys(weighted[:1] + weighted[-1:]))
 
 
 def _static(source: Path, target: Path, data: Dataset, excluded: list[str], batch: int) -> None:
