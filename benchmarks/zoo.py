@@ -409,7 +409,8 @@ def evaluate(
     models = onnx.load(str(original)), onnx.load(str(pruned))
     row["mac_cut"] = 1 - count(models[1]).macs / count(models[0]).macs
     row["mac_cut_ort_shapes"] = guarded(ort_mac_cut, *models, heldout)
-    row["latency"] = guarded(speedup, original, pruned, args)
+    if args.repeats > 0:  # 0: no timing (zoo_breadth.py)
+        row["latency"] = guarded(speedup, original, pruned, args)
     return row
 
 

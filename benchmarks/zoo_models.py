@@ -92,7 +92,42 @@ def zoo_specs() -> dict[str, ZooSpec]:
         ZooSpec("resnext50_32x4d", tv.resnext50_32x4d, 224),
         ZooSpec("convnext_tiny", tv.convnext_tiny, 224),
         ZooSpec("vit_b_16", tv.vit_b_16, 224),
-        ZooSpec("yolov8n", build_yolov8n, 320, "images", "output0", "ultralytics DetectionModel"),
+        ZooSpec(
+            "yolov8n",
+            lambda: build_yolo("yolov8n.yaml"),
+            320,
+            "images",
+            "output0",
+            "ultralytics DetectionModel",
+        ),  # fmt: skip
+    ]
+    return {s.name: s for s in specs}
+
+
+def extra_specs() -> dict[str, ZooSpec]:
+    """More architectures for the breadth check (`zoo_breadth.py`): built with `--models`,
+    never by default (the main zoo's benchmark stays as it is)."""
+    tv = import_torchvision().models
+    specs = [
+        ZooSpec("mobilenet_v2", tv.mobilenet_v2, 224),
+        ZooSpec("mnasnet1_0", tv.mnasnet1_0, 224),
+        ZooSpec("resnet18", tv.resnet18, 224),
+        ZooSpec("regnet_x_400mf", tv.regnet_x_400mf, 224),
+        ZooSpec("googlenet", lambda: tv.googlenet(aux_logits=False, init_weights=True), 224),
+        ZooSpec("inception_v3", lambda: tv.inception_v3(aux_logits=False, init_weights=True), 299),
+        ZooSpec("efficientnet_v2_s", tv.efficientnet_v2_s, 224),
+        ZooSpec("swin_t", tv.swin_t, 224),
+        *(
+            ZooSpec(
+                name,
+                lambda y=f"{name}.yaml": build_yolo(y),
+                320,
+                "images",
+                "output0",
+                "ultralytics DetectionModel",
+            )  # fmt: skip
+            for name in ("yolov5nu", "yolov10n", "yolo11n")
+        ),
     ]
     return {s.name: s for s in specs}
 
@@ -113,14 +148,14 @@ def import_torchvision() -> types.ModuleType:
     return torchvision
 
 
-def build_yolov8n() -> nn.Module:
-    """YOLOv8n from its yaml (no weights download), fused and in ultralytics' ONNX export mode."""
+def build_yolo(yaml: str) -> nn.Module:
+    """An ultralytics detector from its yaml (no weights download), in its ONNX export mode."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     import_torchvision()
     from ultralytics.nn.modules import Detect
     from ultralytics.nn.tasks import DetectionModel
 
-    model = DetectionModel("yolov8n.yaml", verbose=False)
+    model = DetectionModel(yaml, verbose=False)
     for module in model.modules():
         if isinstance(module, Detect):
             module.export, module.format, module.dynamic = True, "onnx", True
@@ -134,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     specs = zoo_specs()
     names = args.models.split(",") if args.models else list(specs)
+    if set(names) - set(specs):
+        specs |= extra_specs()
     manifest_path = cache / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     for name in names:
@@ -162,7 +199,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     default = os.environ.get("ONNXPRUNE_ZOO_CACHE", str(DEFAULT_CACHE))
     parser.add_argument("--cache", default=default, help="Folder for the models and data.")
-    parser.add_argument("--models", default="", help="Comma-separated subset (default: all).")
+    parser.add_argument(
+        "--models",
+        default="",
+        help="Comma-separated subset (default: the main zoo); may name extra_specs() models.",
+    )
     parser.add_argument("--force", action="store_true", help="Re-export existing files.")
     return parser.parse_args(argv)
 
@@ -250,7 +291,7 @@ def export_model(spec: ZooSpec, cache: Path, data: dict[str, np.ndarray]) -> dic
     """Build, randomise and export one model in every form it gets; returns its manifest entry."""
     torch.manual_seed(SEED)
     model = randomise_norms(spec.build(), data["calib"], SEED)
-    if spec.name == "yolov8n":
+    if spec.name.startswith("yolo"):
         model = model.fuse()  # as ultralytics' own exporter does
     x = torch.from_numpy(data["heldout"][:2])
     with torch.no_grad():
