@@ -27,8 +27,9 @@ def _groups(model: onnx.ModelProto) -> dict:
     return {g.name: g for g in analyze(normalize(model))}
 
 
-def test_groups_are_followed_through_two_nested_shuffles():
-    groups = _groups(graphs.shuffle_units())
+@pytest.mark.parametrize("chunk", ["split", "slice"])
+def test_groups_are_followed_through_two_nested_shuffles(chunk):
+    groups = _groups(graphs.shuffle_units(chunk=chunk))
     where = {name: [(t.tensor, t.offset, t.stride) for t in g.taps] for name, g in groups.items()}
     assert where == {
         "c0[0:2]": [("u2.from_groups_out", 0, 4)],
@@ -67,13 +68,14 @@ def test_a_duplicated_channel_behind_two_shuffles_is_reconstructed_exactly():
     assert_outputs_close(model, pruned.model, graphs.random_input(model, 8, seed=5), atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", ["split", "slice"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_pruned_shuffles_equal_the_original_with_the_removed_channels_zeroed(seed):
+def test_pruned_shuffles_equal_the_original_with_the_removed_channels_zeroed(seed, chunk):
     """Brute force: random kept channels in every group (the segments of a shuffle lose
     different numbers of channels); the pruned model computes what the original computes when
-    the removed channels are 0 at their producers (ReLU, the bias-free depthwise conv, Split,
-    Concat and the shuffles keep a 0 channel 0)."""
-    model = graphs.shuffle_units()
+    the removed channels are 0 at their producers (ReLU, the bias-free depthwise conv, Split or
+    Slice, Concat and the shuffles keep a 0 channel 0)."""
+    model = graphs.shuffle_units(chunk=chunk)
     graph = normalize(model)
     groups = [g for g in analyze(graph) if g.prunable]
     rng = np.random.default_rng(seed)
