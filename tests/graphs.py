@@ -468,3 +468,53 @@ def strided_stem() -> onnx.ModelProto:
     w = b.rand("c1.w", 8, 3, 7, 7)
     h = b.relu("r1", b.node("Conv", "c1", ["x", w], kernel_shape=[7, 7], strides=[2, 2]))
     return b.model([b.conv("c2", h, 8, 4)], shape=("N", 3, "H", "W"))
+
+
+def shuffle_units(perm: Sequence[int] = (0, 2, 1, 3, 4), chunk: str = "split") -> onnx.ModelProto:
+    """Two ShuffleNetV2 units with constant shapes: c0(8) → relu → unit u1 (Split [4, 4] → (a,
+    relu(c1(b)))) → unit u2 (Split [4, 4] → (a, relu(c2(dw(b))))) → c3(4) → y, where a unit ends
+    in Concat → Reshape [0, 2, 4, 8, 8] → Transpose `perm` → Reshape [0, 8, 8, 8]. dw is a
+    depthwise 3×3 conv without bias (a channel that is 0 stays 0 everywhere); c0's channel 1
+    duplicates its channel 0. `chunk` "slice": the halves are two Slices [0, 4) and [4, 8) (as
+    torchvision's `x.chunk(2)` exports once its bounds are folded), named `{unit}.split_out`
+    and `{unit}.split_out1` like the Split's outputs."""
+    b = Builder(47)
+    weight = (0.5 * b.rng.standard_normal((8, 3, 3, 3))).astype(np.float32)
+    bias = (0.1 * b.rng.standard_normal(8)).astype(np.float32)
+    weight[1], bias[1] = weight[0], bias[0]
+    h = b.relu("r0", b.conv("c0", "x", 3, 8, weight=weight, b=bias))
+    for unit, branch in (("u1", "c1"), ("u2", "c2")):
+        a, rest = _split_halves(b, unit, h) if chunk == "split" else _slice_halves(b, unit, h)
+        if unit == "u2":
+            rest = b.conv("dw", rest, 4, 4, group=4, bias=False)
+        right = b.relu(f"{unit}.relu", b.conv(branch, rest, 4, 4))
+        h = b.node("Concat", f"{unit}.cat", [a, right], axis=1)
+        h = _shuffle(b, unit, h, perm)
+    return b.model([b.conv("c3", h, 8, 4)])
+
+
+def _split_halves(b: Builder, name: str, x: str) -> tuple[str, str]:
+    sizes = b.const(f"{name}.sizes", _ints(4, 4))
+    first = b.node("Split", f"{name}.split", [x, sizes], outputs=2, axis=1)
+    return first, f"{name}.split_out1"
+
+
+def _slice_halves(b: Builder, name: str, x: str) -> tuple[str, str]:
+    one, four, eight = (b.const(f"{name}.{v}", _ints(v)) for v in (1, 4, 8))
+    zero = b.const(f"{name}.0", _ints(0))
+    first = b.node("Slice", f"{name}.split", [x, zero, four, one])
+    b.nodes.append(
+        helper.make_node(
+            "Slice", [x, four, eight, one], [f"{name}.split_out1"], name=f"{name}.rest"
+        )
+    )
+    return first, f"{name}.split_out1"
+
+
+def _shuffle(b: Builder, name: str, x: str, perm: Sequence[int]) -> str:
+    """Reshape [0, 2, 4, 8, 8] → Transpose `perm` → Reshape [0, 8, 8, 8]."""
+    apart = b.const(f"{name}.apart", _ints(0, 2, 4, 8, 8))
+    back = b.const(f"{name}.back", _ints(0, 8, 8, 8))
+    h = b.node("Reshape", f"{name}.to_groups", [x, apart])
+    h = b.node("Transpose", f"{name}.swap", [h], perm=list(perm))
+    return b.node("Reshape", f"{name}.from_groups", [h, back])

@@ -463,24 +463,6 @@ def test_mac_cost_counts_every_split_part_of_a_producer():
     assert cost(widths) == pytest.approx(expected, rel=1e-12)
 
 
-# --- channel shuffle: refused ------------------------------------------------------------------
-
-
-def test_channel_shuffle_is_refused_with_its_reason():
-    """Reshape (N, 2, 4, H, W) → Transpose (0, 2, 1, 3, 4) → Reshape (N, 8, H, W) interleaves
-    the channels (c = i·4 + j goes to j·2 + i), which no contiguous channel range follows."""
-    b = graphs.Builder(46)
-    h = b.relu("r1", b.conv("c1", "x", 3, 8))
-    split = b.const("shuffle.in", np.array([0, 2, 4, 8, 8], dtype=np.int64))
-    merge = b.const("shuffle.out", np.array([0, 8, 8, 8], dtype=np.int64))
-    h = b.node("Reshape", "to_groups", [h, split])
-    h = b.node("Transpose", "swap", [h], perm=[0, 2, 1, 3, 4])
-    h = b.node("Reshape", "from_groups", [h, merge])
-    group = _groups(b.model([b.conv("c2", h, 8, 4)]))["c1"]
-    assert not group.prunable and group.blocker == "to_groups"
-    assert "channel shuffle" in group.reason
-
-
 # --- every method on the cut groups ------------------------------------------------------------
 
 

@@ -63,12 +63,14 @@ def channel_view(array: np.ndarray, tap: Tap, channels: int) -> np.ndarray:
     """The tap's channels of `array` as (samples, positions, channels).
 
     Positions are every index other than the sample and channel axes, including the `spatial`
-    features a flattened channel occupies.
+    features a flattened channel occupies. Behind a channel shuffle the channels lie every
+    `tap.stride` entries.
     """
     moved = np.moveaxis(array, tap.axis, -1)
     total = moved.shape[-1] // tap.spatial
     moved = moved.reshape(*moved.shape[:-1], total, tap.spatial)
-    moved = np.moveaxis(moved, -2, -1)[..., tap.offset : tap.offset + channels]
+    end = tap.offset + tap.stride * (channels - 1) + 1
+    moved = np.moveaxis(moved, -2, -1)[..., tap.offset : end : tap.stride]
     return moved.reshape(moved.shape[0], -1, channels)
 
 

@@ -19,9 +19,9 @@ import onnx_graphsurgeon as gs
 from onnxprune.graph.attention import attention_step, head_width
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, Tap
 from onnxprune.ops.conv import is_grouped_conv
-from onnxprune.ops.flow import State, block, const
+from onnxprune.ops.flow import State, Step, block, const
 from onnxprune.ops.recurrent import ROTATION_BLOCK, hidden_units, is_recurrent
-from onnxprune.ops.registry import handler_for, unknown
+from onnxprune.ops.registry import Handler, handler_for, unknown
 
 
 def analyze(graph: gs.Graph) -> tuple[ChannelGroup, ...]:
@@ -242,7 +242,9 @@ def _walk(graph: gs.Graph, producer: _Producer) -> _Walk:
 
 def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[State]) -> None:
     handler = handler_for(node)
-    result = attention_step(node, index, state, walk.producer.channels)
+    result = _shuffled(node, handler, state) or attention_step(
+        node, index, state, walk.producer.channels
+    )
     if result is None:
         if handler is None:
             result = block(unknown(node))
@@ -275,7 +277,7 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
     _add_once(walk.passthrough, node.name)
     if handler.nonlinear and walk.sigma is None and result.next is not None:
         nxt = result.next
-        walk.sigma = (_tap(state), Tap(nxt.tensor, nxt.axis, nxt.offset, nxt.spatial))
+        walk.sigma = (_tap(state), _tap(nxt))
     if result.couple:
         walk.arrivals[node.name].append((index, state.offset))
         walk.joins[node.name] = node.op
@@ -287,8 +289,19 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
     stack.append(result.next)
 
 
+def _shuffled(node: gs.Node, handler: Handler | None, state: State) -> Step | None:
+    """A block where channels spread by a channel shuffle reach an op whose rule does not
+    follow such a layout (`Handler.strided`); None where it does or the layout is plain."""
+    if state.stride == 1 or (handler is not None and handler.strided):
+        return None
+    return block(
+        f"channels reordered by a channel shuffle reach {node.op} '{node.name}', whose rule "
+        "does not follow a shuffled layout"
+    )
+
+
 def _tap(state: State) -> Tap:
-    return Tap(state.tensor, state.axis, state.offset, state.spatial)
+    return Tap(state.tensor, state.axis, state.offset, state.spatial, state.stride)
 
 
 def _add_once(items: list, item: object) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Role = Literal["out", "chan", "in", "reshape", "split", "count", "tail", "hidden"]
+Role = Literal["out", "chan", "in", "reshape", "split", "count", "tail", "hidden", "shuffle"]
 
 
 @dataclass(frozen=True)
@@ -17,12 +17,14 @@ class Tap:
 
     `spatial` > 1 after a Flatten/Reshape: each channel occupies `spatial` consecutive features
     along `axis` (channel-major flatten), and statistics treat those features as positions.
+    `stride` > 1 behind a channel shuffle (ops/reshape.py): channel c lies at `offset + stride·c`.
     """
 
     tensor: str
     axis: int
     offset: int
     spatial: int = 1
+    stride: int = 1
 
     @property
     def key(self) -> str:
@@ -55,7 +57,10 @@ class ParamEdit:
     "tail": such an entry counted from the end (a negative Slice bound), which grows by them;
     "hidden": the hidden units of direction `axis` of a recurrent node (LSTM/GRU/RNN): every
     gate block's rows of W, R and B, the initial states, the peepholes and `hidden_size`, and
-    R's columns, into which the correction of `tap` (at `offset`) is folded (ops/recurrent.py).
+    R's columns, into which the correction of `tap` (at `offset`) is folded (ops/recurrent.py);
+    "shuffle": the channels enter a channel shuffle (ops/reshape.py) at `offset` (every `stride`
+    positions); the rewriter turns a shuffle that loses channels into a Gather of the rest.
+    `stride` > 1: the group's channel c lies at `offset + stride·c` (behind a channel shuffle).
     """
 
     node: str
@@ -66,6 +71,7 @@ class ParamEdit:
     spatial: int = 1
     tap: str | None = None
     split: int | None = None
+    stride: int = 1
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,7 @@ def normalize(model: onnx.ModelProto) -> gs.Graph:
     _name_nodes(graph)
     _remove_noops(graph)
     _copy_dims_as_zero(graph)
-    fold_constants(graph).cleanup()
+    graph = _fold_until_settled(graph)
     _gather_from_concat_part(graph)
     folds = _fold_batchnorm(graph)
     graph.cleanup().toposort()
@@ -388,6 +388,19 @@ def fold_constants(graph: gs.Graph) -> gs.Graph:
     finally:
         ort.set_default_logger_severity(2)  # ORT's default
     return graph
+
+
+def _fold_until_settled(graph: gs.Graph) -> gs.Graph:
+    """Fold constants, infer shapes again and fold again while a fold removes nodes: a value
+    computed from the shape of a tensor whose shape was itself computed (ShuffleNet's chunk
+    bounds, read from the previous unit's reshaped output) folds only once the shapes before
+    it are known (16 units: 8 rounds)."""
+    while True:
+        count = len(graph.nodes)
+        fold_constants(graph).cleanup()
+        if len(graph.nodes) == count:
+            return graph
+        graph = gs.import_onnx(_with_inferred_shapes(export(graph)))
 
 
 def _keeps_number_format(node: gs.Node) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import replace
+from itertools import groupby
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -18,9 +19,11 @@ import onnx_graphsurgeon as gs
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, tap_key
 from onnxprune.graph.load import export, infer_shapes
+from onnxprune.graph.weights import edit_rows
 from onnxprune.ops.conv import is_grouped_conv
 from onnxprune.ops.recurrent import Units, input_shift, is_recurrent, is_zero, pruned_arrays
 from onnxprune.ops.registry import handler_for
+from onnxprune.ops.reshape import channel_shuffle
 from onnxprune.plan import Plan
 
 
@@ -41,6 +44,7 @@ def rewrite(
     jobs: dict[tuple[str, int], list[tuple[ParamEdit, ChannelGroup, Plan]]] = defaultdict(list)
     splits: dict[str, list[tuple[ParamEdit, ChannelGroup, Plan]]] = defaultdict(list)
     hidden: dict[str, list[tuple[ParamEdit, ChannelGroup, Plan]]] = defaultdict(list)
+    shuffles: dict[str, list[tuple[ParamEdit, ChannelGroup, Plan]]] = defaultdict(list)
     for group in groups:
         plan = plans.get(group.name)
         if plan is None or not group.prunable:
@@ -50,6 +54,8 @@ def rewrite(
                 splits[edit.node].append((edit, group, plan))
             elif edit.role == "hidden":
                 hidden[edit.node].append((edit, group, plan))
+            elif edit.role == "shuffle":
+                shuffles[edit.node].append((edit, group, plan))
             else:
                 jobs[(edit.node, edit.input)].append((edit, group, plan))
     deltas: dict[str, np.ndarray] = {}
@@ -71,6 +77,8 @@ def rewrite(
         handler_for(nodes[name]).finish(nodes[name], index, [e for e, _, _ in items], graph.opset)
     for name, items in splits.items():
         nodes[name].attrs["split"] = _new_split(items)
+    for name, items in shuffles.items():
+        _gather_survivors(graph, nodes[name], items)
     outputs = _output_plans(groups, plans)
     for name, delta in deltas.items():
         add_bias(graph, nodes[name], _to_new_outputs(delta, name, outputs.get(name, [])))
@@ -138,10 +146,82 @@ def _apply_all(
     deltas: dict[str, np.ndarray],
     exact_borders: bool,
 ) -> np.ndarray:
-    """Every edit of one constant, in `_edit_order`."""
-    for edit, group, plan in sorted(items, key=_edit_order):
-        work = _apply(work, edit, group, plan, node, deltas, exact_borders)
+    """Every edit of one constant, in `_edit_order`; the edits along an axis where a group
+    lies behind a channel shuffle (interleaved with others) are applied in place together."""
+    ordered = sorted(items, key=_edit_order)
+    for _, batch in groupby(ordered, key=lambda item: _edit_order(item)[:2]):
+        batch = list(batch)
+        if any(edit.stride != 1 for edit, _, _ in batch):
+            work = _apply_in_place(work, batch, node, deltas, exact_borders)
+            continue
+        for edit, group, plan in batch:
+            work = _apply(work, edit, group, plan, node, deltas, exact_borders)
     return work
+
+
+def _apply_in_place(
+    work: np.ndarray,
+    items: list[tuple[ParamEdit, ChannelGroup, Plan]],
+    node: gs.Node,
+    deltas: dict[str, np.ndarray],
+    exact_borders: bool,
+) -> np.ndarray:
+    """Edits along one axis whose groups interleave (channels every `stride` rows, behind a
+    channel shuffle): each group's rows are edited as a segment of their own and written back
+    over the rows of the channels it keeps; the rows of removed channels are dropped last.
+
+    The survivors keep their original order, the order of the pruned tensor: ops between the
+    shuffle and here keep order, and a pruned shuffle gathers its survivors in that order."""
+    work, axis, dropped = work.copy(), items[0][0].axis, []
+    for edit, group, plan in items:
+        keep = _ordered_keep(group, plan)
+        rows = edit_rows(edit, group.channels)
+        key = tap_key(edit.tap, edit.offset) if edit.tap else None  # its correction's key
+        alone = replace(edit, offset=0, stride=1, tap=key)
+        done = _apply(np.take(work, rows, axis=axis), alone, group, plan, node, deltas,
+                      exact_borders)  # fmt: skip
+        kept = rows.reshape(group.channels, -1)[keep].reshape(-1)
+        index = [slice(None)] * work.ndim
+        index[axis] = kept
+        work[tuple(index)] = done
+        dropped.append(np.setdiff1d(rows, kept))
+    return np.delete(work, np.concatenate(dropped), axis=axis)
+
+
+def _ordered_keep(group: ChannelGroup, plan: Plan) -> np.ndarray:
+    """The plan's kept channels, which must be in increasing order where a channel shuffle
+    places them by their original order."""
+    keep = np.asarray(plan.keep)
+    if np.any(np.diff(keep) <= 0):
+        raise OnnxPruneError(
+            f"group '{group.name}' keeps its channels out of order behind a channel shuffle"
+        )
+    return keep
+
+
+def _gather_survivors(
+    graph: gs.Graph, node: gs.Node, items: list[tuple[ParamEdit, ChannelGroup, Plan]]
+) -> None:
+    """Replace the channel shuffle starting at Reshape `node`, where it loses channels, by a
+    Gather of the surviving channels in their order at its output (ops/reshape.py)."""
+    axis = items[0][0].axis
+    found = channel_shuffle(node, axis)
+    if isinstance(found, str):
+        raise OnnxPruneError(f"cannot rewrite a pruned channel shuffle: {found}")
+    alive = np.ones(found.groups * found.size, dtype=bool)
+    for edit, group, plan in items:
+        rows = edit_rows(edit, group.channels)
+        alive[np.delete(rows, _ordered_keep(group, plan))] = False
+    if alive.all():
+        return
+    order = found.permutation()
+    survivors = (np.cumsum(alive) - 1)[order[alive[order]]]
+    last = found.last
+    indices = gs.Constant(f"{last.name}__survivors", survivors.astype(np.int64))
+    gather = gs.Node("Gather", f"{last.name}__gather", {"axis": axis}, outputs=list(last.outputs))
+    gather.inputs.extend([node.inputs[0], indices])
+    last.outputs.clear()
+    graph.nodes.append(gather)
 
 
 def _apply_grouped(

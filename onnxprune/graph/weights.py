@@ -90,8 +90,14 @@ def consumer_matrix(graph: gs.Graph, edit: ParamEdit, channels: int) -> np.ndarr
         block = slice(k * rows, (k + 1) * rows)
         inside[block] = weight[block, offset : offset + channels]
         return inside.reshape(weight.shape[0], channels, 1, -1).sum(axis=-1)
-    start = edit.offset * edit.spatial
-    segment = np.take(weight, np.arange(start, start + channels * edit.spatial), axis=edit.axis)
+    segment = np.take(weight, edit_rows(edit, channels), axis=edit.axis)
     segment = np.moveaxis(segment, [out_axis, edit.axis], [0, 1])
     segment = segment.reshape(segment.shape[0], channels, edit.spatial, -1).sum(axis=-1)
     return segment
+
+
+def edit_rows(edit: ParamEdit, channels: int) -> np.ndarray:
+    """The indices along `edit.axis` of the group's `channels` (each `spatial` entries wide,
+    every `stride` channels apart behind a channel shuffle), channel by channel."""
+    starts = (edit.offset + edit.stride * np.arange(channels)) * edit.spatial
+    return (starts[:, None] + np.arange(edit.spatial)).reshape(-1)

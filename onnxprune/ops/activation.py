@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 class _Unary(Handler):
     """One data input, acted on elementwise: the channels pass."""
 
+    strided = True
+
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
         return parameter_input(node, index) or through(node, state)
 

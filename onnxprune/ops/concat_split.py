@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 class Concat(Handler):
     """Concat along the channel axis: the input's channels move to its offset."""
 
+    strided = True
+
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
         rank = rank_of(node.outputs[0])
         if rank is None or node.attrs.get("axis", 0) % rank != state.axis or state.spatial != 1:
@@ -73,6 +75,8 @@ class Concat(Handler):
 class Split(Handler):
     """Split on the channel axis: the group goes to the output holding it, or is cut."""
 
+    strided = True
+
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
         if (found := _data_input(node, index, state)) is not None:
             return found
@@ -88,7 +92,7 @@ class Split(Handler):
         if cuts:
             return block(f"Split '{node.name}' divides the channels between its outputs", cuts)
         k = next(i for i in range(len(sizes)) if bounds[i] <= state.offset < bounds[i + 1])
-        nxt = State(node.outputs[k].name, state.axis, state.offset - bounds[k])
+        nxt = State(node.outputs[k].name, state.axis, state.offset - bounds[k], 1, state.stride)
         return Step("through", next=nxt, edits=[count_edit(node, 1, k, state)])
 
     def prepare(self, node: gs.Node) -> None:
@@ -120,6 +124,8 @@ class Split(Handler):
 class Slice(Handler):
     """Slice with constant bounds: the channels inside pass, those outside are dropped."""
 
+    strided = True
+
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
         if (found := _data_input(node, index, state)) is not None:
             return found
@@ -147,7 +153,7 @@ class Slice(Handler):
             *_bound_edit(node, 1, i, starts[i], total, state, channels),
             *_bound_edit(node, 2, i, ends[i], total, state, channels),
         ]
-        if start <= state.offset and state.offset + channels <= end:
+        if start <= state.offset and _end_of(state, channels) <= end:
             return through(node, state, offset=state.offset - start, edits=edits)
         return Step("drop", edits=edits)
 
@@ -248,9 +254,14 @@ def _bound_edit(
     with them when the group lies after it; past the last channel it needs nothing."""
     if bound < 0 and state.offset >= total + bound:
         return [ParamEdit(node.name, index, entry, state.offset, "tail", state.spatial)]
-    if 0 <= bound <= total and state.offset + channels <= bound:
+    if 0 <= bound <= total and _end_of(state, channels) <= bound:
         return [count_edit(node, index, entry, state)]
     return []
+
+
+def _end_of(state: State, channels: int) -> int:
+    """One past the position of the group's last channel on the channel axis."""
+    return state.offset + state.stride * (channels - 1) + 1
 
 
 # ------------------------------------------------------------ torch equivalents

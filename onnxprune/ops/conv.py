@@ -41,6 +41,8 @@ def is_grouped_conv(node: gs.Node) -> bool:
 class Conv(Handler):
     """Conv: consumer (plain or per conv group) or, depthwise, a channel-wise passthrough."""
 
+    strided = True
+
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
         if is_grouped_conv(node):
             if index != 0:
@@ -54,13 +56,14 @@ class Conv(Handler):
         if state.axis != 1 or state.spatial != 1:
             return block(f"Conv '{node.name}' reads channels on another axis")
         group = node.attrs.get("group", 1)
+        stride = state.stride
         if group == 1:
-            edit = ParamEdit(node.name, 1, 1, state.offset, "in", tap=state.tensor)
+            edit = ParamEdit(node.name, 1, 1, state.offset, "in", tap=state.tensor, stride=stride)
             return Step("consume", edits=[edit])
         if group == weight.shape[0] and weight.shape[1] == 1 and _in_channels(node) == group:
-            edits = [ParamEdit(node.name, 1, 0, state.offset, "chan")]
+            edits = [ParamEdit(node.name, 1, 0, state.offset, "chan", stride=stride)]
             if const(node, 2) is not None:
-                edits.append(ParamEdit(node.name, 2, 0, state.offset, "chan"))
+                edits.append(ParamEdit(node.name, 2, 0, state.offset, "chan", stride=stride))
             return through(node, state, edits=edits)
         return block(f"grouped Conv '{node.name}' (group={group}) is not depthwise")
 
@@ -155,6 +158,8 @@ def _grouped(node: gs.Node, state: State, channels: int) -> Step:
     """A grouped Conv consumes the channels of one conv group; others are cut at its bounds."""
     if state.axis != 1 or state.spatial != 1:
         return block(f"Conv '{node.name}' reads channels on another axis")
+    if state.stride != 1:
+        return block(f"grouped Conv '{node.name}' reads channels spread by a channel shuffle")
     per_group = int(const(node, 1).shape[1])
     bounds = list(range(per_group, per_group * node.attrs["group"], per_group))
     cuts = cuts_at(bounds, state, channels)

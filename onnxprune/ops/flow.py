@@ -19,12 +19,14 @@ from onnxprune.graph.groups import ParamEdit
 
 @dataclass(frozen=True)
 class State:
-    """Where the group's channels are: tensor, channel axis, first channel, features per channel."""
+    """Where the group's channels are: tensor, channel axis, first channel, features per channel,
+    and the step between consecutive channels (> 1 behind a channel shuffle)."""
 
     tensor: str
     axis: int
     offset: int
     spatial: int = 1
+    stride: int = 1
 
 
 @dataclass
@@ -78,6 +80,7 @@ def through(
         state.axis if axis is None else axis,
         state.offset if offset is None else offset,
         state.spatial if spatial is None else spatial,
+        state.stride,
     )
     return Step("through", next=nxt, edits=edits or [], couple=couple)
 
@@ -126,7 +129,9 @@ def param_edit(node: gs.Node, index: int, state: State, channels: int) -> Step |
     total = value.shape[const_axis]
     if total % state.spatial or total // state.spatial < state.offset + channels:
         return block(f"{node.op} '{node.name}' has a parameter that does not match the channels")
-    return ParamEdit(node.name, index, const_axis, state.offset, "chan", state.spatial)
+    return ParamEdit(
+        node.name, index, const_axis, state.offset, "chan", state.spatial, stride=state.stride
+    )
 
 
 def with_param(node: gs.Node, index: int, state: State, channels: int) -> Step:
@@ -143,8 +148,10 @@ def count_edit(node: gs.Node, index: int, entry: int, state: State) -> ParamEdit
 
 
 def cuts_at(bounds: list[int], state: State, channels: int) -> tuple[int, ...]:
-    """Group channel indices where a boundary (a position on the channel axis) falls inside."""
-    return tuple(sorted({b - state.offset for b in bounds if 0 < b - state.offset < channels}))
+    """Group channel indices where a boundary (a position on the channel axis) falls inside:
+    the first channel at or after the boundary (channel c lies at offset + stride·c)."""
+    firsts = {-(-(b - state.offset) // state.stride) for b in bounds}
+    return tuple(sorted(c for c in firsts if 0 < c < channels))
 
 
 def axes_of(node: gs.Node) -> list[int] | None:

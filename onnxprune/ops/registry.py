@@ -36,11 +36,13 @@ class Handler:
 
     `nonlinear`: an elementwise nonlinearity (the first one a group passes is where IPPRO's
     offset goes). `scaled`: a norm whose output carries a per-channel scale, so the energies its
-    divisor sees are those of its input.
+    divisor sees are those of its input. `strided`: `step` follows channels that lie every
+    `State.stride` positions (behind a channel shuffle); any other handler is not asked then.
     """
 
     nonlinear: bool = False
     scaled: bool = False
+    strided: bool = False
 
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
         """How the group's `channels`, entering at input `index` in `state`, flow through."""

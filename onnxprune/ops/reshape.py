@@ -2,13 +2,23 @@
 
 The channels pass with their axis moved. Flatten and a channel-major Reshape to (batch, C·H·W)
 make every channel `spatial` consecutive features (a Reshape with an explicit feature count has
-it shrink with the group). A Reshape that splits the channel axis in two (a channel shuffle's
-first half) is refused. Shape is harmless when only dims other than the channels are read.
+it shrink with the group). Shape is harmless when only dims other than the channels are read.
+
+A channel shuffle (ShuffleNet) is Reshape (…, C, …) → (…, g, C/g, …), a Transpose swapping those
+two axes, and a Reshape back: a fixed permutation that sends channel i·C/g + j to j·g + i. A
+group inside one of the g segments (one that straddles a segment boundary is cut there) comes
+out with its channels `g` times further apart (`State.stride`), in the same order, so consumers
+behind it read them at known rows. Pruning keeps every survivor's relative order at the
+shuffle's output: where channels were removed, the rewriter replaces the three nodes by one
+Gather of the surviving channels in that order, so the g segments need not keep equal widths
+(which ShuffleNet's next shuffle, reading halves of this one's output, could not guarantee).
+Any other Reshape splitting the channel axis is refused.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +31,7 @@ from onnxprune.ops.flow import (
     axes_of,
     block,
     const,
+    cuts_at,
     parameter_input,
     rank_of,
     shape_of,
@@ -92,16 +103,18 @@ class Flatten(_Commuting):
 
 @register("Reshape")
 class Reshape(_Commuting):
-    """Only a channel-major flatten of (batch, C, ...) to (batch, C·H·W) is understood."""
+    """A channel-major flatten of (batch, C, ...) to (batch, C·H·W), or a channel shuffle's
+    first Reshape (the shuffle as a whole)."""
+
+    strided = True
 
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
         if (found := parameter_input(node, index)) is not None:
             return found
         if _splits_channel_axis(node, state):
-            return block(
-                f"Reshape '{node.name}' splits the channel axis into groups (a channel "
-                "shuffle): not supported"
-            )
+            return _shuffle_step(node, state, channels)
+        if state.stride != 1:
+            return block(f"Reshape '{node.name}' reshapes shuffled channels")
         shape_in, target = shape_of(node.inputs[0]), const(node, 1)
         fail = block(f"Reshape '{node.name}' does not flatten from the channel axis")
         if shape_in is None or target is None or target.size != 2 or state.axis != 1:
@@ -145,6 +158,8 @@ class Transpose(Handler):
 class Shape(Handler):
     """Shape reads no values; it ends the path unless the channel count is read from it."""
 
+    strided = True
+
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
         start = node.attrs.get("start", 0)
         for user in node.outputs[0].outputs:
@@ -163,6 +178,72 @@ class ShapeArithmetic(Handler):
 
     def torch(self, op_type: str) -> TorchOp | None:
         return {"Size": _size, "Expand": _expand, "Tile": _tile}[op_type]
+
+
+@dataclass(frozen=True)
+class Shuffle:
+    """A channel shuffle seen from its first Reshape: `groups` segments of `size` channels on
+    `axis`, merged back by the Reshape `last`."""
+
+    groups: int
+    size: int
+    axis: int
+    last: gs.Node
+
+    def permutation(self) -> np.ndarray:
+        """Output position → the input position it reads (i·size + j lands at j·groups + i)."""
+        out = np.arange(self.groups * self.size)
+        return (out % self.groups) * self.size + out // self.groups
+
+
+def channel_shuffle(node: gs.Node, axis: int) -> Shuffle | str:
+    """The channel shuffle whose first Reshape `node` splits channel axis `axis` into two, or
+    the reason it is not one (the split axes are not swapped by one Transpose and merged back by
+    one Reshape, or their sizes are unknown)."""
+    shape_in, middle = shape_of(node.inputs[0]), shape_of(node.outputs[0])
+    groups, size = middle[axis], middle[axis + 1]
+    what = f"Reshape '{node.name}' splits the channel axis but"
+    if not isinstance(groups, int) or not isinstance(size, int):
+        return f"{what} the sizes of the split are unknown"
+    users = node.outputs[0].outputs
+    if len(users) != 1 or users[0].op != "Transpose":
+        return f"{what} is not followed by one Transpose (not a channel shuffle)"
+    transpose = users[0]
+    swapped = list(range(len(middle)))
+    swapped[axis : axis + 2] = [axis + 1, axis]
+    if list(transpose.attrs.get("perm", range(len(middle) - 1, -1, -1))) != swapped:
+        return f"{what} Transpose '{transpose.name}' does not swap the two parts"
+    after = transpose.outputs[0].outputs
+    last = after[0] if len(after) == 1 and after[0].op == "Reshape" else None
+    shape_out = None if last is None else shape_of(last.outputs[0])
+    if shape_out is None or len(shape_out) != len(shape_in):
+        return f"{what} Transpose '{transpose.name}' is not followed by one Reshape back"
+    if shape_out[axis] != groups * size:
+        return f"{what} Reshape '{last.name}' does not merge the channels back"
+    return Shuffle(groups, size, axis, last)
+
+
+def _shuffle_step(node: gs.Node, state: State, channels: int) -> Step:
+    """The group through a channel shuffle: inside segment i at j0 (every `stride` channels),
+    it comes out at j0·g + i, every g·stride channels; a group spanning segments is cut."""
+    found = channel_shuffle(node, state.axis)
+    if isinstance(found, str):
+        return block(found)
+    if state.spatial != 1:
+        return block(f"Reshape '{node.name}' shuffles flattened channels")
+    bounds = [k * found.size for k in range(1, found.groups)]
+    cuts = cuts_at(bounds, state, channels)
+    if cuts:
+        return block(f"channel shuffle '{node.name}' spreads the channels over its segments", cuts)
+    segment, first = divmod(state.offset, found.size)
+    nxt = State(
+        found.last.outputs[0].name,
+        state.axis,
+        first * found.groups + segment,
+        stride=state.stride * found.groups,
+    )
+    edit = ParamEdit(node.name, 0, state.axis, state.offset, "shuffle", stride=state.stride)
+    return Step("through", next=nxt, edits=[edit])
 
 
 def _splits_channel_axis(node: gs.Node, state: State) -> bool:
