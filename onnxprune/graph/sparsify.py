@@ -64,10 +64,8 @@ def _layer(node: gs.Node) -> WeightLayer | None:
     if node.op == "Gemm" and not node.attrs.get("transA", 0) and value.ndim == 2:
         shape = value.shape if node.attrs.get("transB", 0) else value.shape[::-1]
         return WeightLayer(**names, out_axis=1, shape=tuple(shape))
-    if node.op == "MatMul" and value.ndim == 2:
-        rank = node.outputs[0].shape
-        axis = len(rank) - 1 if rank is not None else 1
-        return WeightLayer(**names, out_axis=axis, shape=tuple(value.shape[::-1]))
+    if node.op == "MatMul" and value.ndim == 2:  # units on the last axis, whatever the rank
+        return WeightLayer(**names, out_axis=-1, shape=tuple(value.shape[::-1]))
     if node.op == "Conv" and value.ndim == 4 and node.attrs.get("group", 1) == 1:
         if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
             return None
