@@ -40,6 +40,7 @@ from onnxprune.graph.rewrite import rewrite
 from onnxprune.graph.sparsify import (
     deflated_size,
     layer_weights,
+    selected_layers,
     sparsify,
     weight_layers,
     zero_count,
@@ -223,9 +224,12 @@ def _prune_weights(
 ) -> Result:
     """Per weight (METHODS.md §2.1): score, zero the lowest `sparsity` fraction, shift biases,
     in `config.steps` rounds (geometric schedule) with statistics refreshed after each."""
-    layers = weight_layers(graph)
+    layers = selected_layers(graph, config.width.exclude)
     if not layers:
-        raise NothingToPruneError("nothing to prune: no Gemm/MatMul/Conv with a constant weight")
+        raise NothingToPruneError(
+            "nothing to prune: no Gemm/MatMul/Conv with a constant weight"
+            + (" that --exclude leaves" if config.width.exclude else "")
+        )
     needs = weight_needs(config.method, config.compensate)
     split = split_inputs(proto, inputs, config, fitted=bool(needs) or config.quantize == "int8")
     pruned_graph, removed, loss = graph, {}, None
@@ -239,7 +243,8 @@ def _prune_weights(
         GroupRow(n, m.size, int(m.size - m.sum()), "sparsified", {"sparsity": float(m.mean())})
         for n, m in removed.items()
     )
-    zeros = (zero_count(graph, layers), zero_count(gs.import_onnx(pruned), layers))
+    every = weight_layers(graph)  # excluded layers count as kept weights
+    zeros = (zero_count(graph, every), zero_count(gs.import_onnx(pruned), every))
     sparse = {
         "unit": "weights",
         "nonzero_weights": tuple(total - zero for zero, total in zeros),
@@ -259,7 +264,7 @@ def _sparsify_step(
 ) -> tuple[gs.Graph, dict[str, np.ndarray], str | None]:
     """One round on `graph`: the weights removed `before` stay removed, more go up to
     `fraction`, and the biases take the shifts of the newly removed ones."""
-    layers = weight_layers(graph)
+    layers = selected_layers(graph, config.width.exclude)
     stats, grads, loss = gather_weights(graph, layers, needs, dataset, config)
     norms = gather_norms(graph, layers, dataset, config) if "norms" in needs else None
     weights = layer_weights(graph, layers)

@@ -16,7 +16,7 @@ from onnxprune.calib.gather import gather_weights
 from onnxprune.calib.norms import squared_feature_sums
 from onnxprune.cli import main
 from onnxprune.config import PruneConfig
-from onnxprune.errors import UsageError
+from onnxprune.errors import NothingToPruneError, UsageError
 from onnxprune.graph.load import normalize
 from onnxprune.graph.sparsify import WeightLayer, layer_weights, weight_layers
 from onnxprune.methods.sparse import choose_removed, independent_shift
@@ -224,3 +224,14 @@ def test_bad_wanda_options_are_one_line_errors(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert code in (1, 2) and len(err) <= 2 and message in err[0], err
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_exclude_keeps_matching_layers_dense_and_the_rest_reach_the_sparsity():
+    rng = np.random.default_rng(6)
+    w1, w2 = rng.standard_normal((UNITS, FEATURES)), rng.standard_normal((4, UNITS))
+    model = _linear_3d([w1, w2], [np.zeros(UNITS), np.zeros(4)], relu=True)
+    pruned = _prune(model, _tokens(), method="wanda", sparsity=0.5, exclude=("^fc2$",))
+    assert np.count_nonzero(_stored(pruned, "w2")) == w2.size
+    assert np.count_nonzero(_stored(pruned, "w1")) == w1.size // 2
+    with pytest.raises(NothingToPruneError, match="that --exclude leaves"):
+        _prune(model, _tokens(), method="wanda", sparsity=0.5, exclude=("fc",))

@@ -178,7 +178,8 @@ def _add_width_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="REGEX",
-        help="leave groups whose name matches REGEX untouched (repeatable)",
+        help="leave groups (per weight: layers, by node name) whose name matches REGEX "
+        "untouched (repeatable)",
     )
     add_rounding_arguments(width)
     width.add_argument(

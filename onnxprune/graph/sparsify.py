@@ -8,6 +8,7 @@ each with its weight in one canonical layout: (out, in) or (out, in, kh, kw), al
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,6 +51,16 @@ def weight_layers(graph: gs.Graph) -> tuple[WeightLayer, ...]:
         if layer is not None:
             found.append(layer)
     return tuple(found)
+
+
+def selected_layers(graph: gs.Graph, exclude: tuple[str, ...] = ()) -> tuple[WeightLayer, ...]:
+    """`weight_layers` less those whose node name matches an `exclude` regular expression
+    (--exclude: e.g. a patch embedding or a classifier kept dense)."""
+    return tuple(
+        layer
+        for layer in weight_layers(graph)
+        if not any(re.search(pattern, layer.name) for pattern in exclude)
+    )
 
 
 def _layer(node: gs.Node) -> WeightLayer | None:
