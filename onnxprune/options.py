@@ -36,6 +36,7 @@ it, |γ|/σ, the raw filter's norm before folding, or the folded filter's norm."
 WEIGHT_METHODS = ("biascomp", "magnitude", "wanda", "taylor", "random")
 WEIGHT_ONLY_METHODS = ("wanda",)
 """Methods that score single weights and have no channel form."""
+CHANNEL_METHODS = tuple(m for m in METHODS if m not in WEIGHT_ONLY_METHODS)
 THRESHOLD_RULES = ("max", "mean", "median", "zscore")
 
 
