@@ -111,7 +111,7 @@ def weight_sweep(
     results.update({"biascomp_5steps": []} if extended else {})
     for ratio in ratios:
         for name, (score, shift, joint, local) in variants.items():
-            removed = choose_removed(score, ratio, local=local)
+            removed = choose_removed(score, ratio, scope="layer" if local else "global")
             shifts = bias_shifts(weights, stats[joint], removed, joint=joint) if shift else {}
             model = export(sparsify(graph, layers, removed, shifts))
             results[name].append(evaluate(model, *test, task))

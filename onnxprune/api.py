@@ -18,7 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from onnxprune.budget import choose_widths, refine_widths
 from onnxprune.calib.data import Dataset, batch_for, count_shapes, input_specs
-from onnxprune.calib.gather import gather, gather_weights
+from onnxprune.calib.gather import gather, gather_norms, gather_weights
 from onnxprune.calib.split import DataInputs, Split, split_inputs
 from onnxprune.config import PruneConfig
 from onnxprune.deploy.quantize import quantize
@@ -40,6 +40,7 @@ from onnxprune.graph.rewrite import rewrite
 from onnxprune.graph.sparsify import (
     deflated_size,
     layer_weights,
+    selected_layers,
     sparsify,
     weight_layers,
     zero_count,
@@ -50,7 +51,7 @@ from onnxprune.measure.verify import Verification, deviation_warning, shortfalls
 from onnxprune.methods import build_method
 from onnxprune.methods.cob import unrotated_note
 from onnxprune.methods.planner import make_plans
-from onnxprune.methods.sparse import WEIGHT_NEEDS, bias_shifts, choose_removed, weight_scores
+from onnxprune.methods.sparse import bias_shifts, choose_removed, weight_needs, weight_scores
 from onnxprune.methods.width import group_ratio
 from onnxprune.options import WidthRule
 from onnxprune.plan import Plan
@@ -223,10 +224,13 @@ def _prune_weights(
 ) -> Result:
     """Per weight (METHODS.md §2.1): score, zero the lowest `sparsity` fraction, shift biases,
     in `config.steps` rounds (geometric schedule) with statistics refreshed after each."""
-    layers = weight_layers(graph)
+    layers = selected_layers(graph, config.width.exclude)
     if not layers:
-        raise NothingToPruneError("nothing to prune: no Gemm/MatMul/Conv with a constant weight")
-    needs = WEIGHT_NEEDS.get(config.method, frozenset())
+        raise NothingToPruneError(
+            "nothing to prune: no Gemm/MatMul/Conv with a constant weight"
+            + (" that --exclude leaves" if config.width.exclude else "")
+        )
+    needs = weight_needs(config.method, config.compensate)
     split = split_inputs(proto, inputs, config, fitted=bool(needs) or config.quantize == "int8")
     pruned_graph, removed, loss = graph, {}, None
     for step in range(1, config.steps + 1):
@@ -239,7 +243,8 @@ def _prune_weights(
         GroupRow(n, m.size, int(m.size - m.sum()), "sparsified", {"sparsity": float(m.mean())})
         for n, m in removed.items()
     )
-    zeros = (zero_count(graph, layers), zero_count(gs.import_onnx(pruned), layers))
+    every = weight_layers(graph)  # excluded layers count as kept weights
+    zeros = (zero_count(graph, every), zero_count(gs.import_onnx(pruned), every))
     sparse = {
         "unit": "weights",
         "nonzero_weights": tuple(total - zero for zero, total in zeros),
@@ -259,14 +264,15 @@ def _sparsify_step(
 ) -> tuple[gs.Graph, dict[str, np.ndarray], str | None]:
     """One round on `graph`: the weights removed `before` stay removed, more go up to
     `fraction`, and the biases take the shifts of the newly removed ones."""
-    layers = weight_layers(graph)
+    layers = selected_layers(graph, config.width.exclude)
     stats, grads, loss = gather_weights(graph, layers, needs, dataset, config)
+    norms = gather_norms(graph, layers, dataset, config) if "norms" in needs else None
     weights = layer_weights(graph, layers)
-    scores = weight_scores(config.method, weights, stats, grads, seed=config.seed)
+    scores = weight_scores(config.method, weights, stats, grads, norms=norms, seed=config.seed)
     scores = {n: np.where(before[n], -np.inf, s) if n in before else s for n, s in scores.items()}
-    removed = choose_removed(scores, fraction, local=config.local)
+    removed = choose_removed(scores, fraction, scope=config.weight_scope())
     shifts = {}
-    if config.method == "biascomp":  # weights removed before are zero: they shift nothing
+    if "jacobian" in needs:  # weights removed before are zero: they shift nothing
         shifts = bias_shifts(weights, stats, removed, joint=config.joint)
     return sparsify(graph, layers, removed, shifts), removed, loss
 
@@ -358,7 +364,7 @@ def _finish(original: onnx.ModelProto, graph: gs.Graph, config: PruneConfig) -> 
     del model.metadata_props[:]
     model.metadata_props.extend(original.metadata_props)
     amount = (
-        f"sparsity={config.sparsity}"
+        f"sparsity={config.sparsity} scope={config.weight_scope()}"
         if config.granularity == "weight"
         else f"ratio={config.width.ratio}"
     )

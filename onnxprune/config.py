@@ -10,11 +10,13 @@ from onnxprune.errors import UsageError
 from onnxprune.options import (
     CRITERIA,
     METHODS,
+    WEIGHT_ONLY_METHODS,
     WidthRule,
     check_patterns,
     check_ratio,
     check_weight_options,
     parse_jacobian,
+    parse_pattern,
     parse_threshold,
 )
 
@@ -65,6 +67,7 @@ class PruneConfig:
     granularity: str = "channel"
     sparsity: float | None = None
     local: bool = False
+    pattern: str | None = None  # per weight: "row" or "N:M"; None: the method's scope
     joint: bool = False
     steps: int = 1
     finetune_steps: int = 0  # distillation steps from the original after pruning (0: none)
@@ -144,8 +147,9 @@ class PruneConfig:
     def _check_granularity(self) -> None:
         """Per-weight pruning (--granularity weight) takes its own options and none of the
         channel-only ones; --joint is biascomp's, --local per-weight's."""
+        self._check_pattern()
         channel_only = {
-            "--compensate": self.compensate != "none",
+            "--compensate lsq": self.compensate == "lsq",
             "--epsilon": self.epsilon is not None,
             "--recalibrate": self.recalibrate,
             "--target-*": any(v is not None for v in self.targets().values()),
@@ -154,7 +158,8 @@ class PruneConfig:
         check_weight_options(
             self.granularity, self.method, self.sparsity, channel_only=channel_only
         )
-        if self.joint and self.method != "biascomp":
+        weight_shift = self.granularity == "weight" and self.compensate == "bias"
+        if self.joint and not (self.method == "biascomp" or weight_shift):
             raise UsageError(f"--joint is the biascomp bias solve; got --method {self.method}")
         if self.local and self.granularity != "weight":
             raise UsageError("--local is for --granularity weight (channels rank per group)")
@@ -167,6 +172,36 @@ class PruneConfig:
             )
         if self.steps > 1 and self.granularity != "weight":
             raise UsageError("--steps is for --granularity weight")
+
+    def _check_pattern(self) -> None:
+        """--pattern is per weight and replaces --local; N:M fixes the sparsity at 1 − N/M."""
+        if self.pattern is None:
+            return
+        if self.granularity != "weight":
+            raise UsageError("--pattern is for --granularity weight")
+        if self.local:
+            raise UsageError("--local and --pattern both choose the scope; give one")
+        blocks = parse_pattern(self.pattern)
+        if blocks is None:
+            return
+        implied = 1 - blocks[0] / blocks[1]
+        if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+            raise UsageError(
+                f"--pattern {self.pattern} removes {implied:g} of the weights; "
+                f"got --sparsity {self.sparsity}"
+            )
+        if self.steps > 1:
+            raise UsageError(f"--pattern {self.pattern} is reached in one step; drop --steps")
+        object.__setattr__(self, "sparsity", implied)  # frozen: resolved once, here
+
+    def weight_scope(self) -> str:
+        """Where per-weight pruning ranks scores: 'global' (all layers together), 'layer'
+        (--local), 'row' (each output unit's weights; Wanda's default) or an 'N:M' pattern."""
+        if self.pattern is not None:
+            return self.pattern
+        if self.local:
+            return "layer"
+        return "row" if self.method in WEIGHT_ONLY_METHODS else "global"
 
     def _check_cob(self) -> None:
         """CoB folds its own rotation and correction: the selection-only options do not apply."""

@@ -24,14 +24,19 @@ METHODS: tuple[str, ...] = (
     "ippro",
     "biascomp",
     "cob",
+    "wanda",
 )
-"""The method names, in the order the CLI lists them (methods.build_method builds each)."""
+"""The method names, in the order the CLI lists them (methods.build_method builds each, except
+the per-weight-only WEIGHT_ONLY_METHODS)."""
 
 CRITERIA = ("gamma", "bn-scale", "raw", "folded")
 """What magnitude ranks a channel by (methods/magnitude.py): |γ| of the BatchNorm folded into
 it, |γ|/σ, the raw filter's norm before folding, or the folded filter's norm."""
 
-WEIGHT_METHODS = ("biascomp", "magnitude", "taylor", "random")
+WEIGHT_METHODS = ("biascomp", "magnitude", "wanda", "taylor", "random")
+WEIGHT_ONLY_METHODS = ("wanda",)
+"""Methods that score single weights and have no channel form."""
+CHANNEL_METHODS = tuple(m for m in METHODS if m not in WEIGHT_ONLY_METHODS)
 THRESHOLD_RULES = ("max", "mean", "median", "zscore")
 
 
@@ -102,6 +107,10 @@ def check_weight_options(
     if granularity not in ("channel", "weight"):
         raise UsageError(f"'granularity' must be 'channel' or 'weight'; got '{granularity}'")
     if granularity == "channel":
+        if method in WEIGHT_ONLY_METHODS:
+            raise UsageError(
+                f"--method {method} scores single weights: add --granularity weight --sparsity F"
+            )
         if sparsity is not None:
             raise UsageError("--sparsity is for --granularity weight; channels use --ratio")
         return
@@ -116,3 +125,14 @@ def check_weight_options(
     for option, given in channel_only.items():
         if given:
             raise UsageError(f"{option} applies to channel pruning, not --granularity weight")
+
+
+def parse_pattern(text: str) -> tuple[int, int] | None:
+    """--pattern 'row' → None (a fraction of every output row); 'N:M' → (N, M): N of every M
+    consecutive weights of a row kept (2:4 keeps 2 of 4), for 0 < N < M."""
+    if text == "row":
+        return None
+    kept, sep, block = text.partition(":")
+    if sep and kept.isdigit() and block.isdigit() and 0 < int(kept) < int(block):
+        return int(kept), int(block)
+    raise UsageError(f"--pattern expects 'row' or N:M with 0 < N < M (e.g. 2:4); got '{text}'")

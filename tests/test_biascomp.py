@@ -443,7 +443,7 @@ def test_granularity_weight_end_to_end_on_the_digits_mlp(tmp_path, capsys):
         (["--granularity", "weight"], "needs --sparsity"),
         (["--granularity", "weight", "--sparsity", "1.5"], "'sparsity' must be in [0, 1)"),
         (["--granularity", "weight", "--sparsity", "0.5", "--method", "id"], "supports biascomp"),
-        (["--granularity", "weight", "--sparsity", "0.5", "--compensate", "bias"], "--compensate"),
+        (["--granularity", "weight", "--sparsity", "0.5", "--compensate", "lsq"], "--compensate"),
         (["--sparsity", "0.5"], "channels use --ratio"),
         (["--method", "magnitude", "--joint"], "--joint is the biascomp"),
         (["--local"], "--local is for --granularity weight"),

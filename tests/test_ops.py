@@ -24,7 +24,7 @@ from onnxprune.compare import allocate, measure_sensitivity
 from onnxprune.graph.analyze import analyze
 from onnxprune.graph.load import export, normalize
 from onnxprune.measure.cost import count
-from onnxprune.options import METHODS
+from onnxprune.options import CHANNEL_METHODS
 
 
 def _groups(model: onnx.ModelProto) -> dict:
@@ -468,8 +468,8 @@ def test_mac_cost_counts_every_split_part_of_a_producer():
 
 @pytest.mark.parametrize(
     "method, build",
-    [(m, regnet_block) for m in METHODS] + [("id", c2f_block), ("biascomp", c2f_block)],
-    ids=[f"{m}-grouped-se" for m in METHODS] + ["id-split", "biascomp-split"],
+    [(m, regnet_block) for m in CHANNEL_METHODS] + [("id", c2f_block), ("biascomp", c2f_block)],
+    ids=[f"{m}-grouped-se" for m in CHANNEL_METHODS] + ["id-split", "biascomp-split"],
 )
 def test_every_method_keeps_cut_groups_exact_at_ratio_zero_and_runs_pruned(method, build):
     """Every method plans cut and tied groups (grouped Conv, SE gate, Split) validly."""

@@ -3,7 +3,8 @@
 Needs: "weights" (producer filters), "gram" (streamed tap statistics through ORT), "grad" (Taylor
 sums at the taps), "ippro" (producer weight gradients and Σ x·∂L/∂σ(x) at the group's first
 nonlinearity) — these two from one pass through the ONNX→torch interpreter — and "jacobian"
-(output-Jacobian-weighted input sums at every consumer, for elimination–compensation).
+(output-Jacobian-weighted input sums at every consumer, for elimination–compensation); per
+weight also "norms" (each layer's input feature norms, for Wanda; one ORT pass).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.calib.data import Dataset
 from onnxprune.calib.grads import Gradients, Product, collect_gradients
 from onnxprune.calib.jacobian import Site, SiteStats, collect_jacobian_stats, collect_weight_stats
+from onnxprune.calib.norms import collect_input_norms
 from onnxprune.calib.stats import Moments, collect_all
 from onnxprune.config import PruneConfig
 from onnxprune.errors import UsageError
@@ -137,6 +139,14 @@ def gather_weights(
         }
         loss = found.loss
     return stats, grads, loss
+
+
+def gather_norms(
+    graph: gs.Graph, layers: tuple[WeightLayer, ...], dataset: Dataset, config: PruneConfig
+) -> dict[str, np.ndarray]:
+    """For Wanda: ‖X_j‖₂ of each layer's input features over every sample and position."""
+    batches = _batches(dataset, config, "input norms")
+    return collect_input_norms(export(graph), layers, batches)
 
 
 def _gradients(model, graph, selected, needs, dataset, config) -> Gradients | None:

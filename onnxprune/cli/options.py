@@ -121,6 +121,12 @@ def add_biascomp_arguments(parser: argparse.ArgumentParser) -> None:
         "all layers together",
     )
     group.add_argument(
+        "--pattern",
+        metavar="row|N:M",
+        help="with --granularity weight: remove F of every output row's weights ('row', wanda's "
+        "default), or keep N of every M consecutive weights of a row (e.g. 2:4; sets F)",
+    )
+    group.add_argument(
         "--steps",
         type=int,
         default=1,

@@ -34,6 +34,7 @@ EXAMPLE = """examples:
   onnxprune model.onnx --method id --epsilon 0.05 --data calib.npz --report report.json
   onnxprune model.onnx --method id --ratio 0.5 --data calib.npz --min-agreement 0.95
   onnxprune mlp.onnx --method biascomp --granularity weight --sparsity 0.8 --data calib.npz
+  onnxprune bert.onnx --method wanda --granularity weight --pattern 2:4 --data calib.npz
 """
 
 
@@ -183,7 +184,8 @@ def _add_width_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="REGEX",
-        help="leave groups whose name matches REGEX untouched (repeatable)",
+        help="leave groups (per weight: layers, by node name) whose name matches REGEX "
+        "untouched (repeatable)",
     )
     add_rounding_arguments(width)
     width.add_argument(
@@ -202,8 +204,8 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "--compensate",
         choices=COMPENSATIONS,
         help="correction for any selection: 'bias' adds the removed channels' "
-        "means (id: ID with intercept), 'lsq' the least-squares map (default: bias for id, "
-        "none for the others)",
+        "means (id: ID with intercept; per weight: elimination–compensation's bias shift), "
+        "'lsq' the least-squares map (default: bias for id, none for the others)",
     )
     method.add_argument(
         "--epsilon",
@@ -380,6 +382,7 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         granularity=args.granularity,
         sparsity=args.sparsity,
         local=args.local,
+        pattern=args.pattern,
         joint=args.joint,
         steps=args.steps,
         finetune_steps=args.finetune,

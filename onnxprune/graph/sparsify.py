@@ -8,6 +8,7 @@ each with its weight in one canonical layout: (out, in) or (out, in, kh, kw), al
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -52,6 +53,16 @@ def weight_layers(graph: gs.Graph) -> tuple[WeightLayer, ...]:
     return tuple(found)
 
 
+def selected_layers(graph: gs.Graph, exclude: tuple[str, ...] = ()) -> tuple[WeightLayer, ...]:
+    """`weight_layers` less those whose node name matches an `exclude` regular expression
+    (--exclude: e.g. a patch embedding or a classifier kept dense)."""
+    return tuple(
+        layer
+        for layer in weight_layers(graph)
+        if not any(re.search(pattern, layer.name) for pattern in exclude)
+    )
+
+
 def _layer(node: gs.Node) -> WeightLayer | None:
     value = np.asarray(node.inputs[1].values)
     names = dict(
@@ -64,10 +75,8 @@ def _layer(node: gs.Node) -> WeightLayer | None:
     if node.op == "Gemm" and not node.attrs.get("transA", 0) and value.ndim == 2:
         shape = value.shape if node.attrs.get("transB", 0) else value.shape[::-1]
         return WeightLayer(**names, out_axis=1, shape=tuple(shape))
-    if node.op == "MatMul" and value.ndim == 2:
-        rank = node.outputs[0].shape
-        axis = len(rank) - 1 if rank is not None else 1
-        return WeightLayer(**names, out_axis=axis, shape=tuple(value.shape[::-1]))
+    if node.op == "MatMul" and value.ndim == 2:  # units on the last axis, whatever the rank
+        return WeightLayer(**names, out_axis=-1, shape=tuple(value.shape[::-1]))
     if node.op == "Conv" and value.ndim == 4 and node.attrs.get("group", 1) == 1:
         if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
             return None
