@@ -28,7 +28,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from onnxprune.errors import ModelLoadError, first_line
-from onnxprune.graph.fused import expand_fused
+from onnxprune.graph.fused import MS, expand_fused
 
 SUPPORTED_OPSETS = range(11, 24)
 # bytes above which a model is written with external data and run, checked and shape-inferred
@@ -206,8 +206,12 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
 
 
 # model-local functions whose output has the shape and type of their input (ONNX shape
-# inference cannot see through their bodies: the axes come from attribute references)
-SHAPE_PRESERVING = frozenset({("onnxprune", "TSRA"), ("onnxprune", "RMSNorm")})
+# inference cannot see through their bodies: the axes come from attribute references), and
+# ONNX Runtime's element-wise fused ops that graph/fused.py may leave in place
+SHAPE_PRESERVING = frozenset(
+    {("onnxprune", "TSRA"), ("onnxprune", "RMSNorm")}
+    | {(MS, op) for op in ("SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu")}
+)
 
 
 def copy_function_shapes(model: onnx.ModelProto) -> bool:

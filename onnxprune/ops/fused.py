@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.fused import MS, refusal
-from onnxprune.ops.flow import State, Step, block
+from onnxprune.ops.flow import Output, State, Step, block
 from onnxprune.ops.registry import Handler, ShapeOf, node_attrs, register
 
 if TYPE_CHECKING:
@@ -25,11 +25,15 @@ class _Fused(Handler):
     """A fused op left as it is (normalize expands every one it can)."""
 
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
-        reason = refusal(node, opset=23) or (
-            f"{node.op} '{node.name}' was not written out as standard ops (the model's opset is "
-            "below 17, or an optional output of it is a graph output)"
-        )
-        return block(reason)
+        return block(why_fused(node))
+
+
+def why_fused(node: gs.Node) -> str:
+    """Why normalize left the fused `node` as it is."""
+    return refusal(node, opset=23) or (
+        f"{node.op} '{node.name}' was not written out as standard ops (the model's opset is "
+        "below 17, or an optional output of it is a graph output)"
+    )
 
 
 @register(*_ELEMENTWISE, domain=MS)
@@ -40,6 +44,13 @@ class FusedElementwise(_Fused):
 @register("Attention", "MultiHeadAttention", domain=MS)
 class FusedAttention(_Fused):
     """ONNX Runtime's attention ops."""
+
+    def produce(self, node: gs.Node) -> Output | None:
+        """Attention's packed weight makes heads that cannot be pruned while it stays fused:
+        a group that `analyze` lists with the reason."""
+        if node.op != "Attention":
+            return None
+        return Output(node.attrs.get("num_heads", 1), 2, (), why_fused(node))
 
     def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
         """Attention: the packed projection x·W plus the core; MultiHeadAttention: the core."""
