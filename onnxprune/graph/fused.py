@@ -181,7 +181,7 @@ def _attention(b: _Builder, node: gs.Node, inputs: list, outputs: list) -> None:
         product = b.op("MatMul", x, w, tag=f"{name}_proj")
         qkv.append(b.op("Add", product, b.const(bias.values[lo:hi], f"b{name}")))
     mask = _mask_term(b, node, inputs, 3, x)
-    _core(b, node, qkv, heads, sizes[0] // heads, mask, outputs[0], packed=True)
+    _core(b, node, qkv, heads, sizes, mask, outputs[0], packed=True)
 
 
 def _mha(b: _Builder, node: gs.Node, inputs: list, outputs: list) -> None:
@@ -197,7 +197,7 @@ def _mha(b: _Builder, node: gs.Node, inputs: list, outputs: list) -> None:
         ]
     heads = node.attrs["num_heads"]
     mask = _mask_term(b, node, inputs, 4, inputs[1])
-    _core(b, node, qkv, heads, widths[0] // heads, mask, outputs[0], packed=True)
+    _core(b, node, qkv, heads, widths, mask, outputs[0], packed=True)
 
 
 def _attention23(b: _Builder, node: gs.Node, inputs: list, outputs: list) -> None:
@@ -208,10 +208,11 @@ def _attention23(b: _Builder, node: gs.Node, inputs: list, outputs: list) -> Non
     if mask is not None and mask.dtype == np.bool_:
         mask = b.op("Where", mask, b.scalar(0.0), b.scalar(-np.inf))
     if len(q.shape) == 3:
-        heads = node.attrs["q_num_heads"]
-        _core(b, node, [q, k, v], heads, q.shape[-1] // heads, mask, outputs[0], packed=True)
+        widths = [t.shape[-1] for t in (q, k, v)]
+        _core(b, node, [q, k, v], node.attrs["q_num_heads"], widths, mask, outputs[0], packed=True)
     else:
-        _core(b, node, [q, k, v], q.shape[1], q.shape[-1], mask, outputs[0], packed=False)
+        dims = [t.shape[-1] for t in (q, k, v)]
+        _core(b, node, [q, k, v], q.shape[1], dims, mask, outputs[0], packed=False)
 
 
 def _core(
@@ -219,23 +220,28 @@ def _core(
     node: gs.Node,
     qkv: list,
     heads: int,
-    dim: int,
+    widths: list[int],
     mask: gs.Tensor | None,
     out: gs.Variable,
     *,
     packed: bool,
 ) -> None:
-    """softmax(q kᵀ · scale + mask) v per head. `packed`: q, k, v are (B, S, H·D) and are split
-    into heads, the result merged back; otherwise they are (B, H, S, D) already."""
+    """softmax(q kᵀ / (1/scale) + mask) v per head, written as torch exports it (the pattern
+    ONNX Runtime's optimizer fuses again). `packed`: q, k, v are (B, S, H·D) (`widths`: their
+    H·D) and are split into heads, the result merged back; otherwise they are (B, H, S, D)
+    already (`widths`: their D)."""
     q, k, v = qkv
+    dims = [w // heads for w in widths] if packed else list(widths)
     if packed:
-        q, k, v = (b.op("Reshape", t, b.ints([0, 0, heads, -1])) for t in (q, k, v))
+        q, k, v = (
+            b.op("Reshape", t, b.ints([0, 0, heads, d])) for t, d in zip(qkv, dims, strict=True)
+        )
         q, v = (b.op("Transpose", t, perm=[0, 2, 1, 3]) for t in (q, v))
         k = b.op("Transpose", k, perm=[0, 2, 3, 1])
     else:
         k = b.op("Transpose", k, perm=[0, 1, 3, 2])
-    scale = node.attrs.get("scale") or 1 / math.sqrt(dim)
-    scores = b.op("Mul", b.op("MatMul", q, k), b.scalar(scale))
+    scale = node.attrs.get("scale") or 1 / math.sqrt(dims[0])
+    scores = b.op("Div", b.op("MatMul", q, k), b.scalar(1 / scale))
     if mask is not None:
         scores = b.op("Add", scores, mask)
     context = b.op("MatMul", b.op("Softmax", scores, axis=-1), v)
@@ -243,12 +249,14 @@ def _core(
         b.op("Identity", context, out=out)
         return
     merged = b.op("Transpose", context, perm=[0, 2, 1, 3])
-    b.op("Reshape", merged, b.ints([0, 0, -1]), out=out)
+    b.op("Reshape", merged, b.ints([0, 0, heads * dims[2]]), out=out)
 
 
 def _mask_term(b: _Builder, node: gs.Node, inputs: list, index: int, keys: gs.Tensor):
     """The additive (B, 1, 1|S, L) mask term: 0 where attended, mask_filter_value (default
-    −10000, ORT's) where not; None without a mask. Token counts n_b mask keys j ≥ n_b."""
+    −10000, ORT's) where not; None without a mask. Token counts n_b attend keys j < n_b, a raw
+    mask where it is positive. Written as torch exports BERT's `(1 − mask[:, None, None, :]) ·
+    fill` (rank 2), the pattern ONNX Runtime's optimizer fuses into Attention again."""
     if len(inputs) <= index or not inputs[index].name:
         return None
     mask, fill = inputs[index], node.attrs.get("mask_filter_value", -10000.0)
@@ -258,12 +266,12 @@ def _mask_term(b: _Builder, node: gs.Node, inputs: list, index: int, keys: gs.Te
         positions = b.op("Range", b.ints(0, scalar=True), length, b.ints(1, scalar=True))
         counts = b.op("Unsqueeze", b.op("Cast", mask, to=7), b.ints([1]))
         allowed = b.op("Less", b.op("Unsqueeze", positions, b.ints([0])), counts)
-        axes = [1, 2]
     else:
         allowed = b.op("Greater", b.op("Cast", mask, to=1), b.scalar(0.0))
-        axes = _MASK_AXES[rank]
-    term = b.op("Where", allowed, b.scalar(0.0), b.scalar(fill))
-    return b.op("Unsqueeze", term, b.ints(axes))
+    for axis in _MASK_AXES[max(rank, 2)]:
+        allowed = b.op("Unsqueeze", allowed, b.ints([axis]))
+    masked = b.op("Sub", b.scalar(1.0), b.op("Cast", allowed, to=1))
+    return b.op("Mul", masked, b.scalar(fill))
 
 
 def _skip_ln(b: _Builder, node: gs.Node, inputs: list, outputs: list) -> None:
