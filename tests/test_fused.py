@@ -140,6 +140,22 @@ def test_heads_and_ffn_neurons_are_removed(fused):
     assert next(iter(out.values())).shape == (4, TOKENS, HIDDEN)
 
 
+def test_pruned_output_is_fused_again_by_ort_optimizer(fused, tmp_path):
+    """The written-out attention is the pattern ORT's optimizer fuses: re-optimizing the pruned
+    model gives back one Attention per layer (with the pruned head count, read from the
+    Reshapes) that computes the same function. `id`'s intercept and recalibration shifts after
+    the out projections are merged into its bias Add, which the fusion needs."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    result = onnxprune.prune(fused, method="id", ratio=0.5, round_to=1, data=_feeds(64))
+    result.save(tmp_path / "pruned.onnx")
+    again = optimize_model(str(tmp_path / "pruned.onnx"), model_type="bert").model
+    attention = [n for n in again.graph.node if n.op_type == "Attention"]
+    assert len(attention) == LAYERS
+    assert {helper.get_attribute_value(a) for n in attention for a in n.attribute} == {HEADS // 2}
+    assert_outputs_close(result.model, again, _feeds(16, seed=4), atol=1e-5)
+
+
 def test_duplicated_ffn_neuron_is_removed_exactly(tmp_path):
     """Neuron 1 of layer 0's FFN copies neuron 0: plain ID removes one of them and folds T = 1
     into the output projection, so the pruned model is the fused original's function."""

@@ -64,6 +64,44 @@ def refusal(node: gs.Node, opset: int, *, outputs: frozenset[str] = frozenset())
     return f"{node.domain or 'ai.onnx'}::{node.op} '{node.name}' {reason}" if reason else None
 
 
+def merge_constant_adds(graph: gs.Graph) -> None:
+    """Add(Add(x, c1), c2) → Add(x, c1 + c2) where both constants have one shape and only the
+    outer Add reads the inner sum (in place; equal up to float rounding). A correction's shift
+    Add after a MatMul then merges into the bias Add after it, so the pruned model keeps the
+    MatMul → Add(bias) pattern ONNX Runtime's optimizer fuses into Attention and
+    SkipLayerNormalization."""
+    outputs = {t.name for t in graph.outputs}
+    for outer in [n for n in graph.nodes if n.op == "Add"]:
+        inner = _constant_add(outer)
+        if inner is None:
+            continue
+        tensor, c2 = inner
+        add = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+        merged = _constant_add(add) if add is not None and add.op == "Add" else None
+        if merged is None or len(tensor.outputs) != 1 or tensor.name in outputs:
+            continue
+        x, c1 = merged
+        if c1.values.shape != c2.values.shape:
+            continue
+        total = c1.values.astype(np.float64) + c2.values.astype(np.float64)
+        outer.inputs.clear()
+        outer.inputs.extend(
+            [x, gs.Constant(f"{outer.name}__merged", total.astype(c2.values.dtype))]
+        )
+    graph.cleanup()
+
+
+def _constant_add(node: gs.Node) -> tuple[gs.Tensor, gs.Constant] | None:
+    """(x, c) for an Add of a tensor x and a constant c, else None."""
+    if len(node.inputs) != 2:
+        return None
+    kinds = [isinstance(t, gs.Constant) for t in node.inputs]
+    if kinds != [False, True] and kinds != [True, False]:
+        return None
+    constant = node.inputs[kinds.index(True)]
+    return node.inputs[kinds.index(False)], constant
+
+
 # ------------------------------------------------------------------ what each op accepts
 
 
