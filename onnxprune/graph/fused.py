@@ -35,11 +35,10 @@ _MASK_AXES = {2: [1, 2], 3: [1]}  # raw mask rank → axes that make it (B, 1, 1
 def expand_fused(graph: gs.Graph, opset: int) -> bool:
     """Replace every fused node `refusal` accepts by standard ops, in place; True if any was.
     The nodes' output tensors keep their names."""
-    outputs = frozenset(t.name for t in graph.outputs)
-    todo = [n for n in graph.nodes if is_fused(n) and not refusal(n, opset, outputs=outputs)]
+    names = frozenset(t.name for t in graph.outputs)
+    todo = [n for n in graph.nodes if is_fused(n) and not refusal(n, opset, outputs=names)]
     for node in reversed(todo):  # consumers first: a mask's kind is read from its producer
-        outputs = list(node.outputs)
-        inputs = list(node.inputs)
+        inputs, outputs = list(node.inputs), list(node.outputs)
         node.outputs.clear()
         node.inputs.clear()
         _RULES[_key(node)](_Builder(graph, node.name), node, inputs, outputs)
