@@ -204,14 +204,15 @@ def _token_ffn() -> onnx.ModelProto:
 def test_recalibrate_restores_a_matmul_consumers_moments_on_its_last_axis(method, compensate):
     """Regression: MatMul consumers (every Linear of an exported transformer) were skipped, so
     `--method id` recalibrated 0 layers of MiniLM's FFNs. With a bias correction the shift Add
-    exists already and takes the affine's shift; without one it is created."""
+    exists already and takes the affine's shift; without one it is created. Moments are read
+    after the layer's bias Add, into which the written model merges the shift Add."""
     model = _token_ffn()
     feeds = {"x": np.random.default_rng(0).standard_normal((64, 6, 8)).astype(np.float32)}
     result = onnxprune.prune(model, method=method, compensate=compensate, recalibrate=True,
                              ratio=0.5, round_to=1, data=feeds, verify=False)  # fmt: skip
     assert "recalibrated the output mean and variance of 1 layers" in result.report.notes
-    ref_mean, ref_var = channel_moments(model, {"down_out": -1}, [feeds])["down_out"]
-    mean, var = channel_moments(result.model, {"down_out": -1}, [feeds])["down_out"]
+    ref_mean, ref_var = channel_moments(model, {"down_bias_out": -1}, [feeds])["down_bias_out"]
+    mean, var = channel_moments(result.model, {"down_bias_out": -1}, [feeds])["down_bias_out"]
     np.testing.assert_allclose(mean, ref_mean, atol=1e-4 * np.sqrt(ref_var.max()))
     np.testing.assert_allclose(var, ref_var, rtol=1e-4)
     unrecalibrated = onnxprune.prune(
@@ -224,5 +225,6 @@ def test_recalibrate_restores_a_matmul_consumers_moments_on_its_last_axis(method
         data=feeds,
         verify=False,
     )
-    _, var_before = channel_moments(unrecalibrated.model, {"down_out": -1}, [feeds])["down_out"]
+    moments = channel_moments(unrecalibrated.model, {"down_bias_out": -1}, [feeds])
+    _, var_before = moments["down_bias_out"]
     assert np.max(np.abs(var_before / ref_var - 1)) > 1e-2  # the pass had something to restore

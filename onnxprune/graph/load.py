@@ -2,10 +2,12 @@
 
 `load_model` turns a path into a checked `ModelProto` (clear one-line errors for every way a file
 can be wrong); `normalize` returns the graph every later stage works on: Constant nodes folded into
-initializers, subgraphs computed from constants alone folded into constants, Identity/Dropout
-removed, BatchNormalization folded into the Conv/Gemm before it where that is exact, unique node
-names, shapes inferred. `save_model` writes atomically. What a fold removes and magnitude ranking
-still reads (γ, σ and the raw filter norms) stays readable through `folded_batchnorms`.
+initializers, fused transformer ops (ONNX Runtime's `com.microsoft` Attention, SkipLayerNorm …,
+opset-23 Attention) written out as standard ops (graph/fused.py), subgraphs computed from
+constants alone folded into constants, Identity/Dropout removed, BatchNormalization folded into
+the Conv/Gemm before it where that is exact, unique node names, shapes inferred. `save_model`
+writes atomically. What a fold removes and magnitude ranking still reads (γ, σ and the raw filter
+norms) stays readable through `folded_batchnorms`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from onnxprune.errors import ModelLoadError, first_line
+from onnxprune.graph.fused import MS, expand_fused
 
 SUPPORTED_OPSETS = range(11, 24)
 # bytes above which a model is written with external data and run, checked and shape-inferred
@@ -170,6 +173,8 @@ def normalize(model: onnx.ModelProto) -> gs.Graph:
     model = _constants_to_initializers(model)
     graph = gs.import_onnx(_with_inferred_shapes(model))
     _name_nodes(graph)
+    if expand_fused(graph, default_opset(model)):
+        graph = infer_shapes(graph)
     _remove_noops(graph)
     _copy_dims_as_zero(graph)
     graph = _fold_until_settled(graph)
@@ -201,8 +206,12 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
 
 
 # model-local functions whose output has the shape and type of their input (ONNX shape
-# inference cannot see through their bodies: the axes come from attribute references)
-SHAPE_PRESERVING = frozenset({("onnxprune", "TSRA"), ("onnxprune", "RMSNorm")})
+# inference cannot see through their bodies: the axes come from attribute references), and
+# ONNX Runtime's element-wise fused ops that graph/fused.py may leave in place
+SHAPE_PRESERVING = frozenset(
+    {("onnxprune", "TSRA"), ("onnxprune", "RMSNorm")}
+    | {(MS, op) for op in ("SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu")}
+)
 
 
 def copy_function_shapes(model: onnx.ModelProto) -> bool:

@@ -32,6 +32,7 @@ from onnxprune.ops import (  # noqa: F401 - importing a family registers its han
     constant,
     conv,
     elementwise,
+    fused,
     gemm_matmul,
     logic,
     norm,
