@@ -19,6 +19,7 @@ from onnxprune.options import (
 )
 
 COMPENSATIONS = ("none", "bias", "lsq")
+HEADS = ("whole", "dims", "both")  # what pruning an attention head group removes
 # magnitude's default ranking: |γ| of the folded BatchNorm had the best mean validation accuracy
 # of the four criteria on the digits CNNs exported with BatchNorm (benchmarks/ranking.py)
 MAGNITUDE_CRITERION = "gamma"
@@ -66,6 +67,7 @@ class PruneConfig:
     local: bool = False
     joint: bool = False
     steps: int = 1
+    heads: str = "whole"  # attention heads: whole heads, dims within every head, or both
     finetune_steps: int = 0  # distillation steps from the original after pruning (0: none)
     input_shapes: Mapping[str, tuple[int, ...]] | None = None  # symbolic dims where no data is
 
@@ -99,6 +101,7 @@ class PruneConfig:
         self._check_criterion()
         parse_jacobian(self.jacobian)
         self._check_cob()
+        self._check_heads()
         self._check_granularity()
         self._check_verification()
         _positive("batch_size", self.batch_size)
@@ -186,6 +189,24 @@ class PruneConfig:
         widths = [self.epsilon, *self.targets().values()]
         if self.threshold is not None and any(v is not None for v in widths):
             raise UsageError("--threshold chooses the widths itself; drop --epsilon / --target-*")
+
+    def _check_heads(self) -> None:
+        """Within-head widths follow the ratio options; the width searches count whole heads."""
+        if self.heads not in HEADS:
+            raise UsageError(f"'heads' must be one of {', '.join(HEADS)}; got '{self.heads}'")
+        searches = {
+            "--target-*": any(v is not None for v in self.targets().values()),
+            "--global": self.global_ranking,
+            "--epsilon": self.epsilon is not None,
+            "--threshold": self.threshold is not None,
+            "--granularity weight": self.granularity == "weight",
+        }
+        given = [flag for flag, on in searches.items() if on]
+        if self.heads != "whole" and given:
+            raise UsageError(
+                f"--heads {self.heads} takes --ratio, --layer-ratio or --recipe; "
+                f"{given[0]} does not count dims within heads"
+            )
 
     def threshold_rule(self) -> tuple[str, float] | None:
         """--threshold parsed as (rule, t), or None."""

@@ -1,0 +1,116 @@
+"""Pruning within attention heads: value dimensions by ID, query/key dimensions by a change of
+basis. Every head keeps the same number k of its D dimensions (the head Reshapes need one width).
+
+Values. Head h outputs O_h = P_h V_h (P_h the softmax of its scores), linear in V_h: if
+O_h ≈ O_h[:, S] T + 1cᵀ then, since O_h[:, S] = P_h V_h[:, S], keeping the columns S of V_h and
+folding T into the out projection's rows of head h (W_o,h ← T W_o,h, bias += cᵀ W_o,h) is the
+whole correction (P_h's rows sum to 1, so the intercept passes through it too). `value_dims`
+picks S per head by ID of the head's output Gram and then fits one least-squares map from every
+kept feature of every head to all features (the out projection reads them all, so any such map
+folds as exactly).
+
+Queries and keys. The scores q kᵀ are unchanged by q → q M, k → k M⁻ᵀ for any invertible M (an
+orthogonal R is the case M⁻ᵀ = M). Keeping k columns of both makes q kᵀ ≈ q Π kᵀ with Π = A Bᵀ
+of rank k. The softmax runs over keys, so an error constant along a query's row of scores costs
+nothing: only k − k̄ (k̄ the keys' mean) matters. Treating queries and keys as independent, the
+expected squared score error is ‖Σ_q^½ (I − Π) C_k^½‖_F² (Σ_q = E[qᵀq], C_k the keys'
+covariance), which Eckart–Young minimises over rank-k Π by the truncated SVD
+Σ_q^½ C_k^½ = U S Vᵀ: A = Σ_q^-½ U_k S_k^½, B = C_k^-½ V_k S_k^½ (pseudo-inverse roots). At
+k = D, Π is the identity on the data's span, so the scores are exact up to per-query constants.
+The 1/√D scale of the scores stays the original D's: the products keep their size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxprune.methods.linalg import (
+    interpolative_from_gram,
+    least_squares_map,
+    reconstruction_error,
+)
+from onnxprune.plan import TapStats
+
+
+@dataclass(frozen=True, eq=False)
+class ValueDims:
+    """Kept value features (k per head, ascending) and the map x ≈ x[:, keep] M + c."""
+
+    keep: np.ndarray
+    M: np.ndarray
+    c: np.ndarray | None
+    error: float
+
+
+@dataclass(frozen=True, eq=False)
+class QueryKeyBasis:
+    """Per head the maps q_h ← q_h A[h], k_h ← k_h B[h] (D × k each) and the relative score
+    error √(Σ_{i>k} s_i² / Σ s_i²) the model above predicts (mean over heads)."""
+
+    A: np.ndarray
+    B: np.ndarray
+    error: float
+
+
+def value_dims(tap: TapStats, heads: int, keep: int, *, intercept: bool = True) -> ValueDims:
+    """`keep` features per head of the head outputs at `tap` (H·D features, head-major) by ID
+    of each head's Gram, and the least-squares map from all kept features to all features."""
+    dim = tap.gram.shape[0] // heads
+    chosen = []
+    for h in range(heads):
+        block = slice(h * dim, (h + 1) * dim)
+        found = interpolative_from_gram(
+            tap.gram[block, block], keep, intercept=intercept, mean=tap.mean[block], n=tap.n
+        )
+        chosen.append(h * dim + np.sort(found.keep))
+    features = np.concatenate(chosen)
+    M, c = least_squares_map(tap.gram, tap.mean, tap.n, features, intercept=intercept)
+    c = c if intercept else None
+    return ValueDims(
+        features, M, c, reconstruction_error(tap.gram, tap.mean, tap.n, features, M, c)
+    )
+
+
+def query_key_basis(queries: TapStats, keys: TapStats, heads: int, keep: int) -> QueryKeyBasis:
+    """The score-preserving rank-`keep` maps of every head from the query and key statistics
+    (H·D features each, head-major)."""
+    dim = queries.gram.shape[0] // heads
+    maps, errors = [], []
+    for h in range(heads):
+        block = slice(h * dim, (h + 1) * dim)
+        second = queries.gram[block, block] / max(queries.n, 1)
+        mean = keys.mean[block]
+        covariance = keys.gram[block, block] / max(keys.n, 1) - np.outer(mean, mean)
+        A, B, error = _truncated_pair(second, covariance, keep)
+        maps.append((A, B))
+        errors.append(error)
+    A, B = (np.stack(m) for m in zip(*maps, strict=True))
+    return QueryKeyBasis(A, B, float(np.mean(errors)))
+
+
+def _truncated_pair(
+    second: np.ndarray, covariance: np.ndarray, keep: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """A, B (D × keep) with Σ_q^½ A Bᵀ C_k^½ the best rank-`keep` approximation of Σ_q^½ C_k^½."""
+    q_root, q_inverse = _roots(second)
+    k_root, k_inverse = _roots(covariance)
+    U, s, Vt = np.linalg.svd(q_root @ k_root)
+    scale = np.sqrt(s[:keep])
+    A = q_inverse @ U[:, :keep] * scale
+    B = k_inverse @ Vt[:keep].T * scale
+    total = float(np.sum(s**2))
+    error = float(np.sqrt(np.sum(s[keep:] ** 2) / total)) if total > 0 else 0.0
+    return A, B, error
+
+
+def _roots(S: np.ndarray, rcond: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
+    """S^½ and the pseudo-inverse of S^½ of a symmetric positive semidefinite S (eigenvalues
+    below `rcond`·max count as zero: directions the data never takes)."""
+    w, V = np.linalg.eigh((S + S.T) / 2)
+    w = np.clip(w, 0.0, None)
+    live = w > rcond * max(float(w.max()), 1e-300)
+    root = np.sqrt(w)
+    inverse = np.where(live, 1.0 / np.where(live, root, 1.0), 0.0)
+    return (V * root) @ V.T, (V * inverse) @ V.T
