@@ -18,8 +18,8 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.graph.attention import head_split
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.headdims import QueryKeyBasis, ValueDims
 from onnxprune.ops.flow import const, shape_of
+from onnxprune.plan import QueryKeyBasis, ValueDims
 
 _ROW_OPS = frozenset({"Mul", "Div", "Add", "Sub"})  # per-row constants/masks before the Softmax
 

@@ -22,8 +22,6 @@ The 1/√D scale of the scores stays the original D's: the products keep their s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from onnxprune.methods.linalg import (
@@ -31,27 +29,7 @@ from onnxprune.methods.linalg import (
     least_squares_map,
     reconstruction_error,
 )
-from onnxprune.plan import TapStats
-
-
-@dataclass(frozen=True, eq=False)
-class ValueDims:
-    """Kept value features (k per head, ascending) and the map x ≈ x[:, keep] M + c."""
-
-    keep: np.ndarray
-    M: np.ndarray
-    c: np.ndarray | None
-    error: float
-
-
-@dataclass(frozen=True, eq=False)
-class QueryKeyBasis:
-    """Per head the maps q_h ← q_h A[h], k_h ← k_h B[h] (D × k each) and the relative score
-    error √(Σ_{i>k} s_i² / Σ s_i²) the model above predicts (mean over heads)."""
-
-    A: np.ndarray
-    B: np.ndarray
-    error: float
+from onnxprune.plan import QueryKeyBasis, TapStats, ValueDims
 
 
 def value_dims(tap: TapStats, heads: int, keep: int, *, intercept: bool = True) -> ValueDims:
