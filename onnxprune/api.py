@@ -218,7 +218,7 @@ def _within_heads(
         if g.head_dim > 1 and g.name in widths.counts
     }
     batches = (batch.feeds for batch in fit.batches(config.batch_size))
-    graph, rows = prune_within_heads(graph, groups, dims, batches)
+    graph, rows = prune_within_heads(graph, groups, dims, batches, values=config.head_values)
     groups = find_groups(graph)
     widths = choose_widths(graph, groups, config)
     if config.heads == "dims":

@@ -20,6 +20,7 @@ from onnxprune.options import (
 
 COMPENSATIONS = ("none", "bias", "lsq")
 HEADS = ("whole", "dims", "both")  # what pruning an attention head group removes
+HEAD_VALUES = ("id", "pca")  # how the value dims kept within a head are chosen
 # magnitude's default ranking: |γ| of the folded BatchNorm had the best mean validation accuracy
 # of the four criteria on the digits CNNs exported with BatchNorm (benchmarks/ranking.py)
 MAGNITUDE_CRITERION = "gamma"
@@ -68,6 +69,7 @@ class PruneConfig:
     joint: bool = False
     steps: int = 1
     heads: str = "whole"  # attention heads: whole heads, dims within every head, or both
+    head_values: str = "id"  # within heads: the value dims kept (ID) or their principal ones
     finetune_steps: int = 0  # distillation steps from the original after pruning (0: none)
     input_shapes: Mapping[str, tuple[int, ...]] | None = None  # symbolic dims where no data is
 
@@ -194,6 +196,10 @@ class PruneConfig:
         """Within-head widths follow the ratio options; the width searches count whole heads."""
         if self.heads not in HEADS:
             raise UsageError(f"'heads' must be one of {', '.join(HEADS)}; got '{self.heads}'")
+        if self.head_values not in HEAD_VALUES:
+            raise UsageError(
+                f"'head_values' must be one of {', '.join(HEAD_VALUES)}; got '{self.head_values}'"
+            )
         searches = {
             "--target-*": any(v is not None for v in self.targets().values()),
             "--global": self.global_ranking,

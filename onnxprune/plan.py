@@ -90,10 +90,11 @@ class GroupStats:
 
 @dataclass(frozen=True, eq=False)
 class ValueDims:
-    """Within heads (methods/headdims.py): the kept value features (k per head, ascending)
-    and the map x ≈ x[:, keep] M + c of the head outputs."""
+    """Within heads (methods/headdims.py): per head the map of the values (D × k: kept
+    columns or directions) and the correction x ≈ (x B) M + c of the head outputs x, B the
+    block-diagonal of the maps."""
 
-    keep: np.ndarray
+    maps: np.ndarray
     M: np.ndarray
     c: np.ndarray | None
     error: float

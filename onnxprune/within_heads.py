@@ -27,10 +27,12 @@ def prune_within_heads(
     groups: Iterable[ChannelGroup],
     widths: Mapping[str, int],
     batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    values: str = "id",
 ) -> tuple[gs.Graph, tuple[GroupRow, ...]]:
     """A copy of `graph` whose head groups named in `widths` keep `widths[name]` dimensions per
-    head (queries/keys and values alike), and a report row per such group (a refused group,
-    left whole, says why)."""
+    head (queries/keys and values alike; the values' dims chosen by `values`, "id" or "pca"),
+    and a report row per such group (a refused group, left whole, says why)."""
     found: dict[str, HeadSites | str] = {}
     selected = [g for g in groups if g.name in widths and g.head_dim > 1]
     for group in selected:
@@ -51,7 +53,7 @@ def prune_within_heads(
         site, keep = sites[group.name], widths[group.name]
         queries, keys, merged = (by_tensor[t] for t in _tensors(site))
         qk = query_key_basis(queries, keys, site.heads, keep)
-        v = value_dims(merged, site.heads, keep)
+        v = value_dims(merged, site.heads, keep, basis=values)
         shrink_heads(pruned, site, qk, v)
         rows.append(_row(group, keep, qk.error, v.error))
     pruned.cleanup().toposort()

@@ -58,12 +58,12 @@ def _inputs(n: int = 64, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, TOKENS, DIM)).astype(np.float32)
 
 
-def _within(model: onnx.ModelProto, keep: int, feeds: dict[str, np.ndarray]):
+def _within(model: onnx.ModelProto, keep: int, feeds: dict[str, np.ndarray], values: str = "id"):
     """Every head group of `model` narrowed to `keep` dims per head, and the report rows."""
     graph = normalize(model)
     groups = analyze(graph)
     widths = {g.name: keep for g in groups if g.head_dim > 1}
-    pruned, rows = prune_within_heads(graph, groups, widths, [feeds])
+    pruned, rows = prune_within_heads(graph, groups, widths, [feeds], values=values)
     return export(pruned), rows
 
 
@@ -106,13 +106,15 @@ def _redundant(module: Block) -> Block:
     return module
 
 
-def test_a_redundant_value_dim_and_a_constant_key_dim_are_pruned_exactly():
+@pytest.mark.parametrize("values", ["id", "pca"])
+def test_a_redundant_value_dim_and_a_constant_key_dim_are_pruned_exactly(values):
     """With one dim to spare per head in v and in k, D − 1 dims per head give the same
     function on unseen inputs: ID keeps one of each value pair and folds T into the out
-    projection; the key basis drops the constant key dim, whose only effect was a per-query
-    constant on the scores. Narrowing without the redundancy changes the output."""
+    projection (PCA: its D − 1 directions span them); the key basis drops the constant key
+    dim, whose only effect was a per-query constant on the scores. Narrowing without the
+    redundancy changes the output."""
     model = graphs.export_torch(_redundant(Block()), (2, TOKENS, DIM))
-    pruned, _ = _within(model, D - 1, {"input": _inputs()})
+    pruned, _ = _within(model, D - 1, {"input": _inputs()}, values)
     assert _weight(pruned, "/attn/proj/MatMul").shape == (HEADS * (D - 1), DIM)
     for name in ("q", "k", "v"):
         assert _weight(pruned, f"/attn/{name}/MatMul").shape == (DIM, HEADS * (D - 1))
@@ -159,14 +161,19 @@ def _top_directions(q: np.ndarray, k: np.ndarray) -> list[np.ndarray]:
     return [np.linalg.eigh(S)[1][:, -1] for S in (second, covariance, second + covariance)]
 
 
-def test_value_map_is_the_least_squares_fit_from_every_kept_feature():
+@pytest.mark.parametrize("basis", ["id", "pca"])
+def test_value_map_is_the_least_squares_fit_from_every_kept_dim(basis):
     """Brute force on explicit head outputs: the correction is the affine least-squares fit of
-    all features on the kept ones (over both heads), and its error is that fit's."""
+    all features on every head's kept dims (ID: kept columns; PCA: leading directions), and
+    its error is that fit's."""
     rng = np.random.default_rng(1)
     out = rng.standard_normal((200, 6)) @ rng.standard_normal((6, 6)) + rng.standard_normal(6)
-    dims = value_dims(_stats(out), heads=2, keep=2)
-    assert len(dims.keep) == 4 and set(dims.keep // 3) == {0, 1}
-    design = np.hstack([out[:, dims.keep], np.ones((200, 1))])
+    dims = value_dims(_stats(out), heads=2, keep=2, basis=basis)
+    assert dims.maps.shape == (2, 3, 2)
+    if basis == "id":
+        assert set(np.unique(dims.maps)) == {0.0, 1.0} and (dims.maps.sum(axis=1) == 1).all()
+    kept = np.hstack([out[:, h * 3 : (h + 1) * 3] @ dims.maps[h] for h in range(2)])
+    design = np.hstack([kept, np.ones((200, 1))])
     solution, *_ = np.linalg.lstsq(design, out, rcond=None)
     np.testing.assert_allclose(dims.M, solution[:-1], rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(dims.c, solution[-1], rtol=1e-6, atol=1e-8)

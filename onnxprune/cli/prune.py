@@ -21,6 +21,7 @@ from onnxprune.cli.options import (
 )
 from onnxprune.config import (
     COMPENSATIONS,
+    HEAD_VALUES,
     HEADS,
     MAGNITUDE_CRITERION,
     QUANTIZE_MODES,
@@ -240,6 +241,14 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "--data), or both: dims first, then whole heads",
     )
     method.add_argument(
+        "--head-values",
+        choices=HEAD_VALUES,
+        default="id",
+        help="--heads dims|both: keep value dims chosen by ID (default) or each head's "
+        "principal directions of its output (pca); either way the correction is folded into "
+        "the out projection",
+    )
+    method.add_argument(
         "--max-group-ratio",
         type=float,
         default=0.9,
@@ -380,6 +389,7 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         rms_correction=args.rms_correction,
         global_ranking=args.global_ranking,
         heads=args.heads,
+        head_values=args.head_values,
         max_group_ratio=args.max_group_ratio,
         target_macs=args.target_macs,
         target_params=args.target_params,

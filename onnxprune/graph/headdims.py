@@ -96,7 +96,7 @@ def shrink_heads(graph: gs.Graph, sites: HeadSites, qk: QueryKeyBasis, v: ValueD
     keep = qk.A.shape[2]
     for projection, maps in ((sites.query, qk.A), (sites.key, qk.B)):
         _map_columns(nodes, projection, lambda W, m=maps: _per_head(W, m))
-    _map_columns(nodes, sites.value, lambda W: W[..., v.keep])
+    _map_columns(nodes, sites.value, lambda W: _per_head(W, v.maps))
     out = nodes[sites.out]
     weight = out.inputs[1].values
     folded = v.M @ weight.astype(np.float64)

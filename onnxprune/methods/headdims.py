@@ -32,23 +32,38 @@ from onnxprune.methods.linalg import (
 from onnxprune.plan import QueryKeyBasis, TapStats, ValueDims
 
 
-def value_dims(tap: TapStats, heads: int, keep: int, *, intercept: bool = True) -> ValueDims:
-    """`keep` features per head of the head outputs at `tap` (H·D features, head-major) by ID
-    of each head's Gram, and the least-squares map from all kept features to all features."""
+def value_dims(
+    tap: TapStats, heads: int, keep: int, *, basis: str = "id", intercept: bool = True
+) -> ValueDims:
+    """`keep` dims per head of the head outputs at `tap` (H·D features, head-major): by ID of
+    each head's Gram (`basis` "id": kept features) or its principal directions ("pca"), then
+    the least-squares map from every head's kept dims to all features."""
     dim = tap.gram.shape[0] // heads
-    chosen = []
+    maps = np.stack([_value_basis(tap, slice(h * dim, (h + 1) * dim), keep, basis, intercept)
+                     for h in range(heads)])  # fmt: skip
+    B = np.zeros((heads * dim, heads * keep))
     for h in range(heads):
-        block = slice(h * dim, (h + 1) * dim)
-        found = interpolative_from_gram(
-            tap.gram[block, block], keep, intercept=intercept, mean=tap.mean[block], n=tap.n
-        )
-        chosen.append(h * dim + np.sort(found.keep))
-    features = np.concatenate(chosen)
-    M, c = least_squares_map(tap.gram, tap.mean, tap.n, features, intercept=intercept)
+        B[h * dim : (h + 1) * dim, h * keep : (h + 1) * keep] = maps[h]
+    gram = np.block([[B.T @ tap.gram @ B, B.T @ tap.gram], [tap.gram @ B, tap.gram]])
+    mean = np.concatenate([B.T @ tap.mean, tap.mean])
+    kept = np.arange(heads * keep)
+    M, c = least_squares_map(gram, mean, tap.n, kept, intercept=intercept)
     c = c if intercept else None
-    return ValueDims(
-        features, M, c, reconstruction_error(tap.gram, tap.mean, tap.n, features, M, c)
-    )
+    error = reconstruction_error(gram, mean, tap.n, kept, M, c)  # relative to both parts
+    error *= np.sqrt(np.trace(gram) / max(np.trace(tap.gram), 1e-300))
+    out = slice(heads * keep, None)
+    return ValueDims(maps, M[:, out], None if c is None else c[out], float(error))
+
+
+def _value_basis(tap: TapStats, block: slice, keep: int, basis: str, intercept: bool) -> np.ndarray:
+    """The D × `keep` map of one head's values: columns of the identity (ID's selection) or
+    the leading eigenvectors of the head's (centred, with `intercept`) Gram."""
+    gram, mean = tap.gram[block, block], tap.mean[block]
+    if basis == "id":
+        found = interpolative_from_gram(gram, keep, intercept=intercept, mean=mean, n=tap.n)
+        return np.eye(len(mean))[:, np.sort(found.keep)]
+    spread = gram / max(tap.n, 1) - (np.outer(mean, mean) if intercept else 0.0)
+    return np.linalg.eigh(spread)[1][:, ::-1][:, :keep]
 
 
 def query_key_basis(queries: TapStats, keys: TapStats, heads: int, keep: int) -> QueryKeyBasis:
