@@ -210,13 +210,16 @@ def _within_heads(
     config: PruneConfig,
 ) -> tuple[gs.Graph, tuple[ChannelGroup, ...], Widths, tuple[GroupRow, ...]]:
     """`--heads dims|both`: each selected head group keeps its ratio's share of every head's
-    dims (within_heads.py). The narrowed graph is analyzed again; with `dims` its head groups
-    then leave the channel pipeline, with `both` it removes whole heads of them as well."""
-    dims = {
-        g.name: kept(g.head_dim, group_ratio(g, config.width), config.width.round_to)
-        for g in groups
-        if g.head_dim > 1 and g.name in widths.counts
-    }
+    value dims and `qk_ratio`'s (default: the same) of its query/key dims (within_heads.py).
+    The narrowed graph is analyzed again; with `dims` its head groups then leave the channel
+    pipeline, with `both` it removes whole heads of them as well."""
+    dims = {}
+    for group in (g for g in groups if g.head_dim > 1 and g.name in widths.counts):
+        ratio = group_ratio(group, config.width)
+        qk_ratio = ratio if config.qk_ratio is None else config.qk_ratio
+        dims[group.name] = tuple(
+            kept(group.head_dim, r, config.width.round_to) for r in (qk_ratio, ratio)
+        )
     batches = (batch.feeds for batch in fit.batches(config.batch_size))
     graph, rows = prune_within_heads(graph, groups, dims, batches, values=config.head_values)
     groups = find_groups(graph)

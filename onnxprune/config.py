@@ -70,6 +70,7 @@ class PruneConfig:
     steps: int = 1
     heads: str = "whole"  # attention heads: whole heads, dims within every head, or both
     head_values: str = "id"  # within heads: the value dims kept (ID) or their principal ones
+    qk_ratio: float | None = None  # within heads: query/key dims removed (None: the ratio's)
     finetune_steps: int = 0  # distillation steps from the original after pruning (0: none)
     input_shapes: Mapping[str, tuple[int, ...]] | None = None  # symbolic dims where no data is
 
@@ -196,6 +197,13 @@ class PruneConfig:
         """Within-head widths follow the ratio options; the width searches count whole heads."""
         if self.heads not in HEADS:
             raise UsageError(f"'heads' must be one of {', '.join(HEADS)}; got '{self.heads}'")
+        if self.qk_ratio is not None:
+            check_ratio(self.qk_ratio, "qk_ratio")
+            if self.heads != "dims":
+                raise UsageError(
+                    "--qk-ratio narrows query/key dims apart from the values: it needs "
+                    "--heads dims (with both, whole heads go from q, k and v of one width)"
+                )
         if self.head_values not in HEAD_VALUES:
             raise UsageError(
                 f"'head_values' must be one of {', '.join(HEAD_VALUES)}; got '{self.head_values}'"

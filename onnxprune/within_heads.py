@@ -1,4 +1,5 @@
-"""`--heads dims|both`: every head of the selected head groups keeps k of its D dimensions.
+"""`--heads dims|both`: every head of the selected head groups keeps D′ of its D query/key
+dimensions and D″ of its value dimensions (the same in every head of a group).
 
 One statistics pass (ORT) over the fit data collects, per head group, the queries and keys after
 their biases and the merged head outputs the out projection reads; methods/headdims.py turns
@@ -25,14 +26,14 @@ from onnxprune.report import GroupRow
 def prune_within_heads(
     graph: gs.Graph,
     groups: Iterable[ChannelGroup],
-    widths: Mapping[str, int],
+    widths: Mapping[str, tuple[int, int]],
     batches: Iterable[Mapping[str, np.ndarray]],
     *,
     values: str = "id",
 ) -> tuple[gs.Graph, tuple[GroupRow, ...]]:
-    """A copy of `graph` whose head groups named in `widths` keep `widths[name]` dimensions per
-    head (queries/keys and values alike; the values' dims chosen by `values`, "id" or "pca"),
-    and a report row per such group (a refused group, left whole, says why)."""
+    """A copy of `graph` whose head groups named in `widths` keep `widths[name]` = (query/key,
+    value) dimensions per head (the values' chosen by `values`, "id" or "pca"), and a report
+    row per such group (a refused group, left whole, says why)."""
     found: dict[str, HeadSites | str] = {}
     selected = [g for g in groups if g.name in widths and g.head_dim > 1]
     for group in selected:
@@ -50,12 +51,12 @@ def prune_within_heads(
     by_tensor = {tap.tensor: value for tap, value in stats.items()}
     pruned = gs.import_onnx(export(graph))
     for group in (g for g in selected if g.name in sites):
-        site, keep = sites[group.name], widths[group.name]
+        site, (keep_qk, keep_v) = sites[group.name], widths[group.name]
         queries, keys, merged = (by_tensor[t] for t in _tensors(site))
-        qk = query_key_basis(queries, keys, site.heads, keep)
-        v = value_dims(merged, site.heads, keep, basis=values)
+        qk = query_key_basis(queries, keys, site.heads, keep_qk)
+        v = value_dims(merged, site.heads, keep_v, basis=values)
         shrink_heads(pruned, site, qk, v)
-        rows.append(_row(group, keep, qk.error, v.error))
+        rows.append(_row(group, keep_qk, keep_v, qk.error, v.error))
     pruned.cleanup().toposort()
     pruned = infer_shapes(pruned)
     pruned.folded_batchnorms = folded_batchnorms(graph)
@@ -70,11 +71,14 @@ def _tap(tensor: str, site: HeadSites) -> tuple[Tap, int]:
     return Tap(tensor, -1, 0), site.heads * site.dim
 
 
-def _row(group: ChannelGroup, keep: int, qk_error: float, v_error: float) -> GroupRow:
+def _row(group: ChannelGroup, keep_qk: int, keep_v: int, qk_error: float, v_error: float):
+    """The group's row: its width is the value features the out projection reads."""
     dim = group.head_dim
-    status = f"pruned within heads: {dim} → {keep} dims per head"
+    status = f"pruned within heads: q/k {dim} → {keep_qk}, v {dim} → {keep_v} dims per head"
     info = {"qk_score_err": qk_error, "v_err": v_error}
-    return GroupRow(group.name, group.channels * dim, group.channels * keep, status, info, v_error)
+    return GroupRow(
+        group.name, group.channels * dim, group.channels * keep_v, status, info, v_error
+    )
 
 
 def _refused_row(group: ChannelGroup, reason: str) -> GroupRow:

@@ -62,7 +62,7 @@ def _within(model: onnx.ModelProto, keep: int, feeds: dict[str, np.ndarray], val
     """Every head group of `model` narrowed to `keep` dims per head, and the report rows."""
     graph = normalize(model)
     groups = analyze(graph)
-    widths = {g.name: keep for g in groups if g.head_dim > 1}
+    widths = {g.name: (keep, keep) for g in groups if g.head_dim > 1}
     pruned, rows = prune_within_heads(graph, groups, widths, [feeds], values=values)
     return export(pruned), rows
 
@@ -189,21 +189,27 @@ def test_a_per_feature_scale_before_the_heads_is_refused_with_the_reason():
 
 
 def test_prune_with_heads_dims_and_both():
-    """`heads="dims"` narrows every head and leaves the head count; `both` then also removes
-    whole heads; the width searches refuse it (they count whole heads)."""
+    """`heads="dims"` narrows every head (query/key dims by `qk_ratio` where given) and leaves
+    the head count; `both` then also removes whole heads (one width for q, k and v: no
+    `qk_ratio`); the width searches refuse it (they count whole heads)."""
     model = graphs.export_torch(Block(), (2, TOKENS, DIM))
     data = {"input": _inputs()}
     options = dict(ratio=0.5, round_to=1, exclude=["proj"], data=data, verify=False)
-    dims = onnxprune.prune(model, method="id", heads="dims", **options)
+    dims = onnxprune.prune(model, method="id", heads="dims", qk_ratio=0.75, **options)
+    assert _weight(dims.model, "/attn/q/MatMul").shape == (DIM, HEADS * 1)
     assert _weight(dims.model, "/attn/v/MatMul").shape == (DIM, HEADS * 2)
-    both = onnxprune.prune(model, method="id", heads="both", **options)
-    assert _weight(both.model, "/attn/v/MatMul").shape == (DIM, 4)  # 2 heads of 2 dims
     statuses = [row.status for row in dims.report.groups]
-    assert sum(s.startswith("pruned within heads: 4 → 2") for s in statuses) == 1
+    assert sum(s.startswith("pruned within heads: q/k 4 → 1, v 4 → 2") for s in statuses) == 1
+    both = onnxprune.prune(model, method="id", heads="both", **options)
+    for name in ("k", "v"):
+        assert _weight(both.model, f"/attn/{name}/MatMul").shape == (DIM, 4)  # 2 heads × 2
     out = run_model(both.model, {"input": _inputs(4)})["logits"]
     assert out.shape == (4, 4) and np.isfinite(out).all()
     with pytest.raises(UsageError, match="--heads dims takes --ratio"):
         PruneConfig(heads="dims", target_macs=0.5)
+    for heads in ("whole", "both"):
+        with pytest.raises(UsageError, match="needs --heads dims"):
+            PruneConfig(heads=heads, qk_ratio=0.5)
 
 
 @pytest.mark.parametrize("merge_constant", [False, True], ids=["merge-1", "merge-HD"])

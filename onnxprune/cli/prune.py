@@ -249,6 +249,13 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "the out projection",
     )
     method.add_argument(
+        "--qk-ratio",
+        type=float,
+        metavar="R",
+        help="--heads dims: remove R of every head's query/key dims (default: the group's "
+        "ratio, as for its value dims; truncating queries/keys costs less, docs/RESULTS.md)",
+    )
+    method.add_argument(
         "--max-group-ratio",
         type=float,
         default=0.9,
@@ -390,6 +397,7 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         global_ranking=args.global_ranking,
         heads=args.heads,
         head_values=args.head_values,
+        qk_ratio=args.qk_ratio,
         max_group_ratio=args.max_group_ratio,
         target_macs=args.target_macs,
         target_params=args.target_params,

@@ -93,7 +93,7 @@ def shrink_heads(graph: gs.Graph, sites: HeadSites, qk: QueryKeyBasis, v: ValueD
     """Fold the maps into the projections and the out projection and set every head target to
     the new width (in place; the caller re-infers shapes)."""
     nodes = {node.name: node for node in graph.nodes}
-    keep = qk.A.shape[2]
+    keep_qk, keep_v = qk.A.shape[2], v.maps.shape[2]  # the widths may differ
     for projection, maps in ((sites.query, qk.A), (sites.key, qk.B)):
         _map_columns(nodes, projection, lambda W, m=maps: _per_head(W, m))
     _map_columns(nodes, sites.value, lambda W: _per_head(W, v.maps))
@@ -103,10 +103,10 @@ def shrink_heads(graph: gs.Graph, sites: HeadSites, qk: QueryKeyBasis, v: ValueD
     out.inputs[1] = gs.Constant(f"{out.inputs[1].name}__heads", folded.astype(weight.dtype))
     if v.c is not None:
         _shift_output(graph, out, v.c @ weight.astype(np.float64))
-    for projection in (sites.query, sites.key, sites.value):
+    for projection, keep in ((sites.query, keep_qk), (sites.key, keep_qk), (sites.value, keep_v)):
         _set_entry(nodes, projection.dim_entry, keep)
     if sites.merge is not None:
-        _set_entry(nodes, sites.merge, sites.heads * keep)
+        _set_entry(nodes, sites.merge, sites.heads * keep_v)
 
 
 def _shift_output(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
