@@ -41,12 +41,14 @@ D = DIM // HEADS
 
 class Block(nn.Module):
     """Tokens (batch, 6, 12) → 3-head attention of 4 dims → mean over tokens → 4 scores;
-    `scale` multiplies q by a per-feature constant before the heads (refused within heads)."""
+    `scale` multiplies q by a per-feature constant before the heads (refused within heads);
+    without `proj_bias` the out projection is a bare MatMul (the intercept then gets an Add)."""
 
-    def __init__(self, scale: bool = False) -> None:
+    def __init__(self, scale: bool = False, proj_bias: bool = True) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.attn, self.fc = Attention(DIM, HEADS), nn.Linear(DIM, 4)
+        self.attn.proj.bias = self.attn.proj.bias if proj_bias else None
         if scale:
             self.attn.q.register_forward_hook(lambda _m, _i, out: out * torch.arange(1, DIM + 1))
 
@@ -106,14 +108,16 @@ def _redundant(module: Block) -> Block:
     return module
 
 
-@pytest.mark.parametrize("values", ["id", "pca"])
-def test_a_redundant_value_dim_and_a_constant_key_dim_are_pruned_exactly(values):
+@pytest.mark.parametrize(
+    ("values", "proj_bias"), [("id", True), ("pca", True), ("id", False)], ids=["id", "pca", "bare"]
+)
+def test_a_redundant_value_dim_and_a_constant_key_dim_are_pruned_exactly(values, proj_bias):
     """With one dim to spare per head in v and in k, D − 1 dims per head give the same
     function on unseen inputs: ID keeps one of each value pair and folds T into the out
     projection (PCA: its D − 1 directions span them); the key basis drops the constant key
     dim, whose only effect was a per-query constant on the scores. Narrowing without the
     redundancy changes the output."""
-    model = graphs.export_torch(_redundant(Block()), (2, TOKENS, DIM))
+    model = graphs.export_torch(_redundant(Block(proj_bias=proj_bias)), (2, TOKENS, DIM))
     pruned, _ = _within(model, D - 1, {"input": _inputs()}, values)
     assert _weight(pruned, "/attn/proj/MatMul").shape == (HEADS * (D - 1), DIM)
     for name in ("q", "k", "v"):
