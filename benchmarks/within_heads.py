@@ -42,6 +42,7 @@ VARIANTS: dict[str, dict] = {  # "qk": the query/key ratio as a multiple of the 
     "dims id": {"heads": "dims", "head_values": "id"},
     "dims pca": {"heads": "dims", "head_values": "pca"},
     "dims pca qk x2": {"heads": "dims", "head_values": "pca", "qk": 2.0},
+    "dims qk x2, values kept": {"heads": "dims", "layer_ratios": [("attention", 0.0)], "qk": 2.0},
 }
 
 Score = Callable[[onnx.ModelProto], dict]

@@ -52,6 +52,9 @@ def prune_within_heads(
     pruned = gs.import_onnx(export(graph))
     for group in (g for g in selected if g.name in sites):
         site, (keep_qk, keep_v) = sites[group.name], widths[group.name]
+        if keep_qk != keep_v and _shared_split(site):
+            rows.append(_refused_row(group, "q/k and v heads are split by one shared target"))
+            continue
         queries, keys, merged = (by_tensor[t] for t in _tensors(site))
         qk = query_key_basis(queries, keys, site.heads, keep_qk)
         v = value_dims(merged, site.heads, keep_v, basis=values)
@@ -61,6 +64,12 @@ def prune_within_heads(
     pruned = infer_shapes(pruned)
     pruned.folded_batchnorms = folded_batchnorms(graph)
     return pruned, tuple(rows)
+
+
+def _shared_split(site: HeadSites) -> bool:
+    """True when the value split's head width is stated by the node that states q's or k's
+    (one Concat serving several Reshapes), so they cannot take different widths."""
+    return site.value.dim_entry.node in (site.query.dim_entry.node, site.key.dim_entry.node)
 
 
 def _tensors(site: HeadSites) -> tuple[str, str, str]:

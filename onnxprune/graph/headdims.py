@@ -100,7 +100,7 @@ def shrink_heads(graph: gs.Graph, sites: HeadSites, qk: QueryKeyBasis, v: ValueD
     out = nodes[sites.out]
     weight = out.inputs[1].values
     folded = v.M @ weight.astype(np.float64)
-    out.inputs[1] = gs.Constant(f"{out.inputs[1].name}__heads", folded.astype(weight.dtype))
+    out.inputs[1] = gs.Constant(f"{out.inputs[1].name}__{out.name}", folded.astype(weight.dtype))
     if v.c is not None:
         _shift_output(graph, out, v.c @ weight.astype(np.float64))
     for projection, keep in ((sites.query, keep_qk), (sites.key, keep_qk), (sites.value, keep_v)):
@@ -117,7 +117,7 @@ def _shift_output(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
         if len(bias) == 1 and users[0].inputs[bias[0]].values.shape == shift.shape:
             tensor = users[0].inputs[bias[0]]
             value = (tensor.values.astype(np.float64) + shift).astype(tensor.values.dtype)
-            users[0].inputs[bias[0]] = gs.Constant(f"{tensor.name}__heads", value)
+            users[0].inputs[bias[0]] = gs.Constant(f"{tensor.name}__{users[0].name}", value)
             return
     out = node.outputs[0]
     inner = gs.Variable(f"{out.name}__heads", dtype=out.dtype)
@@ -146,14 +146,15 @@ def _map_columns(nodes: dict[str, gs.Node], projection: Projection, fn) -> None:
     for node, index in targets:
         value = node.inputs[index].values
         mapped = fn(value.astype(np.float64)).astype(value.dtype)
-        node.inputs[index] = gs.Constant(f"{node.inputs[index].name}__dims", mapped)
+        node.inputs[index] = gs.Constant(f"{node.inputs[index].name}__{node.name}", mapped)
 
 
 def _set_entry(nodes: dict[str, gs.Node], entry: Entry, value: int) -> None:
     node = nodes[entry.node]
     array = np.array(node.inputs[entry.input].values, copy=True)
     array.reshape(-1)[entry.index] = value
-    node.inputs[entry.input] = gs.Constant(f"{node.inputs[entry.input].name}__dims", array)
+    name = f"{node.inputs[entry.input].name}__{node.name}"  # one target may serve several
+    node.inputs[entry.input] = gs.Constant(name, array)
 
 
 def _reaches_softmax(node: gs.Node) -> bool:
