@@ -37,12 +37,13 @@ from onnxprune.measure.verify import run  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "within_heads.json"
 REDUCTIONS = {"vit": (0.25, 0.5), "minilm": (0.15, 0.3)}
-VARIANTS: dict[str, dict] = {  # "qk": the query/key ratio as a multiple of the ratio
+VARIANTS: dict[str, dict] = {  # "qk": the query/key ratio as a multiple of the ratio;
+    # "values kept": MiniLM's head groups (named "…/attention/…") keep their value dims
     "whole": {},
     "dims id": {"heads": "dims", "head_values": "id"},
     "dims pca": {"heads": "dims", "head_values": "pca"},
     "dims pca qk x2": {"heads": "dims", "head_values": "pca", "qk": 2.0},
-    "dims qk x2, values kept": {"heads": "dims", "layer_ratios": [("attention", 0.0)], "qk": 2.0},
+    "dims qk x2 values kept": {"heads": "dims", "layer_ratios": [("attention", 0.0)], "qk": 2.0},
 }
 
 Score = Callable[[onnx.ModelProto], dict]

@@ -29,10 +29,10 @@ def prune_within_heads(
     widths: Mapping[str, tuple[int, int]],
     batches: Iterable[Mapping[str, np.ndarray]],
     *,
-    values: str = "id",
+    values: str = "pca",
 ) -> tuple[gs.Graph, tuple[GroupRow, ...]]:
     """A copy of `graph` whose head groups named in `widths` keep `widths[name]` = (query/key,
-    value) dimensions per head (the values' chosen by `values`, "id" or "pca"), and a report
+    value) dimensions per head (the values' chosen by `values`, "pca" or "id"), and a report
     row per such group (a refused group, left whole, says why)."""
     found: dict[str, HeadSites | str] = {}
     selected = [g for g in groups if g.name in widths and g.head_dim > 1]
@@ -69,7 +69,9 @@ def prune_within_heads(
 def _shared_split(site: HeadSites) -> bool:
     """True when the value split's head width is stated by the node that states q's or k's
     (one Concat serving several Reshapes), so they cannot take different widths."""
-    return site.value.dim_entry.node in (site.query.dim_entry.node, site.key.dim_entry.node)
+    entries = (site.query.dim_entry, site.key.dim_entry)
+    value = site.value.dim_entry
+    return value is not None and value.node in {e.node for e in entries if e is not None}
 
 
 def _tensors(site: HeadSites) -> tuple[str, str, str]:

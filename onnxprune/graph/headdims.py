@@ -37,12 +37,12 @@ class Entry:
 @dataclass(frozen=True)
 class Projection:
     """A q, k or v projection: its MatMul, its bias Add (or None), the tensor after the bias
-    (the statistics' tap) and the entry of its head-split target that states D."""
+    (the statistics' tap) and the entry of its head-split target that states D (None: -1)."""
 
     matmul: str
     bias: str | None
     tensor: str
-    dim_entry: Entry
+    dim_entry: Entry | None
 
 
 @dataclass(frozen=True)
@@ -76,16 +76,17 @@ def head_sites(graph: gs.Graph, group: ChannelGroup) -> HeadSites:
     heads, dim = group.channels, group.head_dim
     query, key = (_projection(t, group, dim) for t in score.inputs)
     value = _projection(mix.inputs[1], group, dim)
-    if shape_of(score.inputs[0])[-1] != dim or shape_of(mix.inputs[1])[-1] != dim:
+    if _last(score.inputs[0]) != dim or _last(mix.inputs[1]) != dim:
         raise Refused(f"MatMul '{score.name}' does not contract the head dimension")
     merged, merge = _merge(mix, heads, dim)
-    (out,) = group.consumers
+    out = group.consumers[0] if len(group.consumers) == 1 else None
     if (
-        nodes[out].op != "MatMul"
+        out is None
+        or nodes[out].op != "MatMul"
         or nodes[out].inputs[0].name != merged
         or const(nodes[out], 1) is None
     ):
-        raise Refused(f"the out projection '{out}' is not a MatMul of the merged heads")
+        raise Refused(f"the heads are not read by one MatMul out projection: {group.consumers}")
     return HeadSites(heads, dim, query, key, value, out, merged, merge)
 
 
@@ -104,7 +105,8 @@ def shrink_heads(graph: gs.Graph, sites: HeadSites, qk: QueryKeyBasis, v: ValueD
     if v.c is not None:
         _shift_output(graph, out, v.c @ weight.astype(np.float64))
     for projection, keep in ((sites.query, keep_qk), (sites.key, keep_qk), (sites.value, keep_v)):
-        _set_entry(nodes, projection.dim_entry, keep)
+        if projection.dim_entry is not None:
+            _set_entry(nodes, projection.dim_entry, keep)
     if sites.merge is not None:
         _set_entry(nodes, sites.merge, sites.heads * keep_v)
 
@@ -157,6 +159,12 @@ def _set_entry(nodes: dict[str, gs.Node], entry: Entry, value: int) -> None:
     node.inputs[entry.input] = gs.Constant(name, array)
 
 
+def _last(tensor: gs.Tensor) -> int | str | None:
+    """The size of the tensor's last axis, None where its shape is unknown."""
+    shape = shape_of(tensor)
+    return shape[-1] if shape else None
+
+
 def _reaches_softmax(node: gs.Node) -> bool:
     """True when `node`'s output reaches a Softmax over its last axis only through
     single-use constant scales and additive terms (masks)."""
@@ -194,9 +202,7 @@ def _projection(tensor: gs.Tensor, group: ChannelGroup, dim: int) -> Projection:
             split, tensor = node, node.inputs[0]
         elif node.op == "Add" and split is not None and bias is None:
             constants = [t for t in node.inputs if isinstance(t, gs.Constant)]
-            if len(constants) != 1 or constants[0].values.shape[-1:] != tuple(
-                shape_of(tensor)[-1:]
-            ):
+            if len(constants) != 1 or constants[0].values.shape[-1:] != (_last(tensor),):
                 raise Refused(f"Add '{node.name}' before the heads is not a bias")
             bias, tensor = node, next(t for t in node.inputs if t is not constants[0])
         else:
@@ -223,16 +229,17 @@ def _scaled(node: gs.Node) -> gs.Tensor | None:
     return None
 
 
-def _dim_entry(split: gs.Node) -> Entry:
-    """The entry of the split Reshape's target that states D."""
+def _dim_entry(split: gs.Node) -> Entry | None:
+    """The entry of the split Reshape's target that states D (None: it says -1)."""
     found = head_split(split, len(shape_of(split.inputs[0])) - 1)
     if found is None:
         raise Refused(f"Reshape '{split.name}' does not split the last axis into heads")
     axis, _, dim = found
     entry = _target_entry(split, axis + 1)
-    if _value(entry, split) != dim:
-        raise Refused(f"Reshape '{split.name}' does not state the head width {dim}")
-    return entry
+    value = _value(entry, split)
+    if value not in (-1, dim):
+        raise Refused(f"Reshape '{split.name}' states {value} where the head width is {dim}")
+    return None if value == -1 else entry
 
 
 def _merge(mix: gs.Node, heads: int, dim: int) -> tuple[str, Entry | None]:

@@ -1,13 +1,16 @@
-"""Pruning within attention heads: value dimensions by ID, query/key dimensions by a change of
-basis. Every head keeps the same number k of its D dimensions (the head Reshapes need one width).
+"""Pruning within attention heads: value dimensions by PCA or ID, query/key dimensions by a
+change of basis. Every head of a group keeps the same number of its D query/key dims and of its
+D value dims (the head Reshapes need one width each).
 
-Values. Head h outputs O_h = P_h V_h (P_h the softmax of its scores), linear in V_h: if
-O_h ≈ O_h[:, S] T + 1cᵀ then, since O_h[:, S] = P_h V_h[:, S], keeping the columns S of V_h and
-folding T into the out projection's rows of head h (W_o,h ← T W_o,h, bias += cᵀ W_o,h) is the
-whole correction (P_h's rows sum to 1, so the intercept passes through it too). `value_dims`
-picks S per head by ID of the head's output Gram and then fits one least-squares map from every
-kept feature of every head to all features (the out projection reads them all, so any such map
-folds as exactly).
+Values. Head h outputs O_h = P_h V_h (P_h the softmax of its scores), linear in V_h: for a
+D × k map R_h, O_h R_h = P_h (V_h R_h), so narrowing V_h to V_h R_h (W_v,h ← W_v,h R_h, same for
+the bias) narrows O_h alike, and if O ≈ (O R) M + 1cᵀ (R the block-diagonal of the R_h) then
+folding M into the out projection's rows (W_o ← M W_o, bias += cᵀ W_o) is the whole
+correction (P_h's rows sum to 1, so the intercept passes through it too). `value_dims` takes
+R_h = the leading eigenvectors of head h's centred output Gram ("pca": the best rank-k
+reconstruction of the head alone) or k columns of the identity chosen by ID ("id": kept
+features), then M, c as the least-squares map from every head's kept dims to all features
+(the out projection reads them all, so any such map folds as exactly).
 
 Queries and keys. The scores q kᵀ are unchanged by q → q M, k → k M⁻ᵀ for any invertible M (an
 orthogonal R is the case M⁻ᵀ = M). Keeping k columns of both makes q kᵀ ≈ q Π kᵀ with Π = A Bᵀ
@@ -33,10 +36,11 @@ from onnxprune.plan import QueryKeyBasis, TapStats, ValueDims
 
 
 def value_dims(
-    tap: TapStats, heads: int, keep: int, *, basis: str = "id", intercept: bool = True
+    tap: TapStats, heads: int, keep: int, *, basis: str = "pca", intercept: bool = True
 ) -> ValueDims:
     """`keep` dims per head of the head outputs at `tap` (H·D features, head-major): by ID of
-    each head's Gram (`basis` "id": kept features) or its principal directions ("pca"), then
+    each head's Gram (`basis` "id": kept features) or its principal directions ("pca", the
+    best rank-k reconstruction of each head alone), then
     the least-squares map from every head's kept dims to all features."""
     dim = tap.gram.shape[0] // heads
     maps = np.stack([_value_basis(tap, slice(h * dim, (h + 1) * dim), keep, basis, intercept)
