@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from threadpoolctl import threadpool_limits
 
-from onnxprune.budget import choose_widths, refine_widths
+from onnxprune.budget import Widths, choose_widths, refine_widths
 from onnxprune.calib.data import Dataset, batch_for, count_shapes, input_specs
 from onnxprune.calib.gather import gather, gather_norms, gather_weights
 from onnxprune.calib.split import DataInputs, Split, split_inputs
@@ -53,11 +53,12 @@ from onnxprune.methods import build_method
 from onnxprune.methods.cob import unrotated_note
 from onnxprune.methods.planner import make_plans
 from onnxprune.methods.sparse import bias_shifts, choose_removed, weight_needs, weight_scores
-from onnxprune.methods.width import group_ratio
+from onnxprune.methods.width import group_ratio, kept
 from onnxprune.options import WidthRule
 from onnxprune.plan import Plan
 from onnxprune.recalibrate import recalibrate, reference_tensors
 from onnxprune.report import GroupRow, Report, TargetResult
+from onnxprune.within_heads import prune_within_heads
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 DataLike = str | os.PathLike | Mapping[str, np.ndarray] | Dataset
@@ -151,7 +152,11 @@ def _prune_channels(
     graph, config, notes = _streams_for_cob(graph, config)
     groups = find_groups(graph)
     widths = choose_widths(graph, groups, config)
-    if not widths.counts and not config.allow_noop:
+    split, head_rows = None, ()
+    if config.heads != "whole":
+        split = split_inputs(proto, inputs, config, fitted=True)
+        graph, groups, widths, head_rows = _within_heads(graph, groups, widths, split.fit, config)
+    if not widths.counts and not head_rows and not config.allow_noop:
         raise NothingToPruneError(
             "nothing to prune: no channel group is both prunable and selected",
             hint="run `onnxprune analyze MODEL` to see why; --allow-noop accepts this",
@@ -170,7 +175,7 @@ def _prune_channels(
     needs = pruner.needs | _extra_needs(config, groups, inputs.data)
     fitted = bool(needs - {"weights"}) or config.recalibrate or config.quantize == "int8"
     fitted = fitted or config.finetune_steps > 0
-    split = split_inputs(proto, inputs, config, fitted=fitted)
+    split = split or split_inputs(proto, inputs, config, fitted=fitted)
     fit = split.fit
     moments = reference_tensors(graph, groups, widths.counts) if config.recalibrate else {}
     calibration = gather(graph, groups, widths.counts, needs, fit, config, moments=moments)
@@ -191,9 +196,39 @@ def _prune_channels(
         proto, _finish(proto, pruned_graph, config), split.fit, config, notes
     )
     pruned = _quantized(pruned, split.fit, config)
-    rows = tuple(_row(group, plans.get(group.name), config) for group in groups)
+    within = {row.name for row in head_rows} if config.heads == "dims" else set()
+    rows = head_rows + tuple(
+        _row(group, plans.get(group.name), config) for group in groups if group.name not in within
+    )
     report = _report(proto, pruned, split, config, calibration.loss, notes, rows, widths.target)
     return Result(pruned, report, groups, plans)
+
+
+def _within_heads(
+    graph: gs.Graph,
+    groups: tuple[ChannelGroup, ...],
+    widths: Widths,
+    fit: Dataset,
+    config: PruneConfig,
+) -> tuple[gs.Graph, tuple[ChannelGroup, ...], Widths, tuple[GroupRow, ...]]:
+    """`--heads dims|both`: each selected head group keeps its ratio's share of every head's
+    value dims and `qk_ratio`'s (default: the same) of its query/key dims (within_heads.py).
+    The narrowed graph is analyzed again; with `dims` its head groups then leave the channel
+    pipeline, with `both` it removes whole heads of them as well."""
+    dims = {}
+    for group in (g for g in groups if g.head_dim > 1 and g.name in widths.counts):
+        ratio = group_ratio(group, config.width)
+        qk_ratio = ratio if config.qk_ratio is None else config.qk_ratio
+        dims[group.name] = tuple(
+            kept(group.head_dim, r, config.width.round_to) for r in (qk_ratio, ratio)
+        )
+    batches = (batch.feeds for batch in fit.batches(config.batch_size))
+    graph, rows = prune_within_heads(graph, groups, dims, batches, values=config.head_values)
+    groups = find_groups(graph)
+    widths = choose_widths(graph, groups, config)
+    if config.heads == "dims":
+        widths = replace(widths, counts={n: k for n, k in widths.counts.items() if n not in dims})
+    return graph, groups, widths, rows
 
 
 def _streams_for_cob(

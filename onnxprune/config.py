@@ -21,6 +21,10 @@ from onnxprune.options import (
 )
 
 COMPENSATIONS = ("none", "bias", "lsq")
+HEADS = ("whole", "dims", "both")  # what pruning an attention head group removes
+# how the value dims kept within a head are chosen: PCA kept more accuracy than ID on the digits
+# ViT (both exports) and on MiniLM (docs/RESULTS.md, "Pruning within attention heads")
+HEAD_VALUES = ("pca", "id")
 # magnitude's default ranking: |γ| of the folded BatchNorm had the best mean validation accuracy
 # of the four criteria on the digits CNNs exported with BatchNorm (benchmarks/ranking.py)
 MAGNITUDE_CRITERION = "gamma"
@@ -70,6 +74,9 @@ class PruneConfig:
     pattern: str | None = None  # per weight: "row" or "N:M"; None: the method's scope
     joint: bool = False
     steps: int = 1
+    heads: str = "whole"  # attention heads: whole heads, dims within every head, or both
+    head_values: str = "pca"  # within heads: each head's principal value directions, or ID
+    qk_ratio: float | None = None  # within heads: query/key dims removed (None: the ratio's)
     finetune_steps: int = 0  # distillation steps from the original after pruning (0: none)
     input_shapes: Mapping[str, tuple[int, ...]] | None = None  # symbolic dims where no data is
 
@@ -103,6 +110,7 @@ class PruneConfig:
         self._check_criterion()
         parse_jacobian(self.jacobian)
         self._check_cob()
+        self._check_heads()
         self._check_granularity()
         self._check_verification()
         _positive("batch_size", self.batch_size)
@@ -222,6 +230,35 @@ class PruneConfig:
         widths = [self.epsilon, *self.targets().values()]
         if self.threshold is not None and any(v is not None for v in widths):
             raise UsageError("--threshold chooses the widths itself; drop --epsilon / --target-*")
+
+    def _check_heads(self) -> None:
+        """Within-head widths follow the ratio options; the width searches count whole heads."""
+        if self.heads not in HEADS:
+            raise UsageError(f"'heads' must be one of {', '.join(HEADS)}; got '{self.heads}'")
+        if self.qk_ratio is not None:
+            check_ratio(self.qk_ratio, "qk_ratio")
+            if self.heads != "dims":
+                raise UsageError(
+                    "--qk-ratio narrows query/key dims apart from the values: it needs "
+                    "--heads dims (with both, whole heads go from q, k and v of one width)"
+                )
+        if self.head_values not in HEAD_VALUES:
+            raise UsageError(
+                f"'head_values' must be one of {', '.join(HEAD_VALUES)}; got '{self.head_values}'"
+            )
+        searches = {
+            "--target-*": any(v is not None for v in self.targets().values()),
+            "--global": self.global_ranking,
+            "--epsilon": self.epsilon is not None,
+            "--threshold": self.threshold is not None,
+            "--granularity weight": self.granularity == "weight",
+        }
+        given = [flag for flag, on in searches.items() if on]
+        if self.heads != "whole" and given:
+            raise UsageError(
+                f"--heads {self.heads} takes --ratio, --layer-ratio or --recipe; "
+                f"{given[0]} does not count dims within heads"
+            )
 
     def threshold_rule(self) -> tuple[str, float] | None:
         """--threshold parsed as (rule, t), or None."""

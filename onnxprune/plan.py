@@ -86,3 +86,26 @@ class GroupStats:
     consumers: Mapping[str, tuple[object, np.ndarray]] = field(default_factory=dict)
     norms: Mapping[str, TapStats] = field(default_factory=dict)
     features: Mapping[str, TapStats] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class ValueDims:
+    """Within heads (methods/headdims.py): per head the map of the values (D × k: kept
+    columns or directions) and the correction x ≈ (x B) M + c of the head outputs x, B the
+    block-diagonal of the maps."""
+
+    maps: np.ndarray
+    M: np.ndarray
+    c: np.ndarray | None
+    error: float
+
+
+@dataclass(frozen=True, eq=False)
+class QueryKeyBasis:
+    """Within heads (methods/headdims.py): per head the maps q_h ← q_h A[h], k_h ← k_h B[h]
+    (D × k each) and the relative score error √(Σ_{i>k} s_i² / Σ s_i²) its error model
+    predicts (mean over heads)."""
+
+    A: np.ndarray
+    B: np.ndarray
+    error: float

@@ -19,7 +19,14 @@ from onnxprune.cli.options import (
     reading_options,
     rounding,
 )
-from onnxprune.config import COMPENSATIONS, MAGNITUDE_CRITERION, QUANTIZE_MODES, PruneConfig
+from onnxprune.config import (
+    COMPENSATIONS,
+    HEAD_VALUES,
+    HEADS,
+    MAGNITUDE_CRITERION,
+    QUANTIZE_MODES,
+    PruneConfig,
+)
 from onnxprune.errors import RejectedError, UsageError
 from onnxprune.methods.cob import channel_ratio_for_params
 from onnxprune.methods.width import load_recipe, parse_layer_ratio
@@ -234,6 +241,29 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "--target-params), allocated across groups by the method's damage per MAC saved",
     )
     method.add_argument(
+        "--heads",
+        choices=HEADS,
+        default="whole",
+        help="attention head groups: remove whole heads (default), keep every head with "
+        "RATIO of its dims removed (values by ID, queries/keys by a change of basis; needs "
+        "--data), or both: dims first, then whole heads",
+    )
+    method.add_argument(
+        "--head-values",
+        choices=HEAD_VALUES,
+        default="pca",
+        help="--heads dims|both: keep each head's principal directions of its output (pca, "
+        "default: more accurate on the digits ViT and MiniLM) or value dims chosen by ID; "
+        "either way the correction is folded into the out projection",
+    )
+    method.add_argument(
+        "--qk-ratio",
+        type=float,
+        metavar="R",
+        help="--heads dims: remove R of every head's query/key dims (default: the group's "
+        "ratio, as for its value dims; truncating queries/keys costs less, docs/RESULTS.md)",
+    )
+    method.add_argument(
         "--max-group-ratio",
         type=float,
         default=0.9,
@@ -374,6 +404,9 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         threshold=args.threshold,
         rms_correction=args.rms_correction,
         global_ranking=args.global_ranking,
+        heads=args.heads,
+        head_values=args.head_values,
+        qk_ratio=args.qk_ratio,
         max_group_ratio=args.max_group_ratio,
         target_macs=args.target_macs,
         target_params=args.target_params,

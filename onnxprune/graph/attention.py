@@ -58,7 +58,7 @@ def head_width(node: gs.Node) -> int | None:
         seen.add(tensor.name)
         for user in tensor.outputs:
             if user.op == "Reshape" and user.inputs[0] is tensor:
-                split = _head_split(user, rank - 1)
+                split = head_split(user, rank - 1)
                 if split is not None:
                     return split[2]
             elif user.op in _SCALING and any(isinstance(t, gs.Constant) for t in user.inputs):
@@ -66,7 +66,7 @@ def head_width(node: gs.Node) -> int | None:
     return None
 
 
-def _head_split(node: gs.Node, axis: int) -> tuple[int, int, int] | None:
+def head_split(node: gs.Node, axis: int) -> tuple[int, int, int] | None:
     """(axis, H, D) when Reshape `node` splits input `axis` of static size H·D into (H, D) at
     output axes (axis, axis + 1) and keeps every axis after it; else None. H may be symbolic
     (transformers' `view(*shape[:-1], -1, D)`): with the axes before `axis` the same as the
@@ -88,7 +88,7 @@ def _head_split(node: gs.Node, axis: int) -> tuple[int, int, int] | None:
 
 def _split_heads(node: gs.Node, state: State) -> Step | None:
     """(…, H·D, …) → (…, H, D, …) where the group's channels are the heads (D features each)."""
-    split = _head_split(node, state.axis)
+    split = head_split(node, state.axis)
     if split is None:
         return None
     axis, heads, dim = split
