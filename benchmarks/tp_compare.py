@@ -113,10 +113,15 @@ def main() -> None:
             for tool in args.tools.split(","):
                 start = time.perf_counter()
                 reductions = tuple(map(float, args.reductions.split(",")))
-                cells = MEASURE[tool](name, args.cache, reductions)
-                model[tool] = {**model.get(tool, {}), **cells}
+                before = dict(model.get(tool, {}))
+
+                def save(cells: dict, tool: str = tool, before: dict = before, model=model) -> None:
+                    """Write the results with `cells` so far (after every cell)."""
+                    model[tool] = {**before, **cells}
+                    args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+                MEASURE[tool](name, args.cache, reductions, save)
                 print(f"{name} {tool}: {time.perf_counter() - start:.0f} s", flush=True)
-                args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(markdown(results))
     print()
     print(goals(results))
@@ -125,17 +130,22 @@ def main() -> None:
 # ----------------------------------------------------------------------------- onnxprune
 
 
-def measure_ours(name: str, cache: Path, reductions: tuple[float, ...]) -> dict:
+Save = Callable[[dict], None]
+
+
+def measure_ours(name: str, cache: Path, reductions: tuple[float, ...], save: Save) -> None:
     """Every onnxprune variant on the bundled `models/<name>.onnx` at every reduction."""
-    return ours_on(ROOT / "models" / f"{name}.onnx", reductions)
+    ours_on(ROOT / "models" / f"{name}.onnx", reductions, save)
 
 
-def measure_ours_retrained(name: str, cache: Path, reductions: tuple[float, ...]) -> dict:
+def measure_ours_retrained(
+    name: str, cache: Path, reductions: tuple[float, ...], save: Save
+) -> None:
     """Every onnxprune variant on the ONNX file of the torch model that Torch-Pruning prunes."""
-    return ours_on(torch_original(name, cache)[1], reductions)
+    ours_on(torch_original(name, cache)[1], reductions, save)
 
 
-def ours_on(path: Path, reductions: tuple[float, ...]) -> dict:
+def ours_on(path: Path, reductions: tuple[float, ...], save: Save) -> None:
     """Every onnxprune variant on the model at `path`: validation, test, MACs kept."""
     name = path.name.split(".")[0]
     model = onnx.load(path)
@@ -151,7 +161,7 @@ def ours_on(path: Path, reductions: tuple[float, ...]) -> dict:
             seconds = time.perf_counter() - start
             cells[key] = score(pruned.model, seconds=seconds)
             print(name, key, cells[key], flush=True)
-    return cells
+            save(cells)
 
 
 class Scorer:
@@ -180,7 +190,7 @@ class Scorer:
 # ----------------------------------------------------------------------------- Torch-Pruning
 
 
-def measure_tp(name: str, cache: Path, reductions: tuple[float, ...]) -> dict:
+def measure_tp(name: str, cache: Path, reductions: tuple[float, ...], save: Save) -> None:
     """Every Torch-Pruning variant in TP_VARIANTS at every reduction, after BN re-estimation:
     validation and test accuracy and MACs computed on the torch model; the best by validation
     is exported and scored again as an ONNX file (`onnx`: ORT accuracy, onnxprune's counter)."""
@@ -209,10 +219,11 @@ def measure_tp(name: str, cache: Path, reductions: tuple[float, ...]) -> dict:
             }
             pruned_models[label] = pruned
             print(name, label, reduction, cells[f"{label} @ {reduction}"], flush=True)
+            save(cells)
         label, cell = best(cells, reduction)
         if cell is not None:
             cell["onnx"] = score(export(pruned_models[label], example))
-    return cells
+            save(cells)
 
 
 def torch_scores(model: nn.Module, example: torch.Tensor, val: tuple, test: tuple, score) -> dict:
