@@ -5,23 +5,22 @@ calibration samples (benchmarks/defaults.py's split); each tool's best variant p
 with the highest accuracy on the other 128 calibration samples (validation), among those that
 land within 0.01 of the MAC target; the test split (540 images) is only reported.
 
-Torch-Pruning 1.6.1 (`MetaPruner`), every importance it has — L1 and L2 magnitude (L2 is its group
-norm: `GroupMagnitudeImportance(p=2)`), BN scale, LAMP, FPGM, Taylor (summed cross-entropy
-gradients) and Hessian (OBD: mean over samples of the squared per-sample gradient) — × scope (per
-layer uniform, `global_pruning`, `global_pruning` + `isomorphic`) × one-shot or 5 iterative
-steps, each evaluated as is and after BatchNorm re-estimation on the fit samples (5 steps:
-re-estimated after every step, gradients recomputed before every step). `pruning_ratio` is
-bisected so that the conv/linear MACs — onnxprune's count, computed on the torch model — land at
-most at 1 − t; the classifier's outputs are kept; no layer loses more than 90 % (onnxprune's
-`--max-group-ratio`). Torch-Pruning keeps its default `round_to=None` (any width: the
-most accurate it can be at a given MAC count).
+Torch-Pruning 1.6.1 (`MetaPruner`), TP_VARIANTS: L1 per-layer uniform, L1 `global_pruning`,
+`global_pruning` + `isomorphic` with every importance it has — L1 and L2 magnitude (L2 is its
+group norm: `GroupMagnitudeImportance(p=2)`), BN scale, LAMP, FPGM, Taylor (summed cross-entropy
+gradients) and Hessian (OBD: mean over samples of the squared per-sample gradient) — and L1
+isomorphic in 5 iterative steps; each followed by BatchNorm re-estimation on the fit samples
+(after every step when iterative, gradients recomputed before every step). `pruning_ratio` is
+searched (regula falsi) so that the conv/linear MACs — onnxprune's count, computed on the torch
+model — land at most at, and within 0.5 % of the original below, 1 − t; the classifier's
+outputs are kept; no layer loses more than 90 % (onnxprune's `--max-group-ratio`).
+Torch-Pruning keeps its default `round_to=None` (any width: the most accurate it can be at a
+given MAC count). Its variants are scored on the torch model; the best by validation is
+exported (BatchNorm folded) and scored again as ONNX by ORT and onnxprune's counter.
 
 onnxprune: `id` with its defaults (`--round-to 16`, residual groups whole), with
 `--prune-residual` at `--round-to` 16 and 1, and plain `id` (`--compensate none
 --no-recalibrate`) with its defaults and with `--prune-residual --round-to 1`.
-
-Both tools' models are ONNX files (Torch-Pruning's exported with BatchNorm folded) whose MACs
-are counted by onnxprune's counter and whose accuracy is computed by the same ORT function.
 
     python benchmarks/tp_compare.py --out benchmarks/results/tp_compare.json
     python benchmarks/tp_compare.py --markdown
