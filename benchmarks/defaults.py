@@ -44,7 +44,7 @@ def splits(name: str) -> tuple[Dataset, tuple[np.ndarray, np.ndarray], tuple[np.
     fit, val = order[:384], order[384:]
     with np.load(ROOT / "models" / f"digits{size}_test.npz") as data:
         test = (data["input"], data["labels"])
-    return Dataset({"input": x[fit]}), (x[val], labels[val]), test
+    return Dataset({"input": x[fit]}, labels=labels[fit]), (x[val], labels[val]), test
 
 
 def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
