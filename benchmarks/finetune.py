@@ -8,10 +8,7 @@ the same 64 held-out calibration images):
 - `distill`: unlabeled, distillation from the original on the 512 calibration images;
 - `labels`: the same plus cross-entropy on the calibration labels;
 - `extra`: unlabeled, the calibration images plus the 745 images of the digits train split that
-  the calibration subset left out (their labels are not read; disjoint from the test split);
-- `tp`: Torch-Pruning (L1 magnitude, uniform ratio to the same MACs target) on the torch model,
-  then labeled fine-tuning (cross-entropy, BatchNorm in train mode) with the same steps on the
-  same images, weights of the best held-out cross-entropy kept.
+  the calibration subset left out (their labels are not read; disjoint from the test split).
 
 Accuracy is on the disjoint test split; CPU seconds (`time.process_time`, all threads) are
 recorded per fine-tune, torch on one thread.
@@ -20,14 +17,13 @@ recorded per fine-tune, torch on one thread.
 images, score the accuracy on the other 128 (stratified, seeded); every combination of the
 comma-separated `--lr`, `--steps`, `--augment`, `--start` values is run.
 
-    python benchmarks/finetune.py --out benchmarks/results/finetune.json
+    python benchmarks/finetune.py --out benchmarks/results/finetune_goals.json
     python benchmarks/finetune.py --select --models mobilenetv2 --keep 0.15 --lr 1e-3,3e-3
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import sys
@@ -35,29 +31,24 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# run as a script, this file's folder comes first on sys.path and would shadow `torch_pruning`
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
 import onnxprune  # noqa: E402
 from models.data import load as load_digits  # noqa: E402
 from onnxprune.calib.data import Dataset  # noqa: E402
-from onnxprune.calib.split import split_for_verification  # noqa: E402
 from onnxprune.measure.cost import count  # noqa: E402
 from onnxprune.measure.verify import run  # noqa: E402
 from onnxprune.recover.finetune import finetune  # noqa: E402
 
 MODELS = ("resnet", "senet", "vgg", "inception", "mobilenetv2")
 KEEP = (0.30, 0.15)  # fraction of MACs kept: 70 % and 85 % fewer
-KINDS = ("distill", "labels", "extra", "tp")
+KINDS = ("distill", "labels", "extra")
 STARTS = {"id+bias+recalibrate": {}, "id": {"compensate": "none", "recalibrate": False}}
-HOLDOUT = 0.125  # finetune's default held-out share, used for TP's early stopping too
 
 
 def accuracy(model: onnx.ModelProto, x: np.ndarray, labels: np.ndarray) -> float:
@@ -80,8 +71,9 @@ def prune(name: str, keep: float, x: np.ndarray, start: str) -> onnx.ModelProto:
     ).model
 
 
-def one(name: str, keep: float, kinds: list[str], opts: dict) -> dict:
-    """Prune `name` to `keep` of its MACs, fine-tune it every way in `kinds`, test accuracy."""
+def one(name: str, keep: float, kinds: list[str], opts: dict, save) -> dict:
+    """Prune `name` to `keep` of its MACs, fine-tune it every way in `kinds`, test accuracy;
+    `save(row)` after each (a long run keeps what it measured)."""
     calib, test = (
         np.load(ROOT / "models/digits32_calib.npz"),
         np.load(ROOT / "models/digits32_test.npz"),
@@ -100,19 +92,14 @@ def one(name: str, keep: float, kinds: list[str], opts: dict) -> dict:
     }
     for kind in kinds:
         start = time.process_time()
-        if kind == "tp":
-            tuned, how = tp_labeled(name, keep, x, y, opts)
-        else:
-            data = np.concatenate([x, unused_train()]) if kind == "extra" else x
-            labels = y if kind == "labels" else None
-            result = finetune(pruned, teacher, Dataset({"input": data}), labels=labels, **opts)
-            tuned, how = (
-                result.model,
-                f"{result.steps_run} (best {result.best_step}, {result.stopped})",
-            )
-        row[kind] = accuracy(tuned, tx, ty)
+        data = np.concatenate([x, unused_train()]) if kind == "extra" else x
+        labels = y if kind == "labels" else None
+        result = finetune(pruned, teacher, Dataset({"input": data}), labels=labels, **opts)
+        how = f"{result.steps_run} (best {result.best_step}, {result.stopped})"
+        row[kind] = accuracy(result.model, tx, ty)
         row[f"{kind}_cpu_s"] = round(time.process_time() - start, 1)
         row[f"{kind}_steps"] = how
+        save(row)
     return row
 
 
@@ -124,63 +111,6 @@ def unused_train() -> np.ndarray:
     extra = np.stack([x for x in digits.train.x if x.tobytes() not in calib])
     assert len(extra) == len(digits.train.x) - len(digits.calib.x)
     return extra
-
-
-def tp_labeled(name: str, keep: float, x: np.ndarray, y: np.ndarray, opts: dict):
-    """Torch-Pruning L1 at the uniform ratio that reaches `keep` of the MACs, then `steps` Adam
-    steps of cross-entropy on the labeled images finetune would train on (same held-out split,
-    batch, lr, cosine schedule), the weights of the lowest held-out cross-entropy kept."""
-    from benchmarks.torch_pruning import CLASSIFIER, export, torch_reference, tp_prune, tp_ratio
-
-    test = dict(np.load(ROOT / "models/digits32_test.npz"))
-    cache = Path.home() / ".cache" / "onnxprune-bench"
-    model, _ = torch_reference(name, ROOT / f"models/{name}.onnx", test, cache)
-    example = torch.from_numpy(x[:1])
-    ratio = tp_ratio(model, example, CLASSIFIER.get(name, "fc"), 1 - keep)
-    pruned = tp_prune(model, example, CLASSIFIER.get(name, "fc"), "l1", ratio)
-    split = split_for_verification(
-        Dataset({"input": x}, y),
-        share=HOLDOUT,
-        samples=len(x),
-        seed=opts.get("seed", 0),
-        fitted=True,
-    )
-    train_steps(pruned, split.fit, split.verify, opts)
-    return export(pruned, example), f"{opts['steps']} (ratio {ratio:.3f})"
-
-
-def train_steps(model: torch.nn.Module, fit: Dataset, held: Dataset, opts: dict) -> None:
-    """Labeled fine-tuning of a torch model in place, as `finetune` schedules its steps."""
-    steps, lr, batch, seed = opts["steps"], opts.get("lr", 1e-3), 32, opts.get("seed", 0)
-    torch.manual_seed(seed)
-    x, y = torch.from_numpy(fit.arrays["input"]), torch.from_numpy(fit.labels)
-    hx, hy = torch.from_numpy(held.arrays["input"]), torch.from_numpy(held.labels)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    rng, every = np.random.default_rng(seed), max(1, steps // 20)
-
-    def held_loss() -> float:
-        model.eval()
-        with torch.no_grad():
-            return float(F.cross_entropy(model(hx), hy))
-
-    best = (held_loss(), copy.deepcopy(model.state_dict()))
-    order = (
-        b
-        for _ in itertools.count()
-        for b in np.array_split(rng.permutation(len(x)), len(x) // batch)
-    )
-    for step in range(1, steps + 1):
-        index = torch.from_numpy(np.sort(next(order)))
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x[index]), y[index]).backward()
-        optimizer.step()
-        schedule.step()
-        if step % every == 0 and (loss := held_loss()) < best[0]:
-            best = (loss, copy.deepcopy(model.state_dict()))
-    model.load_state_dict(best[1])
-    model.eval()
 
 
 def select(name: str, keep: float, grid: dict[str, list]) -> list[dict]:
@@ -210,7 +140,7 @@ def select(name: str, keep: float, grid: dict[str, list]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/finetune.json"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/finetune_goals.json"))
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--keep", default=",".join(map(str, KEEP)), help="fractions of MACs kept")
     parser.add_argument("--kinds", default=",".join(KINDS), help="fine-tunes per model and keep")
@@ -230,17 +160,25 @@ def main() -> None:
     grid = {"start": args.start.split(","), "lr": [float(v) for v in args.lr.split(",")],
             "steps": [int(v) for v in args.steps.split(",")],
             "augment": [int(v) for v in args.augment.split(",")]}  # fmt: skip
-    rows = []
+    rows: list[dict] = []
+
+    def save(row: dict | None = None) -> None:
+        """Print `row` as the last row so far (None: rows as they are), write them all."""
+        if row is not None:
+            rows[-1] = dict(row)
+            print(json.dumps(row), flush=True)
+        Path(args.out).write_text(json.dumps({"options": vars(args), "rows": rows}, indent=1))
+
     for name in args.models.split(","):
         for keep in (float(k) for k in args.keep.split(",")):
             if args.select:
                 rows += select(name, keep, grid)
+                save()
             else:
                 opts = {k: v[0] for k, v in grid.items() if k != "start"}
                 opts.update(warmup=args.warmup, max_seconds=args.max_seconds)
-                rows.append(one(name, keep, args.kinds.split(","), opts))
-                print(json.dumps(rows[-1]), flush=True)
-            Path(args.out).write_text(json.dumps({"options": vars(args), "rows": rows}, indent=1))
+                rows.append({})
+                one(name, keep, args.kinds.split(","), opts, save)
 
 
 if __name__ == "__main__":
