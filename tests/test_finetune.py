@@ -238,3 +238,16 @@ def test_augment_needs_an_image_input(setup):
     teacher, student, data, _, _ = setup
     with pytest.raises(UsageError, match="no input is 4-D float"):
         finetune(student, teacher, data, steps=1, augment=1)
+
+
+def test_augment_distils_on_the_teachers_outputs_for_the_shifted_batch():
+    """The student is the teacher: with the teacher run on the same shifted batch the training
+    loss is 0 (up to rounding), while the teacher's outputs on shifted and unshifted inputs
+    differ, so targets of the unshifted inputs would give a loss far from 0."""
+    teacher = onnx.load(MODELS / "inception.onnx")
+    with np.load(MODELS / "digits32_calib.npz") as calib:
+        x = calib["input"][:64]
+    result = finetune(teacher, teacher, Dataset({"input": x}), steps=2, lr=1e-9, augment=2)
+    assert max(h["train"] for h in result.history[1:]) < 1e-6
+    moved = shifted({"input": x}, 2, np.random.default_rng(1))["input"]
+    assert _kl_t2(_logits(teacher, moved), _logits(teacher, x), TEMPERATURE) > 1e-2
