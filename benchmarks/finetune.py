@@ -1,95 +1,184 @@
 """Fine-tuning by distillation: test accuracy of the pruned digits CNNs before and after.
 
-Every digits CNN is pruned with `id` (intercept + recalibration, the default) to 70 % and 85 %
-fewer MACs (`--prune-residual`) from the 512 calibration images, then fine-tuned on those same
-images only:
-unlabeled (distillation from the original) and labeled (+ cross-entropy on the calibration
-labels). Accuracy is measured on the disjoint test split; each fine-tune has a step count and a
-wall-time cap so a model costs about two minutes of CPU (torch on one thread).
+Every digits CNN is pruned with `id` (intercept + recalibration, the default; `round_to=1`,
+`--prune-residual`) to 70 % and 85 % fewer MACs from the 512 calibration images, then fine-tuned
+(`--kinds`, each the same Adam steps, batch, learning rate, cosine schedule and early stopping on
+the same 64 held-out calibration images):
 
-    python benchmarks/finetune.py --out benchmarks/results/finetune.json
+- `distill`: unlabeled, distillation from the original on the 512 calibration images;
+- `labels`: the same plus cross-entropy on the calibration labels;
+- `extra`: unlabeled, the calibration images plus the 745 images of the digits train split that
+  the calibration subset left out (their labels are not read; disjoint from the test split).
+
+Accuracy is on the disjoint test split; CPU seconds (`time.process_time`, all threads) are
+recorded per fine-tune, torch on one thread.
+
+`--select` chooses settings without the test split: prune and fine-tune on 384 calibration
+images, score the accuracy on the other 128 (stratified, seeded); every combination of the
+comma-separated `--lr`, `--steps`, `--augment`, `--start` values is run.
+
+    python benchmarks/finetune.py --out benchmarks/results/finetune_goals.json
+    python benchmarks/finetune.py --select --models mobilenetv2 --keep 0.15 --lr 1e-3,3e-3
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import onnx
-import torch
-
-import onnxprune
-from onnxprune.calib.data import Dataset
-from onnxprune.measure.verify import run
-from onnxprune.recover.finetune import finetune
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import torch  # noqa: E402
+from sklearn.model_selection import train_test_split  # noqa: E402
+
+import onnxprune  # noqa: E402
+from models.data import load as load_digits  # noqa: E402
+from onnxprune.calib.data import Dataset  # noqa: E402
+from onnxprune.measure.cost import count  # noqa: E402
+from onnxprune.measure.verify import run  # noqa: E402
+from onnxprune.recover.finetune import finetune  # noqa: E402
+
 MODELS = ("resnet", "senet", "vgg", "inception", "mobilenetv2")
 KEEP = (0.30, 0.15)  # fraction of MACs kept: 70 % and 85 % fewer
+KINDS = ("distill", "labels", "extra")
+STARTS = {"id+bias+recalibrate": {}, "id": {"compensate": "none", "recalibrate": False}}
 
 
-def accuracy(model: onnx.ModelProto, test: np.lib.npyio.NpzFile) -> float:
-    """Top-1 accuracy on the test split."""
-    logits = run(model, {"input": test["input"]})[model.graph.output[0].name]
-    return float(np.mean(logits.argmax(1) == test["labels"]))
+def accuracy(model: onnx.ModelProto, x: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of `model` on (x, labels) in ONNX Runtime."""
+    logits = run(model, {"input": x})[model.graph.output[0].name]
+    return float(np.mean(logits.argmax(1) == labels))
 
 
-def one(name: str, keep: float, steps: int, seconds: float, lr: float, warmup: float) -> dict:
-    """Prune `name` to `keep` of its MACs, fine-tune it both ways, measure test accuracy."""
-    calib = np.load(ROOT / "models/digits32_calib.npz")
-    test = np.load(ROOT / "models/digits32_test.npz")
-    teacher = onnx.load(ROOT / f"models/{name}.onnx")
-    data = Dataset({"input": calib["input"]}, source="digits32_calib")
-    start = time.monotonic()
-    result = onnxprune.prune(
-        teacher, method="id", target_macs=keep, prune_residual=True, data=dict(data.arrays)
+def prune(name: str, keep: float, x: np.ndarray, start: str) -> onnx.ModelProto:
+    """`models/<name>.onnx` pruned by `start` to `keep` of its MACs, fitted on `x`."""
+    return onnxprune.prune(
+        ROOT / f"models/{name}.onnx",
+        method="id",
+        target_macs=keep,
+        prune_residual=True,
+        round_to=1,
+        data={"input": x},
+        verify=False,
+        **STARTS[start],
+    ).model
+
+
+def one(name: str, keep: float, kinds: list[str], opts: dict, save) -> dict:
+    """Prune `name` to `keep` of its MACs, fine-tune it every way in `kinds`, test accuracy;
+    `save(row)` after each (a long run keeps what it measured)."""
+    calib, test = (
+        np.load(ROOT / "models/digits32_calib.npz"),
+        np.load(ROOT / "models/digits32_test.npz"),
     )
-    pruned, macs = result.model, result.report.macs
+    x, y, tx, ty = calib["input"], calib["labels"], test["input"], test["labels"]
+    teacher = onnx.load(ROOT / f"models/{name}.onnx")
+    start = time.process_time()
+    pruned = prune(name, keep, x, "id+bias+recalibrate")
     row = {
         "model": name,
         "fewer_macs": round(1 - keep, 2),
-        "macs_kept": round(macs[1] / macs[0], 3),
-        "original": accuracy(teacher, test),
-        "pruned": accuracy(pruned, test),
-        "prune_s": round(time.monotonic() - start, 1),
+        "macs_kept": round(count(pruned).macs / count(teacher).macs, 3),
+        "original": accuracy(teacher, tx, ty),
+        "pruned": accuracy(pruned, tx, ty),
+        "prune_cpu_s": round(time.process_time() - start, 1),
     }
-    for kind, labels in (("distill", None), ("labels", calib["labels"])):
-        result = finetune(
-            pruned,
-            teacher,
-            data,
-            steps=steps,
-            lr=lr,
-            labels=labels,
-            max_seconds=seconds,
-            warmup=warmup,
-        )
-        row[kind] = accuracy(result.model, test)
-        row[f"{kind}_s"] = round(result.seconds, 1)
-        row[f"{kind}_steps"] = f"{result.steps_run} (best {result.best_step}, {result.stopped})"
+    for kind in kinds:
+        start = time.process_time()
+        data = np.concatenate([x, unused_train()]) if kind == "extra" else x
+        labels = y if kind == "labels" else None
+        result = finetune(pruned, teacher, Dataset({"input": data}), labels=labels, **opts)
+        how = f"{result.steps_run} (best {result.best_step}, {result.stopped})"
+        row[kind] = accuracy(result.model, tx, ty)
+        row[f"{kind}_cpu_s"] = round(time.process_time() - start, 1)
+        row[f"{kind}_steps"] = how
+        save(row)
     return row
+
+
+def unused_train() -> np.ndarray:
+    """The digits train-split images (32×32) that are not in the calibration subset: 745
+    images, labels dropped, disjoint from the test split (the original was trained on them)."""
+    digits = load_digits(flat=False)
+    calib = {x.tobytes() for x in digits.calib.x}
+    extra = np.stack([x for x in digits.train.x if x.tobytes() not in calib])
+    assert len(extra) == len(digits.train.x) - len(digits.calib.x)
+    return extra
+
+
+def select(name: str, keep: float, grid: dict[str, list]) -> list[dict]:
+    """Every combination of `grid` scored on 128 held-out calibration images (never the test
+    split): prune and fine-tune on the other 384."""
+    calib = np.load(ROOT / "models/digits32_calib.npz")
+    fit, score = train_test_split(
+        np.arange(512), test_size=128, stratify=calib["labels"], random_state=1
+    )
+    x, sx, sy = calib["input"][fit], calib["input"][score], calib["labels"][score]
+    teacher, rows, starts = onnx.load(ROOT / f"models/{name}.onnx"), [], {}
+    for values in itertools.product(*grid.values()):
+        opts = dict(zip(grid, values, strict=True))
+        start = opts.pop("start")
+        if start not in starts:
+            starts[start] = prune(name, keep, x, start)
+        begin = time.process_time()
+        result = finetune(starts[start], teacher, Dataset({"input": x}), **opts)
+        rows.append({"model": name, "fewer_macs": round(1 - keep, 2), "start": start, **opts,
+                     "before": accuracy(starts[start], sx, sy),
+                     "selection": accuracy(result.model, sx, sy),
+                     "steps_run": f"{result.steps_run} (best {result.best_step}, {result.stopped})",
+                     "cpu_s": round(time.process_time() - begin, 1)})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/finetune.json"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/finetune_goals.json"))
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--max-seconds", type=float, default=45.0)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=float, default=0.5, help="no early stop before this share")
     parser.add_argument("--keep", default=",".join(map(str, KEEP)), help="fractions of MACs kept")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="fine-tunes per model and keep")
+    parser.add_argument("--steps", default="500")
+    parser.add_argument("--lr", default="3e-3")
+    parser.add_argument("--augment", default="1", help="pixels of random shift (0: none)")
+    parser.add_argument("--warmup", type=float, default=0.5, help="no early stop before this share")
+    parser.add_argument("--max-seconds", type=float, default=None)
+    parser.add_argument(
+        "--select", action="store_true", help="score on held-out calibration images"
+    )
+    parser.add_argument(
+        "--start", default="id+bias+recalibrate", help="--select: " + ",".join(STARTS)
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # a shared, loaded machine: more threads only spin
-    rows = []
+    grid = {"start": args.start.split(","), "lr": [float(v) for v in args.lr.split(",")],
+            "steps": [int(v) for v in args.steps.split(",")],
+            "augment": [int(v) for v in args.augment.split(",")]}  # fmt: skip
+    rows: list[dict] = []
+
+    def save(row: dict | None = None) -> None:
+        """Print `row` as the last row so far (None: rows as they are), write them all."""
+        if row is not None:
+            rows[-1] = dict(row)
+            print(json.dumps(row), flush=True)
+        Path(args.out).write_text(json.dumps({"options": vars(args), "rows": rows}, indent=1))
+
     for name in args.models.split(","):
         for keep in (float(k) for k in args.keep.split(",")):
-            rows.append(one(name, keep, args.steps, args.max_seconds, args.lr, args.warmup))
-            print(json.dumps(rows[-1]), flush=True)
-            Path(args.out).write_text(json.dumps({"options": vars(args), "rows": rows}, indent=1))
+            if args.select:
+                rows += select(name, keep, grid)
+                save()
+            else:
+                opts = {k: v[0] for k, v in grid.items() if k != "start"}
+                opts.update(warmup=args.warmup, max_seconds=args.max_seconds)
+                rows.append({})
+                one(name, keep, args.kinds.split(","), opts, save)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from onnxprune.calib.data import Dataset
 from onnxprune.calib.torch_exec import check_against_ort
 from onnxprune.cli import main
 from onnxprune.errors import DataError, UsageError
-from onnxprune.recover.finetune import finetune
+from onnxprune.recover.finetune import finetune, shifted
 
 torch = pytest.importorskip("torch")
 
@@ -182,6 +182,7 @@ def test_mismatched_teacher_inputs_are_refused(setup, tmp_path):
         ("holdout", 0.9),
         ("patience", 0),
         ("warmup", 1.5),
+        ("augment", -1),
     ],
 )
 def test_bad_options_are_refused(setup, option, value):
@@ -214,3 +215,39 @@ def test_prune_with_finetune_fits_on_the_fit_split_only(tmp_path):
         onnxprune.PruneConfig(
             method="magnitude", granularity="weight", sparsity=0.5, finetune_steps=5
         )
+
+
+def test_shifted_is_a_crop_of_the_edge_padded_image():
+    """Brute force: each sample equals its image padded by repeating the border pixels, then
+    cropped at the drawn offset; every offset in [-p, p]² is drawn; other inputs pass as given."""
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((400, 2, 5, 6)).astype(np.float32)
+    flat = rng.standard_normal((400, 3)).astype(np.float32)
+    pixels = 2
+    out = shifted({"x": images, "f": flat}, pixels, np.random.default_rng(7))
+    assert out["f"] is flat and out["x"].shape == images.shape
+    offsets = np.random.default_rng(7).integers(0, 2 * pixels + 1, size=(400, 2)) - pixels
+    assert {tuple(o) for o in offsets} == {(a, b) for a in range(-2, 3) for b in range(-2, 3)}
+    for sample, (dy, dx) in enumerate(offsets):
+        for c, i, j in np.ndindex(2, 5, 6):
+            source = images[sample, c, min(max(i + dy, 0), 4), min(max(j + dx, 0), 5)]
+            assert out["x"][sample, c, i, j] == source
+
+
+def test_augment_needs_an_image_input(setup):
+    teacher, student, data, _, _ = setup
+    with pytest.raises(UsageError, match="no input is 4-D float"):
+        finetune(student, teacher, data, steps=1, augment=1)
+
+
+def test_augment_distils_on_the_teachers_outputs_for_the_shifted_batch():
+    """The student is the teacher: with the teacher run on the same shifted batch the training
+    loss is 0 (up to rounding), while the teacher's outputs on shifted and unshifted inputs
+    differ, so targets of the unshifted inputs would give a loss far from 0."""
+    teacher = onnx.load(MODELS / "inception.onnx")
+    with np.load(MODELS / "digits32_calib.npz") as calib:
+        x = calib["input"][:64]
+    result = finetune(teacher, teacher, Dataset({"input": x}), steps=2, lr=1e-9, augment=2)
+    assert max(h["train"] for h in result.history[1:]) < 1e-6
+    moved = shifted({"input": x}, 2, np.random.default_rng(1))["input"]
+    assert _kl_t2(_logits(teacher, moved), _logits(teacher, x), TEMPERATURE) > 1e-2

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # loaded in run(), so that --help needs no onnx or torch
 EXAMPLE = """examples:
   onnxprune finetune model.pruned.onnx --teacher model.onnx --data inputs.npz -o model.ft.onnx
   onnxprune finetune model.pruned.onnx --teacher model.onnx --data calib.npz --labels --steps 500
+  onnxprune finetune model.pruned.onnx --teacher model.onnx --data calib.npz --augment 1 --lr 3e-3
 """
 
 
@@ -55,6 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=0.5,
         help="share of --steps run before early stopping may end the run",
+    )
+    parser.add_argument(
+        "--augment",
+        type=int,
+        default=0,
+        metavar="PIXELS",
+        help="shift image inputs (4-D float N×C×H×W) by up to PIXELS random pixels per axis in "
+        "every training batch, edges replicated; the teacher runs on the shifted batch",
     )
     add_data_arguments(parser)
     parser.add_argument(
@@ -98,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         holdout=args.holdout,
         patience=args.patience,
         warmup=args.warmup,
+        augment=args.augment,
     )
     before = verify(teacher, student, result.holdout.arrays, data=result.holdout.source)
     after = verify(teacher, result.model, result.holdout.arrays, data=result.holdout.source)

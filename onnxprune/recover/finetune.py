@@ -6,8 +6,10 @@ Runtime on the same inputs. The loss per graph output is KL(softmax(t/T) ‖ sof
 2-D class scores and the relative squared error ‖s−t‖²/‖t‖² on anything else, plus the
 cross-entropy on the first class-score output when labels are given. Adam with a cosine
 schedule, a seeded batch order, early stopping after a warm-up on a held-out share of the inputs
-(the best weights by held-out distillation loss are kept). The written model is the student's
-graph with new initializer values only: same nodes, names, dtypes and shapes.
+(the best weights by held-out distillation loss are kept). With `augment`, every training batch's
+image inputs are shifted by a few random whole pixels and the teacher is run on the shifted
+batch. The written model is the student's graph with new initializer values only: same nodes,
+names, dtypes and shapes.
 
 Importing this module is cheap; torch is imported when `finetune` runs.
 """
@@ -26,7 +28,7 @@ from onnx import numpy_helper
 from onnxprune.calib.data import Dataset, batch_for, input_specs
 from onnxprune.calib.split import split_for_verification
 from onnxprune.errors import DataError, UsageError
-from onnxprune.measure.verify import is_class_scores, run_original
+from onnxprune.measure.verify import is_class_scores, run_original, session_for
 from onnxprune.progress import Bar
 
 if TYPE_CHECKING:
@@ -90,6 +92,7 @@ def finetune(
     holdout: float = 0.125,
     patience: int = PATIENCE,
     warmup: float = WARMUP,
+    augment: int = 0,
 ) -> FinetuneResult:
     """Train the float initializers of `student` to reproduce `teacher` on `data`.
 
@@ -97,7 +100,11 @@ def finetune(
     pure distillation and `data.labels` is ignored. A seeded `holdout` share of `data` is kept
     out of training for early stopping: after `patience` held-out evaluations without a new best
     the run stops, but never within the first `warmup` share of `steps` (Adam's first steps at
-    the cosine schedule's highest rate often raise the held-out loss before it falls). Raises
+    the cosine schedule's highest rate often raise the held-out loss before it falls). `augment`
+    > 0 shifts each training sample's image inputs (4-D float, N×C×H×W) by a seeded random offset
+    of up to that many pixels per axis, edges replicated, and distils on the teacher's outputs
+    for the shifted batch (more distinct inputs than the data holds; the held-out loss is on the
+    unshifted samples). Raises
     UsageError on bad options, DataError when the two models do not share their inputs and
     outputs. Nodes the torch interpreter lacks run in ONNX Runtime, frozen (`frozen`); a graph is
     refused (UnsupportedOpError) only when such a node's output types are unknown.
@@ -106,7 +113,9 @@ def finetune(
 
     from onnxprune.calib.torch_exec import TorchGraph, check_against_ort
 
-    _check_options(steps, lr, batch_size, temperature, max_seconds, holdout, patience, warmup)
+    _check_options(
+        steps, lr, batch_size, temperature, max_seconds, holdout, patience, warmup, augment
+    )
     _check_pair(student, teacher)
     split = split_for_verification(
         Dataset(data.arrays, _labels(labels, data), data.synthetic, data.source),
@@ -120,7 +129,7 @@ def finetune(
     graph = TorchGraph(student, freeze=True)
     first = _rows(split.fit.arrays, np.arange(min(batch, len(split.fit))))
     check_against_ort(student, first, graph=graph)
-    trainer = _Trainer(graph, teacher, split.fit, split.verify, temperature)
+    trainer = _Trainer(graph, teacher, split.fit, split.verify, temperature, augment, seed)
     schedule = _Schedule(steps, lr, batch, max_seconds, seed, patience, round(warmup * steps))
     loop = _loop(trainer, schedule)
     trained = tuple(n for n, p in graph.params.items() if p.grad is not None)
@@ -150,6 +159,32 @@ def with_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) 
             value = np.asarray(values[init.name]).astype(dtype).reshape(tuple(init.dims))
             out.graph.initializer[index].CopyFrom(numpy_helper.from_array(value, init.name))
     return out
+
+
+def shifted(
+    arrays: Mapping[str, np.ndarray], pixels: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """`arrays` with each sample's image inputs (4-D float, N×C×H×W) moved by one random
+    whole-pixel offset in [-pixels, pixels]² (the same for every image input of the sample): a
+    random crop of the image padded by replicating its edges, so no new values appear at the
+    borders. Other inputs are returned as they are."""
+    n = len(next(iter(arrays.values())))
+    offsets = rng.integers(0, 2 * pixels + 1, size=(n, 2))
+    out = {}
+    for name, a in arrays.items():
+        if not _is_image(a):
+            out[name] = a
+            continue
+        h, w = a.shape[2:]
+        padded = np.pad(a, ((0, 0), (0, 0), (pixels, pixels), (pixels, pixels)), mode="edge")
+        crops = [padded[i, :, y : y + h, x : x + w] for i, (y, x) in enumerate(offsets)]
+        out[name] = np.ascontiguousarray(np.stack(crops))
+    return out
+
+
+def _is_image(array: np.ndarray) -> bool:
+    """A batch of images as the shift augmentation reads it: 4-D float N×C×H×W."""
+    return array.ndim == 4 and array.dtype.kind == "f"
 
 
 @dataclass(frozen=True)
@@ -197,9 +232,15 @@ class _Trainer:
         train: Dataset,
         held: Dataset,
         temperature: float,
+        augment: int = 0,
+        seed: int = 0,
     ) -> None:
         self.graph, self.train, self.held = graph, train, held
         self.targets = run_original(teacher, train.arrays)
+        self.augment, self.rng = augment, np.random.default_rng(seed + 1)
+        if augment and not any(_is_image(a) for a in train.arrays.values()):
+            raise UsageError("augment shifts image inputs, but no input is 4-D float (N×C×H×W)")
+        self.teacher = session_for(teacher) if augment else None
         self.held_targets = run_original(teacher, held.arrays)
         self.classes = [n for n, t in self.targets.items() if is_class_scores(t)]
         self.temperature = temperature
@@ -210,8 +251,16 @@ class _Trainer:
         """Distillation (+ cross-entropy with labels) on the training samples at `index`."""
         import torch
 
-        outputs = self.graph.run(_rows(self.train.arrays, index))
-        loss = self._distill(outputs, {n: t[index] for n, t in self.targets.items()})
+        inputs = _rows(self.train.arrays, index)
+        if self.augment:
+            inputs = shifted(inputs, self.augment, self.rng)
+            targets = dict(
+                zip(self.targets, self.teacher.run(list(self.targets), inputs), strict=True)
+            )
+        else:
+            targets = {n: t[index] for n, t in self.targets.items()}
+        outputs = self.graph.run(inputs)
+        loss = self._distill(outputs, targets)
         if self.train.labels is not None:
             labels = torch.from_numpy(self.train.labels[index].astype(np.int64))
             loss = loss + torch.nn.functional.cross_entropy(outputs[self.classes[0]], labels)
@@ -355,6 +404,7 @@ def _check_options(
     holdout: float,
     patience: int,
     warmup: float,
+    augment: int,
 ) -> None:
     """UsageError naming the first option out of range."""
     checks = (
@@ -366,6 +416,7 @@ def _check_options(
         ("holdout", holdout, 0 <= holdout <= 0.5),
         ("patience", patience, patience >= 1),
         ("warmup", warmup, 0 <= warmup <= 1),
+        ("augment", augment, augment >= 0),
     )
     for name, value, ok in checks:
         if not ok:
