@@ -16,12 +16,21 @@ their biases) and the same rows of the out projection; the head count in the spl
 Reshapes shrinks (a constant target, or the constant entry of the Concat of shape pieces the
 legacy exporter builds).
 
-`attention_step` answers like `ops.step` for those Reshapes, batched MatMuls of two activations
-and Softmax, and None for anything else (the analyzer then asks the other rules).
+nn.MultiheadAttention (its packed in-projection taken apart at load time, graph/packed.py) folds
+the heads into the batch axis instead: `view(T, B·H, D)`, a transpose, `view(B, H, T, D)`. Head h
+is then the minor index of the B·H axis between two Reshapes; the walk steps from the folding
+Reshape to the unfolding one at once, editing B·H and H where the targets state them (a
+constant, or the `Mul(Shape(x)[i], H)` the legacy exporter computes B·H with). Its merge
+reshapes (T, B, H, D) to (T·B, H·D).
+
+`attention_step` answers like `ops.step` for those Reshapes, batched MatMuls of two activations,
+Softmax and Shape reads of the heads (the scale's D, a head count read back by the unfolding
+Reshape), and None for anything else (the analyzer then asks the other rules).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit
@@ -36,11 +45,17 @@ def attention_step(node: gs.Node, index: int, state: State, channels: int) -> St
     if node.domain not in (None, "", "ai.onnx") or (index != 0 and node.op != "MatMul"):
         return None
     if node.op == "Reshape":
-        return _split_heads(node, state) or _merge_heads(node, state, channels)
+        return (
+            _split_heads(node, state)
+            or _fold_heads(node, state, channels)
+            or _merge_heads(node, state, channels)
+        )
     if node.op == "MatMul":
         return _batched_matmul(node, index, state)
     if node.op == "Softmax":
         return _softmax(node, state)
+    if node.op == "Shape":
+        return _shape(node, state)
     return None
 
 
@@ -58,7 +73,7 @@ def head_width(node: gs.Node) -> int | None:
         seen.add(tensor.name)
         for user in tensor.outputs:
             if user.op == "Reshape" and user.inputs[0] is tensor:
-                split = _head_split(user, rank - 1)
+                split = _head_split(user, rank - 1) or _fold_split(user, rank - 1)
                 if split is not None:
                     return split[2]
             elif user.op in _SCALING and any(isinstance(t, gs.Constant) for t in user.inputs):
@@ -102,17 +117,21 @@ def _split_heads(node: gs.Node, state: State) -> Step | None:
 
 def _merge_heads(node: gs.Node, state: State, channels: int) -> Step | None:
     """(…, H, D, …) → (…, H·D, …) where the channels are the heads: each becomes D features.
-    H and H·D may be symbolic (after a broadcast with the attention mask shape inference loses
-    them): H is then the group's `channels`, and the target must state H·D or -1 there. With
-    -1 the merged axis is H·D wherever the out projection (H·D weight rows) runs at all; its
-    other entries (the token dims, from shapes the heads do not change) stay as they are."""
+    The axes before the heads may be merged too (nn.MultiheadAttention's (T, B, H, D) →
+    (T·B, H·D)): the axes after D stay as they are, so by the element count the leading axes
+    hold the same elements. H and H·D may be symbolic (after a broadcast with the attention
+    mask shape inference loses them): H is then the group's `channels`, and the target must
+    state H·D or -1 there. With -1 the merged axis is H·D wherever the out projection (H·D
+    weight rows) runs at all; its other entries (token and batch dims, from shapes the heads do
+    not change) stay as they are."""
     shape_in, shape_out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
-    if shape_in is None or shape_out is None or len(shape_out) != len(shape_in) - 1:
+    if shape_in is None or shape_out is None or state.axis + 1 >= len(shape_in):
         return None
-    axis = state.axis
-    if axis + 1 >= len(shape_in) or shape_in[axis + 2 :] != shape_out[axis + 1 :]:
+    tail = shape_in[state.axis + 2 :]
+    axis = len(shape_out) - len(tail) - 1
+    if axis < 0 or shape_out[axis + 1 :] != tail:
         return None
-    heads, dim, width = shape_in[axis], shape_in[axis + 1], shape_out[axis]
+    heads, dim, width = shape_in[state.axis], shape_in[state.axis + 1], shape_out[axis]
     heads = heads if isinstance(heads, int) else channels
     if not isinstance(dim, int) or (isinstance(width, int) and heads * dim != width):
         return None
@@ -123,6 +142,202 @@ def _merge_heads(node: gs.Node, state: State, channels: int) -> Step | None:
     if isinstance(edits, Step):
         return edits
     return through(node, state, axis=axis, spatial=dim, edits=edits)
+
+
+def _fold_split(node: gs.Node, axis: int) -> tuple[int, int, int] | None:
+    """(axis, H, D) when Reshape `node` turns (…, B, H·D, …) with H·D at input `axis` into
+    (…, B·H, D, …): the heads folded into the axis before them (nn.MultiheadAttention's
+    `view(T, B·H, D)`), every other axis kept; else None."""
+    shape_in, shape_out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
+    if shape_in is None or shape_out is None or len(shape_in) != len(shape_out) or axis < 1:
+        return None
+    width, dim = shape_in[axis], shape_out[axis]
+    if not isinstance(width, int) or not isinstance(dim, int) or dim <= 0 or width % dim:
+        return None
+    kept = (
+        shape_in[: axis - 1] == shape_out[: axis - 1]
+        and shape_in[axis + 1 :] == shape_out[axis + 1 :]
+    )
+    if not kept or width == dim or shape_in[axis - 1] == shape_out[axis - 1]:
+        return None
+    return axis, width // dim, dim
+
+
+def _fold_heads(node: gs.Node, state: State, channels: int) -> Step | None:
+    """Heads folded into the batch axis for the attention MatMuls and unfolded right after:
+    Reshape (…, B, H·D) → (…, B·H, D) or (…, B, H, …) → (…, B·H, …), then only Transposes,
+    then Reshape (…, B·H, …) → (…, B, H, …). Head h is the minor index of B·H, so once
+    unfolded the heads are an axis of their own again; the walk goes from the first Reshape
+    to the last in one step (nothing in between reads the folded tensor). The folding
+    Reshape's B·H and the unfolding one's H are edited where the targets state them."""
+    if state.spatial > 1:
+        found = _fold_split(node, state.axis)
+        if found is None or found[2] != state.spatial:
+            return None
+        folded, own = state.axis - 1, None
+    else:
+        folded, own = _fold_merge(node, state.axis), state.axis
+        if folded is None:
+            return None
+    batch = shape_of(node.inputs[0])[folded]
+    edits = _folded_count(node, folded, batch, channels, state)
+    if isinstance(edits, Step):
+        return edits
+    unfolded = _unfold(node, folded, channels, own, state)
+    if isinstance(unfolded, Step):
+        return unfolded
+    after, more = unfolded
+    return Step("through", next=after, edits=[*edits, *more])
+
+
+def _fold_merge(node: gs.Node, axis: int) -> int | None:
+    """The output axis of B·H when Reshape `node` merges axis `axis` (the heads) into the axis
+    before it, keeping every other axis; else None."""
+    shape_in, shape_out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
+    if shape_in is None or shape_out is None or len(shape_out) != len(shape_in) - 1 or axis < 1:
+        return None
+    if shape_in[: axis - 1] != shape_out[: axis - 1] or shape_in[axis + 1 :] != shape_out[axis:]:
+        return None
+    return axis - 1
+
+
+def _folded_count(
+    node: gs.Node, entry: int, batch: object, channels: int, state: State
+) -> list | Step:
+    """How the folding Reshape's target entry `entry` (B·H) follows the heads: nothing for -1,
+    a count edit of B per head on a constant (B static), the head count of the
+    `Mul(Shape(x)[i], H)` the legacy exporter computes it with (x's axis i symbolic: a dim
+    no channel count is), else a block."""
+    target, where = _target_piece(node, entry)
+    if isinstance(target, Step):
+        return target
+    piece, at = target
+    if isinstance(piece, gs.Constant):
+        value = int(np.asarray(piece.values).reshape(-1)[at])
+        if value == -1:
+            return []
+        if isinstance(batch, int) and value == batch * channels:
+            return [
+                ParamEdit(where.name, where.inputs.index(piece), at, state.offset, "count", batch)
+            ]
+        return _block(f"Reshape '{node.name}' states {value} where B·H is folded")
+    mul = _scalar_source(piece)
+    if mul is not None and mul.op == "Mul" and len(mul.inputs) == 2:
+        for i, factor in enumerate(mul.inputs):
+            value = np.asarray(factor.values).reshape(-1) if isinstance(factor, gs.Constant) else ()
+            if len(value) == 1 and value[0] == channels and _symbolic_dim(mul.inputs[1 - i]):
+                return [ParamEdit(mul.name, i, 0, state.offset, "count", 1)]
+    return _block(f"the folded batch·heads of Reshape '{node.name}' comes from a computed shape")
+
+
+def _unfold(
+    fold: gs.Node, axis: int, channels: int, own: int | None, state: State
+) -> tuple[State, list] | Step:
+    """Follow the folded tensor through Transposes to the Reshape that unfolds (…, B·H, …) into
+    (…, B, H, …): the heads' state after it and its target's edits. `own`: the heads' axis in
+    the fold's input, which a target may read back through Shape (the dynamo export)."""
+    tensor = fold.outputs[0]
+    while len(tensor.outputs) == 1 and tensor.outputs[0].op == "Transpose":
+        user = tensor.outputs[0]
+        perm = list(user.attrs.get("perm", range(rank_of(tensor) - 1, -1, -1)))
+        axis, tensor = perm.index(axis), user.outputs[0]
+    users = tensor.outputs
+    if len(users) != 1 or users[0].op != "Reshape" or users[0].inputs[0] is not tensor:
+        return _block(f"the heads folded by Reshape '{fold.name}' are not unfolded right after")
+    node = users[0]
+    shape_in, shape_out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
+    if (
+        shape_in is None
+        or shape_out is None
+        or len(shape_out) != len(shape_in) + 1
+        or shape_out[:axis] != shape_in[:axis]
+        or shape_out[axis + 2 :] != shape_in[axis + 1 :]
+        or shape_out[axis + 1] != channels
+    ):
+        return _block(f"Reshape '{node.name}' does not unfold the heads folded by '{fold.name}'")
+    target, where = _target_piece(node, axis + 1)
+    if isinstance(target, Step):
+        return target
+    piece, at = target
+    after = State(node.outputs[0].name, axis + 1, state.offset, 1)
+    if isinstance(piece, gs.Constant):
+        value = int(np.asarray(piece.values).reshape(-1)[at])
+        if value == -1:
+            return after, []
+        if value != channels:
+            return _block(f"Reshape '{node.name}' states {value} where the heads need {channels}")
+        return after, [ParamEdit(where.name, where.inputs.index(piece), at, state.offset, "count")]
+    read = _shape_read(piece, at)
+    if own is not None and read is not None and read == (fold.inputs[0], own):
+        return after, []  # the fold's input's own head count, read back: it follows
+    return _block(f"the head count of Reshape '{node.name}' comes from a computed shape")
+
+
+def _target_piece(
+    node: gs.Node, entry: int
+) -> tuple[tuple[gs.Tensor, int], gs.Node] | tuple[Step, None]:
+    """((the tensor holding entry `entry` of Reshape `node`'s target, its index there), the
+    node whose input that tensor is): the constant target itself, or the piece of the Concat
+    that builds it."""
+    target = node.inputs[1]
+    if isinstance(target, gs.Constant):
+        return (target, entry), node
+    source = target.inputs[0] if target.inputs else None
+    if source is None or source.op != "Concat":
+        return _block(f"Reshape '{node.name}' gets its target from a computed shape"), None
+    start = 0
+    for piece in source.inputs:
+        size = shape_of(piece)
+        if size is None or len(size) != 1 or not isinstance(size[0], int):
+            return _block(
+                f"Concat '{source.name}' builds a shape from pieces of unknown size"
+            ), None
+        if start <= entry < start + size[0]:
+            return (piece, entry - start), source
+        start += size[0]
+    return _block(f"Concat '{source.name}' is shorter than the target of '{node.name}'"), None
+
+
+def _scalar_source(piece: gs.Tensor) -> gs.Node | None:
+    """The node computing the one entry of a 1-element shape piece, through Unsqueeze/Cast."""
+    node = piece.inputs[0] if piece.inputs else None
+    while node is not None and node.op in ("Unsqueeze", "Cast", "Reshape"):
+        source = node.inputs[0]
+        node = source.inputs[0] if source.inputs else None
+    return node
+
+
+def _symbolic_dim(tensor: gs.Tensor) -> bool:
+    """The scalar `tensor` is `Shape(x)[i]` for an axis i of x that shape inference leaves
+    symbolic: a batch or token dim, never a channel count (those are static)."""
+    read = _shape_read(tensor, 0)
+    if read is None:
+        return False
+    source, axis = read
+    return not isinstance(shape_of(source)[axis], int)
+
+
+def _shape_read(piece: gs.Tensor, at: int) -> tuple[gs.Tensor, int] | None:
+    """(x, i) when entry `at` of shape piece `piece` is dim i of tensor x: `Shape(x)` read by
+    a Gather with a constant index or a Slice with constant starts, through Unsqueeze/Cast;
+    else None."""
+    node = piece.inputs[0] if piece.inputs else None
+    while node is not None and node.op in ("Unsqueeze", "Cast"):
+        node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    if node is None or node.op not in ("Gather", "Slice") or not node.inputs[0].inputs:
+        return None
+    shape = node.inputs[0].inputs[0]
+    source, first = shape.inputs[0], const(node, 1)
+    rank = rank_of(source)
+    if shape.op != "Shape" or "end" in shape.attrs or first is None or rank is None:
+        return None
+    if node.op == "Slice" and (len(node.inputs) > 3 or first.size != 1):
+        return None
+    values = first.reshape(-1)
+    index = int(values[at] if node.op == "Gather" and values.size > 1 else values[0])
+    index = min(max(index + rank if index < 0 else index, 0), rank)
+    axis = shape.attrs.get("start", 0) + index + (at if node.op == "Slice" else 0)
+    return (source, axis) if axis < rank else None
 
 
 def _target_edits(node: gs.Node, entry: int, expected: int, edit: ParamEdit) -> list | Step:
@@ -183,6 +398,58 @@ def _softmax(node: gs.Node, state: State) -> Step:
     if state.axis >= node.attrs["axis"] % rank:  # before opset 13 it flattens axis … rank − 1
         return _block(f"Softmax '{node.name}' normalizes over the channels")
     return through(node, state)
+
+
+def _shape(node: gs.Node, state: State) -> Step | None:
+    """Shape of the channels read only by Slices and Gathers of other dims (the scale's D), or
+    of the channel axis only into the target of a Reshape that unfolds heads this very tensor
+    was folded from (which checks that entry: `_unfold`); None (the Shape rule decides) else."""
+    rank = rank_of(node.inputs[0])
+    if rank is None:
+        return None
+    for user in node.outputs[0].outputs:
+        dims = _dims_read(user, node.outputs[0], rank, node.attrs.get("start", 0))
+        if dims is None or (state.axis in dims and not _read_back(user, node.inputs[0])):
+            return None
+    return Step("consume")
+
+
+def _dims_read(user: gs.Node, shape: gs.Tensor, rank: int, start: int) -> set[int] | None:
+    """The dims of a rank-`rank` tensor that `user` reads from its shape vector `shape` (a
+    Gather with constant indices, a Slice with constant bounds along axis 0, step 1), else
+    None."""
+    values = [const(user, i) for i in range(1, len(user.inputs))]
+    if user.inputs[0] is not shape or any(v is None for v in values):
+        return None
+    if user.op == "Gather":
+        return {int(i) % (rank - start) + start for i in values[0].reshape(-1)}
+    if user.op != "Slice" or len(values) < 2 or any(v.size != 1 for v in values):
+        return None
+    if len(values) > 2 and int(values[2].reshape(-1)[0]) not in (0, -1):
+        return None
+    if len(values) > 3 and int(values[3].reshape(-1)[0]) != 1:
+        return None
+    lo, hi = (int(v.reshape(-1)[0]) for v in values[:2])
+    lo, hi = slice(lo, hi).indices(rank - start)[:2]
+    return {d + start for d in range(lo, hi)}
+
+
+def _read_back(user: gs.Node, source: gs.Tensor) -> bool:
+    """Every use of `user`'s output is a piece of the target of a Reshape whose data comes from
+    a Reshape of `source` through Transposes only (the unfold after a fold of `source`)."""
+    for concat in user.outputs[0].outputs:
+        if concat.op != "Concat" or not concat.outputs[0].outputs:
+            return False
+        for reshape in concat.outputs[0].outputs:
+            if reshape.op != "Reshape" or reshape.inputs[1] is not concat.outputs[0]:
+                return False
+            tensor = reshape.inputs[0]
+            while tensor.inputs and tensor.inputs[0].op == "Transpose":
+                tensor = tensor.inputs[0].inputs[0]
+            fold = tensor.inputs[0] if tensor.inputs else None
+            if fold is None or fold.op != "Reshape" or fold.inputs[0] is not source:
+                return False
+    return True
 
 
 def _block(reason: str) -> Step:

@@ -3,9 +3,10 @@
 `load_model` turns a path into a checked `ModelProto` (clear one-line errors for every way a file
 can be wrong); `normalize` returns the graph every later stage works on: Constant nodes folded into
 initializers, subgraphs computed from constants alone folded into constants, Identity/Dropout
-removed, BatchNormalization folded into the Conv/Gemm before it where that is exact, unique node
-names, shapes inferred. `save_model` writes atomically. What a fold removes and magnitude ranking
-still reads (γ, σ and the raw filter norms) stays readable through `folded_batchnorms`.
+removed, packed q/k/v projections taken apart (graph/packed.py), BatchNormalization folded into
+the Conv/Gemm before it where that is exact, unique node names, shapes inferred. `save_model`
+writes atomically. What a fold removes and magnitude ranking still reads (γ, σ and the raw filter
+norms) stays readable through `folded_batchnorms`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from onnxprune.errors import ModelLoadError, first_line
+from onnxprune.graph.packed import unpack_projections
 
 SUPPORTED_OPSETS = range(11, 24)
 # bytes above which a model is written with external data and run, checked and shape-inferred
@@ -177,6 +179,8 @@ def normalize(model: onnx.ModelProto) -> gs.Graph:
     folds = _fold_batchnorm(graph)
     graph.cleanup().toposort()
     graph = infer_shapes(graph)
+    if unpack_projections(graph):  # reads inferred shapes, so after inference, then again
+        graph = infer_shapes(graph.cleanup().toposort())
     graph.folded_batchnorms = folds  # plain attribute: a copy or re-import drops it
     return graph
 
