@@ -152,13 +152,11 @@ def _unpack(graph: gs.Graph, matmul: gs.Node, add: gs.Node | None, gathers: list
         part = slice(t * width, (t + 1) * width)
         result = gather.outputs[0]
         gather.outputs.clear()
-        columns = gs.Constant(
-            f"{matmul.inputs[1].name}_{name}", np.ascontiguousarray(weight[:, part])
-        )
+        columns = gs.Constant(f"{matmul.name}_{name}.weight", np.ascontiguousarray(weight[:, part]))
         projected = result
         if bias is not None:
             projected = gs.Variable(f"{matmul.outputs[0].name}_{name}", dtype=result.dtype)
-            shift = gs.Constant(f"{bias.name}_{name}", np.asarray(bias.values)[part].copy())
+            shift = gs.Constant(f"{add.name}_{name}.bias", np.asarray(bias.values)[part].copy())
             graph.nodes.append(
                 gs.Node("Add", f"{add.name}_{name}", inputs=[projected, shift], outputs=[result])
             )
