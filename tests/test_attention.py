@@ -24,6 +24,7 @@ from models.archs import Attention
 from onnxprune.calib.data import Dataset
 from onnxprune.calib.gather import gather
 from onnxprune.config import PruneConfig
+from onnxprune.errors import NothingToPruneError
 from onnxprune.graph.analyze import analyze
 from onnxprune.graph.load import normalize
 from onnxprune.methods.id import InterpolativeDecomposition
@@ -309,3 +310,124 @@ def _padding_masks(n: int, tokens: int) -> np.ndarray:
     """1 for the first 2 … `tokens` tokens of each row, 0 after (padding)."""
     lengths = 2 + np.arange(n) % (tokens - 1)
     return (np.arange(tokens) < lengths[:, None]).astype(np.float32)
+
+
+class PackedAttention(nn.Module):
+    """nn.MultiheadAttention (one packed q/k/v in-projection, heads folded into the batch axis)
+    with a random in-projection bias, then mean over tokens → 4 scores."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.attn = nn.MultiheadAttention(DIM, HEADS, batch_first=batch_first)
+        self.fc = nn.Linear(DIM, 4)
+        self.batch_first = batch_first
+        with torch.no_grad():
+            self.attn.in_proj_bias.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x if self.batch_first else x.transpose(0, 1)
+        y, _ = self.attn(x, x, x, need_weights=False)
+        y = y if self.batch_first else y.transpose(0, 1)
+        return self.fc(y.mean(dim=1))
+
+    def duplicate_head(self) -> PackedAttention:
+        """Head 2 := head 0 in each of the q, k and v thirds of the packed weight and bias."""
+        with torch.no_grad():
+            for third in range(3):
+                lo = third * DIM
+                rows, twin = slice(lo + 2 * HEAD_DIM, lo + 3 * HEAD_DIM), slice(lo, lo + HEAD_DIM)
+                self.attn.in_proj_weight[rows] = self.attn.in_proj_weight[twin]
+                self.attn.in_proj_bias[rows] = self.attn.in_proj_bias[twin]
+        return self
+
+
+def _export_packed(module: nn.Module, exporter: str) -> onnx.ModelProto:
+    """The legacy export (opset 17) or the dynamo export (opset 18), batch dynamic."""
+    if exporter == "legacy":
+        return _export(module)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module.eval(),
+            (torch.randn(2, TOKENS, DIM),),
+            dynamo=True,
+            opset_version=18,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            verbose=False,
+        )
+    return program.model_proto
+
+
+PACKED = [
+    pytest.param(batch_first, exporter, id=f"{exporter}-{'batch' if batch_first else 'seq'}-first")
+    for exporter in ("legacy", "dynamo")
+    for batch_first in (True, False)
+]
+
+
+@pytest.mark.parametrize(("batch_first", "exporter"), PACKED)
+def test_packed_projection_heads_are_pruned_exactly(batch_first, exporter):
+    """nn.MultiheadAttention's packed in-projection is taken apart into q, k and v projections
+    (ratio 0 is the same function), their heads form one group with the out projection as
+    consumer, and a duplicated head (the same D columns in each third) is removed by ID with
+    T = 1 folded into the out projection: the same function at any batch size, with every head
+    count the graph states (B·H included) edited."""
+    model = _export_packed(PackedAttention(batch_first).duplicate_head(), exporter)
+    heads, groups = _head_group(model)
+    assert heads.prunable, heads.reason
+    assert (heads.channels, heads.head_dim) == (HEADS, HEAD_DIM)
+    assert len(heads.producers) == 3 and len(heads.consumers) == 1
+    assert len([g for g in groups if g.head_dim > 1]) == 1
+    x = _inputs()
+    feeds = {"input": _inputs(7, seed=5)}  # a batch size the fit never saw
+    options = dict(round_to=1, data={"input": x}, verify=False)
+    same = onnxprune.prune(model, method="id", ratio=0.0, **options)
+    assert_outputs_close(model, same.model, feeds, atol=1e-6)
+    plain = dict(compensate="none", recalibrate=False, exclude=[heads.consumers[0]])
+    result = onnxprune.prune(model, method="id", ratio=1 / HEADS, **plain, **options)
+    assert len(result.plans[heads.name].keep) == HEADS - 1
+    assert_outputs_close(model, result.model, feeds, atol=1e-5)
+    removed = onnxprune.prune(model, method="activation", ratio=1 / HEADS, **plain, **options)
+    assert max_deviation(model, removed.model, feeds) > 1e-2
+
+
+@pytest.mark.parametrize(("batch_first", "exporter"), PACKED[:2] + PACKED[3:])
+def test_packed_heads_predicted_macs_are_the_counted_macs(batch_first, exporter):
+    """The width cost model's MACs for the chosen head count are the pruned model's counted
+    MACs: the three projections, both attention MatMuls and the out projection shrink."""
+    model = _export_packed(PackedAttention(batch_first), exporter)
+    result = onnxprune.prune(model, method="magnitude", target_macs=0.75, round_to=1, verify=False)
+    before, after = result.report.macs
+    assert after < before
+    assert result.report.target.reached == pytest.approx(after / before, abs=1e-3)
+
+
+class InterleavedPacking(nn.Module):
+    """A packed projection read as (…, E, 3) (q, k, v interleaved per feature): its parts are
+    not thirds of the weight, so it is not taken apart, and nothing is prunable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.packed, self.out = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = self.packed(x).unflatten(-1, (DIM, 3)).unsqueeze(0).transpose(0, -1).squeeze(-1)
+        q, k, v = (parts[t].unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2) for t in range(3))
+        heads = (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.out(heads.transpose(1, 2).flatten(2).mean(dim=1))
+
+
+def test_interleaved_packing_is_not_taken_apart():
+    model = _export(InterleavedPacking())
+    graph = normalize(model)
+    weights = [n.inputs[1] for n in graph.nodes if n.op == "MatMul"]
+    widths = [w.values.shape[-1] for w in weights if isinstance(w, gs.Constant)]
+    assert 3 * DIM in widths and not any(g.prunable for g in analyze(graph))
+    with pytest.raises(NothingToPruneError):
+        onnxprune.prune(model, method="magnitude", ratio=0.5, round_to=1, verify=False)
