@@ -30,6 +30,8 @@ Reshape), and None for anything else (the analyzer then asks the other rules).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -207,26 +209,23 @@ def _folded_count(
     """How the folding Reshape's target entry `entry` (B·H) follows the heads: nothing for -1,
     a count edit of B per head on a constant (B static), the head count of the
     `Mul(Shape(x)[i], H)` the legacy exporter computes it with (x's axis i symbolic: a dim
-    no channel count is), else a block."""
-    target, where = _target_piece(node, entry)
-    if isinstance(target, Step):
-        return target
-    piece, at = target
-    if isinstance(piece, gs.Constant):
-        value = int(np.asarray(piece.values).reshape(-1)[at])
-        if value == -1:
-            return []
+    no channel count is; the product read only by Reshape targets), else a block."""
+    stated = _target_entry(node, entry)
+    if isinstance(stated, Step):
+        return stated
+    value = stated.value()
+    if value == -1:
+        return []
+    if value is not None:
         if isinstance(batch, int) and value == batch * channels:
-            return [
-                ParamEdit(where.name, where.inputs.index(piece), at, state.offset, "count", batch)
-            ]
+            return [stated.edit(state.offset, batch)]
         return _block(f"Reshape '{node.name}' states {value} where B·H is folded")
-    mul = _scalar_source(piece)
-    if mul is not None and mul.op == "Mul" and len(mul.inputs) == 2:
+    mul = _scalar_source(stated.tensor)
+    if mul is not None and mul.op == "Mul" and _read_as_targets(mul.outputs[0]):
         for i, factor in enumerate(mul.inputs):
             value = np.asarray(factor.values).reshape(-1) if isinstance(factor, gs.Constant) else ()
             if len(value) == 1 and value[0] == channels and _symbolic_dim(mul.inputs[1 - i]):
-                return [ParamEdit(mul.name, i, 0, state.offset, "count", 1)]
+                return [_Entry(mul, i, 0).edit(state.offset)]
     return _block(f"the folded batch·heads of Reshape '{node.name}' comes from a computed shape")
 
 
@@ -234,8 +233,9 @@ def _unfold(
     fold: gs.Node, axis: int, channels: int, own: int | None, state: State
 ) -> tuple[State, list] | Step:
     """Follow the folded tensor through Transposes to the Reshape that unfolds (…, B·H, …) into
-    (…, B, H, …): the heads' state after it and its target's edits. `own`: the heads' axis in
-    the fold's input, which a target may read back through Shape (the dynamo export)."""
+    (…, B, H, …): the heads' state after it and its target's edits. Its B entry must not
+    depend on the heads (a constant, -1 or a symbolic dim); its H entry is a constant (edited),
+    -1, or the fold input's own head axis read back through Shape (the dynamo export)."""
     tensor = fold.outputs[0]
     while len(tensor.outputs) == 1 and tensor.outputs[0].op == "Transpose":
         user = tensor.outputs[0]
@@ -255,47 +255,79 @@ def _unfold(
         or shape_out[axis + 1] != channels
     ):
         return _block(f"Reshape '{node.name}' does not unfold the heads folded by '{fold.name}'")
-    target, where = _target_piece(node, axis + 1)
-    if isinstance(target, Step):
-        return target
-    piece, at = target
+    batch, heads = _target_entry(node, axis), _target_entry(node, axis + 1)
+    for stated in (batch, heads):
+        if isinstance(stated, Step):
+            return stated
+    if batch.value() is None and not _symbolic_dim(batch.tensor, batch.at):
+        return _block(f"the batch entry of Reshape '{node.name}' comes from a computed shape")
     after = State(node.outputs[0].name, axis + 1, state.offset, 1)
-    if isinstance(piece, gs.Constant):
-        value = int(np.asarray(piece.values).reshape(-1)[at])
-        if value == -1:
-            return after, []
+    value = heads.value()
+    if value == -1:
+        return after, []
+    if value is not None:
         if value != channels:
             return _block(f"Reshape '{node.name}' states {value} where the heads need {channels}")
-        return after, [ParamEdit(where.name, where.inputs.index(piece), at, state.offset, "count")]
-    read = _shape_read(piece, at)
+        return after, [heads.edit(state.offset)]
+    read = _shape_read(heads.tensor, heads.at)
     if own is not None and read is not None and read == (fold.inputs[0], own):
         return after, []  # the fold's input's own head count, read back: it follows
     return _block(f"the head count of Reshape '{node.name}' comes from a computed shape")
 
 
-def _target_piece(
-    node: gs.Node, entry: int
-) -> tuple[tuple[gs.Tensor, int], gs.Node] | tuple[Step, None]:
-    """((the tensor holding entry `entry` of Reshape `node`'s target, its index there), the
-    node whose input that tensor is): the constant target itself, or the piece of the Concat
-    that builds it."""
+@dataclass(frozen=True)
+class _Entry:
+    """Where one entry of a Reshape target is stated: entry `at` of input `input` of `node`
+    (the Reshape's constant target, or a piece of the Concat that builds it)."""
+
+    node: gs.Node
+    input: int
+    at: int
+
+    @property
+    def tensor(self) -> gs.Tensor:
+        return self.node.inputs[self.input]
+
+    def value(self) -> int | None:
+        """The stated value when it is a constant, else None."""
+        if not isinstance(self.tensor, gs.Constant):
+            return None
+        return int(np.asarray(self.tensor.values).reshape(-1)[self.at])
+
+    def edit(self, offset: int, spatial: int = 1) -> ParamEdit:
+        """The entry counts the heads (`spatial` per head): it shrinks with them."""
+        return ParamEdit(self.node.name, self.input, self.at, offset, "count", spatial)
+
+
+def _target_entry(node: gs.Node, entry: int) -> _Entry | Step:
+    """Where entry `entry` of Reshape `node`'s target is stated, or a block."""
     target = node.inputs[1]
     if isinstance(target, gs.Constant):
-        return (target, entry), node
+        return _Entry(node, 1, entry)
     source = target.inputs[0] if target.inputs else None
     if source is None or source.op != "Concat":
-        return _block(f"Reshape '{node.name}' gets its target from a computed shape"), None
+        return _block(f"Reshape '{node.name}' gets its target from a computed shape")
     start = 0
-    for piece in source.inputs:
+    for i, piece in enumerate(source.inputs):
         size = shape_of(piece)
         if size is None or len(size) != 1 or not isinstance(size[0], int):
-            return _block(
-                f"Concat '{source.name}' builds a shape from pieces of unknown size"
-            ), None
+            return _block(f"Concat '{source.name}' builds a shape from pieces of unknown size")
         if start <= entry < start + size[0]:
-            return (piece, entry - start), source
+            return _Entry(source, i, entry - start)
         start += size[0]
-    return _block(f"Concat '{source.name}' is shorter than the target of '{node.name}'"), None
+    return _block(f"Concat '{source.name}' is shorter than the target of '{node.name}'")
+
+
+def _read_as_targets(tensor: gs.Tensor) -> bool:
+    """`tensor` (a computed size) is read only as pieces of Reshape targets (through
+    Unsqueeze/Cast and Concat), so editing it touches nothing but those Reshapes."""
+    for user in tensor.outputs:
+        if user.op in ("Unsqueeze", "Cast", "Concat"):
+            if not _read_as_targets(user.outputs[0]):
+                return False
+        elif user.op != "Reshape" or user.inputs[1] is not tensor:
+            return False
+    return bool(tensor.outputs)
 
 
 def _scalar_source(piece: gs.Tensor) -> gs.Node | None:
@@ -307,10 +339,10 @@ def _scalar_source(piece: gs.Tensor) -> gs.Node | None:
     return node
 
 
-def _symbolic_dim(tensor: gs.Tensor) -> bool:
-    """The scalar `tensor` is `Shape(x)[i]` for an axis i of x that shape inference leaves
+def _symbolic_dim(tensor: gs.Tensor, at: int = 0) -> bool:
+    """Entry `at` of `tensor` is `Shape(x)[i]` for an axis i of x that shape inference leaves
     symbolic: a batch or token dim, never a channel count (those are static)."""
-    read = _shape_read(tensor, 0)
+    read = _shape_read(tensor, at)
     if read is None:
         return False
     source, axis = read
@@ -344,27 +376,14 @@ def _target_edits(node: gs.Node, entry: int, expected: int, edit: ParamEdit) -> 
     """How Reshape `node`'s target entry `entry` (which must state `expected` or -1) follows the
     pruned heads: `edit` on a constant target, the same on the constant piece of a Concat that
     builds the target from shape pieces, nothing for -1."""
-    target = const(node, 1)
-    if target is not None:
-        return _entry_edit(node, int(target.reshape(-1)[entry]), expected, edit)
-    source = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
-    if source is None or source.op != "Concat":
-        return _block(f"Reshape '{node.name}' gets its target from a computed shape")
-    start = 0
-    for i, piece in enumerate(source.inputs):
-        size = shape_of(piece)
-        if size is None or len(size) != 1 or not isinstance(size[0], int):
-            return _block(f"Concat '{source.name}' builds a shape from pieces of unknown size")
-        if start <= entry < start + size[0]:
-            value = const(source, i)
-            if value is None:
-                return _block(
-                    f"the head count of Reshape '{node.name}' comes from a computed shape"
-                )
-            moved = ParamEdit(source.name, i, entry - start, edit.offset, "count", edit.spatial)
-            return _entry_edit(node, int(value.reshape(-1)[entry - start]), expected, moved)
-        start += size[0]
-    return _block(f"Concat '{source.name}' is shorter than the target of Reshape '{node.name}'")
+    stated = _target_entry(node, entry)
+    if isinstance(stated, Step):
+        return stated
+    value = stated.value()
+    if value is None:
+        return _block(f"the head count of Reshape '{node.name}' comes from a computed shape")
+    moved = replace(edit, node=stated.node.name, input=stated.input, axis=stated.at)
+    return _entry_edit(node, value, expected, moved)
 
 
 def _entry_edit(node: gs.Node, value: int, expected: int, edit: ParamEdit) -> list | Step:
