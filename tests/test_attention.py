@@ -431,3 +431,81 @@ def test_interleaved_packing_is_not_taken_apart():
     assert 3 * DIM in widths and not any(g.prunable for g in analyze(graph))
     with pytest.raises(NothingToPruneError):
         onnxprune.prune(model, method="magnitude", ratio=0.5, round_to=1, verify=False)
+
+
+class PositionalAttention(nn.Module):
+    """Token ids → embeddings + `position_embeddings[position_ids[:, :S]]` (BERT's) → heads by
+    `view(*shape, -1, D)` with the shape of the ids → softmax attention → out projection → mean
+    over tokens → 4 scores. The dynamo export reads the heads' target from `Shape(ids)`, and ONNX
+    shape inference gives the hidden states new symbols after the positional add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.embed, self.positions = nn.Embedding(11, DIM), nn.Embedding(16, DIM)
+        self.register_buffer("position_ids", torch.arange(16)[None])
+        self.q, self.k, self.v = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
+        self.out, self.fc = nn.Linear(DIM, DIM), nn.Linear(DIM, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids) + self.positions(self.position_ids[:, : ids.shape[1]])
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(*ids.shape, -1, HEAD_DIM).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        context = ((q @ k.transpose(-1, -2)) / HEAD_DIM**0.5).softmax(dim=-1) @ v
+        merged = context.transpose(1, 2).reshape(*ids.shape, DIM)
+        return self.fc(self.out(merged).mean(dim=1))
+
+
+def _export_dynamo_ids(module: nn.Module) -> onnx.ModelProto:
+    """Dynamo export (opset 18) with batch and tokens dynamic."""
+    import logging
+    import warnings
+
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens", max=16)}
+    logging.disable(logging.INFO)  # torch.export's debug records of every guard: minutes
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module.eval(),
+                (torch.randint(0, 11, (2, TOKENS)),),
+                dynamo=True,
+                opset_version=18,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_shapes=(dims,),
+                verbose=False,
+            )
+    finally:
+        logging.disable(logging.NOTSET)
+    return program.model_proto
+
+
+def test_heads_split_by_the_input_shape_are_proven_and_pruned_exactly():
+    """The split's batch and tokens come from `Shape(ids)`; the hidden states' dims are proven
+    equal to them through the positional add (the positions are a Slice from 0 to the tokens of
+    a longer table: at most that many, so the broadcast keeps the ids' size whenever it runs).
+    A duplicated head is then removed by ID exactly, at a token count the fit never saw."""
+    module = PositionalAttention()
+    with torch.no_grad():
+        lo, hi = slice(0, HEAD_DIM), slice(2 * HEAD_DIM, 3 * HEAD_DIM)
+        for linear in (module.q, module.k, module.v):
+            linear.weight[hi], linear.bias[hi] = linear.weight[lo], linear.bias[lo]
+    model = _export_dynamo_ids(module)
+    graph = normalize(model)
+    split = next(n for n in graph.nodes if n.op == "Reshape" and len(n.outputs[0].shape) == 4)
+    assert split.inputs[0].shape[:2] != split.outputs[0].shape[:2]  # inference lost it
+    heads, _ = _head_group(model)
+    assert heads.prunable, heads.reason
+    assert (heads.channels, heads.head_dim) == (HEADS, HEAD_DIM)
+    ids = np.random.default_rng(0).integers(0, 11, (48, TOKENS))
+    options = dict(round_to=1, exclude=[heads.consumers[0]], data={"input": ids}, verify=False)
+    result = onnxprune.prune(
+        model, method="id", compensate="none", recalibrate=False, ratio=1 / HEADS, **options
+    )
+    assert len(result.plans[heads.name].keep) == HEADS - 1
+    longer = np.random.default_rng(1).integers(0, 11, (4, TOKENS + 4))
+    assert_outputs_close(model, result.model, {"input": longer}, atol=1e-5)

@@ -37,6 +37,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit
 from onnxprune.ops.flow import State, Step, const, rank_of, shape_of, through
+from onnxprune.ops.shape_values import dim_origin, shape_entry
 
 _SCALING = frozenset({"Add", "Sub", "Mul", "Div"})
 
@@ -87,7 +88,7 @@ def _head_split(node: gs.Node, axis: int) -> tuple[int, int, int] | None:
     """(axis, H, D) when Reshape `node` splits input `axis` of static size H·D into (H, D) at
     output axes (axis, axis + 1) and keeps every axis after it; else None. H may be symbolic
     (transformers' `view(*shape[:-1], -1, D)`): with the axes before `axis` the same as the
-    input's and D static, the element count makes it H·D / D."""
+    input's (`_same_leading`) and D static, the element count makes it H·D / D."""
     shape_in, shape_out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
     if shape_in is None or shape_out is None or len(shape_out) != len(shape_in) + 1:
         return None
@@ -96,11 +97,29 @@ def _head_split(node: gs.Node, axis: int) -> tuple[int, int, int] | None:
     width, heads, dim = shape_in[axis], shape_out[axis], shape_out[axis + 1]
     if not isinstance(width, int) or not isinstance(dim, int) or dim <= 0 or width % dim:
         return None
-    if not isinstance(heads, int) and shape_in[:axis] == shape_out[:axis]:
+    if not isinstance(heads, int) and _same_leading(node, axis):
         heads = width // dim
     if not isinstance(heads, int) or heads * dim != width:
         return None
     return axis, heads, dim
+
+
+def _same_leading(node: gs.Node, axis: int) -> bool:
+    """Reshape `node`'s output axes before `axis` are its input's: the same per shape inference,
+    or each target entry reads a dim (`Shape(x)[i]`) proven equal to the input's
+    (ops/shape_values.py: the dynamo export reads the graph input's batch and sequence where
+    inference lost their equality to the hidden states' dims)."""
+    shape_in, shape_out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
+    for k in range(axis):
+        if shape_in[k] == shape_out[k]:
+            continue
+        stated = _target_entry(node, k)
+        if isinstance(stated, Step):
+            return False
+        size = shape_entry(stated.tensor, stated.at)
+        if size is None or size != dim_origin(node.inputs[0], k):
+            return False
+    return True
 
 
 def _split_heads(node: gs.Node, state: State) -> Step | None:
