@@ -37,7 +37,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit
 from onnxprune.ops.flow import State, Step, const, rank_of, shape_of, through
-from onnxprune.ops.shape_values import dim_origin, shape_entry
+from onnxprune.ops.shape_values import dim_origin, shape_entry, shape_source
 
 _SCALING = frozenset({"Add", "Sub", "Mul", "Div"})
 
@@ -288,7 +288,7 @@ def _unfold(
         if value != channels:
             return _block(f"Reshape '{node.name}' states {value} where the heads need {channels}")
         return after, [heads.edit(state.offset)]
-    read = _shape_read(heads.tensor, heads.at)
+    read = shape_source(heads.tensor, heads.at)
     if own is not None and read is not None and read == (fold.inputs[0], own):
         return after, []  # the fold's input's own head count, read back: it follows
     return _block(f"the head count of Reshape '{node.name}' comes from a computed shape")
@@ -361,34 +361,11 @@ def _scalar_source(piece: gs.Tensor) -> gs.Node | None:
 def _symbolic_dim(tensor: gs.Tensor, at: int = 0) -> bool:
     """Entry `at` of `tensor` is `Shape(x)[i]` for an axis i of x that shape inference leaves
     symbolic: a batch or token dim, never a channel count (those are static)."""
-    read = _shape_read(tensor, at)
+    read = shape_source(tensor, at)
     if read is None:
         return False
     source, axis = read
     return not isinstance(shape_of(source)[axis], int)
-
-
-def _shape_read(piece: gs.Tensor, at: int) -> tuple[gs.Tensor, int] | None:
-    """(x, i) when entry `at` of shape piece `piece` is dim i of tensor x: `Shape(x)` read by
-    a Gather with a constant index or a Slice with constant starts, through Unsqueeze/Cast;
-    else None."""
-    node = piece.inputs[0] if piece.inputs else None
-    while node is not None and node.op in ("Unsqueeze", "Cast"):
-        node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
-    if node is None or node.op not in ("Gather", "Slice") or not node.inputs[0].inputs:
-        return None
-    shape = node.inputs[0].inputs[0]
-    source, first = shape.inputs[0], const(node, 1)
-    rank = rank_of(source)
-    if shape.op != "Shape" or "end" in shape.attrs or first is None or rank is None:
-        return None
-    if node.op == "Slice" and (len(node.inputs) > 3 or first.size != 1):
-        return None
-    values = first.reshape(-1)
-    index = int(values[at] if node.op == "Gather" and values.size > 1 else values[0])
-    index = min(max(index + rank if index < 0 else index, 0), rank)
-    axis = shape.attrs.get("start", 0) + index + (at if node.op == "Slice" else 0)
-    return (source, axis) if axis < rank else None
 
 
 def _target_edits(node: gs.Node, entry: int, expected: int, edit: ParamEdit) -> list | Step:

@@ -195,18 +195,26 @@ def _at_most(tensor: gs.Tensor, axis: int, size: int | str) -> bool:
 
 
 def shape_entry(piece: gs.Tensor, at: int) -> int | str | None:
-    """Entry `at` of a shape piece when it is a constant or `Shape(x)` (with start/end) read
-    whole or through Gather/Slice with constant indices: the constant, or x's proven dim."""
+    """Entry `at` of a shape piece: the constant, or the proven size (`dim_origin`) of the dim
+    `shape_source` finds it reads."""
     if isinstance(piece, gs.Constant):
         values = np.asarray(piece.values).reshape(-1)
         return int(values[at]) if at < values.size else None
+    source = shape_source(piece, at)
+    return None if source is None else dim_origin(*source)
+
+
+def shape_source(piece: gs.Tensor, at: int) -> tuple[gs.Tensor, int] | None:
+    """(x, i) when entry `at` of shape piece `piece` is dim i of tensor x: `Shape(x)` (with
+    start/end) read whole, or by a Gather with constant indices or a Slice with a constant start
+    (through Unsqueeze/Cast/Squeeze); else None."""
     node = piece.inputs[0] if piece.inputs else None
     while node is not None and node.op in ("Unsqueeze", "Cast", "Squeeze"):
         node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
     if node is None:
         return None
     if node.op == "Shape":
-        return _shape_dim(node, at)
+        return _shape_dim(node, at, whole=True)
     index = const(node, 1) if len(node.inputs) > 1 else None
     shape = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
     if index is None or shape is None or shape.op != "Shape":
@@ -215,15 +223,20 @@ def shape_entry(piece: gs.Tensor, at: int) -> int | str | None:
     if node.op == "Gather" and at < max(values.size, 1):
         return _shape_dim(shape, int(values[at if values.size > 1 else 0]))
     if node.op == "Slice" and len(node.inputs) <= 3 and values.size == 1:
-        return _shape_dim(shape, int(values[0]) + at)
+        return _shape_dim(shape, int(values[0]), offset=at)
     return None
 
 
-def _shape_dim(shape: gs.Node, entry: int) -> int | str | None:
-    """Entry `entry` (negative: from the end) of `Shape(x, start, end)`: x's proven dim."""
+def _shape_dim(
+    shape: gs.Node, entry: int, *, offset: int = 0, whole: bool = False
+) -> tuple[gs.Tensor, int] | None:
+    """(x, axis) for entry `entry` + `offset` of `Shape(x, start, end)`; `entry` negative counts
+    from the end (a Gather index), or is clamped like a Slice start unless `whole`."""
     rank = rank_of(shape.inputs[0])
     if rank is None:
         return None
     start, end = (slice(shape.attrs.get("start", 0), shape.attrs.get("end")).indices(rank))[:2]
-    axis = (end if entry < 0 else start) + entry
-    return dim_origin(shape.inputs[0], axis) if start <= axis < end else None
+    if not whole:
+        entry = slice(entry, None).indices(end - start)[0]
+    axis = start + entry + offset
+    return (shape.inputs[0], axis) if start <= axis < end else None
