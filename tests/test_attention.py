@@ -24,6 +24,7 @@ from models.archs import Attention
 from onnxprune.calib.data import Dataset
 from onnxprune.calib.gather import gather
 from onnxprune.config import PruneConfig
+from onnxprune.errors import NothingToPruneError
 from onnxprune.graph.analyze import analyze
 from onnxprune.graph.load import normalize
 from onnxprune.methods.id import InterpolativeDecomposition
@@ -309,3 +310,202 @@ def _padding_masks(n: int, tokens: int) -> np.ndarray:
     """1 for the first 2 … `tokens` tokens of each row, 0 after (padding)."""
     lengths = 2 + np.arange(n) % (tokens - 1)
     return (np.arange(tokens) < lengths[:, None]).astype(np.float32)
+
+
+class PackedAttention(nn.Module):
+    """nn.MultiheadAttention (one packed q/k/v in-projection, heads folded into the batch axis)
+    with a random in-projection bias, then mean over tokens → 4 scores."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.attn = nn.MultiheadAttention(DIM, HEADS, batch_first=batch_first)
+        self.fc = nn.Linear(DIM, 4)
+        self.batch_first = batch_first
+        with torch.no_grad():
+            self.attn.in_proj_bias.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x if self.batch_first else x.transpose(0, 1)
+        y, _ = self.attn(x, x, x, need_weights=False)
+        y = y if self.batch_first else y.transpose(0, 1)
+        return self.fc(y.mean(dim=1))
+
+    def duplicate_head(self) -> PackedAttention:
+        """Head 2 := head 0 in each of the q, k and v thirds of the packed weight and bias."""
+        with torch.no_grad():
+            for third in range(3):
+                lo = third * DIM
+                rows, twin = slice(lo + 2 * HEAD_DIM, lo + 3 * HEAD_DIM), slice(lo, lo + HEAD_DIM)
+                self.attn.in_proj_weight[rows] = self.attn.in_proj_weight[twin]
+                self.attn.in_proj_bias[rows] = self.attn.in_proj_bias[twin]
+        return self
+
+
+def _export_packed(module: nn.Module, exporter: str) -> onnx.ModelProto:
+    """The legacy export (opset 17) or the dynamo export (opset 18), batch dynamic."""
+    if exporter == "legacy":
+        return _export(module)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module.eval(),
+            (torch.randn(2, TOKENS, DIM),),
+            dynamo=True,
+            opset_version=18,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            verbose=False,
+        )
+    return program.model_proto
+
+
+PACKED = [
+    pytest.param(batch_first, exporter, id=f"{exporter}-{'batch' if batch_first else 'seq'}-first")
+    for exporter in ("legacy", "dynamo")
+    for batch_first in (True, False)
+]
+
+
+@pytest.mark.parametrize(("batch_first", "exporter"), PACKED)
+def test_packed_projection_heads_are_pruned_exactly(batch_first, exporter):
+    """nn.MultiheadAttention's packed in-projection is taken apart into q, k and v projections
+    (ratio 0 is the same function), their heads form one group with the out projection as
+    consumer, and a duplicated head (the same D columns in each third) is removed by ID with
+    T = 1 folded into the out projection: the same function at any batch size, with every head
+    count the graph states (B·H included) edited."""
+    model = _export_packed(PackedAttention(batch_first).duplicate_head(), exporter)
+    heads, groups = _head_group(model)
+    assert heads.prunable, heads.reason
+    assert (heads.channels, heads.head_dim) == (HEADS, HEAD_DIM)
+    assert len(heads.producers) == 3 and len(heads.consumers) == 1
+    assert len([g for g in groups if g.head_dim > 1]) == 1
+    x = _inputs()
+    feeds = {"input": _inputs(7, seed=5)}  # a batch size the fit never saw
+    options = dict(round_to=1, data={"input": x}, verify=False)
+    same = onnxprune.prune(model, method="id", ratio=0.0, **options)
+    assert_outputs_close(model, same.model, feeds, atol=1e-6)
+    plain = dict(compensate="none", recalibrate=False, exclude=[heads.consumers[0]])
+    result = onnxprune.prune(model, method="id", ratio=1 / HEADS, **plain, **options)
+    assert len(result.plans[heads.name].keep) == HEADS - 1
+    assert_outputs_close(model, result.model, feeds, atol=1e-5)
+    removed = onnxprune.prune(model, method="activation", ratio=1 / HEADS, **plain, **options)
+    assert max_deviation(model, removed.model, feeds) > 1e-2
+
+
+@pytest.mark.parametrize(("batch_first", "exporter"), PACKED[:2] + PACKED[3:])
+def test_packed_heads_predicted_macs_are_the_counted_macs(batch_first, exporter):
+    """The width cost model's MACs for the chosen head count are the pruned model's counted
+    MACs: the three projections, both attention MatMuls and the out projection shrink."""
+    model = _export_packed(PackedAttention(batch_first), exporter)
+    result = onnxprune.prune(model, method="magnitude", target_macs=0.75, round_to=1, verify=False)
+    before, after = result.report.macs
+    assert after < before
+    assert result.report.target.reached == pytest.approx(after / before, abs=1e-3)
+
+
+class InterleavedPacking(nn.Module):
+    """A packed projection read as (…, E, 3) (q, k, v interleaved per feature): its parts are
+    not thirds of the weight, so it is not taken apart, and nothing is prunable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.packed, self.out = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = self.packed(x).unflatten(-1, (DIM, 3)).unsqueeze(0).transpose(0, -1).squeeze(-1)
+        q, k, v = (parts[t].unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2) for t in range(3))
+        heads = (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.out(heads.transpose(1, 2).flatten(2).mean(dim=1))
+
+
+def test_interleaved_packing_is_not_taken_apart():
+    model = _export(InterleavedPacking())
+    graph = normalize(model)
+    weights = [n.inputs[1] for n in graph.nodes if n.op == "MatMul"]
+    widths = [w.values.shape[-1] for w in weights if isinstance(w, gs.Constant)]
+    assert 3 * DIM in widths and not any(g.prunable for g in analyze(graph))
+    with pytest.raises(NothingToPruneError):
+        onnxprune.prune(model, method="magnitude", ratio=0.5, round_to=1, verify=False)
+
+
+class PositionalAttention(nn.Module):
+    """Token ids → embeddings + `position_embeddings[position_ids[:, :S]]` (BERT's) → heads by
+    `view(*shape, -1, D)` with the shape of the ids → softmax attention → out projection → mean
+    over tokens → 4 scores. The dynamo export reads the heads' target from `Shape(ids)`, and ONNX
+    shape inference gives the hidden states new symbols after the positional add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.embed, self.positions = nn.Embedding(11, DIM), nn.Embedding(16, DIM)
+        self.register_buffer("position_ids", torch.arange(16)[None])
+        self.q, self.k, self.v = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
+        self.out, self.fc = nn.Linear(DIM, DIM), nn.Linear(DIM, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids) + self.positions(self.position_ids[:, : ids.shape[1]])
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(*ids.shape, -1, HEAD_DIM).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        context = ((q @ k.transpose(-1, -2)) / HEAD_DIM**0.5).softmax(dim=-1) @ v
+        merged = context.transpose(1, 2).reshape(*ids.shape, DIM)
+        return self.fc(self.out(merged).mean(dim=1))
+
+
+def _export_dynamo_ids(module: nn.Module) -> onnx.ModelProto:
+    """Dynamo export (opset 18) with batch and tokens dynamic."""
+    import logging
+    import warnings
+
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens", max=16)}
+    logging.disable(logging.INFO)  # torch.export's debug records of every guard: minutes
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module.eval(),
+                (torch.randint(0, 11, (2, TOKENS)),),
+                dynamo=True,
+                opset_version=18,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_shapes=(dims,),
+                verbose=False,
+            )
+    finally:
+        logging.disable(logging.NOTSET)
+    return program.model_proto
+
+
+def test_heads_split_by_the_input_shape_are_proven_and_pruned_exactly():
+    """The split's batch and tokens come from `Shape(ids)`; the hidden states' dims are proven
+    equal to them through the positional add (the positions are a Slice from 0 to the tokens of
+    a longer table: at most that many, so the broadcast keeps the ids' size whenever it runs).
+    A duplicated head is then removed by ID exactly, at a token count the fit never saw."""
+    module = PositionalAttention()
+    with torch.no_grad():
+        lo, hi = slice(0, HEAD_DIM), slice(2 * HEAD_DIM, 3 * HEAD_DIM)
+        for linear in (module.q, module.k, module.v):
+            linear.weight[hi], linear.bias[hi] = linear.weight[lo], linear.bias[lo]
+    model = _export_dynamo_ids(module)
+    graph = normalize(model)
+    split = next(n for n in graph.nodes if n.op == "Reshape" and len(n.outputs[0].shape) == 4)
+    assert split.inputs[0].shape[:2] != split.outputs[0].shape[:2]  # inference lost it
+    heads, _ = _head_group(model)
+    assert heads.prunable, heads.reason
+    assert (heads.channels, heads.head_dim) == (HEADS, HEAD_DIM)
+    ids = np.random.default_rng(0).integers(0, 11, (48, TOKENS))
+    options = dict(round_to=1, exclude=[heads.consumers[0]], data={"input": ids}, verify=False)
+    result = onnxprune.prune(
+        model, method="id", compensate="none", recalibrate=False, ratio=1 / HEADS, **options
+    )
+    assert len(result.plans[heads.name].keep) == HEADS - 1
+    longer = np.random.default_rng(1).integers(0, 11, (4, TOKENS + 4))
+    assert_outputs_close(model, result.model, {"input": longer}, atol=1e-5)

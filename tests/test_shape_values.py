@@ -9,7 +9,7 @@ import pytest
 from conftest import run_model
 from onnx import TensorProto, helper
 
-from onnxprune.ops.shape_values import entry_value, is_one
+from onnxprune.ops.shape_values import dim_origin, entry_value, is_one
 
 
 def _expand_model(middle: str) -> onnx.ModelProto:
@@ -63,3 +63,45 @@ def test_is_one_only_where_constants_decide_a_one(middle):
     assert not is_one(y, 0) and not is_one(y, 2)
     assert entry_value(graph.tensors()["target"], 2) == 4
     assert entry_value(graph.tensors()["target"], 0) is None
+
+
+def _positional_add(end_from: str) -> gs.Graph:
+    """y = h + pos[:, :n] with h (batch, seq, 4), pos a constant (1, 8, 4) and n the seq of h
+    (`end_from` "h") or the length of another input o (batch, len) (`end_from` "o"), after shape
+    inference (which gives y new symbols for both axes)."""
+    from onnxprune.graph.load import infer_shapes
+
+    positions = np.arange(32, dtype=np.float32).reshape(1, 8, 4)
+    nodes = [
+        helper.make_node("Shape", [end_from], ["n"], start=1, end=2),
+        helper.make_node("Slice", ["pos", "zero", "n", "one"], ["p"]),
+        helper.make_node("Add", ["h", "p"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "positional",
+        [
+            helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", "seq", 4]),
+            helper.make_tensor_value_info("o", TensorProto.FLOAT, ["batch", "len"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            onnx.numpy_helper.from_array(positions, "pos"),
+            onnx.numpy_helper.from_array(np.array([0], np.int64), "zero"),
+            onnx.numpy_helper.from_array(np.array([1], np.int64), "one"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return infer_shapes(gs.import_onnx(model))
+
+
+def test_a_broadcast_with_a_slice_up_to_the_same_dim_keeps_it():
+    """pos[:, :seq] has at most seq rows (1 on axis 0), so h + pos[:, :seq] has h's batch and
+    seq whenever it runs; a slice up to another input's length proves nothing (seq = 1
+    broadcasts to it)."""
+    graph = _positional_add("h")
+    y = graph.tensors()["y"]
+    assert y.shape[:2] != ["batch", "seq"]  # what inference alone says
+    assert (dim_origin(y, 0), dim_origin(y, 1), dim_origin(y, 2)) == ("batch", "seq", 4)
+    other = _positional_add("o").tensors()["y"]
+    assert dim_origin(other, 0) == "batch" and dim_origin(other, 1) is None

@@ -4,7 +4,8 @@
 can be wrong); `normalize` returns the graph every later stage works on: Constant nodes folded into
 initializers, fused transformer ops (ONNX Runtime's `com.microsoft` Attention, SkipLayerNorm …,
 opset-23 Attention) written out as standard ops (graph/fused.py), subgraphs computed from
-constants alone folded into constants, Identity/Dropout removed, BatchNormalization folded into
+constants alone folded into constants, Identity/Dropout removed, packed q/k/v projections taken
+apart (graph/packed.py), BatchNormalization folded into
 the Conv/Gemm before it where that is exact, unique node names, shapes inferred. `save_model`
 writes atomically. What a fold removes and magnitude ranking still reads (γ, σ and the raw filter
 norms) stays readable through `folded_batchnorms`.
@@ -29,6 +30,7 @@ from onnx import numpy_helper
 
 from onnxprune.errors import ModelLoadError, first_line
 from onnxprune.graph.fused import MS, expand_fused
+from onnxprune.graph.packed import unpack_projections
 
 SUPPORTED_OPSETS = range(11, 24)
 # bytes above which a model is written with external data and run, checked and shape-inferred
@@ -182,6 +184,8 @@ def normalize(model: onnx.ModelProto) -> gs.Graph:
     folds = _fold_batchnorm(graph)
     graph.cleanup().toposort()
     graph = infer_shapes(graph)
+    if unpack_projections(graph):  # reads inferred shapes, so after inference, then again
+        graph = infer_shapes(graph.cleanup().toposort())
     graph.folded_batchnorms = folds  # plain attribute: a copy or re-import drops it
     return graph
 

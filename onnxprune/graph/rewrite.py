@@ -317,7 +317,8 @@ def _apply(
     if edit.role in ("reshape", "count", "tail"):
         work = work.copy()
         sign = 1 if edit.role == "tail" else -1  # counted from the end, the entry grows
-        work[1 if edit.role == "reshape" else edit.axis] += sign * (m - len(keep)) * edit.spatial
+        entry = 1 if edit.role == "reshape" else edit.axis  # a 0-d count is its entry 0
+        work.reshape(-1)[entry] += sign * (m - len(keep)) * edit.spatial
         return work
     if plan.rotation is not None and _rotates(edit, node):
         work = _map_segment(work, edit, m, np.asarray(plan.rotation))

@@ -1,4 +1,4 @@
-"""Axes of size one that shape inference cannot see.
+"""Axes of size one and equal dims that shape inference cannot see.
 
 transformers' attention masks reach the scores through `mask.expand(batch, 1, tgt, src)`, which
 the legacy exporter writes as Expand with a target computed at run time:
@@ -6,6 +6,11 @@ the legacy exporter writes as Expand with a target computed at run time:
 inference leaves every axis of the result symbolic, so the mask looks like it has a head axis
 and the Add that applies it would tie the heads to it. The entries of such targets that only
 constants decide are evaluated here, exactly, op by op; anything else is unknown.
+
+The dynamo export of the same model reshapes the hidden states into heads with the batch and
+sequence read from a graph input's shape, and inference has lost that the hidden states have
+those sizes (`x + position_embeddings[:, :S]` gets new symbols); `dim_origin` proves a dim's
+size back to a graph input's dim through shape-keeping ops and broadcasts.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.ops.flow import shape_of
+from onnxprune.ops.flow import const, rank_of, shape_of
 
 _ELEMENTWISE = frozenset(
     {"Where", "Cast", "Not", "And", "Or", "Equal", "Add", "Sub", "Mul", "Div", "Neg"}
@@ -91,3 +96,147 @@ def _rank_one(tensor: gs.Tensor) -> bool:
     """The tensor is known to be 1-D (a shape vector)."""
     shape = shape_of(tensor)
     return shape is not None and len(shape) == 1
+
+
+# ----------------------------------------------------------------------------- equal dims
+
+# ops whose output has their first input's shape
+_SAME_SHAPE = frozenset(
+    {"LayerNormalization", "Cast", "Relu", "Erf", "Sqrt", "Neg", "Softmax", "Identity", "Tanh"}
+)
+_BROADCAST = frozenset({"Add", "Sub", "Mul", "Div", "Where"})
+
+
+def dim_origin(tensor: gs.Tensor, axis: int) -> int | str | None:
+    """The size of axis `axis` of `tensor` at run time, as a static int or the name of a graph
+    input's symbolic dim (inputs that share a dim name share its value, as ONNX states), when
+    it is proven through the ops that produce `tensor`, else None. Shape inference names a new
+    symbol wherever an op's output size depends on values (a Slice to a computed end) and loses
+    the equality that broadcasting restores: `x + pos[:, :S]` has x's size S whenever it runs."""
+    shape = shape_of(tensor)
+    if shape is None or not -len(shape) <= axis < len(shape):
+        return None
+    axis %= len(shape)
+    if isinstance(shape[axis], int):
+        return shape[axis]
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is None:
+        return shape[axis] or None  # a graph input's symbolic dim
+    if node.op in _SAME_SHAPE:
+        return dim_origin(node.inputs[0], axis)
+    if node.op == "Transpose" and "perm" in node.attrs:
+        return dim_origin(node.inputs[0], node.attrs["perm"][axis])
+    if node.op in ("MatMul", "Gemm") and isinstance(node.inputs[1], gs.Constant):
+        return dim_origin(node.inputs[0], axis) if axis < len(shape) - 1 else None
+    if node.op == "Gather" and node.attrs.get("axis", 0) == 0:
+        indices = rank_of(node.inputs[1])
+        return dim_origin(node.inputs[1], axis) if indices and axis < indices else None
+    if node.op in _BROADCAST:
+        return _broadcast_origin(node, len(shape), axis)
+    if node.op == "Reshape":  # a target entry that states the size (not -1 or 0)
+        size = _vector_entry(node.inputs[1], axis)
+        return size if isinstance(size, str) or (size is not None and size > 0) else None
+    return None
+
+
+def _vector_entry(vector: gs.Tensor, index: int) -> int | str | None:
+    """Entry `index` of a shape vector: `shape_entry` of the Concat piece holding it."""
+    node = vector.inputs[0] if vector.inputs else None
+    if node is None or node.op != "Concat":
+        return shape_entry(vector, index)
+    start = 0
+    for piece in node.inputs:
+        size = shape_of(piece)
+        if size is None or len(size) != 1 or not isinstance(size[0], int):
+            return None
+        if index < start + size[0]:
+            return shape_entry(piece, index - start)
+        start += size[0]
+    return None
+
+
+def _broadcast_origin(node: gs.Node, rank: int, axis: int) -> int | str | None:
+    """The output size of a broadcasting op: an input's proven size when every other input lacks
+    the axis or is at most that size (then, whenever the op runs, they are 1 or equal to it)."""
+    for tensor in node.inputs:
+        own = axis - (rank - (rank_of(tensor) or 0))
+        if own < 0:
+            continue
+        size = dim_origin(tensor, own)
+        if size is not None and all(
+            _at_most(other, axis - (rank - (rank_of(other) or 0)), size)
+            for other in node.inputs
+            if other is not tensor
+        ):
+            return size
+    return None
+
+
+def _at_most(tensor: gs.Tensor, axis: int, size: int | str) -> bool:
+    """Axis `axis` of `tensor` is missing, of size 1, provably `size`, or a Slice from 0 to
+    `size` (step 1) of a longer constant (at most `size`)."""
+    if axis < 0 or dim_origin(tensor, axis) in (1, size):
+        return True
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is not None and node.op == "Gather" and node.attrs.get("axis", 0) == 0:
+        indices = rank_of(node.inputs[1])
+        return indices is not None and axis < indices and _at_most(node.inputs[1], axis, size)
+    if node is None or node.op != "Slice" or len(node.inputs) < 4:
+        return False
+    axes = node.inputs[3]
+    if not isinstance(axes, gs.Constant) or axis not in np.asarray(axes.values).reshape(-1):
+        return dim_origin(node.inputs[0], axis) in (1, size)  # not sliced: the input's size
+    if list(np.asarray(axes.values).reshape(-1)) != [axis]:
+        return False
+    starts, steps = node.inputs[1], node.inputs[4] if len(node.inputs) > 4 else None
+    from_zero = isinstance(starts, gs.Constant) and np.asarray(starts.values).reshape(-1)[0] == 0
+    unit = steps is None or (isinstance(steps, gs.Constant) and np.all(steps.values == 1))
+    return from_zero and unit and shape_entry(node.inputs[2], 0) == size
+
+
+def shape_entry(piece: gs.Tensor, at: int) -> int | str | None:
+    """Entry `at` of a shape piece: the constant, or the proven size (`dim_origin`) of the dim
+    `shape_source` finds it reads."""
+    if isinstance(piece, gs.Constant):
+        values = np.asarray(piece.values).reshape(-1)
+        return int(values[at]) if at < values.size else None
+    source = shape_source(piece, at)
+    return None if source is None else dim_origin(*source)
+
+
+def shape_source(piece: gs.Tensor, at: int) -> tuple[gs.Tensor, int] | None:
+    """(x, i) when entry `at` of shape piece `piece` is dim i of tensor x: `Shape(x)` (with
+    start/end) read whole, or by a Gather with constant indices or a Slice with a constant start
+    (through Unsqueeze/Cast/Squeeze); else None."""
+    node = piece.inputs[0] if piece.inputs else None
+    while node is not None and node.op in ("Unsqueeze", "Cast", "Squeeze"):
+        node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    if node is None:
+        return None
+    if node.op == "Shape":
+        return _shape_dim(node, at, whole=True)
+    index = const(node, 1) if len(node.inputs) > 1 else None
+    shape = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    if index is None or shape is None or shape.op != "Shape":
+        return None
+    values = index.reshape(-1)
+    if node.op == "Gather" and at < max(values.size, 1):
+        return _shape_dim(shape, int(values[at if values.size > 1 else 0]))
+    if node.op == "Slice" and len(node.inputs) <= 3 and values.size == 1:
+        return _shape_dim(shape, int(values[0]), offset=at)
+    return None
+
+
+def _shape_dim(
+    shape: gs.Node, entry: int, *, offset: int = 0, whole: bool = False
+) -> tuple[gs.Tensor, int] | None:
+    """(x, axis) for entry `entry` + `offset` of `Shape(x, start, end)`; `entry` negative counts
+    from the end (a Gather index), or is clamped like a Slice start unless `whole`."""
+    rank = rank_of(shape.inputs[0])
+    if rank is None:
+        return None
+    start, end = (slice(shape.attrs.get("start", 0), shape.attrs.get("end")).indices(rank))[:2]
+    if not whole:
+        entry = slice(entry, None).indices(end - start)[0]
+    axis = start + entry + offset
+    return (shape.inputs[0], axis) if start <= axis < end else None
