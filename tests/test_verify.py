@@ -12,6 +12,7 @@ import pytest
 from conftest import data_path, reference_path, run_model
 
 import onnxprune
+import onnxprune.measure.verify as verify_module
 from onnxprune.calib.data import Dataset
 from onnxprune.calib.split import split_for_verification
 from onnxprune.cli import main
@@ -51,6 +52,32 @@ def test_reported_deviation_is_measured_on_exactly_the_held_out_samples():
     assert out.max_abs == pytest.approx(np.abs(got - ref).max(), rel=1e-6)
     assert out.top1_agreement == np.mean(got.argmax(1) == ref.argmax(1))
     assert check.agreement == out.top1_agreement and check.rel_l2 == out.rel_l2
+
+
+def test_with_a_statistics_pass_the_original_is_not_run_again(monkeypatch):
+    """id runs the original once, tapped, for its statistics; the same session computes its
+    outputs on the held-out samples, and verification reads them: `run_original` is never
+    called, and the numbers are those of a fresh run of the input file (the normalized graph
+    computes the same function, up to float32 rounding)."""
+    calls = []
+    real = verify_module.run_original
+    monkeypatch.setattr(verify_module, "run_original", lambda *a: calls.append(a) or real(*a))
+    calib = _vgg_calib()
+    options = {"compensate": "none", "recalibrate": False}
+    result = onnxprune.prune(reference_path("vgg"), method="id", ratio=0.3, data=calib, **options)
+    assert calls == []
+    held = split_for_verification(
+        Dataset(calib), share=0.125, samples=64, seed=0, fitted=True
+    ).held_out
+    feeds = {"input": calib["input"][held]}
+    ref = run_model(onnx.load(str(reference_path("vgg"))), feeds)["logits"].astype(np.float64)
+    got = run_model(result.model, feeds)["logits"].astype(np.float64)
+    (out,) = result.report.verification.outputs
+    assert out.rel_l2 == pytest.approx(np.linalg.norm(got - ref) / np.linalg.norm(ref), rel=1e-5)
+    assert out.max_abs == pytest.approx(np.abs(got - ref).max(), rel=1e-5)
+    assert out.top1_agreement == np.mean(got.argmax(1) == ref.argmax(1))
+    onnxprune.prune(reference_path("vgg"), method="magnitude", ratio=0.3, data=calib)
+    assert len(calls) == 1  # no statistics pass: the original runs for verification
 
 
 def test_shortfalls_name_each_output_and_bound_and_spare_the_boundary():

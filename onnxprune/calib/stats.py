@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from threadpoolctl import threadpool_limits
 
+from onnxprune.calib.data import batch_for, in_batches
 from onnxprune.errors import ModelRunError, VerificationError, first_line
 from onnxprune.graph.groups import Tap
 from onnxprune.graph.load import copy_model
@@ -80,7 +82,7 @@ def collect(
     qr: bool = False,
 ) -> dict[Tap, TapStats]:
     """Run `batches` through `model` in ORT and return the statistics of every (tap, channels)."""
-    return collect_all(model, taps, {}, batches, qr=qr)[0]
+    return collect_all(model, taps, {}, batches, qr=qr).stats
 
 
 def channel_moments(
@@ -89,7 +91,16 @@ def channel_moments(
     batches: Iterable[Mapping[str, np.ndarray]],
 ) -> dict[str, Moments]:
     """Per-channel mean and variance of each tensor (name → channel axis) over all positions."""
-    return collect_all(model, [], tensors, batches)[1]
+    return collect_all(model, [], tensors, batches).moments
+
+
+class Collected(NamedTuple):
+    """What one statistics pass read: per (tap, channels) statistics, per tensor moments, and
+    the model's outputs on the `reference` feeds (empty when none were given)."""
+
+    stats: dict[Tap, TapStats]
+    moments: dict[str, Moments]
+    outputs: dict[str, np.ndarray]
 
 
 def collect_all(
@@ -99,11 +110,16 @@ def collect_all(
     batches: Iterable[Mapping[str, np.ndarray]],
     *,
     qr: bool = False,
-) -> tuple[dict[Tap, TapStats], dict[str, Moments]]:
+    reference: Mapping[str, np.ndarray] | None = None,
+) -> Collected:
     """`collect` and `channel_moments` from one ORT pass: the statistics of every (tap,
-    channels), and the per-channel mean and variance of every tensor (name → channel axis)."""
+    channels), and the per-channel mean and variance of every tensor (name → channel axis).
+
+    With `reference` feeds (verification samples), the same session also computes the model's
+    outputs on them, so that verification need not build a session of the model and run it
+    again (`measure.verify.verify`); they add nothing to the statistics."""
     if not taps and not tensors:
-        return {}, {}
+        return Collected({}, {}, {})
     names = sorted({tap.tensor for tap, _ in taps} | set(tensors))
     session, aliases = tapped_session(model, names)
     accumulators = {tap: TapAccumulator(channels, qr=qr) for tap, channels in taps}
@@ -115,7 +131,29 @@ def collect_all(
             for name, moment in moments.items():
                 moment.add(values[name])
     stats = {tap: acc.result() for tap, acc in accumulators.items()}
-    return stats, {name: moment.result() for name, moment in moments.items()}
+    found = {name: moment.result() for name, moment in moments.items()}
+    outputs = _outputs(session, (aliases, names), model, reference) if reference else {}
+    return Collected(stats, found, outputs)
+
+
+def _outputs(
+    session: ort.InferenceSession,
+    taps: tuple[Sequence[str], Sequence[str]],
+    model: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """The outputs of `model` on `feeds`, by name, from its tapped `session` (`taps`: the tap
+    aliases and names), run in parts as the statistics are (`tap_runs`): every run computes
+    all taps, fetched or not, so all feeds at once would grow ORT's arena by every tap of every
+    sample (ResNet-50's 8 verification samples: 2 GB)."""
+    aliases, names = taps
+    outputs = [o.name for o in model.graph.output]
+    samples = len(next(iter(feeds.values())))
+    batch = batch_for((i.shape for i in session.get_inputs()), samples)
+    runs = tap_runs(session, [*outputs, *aliases], [*outputs, *names], in_batches(feeds, batch))
+    parts = [[values[name] for name in outputs] for values in runs]
+    joined = (np.concatenate(arrays)[:samples] for arrays in zip(*parts, strict=True))
+    return dict(zip(outputs, joined, strict=True))
 
 
 def tap_runs(
@@ -176,10 +214,10 @@ def tapped_session(
 ) -> tuple[ort.InferenceSession, list[str]]:
     """An ORT session that also outputs the tensors `names`, each through an Identity copy
     (`add_taps`); returns the session and the output names to run, in the order of `names`."""
-    model = copy_model(model)
-    aliases = add_taps(model, names)
-    try:
-        return session_for(model), aliases
+    aliases: list[str] = []
+    try:  # the taps go into the copy the session is made from: the weights are not copied
+        session = session_for(model, edit=lambda copy: aliases.extend(add_taps(copy, names)))
+        return session, aliases
     except Exception as exc:  # ORT raises several unrelated exception types
         line = first_line(exc)
         raise VerificationError(f"ONNX Runtime cannot run the model to read taps: {line}") from exc
