@@ -12,11 +12,14 @@ import pytest
 from conftest import data_path, reference_path, run_model
 
 import onnxprune
+import onnxprune.calib.stats as stats_module
+import onnxprune.graph.analyze
 import onnxprune.measure.verify as verify_module
 from onnxprune.calib.data import Dataset
 from onnxprune.calib.split import split_for_verification
 from onnxprune.cli import main
 from onnxprune.errors import ModelRunError, RejectedError
+from onnxprune.graph.load import normalize
 from onnxprune.measure.verify import OutputDeviation, Verification, deviation_warning, shortfalls
 
 # vgg, magnitude, 30 % of the channels, no correction: the run a new user tried first
@@ -78,6 +81,28 @@ def test_with_a_statistics_pass_the_original_is_not_run_again(monkeypatch):
     assert out.top1_agreement == np.mean(got.argmax(1) == ref.argmax(1))
     onnxprune.prune(reference_path("vgg"), method="magnitude", ratio=0.3, data=calib)
     assert len(calls) == 1  # no statistics pass: the original runs for verification
+
+
+@pytest.mark.parametrize("first", [0, 5])
+def test_statistics_pass_outputs_are_the_models_and_reuse_its_runs(monkeypatch, first):
+    """`collect_all`'s outputs on reference feeds equal a plain run of the model. Reference
+    samples that open the statistics stream (verification on fit samples) are read from its
+    runs, with no further run; others run after it."""
+    calls = []
+    real = stats_module.tap_runs
+    monkeypatch.setattr(stats_module, "tap_runs", lambda *a: calls.append(a) or real(*a))
+    model = graphs.conv_chain()
+    feeds = graphs.random_input(model, n=12)
+    batches = [{k: v[i : i + 4]} for k, v in feeds.items() for i in range(0, 12, 4)]
+    reference = {k: v[first : first + 6] for k, v in feeds.items()}
+    group = onnxprune.graph.analyze.analyze(normalize(model))[0]
+    taps = [(group.taps[0], group.channels)]
+    found = stats_module.collect_all(model, taps, {}, batches, reference=reference)
+    assert len(calls) == (1 if first == 0 else 2)
+    want = run_model(model, reference)
+    assert found.outputs.keys() == want.keys()
+    for name, value in want.items():
+        np.testing.assert_array_equal(found.outputs[name], value)
 
 
 def test_shortfalls_name_each_output_and_bound_and_spare_the_boundary():

@@ -117,43 +117,81 @@ def collect_all(
 
     With `reference` feeds (verification samples), the same session also computes the model's
     outputs on them, so that verification need not build a session of the model and run it
-    again (`measure.verify.verify`); they add nothing to the statistics."""
+    again (`measure.verify.verify`); they add nothing to the statistics. Where they are the
+    first samples of `batches` (verification on fit samples), they come from the statistics
+    runs themselves; the others run after them (`Reference`)."""
     if not taps and not tensors:
         return Collected({}, {}, {})
     names = sorted({tap.tensor for tap, _ in taps} | set(tensors))
     session, aliases = tapped_session(model, names)
+    outputs = Reference(reference or {}, [o.name for o in model.graph.output])
+    fetch = (aliases, names) if outputs.done else outputs.fetch(aliases, names)
     accumulators = {tap: TapAccumulator(channels, qr=qr) for tap, channels in taps}
     moments = {name: ChannelMoments(axis) for name, axis in tensors.items()}
     with threadpool_limits(1, "blas"):
-        for values in tap_runs(session, aliases, names, batches):
+        for part, values in tap_runs(session, *fetch, batches):
             for (tap, channels), acc in zip(taps, accumulators.values(), strict=True):
                 acc.add(tap_rows(values[tap.tensor], tap, channels))
             for name, moment in moments.items():
                 moment.add(values[name])
+            outputs.offer(part, values)
     stats = {tap: acc.result() for tap, acc in accumulators.items()}
     found = {name: moment.result() for name, moment in moments.items()}
-    outputs = _outputs(session, (aliases, names), model, reference) if reference else {}
-    return Collected(stats, found, outputs)
+    return Collected(stats, found, outputs.result(session, outputs.fetch(aliases, names)))
 
 
-def _outputs(
-    session: ort.InferenceSession,
-    taps: tuple[Sequence[str], Sequence[str]],
-    model: onnx.ModelProto,
-    feeds: Mapping[str, np.ndarray],
-) -> dict[str, np.ndarray]:
-    """The outputs of `model` on `feeds`, by name, from its tapped `session` (`taps`: the tap
-    aliases and names), run in parts as the statistics are (`tap_runs`): every run computes
-    all taps, fetched or not, so all feeds at once would grow ORT's arena by every tap of every
-    sample (ResNet-50's 8 verification samples: 2 GB)."""
-    aliases, names = taps
-    outputs = [o.name for o in model.graph.output]
-    samples = len(next(iter(feeds.values())))
-    batch = batch_for((i.shape for i in session.get_inputs()), samples)
-    runs = tap_runs(session, [*outputs, *aliases], [*outputs, *names], in_batches(feeds, batch))
-    parts = [[values[name] for name in outputs] for values in runs]
-    joined = (np.concatenate(arrays)[:samples] for arrays in zip(*parts, strict=True))
-    return dict(zip(outputs, joined, strict=True))
+class Reference:
+    """A model's outputs on `feeds`, gathered from the tapped runs of the statistics pass.
+
+    While the pass's samples are `feeds`' own, in order (verification on samples the fit also
+    used: they are the first ones), each run's outputs are kept; `result` runs the samples not
+    met that way in the same session, in parts as the taps are (`tap_runs`): every run computes
+    all taps, fetched or not, so all of them at once would grow ORT's arena by every tap of
+    every sample (ResNet-50's 32 samples: 2 GB)."""
+
+    def __init__(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> None:
+        self.feeds = dict(feeds)
+        self.outputs = list(outputs)
+        self.total = len(next(iter(self.feeds.values()))) if self.feeds else 0
+        self.matched = 0
+        self.parts: list[list[np.ndarray]] = []
+        self.following = True
+
+    @property
+    def done(self) -> bool:
+        return self.matched >= self.total
+
+    def fetch(self, aliases: Sequence[str], names: Sequence[str]) -> tuple[list, list]:
+        """The (aliases, names) a run fetches to read the outputs too."""
+        return [*self.outputs, *aliases], [*self.outputs, *names]
+
+    def offer(self, part: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray]) -> None:
+        """Keep the outputs of a statistics run whose inputs are the next samples of `feeds`."""
+        if self.done or not self.following:
+            return
+        n = min(len(next(iter(part.values()))), self.total - self.matched)
+        window = slice(self.matched, self.matched + n)
+        self.following = part.keys() == self.feeds.keys() and all(
+            np.array_equal(part[name][:n], self.feeds[name][window]) for name in part
+        )
+        if self.following:
+            self.parts.append([values[name][:n] for name in self.outputs])
+            self.matched += n
+
+    def result(
+        self, session: ort.InferenceSession, fetch: tuple[list, list]
+    ) -> dict[str, np.ndarray]:
+        """The outputs on every sample of `feeds`, by name (empty without feeds)."""
+        if not self.total:
+            return {}
+        if not self.done:
+            rest = {name: array[self.matched :] for name, array in self.feeds.items()}
+            shapes = (i.shape for i in session.get_inputs())
+            batch = batch_for(shapes, self.total - self.matched)
+            for _, values in tap_runs(session, *fetch, in_batches(rest, batch)):
+                self.parts.append([values[name] for name in self.outputs])
+        joined = (np.concatenate(arrays)[: self.total] for arrays in zip(*self.parts, strict=True))
+        return dict(zip(self.outputs, joined, strict=True))
 
 
 def tap_runs(
@@ -161,8 +199,8 @@ def tap_runs(
     aliases: Sequence[str],
     names: Sequence[str],
     batches: Iterable[Mapping[str, np.ndarray]],
-) -> Iterator[dict[str, np.ndarray]]:
-    """The tapped tensors (name → value) run by run over `batches`.
+) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Run by run over `batches`: the feeds of the run and the tapped tensors (name → value).
 
     A run holds all its taps at once, and ORT's arena grows with them (ResNet-50's taps at batch
     24 took 1.2 GB): so a batch runs in parts whose tap outputs stay under RUN_BYTES, the part
@@ -178,7 +216,7 @@ def tap_runs(
             values = _run_input_model(session, aliases, part)
             if step is None:
                 step = max(1, RUN_BYTES * size // max(1, sum(v.nbytes for v in values)))
-            yield dict(zip(names, values, strict=True))
+            yield part, dict(zip(names, values, strict=True))
             start += size
 
 
