@@ -119,12 +119,15 @@ def collect_all(
     outputs on them, so that verification need not build a session of the model and run it
     again (`measure.verify.verify`); they add nothing to the statistics. Where they are the
     first samples of `batches` (verification on fit samples), they come from the statistics
-    runs themselves; the others run after them (`Reference`)."""
+    runs themselves; the others run after them (`Reference`). Only where every output has its
+    samples on axis 0 (`batch_first`): elsewhere no outputs are returned and verification runs
+    the model itself."""
     if not taps and not tensors:
         return Collected({}, {}, {})
     names = sorted({tap.tensor for tap, _ in taps} | set(tensors))
     session, aliases = tapped_session(model, names)
-    outputs = Reference(reference or {}, [o.name for o in model.graph.output])
+    usable = reference if reference and batch_first(model) else {}
+    outputs = Reference(usable, [o.name for o in model.graph.output])
     fetch = (aliases, names) if outputs.done else outputs.fetch(aliases, names)
     accumulators = {tap: TapAccumulator(channels, qr=qr) for tap, channels in taps}
     moments = {name: ChannelMoments(axis) for name, axis in tensors.items()}
@@ -138,6 +141,26 @@ def collect_all(
     stats = {tap: acc.result() for tap, acc in accumulators.items()}
     found = {name: moment.result() for name, moment in moments.items()}
     return Collected(stats, found, outputs.result(session, outputs.fetch(aliases, names)))
+
+
+def batch_first(model: onnx.ModelProto) -> bool:
+    """Whether every output of `model` declares the samples on axis 0, as its first input does
+    (the same symbolic or fixed first dim), so that outputs of runs on parts of the samples join
+    along axis 0. Not so for a sequence model's (time, batch, …) outputs, or undeclared dims."""
+    first = [_dim0(i) for i in model.graph.input[:1]]
+    return (
+        bool(first)
+        and first[0] not in ("", 0)
+        and all(_dim0(o) == first[0] for o in model.graph.output)
+    )
+
+
+def _dim0(info: onnx.ValueInfoProto) -> str | int:
+    """The first dim of a declared tensor type: its symbol, its size, or "" when not declared."""
+    dims = info.type.tensor_type.shape.dim
+    if not dims:
+        return ""
+    return dims[0].dim_param or dims[0].dim_value
 
 
 class Reference:
