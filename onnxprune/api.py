@@ -178,7 +178,12 @@ def _prune_channels(
     split = split or split_inputs(proto, inputs, config, fitted=fitted)
     fit = split.fit
     moments = reference_tensors(graph, groups, widths.counts) if config.recalibrate else {}
-    calibration = gather(graph, groups, widths.counts, needs, fit, config, moments=moments)
+    # the statistics pass also gives the original's outputs for verification, unless the graph
+    # it runs is no longer the original's function (heads narrowed by --heads dims|both)
+    reference = split.verify.arrays if config.verify and not head_rows else None
+    calibration = gather(
+        graph, groups, widths.counts, needs, fit, config, moments=moments, reference=reference
+    )
     with threadpool_limits(1, "blas"):  # on busy cores OpenBLAS threads spin (calib/stats.py)
         widths = refine_widths(graph, groups, widths, calibration.stats, pruner, config, fit)
         plans = make_plans(groups, widths.counts, calibration.stats, pruner, config)
@@ -200,7 +205,10 @@ def _prune_channels(
     rows = head_rows + tuple(
         _row(group, plans.get(group.name), config) for group in groups if group.name not in within
     )
-    report = _report(proto, pruned, split, config, calibration.loss, notes, rows, widths.target)
+    report = _report(
+        proto, pruned, split, config, calibration.loss, notes, rows, widths.target,
+        reference=calibration.outputs,
+    )  # fmt: skip
     return Result(pruned, report, groups, plans)
 
 
@@ -468,9 +476,12 @@ def _report(
     rows: tuple[GroupRow, ...],
     target: TargetResult | None,
     sparse: Mapping[str, Any] | None = None,
+    *,
+    reference: Mapping[str, np.ndarray] | None = None,
 ) -> Report:
-    """Verify `pruned` on the verification split, count both models, collect the warnings."""
-    check = _verification(original, pruned, split, config)
+    """Verify `pruned` on the verification split (against the original's outputs `reference`
+    where the statistics pass computed them), count both models, collect the warnings."""
+    check = _verification(original, pruned, split, config, reference)
     shapes = count_shapes(split.fit, input_specs(original))
     before, after = count(original, input_shapes=shapes), count(pruned, input_shapes=shapes)
     if split.fit.synthetic:
@@ -503,12 +514,17 @@ def _report(
 
 
 def _verification(
-    original: onnx.ModelProto, pruned: onnx.ModelProto, split: Split, config: PruneConfig
+    original: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    split: Split,
+    config: PruneConfig,
+    reference: Mapping[str, np.ndarray] | None = None,
 ) -> Verification | None:
     """Checker and output deviation on the verification samples (None with verify off)."""
     if not config.verify:
         return None
-    check = verify(original, pruned, split.verify.arrays, data=split.verify.source)
+    feeds, source = split.verify.arrays, split.verify.source
+    check = verify(original, pruned, feeds, data=source, reference=reference or None)
     return replace(check, split=split.how, independent=split.independent)
 
 

@@ -12,10 +12,14 @@ import pytest
 from conftest import data_path, reference_path, run_model
 
 import onnxprune
+import onnxprune.calib.stats as stats_module
+import onnxprune.graph.analyze
+import onnxprune.measure.verify as verify_module
 from onnxprune.calib.data import Dataset
 from onnxprune.calib.split import split_for_verification
 from onnxprune.cli import main
 from onnxprune.errors import ModelRunError, RejectedError
+from onnxprune.graph.load import normalize
 from onnxprune.measure.verify import OutputDeviation, Verification, deviation_warning, shortfalls
 
 # vgg, magnitude, 30 % of the channels, no correction: the run a new user tried first
@@ -51,6 +55,54 @@ def test_reported_deviation_is_measured_on_exactly_the_held_out_samples():
     assert out.max_abs == pytest.approx(np.abs(got - ref).max(), rel=1e-6)
     assert out.top1_agreement == np.mean(got.argmax(1) == ref.argmax(1))
     assert check.agreement == out.top1_agreement and check.rel_l2 == out.rel_l2
+
+
+def test_with_a_statistics_pass_the_original_is_not_run_again(monkeypatch):
+    """id runs the original once, tapped, for its statistics; the same session computes its
+    outputs on the held-out samples, and verification reads them: `run_original` is never
+    called, and the numbers are those of a fresh run of the input file (the normalized graph
+    computes the same function, up to float32 rounding)."""
+    calls = []
+    real = verify_module.run_original
+    monkeypatch.setattr(verify_module, "run_original", lambda *a: calls.append(a) or real(*a))
+    calib = _vgg_calib()
+    options = {"compensate": "none", "recalibrate": False}
+    result = onnxprune.prune(reference_path("vgg"), method="id", ratio=0.3, data=calib, **options)
+    assert calls == []
+    held = split_for_verification(
+        Dataset(calib), share=0.125, samples=64, seed=0, fitted=True
+    ).held_out
+    feeds = {"input": calib["input"][held]}
+    ref = run_model(onnx.load(str(reference_path("vgg"))), feeds)["logits"].astype(np.float64)
+    got = run_model(result.model, feeds)["logits"].astype(np.float64)
+    (out,) = result.report.verification.outputs
+    assert out.rel_l2 == pytest.approx(np.linalg.norm(got - ref) / np.linalg.norm(ref), rel=1e-5)
+    assert out.max_abs == pytest.approx(np.abs(got - ref).max(), rel=1e-5)
+    assert out.top1_agreement == np.mean(got.argmax(1) == ref.argmax(1))
+    onnxprune.prune(reference_path("vgg"), method="magnitude", ratio=0.3, data=calib)
+    assert len(calls) == 1  # no statistics pass: the original runs for verification
+
+
+@pytest.mark.parametrize("first", [0, 5])
+def test_statistics_pass_outputs_are_the_models_and_reuse_its_runs(monkeypatch, first):
+    """`collect_all`'s outputs on reference feeds equal a plain run of the model. Reference
+    samples that open the statistics stream (verification on fit samples) are read from its
+    runs, with no further run; others run after it."""
+    calls = []
+    real = stats_module.tap_runs
+    monkeypatch.setattr(stats_module, "tap_runs", lambda *a: calls.append(a) or real(*a))
+    model = graphs.conv_chain()
+    feeds = graphs.random_input(model, n=12)
+    batches = [{k: v[i : i + 4]} for k, v in feeds.items() for i in range(0, 12, 4)]
+    reference = {k: v[first : first + 6] for k, v in feeds.items()}
+    group = onnxprune.graph.analyze.analyze(normalize(model))[0]
+    taps = [(group.taps[0], group.channels)]
+    found = stats_module.collect_all(model, taps, {}, batches, reference=reference)
+    assert len(calls) == (1 if first == 0 else 2)
+    want = run_model(model, reference)
+    assert found.outputs.keys() == want.keys()
+    for name, value in want.items():
+        np.testing.assert_array_equal(found.outputs[name], value)
 
 
 def test_shortfalls_name_each_output_and_bound_and_spare_the_boundary():

@@ -41,12 +41,14 @@ from onnxprune.progress import progress
 
 @dataclass(frozen=True)
 class Calibration:
-    """Per-group statistics, the loss the gradient pass used (None without gradients), and
-    the per-channel moments of the tensors asked for (`moments` of `gather`)."""
+    """Per-group statistics, the loss the gradient pass used (None without gradients), the
+    per-channel moments of the tensors asked for (`moments` of `gather`), and the model's
+    outputs on the `reference` feeds of `gather` (empty when no ORT statistics pass ran)."""
 
     stats: Mapping[str, GroupStats] = field(default_factory=dict)
     loss: str | None = None
     moments: Mapping[str, Moments] = field(default_factory=dict)
+    outputs: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 def gather(
@@ -58,13 +60,15 @@ def gather(
     config: PruneConfig,
     *,
     moments: Mapping[str, int] | None = None,
+    reference: Mapping[str, np.ndarray] | None = None,
 ) -> Calibration:
     """GroupStats for every group in `counts`: weights, tap statistics and/or gradient sums;
-    and the per-channel moments of the tensors `moments` (name → channel axis), read in the
-    same ORT pass as the tap statistics."""
+    the per-channel moments of the tensors `moments` (name → channel axis), read in the same
+    ORT pass as the tap statistics; and the model's outputs on the `reference` feeds
+    (verification samples) from that pass's session, when there is one."""
     selected = [g for g in groups if g.name in counts]
     model = export(graph) if needs & {"gram", "grad", "ippro", "jacobian"} or moments else None
-    taps, found = {}, {}
+    taps, found, outputs = {}, {}, {}
     if "gram" in needs or moments:
         wanted = [(tap, g.channels) for g in selected for tap in g.taps]
         wanted += [(norm, g.channels) for g in selected for _, norm in g.normalized]
@@ -77,7 +81,9 @@ def gather(
         wanted = list(dict.fromkeys(wanted)) if "gram" in needs else []
         batches = _batches(dataset, config, "statistics")
         qr = config.id_solver == "qr"
-        taps, found = collect_all(model, wanted, dict(moments or {}), batches, qr=qr)
+        taps, found, outputs = collect_all(
+            model, wanted, dict(moments or {}), batches, qr=qr, reference=reference
+        )
     grads = _gradients(model, graph, selected, needs, dataset, config)
     consumers = _consumer_sites(graph, selected) if "jacobian" in needs else {}
     jacobian = {}
@@ -101,7 +107,7 @@ def gather(
             norms={key: taps[norm] for key, norm in group.normalized if norm in taps},
             features=_features(group, taps),
         )
-    return Calibration(stats, grads.loss if grads else None, found)
+    return Calibration(stats, grads.loss if grads else None, found, outputs)
 
 
 def _features(group: ChannelGroup, taps: Mapping[Tap, TapStats]) -> dict[str, TapStats]:

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from threadpoolctl import threadpool_limits
 
+from onnxprune.calib.data import batch_for, in_batches
 from onnxprune.errors import ModelRunError, VerificationError, first_line
 from onnxprune.graph.groups import Tap
 from onnxprune.graph.load import copy_model
@@ -82,7 +84,7 @@ def collect(
     qr: bool = False,
 ) -> dict[Tap, TapStats]:
     """Run `batches` through `model` in ORT and return the statistics of every (tap, channels)."""
-    return collect_all(model, taps, {}, batches, qr=qr)[0]
+    return collect_all(model, taps, {}, batches, qr=qr).stats
 
 
 def channel_moments(
@@ -91,7 +93,16 @@ def channel_moments(
     batches: Iterable[Mapping[str, np.ndarray]],
 ) -> dict[str, Moments]:
     """Per-channel mean and variance of each tensor (name → channel axis) over all positions."""
-    return collect_all(model, [], tensors, batches)[1]
+    return collect_all(model, [], tensors, batches).moments
+
+
+class Collected(NamedTuple):
+    """What one statistics pass read: per (tap, channels) statistics, per tensor moments, and
+    the model's outputs on the `reference` feeds (empty when none were given)."""
+
+    stats: dict[Tap, TapStats]
+    moments: dict[str, Moments]
+    outputs: dict[str, np.ndarray]
 
 
 def collect_all(
@@ -101,23 +112,111 @@ def collect_all(
     batches: Iterable[Mapping[str, np.ndarray]],
     *,
     qr: bool = False,
-) -> tuple[dict[Tap, TapStats], dict[str, Moments]]:
+    reference: Mapping[str, np.ndarray] | None = None,
+) -> Collected:
     """`collect` and `channel_moments` from one ORT pass: the statistics of every (tap,
-    channels), and the per-channel mean and variance of every tensor (name → channel axis)."""
+    channels), and the per-channel mean and variance of every tensor (name → channel axis).
+
+    With `reference` feeds (verification samples), the same session also computes the model's
+    outputs on them, so that verification need not build a session of the model and run it
+    again (`measure.verify.verify`); they add nothing to the statistics. Where they are the
+    first samples of `batches` (verification on fit samples), they come from the statistics
+    runs themselves; the others run after them (`Reference`). Only where every output has its
+    samples on axis 0 (`batch_first`): elsewhere no outputs are returned and verification runs
+    the model itself."""
     if not taps and not tensors:
-        return {}, {}
+        return Collected({}, {}, {})
     names = sorted({tap.tensor for tap, _ in taps} | set(tensors))
     session, aliases = tapped_session(model, names)
+    usable = reference if reference and batch_first(model) else {}
+    outputs = Reference(usable, [o.name for o in model.graph.output])
+    fetch = (aliases, names) if outputs.done else outputs.fetch(aliases, names)
     accumulators = {tap: TapAccumulator(channels, qr=qr) for tap, channels in taps}
     moments = {name: ChannelMoments(axis) for name, axis in tensors.items()}
     with threadpool_limits(1, "blas"):
-        for values in tap_runs(session, aliases, names, batches):
+        for part, values in tap_runs(session, *fetch, batches):
             for (tap, channels), acc in zip(taps, accumulators.values(), strict=True):
                 acc.add(tap_rows(values[tap.tensor], tap, channels))
             for name, moment in moments.items():
                 moment.add(values[name])
+            outputs.offer(part, values)
     stats = {tap: acc.result() for tap, acc in accumulators.items()}
-    return stats, {name: moment.result() for name, moment in moments.items()}
+    found = {name: moment.result() for name, moment in moments.items()}
+    return Collected(stats, found, outputs.result(session, outputs.fetch(aliases, names)))
+
+
+def batch_first(model: onnx.ModelProto) -> bool:
+    """Whether every output of `model` declares the samples on axis 0, as its first input does
+    (the same symbolic or fixed first dim), so that outputs of runs on parts of the samples join
+    along axis 0. Not so for a sequence model's (time, batch, …) outputs, or undeclared dims."""
+    first = [_dim0(i) for i in model.graph.input[:1]]
+    return (
+        bool(first)
+        and first[0] not in ("", 0)
+        and all(_dim0(o) == first[0] for o in model.graph.output)
+    )
+
+
+def _dim0(info: onnx.ValueInfoProto) -> str | int:
+    """The first dim of a declared tensor type: its symbol, its size, or "" when not declared."""
+    dims = info.type.tensor_type.shape.dim
+    if not dims:
+        return ""
+    return dims[0].dim_param or dims[0].dim_value
+
+
+class Reference:
+    """A model's outputs on `feeds`, gathered from the tapped runs of the statistics pass.
+
+    While the pass's samples are `feeds`' own, in order (verification on samples the fit also
+    used: they are the first ones), each run's outputs are kept; `result` runs the samples not
+    met that way in the same session, in parts as the taps are (`tap_runs`): every run computes
+    all taps, fetched or not, so all of them at once would grow ORT's arena by every tap of
+    every sample (ResNet-50's 32 samples: 2 GB)."""
+
+    def __init__(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> None:
+        self.feeds = dict(feeds)
+        self.outputs = list(outputs)
+        self.total = len(next(iter(self.feeds.values()))) if self.feeds else 0
+        self.matched = 0
+        self.parts: list[list[np.ndarray]] = []
+        self.following = True
+
+    @property
+    def done(self) -> bool:
+        return self.matched >= self.total
+
+    def fetch(self, aliases: Sequence[str], names: Sequence[str]) -> tuple[list, list]:
+        """The (aliases, names) a run fetches to read the outputs too."""
+        return [*self.outputs, *aliases], [*self.outputs, *names]
+
+    def offer(self, part: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray]) -> None:
+        """Keep the outputs of a statistics run whose inputs are the next samples of `feeds`."""
+        if self.done or not self.following:
+            return
+        n = min(len(next(iter(part.values()))), self.total - self.matched)
+        window = slice(self.matched, self.matched + n)
+        self.following = part.keys() == self.feeds.keys() and all(
+            np.array_equal(part[name][:n], self.feeds[name][window]) for name in part
+        )
+        if self.following:
+            self.parts.append([values[name][:n] for name in self.outputs])
+            self.matched += n
+
+    def result(
+        self, session: ort.InferenceSession, fetch: tuple[list, list]
+    ) -> dict[str, np.ndarray]:
+        """The outputs on every sample of `feeds`, by name (empty without feeds)."""
+        if not self.total:
+            return {}
+        if not self.done:
+            rest = {name: array[self.matched :] for name, array in self.feeds.items()}
+            shapes = (i.shape for i in session.get_inputs())
+            batch = batch_for(shapes, self.total - self.matched)
+            for _, values in tap_runs(session, *fetch, in_batches(rest, batch)):
+                self.parts.append([values[name] for name in self.outputs])
+        joined = (np.concatenate(arrays)[: self.total] for arrays in zip(*self.parts, strict=True))
+        return dict(zip(self.outputs, joined, strict=True))
 
 
 def tap_runs(
@@ -125,8 +224,8 @@ def tap_runs(
     aliases: Sequence[str],
     names: Sequence[str],
     batches: Iterable[Mapping[str, np.ndarray]],
-) -> Iterator[dict[str, np.ndarray]]:
-    """The tapped tensors (name → value) run by run over `batches`.
+) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Run by run over `batches`: the feeds of the run and the tapped tensors (name → value).
 
     A run holds all its taps at once, and ORT's arena grows with them (ResNet-50's taps at batch
     24 took 1.2 GB): so a batch runs in parts whose tap outputs stay under RUN_BYTES, the part
@@ -142,7 +241,7 @@ def tap_runs(
             values = _run_input_model(session, aliases, part)
             if step is None:
                 step = max(1, RUN_BYTES * size // max(1, sum(v.nbytes for v in values)))
-            yield dict(zip(names, values, strict=True))
+            yield part, dict(zip(names, values, strict=True))
             start += size
 
 
@@ -178,10 +277,10 @@ def tapped_session(
 ) -> tuple[ort.InferenceSession, list[str]]:
     """An ORT session that also outputs the tensors `names`, each through an Identity copy
     (`add_taps`); returns the session and the output names to run, in the order of `names`."""
-    model = copy_model(model)
-    aliases = add_taps(model, names)
-    try:
-        return session_for(model), aliases
+    aliases: list[str] = []
+    try:  # the taps go into the copy the session is made from: the weights are not copied
+        session = session_for(model, edit=lambda copy: aliases.extend(add_taps(copy, names)))
+        return session, aliases
     except Exception as exc:  # ORT raises several unrelated exception types
         line = first_line(exc)
         raise VerificationError(f"ONNX Runtime cannot run the model to read taps: {line}") from exc

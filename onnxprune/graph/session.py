@@ -1,39 +1,56 @@
 """ONNX Runtime sessions for in-memory models of any size.
 
-The one place a session is made from a `ModelProto`: a model under the protobuf limit is handed
-to ONNX Runtime as bytes; a larger one cannot be serialized whole, so it is written with its
-weights in external data to a temporary folder and opened by path. ONNX Runtime reads (or maps)
-the external data while the session is created, so the folder is removed as soon as it is.
+The one place a session is made from a `ModelProto`. A small model is handed to ONNX Runtime as
+bytes. A model with more than FILE_BYTES of weights is written to a temporary folder with its
+weights in external data and opened by path: ONNX Runtime maps the aligned external data instead
+of parsing a serialized copy, which on ResNet-50 (97 MB of weights) took the session from 1.9 s
+and +377 MB of memory to 0.8 s and +164 MB; and past protobuf's 2 GB limit bytes are no option
+at all. ONNX Runtime reads (or maps) the external data while the session is created, so the
+folder is removed as soon as it is.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
 
-from onnxprune.graph.load import too_large_for_protobuf, write_external
+from onnxprune.graph.load import copy_model, model_bytes, too_large_for_protobuf, write_external
 
 CPU = ("CPUExecutionProvider",)
 THREADS_ENV = "ONNXPRUNE_ORT_THREADS"  # set in parallel sweep workers: cores // workers
+FILE_BYTES = 16 << 20  # weights above this: the session is made from a file (see above)
+
+Edit = Callable[[onnx.ModelProto], None]
 
 
 def inference_session(
     model: onnx.ModelProto,
     options: ort.SessionOptions | None = None,
     providers: Sequence[str] = CPU,
+    *,
+    edit: Edit | None = None,
 ) -> ort.InferenceSession:
-    """An ORT session for `model`, from bytes when it fits one protobuf, else through a
-    temporary file with external data (ORT's own exceptions pass through)."""
-    if not too_large_for_protobuf(model):
+    """An ORT session for `model`, from bytes when it is small, else from a temporary file with
+    external data (ORT's own exceptions pass through). `edit`, if given, changes in place the
+    copy the session is made from (its graph, not its weights: it may see them external), so
+    that `model` stays as it was and its weights are not copied to add, say, outputs."""
+    if model_bytes(model) <= FILE_BYTES and not too_large_for_protobuf(model):
+        if edit is not None:
+            model = copy_model(model)
+            edit(model)
         return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
     with tempfile.TemporaryDirectory(prefix="onnxprune-session-") as folder:
         path = Path(folder) / "model.onnx"
         write_external(model, path)
+        if edit is not None:
+            skeleton = onnx.load(str(path), load_external_data=False)
+            edit(skeleton)
+            onnx.save_model(skeleton, str(path))
         return ort.InferenceSession(str(path), options, providers=list(providers))
 
 

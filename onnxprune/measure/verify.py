@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -12,7 +12,7 @@ import onnxruntime as ort
 from onnxprune.calib.data import batch_for, in_batches
 from onnxprune.errors import ModelRunError, VerificationError, first_line
 from onnxprune.graph.load import too_large_for_protobuf, weightless_copy
-from onnxprune.graph.session import default_threads, inference_session
+from onnxprune.graph.session import Edit, default_threads, inference_session
 
 WARN_AGREEMENT = 0.9  # below this top-1 agreement, or above this rel-L2, the report warns
 WARN_REL_L2 = 0.5
@@ -62,15 +62,22 @@ def verify(
     feeds: Mapping[str, np.ndarray],
     *,
     data: str,
+    reference: Mapping[str, np.ndarray] | None = None,
 ) -> Verification:
-    """Run the checker on `pruned`, then both models in ORT, and compare every output."""
+    """Run the checker on `pruned`, then both models in ORT, and compare every output.
+
+    `reference`: the original's outputs on `feeds` where a caller has them already (the
+    statistics pass computes them: `calib.stats.collect_all`); the original then does not run
+    again. It must hold every output of `original`, else the original runs."""
     try:
         onnx.checker.check_model(_checkable(pruned), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise VerificationError(f"pruned model fails the ONNX checker: {first_line(exc)}") from exc
-    reference = run_original(original, feeds)
+    names = [o.name for o in original.graph.output]
+    if reference is None or set(reference) != set(names):
+        reference = run_original(original, feeds)
     result = run(pruned, feeds)
-    outputs = tuple(_deviation(name, reference[name], result[name]) for name in reference)
+    outputs = tuple(_deviation(name, reference[name], result[name]) for name in names)
     samples = len(next(iter(feeds.values()))) if feeds else 0
     return Verification("passed (full_check)", samples, data, outputs)
 
@@ -80,14 +87,22 @@ def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np
     with a fixed batch runs the samples in batches of that size, outputs joined along axis 0."""
     try:
         session = session_for(model)
-        names = [o.name for o in session.get_outputs()]
-        samples = len(next(iter(feeds.values()))) if feeds else 0
-        batch = batch_for((i.shape for i in session.get_inputs()), samples)
-        if batch == samples:
-            return dict(zip(names, session.run(names, dict(feeds)), strict=True))
-        parts = [session.run(names, chunk) for chunk in in_batches(feeds, batch)]
+        return run_session(session, [o.name for o in session.get_outputs()], feeds)
     except Exception as exc:  # ORT raises several unrelated exception types
         raise VerificationError(f"ONNX Runtime cannot run the model: {first_line(exc)}") from exc
+
+
+def run_session(
+    session: ort.InferenceSession, names: Sequence[str], feeds: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The outputs `names` of `session` on `feeds`, by name; a session with a fixed batch runs
+    the samples in batches of that size, outputs joined along axis 0 (ORT's errors pass)."""
+    names = list(names)
+    samples = len(next(iter(feeds.values()))) if feeds else 0
+    batch = batch_for((i.shape for i in session.get_inputs()), samples)
+    if batch == samples:
+        return dict(zip(names, session.run(names, dict(feeds)), strict=True))
+    parts = [session.run(names, chunk) for chunk in in_batches(feeds, batch)]
     joined = [np.concatenate(outputs)[:samples] for outputs in zip(*parts, strict=True)]
     return dict(zip(names, joined, strict=True))
 
@@ -137,14 +152,17 @@ def run_original(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dic
         ) from exc
 
 
-def session_for(model: onnx.ModelProto, *, threads: int = 0) -> ort.InferenceSession:
-    """An ORT CPU session for an in-memory model; `threads` 0: `default_threads()`."""
+def session_for(
+    model: onnx.ModelProto, *, threads: int = 0, edit: Edit | None = None
+) -> ort.InferenceSession:
+    """An ORT CPU session for an in-memory model; `threads` 0: `default_threads()`; `edit` as
+    in `inference_session`."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     threads = threads or default_threads()
     if threads:
         options.intra_op_num_threads = threads
-    return inference_session(model, options)
+    return inference_session(model, options, edit=edit)
 
 
 def _checkable(model: onnx.ModelProto) -> onnx.ModelProto:
