@@ -25,7 +25,7 @@ def collect_input_norms(
     names = sorted({layer.input for layer in layers})
     session, aliases = tapped_session(model, names)
     sums: dict[str, np.ndarray] = {}
-    for values in tap_runs(session, aliases, names, batches):
+    for _, values in tap_runs(session, aliases, names, batches):
         for layer in layers:
             part = squared_feature_sums(values[layer.input], layer)
             sums[layer.name] = sums[layer.name] + part if layer.name in sums else part
