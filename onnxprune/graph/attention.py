@@ -1,4 +1,4 @@
-"""Attention heads as prunable channels (issue 14 item 1).
+"""Attention heads as prunable channels.
 
 Both torch exporters write multi-head attention as
 
