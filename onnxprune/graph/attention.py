@@ -113,7 +113,7 @@ def _same_leading(node: gs.Node, axis: int) -> bool:
     for k in range(axis):
         if shape_in[k] == shape_out[k]:
             continue
-        stated = _target_entry(node, k)
+        stated = target_entry(node, k)
         if isinstance(stated, Step):
             return False
         size = shape_entry(stated.tensor, stated.at)
@@ -229,7 +229,7 @@ def _folded_count(
     a count edit of B per head on a constant (B static), the head count of the
     `Mul(Shape(x)[i], H)` the legacy exporter computes it with (x's axis i symbolic: a dim
     no channel count is; the product read only by Reshape targets), else a block."""
-    stated = _target_entry(node, entry)
+    stated = target_entry(node, entry)
     if isinstance(stated, Step):
         return stated
     value = stated.value()
@@ -244,7 +244,7 @@ def _folded_count(
         for i, factor in enumerate(mul.inputs):
             value = np.asarray(factor.values).reshape(-1) if isinstance(factor, gs.Constant) else ()
             if len(value) == 1 and value[0] == channels and _symbolic_dim(mul.inputs[1 - i]):
-                return [_Entry(mul, i, 0).edit(state.offset)]
+                return [TargetEntry(mul, i, 0).edit(state.offset)]
     return _block(f"the folded batch·heads of Reshape '{node.name}' comes from a computed shape")
 
 
@@ -274,7 +274,7 @@ def _unfold(
         or shape_out[axis + 1] != channels
     ):
         return _block(f"Reshape '{node.name}' does not unfold the heads folded by '{fold.name}'")
-    batch, heads = _target_entry(node, axis), _target_entry(node, axis + 1)
+    batch, heads = target_entry(node, axis), target_entry(node, axis + 1)
     for stated in (batch, heads):
         if isinstance(stated, Step):
             return stated
@@ -295,7 +295,7 @@ def _unfold(
 
 
 @dataclass(frozen=True)
-class _Entry:
+class TargetEntry:
     """Where one entry of a Reshape target is stated: entry `at` of input `input` of `node`
     (the Reshape's constant target, or a piece of the Concat that builds it)."""
 
@@ -318,11 +318,11 @@ class _Entry:
         return ParamEdit(self.node.name, self.input, self.at, offset, "count", spatial)
 
 
-def _target_entry(node: gs.Node, entry: int) -> _Entry | Step:
+def target_entry(node: gs.Node, entry: int) -> TargetEntry | Step:
     """Where entry `entry` of Reshape `node`'s target is stated, or a block."""
     target = node.inputs[1]
     if isinstance(target, gs.Constant):
-        return _Entry(node, 1, entry)
+        return TargetEntry(node, 1, entry)
     source = target.inputs[0] if target.inputs else None
     if source is None or source.op != "Concat":
         return _block(f"Reshape '{node.name}' gets its target from a computed shape")
@@ -332,7 +332,7 @@ def _target_entry(node: gs.Node, entry: int) -> _Entry | Step:
         if size is None or len(size) != 1 or not isinstance(size[0], int):
             return _block(f"Concat '{source.name}' builds a shape from pieces of unknown size")
         if start <= entry < start + size[0]:
-            return _Entry(source, i, entry - start)
+            return TargetEntry(source, i, entry - start)
         start += size[0]
     return _block(f"Concat '{source.name}' is shorter than the target of '{node.name}'")
 
@@ -372,7 +372,7 @@ def _target_edits(node: gs.Node, entry: int, expected: int, edit: ParamEdit) -> 
     """How Reshape `node`'s target entry `entry` (which must state `expected` or -1) follows the
     pruned heads: `edit` on a constant target, the same on the constant piece of a Concat that
     builds the target from shape pieces, nothing for -1."""
-    stated = _target_entry(node, entry)
+    stated = target_entry(node, entry)
     if isinstance(stated, Step):
         return stated
     value = stated.value()

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.graph.attention import head_split
+from onnxprune.graph.attention import head_split, target_entry
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.ops.flow import const, shape_of
+from onnxprune.ops.flow import Step, const, shape_of
 from onnxprune.plan import QueryKeyBasis, ValueDims
 
 _ROW_OPS = frozenset({"Mul", "Div", "Add", "Sub"})  # per-row constants/masks before the Softmax
@@ -262,24 +262,14 @@ def _merge(mix: gs.Node, heads: int, dim: int) -> tuple[str, Entry | None]:
 
 
 def _target_entry(reshape: gs.Node, index: int) -> Entry:
-    """Where entry `index` of `reshape`'s target is stated: the constant target, or the
-    constant piece of a Concat of pieces."""
-    if const(reshape, 1) is not None:
-        return Entry(reshape.name, 1, index)
-    source = reshape.inputs[1].inputs[0] if reshape.inputs[1].inputs else None
-    if source is None or source.op != "Concat":
-        raise Refused(f"Reshape '{reshape.name}' gets its target from a computed shape")
-    start = 0
-    for i, piece in enumerate(source.inputs):
-        size = shape_of(piece)
-        if size is None or len(size) != 1 or not isinstance(size[0], int):
-            raise Refused(f"Concat '{source.name}' builds a shape from pieces of unknown size")
-        if start <= index < start + size[0]:
-            if const(source, i) is None:
-                raise Refused(f"the head width of Reshape '{reshape.name}' is computed")
-            return Entry(source.name, i, index - start)
-        start += size[0]
-    raise Refused(f"Concat '{source.name}' is shorter than the target of '{reshape.name}'")
+    """Where entry `index` of `reshape`'s target is stated (attention.target_entry), which must
+    be a constant: the width edit writes it."""
+    stated = target_entry(reshape, index)
+    if isinstance(stated, Step):
+        raise Refused(stated.reason or f"Reshape '{reshape.name}' has no target entry {index}")
+    if not isinstance(stated.tensor, gs.Constant):
+        raise Refused(f"the head width of Reshape '{reshape.name}' is computed")
+    return Entry(stated.node.name, stated.input, stated.at)
 
 
 def _value(entry: Entry, reshape: gs.Node) -> int:
