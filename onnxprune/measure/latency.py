@@ -202,13 +202,11 @@ def benchmark(
     threads = threads or default_threads() or physical_cores()
     cells = [(p, i) for p in providers for i in range(len(models))]  # (provider, model) pairs
     loaded = [_load(m) for m in models]
-    sizes = [model_bytes(models[i]) for _, i in cells]
+    sizes = [model_bytes(m) for m in models]
     names = list(names) if names else _labels(models)
     labels = [names[i] if len(providers) == 1 else f"{names[i]} [{p}]" for p, i in cells]
-    loaded = [loaded[i] for _, i in cells]
     sessions = [
-        make_session(m, threads=threads, provider=p, spinning=spinning)
-        for m, (p, _) in zip(loaded, cells, strict=True)
+        make_session(loaded[i], threads=threads, provider=p, spinning=spinning) for p, i in cells
     ]
     scores = _evaluate(loaded[0], sessions, labels, evaluation) if evaluation is not None else None
     batches, note = _accepted_batches(sessions, labels, batches)
@@ -223,11 +221,12 @@ def benchmark(
     rows: list[BenchRow] = []
     for batch, feeds in feeds_by_batch.items():
         times = _time_interleaved(sessions, feeds, warmup, repeats, min_time)
-        costs = [
+        costs = [  # per model, from the first provider's feeds (every provider's are the same)
             count(m, input_shapes={k: v.shape for k, v in f.items()})
-            for m, f in zip(loaded, feeds, strict=True)
+            for m, f in zip(loaded, feeds[: len(models)], strict=True)
         ]
-        rows += _rows(labels, batch, times, costs, sizes, scores, [p for p, _ in cells])
+        cell_costs, cell_sizes = [costs[i] for _, i in cells], [sizes[i] for _, i in cells]
+        rows += _rows(labels, batch, times, cell_costs, cell_sizes, scores, cells)
     settings = {
         "provider": ", ".join(providers),
         "threads": threads,
@@ -563,7 +562,8 @@ def _evaluate(
     return scores
 
 
-def _rows(labels, batch: int, times, costs, sizes, scores, providers) -> list[BenchRow]:
+def _rows(labels, batch: int, times, costs, sizes, scores, cells) -> list[BenchRow]:
+    """One row per (provider, model) cell; speedups against the first cell."""
     medians = [float(np.median(t)) for t in times]
     rows = []
     for i, (label, t, cost, median) in enumerate(zip(labels, times, costs, medians, strict=True)):
@@ -591,7 +591,7 @@ def _rows(labels, batch: int, times, costs, sizes, scores, providers) -> list[Be
                 cosine=score.cosine if score else None,
                 retrieval=score.retrieval if score else None,
                 spearman=score.spearman if score else None,
-                provider=providers[i],
+                provider=cells[i][0],
             )
         )
     return rows
