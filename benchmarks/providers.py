@@ -22,29 +22,13 @@ import platform
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
+from quantize import digits_variants
 
-import onnxprune
 from onnxprune.calib.data import Dataset
-from onnxprune.deploy.quantize import quantize
 from onnxprune.measure.latency import PROVIDERS, benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def variants(name: str) -> dict[str, onnx.ModelProto]:
-    """Original, int8, pruned (default `id`, 50 % fewer MACs) and pruned + int8 of a digits CNN."""
-    model = onnx.load(ROOT / "models" / f"{name}.onnx")
-    with np.load(ROOT / "models" / "digits32_calib.npz") as data:
-        calib = Dataset({"input": data["input"]})
-    pruned = onnxprune.prune(model, method="id", target_macs=0.5, data=calib, verify=False).model
-    return {
-        f"{name}": model,
-        f"{name} int8": quantize(model, "int8", data=calib),
-        f"{name} pruned": pruned,
-        f"{name} pruned+int8": quantize(pruned, "int8", data=calib),
-    }
 
 
 def main() -> None:
@@ -70,7 +54,8 @@ def main() -> None:
         "models": {},
     }
     for name in args.models.split(","):
-        models = variants(name)
+        built = digits_variants(name).items()
+        models = {name if k == "original" else f"{name} {k}": m for k, m in built}
         bench = benchmark(
             list(models.values()),
             names=list(models),

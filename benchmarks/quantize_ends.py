@@ -15,9 +15,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnx
+from quantize import digits_calibration, digits_variants
 
-import onnxprune
 from onnxprune.calib.data import Dataset
 from onnxprune.deploy.quantize import quantize
 from onnxprune.measure.latency import benchmark
@@ -28,17 +27,16 @@ DIGITS = ("vgg", "resnet", "mobilenetv2", "inception", "senet")
 
 def compare(name: str, repeats: int) -> dict:
     """Accuracy and latency of float / int8 / int8 with float ends, original and pruned."""
-    model = onnx.load(ROOT / "models" / f"{name}.onnx")
-    with np.load(ROOT / "models" / "digits32_calib.npz") as data:
-        calib = Dataset({"input": data["input"]})
+    calib = digits_calibration()
     with np.load(ROOT / "models" / "digits32_test.npz") as data:
         test = Dataset({"input": data["input"]}, labels=data["labels"])
-    pruned = onnxprune.prune(model, method="id", target_macs=0.5, data=calib, verify=False).model
+    built = digits_variants(name)
     variants = {}
-    for label, base in (("original", model), ("pruned", pruned)):
-        variants[label] = base
-        variants[f"{label} int8"] = quantize(base, "int8", data=calib)
-        variants[f"{label} int8 ends float"] = quantize(base, "int8", data=calib, float_ends=True)
+    for label in ("original", "pruned"):
+        variants[label] = built[label]
+        variants[f"{label} int8"] = built["int8" if label == "original" else "pruned+int8"]
+        ends = quantize(built[label], "int8", data=calib, float_ends=True)
+        variants[f"{label} int8 ends float"] = ends
     result = benchmark(
         list(variants.values()), names=list(variants), batches=(1, 32), repeats=repeats,
         evaluation=test, evaluation_name="models/digits32_test.npz",

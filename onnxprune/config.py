@@ -40,7 +40,7 @@ class PruneConfig:
     criterion: str | None = (
         None  # magnitude's ranking; None: the method's default (METHOD_DEFAULTS)
     )
-    compensate: str | None = None  # None: the method's default (METHOD_DEFAULTS)
+    compensate: str | None = None  # None: the method's default (method_defaults)
     id_solver: str = "gram"
     epsilon: float | None = None
     recalibrate: bool | None = None  # None: the method's default
