@@ -38,7 +38,7 @@ class PruneConfig:
     width: WidthRule = field(default_factory=WidthRule)
     norm: int = 1
     criterion: str | None = (
-        None  # magnitude's ranking; None: the method's default (METHOD_DEFAULTS)
+        None  # magnitude's ranking; None: the method's default (method_defaults)
     )
     compensate: str | None = None  # None: the method's default (method_defaults)
     id_solver: str = "gram"
