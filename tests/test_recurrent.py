@@ -372,26 +372,28 @@ def test_per_channel_biascomp_refuses_recurrent_readers(save_tmp):
         onnxprune.prune(path, method="biascomp", ratio=0.3, data={"x": _x()})
 
 
-# --- the CRNN reference model (both exporters) --------------------------------------------
+# --- the recurrent reference models (both exporters) -------------------------------------
 
 
 @pytest.mark.parametrize("exporter", ["onnx", "dynamo.onnx"])
-def test_crnn_lstm_units_and_the_conv_before_them_are_prunable(exporter):
-    analysis = onnxprune.analyze(str(reference_path("crnn", exporter)))
-    recurrent = [g for g in analysis.groups if "LSTM" in g.name]
+@pytest.mark.parametrize("name, op", [("crnn", "LSTM"), ("crnn_gru", "GRU")])
+def test_crnn_recurrent_units_and_the_conv_before_them_are_prunable(name, op, exporter):
+    analysis = onnxprune.analyze(str(reference_path(name, exporter)))
+    recurrent = [g for g in analysis.groups if op in g.name]
     assert len(recurrent) == 4 and all(g.prunable for g in recurrent)
     assert sum(g.prunable for g in analysis.groups) == len(analysis.groups) - 1  # the output
 
 
 @pytest.mark.parametrize("exporter", ["onnx", "dynamo.onnx"])
-def test_crnn_keeps_string_accuracy_at_half_the_lstm_parameters(exporter):
-    """43 of 64 units per direction: 50.2 % fewer LSTM weights; ID within 2 points."""
+@pytest.mark.parametrize("name", ["crnn", "crnn_gru"])
+def test_crnn_keeps_string_accuracy_at_half_the_recurrent_parameters(name, exporter):
+    """43 of 64 units per direction: 50.2 % fewer LSTM (or GRU) weights; ID within 2 points."""
     from models.crnn import string_accuracy
 
-    path = reference_path("crnn", exporter)
-    with np.load(data_path("crnn", "test")) as test:
+    path = reference_path(name, exporter)
+    with np.load(data_path(name, "test")) as test:
         x, labels = test["input"][:300], test["labels"][:300]
-    calib = reference_feeds("crnn", 128)
+    calib = reference_feeds(name, 128)
     result = onnxprune.prune(
         str(path), method="id", ratio=21 / 64, round_to=1, exclude=["Conv"], data=calib
     )
@@ -399,6 +401,22 @@ def test_crnn_keeps_string_accuracy_at_half_the_lstm_parameters(exporter):
     before = string_accuracy(run_model(path, {"input": x})["logits"], labels)
     after = string_accuracy(run_model(result.model, {"input": x})["logits"], labels)
     assert after >= before - 2.0
+
+
+@pytest.mark.parametrize("exporter", ["onnx", "dynamo.onnx"])
+def test_bilstm_classifier_keeps_accuracy_at_half_the_lstm_parameters(exporter):
+    """The 2-layer bidirectional LSTM read as cat(h_n[-2], h_n[-1]): 44 of 64 units per
+    direction, 50.1 % fewer LSTM weights; ID within 2 points on the test digits."""
+    path = reference_path("bilstm", exporter)
+    with np.load(data_path("bilstm", "test")) as test:
+        x, labels = test["input"], test["labels"]
+    result = onnxprune.prune(
+        str(path), method="id", ratio=20 / 64, round_to=1, data=reference_feeds("bilstm", 256)
+    )
+    assert len(result.plans) == 4 and {len(p.keep) for p in result.plans.values()} == {44}
+    before = np.mean(run_model(path, {"input": x})["logits"].argmax(1) == labels)
+    after = np.mean(run_model(result.model, {"input": x})["logits"].argmax(1) == labels)
+    assert after >= before - 0.02
 
 
 def test_zero_bias_and_peepholes_are_sliced_like_any(save_tmp):
