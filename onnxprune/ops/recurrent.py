@@ -323,12 +323,12 @@ def _starts(node: gs.Node, directions: int, size: int) -> list[Walk] | None:
         out = reshape.outputs[0].name
         extra = tuple(ParamEdit(n, i, e, 0, "count") for n, i, e in stated)
         return [((State(out, 2, 0), *finals), Tap(out, 2, 0), extra)]
-    finals = [read for t in _finals(node) for read in _final_reads(t, directions) or ()]
+    gathers = [read for t in _finals(node) for read in _final_reads(t, directions) or ()]
     if merged is None and sequence.outputs:
         return None
     walks = []
     for d in range(directions):
-        gathered = tuple(state for direction, state in finals if direction == d)
+        gathered = tuple(state for direction, state in gathers if direction == d)
         if merged is None:  # Y itself is unread: direction d's entry of it is the hidden tap
             tap = Tap(sequence.name, 3, 0, select=(1, d))
             walks.append((gathered or (State(sequence.name, 3, 0),), tap, ()))
