@@ -464,15 +464,18 @@ HIDDEN = 8
 
 def _classifier(read: str, seed: int = 0, duplicate: bool = False, layers: int = 1):
     """x (T, N, IN) → torch LSTM(HIDDEN, `layers`) → `read` → Linear(·, K): "hn" reads h_n[-1],
-    "last" y[-1], "hn2" the bidirectional cat(h_n[-2], h_n[-1]). With `duplicate`, unit 2
-    repeats unit 0 in every gate block of every layer (equal hidden states at every step)."""
+    "last" y[-1], "hn2" the bidirectional cat(h_n[-2], h_n[-1]), "both" the bidirectional
+    cat(y[-1], h_n[-2], h_n[-1]) (the merged sequence and the final states). With `duplicate`,
+    unit 2 repeats unit 0 in every gate block of every layer (equal hidden states at every
+    step)."""
     import torch
 
     class Classifier(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.lstm = torch.nn.LSTM(IN, HIDDEN, layers, bidirectional=read == "hn2")
-            self.fc = torch.nn.Linear(2 * HIDDEN if read == "hn2" else HIDDEN, K)
+            directions = 2 if read in ("hn2", "both") else 1
+            self.lstm = torch.nn.LSTM(IN, HIDDEN, layers, bidirectional=directions == 2)
+            self.fc = torch.nn.Linear((4 if read == "both" else directions) * HIDDEN, K)
 
         def forward(self, x):
             y, (h, _) = self.lstm(x)
@@ -480,6 +483,8 @@ def _classifier(read: str, seed: int = 0, duplicate: bool = False, layers: int =
                 return self.fc(h[-1])
             if read == "last":
                 return self.fc(y[-1])
+            if read == "both":
+                return self.fc(torch.cat([y[-1], h[-2], h[-1]], dim=1))
             return self.fc(torch.cat([h[-2], h[-1]], dim=1))
 
     torch.manual_seed(seed)
@@ -518,7 +523,7 @@ def _export(module, exporter: str, path) -> str:
 EXPORTERS = ["onnx", "dynamo"]
 
 
-READS = [("hn", 1), ("last", 1), ("hn", 2), ("hn2", 1), ("hn2", 2)]
+READS = [("hn", 1), ("last", 1), ("hn", 2), ("hn2", 1), ("hn2", 2), ("both", 1)]
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
@@ -529,7 +534,7 @@ def test_classifier_reading_the_final_state_is_prunable(read, layers, exporter, 
     per direction of a bidirectional one, whose cat(h_n[-2], h_n[-1]) Gathers each direction)."""
     path = _export(_classifier(read, layers=layers), exporter, tmp_path / "m.onnx")
     groups = [g for g in onnxprune.analyze(path).groups if g.channels == HIDDEN]
-    directions = 2 if read == "hn2" else 1
+    directions = 2 if read in ("hn2", "both") else 1
     assert len(groups) == directions * layers, [g.name for g in groups]
     assert all(g.prunable for g in groups), [g.reason for g in groups]
     result = onnxprune.prune(path, method="id", ratio=0.0, round_to=1, data={"x": _x()})
@@ -545,7 +550,7 @@ def test_classifier_duplicated_unit_is_removed_exactly_by_id(read, layers, expor
         path, method="id", compensate="none", recalibrate=False, ratio=1 / HIDDEN, round_to=1,
         data={"x": _x()},
     )  # fmt: skip
-    assert len(result.plans) == (2 if read == "hn2" else 1) * layers
+    assert len(result.plans) == (2 if read in ("hn2", "both") else 1) * layers
     for plan in result.plans.values():
         assert len(plan.keep) == HIDDEN - 1 and not {0, 2} <= set(plan.keep.tolist())
     assert_outputs_close(path, result.model, {"x": _x(8, 4)}, atol=1e-5)
