@@ -1,13 +1,17 @@
-"""LSTM hidden-unit pruning on the CRNN recogniser: string accuracy against LSTM parameters.
+"""Hidden-unit pruning on the recurrent reference models: accuracy against recurrent parameters.
 
     python benchmarks/crnn.py                     # the table of docs/RESULTS.md ("CRNN")
     python benchmarks/crnn.py --share-only        # share of the weights in prunable groups
+    python benchmarks/crnn.py --model crnn_gru    # the GRU CRNN; --model bilstm: the classifier
 
-Only the LSTM groups are pruned (`--exclude Conv`, `--round-to 1`); widths are the same in
-every LSTM group (both directions of both layers). Calibration: the 512 calibration strings;
-metric: exact-string accuracy of the greedy CTC decode on the 1000 test strings (disjoint
-digit images). The ratio 21/64 removes 50 % of the LSTM parameters (43 of 64 units kept:
-32k² + 544k parameters for k units per direction).
+Only the recurrent groups are pruned (`--exclude Conv`, `--round-to 1`); widths are the same in
+every recurrent group (both directions of both layers). Calibration: the model's calibration
+split (512 strings or digits); metric: the manifest's, on the test split (disjoint digit
+images): exact-string accuracy of the greedy CTC decode on the 1000 test strings for the
+CRNNs, top-1 accuracy on the 540 test digits for `bilstm` (a bidirectional LSTM read as
+cat(h_n[-2], h_n[-1])). The ratio 21/64 removes 50 % of the CRNN's LSTM or GRU parameters (43 of
+64 units kept: 32k² + 544k LSTM, 24k² + 408k GRU parameters for k units per direction), 20/64
+50 % of `bilstm`'s (44 kept: 32k² + 288k).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import onnxprune
 from onnxprune.graph.load import normalize
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
+RECURRENT = ("LSTM", "GRU", "RNN")
 METHODS = {
     "magnitude": {"method": "magnitude"},
     "activation": {"method": "activation"},
@@ -35,26 +40,40 @@ METHODS = {
 RATIOS = (0.25, 21 / 64, 0.5, 0.75)
 
 
-def lstm_params(model: onnx.ModelProto) -> int:
-    """Weights of the LSTM nodes (W, R, B, peepholes), after constant folding (the dynamo
+def recurrent_params(model: onnx.ModelProto) -> int:
+    """Weights of the recurrent nodes (W, R, B, peepholes), after constant folding (the dynamo
     export computes some of them from initializers)."""
     graph = normalize(model)
     return sum(
         int(np.prod(i.values.shape))
         for n in graph.nodes
-        if n.op == "LSTM"
+        if n.op in RECURRENT
         for i in n.inputs
         if hasattr(i, "values")
     )
 
 
 def accuracy(model: onnx.ModelProto | str, x: np.ndarray, labels: np.ndarray) -> float:
-    """String accuracy (%) in ONNX Runtime."""
+    """String accuracy (%) of CTC scores (time, batch, classes), else top-1 accuracy (%), in
+    ONNX Runtime."""
     from models.crnn import string_accuracy  # not at the top: --share-only runs on other trees
 
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-    return string_accuracy(session.run(None, {"input": x})[0], labels)
+    logits = session.run(None, {"input": x})[0]
+    if logits.ndim == 3:
+        return string_accuracy(logits, labels)
+    return 100.0 * float(np.mean(logits.argmax(-1) == labels))
+
+
+def splits(model: str) -> tuple[Path, Path]:
+    """The calibration and test files of reference model `model` (from the manifest)."""
+    entry = json.loads((MODELS / "manifest.json").read_text())["models"][model]
+    return MODELS / entry["calib"], MODELS / entry["test"]
+
+
+def model_path(model: str, exporter: str) -> Path:
+    return MODELS / (f"{model}.onnx" if exporter == "legacy" else f"{model}.dynamo.onnx")
 
 
 def prunable_share(path: Path) -> tuple[int, int]:
@@ -71,16 +90,25 @@ def prunable_share(path: Path) -> tuple[int, int]:
     return sum(weights.get(n, 0) for n in touched), sum(sizes.values())
 
 
-def run(exporter: str, ratios: tuple[float, ...], taylor: tuple[float, ...]) -> list[dict]:
-    path = MODELS / ("crnn.onnx" if exporter == "legacy" else "crnn.dynamo.onnx")
-    with np.load(MODELS / "strings_test.npz") as test:
+def run(
+    exporter: str,
+    ratios: tuple[float, ...],
+    taylor: tuple[float, ...],
+    model: str = "crnn",
+    methods: tuple[str, ...] = tuple(METHODS),
+) -> list[dict]:
+    path = model_path(model, exporter)
+    calib_path, test_path = splits(model)
+    with np.load(test_path) as test:
         x, labels = test["input"], test["labels"]
-    with np.load(MODELS / "strings_calib.npz") as calib:
-        fit = {"input": calib["input"]}  # no labels: the (N, 5) strings are no per-output target
-    base_params = lstm_params(onnx.load(str(path)))
-    rows = [{"exporter": exporter, "method": "original", "ratio": 0.0,
-             "lstm_params": base_params, "string_acc": accuracy(str(path), x, labels)}]  # fmt: skip
-    for name, options in METHODS.items():
+    with np.load(calib_path) as calib:
+        fit = {"input": calib["input"]}  # no labels: as for a model without its training data
+    base_params = recurrent_params(onnx.load(str(path)))
+    original = accuracy(str(path), x, labels)
+    rows = [{"model": model, "exporter": exporter, "method": "original", "ratio": 0.0,
+             "recurrent_params": base_params, "accuracy": original}]  # fmt: skip
+    for name in methods:
+        options = METHODS[name]
         for ratio in taylor if name == "taylor" else ratios:
             start = time.perf_counter()
             result = onnxprune.prune(
@@ -88,11 +116,12 @@ def run(exporter: str, ratios: tuple[float, ...], taylor: tuple[float, ...]) -> 
                 data=fit, **options,
             )  # fmt: skip
             row = {
+                "model": model,
                 "exporter": exporter,
                 "method": name,
                 "ratio": ratio,
-                "lstm_params": lstm_params(result.model),
-                "string_acc": accuracy(result.model, x, labels),
+                "recurrent_params": recurrent_params(result.model),
+                "accuracy": accuracy(result.model, x, labels),
                 "rel_l2": result.report.verification.rel_l2,
                 "seconds": time.perf_counter() - start,
             }
@@ -115,53 +144,61 @@ def whole(targets: tuple[float, ...]) -> list[dict]:
             "widths": {name: len(plan.keep) for name, plan in result.plans.items()},
             "params_kept": params[1] / params[0],
             "macs_kept": macs[1] / macs[0],
-            "string_acc": accuracy(result.model, x, labels),
+            "accuracy": accuracy(result.model, x, labels),
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def ablation(ratios: tuple[float, ...]) -> list[dict]:
-    """Plain ID (legacy export, LSTM groups) with the recurrence corrected (R' = R Mᵀ, the
-    tool's rule) and with R's columns of the removed units only dropped (the rewrite is
-    patched to pass the recurrence no correction; consumers keep theirs)."""
-    from onnxprune.graph import recurrent, rewrite
+def ablation(ratios: tuple[float, ...], model: str = "crnn") -> list[dict]:
+    """Plain ID (legacy export, recurrent groups) with the recurrence corrected (R' = R Mᵀ,
+    the tool's rule) and with R's columns of the removed units only dropped (the rewrite is
+    patched to pass the recurrence no correction; consumers keep theirs); for a GRU also with
+    the candidate block's columns only selected, the rule for `linear_before_reset = 0`
+    applied to this model (torch's GRU is `linear_before_reset = 1`)."""
+    from types import SimpleNamespace
+
+    from onnxprune.graph import rewrite
+    from onnxprune.ops import recurrent
 
     def dropped(node, arrays, units):
         plain = {d: recurrent.Units(u.keep) for d, u in units.items()}
         return recurrent.pruned_arrays(node, arrays, plain)
 
+    def candidate_selected(node, arrays, units):
+        attrs = {**node.attrs, "linear_before_reset": 0}
+        return recurrent.pruned_arrays(SimpleNamespace(op=node.op, name=node.name, attrs=attrs),
+                                       arrays, units)  # fmt: skip
+
+    variants = {"folded": recurrent.pruned_arrays, "dropped": dropped}
+    if model == "crnn_gru":
+        variants["candidate selected"] = candidate_selected
     rows = []
-    for variant in ("folded", "dropped"):
-        rewrite.pruned_arrays = recurrent.pruned_arrays if variant == "folded" else dropped
-        rows += [{**r, "method": f"id (plain), recurrence {variant}"} for r in _id_rows(ratios)]
+    for variant, rule in variants.items():
+        rewrite.pruned_arrays = rule
+        rows += [
+            {**r, "method": f"id (plain), recurrence {variant}"} for r in _id_rows(ratios, model)
+        ]
     rewrite.pruned_arrays = recurrent.pruned_arrays
     return rows
 
 
-def _id_rows(ratios: tuple[float, ...]) -> list[dict]:
-    saved = dict(METHODS)
-    METHODS.clear()
-    METHODS["id (plain)"] = saved["id (plain)"]
-    try:
-        return run("legacy", ratios, ())[1:]
-    finally:
-        METHODS.clear()
-        METHODS.update(saved)
+def _id_rows(ratios: tuple[float, ...], model: str) -> list[dict]:
+    return run("legacy", ratios, (), model, ("id (plain)",))[1:]
 
 
 def table(rows: list[dict]) -> str:
-    base = rows[0]["lstm_params"]
+    base = rows[0]["recurrent_params"]
     lines = [
-        "| exporter | method | ratio | LSTM params | fewer | string acc (%) | rel-L2 (held out) |",
+        "| exporter | method | ratio | recurrent params | fewer | accuracy (%) | rel-L2 held out |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        fewer = 100 * (1 - r["lstm_params"] / base)
+        fewer = 100 * (1 - r["recurrent_params"] / base)
         rel = f"{r['rel_l2']:.4f}" if "rel_l2" in r else ""
         lines.append(
-            f"| {r['exporter']} | {r['method']} | {r['ratio']:.3f} | {r['lstm_params']} | "
-            f"{fewer:.1f} % | {r['string_acc']:.1f} | {rel} |"
+            f"| {r['exporter']} | {r['method']} | {r['ratio']:.3f} | {r['recurrent_params']} | "
+            f"{fewer:.1f} % | {r['accuracy']:.1f} | {rel} |"
         )
     return "\n".join(lines)
 
@@ -173,6 +210,8 @@ def from_log(path: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="crnn", help="crnn, crnn_gru or bilstm")
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--share-only", action="store_true")
     parser.add_argument("--exporters", default="legacy,dynamo")
     parser.add_argument("--ratios", default=",".join(str(r) for r in RATIOS))
@@ -182,17 +221,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     for exporter in args.exporters.split(","):
-        path = MODELS / ("crnn.onnx" if exporter == "legacy" else "crnn.dynamo.onnx")
+        path = model_path(args.model, exporter)
         touched, total = prunable_share(path)
         print(f"{exporter}: {touched} of {total} weights in prunable groups "
               f"({100 * touched / total:.1f} %)")  # fmt: skip
     if args.share_only:
         return
     if args.ablation:
-        rows = ablation(tuple(float(r) for r in args.ratios.split(",")))
-        base = lstm_params(onnx.load(str(MODELS / "crnn.onnx")))
+        rows = ablation(tuple(float(r) for r in args.ratios.split(",")), args.model)
+        base = recurrent_params(onnx.load(str(model_path(args.model, "legacy"))))
         print(table([{"exporter": "legacy", "method": "original", "ratio": 0.0,
-                      "lstm_params": base, "string_acc": float("nan")}, *rows]))  # fmt: skip
+                      "recurrent_params": base, "accuracy": float("nan")}, *rows]))  # fmt: skip
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1) + "\n")
         return
@@ -203,7 +242,10 @@ def main() -> None:
         return
     ratios = tuple(float(r) for r in args.ratios.split(","))
     taylor = tuple(float(r) for r in args.taylor_ratios.split(",") if r)
-    rows = [r for e in args.exporters.split(",") for r in run(e, ratios, taylor)]
+    methods = tuple(args.methods.split(","))
+    rows = [
+        r for e in args.exporters.split(",") for r in run(e, ratios, taylor, args.model, methods)
+    ]
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")

@@ -248,3 +248,17 @@ class ViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.embed(x).flatten(2).transpose(1, 2) + self.position
         return self.fc(self.norm(self.blocks(tokens)).mean(dim=1))
+
+
+class BiLSTM(nn.Module):
+    """Rows as a sequence: 32 steps of 32 pixels → 2-layer bidirectional LSTM (hidden 64) →
+    Linear on the last layer's final states of both directions, cat(h_n[-2], h_n[-1])."""
+
+    def __init__(self, hidden: int = 64) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(32, hidden, num_layers=2, bidirectional=True)
+        self.fc = nn.Linear(2 * hidden, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, (h, _) = self.lstm(x.squeeze(1).transpose(0, 1))  # (32 rows, batch, 32 pixels)
+        return self.fc(torch.cat([h[-2], h[-1]], dim=1))

@@ -52,6 +52,7 @@ SPECS: dict[str, Spec] = {
     "inception": Spec(archs.Inception, flat=False, epochs=15),
     "senet": Spec(archs.SENet, flat=False, epochs=15),
     "vit": Spec(archs.ViT, flat=False, epochs=50, lr=1e-3),
+    "bilstm": Spec(archs.BiLSTM, flat=False, epochs=30),
 }
 
 
@@ -244,7 +245,7 @@ def write_manifest(entries: dict[str, dict], data: dict[bool, Digits]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Build all models, or only those named with ``--only``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    choices = [*sorted(SPECS), "crnn"]
+    choices = [*sorted(SPECS), *crnn.CELLS]
     parser.add_argument("--only", nargs="+", choices=choices, help="models to rebuild")
     names = parser.parse_args(argv).only or choices
     start = time.perf_counter()
@@ -256,8 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in names
         if name in SPECS
     }
-    if "crnn" in names:
-        entries["crnn"] = crnn.build(OUT_DIR)
+    for name in (n for n in names if n in crnn.CELLS):
+        entries[name] = crnn.build(OUT_DIR, name)
     write_manifest(entries, data)
     print(f"built {len(entries)} model(s) in {time.perf_counter() - start:.1f}s")
 

@@ -2,7 +2,8 @@
 
 "Rendered strings": 3 to 5 of scikit-learn's 8×8 digit images placed side by side on an 8×40
 canvas (the rest is background), the label being the digit string. Conv feature extractor →
-two-layer bidirectional LSTM (hidden 64) → Linear → CTC (blank = class 0, digit d = d + 1).
+two-layer bidirectional LSTM (hidden 64; `crnn_gru`: GRU) → Linear → CTC (blank = class 0,
+digit d = d + 1).
 Strings for training are drawn afresh from the training digits every step; the calibration
 and test strings are fixed and use only the calibration and test digits (disjoint images).
 Output ``logits`` is (time, batch, 11), time-major as CTC and the LSTM read it.
@@ -30,12 +31,15 @@ PAD = -1
 STEPS = 1500
 BATCH = 64
 CALIB_NAME, TEST_NAME = "strings_calib.npz", "strings_test.npz"
+CELLS = {"crnn": nn.LSTM, "crnn_gru": nn.GRU}
+"""The recurrent layer of each model name."""
 
 
 class CRNN(nn.Module):
-    """Conv (8×40 → 64 features × 20 steps) → BiLSTM ×2 → Linear(128, 11)."""
+    """Conv (8×40 → 64 features × 20 steps) → `cell` (bidirectional, 2 layers) →
+    Linear(128, 11)."""
 
-    def __init__(self, hidden: int = 64, classes: int = 11) -> None:
+    def __init__(self, hidden: int = 64, classes: int = 11, cell: type = nn.LSTM) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(1, 32, 3, padding=1),
@@ -47,7 +51,7 @@ class CRNN(nn.Module):
             nn.ReLU(),
             nn.MaxPool2d((4, 1)),
         )
-        self.lstm = nn.LSTM(64, hidden, num_layers=2, bidirectional=True)
+        self.lstm = cell(64, hidden, num_layers=2, bidirectional=True)
         self.fc = nn.Linear(2 * hidden, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,21 +122,22 @@ def train(model: CRNN, steps: int = STEPS, seed: int = SEED) -> CRNN:
     return model.eval()
 
 
-def build(out_dir: Path) -> dict:
-    """Train, save the splits, export both ways, verify; the manifest entry."""
+def build(out_dir: Path, name: str = "crnn") -> dict:
+    """Train the model `name` (a key of CELLS), save the splits, export both ways, verify; the
+    manifest entry."""
     from models import build as common
 
     start = time.perf_counter()
     common.seed_everything(SEED)
     torch.use_deterministic_algorithms(False)  # CTC loss has no deterministic CPU backward
     data = splits()
-    for name, split in data.items():
-        np.savez(out_dir / name, input=split.x, labels=split.y)
-    model = train(CRNN())
+    for file_name, split in data.items():
+        np.savez(out_dir / file_name, input=split.x, labels=split.y)
+    model = train(CRNN(cell=CELLS[name]))
     test = data[TEST_NAME]
     with torch.no_grad():
         expected = model(torch.from_numpy(test.x)).numpy()
-    legacy, dynamo = out_dir / "crnn.onnx", out_dir / "crnn.dynamo.onnx"
+    legacy, dynamo = out_dir / f"{name}.onnx", out_dir / f"{name}.dynamo.onnx"
     common.export_legacy(model, torch.from_numpy(test.x[:2]), legacy, batch_axis=1)
     dynamic = common.export_dynamo(model, torch.from_numpy(test.x[:2]), dynamo)
     acc = string_accuracy(common.verify(legacy, expected, test.x, True, axis=1), test.y)
@@ -151,6 +156,6 @@ def build(out_dir: Path) -> dict:
         "test_string_accuracy_pct_dynamo": round(string_accuracy(logits, test.y), 2),
         "params": sum(p.numel() for p in model.parameters()),
     }
-    print(f"crnn string acc {acc:6.2f}%  params {entry['params']}  "
+    print(f"{name} string acc {acc:6.2f}%  params {entry['params']}  "
           f"{time.perf_counter() - start:5.1f}s")  # fmt: skip
     return entry

@@ -69,7 +69,7 @@ def reference_path(name: str, exporter: str = "onnx") -> Path:
 
 
 def data_path(name: str, split: str = "calib") -> Path:
-    if name == "crnn":
+    if name.startswith("crnn"):
         return MODELS / f"strings_{split}.npz"
     return MODELS / f"digits{64 if name == 'mlp' else 32}_{split}.npz"
 

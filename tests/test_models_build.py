@@ -15,7 +15,7 @@ MANIFEST = json.loads((MODELS_DIR / "manifest.json").read_text())
 ENTRIES: dict[str, dict] = MANIFEST["models"]
 EXPECTED = {
     *("mlp", "vgg", "resnet", "mobilenetv2", "inception", "senet", "tsra_vgg", "relu_vgg"),
-    *("crnn", "vit"),
+    *("crnn", "crnn_gru", "vit", "bilstm"),
 }
 EXPORTERS = {"onnx": "test_accuracy_pct", "onnx_dynamo": "test_accuracy_pct_dynamo"}
 CLASSIFIERS = sorted(name for name, entry in ENTRIES.items() if "metric" not in entry)
@@ -83,10 +83,11 @@ def test_calibration_and_test_are_disjoint(prefix: str) -> None:
 
 
 @pytest.mark.parametrize("key", ["onnx", "onnx_dynamo"])
-def test_crnn_reproduces_manifest_string_accuracy(key: str) -> None:
+@pytest.mark.parametrize("name", ["crnn", "crnn_gru"])
+def test_crnn_reproduces_manifest_string_accuracy(name: str, key: str) -> None:
     from models.crnn import string_accuracy
 
-    entry = ENTRIES["crnn"]
+    entry = ENTRIES[name]
     x, labels = load_split(entry["test"])
     logits = predict(MODELS_DIR / entry[key], x, True)
     assert logits.shape == (20, len(x), 11)

@@ -20,9 +20,11 @@ import pytest
 from conftest import assert_outputs_close, data_path, reference_feeds, reference_path, run_model
 
 import onnxprune
+from onnxprune.calib.stats import tap_rows
 from onnxprune.calib.torch_exec import check_against_ort
 from onnxprune.errors import UsageError
 from onnxprune.graph.analyze import analyze
+from onnxprune.graph.groups import Tap
 from onnxprune.graph.load import export, normalize
 from onnxprune.graph.rewrite import rewrite
 from onnxprune.plan import Correction, Plan
@@ -46,10 +48,13 @@ def recurrent_model(
     zero_state: bool = False,
     read_final: bool = False,
     features: np.ndarray | None = None,
+    final: bool = False,
 ) -> onnx.ModelProto:
     """x (T, N, IN) → MatMul+Add (IN features) → op → merge directions → MatMul (K) → y.
 
-    `weights` overrides W, R, B; `features` the feature MatMul's weight (IN, IN)."""
+    `weights` overrides W, R, B; `features` the feature MatMul's weight (IN, IN). With `final`,
+    the head reads the final states instead, as torch's `cat(h_n[-2], h_n[-1])`: a Gather of
+    each direction from Y_h (indices 0 and -1), concatenated on the hidden axis (N, D·H)."""
     b = graphs.Builder(seed)
     d = 2 if direction == "bidirectional" else 1
     g = GATES[op]
@@ -76,7 +81,13 @@ def recurrent_model(
         inputs += [""] * (7 - len(inputs)) + [b.rand("P", d, 3 * H)]
     attrs = {"linear_before_reset": lbr} if op == "GRU" else {}
     seq = b.node(op, "rnn", inputs, outputs=2, hidden_size=H, direction=direction, **attrs)
-    if d == 1:
+    if final:
+        picks = [
+            b.node("Gather", f"pick{i}", ["rnn_out1", b.const(f"dir{i}", np.array(i, np.int64))])
+            for i in (0, -1)[:d]
+        ]
+        seq = b.node("Concat", "finals", picks, axis=1)
+    elif d == 1:
         seq = b.node("Squeeze", "squeeze", [seq, b.const("axes", np.array([1], np.int64))])
     else:
         seq = b.node("Transpose", "transpose", [seq], perm=[0, 2, 1, 3])
@@ -90,7 +101,8 @@ def recurrent_model(
 
 def reference(model: onnx.ModelProto, x: np.ndarray, units: dict[int, tuple]) -> np.ndarray:
     """The output y of `recurrent_model` in numpy, the hidden state of direction d replaced at
-    every step (and before the first) by Mᵀ h_S + c for `units[d]` = (keep, M, c)."""
+    every step (and before the first) by Mᵀ h_S + c for `units[d]` = (keep, M, c); the final
+    state (the last step forward, the first in reverse) where the head reads it."""
     init = {
         t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer
     }
@@ -108,8 +120,9 @@ def reference(model: onnx.ModelProto, x: np.ndarray, units: dict[int, tuple]) ->
         )
         params = {k: init[k][d] for k in ("W", "R", "B")}
         params["P"] = init["P"][d] if "P" in init else np.zeros(3 * H)
-        outs.append(_run(op, attrs, params, feat, steps, keep, m, c))
-    seq = np.concatenate(outs, axis=-1)  # (T, N, D·H)
+        seq = _run(op, attrs, params, feat, steps, keep, m, c)
+        outs.append(seq[steps[-1]] if any(n.name == "finals" for n in model.graph.node) else seq)
+    seq = np.concatenate(outs, axis=-1)  # (T, N, D·H), or (N, D·H) of the final states
     return seq @ init["head.w"]
 
 
@@ -166,8 +179,10 @@ CASES = [
     ("LSTM", "forward", {}),
     ("LSTM", "reverse", {"peepholes": True}),
     ("LSTM", "bidirectional", {"peepholes": True, "zero_state": True}),
+    ("LSTM", "bidirectional", {"final": True}),
     ("GRU", "forward", {"lbr": 1}),
     ("GRU", "bidirectional", {"lbr": 0}),
+    ("GRU", "bidirectional", {"lbr": 1, "final": True}),
     ("RNN", "bidirectional", {}),
 ]
 
@@ -219,6 +234,23 @@ def test_one_group_per_direction_with_equal_widths_and_the_recurrence_tap():
         assert group.consumers == ("head",) and group.ties == ("rnn:hidden",)
         assert [t.key for t in group.taps] == ["merge_out" if d == 0 else "merge_out@3"]
     assert groups["feat"].prunable and groups["feat"].consumers == ("rnn",)
+
+
+def test_final_states_read_one_direction_each_are_followed_from_both_gathers():
+    """cat(h_n[-2], h_n[-1]): direction d's units reach the head at d·H of the Concat; the
+    recurrence's tap is direction d's entry of the (unread) sequence Y."""
+    groups = _groups(recurrent_model("LSTM", "bidirectional", final=True))
+    for d, name in enumerate(("rnn[0:3]", "rnn[3:6]")):
+        group = groups[name]
+        assert group.prunable and group.consumers == ("head",), group.reason
+        assert group.taps == (Tap("rnn_out", 3, 0, select=(1, d)), Tap("finals_out", 1, d * H))
+
+
+def test_a_selected_tap_reads_one_direction_of_the_sequence():
+    y = np.random.default_rng(0).standard_normal((T, 2, B, H))
+    for d in range(2):
+        rows = tap_rows(y, Tap("y", 3, 0, select=(1, d)), H)
+        np.testing.assert_array_equal(rows, y[:, d].reshape(-1, H))
 
 
 def test_unidirectional_final_state_is_followed():
@@ -340,26 +372,28 @@ def test_per_channel_biascomp_refuses_recurrent_readers(save_tmp):
         onnxprune.prune(path, method="biascomp", ratio=0.3, data={"x": _x()})
 
 
-# --- the CRNN reference model (both exporters) --------------------------------------------
+# --- the recurrent reference models (both exporters) -------------------------------------
 
 
 @pytest.mark.parametrize("exporter", ["onnx", "dynamo.onnx"])
-def test_crnn_lstm_units_and_the_conv_before_them_are_prunable(exporter):
-    analysis = onnxprune.analyze(str(reference_path("crnn", exporter)))
-    recurrent = [g for g in analysis.groups if "LSTM" in g.name]
+@pytest.mark.parametrize("name, op", [("crnn", "LSTM"), ("crnn_gru", "GRU")])
+def test_crnn_recurrent_units_and_the_conv_before_them_are_prunable(name, op, exporter):
+    analysis = onnxprune.analyze(str(reference_path(name, exporter)))
+    recurrent = [g for g in analysis.groups if op in g.name]
     assert len(recurrent) == 4 and all(g.prunable for g in recurrent)
     assert sum(g.prunable for g in analysis.groups) == len(analysis.groups) - 1  # the output
 
 
 @pytest.mark.parametrize("exporter", ["onnx", "dynamo.onnx"])
-def test_crnn_keeps_string_accuracy_at_half_the_lstm_parameters(exporter):
-    """43 of 64 units per direction: 50.2 % fewer LSTM weights; ID within 2 points."""
+@pytest.mark.parametrize("name", ["crnn", "crnn_gru"])
+def test_crnn_keeps_string_accuracy_at_half_the_recurrent_parameters(name, exporter):
+    """43 of 64 units per direction: 50.2 % fewer LSTM (or GRU) weights; ID within 2 points."""
     from models.crnn import string_accuracy
 
-    path = reference_path("crnn", exporter)
-    with np.load(data_path("crnn", "test")) as test:
+    path = reference_path(name, exporter)
+    with np.load(data_path(name, "test")) as test:
         x, labels = test["input"][:300], test["labels"][:300]
-    calib = reference_feeds("crnn", 128)
+    calib = reference_feeds(name, 128)
     result = onnxprune.prune(
         str(path), method="id", ratio=21 / 64, round_to=1, exclude=["Conv"], data=calib
     )
@@ -367,6 +401,22 @@ def test_crnn_keeps_string_accuracy_at_half_the_lstm_parameters(exporter):
     before = string_accuracy(run_model(path, {"input": x})["logits"], labels)
     after = string_accuracy(run_model(result.model, {"input": x})["logits"], labels)
     assert after >= before - 2.0
+
+
+@pytest.mark.parametrize("exporter", ["onnx", "dynamo.onnx"])
+def test_bilstm_classifier_keeps_accuracy_at_half_the_lstm_parameters(exporter):
+    """The 2-layer bidirectional LSTM read as cat(h_n[-2], h_n[-1]): 44 of 64 units per
+    direction, 50.1 % fewer LSTM weights; ID within 2 points on the test digits."""
+    path = reference_path("bilstm", exporter)
+    with np.load(data_path("bilstm", "test")) as test:
+        x, labels = test["input"], test["labels"]
+    result = onnxprune.prune(
+        str(path), method="id", ratio=20 / 64, round_to=1, data=reference_feeds("bilstm", 256)
+    )
+    assert len(result.plans) == 4 and {len(p.keep) for p in result.plans.values()} == {44}
+    before = np.mean(run_model(path, {"input": x})["logits"].argmax(1) == labels)
+    after = np.mean(run_model(result.model, {"input": x})["logits"].argmax(1) == labels)
+    assert after >= before - 0.02
 
 
 def test_zero_bias_and_peepholes_are_sliced_like_any(save_tmp):
@@ -414,15 +464,18 @@ HIDDEN = 8
 
 def _classifier(read: str, seed: int = 0, duplicate: bool = False, layers: int = 1):
     """x (T, N, IN) → torch LSTM(HIDDEN, `layers`) → `read` → Linear(·, K): "hn" reads h_n[-1],
-    "last" y[-1], "hn2" the bidirectional cat(h_n[-2], h_n[-1]). With `duplicate`, unit 2
-    repeats unit 0 in every gate block of every layer (equal hidden states at every step)."""
+    "last" y[-1], "hn2" the bidirectional cat(h_n[-2], h_n[-1]), "both" the bidirectional
+    cat(y[-1], h_n[-2], h_n[-1]) (the merged sequence and the final states). With `duplicate`,
+    unit 2 repeats unit 0 in every gate block of every layer (equal hidden states at every
+    step)."""
     import torch
 
     class Classifier(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.lstm = torch.nn.LSTM(IN, HIDDEN, layers, bidirectional=read == "hn2")
-            self.fc = torch.nn.Linear(2 * HIDDEN if read == "hn2" else HIDDEN, K)
+            directions = 2 if read in ("hn2", "both") else 1
+            self.lstm = torch.nn.LSTM(IN, HIDDEN, layers, bidirectional=directions == 2)
+            self.fc = torch.nn.Linear((4 if read == "both" else directions) * HIDDEN, K)
 
         def forward(self, x):
             y, (h, _) = self.lstm(x)
@@ -430,6 +483,8 @@ def _classifier(read: str, seed: int = 0, duplicate: bool = False, layers: int =
                 return self.fc(h[-1])
             if read == "last":
                 return self.fc(y[-1])
+            if read == "both":
+                return self.fc(torch.cat([y[-1], h[-2], h[-1]], dim=1))
             return self.fc(torch.cat([h[-2], h[-1]], dim=1))
 
     torch.manual_seed(seed)
@@ -468,20 +523,26 @@ def _export(module, exporter: str, path) -> str:
 EXPORTERS = ["onnx", "dynamo"]
 
 
+READS = [("hn", 1), ("last", 1), ("hn", 2), ("hn2", 1), ("hn2", 2), ("both", 1)]
+
+
 @pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("read, layers", [("hn", 1), ("last", 1), ("hn", 2)])
+@pytest.mark.parametrize("read, layers", READS)
 def test_classifier_reading_the_final_state_is_prunable(read, layers, exporter, tmp_path):
     """h_n[-1] of a stacked LSTM is a Gather of the layers' Y_h concatenated on axis 0: the
-    loader lets it read the last layer's Y_h (graph/load.py), so every layer is a group."""
+    loader lets it read the last layer's Y_h (graph/load.py), so every layer is a group (one
+    per direction of a bidirectional one, whose cat(h_n[-2], h_n[-1]) Gathers each direction)."""
     path = _export(_classifier(read, layers=layers), exporter, tmp_path / "m.onnx")
     groups = [g for g in onnxprune.analyze(path).groups if g.channels == HIDDEN]
-    assert len(groups) == layers and all(g.prunable for g in groups), groups[0].reason
+    directions = 2 if read in ("hn2", "both") else 1
+    assert len(groups) == directions * layers, [g.name for g in groups]
+    assert all(g.prunable for g in groups), [g.reason for g in groups]
     result = onnxprune.prune(path, method="id", ratio=0.0, round_to=1, data={"x": _x()})
     assert_outputs_close(path, result.model, {"x": _x(8, 4)}, atol=1e-6)
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("read, layers", [("hn", 1), ("last", 1), ("hn", 2)])
+@pytest.mark.parametrize("read, layers", READS)
 def test_classifier_duplicated_unit_is_removed_exactly_by_id(read, layers, exporter, tmp_path):
     module = _classifier(read, duplicate=True, layers=layers)
     path = _export(module, exporter, tmp_path / "m.onnx")
@@ -489,44 +550,34 @@ def test_classifier_duplicated_unit_is_removed_exactly_by_id(read, layers, expor
         path, method="id", compensate="none", recalibrate=False, ratio=1 / HIDDEN, round_to=1,
         data={"x": _x()},
     )  # fmt: skip
-    assert len(result.plans) == layers
+    assert len(result.plans) == (2 if read in ("hn2", "both") else 1) * layers
     for plan in result.plans.values():
         assert len(plan.keep) == HIDDEN - 1 and not {0, 2} <= set(plan.keep.tolist())
     assert_outputs_close(path, result.model, {"x": _x(8, 4)}, atol=1e-5)
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-def test_classifier_at_half_the_units_is_the_lstm_of_the_kept_units(exporter, tmp_path):
+@pytest.mark.parametrize("read", ["hn", "hn2"])
+def test_classifier_at_half_the_units_is_the_lstm_of_the_kept_units(read, exporter, tmp_path):
     """Magnitude at 50 %: the pruned model equals, in torch, an LSTM built from the kept units'
-    rows of every gate block (and columns of the recurrence) → Linear on their columns."""
+    rows of every gate block (and columns of the recurrence) of each direction → Linear on
+    their columns (direction d's at d·HIDDEN of cat(h_n[-2], h_n[-1]))."""
     import torch
 
-    module = _classifier("hn", seed=1)
+    module = _classifier(read, seed=1)
     path = _export(module, exporter, tmp_path / "m.onnx")
     result = onnxprune.prune(path, method="magnitude", ratio=0.5, round_to=1, data={"x": _x()})
-    (plan,) = result.plans.values()
-    keep = torch.as_tensor(np.sort(plan.keep))
-    small = torch.nn.LSTM(IN, len(keep))
-    rows = torch.cat([g * HIDDEN + keep for g in range(4)])
+    keeps = [torch.as_tensor(np.sort(result.plans[name].keep)) for name in sorted(result.plans)]
+    assert len(keeps) == (2 if read == "hn2" else 1) and {len(k) for k in keeps} == {HIDDEN // 2}
+    small = torch.nn.LSTM(IN, HIDDEN // 2, bidirectional=read == "hn2")
     with torch.no_grad():
         for name, value in module.lstm.named_parameters():
-            value = value[rows]
+            keep = keeps[name.endswith("_reverse")]
+            value = value[torch.cat([g * HIDDEN + keep for g in range(4)])]
             getattr(small, name).copy_(value[:, keep] if name.startswith("weight_hh") else value)
         x = torch.as_tensor(_x(8, 4))
-        expected = module.fc.weight[:, keep] @ small(x)[1][0][-1].T + module.fc.bias[:, None]
+        columns = torch.cat([d * HIDDEN + keep for d, keep in enumerate(keeps)])
+        finals = small(x)[1][0][-len(keeps) :]  # h_n[-1], or h_n[-2] and h_n[-1]
+        expected = torch.cat(list(finals), dim=1) @ module.fc.weight[:, columns].T + module.fc.bias
     got = run_model(result.model, {"x": _x(8, 4)})["y"]
-    assert got.shape == (8, K) and len(keep) == HIDDEN // 2
-    np.testing.assert_allclose(got, expected.T.numpy(), rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("layers", [1, 2])
-def test_bidirectional_classifier_reading_both_final_states_is_refused(layers, exporter, tmp_path):
-    """cat(h_n[-2], h_n[-1]): Gathers of the last layer's Y_h on the direction axis, joined on
-    the hidden axis; the directions' units are followed only through Y, so that layer's groups
-    are refused with the reason. A layer before it (Y_h unread) stays prunable."""
-    path = _export(_classifier("hn2", layers=layers), exporter, tmp_path / "m.onnx")
-    groups = [g for g in onnxprune.analyze(path).groups if g.channels == HIDDEN]
-    refused = [g for g in groups if not g.prunable]
-    assert len(groups) == 2 * layers and len(refused) == 2
-    assert all("final states Y_h/Y_c are read" in g.reason for g in refused)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)

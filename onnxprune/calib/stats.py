@@ -66,8 +66,11 @@ def channel_view(array: np.ndarray, tap: Tap, channels: int) -> np.ndarray:
 
     Positions are every index other than the sample and channel axes, including the `spatial`
     features a flattened channel occupies. Behind a channel shuffle the channels lie every
-    `tap.stride` entries.
+    `tap.stride` entries; with `tap.select`, only that entry of its axis is read.
     """
+    if tap.select is not None:
+        axis, index = tap.select
+        array = np.take(array, [index], axis=axis)
     moved = np.moveaxis(array, tap.axis, -1)
     total = moved.shape[-1] // tap.spatial
     moved = moved.reshape(*moved.shape[:-1], total, tap.spatial)

@@ -18,6 +18,9 @@ class Tap:
     `spatial` > 1 after a Flatten/Reshape: each channel occupies `spatial` consecutive features
     along `axis` (channel-major flatten), and statistics treat those features as positions.
     `stride` > 1 behind a channel shuffle (ops/reshape.py): channel c lies at `offset + stride·c`.
+    `select` = (axis, index): only that entry of another axis holds the group's channels (one
+    direction of a bidirectional recurrent node's output sequence Y [T, D, B, H]: the other
+    direction is another group's); statistics read that entry alone.
     """
 
     tensor: str
@@ -25,6 +28,7 @@ class Tap:
     offset: int
     spatial: int = 1
     stride: int = 1
+    select: tuple[int, int] | None = None
 
     @property
     def key(self) -> str:

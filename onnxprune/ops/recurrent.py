@@ -12,12 +12,14 @@ widths (`hidden_size` is shared).
 The group's channels flow on from Y: unidirectionally as Y's last axis (`Squeeze` of the
 direction axis and the rest are ordinary ops, or the dynamo exporter's Transpose → Reshape to
 (T, B, H)) and from Y_h, Y_c (a classifier's `h_n[-1]` is a Gather of their direction axis:
-concat_split.py); bidirectionally only through the exporters' Transpose(0, 2, 1, 3) → Reshape
-to (T, B, D·H), where direction d is the range [d·H, (d+1)·H) of the last axis. The
+concat_split.py); bidirectionally through the exporters' Transpose(0, 2, 1, 3) → Reshape to
+(T, B, D·H), where direction d is the range [d·H, (d+1)·H) of the last axis, and from Y_h, Y_c
+only where every reader is a Gather of one direction (`cat(h_n[-2], h_n[-1])`: each Gather's
+output carries that direction's units alone, and a Concat after them places them at d·H). The
 recurrence is one more consumer of the hidden state: the correction of a tap carrying h (Y
-itself, or that Reshape) is folded into R's columns like into any consumer's weights
-(R' = R Mᵀ, Rb' = Rb + R c). What is exact there and what is not: docs/DESIGN.md
-("Recurrent layers").
+itself, direction d's entry of it when Y is not merged, or that Reshape) is folded into R's
+columns like into any consumer's weights (R' = R Mᵀ, Rb' = Rb + R c). What is exact there and
+what is not: docs/DESIGN.md ("Recurrent layers").
 
 A recurrent node reading the group's channels as its input X is a consumer (W's columns); a
 constant `c` of the correction goes into Wb (`input_shift`).
@@ -272,15 +274,40 @@ def _unsupported(node: gs.Node) -> str | None:
 
 
 def _outputs_reason(node: gs.Node, directions: int, outputs: set[str]) -> str | None:
-    """Bidirectional final states (Y_h, Y_c) hold the directions on axis 0: not followed."""
+    """Bidirectional final states (Y_h, Y_c) hold the directions on axis 0: followed only
+    through Gathers that each read one direction."""
     sequence = node.outputs[0] if node.outputs else None
     if sequence is None or not sequence.name:
         return f"{node.op} '{node.name}' does not output its hidden-state sequence Y"
     if directions == 2 and any(t.name in outputs for t in node.outputs):
         return f"bidirectional {node.op} '{node.name}': Y, Y_h or Y_c is a graph output"
-    if directions == 2 and any(t.name and t.outputs for t in node.outputs[1:]):
-        return f"bidirectional {node.op} '{node.name}': its final states Y_h/Y_c are read"
+    if directions == 2 and any(_final_reads(t, directions) is None for t in _finals(node)):
+        return (
+            f"bidirectional {node.op} '{node.name}': its final states Y_h/Y_c are read other "
+            "than one direction at a time (a Gather on axis 0)"
+        )
     return None
+
+
+def _finals(node: gs.Node) -> list[gs.Tensor]:
+    """The final states Y_h (and Y_c) the node outputs."""
+    return [t for t in node.outputs[1:] if t.name]
+
+
+def _final_reads(final: gs.Tensor, directions: int) -> list[tuple[int, State]] | None:
+    """(direction, where its units are) for every reader of a final state [D, B, H]: a Gather
+    on axis 0 with constant indices that all name one direction, whose output holds that
+    direction's units on the axis after the indices'. None when any reader is something else."""
+    found = []
+    for reader in final.outputs:
+        indices = const(reader, 1) if reader.op == "Gather" else None
+        if indices is None or reader.inputs[0] is not final or reader.attrs.get("axis", 0) % 3:
+            return None
+        named = {int(i) % directions for i in indices.reshape(-1)}
+        if len(named) != 1:
+            return None
+        found.append((named.pop(), State(reader.outputs[0].name, indices.ndim + 1, 0)))
+    return found
 
 
 def _starts(node: gs.Node, directions: int, size: int) -> list[Walk] | None:
@@ -296,18 +323,21 @@ def _starts(node: gs.Node, directions: int, size: int) -> list[Walk] | None:
         out = reshape.outputs[0].name
         extra = tuple(ParamEdit(n, i, e, 0, "count") for n, i, e in stated)
         return [((State(out, 2, 0), *finals), Tap(out, 2, 0), extra)]
-    if merged is None:
+    gathers = [read for t in _finals(node) for read in _final_reads(t, directions) or ()]
+    if merged is None and sequence.outputs:
         return None
-    reshape, stated = merged
-    out = reshape.outputs[0].name
-    return [
-        (
-            (State(out, 2, d * size),),
-            Tap(out, 2, d * size),
-            tuple(ParamEdit(n, i, e, d * size, "count") for n, i, e in stated),
-        )
-        for d in range(directions)
-    ]
+    walks = []
+    for d in range(directions):
+        gathered = tuple(state for direction, state in gathers if direction == d)
+        if merged is None:  # Y itself is unread: direction d's entry of it is the hidden tap
+            tap = Tap(sequence.name, 3, 0, select=(1, d))
+            walks.append((gathered or (State(sequence.name, 3, 0),), tap, ()))
+            continue
+        reshape, stated = merged
+        out = reshape.outputs[0].name
+        extra = tuple(ParamEdit(n, i, e, d * size, "count") for n, i, e in stated)
+        walks.append(((State(out, 2, d * size), *gathered), Tap(out, 2, d * size), extra))
+    return walks
 
 
 def _merged(
