@@ -17,6 +17,7 @@ from conftest import assert_outputs_close, run_model
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
+from onnxprune.errors import UsageError
 from onnxprune.graph.analyze import analyze
 from onnxprune.graph.load import export, normalize
 from onnxprune.graph.rewrite import rewrite
@@ -113,7 +114,17 @@ def test_ratio_zero_is_exact(method):
     pruned = onnxprune.prune(
         model, method=method, ratio=0.0, round_to=1, data=_feeds(64, 0), prune_residual=True
     )
-    assert_outputs_close(model, pruned.model, _feeds(8, 5), atol=1e-5)
+    ops = [n.op_type for n in pruned.model.graph.node]
+    assert ops.count("LayerNormalization") == 2  # all kept in order: left as they were
+    assert_outputs_close(model, pruned.model, _feeds(8, 5), atol=1e-6)
+
+
+def test_per_channel_biascomp_refuses_a_group_read_by_a_layernorm():
+    with pytest.raises(UsageError, match="LayerNormalization 'down_ln' over its channels"):
+        onnxprune.prune(
+            _convnext(), method="biascomp", ratio=0.25, round_to=1, data=_feeds(16, 0),
+            prune_residual=True,
+        )  # fmt: skip
 
 
 def test_a_duplicated_stream_channel_is_removed_exactly_through_both_layernorms():
