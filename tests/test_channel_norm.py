@@ -146,10 +146,11 @@ def _layernorm(z: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("fit", ["selection", "affine"])
+@pytest.mark.parametrize("fit", ["selection", "affine", "permutation"])
 def test_rebuilt_norm_equals_the_layernorm_of_the_fitted_input(seed, fit):
     """Brute force against numpy: for random kept channels S and a random fit z ≈ Mᵀ z_S + c at
-    the block norm's input (or plain selection: the removed channels read as 0), the pruned
+    the block norm's input (or plain selection: the removed channels read as 0; or all channels
+    in a random order), the pruned
     model computes exactly the original with the norm reading that reconstruction."""
     model = _convnext(seed=seed)
     graph = normalize(model)
@@ -157,6 +158,8 @@ def test_rebuilt_norm_equals_the_layernorm_of_the_fitted_input(seed, fit):
     stream = next(g for g in groups if "fc2" in g.producers)
     rng = np.random.default_rng(100 + seed)
     keep = np.sort(rng.choice(C, size=int(rng.integers(2, C)), replace=False))
+    if fit == "permutation":  # every channel kept, out of order: the norm is rebuilt all the same
+        keep = rng.permutation(C)
     m = rng.standard_normal((len(keep), C)) if fit == "affine" else np.eye(C)[keep]
     c = rng.standard_normal(C) if fit == "affine" else None
     corrections = {"dw_t": Correction(m, c)} if fit == "affine" else {}

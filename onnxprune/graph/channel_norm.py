@@ -14,10 +14,12 @@ cancellation) and writes, in place of y,
 
     v = [r ⊙ z_S, r],   r = 1/√(σ² + ε),   so that  y = [diag(γ) L, γ ⊙ l] v + β
 
-(v = r ⊙ z_S where γ ⊙ l = 0). Every reader of y reads it through its weight — a MatMul,
-Gemm or unpadded Conv, perhaps behind Transposes or a Flatten — and takes that map as an
-ordinary correction (W' = W [diag(γ)L, γ⊙l], b' = b + Wβ, graph/rewrite.py). Exact where the
-fit is: at ratio 0 and for a duplicated channel. Anything else reading y is refused.
+(v = r ⊙ z_S where γ ⊙ l = 0). Plain selection needs no MatMul: with m = Σz_S/C,
+σ² = (Σ(z_S − m)² + (C − k)·m²)/C, centred before squaring (k MACs per position). Every
+reader of y reads it through its weight — a MatMul, Gemm or unpadded Conv, perhaps behind
+Transposes or a Flatten — and takes that map as an ordinary correction (W' = W [diag(γ)L,
+γ⊙l], b' = b + Wβ, graph/rewrite.py). Exact where the fit is: at ratio 0 and for a
+duplicated channel. Anything else reading y is refused.
 """
 
 from __future__ import annotations
@@ -107,16 +109,24 @@ def rebuild(graph: gs.Graph, node: gs.Node, plan: Plan, tap: str) -> Rebuilt | N
         return None
     centre = np.eye(width) - 1.0 / width
     lin, shift = centre @ m_t, centre @ c
-    q, r = np.linalg.qr(lin)
-    h = q.T @ shift
-    rest = float(np.sum((shift - q @ h) ** 2))
     eps = float(node.attrs.get("epsilon", 1e-5))
-    scaled = gamma[:, None] * lin
+    writer = _Writer(graph, node)
+    if _selects(m_t, c):
+        inverse = writer.selected_inverse(width, m_t.shape[1], eps)
+    else:
+        inverse = writer.fitted_inverse(lin, shift, width, eps)
     offset = gamma * shift
     with_one = bool(np.any(offset))
-    _write(graph, node, r.T, h, rest / width + eps, width, with_one)
+    writer.output(inverse, with_one)
+    scaled = gamma[:, None] * lin
     mapping = np.concatenate([scaled, offset[:, None]], axis=1) if with_one else scaled
     return Rebuilt(width, Correction(mapping.T, beta.copy()))
+
+
+def _selects(m_t: np.ndarray, c: np.ndarray) -> bool:
+    """True for plain selection: every kept channel is one original channel, c = 0."""
+    unit = np.all((m_t == 0) | (m_t == 1)) and np.all(m_t.sum(axis=0) == 1)
+    return bool(unit and np.all(m_t.sum(axis=1) <= 1) and not np.any(c))
 
 
 def _fit(plan: Plan, tap: str, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -130,49 +140,70 @@ def _fit(plan: Plan, tap: str, width: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(correction.M, np.float64).T, c
 
 
-def _write(
-    graph: gs.Graph,
-    node: gs.Node,
-    r_t: np.ndarray,
-    h: np.ndarray,
-    constant: float,
-    width: int,
-    with_one: bool,
-) -> None:
-    """v = [z_S·r, r] (or z_S·r), r = 1/√(Σ(z_S Rᵀ + h)²/C + constant), written to the norm's
-    output tensor over its last axis."""
-    x, out = node.inputs[0], node.outputs[0]
-    dtype = x.dtype or np.float32
-    name = node.name
-    node.outputs.clear()
+class _Writer:
+    """Writes the ops that replace one LayerNorm, named after it, over its input's last axis."""
 
-    def var(suffix: str) -> gs.Variable:
-        return gs.Variable(f"{name}__{suffix}", dtype=dtype)
+    def __init__(self, graph: gs.Graph, node: gs.Node) -> None:
+        self.graph, self.name = graph, node.name
+        self.x, self.out = node.inputs[0], node.outputs[0]
+        self.dtype = self.x.dtype or np.float32
+        node.outputs.clear()
 
-    def value(suffix: str, array) -> gs.Constant:
-        return gs.Constant(f"{name}__{suffix}", np.asarray(array, dtype=dtype))
+    def var(self, suffix: str) -> gs.Variable:
+        return gs.Variable(f"{self.name}__{suffix}", dtype=self.dtype)
 
-    nodes = []
-    t = var("rotated")
-    nodes.append(gs.Node("MatMul", f"{name}__R", inputs=[x, value("R", r_t)], outputs=[t]))
-    if np.any(h):
-        shifted = var("shifted")
-        nodes.append(gs.Node("Add", f"{name}__h", inputs=[t, value("h", h)], outputs=[shifted]))
-        t = shifted
-    square, total, mean, shifted, root, inverse = (
-        var(s) for s in ("square", "sum", "var", "var_eps", "root", "inverse")
-    )
-    axes = gs.Constant(f"{name}__axes", np.array([-1], np.int64))
-    nodes += [
-        gs.Node("Mul", f"{name}__square", inputs=[t, t], outputs=[square]),
-        gs.Node("ReduceSum", f"{name}__sum", {"keepdims": 1}, [square, axes], [total]),
-        gs.Node("Div", f"{name}__width", inputs=[total, value("C", width)], outputs=[mean]),
-        gs.Node("Add", f"{name}__eps", inputs=[mean, value("eps", constant)], outputs=[shifted]),
-        gs.Node("Sqrt", f"{name}__sqrt", inputs=[shifted], outputs=[root]),
-        gs.Node("Reciprocal", f"{name}__inverse", inputs=[root], outputs=[inverse]),
-    ]
-    scaled = var("scaled") if with_one else out
-    nodes.append(gs.Node("Mul", f"{name}__scale", inputs=[x, inverse], outputs=[scaled]))
-    if with_one:
-        nodes.append(gs.Node("Concat", f"{name}__concat", {"axis": -1}, [scaled, inverse], [out]))
-    graph.nodes += nodes
+    def value(self, suffix: str, array) -> gs.Constant:
+        return gs.Constant(f"{self.name}__{suffix}", np.asarray(array, dtype=self.dtype))
+
+    def op(self, op: str, suffix: str, inputs: list, attrs: dict | None = None) -> gs.Variable:
+        out = self.var(suffix)
+        self.graph.nodes.append(gs.Node(op, f"{self.name}__{suffix}", attrs or {}, inputs, [out]))
+        return out
+
+    def sum_last(self, x: gs.Tensor, suffix: str) -> gs.Variable:
+        axes = gs.Constant(f"{self.name}__{suffix}_axes", np.array([-1], np.int64))
+        return self.op("ReduceSum", suffix, [x, axes], {"keepdims": 1})
+
+    def selected_inverse(self, width: int, kept: int, eps: float) -> gs.Variable:
+        """Plain selection (the removed channels read as 0): m = Σz_S/C, and
+        σ² = (Σ(z_S − m)² + (C − k)·m²)/C, centred before squaring (k MACs per position)."""
+        mean = self.op("Div", "mean", [self.sum_last(self.x, "sum"), self.value("C", width)])
+        dev = self.op("Sub", "dev", [self.x, mean])
+        spread = self.sum_last(self.op("Mul", "dev_sq", [dev, dev]), "dev_sum")
+        if kept < width:  # the removed channels, each −m from the mean
+            gone = self.op("Mul", "gone", [self.op("Mul", "mean_sq", [mean, mean]),
+                                           self.value("removed", width - kept)])  # fmt: skip
+            spread = self.op("Add", "spread", [spread, gone])
+        return self._inverse(spread, width, eps)
+
+    def fitted_inverse(
+        self, lin: np.ndarray, shift: np.ndarray, width: int, eps: float
+    ) -> gs.Variable:
+        """A general fit: ‖L z_S + l‖² = ‖R z_S + Qᵀl‖² + ‖l − QQᵀl‖² with L = QR (k² MACs)."""
+        q, r = np.linalg.qr(lin)
+        h = q.T @ shift
+        rest = float(np.sum((shift - q @ h) ** 2))
+        t = self.op("MatMul", "R", [self.x, self.value("R_t", r.T)])
+        if np.any(h):
+            t = self.op("Add", "h", [t, self.value("h_value", h)])
+        spread = self.sum_last(self.op("Mul", "square", [t, t]), "square_sum")
+        if rest:
+            spread = self.op("Add", "rest", [spread, self.value("rest_value", rest)])
+        return self._inverse(spread, width, eps)
+
+    def _inverse(self, spread: gs.Tensor, width: int, eps: float) -> gs.Variable:
+        """r = 1/√(spread/C + ε)."""
+        var = self.op("Div", "var", [spread, self.value("width", width)])
+        root = self.op("Sqrt", "root", [self.op("Add", "var_eps", [var, self.value("eps", eps)])])
+        return self.op("Reciprocal", "inverse", [root])
+
+    def output(self, inverse: gs.Variable, with_one: bool) -> None:
+        """v = [z_S·r, r] (or z_S·r) written to the norm's output tensor."""
+        if not with_one:
+            self.graph.nodes.append(
+                gs.Node("Mul", f"{self.name}__scale", inputs=[self.x, inverse], outputs=[self.out])
+            )
+            return
+        scaled = self.op("Mul", "scale", [self.x, inverse])
+        self.graph.nodes.append(gs.Node("Concat", f"{self.name}__concat", {"axis": -1},
+                                        [scaled, inverse], [self.out]))  # fmt: skip
