@@ -52,6 +52,7 @@ def main() -> None:
     path = cache / f"{args.model}.onnx"
     calib, heldout = cache / "calib_224.npz", load_npz(cache / "heldout_224.npz")
     results: dict[str, Any] = {"settings": settings(args), "model": path.name}
+    results["settings"]["command"] = "python benchmarks/convnext_norm.py " + " ".join(sys.argv[1:])
 
     def save() -> None:
         out.write_text(json.dumps(results, indent=1) + "\n")
