@@ -47,6 +47,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--min-time", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs-only", action="store_true", help="skip shares, ratio 0, overhead")
+    parser.add_argument(
+        "--profile-only", action="store_true", help="only ORT kernel times of `overhead`'s pair"
+    )
     args = parser.parse_args()
     cache, out = Path(args.cache), Path(args.out)
     path = cache / f"{args.model}.onnx"
@@ -57,12 +61,17 @@ def main() -> None:
     def save() -> None:
         out.write_text(json.dumps(results, indent=1) + "\n")
 
-    results["analysis"] = guarded(analysis_summary, path)
-    save()
-    results["ratio0"] = guarded(ratio0_deviation, path, calib, heldout)
-    save()
-    results["overhead"] = guarded(overhead, path, heldout, args)
-    save()
+    if args.profile_only:
+        results["kernel_ms"] = kernel_times(path, heldout)
+        save()
+        return
+    if not args.runs_only:
+        results["analysis"] = guarded(analysis_summary, path)
+        save()
+        results["ratio0"] = guarded(ratio0_deviation, path, calib, heldout)
+        save()
+        results["overhead"] = guarded(overhead, path, heldout, args)
+        save()
     runs = results.setdefault("runs", {})
     for residual in (bool(int(r)) for r in args.residual.split(",")):
         for run in args.runs.split(","):
@@ -99,20 +108,58 @@ def prune_run(
     return row
 
 
-def overhead(path: Path, heldout: dict, args: argparse.Namespace) -> dict[str, Any]:
-    """Every coupled group (the stages' streams) keeps all channels in reversed order: each norm
-    over a stream is rebuilt at full width; the same function, timed against the original."""
+def reversed_streams(path: Path) -> tuple[onnx.ModelProto, int]:
+    """The model with every coupled group (the stages' streams) keeping all its channels in
+    reversed order, so each norm over a stream is rebuilt at full width (the same function);
+    and the number of such groups."""
     graph = normalize(load_model(path))
     groups = analyze(graph)
     plans = {
         g.name: Plan(np.arange(g.channels)[::-1].copy()) for g in groups if g.prunable and g.coupled
     }
-    model = export(rewrite(graph, groups, plans))
+    return export(rewrite(graph, groups, plans)), len(plans)
+
+
+def kernel_times(path: Path, heldout: dict, runs: int = 6) -> dict[str, Any]:
+    """ORT's profiler, 1 thread, batch 1: mean node time per op type (ms) of the original and
+    of `reversed_streams`, which separates the rebuilt ops' own cost from scheduling noise."""
+    import onnxruntime as ort
+
+    x = next(iter(heldout.values()))[:1]
+    found = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        rebuilt = Path(tmp) / "rebuilt.onnx"
+        onnx.save(reversed_streams(path)[0], str(rebuilt))
+        for name, model in (("original", path), ("rebuilt", rebuilt)):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(tmp) / name)
+            session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+            feeds = {session.get_inputs()[0].name: x}
+            for _ in range(runs):
+                session.run(None, feeds)
+            events = json.loads(Path(session.end_profiling()).read_text())
+            by_op: dict[str, float] = {}
+            for event in events:
+                if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                    op = event["args"]["op_name"]
+                    by_op[op] = by_op.get(op, 0.0) + event["dur"] / runs / 1000
+            found[name] = {
+                "total": round(sum(by_op.values()), 1),
+                "by_op": {k: round(v, 2) for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])},
+            }
+    return found
+
+
+def overhead(path: Path, heldout: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """`reversed_streams` timed against the original (interleaved medians)."""
+    model, groups = reversed_streams(path)
     with tempfile.TemporaryDirectory() as tmp:
         rebuilt = Path(tmp) / "rebuilt.onnx"
         onnx.save(model, str(rebuilt))
         row = evaluate(path, rebuilt, heldout, args)
-    row["groups"] = len(plans)
+    row["groups"] = groups
     row["norms_rebuilt"] = sum(n.op_type == "LayerNormalization" for n in onnx.load(
         str(path), load_external_data=False).graph.node) - sum(
         n.op_type == "LayerNormalization" for n in model.graph.node)  # fmt: skip
