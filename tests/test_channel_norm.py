@@ -197,3 +197,55 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     extra.CopyFrom(model)
     extra.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
     return extra
+
+
+def _classifier(duplicate: bool, pads: int = 0) -> onnx.ModelProto:
+    """ConvNeXt's head in miniature: Conv (C) → GlobalAveragePool → Transpose → LayerNorm over C
+    → Transpose → Flatten → Gemm (`duplicate`: the conv's channel 1 equals channel 0); with
+    `pads`, a padded 1×1 Conv reads the norm instead of the Gemm."""
+    rng = np.random.default_rng(3)
+    inits = {"c.w": rng.standard_normal((C, 3, 3, 3)).astype(np.float32),
+             "c.b": rng.standard_normal(C).astype(np.float32),
+             "g.w": rng.standard_normal((K, C)).astype(np.float32),
+             "g.b": rng.standard_normal(K).astype(np.float32)}  # fmt: skip
+    if duplicate:
+        inits["c.w"][1], inits["c.b"][1] = inits["c.w"][0], inits["c.b"][0]
+    nodes = [
+        helper.make_node("Conv", ["x", "c.w", "c.b"], ["c"], "conv"),
+        helper.make_node("GlobalAveragePool", ["c"], ["p"], "pool"),
+        helper.make_node("Transpose", ["p"], ["p_t"], "t1", perm=[0, 2, 3, 1]),
+        _ln("ln", "p_t", "n", inits, rng),
+        helper.make_node("Transpose", ["n"], ["n_t"], "t2", perm=[0, 3, 1, 2]),
+    ]
+    if pads:
+        inits["r.w"] = rng.standard_normal((K, C, 1, 1)).astype(np.float32)
+        nodes.append(helper.make_node("Conv", ["n_t", "r.w"], ["y"], "reader", pads=[pads] * 4))
+        shape = ["n", K, 1 + 2 * pads, 1 + 2 * pads]
+    else:
+        nodes.append(helper.make_node("Flatten", ["n_t"], ["f"], "flatten"))
+        nodes.append(helper.make_node("Gemm", ["f", "g.w", "g.b"], ["y"], "head", transB=1))
+        shape = ["n", K]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 6, 6])]
+    return _model(
+        nodes, inits, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)]
+    )
+
+
+def test_a_classifier_norm_folds_into_the_gemm_behind_transpose_and_flatten():
+    model = _classifier(duplicate=True)
+    conv = next(g for g in analyze(normalize(model)) if g.producers == ("conv",))
+    assert conv.prunable and conv.consumers == ("ln",)
+    pruned = onnxprune.prune(
+        model, method="id", ratio=1 / C, round_to=1, data=_feeds(64, 0), compensate="none",
+        recalibrate=False,
+    )  # fmt: skip
+    assert {row.name: row.kept for row in pruned.report.groups}["conv"] == C - 1
+    assert "LayerNormalization" not in [n.op_type for n in pruned.model.graph.node]
+    assert_outputs_close(model, pruned.model, _feeds(8, 5), atol=1e-5)
+
+
+def test_a_norm_read_by_a_padded_conv_is_refused():
+    conv = next(
+        g for g in analyze(normalize(_classifier(False, pads=1))) if g.producers == ("conv",)
+    )
+    assert not conv.prunable and "zero-padded Conv 'reader'" in conv.reason
