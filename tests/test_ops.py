@@ -410,10 +410,12 @@ def test_transpose_moves_the_channel_axis():
     assert _initializer(result.model, "m1", 1).shape == (4, 8)
 
 
-def test_layernorm_over_the_channels_blocks_but_the_mlp_stays_prunable():
+def test_layernorm_over_the_channels_consumes_them_and_the_mlp_stays_prunable():
+    """The norm is read by m1 alone: it consumes c0's channels at its input (rebuilt from the
+    kept ones when pruned, graph/channel_norm.py; tests/test_channel_norm.py)."""
     groups = _groups(channels_last(norm=True))
-    assert not groups["c0"].prunable and groups["c0"].blocker == "ln"
-    assert "mean and variance" in groups["c0"].reason
+    assert groups["c0"].prunable and groups["c0"].consumers == ("ln",)
+    assert [(t.tensor, t.axis) for t in groups["c0"].taps] == [("to_last_out", 3)]
     assert groups["m1"].prunable and groups["m2"].prunable
 
 

@@ -190,6 +190,13 @@ def _consumer_sites(graph: gs.Graph, groups: list[ChannelGroup]) -> dict[str, li
                     "per-channel biascomp does not weigh recurrent gates",
                     hint="--exclude the group, or use another method",
                 )
+        norm = next((e.node for e in group.edits if e.role == "norm"), None)
+        if norm is not None:
+            raise UsageError(
+                f"group '{group.name}' is read by the LayerNormalization '{norm}' over its "
+                "channels: per-channel biascomp does not weigh its rebuilt statistics",
+                hint="--exclude the group, or use another method",
+            )
         for edit in (e for e in group.edits if e.role == "in"):
             tap = next(t for t in group.taps if t.tensor == edit.tap and t.offset == edit.offset)
             node = nodes[edit.node]

@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Role = Literal["out", "chan", "in", "reshape", "split", "count", "tail", "hidden", "shuffle"]
+Role = Literal[
+    "out", "chan", "in", "reshape", "split", "count", "tail", "hidden", "shuffle", "norm"
+]
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,9 @@ class ParamEdit:
     gate block's rows of W, R and B, the initial states, the peepholes and `hidden_size`, and
     R's columns, into which the correction of `tap` (at `offset`) is folded (ops/recurrent.py);
     "shuffle": the channels enter a channel shuffle (ops/reshape.py) at `offset` (every `stride`
-    positions); the rewriter turns a shuffle that loses channels into a Gather of the rest.
+    positions); the rewriter turns a shuffle that loses channels into a Gather of the rest;
+    "norm": a LayerNormalization over the group's channels (its last axis), rebuilt from the
+    kept channels with the correction of `tap`, its input (graph/channel_norm.py).
     `stride` > 1: the group's channel c lies at `offset + stride·c` (behind a channel shuffle).
     """
 

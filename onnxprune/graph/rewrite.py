@@ -17,6 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.errors import OnnxPruneError
+from onnxprune.graph.channel_norm import norm_readers, rebuild
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, tap_key
 from onnxprune.graph.load import export, infer_shapes
 from onnxprune.graph.weights import edit_rows
@@ -45,6 +46,7 @@ def rewrite(
     splits: dict[str, list[tuple[ParamEdit, ChannelGroup, Plan]]] = defaultdict(list)
     hidden: dict[str, list[tuple[ParamEdit, ChannelGroup, Plan]]] = defaultdict(list)
     shuffles: dict[str, list[tuple[ParamEdit, ChannelGroup, Plan]]] = defaultdict(list)
+    norms: list[tuple[ParamEdit, ChannelGroup, Plan]] = []
     for group in groups:
         plan = plans.get(group.name)
         if plan is None or not group.prunable:
@@ -56,8 +58,13 @@ def rewrite(
                 hidden[edit.node].append((edit, group, plan))
             elif edit.role == "shuffle":
                 shuffles[edit.node].append((edit, group, plan))
+            elif edit.role == "norm":
+                norms.append((edit, group, plan))
             else:
                 jobs[(edit.node, edit.input)].append((edit, group, plan))
+    for edit, _, plan in norms:
+        for item in _rebuilt_norm(graph, nodes[edit.node], edit, plan):
+            jobs[(item[0].node, item[0].input)].append(item)
     deltas: dict[str, np.ndarray] = {}
     for plan in plans.values():
         for name, shift in plan.shifts.items():
@@ -84,6 +91,26 @@ def rewrite(
         add_bias(graph, nodes[name], _to_new_outputs(delta, name, outputs.get(name, [])))
     graph.cleanup().toposort()
     return infer_shapes(graph)
+
+
+def _rebuilt_norm(
+    graph: gs.Graph, node: gs.Node, edit: ParamEdit, plan: Plan
+) -> list[tuple[ParamEdit, ChannelGroup, Plan]]:
+    """Rebuild a LayerNorm over the group's channels from the kept ones (graph/channel_norm.py)
+    and return the folds of its map into the layers reading it, as consumer edits."""
+    readers = norm_readers(node)
+    if isinstance(readers, str) or any(t is node.outputs[0] for t in graph.outputs):
+        why = readers if isinstance(readers, str) else "its output is a graph output"
+        raise OnnxPruneError(f"cannot rebuild LayerNormalization '{node.name}': {why}")
+    rebuilt = rebuild(graph, node, plan, tap_key(edit.tap, edit.offset))
+    if rebuilt is None:
+        return []
+    fold = ChannelGroup(f"{node.name}__rebuilt", rebuilt.width, (node.name,))
+    kept = np.arange(np.shape(rebuilt.correction.M)[0])
+    return [
+        (reader, fold, Plan(kept, {tap_key(reader.tap, reader.offset): rebuilt.correction}))
+        for reader in readers
+    ]
 
 
 def _prune_recurrent(

@@ -1,9 +1,11 @@
 """Per-channel norms (BatchNormalization, InstanceNormalization) and LayerNormalization.
 
 BatchNormalization and InstanceNormalization normalize each channel on its own: the channels
-pass and their parameters are sliced with them. LayerNormalization over the channel axis is
-refused: removing channels changes the mean and variance it divides by, for every remaining
-channel. Over axes after the channel axis it acts per channel position.
+pass and their parameters are sliced with them. LayerNormalization over axes after the channel
+axis acts per channel position. Over the channel axis (the last, as channels-last blocks
+write it) removing channels changes the mean and variance of every channel left: the norm
+consumes the group, and graph/channel_norm.py rebuilds its statistics from the kept channels,
+where every reader of its output reads it through a weight; anything else is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import onnx_graphsurgeon as gs
 
+from onnxprune.graph.channel_norm import norm_readers
 from onnxprune.graph.groups import ParamEdit
 from onnxprune.ops.flow import State, Step, block, const, parameter_input, rank_of, through
 from onnxprune.ops.registry import Handler, register
@@ -72,18 +75,33 @@ class InstanceNormalization(Handler):
 
 @register("LayerNormalization")
 class LayerNormalization(Handler):
-    """LayerNorm: passes channels it does not normalize over, refuses those it does."""
+    """LayerNorm: passes channels it does not normalize over; over the last axis alone, read
+    only through layers' weights, it consumes them (graph/channel_norm.py rebuilds it)."""
 
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
         if (found := parameter_input(node, index)) is not None:
             return found
         rank = rank_of(node.inputs[0])
-        if rank is None or state.axis >= node.attrs.get("axis", -1) % rank:
-            return block(
-                f"LayerNormalization '{node.name}' normalizes over the channel axis: removing "
-                "channels changes the mean and variance of every channel left"
-            )
-        return through(node, state)  # per channel position; its scale and bias do not see channels
+        what = f"LayerNormalization '{node.name}' normalizes over the channel axis"
+        if rank is None:
+            return block(f"{what} or not (its input rank is unknown)")
+        normalized = node.attrs.get("axis", -1) % rank
+        if state.axis < normalized:
+            return through(node, state)  # per channel position; scale and bias see no channels
+        if normalized != rank - 1 or state.spatial != 1:
+            return block(f"{what} and other axes")
+        gamma, beta = const(node, 1), const(node, 2) if len(node.inputs) > 2 else None
+        if gamma is None or (beta is None and len(node.inputs) > 2 and node.inputs[2].name):
+            return block(f"{what} with a non-constant scale or bias")
+        if any(out.outputs for out in node.outputs[1:]):
+            return block(f"{what} and its mean or inverse deviation is read")
+        if state.offset or channels != gamma.size:
+            return block(f"{what} of other groups' channels too")
+        readers = norm_readers(node)
+        if isinstance(readers, str):
+            return block(f"{what}: {readers}")
+        edit = ParamEdit(node.name, 0, state.axis, 0, "norm", tap=state.tensor)
+        return Step("consume", edits=[edit])
 
     def torch(self, op_type: str) -> TorchOp | None:
         return _layer_norm
