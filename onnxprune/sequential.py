@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 from threadpoolctl import threadpool_limits
 
 from onnxprune.calib.stats import tap_rows
-from onnxprune.graph.groups import ChannelGroup, Tap
+from onnxprune.graph.groups import ChannelGroup, Tap, tap_key
 from onnxprune.graph.load import export
 from onnxprune.graph.rewrite import rewrite
 from onnxprune.graph.segments import segment_to, still_read
@@ -76,8 +76,7 @@ def refit(
 
     `free_map`: M and c are refit (ID, least-squares compensation); otherwise M stays the
     method's selection and only c is refit (mean-shift compensation). A correction without c
-    is refit without one. Groups whose recurrence reads its own tap (an LSTM/GRU/RNN's hidden
-    units) keep the method's map: refolding it would change the activations it was fit on."""
+    is refit without one. A correction folded into a recurrence stays (`_sites`)."""
     plans = dict(plans)
     sites, notes = _sites(groups, plans)
     if not sites:
@@ -138,16 +137,17 @@ class _Run:
 def _sites(
     groups: tuple[ChannelGroup, ...], plans: Mapping[str, Plan]
 ) -> tuple[list[Site], tuple[str, ...]]:
-    """Every corrected tap of a planned group, and a note for the groups left as they are."""
+    """Every corrected tap of a planned group, and a note for the taps left as they are: those
+    whose correction is folded into a recurrence (an LSTM/GRU/RNN reading its own hidden
+    state), where refolding the map would change the activations it is fit on."""
     sites, recurrent = [], []
     for group in (g for g in groups if g.name in plans and g.prunable):
         plan = plans[group.name]
-        if set(group.producers) & set(group.consumers):
-            recurrent.append(group.name)
-            continue
+        loops = {tap_key(e.tap, e.offset) for e in group.edits if e.role == "hidden" and e.tap}
         for tap in group.taps:
             key, old = tap.key, plan.corrections.get(tap.key)
-            if old is None:
+            if old is None or key in loops:
+                recurrent += [key] if old is not None else []
                 continue
             keep, channels = np.asarray(plan.keep), group.channels
             if np.shape(old.M)[1] != channels:  # a head group's map of every feature
@@ -157,8 +157,8 @@ def _sites(
     notes = ()
     if recurrent:
         notes = (
-            f"sequential fit: {len(recurrent)} recurrent group(s) keep the method's map (the "
-            f"recurrence reads its own tap), e.g. '{recurrent[0]}'",
+            f"sequential fit: {len(recurrent)} tap(s) read by a recurrence keep the method's "
+            f"map (refolding it changes the hidden states it is fit on), e.g. '{recurrent[0]}'",
         )
     return sites, notes
 
