@@ -33,17 +33,18 @@ from onnxprune.graph.load import export
 from onnxprune.graph.rewrite import rewrite
 from onnxprune.graph.segments import segment_to, still_read
 from onnxprune.methods.heads import head_features
+from onnxprune.methods.linalg import least_squares_map
 from onnxprune.plan import Correction, Plan
 from onnxprune.recalibrate import Held, run_segment
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
-RIDGE = 1e-3  # relative to the mean variance of the kept activations
 
 
 @dataclass
 class Site:
     """One tap to refit: where its channels lie (`tap`, `channels`, in features for a head
-    group's map of every feature), the kept ones in the pruned tensor's order, and the sums."""
+    group's map of every feature), the kept ones in the pruned tensor's order, and the sums of
+    the even- and the odd-numbered samples (`folds`)."""
 
     group: str
     key: str
@@ -51,16 +52,25 @@ class Site:
     channels: int
     keep: np.ndarray
     old: Correction
-    sums: dict[str, np.ndarray | float] = field(default_factory=dict)
+    folds: tuple[dict, dict] = field(default_factory=lambda: ({}, {}))
+    seen: int = 0
 
-    def add(self, x: np.ndarray, a: np.ndarray) -> None:
-        """Accumulate the rows x = ã_S (pruned) and a (original) of one batch."""
-        x, a = (np.ascontiguousarray(v, dtype=np.float64) for v in (x, a))
-        for name, value in (
-            ("n", x.shape[0]), ("sx", x.sum(0)), ("sa", a.sum(0)), ("xx", x.T @ x),
-            ("xa", x.T @ a), ("aa", float(np.sum(a * a))),
-        ):  # fmt: skip
-            self.sums[name] = self.sums.get(name, 0) + value
+    def add(self, x: np.ndarray, a: np.ndarray, samples: int) -> None:
+        """Accumulate the rows x = ã_S (pruned) and a (original) of `samples` samples."""
+        x, a = (v.reshape(samples, -1, v.shape[-1]) for v in (x, a))
+        for fold, sums in enumerate(self.folds):
+            first = (fold - self.seen) % 2  # the fold of a sample is the parity of its number
+            _add(sums, x[first::2].reshape(-1, x.shape[-1]), a[first::2].reshape(-1, a.shape[-1]))
+        self.seen += samples
+
+
+def _add(sums: dict, x: np.ndarray, a: np.ndarray) -> None:
+    x, a = (np.ascontiguousarray(v, dtype=np.float64) for v in (x, a))
+    for name, value in (
+        ("n", x.shape[0]), ("sx", x.sum(0)), ("sa", a.sum(0)), ("xx", x.T @ x),
+        ("xa", x.T @ a), ("AA", a.T @ a),
+    ):  # fmt: skip
+        sums[name] = sums.get(name, 0) + value
 
 
 def refit(
@@ -96,9 +106,9 @@ def refit(
             here = [site for site in sites if site.tap.tensor == tensor]
             _accumulate(here, runs[0].values, runs[1].values, tensor, removed[tensor])
             for site in here:
-                correction, before, after = _solve(site, free_map)
+                correction, before, after, ridge = _solve(site, free_map)
                 plans[site.group] = _with_correction(plans[site.group], site.key, correction,
-                                                     before, after)  # fmt: skip
+                                                     before, after, ridge)  # fmt: skip
                 drift.append(before)
                 fitted.append(after)
             if later:
@@ -187,7 +197,7 @@ def _accumulate(
             x = pruned.load(index, [tensor])[tensor]
             for site in sites:
                 rows = _pruned_rows(x, a.shape[site.tap.axis], site, removed)
-                site.add(rows, tap_rows(a, site.tap, site.channels))
+                site.add(rows, tap_rows(a, site.tap, site.channels), len(a))
 
 
 def _pruned_rows(value: np.ndarray, width: int, site: Site, removed: np.ndarray) -> np.ndarray:
@@ -211,47 +221,93 @@ def _pruned_rows(value: np.ndarray, width: int, site: Site, removed: np.ndarray)
     return np.moveaxis(moved, -2, -1).reshape(-1, k)
 
 
-def _solve(site: Site, free_map: bool) -> tuple[Correction, float, float]:
-    """The refit correction and the relative error at the tap before and after.
+def _solve(site: Site, free_map: bool) -> tuple[Correction, float, float, float | None]:
+    """The refit correction, the relative error at the tap of the method's map and of the
+    refit one, and the ridge chosen (ρ; None where the method's M is kept).
 
-    With an intercept, on the centred sums C: (C_xx + λI) M = C_xa + λ M₀ and c = μ_a − Mᵀμ_x;
-    without, the same on the raw second moments. Without `free_map`, M = M₀ and only c moves.
-    """
-    s = site.sums
-    n = float(s["n"])
-    mx, ma = s["sx"] / n, s["sa"] / n
-    M0 = np.asarray(site.old.M, dtype=np.float64)
+    Without `free_map` only c is refit. With it the candidates are: the method's map, its M
+    with c refit, and the ridge fits (C_xx + λI) M = C_xa + λ M₀, c = μ_a − Mᵀμ_x (centred sums
+    C; without an intercept the raw second moments), λ = ρ·tr(C_xx)/k for every ρ in RIDGES.
+    The choice is made on two folds of the samples: on each, the one-shot map is fitted as the
+    method fits it (least squares from the original's kept channels) and every candidate from
+    it; the candidate with the least error on the other fold is then fitted on both."""
+    total = {name: site.folds[0][name] + site.folds[1][name] for name in site.folds[0]}
+    method = (np.asarray(site.old.M, np.float64), None if site.old.c is None else site.old.c)
+    choice = np.inf
+    if free_map and min(fold.get("n", 0) for fold in site.folds) > 0:
+        candidates = [None, np.inf, *RIDGES]
+        fits = [_fits(fold, _one_shot(site, fold), candidates) for fold in site.folds]
+        held_out = [
+            _squares(site.folds[1], *fits[0][i]) + _squares(site.folds[0], *fits[1][i])
+            for i in range(len(candidates))
+        ]
+        choice = candidates[int(np.argmin(held_out))]
+    M, c = _fits(total, method, [choice])[0]
+    scale = max(float(np.trace(total["AA"])), 1e-300)
+    before = np.sqrt(_squares(total, *method) / scale)
+    ridge = None if choice is None or choice == np.inf else choice
+    return Correction(M, c), before, np.sqrt(_squares(total, M, c) / scale), ridge
+
+
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ρ: λ = ρ·tr(C)/k, the mean variance of ã_S
+
+
+def _one_shot(site: Site, sums: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """The map the method folds, fitted on `sums` alone: least squares (affine where the
+    method's has an intercept) from the original's kept channels, rows in the plan's order."""
     intercept = site.old.c is not None
-    xx, xa = s["xx"] / n, s["xa"] / n
-    if intercept:
+    order = np.argsort(site.keep, kind="stable")
+    n = float(sums["n"])
+    M, c = least_squares_map(sums["AA"], sums["sa"] / n, n, site.keep, intercept=intercept)
+    rows = np.empty_like(order)
+    rows[order] = np.arange(order.size)  # M's rows follow ascending keep; the plan's may not
+    return M[rows], (c if intercept else None)
+
+
+def _fits(
+    sums: dict, prior: tuple[np.ndarray, np.ndarray | None], ridges: list[float | None]
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(M, c) fitted on `sums` for every entry of `ridges`: None keeps `prior` (M₀, c₀), inf
+    keeps M₀ and refits c, a number ρ is the ridge fit toward M₀ with λ = ρ·tr(C)/k."""
+    M0, c0 = prior
+    n = float(sums["n"])
+    mx, ma = sums["sx"] / n, sums["sa"] / n
+    xx, xa = sums["xx"] / n, sums["xa"] / n
+    if c0 is not None:
         xx, xa = xx - np.outer(mx, mx), xa - np.outer(mx, ma)
-    M = M0
-    if free_map:
-        lam = RIDGE * max(float(np.trace(xx)), 0.0) / max(len(mx), 1)
-        A = xx + lam * np.eye(len(mx))
-        try:
-            M = np.linalg.solve(A, xa + lam * M0)
-        except np.linalg.LinAlgError:
-            M = np.linalg.lstsq(A, xa + lam * M0, rcond=None)[0]
-    c = ma - M.T @ mx if intercept else None
-    before = _error(s, M0, None if site.old.c is None else np.asarray(site.old.c, np.float64))
-    return Correction(M, c), before, _error(s, M, c)
+    if any(r is not None and r != np.inf for r in ridges):  # one eigendecomposition for all λ
+        values, vectors = np.linalg.eigh(0.5 * (xx + xx.T))
+        base = max(float(np.trace(xx)), 1e-300) / max(len(mx), 1)
+    out = []
+    for ridge in ridges:
+        if ridge is None:
+            out.append((M0, None if c0 is None else np.asarray(c0, np.float64)))
+            continue
+        M = M0
+        if ridge != np.inf:
+            lam = ridge * base
+            M = vectors @ ((vectors.T @ (xa + lam * M0)) / (np.maximum(values, 0) + lam)[:, None])
+        out.append((M, None if c0 is None else ma - M.T @ mx))
+    return out
 
 
-def _error(s: dict, M: np.ndarray, c: np.ndarray | None) -> float:
-    """‖a − ã_S M − 1cᵀ‖_F / ‖a‖_F from the sums."""
-    sq = s["aa"] - 2 * np.sum(M * s["xa"]) + np.sum(M * (s["xx"] @ M))
+def _squares(s: dict, M: np.ndarray, c: np.ndarray | None) -> float:
+    """‖a − ã_S M − 1cᵀ‖²_F from the sums."""
+    sq = np.trace(s["AA"]) - 2 * np.sum(M * s["xa"]) + np.sum(M * (s["xx"] @ M))
     if c is not None:
         sq += -2 * c @ s["sa"] + 2 * c @ (M.T @ s["sx"]) + s["n"] * c @ c
-    return float(np.sqrt(max(sq, 0.0) / s["aa"])) if s["aa"] > 0 else 0.0
+    return float(max(sq, 0.0))
 
 
 def _with_correction(
-    plan: Plan, key: str, correction: Correction, before: float, after: float
+    plan: Plan, key: str, correction: Correction, before: float, after: float, ridge: float | None
 ) -> Plan:
     """`plan` with the refit correction at `key`; its info keeps the largest errors at its taps
-    on the pruned activations, of the method's map (`drift`) and of the refit one (`seq`)."""
+    on the pruned activations, of the method's map (`drift`) and of the refit one (`seq`), and
+    the largest ridge ρ chosen (`ridge`; absent where every tap kept the method's M)."""
     info = dict(plan.info)
     info["drift"] = max(info.get("drift", 0.0), before)
     info["seq"] = max(info.get("seq", 0.0), after)
+    if ridge is not None:
+        info["ridge"] = max(info.get("ridge", 0.0), ridge)
     return replace(plan, corrections={**plan.corrections, key: correction}, info=info)

@@ -18,7 +18,6 @@ from onnxprune.config import PruneConfig
 from onnxprune.errors import UsageError
 from onnxprune.graph.segments import segment_to
 from onnxprune.methods.linalg import selection_map
-from onnxprune.sequential import RIDGE
 
 
 def _mlp(
@@ -103,27 +102,30 @@ def test_each_map_is_the_least_squares_fit_on_the_pruned_models_activations(save
     feeds = data
     original = run_model(with_outputs(model, ["r0_out", "r1_out"]), feeds)
     pruned = run_model(with_outputs(result.model, ["r0_out", "r1_out"]), feeds)
-    for index, tap in enumerate(["r0_out", "r1_out"]):
-        before, after = one_shot.plans[f"g{index}"], result.plans[f"g{index}"]
+    for name in ("g0", "g1"):
+        before, after = one_shot.plans[name], result.plans[name]
         np.testing.assert_array_equal(after.keep, before.keep)
-        M0 = before.corrections[tap].M
-        M, c = _brute_force(pruned[tap], original[tap], M0)
-        got = after.corrections[tap]
-        scale = np.abs(M).max()
-        np.testing.assert_allclose(got.M, M, atol=1e-4 * scale)
-        np.testing.assert_allclose(got.c, c, atol=1e-4 * max(1.0, np.abs(c).max()))
         assert after.info["seq"] <= after.info["drift"] + 1e-9
     # the first tap has nothing pruned before it: the one-shot map is already the fit there
     np.testing.assert_allclose(result.plans["g0"].corrections["r0_out"].M,
                                one_shot.plans["g0"].corrections["r0_out"].M, atol=1e-5)  # fmt: skip
+    # the second reads the first's errors: a ridge fit (ρ chosen on two folds) toward M₀
+    M0, ridge = one_shot.plans["g1"].corrections["r1_out"].M, result.plans["g1"].info["ridge"]
+    M, c = _brute_force(pruned["r1_out"], original["r1_out"], M0, ridge)
+    got = result.plans["g1"].corrections["r1_out"]
+    np.testing.assert_allclose(got.M, M, atol=1e-4 * np.abs(M).max())
+    np.testing.assert_allclose(got.c, c, atol=1e-4 * max(1.0, np.abs(c).max()))
 
 
-def _brute_force(x: np.ndarray, a: np.ndarray, M0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """argmin ‖(a − ā) − (x − x̄)M‖²/n + λ‖M − M0‖² and c = ā − Mᵀx̄, by lstsq on the rows."""
+def _brute_force(
+    x: np.ndarray, a: np.ndarray, M0: np.ndarray, ridge: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """argmin ‖(a − ā) − (x − x̄)M‖²/n + λ‖M − M0‖² and c = ā − Mᵀx̄, by lstsq on the rows,
+    λ = ridge·tr(C)/k."""
     x, a = x.astype(np.float64), a.astype(np.float64)
     n, k = x.shape
     xc, ac = (x - x.mean(0)) / np.sqrt(n), (a - a.mean(0)) / np.sqrt(n)
-    lam = RIDGE * np.sum(xc * xc) / k
+    lam = ridge * np.sum(xc * xc) / k
     rows = np.vstack([xc, np.sqrt(lam) * np.eye(k)])
     targets = np.vstack([ac, np.sqrt(lam) * M0])
     M = np.linalg.lstsq(rows, targets, rcond=None)[0]
