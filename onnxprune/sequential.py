@@ -106,7 +106,8 @@ def refit(
             here = [site for site in sites if site.tap.tensor == tensor]
             _accumulate(here, runs[0].values, runs[1].values, tensor, removed[tensor])
             for site in here:
-                correction, before, after, ridge = _solve(site, free_map)
+                with threadpool_limits(1, "blas"):  # spinning BLAS threads (calib/stats.py)
+                    correction, before, after, ridge = _solve(site, free_map)
                 plans[site.group] = _with_correction(plans[site.group], site.key, correction,
                                                      before, after, ridge)  # fmt: skip
                 drift.append(before)
