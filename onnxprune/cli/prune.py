@@ -282,7 +282,7 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="refit each tap's correction, in topological order, on the activations of the "
         "pruned model (earlier taps already refit) against the original's; the selection stays "
-        "the method's (id, or --compensate bias|lsq); default: off",
+        "the method's (id, or --compensate bias|lsq); default: on for id, off for the others",
     )
     method.add_argument(
         "--exact-borders",
