@@ -231,12 +231,17 @@ def _solve(site: Site, free_map: bool) -> tuple[Correction, float, float, float 
     C; without an intercept the raw second moments), λ = ρ·tr(C_xx)/k for every ρ in RIDGES.
     The choice is made on two folds of the samples: on each, the one-shot map is fitted as the
     method fits it (least squares from the original's kept channels) and every candidate from
-    it; the candidate with the least error on the other fold is then fitted on both."""
+    it; the candidate with the least error on the other fold is then fitted on both. Where a
+    fold has fewer than MIN_ROWS rows per kept channel, M stays the method's (the two-fold
+    estimate is too noisy there: MobileNetV3's classifier taps, one row per image)."""
     total = {name: site.folds[0][name] + site.folds[1][name] for name in site.folds[0]}
     method = (np.asarray(site.old.M, np.float64), None if site.old.c is None else site.old.c)
     choice = np.inf
-    if free_map and min(fold.get("n", 0) for fold in site.folds) > 0:
-        candidates = [None, np.inf, *RIDGES]
+    rows = min(fold.get("n", 0) for fold in site.folds)
+    if rows > 0 and free_map:
+        # a map fitted on fewer rows than MIN_ROWS per kept channel and fold is not trusted
+        enough = rows >= MIN_ROWS * len(site.keep)
+        candidates = [None, np.inf, *(RIDGES if enough else ())]
         fits = [_fits(fold, _one_shot(site, fold), candidates) for fold in site.folds]
         held_out = [
             _squares(site.folds[1], *fits[0][i]) + _squares(site.folds[0], *fits[1][i])
@@ -251,6 +256,7 @@ def _solve(site: Site, free_map: bool) -> tuple[Correction, float, float, float 
 
 
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ρ: λ = ρ·tr(C)/k, the mean variance of ã_S
+MIN_ROWS = 2  # rows (samples × positions) per kept channel in each fold to refit M at all
 
 
 def _one_shot(site: Site, sums: dict) -> tuple[np.ndarray, np.ndarray | None]:

@@ -97,7 +97,7 @@ def test_each_map_is_the_least_squares_fit_on_the_pruned_models_activations(save
         "recalibrate": False,
         "verify": False,
     }  # fmt: skip  (unverified: the fit takes every sample)
-    one_shot = onnxprune.prune(path, **options)
+    one_shot = onnxprune.prune(path, **options, sequential=False)
     result = onnxprune.prune(path, **options, sequential=True)
     feeds = data
     original = run_model(with_outputs(model, ["r0_out", "r1_out"]), feeds)
@@ -139,7 +139,7 @@ def test_the_output_deviation_falls_where_upstream_errors_reach_the_last_tap(sav
     path, fit = save_tmp(model), _inputs(512, 12, 0)
     options = {"method": "id", "ratio": 0.5, "round_to": 1, "data": fit, "recalibrate": False,
                "verify": False}  # fmt: skip
-    one_shot = onnxprune.prune(path, **options)
+    one_shot = onnxprune.prune(path, **options, sequential=False)
     result = onnxprune.prune(path, **options, sequential=True)
     before, after = (_relative(model, r.model, fit) for r in (one_shot, result))
     assert after <= before * (1 + 1e-4)
@@ -152,7 +152,7 @@ def test_mean_shift_compensation_refits_only_the_intercept(save_tmp):
     path = save_tmp(graphs.conv_chain())
     data = graphs.random_input(onnx.load(path), 64)
     options = {"method": "magnitude", "compensate": "bias", "ratio": 0.5, "round_to": 1}
-    one_shot = onnxprune.prune(path, data=data, **options)
+    one_shot = onnxprune.prune(path, data=data, sequential=False, **options)
     result = onnxprune.prune(path, data=data, sequential=True, **options)
     first, second = (result.plans[name] for name in ("c1", "c2"))
     M = second.corrections["r2_out"].M
@@ -166,7 +166,7 @@ def test_mean_shift_compensation_refits_only_the_intercept(save_tmp):
 def test_a_map_folded_into_a_recurrence_stays_and_the_others_are_refit(save_tmp):
     path = save_tmp(recurrent_model("LSTM"))
     options = {"method": "id", "ratio": 1 / 3, "round_to": 1, "data": {"x": _x()}}
-    one_shot = onnxprune.prune(path, **options)
+    one_shot = onnxprune.prune(path, **options, sequential=False)
     result = onnxprune.prune(path, sequential=True, **options)
     assert any("read by a recurrence keep the method's map" in n for n in result.report.notes)
     before, after = one_shot.plans["rnn"].corrections, result.plans["rnn"].corrections
@@ -200,3 +200,9 @@ def test_a_segment_by_need_runs_only_what_its_end_needs_and_hands_on_the_rest():
     assert [model.graph.node[i].name for i in second.nodes] == ["c3", "add", "r3"]
     assert set(second.inputs) == {"r1_out", "r2_out"}
     assert segment_to(model, "r1_out", set(names)) is None
+
+
+def test_id_refits_sequentially_by_default_and_the_others_do_not():
+    assert PruneConfig(method="id").sequential is True
+    assert PruneConfig(method="id", sequential=False).sequential is False
+    assert PruneConfig(method="magnitude", compensate="lsq").sequential is False
