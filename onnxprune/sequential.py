@@ -6,13 +6,14 @@ visited in topological order; at each, the pruned model (every earlier tap alrea
 folded) and the original run up to it, and M, c are refit by least squares from the pruned
 model's kept activations ã_S to the original's full activation a — the kept channels too, so the
 map also undoes the drift upstream (He et al. 2017, ThiNet, Kwon et al. 2022, OBC's sequential
-mode). The selection stays the method's. Only Grams are held: of [ã_S, 1] and of ã_S with a.
+mode). The selection stays the method's. Only Grams are held: of [ã_S, 1], of ã_S with a and of a.
 
 Both models run once, cut at the taps (`graph.segments.segment_to`): after a tap is refit the
 pruned model is rewritten, which changes only layers after it, so the nodes that ran stay valid.
-The fit is ridge-regularised toward the method's own map, λ = RIDGE·tr(C)/k with C the
-(centred) Gram of ã_S: where ã_S = a_S (ratio 0, no pruning upstream) the method's map is
-recovered exactly, and a rank-deficient ã_S leaves the method's map in its null space.
+The fit is ridge-regularised toward the method's own map (λ = ρ·tr(C)/k, C the centred Gram of
+ã_S), so where ã_S = a_S (ratio 0, nothing pruned upstream) the method's map is recovered
+exactly; ρ, or keeping the method's map, is chosen per tap on two folds of the samples
+(docs/METHODS.md §9).
 """
 
 from __future__ import annotations
