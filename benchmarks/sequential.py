@@ -11,7 +11,7 @@ logit rel-L2) at ratios 0.25 / 0.5.
 
     python benchmarks/sequential.py --part digits --out benchmarks/results/sequential.json
     python benchmarks/sequential.py --part vit
-    python benchmarks/sequential.py --part zoo --zoo mobilenet_v3_small
+    python benchmarks/sequential.py --part zoo --zoo mobilenet_v3_small [--no-recalibrate]
     python benchmarks/sequential.py --markdown
 """
 
@@ -70,8 +70,9 @@ def digits(name: str, reductions: tuple[float, ...], variants: dict[str, dict], 
     return cells
 
 
-def zoo(name: str, ratios: tuple[float, ...]) -> dict:
-    """Held-out logit rel-L2 and seconds of `id` (defaults) with and without --sequential."""
+def zoo(name: str, ratios: tuple[float, ...], **extra) -> dict:
+    """Held-out logit rel-L2 and seconds of `id` (defaults, or changed by `extra`) with and
+    without --sequential."""
     model = onnx.load(CACHE / f"{name}.onnx")
     key = model.graph.input[0].name
     with np.load(CACHE / "calib_224.npz") as calib, np.load(CACHE / "heldout_224.npz") as held:
@@ -82,7 +83,7 @@ def zoo(name: str, ratios: tuple[float, ...]) -> dict:
         for label, options in list(VARIANTS.items())[:2]:
             start = time.perf_counter()
             result = onnxprune.prune(model, method="id", ratio=ratio, data=fit, verify=False,
-                                     batch_size=8, **options)  # fmt: skip
+                                     batch_size=8, **options, **extra)  # fmt: skip
             seconds = time.perf_counter() - start
             got = next(iter(run(result.model, test).values()))
             error = np.linalg.norm(got - reference) / np.linalg.norm(reference)
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--part", choices=("digits", "vit", "zoo"), default="digits")
     parser.add_argument("--models", default=",".join(DIGITS))
     parser.add_argument("--zoo", default="mobilenet_v3_small")
+    parser.add_argument("--no-recalibrate", action="store_true", help="zoo part: without it")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--markdown", action="store_true", help="print the tables of the last run")
     args = parser.parse_args()
@@ -132,7 +134,9 @@ def main() -> None:
             two = dict(list(VARIANTS.items())[:2])
             results["vit"] = digits("vit", (0.25, 0.5), two, round_to=1)
         else:
-            results.setdefault("zoo", {})[args.zoo] = zoo(args.zoo, (0.25, 0.5))
+            extra = {"recalibrate": False} if args.no_recalibrate else {}
+            label = args.zoo + (" --no-recalibrate" if args.no_recalibrate else "")
+            results.setdefault("zoo", {})[label] = zoo(args.zoo, (0.25, 0.5), **extra)
         results.setdefault("meta", {})[args.part] = {
             "machine": platform.processor() or platform.machine(),
             "load": os.getloadavg(),
