@@ -136,8 +136,8 @@ def test_id_target_keeps_the_allocation_with_least_measured_deviation(name, targ
         round_to=1,
         prune_residual=True,
         verify=False,
-        sequential=False,
-    )  # fmt: skip  (candidates: one-shot maps)
+        sequential=False,  # the candidates are scored with one-shot maps
+    )
     before, after = result.report.macs
     assert after / before <= target + MISS_TOLERANCE
     outcome = result.report.target

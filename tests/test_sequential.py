@@ -95,8 +95,8 @@ def test_each_map_is_the_least_squares_fit_on_the_pruned_models_activations(save
         "round_to": 1,
         "data": data,
         "recalibrate": False,
-        "verify": False,
-    }  # fmt: skip  (unverified: the fit takes every sample)
+        "verify": False,  # nothing held out: the fit takes every sample
+    }
     one_shot = onnxprune.prune(path, **options, sequential=False)
     result = onnxprune.prune(path, **options, sequential=True)
     feeds = data
