@@ -34,7 +34,7 @@ METHODS = {
     "magnitude": {"method": "magnitude"},
     "activation": {"method": "activation"},
     "taylor": {"method": "taylor"},  # ~150 s a run here (torch LSTM steps): --taylor-ratios
-    "id (plain)": {"method": "id", "compensate": "none", "recalibrate": False},
+    "id (plain)": {"method": "id", "compensate": "none", "recalibrate": False, "sequential": False},
     "id (defaults)": {"method": "id"},
 }
 RATIOS = (0.25, 21 / 64, 0.5, 0.75)

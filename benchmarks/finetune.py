@@ -48,7 +48,10 @@ from onnxprune.recover.finetune import finetune  # noqa: E402
 MODELS = ("resnet", "senet", "vgg", "inception", "mobilenetv2")
 KEEP = (0.30, 0.15)  # fraction of MACs kept: 70 % and 85 % fewer
 KINDS = ("distill", "labels", "extra")
-STARTS = {"id+bias+recalibrate": {}, "id": {"compensate": "none", "recalibrate": False}}
+STARTS = {
+    "id+bias+recalibrate": {"sequential": False},
+    "id": {"compensate": "none", "recalibrate": False, "sequential": False},
+}
 
 
 def accuracy(model: onnx.ModelProto, x: np.ndarray, labels: np.ndarray) -> float:

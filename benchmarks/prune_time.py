@@ -38,7 +38,7 @@ ZOO = Path(os.environ.get("ONNXPRUNE_ZOO_CACHE", "/work/zoo_cache"))
 RATIO = 0.25
 METHODS = {
     "magnitude": {"method": "magnitude"},
-    "id": {"method": "id", "compensate": "none", "recalibrate": False},
+    "id": {"method": "id", "compensate": "none", "recalibrate": False, "sequential": False},
     "id-defaults": {"method": "id"},
     "biascomp": {"method": "biascomp"},
 }

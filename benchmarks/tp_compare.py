@@ -82,11 +82,12 @@ OURS = {  # label → prune options (`id` alone: its defaults)
     "id": {"method": "id"},
     "id --prune-residual": {"method": "id", "prune_residual": True},
     "id --prune-residual --round-to 1": {"method": "id", "prune_residual": True, "round_to": 1},
-    "id plain": {"method": "id", "compensate": "none", "recalibrate": False},
+    "id plain": {"method": "id", "compensate": "none", "recalibrate": False, "sequential": False},
     "id plain --prune-residual --round-to 1": {
         "method": "id",
         "compensate": "none",
         "recalibrate": False,
+        "sequential": False,
         "prune_residual": True,
         "round_to": 1,
     },

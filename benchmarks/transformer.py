@@ -55,7 +55,7 @@ from onnxprune.measure.latency import benchmark  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "transformer.json"
 SHAPE = (8, 128)  # batch, sequence for MACs and latency
 SPECS = {  # file stem: (label, prune options)
-    "id": ("id", {"method": "id", "compensate": "none", "recalibrate": False}),
+    "id": ("id", {"method": "id", "compensate": "none", "recalibrate": False, "sequential": False}),
     "id_defaults": ("id (defaults: +bias +recalibrate)", {"method": "id"}),
     "biascomp": ("biascomp (probe:4)", {"method": "biascomp", "jacobian": "probe:4"}),
     "taylor": ("taylor", {"method": "taylor"}),

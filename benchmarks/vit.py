@@ -31,7 +31,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "vit.json"
 REDUCTIONS = (0.25, 0.5)
 METHODS: dict[str, dict] = {
     "magnitude": {"method": "magnitude"},
-    "id": {"method": "id", "compensate": "none", "recalibrate": False},
+    "id": {"method": "id", "compensate": "none", "recalibrate": False, "sequential": False},
     "id defaults": {"method": "id"},  # + intercept, recalibration
     "taylor": {"method": "taylor"},
     "activation": {"method": "activation"},

@@ -58,6 +58,7 @@ from onnxprune.options import WidthRule
 from onnxprune.plan import Plan
 from onnxprune.recalibrate import recalibrate, reference_tensors
 from onnxprune.report import GroupRow, Report, TargetResult
+from onnxprune.sequential import refit
 from onnxprune.within_heads import prune_within_heads
 
 ModelLike = str | os.PathLike | onnx.ModelProto
@@ -187,11 +188,16 @@ def _prune_channels(
     with threadpool_limits(1, "blas"):  # on busy cores OpenBLAS threads spin (calib/stats.py)
         widths = refine_widths(graph, groups, widths, calibration.stats, pruner, config, fit)
         plans = make_plans(groups, widths.counts, calibration.stats, pruner, config)
+    batches = lambda: (b.feeds for b in fit.batches(config.batch_size))  # noqa: E731
+    if config.sequential:
+        free_map = config.method == "id" or config.compensate == "lsq"
+        plans, refit_notes = refit(graph, groups, plans, batches, free_map=free_map,
+                                   exact_borders=config.exact_borders)  # fmt: skip
+        notes += refit_notes
     pruned_graph = rewrite(graph, groups, plans, exact_borders=config.exact_borders)
     notes += (widths.note,) if widths.note else ()
     notes += unrotated_note(groups, plans) if config.method == "cob" else ()
     if config.recalibrate:
-        batches = lambda: (b.feeds for b in fit.batches(config.batch_size))  # noqa: E731
         original, reference = (lambda: export(graph)), calibration.moments
         pruned_graph, layers = recalibrate(
             original, pruned_graph, groups, plans, batches, reference=reference

@@ -65,7 +65,7 @@ def recalibrate(
     with tempfile.TemporaryDirectory(prefix="onnxprune-recalibrate-") as folder:
         values = Held(_initial_values(segments, batches()), Path(folder))
         for index, segment in enumerate(segments):
-            _run_segment(model, segment, values)
+            run_segment(model, segment, values)
             name, axis, keep = targets[segment.end]
             mean, var = (v[keep] for v in known[segment.end])
             scale, shift = _affine(mean, var, values, segment.end, axis)
@@ -145,7 +145,7 @@ def _initial_values(segments: list[Segment], batches: Iterable[Mapping[str, np.n
     return [{k: v for k, v in feeds.items() if k in wanted} for feeds in batches]
 
 
-def _run_segment(model: onnx.ModelProto, segment: Segment, values: Held) -> None:
+def run_segment(model: onnx.ModelProto, segment: Segment, values: Held) -> None:
     """Run `segment` on every batch and add its outputs to `values`."""
     if not len(values):
         return

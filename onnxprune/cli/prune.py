@@ -278,6 +278,13 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "default: on for id, off for the others",
     )
     method.add_argument(
+        "--sequential",
+        action=argparse.BooleanOptionalAction,
+        help="refit each tap's correction, in topological order, on the activations of the "
+        "pruned model (earlier taps already refit) against the original's; the selection stays "
+        "the method's (id, or --compensate bias|lsq); default: on for id, off for the others",
+    )
+    method.add_argument(
         "--exact-borders",
         action="store_true",
         help="fold a correction's constant into zero-padded Conv consumers exactly (an Add of a "
@@ -399,6 +406,7 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         quantize_float_ends=args.quantize_float_ends,
         allow_noop=args.allow_noop,
         recalibrate=args.recalibrate,
+        sequential=args.sequential,
         exact_borders=args.exact_borders,
         ippro_lambda=args.ippro_lambda,
         threshold=args.threshold,

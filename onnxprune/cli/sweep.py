@@ -32,7 +32,8 @@ EXAMPLE = """example:
   onnxprune sweep model.onnx --methods id,magnitude --data calib.npz --eval test.npz \\
       --ray ray://head:10001 --no-latency
 
-A method spec is NAME[+MODIFIER...]; modifiers: bias, lsq (compensation), recalibrate.
+A method spec is NAME[+MODIFIER...]; modifiers: bias, lsq (compensation), recalibrate,
+sequential.
 The metric is accuracy when --eval has labels, else top-1 agreement with the original
 (class scores) or the relative L2 deviation of the first output."""
 

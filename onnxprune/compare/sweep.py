@@ -43,6 +43,7 @@ MODIFIERS: dict[str, dict[str, Any]] = {
     "bias": {"compensate": "bias"},
     "lsq": {"compensate": "lsq"},
     "recalibrate": {"recalibrate": True},
+    "sequential": {"sequential": True},
 }
 CSV_COLUMNS = (
     "method", "kind", "point", "seeds", "metric", "metric_std", "accuracy", "agreement", "rel_l2",
@@ -293,7 +294,8 @@ def sweep(
 
 
 def parse_method(text: str) -> MethodSpec:
-    """`name[+modifier...]` with modifiers bias, lsq (compensation) and recalibrate."""
+    """`name[+modifier...]` with modifiers bias, lsq (compensation), recalibrate and
+    sequential."""
     name, *mods = [part.strip() for part in text.strip().split("+")]
     if name not in METHODS:
         raise UsageError(f"unknown method '{name}' in '{text}'; choose from {', '.join(METHODS)}")
@@ -456,7 +458,8 @@ def _cell(shared: _Shared, task: _Point) -> SweepCell:
     """Prune, score, cost, optionally write and time one cell; a refused prune is its error."""
     spec, kind, point = task.spec, task.kind, task.point
     width = {"ratio": point} if kind == "ratio" else {"target_macs": 1.0 - point}
-    literal = {"compensate": "none", "recalibrate": False}  # a spec names all it adds
+    literal = {"compensate": "none", "recalibrate": False, "sequential": False}  # a spec: all
+    # it adds is named
     prune_options = {"verify": False, "allow_noop": True, **literal, **shared.options}
     prune_options.update({**spec.options, **width})
     scores, macs, params, seconds, model = [], [], [], [], None

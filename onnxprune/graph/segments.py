@@ -8,6 +8,10 @@ node up to the producer of its end tensor; it reads the graph inputs and earlier
 and outputs its end and every tensor a later segment reads. Nodes after the last end never run.
 
 Sub-models are built one at a time (`segment_model`), copying only their own weights.
+
+`segment_to` cuts by need instead of by position: the nodes an end depends on that have not run
+yet. A pass whose model changes between stops (the sequential fit refolds downstream layers after
+each one) identifies the nodes that ran by name, so its segments stay valid in the new model.
 """
 
 from __future__ import annotations
@@ -50,6 +54,36 @@ def split_at(model: onnx.ModelProto, ends: Iterable[str]) -> list[Segment]:
         segments.append(Segment(tuple(span), tuple(inputs), (end, *later), end))
         first = stop + 1
     return segments
+
+
+def segment_to(
+    model: onnx.ModelProto, end: str, done: set[str], keep: Iterable[str] = ()
+) -> Segment | None:
+    """The nodes of `model` that computing `end` needs and whose names are not in `done`, as a
+    Segment (None when `end`'s producer ran already). Its outputs are `end` and every tensor it
+    makes that a node not yet run reads, or that `keep` names."""
+    nodes = model.graph.node
+    producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
+    if nodes[producer[end]].name in done:
+        return None
+    constants = {t.name for t in model.graph.initializer}
+    reads = [_reads(node) - constants for node in nodes]
+    picked, stack = set(), [producer[end]]
+    while stack:
+        i = stack.pop()
+        if i not in picked and nodes[i].name not in done:
+            picked.add(i)
+            stack.extend(producer[name] for name in reads[i] if name in producer)
+    span = sorted(picked)
+    made = {name for i in span for name in nodes[i].output if name}
+    inputs = sorted({name for i in span for name in reads[i]} - made)
+    later = still_read(model, done | {nodes[i].name for i in span}) | set(keep)
+    return Segment(tuple(span), tuple(inputs), (end, *sorted(made & later - {end})), end)
+
+
+def still_read(model: onnx.ModelProto, done: set[str]) -> set[str]:
+    """The tensors that the nodes of `model` whose names are not in `done` read."""
+    return {name for node in model.graph.node if node.name not in done for name in _reads(node)}
 
 
 def segment_model(
