@@ -112,8 +112,8 @@ class Flatten(_Commuting):
 
 @register("Reshape")
 class Reshape(_Commuting):
-    """A channel-major flatten of (batch, C, ...) to (batch, C·H·W), or a channel shuffle's
-    first Reshape (the shuffle as a whole)."""
+    """A channel-major flatten of (batch, C, ...) to (batch, C·H·W), a channel shuffle's first
+    Reshape (the shuffle as a whole), or a regrouping of the axes before the channels."""
 
     strided = True
 
