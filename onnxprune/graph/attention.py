@@ -30,14 +30,20 @@ Reshape), and None for anything else (the analyzer then asks the other rules).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit
 from onnxprune.ops.flow import State, Step, const, rank_of, shape_of, through
-from onnxprune.ops.shape_values import dim_origin, shape_entry, shape_source
+from onnxprune.ops.shape_values import (
+    TargetEntry,
+    dim_origin,
+    shape_entry,
+    shape_source,
+    target_entry,
+)
 
 _SCALING = frozenset({"Add", "Sub", "Mul", "Div"})
 
@@ -292,49 +298,6 @@ def _unfold(
     if own is not None and read is not None and read == (fold.inputs[0], own):
         return after, []  # the fold's input's own head count, read back: it follows
     return _block(f"the head count of Reshape '{node.name}' comes from a computed shape")
-
-
-@dataclass(frozen=True)
-class TargetEntry:
-    """Where one entry of a Reshape target is stated: entry `at` of input `input` of `node`
-    (the Reshape's constant target, or a piece of the Concat that builds it)."""
-
-    node: gs.Node
-    input: int
-    at: int
-
-    @property
-    def tensor(self) -> gs.Tensor:
-        return self.node.inputs[self.input]
-
-    def value(self) -> int | None:
-        """The stated value when it is a constant, else None."""
-        if not isinstance(self.tensor, gs.Constant):
-            return None
-        return int(np.asarray(self.tensor.values).reshape(-1)[self.at])
-
-    def edit(self, offset: int, spatial: int = 1) -> ParamEdit:
-        """The entry counts the heads (`spatial` per head): it shrinks with them."""
-        return ParamEdit(self.node.name, self.input, self.at, offset, "count", spatial)
-
-
-def target_entry(node: gs.Node, entry: int) -> TargetEntry | Step:
-    """Where entry `entry` of Reshape `node`'s target is stated, or a block."""
-    target = node.inputs[1]
-    if isinstance(target, gs.Constant):
-        return TargetEntry(node, 1, entry)
-    source = target.inputs[0] if target.inputs else None
-    if source is None or source.op != "Concat":
-        return _block(f"Reshape '{node.name}' gets its target from a computed shape")
-    start = 0
-    for i, piece in enumerate(source.inputs):
-        size = shape_of(piece)
-        if size is None or len(size) != 1 or not isinstance(size[0], int):
-            return _block(f"Concat '{source.name}' builds a shape from pieces of unknown size")
-        if start <= entry < start + size[0]:
-            return TargetEntry(source, i, entry - start)
-        start += size[0]
-    return _block(f"Concat '{source.name}' is shorter than the target of '{node.name}'")
 
 
 def _read_as_targets(tensor: gs.Tensor) -> bool:

@@ -1,4 +1,4 @@
-"""Packed q/k/v in-projections (nn.MultiheadAttention) taken apart into three projections.
+"""Packed q/k/v in-projections (nn.MultiheadAttention, Swin) taken apart into three projections.
 
 nn.MultiheadAttention computes q, k and v with ONE Linear of 3·E outputs and separates them after
 an unflatten; both torch exporters write
@@ -7,15 +7,24 @@ an unflatten; both torch exporters write
     Reshape → (…, 3, E), Unsqueeze, Transpose (the 3-axis to the front), Squeeze → (3, …, E)
     Gather(axis 0, t) for t = 0, 1, 2                     → q, k, v, each (…, E)
 
+torchvision's Swin splits the heads in the same Reshape and moves them with the parts:
+
+    Reshape → (B, N, 3, H, D), Transpose(2, 0, 3, 1, 4) → (3, B, H, N, D), Gather(axis 0, t)
+
 Part t is x W[:, tE:(t+1)E] + b[tE:(t+1)E] exactly (the same dot products), so
-`unpack_projections` writes each Gather's output with that MatMul (and Add) instead: the head
-rule (graph/attention.py) then sees three projections, and head h of the packed layer is the
-same D columns of each third of W and b. The data-movement chain is not trusted from its op
-list: it is run on an index array (symbolic dims given sizes) and each Gather must return
-exactly part t, with the leading axes as the projection wrote them.
+`unpack_projections` writes each Gather's output with that MatMul (and Add) instead, followed
+for Swin by the plain head split Reshape (…, E) → (…, H, D) (target 0, …, 0, H, D) and the
+Transpose that puts the axes where the Gather had them: the head rule (graph/attention.py) then
+sees three projections, and head h of the packed layer is the same D columns of each third of W
+and b. The data-movement chain is not trusted from its op list: it is run on an index array
+(symbolic dims given sizes) and each Gather must return exactly part t, with its axes as the
+projection (and the head split) wrote them or permuted by one Transpose.
 """
 
 from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -32,14 +41,26 @@ def unpack_projections(graph: gs.Graph) -> int:
     for node in list(graph.nodes):
         found = _packed(node)
         if found is not None:
-            _unpack(graph, node, *found)
+            _unpack(graph, node, found)
             count += 1
     return count
 
 
-def _packed(matmul: gs.Node) -> tuple[gs.Node | None, list[gs.Node]] | None:
-    """(bias Add or None, the Gathers in part order) when `matmul` is a packed projection whose
-    parts are taken apart as the module docstring says, else None."""
+@dataclass(frozen=True)
+class _Parts:
+    """How a packed projection's parts are read: the bias Add (or None), the Gathers in part
+    order, the per-part head split (H, D) (None: the parts stay (…, E)) and the axis order each
+    Gather gives part t in (None: as the projection wrote it)."""
+
+    add: gs.Node | None
+    gathers: list[gs.Node]
+    heads: tuple[int, int] | None
+    perm: tuple[int, ...] | None
+
+
+def _packed(matmul: gs.Node) -> _Parts | None:
+    """How `matmul`'s parts are read when it is a packed projection taken apart as the module
+    docstring says, else None."""
     weight = const(matmul, 1)
     if matmul.op != "MatMul" or weight is None or weight.ndim != 2 or weight.shape[1] % 3:
         return None
@@ -48,18 +69,20 @@ def _packed(matmul: gs.Node) -> tuple[gs.Node | None, list[gs.Node]] | None:
     if reshape is None or reshape.inputs[0] is not tail:
         return None
     width = weight.shape[1] // 3
-    lead = _leading_axes(shape_of(tail), shape_of(reshape.outputs[0]), width)
-    if lead is None:
+    found = _leading_axes(shape_of(tail), shape_of(reshape.outputs[0]), width)
+    if found is None:
         return None
+    lead, heads = found
     chain, tensor = [], reshape.outputs[0]
     while (user := _only_user(tensor)) is not None and user.op in _MOVES:
         chain.append(user)
         tensor = user.outputs[0]
-    gathers = list(tensor.outputs)
-    parts = _parts(chain, gathers, [*lead, 3, width])
-    if parts is None:
+    part = [width] if heads is None else list(heads)
+    ordered = _parts(chain, list(tensor.outputs), [*lead, 3, *part], len(lead))
+    if ordered is None:
         return None
-    return add, parts
+    gathers, perm = ordered
+    return _Parts(add, gathers, heads, perm)
 
 
 def _bias_add(matmul: gs.Node) -> tuple[gs.Node | None, gs.Tensor]:
@@ -85,28 +108,39 @@ def _only_user(tensor: gs.Tensor, op: str | None = None, ignore: str = "") -> gs
     return users[0]
 
 
-def _leading_axes(shape_in: list | None, shape_out: list | None, width: int) -> list | None:
-    """Sizes for the leading axes (symbolic ones given 2) when the Reshape turns (…, 3E) into
-    (…, 3, E) with the same leading axes, else None. Inference may name a leading dim anew
-    (a -1 in the target): with every other leading dim the same, the element count makes it
-    the input's."""
-    if shape_in is None or shape_out is None or len(shape_out) != len(shape_in) + 1:
+def _leading_axes(
+    shape_in: list | None, shape_out: list | None, width: int
+) -> tuple[list, tuple[int, int] | None] | None:
+    """Sizes for the leading axes (symbolic ones given 2) and the head split (H, D) when the
+    Reshape turns (…, 3E) into (…, 3, E) or (…, 3, H, D) with the same leading axes, else None.
+    Inference may name a leading dim anew (a -1 in the target): with every other leading dim
+    the same, the element count makes it the input's."""
+    if shape_in is None or shape_out is None or shape_in[-1] != 3 * width:
         return None
-    if shape_in[-1] != 3 * width or shape_out[-2:] != [3, width]:
+    heads = None
+    if len(shape_out) == len(shape_in) + 2 and shape_out[-3] == 3:
+        heads = tuple(shape_out[-2:])
+        if not all(isinstance(d, int) and d > 0 for d in heads) or heads[0] * heads[1] != width:
+            return None
+    elif len(shape_out) != len(shape_in) + 1 or shape_out[-2:] != [3, width]:
         return None
-    lead_in, lead_out = shape_in[:-1], shape_out[:-2]
+    lead_in, lead_out = shape_in[:-1], shape_out[: len(shape_in) - 1]
     if sum(a != b for a, b in zip(lead_in, lead_out, strict=True)) > 1:
         return None
     if any(
         isinstance(a, int) != isinstance(b, int) for a, b in zip(lead_in, lead_out, strict=True)
     ):
         return None
-    return [d if isinstance(d, int) else 2 for d in lead_in]
+    return [d if isinstance(d, int) else 2 for d in lead_in], heads
 
 
-def _parts(chain: list[gs.Node], gathers: list[gs.Node], sizes: list[int]) -> list | None:
-    """The Gathers ordered by part when running `chain` and each Gather on an index array of
-    `sizes` (…, 3, E) gives part t of it, for the three parts, else None."""
+def _parts(
+    chain: list[gs.Node], gathers: list[gs.Node], sizes: list[int], at: int
+) -> tuple[list[gs.Node], tuple[int, ...] | None] | None:
+    """The Gathers ordered by part, and the axis order they give each part in (None: as it
+    is), when running `chain` and each Gather on an index array of `sizes` (…, 3, E) or
+    (…, 3, H, D), the 3 at axis `at`, gives part t of it, the same way for the three parts;
+    else None."""
     if len(gathers) != 3 or any(g.op != "Gather" for g in gathers):
         return None
     index = np.arange(int(np.prod(sizes))).reshape(sizes)
@@ -116,16 +150,34 @@ def _parts(chain: list[gs.Node], gathers: list[gs.Node], sizes: list[int]) -> li
         if moved is None:
             return None
     found: dict[int, gs.Node] = {}
+    perms = set()
     for gather in gathers:
         picked = const(gather, 1)
         if picked is None or picked.ndim != 0 or gather.inputs[0].outputs.count(gather) != 1:
             return None
         got = np.take(moved, int(picked), axis=gather.attrs.get("axis", 0))
         part = int(picked) % 3
-        if got.shape != index[..., part, :].shape or not np.array_equal(got, index[..., part, :]):
+        perm = _order(got, np.take(index, part, axis=at))
+        if perm is None:
             return None
         found[part] = gather
-    return [found[t] for t in range(3)] if len(found) == 3 else None
+        perms.add(perm)
+    if len(found) != 3 or len(perms) != 1:
+        return None
+    perm = perms.pop()
+    return [found[t] for t in range(3)], None if perm == tuple(range(len(perm))) else perm
+
+
+def _order(got: np.ndarray, part: np.ndarray) -> tuple[int, ...] | None:
+    """The axis order with `np.transpose(part, order)` equal to `got`, else None."""
+    if got.ndim != part.ndim or got.size != part.size:
+        return None
+    for perm in itertools.permutations(range(part.ndim)):
+        if got.shape == tuple(part.shape[p] for p in perm) and np.array_equal(
+            got, np.transpose(part, perm)
+        ):
+            return perm
+    return None
 
 
 def _move(node: gs.Node, array: np.ndarray) -> np.ndarray | None:
@@ -143,28 +195,31 @@ def _move(node: gs.Node, array: np.ndarray) -> np.ndarray | None:
     return np.squeeze(array, tuple(a % array.ndim for a in axes))
 
 
-def _unpack(graph: gs.Graph, matmul: gs.Node, add: gs.Node | None, gathers: list) -> None:
-    """Write each Gather's output with its part's own MatMul (and bias Add)."""
+def _unpack(graph: gs.Graph, matmul: gs.Node, parts: _Parts) -> None:
+    """Write each Gather's output with its part's own MatMul (and bias Add, head split
+    Reshape and Transpose)."""
     weight = np.asarray(matmul.inputs[1].values)
     width = weight.shape[1] // 3
+    add = parts.add
     bias = None if add is None else next(t for t in add.inputs if isinstance(t, gs.Constant))
-    for t, (gather, name) in enumerate(zip(gathers, "qkv", strict=True)):
-        part = slice(t * width, (t + 1) * width)
+    lead = len(shape_of(matmul.outputs[0])) - 1
+    for t, (gather, name) in enumerate(zip(parts.gathers, "qkv", strict=True)):
+        part, base = slice(t * width, (t + 1) * width), f"{matmul.name}_{name}"
+        columns = np.ascontiguousarray(weight[:, part])
+        steps = [("MatMul", base, [gs.Constant(f"{base}.weight", columns)], {})]
+        if bias is not None:
+            shift = gs.Constant(f"{add.name}_{name}.bias", np.asarray(bias.values)[part].copy())
+            steps.append(("Add", f"{add.name}_{name}", [shift], {}))
+        if parts.heads is not None:
+            target = np.array([0] * lead + list(parts.heads), np.int64)
+            steps.append(("Reshape", f"{base}_heads", [gs.Constant(f"{base}.heads", target)], {}))
+        if parts.perm is not None:
+            steps.append(("Transpose", f"{base}_perm", [], {"perm": list(parts.perm)}))
         result = gather.outputs[0]
         gather.outputs.clear()
-        columns = gs.Constant(f"{matmul.name}_{name}.weight", np.ascontiguousarray(weight[:, part]))
-        projected = result
-        if bias is not None:
-            projected = gs.Variable(f"{matmul.outputs[0].name}_{name}", dtype=result.dtype)
-            shift = gs.Constant(f"{add.name}_{name}.bias", np.asarray(bias.values)[part].copy())
-            graph.nodes.append(
-                gs.Node("Add", f"{add.name}_{name}", inputs=[projected, shift], outputs=[result])
-            )
-        graph.nodes.append(
-            gs.Node(
-                "MatMul",
-                f"{matmul.name}_{name}",
-                inputs=[matmul.inputs[0], columns],
-                outputs=[projected],
-            )  # fmt: skip
-        )
+        tensor = matmul.inputs[0]
+        for i, (op, node_name, extra, attrs) in enumerate(steps):
+            last = i == len(steps) - 1
+            out = result if last else gs.Variable(f"{node_name}_output", dtype=result.dtype)
+            graph.nodes.append(gs.Node(op, node_name, attrs, [tensor, *extra], [out]))
+            tensor = out

@@ -1,6 +1,9 @@
 """Ops that join, partition or select along axes: Concat, Split, Slice, Gather.
 
-* Concat on the channel axis passes each input's channels at its offset in the output.
+* Concat on the channel axis passes each input's channels at its offset in the output. On
+  another axis (Swin's cyclic shift, `torch.roll` written as two Slices joined again) both
+  inputs must carry the same channels, like the operands of a residual Add: the channels pass
+  on the same axis and the inputs' producers are tied into one group.
 * Split on the channel axis sends the group to the output that holds it, at that output's
   offset, and the output's size shrinks with the group. A group whose channels fall into
   several outputs is cut there (`Step.cuts`): the analyzer makes one group of each part.
@@ -45,14 +48,24 @@ if TYPE_CHECKING:
 
 @register("Concat")
 class Concat(Handler):
-    """Concat along the channel axis: the input's channels move to its offset."""
+    """Concat along the channel axis: the input's channels move to its offset. Along another
+    axis: two activations carrying the same channels, tied."""
 
     strided = True
 
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
         rank = rank_of(node.outputs[0])
-        if rank is None or node.attrs.get("axis", 0) % rank != state.axis or state.spatial != 1:
-            return block(f"Concat '{node.name}' joins along another axis than the channels")
+        if rank is None:
+            return block(f"Concat '{node.name}' has an unknown rank")
+        if node.attrs.get("axis", 0) % rank != state.axis:
+            if len(node.inputs) != 2 or any(isinstance(t, gs.Constant) for t in node.inputs):
+                return block(
+                    f"Concat '{node.name}' joins along another axis than the channels, "
+                    "not two activations"
+                )
+            return through(node, state, couple=True)
+        if state.spatial != 1:
+            return block(f"Concat '{node.name}' joins channels of several features each")
         before = 0
         for tensor in node.inputs[:index]:
             shape = shape_of(tensor)

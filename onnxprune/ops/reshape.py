@@ -13,6 +13,14 @@ shuffle's output: where channels were removed, the rewriter replaces the three n
 Gather of the surviving channels in that order, so the g segments need not keep equal widths
 (which ShuffleNet's next shuffle, reading halves of this one's output, could not guarantee).
 Any other Reshape splitting the channel axis is refused.
+
+A Reshape that keeps the channel axis and every axis after it (same static sizes, last axes of
+the output) only regroups the axes before it: in row-major order each trailing block stays
+contiguous, so channel c stays channel c. Swin writes its window partition and reverse
+(channels last), and the regrouping of its attention logits by window for the shifted-window
+mask (heads followed by two token axes), this way. The target's entry for the channel axis
+shrinks with the group (a constant, or the constant piece of a Concat of shape pieces), or is
+-1, or 0 at the same position (copies the input's axis); a computed one is refused.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from onnxprune.ops.flow import (
     through,
 )
 from onnxprune.ops.registry import Handler, register
+from onnxprune.ops.shape_values import target_entry
 from onnxprune.ops.torch_support import from_input_or_attr, ints
 
 if TYPE_CHECKING:
@@ -103,8 +112,8 @@ class Flatten(_Commuting):
 
 @register("Reshape")
 class Reshape(_Commuting):
-    """A channel-major flatten of (batch, C, ...) to (batch, C·H·W), or a channel shuffle's
-    first Reshape (the shuffle as a whole)."""
+    """A channel-major flatten of (batch, C, ...) to (batch, C·H·W), a channel shuffle's first
+    Reshape (the shuffle as a whole), or a regrouping of the axes before the channels."""
 
     strided = True
 
@@ -115,6 +124,8 @@ class Reshape(_Commuting):
             return _shuffle_step(node, state, channels)
         if state.stride != 1:
             return block(f"Reshape '{node.name}' reshapes shuffled channels")
+        if (kept := _keeps_trailing(node, state)) is not None:
+            return kept
         shape_in, target = shape_of(node.inputs[0]), const(node, 1)
         fail = block(f"Reshape '{node.name}' does not flatten from the channel axis")
         if shape_in is None or target is None or target.size != 2 or state.axis != 1:
@@ -135,6 +146,31 @@ class Reshape(_Commuting):
 
     def torch(self, op_type: str) -> TorchOp | None:
         return _reshape
+
+
+def _keeps_trailing(node: gs.Node, state: State) -> Step | None:
+    """The step when Reshape `node` keeps the channel axis and every axis after it (module
+    docstring), else None."""
+    shape_in, shape_out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
+    if shape_in is None or shape_out is None:
+        return None
+    tail = shape_in[state.axis :]
+    if not all(isinstance(d, int) for d in tail) or len(shape_out) < len(tail):
+        return None
+    axis = len(shape_out) - len(tail)
+    if shape_out[axis:] != tail:
+        return None
+    stated = target_entry(node, axis)
+    if isinstance(stated, Step):
+        return stated
+    value = stated.value()
+    if value == shape_in[state.axis]:
+        edits = [stated.edit(state.offset, state.spatial)]
+    elif value == -1 or (value == 0 and axis == state.axis):
+        edits = []
+    else:
+        return block(f"Reshape '{node.name}' states the channel count of axis {axis} as {value}")
+    return through(node, state, axis=axis, edits=edits)
 
 
 @register("Transpose")

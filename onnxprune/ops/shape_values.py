@@ -11,14 +11,20 @@ The dynamo export of the same model reshapes the hidden states into heads with t
 sequence read from a graph input's shape, and inference has lost that the hidden states have
 those sizes (`x + position_embeddings[:, :S]` gets new symbols); `dim_origin` proves a dim's
 size back to a graph input's dim through shape-keeping ops and broadcasts.
+
+`target_entry` finds where one entry of a Reshape target is stated (a constant, or a piece of
+the Concat the legacy exporter builds targets with), for the rules that edit it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.ops.flow import const, rank_of, shape_of
+from onnxprune.graph.groups import ParamEdit
+from onnxprune.ops.flow import Step, block, const, rank_of, shape_of
 
 _ELEMENTWISE = frozenset(
     {"Where", "Cast", "Not", "And", "Or", "Equal", "Add", "Sub", "Mul", "Div", "Neg"}
@@ -240,3 +246,47 @@ def _shape_dim(
         entry = slice(entry, None).indices(end - start)[0]
     axis = start + entry + offset
     return (shape.inputs[0], axis) if start <= axis < end else None
+
+
+@dataclass(frozen=True)
+class TargetEntry:
+    """Where one entry of a Reshape target is stated: entry `at` of input `input` of `node`
+    (the Reshape's constant target, or a piece of the Concat that builds it)."""
+
+    node: gs.Node
+    input: int
+    at: int
+
+    @property
+    def tensor(self) -> gs.Tensor:
+        return self.node.inputs[self.input]
+
+    def value(self) -> int | None:
+        """The stated value when it is a constant, else None."""
+        if not isinstance(self.tensor, gs.Constant):
+            return None
+        return int(np.asarray(self.tensor.values).reshape(-1)[self.at])
+
+    def edit(self, offset: int, spatial: int = 1) -> ParamEdit:
+        """The entry counts the group's channels (`spatial` features each): it shrinks with
+        them."""
+        return ParamEdit(self.node.name, self.input, self.at, offset, "count", spatial)
+
+
+def target_entry(node: gs.Node, entry: int) -> TargetEntry | Step:
+    """Where entry `entry` of Reshape `node`'s target is stated, or a block."""
+    target = node.inputs[1]
+    if isinstance(target, gs.Constant):
+        return TargetEntry(node, 1, entry)
+    source = target.inputs[0] if target.inputs else None
+    if source is None or source.op != "Concat":
+        return block(f"Reshape '{node.name}' gets its target from a computed shape")
+    start = 0
+    for i, piece in enumerate(source.inputs):
+        size = shape_of(piece)
+        if size is None or len(size) != 1 or not isinstance(size[0], int):
+            return block(f"Concat '{source.name}' builds a shape from pieces of unknown size")
+        if start <= entry < start + size[0]:
+            return TargetEntry(source, i, entry - start)
+        start += size[0]
+    return block(f"Concat '{source.name}' is shorter than the target of '{node.name}'")
