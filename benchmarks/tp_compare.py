@@ -5,16 +5,17 @@ calibration samples (benchmarks/defaults.py's split); each tool's best variant p
 with the highest accuracy on the other 128 calibration samples (validation), among those that
 land within 0.01 of the MAC target; the test split (540 images) is only reported.
 
-Torch-Pruning 1.6.1 (`MetaPruner`), TP_VARIANTS: L1 per-layer uniform, L1 `global_pruning`,
-`global_pruning` + `isomorphic` with every importance it has — L1 and L2 magnitude (L2 is its
-group norm: `GroupMagnitudeImportance(p=2)`), BN scale, LAMP, FPGM, Taylor (summed cross-entropy
-gradients) and Hessian (OBD: mean over samples of the squared per-sample gradient) — and L1
-isomorphic in 5 iterative steps; each followed by BatchNorm re-estimation on the fit samples
-(after every step when iterative, gradients recomputed before every step). `pruning_ratio` is
-searched (regula falsi, then bisection) so that the conv/linear MACs — onnxprune's count,
-computed on the torch model — land at most at, and within 0.5 % of the original below, 1 − t
-(where one channel's MACs exceed that window, the closest below 1 − t); the classifier's
-outputs are kept; no layer loses more than 90 % (onnxprune's `--max-group-ratio`).
+Torch-Pruning 1.6.1 (`MetaPruner`), TP_VARIANTS: every importance it has — L1 and L2 magnitude
+(L2 is its group norm: `GroupMagnitudeImportance(p=2)`), BN scale, LAMP, FPGM, Taylor (summed
+cross-entropy gradients) and Hessian (OBD: mean over samples of the squared per-sample
+gradient) — both per-layer uniform and with `global_pruning` + `isomorphic`; L1 with
+`global_pruning` alone; and L1 isomorphic in 5 iterative steps; each followed by BatchNorm
+re-estimation on the fit samples (after every step when iterative, gradients recomputed
+before every step). `pruning_ratio` is searched (regula falsi, then bisection) so that the
+conv/linear MACs — onnxprune's count, computed on the torch model — land at most at, and
+within 0.5 % of the original below, 1 − t (where one channel's MACs exceed that window, the
+closest below 1 − t); the classifier's outputs are kept; no layer loses more than 90 %
+(onnxprune's `--max-group-ratio`).
 Torch-Pruning keeps its default `round_to=None` (any width: the most accurate it can be at a
 given MAC count). Its variants are scored on the torch model; the best by validation is
 exported (BatchNorm folded) and scored again as ONNX by ORT and onnxprune's counter.
@@ -76,9 +77,8 @@ IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
     "hessian": lambda: tp.importance.HessianImportance(),
 }
 TP_VARIANTS = (  # (importance, scope, iterative steps); every one with BN re-estimation
-    ("l1", "local", 1),
+    *((importance, scope, 1) for scope in ("local", "isomorphic") for importance in IMPORTANCES),
     ("l1", "global", 1),
-    *((importance, "isomorphic", 1) for importance in IMPORTANCES),
     ("l1", "isomorphic", 5),
 )
 SCOPES = {
