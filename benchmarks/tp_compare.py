@@ -26,7 +26,10 @@ folded, so Torch-Pruning gets models/build.py's architecture holding the file's 
 identity on its conv's output at that output's per-channel mean μ and variance σ² on the fit
 samples (running stats μ, σ², weight √(σ² + ε), bias μ + b, the conv without bias), so its
 scale is the channel's output spread, as BN-scale and group-norm importances expect, and BN
-re-estimation starts from the statistics of the data.
+re-estimation starts from the statistics of the data. A conv before a BatchNorm can be scaled
+per channel without changing the function, and magnitude importances rank by that scale, so
+every Torch-Pruning variant also runs (label suffix `, unit`) on the same model with those
+convs scaled to outputs of unit variance; its best is chosen among both.
 
 onnxprune: `id` with its defaults (`--round-to 16`, residual groups whole), with
 `--prune-residual` at `--round-to` 16 and 1, and plain `id` (`--compensate none
@@ -44,6 +47,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from itertools import product
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +85,7 @@ TP_VARIANTS = (  # (importance, scope, iterative steps); every one with BN re-es
     ("l1", "global", 1),
     ("l1", "isomorphic", 5),
 )
+GAUGES = {"": False, ", unit": True}  # label suffix → conv outputs scaled to unit variance
 SCOPES = {
     "local": {},
     "global": {"global_pruning": True},
@@ -192,23 +197,24 @@ def measure_tp(name: str, reductions: tuple[float, ...], save: Save) -> None:
     validation and test accuracy and MACs computed on the torch model; the best by validation
     is exported and scored again as an ONNX file (`onnx`: ORT accuracy, onnxprune's counter)."""
     fit, val, test = splits(name)
-    model = torch_original(name, fit.arrays["input"], test[0])
+    models = {gauge: torch_original(name, fit.arrays["input"], test[0], unit_outputs=unit)
+              for gauge, unit in GAUGES.items()}  # fmt: skip
     x, y = torch.from_numpy(fit.arrays["input"]), torch.from_numpy(fit.labels)
     example = x[:1]
     score = Scorer(onnx.load(ROOT / "models" / f"{name}.onnx"), val, test)
-    if (torch_macs := macs(model, example)) != score.macs:
+    if (torch_macs := macs(models[""], example)) != score.macs:
         raise SystemExit(f"{name}: torch-side MACs {torch_macs} ≠ onnxprune's {score.macs}")
     cells: dict[str, dict] = {}
     for reduction in reductions:
         budget = (1 - reduction) * score.macs
-        uniform = Run(name, "l1", "local", 1, x, y).bisect(model, example, budget, None)
+        uniform = Run(name, "l1", "local", 1, x, y).bisect(models[""], example, budget, None)
         pruned_models = {}
-        for importance, scope, steps in TP_VARIANTS:
+        for (importance, scope, steps), (gauge, model) in product(TP_VARIANTS, models.items()):
             start = time.perf_counter()
             run = Run(name, importance, scope, steps, x, y)
             ratio = uniform if scope == "local" else run.bisect(model, example, budget, uniform)
             pruned = run.prune(model, example, ratio, bn=True)
-            label = f"{importance} {scope}" + (f" {steps} steps" if steps > 1 else "")
+            label = f"{importance} {scope}" + (f" {steps} steps" if steps > 1 else "") + gauge
             cells[f"{label} @ {reduction}"] = {
                 **torch_scores(pruned, example, val, test, score),
                 "ratio": ratio,
@@ -343,13 +349,14 @@ def macs(model: nn.Module, example: torch.Tensor) -> int:
     return total
 
 
-def torch_original(name: str, fit: np.ndarray, test: np.ndarray) -> nn.Module:
+def torch_original(name: str, fit: np.ndarray, test: np.ndarray, unit_outputs: bool) -> nn.Module:
     """The torch digits model computing what the bundled `models/<name>.onnx` computes: its
-    folded weights in models/build.py's architecture, every BatchNorm the identity at the
+    folded weights in models/build.py's architecture (with `unit_outputs`, each conv before a
+    BatchNorm scaled to outputs of unit variance), every BatchNorm the identity at the
     statistics of its conv's outputs on `fit` (models/weights.py), checked against ORT on
     `test` (max |Δ logit| at float rounding, else an error)."""
     try:
-        return weights.load(name, fit, check=test)
+        return weights.load(name, fit, check=test, unit_outputs=unit_outputs)
     except ValueError as err:
         raise SystemExit(f"{name}: {err}") from err
 

@@ -9,7 +9,8 @@ identity on that conv's output: with μ, σ² the per-channel mean and variance 
 bias = μ + b. In eval mode the BatchNorm then computes (z − μ) / √(σ² + ε) · √(σ² + ε) + μ + b
 = z + b for any input z — the folded layer exactly — while its scale is the channel's output
 spread and its statistics are those of a trained model, which is what BN re-estimation and
-BN-scale or group-norm importances expect. `verify` checks the module against ONNX Runtime.
+BN-scale or group-norm importances expect (`unit_outputs` rescales the convs instead to outputs
+of unit variance: the same function). `verify` checks the module against ONNX Runtime.
 
     module = load("vgg", calib_x)          # models/vgg.onnx in archs.VGG, checked against ORT
 """
@@ -29,21 +30,31 @@ OUT_DIR = Path(__file__).resolve().parent
 RELATIVE_TOLERANCE = 1e-4  # of max(1, max |logit|): float32 rounding, not a different function
 
 
-def load(name: str, x: np.ndarray, check: np.ndarray | None = None) -> nn.Module:
+def load(
+    name: str, x: np.ndarray, check: np.ndarray | None = None, unit_outputs: bool = False
+) -> nn.Module:
     """The architecture of `models/build.py`'s `name` holding `models/<name>.onnx`'s weights,
     BatchNorm statistics from `x`, verified against ORT on `check` (default `x`)."""
     from models.build import SPECS  # imported here: build pulls in the training code
 
     model = onnx.load(str(OUT_DIR / f"{name}.onnx"))
-    module = from_onnx(SPECS[name].factory(), model, x)
+    module = from_onnx(SPECS[name].factory(), model, x, unit_outputs)
     verify(module, model, x if check is None else check)
     return module
 
 
-def from_onnx(module: nn.Module, model: onnx.ModelProto, x: np.ndarray) -> nn.Module:
+def from_onnx(
+    module: nn.Module, model: onnx.ModelProto, x: np.ndarray, unit_outputs: bool = False
+) -> nn.Module:
     """Load the Conv/Gemm weights of `model` into `module` (same architecture, in place) and set
     every BatchNorm after a conv to the identity at the statistics of the conv outputs on `x`;
-    returns `module` in eval mode. Raises ValueError where the two do not correspond."""
+    returns `module` in eval mode. Raises ValueError where the two do not correspond.
+
+    A conv before a BatchNorm may be scaled per output channel without changing the function
+    (the BatchNorm undoes it). By default it keeps the folded filters; `unit_outputs` divides
+    each by its output's standard deviation σ on `x` (outputs of unit variance, BatchNorm
+    statistics μ/σ and 1, weight √(σ² + σ²ε) ≈ σ) — a different ranking for importances that
+    read the conv's weights."""
     module.eval()
     layers, norms = _layers_and_norms(module, torch.from_numpy(x[:1]))
     weights = _onnx_layers(model)
@@ -71,7 +82,10 @@ def from_onnx(module: nn.Module, model: onnx.ModelProto, x: np.ndarray) -> nn.Mo
         _set_identity(norm, torch.zeros_like(biases[layer]), torch.ones_like(biases[layer]),
                       biases[layer])  # fmt: skip
     for layer, (mean, var) in _output_moments(module, list(norms), x).items():
-        _set_identity(norms[layer], mean, var, biases[layer])
+        scale = torch.where(var > 0, var.sqrt(), 1.0) if unit_outputs else torch.ones_like(var)
+        with torch.no_grad():
+            layer.weight.div_(scale.view(-1, *[1] * (layer.weight.ndim - 1)).float())
+        _set_identity(norms[layer], mean / scale, var / scale.square(), biases[layer], scale)
     return module
 
 
@@ -181,12 +195,18 @@ def _output_moments(
 
 
 def _set_identity(
-    norm: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, bias: torch.Tensor
+    norm: nn.BatchNorm2d,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    bias: torch.Tensor,
+    scale: torch.Tensor | None = None,
 ) -> None:
-    """BatchNorm statistics (mean, var) with the affine map that undoes them and adds `bias`."""
-    mean, var, bias = mean.double(), var.double(), bias.double()
+    """BatchNorm statistics (mean, var) of a conv output z / `scale` with the affine map that
+    returns z + `bias`: weight `scale` · √(var + ε), bias `scale` · mean + `bias`."""
+    scale = torch.ones_like(mean) if scale is None else scale
+    mean, var, bias, scale = mean.double(), var.double(), bias.double(), scale.double()
     with torch.no_grad():
         norm.running_mean.copy_(mean)
         norm.running_var.copy_(var)
-        norm.weight.copy_((var + norm.eps).sqrt())
-        norm.bias.copy_(mean + bias)
+        norm.weight.copy_(scale * (var + norm.eps).sqrt())
+        norm.bias.copy_(scale * mean + bias)

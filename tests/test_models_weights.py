@@ -68,24 +68,29 @@ def test_loaded_module_computes_the_onnx_function(folded) -> None:
     assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
 
 
-def test_batchnorm_is_the_identity_at_the_conv_output_statistics(folded) -> None:
+@pytest.mark.parametrize("unit_outputs", [False, True])
+def test_batchnorm_is_the_identity_at_the_conv_output_statistics(folded, unit_outputs) -> None:
     _, exported, x = folded
-    module = weights.from_onnx(Tiny(), exported, x)
+    module = weights.from_onnx(Tiny(), exported, x, unit_outputs=unit_outputs)
     conv, norm = module.body[0], module.body[1]
     first = next(n for n in exported.graph.node if n.op_type == "Conv")
-    inits = {t.name: t for t in exported.graph.initializer}
-    bias = torch.from_numpy(onnx.numpy_helper.to_array(inits[first.input[2]]).copy())
-    assert bias.shape == (4,)
+    inits = {t.name: onnx.numpy_helper.to_array(t).copy() for t in exported.graph.initializer}
+    weight, bias = (torch.from_numpy(inits[name]) for name in first.input[1:3])
     with torch.no_grad():
         z = conv(torch.from_numpy(x)).double()  # brute force: the conv's output on every sample
         mean, var = z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)
         scale = float(z.abs().max())
         assert torch.allclose(norm.running_mean.double(), mean, rtol=0, atol=1e-6 * scale)
         assert torch.allclose(norm.running_var.double(), var, rtol=1e-5, atol=0)
-        assert torch.allclose(norm.weight.double(), (var + norm.eps).sqrt(), rtol=1e-6, atol=0)
-        anything = 50 * torch.randn(7, 4, 5, 5)  # far outside the calibration statistics
-        out, want = norm(anything), anything + bias[:, None, None]
-        assert torch.allclose(out, want, rtol=0, atol=1e-6 * float(want.abs().max()))
+        if unit_outputs:
+            assert torch.allclose(var, torch.ones_like(var), rtol=1e-5, atol=0)
+        else:
+            assert torch.equal(conv.weight, weight)
+            assert torch.allclose(norm.weight.double(), (var + norm.eps).sqrt(), rtol=1e-6)
+        anything = 50 * torch.randn(7, 2, 6, 6)  # far outside the calibration statistics
+        out = norm(conv(anything))
+        want = torch.nn.functional.conv2d(anything, weight, bias, padding=1)
+        assert torch.allclose(out, want, rtol=0, atol=1e-5 * float(want.abs().max()))
 
 
 def test_other_architectures_are_refused(folded) -> None:
