@@ -5,18 +5,31 @@ calibration samples (benchmarks/defaults.py's split); each tool's best variant p
 with the highest accuracy on the other 128 calibration samples (validation), among those that
 land within 0.01 of the MAC target; the test split (540 images) is only reported.
 
-Torch-Pruning 1.6.1 (`MetaPruner`), TP_VARIANTS: L1 per-layer uniform, L1 `global_pruning`,
-`global_pruning` + `isomorphic` with every importance it has — L1 and L2 magnitude (L2 is its
-group norm: `GroupMagnitudeImportance(p=2)`), BN scale, LAMP, FPGM, Taylor (summed cross-entropy
-gradients) and Hessian (OBD: mean over samples of the squared per-sample gradient) — and L1
-isomorphic in 5 iterative steps; each followed by BatchNorm re-estimation on the fit samples
-(after every step when iterative, gradients recomputed before every step). `pruning_ratio` is
-searched (regula falsi) so that the conv/linear MACs — onnxprune's count, computed on the torch
-model — land at most at, and within 0.5 % of the original below, 1 − t; the classifier's
-outputs are kept; no layer loses more than 90 % (onnxprune's `--max-group-ratio`).
+Torch-Pruning 1.6.1 (`MetaPruner`), TP_VARIANTS: every importance it has — L1 and L2 magnitude
+(L2 is its group norm: `GroupMagnitudeImportance(p=2)`), BN scale, LAMP, FPGM, Taylor (summed
+cross-entropy gradients) and Hessian (OBD: mean over samples of the squared per-sample
+gradient) — both per-layer uniform and with `global_pruning` + `isomorphic`; L1 with
+`global_pruning` alone; and L1 isomorphic in 5 iterative steps; each followed by BatchNorm
+re-estimation on the fit samples (after every step when iterative, gradients recomputed
+before every step). `pruning_ratio` is searched (regula falsi, then bisection) so that the
+conv/linear MACs — onnxprune's count, computed on the torch model — land at most at, and
+within 0.5 % of the original below, 1 − t (where one channel's MACs exceed that window, the
+closest below 1 − t); the classifier's outputs are kept; no layer loses more than 90 %
+(onnxprune's `--max-group-ratio`).
 Torch-Pruning keeps its default `round_to=None` (any width: the most accurate it can be at a
 given MAC count). Its variants are scored on the torch model; the best by validation is
 exported (BatchNorm folded) and scored again as ONNX by ORT and onnxprune's counter.
+
+Both tools prune the same function, the bundled `models/<name>.onnx`. Its BatchNorms are
+folded, so Torch-Pruning gets models/build.py's architecture holding the file's weights
+(models/weights.py; max |Δ logit| against ORT checked at float rounding): each BatchNorm is the
+identity on its conv's output at that output's per-channel mean μ and variance σ² on the fit
+samples (running stats μ, σ², weight √(σ² + ε), bias μ + b, the conv without bias), so its
+scale is the channel's output spread, as BN-scale and group-norm importances expect, and BN
+re-estimation starts from the statistics of the data. A conv before a BatchNorm can be scaled
+per channel without changing the function, and magnitude importances rank by that scale, so
+every Torch-Pruning variant also runs (label suffix `, unit`) on the same model with those
+convs scaled to outputs of unit variance; its best is chosen among both.
 
 onnxprune: `id` with its defaults (`--round-to 16`, residual groups whole), with
 `--prune-residual` at `--round-to` 16 and 1, and plain `id` (`--compensate none
@@ -34,6 +47,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from itertools import product
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +64,8 @@ from torch import nn  # noqa: E402
 
 import onnxprune  # noqa: E402
 from benchmarks.defaults import logits, splits, top1  # noqa: E402
-from benchmarks.torch_pruning import CLASSIFIER, export, reestimate_bn, torch_reference  # noqa: E402
-from models import build  # noqa: E402
+from benchmarks.torch_pruning import CLASSIFIER, export, reestimate_bn  # noqa: E402
+from models import weights  # noqa: E402
 from onnxprune.measure.cost import count  # noqa: E402
 
 MODELS = ("vgg", "resnet", "mobilenetv2", "inception", "senet")
@@ -67,16 +81,18 @@ IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
     "hessian": lambda: tp.importance.HessianImportance(),
 }
 TP_VARIANTS = (  # (importance, scope, iterative steps); every one with BN re-estimation
-    ("l1", "local", 1),
+    *((importance, scope, 1) for scope in ("local", "isomorphic") for importance in IMPORTANCES),
     ("l1", "global", 1),
-    *((importance, "isomorphic", 1) for importance in IMPORTANCES),
     ("l1", "isomorphic", 5),
 )
+GAUGES = {"": False, ", unit": True}  # label suffix → conv outputs scaled to unit variance
 SCOPES = {
     "local": {},
     "global": {"global_pruning": True},
     "isomorphic": {"global_pruning": True, "isomorphic": True},
 }
+SEARCH_PRUNES = 20  # pruning_ratio search: prunes at most
+SEARCH_RESOLUTION = 2e-4  # … and stops when the ratios above and below the budget are this close
 HESSIAN_SAMPLES = 32  # per-sample backward passes for the OBD diagonal
 OURS = {  # label → prune options (`id` alone: its defaults)
     "id": {"method": "id"},
@@ -102,7 +118,6 @@ def main() -> None:
     parser.add_argument("--reductions", default=",".join(map(str, REDUCTIONS)))
     parser.add_argument("--variants", default=",".join(OURS), help="onnxprune variants to run")
     parser.add_argument("--markdown", action="store_true", help="print the tables of --out")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "onnxprune-bench")
     args = parser.parse_args()
     for label in set(OURS) - set(args.variants.split(",")):
         del OURS[label]
@@ -120,7 +135,7 @@ def main() -> None:
                     model[tool] = {**before, **cells}
                     args.out.write_text(json.dumps(results, indent=1) + "\n")
 
-                MEASURE[tool](name, args.cache, reductions, save)
+                MEASURE[tool](name, reductions, save)
                 print(f"{name} {tool}: {time.perf_counter() - start:.0f} s", flush=True)
     print(markdown(results))
     print()
@@ -133,22 +148,10 @@ def main() -> None:
 Save = Callable[[dict], None]
 
 
-def measure_ours(name: str, cache: Path, reductions: tuple[float, ...], save: Save) -> None:
-    """Every onnxprune variant on the bundled `models/<name>.onnx` at every reduction."""
-    ours_on(ROOT / "models" / f"{name}.onnx", reductions, save)
-
-
-def measure_ours_retrained(
-    name: str, cache: Path, reductions: tuple[float, ...], save: Save
-) -> None:
-    """Every onnxprune variant on the ONNX file of the torch model that Torch-Pruning prunes."""
-    ours_on(torch_original(name, cache)[1], reductions, save)
-
-
-def ours_on(path: Path, reductions: tuple[float, ...], save: Save) -> None:
-    """Every onnxprune variant on the model at `path`: validation, test, MACs kept."""
-    name = path.name.split(".")[0]
-    model = onnx.load(path)
+def measure_ours(name: str, reductions: tuple[float, ...], save: Save) -> None:
+    """Every onnxprune variant on the bundled `models/<name>.onnx` at every reduction:
+    validation, test, MACs kept."""
+    model = onnx.load(ROOT / "models" / f"{name}.onnx")
     fit, val, test = splits(name)
     score = Scorer(model, val, test)
     cells = {"original": score(model)}
@@ -190,28 +193,29 @@ class Scorer:
 # ----------------------------------------------------------------------------- Torch-Pruning
 
 
-def measure_tp(name: str, cache: Path, reductions: tuple[float, ...], save: Save) -> None:
+def measure_tp(name: str, reductions: tuple[float, ...], save: Save) -> None:
     """Every Torch-Pruning variant in TP_VARIANTS at every reduction, after BN re-estimation:
     validation and test accuracy and MACs computed on the torch model; the best by validation
     is exported and scored again as an ONNX file (`onnx`: ORT accuracy, onnxprune's counter)."""
-    model, path = torch_original(name, cache)
     fit, val, test = splits(name)
+    models = {gauge: torch_original(name, fit.arrays["input"], test[0], unit_outputs=unit)
+              for gauge, unit in GAUGES.items()}  # fmt: skip
     x, y = torch.from_numpy(fit.arrays["input"]), torch.from_numpy(fit.labels)
     example = x[:1]
-    score = Scorer(onnx.load(str(path)), val, test)
-    if (torch_macs := macs(model, example)) != score.macs:
+    score = Scorer(onnx.load(ROOT / "models" / f"{name}.onnx"), val, test)
+    if (torch_macs := macs(models[""], example)) != score.macs:
         raise SystemExit(f"{name}: torch-side MACs {torch_macs} ≠ onnxprune's {score.macs}")
     cells: dict[str, dict] = {}
     for reduction in reductions:
         budget = (1 - reduction) * score.macs
-        uniform = Run(name, "l1", "local", 1, x, y).bisect(model, example, budget, None)
+        uniform = Run(name, "l1", "local", 1, x, y).bisect(models[""], example, budget, None)
         pruned_models = {}
-        for importance, scope, steps in TP_VARIANTS:
+        for (importance, scope, steps), (gauge, model) in product(TP_VARIANTS, models.items()):
             start = time.perf_counter()
             run = Run(name, importance, scope, steps, x, y)
             ratio = uniform if scope == "local" else run.bisect(model, example, budget, uniform)
             pruned = run.prune(model, example, ratio, bn=True)
-            label = f"{importance} {scope}" + (f" {steps} steps" if steps > 1 else "")
+            label = f"{importance} {scope}" + (f" {steps} steps" if steps > 1 else "") + gauge
             cells[f"{label} @ {reduction}"] = {
                 **torch_scores(pruned, example, val, test, score),
                 "ratio": ratio,
@@ -286,17 +290,18 @@ class Run:
         self, model: nn.Module, example: torch.Tensor, budget: float, guess: float | None
     ) -> float:
         """A pruning_ratio whose MACs are at most `budget` and less than 0.5 % of the original's
-        MACs below it, by regula falsi (Illinois) from `guess`, at most 8 prunes; failing
-        that, the smallest ratio tried that fits the budget."""
+        MACs below it: regula falsi (Illinois) from `guess` for 8 prunes, then bisection, at
+        most SEARCH_PRUNES prunes in all. Where no ratio lands in that window (removing the
+        next channel in the ranking takes away more than 0.5 % of the MACs), the smallest ratio
+        found that fits the budget, to within SEARCH_RESOLUTION."""
         full = macs(model, example)
         lo, f_lo, hi, f_hi = 0.0, full - budget, 0.95, None  # f: MACs over budget
-        ratio, feasible, last = (0.5 if guess is None else guess), 0.95, ""
-        for _ in range(8):
+        ratio, last = (0.5 if guess is None else guess), ""
+        for attempt in range(SEARCH_PRUNES):
             value = macs(self.prune(model, example, ratio, bn=False), example) - budget
             if value <= 0:
                 if value > -0.005 * full:
                     return ratio
-                feasible = min(feasible, ratio)
                 hi, f_hi = ratio, value
                 f_lo = f_lo / 2 if last == "hi" else f_lo
                 last = "hi"
@@ -304,8 +309,11 @@ class Run:
                 lo, f_lo = ratio, value
                 f_hi = f_hi / 2 if last == "lo" and f_hi is not None else f_hi
                 last = "lo"
-            ratio = (lo + hi) / 2 if f_hi is None else lo + f_lo * (hi - lo) / (f_lo - f_hi)
-        return feasible
+            if f_hi is not None and hi - lo < SEARCH_RESOLUTION:
+                break
+            falsi = f_hi is not None and attempt < 8
+            ratio = lo + f_lo * (hi - lo) / (f_lo - f_hi) if falsi else (lo + hi) / 2
+        return hi
 
     def _gradients(self, model: nn.Module) -> None:
         """Fill .grad for the gradient importances (model in eval mode: BN statistics fixed)."""
@@ -342,32 +350,20 @@ def macs(model: nn.Module, example: torch.Tensor) -> int:
     return total
 
 
-def torch_original(name: str, cache: Path) -> tuple[nn.Module, Path]:
-    """The torch digits model `name` and an ONNX file computing the same function.
-
-    The bundled files have BatchNorm folded, so the torch model is retrained with the code and
-    seed of models/build.py (cached in `cache`). Where the retrained weights reproduce the bundled
-    file (logits within 1e-4 on the test split) that file is returned; elsewhere (training is
-    only reproducible on the machine that built it) the retrained model is exported as
-    models/build.py exports (BatchNorm folded) to `cache/<name>.retrained.onnx`, and both tools
-    prune that."""
-    bundled = ROOT / "models" / f"{name}.onnx"
-    test = dict(zip(("input", "labels"), splits(name)[2], strict=True))
+def torch_original(name: str, fit: np.ndarray, test: np.ndarray, unit_outputs: bool) -> nn.Module:
+    """The torch digits model computing what the bundled `models/<name>.onnx` computes: its
+    folded weights in models/build.py's architecture (with `unit_outputs`, each conv before a
+    BatchNorm scaled to outputs of unit variance), every BatchNorm the identity at the
+    statistics of its conv's outputs on `fit` (models/weights.py), checked against ORT on
+    `test` (max |Δ logit| at float rounding, else an error)."""
     try:
-        return torch_reference(name, bundled, test, cache)[0], bundled
-    except SystemExit:
-        model = build.SPECS[name].factory()
-        model.load_state_dict(torch.load(cache / f"{name}.pt"))
-        model.eval()
-    path = cache / f"{name}.retrained.onnx"
-    if not path.is_file():
-        onnx.save(export(model, torch.from_numpy(test["input"][:1])), path)
-    return model, path
+        return weights.load(name, fit, check=test, unit_outputs=unit_outputs)
+    except ValueError as err:
+        raise SystemExit(f"{name}: {err}") from err
 
 
 MEASURE = {
     "onnxprune": measure_ours,
-    "onnxprune-retrained": measure_ours_retrained,
     "torch_pruning": measure_tp,
 }
 
@@ -401,7 +397,7 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, model in results.items():
-        ours = model.get("onnxprune-retrained") or model.get("onnxprune", {})
+        ours = model.get("onnxprune", {})
         theirs = model.get("torch_pruning", {})
         for reduction in REDUCTIONS:
             picks = [
