@@ -16,7 +16,7 @@ The full map has D² times the parameters of T: on a few images of a large ViT i
 calibration tokens almost exactly and fails on any other image. So the family and its ridge are
 chosen by two-fold cross-validation: fitted on the even calibration samples and judged on the
 odd ones, and the other way round (`TapStats.folds`), summed; the heads are chosen greedily by the
-same held-out error, and the chosen map is refitted on all samples (docs/METHODS.md §4.4).
+same held-out error, and the chosen map is refitted on all samples (docs/METHODS.md §4.6).
 """
 
 from __future__ import annotations

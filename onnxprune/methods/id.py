@@ -36,7 +36,8 @@ class InterpolativeDecomposition:
             options = {"intercept": self.intercept}
             chosen, choice = select_heads(stats.features.values(), keep, group.head_dim, **options)
             corrections = feature_corrections(stats, chosen, group.head_dim, choice, **options)
-            return Plan(keep=chosen, corrections=corrections, info=choice.info())
+            info = choice.info() if len(chosen) < group.channels else {}
+            return Plan(keep=chosen, corrections=corrections, info=info)
         taps = list(stats.taps.items())
         if len(taps) == 1:
             tensor, tap = taps[0]
