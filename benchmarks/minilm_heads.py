@@ -91,6 +91,11 @@ def cell(path: Path, target: float, calib: Path, evaluator: Evaluator, global_: 
             for g in result.groups
             if g.head_dim > 1 and g.name in result.plans
         },
+        "head_maps": {  # the map each head group got (methods/heads.py: family=ridge, cv_err)
+            name: dict(result.plans[name].info)
+            for name in (g.name for g in result.groups if g.head_dim > 1)
+            if name in result.plans
+        },
         "cosine": scores.cosine,
         "retrieval": scores.retrieval,
         "spearman": scores.spearman,

@@ -49,6 +49,8 @@ class TapStats:
     """Streamed first and second moments of one tap over n rows (samples × positions).
 
     `r_factor` is the triangular factor of the stacked rows when the QR solver asked for it.
+    `folds`: the same statistics of disjoint sets of samples that add up to these (the even
+    and the odd samples), where a method cross-validates a fit (attention heads' maps).
     """
 
     n: int
@@ -56,6 +58,7 @@ class TapStats:
     gram: np.ndarray
     abs_sum: np.ndarray
     r_factor: np.ndarray | None = None
+    folds: tuple[TapStats, ...] = ()
 
     @property
     def mean(self) -> np.ndarray:

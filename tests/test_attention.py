@@ -8,8 +8,6 @@ through the reference-model tests of test_prune.py and test_rewrite.py.
 
 from __future__ import annotations
 
-import itertools
-
 import graphs
 import numpy as np
 import onnx
@@ -129,9 +127,10 @@ def test_per_head_statistics_equal_brute_force():
         np.testing.assert_allclose(weights, expected, rtol=1e-6)
 
 
-def test_head_correction_is_the_least_squares_map_from_every_kept_feature():
-    """ID on heads: the greedy choice equals the best pair by brute force over all pairs, and
-    its map is numpy's least squares from the kept heads' features to every feature."""
+def test_head_correction_is_the_chosen_map_from_every_kept_feature():
+    """ID on heads through the calibration pass: the map folded is the chosen family's ridge
+    regression from the kept heads' features to every feature, computed here from the heads'
+    outputs by numpy (the choice itself: tests/test_head_maps.py)."""
     module = TinyAttention().eval()
     x = _inputs()
     graph = normalize(_export(module))
@@ -141,17 +140,27 @@ def test_head_correction_is_the_least_squares_map_from_every_kept_feature():
     data = Dataset({"input": x})
     stats = gather(graph, groups, {group.name: 2}, frozenset({"gram"}), data, config).stats
     plan = InterpolativeDecomposition().plan(group, stats[group.name], 2)
+    (family,) = [k[4:] for k in plan.info if k.startswith("map_")]
+    ridge = plan.info[f"map_{family}"]
     heads = module.heads(torch.from_numpy(x)).detach().numpy().astype(np.float64)
     z = heads.reshape(-1, DIM)  # rows: samples × tokens, columns: head-major features
-    residual = {}
-    for pair in itertools.combinations(range(HEADS), 2):
-        kept = z[:, [h * HEAD_DIM + d for h in pair for d in range(HEAD_DIM)]]
-        fit, *_ = np.linalg.lstsq(kept, z, rcond=None)
-        residual[pair] = (np.linalg.norm(z - kept @ fit), fit)
-    best = min(residual, key=lambda pair: residual[pair][0])
-    assert tuple(plan.keep) == best
+    (removed,) = set(range(HEADS)) - set(plan.keep.tolist())
+    S = [h * HEAD_DIM + d for h in plan.keep for d in range(HEAD_DIM)]
+    R = list(range(removed * HEAD_DIM, (removed + 1) * HEAD_DIM))
+    if family == "full":
+        A = z[:, S].T @ z[:, S]
+        ridged = A + ridge * np.trace(A) / len(S) * np.eye(len(S))
+        expected = np.linalg.solve(ridged, z[:, S].T @ z[:, R])
+    else:
+        assert family == "heads", family
+        kept = z[:, S].reshape(-1, 2, HEAD_DIM).transpose(0, 2, 1).reshape(-1, 2)
+        gone = z[:, R].reshape(-1, 1)
+        A = kept.T @ kept
+        ridged = A + ridge * np.trace(A) / 2 * np.eye(2)
+        expected = np.kron(np.linalg.solve(ridged, kept.T @ gone), np.eye(HEAD_DIM))
     (correction,) = plan.corrections.values()
-    np.testing.assert_allclose(correction.M, residual[best][1], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(correction.M[:, R], expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(correction.M[:, S], np.eye(len(S)))
 
 
 def _with_duplicate_head(module: TinyAttention) -> TinyAttention:

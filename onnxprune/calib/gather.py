@@ -72,17 +72,18 @@ def gather(
     if "gram" in needs or moments:
         wanted = [(tap, g.channels) for g in selected for tap in g.taps]
         wanted += [(norm, g.channels) for g in selected for _, norm in g.normalized]
-        wanted += [
+        features = [
             (feature_tap(tap, g.head_dim), g.channels * g.head_dim)
             for g in selected
             if g.head_dim > 1
             for tap in g.taps
         ]
-        wanted = list(dict.fromkeys(wanted)) if "gram" in needs else []
+        wanted = list(dict.fromkeys(wanted + features)) if "gram" in needs else []
         batches = _batches(dataset, config, "statistics")
         qr = config.id_solver == "qr"
+        folded = {tap for tap, _ in features}  # head maps are cross-validated (methods/heads.py)
         taps, found, outputs = collect_all(
-            model, wanted, dict(moments or {}), batches, qr=qr, reference=reference
+            model, wanted, dict(moments or {}), batches, qr=qr, reference=reference, folded=folded
         )
     grads = _gradients(model, graph, selected, needs, dataset, config)
     consumers = _consumer_sites(graph, selected) if "jacobian" in needs else {}

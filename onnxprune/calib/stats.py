@@ -13,7 +13,7 @@ longer, the whole statistics pass 4–20× (benchmarks/gram_update.py, docs/RESU
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -33,16 +33,28 @@ Moments = tuple[np.ndarray, np.ndarray]  # per channel: mean, (population) varia
 
 class TapAccumulator:
     """Running n, Σa, Σ|a| and Σaaᵀ of one tap's channels (and, with `qr`, the R factor of the
-    stacked rows, re-reduced every batch: the paper's blocked QR in O(channels²) memory)."""
+    stacked rows, re-reduced every batch: the paper's blocked QR in O(channels²) memory).
 
-    def __init__(self, channels: int, *, qr: bool = False) -> None:
+    With `folds` = F > 1, sample i's rows go to fold i mod F (samples counted across batches),
+    each fold with its own statistics, and the totals are their sums: cross-validation of a
+    map fitted on some folds and judged on the others (methods/heads.py), at no extra cost.
+    """
+
+    def __init__(self, channels: int, *, qr: bool = False, folds: int = 0) -> None:
         self.r_factor = np.zeros((0, channels)) if qr else None
         self.n = 0
         self.sum = np.zeros(channels)
         self.abs_sum = np.zeros(channels)
         self.gram = np.zeros((channels, channels))
+        self.folds = [TapAccumulator(channels) for _ in range(folds if folds > 1 else 0)]
+        self.samples = 0
 
-    def add(self, rows: np.ndarray) -> None:
+    def add(self, rows: np.ndarray, samples: int = 1) -> None:
+        """Add the rows of `samples` samples, sample by sample (`tap_rows`' order)."""
+        if self.folds:
+            if samples:
+                self._add_to_folds(rows, samples)
+            return
         rows = np.ascontiguousarray(rows, dtype=np.float64)
         self.n += rows.shape[0]
         self.sum += rows.sum(axis=0)
@@ -52,8 +64,21 @@ class TapAccumulator:
             self.r_factor = np.linalg.qr(np.vstack([self.r_factor, rows]), mode="r")
 
     def result(self) -> TapStats:
+        if self.folds:
+            folds = tuple(fold.result() for fold in self.folds)
+            total = [sum(getattr(f, name) for f in folds) for name in ("sum", "gram", "abs_sum")]
+            return TapStats(sum(f.n for f in folds), *total, folds=folds)
         r = None if self.r_factor is None else self.r_factor.copy()
         return TapStats(self.n, self.sum.copy(), self.gram.copy(), self.abs_sum.copy(), r)
+
+    def _add_to_folds(self, rows: np.ndarray, samples: int) -> None:
+        per_sample = rows.reshape(samples, -1, rows.shape[-1])
+        fold_of = (self.samples + np.arange(samples)) % len(self.folds)
+        self.samples += samples
+        for f, fold in enumerate(self.folds):
+            part = per_sample[fold_of == f]
+            if part.shape[0]:
+                fold.add(part.reshape(-1, rows.shape[-1]))
 
 
 def tap_rows(array: np.ndarray, tap: Tap, channels: int) -> np.ndarray:
@@ -116,6 +141,7 @@ def collect_all(
     *,
     qr: bool = False,
     reference: Mapping[str, np.ndarray] | None = None,
+    folded: Collection[Tap] = (),
 ) -> Collected:
     """`collect` and `channel_moments` from one ORT pass: the statistics of every (tap,
     channels), and the per-channel mean and variance of every tensor (name → channel axis).
@@ -126,7 +152,8 @@ def collect_all(
     first samples of `batches` (verification on fit samples), they come from the statistics
     runs themselves; the others run after them (`Reference`). Only where every output has its
     samples on axis 0 (`batch_first`): elsewhere no outputs are returned and verification runs
-    the model itself."""
+    the model itself. The taps in `folded` also get the statistics of the even and the odd
+    samples (`TapStats.folds`; samples: the first axis of the tapped tensor)."""
     if not taps and not tensors:
         return Collected({}, {}, {})
     names = sorted({tap.tensor for tap, _ in taps} | set(tensors))
@@ -134,12 +161,16 @@ def collect_all(
     usable = reference if reference and batch_first(model) else {}
     outputs = Reference(usable, [o.name for o in model.graph.output])
     fetch = (aliases, names) if outputs.done else outputs.fetch(aliases, names)
-    accumulators = {tap: TapAccumulator(channels, qr=qr) for tap, channels in taps}
+    accumulators = {
+        tap: TapAccumulator(channels, qr=qr, folds=2 if tap in folded else 0)
+        for tap, channels in taps
+    }
     moments = {name: ChannelMoments(axis) for name, axis in tensors.items()}
     with threadpool_limits(1, "blas"):
         for part, values in tap_runs(session, *fetch, batches):
             for (tap, channels), acc in zip(taps, accumulators.values(), strict=True):
-                acc.add(tap_rows(values[tap.tensor], tap, channels))
+                view = channel_view(values[tap.tensor], tap, channels)
+                acc.add(view.reshape(-1, channels), samples=view.shape[0])
             for name, moment in moments.items():
                 moment.add(values[name])
             outputs.offer(part, values)

@@ -34,9 +34,10 @@ class InterpolativeDecomposition:
     def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
         if group.head_dim > 1 and stats.features:  # heads: a map from every kept feature
             options = {"intercept": self.intercept}
-            chosen = select_heads(stats.features.values(), keep, group.head_dim, **options)
-            corrections = feature_corrections(stats, chosen, group.head_dim, **options)
-            return Plan(keep=chosen, corrections=corrections)
+            chosen, choice = select_heads(stats.features.values(), keep, group.head_dim, **options)
+            corrections = feature_corrections(stats, chosen, group.head_dim, choice, **options)
+            info = choice.info() if len(chosen) < group.channels else {}
+            return Plan(keep=chosen, corrections=corrections, info=info)
         taps = list(stats.taps.items())
         if len(taps) == 1:
             tensor, tap = taps[0]
