@@ -28,7 +28,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from threadpoolctl import threadpool_limits
 
-from onnxprune.calib.stats import tap_rows
+from onnxprune.calib.stats import fold_units, tap_rows
 from onnxprune.graph.groups import ChannelGroup, Tap, tap_key
 from onnxprune.graph.load import export
 from onnxprune.graph.rewrite import rewrite
@@ -57,7 +57,8 @@ class Site:
     seen: int = 0
 
     def add(self, x: np.ndarray, a: np.ndarray, samples: int) -> None:
-        """Accumulate the rows x = ã_S (pruned) and a (original) of `samples` samples."""
+        """Accumulate the rows x = ã_S (pruned) and a (original) of `samples` fold units
+        (`calib.stats.fold_units`: samples, or a whole run)."""
         x, a = (v.reshape(samples, -1, v.shape[-1]) for v in (x, a))
         for fold, sums in enumerate(self.folds):
             first = (fold - self.seen) % 2  # the fold of a sample is the parity of its number
@@ -105,7 +106,7 @@ def refit(
             runs[0].advance(original, tensor, later)
             runs[1].advance(model, tensor, later)
             here = [site for site in sites if site.tap.tensor == tensor]
-            _accumulate(here, runs[0].values, runs[1].values, tensor, removed[tensor])
+            _accumulate(here, runs, tensor, removed[tensor])
             for site in here:
                 with threadpool_limits(1, "blas"):  # spinning BLAS threads (calib/stats.py)
                     correction, before, after, ridge = _solve(site, free_map)
@@ -131,7 +132,9 @@ class _Run:
 
     def __init__(self, batches: Iterable[Mapping[str, np.ndarray]], folder: Path) -> None:
         folder.mkdir()
-        self.values = Held([dict(feeds) for feeds in batches], folder)
+        feeds = [dict(f) for f in batches]
+        self.samples = [len(next(iter(f.values()))) for f in feeds]  # per batch, for the folds
+        self.values = Held(feeds, folder)
         self.done: set[str] = set()
 
     def advance(self, model: onnx.ModelProto, end: str, later: Iterable[str]) -> None:
@@ -189,17 +192,18 @@ def _removed_features(
     return {tensor: np.array(sorted(found), dtype=np.intp) for tensor, found in removed.items()}
 
 
-def _accumulate(
-    sites: list[Site], original: Held, pruned: Held, tensor: str, removed: np.ndarray
-) -> None:
-    """Add every batch's rows of `tensor` in both models to the sums of its sites."""
+def _accumulate(sites: list[Site], runs: list[_Run], tensor: str, removed: np.ndarray) -> None:
+    """Add every batch's rows of `tensor` in both models (`runs`: original, pruned) to the sums
+    of its sites."""
+    original, pruned = (run.values for run in runs)
     with threadpool_limits(1, "blas"):  # as in calib/stats.py: spinning BLAS threads
-        for index in range(len(original)):
+        for index, samples in enumerate(runs[0].samples):
             a = original.load(index, [tensor])[tensor]
             x = pruned.load(index, [tensor])[tensor]
+            units = fold_units(len(a), samples)
             for site in sites:
                 rows = _pruned_rows(x, a.shape[site.tap.axis], site, removed)
-                site.add(rows, tap_rows(a, site.tap, site.channels), len(a))
+                site.add(rows, tap_rows(a, site.tap, site.channels), units)
 
 
 def _pruned_rows(value: np.ndarray, width: int, site: Site, removed: np.ndarray) -> np.ndarray:

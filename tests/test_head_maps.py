@@ -145,3 +145,46 @@ def test_without_two_folds_least_squares_decides_in_sample():
     acc.add(z.reshape(-1, 6), samples=1)  # one sample: the odd fold is empty
     _, choice = select_heads([acc.result()], 2, 2, intercept=False)
     assert (choice.family, choice.ridge, choice.held_out) == ("full", RIDGES[0], False)
+
+
+def test_folds_keep_each_sample_whole_when_rows_interleave_samples():
+    """nn.MultiheadAttention's head features are (tokens·batch, E) rows, token-major: the rows of
+    one sample are not contiguous on the first axis, so a run's rows stay in one fold (runs
+    alternate) and no sample's tokens are split between the folds."""
+    from onnx import TensorProto, helper
+
+    from onnxprune.calib.stats import collect_all
+    from onnxprune.graph.groups import Tap
+
+    tokens, width = 3, 4
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
+        helper.make_node("Reshape", ["t", "shape"], ["rows"]),
+        helper.make_node("Relu", ["rows"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "token_major",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", tokens, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, width])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [-1, width])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(1).standard_normal((6, tokens, width)).astype(np.float32)
+    tap = Tap("rows", 1, 0)
+    batches = [{"x": x[i : i + 2]} for i in (0, 2, 4)]
+    stats = collect_all(model, [(tap, width)], {}, batches, folded={tap}).stats[tap]
+    grams = [_rows(x[i : i + 1]).T @ _rows(x[i : i + 1]) for i in range(len(x))]
+    splits = [
+        subset
+        for size in range(1, len(x))
+        for subset in itertools.combinations(range(len(x)), size)
+        if np.allclose(stats.folds[0].gram, sum(grams[i] for i in subset), rtol=1e-6, atol=1e-9)
+        and np.allclose(
+            stats.folds[1].gram,
+            sum(grams[i] for i in range(len(x)) if i not in subset),
+            rtol=1e-6,
+            atol=1e-9,
+        )
+    ]
+    assert splits, "a fold holds only some of a sample's tokens"

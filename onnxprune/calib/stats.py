@@ -153,7 +153,7 @@ def collect_all(
     runs themselves; the others run after them (`Reference`). Only where every output has its
     samples on axis 0 (`batch_first`): elsewhere no outputs are returned and verification runs
     the model itself. The taps in `folded` also get the statistics of the even and the odd
-    samples (`TapStats.folds`; samples: the first axis of the tapped tensor)."""
+    samples (`TapStats.folds`; `fold_units`)."""
     if not taps and not tensors:
         return Collected({}, {}, {})
     names = sorted({tap.tensor for tap, _ in taps} | set(tensors))
@@ -170,7 +170,8 @@ def collect_all(
         for part, values in tap_runs(session, *fetch, batches):
             for (tap, channels), acc in zip(taps, accumulators.values(), strict=True):
                 view = channel_view(values[tap.tensor], tap, channels)
-                acc.add(view.reshape(-1, channels), samples=view.shape[0])
+                units = fold_units(view.shape[0], len(next(iter(part.values()))))
+                acc.add(view.reshape(-1, channels), samples=units)
             for name, moment in moments.items():
                 moment.add(values[name])
             outputs.offer(part, values)
@@ -280,6 +281,14 @@ def tap_runs(
 
 
 RUN_BYTES = 64 << 20
+
+
+def fold_units(rows_axis: int, samples: int) -> int:
+    """Into how many units for two-fold cross-validation a run's rows split: its samples where
+    the tapped tensor's first axis holds them, else one, so that the run's rows stay in one fold
+    and no sample is in both (nn.MultiheadAttention's (tokens·batch, E) rows, a sequence-first
+    (T, B, …) tensor)."""
+    return rows_axis if rows_axis == samples else 1
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
