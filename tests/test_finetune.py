@@ -183,6 +183,7 @@ def test_mismatched_teacher_inputs_are_refused(setup, tmp_path):
         ("patience", 0),
         ("warmup", 1.5),
         ("augment", -1),
+        ("hint_weight", -1.0),
     ],
 )
 def test_bad_options_are_refused(setup, option, value):
