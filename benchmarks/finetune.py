@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--steps", default="500")
     parser.add_argument("--lr", default="3e-3")
     parser.add_argument("--augment", default="1", help="pixels of random shift (0: none)")
+    parser.add_argument("--ema", default="0", help="decay of the weights' moving average (0: none)")
     parser.add_argument("--hint-weight", default="0", help="weight of the hint loss (0: none)")
     parser.add_argument("--warmup", type=float, default=0.5, help="no early stop before this share")
     parser.add_argument("--max-seconds", type=float, default=None)
@@ -183,7 +184,8 @@ def main() -> None:
     grid = {"start": args.start.split(","), "lr": [float(v) for v in args.lr.split(",")],
             "steps": [int(v) for v in args.steps.split(",")],
             "augment": [int(v) for v in args.augment.split(",")],
-            "hint_weight": [float(v) for v in args.hint_weight.split(",")]}  # fmt: skip
+            "hint_weight": [float(v) for v in args.hint_weight.split(",")],
+            "ema": [float(v) for v in args.ema.split(",")]}  # fmt: skip
     rows: list[dict] = []
 
     def save(row: dict | None = None) -> None:

@@ -11,8 +11,9 @@ image inputs are shifted by a few random whole pixels and the teacher is run on 
 batch. With `hints` (`recover.hints`: inner tensors whose channels are known channels of the
 teacher's) the loss adds, weighted by `hint_weight`, the mean over those tensors of
 ‖s − t[index]‖² / ‖t[index]‖² (intermediate-feature distillation); the teacher then runs on
-every batch. The written model is the student's graph with new initializer values only: same
-nodes, names, dtypes and shapes.
+every batch. With `ema`, the held-out loss is measured on, and the written weights are, an
+exponential moving average of the weights over the steps. The written model is the student's
+graph with new initializer values only: same nodes, names, dtypes and shapes.
 
 Importing this module is cheap; torch is imported when `finetune` runs.
 """
@@ -20,7 +21,8 @@ Importing this module is cheap; torch is imported when `finetune` runs.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -100,6 +102,7 @@ def finetune(
     augment: int = 0,
     hints: Sequence[Hint] = (),
     hint_weight: float = 1.0,
+    ema: float = 0.0,
 ) -> FinetuneResult:
     """Train the float initializers of `student` to reproduce `teacher` on `data`.
 
@@ -112,7 +115,9 @@ def finetune(
     of up to that many pixels per axis, edges replicated, and distils on the teacher's outputs
     for the shifted batch (more distinct inputs than the data holds; the held-out loss is on the
     unshifted samples). `hints` add intermediate-feature distillation weighted by `hint_weight`
-    (0: off); the held-out loss stays on the outputs. Raises UsageError on bad options,
+    (0: off); the held-out loss stays on the outputs. `ema` in [0, 1): the decay of an
+    exponential moving average of the weights, updated after every step, that is evaluated and
+    returned instead of the raw weights (0: off). Raises UsageError on bad options,
     DataError when the two models do not share their inputs and outputs or a hint's tensor is
     missing or of another width in either model. Nodes the torch interpreter lacks run in ONNX
     Runtime, frozen (`frozen`); a graph is refused (UnsupportedOpError) only when such a node's
@@ -133,6 +138,7 @@ def finetune(
         warmup,
         augment,
         hint_weight,
+        ema,
     )
     _check_pair(student, teacher)
     hints = tuple(hints) if hint_weight else ()
@@ -154,7 +160,7 @@ def finetune(
     )
     trainer.check_hints(first)
     schedule = _Schedule(steps, lr, batch, max_seconds, seed, patience, round(warmup * steps))
-    loop = _loop(trainer, schedule)
+    loop = _loop(trainer, schedule, ema)
     trained = tuple(n for n, p in graph.params.items() if p.grad is not None)
     model = with_initializers(student, loop.best)
     return FinetuneResult(
@@ -376,13 +382,42 @@ class _Trainer:
         return total
 
 
-def _loop(trainer: _Trainer, plan: _Schedule) -> _LoopState:
+class _Average:
+    """Exponential moving average of the graph's weights: `update` after each step, `applied`
+    puts the averages in place of the weights for a while (to evaluate or snapshot them)."""
+
+    def __init__(self, graph: TorchGraph, decay: float) -> None:
+        self.graph, self.decay = graph, decay
+        self.values = {name: p.detach().clone() for name, p in graph.params.items()}
+
+    def update(self) -> None:
+        for name, p in self.graph.params.items():
+            self.values[name].lerp_(p.detach(), 1.0 - self.decay)
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        import torch
+
+        with torch.no_grad():
+            current = {name: p.detach().clone() for name, p in self.graph.params.items()}
+            for name, p in self.graph.params.items():
+                p.copy_(self.values[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.graph.params.items():
+                    p.copy_(current[name])
+
+
+def _loop(trainer: _Trainer, plan: _Schedule, ema: float = 0.0) -> _LoopState:
     """Adam with a cosine schedule over `plan.steps`; every `plan.every` steps the held-out loss
-    is measured and the best weights kept; stops early by `plan.stops_early` or when
-    `plan.max_seconds` have passed."""
+    is measured and the best weights kept (with `ema` > 0: those of the moving average); stops
+    early by `plan.stops_early` or when `plan.max_seconds` have passed."""
     import torch
 
     graph, start = trainer.graph, time.monotonic()
+    average = _Average(graph, ema) if ema else None
     optimizer = torch.optim.Adam(graph.parameters(), lr=plan.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=plan.steps)
     state = _LoopState(_snapshot(graph), 0, [_entry(0, None, trainer, plan.batch, plan.lr)])
@@ -394,15 +429,18 @@ def _loop(trainer: _Trainer, plan: _Schedule) -> _LoopState:
             loss.backward()
             optimizer.step()
             schedule.step()
+            if average is not None:
+                average.update()
             value = float(loss.detach())
             running, since, state.steps_run = running + value, since + 1, step
             bar.update(note=f"loss {value:.4f}")
             late = plan.max_seconds is not None and time.monotonic() - start > plan.max_seconds
             if step % plan.every == 0 or step == plan.steps or late:
                 rate = schedule.get_last_lr()[0]
-                state.history.append(_entry(step, running / since, trainer, plan.batch, rate))
+                with average.applied() if average is not None else nullcontext():
+                    state.history.append(_entry(step, running / since, trainer, plan.batch, rate))
+                    _keep_best(state, graph)
                 running, since = 0.0, 0
-                _keep_best(state, graph)
                 if late or plan.stops_early(step, state.best_step):
                     state.stopped = "time" if late else "early stop"
                     break
@@ -491,6 +529,7 @@ def _check_options(
     warmup: float,
     augment: int,
     hint_weight: float,
+    ema: float,
 ) -> None:
     """UsageError naming the first option out of range."""
     checks = (
@@ -504,6 +543,7 @@ def _check_options(
         ("warmup", warmup, 0 <= warmup <= 1),
         ("augment", augment, augment >= 0),
         ("hint_weight", hint_weight, hint_weight >= 0),
+        ("ema", ema, 0 <= ema < 1),
     )
     for name, value, ok in checks:
         if not ok:
