@@ -441,7 +441,6 @@ def _finetuned(
     if pruning is not None:
         outputs = [o.name for o in pruned.graph.output]
         hints = hints_from_plans(*pruning, skip=outputs)
-
     result = finetune(
         pruned,
         original,
@@ -455,6 +454,8 @@ def _finetuned(
         f"fine-tuned by distillation: {result.steps_run} steps ({result.stopped}), weights of "
         f"step {result.best_step}, held-out loss {result.initial_loss:.4g} → {result.best_loss:.4g}"
     )
+    if hints:
+        note += f"; {len(hints)} inner tensors matched to the original's kept channels"
     if fit.synthetic:
         note += "; on random data: distillation on noise says little about real inputs"
     return result.model, (*notes, note)

@@ -101,7 +101,7 @@ def finetune(
     warmup: float = WARMUP,
     augment: int = 0,
     hints: Sequence[Hint] = (),
-    hint_weight: float = 1.0,
+    hint_weight: float = 0.1,
     ema: float = 0.0,
 ) -> FinetuneResult:
     """Train the float initializers of `student` to reproduce `teacher` on `data`.
@@ -264,7 +264,7 @@ class _Trainer:
         augment: int = 0,
         seed: int = 0,
         hints: Sequence[Hint] = (),
-        hint_weight: float = 1.0,
+        hint_weight: float = 0.1,
     ) -> None:
         import torch
 
