@@ -274,10 +274,11 @@ class _Trainer:
         if augment and not any(_is_image(a) for a in train.arrays.values()):
             raise UsageError("augment shifts image inputs, but no input is 4-D float (N×C×H×W)")
         self.hints, self.hint_weight = tuple(hints), hint_weight
-        self.teacher, self.taps = None, [*self.targets, *(h.tensor for h in self.hints)]
+        self.names = [*self.targets, *(h.tensor for h in self.hints)]  # what the teacher gives
+        self.teacher, self.taps = None, self.names
         if augment or self.hints:  # the teacher runs on every training batch, on torch's threads
             threads = torch.get_num_threads()  # (ORT's own default spins on the cores torch needs)
-            self.teacher, self.taps = tapped_session(teacher, self.taps, threads=threads)
+            self.teacher, self.taps = tapped_session(teacher, self.names, threads=threads)
         self.held_targets = run_original(teacher, held.arrays)
         self.classes = [n for n, t in self.targets.items() if is_class_scores(t)]
         self.temperature = temperature
@@ -342,8 +343,7 @@ class _Trainer:
 
     def _teacher(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The teacher's outputs and hint tensors on `inputs`, by tensor name."""
-        names = [*self.targets, *(h.tensor for h in self.hints)]
-        return dict(zip(names, self.teacher.run(self.taps, dict(inputs)), strict=True))
+        return dict(zip(self.names, self.teacher.run(self.taps, dict(inputs)), strict=True))
 
     def held_loss(self, batch: int) -> float:
         """Mean distillation loss over the held-out samples (no gradients)."""
