@@ -44,6 +44,7 @@ from onnxprune.calib.data import Dataset  # noqa: E402
 from onnxprune.measure.cost import count  # noqa: E402
 from onnxprune.measure.verify import run  # noqa: E402
 from onnxprune.recover.finetune import finetune  # noqa: E402
+from onnxprune.recover.hints import hints_from_plans  # noqa: E402
 
 MODELS = ("resnet", "senet", "vgg", "inception", "mobilenetv2")
 KEEP = (0.30, 0.15)  # fraction of MACs kept: 70 % and 85 % fewer
@@ -56,11 +57,21 @@ STARTS = {
 
 def accuracy(model: onnx.ModelProto, x: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy of `model` on (x, labels) in ONNX Runtime."""
-    logits = run(model, {"input": x})[model.graph.output[0].name]
-    return float(np.mean(logits.argmax(1) == labels))
+    return float(np.mean(logits(model, x).argmax(1) == labels))
 
 
-def prune(name: str, keep: float, x: np.ndarray, start: str) -> onnx.ModelProto:
+def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return run(model, {"input": x})[model.graph.output[0].name]
+
+
+def kl(student: onnx.ModelProto, teacher: onnx.ModelProto, x: np.ndarray, temp: float = 4.0):
+    """Mean KL(softmax(t/T) ‖ softmax(s/T))·T² on `x`: a finer score than accuracy on few images."""
+    s, t = (torch.from_numpy(logits(m, x)) / temp for m in (student, teacher))
+    log_s, log_t = torch.log_softmax(s, 1), torch.log_softmax(t, 1)
+    return float((log_t.exp() * (log_t - log_s)).sum(1).mean() * temp**2)
+
+
+def prune(name: str, keep: float, x: np.ndarray, start: str) -> onnxprune.Result:
     """`models/<name>.onnx` pruned by `start` to `keep` of its MACs, fitted on `x`."""
     return onnxprune.prune(
         ROOT / f"models/{name}.onnx",
@@ -71,7 +82,13 @@ def prune(name: str, keep: float, x: np.ndarray, start: str) -> onnx.ModelProto:
         data={"input": x},
         verify=False,
         **STARTS[start],
-    ).model
+    )
+
+
+def hints(result: onnxprune.Result) -> tuple:
+    """Hint tensors of a pruned model: its groups' taps, graph outputs left out."""
+    outputs = [o.name for o in result.model.graph.output]
+    return hints_from_plans(result.groups, result.plans, skip=outputs)
 
 
 def one(name: str, keep: float, kinds: list[str], opts: dict, save) -> dict:
@@ -84,7 +101,8 @@ def one(name: str, keep: float, kinds: list[str], opts: dict, save) -> dict:
     x, y, tx, ty = calib["input"], calib["labels"], test["input"], test["labels"]
     teacher = onnx.load(ROOT / f"models/{name}.onnx")
     start = time.process_time()
-    pruned = prune(name, keep, x, "id+bias+recalibrate")
+    result = prune(name, keep, x, "id+bias+recalibrate")
+    pruned, taps = result.model, hints(result)
     row = {
         "model": name,
         "fewer_macs": round(1 - keep, 2),
@@ -97,7 +115,9 @@ def one(name: str, keep: float, kinds: list[str], opts: dict, save) -> dict:
         start = time.process_time()
         data = np.concatenate([x, unused_train()]) if kind == "extra" else x
         labels = y if kind == "labels" else None
-        result = finetune(pruned, teacher, Dataset({"input": data}), labels=labels, **opts)
+        result = finetune(
+            pruned, teacher, Dataset({"input": data}), labels=labels, hints=taps, **opts
+        )
         how = f"{result.steps_run} (best {result.best_step}, {result.stopped})"
         row[kind] = accuracy(result.model, tx, ty)
         row[f"{kind}_cpu_s"] = round(time.process_time() - start, 1)
@@ -130,11 +150,13 @@ def select(name: str, keep: float, grid: dict[str, list]) -> list[dict]:
         start = opts.pop("start")
         if start not in starts:
             starts[start] = prune(name, keep, x, start)
+        pruned, taps = starts[start].model, hints(starts[start])
         begin = time.process_time()
-        result = finetune(starts[start], teacher, Dataset({"input": x}), **opts)
+        result = finetune(pruned, teacher, Dataset({"input": x}), hints=taps, **opts)
         rows.append({"model": name, "fewer_macs": round(1 - keep, 2), "start": start, **opts,
-                     "before": accuracy(starts[start], sx, sy),
+                     "hints": len(taps), "before": accuracy(pruned, sx, sy),
                      "selection": accuracy(result.model, sx, sy),
+                     "selection_kl": round(kl(result.model, teacher, sx), 5),
                      "steps_run": f"{result.steps_run} (best {result.best_step}, {result.stopped})",
                      "cpu_s": round(time.process_time() - begin, 1)})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
@@ -150,6 +172,8 @@ def main() -> None:
     parser.add_argument("--steps", default="500")
     parser.add_argument("--lr", default="3e-3")
     parser.add_argument("--augment", default="1", help="pixels of random shift (0: none)")
+    parser.add_argument("--ema", default="0", help="decay of the weights' moving average (0: none)")
+    parser.add_argument("--hint-weight", default="0", help="weight of the hint loss (0: none)")
     parser.add_argument("--warmup", type=float, default=0.5, help="no early stop before this share")
     parser.add_argument("--max-seconds", type=float, default=None)
     parser.add_argument(
@@ -162,7 +186,9 @@ def main() -> None:
     torch.set_num_threads(1)  # a shared, loaded machine: more threads only spin
     grid = {"start": args.start.split(","), "lr": [float(v) for v in args.lr.split(",")],
             "steps": [int(v) for v in args.steps.split(",")],
-            "augment": [int(v) for v in args.augment.split(",")]}  # fmt: skip
+            "augment": [int(v) for v in args.augment.split(",")],
+            "hint_weight": [float(v) for v in args.hint_weight.split(",")],
+            "ema": [float(v) for v in args.ema.split(",")]}  # fmt: skip
     rows: list[dict] = []
 
     def save(row: dict | None = None) -> None:

@@ -6,7 +6,7 @@ load → normalize → analyze → calibrate → plan → rewrite → verify/mea
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ from onnxprune.methods.width import group_ratio, kept
 from onnxprune.options import WidthRule
 from onnxprune.plan import Plan
 from onnxprune.recalibrate import recalibrate, reference_tensors
+from onnxprune.recover.hints import hints_from_plans
 from onnxprune.report import GroupRow, Report, TargetResult
 from onnxprune.sequential import refit
 from onnxprune.within_heads import prune_within_heads
@@ -203,9 +204,8 @@ def _prune_channels(
             original, pruned_graph, groups, plans, batches, reference=reference
         )
         notes += (f"recalibrated the output mean and variance of {layers} layers",)
-    pruned, notes = _finetuned(
-        proto, _finish(proto, pruned_graph, config), split.fit, config, notes
-    )
+    pruned = _finish(proto, pruned_graph, config)
+    pruned, notes = _finetuned(proto, pruned, split.fit, config, notes, (groups, plans))
     pruned = _quantized(pruned, split.fit, config)
     within = {row.name for row in head_rows} if config.heads == "dims" else set()
     rows = head_rows + tuple(
@@ -433,13 +433,20 @@ def _finetuned(
     fit: Dataset,
     config: PruneConfig,
     notes: tuple[str, ...],
+    pruning: tuple[Sequence[ChannelGroup], Mapping[str, Plan]] | None = None,
 ) -> tuple[onnx.ModelProto, tuple[str, ...]]:
     """`pruned` fine-tuned by distillation from `original` on the fit split only (so that
-    verification stays on samples it never saw), with a note on what it did."""
+    verification stays on samples it never saw), with a note on what it did. With `pruning`
+    (the groups and their plans) the pruned taps are matched to the original's kept channels
+    too (`recover.hints`)."""
     if not config.finetune_steps:
         return pruned, notes
     from onnxprune.recover.finetune import finetune  # lazy: imports torch
 
+    hints = ()
+    if pruning is not None:
+        outputs = [o.name for o in pruned.graph.output]
+        hints = hints_from_plans(*pruning, skip=outputs)
     result = finetune(
         pruned,
         original,
@@ -447,11 +454,14 @@ def _finetuned(
         steps=config.finetune_steps,
         batch_size=config.batch_size,
         seed=config.seed,
+        hints=hints,
     )
     note = (
         f"fine-tuned by distillation: {result.steps_run} steps ({result.stopped}), weights of "
         f"step {result.best_step}, held-out loss {result.initial_loss:.4g} → {result.best_loss:.4g}"
     )
+    if hints:
+        note += f"; {len(hints)} inner tensors matched to the original's kept channels"
     if fit.synthetic:
         note += "; on random data: distillation on noise says little about real inputs"
     return result.model, (*notes, note)

@@ -183,6 +183,8 @@ def test_mismatched_teacher_inputs_are_refused(setup, tmp_path):
         ("patience", 0),
         ("warmup", 1.5),
         ("augment", -1),
+        ("hint_weight", -1.0),
+        ("ema", 1.0),
     ],
 )
 def test_bad_options_are_refused(setup, option, value):
@@ -208,7 +210,8 @@ def test_prune_with_finetune_fits_on_the_fit_split_only(tmp_path):
     common = dict(method="magnitude", ratio=0.7, data=MODELS / "digits64_calib.npz", seed=0)
     plain = onnxprune.prune(MODELS / "mlp.onnx", **common)
     tuned = onnxprune.prune(MODELS / "mlp.onnx", finetune_steps=60, **common)
-    assert any(n.startswith("fine-tuned by distillation") for n in tuned.report.notes)
+    (note,) = [n for n in tuned.report.notes if n.startswith("fine-tuned by distillation")]
+    assert note.endswith("; 2 inner tensors matched to the original's kept channels")
     assert tuned.report.verification.independent
     assert tuned.report.verification.agreement > plain.report.verification.agreement + 0.2
     with pytest.raises(UsageError, match="refill the zeroed weights"):
@@ -251,3 +254,18 @@ def test_augment_distils_on_the_teachers_outputs_for_the_shifted_batch():
     assert max(h["train"] for h in result.history[1:]) < 1e-6
     moved = shifted({"input": x}, 2, np.random.default_rng(1))["input"]
     assert _kl_t2(_logits(teacher, moved), _logits(teacher, x), TEMPERATURE) > 1e-2
+
+
+def test_ema_writes_the_moving_average_of_the_weights(setup):
+    """One step with decay 0.5: the written weights are the mean of the input weights and the
+    weights one step of the same run (ema 0) reaches."""
+    teacher, student, data, _, _ = setup
+    plain = finetune(student, teacher, data, steps=1, lr=1e-4)
+    average = finetune(student, teacher, data, steps=1, lr=1e-4, ema=0.5)
+    assert plain.best_step == average.best_step == 1
+    before = {i.name: onnx.numpy_helper.to_array(i) for i in student.graph.initializer}
+    after = {i.name: onnx.numpy_helper.to_array(i) for i in plain.model.graph.initializer}
+    for init in average.model.graph.initializer:
+        got, want = onnx.numpy_helper.to_array(init), (before[init.name] + after[init.name]) / 2
+        assert np.allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max()), init.name
+    assert any(not np.array_equal(before[n], after[n]) for n in plain.trained)

@@ -316,13 +316,15 @@ def _run_input_model(
 
 
 def tapped_session(
-    model: onnx.ModelProto, names: Sequence[str]
+    model: onnx.ModelProto, names: Sequence[str], *, threads: int = 0
 ) -> tuple[ort.InferenceSession, list[str]]:
     """An ORT session that also outputs the tensors `names`, each through an Identity copy
-    (`add_taps`); returns the session and the output names to run, in the order of `names`."""
+    (`add_taps`); returns the session and the output names to run, in the order of `names`.
+    `threads` as in `session_for`."""
     aliases: list[str] = []
+    edit = lambda copy: aliases.extend(add_taps(copy, names))  # noqa: E731
     try:  # the taps go into the copy the session is made from: the weights are not copied
-        session = session_for(model, edit=lambda copy: aliases.extend(add_taps(copy, names)))
+        session = session_for(model, threads=threads, edit=edit)
         return session, aliases
     except Exception as exc:  # ORT raises several unrelated exception types
         line = first_line(exc)

@@ -65,6 +65,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="shift image inputs (4-D float N×C×H×W) by up to PIXELS random pixels per axis in "
         "every training batch, edges replicated; the teacher runs on the shifted batch",
     )
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        metavar="DECAY",
+        help="evaluate and write an exponential moving average of the weights with this decay "
+        "per step (e.g. 0.99; 0: the weights themselves)",
+    )
     add_data_arguments(parser)
     parser.add_argument(
         "--labels",
@@ -108,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         patience=args.patience,
         warmup=args.warmup,
         augment=args.augment,
+        ema=args.ema,
     )
     before = verify(teacher, student, result.holdout.arrays, data=result.holdout.source)
     after = verify(teacher, result.model, result.holdout.arrays, data=result.holdout.source)

@@ -8,8 +8,12 @@ cross-entropy on the first class-score output when labels are given. Adam with a
 schedule, a seeded batch order, early stopping after a warm-up on a held-out share of the inputs
 (the best weights by held-out distillation loss are kept). With `augment`, every training batch's
 image inputs are shifted by a few random whole pixels and the teacher is run on the shifted
-batch. The written model is the student's graph with new initializer values only: same nodes,
-names, dtypes and shapes.
+batch. With `hints` (`recover.hints`: inner tensors whose channels are known channels of the
+teacher's) the loss adds, weighted by `hint_weight`, the mean over those tensors of
+‖s − t[index]‖² / ‖t[index]‖² (intermediate-feature distillation); the teacher then runs on
+every batch. With `ema`, the held-out loss is measured on, and the written weights are, an
+exponential moving average of the weights over the steps. The written model is the student's
+graph with new initializer values only: same nodes, names, dtypes and shapes.
 
 Importing this module is cheap; torch is imported when `finetune` runs.
 """
@@ -17,7 +21,8 @@ Importing this module is cheap; torch is imported when `finetune` runs.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,9 +32,11 @@ from onnx import numpy_helper
 
 from onnxprune.calib.data import Dataset, batch_for, input_specs
 from onnxprune.calib.split import split_for_verification
+from onnxprune.calib.stats import tapped_session
 from onnxprune.errors import DataError, UsageError
-from onnxprune.measure.verify import is_class_scores, run_original, session_for
+from onnxprune.measure.verify import is_class_scores, run_original
 from onnxprune.progress import Bar
+from onnxprune.recover.hints import Hint
 
 if TYPE_CHECKING:
     import torch
@@ -93,6 +100,9 @@ def finetune(
     patience: int = PATIENCE,
     warmup: float = WARMUP,
     augment: int = 0,
+    hints: Sequence[Hint] = (),
+    hint_weight: float = 0.1,
+    ema: float = 0.0,
 ) -> FinetuneResult:
     """Train the float initializers of `student` to reproduce `teacher` on `data`.
 
@@ -104,19 +114,35 @@ def finetune(
     > 0 shifts each training sample's image inputs (4-D float, N×C×H×W) by a seeded random offset
     of up to that many pixels per axis, edges replicated, and distils on the teacher's outputs
     for the shifted batch (more distinct inputs than the data holds; the held-out loss is on the
-    unshifted samples). Raises
-    UsageError on bad options, DataError when the two models do not share their inputs and
-    outputs. Nodes the torch interpreter lacks run in ONNX Runtime, frozen (`frozen`); a graph is
-    refused (UnsupportedOpError) only when such a node's output types are unknown.
+    unshifted samples). `hints` add intermediate-feature distillation weighted by `hint_weight`
+    (0: off); the held-out loss stays on the outputs. `ema` in [0, 1): the decay of an
+    exponential moving average of the weights, updated after every step, that is evaluated and
+    returned instead of the raw weights (0: off). Raises UsageError on bad options,
+    DataError when the two models do not share their inputs and outputs or a hint's tensor is
+    missing or of another width in either model. Nodes the torch interpreter lacks run in ONNX
+    Runtime, frozen (`frozen`); a graph is refused (UnsupportedOpError) only when such a node's
+    output types are unknown.
     """
     import torch
 
     from onnxprune.calib.torch_exec import TorchGraph, check_against_ort
 
     _check_options(
-        steps, lr, batch_size, temperature, max_seconds, holdout, patience, warmup, augment
+        steps,
+        lr,
+        batch_size,
+        temperature,
+        max_seconds,
+        holdout,
+        patience,
+        warmup,
+        augment,
+        hint_weight,
+        ema,
     )
     _check_pair(student, teacher)
+    hints = tuple(hints) if hint_weight else ()
+    _check_hint_names(student, teacher, hints)
     split = split_for_verification(
         Dataset(data.arrays, _labels(labels, data), data.synthetic, data.source),
         share=holdout,
@@ -129,9 +155,12 @@ def finetune(
     graph = TorchGraph(student, freeze=True)
     first = _rows(split.fit.arrays, np.arange(min(batch, len(split.fit))))
     check_against_ort(student, first, graph=graph)
-    trainer = _Trainer(graph, teacher, split.fit, split.verify, temperature, augment, seed)
+    trainer = _Trainer(
+        graph, teacher, split.fit, split.verify, temperature, augment, seed, hints, hint_weight
+    )
+    trainer.check_hints(first)
     schedule = _Schedule(steps, lr, batch, max_seconds, seed, patience, round(warmup * steps))
-    loop = _loop(trainer, schedule)
+    loop = _loop(trainer, schedule, ema)
     trained = tuple(n for n, p in graph.params.items() if p.grad is not None)
     model = with_initializers(student, loop.best)
     return FinetuneResult(
@@ -234,13 +263,22 @@ class _Trainer:
         temperature: float,
         augment: int = 0,
         seed: int = 0,
+        hints: Sequence[Hint] = (),
+        hint_weight: float = 0.1,
     ) -> None:
+        import torch
+
         self.graph, self.train, self.held = graph, train, held
         self.targets = run_original(teacher, train.arrays)
         self.augment, self.rng = augment, np.random.default_rng(seed + 1)
         if augment and not any(_is_image(a) for a in train.arrays.values()):
             raise UsageError("augment shifts image inputs, but no input is 4-D float (N×C×H×W)")
-        self.teacher = session_for(teacher) if augment else None
+        self.hints, self.hint_weight = tuple(hints), hint_weight
+        self.names = [*self.targets, *(h.tensor for h in self.hints)]  # what the teacher gives
+        self.teacher, self.taps = None, self.names
+        if augment or self.hints:  # the teacher runs on every training batch, on torch's threads
+            threads = torch.get_num_threads()  # (ORT's own default spins on the cores torch needs)
+            self.teacher, self.taps = tapped_session(teacher, self.names, threads=threads)
         self.held_targets = run_original(teacher, held.arrays)
         self.classes = [n for n, t in self.targets.items() if is_class_scores(t)]
         self.temperature = temperature
@@ -254,17 +292,58 @@ class _Trainer:
         inputs = _rows(self.train.arrays, index)
         if self.augment:
             inputs = shifted(inputs, self.augment, self.rng)
-            targets = dict(
-                zip(self.targets, self.teacher.run(list(self.targets), inputs), strict=True)
-            )
+        if self.teacher is not None:
+            targets = self._teacher(inputs)
         else:
             targets = {n: t[index] for n, t in self.targets.items()}
-        outputs = self.graph.run(inputs)
-        loss = self._distill(outputs, targets)
+        outputs = self.graph.run(inputs, keep=[h.tensor for h in self.hints])
+        loss = self._distill(outputs, {n: targets[n] for n in self.targets})
+        if self.hints:
+            loss = loss + self.hint_weight * self.hint_loss(outputs, targets)
         if self.train.labels is not None:
             labels = torch.from_numpy(self.train.labels[index].astype(np.int64))
             loss = loss + torch.nn.functional.cross_entropy(outputs[self.classes[0]], labels)
         return loss
+
+    def check_hints(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """DataError unless every hint's widths hold on `inputs`: the teacher's tensor has
+        `channels` along the axis and the student's one per entry of `index`."""
+        import torch
+
+        if not self.hints:
+            return
+        targets = self._teacher(inputs)
+        with torch.no_grad():
+            outputs = self.graph.run(inputs, keep=[h.tensor for h in self.hints])
+        for hint in self.hints:
+            theirs, mine = targets[hint.tensor].shape, tuple(outputs[hint.tensor].shape)
+            if len(theirs) <= hint.axis or len(mine) <= hint.axis:
+                raise DataError(f"hint '{hint.tensor}' has no axis {hint.axis}")
+            if theirs[hint.axis] != hint.channels or mine[hint.axis] != len(hint.index):
+                raise DataError(
+                    f"hint '{hint.tensor}': teacher width {theirs[hint.axis]} (expected "
+                    f"{hint.channels}), student width {mine[hint.axis]} (expected "
+                    f"{len(hint.index)})"
+                )
+
+    def hint_loss(
+        self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, np.ndarray]
+    ) -> torch.Tensor:
+        """Mean over the hints of ‖s − t[index]‖² / ‖t[index]‖² (t: the teacher's tensor, its
+        channels `index` along the hint's axis; s: the student's)."""
+        import torch
+
+        total = torch.zeros(())
+        for hint in self.hints:
+            t = np.take(np.asarray(targets[hint.tensor], np.float32), hint.index, axis=hint.axis)
+            t = torch.from_numpy(t)
+            s = outputs[hint.tensor].float()
+            total = total + ((s - t) ** 2).sum() / (t**2).sum().clamp_min(1e-30)
+        return total / len(self.hints)
+
+    def _teacher(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The teacher's outputs and hint tensors on `inputs`, by tensor name."""
+        return dict(zip(self.names, self.teacher.run(self.taps, dict(inputs)), strict=True))
 
     def held_loss(self, batch: int) -> float:
         """Mean distillation loss over the held-out samples (no gradients)."""
@@ -303,13 +382,42 @@ class _Trainer:
         return total
 
 
-def _loop(trainer: _Trainer, plan: _Schedule) -> _LoopState:
+class _Average:
+    """Exponential moving average of the graph's weights: `update` after each step, `applied`
+    puts the averages in place of the weights for a while (to evaluate or snapshot them)."""
+
+    def __init__(self, graph: TorchGraph, decay: float) -> None:
+        self.graph, self.decay = graph, decay
+        self.values = {name: p.detach().clone() for name, p in graph.params.items()}
+
+    def update(self) -> None:
+        for name, p in self.graph.params.items():
+            self.values[name].lerp_(p.detach(), 1.0 - self.decay)
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        import torch
+
+        with torch.no_grad():
+            current = {name: p.detach().clone() for name, p in self.graph.params.items()}
+            for name, p in self.graph.params.items():
+                p.copy_(self.values[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.graph.params.items():
+                    p.copy_(current[name])
+
+
+def _loop(trainer: _Trainer, plan: _Schedule, ema: float = 0.0) -> _LoopState:
     """Adam with a cosine schedule over `plan.steps`; every `plan.every` steps the held-out loss
-    is measured and the best weights kept; stops early by `plan.stops_early` or when
-    `plan.max_seconds` have passed."""
+    is measured and the best weights kept (with `ema` > 0: those of the moving average); stops
+    early by `plan.stops_early` or when `plan.max_seconds` have passed."""
     import torch
 
     graph, start = trainer.graph, time.monotonic()
+    average = _Average(graph, ema) if ema else None
     optimizer = torch.optim.Adam(graph.parameters(), lr=plan.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=plan.steps)
     state = _LoopState(_snapshot(graph), 0, [_entry(0, None, trainer, plan.batch, plan.lr)])
@@ -321,15 +429,18 @@ def _loop(trainer: _Trainer, plan: _Schedule) -> _LoopState:
             loss.backward()
             optimizer.step()
             schedule.step()
+            if average is not None:
+                average.update()
             value = float(loss.detach())
             running, since, state.steps_run = running + value, since + 1, step
             bar.update(note=f"loss {value:.4f}")
             late = plan.max_seconds is not None and time.monotonic() - start > plan.max_seconds
             if step % plan.every == 0 or step == plan.steps or late:
                 rate = schedule.get_last_lr()[0]
-                state.history.append(_entry(step, running / since, trainer, plan.batch, rate))
+                with average.applied() if average is not None else nullcontext():
+                    state.history.append(_entry(step, running / since, trainer, plan.batch, rate))
+                    _keep_best(state, graph)
                 running, since = 0.0, 0
-                _keep_best(state, graph)
                 if late or plan.stops_early(step, state.best_step):
                     state.stopped = "time" if late else "early stop"
                     break
@@ -384,6 +495,18 @@ def _labels(labels: np.ndarray | None, data: Dataset) -> np.ndarray | None:
     return labels.astype(np.int64)
 
 
+def _check_hint_names(
+    student: onnx.ModelProto, teacher: onnx.ModelProto, hints: Sequence[Hint]
+) -> None:
+    """DataError naming the first hint whose tensor one of the models does not compute."""
+    for role, model in (("student", student), ("teacher", teacher)):
+        names = {t for node in model.graph.node for t in node.output}
+        names.update(i.name for i in model.graph.input)
+        missing = [h.tensor for h in hints if h.tensor not in names]
+        if missing:
+            raise DataError(f"hint tensor '{missing[0]}' is not in the {role} model")
+
+
 def _check_pair(student: onnx.ModelProto, teacher: onnx.ModelProto) -> None:
     """The teacher must take the student's inputs and produce its outputs (by name)."""
     for role, get in (("inputs", input_specs), ("outputs", lambda m: m.graph.output)):
@@ -405,6 +528,8 @@ def _check_options(
     patience: int,
     warmup: float,
     augment: int,
+    hint_weight: float,
+    ema: float,
 ) -> None:
     """UsageError naming the first option out of range."""
     checks = (
@@ -417,6 +542,8 @@ def _check_options(
         ("patience", patience, patience >= 1),
         ("warmup", warmup, 0 <= warmup <= 1),
         ("augment", augment, augment >= 0),
+        ("hint_weight", hint_weight, hint_weight >= 0),
+        ("ema", ema, 0 <= ema < 1),
     )
     for name, value, ok in checks:
         if not ok:
