@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
 from onnxprune.calib.data import in_parts, run_samples
 from onnxprune.calib.stats import ChannelMoments, Moments, add_taps, channel_moments
@@ -26,7 +25,7 @@ from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import export
 from onnxprune.graph.rewrite import affine_outputs, shift_node
 from onnxprune.graph.segments import Segment, segment_model, split_at
-from onnxprune.graph.session import inference_session
+from onnxprune.measure.verify import session_for
 from onnxprune.plan import Plan
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
@@ -165,7 +164,7 @@ def _run_segment(model: onnx.ModelProto, segment: Segment, values: Held) -> None
     part = segment_model(model, segment, types)
     aliases = add_taps(part, segment.outputs)
     try:
-        session = inference_session(part, _segment_options())
+        session = session_for(part)
         for index in range(len(values)):
             found = session.run(aliases, values.load(index, segment.inputs))
             values.store(index, dict(zip(segment.outputs, found, strict=True)))
@@ -173,15 +172,6 @@ def _run_segment(model: onnx.ModelProto, segment: Segment, values: Held) -> None
         raise VerificationError(
             f"ONNX Runtime cannot run the pruned model up to '{segment.end}': {first_line(exc)}"
         ) from exc
-
-
-def _segment_options() -> ort.SessionOptions:
-    """Options for the short runs of a segment: ORT's worker threads do not spin-wait between
-    them (on cores that other work shares, spinning threads only take time from each other)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
 
 
 def _affine(
