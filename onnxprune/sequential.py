@@ -28,6 +28,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from threadpoolctl import threadpool_limits
 
+from onnxprune.calib.data import in_parts, run_samples
 from onnxprune.calib.stats import fold_units, tap_rows
 from onnxprune.graph.groups import ChannelGroup, Tap, tap_key
 from onnxprune.graph.load import export
@@ -100,7 +101,10 @@ def refit(
     original = export(graph)
     drift, fitted = [], []
     with tempfile.TemporaryDirectory(prefix="onnxprune-sequential-") as folder:
-        runs = [_Run(batches(), Path(folder) / side) for side in ("original", "pruned")]
+        size = run_samples(original)  # short runs: ORT's arena and caches (calib/data.py)
+        runs = [
+            _Run(in_parts(batches(), size), Path(folder) / side) for side in ("original", "pruned")
+        ]
         for index, tensor in enumerate(tensors):
             later = tensors[index + 1 :]
             runs[0].advance(original, tensor, later)

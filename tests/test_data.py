@@ -12,8 +12,10 @@ from onnx import TensorProto, helper
 from onnxprune.calib.data import (
     Dataset,
     InputSpec,
+    in_parts,
     input_specs,
     load_data,
+    run_samples,
 )
 from onnxprune.errors import DataError, UsageError
 
@@ -442,3 +444,32 @@ def test_random_data_for_symbolic_dims_asks_for_an_input_shape():
 
     with pytest.raises(DataError, match="give explicit data or --input-shape"):
         onnxprune.prune(graphs.strided_stem(), ratio=0.5)
+
+
+# --- runs: run_samples, in_parts ------------------------------------------------------------------
+
+
+def test_run_samples_keeps_the_largest_stated_tensor_of_a_run_under_the_budget(monkeypatch):
+    import onnxprune.calib.data as data_module
+
+    model = _model([("x", TensorProto.FLOAT, ["N", 4, 8, 8])])
+    assert run_samples(model) is None  # no intermediate or output shape stated
+    model.graph.value_info.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 64]))
+    model.graph.value_info.append(
+        helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 16, 8, 8])
+    )  # 4 KiB per sample, the largest
+    monkeypatch.setattr(data_module, "RUN_TENSOR_BYTES", 10 * 4096 + 5)
+    assert run_samples(model) == 10
+    monkeypatch.setattr(data_module, "RUN_TENSOR_BYTES", 100)
+    assert run_samples(model) == 1  # never fewer than one sample
+    fixed = _model([("x", TensorProto.FLOAT, [2, 4, 8, 8])])
+    fixed.graph.value_info.extend(model.graph.value_info)
+    assert run_samples(fixed) == 2  # a fixed batch is what the model takes
+
+
+def test_in_parts_covers_every_sample_once_in_order():
+    feeds = {"a": np.arange(10.0), "b": np.arange(20.0).reshape(10, 2)}
+    parts = list(in_parts([feeds, {"a": feeds["a"][:3], "b": feeds["b"][:3]}], 4))
+    assert [len(p["a"]) for p in parts] == [4, 4, 2, 3]
+    np.testing.assert_array_equal(np.concatenate([p["b"] for p in parts[:3]]), feeds["b"])
+    assert [len(p["a"]) for p in in_parts([feeds], None)] == [10]

@@ -156,9 +156,15 @@ def session_for(
     model: onnx.ModelProto, *, threads: int = 0, edit: Edit | None = None
 ) -> ort.InferenceSession:
     """An ORT CPU session for an in-memory model; `threads` 0: `default_threads()`; `edit` as
-    in `inference_session`."""
+    in `inference_session`.
+
+    Its worker threads do not spin-wait between operators: every run here is one of many short
+    ones (a sample or a part of a batch) on cores that other work may share, where spinning
+    only burns CPU time. ResNet-50, one sample per run on 2 busy cores: 2.24 CPU s per 32
+    samples spinning, 1.27 not (and less wall time too); 1.47 and 1.35 at 32 per run."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     threads = threads or default_threads()
     if threads:
         options.intra_op_num_threads = threads
