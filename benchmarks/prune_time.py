@@ -40,6 +40,7 @@ METHODS = {
     "magnitude": {"method": "magnitude"},
     "id": {"method": "id", "compensate": "none", "recalibrate": False, "sequential": False},
     "id-defaults": {"method": "id"},
+    "id-one-shot": {"method": "id", "sequential": False},  # the defaults before the refit
     "biascomp": {"method": "biascomp"},
 }
 

@@ -18,6 +18,7 @@ exactly; ρ, or keeping the method's map, is chosen per tap on two folds of the 
 
 from __future__ import annotations
 
+import gc
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -120,6 +121,7 @@ def refit(
                 fitted.append(after)
             if later:
                 model = export(rewrite(graph, groups, plans, exact_borders=exact_borders))
+                gc.collect()  # the rewritten graphs are reference cycles holding weight copies
             for run, current in zip(runs, (original, model), strict=True):
                 run.forget(current, later)
     what = "maps and intercepts" if free_map else "intercepts"
