@@ -168,10 +168,10 @@ def collect_all(
     moments = {name: ChannelMoments(axis) for name, axis in tensors.items()}
     with threadpool_limits(1, "blas"):
         for part, values in tap_runs(session, *fetch, batches):
+            samples = len(next(iter(part.values())))
             for (tap, channels), acc in zip(taps, accumulators.values(), strict=True):
                 view = channel_view(values[tap.tensor], tap, channels)
-                units = fold_units(view.shape[0], len(next(iter(part.values()))))
-                acc.add(view.reshape(-1, channels), samples=units)
+                acc.add(view.reshape(-1, channels), samples=fold_units(view.shape[0], samples))
             for name, moment in moments.items():
                 moment.add(values[name])
             outputs.offer(part, values)
