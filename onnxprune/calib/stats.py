@@ -48,14 +48,30 @@ class TapAccumulator:
         self.gram = np.zeros((channels, channels))
         self.folds = [TapAccumulator(channels) for _ in range(folds if folds > 1 else 0)]
         self.samples = 0
+        self.pending: list[np.ndarray] = []  # rows not yet in the sums (`add`)
+        self.pending_rows = 0
 
     def add(self, rows: np.ndarray, samples: int = 1) -> None:
-        """Add the rows of `samples` samples, sample by sample (`tap_rows`' order)."""
+        """Add the rows of `samples` samples, sample by sample (`tap_rows`' order).
+
+        Rows are summed once a quarter as many as there are channels have come: each update
+        adds a channels² Gram, so updating with a few rows at a time (a ViT token sequence,
+        ResNet-50's 7×7 maps) spent its time adding Grams, not computing them (3072 channels,
+        16 samples of 197 rows: 2.1 CPU s one sample at a time, 0.85 s four at a time). The
+        rows held meanwhile are a copy (not the run's arrays), under 1/8 of the Gram's bytes."""
         if self.folds:
             if samples:
                 self._add_to_folds(rows, samples)
             return
-        rows = np.ascontiguousarray(rows, dtype=np.float64)
+        self.pending.append(rows)
+        self.pending_rows += rows.shape[0]
+        if self.pending_rows < self.gram.shape[0] // 4:
+            self.pending[-1] = np.array(rows)
+            return
+        self._update(np.concatenate(self.pending, dtype=np.float64))
+
+    def _update(self, rows: np.ndarray) -> None:
+        self.pending, self.pending_rows = [], 0
         self.n += rows.shape[0]
         self.sum += rows.sum(axis=0)
         self.abs_sum += np.abs(rows).sum(axis=0)
@@ -64,6 +80,8 @@ class TapAccumulator:
             self.r_factor = np.linalg.qr(np.vstack([self.r_factor, rows]), mode="r")
 
     def result(self) -> TapStats:
+        if self.pending:
+            self._update(np.concatenate(self.pending, dtype=np.float64))
         if self.folds:
             folds = tuple(fold.result() for fold in self.folds)
             total = [sum(getattr(f, name) for f in folds) for name in ("sum", "gram", "abs_sum")]
