@@ -249,7 +249,9 @@ def _factor_gram(
     mu = np.zeros(m) if mean is None else np.asarray(mean, dtype=np.float64)
     A = G - n * np.outer(mu, mu) if intercept else G
     lam = ridge * max(float(np.trace(A)), 0.0) / max(m, 1)
-    R, order = _pivoted_cholesky(A + lam * np.eye(m))
+    ridged = A.copy()
+    ridged.flat[:: m + 1] += lam
+    R, order = _pivoted_cholesky(ridged)
     return _Factor(R, order, A, lam, float(np.trace(G)), mu)
 
 
