@@ -314,3 +314,27 @@ def test_plain_id_call_is_the_intercept_and_recalibration_run():
     assert default.model.SerializeToString() == explicit.model.SerializeToString()
     assert default.model.SerializeToString() != plain.model.SerializeToString()
     assert any("recalibrated" in note for note in default.report.notes)
+
+
+def test_planning_runs_every_blas_library_on_one_thread():
+    """The planning stage's one-thread BLAS limit covers only libraries loaded when it starts;
+    scipy's LAPACK (its own OpenBLAS, imported lazily by the solvers) must be one of them, or
+    its threads spin on busy cores. A fresh interpreter, so that nothing loaded scipy before."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "import graphs, onnxprune, onnxprune.api as api\n"
+        "from threadpoolctl import threadpool_info\n"
+        "seen, plan = [], api.make_plans\n"
+        "def spy(*args):\n"
+        "    seen.extend(i for i in threadpool_info() if i['user_api'] == 'blas')\n"
+        "    return plan(*args)\n"
+        "api.make_plans = spy\n"
+        "model = graphs.conv_chain()\n"
+        "onnxprune.prune(model, method='id', ratio=0.5, data=graphs.random_input(model, 16))\n"
+        "import scipy.linalg\n"
+        "loaded = {i['filepath'] for i in threadpool_info() if i['user_api'] == 'blas'}\n"
+        "assert loaded <= {i['filepath'] for i in seen}, (loaded, seen)\n"
+        "assert all(i['num_threads'] == 1 for i in seen), seen\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120, cwd=ROOT)

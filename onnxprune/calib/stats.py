@@ -48,14 +48,30 @@ class TapAccumulator:
         self.gram = np.zeros((channels, channels))
         self.folds = [TapAccumulator(channels) for _ in range(folds if folds > 1 else 0)]
         self.samples = 0
+        self.pending: list[np.ndarray] = []  # rows not yet in the sums (`add`)
+        self.pending_rows = 0
 
     def add(self, rows: np.ndarray, samples: int = 1) -> None:
-        """Add the rows of `samples` samples, sample by sample (`tap_rows`' order)."""
+        """Add the rows of `samples` samples, sample by sample (`tap_rows`' order).
+
+        Rows are summed once a quarter as many as there are channels have come: each update
+        adds a channels² Gram, so updating with a few rows at a time (a ViT token sequence,
+        ResNet-50's 7×7 maps) spent its time adding Grams, not computing them (3072 channels,
+        16 samples of 197 rows: 2.1 CPU s one sample at a time, 0.85 s four at a time). The
+        rows held meanwhile are a copy (not the run's arrays), under 1/8 of the Gram's bytes."""
         if self.folds:
             if samples:
                 self._add_to_folds(rows, samples)
             return
-        rows = np.ascontiguousarray(rows, dtype=np.float64)
+        self.pending.append(rows)
+        self.pending_rows += rows.shape[0]
+        if self.pending_rows < self.gram.shape[0] // 4:
+            self.pending[-1] = np.array(rows)
+            return
+        self._update(np.concatenate(self.pending, dtype=np.float64))
+
+    def _update(self, rows: np.ndarray) -> None:
+        self.pending, self.pending_rows = [], 0
         self.n += rows.shape[0]
         self.sum += rows.sum(axis=0)
         self.abs_sum += np.abs(rows).sum(axis=0)
@@ -64,6 +80,8 @@ class TapAccumulator:
             self.r_factor = np.linalg.qr(np.vstack([self.r_factor, rows]), mode="r")
 
     def result(self) -> TapStats:
+        if self.pending:
+            self._update(np.concatenate(self.pending, dtype=np.float64))
         if self.folds:
             folds = tuple(fold.result() for fold in self.folds)
             total = [sum(getattr(f, name) for f in folds) for name in ("sum", "gram", "abs_sum")]
@@ -366,7 +384,9 @@ class ChannelMoments:
     """Running n, Σa and Σa² per channel along `axis`, in float64.
 
     The tensor is read as (before, channels, after) blocks of about a million elements, summed
-    with float64 accumulators and no axis moved (moving it made a strided copy 8× slower).
+    with float64 accumulators and no axis moved (moving it made a strided copy 8× slower). A
+    block is converted to float64 once: einsum casting float32 as it multiplies took 1.5× as
+    long for the same sums.
     """
 
     def __init__(self, axis: int) -> None:
@@ -381,9 +401,9 @@ class ChannelMoments:
         blocks = value.reshape(before, channels, math.prod(value.shape[axis + 1 :]))
         step = max(1, _BLOCK_ELEMENTS // max(blocks.shape[1] * blocks.shape[2], 1))
         for start in range(0, blocks.shape[0], step):
-            block = blocks[start : start + step]
-            self.sum = self.sum + block.sum(axis=(0, 2), dtype=np.float64)
-            self.squares = self.squares + np.einsum("bcp,bcp->c", block, block, dtype=np.float64)
+            block = blocks[start : start + step].astype(np.float64)
+            self.sum = self.sum + block.sum(axis=(0, 2))
+            self.squares = self.squares + np.einsum("bcp,bcp->c", block, block)
         self.n += before * blocks.shape[2]
 
     def result(self) -> Moments:

@@ -128,7 +128,7 @@ def cv_errors(
     """Squared residual on `judge` of the ridge maps fitted on `fit`, for every ridge in
     RIDGES, and of no map (the ridge → ∞ limit): ‖Z_R − Z_S M‖² = tr(E_RR) − 2 tr(MᵀE_SR) +
     tr(MᵀE_SS M), with M = (F_SS + λI)⁻¹ F_SR from one eigendecomposition F_SS = V diag(e) Vᵀ."""
-    none = float(np.trace(judge[np.ix_(R, R)]))
+    none = float(judge[R, R].sum())  # tr J_RR
     e, V = np.linalg.eigh(fit[np.ix_(S, S)])
     P = V.T @ fit[np.ix_(S, R)]
     cross = np.sum(P * (V.T @ judge[np.ix_(S, R)]), axis=1)

@@ -194,10 +194,12 @@ def reconstruction_error(
         return 0.0
     B = np.eye(G.shape[0])
     B[keep] -= M
+    live = np.any(B != 0, axis=0)  # a kept channel mapped to itself leaves a zero column of B
+    B = B[:, live]  # (the other columns add exact zeros: m² per removed channel, not m³)
     sq = float(np.sum(B * (G @ B)))
     if c is not None:
         s = n * np.asarray(mean, dtype=np.float64)
-        sq += -2.0 * float(c @ (B.T @ s)) + n * float(c @ c)
+        sq += -2.0 * float(c[live] @ (B.T @ s)) + n * float(c @ c)
     return float(np.sqrt(max(sq, 0.0) / total))
 
 
@@ -247,7 +249,9 @@ def _factor_gram(
     mu = np.zeros(m) if mean is None else np.asarray(mean, dtype=np.float64)
     A = G - n * np.outer(mu, mu) if intercept else G
     lam = ridge * max(float(np.trace(A)), 0.0) / max(m, 1)
-    R, order = _pivoted_cholesky(A + lam * np.eye(m))
+    ridged = A.copy()
+    ridged.flat[:: m + 1] += lam
+    R, order = _pivoted_cholesky(ridged)
     return _Factor(R, order, A, lam, float(np.trace(G)), mu)
 
 
