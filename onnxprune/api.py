@@ -38,6 +38,7 @@ from onnxprune.graph.load import (
     normalize,
     save_model,
     too_large_for_protobuf,
+    weightless_export,
 )
 from onnxprune.graph.rewrite import rewrite
 from onnxprune.graph.sparsify import (
@@ -106,7 +107,7 @@ def analyze(
     """
     graph = normalize(_load(model))
     groups = find_groups(graph)
-    cost = count(export(graph), input_shapes=dict(input_shapes or {}))
+    cost = count(weightless_export(graph), input_shapes=dict(input_shapes or {}))
     macs = {node.name: node.macs for node in cost.per_node}
     group_macs = {
         g.name: sum(macs.get(n, 0) for n in {*g.producers, *g.passthrough, *g.consumers})

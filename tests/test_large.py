@@ -21,6 +21,7 @@ from onnxprune.graph.load import (
     too_large_for_protobuf,
     write_external,
 )
+from onnxprune.measure.cost import count
 from onnxprune.measure.latency import make_session
 
 WIDTH = 256
@@ -139,6 +140,7 @@ def test_graph_shapes_inferred_on_a_weightless_export_equal_those_of_the_whole_m
             ), tensor_name
     for tensor_name, values in arrays.items():
         assert graph.tensors()[tensor_name].values is values
+    assert count(stub) == count(load.export(graph))  # what `analyze` counts on
 
 
 @pytest.mark.parametrize("method", ["magnitude", "id"])

@@ -218,16 +218,29 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
 
 
 def weightless_export(graph: gs.Graph) -> onnx.ModelProto:
-    """`graph` exported with its float constants of more than 64 elements as typed graph inputs
-    (as `weightless_copy` does to a ModelProto): what shape inference needs, and small. The
-    graph's arrays are neither copied nor serialized."""
+    """`graph` exported with its float constants of more than 64 elements as initializers
+    without data (name, type and dims; marked external, with no location): what shape
+    inference (`add_inferred_shapes`) and counting (`measure.cost.count`) read, and small. The
+    graph's arrays are neither copied nor serialized. Not a model to run or save."""
     copy = graph.copy()  # shares the constants' arrays with `graph`
+    stubs = set()
     for tensor in copy.tensors().values():
         if isinstance(tensor, gs.Constant) and _stubbed(tensor):
             stub = tensor.to_variable(shape=list(tensor.shape))
             stub.type = "tensor_type"  # what Variable() sets and to_variable does not
             copy.inputs.append(stub)
-    return export(copy)
+            stubs.add(stub.name)
+    model = export(copy)
+    inputs = [info for info in model.graph.input if info.name not in stubs]
+    for info in model.graph.input:
+        if info.name in stubs:
+            kind = info.type.tensor_type
+            tensor = model.graph.initializer.add(name=info.name, data_type=kind.elem_type)
+            tensor.dims.extend(d.dim_value for d in kind.shape.dim)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    return model
 
 
 def set_shapes(graph: gs.Graph, model: onnx.ModelProto) -> None:
