@@ -9,6 +9,7 @@ import gc
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from onnxprune.graph.load import (
     normalize,
     save_model,
     too_large_for_protobuf,
+    weightless_export,
 )
 from onnxprune.graph.rewrite import rewrite
 from onnxprune.graph.sparsify import (
@@ -105,7 +107,7 @@ def analyze(
     """
     graph = normalize(_load(model))
     groups = find_groups(graph)
-    cost = count(export(graph), input_shapes=dict(input_shapes or {}))
+    cost = count(weightless_export(graph), input_shapes=dict(input_shapes or {}))
     macs = {node.name: node.macs for node in cost.per_node}
     group_macs = {
         g.name: sum(macs.get(n, 0) for n in {*g.producers, *g.passthrough, *g.consumers})
@@ -140,16 +142,22 @@ def prune(
     proto = _load(model)
     config = _fit_batch(config, proto)
     external = not isinstance(model, onnx.ModelProto) and has_external_data(model)
-    graph = normalize(proto)
-    # the graphs that normalize (and later rewrite) replace are reference cycles (nodes ↔
-    # tensors) holding copies of the weights; only the cycle collector frees them, and it runs
-    # by object counts, not bytes (collecting here cut ResNet-50's peak RSS by 120 MB)
-    gc.collect()
     run = _prune_weights if config.granularity == "weight" else _prune_channels
-    result = run(proto, graph, DataInputs(data, labels, verify_data), config)
+    # the graph is not held here, so that the stage that runs can drop it once it is done
+    result = run(proto, _normalized(proto), DataInputs(data, labels, verify_data), config)
     result = replace(result, external_data=external or too_large_for_protobuf(result.model))
     _accept(result, config)
     return result
+
+
+def _normalized(proto: onnx.ModelProto) -> gs.Graph:
+    """`normalize(proto)`, then a cycle collection: the graphs that normalize (and later
+    rewrite) replace are reference cycles (nodes ↔ tensors) holding copies of the weights; only
+    the cycle collector frees them, and it runs by object counts, not bytes (collecting here cut
+    ResNet-50's peak RSS by 120 MB)."""
+    graph = normalize(proto)
+    gc.collect()
+    return graph
 
 
 def _prune_channels(
@@ -210,12 +218,18 @@ def _prune_channels(
     notes += (widths.note,) if widths.note else ()
     notes += unrotated_note(groups, plans) if config.method == "cob" else ()
     if config.recalibrate:
-        original, reference = (lambda: export(graph)), calibration.moments
         pruned_graph, layers = recalibrate(
-            original, pruned_graph, groups, plans, batches, reference=reference
-        )
+            partial(export, graph), pruned_graph, groups, plans, batches,
+            reference=calibration.moments,
+        )  # fmt: skip
         notes += (f"recalibrated the output mean and variance of {layers} layers",)
     pruned = _finish(proto, pruned_graph, config)
+    # both graphs hold the weights (the pruned one shares the unchanged arrays), and the
+    # statistics may hold float64 filters: free them before the fine-tuning and verification
+    # sessions, which hold the weights again
+    loss, outputs = calibration.loss, calibration.outputs
+    del graph, pruned_graph, calibration
+    gc.collect()
     pruned, notes = _finetuned(proto, pruned, split.fit, config, notes, (groups, plans))
     pruned = _quantized(pruned, split.fit, config)
     within = {row.name for row in head_rows} if config.heads == "dims" else set()
@@ -223,8 +237,7 @@ def _prune_channels(
         _row(group, plans.get(group.name), config) for group in groups if group.name not in within
     )
     report = _report(
-        proto, pruned, split, config, calibration.loss, notes, rows, widths.target,
-        reference=calibration.outputs,
+        proto, pruned, split, config, loss, notes, rows, widths.target, reference=outputs,
     )  # fmt: skip
     return Result(pruned, report, groups, plans)
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import graphs
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
-from conftest import file_hash, run_model
+from conftest import file_hash, reference_path, run_model
 from onnx import helper, numpy_helper
 
 import onnxprune
@@ -20,6 +21,7 @@ from onnxprune.graph.load import (
     too_large_for_protobuf,
     write_external,
 )
+from onnxprune.measure.cost import count
 from onnxprune.measure.latency import make_session
 
 WIDTH = 256
@@ -116,6 +118,29 @@ def test_shapes_inferred_without_weights_equal_the_direct_ones():
     assert model.graph.value_info == direct.graph.value_info
     assert model.graph.output == direct.graph.output
     assert list(model.graph.initializer) == weights
+
+
+@pytest.mark.parametrize("name", ["resnet", "inception", "bilstm", "mobilenetv2"])
+def test_graph_shapes_inferred_on_a_weightless_export_equal_those_of_the_whole_model(name):
+    """`infer_shapes` runs inference on a weightless export and copies the shapes back in
+    place: every tensor gets the type and shape that inference on the whole exported model
+    (weights and all) gives, and the graph keeps its own arrays (nothing copied)."""
+    graph = gs.import_onnx(load.load_model(reference_path(name, "onnx")))
+    arrays = {n: t.values for n, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    whole = onnx.shape_inference.infer_shapes(load.export(graph), data_prop=True)
+    direct = gs.import_onnx(whole).tensors()
+    stub = load.weightless_export(graph)
+    assert all(t.ByteSize() < 1024 for t in stub.graph.initializer)
+    assert load.infer_shapes(graph) is graph
+    for tensor_name, tensor in graph.tensors().items():
+        if isinstance(tensor, gs.Variable):
+            assert (tensor.dtype, tensor.shape) == (
+                direct[tensor_name].dtype,
+                direct[tensor_name].shape,
+            ), tensor_name
+    for tensor_name, values in arrays.items():
+        assert graph.tensors()[tensor_name].values is values
+    assert count(stub) == count(load.export(graph))  # what `analyze` counts on
 
 
 @pytest.mark.parametrize("method", ["magnitude", "id"])

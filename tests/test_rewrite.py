@@ -327,6 +327,17 @@ def test_rewrite_leaves_its_input_graph_unchanged():
     assert export(graph).SerializeToString() == before
 
 
+def test_rewrite_shares_the_weights_it_does_not_change():
+    """The pruned graph holds the input graph's own arrays where no edit touched them (no copy
+    of a model's weights per rewrite), and new arrays where an edit did."""
+    graph = normalize(graphs.conv_chain())
+    arrays = {n: t.values for n, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    pruned = rewrite(graph, analyze(graph), {"c1": Plan(keep=np.array([0, 2, 5]))})
+    node = {n.name: n for n in pruned.nodes}
+    assert node["c3"].inputs[1].values is arrays[node["c3"].inputs[1].name]
+    assert not any(node["c1"].inputs[1].values is a for a in arrays.values())
+
+
 def test_hand_made_selection_plan_slices_rows_and_columns():
     model = graphs.conv_chain()
     graph = normalize(model)

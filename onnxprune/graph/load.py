@@ -27,6 +27,11 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
+from onnx_graphsurgeon.importers.onnx_importer import (
+    get_onnx_tensor_dtype,
+    get_onnx_tensor_shape,
+    get_onnx_tensor_type,
+)
 
 from onnxprune.errors import ModelLoadError, first_line
 from onnxprune.graph.fused import MS, expand_fused
@@ -173,7 +178,7 @@ class FoldedBatchNorm:
 def normalize(model: onnx.ModelProto) -> gs.Graph:
     """Return the canonical graph: constants folded, no-ops removed, BN folded, shapes inferred."""
     model = _constants_to_initializers(model)
-    graph = gs.import_onnx(_with_inferred_shapes(model))
+    graph = _with_inferred_shapes(gs.import_onnx(model))
     _name_nodes(graph)
     if expand_fused(graph, default_opset(model)):
         graph = infer_shapes(graph)
@@ -196,17 +201,67 @@ def folded_batchnorms(graph: gs.Graph) -> dict[str, FoldedBatchNorm]:
 
 
 def infer_shapes(graph: gs.Graph) -> gs.Graph:
-    """Forget intermediate shapes and infer them again (after rewriting, old ones are stale)."""
+    """Forget intermediate shapes and infer them again (after rewriting, old ones are stale);
+    returns `graph`, changed in place. Inference runs on `weightless_export(graph)` and the
+    shapes found are copied back, so no weight is copied (whatever the model's size)."""
     io = {t.name for t in graph.inputs + graph.outputs}
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and tensor.name not in io:
             tensor.shape = None
-    model = export(graph)
+    model = weightless_export(graph)
     try:
         add_inferred_shapes(model)
     except onnx.onnx_cpp2py_export.shape_inference.InferenceError as exc:
         raise ModelLoadError(f"shape inference failed: {first_line(exc, 200)}") from exc
-    return gs.import_onnx(model)
+    set_shapes(graph, model)
+    return graph
+
+
+def weightless_export(graph: gs.Graph) -> onnx.ModelProto:
+    """`graph` exported with its float constants of more than 64 elements as initializers
+    without data (name, type and dims; marked external, with no location): what shape
+    inference (`add_inferred_shapes`) and counting (`measure.cost.count`) read, and small. The
+    graph's arrays are neither copied nor serialized. Not a model to run or save."""
+    copy = graph.copy()  # shares the constants' arrays with `graph`
+    stubs = set()
+    for tensor in copy.tensors().values():
+        if isinstance(tensor, gs.Constant) and _stubbed(tensor):
+            stub = tensor.to_variable(shape=list(tensor.shape))
+            stub.type = "tensor_type"  # what Variable() sets and to_variable does not
+            copy.inputs.append(stub)
+            stubs.add(stub.name)
+    model = export(copy)
+    inputs = [info for info in model.graph.input if info.name not in stubs]
+    for info in model.graph.input:
+        if info.name in stubs:
+            kind = info.type.tensor_type
+            tensor = model.graph.initializer.add(name=info.name, data_type=kind.elem_type)
+            tensor.dims.extend(d.dim_value for d in kind.shape.dim)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    return model
+
+
+def set_shapes(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """Give `graph`'s variables the types and shapes `model` (its export, shape-inferred)
+    declares for tensors of the same names: its value_info and outputs."""
+    infos = {info.name: info for info in (*model.graph.value_info, *model.graph.output)}
+    for name, tensor in graph.tensors().items():
+        info = infos.get(name)
+        if isinstance(tensor, gs.Variable) and info is not None and info.type.ByteSize():
+            tensor.dtype = get_onnx_tensor_dtype(info)
+            tensor.shape = get_onnx_tensor_shape(info)
+            tensor.type = get_onnx_tensor_type(info)
+
+
+def _stubbed(tensor: gs.Constant) -> bool:
+    """A float constant of more than 64 elements: shape inference needs its type and shape only."""
+    try:
+        dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype))
+    except (KeyError, TypeError, ValueError):  # not a numpy type: exported with its data
+        return False
+    return dtype in FLOAT_TYPES and math.prod(tensor.shape) > _STUB_MIN_ELEMENTS
 
 
 # model-local functions whose output has the shape and type of their input (ONNX shape
@@ -345,12 +400,15 @@ _CONSTANT_ATTRS = {
 
 
 def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Turn top-level Constant nodes (Paddle-style weights) into initializers."""
+    """Turn top-level Constant nodes (Paddle-style weights) into initializers, in a copy of
+    `model`; `model` itself when it has none (no copy of its weights)."""
+    if not any(_constant_attr(node) for node in model.graph.node):
+        return model
     model = copy_model(model)
     keep = []
     for node in model.graph.node:
-        attr = node.attribute[0] if node.op_type == "Constant" and node.attribute else None
-        if attr is None or node.domain not in ("", "ai.onnx") or attr.name not in _CONSTANT_ATTRS:
+        attr = _constant_attr(node)
+        if attr is None:
             keep.append(node)
             continue
         value = onnx.helper.get_attribute_value(attr)
@@ -361,13 +419,23 @@ def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` (normalize's own copy, changed in place) with intermediate shapes where inference
-    finds them (Shape nodes fold only on known shapes); unchanged when inference fails, which
-    `infer_shapes` reports later."""
+def _constant_attr(node: onnx.NodeProto) -> onnx.AttributeProto | None:
+    """The value attribute of a standard Constant node that `_CONSTANT_ATTRS` reads, else None."""
+    attr = node.attribute[0] if node.op_type == "Constant" and node.attribute else None
+    if attr is None or node.domain not in ("", "ai.onnx") or attr.name not in _CONSTANT_ATTRS:
+        return None
+    return attr
+
+
+def _with_inferred_shapes(graph: gs.Graph) -> gs.Graph:
+    """`graph`, changed in place, with intermediate shapes where inference finds them (Shape
+    nodes fold only on known shapes); unchanged when inference fails, which `infer_shapes`
+    reports later."""
+    model = weightless_export(graph)
     with contextlib.suppress(onnx.onnx_cpp2py_export.shape_inference.InferenceError):
         add_inferred_shapes(model)
-    return model
+        set_shapes(graph, model)
+    return graph
 
 
 def fold_constants(graph: gs.Graph) -> gs.Graph:
@@ -413,7 +481,7 @@ def _fold_until_settled(graph: gs.Graph) -> gs.Graph:
         fold_constants(graph).cleanup()
         if len(graph.nodes) == count:
             return graph
-        graph = gs.import_onnx(_with_inferred_shapes(export(graph)))
+        graph = _with_inferred_shapes(graph)
 
 
 def _keeps_number_format(node: gs.Node) -> bool:

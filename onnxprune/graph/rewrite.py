@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.channel_norm import norm_readers, rebuild
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, tap_key
-from onnxprune.graph.load import export, infer_shapes
+from onnxprune.graph.load import infer_shapes
 from onnxprune.graph.weights import edit_rows
 from onnxprune.ops.conv import is_grouped_conv
 from onnxprune.ops.recurrent import Units, input_shift, is_recurrent, is_zero, pruned_arrays
@@ -40,7 +40,10 @@ def rewrite(
     With `exact_borders`, a correction's constant reaches a zero-padded Conv consumer as an
     exact per-position map (an Add after it) instead of the per-unit bias, which is exact only
     away from the borders."""
-    graph = gs.import_onnx(export(graph))
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            _ = tensor.values  # loaded once here, so that the copy shares the array
+    graph = graph.copy()  # shares the arrays: every edit below makes a new constant
     nodes = {node.name: node for node in graph.nodes}
     jobs: dict[tuple[str, int], list[tuple[ParamEdit, ChannelGroup, Plan]]] = defaultdict(list)
     splits: dict[str, list[tuple[ParamEdit, ChannelGroup, Plan]]] = defaultdict(list)
@@ -73,8 +76,11 @@ def rewrite(
         node = nodes[name]
         handler_for(node).prepare(node)
         value = np.asarray(node.inputs[index].values)
-        apply = _apply_grouped if index == 1 and is_grouped_conv(node) else _apply_all
-        work = apply(value.astype(np.float64), items, node, deltas, exact_borders)
+        grouped = index == 1 and is_grouped_conv(node)
+        apply = _apply_grouped if grouped else _apply_all
+        exact = not grouped and all(_selects(edit, plan, node) for edit, _, plan in items)
+        work = apply(value if exact else value.astype(np.float64), items, node, deltas,
+                     exact_borders)  # fmt: skip
         node.inputs[index] = gs.Constant(
             f"{node.inputs[index].name}__{name}", work.astype(value.dtype)
         )
@@ -365,6 +371,19 @@ def _apply(
             delta = _weight_times(work, edit, m, node, c)
         _accumulate(deltas, node.name, delta)
     return _map_segment(work, edit, m, np.asarray(correction.M, dtype=np.float64))
+
+
+def _selects(edit: ParamEdit, plan: Plan, node: gs.Node) -> bool:
+    """True when `_apply` only selects entries of the constant for this edit (no arithmetic):
+    then it runs in the constant's own dtype, exactly, without a float64 copy of it (a large
+    model's first weight is often larger than all the others)."""
+    if edit.role in ("reshape", "count", "tail"):
+        return False
+    if plan.rotation is not None and _rotates(edit, node):
+        return False
+    if edit.role != "in" or not edit.tap:
+        return True
+    return plan.corrections.get(tap_key(edit.tap, edit.offset)) is None
 
 
 def _accumulate(deltas: dict[str, np.ndarray], name: str, delta: np.ndarray) -> None:
