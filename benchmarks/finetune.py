@@ -198,6 +198,39 @@ def select(name: str, keep: float, grid: dict[str, list]) -> list[dict]:
     return rows
 
 
+def goals_table(results: list[dict]) -> str:
+    """Markdown table of `one`'s rows from the JSON outputs `results`: accuracies in % with the
+    test images behind them, the gaps the goals are about, CPU seconds per fine-tune."""
+    head = (
+        "| model | fewer MACs (kept) | steps | original | pruned | + distillation | + labels "
+        "| distill − labels | Torch-Pruning: pruned → + labels | distill − TP "
+        "| CPU s (distill / labels / TP) |"
+    )
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for result in results:
+        steps = result["options"]["steps"]
+        for row in result["rows"]:
+            pct = {k: f"{100 * row[k]:.1f} %" if k in row else "–" for k in KINDS}
+            tp = row.get("tp", "").rsplit("pruned ", 1)[-1]
+            tp = f"{100 * float(tp):.1f} % → {pct['tp_labels']}" if tp else "–"
+            cpu = " / ".join(str(row.get(f"{k}_cpu_s", "–")) for k in KINDS if k in row)
+            lines.append(
+                f"| {row['model']} | {100 * row['fewer_macs']:.0f} % ({row['macs_kept']}) "
+                f"| {steps} | {100 * row['original']:.1f} % | {100 * row['pruned']:.1f} % "
+                f"| {pct['distill']} | {pct['labels']} | {_gap(row, 'distill', 'labels')} "
+                f"| {tp} | {_gap(row, 'distill', 'tp_labels')} | {cpu} |"
+            )
+    return "\n".join(lines)
+
+
+def _gap(row: dict, a: str, b: str) -> str:
+    """row[a] − row[b] in points and in test images (540), or – where one is missing."""
+    if a not in row or b not in row:
+        return "–"
+    images = round((row[a] - row[b]) * 540)
+    return f"{100 * (row[a] - row[b]):+.1f} ({images:+d} img)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/finetune_goals.json"))
@@ -220,7 +253,11 @@ def main() -> None:
     parser.add_argument(
         "--start", default="sequential", help="one, or with --select several: " + ",".join(STARTS)
     )
+    parser.add_argument("--markdown", nargs="+", help="print the goals table of these outputs")
     args = parser.parse_args()
+    if args.markdown:
+        print(goals_table([json.loads(Path(p).read_text()) for p in args.markdown]))
+        return
     torch.set_num_threads(1)  # a shared, loaded machine: more threads only spin
     grid = {"start": args.start.split(","), "lr": [float(v) for v in args.lr.split(",")],
             "steps": [int(v) for v in args.steps.split(",")],
