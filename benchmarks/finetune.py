@@ -202,8 +202,9 @@ def goals_table(results: list[dict]) -> str:
     """Markdown table of `one`'s rows from the JSON outputs `results`: accuracies in % with the
     test images behind them, the gaps the goals are about, CPU seconds per fine-tune."""
     head = (
-        "| model | fewer MACs (kept) | steps | original | pruned | + distillation | + labels "
-        "| distill − labels | Torch-Pruning: pruned → + labels | distill − TP "
+        "| model | fewer MACs (kept) | start | steps | original | pruned | + distillation "
+        "| distill − original | + labels | distill − labels "
+        "| Torch-Pruning: pruned → + labels | distill − TP "
         "| CPU s (distill / labels / TP) |"
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
@@ -216,8 +217,10 @@ def goals_table(results: list[dict]) -> str:
             cpu = " / ".join(str(row.get(f"{k}_cpu_s", "–")) for k in KINDS if k in row)
             lines.append(
                 f"| {row['model']} | {100 * row['fewer_macs']:.0f} % ({row['macs_kept']}) "
-                f"| {steps} | {100 * row['original']:.1f} % | {100 * row['pruned']:.1f} % "
-                f"| {pct['distill']} | {pct['labels']} | {_gap(row, 'distill', 'labels')} "
+                f"| {row.get('start', '–')} | {steps} | {100 * row['original']:.1f} % "
+                f"| {100 * row['pruned']:.1f} % | {pct['distill']} "
+                f"| {_gap(row, 'distill', 'original')} | {pct['labels']} "
+                f"| {_gap(row, 'distill', 'labels')} "
                 f"| {tp} | {_gap(row, 'distill', 'tp_labels')} | {cpu} |"
             )
     return "\n".join(lines)
@@ -256,7 +259,8 @@ def main() -> None:
     parser.add_argument("--markdown", nargs="+", help="print the goals table of these outputs")
     args = parser.parse_args()
     if args.markdown:
-        print(goals_table([json.loads(Path(p).read_text()) for p in args.markdown]))
+        outputs = [json.loads(Path(p).read_text()) for p in args.markdown]  # one run or a list
+        print(goals_table([r for o in outputs for r in (o if isinstance(o, list) else [o])]))
         return
     torch.set_num_threads(1)  # a shared, loaded machine: more threads only spin
     grid = {"start": args.start.split(","), "lr": [float(v) for v in args.lr.split(",")],
