@@ -23,6 +23,7 @@ images, score the accuracy on the other 128 (stratified, seeded); every combinat
 comma-separated `--lr`, `--steps`, `--augment`, `--start` values is run.
 
     python benchmarks/finetune.py --out benchmarks/results/finetune_goals.json
+    python benchmarks/finetune.py --markdown benchmarks/results/finetune_defaults.json
     python benchmarks/finetune.py --select --models mobilenetv2 --keep 0.15 --lr 1e-3,3e-3
 """
 
@@ -214,7 +215,9 @@ def goals_table(results: list[dict]) -> str:
             pct = {k: f"{100 * row[k]:.1f} %" if k in row else "–" for k in KINDS}
             tp = row.get("tp", "").rsplit("pruned ", 1)[-1]
             tp = f"{100 * float(tp):.1f} % → {pct['tp_labels']}" if tp else "–"
-            cpu = " / ".join(str(row.get(f"{k}_cpu_s", "–")) for k in KINDS if k in row)
+            cpu = " / ".join(
+                str(row.get(f"{k}_cpu_s", "–")) for k in ("distill", "labels", "tp_labels")
+            )
             lines.append(
                 f"| {row['model']} | {100 * row['fewer_macs']:.0f} % ({row['macs_kept']}) "
                 f"| {row.get('start', '–')} | {steps} | {100 * row['original']:.1f} % "
