@@ -33,6 +33,7 @@ from onnxprune.calib.data import in_parts, run_samples
 from onnxprune.calib.stats import fold_units, tap_rows
 from onnxprune.graph.groups import ChannelGroup, Tap, tap_key
 from onnxprune.graph.load import export
+from onnxprune.graph.refold import refold
 from onnxprune.graph.rewrite import rewrite
 from onnxprune.graph.segments import segment_to, still_read
 from onnxprune.methods.heads import head_features
@@ -119,7 +120,8 @@ def refit(
                                                      before, after, ridge)  # fmt: skip
                 drift.append(before)
                 fitted.append(after)
-            if later:
+            keys = {site.key for site in here}  # only the layers reading them change
+            if later and not refold(model, graph, groups, plans, keys, exact_borders=exact_borders):
                 model = export(rewrite(graph, groups, plans, exact_borders=exact_borders))
                 gc.collect()  # the rewritten graphs are reference cycles holding weight copies
             for run, current in zip(runs, (original, model), strict=True):

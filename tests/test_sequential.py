@@ -4,6 +4,8 @@ model's activations, and better than the one-shot fit where upstream errors reac
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import graphs
 import numpy as np
 import onnx
@@ -16,8 +18,13 @@ import onnxprune
 from onnxprune.calib.stats import with_outputs
 from onnxprune.config import PruneConfig
 from onnxprune.errors import UsageError
+from onnxprune.graph.analyze import analyze as find_groups
+from onnxprune.graph.load import export, normalize
+from onnxprune.graph.rewrite import rewrite
 from onnxprune.graph.segments import segment_to
 from onnxprune.methods.linalg import selection_map
+from onnxprune.plan import Correction
+from onnxprune.sequential import refold
 
 
 def _mlp(
@@ -206,3 +213,80 @@ def test_id_refits_sequentially_by_default_and_the_others_do_not():
     assert PruneConfig(method="id").sequential is True
     assert PruneConfig(method="id", sequential=False).sequential is False
     assert PruneConfig(method="magnitude", compensate="lsq").sequential is False
+
+
+@pytest.mark.parametrize(
+    "build, options",
+    [
+        (graphs.conv_chain, {}),
+        (graphs.concat, {}),
+        (graphs.flatten_gemm, {}),
+        (graphs.matmul_chain, {}),
+        (graphs.residual_block, {"prune_residual": True}),
+        (graphs.se_block, {}),
+    ],
+)
+def test_refolding_only_the_readers_gives_the_whole_rewrites_model(
+    build, options, save_tmp, monkeypatch
+):
+    """After each tap the layers reading it are refolded in place (graph/refold.py); the
+    refit and the pruned model are those of rewriting the whole graph after every tap."""
+    path = save_tmp(build())
+    model = onnx.load(path)
+    options = {"method": "id", "ratio": 0.5, "round_to": 1, "data": graphs.random_input(model, 64),
+               "sequential": True, **options}  # fmt: skip
+    applied = []
+
+    def spy(*args, **kwargs):
+        applied.append(refold(*args, **kwargs))
+        return applied[-1]
+
+    monkeypatch.setattr(onnxprune.sequential, "refold", spy)
+    cheap = onnxprune.prune(path, **options)
+    monkeypatch.setattr(onnxprune.sequential, "refold", lambda *args, **kwargs: False)
+    whole = onnxprune.prune(path, **options)
+    assert all(applied), applied
+    for name, plan in whole.plans.items():
+        for key, correction in plan.corrections.items():
+            got = cheap.plans[name].corrections[key]
+            scale = max(1.0, float(np.abs(correction.M).max()))
+            np.testing.assert_allclose(got.M, correction.M, atol=1e-6 * scale)
+    assert_outputs_close(whole.model, cheap.model, graphs.random_input(model, 8, seed=1))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [graphs.conv_chain, graphs.concat, graphs.se_block, graphs.matmul_chain, graphs.flatten_gemm],
+)
+def test_refold_writes_the_constants_a_whole_rewrite_gives(build):
+    """Changing one tap's correction and refolding its readers into the rewritten model gives
+    the export of the whole rewrite with the new correction, constant by constant."""
+    model = build()
+    result = onnxprune.prune(model, method="id", ratio=0.5, round_to=1, verify=False,
+                             data=graphs.random_input(model, 64), sequential=False)  # fmt: skip
+    graph = normalize(model)
+    groups = find_groups(graph)
+    rewritten = export(rewrite(graph, groups, result.plans))
+    rng, plans = np.random.default_rng(0), dict(result.plans)
+    for name in result.plans:
+        for key, old in result.plans[name].corrections.items():
+            c = None if old.c is None else rng.standard_normal(np.shape(old.c))
+            new = Correction(rng.standard_normal(np.shape(old.M)), c)
+            plan = plans[name]
+            plans[name] = replace(plan, corrections={**plan.corrections, key: new})
+            assert refold(rewritten, graph, groups, plans, {key})
+            got, expected = _constants(rewritten), _constants(export(rewrite(graph, groups, plans)))
+            assert got.keys() == expected.keys()
+            for place, value in expected.items():
+                np.testing.assert_array_equal(got[place], value)
+
+
+def _constants(model: onnx.ModelProto) -> dict[tuple[str, int], np.ndarray]:
+    """Every initializer a node reads, by node name and input position."""
+    held = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {
+        (node.name, i): held[name]
+        for node in model.graph.node
+        for i, name in enumerate(node.input)
+        if name in held
+    }
