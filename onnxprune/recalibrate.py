@@ -94,14 +94,15 @@ def reference_tensors(
 
 
 class Held:
-    """The values later segments read, per run: in memory until they pass HELD_BYTES, then in
-    .npy files of `folder`, read back one run at a time, so that memory stays bounded whatever
-    the number of samples (the values at a segment border are held for every sample: 312 MB for
-    24 ResNet-50 samples)."""
+    """The values later segments read, per run: in memory until they pass `limit` bytes
+    (HELD_BYTES), then in .npy files of `folder`, read back one run at a time, so that memory
+    stays bounded whatever the number of samples (the values at a segment border are held for
+    every sample: 312 MB for 24 ResNet-50 samples)."""
 
-    def __init__(self, runs: Values, folder: Path) -> None:
+    def __init__(self, runs: Values, folder: Path, limit: int | None = None) -> None:
         self.runs: list[dict[str, np.ndarray | Path]] = list(runs)
         self.folder = folder
+        self.limit = HELD_BYTES if limit is None else limit
         self.files = 0
         self.memory_bytes = sum(_nbytes(v) for run in self.runs for v in run.values())
 
@@ -114,9 +115,9 @@ class Held:
         return {n: np.load(v) if isinstance(v, Path) else v for n, v in run.items() if n in names}
 
     def store(self, index: int, values: Mapping[str, np.ndarray]) -> None:
-        """Set values of run `index`: to files once the values held in memory pass HELD_BYTES."""
+        """Set values of run `index`: to files once the values held in memory pass the limit."""
         run = self.runs[index]
-        spill = self.memory_bytes > HELD_BYTES
+        spill = self.memory_bytes > self.limit
         for name, value in values.items():
             if name in run:
                 self._drop(run, name)

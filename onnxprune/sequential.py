@@ -3,13 +3,16 @@
 A method fits each correction a ≈ Mᵀ a_S + c (DESIGN.md §3) on the original model's activations,
 all groups at once, so the errors of earlier groups reach later taps unanswered. Here the taps are
 visited in topological order; at each, the pruned model (every earlier tap already refit and
-folded) and the original run up to it, and M, c are refit by least squares from the pruned
-model's kept activations ã_S to the original's full activation a — the kept channels too, so the
-map also undoes the drift upstream (He et al. 2017, ThiNet, Kwon et al. 2022, OBC's sequential
-mode). The selection stays the method's. Only Grams are held: of [ã_S, 1], of ã_S with a and of a.
+folded) and the original run up to it, and the removed channels' reconstruction in M, c is
+refit by least squares from the pruned model's kept activations ã_S to the original's activation
+a (He et al. 2017, ThiNet, Kwon et al. 2022, OBC's sequential mode). The kept channels pass
+through as the method has them: refit too, regressed on their own drifted values, they shrink —
+less error at the tap, more at the output (docs/METHODS.md §9). The selection stays the
+method's. Only Grams are held: of [ã_S, 1], of ã_S with a and of a.
 
-Both models run once, cut at the taps (`graph.segments.segment_to`): after a tap is refit the
-pruned model is rewritten, which changes only layers after it, so the nodes that ran stay valid.
+Both models run once, cut at the taps (`graph.segments.segment_to`): after a tap is refit only
+the layers reading it are refolded (`graph.refold`), which changes only layers after it, so the
+nodes that ran stay valid.
 The fit is ridge-regularised toward the method's own map (λ = ρ·tr(C)/k, C the centred Gram of
 ã_S), so where ã_S = a_S (ratio 0, nothing pruned upstream) the method's map is recovered
 exactly; ρ, or keeping the method's map, is chosen per tap on two folds of the samples
@@ -33,6 +36,7 @@ from onnxprune.calib.data import in_parts, run_samples
 from onnxprune.calib.stats import fold_units, tap_rows
 from onnxprune.graph.groups import ChannelGroup, Tap, tap_key
 from onnxprune.graph.load import export
+from onnxprune.graph.refold import refold
 from onnxprune.graph.rewrite import rewrite
 from onnxprune.graph.segments import segment_to, still_read
 from onnxprune.methods.heads import head_features
@@ -119,7 +123,8 @@ def refit(
                                                      before, after, ridge)  # fmt: skip
                 drift.append(before)
                 fitted.append(after)
-            if later:
+            keys = {site.key for site in here}  # only the layers reading them change
+            if later and not refold(model, graph, groups, plans, keys, exact_borders=exact_borders):
                 model = export(rewrite(graph, groups, plans, exact_borders=exact_borders))
                 gc.collect()  # the rewritten graphs are reference cycles holding weight copies
             for run, current in zip(runs, (original, model), strict=True):
@@ -132,6 +137,9 @@ def refit(
     return plans, notes
 
 
+HELD_BYTES = 64 << 20  # per model: the two runs' borders spill to files past it (peak RSS)
+
+
 class _Run:
     """One model run tap by tap over the batches: the values the rest still reads, and the
     names of the nodes that ran."""
@@ -140,7 +148,7 @@ class _Run:
         folder.mkdir()
         feeds = [dict(f) for f in batches]
         self.samples = [len(next(iter(f.values()))) for f in feeds]  # per batch, for the folds
-        self.values = Held(feeds, folder)
+        self.values = Held(feeds, folder, HELD_BYTES)
         self.done: set[str] = set()
 
     def advance(self, model: onnx.ModelProto, end: str, later: Iterable[str]) -> None:
@@ -239,7 +247,10 @@ def _solve(site: Site, free_map: bool) -> tuple[Correction, float, float, float 
 
     Without `free_map` only c is refit. With it the candidates are: the method's map, its M
     with c refit, and the ridge fits (C_xx + λI) M = C_xa + λ M₀, c = μ_a − Mᵀμ_x (centred sums
-    C; without an intercept the raw second moments), λ = ρ·tr(C_xx)/k for every ρ in RIDGES.
+    C; without an intercept the raw second moments), λ = ρ·tr(C_xx)/k for every ρ in RIDGES;
+    in every one the kept channels' columns stay the method's (they pass through: regressed on
+    their own drifted values they shrink, which lowers the error at the tap but compounds
+    downstream — docs/METHODS.md §9), so only the removed channels' reconstruction is refit.
     The choice is made on two folds of the samples: on each, the one-shot map is fitted as the
     method fits it (least squares from the original's kept channels) and every candidate from
     it; the candidate with the least error on the other fold is then fitted on both. Where a
@@ -247,19 +258,19 @@ def _solve(site: Site, free_map: bool) -> tuple[Correction, float, float, float 
     estimate is too noisy there: MobileNetV3's classifier taps, one row per image)."""
     total = {name: site.folds[0][name] + site.folds[1][name] for name in site.folds[0]}
     method = (np.asarray(site.old.M, np.float64), None if site.old.c is None else site.old.c)
-    choice = np.inf
+    choice, fixed = np.inf, (site.keep if free_map else None)
     rows = min(fold.get("n", 0) for fold in site.folds)
     if rows > 0 and free_map:
         # a map fitted on fewer rows than MIN_ROWS per kept channel and fold is not trusted
         enough = rows >= MIN_ROWS * len(site.keep)
         candidates = [None, np.inf, *(RIDGES if enough else ())]
-        fits = [_fits(fold, _one_shot(site, fold), candidates) for fold in site.folds]
+        fits = [_fits(fold, _one_shot(site, fold), candidates, fixed) for fold in site.folds]
         held_out = [
             _squares(site.folds[1], *fits[0][i]) + _squares(site.folds[0], *fits[1][i])
             for i in range(len(candidates))
         ]
         choice = candidates[int(np.argmin(held_out))]
-    M, c = _fits(total, method, [choice])[0]
+    M, c = _fits(total, method, [choice], fixed)[0]
     scale = max(float(np.trace(total["AA"])), 1e-300)
     before = np.sqrt(_squares(total, *method) / scale)
     ridge = None if choice is None or choice == np.inf else choice
@@ -283,10 +294,15 @@ def _one_shot(site: Site, sums: dict) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _fits(
-    sums: dict, prior: tuple[np.ndarray, np.ndarray | None], ridges: list[float | None]
+    sums: dict,
+    prior: tuple[np.ndarray, np.ndarray | None],
+    ridges: list[float | None],
+    fixed: np.ndarray | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """(M, c) fitted on `sums` for every entry of `ridges`: None keeps `prior` (M₀, c₀), inf
-    keeps M₀ and refits c, a number ρ is the ridge fit toward M₀ with λ = ρ·tr(C)/k."""
+    keeps M₀ and refits c, a number ρ is the ridge fit toward M₀ with λ = ρ·tr(C)/k. The
+    columns `fixed` keep M₀'s and c₀'s entries in every fit (a column's fit is independent of
+    the others', so this is the fit of the rest alone)."""
     M0, c0 = prior
     n = float(sums["n"])
     mx, ma = sums["sx"] / n, sums["sa"] / n
@@ -305,7 +321,13 @@ def _fits(
         if ridge != np.inf:
             lam = ridge * base
             M = vectors @ ((vectors.T @ (xa + lam * M0)) / (np.maximum(values, 0) + lam)[:, None])
-        out.append((M, None if c0 is None else ma - M.T @ mx))
+        c = None if c0 is None else ma - M.T @ mx
+        if fixed is not None:
+            M = M.copy()  # M may be M₀ itself
+            M[:, fixed] = M0[:, fixed]
+            if c is not None:
+                c[fixed] = c0[fixed]
+        out.append((M, c))
     return out
 
 
