@@ -62,18 +62,22 @@ EXTRA_MODULES = (  # docstring sources added to the calibration pool; none is a 
 
 
 def calibration_pool(model_dir: Path) -> dict[str, np.ndarray]:
+    """`pool_sentences()` tokenized to 64 tokens, like calib.npz."""
+    return tokenize(model_dir, pool_sentences())
+
+
+def pool_sentences() -> list[str]:
     """The 256 sentences of calib.npz first, then the extra modules' sentences (seeded order),
-    none of them a held-out sentence; tokenized to 64 tokens."""
-    calib, heldout = sentence_split()
-    taken = set(heldout) | set(calib)
-    held_pool = set(_sentences(*HELDOUT_SOURCES))
+    none of them a sentence of the held-out pool (calib.npz avoids only heldout.npz's)."""
+    calib, _ = sentence_split()
+    excluded = set(calib) | set(_sentences(*HELDOUT_SOURCES))
     extra = [
         s
         for s in _sentences(CALIB_SOURCES[0], CALIB_SOURCES[1] + EXTRA_MODULES)
-        if s not in taken and s not in held_pool
+        if s not in excluded
     ]
     order = np.random.default_rng(2).permutation(len(extra))
-    return tokenize(model_dir, calib + [extra[i] for i in order])
+    return calib + [extra[i] for i in order]
 
 
 def main() -> None:
