@@ -51,3 +51,15 @@ def test_tokenized_inputs_are_padded_bert_inputs(tmp_path):
     real = int(mask[0].sum())
     assert ids[0, real - 1] == 102 and not ids[0, real:].any() and not mask[0, real:].any()
     assert not arrays["token_type_ids"].any()
+
+
+def test_larger_calibration_pool_extends_calib_and_avoids_the_held_out_sentences():
+    from benchmarks.minilm_calib import pool_sentences
+    from benchmarks.minilm_model import HELDOUT_SOURCES, _sentences
+
+    calib, heldout = sentence_split()
+    pool = pool_sentences()
+    assert pool[:N_CALIB] == calib and len(pool) > 4 * N_CALIB
+    assert len(set(pool)) == len(pool)
+    assert not set(pool) & set(heldout)
+    assert not set(pool[N_CALIB:]) & set(_sentences(*HELDOUT_SOURCES))
