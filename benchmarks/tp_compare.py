@@ -31,9 +31,10 @@ per channel without changing the function, and magnitude importances rank by tha
 every Torch-Pruning variant also runs (label suffix `, unit`) on the same model with those
 convs scaled to outputs of unit variance; its best is chosen among both.
 
-onnxprune: `id` with its defaults (`--round-to 16`, residual groups whole), with
-`--prune-residual` at `--round-to` 16 and 1, and plain `id` (`--compensate none
---no-recalibrate`) with its defaults and with `--prune-residual --round-to 1`.
+onnxprune: `id` with its defaults (`--round-to 16`, sequential refit, residual groups pruned
+only where the MAC target needs them), with `--prune-residual` at `--round-to` 16 and 1, and
+plain `id` (`--compensate none --no-recalibrate --no-sequential`) with its defaults and with
+`--prune-residual --round-to 1`.
 
     python benchmarks/tp_compare.py --out benchmarks/results/tp_compare.json
     python benchmarks/tp_compare.py --markdown

@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from threadpoolctl import threadpool_limits
 
-from onnxprune.budget import Widths, choose_widths, refine_widths
+from onnxprune.budget import Widths, choose_widths, refine_widths, streams_note
 from onnxprune.calib.data import Dataset, batch_for, count_shapes, input_specs
 from onnxprune.calib.gather import gather, gather_norms, gather_weights
 from onnxprune.calib.split import DataInputs, Split, split_inputs
@@ -167,6 +167,7 @@ def _prune_channels(
     graph, config, notes = _streams_for_cob(graph, config)
     groups = find_groups(graph)
     widths = choose_widths(graph, groups, config)
+    notes += streams_note(groups, widths, config)
     split, head_rows = None, ()
     if config.heads != "whole":
         split = split_inputs(proto, inputs, config, fitted=True)

@@ -13,7 +13,7 @@ residual streams and depthwise stages compound (docs/RESULTS.md, "ID at high red
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -62,7 +62,8 @@ class Widths:
 
 def choose_widths(graph: gs.Graph, groups: tuple[ChannelGroup, ...], config: PruneConfig) -> Widths:
     """Kept counts from the ratio options, or from the near-uniform widths nearest the target
-    (at most MISS_TOLERANCE of the original above it)."""
+    (at most MISS_TOLERANCE of the original above it). With `prune_residual` None (`id`'s
+    default) residual streams stay whole unless the target is out of reach without them."""
     kind, target = _target(config)
     if kind is None:
         return Widths(keep_counts(groups, config.width))
@@ -73,11 +74,24 @@ def choose_widths(graph: gs.Graph, groups: tuple[ChannelGroup, ...], config: Pru
         full = cost({})
         raw = lambda counts: cost(counts) / full  # noqa: E731
     measure = lambda counts: raw(tied_counts(groups, counts))  # noqa: E731  as they will be pruned
-    ratio, counts = ratio_for_target(
-        groups, config.width, measure, target, trim=kind != "latency", tolerance=MISS_TOLERANCE
+    search = lambda rule: ratio_for_target(  # noqa: E731
+        groups, rule, measure, target, trim=kind != "latency", tolerance=MISS_TOLERANCE
     )
+    ratio, counts = search(config.width)
+    if config.width.prune_residual is None and measure(counts) > target + MISS_TOLERANCE:
+        ratio, counts = search(replace(config.width, prune_residual=True))  # out of reach else
     counts = tied_counts(groups, counts)
     return _reached(counts, TargetResult(kind, target, measure(counts), ratio=ratio))
+
+
+def streams_note(groups: tuple[ChannelGroup, ...], widths: Widths, config: PruneConfig) -> tuple:
+    """The report line saying that `id`'s default pruned residual streams to reach a target."""
+    if config.width.prune_residual is not None:
+        return ()
+    if not any(g.coupled and g.name in widths.counts for g in groups):
+        return ()
+    return ("residual streams pruned: the target is out of reach with them whole "
+            "(--no-prune-residual keeps them whole)",)  # fmt: skip
 
 
 def refine_widths(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from onnxprune.deploy.quantize import MODES as QUANTIZE_MODES
 from onnxprune.errors import UsageError
@@ -87,6 +87,8 @@ class PruneConfig:
         for name, value in method_defaults(self.method, self.id_solver, self.granularity).items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)  # frozen: resolved once, here
+        if self.width.prune_residual is None and self.method != "id":  # id: where a target needs
+            object.__setattr__(self, "width", replace(self.width, prune_residual=False))  # them
         check_ratio(self.width.ratio)
         check_patterns(self.width.exclude)
         if self.norm not in (1, 2):

@@ -64,7 +64,7 @@ class WidthRule:
     layer_ratios: tuple[tuple[str, float], ...] = ()
     exclude: tuple[str, ...] = ()
     round_to: int = 16
-    prune_residual: bool = False
+    prune_residual: bool | None = None  # None (id's default): only where a target needs them
     recipe: Mapping[str, float] = field(default_factory=dict)
 
 

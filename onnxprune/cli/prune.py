@@ -197,8 +197,10 @@ def _add_width_arguments(parser: argparse.ArgumentParser) -> None:
     add_rounding_arguments(width)
     width.add_argument(
         "--prune-residual",
-        action="store_true",
-        help="also prune groups tied by a residual sum (SE-gated groups are pruned by default)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also prune groups tied by a residual sum (default: off; id prunes them where a "
+        "MAC/param target is out of reach without them; SE-gated groups are pruned by default)",
     )
 
 

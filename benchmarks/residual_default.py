@@ -1,0 +1,76 @@
+"""Residual streams pruned by `id`'s defaults or not: the check on real exports.
+
+A zoo export (calib_224 fits, heldout_224 is scored) is pruned by `id` with its defaults to a
+MAC target, with residual streams pruned (`--prune-residual`) and left whole
+(`--no-prune-residual`). Recorded: held-out logit rel-L2 and top-1 agreement with the original,
+the MACs kept and the seconds of the prune. The digits side of the choice (validation split) is
+`benchmarks/tp_compare.py`'s `id` and `id --prune-residual` cells.
+
+    python benchmarks/residual_default.py --models resnet50,mobilenet_v3_small --targets 0.7,0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+import onnxprune
+from onnxprune.measure.cost import count
+from onnxprune.measure.verify import run
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("ONNXPRUNE_ZOO_CACHE", "/work/zoo_cache"))
+VARIANTS = {"--no-prune-residual": False, "--prune-residual": True}
+
+
+def measure(name: str, targets: tuple[float, ...]) -> dict:
+    """Held-out rel-L2, top-1 agreement, MACs kept and seconds of both variants per target."""
+    model = onnx.load(CACHE / f"{name}.onnx")
+    key = model.graph.input[0].name
+    with np.load(CACHE / "calib_224.npz") as calib, np.load(CACHE / "heldout_224.npz") as held:
+        fit, test = {key: calib[key]}, {key: held[key]}
+    reference = next(iter(run(model, test).values()))
+    macs = count(model).macs
+    cells = {}
+    for target in targets:
+        for label, residual in VARIANTS.items():
+            start = time.perf_counter()
+            options = {"target_macs": target, "batch_size": 8, "prune_residual": residual}
+            result = onnxprune.prune(model, method="id", data=fit, verify=False, **options)
+            seconds = time.perf_counter() - start
+            got = next(iter(run(result.model, test).values()))
+            cells[f"{label} @ {target}"] = cell = {
+                "heldout_rel_l2": float(
+                    np.linalg.norm(got - reference) / np.linalg.norm(reference)
+                ),
+                "heldout_top1_agreement": float(np.mean(got.argmax(1) == reference.argmax(1))),
+                "macs_kept": count(result.model).macs / macs,
+                "seconds": seconds,
+            }
+            print(name, label, target, {k: round(v, 4) for k, v in cell.items()}, flush=True)
+    return cells
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet50,mobilenet_v3_small")
+    parser.add_argument("--targets", default="0.7,0.5", help="fractions of the MACs to keep")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks/results/residual_default.json"
+    )
+    args = parser.parse_args()
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    for name in args.models.split(","):
+        results[name] = measure(name, tuple(map(float, args.targets.split(","))))
+        results.setdefault("meta", {})[name] = {"load": os.getloadavg(), "date": time.ctime()}
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
