@@ -71,8 +71,8 @@ class TargetResult:
         return (
             f"target {self.kind} {self.target:.3f} missed: reached {self.reached:.3f} of the "
             "original; the groups allowed to shrink cannot go lower (coupled residual groups "
-            "shrink only with --prune-residual, --round-to N keeps multiples of N, excluded and "
-            "unprunable groups stay)"
+            "shrink only with --prune-residual, which id turns on by itself where a target needs "
+            "it; --round-to N keeps multiples of N; excluded and unprunable groups stay)"
         )
 
 
