@@ -12,6 +12,7 @@ or to `input_shapes` where given). Nodes whose shapes stay unknown are listed in
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -167,6 +168,9 @@ def _symbolically_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     except ImportError:
         return model
+    log = logging.getLogger(SymbolicShapeInference.__module__)
+    level = log.level
+    log.setLevel(logging.ERROR)  # one warning per dim it cannot compare (Swin-T: two dozen)
     try:
         inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
         inference._preprocess(model)
@@ -176,6 +180,8 @@ def _symbolically_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
         return inference.out_mp_
     except Exception:  # noqa: BLE001 - any failure leaves the slower fallback to try
         return model
+    finally:
+        log.setLevel(level)
 
 
 def _fold_shape_arithmetic(
