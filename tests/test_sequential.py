@@ -58,22 +58,22 @@ def _inputs(n: int, width: int, seed: int) -> dict[str, np.ndarray]:
     return {"x": x.astype(np.float32)}
 
 
+SMALL_GRAPHS = [  # (builder, prune options): one small graph per kind of tap and reader
+    (graphs.conv_chain, {}),
+    (graphs.concat, {}),
+    (graphs.flatten_gemm, {}),
+    (graphs.matmul_chain, {}),
+    (graphs.residual_block, {"prune_residual": True}),
+    (graphs.se_block, {}),
+]
+
+
 def _relative(model: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict) -> float:
     ref, got = (next(iter(run_model(m, feeds).values())) for m in (model, pruned))
     return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
 
 
-@pytest.mark.parametrize(
-    "build, options",
-    [
-        (graphs.conv_chain, {}),
-        (graphs.concat, {}),
-        (graphs.flatten_gemm, {}),
-        (graphs.matmul_chain, {}),
-        (graphs.residual_block, {"prune_residual": True}),
-        (graphs.se_block, {}),
-    ],
-)
+@pytest.mark.parametrize("build, options", SMALL_GRAPHS)
 def test_ratio_zero_is_the_identity(build, options, save_tmp):
     path = save_tmp(build())
     model = onnx.load(path)
@@ -221,17 +221,7 @@ def test_id_refits_sequentially_by_default_and_the_others_do_not():
     assert PruneConfig(method="magnitude", compensate="lsq").sequential is False
 
 
-@pytest.mark.parametrize(
-    "build, options",
-    [
-        (graphs.conv_chain, {}),
-        (graphs.concat, {}),
-        (graphs.flatten_gemm, {}),
-        (graphs.matmul_chain, {}),
-        (graphs.residual_block, {"prune_residual": True}),
-        (graphs.se_block, {}),
-    ],
-)
+@pytest.mark.parametrize("build, options", SMALL_GRAPHS)
 def test_refolding_only_the_readers_gives_the_whole_rewrites_model(
     build, options, save_tmp, monkeypatch
 ):
