@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from threadpoolctl import threadpool_limits
 
 from onnxprune.budget import Widths, choose_widths, refine_widths, streams_note
 from onnxprune.calib.data import Dataset, batch_for, count_shapes, input_specs
 from onnxprune.calib.gather import gather, gather_norms, gather_weights
 from onnxprune.calib.split import DataInputs, Split, split_inputs
+from onnxprune.calib.stats import one_blas_thread
 from onnxprune.config import PruneConfig
 from onnxprune.deploy.quantize import quantize
 from onnxprune.errors import NothingToPruneError, RejectedError, UsageError
@@ -200,12 +200,7 @@ def _prune_channels(
     calibration = gather(
         graph, groups, widths.counts, needs, fit, config, moments=moments, reference=reference
     )
-    # scipy's LAPACK (its own OpenBLAS, imported lazily) is loaded first: the limit covers only
-    # the libraries loaded when it starts, and planning's pivoted Cholesky and solves otherwise
-    # ran on spinning threads (ResNet-50: 1.6 CPU s of planning instead of 0.4)
-    import scipy.linalg  # noqa: F401
-
-    with threadpool_limits(1, "blas"):  # on busy cores OpenBLAS threads spin (calib/stats.py)
+    with one_blas_thread():  # on busy cores OpenBLAS threads spin (calib/stats.py)
         widths = refine_widths(graph, groups, widths, calibration.stats, pruner, config, fit)
         plans = make_plans(groups, widths.counts, calibration.stats, pruner, config)
     batches = lambda: (b.feeds for b in fit.batches(config.batch_size))  # noqa: E731

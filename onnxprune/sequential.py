@@ -30,10 +30,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from threadpoolctl import threadpool_limits
 
 from onnxprune.calib.data import in_parts, run_samples
-from onnxprune.calib.stats import fold_units, tap_rows
+from onnxprune.calib.stats import fold_units, one_blas_thread, tap_rows
 from onnxprune.graph.groups import ChannelGroup, Tap, tap_key
 from onnxprune.graph.load import export
 from onnxprune.graph.refold import refold
@@ -117,7 +116,7 @@ def refit(
             here = [site for site in sites if site.tap.tensor == tensor]
             _accumulate(here, runs, tensor, removed[tensor])
             for site in here:
-                with threadpool_limits(1, "blas"):  # spinning BLAS threads (calib/stats.py)
+                with one_blas_thread():
                     correction, before, after, ridge = _solve(site, free_map)
                 plans[site.group] = _with_correction(plans[site.group], site.key, correction,
                                                      before, after, ridge)  # fmt: skip
@@ -210,7 +209,7 @@ def _accumulate(sites: list[Site], runs: list[_Run], tensor: str, removed: np.nd
     """Add every batch's rows of `tensor` in both models (`runs`: original, pruned) to the sums
     of its sites."""
     original, pruned = (run.values for run in runs)
-    with threadpool_limits(1, "blas"):  # as in calib/stats.py: spinning BLAS threads
+    with one_blas_thread():
         for index, samples in enumerate(runs[0].samples):
             a = original.load(index, [tensor])[tensor]
             x = pruned.load(index, [tensor])[tensor]
