@@ -58,6 +58,14 @@ _FOLD_MIN_BYTES = 1 << 20  # a folded tensor may always be this large (see `fold
 def load_model(path: str | os.PathLike, *, weights: bool = True) -> onnx.ModelProto:
     """Load an ONNX file (with its external data unless `weights` is False); reject what later
     stages cannot handle."""
+    return load_with_layout(path, weights=weights)[0]
+
+
+def load_with_layout(
+    path: str | os.PathLike, *, weights: bool = True
+) -> tuple[onnx.ModelProto, bool]:
+    """`load_model`, and whether the file keeps some initializers in external data files (read
+    from the same parse: parsing ResNet-50's file again only to ask took 0.15 CPU s)."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model file '{path}' does not exist")
@@ -69,16 +77,11 @@ def load_model(path: str | os.PathLike, *, weights: bool = True) -> onnx.ModelPr
         raise ModelLoadError(f"'{path}' is not a valid ONNX file ({first_line(exc, 200)})") from exc
     if not model.graph.node or not model.opset_import:
         raise ModelLoadError(f"'{path}' is not an ONNX model (no graph nodes or opset)")
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     if weights:
         _load_external(model, path)
     check_opset(model)
-    return model
-
-
-def has_external_data(path: str | os.PathLike) -> bool:
-    """True when the file keeps some initializers in external data files."""
-    model = onnx.load(str(path), load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    return model, external
 
 
 def check_opset(model: onnx.ModelProto) -> int:
