@@ -8,6 +8,8 @@ the ID error increase per unit of cost saved, with a coupled group's error count
 or pooled, and the near-uniform one) and keeps the one whose pruned model deviates least from
 the original on calibration data: the local error-per-MAC ranking alone misjudged how errors in
 residual streams and depthwise stages compound (docs/RESULTS.md, "ID at high reductions").
+With `prune_residual` unset (`id`'s default) the candidates with the residual streams pruned
+compete too, so the streams are pruned where that deviates least (or the target needs it).
 """
 
 from __future__ import annotations
@@ -53,17 +55,24 @@ Score = Callable[[Mapping[str, int]], float]
 @dataclass(frozen=True)
 class Widths:
     """Kept channels per selected group, and how they were chosen (for the report): a target's
-    outcome, or a note (global ranking)."""
+    outcome, or a note (global ranking). `streams`: the near-uniform widths with the residual
+    streams pruned, where `refine_widths` may choose them over `counts` (streams whole)."""
 
     counts: dict[str, int]
     note: str | None = None
     target: TargetResult | None = None
+    streams: dict[str, int] | None = None
+
+    def calibrated(self) -> dict[str, int]:
+        """The widths of every group whose statistics the candidates need."""
+        return {**(self.streams or {}), **self.counts}
 
 
 def choose_widths(graph: gs.Graph, groups: tuple[ChannelGroup, ...], config: PruneConfig) -> Widths:
     """Kept counts from the ratio options, or from the near-uniform widths nearest the target
     (at most MISS_TOLERANCE of the original above it). With `prune_residual` None (`id`'s
-    default) residual streams stay whole unless the target is out of reach without them."""
+    default) residual streams stay whole if the target is in reach without them; with a MAC or
+    parameter target, the widths with them pruned are kept as a candidate (`Widths.streams`)."""
     kind, target = _target(config)
     if kind is None:
         return Widths(keep_counts(groups, config.width))
@@ -78,20 +87,26 @@ def choose_widths(graph: gs.Graph, groups: tuple[ChannelGroup, ...], config: Pru
         groups, rule, measure, target, trim=kind != "latency", tolerance=MISS_TOLERANCE
     )
     ratio, counts = search(config.width)
-    if config.width.prune_residual is None and measure(counts) > target + MISS_TOLERANCE:
-        ratio, counts = search(replace(config.width, prune_residual=True))  # out of reach else
+    streams = None
+    if config.width.prune_residual is None:
+        pruned_ratio, pruned = search(replace(config.width, prune_residual=True))
+        if measure(counts) > target + MISS_TOLERANCE:  # out of reach with the streams whole
+            ratio, counts = pruned_ratio, pruned
+        elif kind != "latency" and not config.global_ranking and set(pruned) != set(counts):
+            streams = tied_counts(groups, pruned)
     counts = tied_counts(groups, counts)
-    return _reached(counts, TargetResult(kind, target, measure(counts), ratio=ratio))
+    outcome = TargetResult(kind, target, measure(counts), ratio=ratio)
+    return replace(_reached(counts, outcome), streams=streams)
 
 
 def streams_note(groups: tuple[ChannelGroup, ...], widths: Widths, config: PruneConfig) -> tuple:
-    """The report line saying that `id`'s default pruned residual streams to reach a target."""
+    """The report line saying that `id`'s default pruned residual streams, and why."""
     if config.width.prune_residual is not None:
         return ()
-    if not any(g.coupled and g.name in widths.counts for g in groups):
+    if not any(g.coupled and widths.counts.get(g.name, g.channels) < g.channels for g in groups):
         return ()
-    return ("residual streams pruned: the target is out of reach with them whole "
-            "(--no-prune-residual keeps them whole)",)  # fmt: skip
+    why = "they deviated least" if widths.streams else "the target is out of reach with them whole"
+    return (f"residual streams pruned: {why} (--no-prune-residual keeps them whole)",)
 
 
 def refine_widths(
@@ -114,12 +129,22 @@ def refine_widths(
     channels = {g.name: g.channels for g in groups if g.name in widths.counts}
     cost = cost_of(graph, groups, kind)
     coupled = {g.name for g in groups if g.coupled}
-    candidates = _allocations(groups, channels, stats, cost, target, config.width.round_to, coupled)
+    round_to = config.width.round_to
+    candidates = _allocations(groups, channels, stats, cost, target, round_to, coupled)
     reached = lambda counts: cost(counts) / cost({})  # noqa: E731
     if dataset is None:
         label, counts = next(iter(_feasible(candidates, reached, target).values()))
         return _reached(counts, TargetResult(kind, target, reached(counts), label))
     candidates.setdefault(tuple(sorted(widths.counts.items())), ("near-uniform", widths.counts))
+    if widths.streams:
+        pruned = {name: g.channels for g in groups if (name := g.name) in widths.streams}
+        found = _allocations(groups, pruned, stats, cost, target, round_to, coupled)
+        found.setdefault(tuple(sorted(widths.streams.items())), ("near-uniform", widths.streams))
+        for key, (label, counts) in found.items():
+            cut = any(counts.get(name, m) < m for name, m in pruned.items() if name not in channels)
+            candidates.setdefault(
+                key, (f"{label}, residual streams pruned" if cut else label, counts)
+            )
     candidates = _feasible(candidates, reached, target)
     score = output_deviation(graph, groups, stats, method, config, dataset)
     found = progress(candidates.values(), len(candidates), "scoring width candidates")
@@ -128,7 +153,7 @@ def refine_widths(
     deviations = {lab: dev for dev, lab, _ in scored}
     ratio = widths.target.ratio if widths.target and label == "near-uniform" else None
     outcome = TargetResult(kind, target, reached(counts), label, ratio, deviations)
-    return _reached(counts, outcome)
+    return replace(_reached(counts, outcome), streams=widths.streams)
 
 
 def global_widths(
