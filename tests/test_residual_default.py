@@ -4,12 +4,14 @@ other methods, a ratio, and `--no-prune-residual` leave them whole."""
 from __future__ import annotations
 
 import graphs
+import numpy as np
 import onnx
 import pytest
 from conftest import assert_outputs_close
 from onnx import numpy_helper
 
 import onnxprune
+from onnxprune.budget import clearly_less
 from onnxprune.cli import build_parser
 from onnxprune.cli.prune import _config
 from onnxprune.config import PruneConfig
@@ -100,3 +102,19 @@ def test_id_prunes_a_residual_stream_where_that_deviates_least(save_tmp):
     assert _weight_shapes(whole.model)["c1"][0] == 8 and not whole.report.target.missed
     assert max(whole.report.target.deviations.values()) > 1e-2
     assert not any("residual streams pruned" in n for n in whole.report.notes)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_clearly_less_is_the_paired_t_statistic_above_the_evidence(seed):
+    """`clearly_less(a, b, e)` is: the paired t statistic of b − a exceeds e (scipy's)."""
+    from scipy.stats import ttest_rel
+
+    rng = np.random.default_rng(seed)
+    b = rng.random(40)
+    for shift in (0.0, 0.02, 0.05, 0.1, 0.3):
+        a = b - shift + 0.1 * rng.standard_normal(40)
+        t = ttest_rel(b, a).statistic
+        for evidence in (0.5, 2.0, 4.0):
+            assert clearly_less(a, b, evidence) is bool(t > evidence)
+    assert not clearly_less(np.zeros(1), np.ones(1))  # one sample: no evidence
+    assert clearly_less(np.zeros(5), np.ones(5))  # less on every sample by the same amount
