@@ -2,11 +2,14 @@
 
 A zoo export (calib_224 fits, heldout_224 is scored) is pruned by `id` with its defaults to a
 MAC target, with residual streams pruned (`--prune-residual`) and left whole
-(`--no-prune-residual`). Recorded: held-out logit rel-L2 and top-1 agreement with the original,
-the MACs kept and the seconds of the prune. The digits side of the choice (validation split) is
+(`--no-prune-residual`), and with `id`'s default (unset: the streams pruned where the target needs
+it or where that deviates clearly less on the calibration photos). Recorded: held-out logit rel-L2
+and top-1 agreement with the original, the MACs kept, the allocation chosen and the seconds of
+the prune. The digits side of the choice (validation split) is
 `benchmarks/tp_compare.py`'s `id` and `id --prune-residual` cells.
 
     python benchmarks/residual_default.py --models resnet50,mobilenet_v3_small --targets 0.7,0.5
+    python benchmarks/residual_default.py --models mobilenet_v3_small --variants default
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ from onnxprune.measure.verify import run
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("ONNXPRUNE_ZOO_CACHE", "/work/zoo_cache"))
-VARIANTS = {"--no-prune-residual": False, "--prune-residual": True}
+VARIANTS = {"--no-prune-residual": False, "--prune-residual": True, "default": None}
 
 
-def measure(name: str, targets: tuple[float, ...]) -> dict:
+def measure(name: str, targets: tuple[float, ...], variants: tuple[str, ...]) -> dict:
     """Held-out rel-L2, top-1 agreement, MACs kept and seconds of both variants per target."""
     model = onnx.load(CACHE / f"{name}.onnx")
     key = model.graph.input[0].name
@@ -39,7 +42,8 @@ def measure(name: str, targets: tuple[float, ...]) -> dict:
     macs = count(model).macs
     cells = {}
     for target in targets:
-        for label, residual in VARIANTS.items():
+        for label in variants:
+            residual = VARIANTS[label]
             start = time.perf_counter()
             options = {"target_macs": target, "batch_size": 8, "prune_residual": residual}
             result = onnxprune.prune(model, method="id", data=fit, verify=False, **options)
@@ -51,9 +55,10 @@ def measure(name: str, targets: tuple[float, ...]) -> dict:
                 ),
                 "heldout_top1_agreement": float(np.mean(got.argmax(1) == reference.argmax(1))),
                 "macs_kept": count(result.model).macs / macs,
+                "allocation": result.report.target.allocation,
                 "seconds": seconds,
             }
-            print(name, label, target, {k: round(v, 4) for k, v in cell.items()}, flush=True)
+            print(name, label, target, cell, flush=True)
     return cells
 
 
@@ -61,13 +66,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet50,mobilenet_v3_small")
     parser.add_argument("--targets", default="0.7,0.5", help="fractions of the MACs to keep")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=", ".join(VARIANTS))
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks/results/residual_default.json"
     )
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for name in args.models.split(","):
-        results[name] = measure(name, tuple(map(float, args.targets.split(","))))
+        targets, variants = tuple(map(float, args.targets.split(","))), args.variants.split(",")
+        results[name] = {**results.get(name, {}), **measure(name, targets, tuple(variants))}
         results.setdefault("meta", {})[name] = {"load": os.getloadavg(), "date": time.ctime()}
         args.out.write_text(json.dumps(results, indent=1) + "\n")
 

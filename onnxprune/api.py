@@ -165,7 +165,6 @@ def _prune_channels(
     graph, config, notes = _streams_for_cob(graph, config)
     groups = find_groups(graph)
     widths = choose_widths(graph, groups, config)
-    notes += streams_note(groups, widths, config)
     split, head_rows = None, ()
     if config.heads != "whole":
         split = split_inputs(proto, inputs, config, fitted=True)
@@ -191,16 +190,18 @@ def _prune_channels(
     fitted = fitted or config.finetune_steps > 0
     split = split or split_inputs(proto, inputs, config, fitted=fitted)
     fit = split.fit
-    moments = reference_tensors(graph, groups, widths.counts) if config.recalibrate else {}
+    calibrated = widths.calibrated()
+    moments = reference_tensors(graph, groups, calibrated) if config.recalibrate else {}
     # the statistics pass also gives the original's outputs for verification, unless the graph
     # it runs is no longer the original's function (heads narrowed by --heads dims|both)
     reference = split.verify.arrays if config.verify and not head_rows else None
     calibration = gather(
-        graph, groups, widths.counts, needs, fit, config, moments=moments, reference=reference
+        graph, groups, calibrated, needs, fit, config, moments=moments, reference=reference
     )
     with one_blas_thread():  # on busy cores OpenBLAS threads spin (calib/stats.py)
         widths = refine_widths(graph, groups, widths, calibration.stats, pruner, config, fit)
         plans = make_plans(groups, widths.counts, calibration.stats, pruner, config)
+    notes += streams_note(groups, widths, config)
     batches = lambda: (b.feeds for b in fit.batches(config.batch_size))  # noqa: E731
     if config.sequential:
         free_map = config.method == "id" or config.compensate == "lsq"

@@ -8,6 +8,11 @@ the ID error increase per unit of cost saved, with a coupled group's error count
 or pooled, and the near-uniform one) and keeps the one whose pruned model deviates least from
 the original on calibration data: the local error-per-MAC ranking alone misjudged how errors in
 residual streams and depthwise stages compound (docs/RESULTS.md, "ID at high reductions").
+With `prune_residual` unset (`id`'s default) the candidates with the residual streams pruned
+compete too: the streams are pruned where the target needs it, or where that deviates less
+than the best allocation with them whole by STREAMS_EVIDENCE standard errors of the per-sample
+difference (an allocation that cuts more groups fits more maps to the same samples, so a small
+in-sample lead did not hold on held-out data: docs/RESULTS.md, "Residual streams as candidates").
 """
 
 from __future__ import annotations
@@ -47,23 +52,31 @@ from onnxprune.progress import progress
 from onnxprune.recalibrate import recalibrate, reference_tensors
 from onnxprune.report import MISS_TOLERANCE, TargetResult
 
-Score = Callable[[Mapping[str, int]], float]
+Score = Callable[[Mapping[str, int]], np.ndarray]
+STREAMS_EVIDENCE = 2.0  # standard errors by which pruned residual streams must deviate less
 
 
 @dataclass(frozen=True)
 class Widths:
     """Kept channels per selected group, and how they were chosen (for the report): a target's
-    outcome, or a note (global ranking)."""
+    outcome, or a note (global ranking). `streams`: the near-uniform widths with the residual
+    streams pruned, where `refine_widths` may choose them over `counts` (streams whole)."""
 
     counts: dict[str, int]
     note: str | None = None
     target: TargetResult | None = None
+    streams: dict[str, int] | None = None
+
+    def calibrated(self) -> dict[str, int]:
+        """The widths of every group whose statistics the candidates need."""
+        return {**(self.streams or {}), **self.counts}
 
 
 def choose_widths(graph: gs.Graph, groups: tuple[ChannelGroup, ...], config: PruneConfig) -> Widths:
     """Kept counts from the ratio options, or from the near-uniform widths nearest the target
     (at most MISS_TOLERANCE of the original above it). With `prune_residual` None (`id`'s
-    default) residual streams stay whole unless the target is out of reach without them."""
+    default) residual streams stay whole if the target is in reach without them; with a MAC or
+    parameter target, the widths with them pruned are kept as a candidate (`Widths.streams`)."""
     kind, target = _target(config)
     if kind is None:
         return Widths(keep_counts(groups, config.width))
@@ -78,20 +91,26 @@ def choose_widths(graph: gs.Graph, groups: tuple[ChannelGroup, ...], config: Pru
         groups, rule, measure, target, trim=kind != "latency", tolerance=MISS_TOLERANCE
     )
     ratio, counts = search(config.width)
-    if config.width.prune_residual is None and measure(counts) > target + MISS_TOLERANCE:
-        ratio, counts = search(replace(config.width, prune_residual=True))  # out of reach else
+    streams = None
+    if config.width.prune_residual is None:
+        pruned_ratio, pruned = search(replace(config.width, prune_residual=True))
+        if measure(counts) > target + MISS_TOLERANCE:  # out of reach with the streams whole
+            ratio, counts = pruned_ratio, pruned
+        elif kind != "latency" and not config.global_ranking and set(pruned) != set(counts):
+            streams = tied_counts(groups, pruned)
     counts = tied_counts(groups, counts)
-    return _reached(counts, TargetResult(kind, target, measure(counts), ratio=ratio))
+    outcome = TargetResult(kind, target, measure(counts), ratio=ratio)
+    return replace(_reached(counts, outcome), streams=streams)
 
 
 def streams_note(groups: tuple[ChannelGroup, ...], widths: Widths, config: PruneConfig) -> tuple:
-    """The report line saying that `id`'s default pruned residual streams to reach a target."""
+    """The report line saying that `id`'s default pruned residual streams, and why."""
     if config.width.prune_residual is not None:
         return ()
-    if not any(g.coupled and g.name in widths.counts for g in groups):
+    if not any(g.coupled and widths.counts.get(g.name, g.channels) < g.channels for g in groups):
         return ()
-    return ("residual streams pruned: the target is out of reach with them whole "
-            "(--no-prune-residual keeps them whole)",)  # fmt: skip
+    why = "they deviated least" if widths.streams else "the target is out of reach with them whole"
+    return (f"residual streams pruned: {why} (--no-prune-residual keeps them whole)",)
 
 
 def refine_widths(
@@ -114,21 +133,47 @@ def refine_widths(
     channels = {g.name: g.channels for g in groups if g.name in widths.counts}
     cost = cost_of(graph, groups, kind)
     coupled = {g.name for g in groups if g.coupled}
-    candidates = _allocations(groups, channels, stats, cost, target, config.width.round_to, coupled)
+    round_to = config.width.round_to
+    candidates = _allocations(groups, channels, stats, cost, target, round_to, coupled)
     reached = lambda counts: cost(counts) / cost({})  # noqa: E731
     if dataset is None:
         label, counts = next(iter(_feasible(candidates, reached, target).values()))
         return _reached(counts, TargetResult(kind, target, reached(counts), label))
     candidates.setdefault(tuple(sorted(widths.counts.items())), ("near-uniform", widths.counts))
+    if widths.streams:
+        pruned = {name: g.channels for g in groups if (name := g.name) in widths.streams}
+        found = _allocations(groups, pruned, stats, cost, target, round_to, coupled)
+        found.setdefault(tuple(sorted(widths.streams.items())), ("near-uniform", widths.streams))
+        for key, (label, counts) in found.items():
+            cut = any(counts.get(name, m) < m for name, m in pruned.items() if name not in channels)
+            candidates.setdefault(key, (label + STREAMS_PRUNED if cut else label, counts))
     candidates = _feasible(candidates, reached, target)
     score = output_deviation(graph, groups, stats, method, config, dataset)
     found = progress(candidates.values(), len(candidates), "scoring width candidates")
-    scored = sorted((score(counts), label, counts) for label, counts in found)
-    _, label, counts = scored[0]
-    deviations = {lab: dev for dev, lab, _ in scored}
+    per_sample = {label: (score(counts), counts) for label, counts in found}
+    deviations = {lab: float(np.sqrt(np.sum(e))) for lab, (e, _) in per_sample.items()}
+    deviations = dict(sorted(deviations.items(), key=lambda item: item[1]))
+    label = next(iter(deviations))
+    whole = [lab for lab in deviations if not lab.endswith(STREAMS_PRUNED)]
+    pruned_best = label.endswith(STREAMS_PRUNED) and whole
+    if pruned_best and not clearly_less(per_sample[label][0], per_sample[whole[0]][0]):
+        label = whole[0]
+    counts = per_sample[label][1]
     ratio = widths.target.ratio if widths.target and label == "near-uniform" else None
     outcome = TargetResult(kind, target, reached(counts), label, ratio, deviations)
-    return _reached(counts, outcome)
+    return replace(_reached(counts, outcome), streams=widths.streams)
+
+
+STREAMS_PRUNED = ", residual streams pruned"
+
+
+def clearly_less(errors: np.ndarray, than: np.ndarray, evidence: float = STREAMS_EVIDENCE) -> bool:
+    """Whether per-sample errors `errors` are less than `than` on the same samples by more than
+    `evidence` standard errors of their mean paired difference."""
+    diff = np.asarray(than, dtype=np.float64) - np.asarray(errors, dtype=np.float64)
+    if diff.size < 2:
+        return False
+    return bool(diff.mean() > evidence * diff.std(ddof=1) / np.sqrt(diff.size))
 
 
 def global_widths(
@@ -233,8 +278,9 @@ def output_deviation(
     dataset: Dataset,
     samples: int = 256,
 ) -> Score:
-    """Relative L2 deviation of all outputs from the original's on the first `samples` of the
-    calibration data, as a function of the widths (pruned as `prune` will; with `recalibrate`,
+    """Each of the first `samples` calibration samples' squared deviation of all outputs from the
+    original's over the original outputs' total squared norm (their sum is the squared relative
+    L2 deviation), as a function of the widths (pruned as `prune` will; with `recalibrate`,
     recalibrated on those samples only, to keep the scoring cheap)."""
     subset = dataset.head(min(samples, len(dataset)))
     feeds = subset.arrays
@@ -246,7 +292,10 @@ def output_deviation(
         tensors = reference_tensors(graph, groups, stats)
         moments = channel_moments(original, tensors, batches())
 
-    def score(counts: Mapping[str, int]) -> float:
+    total = max(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in reference.values()), 1e-30)
+    n = len(subset)
+
+    def score(counts: Mapping[str, int]) -> np.ndarray:
         plans = make_plans(groups, counts, stats, method, config)
         pruned = rewrite(graph, groups, plans, exact_borders=config.exact_borders)
         if config.recalibrate:
@@ -254,11 +303,19 @@ def output_deviation(
                 lambda: original, pruned, groups, plans, batches, reference=moments
             )
         got = run(export(pruned), feeds)
-        diff = sum(float(np.sum((got[k] - v) ** 2)) for k, v in reference.items())
-        return float(np.sqrt(diff / max(sum(float(np.sum(v**2)) for v in reference.values()),
-                                        1e-30)))  # fmt: skip
+        return (
+            sum(_per_sample((got[k] - v).astype(np.float64) ** 2, n) for k, v in reference.items())
+            / total
+        )
 
     return score
+
+
+def _per_sample(squares: np.ndarray, n: int) -> np.ndarray:
+    """Sums of `squares` per sample (axis 0), or spread evenly where axis 0 is not the batch."""
+    if squares.ndim and squares.shape[0] == n:
+        return squares.reshape(n, -1).sum(axis=1)
+    return np.full(n, squares.sum() / n)
 
 
 def cost_of(graph: gs.Graph, groups: tuple[ChannelGroup, ...], kind: str) -> WidthCost:

@@ -200,7 +200,8 @@ def _add_width_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="also prune groups tied by a residual sum (default: off; id prunes them where a "
-        "MAC/param target is out of reach without them; SE-gated groups are pruned by default)",
+        "MAC/param target is out of reach without them or they clearly deviate less pruned; "
+        "SE-gated groups are pruned by default)",
     )
 
 
