@@ -20,7 +20,8 @@ recorded per fine-tune, torch on one thread.
 
 `--select` chooses settings without the test split: prune and fine-tune on 384 calibration
 images, score the accuracy on the other 128 (stratified, seeded); every combination of the
-comma-separated `--lr`, `--steps`, `--augment`, `--start` values is run.
+comma-separated `--lr`, `--steps`, `--augment`, `--hint-weight`, `--ema`, `--temperature`,
+`--start` values is run.
 
     python benchmarks/finetune.py --out benchmarks/results/finetune_goals.json
     python benchmarks/finetune.py --markdown benchmarks/results/finetune_defaults.json
@@ -248,6 +249,7 @@ def main() -> None:
     parser.add_argument("--augment", default="1", help="pixels of random shift (0: none)")
     parser.add_argument("--ema", default="0", help="decay of the weights' moving average (0: none)")
     parser.add_argument("--hint-weight", default="0", help="weight of the hint loss (0: none)")
+    parser.add_argument("--temperature", default="4", help="distillation temperature T")
     parser.add_argument("--warmup", type=float, default=0.5, help="no early stop before this share")
     parser.add_argument(
         "--seed", type=int, default=0, help="fine-tuning's batch order and hold-out"
@@ -270,7 +272,8 @@ def main() -> None:
             "steps": [int(v) for v in args.steps.split(",")],
             "augment": [int(v) for v in args.augment.split(",")],
             "hint_weight": [float(v) for v in args.hint_weight.split(",")],
-            "ema": [float(v) for v in args.ema.split(",")]}  # fmt: skip
+            "ema": [float(v) for v in args.ema.split(",")],
+            "temperature": [float(v) for v in args.temperature.split(",")]}  # fmt: skip
     rows: list[dict] = []
 
     def save(row: dict | None = None) -> None:
