@@ -83,7 +83,14 @@ def gather(
         qr = config.id_solver == "qr"
         folded = {tap for tap, _ in features}  # head maps are cross-validated (methods/heads.py)
         taps, found, outputs = collect_all(
-            model, wanted, dict(moments or {}), batches, qr=qr, reference=reference, folded=folded
+            model,
+            wanted,
+            dict(moments or {}),
+            batches,
+            qr=qr,
+            reference=reference,
+            folded=folded,
+            row_mask=config.row_mask,
         )
     grads = _gradients(model, graph, selected, needs, dataset, config)
     consumers = _consumer_sites(graph, selected) if "jacobian" in needs else {}
