@@ -209,7 +209,8 @@ def _prune_channels(
     if config.sequential:
         free_map = config.method == "id" or config.compensate == "lsq"
         plans, refit_notes = refit(graph, groups, plans, batches, free_map=free_map,
-                                   exact_borders=config.exact_borders)  # fmt: skip
+                                   exact_borders=config.exact_borders,
+                                   row_mask=config.row_mask)  # fmt: skip
         notes += refit_notes
     pruned_graph = rewrite(graph, groups, plans, exact_borders=config.exact_borders)
     gc.collect()  # the graphs normalize and rewrite replaced: see prune

@@ -18,25 +18,27 @@ C, H, T = 6, 16, 7  # features, hidden neurons, padded length
 
 
 def token_mlp(mask_dtype: int = TensorProto.INT64) -> onnx.ModelProto:
-    """x (N, T, C) → MatMul + bias → Relu → MatMul + bias, times the mask: a token-wise MLP
-    whose output at a padding position is 0, as a transformer's pooled users read it."""
+    """x (N, T, C) → two hidden layers of H (MatMul + bias, Relu) → MatMul + bias, times the
+    mask: a token-wise MLP whose output at a padding position is 0, as a transformer's pooled
+    users read it. Two hidden groups, so that the sequential refit of the second sees drift."""
     rng = np.random.default_rng(0)
+    shapes = {"w1": (C, H), "b1": (H,), "w2": (H, H), "b2": (H,), "w3": (H, C), "b3": (C,)}
     inits = [
-        numpy_helper.from_array(rng.standard_normal((C, H)).astype(np.float32), "w1"),
-        numpy_helper.from_array(rng.standard_normal(H).astype(np.float32), "b1"),
-        numpy_helper.from_array(rng.standard_normal((H, C)).astype(np.float32), "w2"),
-        numpy_helper.from_array(rng.standard_normal(C).astype(np.float32), "b2"),
-        numpy_helper.from_array(np.array([2], dtype=np.int64), "axis"),
+        numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+        for name, shape in shapes.items()
     ]
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
-        helper.make_node("Add", ["h0", "b1"], ["h"], name="fc1_bias"),
-        helper.make_node("Relu", ["h"], ["r"], name="relu"),
-        helper.make_node("MatMul", ["r", "w2"], ["y0"], name="fc2"),
-        helper.make_node("Add", ["y0", "b2"], ["y"], name="fc2_bias"),
-        helper.make_node("Unsqueeze", ["attention_mask", "axis"], ["m3"], name="unsq"),
-        helper.make_node("Cast", ["m3"], ["mf"], to=TensorProto.FLOAT, name="cast"),
-        helper.make_node("Mul", ["y", "mf"], ["out"], name="mask"),
+    inits.append(numpy_helper.from_array(np.array([2], dtype=np.int64), "axis"))
+    nodes, x = [], "x"
+    for i in (1, 2, 3):
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"fc{i}"))
+        nodes.append(helper.make_node("Add", [f"m{i}", f"b{i}"], [f"h{i}"], name=f"fc{i}_bias"))
+        if i < 3:
+            nodes.append(helper.make_node("Relu", [f"h{i}"], [f"r{i}"], name=f"relu{i}"))
+            x = f"r{i}"
+    nodes += [
+        helper.make_node("Unsqueeze", ["attention_mask", "axis"], ["m3d"], name="unsq"),
+        helper.make_node("Cast", ["m3d"], ["mf"], to=TensorProto.FLOAT, name="cast"),
+        helper.make_node("Mul", ["h3", "mf"], ["out"], name="mask"),
     ]
     graph = helper.make_graph(
         nodes,
@@ -71,7 +73,7 @@ def _close(found: np.ndarray, expected: np.ndarray) -> None:
 def test_masked_statistics_equal_those_of_the_unpadded_rows() -> None:
     """Tap statistics over padded batches with the mask == the same statistics summed over each
     sentence run alone at its own length (no padding), folds included."""
-    model, tap = token_mlp(), Tap("h", -1, 0)
+    model, tap = token_mlp(), Tap("h1", -1, 0)
     feeds, lengths = padded(10, seed=1)
     batches = [{k: v[:4] for k, v in feeds.items()}, {k: v[4:] for k, v in feeds.items()}]
     masked = collect_all(model, [(tap, H)], {}, batches, folded={tap}, row_mask="attention_mask")
@@ -110,22 +112,26 @@ def test_row_mask_input_auto_named_and_refused() -> None:
         row_mask_input(model, "x")
 
 
-def _pruned(data: dict[str, np.ndarray], row_mask: str | None) -> dict[str, np.ndarray]:
+def _pruned(
+    data: dict[str, np.ndarray], row_mask: str | None, sequential: bool
+) -> dict[str, np.ndarray]:
     result = onnxprune.prune(token_mlp(), method="id", ratio=0.5, data=data, row_mask=row_mask,
-                             verify=False, sequential=False, recalibrate=False)  # fmt: skip
+                             verify=False, sequential=sequential, recalibrate=False)  # fmt: skip
     return {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
 
 
-def test_prune_with_the_mask_does_not_read_the_padding() -> None:
+@pytest.mark.parametrize("sequential", [False, True])
+def test_prune_with_the_mask_does_not_read_the_padding(sequential: bool) -> None:
     """Two calibration sets with the same real tokens and different padding: with the mask the
-    pruned weights are the same; without it they differ (the padding moves the fit)."""
+    pruned weights are the same, with the sequential refit too; without it they differ (the
+    padding moves the fit)."""
     first, _ = padded(48, seed=3)
     second, _ = padded(48, seed=3, garbage=5.0)
-    masked = [_pruned(data, "attention_mask") for data in (first, second)]
+    masked = [_pruned(data, "attention_mask", sequential) for data in (first, second)]
     assert masked[0].keys() == masked[1].keys()
     for name, value in masked[0].items():
         _close(masked[1][name], value)
-    unmasked = [_pruned(data, None) for data in (first, second)]
+    unmasked = [_pruned(data, None, sequential) for data in (first, second)]
     differ = [
         not np.allclose(unmasked[1][n], v, rtol=1e-3)
         for n, v in unmasked[0].items()
