@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="256", help="calibration sentences per cell")
     parser.add_argument("--cells", default="id:0.7,id:0.5,cob:0.25", help="method:target,...")
     parser.add_argument("--variants", default="plain,mask", help="plain, mask, cv, mask+cv")
+    parser.add_argument(
+        "--widths-from",
+        type=Path,
+        help="JSON of this script: id at the widths "
+        "of its first plain id cell (`--layer-ratio` per group) instead of a target",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     files = ensure_minilm()
@@ -63,6 +70,7 @@ def main() -> None:
         "test": Evaluator(original, _dataset(files.heldout)),
     }
     streams = _all_but_streams(original)
+    fixed = _fixed_widths(original, args.widths_from) if args.widths_from else None
     out = {"machine": machine(), "pool": len(pool["input_ids"]), "validation": VALIDATION}
     out["cells"] = []
     for cell in args.cells.split(","):
@@ -75,7 +83,7 @@ def main() -> None:
                     "cv_maps": "cv" in variant,
                 }
                 start = time.perf_counter()
-                result = _prune(original, method, float(target), data, options, streams)
+                result = _prune(original, method, float(target), data, options, streams, fixed)
                 before, after = result.report.macs
                 row = {
                     "method": method,
@@ -101,13 +109,30 @@ def main() -> None:
                 args.out.write_text(json.dumps(out, indent=1) + "\n")
 
 
-def _prune(original, method, target, data, options, streams) -> onnxprune.Result:
-    """`id` over heads and FFN at `target_macs=target`, or cob slicing the streams by `target`."""
+def _prune(original, method, target, data, options, streams, fixed) -> onnxprune.Result:
+    """`id` over heads and FFN at `target_macs=target` (or at the `fixed` layer ratios), or cob
+    slicing the streams by `target`."""
+    if method == "id" and fixed:
+        return onnxprune.prune(original, method="id", data=data, verify=False, ratio=0.0,
+                               layer_ratios=fixed, round_to=1, sequential=False,
+                               recalibrate=False, **options)  # fmt: skip
     if method == "cob":
         return onnxprune.prune(original, method="cob", ratio=target, data=data, exclude=[streams],
                                round_to=16, verify=False, **options)  # fmt: skip
     return onnxprune.prune(original, method="id", target_macs=target, data=data, verify=False,
                            sequential=False, recalibrate=False, **options)  # fmt: skip
+
+
+def _fixed_widths(original, path: Path) -> tuple[tuple[str, float], ...]:
+    """Per group of the first plain id cell in `path`: (its exact name, the ratio that keeps
+    its width at round_to 1)."""
+    cells = json.loads(path.read_text())["cells"]
+    cell = next(c for c in cells if c["method"] == "id" and c["variant"] in ("plain", None))
+    channels = {g.name: g.channels for g in onnxprune.analyze(original).groups}
+    return tuple(
+        (f"^{re.escape(name)}$", (channels[name] - width) / channels[name])
+        for name, width in cell["widths"].items()
+    )
 
 
 def _plans(result):

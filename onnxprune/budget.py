@@ -19,6 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.calib.data import Dataset
+from onnxprune.calib.row_mask import row_keep
 from onnxprune.calib.stats import channel_moments
 from onnxprune.config import PruneConfig
 from onnxprune.errors import UsageError
@@ -235,11 +236,13 @@ def output_deviation(
 ) -> Score:
     """Relative L2 deviation of all outputs from the original's on the first `samples` of the
     calibration data, as a function of the widths (pruned as `prune` will; with `recalibrate`,
-    recalibrated on those samples only, to keep the scoring cheap)."""
+    recalibrated on those samples only, to keep the scoring cheap). With `row_mask`, an output
+    whose first two axes are the mask's counts only its rows where the mask is nonzero."""
     subset = dataset.head(min(samples, len(dataset)))
     feeds = subset.arrays
     original = export(graph)
-    reference = run_original(original, feeds)
+    rows = lambda value: _masked(value, feeds, config.row_mask)  # noqa: E731
+    reference = {k: rows(v) for k, v in run_original(original, feeds).items()}
     batches = lambda: (b.feeds for b in subset.batches(config.batch_size))  # noqa: E731
     moments = {}  # the original's, at every layer any candidate recalibrates: one pass for all
     if config.recalibrate:
@@ -254,11 +257,19 @@ def output_deviation(
                 lambda: original, pruned, groups, plans, batches, reference=moments
             )
         got = run(export(pruned), feeds)
-        diff = sum(float(np.sum((got[k] - v) ** 2)) for k, v in reference.items())
+        diff = sum(float(np.sum((rows(got[k]) - v) ** 2)) for k, v in reference.items())
         return float(np.sqrt(diff / max(sum(float(np.sum(v**2)) for v in reference.values()),
                                         1e-30)))  # fmt: skip
 
     return score
+
+
+def _masked(value: np.ndarray, feeds: Mapping[str, np.ndarray], row_mask: str | None) -> np.ndarray:
+    """`value`'s rows that `row_mask` keeps (`calib.row_mask.row_keep`), or all of it."""
+    if value.ndim < 2:
+        return value
+    keep = row_keep(value.reshape(*value.shape[:2], -1), feeds, row_mask)
+    return value if keep is None else value.reshape(keep.size, -1)[keep]
 
 
 def cost_of(graph: gs.Graph, groups: tuple[ChannelGroup, ...], kind: str) -> WidthCost:

@@ -9,18 +9,26 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
+from onnxprune.budget import output_deviation
+from onnxprune.calib.data import Dataset
+from onnxprune.calib.gather import gather
 from onnxprune.calib.row_mask import row_keep, row_mask_input
 from onnxprune.calib.stats import collect_all
+from onnxprune.config import PruneConfig
 from onnxprune.errors import UsageError
+from onnxprune.graph.analyze import analyze as find_groups
 from onnxprune.graph.groups import Tap
+from onnxprune.graph.load import normalize
+from onnxprune.methods.id import InterpolativeDecomposition
 
 C, H, T = 6, 16, 7  # features, hidden neurons, padded length
 
 
 def token_mlp(mask_dtype: int = TensorProto.INT64) -> onnx.ModelProto:
-    """x (N, T, C) → two hidden layers of H (MatMul + bias, Relu) → MatMul + bias, times the
-    mask: a token-wise MLP whose output at a padding position is 0, as a transformer's pooled
-    users read it. Two hidden groups, so that the sequential refit of the second sees drift."""
+    """x (N, T, C) → two hidden layers of H (MatMul + bias, Relu) → MatMul + bias: a token-wise
+    MLP whose states at padding positions are computed like a transformer's (and never read by
+    its pooled users); a second output, the mask as float, uses the mask input. Two hidden
+    groups, so that the sequential refit of the second sees drift."""
     rng = np.random.default_rng(0)
     shapes = {"w1": (C, H), "b1": (H,), "w2": (H, H), "b2": (H,), "w3": (H, C), "b3": (C,)}
     inits = [
@@ -38,7 +46,7 @@ def token_mlp(mask_dtype: int = TensorProto.INT64) -> onnx.ModelProto:
     nodes += [
         helper.make_node("Unsqueeze", ["attention_mask", "axis"], ["m3d"], name="unsq"),
         helper.make_node("Cast", ["m3d"], ["mf"], to=TensorProto.FLOAT, name="cast"),
-        helper.make_node("Mul", ["h3", "mf"], ["out"], name="mask"),
+        helper.make_node("Identity", ["h3"], ["out"], name="out"),
     ]
     graph = helper.make_graph(
         nodes,
@@ -47,7 +55,10 @@ def token_mlp(mask_dtype: int = TensorProto.INT64) -> onnx.ModelProto:
             helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", C]),
             helper.make_tensor_value_info("attention_mask", mask_dtype, ["N", "T"]),
         ],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", "T", C])],
+        [
+            helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", "T", C]),
+            helper.make_tensor_value_info("mf", TensorProto.FLOAT, ["N", "T", 1]),
+        ],
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -113,10 +124,11 @@ def test_row_mask_input_auto_named_and_refused() -> None:
 
 
 def _pruned(
-    data: dict[str, np.ndarray], row_mask: str | None, sequential: bool
+    data: dict[str, np.ndarray], row_mask: str | None, sequential: bool, **width
 ) -> dict[str, np.ndarray]:
-    result = onnxprune.prune(token_mlp(), method="id", ratio=0.5, data=data, row_mask=row_mask,
-                             verify=False, sequential=sequential, recalibrate=False)  # fmt: skip
+    width = width or {"ratio": 0.5}
+    result = onnxprune.prune(token_mlp(), method="id", data=data, row_mask=row_mask, verify=False,
+                             sequential=sequential, recalibrate=False, **width)  # fmt: skip
     return {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
 
 
@@ -138,6 +150,29 @@ def test_prune_with_the_mask_does_not_read_the_padding(sequential: bool) -> None
         if n in unmasked[1] and unmasked[1][n].shape == v.shape
     ]
     assert any(differ) or unmasked[0].keys() != unmasked[1].keys()
+
+
+@pytest.mark.parametrize("row_mask", ["attention_mask", None])
+def test_width_scores_with_the_mask_do_not_read_the_padding(row_mask: str | None) -> None:
+    """`--target-macs` scores width candidates by output deviation: with the mask, on the real
+    tokens' outputs only, so the same real tokens with other padding score the same; without
+    it the padding's outputs count."""
+    config = PruneConfig(method="id", row_mask=row_mask, recalibrate=False, sequential=False)
+    method = InterpolativeDecomposition(intercept=True)
+    scores = []
+    for garbage in (50.0, 5.0):
+        data, _ = padded(48, seed=5, garbage=garbage)
+        graph = normalize(token_mlp())
+        groups = find_groups(graph)
+        counts = {g.name: g.channels // 2 for g in groups if g.prunable}
+        dataset = Dataset(data)
+        stats = gather(graph, groups, counts, frozenset({"gram"}), dataset, config).stats
+        scores.append(output_deviation(graph, groups, stats, method, config, dataset)(counts))
+    assert scores[0] > 0
+    if row_mask:
+        assert np.isclose(scores[0], scores[1], rtol=1e-5)
+    else:
+        assert not np.isclose(scores[0], scores[1], rtol=1e-2)
 
 
 def test_cli_row_mask_not_an_input(tmp_path) -> None:
