@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.budget import Widths, choose_widths, refine_widths, streams_note
 from onnxprune.calib.data import Dataset, batch_for, count_shapes, input_specs
 from onnxprune.calib.gather import gather, gather_norms, gather_weights
+from onnxprune.calib.row_mask import row_mask_input
 from onnxprune.calib.split import DataInputs, Split, split_inputs
 from onnxprune.calib.stats import one_blas_thread
 from onnxprune.config import PruneConfig
@@ -162,6 +163,7 @@ def _prune_channels(
     proto: onnx.ModelProto, graph: gs.Graph, inputs: DataInputs, config: PruneConfig
 ) -> Result:
     """Channel pruning: analyze, choose widths, calibrate on the fit split, plan, rewrite."""
+    config = replace(config, row_mask=row_mask_input(proto, config.row_mask))
     graph, config, notes = _streams_for_cob(graph, config)
     groups = find_groups(graph)
     widths = choose_widths(graph, groups, config)
@@ -206,7 +208,8 @@ def _prune_channels(
     if config.sequential:
         free_map = config.method == "id" or config.compensate == "lsq"
         plans, refit_notes = refit(graph, groups, plans, batches, free_map=free_map,
-                                   exact_borders=config.exact_borders)  # fmt: skip
+                                   exact_borders=config.exact_borders,
+                                   row_mask=config.row_mask)  # fmt: skip
         notes += refit_notes
     with one_blas_thread():  # its folds multiply maps into weights (0.8 → 0.5 CPU s on ResNet-50)
         pruned_graph = rewrite(graph, groups, plans, exact_borders=config.exact_borders)
@@ -257,7 +260,9 @@ def _within_heads(
             kept(group.head_dim, r, config.width.round_to) for r in (qk_ratio, ratio)
         )
     batches = (batch.feeds for batch in fit.batches(config.batch_size))
-    graph, rows = prune_within_heads(graph, groups, dims, batches, values=config.head_values)
+    graph, rows = prune_within_heads(
+        graph, groups, dims, batches, values=config.head_values, row_mask=config.row_mask
+    )
     groups = find_groups(graph)
     widths = choose_widths(graph, groups, config)
     if config.heads == "dims":

@@ -24,6 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.calib.data import Dataset
+from onnxprune.calib.row_mask import row_keep
 from onnxprune.calib.stats import channel_moments
 from onnxprune.config import PruneConfig
 from onnxprune.errors import UsageError
@@ -281,7 +282,8 @@ def output_deviation(
     """Each of the first `samples` calibration samples' squared deviation of all outputs from the
     original's over the original outputs' total squared norm (their sum is the squared relative
     L2 deviation), as a function of the widths (pruned as `prune` will; with `recalibrate`,
-    recalibrated on those samples only, to keep the scoring cheap)."""
+    recalibrated on those samples only, to keep the scoring cheap). With `row_mask`, an output
+    whose first two axes are the mask's counts only its rows where the mask is nonzero."""
     subset = dataset.head(min(samples, len(dataset)))
     feeds = subset.arrays
     original = export(graph)
@@ -292,8 +294,9 @@ def output_deviation(
         tensors = reference_tensors(graph, groups, stats)
         moments = channel_moments(original, tensors, batches())
 
-    total = max(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in reference.values()), 1e-30)
     n = len(subset)
+    squares = lambda v: _masked_squares(v, feeds, config.row_mask)  # noqa: E731
+    total = max(sum(float(np.sum(squares(v))) for v in reference.values()), 1e-30)
 
     def score(counts: Mapping[str, int]) -> np.ndarray:
         plans = make_plans(groups, counts, stats, method, config)
@@ -303,12 +306,23 @@ def output_deviation(
                 lambda: original, pruned, groups, plans, batches, reference=moments
             )
         got = run(export(pruned), feeds)
-        return (
-            sum(_per_sample((got[k] - v).astype(np.float64) ** 2, n) for k, v in reference.items())
-            / total
-        )
+        return sum(_per_sample(squares(got[k] - v), n) for k, v in reference.items()) / total
 
     return score
+
+
+def _masked_squares(
+    value: np.ndarray, feeds: Mapping[str, np.ndarray], row_mask: str | None
+) -> np.ndarray:
+    """`value`'s squares in float64, zero on the rows `row_mask` leaves out
+    (`calib.row_mask.row_keep`)."""
+    squares = value.astype(np.float64) ** 2
+    if squares.ndim < 2:
+        return squares
+    keep = row_keep(squares.reshape(*squares.shape[:2], -1), feeds, row_mask)
+    if keep is None:
+        return squares
+    return squares * keep.reshape(*squares.shape[:2], *(1,) * (squares.ndim - 2))
 
 
 def _per_sample(squares: np.ndarray, n: int) -> np.ndarray:

@@ -78,6 +78,8 @@ class PruneConfig:
     heads: str = "whole"  # attention heads: whole heads, dims within every head, or both
     head_values: str = "pca"  # within heads: each head's principal value directions, or ID
     qk_ratio: float | None = None  # within heads: query/key dims removed (None: the ratio's)
+    row_mask: str | None = None  # 2-D input whose 0 entries mark rows the taps leave out
+    cv_maps: bool = False  # id: channel groups' maps (ridge or none) by two-fold CV
     finetune_steps: int = 0  # distillation steps from the original after pruning (0: none)
     input_shapes: Mapping[str, tuple[int, ...]] | None = None  # symbolic dims where no data is
 

@@ -32,7 +32,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.calib.data import in_parts, run_samples
-from onnxprune.calib.stats import fold_units, one_blas_thread, tap_rows
+from onnxprune.calib.row_mask import row_keep
+from onnxprune.calib.stats import channel_view, fold_units, one_blas_thread
 from onnxprune.graph.groups import ChannelGroup, Tap, tap_key
 from onnxprune.graph.load import export
 from onnxprune.graph.refold import refold
@@ -61,13 +62,18 @@ class Site:
     folds: tuple[dict, dict] = field(default_factory=lambda: ({}, {}))
     seen: int = 0
 
-    def add(self, x: np.ndarray, a: np.ndarray, samples: int) -> None:
+    def add(
+        self, x: np.ndarray, a: np.ndarray, samples: int, keep: np.ndarray | None = None
+    ) -> None:
         """Accumulate the rows x = ã_S (pruned) and a (original) of `samples` fold units
-        (`calib.stats.fold_units`: samples, or a whole run)."""
+        (`calib.stats.fold_units`: samples, or a whole run); with `keep` (a bool per row,
+        `calib.row_mask.row_keep`), only the rows it marks."""
         x, a = (v.reshape(samples, -1, v.shape[-1]) for v in (x, a))
+        rows = np.ones(x.shape[:2], dtype=bool) if keep is None else keep.reshape(x.shape[:2])
         for fold, sums in enumerate(self.folds):
             first = (fold - self.seen) % 2  # the fold of a sample is the parity of its number
-            _add(sums, x[first::2].reshape(-1, x.shape[-1]), a[first::2].reshape(-1, a.shape[-1]))
+            chosen = rows[first::2]
+            _add(sums, x[first::2][chosen], a[first::2][chosen])
         self.seen += samples
 
 
@@ -88,12 +94,14 @@ def refit(
     *,
     free_map: bool,
     exact_borders: bool = False,
+    row_mask: str | None = None,
 ) -> tuple[dict[str, Plan], tuple[str, ...]]:
     """The plans with every correction refit sequentially, and notes for the report.
 
     `free_map`: M and c are refit (ID, least-squares compensation); otherwise M stays the
     method's selection and only c is refit (mean-shift compensation). A correction without c
-    is refit without one. A correction folded into a recurrence stays (`_sites`)."""
+    is refit without one. A correction folded into a recurrence stays (`_sites`). `row_mask`:
+    the input whose zero entries mark token rows the sums leave out (`calib.row_mask`)."""
     plans = dict(plans)
     sites, notes = _sites(groups, plans)
     if not sites:
@@ -107,7 +115,8 @@ def refit(
     with tempfile.TemporaryDirectory(prefix="onnxprune-sequential-") as folder:
         size = run_samples(original)  # short runs: ORT's arena and caches (calib/data.py)
         runs = [
-            _Run(in_parts(batches(), size), Path(folder) / side) for side in ("original", "pruned")
+            _Run(in_parts(batches(), size), Path(folder) / side, row_mask)
+            for side in ("original", "pruned")
         ]
         for index, tensor in enumerate(tensors):
             later = tensors[index + 1 :]
@@ -143,10 +152,14 @@ class _Run:
     """One model run tap by tap over the batches: the values the rest still reads, and the
     names of the nodes that ran."""
 
-    def __init__(self, batches: Iterable[Mapping[str, np.ndarray]], folder: Path) -> None:
+    def __init__(
+        self, batches: Iterable[Mapping[str, np.ndarray]], folder: Path, row_mask: str | None
+    ) -> None:
         folder.mkdir()
         feeds = [dict(f) for f in batches]
         self.samples = [len(next(iter(f.values()))) for f in feeds]  # per batch, for the folds
+        self.masks = [{row_mask: f[row_mask]} if row_mask else {} for f in feeds]  # per batch
+        self.row_mask = row_mask
         self.values = Held(feeds, folder, HELD_BYTES)
         self.done: set[str] = set()
 
@@ -216,7 +229,9 @@ def _accumulate(sites: list[Site], runs: list[_Run], tensor: str, removed: np.nd
             units = fold_units(len(a), samples)
             for site in sites:
                 rows = _pruned_rows(x, a.shape[site.tap.axis], site, removed)
-                site.add(rows, tap_rows(a, site.tap, site.channels), units)
+                view = channel_view(a, site.tap, site.channels)
+                keep = row_keep(view, runs[0].masks[index], runs[0].row_mask)
+                site.add(rows, view.reshape(-1, site.channels), units, keep)
 
 
 def _pruned_rows(value: np.ndarray, width: int, site: Site, removed: np.ndarray) -> np.ndarray:

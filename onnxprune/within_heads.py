@@ -30,10 +30,12 @@ def prune_within_heads(
     batches: Iterable[Mapping[str, np.ndarray]],
     *,
     values: str = "pca",
+    row_mask: str | None = None,
 ) -> tuple[gs.Graph, tuple[GroupRow, ...]]:
     """A copy of `graph` whose head groups named in `widths` keep `widths[name]` = (query/key,
     value) dimensions per head (the values' chosen by `values`, "pca" or "id"), and a report
-    row per such group (a refused group, left whole, says why)."""
+    row per such group (a refused group, left whole, says why). `row_mask`: the input whose
+    zero entries mark token rows the statistics leave out (`calib.stats.collect_all`)."""
     found: dict[str, HeadSites | str] = {}
     selected = [g for g in groups if g.name in widths and g.head_dim > 1]
     for group in selected:
@@ -45,9 +47,8 @@ def prune_within_heads(
     rows = [_refused_row(g, found[g.name]) for g in selected if g.name not in sites]
     if not sites:
         return graph, tuple(rows)
-    stats = collect(
-        export(graph), [_tap(t, s) for s in sites.values() for t in _tensors(s)], batches
-    )
+    taps = [_tap(t, s) for s in sites.values() for t in _tensors(s)]
+    stats = collect(export(graph), taps, batches, row_mask=row_mask)
     by_tensor = {tap.tensor: value for tap, value in stats.items()}
     pruned = gs.import_onnx(export(graph))
     for group in (g for g in selected if g.name in sites):

@@ -82,8 +82,17 @@ def gather(
         batches = _batches(dataset, config, "statistics")
         qr = config.id_solver == "qr"
         folded = {tap for tap, _ in features}  # head maps are cross-validated (methods/heads.py)
+        if config.cv_maps:  # and, asked for, the maps of single-tap channel groups (methods/id.py)
+            folded |= {g.taps[0] for g in selected if g.head_dim == 1 and len(g.taps) == 1}
         taps, found, outputs = collect_all(
-            model, wanted, dict(moments or {}), batches, qr=qr, reference=reference, folded=folded
+            model,
+            wanted,
+            dict(moments or {}),
+            batches,
+            qr=qr,
+            reference=reference,
+            folded=folded,
+            row_mask=config.row_mask,
         )
     grads = _gradients(model, graph, selected, needs, dataset, config)
     consumers = _consumer_sites(graph, selected) if "jacobian" in needs else {}

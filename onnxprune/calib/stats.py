@@ -22,6 +22,7 @@ import onnxruntime as ort
 from threadpoolctl import threadpool_limits
 
 from onnxprune.calib.data import batch_for, in_batches
+from onnxprune.calib.row_mask import row_keep
 from onnxprune.errors import ModelRunError, VerificationError, first_line
 from onnxprune.graph.groups import Tap
 from onnxprune.graph.load import copy_model
@@ -61,8 +62,9 @@ class TapAccumulator:
         self.pending: list[np.ndarray] = []  # rows not yet in the sums (`add`)
         self.pending_rows = 0
 
-    def add(self, rows: np.ndarray, samples: int = 1) -> None:
-        """Add the rows of `samples` samples, sample by sample (`tap_rows`' order).
+    def add(self, rows: np.ndarray, samples: int = 1, keep: np.ndarray | None = None) -> None:
+        """Add the rows of `samples` samples, sample by sample (`tap_rows`' order); with `keep`
+        (a bool per row, `row_keep`), only the rows it marks.
 
         Rows are summed once a quarter as many as there are channels have come: each update
         adds a channels² Gram, so updating with a few rows at a time (a ViT token sequence,
@@ -71,8 +73,10 @@ class TapAccumulator:
         rows held meanwhile are a copy (not the run's arrays), under 1/8 of the Gram's bytes."""
         if self.folds:
             if samples:
-                self._add_to_folds(rows, samples)
+                self._add_to_folds(rows, samples, keep)
             return
+        if keep is not None:
+            rows = rows[keep]
         self.pending.append(rows)
         self.pending_rows += rows.shape[0]
         if self.pending_rows < self.gram.shape[0] // 4:
@@ -99,14 +103,14 @@ class TapAccumulator:
         r = None if self.r_factor is None else self.r_factor.copy()
         return TapStats(self.n, self.sum.copy(), self.gram.copy(), self.abs_sum.copy(), r)
 
-    def _add_to_folds(self, rows: np.ndarray, samples: int) -> None:
-        per_sample = rows.reshape(samples, -1, rows.shape[-1])
-        fold_of = (self.samples + np.arange(samples)) % len(self.folds)
+    def _add_to_folds(self, rows: np.ndarray, samples: int, keep: np.ndarray | None) -> None:
+        sample_fold = (self.samples + np.arange(samples)) % len(self.folds)
+        fold_of = np.repeat(sample_fold, rows.shape[0] // samples)
         self.samples += samples
         for f, fold in enumerate(self.folds):
-            part = per_sample[fold_of == f]
-            if part.shape[0]:
-                fold.add(part.reshape(-1, rows.shape[-1]))
+            chosen = fold_of == f if keep is None else (fold_of == f) & keep
+            if chosen.any():
+                fold.add(rows[chosen])
 
 
 def tap_rows(array: np.ndarray, tap: Tap, channels: int) -> np.ndarray:
@@ -138,9 +142,11 @@ def collect(
     batches: Iterable[Mapping[str, np.ndarray]],
     *,
     qr: bool = False,
+    row_mask: str | None = None,
 ) -> dict[Tap, TapStats]:
-    """Run `batches` through `model` in ORT and return the statistics of every (tap, channels)."""
-    return collect_all(model, taps, {}, batches, qr=qr).stats
+    """Run `batches` through `model` in ORT and return the statistics of every (tap, channels)
+    (`row_mask` as in `collect_all`)."""
+    return collect_all(model, taps, {}, batches, qr=qr, row_mask=row_mask).stats
 
 
 def channel_moments(
@@ -170,6 +176,7 @@ def collect_all(
     qr: bool = False,
     reference: Mapping[str, np.ndarray] | None = None,
     folded: Collection[Tap] = (),
+    row_mask: str | None = None,
 ) -> Collected:
     """`collect` and `channel_moments` from one ORT pass: the statistics of every (tap,
     channels), and the per-channel mean and variance of every tensor (name → channel axis).
@@ -181,7 +188,9 @@ def collect_all(
     runs themselves; the others run after them (`Reference`). Only where every output has its
     samples on axis 0 (`batch_first`): elsewhere no outputs are returned and verification runs
     the model itself. The taps in `folded` also get the statistics of the even and the odd
-    samples (`TapStats.folds`; `fold_units`)."""
+    samples (`TapStats.folds`; `fold_units`). With `row_mask`, the name of a graph input
+    (samples, positions) such as an attention mask, a tap's rows whose mask entry is 0 (padding
+    tokens) are left out of its statistics (`row_keep`); the moments keep every position."""
     if not taps and not tensors:
         return Collected({}, {}, {})
     names = sorted({tap.tensor for tap, _ in taps} | set(tensors))
@@ -199,7 +208,8 @@ def collect_all(
             samples = len(next(iter(part.values())))
             for (tap, channels), acc in zip(taps, accumulators.values(), strict=True):
                 view = channel_view(values[tap.tensor], tap, channels)
-                acc.add(view.reshape(-1, channels), samples=fold_units(view.shape[0], samples))
+                units, keep = fold_units(view.shape[0], samples), row_keep(view, part, row_mask)
+                acc.add(view.reshape(-1, channels), samples=units, keep=keep)
             for name, moment in moments.items():
                 moment.add(values[name])
             outputs.offer(part, values)

@@ -267,6 +267,21 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "ratio, as for its value dims; truncating queries/keys costs less, docs/RESULTS.md)",
     )
     method.add_argument(
+        "--cv-maps",
+        action="store_true",
+        help="id: choose each channel group's map from its kept channels (a ridge, or means "
+        "only) by two-fold cross-validation on the calibration samples, as for attention heads "
+        "(the report names it: map_full=…)",
+    )
+    method.add_argument(
+        "--row-mask",
+        metavar="INPUT",
+        help="leave out of the tap statistics the token rows whose entry of the 2-D input INPUT "
+        "(samples, positions) is 0, e.g. a transformer's padding: attention_mask; 'auto': the "
+        "integer input named attention_mask if there is one (the sequential refit and "
+        "recalibration still read every row)",
+    )
+    method.add_argument(
         "--max-group-ratio",
         type=float,
         default=0.9,
@@ -418,6 +433,8 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         heads=args.heads,
         head_values=args.head_values,
         qk_ratio=args.qk_ratio,
+        row_mask=args.row_mask,
+        cv_maps=args.cv_maps,
         max_group_ratio=args.max_group_ratio,
         target_macs=args.target_macs,
         target_params=args.target_params,

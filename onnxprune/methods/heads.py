@@ -22,7 +22,7 @@ same held-out error, and the chosen map is refitted on all samples (docs/METHODS
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -78,6 +78,14 @@ def select_heads(
         chosen.append(rest[pick])
         best = scored[pick]
     return np.array(sorted(chosen), dtype=np.intp), best
+
+
+def channel_map(tap: TapStats, keep: np.ndarray, *, intercept: bool) -> HeadMap:
+    """For a group of single channels (an FFN's neurons, `--cv-maps`): the map from the kept
+    channels, ridge or none (means only), of least two-fold held-out error, as for heads (with
+    one feature per channel the "heads" family is the "full" one)."""
+    choice = _best_map([_Split.of(tap, 1, intercept)], sorted(int(i) for i in keep))
+    return replace(choice, family="full") if choice.family == "heads" else choice
 
 
 def feature_corrections(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.heads import feature_corrections, select_heads
+from onnxprune.methods.heads import channel_map, feature_corrections, fit_map, select_heads
 from onnxprune.methods.linalg import (
     interpolative_from_blocks,
     interpolative_from_gram,
@@ -47,12 +47,24 @@ class InterpolativeDecomposition:
                 result = interpolative_from_gram(
                     tap.gram, keep, intercept=self.intercept, mean=tap.mean, n=tap.n
                 )
+            if tap.folds and len(result.keep) < group.channels:  # --cv-maps: ridge by 2-fold CV
+                return _cross_validated(tensor, tap, result.keep, self.intercept)
             c = result.c if self.intercept else None
             return Plan(keep=result.keep, corrections={tensor: Correction(result.T, c)})
         # several taps (a coupled group): one selection from the pooled, normalised Grams,
         # then each tap's own least-squares map for that selection
         chosen = interpolative_from_gram(pooled_gram(stats.taps.values()), keep).keep
         return Plan(keep=chosen, corrections=lsq_corrections(stats, chosen, self.intercept))
+
+
+def _cross_validated(tensor: str, tap: TapStats, keep: np.ndarray, intercept: bool) -> Plan:
+    """ID's selection with the map (ridge, or means only) of least held-out error on the tap's
+    two folds, refitted on all samples; the report names it (`map_full=ρ  cv_err=…`)."""
+    choice = channel_map(tap, keep, intercept=intercept)
+    chosen = np.sort(keep)
+    M, c = fit_map(tap, chosen, 1, choice.family, choice.ridge, intercept=intercept)
+    correction = Correction(M, c if intercept else None)
+    return Plan(keep=chosen, corrections={tensor: correction}, info=choice.info())
 
 
 def pooled_gram(taps) -> np.ndarray:
