@@ -1,0 +1,84 @@
+"""Weights mapped from their external data files (graph/external.py): the same pruned models,
+deviations and saved files as with the weights read into memory, the input never changed."""
+
+from __future__ import annotations
+
+import graphs
+import numpy as np
+import onnx
+import pytest
+from conftest import file_hash, run_model
+from onnx import numpy_helper
+from test_large import WIDTH, _mlp, _save_external
+
+import onnxprune
+from onnxprune.errors import ModelLoadError
+from onnxprune.graph.external import is_mapped, materialized
+from onnxprune.graph.load import load_model, model_bytes, normalize, write_external
+
+
+@pytest.fixture
+def source(tmp_path):
+    """The MLP of test_large saved with its weights in `mlp.onnx.data`."""
+    path = tmp_path / "in" / "mlp.onnx"
+    path.parent.mkdir()
+    _save_external(_mlp(), path)
+    return path
+
+
+def test_mapped_weights_are_read_through_the_map(source):
+    """The proto holds no weight bytes; the graph's weights are maps of the file with the
+    values ONNX reads; the size counted is the one of the loaded model."""
+    mapped = load_model(source, mapped=True)
+    loaded = onnx.load(str(source))
+    external = {t.name for t in mapped.graph.initializer if is_mapped(t)}
+    assert {"fc0.w", "fc1.w", "fc2.w"} <= external  # head.w: float_data, which stays inline
+    assert model_bytes(mapped) == model_bytes(loaded)
+    graph = normalize(mapped)
+    for tensor in loaded.graph.initializer:
+        values = graph.tensors()[tensor.name].values
+        assert isinstance(values, np.memmap) == (tensor.name in external)
+        np.testing.assert_array_equal(values, numpy_helper.to_array(tensor))
+    assert materialized(mapped).graph.initializer == loaded.graph.initializer
+
+
+def test_write_external_copies_mapped_tensors_from_their_file(source, tmp_path):
+    out = tmp_path / "copy.onnx"
+    write_external(load_model(source, mapped=True), out)
+    for old, new in zip(
+        onnx.load(str(source)).graph.initializer, onnx.load(str(out)).graph.initializer, strict=True
+    ):
+        np.testing.assert_array_equal(numpy_helper.to_array(new), numpy_helper.to_array(old))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "id"])
+def test_pruning_mapped_weights_equals_pruning_loaded_ones(source, tmp_path, method):
+    """From the path (weights mapped) and from the proto ONNX loads (weights in memory): the
+    same pruned weights, deviations, counts and saved model, the input files unchanged."""
+    hashes = {p.name: file_hash(p) for p in source.parent.iterdir()}
+    data = {"x": np.random.default_rng(3).standard_normal((96, WIDTH)).astype(np.float32)}
+    options = {"method": method, "ratio": 0.5, "round_to": 1, "data": data}
+    expected = onnxprune.prune(onnx.load(str(source)), **options)
+    result = onnxprune.prune(source, **options)
+    assert result.model.graph.initializer == expected.model.graph.initializer
+    got, want = result.report.verification, expected.report.verification
+    assert [o.rel_l2 for o in got.outputs] == [o.rel_l2 for o in want.outputs]
+    assert (result.report.macs, result.report.file_size) == (
+        expected.report.macs,
+        expected.report.file_size,
+    )
+    out = tmp_path / "out" / "mlp.pruned.onnx"
+    result.save(out)
+    feeds = graphs.random_input(result.model, n=8)
+    np.testing.assert_array_equal(
+        run_model(out, feeds)["head_out"], run_model(expected.model, feeds)["head_out"]
+    )
+    assert {p.name: file_hash(p) for p in source.parent.iterdir()} == hashes
+
+
+def test_a_data_file_too_short_is_a_load_error(source):
+    data = source.with_name("mlp.onnx.data")
+    data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="does not fit 'mlp.onnx.data'") as excinfo:
+        load_model(source, mapped=True)
+    assert "\n" not in str(excinfo.value)
