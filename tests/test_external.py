@@ -14,7 +14,7 @@ from test_large import WIDTH, _mlp, _save_external
 import onnxprune
 from onnxprune.errors import ModelLoadError
 from onnxprune.graph.external import is_mapped, materialized
-from onnxprune.graph.load import load_model, model_bytes, normalize, write_external
+from onnxprune.graph.load import export, load_model, model_bytes, normalize, write_external
 
 
 @pytest.fixture
@@ -82,3 +82,19 @@ def test_a_data_file_too_short_is_a_load_error(source):
     with pytest.raises(ModelLoadError, match="does not fit 'mlp.onnx.data'") as excinfo:
         load_model(source, mapped=True)
     assert "\n" not in str(excinfo.value)
+
+
+def test_export_keeps_read_but_unchanged_weights_mapped(source):
+    """A weight read (its map) but not replaced is exported as its external reference, one
+    replaced by new values as bytes; the loaded proto is left as it was."""
+    model = load_model(source, mapped=True)
+    before = model.SerializeToString()
+    graph = normalize(model)
+    for tensor in graph.tensors().values():
+        if tensor.name in ("fc0.w", "fc1.w"):
+            assert isinstance(tensor.values, np.memmap)
+    graph.tensors()["fc1.w"].values = np.array(graph.tensors()["fc1.w"].values)
+    exported = {t.name: t for t in export(graph).graph.initializer}
+    assert is_mapped(exported["fc0.w"]) and is_mapped(exported["fc2.w"])
+    assert not is_mapped(exported["fc1.w"]) and exported["fc1.w"].raw_data
+    assert model.SerializeToString() == before

@@ -69,14 +69,23 @@ def is_mapped(tensor: onnx.TensorProto) -> bool:
 
 
 def mapped_array(tensor: onnx.TensorProto) -> np.ndarray:
-    """The values of a mapped tensor as a read-only memory map of its file (no copy)."""
+    """The values of a mapped tensor as a read-only memory map of its file (no copy); the map
+    itself (not a view of it) names its tensor: `mapped_source`."""
     entries = {e.key: e.value for e in tensor.external_data}
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
     shape = tuple(tensor.dims)
     if math.prod(shape) == 0:
         return np.empty(shape, dtype)
     offset = int(entries.get("offset", 0))
-    return np.memmap(entries["location"], dtype=dtype, mode="r", offset=offset, shape=shape)
+    array = np.memmap(entries["location"], dtype=dtype, mode="r", offset=offset, shape=shape)
+    array.mapped_tensor = tensor  # an attribute of this object only: views do not carry it
+    return array
+
+
+def mapped_source(values: object) -> onnx.TensorProto | None:
+    """The mapped tensor whose whole, unchanged values `values` are (`mapped_array`'s result:
+    read-only, so unchanged), else None."""
+    return getattr(values, "mapped_tensor", None)
 
 
 def mapped_length(tensor: onnx.TensorProto) -> int:

@@ -40,6 +40,7 @@ from onnxprune.graph.external import (
     map_external,
     mapped_array,
     mapped_length,
+    mapped_source,
     materialized_tensor,
 )
 from onnxprune.graph.fused import MS, expand_fused
@@ -333,8 +334,23 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 
 
 def export(graph: gs.Graph) -> onnx.ModelProto:
-    """Export a graphsurgeon graph to a ModelProto, keeping opset imports and IR version."""
-    return gs.export_onnx(graph, do_type_check=False)
+    """Export a graphsurgeon graph to a ModelProto, keeping opset imports and IR version. A
+    constant whose values are still its input's memory map is exported as that external
+    reference (graph/external.py), not as a copy of its bytes."""
+    read = [
+        (tensor, tensor.values)
+        for tensor in graph.tensors().values()
+        if isinstance(tensor, gs.Constant) and mapped_source(tensor._values) is not None
+    ]
+    for tensor, values in read:  # a copy: graphsurgeon renames the proto it exports
+        source = onnx.TensorProto()
+        source.CopyFrom(mapped_source(values))
+        tensor.values = MappedValues(source)
+    try:
+        return gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for tensor, values in read:
+            tensor.values = values
 
 
 def save_model(
