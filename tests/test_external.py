@@ -15,6 +15,7 @@ import onnxprune
 from onnxprune.errors import ModelLoadError
 from onnxprune.graph.external import is_mapped, materialized
 from onnxprune.graph.load import export, load_model, model_bytes, normalize, write_external
+from onnxprune.measure import latency
 
 
 @pytest.fixture
@@ -98,3 +99,14 @@ def test_export_keeps_read_but_unchanged_weights_mapped(source):
     assert is_mapped(exported["fc0.w"]) and is_mapped(exported["fc2.w"])
     assert not is_mapped(exported["fc1.w"]) and exported["fc1.w"].raw_data
     assert model.SerializeToString() == before
+
+
+def test_bench_maps_the_weights_and_computes_what_the_loaded_model_does(source):
+    """`bench` opens a file with external data mapped: its session gives the loaded model's
+    outputs, bit for bit."""
+    mapped = latency._load(source)
+    assert any(is_mapped(t) for t in mapped.graph.initializer)
+    loaded = onnx.load(str(source))
+    feeds = graphs.random_input(loaded, n=4)
+    got = latency.make_session(mapped, threads=1).run(["head_out"], feeds)[0]
+    np.testing.assert_array_equal(got, run_model(loaded, feeds)["head_out"])
