@@ -15,8 +15,10 @@ numbers; the input files' hashes before and after. Writes `results/large_model.j
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -38,7 +40,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="onnxprune-large-", dir=args.tmp) as folder:
         work = Path(folder)
         start = time.perf_counter()
-        model = build_mlp(work / "mlp.onnx", args.input, args.hidden, args.layers, args.classes)
+        # built in a spawned process: a child's ru_maxrss starts at its parent's RSS when forked,
+        # so a parent that had held the weights would inflate every step's peak
+        spawn = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            shape = (args.input, args.hidden, args.layers, args.classes)
+            model = pool.submit(build_mlp, work / "mlp.onnx", *shape).result()
         built = time.perf_counter() - start
         rng = np.random.default_rng(0)
         calib = rng.standard_normal((args.samples, args.input)).astype(np.float32)
@@ -46,6 +53,7 @@ def main() -> None:
         before = _hashes(work, "mlp.onnx")
         chosen = {k: v for k, v in _steps(args).items() if k in args.steps.split(",")}
         limit = {"ONNXPRUNE_EXTERNAL_LIMIT": str(args.limit)} if args.limit else {}
+        floor = _step(work, [], limit, command=[sys.executable, "-c", "pass"])["peak_rss_gb"]
         steps = {name: _step(work, cmd, limit) for name, cmd in chosen.items()}
         result = {
             "command": " ".join(sys.argv),
@@ -53,6 +61,7 @@ def main() -> None:
             "model": {"file": str(model.name), "build_s": round(built, 1), **_sizes(work)},
             "calibration_samples": args.samples,
             "external_limit": args.limit or "default (1.8e9 bytes)",
+            "peak_rss_floor_gb": floor,  # an empty child's: no step can report less
             "steps": steps,
             "input_unchanged": _hashes(work, "mlp.onnx") == before,
             "outputs": _sizes(work, ("mag", "id")),
@@ -155,10 +164,13 @@ def _steps(args: argparse.Namespace) -> dict[str, list[str]]:
     }
 
 
-def _step(work: Path, arguments: list[str], limit: dict[str, str]) -> dict:
-    """Run `onnxprune ARGUMENTS` in `work`: wall time, peak RSS, exit code, last lines, report."""
+def _step(
+    work: Path, arguments: list[str], limit: dict[str, str], command: list[str] | None = None
+) -> dict:
+    """Run `onnxprune ARGUMENTS` (or `command`) in `work`: wall time, peak RSS, exit code, last
+    lines, report."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **limit}
-    command = [sys.executable, "-m", "onnxprune", *arguments]
+    command = command or [sys.executable, "-m", "onnxprune", *arguments]
     start = time.perf_counter()
     process = subprocess.Popen(
         command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -27,6 +27,7 @@ from onnxprune.config import PruneConfig
 from onnxprune.deploy.quantize import quantize
 from onnxprune.errors import NothingToPruneError, RejectedError, UsageError
 from onnxprune.graph.analyze import analyze as find_groups
+from onnxprune.graph.external import materialized
 from onnxprune.graph.fused import merge_constant_adds
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.layernorm import to_rmsnorm
@@ -323,7 +324,7 @@ def _prune_weights(
     sparse = {
         "unit": "weights",
         "nonzero_weights": tuple(total - zero for zero, total in zeros),
-        "zipped_size": (deflated_size(proto), deflated_size(pruned)),
+        "zipped_size": (deflated_size(materialized(proto)), deflated_size(pruned)),
     }
     report = _report(proto, pruned, split, config, loss, (DENSE_NOTE,), rows, None, sparse)
     return Result(pruned, report, (), {})
@@ -401,7 +402,7 @@ def _load(model: ModelLike) -> tuple[onnx.ModelProto, bool]:
     if isinstance(model, onnx.ModelProto):
         check_opset(model)
         return model, False
-    return load_with_layout(model)
+    return load_with_layout(model, mapped=True)
 
 
 def _fit_batch(config: PruneConfig, proto: onnx.ModelProto) -> PruneConfig:
@@ -450,7 +451,10 @@ def _finish(original: onnx.ModelProto, graph: gs.Graph, config: PruneConfig) -> 
     onnx.helper.set_model_props(
         model, {**{p.key: p.value for p in original.metadata_props}, "onnxprune": note}
     )
-    return model
+    # weights the pruning left unchanged may still be mapped from the input's data file: a
+    # model that protobuf can hold gets their bytes (a self-contained result); past its limit
+    # they stay mapped, and saving streams them from the input's file
+    return model if too_large_for_protobuf(model) else materialized(model)
 
 
 def _finetuned(

@@ -69,7 +69,8 @@ class TapStats:
 class GroupStats:
     """Everything a method may read about one group.
 
-    `weights`: each producer's filters as rows (m, fan_in), BatchNorm already folded.
+    `weights`: each producer's filters as rows (m, fan_in), BatchNorm already folded, in the
+    weight's dtype (often a view of the weight: read-only).
     `batchnorms`: per producer, the BatchNorm folded into it at load time (γ, σ, raw filter
     norms), or None; filled with `weights`.
     `taps`: statistics per tap key (`Tap.key`; empty for data-free methods).

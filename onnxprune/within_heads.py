@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.calib.stats import collect
 from onnxprune.graph.groups import ChannelGroup, Tap
 from onnxprune.graph.headdims import HeadSites, Refused, head_sites, shrink_heads
-from onnxprune.graph.load import export, folded_batchnorms, infer_shapes
+from onnxprune.graph.load import export, folded_batchnorms, import_graph, infer_shapes
 from onnxprune.methods.headdims import query_key_basis, value_dims
 from onnxprune.report import GroupRow
 
@@ -50,7 +50,7 @@ def prune_within_heads(
     taps = [_tap(t, s) for s in sites.values() for t in _tensors(s)]
     stats = collect(export(graph), taps, batches, row_mask=row_mask)
     by_tensor = {tap.tensor: value for tap, value in stats.items()}
-    pruned = gs.import_onnx(export(graph))
+    pruned = import_graph(export(graph))
     for group in (g for g in selected if g.name in sites):
         site, (keep_qk, keep_v) = sites[group.name], widths[group.name]
         if keep_qk != keep_v and _shared_split(site):

@@ -10,7 +10,10 @@ from onnx import numpy_helper
 import onnxprune
 from onnxprune.config import PruneConfig
 from onnxprune.errors import UsageError
+from onnxprune.graph.analyze import analyze as find_groups
 from onnxprune.graph.load import folded_batchnorms, normalize
+from onnxprune.graph.weights import producer_filters
+from onnxprune.methods.magnitude import row_norms
 
 EPS = float(np.float32(1e-3))  # the BatchNorm epsilon attribute, stored as float32
 
@@ -80,3 +83,30 @@ def test_criterion_is_for_magnitude_only():
         PruneConfig(method="fpgm", criterion="gamma")
     with pytest.raises(UsageError, match="'criterion' must be one of"):
         PruneConfig(method="magnitude", criterion="beta")
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("layout", ["rows", "transposed"])
+def test_row_norms_in_blocks_are_the_bits_of_the_whole_float64_norm(order, layout):
+    """Row blocks of 3 rows (a 64-byte budget over 7-wide rows), the last one short, from the
+    float32 weight or a transposed view of it (Gemm without transB): every row's norm is the
+    one numpy gives on the float64 copy of the whole matrix, bit for bit."""
+    weight = np.random.default_rng(order).standard_normal((7, 10)).astype(np.float32)
+    rows = weight if layout == "rows" else weight.T[:, :7]
+    expected = np.linalg.norm(np.asarray(rows, dtype=np.float64), ord=order, axis=1)
+    found = row_norms(rows, order, block_bytes=8 * rows.shape[1] * 3)
+    np.testing.assert_array_equal(found, expected)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_producer_filters_are_views_of_the_float32_weight(trans_b):
+    """Magnitude reads the filters where they are: no float64 copy of the producer's weight."""
+    b = graphs.Builder()
+    h = b.relu("r1", b.gemm("fc1", "x", 6, 8, trans_b=trans_b))
+    model = b.model([b.gemm("fc2", h, 8, 3)], inputs=[("x", ["N", 6])])
+    graph = normalize(model)
+    group = next(g for g in find_groups(graph) if g.name == "fc1")
+    weight = next(n for n in graph.nodes if n.name == "fc1").inputs[1].values
+    (filters,) = producer_filters(graph, group)
+    assert filters.dtype == np.float32 and np.shares_memory(filters, weight)
+    np.testing.assert_array_equal(filters, weight if trans_b else weight.T)

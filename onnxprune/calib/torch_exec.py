@@ -31,6 +31,7 @@ from onnxprune.errors import (
     UnsupportedOpError,
     UsageError,
 )
+from onnxprune.graph.external import tensor_values
 from onnxprune.ops.registry import handler_for
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ class TorchGraph:
         self.params: dict[str, torch.Tensor] = {}
         self.constants: dict[str, torch.Tensor] = {}
         for init in graph.initializer:
-            tensor = ops.to_tensor(onnx.numpy_helper.to_array(init), self.device)
+            tensor = ops.to_tensor(tensor_values(init), self.device)
             if tensor.is_floating_point():
                 self.params[init.name] = tensor.requires_grad_(True)
             else:

@@ -30,7 +30,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.layernorm_match import LayerNorm, find_layernorms, single_user
-from onnxprune.graph.load import export, infer_shapes
+from onnxprune.graph.load import export, import_graph, infer_shapes
 from onnxprune.ops.flow import const
 
 
@@ -48,7 +48,7 @@ def to_rmsnorm(graph: gs.Graph) -> Conversion:
 
     `graph` is left unchanged; without a convertible LayerNorm the copy is returned as is.
     """
-    graph = gs.import_onnx(export(graph))
+    graph = import_graph(export(graph))
     norms = list(find_layernorms(graph))
     if not norms:
         return Conversion(graph)

@@ -34,6 +34,15 @@ from onnx_graphsurgeon.importers.onnx_importer import (
 )
 
 from onnxprune.errors import ModelLoadError, first_line
+from onnxprune.graph.external import (
+    copy_mapped,
+    is_mapped,
+    map_external,
+    mapped_array,
+    mapped_length,
+    mapped_source,
+    materialized_tensor,
+)
 from onnxprune.graph.fused import MS, expand_fused
 from onnxprune.graph.packed import unpack_projections
 
@@ -55,14 +64,17 @@ FLOAT_TYPES = frozenset(
 _FOLD_MIN_BYTES = 1 << 20  # a folded tensor may always be this large (see `fold_constants`)
 
 
-def load_model(path: str | os.PathLike, *, weights: bool = True) -> onnx.ModelProto:
-    """Load an ONNX file (with its external data unless `weights` is False); reject what later
+def load_model(
+    path: str | os.PathLike, *, weights: bool = True, mapped: bool = False
+) -> onnx.ModelProto:
+    """Load an ONNX file (with its external data unless `weights` is False; with `mapped`, that
+    data stays in its files, memory-mapped where read: graph/external.py); reject what later
     stages cannot handle."""
-    return load_with_layout(path, weights=weights)[0]
+    return load_with_layout(path, weights=weights, mapped=mapped)[0]
 
 
 def load_with_layout(
-    path: str | os.PathLike, *, weights: bool = True
+    path: str | os.PathLike, *, weights: bool = True, mapped: bool = False
 ) -> tuple[onnx.ModelProto, bool]:
     """`load_model`, and whether the file keeps some initializers in external data files (read
     from the same parse: parsing ResNet-50's file again only to ask took 0.15 CPU s)."""
@@ -78,7 +90,9 @@ def load_with_layout(
     if not model.graph.node or not model.opset_import:
         raise ModelLoadError(f"'{path}' is not an ONNX model (no graph nodes or opset)")
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-    if weights:
+    if weights and mapped:
+        map_external(model, path.parent)
+    elif weights:
         _load_external(model, path)
     check_opset(model)
     return model, external
@@ -114,7 +128,10 @@ def model_bytes(model: onnx.ModelProto) -> int:
     """The serialized size of `model`, counted per initializer and node: protobuf's own
     `ByteSize` raises past 2 GB."""
     graph = model.graph
-    tensors = sum(len(t.raw_data) or t.ByteSize() for t in graph.initializer)
+    tensors = sum(
+        mapped_length(t) if is_mapped(t) else len(t.raw_data) or t.ByteSize()
+        for t in graph.initializer
+    )
     return (
         tensors + sum(n.ByteSize() for n in graph.node) + sum(f.ByteSize() for f in model.functions)
     )
@@ -141,7 +158,9 @@ def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
             else:
                 copy.graph.input.append(stub)
         else:
-            copy.graph.initializer.add().CopyFrom(init)
+            copy.graph.initializer.add().CopyFrom(
+                materialized_tensor(init) if is_mapped(init) else init
+            )
     return copy
 
 
@@ -181,7 +200,7 @@ class FoldedBatchNorm:
 def normalize(model: onnx.ModelProto) -> gs.Graph:
     """Return the canonical graph: constants folded, no-ops removed, BN folded, shapes inferred."""
     model = _constants_to_initializers(model)
-    graph = _with_inferred_shapes(gs.import_onnx(model))
+    graph = _with_inferred_shapes(import_graph(model))
     _name_nodes(graph)
     if expand_fused(graph, default_opset(model)):
         graph = infer_shapes(graph)
@@ -297,9 +316,44 @@ def _shaped(infos: dict, name: str) -> bool:
     return name in infos and infos[name].type.tensor_type.HasField("shape")
 
 
+class MappedValues(gs.ir.tensor.LazyValues):
+    """A constant left in its external data file (graph/external.py): read as a memory map,
+    exported as the same external reference until something replaces its values."""
+
+    def load(self) -> np.ndarray:
+        return mapped_array(self.tensor)
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """`gs.import_onnx(model)` whose mapped initializers read their memory maps (graphsurgeon's
+    own lazy values would ask ONNX to load them, which refuses an absolute location)."""
+    graph = gs.import_onnx(model)
+    for tensor in graph.tensors().values():
+        lazy = getattr(tensor, "_values", None)
+        if type(lazy) is gs.ir.tensor.LazyValues and is_mapped(lazy.tensor):
+            tensor.values = MappedValues(lazy.tensor)
+            tensor.data_location = None  # else an export of its read values is marked external
+    return graph
+
+
 def export(graph: gs.Graph) -> onnx.ModelProto:
-    """Export a graphsurgeon graph to a ModelProto, keeping opset imports and IR version."""
-    return gs.export_onnx(graph, do_type_check=False)
+    """Export a graphsurgeon graph to a ModelProto, keeping opset imports and IR version. A
+    constant whose values are still its input's memory map is exported as that external
+    reference (graph/external.py), not as a copy of its bytes."""
+    read = [
+        (tensor, tensor.values)
+        for tensor in graph.tensors().values()
+        if isinstance(tensor, gs.Constant) and mapped_source(tensor._values) is not None
+    ]
+    for tensor, values in read:  # a copy: graphsurgeon renames the proto it exports
+        source = onnx.TensorProto()
+        source.CopyFrom(mapped_source(values))
+        tensor.values = MappedValues(source)
+    try:
+        return gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for tensor, values in read:
+            tensor.values = values
 
 
 def save_model(
@@ -332,18 +386,26 @@ def write_external(model: onnx.ModelProto, path: Path) -> Path:
     with open(data, "wb") as out:
         for init in model.graph.initializer:
             tensor = skeleton.graph.initializer.add()
-            raw = b"" if init.data_type == onnx.TensorProto.STRING else _raw_bytes(init)
-            if len(raw) < 1024:
-                tensor.CopyFrom(init)
+            mapped = is_mapped(init)
+            if mapped:
+                size = mapped_length(init)
+            else:
+                raw = b"" if init.data_type == onnx.TensorProto.STRING else _raw_bytes(init)
+                size = len(raw)
+            if size < 1024:
+                tensor.CopyFrom(materialized_tensor(init) if mapped else init)
                 continue
             out.seek(-out.tell() % 4096, os.SEEK_CUR)
             tensor.name, tensor.data_type = init.name, init.data_type
             tensor.dims.extend(init.dims)
             tensor.data_location = onnx.TensorProto.EXTERNAL
-            where = {"location": data.name, "offset": out.tell(), "length": len(raw)}
+            where = {"location": data.name, "offset": out.tell(), "length": size}
             for key, value in where.items():
                 tensor.external_data.add(key=key, value=str(value))
-            out.write(raw)
+            if mapped:
+                copy_mapped(init, out)  # streamed from the input's file, never whole in memory
+            else:
+                out.write(raw)
     onnx.save_model(skeleton, str(path))
     return data
 
@@ -461,6 +523,10 @@ def fold_constants(graph: gs.Graph) -> gs.Graph:
     """
     if not any(_foldable(node) for node in graph.nodes):
         return graph  # most files: nothing to fold, and folding would export the whole graph
+    for node in filter(_foldable, graph.nodes):  # graphsurgeon exports these to run them:
+        for tensor in node.inputs:  # read mapped ones, so it writes their bytes, not their maps
+            if isinstance(tensor, gs.Constant) and isinstance(tensor._values, MappedValues):
+                tensor.values = tensor.values
     sizes = [t.values.nbytes for t in graph.tensors().values() if isinstance(t, gs.Constant)]
     threshold = max([_FOLD_MIN_BYTES, *sizes])
     graph.toposort()

@@ -1,7 +1,8 @@
 """ONNX Runtime sessions for in-memory models of any size.
 
 The one place a session is made from a `ModelProto`. A small model is handed to ONNX Runtime as
-bytes. A model with more than FILE_BYTES of weights is written to a temporary folder with its
+bytes. A model with more than FILE_BYTES of weights, or weights mapped from
+their files (graph/external.py), is written to a temporary folder with its
 weights in external data and opened by path: ONNX Runtime maps the aligned external data instead
 of parsing a serialized copy, which on ResNet-50 (97 MB of weights) took the session from 1.9 s
 and +377 MB of memory to 0.8 s and +164 MB; and past protobuf's 2 GB limit bytes are no option
@@ -19,6 +20,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from onnxprune.graph.external import is_mapped
 from onnxprune.graph.load import copy_model, model_bytes, too_large_for_protobuf, write_external
 
 CPU = ("CPUExecutionProvider",)
@@ -39,7 +41,7 @@ def inference_session(
     external data (ORT's own exceptions pass through). `edit`, if given, changes in place the
     copy the session is made from (its graph, not its weights: it may see them external), so
     that `model` stays as it was and its weights are not copied to add, say, outputs."""
-    if model_bytes(model) <= FILE_BYTES and not too_large_for_protobuf(model):
+    if model_bytes(model) <= FILE_BYTES and not _needs_file(model):
         if edit is not None:
             model = copy_model(model)
             edit(model)
@@ -52,6 +54,12 @@ def inference_session(
             edit(skeleton)
             onnx.save_model(skeleton, str(path))
         return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
+def _needs_file(model: onnx.ModelProto) -> bool:
+    """Past the protobuf limit, or with weights mapped from their files (ONNX Runtime refuses
+    the absolute locations: the file written copies them)."""
+    return too_large_for_protobuf(model) or any(is_mapped(t) for t in model.graph.initializer)
 
 
 def default_threads() -> int:

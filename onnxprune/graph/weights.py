@@ -13,7 +13,9 @@ from onnxprune.ops.registry import handler_for
 
 
 def producer_filters(graph: gs.Graph, group: ChannelGroup) -> tuple[np.ndarray, ...]:
-    """Each producer's weight as (channels, fan_in) float64 rows, one row per output channel."""
+    """Each producer's weight as (channels, fan_in) rows, one row per output channel, in the
+    weight's own dtype and a view of it where the layout allows: a float64 copy of every
+    producer would be twice the model's largest layers (3.8 GB for a 76800-wide Gemm)."""
     nodes = {node.name: node for node in graph.nodes}
     return tuple(
         group_rows(group, nodes[name], nodes[name].inputs[1].values) for name in group.producers
@@ -53,8 +55,9 @@ def producer_weight_names(graph: gs.Graph, group: ChannelGroup) -> tuple[str, ..
 
 
 def filter_rows(node: gs.Node, weight: np.ndarray) -> np.ndarray:
-    """`weight` (or its gradient) laid out as one row per output channel of producer `node`."""
-    weight = np.moveaxis(np.asarray(weight, dtype=np.float64), handler_for(node).out_axis(node), 0)
+    """`weight` (or its gradient) laid out as one row per output channel of producer `node`,
+    in its own dtype."""
+    weight = np.moveaxis(np.asarray(weight), handler_for(node).out_axis(node), 0)
     return weight.reshape(weight.shape[0], -1)
 
 

@@ -416,9 +416,12 @@ def _check_input_names(sessions, input_shapes: dict[str, tuple[int, ...]]) -> No
 
 
 def _load(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Load a model file (with external data) or pass a ModelProto through."""
+    """Load a model file (its external data mapped, not read: graph/external.py) or pass a
+    ModelProto through."""
     import onnx
     from google.protobuf.message import DecodeError
+
+    from onnxprune.graph.external import map_external
 
     if isinstance(model, onnx.ModelProto):
         return model
@@ -426,7 +429,8 @@ def _load(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     if not path.is_file():
         raise ModelLoadError(f"model file '{path}' does not exist")
     try:
-        proto = onnx.load(str(path))
+        proto = onnx.load(str(path), load_external_data=False)
+        map_external(proto, path.parent)
     except (DecodeError, ValueError, OSError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"'{path}' is not a valid ONNX file ({type(exc).__name__})") from exc
     if not proto.graph.node:

@@ -30,5 +30,5 @@ class FPGM:
         """Each filter's summed distance to the others."""
         from scipy.spatial.distance import cdist  # lazy: scipy.spatial slows every CLI start
 
-        filters = np.concatenate(stats.weights, axis=1)
+        filters = np.concatenate([np.asarray(w, np.float64) for w in stats.weights], axis=1)
         return cdist(filters, filters).sum(axis=1)

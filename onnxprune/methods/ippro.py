@@ -48,9 +48,15 @@ class IPPRO:
         d = np.asarray(stats.grads["ippro_d"], dtype=np.float64)
         per_producer = [
             proscore(f, g, d, factor * (self.lam or default_lambda(f, g, d)))
-            for f, g in zip(stats.weights, stats.grads["weight_grads"], strict=True)
+            for f, g in zip(
+                _float64(stats.weights), _float64(stats.grads["weight_grads"]), strict=True
+            )
         ]
         return np.mean(per_producer, axis=0)
+
+
+def _float64(arrays: tuple[np.ndarray, ...]) -> list[np.ndarray]:
+    return [np.asarray(a, dtype=np.float64) for a in arrays]
 
 
 def proscore(filters: np.ndarray, grads: np.ndarray, d: np.ndarray, lam: float) -> np.ndarray:

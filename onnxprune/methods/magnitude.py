@@ -49,7 +49,7 @@ class Magnitude:
 
     def _producer(self, filters: np.ndarray, fold) -> np.ndarray:
         """One producer's scores; `fold` is its FoldedBatchNorm or None."""
-        folded = np.linalg.norm(filters, ord=self.norm, axis=1)
+        folded = row_norms(filters, self.norm)
         if self.criterion == "folded" or fold is None:
             return folded
         if self.criterion == "raw":
@@ -57,6 +57,18 @@ class Magnitude:
         if self.criterion == "gamma":
             return np.abs(fold.gamma)
         return np.abs(fold.gamma) / fold.sigma
+
+
+def row_norms(rows: np.ndarray, order: int, block_bytes: int = 64 << 20) -> np.ndarray:
+    """The float64 `order`-norm of every row of `rows`, computed a block of rows at a time:
+    the same bits as `np.linalg.norm` of the whole float64 matrix (each row is reduced alone)
+    with at most `block_bytes` of float64 alive, not a copy of all the filters."""
+    out = np.empty(len(rows))
+    step = max(1, block_bytes // (8 * max(1, rows.shape[1])))
+    for lo in range(0, len(rows), step):
+        block = np.asarray(rows[lo : lo + step], dtype=np.float64)
+        out[lo : lo + step] = np.linalg.norm(block, ord=order, axis=1)
+    return out
 
 
 @dataclass(frozen=True)
