@@ -68,6 +68,11 @@ def is_mapped(tensor: onnx.TensorProto) -> bool:
     return any(e.key == "location" and os.path.isabs(e.value) for e in tensor.external_data)
 
 
+def has_mapped(model: onnx.ModelProto) -> bool:
+    """True if any of `model`'s initializers is a tensor `map_external` left in its file."""
+    return any(is_mapped(t) for t in model.graph.initializer)
+
+
 def mapped_array(tensor: onnx.TensorProto) -> np.ndarray:
     """The values of a mapped tensor as a read-only memory map of its file (no copy); the map
     itself (not a view of it) names its tensor: `mapped_source`."""
@@ -115,7 +120,7 @@ def materialized_tensor(tensor: onnx.TensorProto) -> onnx.TensorProto:
 
 def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` itself if no tensor is mapped, else a copy with the mapped tensors read in."""
-    if not any(is_mapped(t) for t in model.graph.initializer):
+    if not has_mapped(model):
         return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)

@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from onnxprune.graph.external import is_mapped
+from onnxprune.graph.external import has_mapped
 from onnxprune.graph.load import copy_model, model_bytes, too_large_for_protobuf, write_external
 
 CPU = ("CPUExecutionProvider",)
@@ -59,7 +59,7 @@ def inference_session(
 def _needs_file(model: onnx.ModelProto) -> bool:
     """Past the protobuf limit, or with weights mapped from their files (ONNX Runtime refuses
     the absolute locations: the file written copies them)."""
-    return too_large_for_protobuf(model) or any(is_mapped(t) for t in model.graph.initializer)
+    return too_large_for_protobuf(model) or has_mapped(model)
 
 
 def default_threads() -> int:
