@@ -108,6 +108,7 @@ def refit(
         return plans, notes
     removed = _removed_features(groups, plans, {site.tap.tensor for site in sites})
     model = export(rewrite(graph, groups, plans, exact_borders=exact_borders))
+    gc.collect()  # the rewritten graph is a reference cycle holding weight copies
     order = {name: i for i, node in enumerate(model.graph.node) for name in node.output}
     tensors = sorted({site.tap.tensor for site in sites}, key=order.__getitem__)
     original = export(graph)
@@ -131,6 +132,7 @@ def refit(
                                                      before, after, ridge)  # fmt: skip
                 drift.append(before)
                 fitted.append(after)
+                site.folds = ({}, {})  # spent: float64 sums up to width² each, not held on
             keys = {site.key for site in here}  # only the layers reading them change
             if later and not refold(model, graph, groups, plans, keys, exact_borders=exact_borders):
                 model = export(rewrite(graph, groups, plans, exact_borders=exact_borders))
