@@ -204,6 +204,10 @@ def _prune_channels(
     with one_blas_thread():  # on busy cores OpenBLAS threads spin (calib/stats.py)
         widths = refine_widths(graph, groups, widths, calibration.stats, pruner, config, fit)
         plans = make_plans(groups, widths.counts, calibration.stats, pruner, config)
+    # the tap statistics (float64 Grams, up to width² per tap: 285 MB on ResNet-50) are spent
+    # once planned; the refit, recalibration and verification sessions come next
+    loss, outputs, measured = calibration.loss, calibration.outputs, calibration.moments
+    del calibration
     notes += streams_note(groups, widths, config)
     batches = lambda: (b.feeds for b in fit.batches(config.batch_size))  # noqa: E731
     if config.sequential:
@@ -220,15 +224,13 @@ def _prune_channels(
     if config.recalibrate:
         pruned_graph, layers = recalibrate(
             partial(export, graph), pruned_graph, groups, plans, batches,
-            reference=calibration.moments,
+            reference=measured,
         )  # fmt: skip
         notes += (f"recalibrated the output mean and variance of {layers} layers",)
     pruned = _finish(proto, pruned_graph, config)
-    # both graphs hold the weights (the pruned one shares the unchanged arrays), and the
-    # statistics may hold float64 filters: free them before the fine-tuning and verification
-    # sessions, which hold the weights again
-    loss, outputs = calibration.loss, calibration.outputs
-    del graph, pruned_graph, calibration
+    # both graphs hold the weights (the pruned one shares the unchanged arrays): free them
+    # before the fine-tuning and verification sessions, which hold the weights again
+    del graph, pruned_graph, measured
     gc.collect()
     pruned, notes = _finetuned(proto, pruned, split.fit, config, notes, (groups, plans))
     pruned = _quantized(pruned, split.fit, config)
