@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,8 +31,9 @@ from zoo_models import DEFAULT_CACHE, extra_specs
 METHODS = ("magnitude", "id")
 
 
-def check_model(cache: Path, name: str, size: int, ratio: float) -> dict:
-    """Analysis, ratio-0 exactness and one CLI prune per method of one exported model."""
+def check_model(cache: Path, name: str, size: int, ratio: float, flags: Sequence[str] = ()) -> dict:
+    """Analysis, ratio-0 exactness and one CLI prune per method (with extra CLI `flags`) of one
+    exported model."""
     path = cache / f"{name}.onnx"
     calib = cache / f"calib_{size}.npz"
     heldout = zoo.load_npz(cache / f"heldout_{size}.npz")
@@ -49,7 +51,7 @@ def check_model(cache: Path, name: str, size: int, ratio: float) -> dict:
     row["ratio0"] = zoo.guarded(zoo.ratio0_deviation, path, calib, heldout)
     untimed = SimpleNamespace(repeats=0)
     for method in METHODS:
-        row[method] = zoo.run_cli(path, method, ratio, calib, heldout, untimed, None)
+        row[method] = zoo.run_cli(path, method, ratio, calib, heldout, untimed, None, flags)
     return row
 
 

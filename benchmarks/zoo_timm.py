@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--models", default="", help="comma-separated timm names (default: all)")
     parser.add_argument("--size", type=int, default=224, help="input height and width")
     parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--flags", default="", help="extra CLI flags, e.g. '--prune-residual'")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/zoo_timm.json"))
     args = parser.parse_args()
     specs = timm_specs(args.size)
@@ -78,7 +79,7 @@ def main() -> None:
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name in names:
         build(args.cache, [specs[name]])
-        results[name] = check_model(args.cache, name, args.size, args.ratio)
+        results[name] = check_model(args.cache, name, args.size, args.ratio, args.flags.split())
         print(name, json.dumps(results[name])[:400], flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
