@@ -23,6 +23,11 @@ mask (heads followed by two token axes), this way. The target's entry for the ch
 shrinks with the group (a constant, or the constant piece of a Concat of shape pieces), or is
 -1, or 0 at the same position (copies the input's axis); a computed one is refused.
 
+`x.flatten(2)` and other Reshapes that keep the channel axis and every axis before it, the
+target's entries up to the channels copying the input's dims (0, or read from the input's own
+shape, as the legacy exporter writes `x.flatten(2)`), only regroup the axes after it: channel c
+stays channel c. The Shape they read shrinks with the input, so it blocks nothing.
+
 `x.reshape_as(src)` after `x = f(src.flatten(0, -2))` (LeViT's Linear + BatchNorm1d over the
 tokens) is Reshape(x, Shape(src)) with the channels on the last axis of both: when the data
 comes from `src` through Flatten onto the last axis and ops that keep it (BatchNormalization,
@@ -53,7 +58,7 @@ from onnxprune.ops.flow import (
     through,
 )
 from onnxprune.ops.registry import Handler, register
-from onnxprune.ops.shape_values import target_entry
+from onnxprune.ops.shape_values import shape_source, target_entry
 from onnxprune.ops.torch_support import from_input_or_attr, ints
 
 if TYPE_CHECKING:
@@ -138,6 +143,8 @@ class Reshape(_Commuting):
             return restored
         if (kept := _keeps_trailing(node, state)) is not None:
             return kept
+        if (merged := _keeps_leading(node, state)) is not None:
+            return merged
         shape_in, target = shape_of(node.inputs[0]), const(node, 1)
         fail = block(f"Reshape '{node.name}' does not flatten from the channel axis")
         if shape_in is None or target is None or target.size != 2 or state.axis != 1:
@@ -185,6 +192,25 @@ def _keeps_trailing(node: gs.Node, state: State) -> Step | None:
     return through(node, state, axis=axis, edits=edits)
 
 
+def _keeps_leading(node: gs.Node, state: State) -> Step | None:
+    """The step when Reshape `node` keeps the channel axis and every axis before it, each
+    target entry up to the channels copying the input's dim (0, or read from the input's own
+    shape), and only regroups the axes after it (module docstring); else None."""
+    shape_out, data = shape_of(node.outputs[0]), node.inputs[0]
+    if shape_out is None or len(shape_out) <= state.axis or state.spatial != 1:
+        return None
+    for entry in range(state.axis + 1):
+        stated = target_entry(node, entry)
+        if isinstance(stated, Step):
+            return None
+        if isinstance(stated.tensor, gs.Constant):
+            if stated.value() != 0 or node.attrs.get("allowzero", 0):
+                return None
+        elif shape_source(stated.tensor, stated.at) != (data, entry):
+            return None
+    return through(node, state)
+
+
 def _restores(node: gs.Node, state: State) -> Step | None:
     """The step when Reshape `node` is `x.reshape_as(src)` (module docstring), else None."""
     src = restored_source(node)
@@ -216,6 +242,22 @@ def restored_source(node: gs.Node) -> gs.Tensor | None:
         if data is None:
             return None
     return None
+
+
+_SHAPE_PIECE_OPS = frozenset({"Slice", "Gather", "Unsqueeze", "Squeeze", "Cast", "Concat"})
+
+
+def _reshapes_itself(reader: gs.Node, tensor: gs.Tensor, depth: int = 4) -> bool:
+    """True when what `reader` reads from `tensor`'s shape only builds targets (through shape
+    pieces and their Concat) of Reshapes of `tensor` itself."""
+    if reader.op not in _SHAPE_PIECE_OPS or depth == 0:
+        return False
+    users = [u for out in reader.outputs for u in out.outputs]
+    return bool(users) and all(
+        (u.op == "Reshape" and u.inputs[0] is tensor and u.inputs[1] is reader.outputs[0])
+        or _reshapes_itself(u, tensor, depth - 1)
+        for u in users
+    )
 
 
 _RESTORE_DEPTH = 8
@@ -265,6 +307,8 @@ class Shape(Handler):
         for user in node.outputs[0].outputs:
             if user.op == "Reshape" and restored_source(user) is node.inputs[0]:
                 continue  # reshape_as: the restored tensor's channels shrink alike
+            if _reshapes_itself(user, node.inputs[0]):
+                continue  # x.reshape(..., x.shape[c], ...): the read count shrinks with x
             indices = const(user, 1) if user.op == "Gather" else None
             if indices is None or state.axis - start in np.asarray(indices).reshape(-1).tolist():
                 return block(f"the shape of the channels is read by '{user.name}' ({user.op})")

@@ -1,7 +1,13 @@
-"""LeViT's Linear + BatchNorm1d over tokens: `bn(y.flatten(0, 1)).reshape_as(y)`, exported as
-MatMul → Flatten(axis 2) → BatchNormalization → Reshape(·, Shape(y)). The Flatten keeps the
-channels on its last axis and the Reshape reads its target from the MatMul output, which shrinks
-with the same group (ops/reshape.py), so the hidden units are prunable and pruning is exact."""
+"""Reshapes between conv feature maps and token sequences, as timm's hybrid models export them
+(ops/reshape.py):
+
+- LeViT's Linear + BatchNorm1d over tokens, `bn(y.flatten(0, 1)).reshape_as(y)`: MatMul →
+  Flatten(axis 2) → BatchNormalization → Reshape(·, Shape(y)). The Flatten keeps the channels
+  on its last axis, and the Reshape's target is y's shape, which shrinks with the same group.
+- `y.flatten(2)` of a conv output (patch embeddings of LeViT, EfficientFormer): Reshape(y,
+  Concat(Slice(Shape(y), 0, 2), [-1])) keeps the batch and channel axes, read from y's own shape.
+
+Both are prunable and pruned exactly; a target that does not keep the channels is refused."""
 
 from __future__ import annotations
 
@@ -87,3 +93,64 @@ def test_id_removes_the_twins_exactly_and_the_output_keeps_its_shape():
     assert run_model(result.model, held)["fc2_out"].shape == (16, TOKENS, OUT)
     dropped = onnxprune.prune(model, method="activation", ratio=0.5, data=feeds, **plain)
     assert max_deviation(model, dropped.model, held) > 1e-2  # the fold is what makes it exact
+
+
+def _flatten2(twins: bool = True, *, channel_entry_last: bool = False):
+    """x[N, 3, 4, 4] → Conv(6) = y → Reshape(y, Concat(Slice(Shape(y), 0, 2), [-1])) → (N, 6,
+    16) → Transpose → (N, 16, 6) → Relu → MatMul(6 → 3) → out. `channel_entry_last` reads the
+    target as (N, -1, 6) instead: the same count, but the data reinterpreted, not kept. With
+    `twins`, channels 3–5 repeat channels 0–2."""
+    b = graphs.Builder(4)
+    w = (0.5 * b.rng.standard_normal((HIDDEN, 3, 3, 3))).astype(np.float32)
+    bias = (0.5 * b.rng.standard_normal(HIDDEN)).astype(np.float32)
+    if twins:
+        for hi, lo in TWINS.items():
+            w[hi], bias[hi] = w[lo], bias[lo]
+    y = b.conv("conv", "x", 3, HIDDEN, weight=w, b=bias)
+    shape = b.node("Shape", "shape", [y])
+    ints = {k: b.const(k, np.array([v], dtype=np.int64)) for k, v in
+            (("zero", 0), ("one", 1), ("two", 2), ("minus", -1))}  # fmt: skip
+    if channel_entry_last:
+        batch = b.node("Slice", "batch", [shape, ints["zero"], ints["one"]])
+        count = b.node("Slice", "count", [shape, ints["one"], ints["two"]])
+        target = b.node("Concat", "target", [batch, ints["minus"], count], axis=0)
+    else:
+        lead = b.node("Slice", "lead", [shape, ints["zero"], ints["two"]])
+        target = b.node("Concat", "target", [lead, ints["minus"]], axis=0)
+    tokens = b.node(
+        "Transpose", "tokens", [b.node("Reshape", "flat2", [y, target])], perm=[0, 2, 1]
+    )
+    out = b.node("MatMul", "fc", [b.relu("act", tokens), b.rand("fc.w", HIDDEN, OUT)])
+    return b.model([out], shape=("N", 3, 4, 4))
+
+
+def _conv_group(model: onnx.ModelProto):
+    return next(g for g in analyze(normalize(model)) if "conv" in g.producers)
+
+
+def test_flatten2_keeps_the_conv_channels_prunable():
+    group = _conv_group(_flatten2())
+    assert group.prunable, group.reason
+    assert "fc" in group.consumers
+
+
+def test_a_target_that_moves_the_read_channel_count_is_refused():
+    group = _conv_group(_flatten2(channel_entry_last=True))
+    assert not group.prunable
+    assert group.reason == "Reshape 'flat2' does not flatten from the channel axis"
+
+
+def test_flatten2_ratio_zero_and_the_twins_are_exact():
+    feeds = {"x": np.random.default_rng(5).standard_normal((64, 3, 4, 4)).astype(np.float32)}
+    held = {"x": np.random.default_rng(6).standard_normal((16, 3, 4, 4)).astype(np.float32)}
+    plain = dict(compensate="none", recalibrate=False, round_to=1, verify=False)
+    model = _flatten2(twins=False)
+    result = onnxprune.prune(model, method="id", ratio=0.0, data=feeds, allow_noop=True)
+    assert_outputs_close(model, result.model, held, atol=1e-6)
+    model = _flatten2()
+    result = onnxprune.prune(model, method="id", ratio=0.5, data=feeds, **plain)
+    conv = next(n for n in result.model.graph.node if n.name == "conv")
+    weights = {t.name: t for t in result.model.graph.initializer}
+    assert tuple(weights[conv.input[1]].dims) == (HIDDEN - len(TWINS), 3, 3, 3)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert_outputs_close(model, result.model, held, atol=1e-5)
