@@ -115,7 +115,8 @@ def _flatten2(twins: bool = True, *, channel_entry_last: bool = False):
         count = b.node("Slice", "count", [shape, ints["one"], ints["two"]])
         target = b.node("Concat", "target", [batch, ints["minus"], count], axis=0)
     else:
-        lead = b.node("Slice", "lead", [shape, ints["zero"], ints["two"]])
+        # with its axes stated, as the legacy exporter writes it
+        lead = b.node("Slice", "lead", [shape, ints["zero"], ints["two"], ints["zero"]])
         target = b.node("Concat", "target", [lead, ints["minus"]], axis=0)
     tokens = b.node(
         "Transpose", "tokens", [b.node("Reshape", "flat2", [y, target])], perm=[0, 2, 1]
