@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -362,12 +362,13 @@ def run_cli(
     heldout: Mapping[str, np.ndarray],
     args: argparse.Namespace,
     forward: Any,
+    flags: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Prune through the CLI, then check and measure the written file."""
+    """Prune through the CLI (with extra `flags`), then check and measure the written file."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pruned.onnx"
         cmd = [sys.executable, "-m", "onnxprune", str(path), "--method", method]
-        cmd += ["--ratio", str(ratio), "--data", str(calib), "-o", str(out)]
+        cmd += ["--ratio", str(ratio), "--data", str(calib), "-o", str(out), *flags]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         seconds = time.perf_counter() - start

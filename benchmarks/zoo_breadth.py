@@ -10,10 +10,10 @@ Build them first:
     python benchmarks/zoo_breadth.py --out benchmarks/results/zoo_breadth.json
 
 Per model: prunable groups, share of Conv/Gemm/MatMul MACs in selectable groups (default and
-`--prune-residual`) with the top blockers, ratio-0 max |Δ| / max |y| on held-out photos, and
-`magnitude` / `id` at `--ratio 0.5` through the CLI: exit code, checker, ORT run, held-out rel-L2
-(plain and centred on the per-sample mean: YOLO's anchor grid makes plain rel-L2 look small),
-MAC cut, pruning seconds.
+`--prune-residual`) with the top blockers, the tool's MACs against a count from ORT's shapes,
+ratio-0 max |Δ| / max |y| on held-out photos, and `magnitude` / `id` at `--ratio 0.5` through
+the CLI: exit code, checker, ORT run, held-out rel-L2 (plain and centred on the per-sample mean:
+YOLO's anchor grid makes plain rel-L2 look small), MAC cut, pruning seconds.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,8 +31,9 @@ from zoo_models import DEFAULT_CACHE, extra_specs
 METHODS = ("magnitude", "id")
 
 
-def check_model(cache: Path, name: str, size: int, ratio: float) -> dict:
-    """Analysis, ratio-0 exactness and one CLI prune per method of one exported model."""
+def check_model(cache: Path, name: str, size: int, ratio: float, flags: Sequence[str] = ()) -> dict:
+    """Analysis, ratio-0 exactness and one CLI prune per method (with extra CLI `flags`) of one
+    exported model."""
     path = cache / f"{name}.onnx"
     calib = cache / f"calib_{size}.npz"
     heldout = zoo.load_npz(cache / f"heldout_{size}.npz")
@@ -45,10 +47,11 @@ def check_model(cache: Path, name: str, size: int, ratio: float) -> dict:
         row["blockers"] = summary["default"]["blockers"][:3]
     else:
         row["analysis_error"] = summary
+    row["macs"] = zoo.guarded(zoo.mac_check, path, heldout)
     row["ratio0"] = zoo.guarded(zoo.ratio0_deviation, path, calib, heldout)
     untimed = SimpleNamespace(repeats=0)
     for method in METHODS:
-        row[method] = zoo.run_cli(path, method, ratio, calib, heldout, untimed, None)
+        row[method] = zoo.run_cli(path, method, ratio, calib, heldout, untimed, None, flags)
     return row
 
 

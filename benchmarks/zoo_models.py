@@ -165,22 +165,25 @@ def build_yolo(yaml: str) -> nn.Module:
 def main(argv: list[str] | None = None) -> None:
     """Build the photos, then each requested model; write INDEX.md and manifest.json."""
     args = parse_args(argv)
-    cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
     specs = zoo_specs()
     names = args.models.split(",") if args.models else list(specs)
     if set(names) - set(specs):
         specs |= extra_specs()
+    build(Path(args.cache), [specs[name] for name in names], force=args.force)
+
+
+def build(cache: Path, specs: list[ZooSpec], *, force: bool = False) -> None:
+    """Export each spec not yet in the cache's manifest (all with `force`); update the index."""
+    cache.mkdir(parents=True, exist_ok=True)
     manifest_path = cache / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    for name in names:
-        spec = specs[name]
-        if name in manifest and not args.force and all_present(cache, manifest[name]):
+    for spec in specs:
+        if spec.name in manifest and not force and all_present(cache, manifest[spec.name]):
             continue
         data = ensure_data(cache, spec.size, spec.input_name)
         start = time.perf_counter()
-        manifest[name] = export_model(spec, cache, data)
-        print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+        manifest[spec.name] = export_model(spec, cache, data)
+        print(f"{spec.name}: {time.perf_counter() - start:.0f} s", flush=True)
         manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
     (cache / "INDEX.md").write_text(index_markdown(manifest))
 
@@ -259,14 +262,14 @@ def random_crop(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def randomise_norms(model: nn.Module, calib: np.ndarray, seed: int) -> nn.Module:
     """Draw norm affine params, layer scales and zero-initialised Linear weights at random, then
-    re-estimate BN running stats on `calib`.
+    re-estimate BatchNorm running stats on `calib`.
 
     Random γ/β make channels differ; estimating the running statistics on real photos (one
     train-mode pass, cumulative average) keeps activations at a trained network's scale, where
     randomly drawn running stats compound across 50+ layers into overflow or collapse.
     """
     gen = torch.Generator().manual_seed(seed)
-    norms = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+    norms = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.Linear) and not module.weight.any():
@@ -276,15 +279,24 @@ def randomise_norms(model: nn.Module, calib: np.ndarray, seed: int) -> nn.Module
             if isinstance(module, norms) and getattr(module, "weight", None) is not None:
                 module.weight.copy_(torch.rand(module.weight.shape, generator=gen) * 1.45 + 0.05)
                 module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.2)
-            if isinstance(module, nn.BatchNorm2d):
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.reset_running_stats()
                 module.momentum = None
-            scale = getattr(module, "layer_scale", None)  # ConvNeXt: 1e-6 at init
-            if isinstance(scale, nn.Parameter):
+            for scale in layer_scales(module):
                 scale.copy_(torch.rand(scale.shape, generator=gen) * 0.45 + 0.05)
         model.train()
         model(torch.from_numpy(calib[:16]))
     return model.eval()
+
+
+def layer_scales(module: nn.Module) -> list[nn.Parameter]:
+    """A module's layer-scale parameters, near zero at init: ConvNeXt's `layer_scale` (1e-6),
+    timm's `LayerScale`/`LayerScale2d` `gamma` and PoolFormer's `Scale` `scale` (1e-5)."""
+    names = ["layer_scale"]
+    if type(module).__name__ in ("LayerScale", "LayerScale2d", "Scale"):
+        names += ["gamma", "scale"]
+    found = (getattr(module, name, None) for name in names)
+    return [p for p in found if isinstance(p, nn.Parameter)]
 
 
 def export_model(spec: ZooSpec, cache: Path, data: dict[str, np.ndarray]) -> dict[str, object]:

@@ -1,8 +1,9 @@
 """Ops that reshape or permute a tensor: Squeeze, Unsqueeze, Flatten, Reshape, Transpose, Shape.
 
-The channels pass with their axis moved. Flatten and a channel-major Reshape to (batch, C·H·W)
-make every channel `spatial` consecutive features (a Reshape with an explicit feature count has
-it shrink with the group). Shape is harmless when only dims other than the channels are read.
+The channels pass with their axis moved. Flatten from the channel axis and a channel-major
+Reshape to (batch, C·H·W) make every channel `spatial` consecutive features (a Reshape with an
+explicit feature count has it shrink with the group). Shape is harmless when only dims other
+than the channels are read.
 
 A channel shuffle (ShuffleNet) is Reshape (…, C, …) → (…, g, C/g, …), a Transpose swapping those
 two axes, and a Reshape back: a fixed permutation that sends channel i·C/g + j to j·g + i. A
@@ -21,6 +22,17 @@ contiguous, so channel c stays channel c. Swin writes its window partition and r
 mask (heads followed by two token axes), this way. The target's entry for the channel axis
 shrinks with the group (a constant, or the constant piece of a Concat of shape pieces), or is
 -1, or 0 at the same position (copies the input's axis); a computed one is refused.
+
+`x.flatten(2)` and other Reshapes that keep the channel axis and every axis before it, the
+target's entries up to the channels copying the input's dims (0, or read from the input's own
+shape, as the legacy exporter writes `x.flatten(2)`), only regroup the axes after it: channel c
+stays channel c. The Shape they read shrinks with the input, so it blocks nothing.
+
+`x.reshape_as(src)` after `x = f(src.flatten(0, -2))` (LeViT's Linear + BatchNorm1d over the
+tokens) is Reshape(x, Shape(src)) with the channels on the last axis of both: when the data
+comes from `src` through Flatten onto the last axis and ops that keep it (BatchNormalization,
+activations), the target is `src`'s shape at run time, which shrinks with the same group, so
+the Reshape passes the channels to its last axis and the Shape read by it blocks nothing.
 """
 
 from __future__ import annotations
@@ -46,7 +58,7 @@ from onnxprune.ops.flow import (
     through,
 )
 from onnxprune.ops.registry import Handler, register
-from onnxprune.ops.shape_values import target_entry
+from onnxprune.ops.shape_values import shape_source, target_entry
 from onnxprune.ops.torch_support import from_input_or_attr, ints
 
 if TYPE_CHECKING:
@@ -92,19 +104,22 @@ class Squeeze(_Commuting):
 
 @register("Flatten")
 class Flatten(_Commuting):
-    """Flatten from the channel axis: each channel becomes H·W consecutive features."""
+    """Flatten from the channel axis: each channel becomes the product of the later dims in
+    consecutive features on axis 1 (H·W for NCHW; one for channels last, LeViT's BatchNorm1d
+    over tokens)."""
 
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
         if (found := parameter_input(node, index)) is not None:
             return found
         shape = shape_of(node.inputs[0])
         axis = node.attrs.get("axis", 1)
-        if shape is None or axis % len(shape) != 1 or state.axis != 1:
+        if shape is None or axis % len(shape) != state.axis or state.axis == 0:
             return block(f"Flatten '{node.name}' does not flatten from the channel axis")
-        rest = shape[2:]
+        rest = shape[state.axis + 1 :]
         if not all(isinstance(d, int) for d in rest):
             return block(f"Flatten '{node.name}' has dynamic spatial dims")
-        return through(node, state, spatial=state.spatial * int(np.prod(rest, dtype=np.int64)))
+        spatial = state.spatial * int(np.prod(rest, dtype=np.int64))
+        return through(node, state, axis=1, spatial=spatial)
 
     def torch(self, op_type: str) -> TorchOp | None:
         return _flatten
@@ -124,8 +139,12 @@ class Reshape(_Commuting):
             return _shuffle_step(node, state, channels)
         if state.stride != 1:
             return block(f"Reshape '{node.name}' reshapes shuffled channels")
+        if (restored := _restores(node, state)) is not None:
+            return restored
         if (kept := _keeps_trailing(node, state)) is not None:
             return kept
+        if (merged := _keeps_leading(node, state)) is not None:
+            return merged
         shape_in, target = shape_of(node.inputs[0]), const(node, 1)
         fail = block(f"Reshape '{node.name}' does not flatten from the channel axis")
         if shape_in is None or target is None or target.size != 2 or state.axis != 1:
@@ -173,6 +192,93 @@ def _keeps_trailing(node: gs.Node, state: State) -> Step | None:
     return through(node, state, axis=axis, edits=edits)
 
 
+def _keeps_leading(node: gs.Node, state: State) -> Step | None:
+    """The step when Reshape `node` keeps the channel axis and every axis before it, each
+    target entry up to the channels copying the input's dim (0, or read from the input's own
+    shape), and only regroups the axes after it (module docstring); else None."""
+    shape_out, data = shape_of(node.outputs[0]), node.inputs[0]
+    if shape_out is None or len(shape_out) <= state.axis or state.spatial != 1:
+        return None
+    for entry in range(state.axis + 1):
+        stated = target_entry(node, entry)
+        if isinstance(stated, Step):
+            return None
+        if isinstance(stated.tensor, gs.Constant):
+            if stated.value() != 0 or node.attrs.get("allowzero", 0):
+                return None
+        elif shape_source(stated.tensor, stated.at) != (data, entry):
+            return None
+    return through(node, state)
+
+
+def _restores(node: gs.Node, state: State) -> Step | None:
+    """The step when Reshape `node` is `x.reshape_as(src)` (module docstring), else None."""
+    src = restored_source(node)
+    shape_in = shape_of(node.inputs[0])
+    if src is None or shape_in is None or state.axis != len(shape_in) - 1:
+        return None
+    return through(node, state, axis=len(shape_of(src)) - 1)
+
+
+def restored_source(node: gs.Node) -> gs.Tensor | None:
+    """`src` when Reshape `node` reads its target from `Shape(src)` (whole) and its data comes
+    from `src` through ops that keep the last axis (module docstring), with that axis static
+    and equal in both; else None."""
+    shape = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
+    if shape is None or shape.op != "Shape" or shape.attrs.get("start", 0) != 0:
+        return None
+    if shape.attrs.get("end") is not None:
+        return None
+    src, data = shape.inputs[0], node.inputs[0]
+    last_src, last_data = shape_of(src), shape_of(data)
+    if last_src is None or last_data is None or not isinstance(last_src[-1], int):
+        return None
+    if last_src[-1] != last_data[-1]:
+        return None
+    for _ in range(_RESTORE_DEPTH):
+        if data is src:
+            return src
+        data = _keeps_last_axis(data)
+        if data is None:
+            return None
+    return None
+
+
+_SHAPE_PIECE_OPS = frozenset({"Slice", "Gather", "Unsqueeze", "Squeeze", "Cast", "Concat"})
+
+
+def _reshapes_itself(reader: gs.Node, tensor: gs.Tensor, depth: int = 4) -> bool:
+    """True when what `reader` reads from `tensor`'s shape only builds targets (through shape
+    pieces and their Concat) of Reshapes of `tensor` itself."""
+    if reader.op not in _SHAPE_PIECE_OPS or depth == 0:
+        return False
+    users = [u for out in reader.outputs for u in out.outputs]
+    return bool(users) and all(
+        (u.op == "Reshape" and u.inputs[0] is tensor and u.inputs[1] is reader.outputs[0])
+        or _reshapes_itself(u, tensor, depth - 1)
+        for u in users
+    )
+
+
+_RESTORE_DEPTH = 8
+_LAST_AXIS_OPS = frozenset({"BatchNormalization", "Identity", "Relu", "HardSwish", "Sigmoid"})
+
+
+def _keeps_last_axis(tensor: gs.Tensor) -> gs.Tensor | None:
+    """The one variable input of the node producing `tensor` when that node keeps the last axis
+    element for element (Flatten onto it, a BatchNormalization or activation), else None."""
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is None:
+        return None
+    variable = [t for t in node.inputs if not isinstance(t, gs.Constant)]
+    if len(variable) != 1:
+        return None
+    rank = rank_of(variable[0])
+    if node.op == "Flatten" and rank is not None and node.attrs.get("axis", 1) % rank == rank - 1:
+        return variable[0]
+    return variable[0] if node.op in _LAST_AXIS_OPS else None
+
+
 @register("Transpose")
 class Transpose(Handler):
     """Transpose: the channels pass unchanged on their new axis."""
@@ -199,6 +305,10 @@ class Shape(Handler):
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
         start = node.attrs.get("start", 0)
         for user in node.outputs[0].outputs:
+            if user.op == "Reshape" and restored_source(user) is node.inputs[0]:
+                continue  # reshape_as: the restored tensor's channels shrink alike
+            if _reshapes_itself(user, node.inputs[0]):
+                continue  # x.reshape(..., x.shape[c], ...): the read count shrinks with x
             indices = const(user, 1) if user.op == "Gather" else None
             if indices is None or state.axis - start in np.asarray(indices).reshape(-1).tolist():
                 return block(f"the shape of the channels is read by '{user.name}' ({user.op})")
