@@ -3,11 +3,11 @@
 Per model file of `benchmarks/zoo_models.py`'s cache (legacy dynamic-batch exports, plus the
 `.b1` and `.dynamo` variants):
 
-- analysis: time of `onnxprune.analyze`, the share of Conv/Gemm/MatMul MACs in groups that can
-  be pruned (default, and with `--prune-residual`), and the blocking reasons ranked by the MACs
-  of the blocked groups' nodes that no prunable group touches;
-- MAC check: the tool's Conv/Gemm/MatMul MACs against an independent count from the shapes
-  ONNX Runtime actually produces at batch 1 (ratio 1.0 = agree);
+- analysis: time of `onnxprune.analyze`, the share of the MACs (Conv, ConvTranspose, Gemm,
+  MatMul) in groups that can be pruned (default, and with `--prune-residual`), and the blocking
+  reasons ranked by the MACs of the blocked groups' nodes that no prunable group touches;
+- MAC check: those MACs by the tool against an independent count from the shapes ONNX Runtime
+  actually produces at batch 1 (ratio 1.0 = agree);
 - ratio 0: `onnxprune.prune(ratio=0)` must reproduce the original (max |Δ| / max |y|);
 - `magnitude` and `id` at ratio 0.25 and 0.5 through the CLI (exit code, one-line error): checker
   (full_check), ORT-runnable, rel-L2 deviation on the held-out photos (also against the
@@ -48,7 +48,7 @@ from onnxprune.measure.latency import benchmark
 HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE = HERE / "results" / "cache" / "zoo"
 DEFAULT_OUT = HERE / "results" / "zoo.json"
-MAC_OPS = ("Conv", "Gemm", "MatMul")
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 RUNS = (("magnitude", 0.25), ("magnitude", 0.5), ("id", 0.25), ("id", 0.5))
 VARIANTS = {"legacy": "", "legacy_b1": ".b1", "dynamo": ".dynamo"}
 
@@ -255,7 +255,7 @@ def example(group: Any) -> str:
 
 
 def mac_check(path: Path, heldout: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """The tool's Conv/Gemm/MatMul MACs at batch 1 against ORT-shape MACs."""
+    """The tool's Conv/ConvTranspose/Gemm/MatMul MACs at batch 1 against ORT-shape MACs."""
     model = onnx.load(str(path))
     cost = count(model)
     tool = sum(n.macs for n in cost.per_node if n.op_type in MAC_OPS)
@@ -272,11 +272,12 @@ def mac_check(path: Path, heldout: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 def independent_macs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
-    """Conv/Gemm/MatMul MACs from the shapes ONNX Runtime produces on `feeds`.
+    """Conv/ConvTranspose/Gemm/MatMul MACs from the shapes ONNX Runtime produces on `feeds`.
 
     Every non-constant input and output of those nodes becomes a graph output of a copy of the
     model, which runs unoptimised; weight shapes come from the initializers. Conv: output
-    elements × C_in/group × kernel; Gemm: output elements × K; MatMul: output elements × K.
+    elements × C_in/group × kernel; ConvTranspose: input elements × C_out/group × kernel; Gemm:
+    output elements × K; MatMul: output elements × K.
     Nodes inside subgraphs or functions are not counted.
     """
     shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
@@ -304,11 +305,14 @@ def ort_shapes(
 
 
 def node_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]]) -> int:
-    """MACs of one Conv, Gemm or MatMul from its actual input and output shapes."""
+    """MACs of one Conv, ConvTranspose, Gemm or MatMul from its actual input and output
+    shapes."""
     out = int(np.prod(shapes[node.output[0]]))
     a, b = shapes[node.input[0]], shapes[node.input[1]]
     if node.op_type == "Conv":
         return out * int(np.prod(b[1:]))
+    if node.op_type == "ConvTranspose":  # each input element meets a C_out/group × kernel slice
+        return int(np.prod(a)) * int(np.prod(b[1:]))
     if node.op_type == "Gemm":
         trans_a = any(at.name == "transA" and at.i for at in node.attribute)
         return out * (a[0] if trans_a else a[1])

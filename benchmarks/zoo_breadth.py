@@ -2,18 +2,20 @@
 one prune per method at `--ratio 0.5` — does the tool analyze, prune and write a valid model?
 
 Models: `zoo_models.extra_specs()` (torchvision MobileNetV2, MNASNet, ResNet-18, RegNet-X,
-GoogLeNet, Inception-v3 at 299×299, EfficientNetV2-S, Swin-T; ultralytics YOLOv5nu, YOLOv10n,
-YOLO11n at 320×320), random seeded weights as in the main zoo, legacy exporter, dynamic batch.
-Build them first:
+GoogLeNet, Inception-v3 at 299×299, EfficientNetV2-S, Swin-T, VGG-16-BN, MobileNetV3-Large,
+Wide-ResNet-50-2, MaxViT-T, Swin-V2-T, the LR-ASPP / DeepLabV3 / FCN segmenters, the R3D-18 video
+model on 8×112×112 clips; ultralytics YOLOv5nu, YOLOv10n, YOLO11n and YOLOv8n's segment, pose,
+OBB heads at 320×320, its classifier at 224×224; ResNet-18 at opset 11 and unfolded), random
+seeded weights as in the main zoo, legacy exporter, dynamic batch. Build them first:
 
     python benchmarks/zoo_models.py --models mobilenet_v2,mnasnet1_0,...   # see extra_specs()
     python benchmarks/zoo_breadth.py --out benchmarks/results/zoo_breadth.json
 
-Per model: prunable groups, share of Conv/Gemm/MatMul MACs in selectable groups (default and
-`--prune-residual`) with the top blockers, the tool's MACs against a count from ORT's shapes,
-ratio-0 max |Δ| / max |y| on held-out photos, and `magnitude` / `id` at `--ratio 0.5` through
-the CLI: exit code, checker, ORT run, held-out rel-L2 (plain and centred on the per-sample mean:
-YOLO's anchor grid makes plain rel-L2 look small), MAC cut, pruning seconds.
+Per model: prunable groups, share of the MACs (Conv, ConvTranspose, Gemm, MatMul) in selectable
+groups (default and `--prune-residual`) with the top blockers, the tool's MACs against a count
+from ORT's shapes, ratio-0 max |Δ| / max |y| on held-out photos, and `magnitude` / `id` at
+`--ratio 0.5` through the CLI: exit code, checker, ORT run, held-out rel-L2 (plain and centred on
+the per-sample mean: YOLO's anchor grid makes plain rel-L2 look small), MAC cut, pruning seconds.
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ from zoo_models import DEFAULT_CACHE, extra_specs
 METHODS = ("magnitude", "id")
 
 
-def check_model(cache: Path, name: str, size: int, ratio: float, flags: Sequence[str] = ()) -> dict:
+def check_model(
+    cache: Path, name: str, data_tag: str | int, ratio: float, flags: Sequence[str] = ()
+) -> dict:
     """Analysis, ratio-0 exactness and one CLI prune per method (with extra CLI `flags`) of one
-    exported model."""
+    exported model; its data are `calib_<data_tag>.npz` and `heldout_<data_tag>.npz`."""
     path = cache / f"{name}.onnx"
-    calib = cache / f"calib_{size}.npz"
-    heldout = zoo.load_npz(cache / f"heldout_{size}.npz")
+    calib = cache / f"calib_{data_tag}.npz"
+    heldout = zoo.load_npz(cache / f"heldout_{data_tag}.npz")
     row: dict = {}
     summary = zoo.guarded(zoo.analysis_summary, path)
     if isinstance(summary, dict):
@@ -67,7 +71,7 @@ def main() -> None:
     names = args.models.split(",") if args.models else list(specs)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name in names:
-        results[name] = check_model(args.cache, name, specs[name].size, args.ratio)
+        results[name] = check_model(args.cache, name, specs[name].data_tag, args.ratio)
         print(name, json.dumps(results[name])[:400], flush=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
 

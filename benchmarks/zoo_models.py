@@ -16,6 +16,11 @@ Data: crops of scikit-image's bundled photos, random scale/aspect/flip, resized 
 size, ImageNet mean/std, NCHW float32: `calib_<S>.npz` (32 samples from astronaut, coffee,
 rocket, immunohistochemistry) and `heldout_<S>.npz` (16 samples from chelsea, hubble_deep_field,
 retina, camera): disjoint photos. Keyed by the model's input name (`input`, YOLO: `images`).
+A video model's clips stack T crops of one photo as frames: `calib_<T>x<S>.npz` (N×3×T×S×S).
+
+`extra_specs()` (for `zoo_breadth.py`) also holds segmentation models (their 'out' tensor as
+the output), a video model, ultralytics' segment/pose/classify/OBB models, and ResNet-18
+exported at opset 11 and without constant folding.
 
 Install (benchmark deps, not core deps). torchvision and ultralytics come with --no-deps: both
 depend on torch, and the index's torchvision is a CUDA build whose pinned torch would replace
@@ -76,6 +81,15 @@ class ZooSpec:
     input_name: str = "input"
     output_name: str = "logits"
     source: str = "torchvision.models"
+    extra_outputs: tuple[str, ...] = ()  # names of outputs after the first (YOLO-seg's protos)
+    frames: int = 0  # clip length of a video model's N×3×T×S×S input; 0: N×3×S×S images
+    opset: int = OPSET
+    fold_constants: bool = True  # the legacy exporter's do_constant_folding
+
+    @property
+    def data_tag(self) -> str:
+        """The suffix of its calibration / held-out files: `224`, or `8x112` for clips."""
+        return f"{self.frames}x{self.size}" if self.frames else str(self.size)
 
 
 def zoo_specs() -> dict[str, ZooSpec]:
@@ -128,8 +142,72 @@ def extra_specs() -> dict[str, ZooSpec]:
             )  # fmt: skip
             for name in ("yolov5nu", "yolov10n", "yolo11n")
         ),
+        ZooSpec("vgg16_bn", tv.vgg16_bn, 224),
+        ZooSpec("mobilenet_v3_large", tv.mobilenet_v3_large, 224),
+        ZooSpec("wide_resnet50_2", tv.wide_resnet50_2, 224),
+        *(
+            ZooSpec(
+                name,
+                lambda name=name: segmentation_out(name),
+                224,
+                output_name="out",
+                source="torchvision.models.segmentation ('out')",
+            )
+            for name in (
+                "lraspp_mobilenet_v3_large",
+                "deeplabv3_mobilenet_v3_large",
+                "fcn_resnet50",
+            )
+        ),
+        ZooSpec("r3d_18", tv.video.r3d_18, 112, frames=8, source="torchvision.models.video"),
+        ZooSpec("maxvit_t", tv.maxvit_t, 224),
+        ZooSpec("swin_v2_t", tv.swin_v2_t, 224),
+        ZooSpec(
+            "yolov8n-seg",
+            lambda: build_yolo("yolov8n-seg.yaml"),
+            320,
+            "images",
+            "output0",
+            "ultralytics SegmentationModel",
+            extra_outputs=("output1",),
+        ),
+        *(
+            ZooSpec(
+                name,
+                lambda y=f"{name}.yaml": build_yolo(y),
+                size,
+                "images",
+                "output0",
+                f"ultralytics {task}Model",
+            )  # fmt: skip
+            for name, size, task in (
+                ("yolov8n-pose", 320, "Pose"),
+                ("yolov8n-cls", 224, "Classification"),
+                ("yolov8n-obb", 320, "OBB"),
+            )
+        ),
+        ZooSpec("resnet18_opset11", tv.resnet18, 224, opset=11),
+        ZooSpec("resnet18_nofold", tv.resnet18, 224, fold_constants=False),
     ]
     return {s.name: s for s in specs}
+
+
+def segmentation_out(name: str) -> nn.Module:
+    """Segmentation model `name` of torchvision, untrained (no backbone weights either), with
+    its 'out' tensor as the one output."""
+    build = getattr(import_torchvision().models.segmentation, name)
+    return SegmentationOut(build(weights=None, weights_backbone=None))
+
+
+class SegmentationOut(nn.Module):
+    """A torchvision segmentation model with its 'out' tensor as the one output (not a dict)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
 
 
 def import_torchvision() -> types.ModuleType:
@@ -149,16 +227,25 @@ def import_torchvision() -> types.ModuleType:
 
 
 def build_yolo(yaml: str) -> nn.Module:
-    """An ultralytics detector from its yaml (no weights download), in its ONNX export mode."""
+    """An ultralytics model from its yaml (no weights download), in its ONNX export mode; the
+    task (detect, `-seg`, `-pose`, `-cls`, `-obb`) from the yaml's name."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     import_torchvision()
-    from ultralytics.nn.modules import Detect
-    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.nn import tasks
+    from ultralytics.nn.modules import Classify, Detect
 
-    model = DetectionModel(yaml, verbose=False)
+    task = {
+        "seg": tasks.SegmentationModel,
+        "pose": tasks.PoseModel,
+        "cls": tasks.ClassificationModel,
+        "obb": tasks.OBBModel,
+    }
+    model = task.get(Path(yaml).stem.rpartition("-")[2], tasks.DetectionModel)(yaml, verbose=False)
     for module in model.modules():
         if isinstance(module, Detect):
             module.export, module.format, module.dynamic = True, "onnx", True
+        if isinstance(module, Classify):
+            module.export = True
     return model
 
 
@@ -176,16 +263,23 @@ def build(cache: Path, specs: list[ZooSpec], *, force: bool = False) -> None:
     """Export each spec not yet in the cache's manifest (all with `force`); update the index."""
     cache.mkdir(parents=True, exist_ok=True)
     manifest_path = cache / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     for spec in specs:
+        manifest = read_manifest(manifest_path)
         if spec.name in manifest and not force and all_present(cache, manifest[spec.name]):
             continue
-        data = ensure_data(cache, spec.size, spec.input_name)
+        data = ensure_data(cache, spec)
         start = time.perf_counter()
-        manifest[spec.name] = export_model(spec, cache, data)
+        entry = export_model(spec, cache, data)
         print(f"{spec.name}: {time.perf_counter() - start:.0f} s", flush=True)
+        # re-read: another run building into the same cache may have added entries meanwhile
+        manifest = read_manifest(manifest_path) | {spec.name: entry}
         manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
-    (cache / "INDEX.md").write_text(index_markdown(manifest))
+    (cache / "INDEX.md").write_text(index_markdown(read_manifest(manifest_path)))
+
+
+def read_manifest(path: Path) -> dict[str, dict]:
+    """The cache's manifest as it is on disk now ({} before the first export)."""
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def all_present(cache: Path, entry: dict) -> bool:
@@ -211,16 +305,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def ensure_data(cache: Path, size: int, key: str) -> dict[str, np.ndarray]:
-    """Calibration and held-out crops for one input size, written once as npz files."""
+def ensure_data(cache: Path, spec: ZooSpec) -> dict[str, np.ndarray]:
+    """Calibration and held-out crops for one input size (or clip shape), written once as npz
+    files keyed by the model's input name."""
     out = {}
     for split, photos, count, seed in (
         ("calib", CALIB_PHOTOS, N_CALIB, 1),
         ("heldout", HELDOUT_PHOTOS, N_HELDOUT, 2),
     ):
-        path = cache / f"{split}_{size}.npz"
+        path = cache / f"{split}_{spec.data_tag}.npz"
         if not path.exists():
-            np.savez(path, **{key: photo_crops(photos, count, size, seed)})
+            if spec.frames:
+                crops = photo_clips(photos, count, spec.frames, spec.size, seed)
+            else:
+                crops = photo_crops(photos, count, spec.size, seed)
+            np.savez(path, **{spec.input_name: crops})
         with np.load(path) as npz:
             out[split] = npz[npz.files[0]]
     return out
@@ -246,6 +345,16 @@ def photo_crops(photos: tuple[str, ...], count: int, size: int, seed: int) -> np
         crop = resize(crop, (size, size), anti_aliasing=True).astype(np.float32)
         crops.append(((crop - MEAN) / STD).transpose(2, 0, 1))
     return np.stack(crops).astype(np.float32)
+
+
+def photo_clips(
+    photos: tuple[str, ...], count: int, frames: int, size: int, seed: int
+) -> np.ndarray:
+    """`count` clips of `frames` crops of one photo each (the photos in turn): N×3×T×S×S."""
+    clips = [
+        photo_crops((photos[i % len(photos)],), frames, size, seed * 1000 + i) for i in range(count)
+    ]
+    return np.stack(clips).transpose(0, 2, 1, 3, 4).copy()
 
 
 def random_crop(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -344,7 +453,8 @@ def export_legacy(
     model: nn.Module, x: torch.Tensor, path: Path, spec: ZooSpec, dynamic: bool
 ) -> str:
     """TorchScript exporter, opset 17; dynamic batch axis or batch fixed at 1."""
-    axes = {spec.input_name: {0: "batch"}, spec.output_name: {0: "batch"}} if dynamic else None
+    outputs = [spec.output_name, *spec.extra_outputs]
+    axes = {name: {0: "batch"} for name in (spec.input_name, *outputs)} if dynamic else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter is deliberate
         torch.onnx.export(
@@ -352,13 +462,15 @@ def export_legacy(
             (x if dynamic else x[:1],),
             str(path),
             dynamo=False,
-            opset_version=OPSET,
+            opset_version=spec.opset,
+            do_constant_folding=spec.fold_constants,
             input_names=[spec.input_name],
-            output_names=[spec.output_name],
+            output_names=outputs,
             dynamic_axes=axes,
         )
     batch = "dynamic batch" if dynamic else "batch 1"
-    return f"torch.onnx.export(dynamo=False, opset_version={OPSET}), {batch}"
+    folding = "" if spec.fold_constants else ", do_constant_folding=False"
+    return f"torch.onnx.export(dynamo=False, opset_version={spec.opset}{folding}), {batch}"
 
 
 def export_dynamo(

@@ -277,3 +277,40 @@ def test_constant_into_a_conv_transpose_of_unknown_size_is_refused():
     with pytest.raises(OnnxPruneError, match="ConvTranspose 'up' has dynamic spatial dims"):
         onnxprune.prune(model, method="magnitude", ratio=1 / 8, round_to=1, data=calib,
                         compensate="bias", verify=False)  # fmt: skip
+
+
+def _normalized_rows() -> onnx.ModelProto:
+    """c1(8) → h / Expand(clip(‖h‖ over W), Shape(h)) → c2(4): torch's export of
+    F.normalize(h, dim=-1), as in Swin V2's cosine attention."""
+    b = graphs.Builder(44)
+    h = b.conv("c1", "x", 3, 8)
+    norm = b.node("ReduceL2", "l2", [h], axes=[-1], keepdims=1)
+    norm = b.node("Clip", "clip", [norm, b.const("eps", np.float32(1e-12))])
+    expanded = b.node("Expand", "expand", [norm, b.node("Shape", "shape", [h])])
+    return b.model([b.conv("c2", b.node("Div", "div", [h, expanded]), 8, 4)])
+
+
+def test_expand_to_the_shape_of_its_divisor_is_bypassed_and_prunes_exactly():
+    """The Expand only broadcasts what Div broadcasts anyway: normalization drops it (same
+    outputs), so its Shape no longer reads c1's channel count and c1 is prunable. Pruning c1 then
+    equals the original with c2's weights on the removed channels zeroed (each channel is
+    normalized over its own row)."""
+    model = _normalized_rows()
+    test = graphs.random_input(model, 8, seed=3)
+    normalized = export(normalize(model))
+    assert "Expand" not in {n.op_type for n in normalized.graph.node}
+    assert_outputs_close(model, normalized, test, atol=1e-6)
+    group = next(g for g in onnxprune.analyze(model).groups if g.name == "c1")
+    assert group.prunable, group.reason
+    result = onnxprune.prune(
+        model, method="magnitude", ratio=0.5, round_to=1, compensate="none", verify=False
+    )
+    keep = np.asarray(result.plans["c1"].keep)
+    assert len(keep) == 4
+    zeroed = onnx.ModelProto()
+    zeroed.CopyFrom(model)
+    weight = next(t for t in zeroed.graph.initializer if t.name == "c2.w")
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values[:, np.setdiff1d(np.arange(8), keep)] = 0
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, "c2.w"))
+    assert_outputs_close(zeroed, result.model, test, atol=1e-5)

@@ -12,13 +12,15 @@ from onnxprune.measure.cost import count
 
 def _tiny_model() -> onnx.ModelProto:
     """x[1,3,8,8] → Conv 4×3×3×3 pad 1 stride 2 (→ 1×4×4×4) → grouped Conv 4×2×1×1 group 2
-    → Flatten (64) → Gemm transB 10×64 → MatMul with a 10×5 weight; batch symbolic."""
+    → Flatten (64) → Gemm transB 10×64 → MatMul with a 10×5 weight, and the grouped Conv's
+    output → ConvTranspose 4×3×2×2 stride 2 (→ 1×3×8×8) as a second output; batch symbolic."""
     rng = np.random.default_rng(0)
     weights = {
         "w1": rng.standard_normal((4, 3, 3, 3)),
         "w2": rng.standard_normal((4, 2, 1, 1)),
         "w3": rng.standard_normal((10, 64)),
         "w4": rng.standard_normal((10, 5)),
+        "w5": rng.standard_normal((4, 3, 2, 2)),
     }
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1], strides=[2, 2]),
@@ -26,12 +28,16 @@ def _tiny_model() -> onnx.ModelProto:
         helper.make_node("Flatten", ["b"], ["f"]),
         helper.make_node("Gemm", ["f", "w3"], ["g"], transB=1),
         helper.make_node("MatMul", ["g", "w4"], ["y"]),
+        helper.make_node("ConvTranspose", ["b", "w5"], ["t"], strides=[2, 2]),
     ]
     graph = helper.make_graph(
         nodes,
         "tiny",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5]),
+            helper.make_tensor_value_info("t", TensorProto.FLOAT, ["n", 3, 8, 8]),
+        ],
         [numpy_helper.from_array(w.astype(np.float32), k) for k, w in weights.items()],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -43,7 +49,9 @@ def test_independent_macs_match_a_hand_count() -> None:
     conv2 = (4 * 4 * 4) * 2  # grouped: C_in/group = 2
     gemm = 10 * 64
     matmul = 5 * 10
-    assert independent_macs(_tiny_model(), {"x": x}) == conv1 + conv2 + gemm + matmul
+    transposed = (4 * 4 * 4) * (3 * 2 * 2)  # input elements × C_out·kH·kW
+    total = conv1 + conv2 + gemm + matmul + transposed
+    assert independent_macs(_tiny_model(), {"x": x}) == total
 
 
 def test_independent_macs_scale_with_the_batch_ort_runs() -> None:

@@ -205,6 +205,7 @@ def normalize(model: onnx.ModelProto) -> gs.Graph:
     if expand_fused(graph, default_opset(model)):
         graph = infer_shapes(graph)
     _remove_noops(graph)
+    _bypass_broadcast_expands(graph)
     _copy_dims_as_zero(graph)
     graph = _fold_until_settled(graph)
     _gather_from_concat_part(graph)
@@ -663,6 +664,28 @@ def _remove_noops(graph: gs.Graph) -> None:
                 consumer.inputs[consumer.inputs.index(dst)] = src
         node.outputs.clear()
         node.inputs.clear()
+
+
+_BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div"})
+
+
+def _bypass_broadcast_expands(graph: gs.Graph) -> None:
+    """Bypass `Expand(a, Shape(t))` where every reader is an Add, Sub, Mul or Div that also
+    reads t: broadcasting a against t there gives the same shape and values. torch exports
+    `F.normalize(x)` as `x / clamp(norm(x)).expand_as(x)` so (Swin V2's cosine attention), and
+    the Expand's target would read the channel count of x."""
+    outputs = {t.name for t in graph.outputs}
+    for node in graph.nodes:
+        shape = _producer(node.inputs[1], "Shape") if node.op == "Expand" else None
+        if shape is None or shape.attrs.get("start", 0) or shape.attrs.get("end") is not None:
+            continue
+        source, expanded = shape.inputs[0], node.outputs[0]
+        readers = list(expanded.outputs)
+        if expanded.name in outputs or not readers:
+            continue
+        if all(r.op in _BROADCASTING and any(t is source for t in r.inputs) for r in readers):
+            for reader in readers:
+                reader.inputs[reader.inputs.index(expanded)] = node.inputs[0]
 
 
 def _fold_batchnorm(graph: gs.Graph) -> dict[str, FoldedBatchNorm]:
