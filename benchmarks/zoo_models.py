@@ -106,14 +106,7 @@ def zoo_specs() -> dict[str, ZooSpec]:
         ZooSpec("resnext50_32x4d", tv.resnext50_32x4d, 224),
         ZooSpec("convnext_tiny", tv.convnext_tiny, 224),
         ZooSpec("vit_b_16", tv.vit_b_16, 224),
-        ZooSpec(
-            "yolov8n",
-            lambda: build_yolo("yolov8n.yaml"),
-            320,
-            "images",
-            "output0",
-            "ultralytics DetectionModel",
-        ),  # fmt: skip
+        yolo_spec("yolov8n"),
     ]
     return {s.name: s for s in specs}
 
@@ -131,17 +124,7 @@ def extra_specs() -> dict[str, ZooSpec]:
         ZooSpec("inception_v3", lambda: tv.inception_v3(aux_logits=False, init_weights=True), 299),
         ZooSpec("efficientnet_v2_s", tv.efficientnet_v2_s, 224),
         ZooSpec("swin_t", tv.swin_t, 224),
-        *(
-            ZooSpec(
-                name,
-                lambda y=f"{name}.yaml": build_yolo(y),
-                320,
-                "images",
-                "output0",
-                "ultralytics DetectionModel",
-            )  # fmt: skip
-            for name in ("yolov5nu", "yolov10n", "yolo11n")
-        ),
+        *(yolo_spec(name) for name in ("yolov5nu", "yolov10n", "yolo11n")),
         ZooSpec("vgg16_bn", tv.vgg16_bn, 224),
         ZooSpec("mobilenet_v3_large", tv.mobilenet_v3_large, 224),
         ZooSpec("wide_resnet50_2", tv.wide_resnet50_2, 224),
@@ -162,34 +145,30 @@ def extra_specs() -> dict[str, ZooSpec]:
         ZooSpec("r3d_18", tv.video.r3d_18, 112, frames=8, source="torchvision.models.video"),
         ZooSpec("maxvit_t", tv.maxvit_t, 224),
         ZooSpec("swin_v2_t", tv.swin_v2_t, 224),
-        ZooSpec(
-            "yolov8n-seg",
-            lambda: build_yolo("yolov8n-seg.yaml"),
-            320,
-            "images",
-            "output0",
-            "ultralytics SegmentationModel",
-            extra_outputs=("output1",),
-        ),
-        *(
-            ZooSpec(
-                name,
-                lambda y=f"{name}.yaml": build_yolo(y),
-                size,
-                "images",
-                "output0",
-                f"ultralytics {task}Model",
-            )  # fmt: skip
-            for name, size, task in (
-                ("yolov8n-pose", 320, "Pose"),
-                ("yolov8n-cls", 224, "Classification"),
-                ("yolov8n-obb", 320, "OBB"),
-            )
-        ),
+        yolo_spec("yolov8n-seg", task="Segmentation", extra_outputs=("output1",)),
+        yolo_spec("yolov8n-pose", task="Pose"),
+        yolo_spec("yolov8n-cls", 224, task="Classification"),
+        yolo_spec("yolov8n-obb", task="OBB"),
         ZooSpec("resnet18_opset11", tv.resnet18, 224, opset=11),
         ZooSpec("resnet18_nofold", tv.resnet18, 224, fold_constants=False),
     ]
     return {s.name: s for s in specs}
+
+
+def yolo_spec(
+    name: str, size: int = 320, *, task: str = "Detection", extra_outputs: tuple[str, ...] = ()
+) -> ZooSpec:
+    """An ultralytics model built from `name`.yaml (`build_yolo`), read as its exporter names
+    the tensors."""
+    return ZooSpec(
+        name,
+        lambda: build_yolo(f"{name}.yaml"),
+        size,
+        "images",
+        "output0",
+        f"ultralytics {task}Model",
+        extra_outputs=extra_outputs,
+    )
 
 
 def segmentation_out(name: str) -> nn.Module:
