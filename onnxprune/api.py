@@ -33,6 +33,7 @@ from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.layernorm import to_rmsnorm
 from onnxprune.graph.load import (
     check_opset,
+    drop_mapped_pages,
     export,
     load_with_layout,
     model_bytes,
@@ -208,6 +209,7 @@ def _prune_channels(
     # once planned; the refit, recalibration and verification sessions come next
     loss, outputs, measured = calibration.loss, calibration.outputs, calibration.moments
     del calibration
+    drop_mapped_pages(graph)
     notes += streams_note(groups, widths, config)
     batches = lambda: (b.feeds for b in fit.batches(config.batch_size))  # noqa: E731
     if config.sequential:
@@ -218,6 +220,7 @@ def _prune_channels(
         notes += refit_notes
     with one_blas_thread():  # its folds multiply maps into weights (0.8 → 0.5 CPU s on ResNet-50)
         pruned_graph = rewrite(graph, groups, plans, exact_borders=config.exact_borders)
+    drop_mapped_pages(graph)  # the rewrite read the weights it selected from
     gc.collect()  # the graphs normalize and rewrite replaced: see prune
     notes += (widths.note,) if widths.note else ()
     notes += unrotated_note(groups, plans) if config.method == "cob" else ()

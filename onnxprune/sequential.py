@@ -35,7 +35,7 @@ from onnxprune.calib.data import in_parts, run_samples
 from onnxprune.calib.row_mask import row_keep
 from onnxprune.calib.stats import channel_view, fold_units, one_blas_thread
 from onnxprune.graph.groups import ChannelGroup, Tap, tap_key
-from onnxprune.graph.load import export
+from onnxprune.graph.load import drop_mapped_pages, export
 from onnxprune.graph.refold import refold
 from onnxprune.graph.rewrite import rewrite
 from onnxprune.graph.segments import segment_to, still_read
@@ -108,6 +108,7 @@ def refit(
         return plans, notes
     removed = _removed_features(groups, plans, {site.tap.tensor for site in sites})
     model = export(rewrite(graph, groups, plans, exact_borders=exact_borders))
+    drop_mapped_pages(graph)  # the rewrite read the weights it selected from
     gc.collect()  # the rewritten graph is a reference cycle holding weight copies
     order = {name: i for i, node in enumerate(model.graph.node) for name in node.output}
     tensors = sorted({site.tap.tensor for site in sites}, key=order.__getitem__)
@@ -136,6 +137,7 @@ def refit(
             keys = {site.key for site in here}  # only the layers reading them change
             if later and not refold(model, graph, groups, plans, keys, exact_borders=exact_borders):
                 model = export(rewrite(graph, groups, plans, exact_borders=exact_borders))
+                drop_mapped_pages(graph)
                 gc.collect()  # the rewritten graphs are reference cycles holding weight copies
             for run, current in zip(runs, (original, model), strict=True):
                 run.forget(current, later)

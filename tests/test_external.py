@@ -3,6 +3,9 @@ deviations and saved files as with the weights read into memory, the input never
 
 from __future__ import annotations
 
+import mmap
+import os
+
 import graphs
 import numpy as np
 import onnx
@@ -13,7 +16,7 @@ from test_large import WIDTH, _mlp, _save_external
 
 import onnxprune
 from onnxprune.errors import ModelLoadError
-from onnxprune.graph.external import is_mapped, materialized
+from onnxprune.graph.external import drop_pages, is_mapped, mapped_array, materialized
 from onnxprune.graph.load import export, load_model, model_bytes, normalize, write_external
 from onnxprune.measure import latency
 
@@ -50,6 +53,38 @@ def test_write_external_copies_mapped_tensors_from_their_file(source, tmp_path):
         onnx.load(str(source)).graph.initializer, onnx.load(str(out)).graph.initializer, strict=True
     ):
         np.testing.assert_array_equal(numpy_helper.to_array(new), numpy_helper.to_array(old))
+
+
+def _resident_bytes(array: np.ndarray) -> int:
+    """Resident bytes of the mapping that holds `array`'s first byte (/proc/self/smaps)."""
+    address, found = array.ctypes.data, None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                found = lo <= address < hi
+            elif found and head == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError("mapping not found")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's smaps")
+def test_dropped_pages_leave_rss_and_read_back_the_same_values(source):
+    """After a full read a mapped weight's pages are resident; `drop_pages` on its rows gives
+    them back to the kernel, and the values read again are the file's."""
+    tensor = next(t for t in load_model(source, mapped=True).graph.initializer if is_mapped(t))
+    values = mapped_array(tensor)
+    expected = np.array(values)  # reads every page
+    assert _resident_bytes(values) >= values.nbytes // 2
+    drop_pages(values[: len(values) // 2])
+    assert _resident_bytes(values) <= values.nbytes // 2 + 2 * mmap.PAGESIZE
+    drop_pages(values)
+    assert _resident_bytes(values) < 2 * mmap.PAGESIZE
+    np.testing.assert_array_equal(values, expected)
+    plain = expected.copy()
+    drop_pages(plain)  # not a map: nothing to drop, nothing changed
+    np.testing.assert_array_equal(plain, expected)
 
 
 @pytest.mark.parametrize("method", ["magnitude", "id"])

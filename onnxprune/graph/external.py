@@ -13,6 +13,7 @@ it (`graph.load.write_external`: sessions and saved models) copies the bytes fro
 from __future__ import annotations
 
 import math
+import mmap
 import os
 from pathlib import Path
 
@@ -104,10 +105,30 @@ def tensor_values(tensor: onnx.TensorProto) -> np.ndarray:
 
 
 def copy_mapped(tensor: onnx.TensorProto, out) -> None:
-    """Append a mapped tensor's bytes to the open binary file `out`, a chunk at a time."""
-    flat = mapped_array(tensor).reshape(-1).view(np.uint8)
-    for start in range(0, len(flat), _CHUNK):
-        out.write(flat[start : start + _CHUNK])
+    """Append a mapped tensor's bytes to the open binary file `out`, a chunk at a time, read
+    from its file (not through a map, whose pages would stay in this process's RSS)."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    offset, left = int(entries.get("offset", 0)), _size(tensor)
+    with open(entries["location"], "rb", buffering=0) as source:
+        while left:
+            chunk = os.pread(source.fileno(), min(_CHUNK, left), offset)
+            if not chunk:
+                raise ModelLoadError(f"external data of tensor '{tensor.name}' ends early")
+            out.write(chunk)
+            offset, left = offset + len(chunk), left - len(chunk)
+
+
+def drop_pages(values: np.ndarray) -> None:
+    """Let the kernel drop the resident pages of the part of a memory map that `values` (a
+    contiguous view of a `mapped_array`) covers; no-op for any other array. A map's pages count
+    in this process's RSS as long as the map lives, though the kernel holds them in its page
+    cache anyway; read again, they come back from there (or the file)."""
+    source = getattr(values, "_mmap", None)
+    if source is None or not values.flags.c_contiguous or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = values.ctypes.data - np.frombuffer(source, np.uint8).ctypes.data
+    first = start - start % mmap.PAGESIZE
+    source.madvise(mmap.MADV_DONTNEED, first, start + values.nbytes - first)
 
 
 def materialized_tensor(tensor: onnx.TensorProto) -> onnx.TensorProto:

@@ -36,6 +36,7 @@ from onnx_graphsurgeon.importers.onnx_importer import (
 from onnxprune.errors import ModelLoadError, first_line
 from onnxprune.graph.external import (
     copy_mapped,
+    drop_pages,
     is_mapped,
     map_external,
     mapped_array,
@@ -323,6 +324,15 @@ class MappedValues(gs.ir.tensor.LazyValues):
 
     def load(self) -> np.ndarray:
         return mapped_array(self.tensor)
+
+
+def drop_mapped_pages(graph: gs.Graph) -> None:
+    """Release the resident pages of every constant of `graph` read through its input's memory
+    map (`external.drop_pages`): a stage that read the weights (scores, a rewrite's selections)
+    leaves them in RSS until the graph is freed otherwise."""
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and isinstance(tensor._values, np.ndarray):
+            drop_pages(tensor._values)
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:

@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.channel_norm import norm_readers, rebuild
+from onnxprune.graph.external import drop_pages
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, tap_key
 from onnxprune.graph.load import infer_shapes
 from onnxprune.graph.weights import edit_rows
@@ -75,15 +76,18 @@ def rewrite(
     for (name, index), items in jobs.items():
         node = nodes[name]
         handler_for(node).prepare(node)
-        value = np.asarray(node.inputs[index].values)
+        source = node.inputs[index].values
+        value = np.asarray(source)
         grouped = index == 1 and is_grouped_conv(node)
         apply = _apply_grouped if grouped else _apply_all
         exact = not grouped and all(_selects(edit, plan, node) for edit, _, plan in items)
         work = apply(value if exact else value.astype(np.float64), items, node, deltas,
                      exact_borders)  # fmt: skip
+        fresh = not np.may_share_memory(work, value)  # then no second copy of a new weight
         node.inputs[index] = gs.Constant(
-            f"{node.inputs[index].name}__{name}", work.astype(value.dtype)
+            f"{node.inputs[index].name}__{name}", work.astype(value.dtype, copy=not fresh)
         )
+        drop_pages(source)  # read once: a mapped weight's pages need not stay resident
     for name in sorted({*hidden, *(n for n in deltas if is_recurrent(nodes[n]))}):
         _prune_recurrent(nodes[name], hidden.get(name, []), deltas.pop(name, None))
     for (name, index), items in jobs.items():

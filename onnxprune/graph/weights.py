@@ -56,8 +56,8 @@ def producer_weight_names(graph: gs.Graph, group: ChannelGroup) -> tuple[str, ..
 
 def filter_rows(node: gs.Node, weight: np.ndarray) -> np.ndarray:
     """`weight` (or its gradient) laid out as one row per output channel of producer `node`,
-    in its own dtype."""
-    weight = np.moveaxis(np.asarray(weight), handler_for(node).out_axis(node), 0)
+    in its own dtype (a memory map stays one: `external.drop_pages`)."""
+    weight = np.moveaxis(np.asanyarray(weight), handler_for(node).out_axis(node), 0)
     return weight.reshape(weight.shape[0], -1)
 
 

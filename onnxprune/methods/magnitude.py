@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxprune.graph.external import drop_pages
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.methods.base import selection_plan
 from onnxprune.plan import GroupStats, Plan
@@ -62,12 +63,14 @@ class Magnitude:
 def row_norms(rows: np.ndarray, order: int, block_bytes: int = 64 << 20) -> np.ndarray:
     """The float64 `order`-norm of every row of `rows`, computed a block of rows at a time:
     the same bits as `np.linalg.norm` of the whole float64 matrix (each row is reduced alone)
-    with at most `block_bytes` of float64 alive, not a copy of all the filters."""
+    with at most `block_bytes` of float64 alive, not a copy of all the filters; the pages of
+    weights read through a memory map are released block by block."""
     out = np.empty(len(rows))
     step = max(1, block_bytes // (8 * max(1, rows.shape[1])))
     for lo in range(0, len(rows), step):
         block = np.asarray(rows[lo : lo + step], dtype=np.float64)
         out[lo : lo + step] = np.linalg.norm(block, ord=order, axis=1)
+        drop_pages(rows[lo : lo + step])
     return out
 
 
