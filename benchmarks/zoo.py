@@ -48,7 +48,7 @@ from onnxprune.measure.latency import benchmark
 HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE = HERE / "results" / "cache" / "zoo"
 DEFAULT_OUT = HERE / "results" / "zoo.json"
-MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
 RUNS = (("magnitude", 0.25), ("magnitude", 0.5), ("id", 0.25), ("id", 0.5))
 VARIANTS = {"legacy": "", "legacy_b1": ".b1", "dynamo": ".dynamo"}
 
@@ -272,12 +272,12 @@ def mac_check(path: Path, heldout: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 def independent_macs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
-    """Conv/ConvTranspose/Gemm/MatMul MACs from the shapes ONNX Runtime produces on `feeds`.
+    """Conv/ConvTranspose/Gemm/MatMul/Einsum MACs from the shapes ONNX Runtime produces on `feeds`.
 
     Every non-constant input and output of those nodes becomes a graph output of a copy of the
     model, which runs unoptimised; weight shapes come from the initializers. Conv: output
     elements × C_in/group × kernel; ConvTranspose: input elements × C_out/group × kernel; Gemm:
-    output elements × K; MatMul: output elements × K.
+    output elements × K; MatMul: output elements × K; Einsum: the product of its labels' sizes.
     Nodes inside subgraphs or functions are not counted.
     """
     shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
@@ -305,10 +305,19 @@ def ort_shapes(
 
 
 def node_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]]) -> int:
-    """MACs of one Conv, ConvTranspose, Gemm or MatMul from its actual input and output
-    shapes."""
+    """MACs of one Conv, ConvTranspose, Gemm, MatMul or Einsum (explicit labels) from its actual
+    input and output shapes."""
     out = int(np.prod(shapes[node.output[0]]))
     a, b = shapes[node.input[0]], shapes[node.input[1]]
+    if node.op_type == "Einsum":  # one multiply-add per combination of the labels' indices
+        equation = onnx.helper.get_attribute_value(node.attribute[0]).decode().replace(" ", "")
+        terms = equation.split("->")[0].split(",")
+        sizes = {
+            k: n
+            for term, shape in zip(terms, (a, b), strict=True)
+            for k, n in zip(term, shape, strict=True)
+        }
+        return int(np.prod(list(sizes.values())))
     if node.op_type == "Conv":
         return out * int(np.prod(b[1:]))
     if node.op_type == "ConvTranspose":  # each input element meets a C_out/group × kernel slice

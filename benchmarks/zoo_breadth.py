@@ -11,11 +11,12 @@ seeded weights as in the main zoo, legacy exporter, dynamic batch. Build them fi
     python benchmarks/zoo_models.py --models mobilenet_v2,mnasnet1_0,...   # see extra_specs()
     python benchmarks/zoo_breadth.py --out benchmarks/results/zoo_breadth.json
 
-Per model: prunable groups, share of the MACs (Conv, ConvTranspose, Gemm, MatMul) in selectable
-groups (default and `--prune-residual`) with the top blockers, the tool's MACs against a count
-from ORT's shapes, ratio-0 max |Δ| / max |y| on held-out photos, and `magnitude` / `id` at
-`--ratio 0.5` through the CLI: exit code, checker, ORT run, held-out rel-L2 (plain and centred on
-the per-sample mean: YOLO's anchor grid makes plain rel-L2 look small), MAC cut, pruning seconds.
+Per model: prunable groups, share of the MACs (Conv, ConvTranspose, Gemm, MatMul, Einsum) in
+selectable groups (default and `--prune-residual`) with the top blockers, the tool's MACs
+against a count from ORT's shapes, ratio-0 max |Δ| / max |y| on held-out photos, and
+`magnitude` / `id` at `--ratio 0.5` through the CLI: exit code, checker, ORT run, held-out rel-L2
+(plain and centred on the per-sample mean: YOLO's anchor grid makes plain rel-L2 look small), MAC
+cut, pruning seconds.
 """
 
 from __future__ import annotations

@@ -389,13 +389,24 @@ def torch_flatten(batch: object = "N") -> onnx.ModelProto:
     return b.model([b.gemm("fc", flat, 6 * 16, 5)], shape=(batch, 3, 4, 4))
 
 
-def computed_resize(shape: Sequence[object] = ("N", 3, 8, 8)) -> onnx.ModelProto:
+def computed_resize(
+    shape: Sequence[object] = ("N", 3, 8, 8), channels_from: str = "input"
+) -> onnx.ModelProto:
     """c1(8) → relu → Resize to sizes Concat(Shape(h)[:2], Shape(h)[2:] · 2) → c2(4) → y, as
-    exporters write an upsampling whose output size is computed from the input's."""
+    exporters write an upsampling whose output size is computed from the input's (torch's
+    `F.interpolate(h, size=...)`: the Slice states axes [0] and steps [1]). `channels_from`
+    "constant": the head is Concat(Shape(h)[:1], [8]); "other": Shape(g)[:2] of g = c3(x), 8
+    channels outside c1's group."""
     b = Builder(20)
     h = b.relu("r1", b.conv("c1", "x", 3, 8))
     dims = b.node("Shape", "dims", [h])
-    head = b.node("Slice", "head", [dims, b.const("s0", _ints(0)), b.const("s2", _ints(2))])
+    ends = {"input": 2, "constant": 1, "other": 2}[channels_from]
+    read = b.node("Shape", "other", [b.conv("c3", "x", 3, 8)]) if channels_from == "other" else dims
+    unit = [b.const("ax", _ints(0)), b.const("st", _ints(1))]
+    bounds = [b.const("s0", _ints(0)), b.const("s2", _ints(ends)), *unit]
+    head = b.node("Slice", "head", [read, *bounds])
+    if channels_from == "constant":
+        head = b.node("Concat", "head_c", [head, b.const("eight", _ints(8))], axis=0)
     tail = b.node("Slice", "tail", [dims, b.const("t2", _ints(2)), b.const("t4", _ints(4))])
     tail = b.node("Cast", "tail_f", [tail], to=F)
     tail = b.node("Floor", "floor", [b.node("Mul", "twice", [tail, b.const("two", np.float32(2))])])

@@ -416,6 +416,74 @@ def test_packed_heads_predicted_macs_are_the_counted_macs(batch_first, exporter)
     assert result.report.target.reached == pytest.approx(after / before, abs=1e-3)
 
 
+class ChunkedEinsumAttention(nn.Module):
+    """torchvision MaxViT's attention: one q/k/v Linear cut by `torch.chunk(…, 3, dim=-1)`, the
+    heads split per part, `torch.einsum` for q·kᵀ and attention·v; then mean over tokens → 4
+    scores. With `summed`, the scores contract the unsplit channels (no heads)."""
+
+    def __init__(self, summed: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.qkv, self.proj, self.fc = (
+            nn.Linear(DIM, 3 * DIM),
+            nn.Linear(DIM, DIM),
+            nn.Linear(DIM, 4),
+        )
+        self.summed = summed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = torch.chunk(self.qkv(x), 3, dim=-1)
+        if self.summed:
+            a = torch.einsum("bid,bjd->bij", q, k).softmax(dim=-1)
+            return self.fc(self.proj(torch.einsum("bij,bjd->bid", a, v)).mean(dim=1))
+        q, k, v = (
+            t.reshape(x.shape[0], TOKENS, HEADS, HEAD_DIM).transpose(1, 2) for t in (q, k, v)
+        )
+        a = torch.einsum("bhid,bhjd->bhij", q * HEAD_DIM**-0.5, k).softmax(dim=-1)
+        y = torch.einsum("bhij,bhjd->bhid", a, v).transpose(1, 2).reshape(x.shape[0], TOKENS, DIM)
+        return self.fc(self.proj(y).mean(dim=1))
+
+    def duplicate_head(self) -> ChunkedEinsumAttention:
+        """Head 2 := head 0 in each of the q, k and v thirds of the Linear's weight and bias."""
+        with torch.no_grad():
+            for third in range(3):
+                lo = third * DIM
+                rows, twin = slice(lo + 2 * HEAD_DIM, lo + 3 * HEAD_DIM), slice(lo, lo + HEAD_DIM)
+                self.qkv.weight[rows] = self.qkv.weight[twin]
+                self.qkv.bias[rows] = self.qkv.bias[twin]
+        return self
+
+
+def test_chunked_projection_with_einsum_heads_is_pruned_exactly():
+    """The chunk's three Slices are taken apart into q, k and v projections and both Einsums
+    pass the heads (their batch label): one group of heads, ratio 0 the same function, and a
+    duplicated head removed by ID with T = 1 folded into the out projection is the same
+    function at a batch size the fit never saw."""
+    model = _export(ChunkedEinsumAttention().duplicate_head())
+    assert sum(n.op_type in ("Slice", "Einsum") for n in model.graph.node) == 5
+    heads, groups = _head_group(model)
+    assert heads.prunable, heads.reason
+    assert (heads.channels, heads.head_dim) == (HEADS, HEAD_DIM)
+    assert len(heads.producers) == 3 and len(heads.consumers) == 1
+    options = dict(round_to=1, data={"input": _inputs()}, verify=False)
+    feeds = {"input": _inputs(7, seed=5)}
+    same = onnxprune.prune(model, method="id", ratio=0.0, **options)
+    assert_outputs_close(model, same.model, feeds, atol=1e-6)
+    plain = dict(compensate="none", recalibrate=False, exclude=[heads.consumers[0]])
+    result = onnxprune.prune(model, method="id", ratio=1 / HEADS, **plain, **options)
+    assert len(result.plans[heads.name].keep) == HEADS - 1
+    assert_outputs_close(model, result.model, feeds, atol=1e-5)
+    removed = onnxprune.prune(model, method="activation", ratio=1 / HEADS, **plain, **options)
+    assert max_deviation(model, removed.model, feeds) > 1e-2
+
+
+def test_einsum_summing_over_the_channels_blocks_them():
+    """q·kᵀ contracting the unsplit channels (label d, not in the output) cannot pass them."""
+    groups = analyze(normalize(_export(ChunkedEinsumAttention(summed=True))))
+    q = next(g for g in groups if "Einsum" in g.blocker and g.producers[0].endswith("_q"))
+    assert not q.prunable and "sums over the channels" in q.reason
+
+
 class InterleavedPacking(nn.Module):
     """A packed projection read as (…, E, 3) (q, k, v interleaved per feature): its parts are
     not thirds of the weight, so it is not taken apart, and nothing is prunable."""

@@ -451,6 +451,46 @@ def test_resize_of_the_channel_axis_blocks():
     assert not group.prunable and group.blocker == "rs" and "channel axis" in group.reason
 
 
+def test_resize_to_sizes_read_from_its_own_input_passes_the_channels():
+    """Sizes Concat(Shape(h)[:2], ...): the channel entry is h's own count at run time, so the
+    Resize outputs the kept channels and nothing needs rewriting."""
+    model = graphs.computed_resize()
+    group = _groups(model)["c1"]
+    assert group.prunable and group.consumers == ("c2",)
+    exact = onnxprune.prune(model, ratio=0.0, round_to=1)
+    assert_outputs_close(model, exact.model, graphs.random_input(model, 8), atol=1e-5)
+    result = _prune_exact(model)
+    assert _initializer(result.model, "c2", 1).shape[1] == 4
+
+
+@pytest.mark.parametrize("channels_from", ["constant", "other"])
+def test_resize_sizes_with_the_channel_entry_not_read_from_its_input_block(channels_from):
+    group = _groups(graphs.computed_resize(channels_from=channels_from))["c1"]
+    assert not group.prunable and group.blocker == "up" and "channel entry" in group.reason
+
+
+def test_torch_interpolate_to_a_size_prunes_exactly():
+    """`F.interpolate(h, size=(12, 12))` as the legacy exporter writes it (LR-ASPP's upsampling)."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    class Up(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.c1(x))
+            return self.c2(nn.functional.interpolate(h, size=(12, 12), mode="bilinear"))
+
+    model = graphs.export_torch(Up(), (1, 3, 8, 8))
+    assert any(n.op_type == "Resize" and n.input[3] for n in model.graph.node)
+    group = next(g for g in _groups(model).values() if "c1" in g.name)
+    assert group.prunable
+    assert group.name in _prune_exact(model).plans
+
+
 def test_mac_cost_counts_every_split_part_of_a_producer():
     """c1's MACs scale with the channels both of its Split parts keep (not the last part's)."""
     model = c2f_block()

@@ -13,7 +13,8 @@ from onnxprune.measure.cost import count
 def _tiny_model() -> onnx.ModelProto:
     """x[1,3,8,8] → Conv 4×3×3×3 pad 1 stride 2 (→ 1×4×4×4) → grouped Conv 4×2×1×1 group 2
     → Flatten (64) → Gemm transB 10×64 → MatMul with a 10×5 weight, and the grouped Conv's
-    output → ConvTranspose 4×3×2×2 stride 2 (→ 1×3×8×8) as a second output; batch symbolic."""
+    output → ConvTranspose 4×3×2×2 stride 2 (→ 1×3×8×8) as a second output, the outer product
+    Einsum of the Gemm's and MatMul's outputs as a third; batch symbolic."""
     rng = np.random.default_rng(0)
     weights = {
         "w1": rng.standard_normal((4, 3, 3, 3)),
@@ -29,6 +30,7 @@ def _tiny_model() -> onnx.ModelProto:
         helper.make_node("Gemm", ["f", "w3"], ["g"], transB=1),
         helper.make_node("MatMul", ["g", "w4"], ["y"]),
         helper.make_node("ConvTranspose", ["b", "w5"], ["t"], strides=[2, 2]),
+        helper.make_node("Einsum", ["g", "y"], ["e"], equation="bi,bj->bij"),
     ]
     graph = helper.make_graph(
         nodes,
@@ -37,6 +39,7 @@ def _tiny_model() -> onnx.ModelProto:
         [
             helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5]),
             helper.make_tensor_value_info("t", TensorProto.FLOAT, ["n", 3, 8, 8]),
+            helper.make_tensor_value_info("e", TensorProto.FLOAT, ["n", 10, 5]),
         ],
         [numpy_helper.from_array(w.astype(np.float32), k) for k, w in weights.items()],
     )
@@ -50,7 +53,8 @@ def test_independent_macs_match_a_hand_count() -> None:
     gemm = 10 * 64
     matmul = 5 * 10
     transposed = (4 * 4 * 4) * (3 * 2 * 2)  # input elements × C_out·kH·kW
-    total = conv1 + conv2 + gemm + matmul + transposed
+    outer = 10 * 5  # one product per (i, j)
+    total = conv1 + conv2 + gemm + matmul + transposed + outer
     assert independent_macs(_tiny_model(), {"x": x}) == total
 
 

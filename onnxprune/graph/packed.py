@@ -1,4 +1,4 @@
-"""Packed q/k/v in-projections (nn.MultiheadAttention, Swin) taken apart into three projections.
+"""Packed q/k/v in-projections (nn.MultiheadAttention, Swin, MaxViT) taken apart into three.
 
 nn.MultiheadAttention computes q, k and v with ONE Linear of 3·E outputs and separates them after
 an unflatten; both torch exporters write
@@ -10,6 +10,10 @@ an unflatten; both torch exporters write
 torchvision's Swin splits the heads in the same Reshape and moves them with the parts:
 
     Reshape → (B, N, 3, H, D), Transpose(2, 0, 3, 1, 4) → (3, B, H, N, D), Gather(axis 0, t)
+
+torchvision's MaxViT chunks the projection instead, `q, k, v = torch.chunk(p, 3, dim=-1)`: three
+Slices of the last axis, [tE, (t+1)E) for t = 0, 1, 2, each then split into heads like a plain
+projection.
 
 Part t is x W[:, tE:(t+1)E] + b[tE:(t+1)E] exactly (the same dot products), so
 `unpack_projections` writes each Gather's output with that MatMul (and Add) instead, followed
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.ops.flow import axes_of, const, shape_of
+from onnxprune.ops.flow import axes_of, const, rank_of, shape_of
 
 _MOVES = frozenset({"Unsqueeze", "Transpose", "Squeeze"})
 
@@ -48,9 +52,9 @@ def unpack_projections(graph: gs.Graph) -> int:
 
 @dataclass(frozen=True)
 class _Parts:
-    """How a packed projection's parts are read: the bias Add (or None), the Gathers in part
-    order, the per-part head split (H, D) (None: the parts stay (…, E)) and the axis order each
-    Gather gives part t in (None: as the projection wrote it)."""
+    """How a packed projection's parts are read: the bias Add (or None), the Gathers (or the
+    Slices of a chunk) in part order, the per-part head split (H, D) (None: the parts stay
+    (…, E)) and the axis order each Gather gives part t in (None: as the projection wrote it)."""
 
     add: gs.Node | None
     gathers: list[gs.Node]
@@ -65,6 +69,9 @@ def _packed(matmul: gs.Node) -> _Parts | None:
     if matmul.op != "MatMul" or weight is None or weight.ndim != 2 or weight.shape[1] % 3:
         return None
     add, tail = _bias_add(matmul)
+    slices = _sliced(tail, weight.shape[1] // 3)
+    if slices is not None:
+        return _Parts(add, slices, None, None)
     reshape = _only_user(tail, "Reshape", ignore="Shape")
     if reshape is None or reshape.inputs[0] is not tail:
         return None
@@ -83,6 +90,39 @@ def _packed(matmul: gs.Node) -> _Parts | None:
         return None
     gathers, perm = ordered
     return _Parts(add, gathers, heads, perm)
+
+
+def _sliced(tail: gs.Tensor, width: int) -> list[gs.Node] | None:
+    """The three Slices taking parts 0, 1, 2 (`width` each) of the last axis of `tail`, in part
+    order, when they are its only readers besides Shape reads (`torch.chunk(p, 3, dim=-1)`,
+    its bounds folded to constants at load), else None."""
+    users = [u for u in tail.outputs if u.op != "Shape"]
+    rank = rank_of(tail)
+    if len(users) != 3 or rank is None or any(u.op != "Slice" for u in users):
+        return None
+    found: dict[int, gs.Node] = {}
+    for node in users:
+        bounds = _last_axis_bounds(node, rank, 3 * width)
+        if node.inputs[0] is not tail or bounds is None or bounds[1] - bounds[0] != width:
+            return None
+        found[bounds[0] // width] = node
+    return [found[t] for t in range(3)] if sorted(found) == [0, 1, 2] else None
+
+
+def _last_axis_bounds(node: gs.Node, rank: int, size: int) -> tuple[int, int] | None:
+    """(start, end) of Slice `node` when it takes consecutive entries of the last axis (of
+    length `size`) alone, with constant bounds; else None."""
+    values = [const(node, i) for i in range(1, 5)]
+    starts, ends, axes, steps = values + [None] * (4 - len(values))
+    if starts is None or ends is None or starts.size != 1 or ends.size != 1:
+        return None
+    last = (axes is None and rank == 1) or (axes is not None and axes.size == 1)
+    if not last or (axes is not None and int(axes.reshape(-1)[0]) % rank != rank - 1):
+        return None
+    if len(node.inputs) > 4 and (steps is None or steps.reshape(-1).tolist() != [1]):
+        return None
+    start, end, _ = slice(int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0])).indices(size)
+    return start, end
 
 
 def _bias_add(matmul: gs.Node) -> tuple[gs.Node | None, gs.Tensor]:
@@ -196,7 +236,7 @@ def _move(node: gs.Node, array: np.ndarray) -> np.ndarray | None:
 
 
 def _unpack(graph: gs.Graph, matmul: gs.Node, parts: _Parts) -> None:
-    """Write each Gather's output with its part's own MatMul (and bias Add, head split
+    """Write each Gather's (or Slice's) output with its part's own MatMul (and bias Add, head split
     Reshape and Transpose)."""
     weight = np.asarray(matmul.inputs[1].values)
     width = weight.shape[1] // 3

@@ -2,6 +2,14 @@
 
 A Gemm reads the channels as the features of A (after a Flatten, `spatial` features each);
 a MatMul with a constant 2-D right operand reads them on the last axis of its left one.
+
+Einsum passes channels on a batch label: one the output keeps and no operand repeats. Output
+slice c along it is computed from slice c of every operand holding it and from nothing else
+along that label (torchvision's MaxViT writes attention as `einsum("bghid,bghjd->bghij", q, k)`
+and `einsum("bghij,bghjd->bghid", a, v)`, the heads on label h), so the channels go to the
+output's axis of that label and every other operand holding it is tied to the group, as the
+operands of a batched MatMul are. A summed or repeated label, an ellipsis, an implicit output
+or an operand holding the label as a constant is refused.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit
-from onnxprune.ops.flow import Output, State, Step, block, const, rank_of
+from onnxprune.ops.flow import Output, State, Step, block, const, rank_of, through
 from onnxprune.ops.registry import Handler, ShapeOf, node_attrs, register
 from onnxprune.ops.torch_support import binary, opt
 
@@ -114,7 +122,25 @@ class QuantizedMatMul(Handler):
 
 @register("Einsum")
 class Einsum(Handler):
-    """Einsum: counted for two operands without an ellipsis, never pruned."""
+    """Einsum: counted for two operands without an ellipsis; the channels pass on a batch label
+    (module docstring)."""
+
+    def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
+        parsed = parse_equation(str(node.attrs.get("equation", "")))
+        if parsed is None:
+            return block(f"Einsum '{node.name}' has an ellipsis or an implicit output")
+        operands, output = parsed
+        if len(operands) != len(node.inputs) or len(operands[index]) != rank_of(node.inputs[index]):
+            return block(f"Einsum '{node.name}' has an equation that does not fit its inputs")
+        if any(len(set(labels)) != len(labels) for labels in operands):
+            return block(f"Einsum '{node.name}' repeats a label (a diagonal)")
+        label = operands[index][state.axis]
+        if label not in output:
+            return block(f"Einsum '{node.name}' sums over the channels")
+        holders = [i for i, labels in enumerate(operands) if label in labels]
+        if any(isinstance(node.inputs[i], gs.Constant) for i in holders):
+            return block(f"Einsum '{node.name}' meets the channels with a constant")
+        return through(node, state, axis=output.index(label), couple=len(holders) > 1)
 
     def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
         """Product of every label's size; 0 for any other equation."""
@@ -132,6 +158,16 @@ class Einsum(Handler):
 
     def torch(self, op_type: str) -> TorchOp | None:
         return _einsum
+
+
+def parse_equation(equation: str) -> tuple[list[str], str] | None:
+    """(labels of each operand, labels of the output) of an explicit Einsum equation without
+    an ellipsis, else None."""
+    equation = equation.replace(" ", "")
+    if "->" not in equation or "." in equation:
+        return None
+    inputs, output = equation.split("->")
+    return inputs.split(","), output
 
 
 def matmul_macs(node: onnx.NodeProto, shape_of: ShapeOf, b_index: int) -> int:

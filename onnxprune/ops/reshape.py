@@ -3,7 +3,8 @@
 The channels pass with their axis moved. Flatten from the channel axis and a channel-major
 Reshape to (batch, C·H·W) make every channel `spatial` consecutive features (a Reshape with an
 explicit feature count has it shrink with the group). Shape is harmless when only dims other
-than the channels are read.
+than the channels are read, or when the read builds the target of a Reshape or the sizes of a
+Resize of the same tensor (their rules check the entry the count reaches).
 
 A channel shuffle (ShuffleNet) is Reshape (…, C, …) → (…, g, C/g, …), a Transpose swapping those
 two axes, and a Reshape back: a fixed permutation that sends channel i·C/g + j to j·g + i. A
@@ -247,16 +248,31 @@ def restored_source(node: gs.Node) -> gs.Tensor | None:
 _SHAPE_PIECE_OPS = frozenset({"Slice", "Gather", "Unsqueeze", "Squeeze", "Cast", "Concat"})
 
 
+# ops whose shape-valued input (by index) the reshape / resize rules check against their data
+_SHAPED_BY = {"Reshape": 1, "Resize": 3}
+
+
 def _reshapes_itself(reader: gs.Node, tensor: gs.Tensor, depth: int = 4) -> bool:
     """True when what `reader` reads from `tensor`'s shape only builds targets (through shape
-    pieces and their Concat) of Reshapes of `tensor` itself."""
+    pieces and their Concat) of Reshapes of `tensor` itself, or the sizes of its Resizes; their
+    rules check which entries the channel count reaches."""
     if reader.op not in _SHAPE_PIECE_OPS or depth == 0:
         return False
     users = [u for out in reader.outputs for u in out.outputs]
     return bool(users) and all(
-        (u.op == "Reshape" and u.inputs[0] is tensor and u.inputs[1] is reader.outputs[0])
-        or _reshapes_itself(u, tensor, depth - 1)
+        _shapes(u, tensor, reader.outputs[0]) or _reshapes_itself(u, tensor, depth - 1)
         for u in users
+    )
+
+
+def _shapes(user: gs.Node, tensor: gs.Tensor, vector: gs.Tensor) -> bool:
+    """True when `user` reshapes or resizes `tensor` to the shape vector `vector`."""
+    index = _SHAPED_BY.get(user.op)
+    return (
+        index is not None
+        and len(user.inputs) > index
+        and user.inputs[0] is tensor
+        and user.inputs[index] is vector
     )
 
 

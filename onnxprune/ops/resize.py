@@ -1,8 +1,10 @@
 """Resize / Upsample and Pad: ops that change the positions, alike on every channel.
 
 Resize with scales passes the channels when the channel scale is 1; with constant sizes, when
-the channel entry states the channel count (it shrinks with the group). Pad passes them when
-the channel axis gets no padding; it commutes with a rotation when it pads with zeros.
+the channel entry states the channel count (it shrinks with the group); with computed sizes
+(`F.interpolate(x, size=...)` exports `Concat(Shape(x)[0:2], size)`), when the channel entry is
+read from the Resize's own input's shape: it follows the pruned input at run time. Pad passes
+them when the channel axis gets no padding; it commutes with a rotation when it pads with zeros.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from onnxprune.ops.flow import (
     through,
 )
 from onnxprune.ops.registry import Handler, register
+from onnxprune.ops.shape_values import vector_source
 from onnxprune.ops.torch_support import from_input_or_attr, ints, opt, torch_pads
 
 if TYPE_CHECKING:
@@ -96,14 +99,19 @@ class Pad(Handler):
 
 
 def _sizes(node: gs.Node, state: State) -> Step:
-    """Explicit sizes: the channel entry must state C, and shrinks with the group."""
+    """Explicit sizes: a constant channel entry must state C, and shrinks with the group; a
+    computed one must read the channel count from the Resize's own input at run time."""
     sizes, rank = const(node, 3), rank_of(node.inputs[0])
-    if sizes is None or rank is None:
-        return block(f"Resize '{node.name}' has non-constant sizes")
+    if rank is None:
+        return block(f"Resize '{node.name}' has an unknown rank")
     axes = [int(a) % rank for a in node.attrs.get("axes", range(rank))]
     if state.axis not in axes:
         return through(node, state)
     entry = axes.index(state.axis)
+    if sizes is None:
+        if vector_source(node.inputs[3], entry) == (node.inputs[0], state.axis):
+            return through(node, state)
+        return block(f"Resize '{node.name}' computes the channel entry of its sizes elsewhere")
     if int(sizes.reshape(-1)[entry]) != channel_count(node, state.axis):
         return block(f"Resize '{node.name}' resizes the channel axis")
     return through(node, state, edits=[count_edit(node, 3, entry, state)])

@@ -63,7 +63,8 @@ def entry_value(tensor: gs.Tensor, index: int) -> int | None:
     if node is None:
         return None
     if node.op == "Concat":
-        return _concat_entry(node, index)
+        found = _piece_at(tensor, index)
+        return None if found is None else entry_value(*found)
     if (
         node.op in ("Reshape", "Cast", "Identity")
         and _rank_one(node.inputs[0])
@@ -76,19 +77,6 @@ def entry_value(tensor: gs.Tensor, index: int) -> int | None:
     if node.op == "Where":
         condition = entry_value(node.inputs[0], index)
         return None if condition is None else entry_value(node.inputs[2 - condition], index)
-    return None
-
-
-def _concat_entry(node: gs.Node, index: int) -> int | None:
-    """Entry `index` of Concat `node`'s output: that of the piece holding it."""
-    start = 0
-    for piece in node.inputs:
-        shape = shape_of(piece)
-        if shape is None or len(shape) != 1 or not isinstance(shape[0], int):
-            return None
-        if index < start + shape[0]:
-            return entry_value(piece, index - start)
-        start += shape[0]
     return None
 
 
@@ -147,16 +135,31 @@ def dim_origin(tensor: gs.Tensor, axis: int) -> int | str | None:
 
 def _vector_entry(vector: gs.Tensor, index: int) -> int | str | None:
     """Entry `index` of a shape vector: `shape_entry` of the Concat piece holding it."""
+    found = _piece_at(vector, index)
+    return None if found is None else shape_entry(*found)
+
+
+def vector_source(vector: gs.Tensor, index: int) -> tuple[gs.Tensor, int] | None:
+    """(x, i) when entry `index` of shape vector `vector` (a Concat of shape pieces, or one
+    piece) is dim i of tensor x (`shape_source`), else None."""
+    found = _piece_at(vector, index)
+    return None if found is None else shape_source(*found)
+
+
+def _piece_at(vector: gs.Tensor, index: int) -> tuple[gs.Tensor, int] | None:
+    """(piece, at): the piece of the Concat producing `vector` that holds entry `index`, and the
+    entry's place in it (`vector` itself when no Concat produces it); None when a piece's length
+    is unknown or the vector is shorter."""
     node = vector.inputs[0] if vector.inputs else None
     if node is None or node.op != "Concat":
-        return shape_entry(vector, index)
+        return vector, index
     start = 0
     for piece in node.inputs:
         size = shape_of(piece)
         if size is None or len(size) != 1 or not isinstance(size[0], int):
             return None
         if index < start + size[0]:
-            return shape_entry(piece, index - start)
+            return piece, index - start
         start += size[0]
     return None
 
