@@ -142,6 +142,18 @@ def residual_block() -> onnx.ModelProto:
     return b.model([b.conv("c4", s, 8, 4)])
 
 
+def conv_mixer(depth: int, c: int = 8) -> onnx.ModelProto:
+    """ConvMixer: a stem conv, then `depth` blocks of x + bn(relu(depthwise(x))) → pointwise
+    conv → relu → bn, then a 1×1 head conv (4)."""
+    b = Builder(17)
+    x = b.bn("bn0", b.relu("r0", b.conv("stem", "x", 3, c)), c)
+    for i in range(depth):
+        mixed = b.bn(f"bd{i}", b.relu(f"rd{i}", b.conv(f"dw{i}", x, c, c, group=c)), c)
+        s = b.node("Add", f"add{i}", [mixed, x])
+        x = b.bn(f"bp{i}", b.relu(f"rp{i}", b.conv(f"pw{i}", s, c, c, 1)), c)
+    return b.model([b.conv("head", x, c, 4, 1)])
+
+
 def concat(c1: int = 4, c2: int = 6) -> onnx.ModelProto:
     """Two branches a(c1), b(c2) from x, concatenated on channels, read by conv `c3`."""
     b = Builder(4)

@@ -253,3 +253,31 @@ def test_relu_vgg_groups_are_prunable_but_not_rotatable(capsys):
     assert main(["analyze", str(reference_path("relu_vgg"))]) == 0
     text = capsys.readouterr().out
     assert text.count("not rotatable: Relu") == 7 and "; rotatable" not in text
+
+
+def test_conv_mixer_walk_grows_linearly_with_depth(monkeypatch):
+    """ConvMixer's long chain of depthwise blocks with residual adds: each block adds the same
+    handler look-ups (a walk revisiting earlier blocks would grow with depth squared) and one
+    group (its pointwise conv, the next block's depthwise conv and residual add passed through)."""
+    import onnxprune.graph.analyze as analyzer
+
+    original, calls = analyzer.handler_for, 0
+
+    def counted(node):
+        nonlocal calls
+        calls += 1
+        return original(node)
+
+    monkeypatch.setattr(analyzer, "handler_for", counted)
+    work, found = {}, {}
+    for depth in (2, 4, 8, 16):
+        calls = 0
+        found[depth] = groups_of(graphs.conv_mixer(depth))
+        work[depth] = calls
+    per_block = (work[4] - work[2]) // 2
+    assert per_block > 0
+    assert all(work[d] == work[2] + per_block * (d - 2) for d in (4, 8, 16)), work
+    for depth, groups in found.items():
+        assert list(groups) == ["stem", *(f"pw{i}" for i in range(depth)), "head"]
+        assert groups["pw0"].consumers == ("pw1",)
+        assert {"dw1", "add1"} <= set(groups["pw0"].passthrough)
