@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.errors import UsageError
 from onnxprune.measure.cost import count, format_count
+from onnxprune.ops.gemm_matmul import parse_equation
 
 F = TensorProto.FLOAT
 
@@ -98,10 +99,20 @@ def test_batched_broadcast_matmul():
     assert cost.params == 3 * 7 * 4
 
 
-def test_trivial_einsum():
-    es = helper.make_node("Einsum", ["a", "b"], ["y"], equation="bij,bjk->bik")
+@pytest.mark.parametrize("equation", ["bij,bjk->bik", "bij,bjk"])
+def test_trivial_einsum(equation):
+    es = helper.make_node("Einsum", ["a", "b"], ["y"], equation=equation)
     model = _model([es], [_vi("a", [2, 3, 4]), _vi("b", [2, 4, 5])], [_vi("y", None)])
     assert count(model).macs == 2 * 3 * 4 * 5
+
+
+@pytest.mark.parametrize("equation", ["bij,bjk", "ij,jk", "ba,ca", "i,i", "ab,cd", "hbi,bhj"])
+def test_implicit_einsum_output_is_numpys(equation):
+    """An implicit output holds the labels used once, alphabetically: the shape numpy gives."""
+    operands, output = parse_equation(equation)
+    size = {label: 2 + i for i, label in enumerate("abcdhijk")}
+    arrays = [np.ones([size[label] for label in labels]) for labels in operands]
+    assert np.einsum(equation, *arrays).shape == tuple(size[label] for label in output)
 
 
 def test_conv_bn_relu_maxpool():

@@ -8,8 +8,9 @@ slice c along it is computed from slice c of every operand holding it and from n
 along that label (torchvision's MaxViT writes attention as `einsum("bghid,bghjd->bghij", q, k)`
 and `einsum("bghij,bghjd->bghid", a, v)`, the heads on label h), so the channels go to the
 output's axis of that label and every other operand holding it is tied to the group, as the
-operands of a batched MatMul are. A summed or repeated label, an ellipsis, an implicit output
-or an operand holding the label as a constant is refused.
+operands of a batched MatMul are. A summed or repeated label, an ellipsis or an operand holding
+the label as a constant is refused. An implicit output (no "->") holds the labels used once, in
+alphabetical order (the ONNX rule).
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ class Einsum(Handler):
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
         parsed = parse_equation(str(node.attrs.get("equation", "")))
         if parsed is None:
-            return block(f"Einsum '{node.name}' has an ellipsis or an implicit output")
+            return block(f"Einsum '{node.name}' has an ellipsis")
         operands, output = parsed
         if len(operands) != len(node.inputs) or len(operands[index]) != rank_of(node.inputs[index]):
             return block(f"Einsum '{node.name}' has an equation that does not fit its inputs")
@@ -143,17 +144,16 @@ class Einsum(Handler):
         return through(node, state, axis=output.index(label), couple=len(holders) > 1)
 
     def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
-        """Product of every label's size; 0 for any other equation."""
-        equation = str(node_attrs(node).get("equation", b""), "utf-8").replace(" ", "")
-        terms = equation.split("->")[0].split(",")
-        if len(terms) != 2 or "..." in equation or len(node.input) != 2:
+        """Product of every label's size for two operands; 0 for any other equation."""
+        parsed = parse_equation(str(node_attrs(node).get("equation", b""), "utf-8"))
+        if parsed is None or len(parsed[0]) != 2 or len(node.input) != 2:
             return 0
         sizes: dict[str, int] = {}
-        for term, name in zip(terms, node.input, strict=True):
+        for labels, name in zip(parsed[0], node.input, strict=True):
             shape = shape_of(name)
-            if len(shape) != len(term):
+            if len(shape) != len(labels):
                 return 0
-            sizes.update(zip(term, shape, strict=True))
+            sizes.update(zip(labels, shape, strict=True))
         return math.prod(sizes.values())
 
     def torch(self, op_type: str) -> TorchOp | None:
@@ -161,13 +161,17 @@ class Einsum(Handler):
 
 
 def parse_equation(equation: str) -> tuple[list[str], str] | None:
-    """(labels of each operand, labels of the output) of an explicit Einsum equation without
-    an ellipsis, else None."""
+    """(labels of each operand, labels of the output) of an Einsum equation without an ellipsis,
+    else None. An implicit output (no "->") holds the labels used once, in alphabetical order."""
     equation = equation.replace(" ", "")
-    if "->" not in equation or "." in equation:
+    if "." in equation:
         return None
-    inputs, output = equation.split("->")
-    return inputs.split(","), output
+    inputs, _, output = equation.partition("->")
+    operands = inputs.split(",")
+    if "->" not in equation:
+        labels = "".join(operands)
+        output = "".join(sorted(label for label in set(labels) if labels.count(label) == 1))
+    return operands, output
 
 
 def matmul_macs(node: onnx.NodeProto, shape_of: ShapeOf, b_index: int) -> int:
