@@ -10,6 +10,7 @@ the prune. The digits side of the choice (validation split) is
 
     python benchmarks/residual_default.py --models resnet50,mobilenet_v3_small --targets 0.7,0.5
     python benchmarks/residual_default.py --models mobilenet_v3_small --variants default
+    python benchmarks/residual_default.py --models mobilenet_v3_small --variants default,--cv-widths
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ from onnxprune.measure.verify import run
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("ONNXPRUNE_ZOO_CACHE", "/work/zoo_cache"))
-VARIANTS = {"--no-prune-residual": False, "--prune-residual": True, "default": None}
+VARIANTS = {  # label → prune options besides the target
+    "--no-prune-residual": {"prune_residual": False},
+    "--prune-residual": {"prune_residual": True},
+    "default": {},
+    "--cv-widths": {"cv_widths": True},  # the default's candidates, scored held out
+}
 
 
 def measure(name: str, targets: tuple[float, ...], variants: tuple[str, ...]) -> dict:
@@ -43,9 +49,8 @@ def measure(name: str, targets: tuple[float, ...], variants: tuple[str, ...]) ->
     cells = {}
     for target in targets:
         for label in variants:
-            residual = VARIANTS[label]
             start = time.perf_counter()
-            options = {"target_macs": target, "batch_size": 8, "prune_residual": residual}
+            options = {"target_macs": target, "batch_size": 8, **VARIANTS[label]}
             result = onnxprune.prune(model, method="id", data=fit, verify=False, **options)
             seconds = time.perf_counter() - start
             got = next(iter(run(result.model, test).values()))

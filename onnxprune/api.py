@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune.budget import Widths, choose_widths, refine_widths, streams_note
+from onnxprune.budget import Widths, choose_widths, refine_widths, streams_note, unfolded
 from onnxprune.calib.data import Dataset, batch_for, count_shapes, input_specs
 from onnxprune.calib.gather import gather, gather_norms, gather_weights
 from onnxprune.calib.row_mask import row_mask_input
@@ -204,11 +204,12 @@ def _prune_channels(
     )
     with one_blas_thread():  # on busy cores OpenBLAS threads spin (calib/stats.py)
         widths = refine_widths(graph, groups, widths, calibration.stats, pruner, config, fit)
-        plans = make_plans(groups, widths.counts, calibration.stats, pruner, config)
+        stats = calibration.stats if config.cv_maps else unfolded(calibration.stats)
+        plans = make_plans(groups, widths.counts, stats, pruner, config)
     # the tap statistics (float64 Grams, up to width² per tap: 285 MB on ResNet-50) are spent
     # once planned; the refit, recalibration and verification sessions come next
     loss, outputs, measured = calibration.loss, calibration.outputs, calibration.moments
-    del calibration
+    del calibration, stats
     drop_mapped_pages(graph)
     notes += streams_note(groups, widths, config)
     batches = lambda: (b.feeds for b in fit.batches(config.batch_size))  # noqa: E731

@@ -13,12 +13,15 @@ compete too: the streams are pruned where the target needs it, or where that dev
 than the best allocation with them whole by STREAMS_EVIDENCE standard errors of the per-sample
 difference (an allocation that cuts more groups fits more maps to the same samples, so a small
 in-sample lead did not hold on held-out data: docs/RESULTS.md, "Residual streams as candidates").
+With `cv_widths` the candidates are scored by two-fold cross-validation on the calibration
+samples instead (`held_out_deviation`), and the least held-out deviation is chosen, streams or not.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -125,7 +128,8 @@ def refine_widths(
 ) -> Widths:
     """`--global` (any method: `global_widths`), or for ID with a MAC/parameter target: candidate
     allocations by ID error per cost and the uniform one, the best by measured output deviation
-    on `dataset` (without it: the tap-counted error allocation)."""
+    on `dataset`, held out with `cv_widths` (without `dataset`: the tap-counted error
+    allocation)."""
     if config.global_ranking:
         return global_widths(graph, groups, widths, stats, method, config)
     kind, target = _target(config)
@@ -149,14 +153,21 @@ def refine_widths(
             cut = any(counts.get(name, m) < m for name, m in pruned.items() if name not in channels)
             candidates.setdefault(key, (label + STREAMS_PRUNED if cut else label, counts))
     candidates = _feasible(candidates, reached, target)
-    score = output_deviation(graph, groups, stats, method, config, dataset)
+    score = (
+        held_out_deviation(graph, groups, stats, method, config, dataset)
+        if config.cv_widths
+        else None
+    )
+    held_out = score is not None
+    if score is None:
+        score = output_deviation(graph, groups, stats, method, config, dataset)
     found = progress(candidates.values(), len(candidates), "scoring width candidates")
     per_sample = {label: (score(counts), counts) for label, counts in found}
     deviations = {lab: float(np.sqrt(np.sum(e))) for lab, (e, _) in per_sample.items()}
     deviations = dict(sorted(deviations.items(), key=lambda item: item[1]))
     label = next(iter(deviations))
     whole = [lab for lab in deviations if not lab.endswith(STREAMS_PRUNED)]
-    pruned_best = label.endswith(STREAMS_PRUNED) and whole
+    pruned_best = label.endswith(STREAMS_PRUNED) and whole and not held_out
     if pruned_best and not clearly_less(per_sample[label][0], per_sample[whole[0]][0]):
         label = whole[0]
     counts = per_sample[label][1]
@@ -285,30 +296,85 @@ def output_deviation(
     recalibrated on those samples only, to keep the scoring cheap). With `row_mask`, an output
     whose first two axes are the mask's counts only its rows where the mask is nonzero."""
     subset = dataset.head(min(samples, len(dataset)))
-    feeds = subset.arrays
-    original = export(graph)
-    reference = run_original(original, feeds)
-    batches = lambda: (b.feeds for b in subset.batches(config.batch_size))  # noqa: E731
-    moments = {}  # the original's, at every layer any candidate recalibrates: one pass for all
-    if config.recalibrate:
-        tensors = reference_tensors(graph, groups, stats)
-        moments = channel_moments(original, tensors, batches())
+    return _deviation(graph, groups, method, config, [(stats, subset, subset)])
 
-    n = len(subset)
-    squares = lambda v: _masked_squares(v, feeds, config.row_mask)  # noqa: E731
-    total = max(sum(float(np.sum(squares(v))) for v in reference.values()), 1e-30)
+
+def held_out_deviation(
+    graph: gs.Graph,
+    groups: tuple[ChannelGroup, ...],
+    stats: Mapping[str, GroupStats],
+    method: Method,
+    config: PruneConfig,
+    dataset: Dataset,
+    samples: int = 256,
+) -> Score | None:
+    """As `output_deviation`, but two-fold: the maps fitted on the even calibration samples'
+    statistics (`TapStats.folds`; recalibrated on the even ones among the first `samples`) are
+    scored on the odd ones among them, and the other way round. A candidate that cuts more
+    groups fits more maps to the same samples; scored in-sample it looks better than it is.
+    None where a tap has no fold statistics or a fold has fewer than two samples."""
+    taps = [tap for s in stats.values() for tap in s.taps.values()]
+    subset = dataset.head(min(samples, len(dataset)))
+    if not taps or any(len(t.folds) != 2 for t in taps) or len(subset) < 4:
+        return None
+    parts = [subset.fold(k, 2) for k in (0, 1)]
+    fits = [{name: _fold(s, k) for name, s in stats.items()} for k in (0, 1)]
+    return _deviation(graph, groups, method, config, [(fits[0], *parts), (fits[1], *parts[::-1])])
+
+
+def unfolded(stats: Mapping[str, GroupStats]) -> dict[str, GroupStats]:
+    """The statistics without their taps' fold statistics (`id` reads folds as --cv-maps)."""
+    return {
+        name: replace(s, taps={k: replace(t, folds=()) for k, t in s.taps.items()})
+        for name, s in stats.items()
+    }
+
+
+def _fold(stats: GroupStats, k: int) -> GroupStats:
+    return replace(stats, taps={key: tap.folds[k] for key, tap in stats.taps.items()})
+
+
+def _deviation(
+    graph: gs.Graph,
+    groups: tuple[ChannelGroup, ...],
+    method: Method,
+    config: PruneConfig,
+    splits: list[tuple[Mapping[str, GroupStats], Dataset, Dataset]],
+) -> Score:
+    """Per-sample squared output deviations over the scored samples' total squared norm, as a
+    function of the widths; per split (statistics, samples recalibrated on, samples scored)."""
+    original = export(graph)
+    parts, norms = [], []
+    for stats, fit, scored in splits:
+        batches = partial(_feeds, fit, config.batch_size)
+        moments = {}  # the original's, at every layer any candidate recalibrates: one pass
+        if config.recalibrate:
+            moments = channel_moments(original, reference_tensors(graph, groups, stats), batches())
+        feeds = scored.arrays
+        squares = partial(_masked_squares, feeds=feeds, row_mask=config.row_mask)
+        reference = run_original(original, feeds)
+        norms.append(sum(float(np.sum(squares(v))) for v in reference.values()))
+        parts.append((stats, batches, moments, feeds, len(scored), squares, reference))
+    total = max(sum(norms), 1e-30)
 
     def score(counts: Mapping[str, int]) -> np.ndarray:
-        plans = make_plans(groups, counts, stats, method, config)
-        pruned = rewrite(graph, groups, plans, exact_borders=config.exact_borders)
-        if config.recalibrate:
-            pruned, _ = recalibrate(
-                lambda: original, pruned, groups, plans, batches, reference=moments
-            )
-        got = run(export(pruned), feeds)
-        return sum(_per_sample(squares(got[k] - v), n) for k, v in reference.items()) / total
+        errors = []
+        for stats, batches, moments, feeds, n, squares, reference in parts:
+            plans = make_plans(groups, counts, stats, method, config)
+            pruned = rewrite(graph, groups, plans, exact_borders=config.exact_borders)
+            if config.recalibrate:
+                pruned, _ = recalibrate(
+                    lambda: original, pruned, groups, plans, batches, reference=moments
+                )
+            got = run(export(pruned), feeds)
+            errors.append(sum(_per_sample(squares(got[k] - v), n) for k, v in reference.items()))
+        return np.concatenate(errors) / total
 
     return score
+
+
+def _feeds(dataset: Dataset, batch_size: int):
+    return (b.feeds for b in dataset.batches(batch_size))
 
 
 def _masked_squares(

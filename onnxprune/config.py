@@ -80,6 +80,7 @@ class PruneConfig:
     qk_ratio: float | None = None  # within heads: query/key dims removed (None: the ratio's)
     row_mask: str | None = None  # 2-D input whose 0 entries mark rows the taps leave out
     cv_maps: bool = False  # id: channel groups' maps (ridge or none) by two-fold CV
+    cv_widths: bool = False  # id with a MAC/parameter target: width candidates scored held out
     finetune_steps: int = 0  # distillation steps from the original after pruning (0: none)
     input_shapes: Mapping[str, tuple[int, ...]] | None = None  # symbolic dims where no data is
 
@@ -286,6 +287,21 @@ class PruneConfig:
     def threshold_rule(self) -> tuple[str, float] | None:
         """--threshold parsed as (rule, t), or None."""
         return None if self.threshold is None else parse_threshold(self.threshold)
+
+    @property
+    def scores_widths(self) -> bool:
+        """Whether width candidates are scored by the pruned model's output deviation
+        (budget.refine_widths): `id` with a MAC or parameter target, without --global."""
+        given = [name for name, value in self.targets().items() if value is not None]
+        return (
+            self.method == "id"
+            and not self.global_ranking
+            and given[:1]
+            in (
+                ["target_macs"],
+                ["target_params"],
+            )
+        )
 
     def targets(self) -> dict[str, float | None]:
         """The target options by name (None where not given)."""

@@ -118,6 +118,10 @@ class Dataset:
             return self
         return self._take(np.arange(n), f"{self.source}, first {n}")
 
+    def fold(self, k: int, folds: int) -> Dataset:
+        """The samples i with i mod `folds` = k (the fold statistics' split, calib/stats.py)."""
+        return self._take(np.arange(k, len(self), folds), f"{self.source}, fold {k} of {folds}")
+
     def _take(self, index: np.ndarray, source: str) -> Dataset:
         arrays = {name: np.ascontiguousarray(a[index]) for name, a in self.arrays.items()}
         labels = None if self.labels is None else self.labels[index]

@@ -84,6 +84,8 @@ def gather(
         folded = {tap for tap, _ in features}  # head maps are cross-validated (methods/heads.py)
         if config.cv_maps:  # and, asked for, the maps of single-tap channel groups (methods/id.py)
             folded |= {g.taps[0] for g in selected if g.head_dim == 1 and len(g.taps) == 1}
+        if config.cv_widths and config.scores_widths:  # width candidates scored held out
+            folded |= {tap for g in selected for tap in g.taps}
         taps, found, outputs = collect_all(
             model,
             wanted,

@@ -274,6 +274,14 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "(the report names it: map_full=…)",
     )
     method.add_argument(
+        "--cv-widths",
+        action="store_true",
+        help="id with a MAC or parameter target: score the candidate widths by two-fold "
+        "cross-validation on the calibration samples (maps fitted on one half, the output "
+        "deviation measured on the other) instead of on the samples the maps were fitted to; "
+        "the candidates with residual streams pruned then need no margin of evidence",
+    )
+    method.add_argument(
         "--row-mask",
         metavar="INPUT",
         help="leave out of the tap statistics the token rows whose entry of the 2-D input INPUT "
@@ -435,6 +443,7 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         qk_ratio=args.qk_ratio,
         row_mask=args.row_mask,
         cv_maps=args.cv_maps,
+        cv_widths=args.cv_widths,
         max_group_ratio=args.max_group_ratio,
         target_macs=args.target_macs,
         target_params=args.target_params,
