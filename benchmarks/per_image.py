@@ -104,7 +104,7 @@ def main() -> None:
             build_convmixer(dim, depth, model, load_npz(calib)["input"])
         else:
             name, model = args.model, CACHE / f"{args.model}.onnx"
-        results[name] = measure(model, calib, held, variants)
+        results[name] = {**results.get(name, {}), **measure(model, calib, held, variants)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
 
