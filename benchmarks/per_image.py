@@ -13,6 +13,7 @@ The model is a zoo export, or a small timm ConvMixer built here as the zoo build
 
     python benchmarks/per_image.py --model timm_convmixer_768_32 --out benchmarks/results/x.json
     python benchmarks/per_image.py --convmixer 256,32 --variants "--method id;--method magnitude"
+    python benchmarks/per_image.py --model timm_dla34 --variants ""   # the original's norms only
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ def per_image(reference: np.ndarray, pruned: np.ndarray) -> dict[str, object]:
     }
 
 
+def reference_norms(reference: np.ndarray) -> dict[str, object]:
+    """The original's logit norm per photo and the share of ‖Y‖² held by the largest."""
+    norms = np.linalg.norm(reference.reshape(len(reference), -1).astype(np.float64), axis=1)
+    return {
+        "top_share": float(norms.max() ** 2 / (norms**2).sum()),
+        "norm_per_image": [round(float(n), 2) for n in norms],
+    }
+
+
 def build_convmixer(dim: int, depth: int, path: Path, calib: np.ndarray) -> None:
     """timm's ConvMixer(dim, depth, kernel 9, patch 7) with the zoo's randomised norms, exported
     by the zoo's legacy exporter (opset 17, dynamic batch)."""
@@ -67,10 +77,7 @@ def measure(model: Path, calib_path: Path, held_path: Path, variants: list[list[
     """The original's per-photo norms and, per flag set, the pruned model's deviations."""
     data = {"calib": load_npz(calib_path), "heldout": load_npz(held_path)}
     reference = {k: run_model(model, v)[0] for k, v in data.items()}
-    row: dict[str, object] = {
-        k: {"norm_per_image": [round(float(n), 2) for n in np.linalg.norm(v, axis=1)]}
-        for k, v in reference.items()
-    }
+    row: dict[str, object] = {k: reference_norms(v) for k, v in reference.items()}
     with tempfile.TemporaryDirectory() as tmp:
         for flags in variants:
             out = Path(tmp) / "pruned.onnx"
@@ -95,7 +102,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/per_image.json"))
     args = parser.parse_args()
     calib, held = CACHE / "calib_224.npz", CACHE / "heldout_224.npz"
-    variants = [v.split() for v in args.variants.split(";")]
+    variants = [v.split() for v in args.variants.split(";") if v.strip()]  # "": the original only
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.convmixer:
