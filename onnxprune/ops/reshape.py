@@ -239,7 +239,7 @@ def restored_source(node: gs.Node) -> gs.Tensor | None:
     for _ in range(_RESTORE_DEPTH):
         if data is src:
             return src
-        data = _keeps_last_axis(data)
+        data = keeps_last_axis(data)
         if data is None:
             return None
     return None
@@ -280,7 +280,7 @@ _RESTORE_DEPTH = 8
 _LAST_AXIS_OPS = frozenset({"BatchNormalization", "Identity", "Relu", "HardSwish", "Sigmoid"})
 
 
-def _keeps_last_axis(tensor: gs.Tensor) -> gs.Tensor | None:
+def keeps_last_axis(tensor: gs.Tensor) -> gs.Tensor | None:
     """The one variable input of the node producing `tensor` when that node keeps the last axis
     element for element (Flatten onto it, a BatchNormalization or activation), else None."""
     node = tensor.inputs[0] if tensor.inputs else None
