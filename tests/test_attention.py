@@ -668,3 +668,40 @@ def test_levit_heads_split_by_a_computed_target_are_pruned_exactly(downsample):
     assert (heads.channels, heads.head_dim) == (HEADS, width)
     assert len(heads.producers) == 1 + downsample and len(heads.consumers) == 1
     _assert_duplicated_head_removed_exactly(model, heads)
+
+
+class UnbindAttention(nn.Module):
+    """timm's attention (MobileViT, ViT): one q/k/v Linear, `reshape(B, N, 3, H, D)
+    .permute(2, 0, 3, 1, 4).unbind(0)` (exported as a Split of axis 0 into three parts of one,
+    each Squeezed), softmax attention, out projection; mean over tokens → 4 scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.qkv, self.proj, self.fc = (
+            nn.Linear(DIM, 3 * DIM),
+            nn.Linear(DIM, DIM),
+            nn.Linear(DIM, 4),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        parts = self.qkv(x).reshape(b, n, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
+        q, k, v = parts.unbind(0)
+        y = ((q * HEAD_DIM**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.fc(self.proj(y.transpose(1, 2).reshape(b, n, DIM)).mean(dim=1))
+
+
+def test_unbound_packed_projection_heads_are_pruned_exactly():
+    """The Split + Squeezes of `unbind(0)` read the three parts like Gathers: the projection is
+    taken apart, one group of heads, ratio 0 the same function, a duplicated head removed by ID
+    the same function at an unseen batch size."""
+    module = UnbindAttention()
+    _duplicate_packed_head(module.qkv.weight, module.qkv.bias)
+    model = _export(module)
+    assert any(n.op_type == "Split" for n in model.graph.node)
+    heads, groups = _head_group(model)
+    assert heads.prunable, heads.reason
+    assert (heads.channels, heads.head_dim) == (HEADS, HEAD_DIM)
+    assert len(heads.producers) == 3 and len(heads.consumers) == 1
+    _assert_duplicated_head_removed_exactly(model, heads)
