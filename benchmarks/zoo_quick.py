@@ -5,6 +5,7 @@ calibration file follows the model's input size (calib_224.npz or calib_320.npz)
 
     python benchmarks/zoo_quick.py resnet50 densenet121 convnext_tiny vit_b_16 yolov8n
     python benchmarks/zoo_quick.py --method id resnet50
+    python benchmarks/zoo_quick.py --method id --ratio 0.5 --exclude stem,mlp,proj timm_levit_128s
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from onnxprune.measure.verify import run
 CACHE = os.environ.get("ONNXPRUNE_ZOO_CACHE", "/work/zoo_cache")
 
 
-def check(name: str, method: str = "magnitude", ratio: float = 0.25) -> dict:
-    """Analysis counts and a checked prune by `method` at `ratio` of one zoo export."""
+def check(
+    name: str, method: str = "magnitude", ratio: float = 0.25, exclude: tuple[str, ...] = ()
+) -> dict:
+    """Analysis counts and a checked prune by `method` at `ratio` of one zoo export, the groups
+    matching `exclude` (the CLI's `--exclude` patterns) left whole."""
     start = time.time()
     path = f"{CACHE}/{name}.onnx"
     analysis = onnxprune.analyze(path)
@@ -34,7 +38,9 @@ def check(name: str, method: str = "magnitude", ratio: float = 0.25) -> dict:
         fit = calib[key]
     with np.load(f"{CACHE}/heldout_{size}.npz") as held:
         test = {key: held[key]}
-    pruned = onnxprune.prune(model, method=method, ratio=ratio, data={key: fit}, verify=False)
+    pruned = onnxprune.prune(
+        model, method=method, ratio=ratio, data={key: fit}, verify=False, exclude=list(exclude)
+    )
     onnx.checker.check_model(pruned.model, full_check=True)
     ref = next(iter(run(model, test).values()))
     got = next(iter(run(pruned.model, test).values()))
@@ -57,6 +63,8 @@ if __name__ == "__main__":
     parser.add_argument("models", nargs="+", help=f"zoo export names (files in {CACHE})")
     parser.add_argument("--method", default="magnitude")
     parser.add_argument("--ratio", type=float, default=0.25)
+    parser.add_argument("--exclude", default="", help="comma-separated group name patterns")
     args = parser.parse_args()
+    exclude = tuple(p for p in args.exclude.split(",") if p)
     for model_name in args.models:
-        print(model_name, check(model_name, args.method, args.ratio), flush=True)
+        print(model_name, check(model_name, args.method, args.ratio, exclude), flush=True)

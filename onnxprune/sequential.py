@@ -197,7 +197,8 @@ def _sites(
             keep, channels = np.asarray(plan.keep), group.channels
             if np.shape(old.M)[1] != channels:  # a head group's map of every feature
                 tap = replace(tap, offset=tap.offset * tap.spatial, spatial=1)
-                keep, channels = head_features(keep, group.head_dim), channels * group.head_dim
+                keep = head_features(keep, group.feature_dim)
+                channels *= group.feature_dim
             sites.append(Site(group.name, key, tap, channels, keep, old))
     notes = ()
     if recurrent:

@@ -584,3 +584,124 @@ def test_heads_split_by_the_input_shape_are_proven_and_pruned_exactly():
     assert len(result.plans[heads.name].keep) == HEADS - 1
     longer = np.random.default_rng(1).integers(0, 11, (4, TOKENS + 4))
     assert_outputs_close(model, result.model, {"input": longer}, atol=1e-5)
+
+
+KEY_DIM, VALUE_DIM = 2, 4  # LeViT: q and k narrower than v
+
+
+class LinearNorm(nn.Sequential):
+    """LeViT's Linear + BatchNorm1d over the tokens: `bn(y.flatten(0, 1)).reshape_as(y)`."""
+
+    def __init__(self, features: int, out: int) -> None:
+        super().__init__(nn.Linear(features, out, bias=False), nn.BatchNorm1d(out))
+        with torch.no_grad():
+            self[1].running_mean.uniform_(-0.5, 0.5)
+            self[1].running_var.uniform_(0.5, 2.0)
+            self[1].weight.uniform_(0.5, 1.5)
+            self[1].bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self[0](x)
+        return self[1](y.flatten(0, 1)).reshape_as(y)
+
+
+class LevitAttention(nn.Module):
+    """timm LeViT's attention on (batch, 5, 6) tokens, 3 heads with q, k of 2 and v of 4
+    features: one LinearNorm writes each head's q, k, v side by side, `view(B, N, H, -1)` (a
+    target computed from the input's shape) splits the heads and `split([2, 2, 4], dim=3)` the
+    parts; a learned bias per head and token pair (a Gather of a table) joins the scores; the
+    heads merge to H·4 features, Hardswish, out LinearNorm; mean over tokens → 4 scores. With
+    `downsample` (LeViT's AttentionDownsample) q has a projection of its own, split by
+    `view(B, -1, H, 2)`, and one LinearNorm writes k and v."""
+
+    def __init__(self, downsample: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.downsample = downsample
+        part = KEY_DIM + VALUE_DIM if downsample else 2 * KEY_DIM + VALUE_DIM
+        self.qkv = LinearNorm(DIM, HEADS * part)
+        self.q = LinearNorm(DIM, HEADS * KEY_DIM) if downsample else None
+        self.biases = nn.Parameter(torch.randn(HEADS, TOKENS))
+        offsets = (torch.arange(TOKENS)[:, None] - torch.arange(TOKENS)[None]).abs()
+        self.register_buffer("offsets", offsets)
+        self.proj, self.fc = LinearNorm(HEADS * VALUE_DIM, DIM), nn.Linear(DIM, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        if self.downsample:
+            k, v = self.qkv(x).view(b, n, HEADS, -1).split([KEY_DIM, VALUE_DIM], dim=3)
+            q = self.q(x).view(b, -1, HEADS, KEY_DIM)
+        else:
+            parts = self.qkv(x).view(b, n, HEADS, -1).split([KEY_DIM, KEY_DIM, VALUE_DIM], dim=3)
+            q, k, v = parts
+        q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1), v.permute(0, 2, 1, 3)
+        scores = q @ k * KEY_DIM**-0.5 + self.biases[:, self.offsets]
+        y = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, HEADS * VALUE_DIM)
+        return self.fc(self.proj(nn.functional.hardswish(y)).mean(dim=1))
+
+    def duplicate_head(self) -> LevitAttention:
+        """Head 2 := head 0: its rows of every projection and BatchNorm, and its biases."""
+        with torch.no_grad():
+            for norm in (self.qkv, self.q) if self.downsample else (self.qkv,):
+                part = norm[0].out_features // HEADS
+                lo, hi = slice(0, part), slice(2 * part, 3 * part)
+                for tensor in (norm[0].weight, *norm[1].parameters(), *norm[1].buffers()):
+                    if tensor.dim() and tensor.shape[0] == norm[0].out_features:
+                        tensor[hi] = tensor[lo]
+            self.biases[2] = self.biases[0]
+        return self
+
+
+@pytest.mark.parametrize("downsample", [False, True], ids=["attention", "downsample"])
+def test_levit_heads_split_by_a_computed_target_are_pruned_exactly(downsample):
+    """The head split's per-head width is -1 in a target read from the input's shape (shape
+    inference leaves it symbolic): H·D / H. One group of heads (q and k of 2 features, v of 4,
+    through the BatchNorm over tokens and the Split of each head's features); ratio 0 the same
+    function, a duplicated head removed by ID the same function at an unseen batch size."""
+    model = _export(LevitAttention(downsample).duplicate_head())
+    graph = normalize(model)
+    split = next(n for n in graph.nodes if n.op == "Split")
+    assert not isinstance(split.inputs[0].shape[-1], int)  # the per-head width is computed
+    heads, groups = _head_group(model)
+    assert heads.prunable, heads.reason
+    width = KEY_DIM + VALUE_DIM if downsample else 2 * KEY_DIM + VALUE_DIM
+    assert (heads.channels, heads.head_dim) == (HEADS, width)
+    assert len(heads.producers) == 1 + downsample and len(heads.consumers) == 1
+    _assert_duplicated_head_removed_exactly(model, heads)
+
+
+class UnbindAttention(nn.Module):
+    """timm's attention (MobileViT, ViT): one q/k/v Linear, `reshape(B, N, 3, H, D)
+    .permute(2, 0, 3, 1, 4).unbind(0)` (exported as a Split of axis 0 into three parts of one,
+    each Squeezed), softmax attention, out projection; mean over tokens → 4 scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.qkv, self.proj, self.fc = (
+            nn.Linear(DIM, 3 * DIM),
+            nn.Linear(DIM, DIM),
+            nn.Linear(DIM, 4),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        parts = self.qkv(x).reshape(b, n, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
+        q, k, v = parts.unbind(0)
+        y = ((q * HEAD_DIM**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.fc(self.proj(y.transpose(1, 2).reshape(b, n, DIM)).mean(dim=1))
+
+
+def test_unbound_packed_projection_heads_are_pruned_exactly():
+    """The Split + Squeezes of `unbind(0)` read the three parts like Gathers: the projection is
+    taken apart, one group of heads, ratio 0 the same function, a duplicated head removed by ID
+    the same function at an unseen batch size."""
+    module = UnbindAttention()
+    _duplicate_packed_head(module.qkv.weight, module.qkv.bias)
+    model = _export(module)
+    assert any(n.op_type == "Split" for n in model.graph.node)
+    heads, groups = _head_group(model)
+    assert heads.prunable, heads.reason
+    assert (heads.channels, heads.head_dim) == (HEADS, HEAD_DIM)
+    assert len(heads.producers) == 3 and len(heads.consumers) == 1
+    _assert_duplicated_head_removed_exactly(model, heads)

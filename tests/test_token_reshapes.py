@@ -155,3 +155,25 @@ def test_flatten2_ratio_zero_and_the_twins_are_exact():
     assert tuple(weights[conv.input[1]].dims) == (HIDDEN - len(TWINS), 3, 3, 3)
     onnx.checker.check_model(result.model, full_check=True)
     assert_outputs_close(model, result.model, held, atol=1e-5)
+
+
+def test_an_unfold_into_patches_is_refused_with_its_reason():
+    """MobileViT's unfold `reshape(B·C·nh, ph, nw, pw)` states the axis before the channels as
+    the batch times the channel count (times nh), computed from the input's shape: the channels
+    move into that axis, which no rule follows; the group is refused at that Reshape."""
+    b = graphs.Builder(6)
+    y = b.conv("conv", "x", 3, HIDDEN)
+    batch = b.node("Gather", "batch", [b.node("Shape", "shape", [y]), b.const("i0", np.int64(0))])
+    folded = b.node(
+        "Mul", "folded", [b.node("Mul", "by_c", [batch, b.const("c", np.int64(HIDDEN))]),
+                          b.const("nh", np.int64(2))])  # fmt: skip
+    pieces = [b.node("Unsqueeze", "lead", [folded, b.const("ax", np.array([0], np.int64))])]
+    pieces.append(b.const("rest", np.array([2, 2, 2], np.int64)))
+    patches = b.node("Reshape", "unfold", [y, b.node("Concat", "target", pieces, axis=0)])
+    out = b.node("MatMul", "fc", [b.relu("act", patches), b.rand("fc.w", 2, OUT)])
+    group = _conv_group(b.model([out], shape=("N", 3, 4, 4)))
+    assert not group.prunable
+    assert group.reason == (
+        "Reshape 'unfold' folds the channels into the axis before them (an unfold into patches, "
+        "MobileViT's): not followed"
+    )

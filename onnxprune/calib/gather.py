@@ -73,7 +73,7 @@ def gather(
         wanted = [(tap, g.channels) for g in selected for tap in g.taps]
         wanted += [(norm, g.channels) for g in selected for _, norm in g.normalized]
         features = [
-            (feature_tap(tap, g.head_dim), g.channels * g.head_dim)
+            (feature_tap(tap, g.feature_dim), g.channels * g.feature_dim)
             for g in selected
             if g.head_dim > 1
             for tap in g.taps
@@ -126,7 +126,7 @@ def _features(group: ChannelGroup, taps: Mapping[Tap, TapStats]) -> dict[str, Ta
     """A head group's feature-level tap statistics, by head tap key (empty for other groups)."""
     if group.head_dim == 1:
         return {}
-    found = ((tap.key, feature_tap(tap, group.head_dim)) for tap in group.taps)
+    found = ((tap.key, feature_tap(tap, group.feature_dim)) for tap in group.taps)
     return {key: taps[features] for key, features in found if features in taps}
 
 

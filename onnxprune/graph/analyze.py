@@ -285,8 +285,9 @@ def _visit(walk: _Walk, node: gs.Node, index: int, state: State, stack: list[Sta
         source = state if handler.scaled else result.next
         walk.normed[result.next.tensor] = _tap(source)
     elif state.tensor in walk.normed and handler.scales_along(node, index):
-        walk.normed[result.next.tensor] = walk.normed[state.tensor]
-    stack.append(result.next)
+        for nxt in (result.next, *result.also):
+            walk.normed[nxt.tensor] = walk.normed[state.tensor]
+    stack.extend((result.next, *result.also))
 
 
 def _shuffled(node: gs.Node, handler: Handler | None, state: State) -> Step | None:
@@ -380,6 +381,9 @@ def _merge(walks: list[_Walk]) -> ChannelGroup:
             reason = f"coupled with '{blocked.producer.node.name}': {reason}"
     if reason is None and not consumers:
         reason = "no consumer reads these channels through weights"
+    head_dim = first.producer.start.spatial
+    if reason is None and head_dim > 1 and len({tap.spatial for tap in taps}) > 1:
+        reason = "its consumers read heads of different widths"
     rotation = next((w.rotation for w in walks if w.rotation), None)
     return ChannelGroup(
         name=first.producer.label,
@@ -397,9 +401,17 @@ def _merge(walks: list[_Walk]) -> ChannelGroup:
         invariants=tuple(dict.fromkeys(n for w in walks for n in w.invariants)),
         normalized=tuple(normalized),
         ties=tuple(sorted({t for w in walks for t in w.ties})),
-        head_dim=first.producer.start.spatial,
+        head_dim=head_dim,
+        feature_dim=_feature_dim(head_dim, taps),
         gated=all(op == "Mul" for w in walks for op in w.joins.values()),
     )
+
+
+def _feature_dim(head_dim: int, taps: list[Tap]) -> int:
+    """The features per head the taps read: their common `spatial` for heads, else
+    `head_dim`."""
+    widths = {tap.spatial for tap in taps}
+    return widths.pop() if head_dim > 1 and len(widths) == 1 else head_dim
 
 
 def _subspaces(edits, channels: int) -> tuple[int, ...]:

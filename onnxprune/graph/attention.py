@@ -37,6 +37,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit
 from onnxprune.ops.flow import State, Step, const, rank_of, shape_of, through
+from onnxprune.ops.reshape import keeps_last_axis, restored_source
 from onnxprune.ops.shape_values import (
     TargetEntry,
     dim_origin,
@@ -69,15 +70,14 @@ def attention_step(node: gs.Node, index: int, state: State, channels: int) -> St
 
 
 def head_width(node: gs.Node) -> int | None:
-    """D when `node`'s output (through constant bias/scale ops) is split into heads of D
-    features along its last axis, else None."""
-    rank = rank_of(node.outputs[0])
-    if rank is None:
-        return None
+    """D when `node`'s output (through constant bias/scale ops, and LeViT's BatchNorm1d over
+    the tokens: Flatten onto the last axis, BatchNormalization, `reshape_as` back) is split
+    into heads of D features along its last axis, else None."""
     stack, seen = [node.outputs[0]], set()
     while stack:
         tensor = stack.pop()
-        if tensor.name in seen:
+        rank = rank_of(tensor)
+        if tensor.name in seen or rank is None:
             continue
         seen.add(tensor.name)
         for user in tensor.outputs:
@@ -85,27 +85,37 @@ def head_width(node: gs.Node) -> int | None:
                 split = head_split(user, rank - 1) or _fold_split(user, rank - 1)
                 if split is not None:
                     return split[2]
-            elif user.op in _SCALING and any(isinstance(t, gs.Constant) for t in user.inputs):
+                if restored_source(user) is not None:
+                    stack.append(user.outputs[0])
+            elif _scales(user) or keeps_last_axis(user.outputs[0]) is tensor:
                 stack.append(user.outputs[0])
     return None
+
+
+def _scales(node: gs.Node) -> bool:
+    """A bias or scale by a constant."""
+    return node.op in _SCALING and any(isinstance(t, gs.Constant) for t in node.inputs)
 
 
 def head_split(node: gs.Node, axis: int) -> tuple[int, int, int] | None:
     """(axis, H, D) when Reshape `node` splits input `axis` of static size H·D into (H, D) at
     output axes (axis, axis + 1) and keeps every axis after it; else None. H may be symbolic
     (transformers' `view(*shape[:-1], -1, D)`): with the axes before `axis` the same as the
-    input's (`_same_leading`) and D static, the element count makes it H·D / D."""
+    input's (`_same_leading`) and D static, the element count makes it H·D / D. D may be
+    symbolic alike (LeViT's `view(B, N, H, -1)`): it is then H·D / H."""
     shape_in, shape_out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
     if shape_in is None or shape_out is None or len(shape_out) != len(shape_in) + 1:
         return None
     if shape_in[axis + 1 :] != shape_out[axis + 2 :]:
         return None
     width, heads, dim = shape_in[axis], shape_out[axis], shape_out[axis + 1]
-    if not isinstance(width, int) or not isinstance(dim, int) or dim <= 0 or width % dim:
+    if not isinstance(width, int) or not (isinstance(heads, int) or isinstance(dim, int)):
         return None
-    if not isinstance(heads, int) and _same_leading(node, axis):
-        heads = width // dim
-    if not isinstance(heads, int) or heads * dim != width:
+    if isinstance(dim, int) and dim > 0 and width % dim == 0 and not isinstance(heads, int):
+        heads = width // dim if _same_leading(node, axis) else heads
+    elif isinstance(heads, int) and heads > 0 and width % heads == 0 and not isinstance(dim, int):
+        dim = width // heads if _same_leading(node, axis) else dim
+    if not isinstance(heads, int) or not isinstance(dim, int) or heads * dim != width:
         return None
     return axis, heads, dim
 
@@ -114,18 +124,24 @@ def _same_leading(node: gs.Node, axis: int) -> bool:
     """Reshape `node`'s output axes before `axis` are its input's: the same per shape inference,
     or each target entry reads a dim (`Shape(x)[i]`) proven equal to the input's
     (ops/shape_values.py: the dynamo export reads the graph input's batch and sequence where
-    inference lost their equality to the hidden states' dims)."""
+    inference lost their equality to the hidden states' dims). One entry may be -1 when H and
+    D are both static (LeViT's `view(B, -1, H, D)`): the element count then makes it the
+    input's dim."""
     shape_in, shape_out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
+    inferred = 0
     for k in range(axis):
         if shape_in[k] == shape_out[k]:
             continue
         stated = target_entry(node, k)
         if isinstance(stated, Step):
             return False
+        if stated.value() == -1 and isinstance(shape_out[axis], int):
+            inferred += 1  # the one unknown of the element count: the input's dim
+            continue
         size = shape_entry(stated.tensor, stated.at)
         if size is None or size != dim_origin(node.inputs[0], k):
             return False
-    return True
+    return inferred == 0 or (inferred == 1 and isinstance(shape_out[axis + 1], int))
 
 
 def _split_heads(node: gs.Node, state: State) -> Step | None:
@@ -160,6 +176,7 @@ def _merge_heads(node: gs.Node, state: State, channels: int) -> Step | None:
         return None
     heads, dim, width = shape_in[state.axis], shape_in[state.axis + 1], shape_out[axis]
     heads = heads if isinstance(heads, int) else channels
+    dim = dim if isinstance(dim, int) else dim_origin(node.inputs[0], state.axis + 1)
     if not isinstance(dim, int) or (isinstance(width, int) and heads * dim != width):
         return None
     if state.spatial != 1:

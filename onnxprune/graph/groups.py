@@ -101,7 +101,9 @@ class ChannelGroup:
     a conv group reads, "node:out" for those it writes): groups sharing a tie keep equal widths.
     `head_dim` > 1: the channels are attention heads of that many features each
     (graph/attention.py); the q, k and v producers meet in the attention MatMuls, not
-    elementwise, so the group is not `coupled`.
+    elementwise, so the group is not `coupled`. `feature_dim`: the features per head the
+    consumers read (the value width: `head_dim` unless, as in LeViT, one producer writes each
+    head's q, k and v side by side); the head maps (methods/heads.py) are stated on these.
     `gated`: the producers meet only where one gates the other (Mul: an SE / squeeze-excitation
     gate, a gated FFN's GLU): removing channel c removes it from the gated tensor and from the
     gate alike and touches nothing else, so such a group is not `coupled` either.
@@ -123,6 +125,7 @@ class ChannelGroup:
     normalized: tuple[tuple[str, Tap], ...] = ()
     ties: tuple[str, ...] = ()
     head_dim: int = 1
+    feature_dim: int = 1
     gated: bool = False
 
     @property

@@ -11,6 +11,9 @@ torchvision's Swin splits the heads in the same Reshape and moves them with the 
 
     Reshape → (B, N, 3, H, D), Transpose(2, 0, 3, 1, 4) → (3, B, H, N, D), Gather(axis 0, t)
 
+timm's attention (MobileViT, ViT) writes the same with `unbind(0)`: a Split of axis 0 into three
+parts of one, each Squeezed on that axis, instead of the Gathers.
+
 torchvision's MaxViT chunks the projection instead, `q, k, v = torch.chunk(p, 3, dim=-1)`: three
 Slices of the last axis, [tE, (t+1)E) for t = 0, 1, 2, each then split into heads like a plain
 projection.
@@ -85,7 +88,8 @@ def _packed(matmul: gs.Node) -> _Parts | None:
         chain.append(user)
         tensor = user.outputs[0]
     part = [width] if heads is None else list(heads)
-    ordered = _parts(chain, list(tensor.outputs), [*lead, 3, *part], len(lead))
+    readers = _readers(tensor)
+    ordered = None if readers is None else _parts(chain, readers, [*lead, 3, *part], len(lead))
     if ordered is None:
         return None
     gathers, perm = ordered
@@ -174,15 +178,44 @@ def _leading_axes(
     return [d if isinstance(d, int) else 2 for d in lead_in], heads
 
 
-def _parts(
-    chain: list[gs.Node], gathers: list[gs.Node], sizes: list[int], at: int
-) -> tuple[list[gs.Node], tuple[int, ...] | None] | None:
-    """The Gathers ordered by part, and the axis order they give each part in (None: as it
-    is), when running `chain` and each Gather on an index array of `sizes` (…, 3, E) or
-    (…, 3, H, D), the 3 at axis `at`, gives part t of it, the same way for the three parts;
-    else None."""
-    if len(gathers) != 3 or any(g.op != "Gather" for g in gathers):
+def _readers(tensor: gs.Tensor) -> list[tuple[gs.Node, int, int]] | None:
+    """(node, index, axis) for each of the three nodes that take one entry `index` of `axis`
+    of `tensor` (removing the axis): its three Gathers of a constant scalar, or the Squeezes
+    after its one Split into three parts of one (`unbind`); else None."""
+    users = list(tensor.outputs)
+    if len(users) == 3 and all(u.op == "Gather" for u in users):
+        found = []
+        for gather in users:
+            picked = const(gather, 1)
+            if picked is None or picked.ndim != 0 or users.count(gather) != 1:
+                return None
+            found.append((gather, int(picked), gather.attrs.get("axis", 0)))
+        return found
+    rank = rank_of(tensor)
+    split = users[0] if len(users) == 1 and users[0].op == "Split" else None
+    if split is None or rank is None or len(split.outputs) != 3:
         return None
+    axis = split.attrs.get("axis", 0) % rank
+    sizes = const(split, 1) if len(split.inputs) > 1 else None
+    if sizes is None or sizes.reshape(-1).tolist() != [1, 1, 1]:
+        return None
+    found = []
+    for t, out in enumerate(split.outputs):
+        squeeze = _only_user(out, "Squeeze")
+        axes = None if squeeze is None else axes_of(squeeze)
+        if axes is None or [a % rank for a in axes] != [axis]:
+            return None
+        found.append((squeeze, t, axis))
+    return found
+
+
+def _parts(
+    chain: list[gs.Node], readers: list[tuple[gs.Node, int, int]], sizes: list[int], at: int
+) -> tuple[list[gs.Node], tuple[int, ...] | None] | None:
+    """The readers (`_readers`) ordered by part, and the axis order they give each part in
+    (None: as it is), when running `chain` and each reader on an index array of `sizes`
+    (…, 3, E) or (…, 3, H, D), the 3 at axis `at`, gives part t of it, the same way for the
+    three parts; else None."""
     index = np.arange(int(np.prod(sizes))).reshape(sizes)
     moved = index
     for node in chain:
@@ -191,12 +224,9 @@ def _parts(
             return None
     found: dict[int, gs.Node] = {}
     perms = set()
-    for gather in gathers:
-        picked = const(gather, 1)
-        if picked is None or picked.ndim != 0 or gather.inputs[0].outputs.count(gather) != 1:
-            return None
-        got = np.take(moved, int(picked), axis=gather.attrs.get("axis", 0))
-        part = int(picked) % 3
+    for gather, picked, axis in readers:
+        got = np.take(moved, picked, axis=axis)
+        part = picked % 3
         perm = _order(got, np.take(index, part, axis=at))
         if perm is None:
             return None

@@ -34,8 +34,9 @@ class InterpolativeDecomposition:
     def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
         if group.head_dim > 1 and stats.features:  # heads: a map from every kept feature
             options = {"intercept": self.intercept}
-            chosen, choice = select_heads(stats.features.values(), keep, group.head_dim, **options)
-            corrections = feature_corrections(stats, chosen, group.head_dim, choice, **options)
+            dim = group.feature_dim
+            chosen, choice = select_heads(stats.features.values(), keep, dim, **options)
+            corrections = feature_corrections(stats, chosen, dim, choice, **options)
             info = choice.info() if len(chosen) < group.channels else {}
             return Plan(keep=chosen, corrections=corrections, info=info)
         taps = list(stats.taps.items())

@@ -143,7 +143,7 @@ def _feature_level(
     channels."""
     if M is None or group.head_dim == 1 or np.shape(M)[1] == group.channels:
         return tap, keep
-    return stats.features[key], head_features(keep, group.head_dim)
+    return stats.features[key], head_features(keep, group.feature_dim)
 
 
 def with_errors(plan: Plan, group: ChannelGroup, stats: GroupStats) -> Plan:

@@ -7,6 +7,8 @@
 * Split on the channel axis sends the group to the output that holds it, at that output's
   offset, and the output's size shrinks with the group. A group whose channels fall into
   several outputs is cut there (`Step.cuts`): the analyzer makes one group of each part.
+  Split on another axis (LeViT's q, k, v taken from each head's features) sends every channel
+  to every output, on the same axis.
 * Slice (constant bounds, step 1) passes the channels inside it at a new offset and drops
   those outside; its bounds move with the channels pruned before them (after them, for a
   bound counted from the end). Groups straddling a bound are cut like at a Split.
@@ -18,6 +20,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -86,7 +89,8 @@ class Concat(Handler):
 
 @register("Split")
 class Split(Handler):
-    """Split on the channel axis: the group goes to the output holding it, or is cut."""
+    """Split on the channel axis: the group goes to the output holding it, or is cut. On
+    another axis every output carries the whole group."""
 
     strided = True
 
@@ -94,8 +98,11 @@ class Split(Handler):
         if (found := _data_input(node, index, state)) is not None:
             return found
         rank = rank_of(node.inputs[0])
-        if rank is None or node.attrs.get("axis", 0) % rank != state.axis:
-            return block(f"Split '{node.name}' splits another axis (channels reach every output)")
+        if rank is None:
+            return block(f"Split '{node.name}' has an unknown rank")
+        if node.attrs.get("axis", 0) % rank != state.axis:
+            first, *rest = (replace(state, tensor=out.name) for out in node.outputs)
+            return Step("through", next=first, also=tuple(rest))
         total = channel_count(node, state.axis)
         sizes = None if total is None else split_sizes(node, total)
         if sizes is None:

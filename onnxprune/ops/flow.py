@@ -36,6 +36,8 @@ class Step:
     kind "drop": the node discards the channels on this path (a Slice outside them) but its
     `edits` still follow them. `cuts` (with "block"): channel indices of the group where
     splitting it into independent groups lets every part pass (a Split or Slice boundary).
+    `also`: further tensors the channels reach besides `next` (the outputs of a Split of
+    another axis).
     """
 
     kind: Literal["through", "consume", "block", "drop"]
@@ -44,6 +46,7 @@ class Step:
     reason: str | None = None
     couple: bool = False
     cuts: tuple[int, ...] = ()
+    also: tuple[State, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -30,16 +30,19 @@ if TYPE_CHECKING:
 
 @register("BatchNormalization")
 class BatchNormalization(Handler):
-    """Inference BatchNorm: scale, bias, mean and variance sliced with the channels."""
+    """Inference BatchNorm: scale, bias, mean and variance sliced with the channels (a block
+    of `spatial` features per channel: an attention head before its split, LeViT)."""
 
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
         if (found := parameter_input(node, index)) is not None:
             return found
-        if state.axis != 1 or state.spatial != 1:
+        if state.axis != 1:
             return block(f"BatchNormalization '{node.name}' does not normalize the channel axis")
         if any(const(node, i) is None for i in range(1, 5)):
             return block(f"BatchNormalization '{node.name}' has non-constant parameters")
-        edits = [ParamEdit(node.name, i, 0, state.offset, "chan") for i in range(1, 5)]
+        edits = [
+            ParamEdit(node.name, i, 0, state.offset, "chan", state.spatial) for i in range(1, 5)
+        ]
         return through(node, state, edits=edits)
 
     def rotation(self, node: gs.Node, index: int, state: State, result: Step) -> str | None:

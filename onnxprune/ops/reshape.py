@@ -146,6 +146,11 @@ class Reshape(_Commuting):
             return kept
         if (merged := _keeps_leading(node, state)) is not None:
             return merged
+        if _folds_before(node, state):
+            return block(
+                f"Reshape '{node.name}' folds the channels into the axis before them (an unfold "
+                "into patches, MobileViT's): not followed"
+            )
         shape_in, target = shape_of(node.inputs[0]), const(node, 1)
         fail = block(f"Reshape '{node.name}' does not flatten from the channel axis")
         if shape_in is None or target is None or target.size != 2 or state.axis != 1:
@@ -166,6 +171,32 @@ class Reshape(_Commuting):
 
     def torch(self, op_type: str) -> TorchOp | None:
         return _reshape
+
+
+def _folds_before(node: gs.Node, state: State) -> bool:
+    """True when Reshape `node` states the axis before the channels as a product computed with
+    the channel count as a factor (MobileViT's unfold `reshape(B·C·nh, ph, nw, pw)`)."""
+    shape_in = shape_of(node.inputs[0])
+    if state.axis == 0 or shape_in is None or not isinstance(shape_in[state.axis], int):
+        return False
+    stated = target_entry(node, state.axis - 1)
+    if isinstance(stated, Step) or isinstance(stated.tensor, gs.Constant):
+        return False
+    tensor = stated.tensor
+    for _ in range(_RESTORE_DEPTH):
+        producer = tensor.inputs[0] if tensor.inputs else None
+        if producer is None or producer.op not in ("Unsqueeze", "Cast", "Mul"):
+            return False
+        factors = [const(producer, i) for i in range(len(producer.inputs))]
+        if producer.op == "Mul" and any(
+            f is not None and f.size == 1 and int(f.reshape(-1)[0]) == shape_in[state.axis]
+            for f in factors
+        ):
+            return True
+        tensor = next((t for t, f in zip(producer.inputs, factors, strict=True) if f is None), None)
+        if tensor is None:
+            return False
+    return False
 
 
 def _keeps_trailing(node: gs.Node, state: State) -> Step | None:
@@ -239,7 +270,7 @@ def restored_source(node: gs.Node) -> gs.Tensor | None:
     for _ in range(_RESTORE_DEPTH):
         if data is src:
             return src
-        data = _keeps_last_axis(data)
+        data = keeps_last_axis(data)
         if data is None:
             return None
     return None
@@ -280,7 +311,7 @@ _RESTORE_DEPTH = 8
 _LAST_AXIS_OPS = frozenset({"BatchNormalization", "Identity", "Relu", "HardSwish", "Sigmoid"})
 
 
-def _keeps_last_axis(tensor: gs.Tensor) -> gs.Tensor | None:
+def keeps_last_axis(tensor: gs.Tensor) -> gs.Tensor | None:
     """The one variable input of the node producing `tensor` when that node keeps the last axis
     element for element (Flatten onto it, a BatchNormalization or activation), else None."""
     node = tensor.inputs[0] if tensor.inputs else None

@@ -122,6 +122,10 @@ def dim_origin(tensor: gs.Tensor, axis: int) -> int | str | None:
         return dim_origin(node.inputs[0], node.attrs["perm"][axis])
     if node.op in ("MatMul", "Gemm") and isinstance(node.inputs[1], gs.Constant):
         return dim_origin(node.inputs[0], axis) if axis < len(shape) - 1 else None
+    if node.op == "MatMul" and axis >= len(shape) - 2:  # rows of the first, columns of the second
+        return dim_origin(node.inputs[axis - len(shape) + 2], axis - len(shape))
+    if node.op == "Split" and len(node.inputs) > 1:
+        return _split_origin(node, tensor, axis)
     if node.op == "Gather" and node.attrs.get("axis", 0) == 0:
         indices = rank_of(node.inputs[1])
         return dim_origin(node.inputs[1], axis) if indices and axis < indices else None
@@ -131,6 +135,18 @@ def dim_origin(tensor: gs.Tensor, axis: int) -> int | str | None:
         size = _vector_entry(node.inputs[1], axis)
         return size if isinstance(size, str) or (size is not None and size > 0) else None
     return None
+
+
+def _split_origin(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str | None:
+    """The size of axis `axis` of output `tensor` of a Split with constant sizes: its size on
+    the split axis, the input's on any other."""
+    rank = rank_of(node.inputs[0])
+    sizes = const(node, 1)
+    if rank is None or sizes is None:
+        return None
+    if node.attrs.get("axis", 0) % rank != axis:
+        return dim_origin(node.inputs[0], axis)
+    return int(np.asarray(sizes).reshape(-1)[node.outputs.index(tensor)])
 
 
 def _vector_entry(vector: gs.Tensor, index: int) -> int | str | None:
