@@ -132,9 +132,9 @@ def refine_widths(
     allocation)."""
     if config.global_ranking:
         return global_widths(graph, groups, widths, stats, method, config)
-    kind, target = _target(config)
-    if config.method != "id" or kind not in ("macs", "params"):
+    if not config.scores_widths:
         return widths
+    kind, target = _target(config)
     channels = {g.name: g.channels for g in groups if g.name in widths.counts}
     cost = cost_of(graph, groups, kind)
     coupled = {g.name for g in groups if g.coupled}

@@ -292,16 +292,9 @@ class PruneConfig:
     def scores_widths(self) -> bool:
         """Whether width candidates are scored by the pruned model's output deviation
         (budget.refine_widths): `id` with a MAC or parameter target, without --global."""
-        given = [name for name, value in self.targets().items() if value is not None]
-        return (
-            self.method == "id"
-            and not self.global_ranking
-            and given[:1]
-            in (
-                ["target_macs"],
-                ["target_params"],
-            )
-        )
+        given = next((name for name, value in self.targets().items() if value is not None), None)
+        scored = given in ("target_macs", "target_params")
+        return self.method == "id" and not self.global_ranking and scored
 
     def targets(self) -> dict[str, float | None]:
         """The target options by name (None where not given)."""
