@@ -7,7 +7,8 @@ Each tap is read through an Identity copy, so ORT's optimizer cannot fuse the te
 
 The Gram update runs on a contiguous float64 copy under a one-thread BLAS limit: on a machine whose
 cores are busy, OpenBLAS's threads spin-wait for each other and the same update took up to 25×
-longer, the whole statistics pass 4–20× (benchmarks/gram_update.py, docs/RESULTS.md).
+longer, the whole statistics pass 4–20× (benchmarks/gram_update.py, docs/RESULTS.md). Meanwhile
+the next part of the data runs through ONNX Runtime in a thread (calib/prefetch.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import onnxruntime as ort
 from threadpoolctl import threadpool_limits
 
 from onnxprune.calib.data import batch_for, in_batches
+from onnxprune.calib.prefetch import prefetched
 from onnxprune.calib.row_mask import row_keep
 from onnxprune.errors import ModelRunError, VerificationError, first_line
 from onnxprune.graph.groups import Tap
@@ -204,7 +206,7 @@ def collect_all(
     }
     moments = {name: ChannelMoments(axis) for name, axis in tensors.items()}
     with one_blas_thread():
-        for part, values in tap_runs(session, *fetch, batches):
+        for part, values in prefetched(tap_runs(session, *fetch, batches)):
             samples = len(next(iter(part.values())))
             for (tap, channels), acc in zip(taps, accumulators.values(), strict=True):
                 view = channel_view(values[tap.tensor], tap, channels)
