@@ -15,6 +15,11 @@ with the mean of the passes measured just before and after it: wall ÷ wall, and
     python benchmarks/prune_time.py --trees before=/tmp/base,after=. \\
         --models resnet50,resnet,vgg,mobilenetv2 --out benchmarks/results/prune_time.json
     python benchmarks/prune_time.py --models resnet50 --samples 8 --methods id-defaults  # quick
+    python benchmarks/prune_time.py --models resnet50 --methods id --crops 128  # more data
+
+A zoo model's calibration data is the zoo's 32 crops (`calib_224.npz`), or with `--crops N`, N
+crops of the same photos (`zoo_models.photo_crops`, seed 1, cached as `calib<N>_224.npz`): with
+more data the fixed costs of pruning weigh less against the pass.
 """
 
 from __future__ import annotations
@@ -45,13 +50,25 @@ METHODS = {
 }
 
 
-def model_files(name: str) -> tuple[Path, Path]:
-    """The model and its calibration data: a zoo export (`resnet50`) or a bundled digits model."""
+def model_files(name: str, crops: int = 0) -> tuple[Path, Path]:
+    """The model and its calibration data: a zoo export (`resnet50`; `crops` > 0: that many crops
+    instead of the zoo's 32) or a bundled digits model."""
     if (ZOO / f"{name}.onnx").is_file():
         size = 320 if name.startswith("yolo") else 224
-        return ZOO / f"{name}.onnx", ZOO / f"calib_{size}.npz"
+        return ZOO / f"{name}.onnx", zoo_crops(size, crops) if crops else ZOO / f"calib_{size}.npz"
     data = "digits64_calib.npz" if name.startswith("mlp") else "digits32_calib.npz"
     return ROOT / "models" / f"{name}.onnx", ROOT / "models" / data
+
+
+def zoo_crops(size: int, count: int) -> Path:
+    """`count` calibration crops of the zoo's calibration photos at `size`, made once."""
+    path = ZOO / f"calib{count}_{size}.npz"
+    if not path.exists():
+        from zoo_models import CALIB_PHOTOS, photo_crops
+
+        key = "images" if size == 320 else "input"
+        np.savez(path, **{key: photo_crops(CALIB_PHOTOS, count, size, seed=1)})
+    return path
 
 
 def load_data(path: Path, samples: int | None) -> dict[str, np.ndarray]:
@@ -146,9 +163,11 @@ def spawn(tree: Path, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(name: str, methods: list[str], trees: dict[str, Path], samples: int | None) -> list:
+def measure(
+    name: str, methods: list[str], trees: dict[str, Path], samples: int | None, crops: int = 0
+) -> list:
     """Rows for one model: per method, a pass, a prune per tree, a pass again."""
-    model, data = model_files(name)
+    model, data = model_files(name, crops)
     common = [str(model), str(data), str(samples or 0)]
     rows, before = [], spawn(ROOT, "pass", *common)
     for method in methods:
@@ -207,6 +226,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--trees", default="after=.", help="label=path,... (onnxprune sources)")
     parser.add_argument("--samples", type=int, default=0, help="first N samples (0: all)")
+    parser.add_argument("--crops", type=int, default=0, help="zoo models: N crops (0: the zoo's)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     trees = {
@@ -216,8 +236,9 @@ def main() -> None:
     started = time.time()
     rows = []
     for name in args.models.split(","):  # written after each model: a cut-short run keeps them
-        rows += measure(name, args.methods.split(","), trees, args.samples or None)
+        rows += measure(name, args.methods.split(","), trees, args.samples or None, args.crops)
         info = {"machine": machine(), "platform": platform.platform(), "ratio": RATIO}
+        info["crops"] = args.crops or None
         info["seconds"] = round(time.time() - started)
         if args.out:
             args.out.write_text(json.dumps({**info, "rows": rows}, indent=1) + "\n")
