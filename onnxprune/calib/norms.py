@@ -2,7 +2,8 @@
 
 X stacks a layer's input over every sample and every position: each token of a B×S×D transformer
 activation is a row, and for a Conv each output position's input patch (zero padding reads as
-zero). One ONNX Runtime pass with the layer inputs tapped; float64 sums of squares per feature.
+zero). One ONNX Runtime pass with the layer inputs tapped, the next part run while the last one
+is summed (calib/prefetch.py); float64 sums of squares per feature.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
+from onnxprune.calib.prefetch import prefetched
 from onnxprune.calib.stats import tap_runs, tapped_session
 from onnxprune.graph.sparsify import WeightLayer
 
@@ -25,7 +27,7 @@ def collect_input_norms(
     names = sorted({layer.input for layer in layers})
     session, aliases = tapped_session(model, names)
     sums: dict[str, np.ndarray] = {}
-    for _, values in tap_runs(session, aliases, names, batches):
+    for _, values in prefetched(tap_runs(session, aliases, names, batches)):
         for layer in layers:
             part = squared_feature_sums(values[layer.input], layer)
             sums[layer.name] = sums[layer.name] + part if layer.name in sums else part
