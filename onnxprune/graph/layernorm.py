@@ -30,7 +30,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.layernorm_match import LayerNorm, find_layernorms
-from onnxprune.graph.load import export, import_graph, infer_shapes
+from onnxprune.graph.load import export, import_graph, infer_shapes, set_bias_input
 from onnxprune.graph.rewrite import shift_output
 from onnxprune.ops.flow import const
 
@@ -154,11 +154,7 @@ def _add_gemm_bias(node: gs.Node, shift: np.ndarray, dtype: np.dtype) -> None:
     old = node.attrs.get("beta", 1.0) * np.asarray(const(node, 2), np.float64) if has else 0.0
     value = np.asarray(old + shift, np.float64)
     node.attrs["beta"] = 1.0
-    bias = gs.Constant(f"{node.name}__bias_beta", value.astype(dtype))
-    if has:
-        node.inputs[2] = bias
-    else:
-        node.inputs.append(bias)
+    set_bias_input(node, gs.Constant(f"{node.name}__bias_beta", value.astype(dtype)))
 
 
 # --- centring the writers -----------------------------------------------------------------

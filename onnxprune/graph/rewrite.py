@@ -21,7 +21,7 @@ from onnxprune.graph.channel_norm import norm_readers, rebuild
 from onnxprune.graph.external import drop_pages
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, tap_key
 from onnxprune.graph.layernorm_match import single_user
-from onnxprune.graph.load import infer_shapes
+from onnxprune.graph.load import infer_shapes, set_bias_input
 from onnxprune.graph.weights import edit_rows
 from onnxprune.ops.conv import is_grouped_conv
 from onnxprune.ops.recurrent import Units, input_shift, is_recurrent, is_zero, pruned_arrays
@@ -583,11 +583,9 @@ def shift_output(graph: gs.Graph, node: gs.Node, shift: np.ndarray, tag: str) ->
 
 
 def _set_bias(node: gs.Node, bias: np.ndarray, dtype: np.dtype) -> None:
-    const = gs.Constant(f"{node.name}__bias", np.asarray(bias).astype(dtype).reshape(-1))
-    if len(node.inputs) > 2:
-        node.inputs[2] = const
-    else:
-        node.inputs.append(const)
+    """`bias` (flattened, as `dtype`) as the node's bias input."""
+    values = np.asarray(bias).astype(dtype).reshape(-1)
+    set_bias_input(node, gs.Constant(f"{node.name}__bias", values))
 
 
 def affine_outputs(graph: gs.Graph, name: str, scale: np.ndarray, shift: np.ndarray) -> None:
