@@ -340,13 +340,20 @@ def _read_arrays(
         return _split_keys(_read_npz(path, shown, role), specs, shown, role)
     if suffix != ".npy":
         raise DataError(f"{role} data: {shown} is not an .npz, .npy or a folder of images")
+    spec = _single_input(specs, f"{shown} holds one array", role)
+    return {spec.name: _read_npy(path, shown, role)}, None
+
+
+def _single_input(specs: tuple[InputSpec, ...], source: str, role: str) -> InputSpec:
+    """The model's one input, for a source that feeds one (`source` says why it does); a
+    DataError that names the inputs and the way to feed several otherwise."""
     if len(specs) != 1:
         names = ", ".join(s.name for s in specs)
         raise DataError(
-            f"{role} data: {shown} holds one array but the model has {len(specs)} inputs "
-            f"({names}); use an .npz keyed by input name"
+            f"{role} data: {source}, but the model has {len(specs)} inputs ({names}); use an "
+            ".npz keyed by input name"
         )
-    return {specs[0].name: _read_npy(path, shown, role)}, None
+    return specs[0]
 
 
 def _random_arrays(
@@ -456,13 +463,7 @@ def _load_image_dir(
     """
     if layout not in LAYOUTS:
         raise UsageError(f"image layout must be NCHW or NHWC, got {layout!r}")
-    if len(specs) != 1:
-        names = ", ".join(s.name for s in specs)
-        raise DataError(
-            f"{role} data: an image folder feeds single-input models, but the model has "
-            f"{len(specs)} inputs ({names}); use an .npz keyed by input name"
-        )
-    spec = specs[0]
+    spec = _single_input(specs, "an image folder feeds single-input models", role)
     if len(spec.shape) != 4:
         raise DataError(
             f"{role} data: input '{spec.name}' has shape {_fmt_shape(spec.shape)}; an image "
