@@ -20,10 +20,10 @@ from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.channel_norm import norm_readers, rebuild
 from onnxprune.graph.external import drop_pages
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, tap_key
-from onnxprune.graph.layernorm_match import single_user
 from onnxprune.graph.load import infer_shapes, set_bias_input
 from onnxprune.graph.weights import edit_rows
 from onnxprune.ops.conv import is_grouped_conv
+from onnxprune.ops.flow import single_user
 from onnxprune.ops.recurrent import Units, input_shift, is_recurrent, is_zero, pruned_arrays
 from onnxprune.ops.registry import handler_for
 from onnxprune.ops.reshape import channel_shuffle
