@@ -36,14 +36,15 @@ VARIANTS = "--method magnitude;--method id"
 
 
 def per_image(reference: np.ndarray, pruned: np.ndarray) -> dict[str, object]:
-    """Aggregate and per-photo deviation of `pruned` from `reference` (photos × outputs)."""
+    """Aggregate and per-photo deviation of `pruned` from `reference` (photos × outputs). The
+    share of ‖Y‖² held by the largest photo depends on the reference alone: `reference_norms`
+    records it once per split."""
     ref, out = (v.reshape(len(v), -1).astype(np.float64) for v in (reference, pruned))
     ref_norm, out_norm = np.linalg.norm(ref, axis=1), np.linalg.norm(out, axis=1)
     rel = np.linalg.norm(out - ref, axis=1) / ref_norm
     return {
         "rel_l2": float(np.linalg.norm(out - ref) / np.linalg.norm(ref)),
         "median_rel_l2": float(np.median(rel)),
-        "top_share": float(ref_norm.max() ** 2 / (ref_norm**2).sum()),
         "rel_l2_per_image": [round(float(v), 4) for v in rel],
         "norm_per_image": [round(float(v), 2) for v in out_norm],
     }

@@ -270,3 +270,23 @@ def test_converted_norms_keep_their_divisor_so_the_rms_correction_is_energy_only
     plan = onnxprune.prune(model, rms_correction=True, **options).plans[stream.name]
     # √(E_kept / E_all) < 1; a mean-divisor norm would also get √(16 / 12) > 1.15
     assert 0.9 < plan.info["rms_scale"] < 1.0
+
+
+@pytest.mark.parametrize("bias", ["none", "empty", "given"])
+def test_a_gemm_reader_takes_the_beta_shift_into_its_bias_input(bias):
+    """β folded into a Gemm reader: C ← beta·C + shift, beta ← 1, and C is input 2 whether the
+    Gemm had one, none, or an empty optional one in its place."""
+    import onnx_graphsurgeon as gs
+
+    from onnxprune.graph.layernorm import _add_gemm_bias
+
+    rng = np.random.default_rng(0)
+    c, shift = rng.standard_normal(4).astype(np.float32), rng.standard_normal(4)
+    extra = {"none": [], "empty": [gs.Variable.empty()], "given": [gs.Constant("c", c)]}[bias]
+    inputs = [gs.Variable("a", np.float32, (2, 3)), gs.Constant("w", np.ones((3, 4), np.float32))]
+    out = gs.Variable("y", np.float32)
+    node = gs.Node("Gemm", "g", attrs={"beta": 0.5}, inputs=inputs + extra, outputs=[out])
+    _add_gemm_bias(node, shift, np.dtype(np.float32))
+    assert len(node.inputs) == 3 and node.attrs["beta"] == 1.0
+    expected = shift + (0.5 * c if bias == "given" else 0.0)
+    np.testing.assert_allclose(node.inputs[2].values, expected, atol=1e-6 * np.abs(expected).max())

@@ -113,11 +113,12 @@ def test_sensitivity_recipe_meets_mac_target(tmp_path):
     assert all(kept[name] == k for name, k in allocation.kept.items())
 
 
-def test_sensitivity_cli_writes_a_loadable_recipe(tmp_path, capsys):
+def test_sensitivity_cli_writes_its_tables_and_a_loadable_recipe(tmp_path, capsys):
     recipe = tmp_path / "recipe.json"
     args = ["sensitivity", str(MODEL), "--eval", str(TEST), "--eval-samples", "200"]
     args += ["--round-to", "1", "--recipe-out", str(recipe), "--target-macs", "0.5"]
-    assert main(args) == 0
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "sensitivity.csv").is_file() and (tmp_path / "sensitivity.json").is_file()
     ratios = load_recipe(recipe)
     pruned = onnxprune.prune(MODEL, ratio=0.0, recipe=ratios, round_to=1, verify=False)
     assert pruned.report.macs[1] <= 0.5 * pruned.report.macs[0]

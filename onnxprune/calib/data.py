@@ -294,48 +294,25 @@ def load_data(
 
     if isinstance(source, Mapping):
         arrays, found_labels = _split_keys(dict(source), specs, "the input dict", role)
-        return _finish(
-            arrays,
-            _resolve_labels(labels, found_labels, role),
-            specs,
-            role=role,
-            samples=samples,
-            seed=seed,
-            origin="arrays (",
-            unit="samples",
-        )
-
-    path = Path(os.fspath(source)).expanduser()
-    shown = os.fspath(source)
-    if path.is_dir():
-        return _load_image_dir(
-            path,
-            shown,
-            specs,
-            labels=labels,
-            samples=samples,
-            image_size=image_size,
-            mean=mean,
-            std=std,
-            layout=layout,
-            seed=seed,
-            role=role,
-        )
-    if not path.exists():
-        raise DataError(f"{role} data: file not found: {shown}")
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        arrays, found_labels = _split_keys(_read_npz(path, shown, role), specs, shown, role)
-    elif suffix == ".npy":
-        if len(specs) != 1:
-            names = ", ".join(s.name for s in specs)
-            raise DataError(
-                f"{role} data: {shown} holds one array but the model has {len(specs)} inputs "
-                f"({names}); use an .npz keyed by input name"
-            )
-        arrays, found_labels = {specs[0].name: _read_npy(path, shown, role)}, None
+        origin = "arrays ("
     else:
-        raise DataError(f"{role} data: {shown} is not an .npz, .npy or a folder of images")
+        path, shown = Path(os.fspath(source)).expanduser(), os.fspath(source)
+        if path.is_dir():
+            return _load_image_dir(
+                path,
+                shown,
+                specs,
+                labels=labels,
+                samples=samples,
+                image_size=image_size,
+                mean=mean,
+                std=std,
+                layout=layout,
+                seed=seed,
+                role=role,
+            )
+        arrays, found_labels = _read_arrays(path, shown, specs, role)
+        origin = f"{shown} ("
     return _finish(
         arrays,
         _resolve_labels(labels, found_labels, role),
@@ -343,12 +320,40 @@ def load_data(
         role=role,
         samples=samples,
         seed=seed,
-        origin=f"{shown} (",
+        origin=origin,
         unit="samples",
     )
 
 
 # --- sources -------------------------------------------------------------------------------------
+
+
+def _read_arrays(
+    path: Path, shown: str, specs: tuple[InputSpec, ...], role: str
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The input arrays and any labels of an .npz (keyed by input name) or an .npy (the one
+    input's array) at `path`, named `shown` in errors."""
+    if not path.exists():
+        raise DataError(f"{role} data: file not found: {shown}")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return _split_keys(_read_npz(path, shown, role), specs, shown, role)
+    if suffix != ".npy":
+        raise DataError(f"{role} data: {shown} is not an .npz, .npy or a folder of images")
+    spec = _single_input(specs, f"{shown} holds one array", role)
+    return {spec.name: _read_npy(path, shown, role)}, None
+
+
+def _single_input(specs: tuple[InputSpec, ...], source: str, role: str) -> InputSpec:
+    """The model's one input, for a source that feeds one (`source` says why it does); a
+    DataError that names the inputs and the way to feed several otherwise."""
+    if len(specs) != 1:
+        names = ", ".join(s.name for s in specs)
+        raise DataError(
+            f"{role} data: {source}, but the model has {len(specs)} inputs ({names}); use an "
+            ".npz keyed by input name"
+        )
+    return specs[0]
 
 
 def _random_arrays(
@@ -458,13 +463,7 @@ def _load_image_dir(
     """
     if layout not in LAYOUTS:
         raise UsageError(f"image layout must be NCHW or NHWC, got {layout!r}")
-    if len(specs) != 1:
-        names = ", ".join(s.name for s in specs)
-        raise DataError(
-            f"{role} data: an image folder feeds single-input models, but the model has "
-            f"{len(specs)} inputs ({names}); use an .npz keyed by input name"
-        )
-    spec = specs[0]
+    spec = _single_input(specs, "an image folder feeds single-input models", role)
     if len(spec.shape) != 4:
         raise DataError(
             f"{role} data: input '{spec.name}' has shape {_fmt_shape(spec.shape)}; an image "

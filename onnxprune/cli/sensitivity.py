@@ -14,6 +14,7 @@ from onnxprune.cli.sweep import (
     backend,
     load_splits,
     prune_options,
+    write_results,
 )
 from onnxprune.errors import UsageError
 
@@ -80,13 +81,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(result.format_table())
     if args.out:
-        paths = result.write(args.out)
-        heatmap = Path(args.out) / "sensitivity.png"
-        if plot_sensitivity(result, heatmap):
-            paths += (heatmap,)
-        else:
-            print("plot skipped: matplotlib is not installed (pip install onnxprune[plot])")
-        print("written: " + ", ".join(str(p) for p in paths))
+        write_results(result, args.out, plot_sensitivity, "sensitivity.png")
     if args.recipe_out:
         round_to = rounding(args)
         allocation = allocate(args.model, result, args.target_macs, round_to=round_to,

@@ -19,8 +19,13 @@ from onnxprune.config import COMPENSATIONS
 from onnxprune.errors import UsageError
 
 if TYPE_CHECKING:  # the heavy modules load in run(), so that --help needs no onnx
+    from collections.abc import Callable
+    from typing import Any
+
     from onnxprune.calib.data import Dataset
     from onnxprune.compare.parallel import Backend
+    from onnxprune.compare.sensitivity import Sensitivity
+    from onnxprune.compare.sweep import SweepResult
 
 EXAMPLE = """example:
   onnxprune sweep model.onnx --methods id,id+bias,magnitude,magnitude+lsq,taylor \\
@@ -203,11 +208,22 @@ def run(args: argparse.Namespace) -> int:
     )
     print(result.format_table())
     if args.out:
-        paths = result.write(args.out)
-        plot = Path(args.out) / "sweep.png"
-        if plot_sweep(result, plot):
-            paths += (plot,)
-        else:
-            print("plot skipped: matplotlib is not installed (pip install onnxprune[plot])")
-        print("written: " + ", ".join(str(p) for p in paths))
+        write_results(result, args.out, plot_sweep, "sweep.png")
     return 0
+
+
+def write_results(
+    result: SweepResult | Sensitivity,
+    out: str,
+    plot: Callable[[Any, Path], bool],
+    name: str,
+) -> None:
+    """Write `result`'s CSV/JSON into `out` and its `plot` there as `name` (said to be skipped
+    without matplotlib), and print what was written: the output step of sweep and sensitivity."""
+    paths = result.write(out)
+    path = Path(out) / name
+    if plot(result, path):
+        paths += (path,)
+    else:
+        print("plot skipped: matplotlib is not installed (pip install onnxprune[plot])")
+    print("written: " + ", ".join(str(p) for p in paths))

@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.graph.attention import head_split, target_entry
 from onnxprune.graph.groups import ChannelGroup
+from onnxprune.graph.rewrite import shift_output
 from onnxprune.ops.flow import Step, const, shape_of
 from onnxprune.plan import QueryKeyBasis, ValueDims
 
@@ -103,31 +104,12 @@ def shrink_heads(graph: gs.Graph, sites: HeadSites, qk: QueryKeyBasis, v: ValueD
     folded = v.M @ weight.astype(np.float64)
     out.inputs[1] = gs.Constant(f"{out.inputs[1].name}__{out.name}", folded.astype(weight.dtype))
     if v.c is not None:
-        _shift_output(graph, out, v.c @ weight.astype(np.float64))
+        shift_output(graph, out, v.c @ weight.astype(np.float64), "heads")
     for projection, keep in ((sites.query, keep_qk), (sites.key, keep_qk), (sites.value, keep_v)):
         if projection.dim_entry is not None:
             _set_entry(nodes, projection.dim_entry, keep)
     if sites.merge is not None:
         _set_entry(nodes, sites.merge, sites.heads * keep_v)
-
-
-def _shift_output(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
-    """Add `shift` to the bias Add that alone reads `node`'s output, or insert one."""
-    users = node.outputs[0].outputs
-    if len(users) == 1 and users[0].op == "Add":
-        bias = [i for i, t in enumerate(users[0].inputs) if isinstance(t, gs.Constant)]
-        if len(bias) == 1 and users[0].inputs[bias[0]].values.shape == shift.shape:
-            tensor = users[0].inputs[bias[0]]
-            value = (tensor.values.astype(np.float64) + shift).astype(tensor.values.dtype)
-            users[0].inputs[bias[0]] = gs.Constant(f"{tensor.name}__{users[0].name}", value)
-            return
-    out = node.outputs[0]
-    inner = gs.Variable(f"{out.name}__heads", dtype=out.dtype)
-    node.outputs[0] = inner
-    constant = gs.Constant(f"{node.name}__heads_shift", shift.astype(node.inputs[1].values.dtype))
-    graph.nodes.append(
-        gs.Node("Add", f"{node.name}__heads_shift", inputs=[inner, constant], outputs=[out])
-    )
 
 
 def _per_head(W: np.ndarray, maps: np.ndarray) -> np.ndarray:

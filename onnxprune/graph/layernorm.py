@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.graph.layernorm_match import LayerNorm, find_layernorms, single_user
-from onnxprune.graph.load import export, import_graph, infer_shapes
+from onnxprune.graph.layernorm_match import LayerNorm, find_layernorms
+from onnxprune.graph.load import export, import_graph, infer_shapes, set_bias_input
+from onnxprune.graph.rewrite import shift_output
 from onnxprune.ops.flow import const
 
 
@@ -107,10 +108,11 @@ def _fold_into_reader(graph: gs.Graph, node: gs.Node, norm: LayerNorm) -> bool:
     w = np.asarray(weight.T if transposed else weight, np.float64)
     scaled = norm.gamma[:, None] * w
     _set_input(node, 1, scaled.T if transposed else scaled, weight.dtype)
-    if node.op == "MatMul":
-        _add_to_output(graph, node, norm.beta @ w)
-    else:
-        _add_gemm_bias(node, node.attrs.get("alpha", 1.0) * (norm.beta @ w), weight.dtype)
+    shift = norm.beta @ w
+    if node.op != "MatMul":
+        _add_gemm_bias(node, node.attrs.get("alpha", 1.0) * shift, weight.dtype)
+    elif np.any(shift):  # a zero shift needs no Add
+        shift_output(graph, node, shift, "beta")
     return True
 
 
@@ -146,36 +148,13 @@ def _set_input(node: gs.Node, index: int, value: np.ndarray, dtype: np.dtype) ->
     node.inputs[index] = gs.Constant(f"{node.inputs[index].name}__{node.name}", value.astype(dtype))
 
 
-def _add_to_output(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
-    """Add `shift` to a MatMul's output: into its bias Add when it has one, else a new Add."""
-    if not np.any(shift):
-        return
-    bias_add = single_user(node, "Add")
-    if bias_add is not None:
-        index = next((i for i in (0, 1) if const(bias_add, i) is not None), None)
-        value = None if index is None else const(bias_add, index)
-        if value is not None and value.shape[-1:] == shift.shape and value.ndim == 1:
-            _set_input(bias_add, index, value.astype(np.float64) + shift, value.dtype)
-            return
-    out = node.outputs[0]
-    inner = gs.Variable(f"{out.name}__pre_beta", dtype=out.dtype)
-    node.outputs[0] = inner
-    shift_const = gs.Constant(f"{node.name}__beta", shift.astype(node.inputs[1].values.dtype))
-    add = gs.Node("Add", f"{node.name}__beta_add", inputs=[inner, shift_const], outputs=[out])
-    graph.nodes.append(add)
-
-
 def _add_gemm_bias(node: gs.Node, shift: np.ndarray, dtype: np.dtype) -> None:
     """C ← beta·C + shift, beta ← 1 (C created when missing)."""
     has = len(node.inputs) > 2 and node.inputs[2].name
     old = node.attrs.get("beta", 1.0) * np.asarray(const(node, 2), np.float64) if has else 0.0
     value = np.asarray(old + shift, np.float64)
     node.attrs["beta"] = 1.0
-    bias = gs.Constant(f"{node.name}__bias_beta", value.astype(dtype))
-    if has:
-        node.inputs[2] = bias
-    else:
-        node.inputs.append(bias)
+    set_bias_input(node, gs.Constant(f"{node.name}__bias_beta", value.astype(dtype)))
 
 
 # --- centring the writers -----------------------------------------------------------------

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.ops.flow import const, rank_of
+from onnxprune.ops.flow import const, rank_of, single_user
 
 
 @dataclass
@@ -97,12 +97,6 @@ def _last_axis_only(node: gs.Node, rank: int) -> bool:
         value = const(node, 1)
         axes = None if value is None else value.reshape(-1).tolist()
     return axes is not None and sorted(int(a) % rank for a in axes) == [rank - 1]
-
-
-def single_user(node: gs.Node, op: str) -> gs.Node | None:
-    """The one node reading `node`'s first output, if there is exactly one and it is an `op`."""
-    users = node.outputs[0].outputs
-    return users[0] if len(users) == 1 and users[0].op == op else None
 
 
 def _chain(start: gs.Node, ops: tuple[str, ...]) -> list[gs.Node] | None:

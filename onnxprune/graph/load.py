@@ -750,14 +750,19 @@ def _fold_into(node: gs.Node, bn: gs.Node, *, out_axis: int) -> FoldedBatchNorm:
     bias = _effective_bias(node, len(scale))
     new_b = ((bias - mean) * scale + beta).astype(weight.dtype)
     node.inputs[1] = gs.Constant(f"{node.name}.weight_bnfold", new_w)
-    bias_const = gs.Constant(f"{node.name}.bias_bnfold", new_b)
-    if len(node.inputs) > 2:
-        node.inputs[2] = bias_const
-    else:
-        node.inputs.append(bias_const)
+    set_bias_input(node, gs.Constant(f"{node.name}.bias_bnfold", new_b))
     if node.op == "Gemm":
         node.attrs["beta"] = 1.0
     return record
+
+
+def set_bias_input(node: gs.Node, bias: gs.Constant) -> None:
+    """Make `bias` input 2 of a Conv, ConvTranspose or Gemm: in place of the one it has (an
+    empty optional input included), else appended."""
+    if len(node.inputs) > 2:
+        node.inputs[2] = bias
+    else:
+        node.inputs.append(bias)
 
 
 def _effective_bias(node: gs.Node, channels: int) -> np.ndarray:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxprune.ops.concat_split import split_sizes
 from onnxprune.ops.flow import axes_of, const, rank_of, shape_of
 
 _MOVES = frozenset({"Unsqueeze", "Transpose", "Squeeze"})
@@ -191,13 +192,14 @@ def _readers(tensor: gs.Tensor) -> list[tuple[gs.Node, int, int]] | None:
                 return None
             found.append((gather, int(picked), gather.attrs.get("axis", 0)))
         return found
-    rank = rank_of(tensor)
+    shape = shape_of(tensor)
     split = users[0] if len(users) == 1 and users[0].op == "Split" else None
-    if split is None or rank is None or len(split.outputs) != 3:
+    if split is None or shape is None or len(split.outputs) != 3:
         return None
+    rank = len(shape)
     axis = split.attrs.get("axis", 0) % rank
-    sizes = const(split, 1) if len(split.inputs) > 1 else None
-    if sizes is None or sizes.reshape(-1).tolist() != [1, 1, 1]:
+    total = shape[axis] if isinstance(shape[axis], int) else None
+    if split_sizes(split, total) != [1, 1, 1]:
         return None
     found = []
     for t, out in enumerate(split.outputs):

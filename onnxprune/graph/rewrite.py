@@ -20,9 +20,10 @@ from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.channel_norm import norm_readers, rebuild
 from onnxprune.graph.external import drop_pages
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, tap_key
-from onnxprune.graph.load import infer_shapes
+from onnxprune.graph.load import infer_shapes, set_bias_input
 from onnxprune.graph.weights import edit_rows
 from onnxprune.ops.conv import is_grouped_conv
+from onnxprune.ops.flow import single_user
 from onnxprune.ops.recurrent import Units, input_shift, is_recurrent, is_zero, pruned_arrays
 from onnxprune.ops.registry import handler_for
 from onnxprune.ops.reshape import channel_shuffle
@@ -539,7 +540,7 @@ def add_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:
     dtype = node.inputs[1].values.dtype
     has_bias = len(node.inputs) > 2 and node.inputs[2].name
     if delta.ndim > 1 and np.ptp(delta.reshape(len(delta), -1), axis=1).max() > 0:
-        _add_after(graph, node, delta.astype(dtype))  # differs per position (borders, strides)
+        add_after(graph, node, delta.astype(dtype))  # differs per position (borders, strides)
         return
     delta = delta.reshape(len(delta), -1)[:, 0] if delta.ndim > 1 else delta
     if node.op in ("Conv", "ConvTranspose"):
@@ -551,25 +552,40 @@ def add_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray) -> None:
         node.attrs["beta"] = 1.0
         _set_bias(node, bias + delta, dtype)
     else:  # MatMul: add the shift after it
-        _add_after(graph, node, delta.astype(dtype))
+        add_after(graph, node, delta.astype(dtype))
 
 
-def _add_after(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
-    """Insert `output + shift` after `node` (the consumers keep reading the old name)."""
+def add_after(graph: gs.Graph, node: gs.Node, shift: np.ndarray, tag: str = "shift") -> None:
+    """Insert `output + shift` after `node` (the consumers keep reading the old name); `tag`
+    names what it adds: the tensor `<output>__pre_<tag>`, the constant `<node>__<tag>` and the
+    Add `<node>__<tag>_add`."""
     out = node.outputs[0]
-    inner = gs.Variable(f"{out.name}__pre_shift", dtype=out.dtype)
+    inner = gs.Variable(f"{out.name}__pre_{tag}", dtype=out.dtype)
     node.outputs[0] = inner
-    graph.nodes.append(gs.Node("Add", f"{node.name}__shift_add",
-                               inputs=[inner, gs.Constant(f"{node.name}__shift", shift)],
-                               outputs=[out]))  # fmt: skip
+    constant = gs.Constant(f"{node.name}__{tag}", shift)
+    graph.nodes.append(
+        gs.Node("Add", f"{node.name}__{tag}_add", inputs=[inner, constant], outputs=[out])
+    )
+
+
+def shift_output(graph: gs.Graph, node: gs.Node, shift: np.ndarray, tag: str) -> None:
+    """Add the per-channel `shift` to a MatMul's output: into the constant of the bias Add that
+    alone reads it when that constant has the shift's shape, else by a new Add (`add_after`)."""
+    bias_add = single_user(node, "Add")
+    inputs = [] if bias_add is None else bias_add.inputs
+    found = [i for i, t in enumerate(inputs) if isinstance(t, gs.Constant)]
+    if len(found) == 1 and bias_add.inputs[found[0]].values.shape == shift.shape:
+        tensor = bias_add.inputs[found[0]]
+        value = (tensor.values.astype(np.float64) + shift).astype(tensor.values.dtype)
+        bias_add.inputs[found[0]] = gs.Constant(f"{tensor.name}__{bias_add.name}", value)
+        return
+    add_after(graph, node, shift.astype(node.inputs[1].values.dtype), tag)
 
 
 def _set_bias(node: gs.Node, bias: np.ndarray, dtype: np.dtype) -> None:
-    const = gs.Constant(f"{node.name}__bias", np.asarray(bias).astype(dtype).reshape(-1))
-    if len(node.inputs) > 2:
-        node.inputs[2] = const
-    else:
-        node.inputs.append(const)
+    """`bias` (flattened, as `dtype`) as the node's bias input."""
+    values = np.asarray(bias).astype(dtype).reshape(-1)
+    set_bias_input(node, gs.Constant(f"{node.name}__bias", values))
 
 
 def affine_outputs(graph: gs.Graph, name: str, scale: np.ndarray, shift: np.ndarray) -> None:
@@ -612,7 +628,7 @@ def _affine_shift_after(
     """(y + c)·scale + shift for a MatMul's output y and the constant c its shift Add holds."""
     after = shift_node(graph, node)
     if after is None:
-        _add_after(graph, node, shift.astype(dtype))
+        add_after(graph, node, shift.astype(dtype))
         return
     const = after.inputs[1]
     values = const.values.astype(np.float64) * scale + shift

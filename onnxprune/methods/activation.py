@@ -11,19 +11,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.base import selection_plan
-from onnxprune.plan import GroupStats, Plan
+from onnxprune.methods.base import Selection
+from onnxprune.plan import GroupStats
 
 
 @dataclass(frozen=True)
-class Activation:
+class Activation(Selection):
     """Keep the channels with the largest mean absolute activation."""
 
     name: str = "activation"
     needs: frozenset[str] = frozenset({"gram"})
-
-    def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
-        return selection_plan(self.scores(group, stats, seed=seed), keep)
 
     def scores(self, group: ChannelGroup, stats: GroupStats, *, seed: int = 0) -> np.ndarray:
         """Mean |a| per channel, each tap scaled to unit total, summed over the taps."""

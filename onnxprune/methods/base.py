@@ -35,3 +35,16 @@ def top_k(scores: np.ndarray, keep: int) -> np.ndarray:
 def selection_plan(scores: np.ndarray, keep: int, **info: float) -> Plan:
     """A plan that keeps the `keep` best-scoring channels with no correction."""
     return Plan(keep=top_k(scores, keep), info=info)
+
+
+class Selection:
+    """Base of the selection-only methods: `plan` keeps the channels their `scores` rank
+    highest, so each such method states only how it scores."""
+
+    def scores(self, group: ChannelGroup, stats: GroupStats, *, seed: int = 0) -> np.ndarray:
+        """One score per channel of `group`, higher kept first."""
+        raise NotImplementedError
+
+    def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
+        """Keep the `keep` best-scoring channels, with no correction."""
+        return selection_plan(self.scores(group, stats, seed=seed), keep)

@@ -12,19 +12,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.base import selection_plan
-from onnxprune.plan import GroupStats, Plan
+from onnxprune.methods.base import Selection
+from onnxprune.plan import GroupStats
 
 
 @dataclass(frozen=True)
-class FPGM:
+class FPGM(Selection):
     """Keep the channels whose filters are farthest, in total, from the others."""
 
     name: str = "fpgm"
     needs: frozenset[str] = frozenset({"weights"})
-
-    def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
-        return selection_plan(self.scores(group, stats, seed=seed), keep)
 
     def scores(self, group: ChannelGroup, stats: GroupStats, *, seed: int = 0) -> np.ndarray:
         """Each filter's summed distance to the others."""

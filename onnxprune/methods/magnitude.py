@@ -19,12 +19,12 @@ import numpy as np
 
 from onnxprune.graph.external import drop_pages
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.base import selection_plan
-from onnxprune.plan import GroupStats, Plan
+from onnxprune.methods.base import Selection
+from onnxprune.plan import GroupStats
 
 
 @dataclass(frozen=True)
-class Magnitude:
+class Magnitude(Selection):
     """Keep the channels with the largest filter norm or BatchNorm scale (`criterion`).
 
     Coupled groups sum the per-producer scores, so a channel is judged by all filters that write
@@ -36,9 +36,6 @@ class Magnitude:
     criterion: str = "folded"
     name: str = "magnitude"
     needs: frozenset[str] = frozenset({"weights"})
-
-    def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
-        return selection_plan(self.scores(group, stats, seed=seed), keep)
 
     def scores(self, group: ChannelGroup, stats: GroupStats, *, seed: int = 0) -> np.ndarray:
         """The criterion of every channel of the group (higher: kept first)."""
@@ -75,14 +72,11 @@ def row_norms(rows: np.ndarray, order: int, block_bytes: int = 64 << 20) -> np.n
 
 
 @dataclass(frozen=True)
-class Random:
+class Random(Selection):
     """Keep a seeded random subset: the floor every method must beat."""
 
     name: str = "random"
     needs: frozenset[str] = frozenset()
-
-    def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
-        return selection_plan(self.scores(group, stats, seed=seed), keep)
 
     def scores(self, group: ChannelGroup, stats: GroupStats, *, seed: int = 0) -> np.ndarray:
         """Seeded uniform scores, different per group."""

@@ -12,19 +12,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.base import selection_plan
-from onnxprune.plan import GroupStats, Plan
+from onnxprune.methods.base import Selection
+from onnxprune.plan import GroupStats
 
 
 @dataclass(frozen=True)
-class Taylor:
+class Taylor(Selection):
     """Keep the channels whose removal would change the loss most, to first order."""
 
     name: str = "taylor"
     needs: frozenset[str] = frozenset({"grad"})
-
-    def plan(self, group: ChannelGroup, stats: GroupStats, keep: int, *, seed: int = 0) -> Plan:
-        return selection_plan(self.scores(group, stats, seed=seed), keep)
 
     def scores(self, group: ChannelGroup, stats: GroupStats, *, seed: int = 0) -> np.ndarray:
         """The gradient pass's Σ_samples (Σ_positions a·∂L/∂a)² per channel."""

@@ -227,14 +227,17 @@ class GatherElements(Handler):
         return _gather_elements
 
 
-def split_sizes(node: gs.Node, total: int) -> list[int] | None:
+def split_sizes(node: gs.Node, total: int | None) -> list[int] | None:
     """A Split's output sizes along its axis of length `total` (input, attribute or equal
-    parts as ONNX defines them), or None when the sizes input is not constant."""
+    parts as ONNX defines them), or None when the sizes input is not constant or the parts are
+    equal and `total` is unknown (None)."""
     if len(node.inputs) > 1 and node.inputs[1].name:
         value = const(node, 1)
         return None if value is None else [int(v) for v in value.reshape(-1)]
     if "split" in node.attrs:
         return [int(v) for v in node.attrs["split"]]
+    if total is None:
+        return None
     parts = int(node.attrs.get("num_outputs", len(node.outputs)))
     size = -(-total // parts)
     return [min(size, total - i * size) for i in range(parts)]

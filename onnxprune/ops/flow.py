@@ -108,6 +108,12 @@ def const(node: gs.Node, index: int) -> np.ndarray | None:
     return None
 
 
+def single_user(node: gs.Node, op: str) -> gs.Node | None:
+    """The one node reading `node`'s first output, if there is exactly one and it is an `op`."""
+    users = node.outputs[0].outputs if node.outputs else []
+    return users[0] if len(users) == 1 and users[0].op == op else None
+
+
 def rank_of(tensor: gs.Tensor) -> int | None:
     """The tensor's rank when shape inference knows it."""
     shape = shape_of(tensor)

@@ -19,7 +19,17 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit
-from onnxprune.ops.flow import State, Step, axes_of, block, const, rank_of, through, with_param
+from onnxprune.ops.flow import (
+    State,
+    Step,
+    axes_of,
+    block,
+    const,
+    rank_of,
+    single_user,
+    through,
+    with_param,
+)
 from onnxprune.ops.registry import Handler, register
 
 DOMAIN = "onnxprune"
@@ -109,7 +119,7 @@ def rms_square(node: gs.Node, x: str, axis: int) -> gs.Node | None:
             return None
     elif node.op != "Mul" or any(t.name != x for t in node.inputs):
         return None
-    mean = _only_user(node, "ReduceMean") or _only_user(node, "ReduceSum")
+    mean = single_user(node, "ReduceMean") or single_user(node, "ReduceSum")
     rank = rank_of(node.inputs[0])
     if mean is None or rank is None or not mean.attrs.get("keepdims", 1):
         return None
@@ -117,21 +127,21 @@ def rms_square(node: gs.Node, x: str, axis: int) -> gs.Node | None:
     if axes is None or sorted(a % rank for a in axes) != [axis]:
         return None
     if mean.op == "ReduceSum":  # Σx²/d with a fixed d (graph/layernorm.py)
-        mean = _only_user(mean, "Div")
+        mean = single_user(mean, "Div")
         if mean is None or const(mean, 1) is None or const(mean, 1).size != 1:
             return None
-    add = _only_user(mean, "Add")
+    add = single_user(mean, "Add")
     if add is None or not any(
         const(add, i) is not None and const(add, i).size == 1 for i in (0, 1)
     ):
         return None
-    root = _only_user(add, "Sqrt")
+    root = single_user(add, "Sqrt")
     if root is None:
         return None
-    end = _only_user(root, "Div")
+    end = single_user(root, "Div")
     if end is None:
-        inverse = _only_user(root, "Reciprocal")
-        end = _only_user(inverse, "Mul") if inverse is not None else None
+        inverse = single_user(root, "Reciprocal")
+        end = single_user(inverse, "Mul") if inverse is not None else None
     if end is None or x not in [t.name for t in end.inputs]:
         return None
     return end
@@ -157,8 +167,3 @@ def rms_kind(node: gs.Node, x: str) -> str:
             return "rmssum"
         producer = next((t.inputs[0] for t in producer.inputs if t.inputs), None)
     return "rmsnorm"
-
-
-def _only_user(node: gs.Node, op: str) -> gs.Node | None:
-    users = node.outputs[0].outputs if node.outputs else []
-    return users[0] if len(users) == 1 and users[0].op == op else None

@@ -24,6 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit
+from onnxprune.ops.concat_split import split_sizes
 from onnxprune.ops.flow import Step, block, const, rank_of, shape_of
 
 _ELEMENTWISE = frozenset(
@@ -124,7 +125,7 @@ def dim_origin(tensor: gs.Tensor, axis: int) -> int | str | None:
         return dim_origin(node.inputs[0], axis) if axis < len(shape) - 1 else None
     if node.op == "MatMul" and axis >= len(shape) - 2:  # rows of the first, columns of the second
         return dim_origin(node.inputs[axis - len(shape) + 2], axis - len(shape))
-    if node.op == "Split" and len(node.inputs) > 1:
+    if node.op == "Split":
         return _split_origin(node, tensor, axis)
     if node.op == "Gather" and node.attrs.get("axis", 0) == 0:
         indices = rank_of(node.inputs[1])
@@ -138,15 +139,16 @@ def dim_origin(tensor: gs.Tensor, axis: int) -> int | str | None:
 
 
 def _split_origin(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str | None:
-    """The size of axis `axis` of output `tensor` of a Split with constant sizes: its size on
-    the split axis, the input's on any other."""
+    """The size of axis `axis` of output `tensor` of a Split: the input's on any other axis than
+    the split one; on that one the output's part size (`split_sizes`), when it is known."""
     rank = rank_of(node.inputs[0])
-    sizes = const(node, 1)
-    if rank is None or sizes is None:
+    if rank is None:
         return None
     if node.attrs.get("axis", 0) % rank != axis:
         return dim_origin(node.inputs[0], axis)
-    return int(np.asarray(sizes).reshape(-1)[node.outputs.index(tensor)])
+    total = dim_origin(node.inputs[0], axis)
+    sizes = split_sizes(node, total if isinstance(total, int) else None)
+    return None if sizes is None else sizes[node.outputs.index(tensor)]
 
 
 def _vector_entry(vector: gs.Tensor, index: int) -> int | str | None:
