@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import onnx_graphsurgeon as gs
 
-from onnxprune.graph.channel_norm import norm_readers
+from onnxprune.graph import channel_norm  # a module: it reads handlers back (ops/flow)
 from onnxprune.graph.groups import ParamEdit
 from onnxprune.ops.flow import State, Step, block, const, parameter_input, rank_of, through
 from onnxprune.ops.registry import Handler, register
@@ -100,7 +100,7 @@ class LayerNormalization(Handler):
             return block(f"{what} and its mean or inverse deviation is read")
         if state.offset or channels != gamma.size:
             return block(f"{what} of other groups' channels too")
-        readers = norm_readers(node)
+        readers = channel_norm.norm_readers(node)
         if isinstance(readers, str):
             return block(f"{what}: {readers}")
         edit = ParamEdit(node.name, 0, state.axis, 0, "norm", tap=state.tensor)
