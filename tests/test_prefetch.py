@@ -3,6 +3,7 @@ where they occur, no thread left behind; the statistics pass it drives gives the
 
 from __future__ import annotations
 
+import contextvars
 import threading
 
 import numpy as np
@@ -57,6 +58,23 @@ def test_stopping_early_ends_the_thread_and_advances_the_items_once_more_at_most
     items.close()
     assert len(produced) == 6  # items 0-4 and the one produced ahead
     assert not _prefetch_threads()
+
+
+_SEEN: contextvars.ContextVar[str] = contextvars.ContextVar("seen", default="unset")
+
+
+def test_the_items_see_the_callers_context_variables():
+    """Regression: the progress bar's switch is a context variable, unset in a bare thread."""
+
+    def values():
+        for _ in range(3):
+            yield _SEEN.get()
+
+    token = _SEEN.set("caller's")
+    try:
+        assert list(prefetched(values())) == ["caller's"] * 3
+    finally:
+        _SEEN.reset(token)
 
 
 def test_the_statistics_pass_gives_the_same_sums_as_a_serial_one(monkeypatch):

@@ -8,6 +8,7 @@ their mean, each on one of two cores; docs/RESULTS.md).
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -24,13 +25,14 @@ def prefetched(items: Iterable[T]) -> Iterator[T]:
     An exception raised by `items` is raised here, at the item it replaces. If the caller stops
     early (breaks, raises, or closes this generator), the item being produced is awaited and the
     thread ends before this generator does: no thread outlives it and `items` is never advanced
-    by two threads at once."""
-    iterator = iter(items)
+    by two threads at once. `items` runs in a copy of the caller's context (context variables:
+    whether progress is shown, `progress.shown`)."""
+    iterator, context = iter(items), contextvars.copy_context()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxprune-prefetch") as pool:
-        pending = pool.submit(next, iterator, _END)
+        pending = pool.submit(context.run, next, iterator, _END)
         while True:
             item = pending.result()
             if item is _END:
                 return
-            pending = pool.submit(next, iterator, _END)
+            pending = pool.submit(context.run, next, iterator, _END)
             yield item
