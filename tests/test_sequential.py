@@ -221,6 +221,12 @@ def test_id_refits_sequentially_by_default_and_the_others_do_not():
     assert PruneConfig(method="magnitude", compensate="lsq").sequential is False
 
 
+def test_before_a_fine_tune_id_fits_one_shot_unless_asked():
+    assert PruneConfig(method="id", finetune_steps=10).sequential is False
+    assert PruneConfig(method="id", finetune_steps=10, sequential=True).sequential is True
+    assert PruneConfig(method="id", finetune_steps=10).recalibrate is True
+
+
 @pytest.mark.parametrize("build, options", SMALL_GRAPHS)
 def test_refolding_only_the_readers_gives_the_whole_rewrites_model(
     build, options, save_tmp, monkeypatch

@@ -135,7 +135,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0,
         metavar="STEPS",
         help="fine-tune the pruned model by distillation from the original on the fit part of "
-        "--data for STEPS steps (needs torch; see `onnxprune finetune`)",
+        "--data for STEPS steps (needs torch; see `onnxprune finetune`); id then fits in one "
+        "shot unless --sequential",
     )
     out.add_argument("--report", metavar="FILE", help="write the report as JSON ('-' = stdout)")
     out.add_argument(
