@@ -1,9 +1,9 @@
 """Produce the next item of an iterator in a thread while the caller works on the current one.
 
 The statistics pass alternates ONNX Runtime runs with float64 Gram updates; both release the GIL,
-so running the next part through ONNX Runtime while the last part's Grams are summed hides most of
-the shorter of the two (ResNet-50, 32 samples: the pass went from ORT time + Gram time to about
-their mean, each on one of two cores; docs/RESULTS.md).
+so the next part can run through ONNX Runtime while the last part's Grams are summed. ONNX Runtime
+already uses both cores of the machine measured, so the Grams only fill the gaps between its
+operators: plain `id` on ResNet-50 took 0.91–0.95× the time (docs/RESULTS.md).
 """
 
 from __future__ import annotations
