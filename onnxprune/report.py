@@ -19,7 +19,8 @@ class GroupRow:
     `error` is the relative reconstruction error of the kept channels' correction at the
     group's taps (the largest over its taps), `error_ratio` that error over the optimal rank-k
     error (1 = as good as any k-dimensional map); both None where no tap statistics were
-    gathered. `info` holds the method's own numbers.
+    gathered, the ratio also for taps too wide to afford the optimum (methods/planner.py).
+    `info` holds the method's own numbers.
     """
 
     name: str

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -30,6 +31,7 @@ from onnxprune.graph.groups import Tap
 from onnxprune.graph.load import copy_model
 from onnxprune.measure.verify import session_for
 from onnxprune.plan import TapStats
+from onnxprune.threads import thread_map
 
 Moments = tuple[np.ndarray, np.ndarray]  # per channel: mean, (population) variance
 
@@ -96,14 +98,15 @@ class TapAccumulator:
             self.r_factor = np.linalg.qr(np.vstack([self.r_factor, rows]), mode="r")
 
     def result(self) -> TapStats:
+        """The statistics, holding the accumulator's own arrays (no copies: a 3072-wide Gram is
+        75 MB, and each copy's fresh pages cost more than the copy); the accumulator is spent."""
         if self.pending:
             self._update(np.concatenate(self.pending, dtype=np.float64))
         if self.folds:
             folds = tuple(fold.result() for fold in self.folds)
             total = [sum(getattr(f, name) for f in folds) for name in ("sum", "gram", "abs_sum")]
             return TapStats(sum(f.n for f in folds), *total, folds=folds)
-        r = None if self.r_factor is None else self.r_factor.copy()
-        return TapStats(self.n, self.sum.copy(), self.gram.copy(), self.abs_sum.copy(), r)
+        return TapStats(self.n, self.sum, self.gram, self.abs_sum, self.r_factor)
 
     def _add_to_folds(self, rows: np.ndarray, samples: int, keep: np.ndarray | None) -> None:
         sample_fold = (self.samples + np.arange(samples)) % len(self.folds)
@@ -207,17 +210,28 @@ def collect_all(
     moments = {name: ChannelMoments(axis) for name, axis in tensors.items()}
     with one_blas_thread():
         for part, values in prefetched(tap_runs(session, *fetch, batches)):
-            samples = len(next(iter(part.values())))
-            for (tap, channels), acc in zip(taps, accumulators.values(), strict=True):
-                view = channel_view(values[tap.tensor], tap, channels)
-                units, keep = fold_units(view.shape[0], samples), row_keep(view, part, row_mask)
-                acc.add(view.reshape(-1, channels), samples=units, keep=keep)
+            add = partial(_add_run, part, values, row_mask)
+            thread_map(add, zip(taps, accumulators.values(), strict=True))  # taps side by side
             for name, moment in moments.items():
                 moment.add(values[name])
             outputs.offer(part, values)
     stats = {tap: acc.result() for tap, acc in accumulators.items()}
     found = {name: moment.result() for name, moment in moments.items()}
     return Collected(stats, found, outputs.result(session, outputs.fetch(aliases, names)))
+
+
+def _add_run(
+    part: Mapping[str, np.ndarray],
+    values: Mapping[str, np.ndarray],
+    row_mask: str | None,
+    item: tuple[tuple[Tap, int], TapAccumulator],
+) -> None:
+    """Add one run's rows of one (tap, channels) to its accumulator."""
+    (tap, channels), acc = item
+    view = channel_view(values[tap.tensor], tap, channels)
+    samples = len(next(iter(part.values())))
+    units, keep = fold_units(view.shape[0], samples), row_keep(view, part, row_mask)
+    acc.add(view.reshape(-1, channels), samples=units, keep=keep)
 
 
 def batch_first(model: onnx.ModelProto) -> bool:

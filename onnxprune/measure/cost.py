@@ -12,10 +12,14 @@ or to `input_shapes` where given). Nodes whose shapes stay unknown are listed in
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import logging
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -164,9 +168,8 @@ def _symbolically_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
     These are the steps of its public `infer_shapes` without the end: where some shape stays
     unknown, that saves the model (weights too) into the working directory and raises, and here
     the shapes it did find are wanted."""
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-    except ImportError:
+    SymbolicShapeInference = _symbolic_shape_inference()  # noqa: N806 - a class
+    if SymbolicShapeInference is None:
         return model
     log = logging.getLogger(SymbolicShapeInference.__module__)
     level = log.level
@@ -182,6 +185,28 @@ def _symbolically_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     finally:
         log.setLevel(level)
+
+
+@functools.cache
+def _symbolic_shape_inference() -> type | None:
+    """ONNX Runtime's `SymbolicShapeInference` class, or None where it cannot be loaded (it needs
+    sympy). Its module is loaded from its file unless already imported: importing it by name runs
+    `onnxruntime.tools`' __init__, which imports torch wherever torch is installed (2–3 s of
+    every run that counts a transformer's MACs, for a module that needs only onnx and sympy)."""
+    name = "onnxruntime.tools.symbolic_shape_infer"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.find_spec("onnxruntime")
+        path = Path(spec.origin).parent / "tools" / "symbolic_shape_infer.py" if spec else None
+        if path is None or not path.is_file():
+            return None
+        spec = importlib.util.spec_from_file_location(f"onnxprune._ort_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except ImportError:
+            return None
+    return getattr(module, "SymbolicShapeInference", None)
 
 
 def _fold_shape_arithmetic(

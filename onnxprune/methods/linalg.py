@@ -265,7 +265,9 @@ def _pivoted_cholesky(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     c, piv, rank, info = lapack.dpstrf(A, tol=-1.0, lower=0)
     if info < 0 or rank < m:
         return _pivoted_cholesky_numpy(A)
-    return np.triu(c), (piv - 1).astype(np.intp)
+    for j in range(m - 1):  # the lower triangle still holds A's; column by column, in place
+        c[j + 1 :, j] = 0.0  # (c is Fortran-ordered: 6 ms at 3072 channels, np.triu 280 ms)
+    return c, (piv - 1).astype(np.intp)
 
 
 def _pivoted_cholesky_numpy(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
