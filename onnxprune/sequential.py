@@ -284,8 +284,9 @@ def _solve(site: Site, free_map: bool) -> tuple[Correction, float, float, float 
         enough = rows >= MIN_ROWS * len(site.keep)
         candidates = [None, np.inf, *(RIDGES if enough else ())]
         fits = [_fits(fold, _one_shot(site, fold), candidates, fixed) for fold in site.folds]
-        held_out = [
-            _squares(site.folds[1], *fits[0][i]) + _squares(site.folds[0], *fits[1][i])
+        free = np.setdiff1d(np.arange(site.channels), fixed)  # the kept columns are the same
+        held_out = [  # in every candidate, so only the removed ones are compared
+            _squares(site.folds[1], *fits[0][i], free) + _squares(site.folds[0], *fits[1][i], free)
             for i in range(len(candidates))
         ]
         choice = candidates[int(np.argmin(held_out))]
@@ -323,6 +324,7 @@ def _fits(
     columns `fixed` keep M₀'s and c₀'s entries in every fit (a column's fit is independent of
     the others', so this is the fit of the rest alone)."""
     M0, c0 = prior
+    free = None if fixed is None else np.setdiff1d(np.arange(M0.shape[1]), fixed)
     n = float(sums["n"])
     mx, ma = sums["sx"] / n, sums["sa"] / n
     xx, xa = sums["xx"] / n, sums["xa"] / n
@@ -337,24 +339,31 @@ def _fits(
             out.append((M0, None if c0 is None else np.asarray(c0, np.float64)))
             continue
         M = M0
-        if ridge != np.inf:
+        if ridge != np.inf:  # only the columns not fixed: a 3072-wide FFN tap keeps 3/4 of them
             lam = ridge * base
-            M = vectors @ ((vectors.T @ (xa + lam * M0)) / (np.maximum(values, 0) + lam)[:, None])
+            rhs = xa + lam * M0 if free is None else xa[:, free] + lam * M0[:, free]
+            fit = vectors @ ((vectors.T @ rhs) / (np.maximum(values, 0) + lam)[:, None])
+            M = fit if free is None else M0.copy()
+            if free is not None:
+                M[:, free] = fit
         c = None if c0 is None else ma - M.T @ mx
-        if fixed is not None:
-            M = M.copy()  # M may be M₀ itself
-            M[:, fixed] = M0[:, fixed]
-            if c is not None:
-                c[fixed] = c0[fixed]
+        if fixed is not None and c is not None:
+            c[fixed] = c0[fixed]
         out.append((M, c))
     return out
 
 
-def _squares(s: dict, M: np.ndarray, c: np.ndarray | None) -> float:
-    """‖a − ã_S M − 1cᵀ‖²_F from the sums."""
-    sq = np.trace(s["AA"]) - 2 * np.sum(M * s["xa"]) + np.sum(M * (s["xx"] @ M))
+def _squares(
+    s: dict, M: np.ndarray, c: np.ndarray | None, columns: np.ndarray | None = None
+) -> float:
+    """‖a − ã_S M − 1cᵀ‖²_F from the sums; with `columns`, of those columns of a only."""
+    aa, xa, sa = np.diagonal(s["AA"]), s["xa"], s["sa"]
+    if columns is not None:
+        aa, xa, sa, M = aa[columns], xa[:, columns], sa[columns], M[:, columns]
+        c = None if c is None else c[columns]
+    sq = aa.sum() - 2 * np.sum(M * xa) + np.sum(M * (s["xx"] @ M))
     if c is not None:
-        sq += -2 * c @ s["sa"] + 2 * c @ (M.T @ s["sx"]) + s["n"] * c @ c
+        sq += -2 * c @ sa + 2 * c @ (M.T @ s["sx"]) + s["n"] * c @ c
     return float(max(sq, 0.0))
 
 

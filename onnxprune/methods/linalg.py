@@ -165,11 +165,14 @@ def least_squares_map(
     ASS = A[np.ix_(keep, keep)] + lam * np.eye(keep.size)
     import scipy.linalg
 
-    try:
-        M = scipy.linalg.solve(ASS, A[keep], assume_a="pos")
-    except (np.linalg.LinAlgError, ValueError):
-        M = np.linalg.lstsq(ASS, A[keep], rcond=None)[0]
+    removed = np.setdiff1d(np.arange(m), keep)  # the kept columns are I: solved for the rest
+    ASR = A[np.ix_(keep, removed)]
+    M = np.zeros((keep.size, m))
     M[:, keep] = np.eye(keep.size)
+    try:
+        M[:, removed] = scipy.linalg.solve(ASS, ASR, assume_a="pos")
+    except (np.linalg.LinAlgError, ValueError):
+        M[:, removed] = np.linalg.lstsq(ASS, ASR, rcond=None)[0]
     c = _intercept(mean, keep, M) if intercept else np.zeros(m)
     return M, c
 
