@@ -160,13 +160,14 @@ def least_squares_map(
     mean = np.asarray(mean, dtype=np.float64)
     keep = np.sort(np.asarray(keep, dtype=np.intp))
     m = G.shape[0]
-    A = G / n - np.outer(mean, mean) if intercept else G
-    lam = ridge * max(float(np.trace(A)), 0.0) / max(m, 1)
-    ASS = A[np.ix_(keep, keep)] + lam * np.eye(keep.size)
+    A = G[keep] / n - np.outer(mean[keep], mean) if intercept else G[keep]  # the kept rows
+    trace = float(np.trace(G)) / n - float(mean @ mean) if intercept else float(np.trace(G))
+    lam = ridge * max(trace, 0.0) / max(m, 1)
+    ASS = A[:, keep] + lam * np.eye(keep.size)
     import scipy.linalg
 
     removed = np.setdiff1d(np.arange(m), keep)  # the kept columns are I: solved for the rest
-    ASR = A[np.ix_(keep, removed)]
+    ASR = A[:, removed]
     M = np.zeros((keep.size, m))
     M[:, keep] = np.eye(keep.size)
     try:
