@@ -292,3 +292,34 @@ def _constants(model: onnx.ModelProto) -> dict[tuple[str, int], np.ndarray]:
         for i, name in enumerate(node.input)
         if name in held
     }
+
+
+@pytest.mark.parametrize("samples_per_run", [1, 3])
+def test_a_sites_fold_sums_equal_the_sums_of_its_samples_rows(samples_per_run):
+    """Rows wait per fold until a quarter of the width has come; the sums of each fold are then
+    those of its samples' rows (sample i in fold i mod 2), whatever the runs' sizes; a fold no
+    sample reached has zero sums."""
+    from onnxprune.graph.groups import Tap
+    from onnxprune.sequential import Site
+
+    rng = np.random.default_rng(0)
+    k, m, positions, total = 3, 16, 1, 9  # 1 row per sample: fewer than m // 4 per run
+    x, a = rng.normal(size=(total, positions, k)), rng.normal(size=(total, positions, m))
+    site = Site("g", "t", Tap("t", 1, 0), m, np.arange(k), Correction(np.zeros((k, m)), None))
+    for start in range(0, total, samples_per_run):
+        part = slice(start, start + samples_per_run)
+        count = len(x[part])
+        site.add(x[part].reshape(-1, k), a[part].reshape(-1, m), count)
+    site.flush()
+    for fold, sums in enumerate(site.folds):
+        xs, as_ = x[fold::2].reshape(-1, k), a[fold::2].reshape(-1, m)
+        expected = {"n": len(xs), "sx": xs.sum(0), "sa": as_.sum(0), "xx": xs.T @ xs,
+                    "xa": xs.T @ as_, "AA": as_.T @ as_}  # fmt: skip
+        assert sums.keys() == expected.keys()
+        for name, value in expected.items():
+            np.testing.assert_allclose(sums[name], value, rtol=1e-12, atol=1e-12 * total * m)
+    lone = Site("g", "t", Tap("t", 1, 0), m, np.arange(k), Correction(np.zeros((k, m)), None))
+    lone.add(x[0].reshape(-1, k), a[0].reshape(-1, m), 1)
+    lone.flush()
+    assert lone.folds[1]["n"] == 0 and not lone.folds[1]["AA"].any()
+    assert lone.folds[1]["xa"].shape == (k, m)
