@@ -19,12 +19,12 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def thread_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-    """`[fn(item) for item in items]`, computed in `worker_threads()` threads; the first
-    exception in item order is raised once every item has ended. Each call runs in a copy of
-    the caller's context (context variables such as `progress.shown`)."""
+def thread_map(fn: Callable[[T], R], items: Iterable[T], *, most: int | None = None) -> list[R]:
+    """`[fn(item) for item in items]`, computed in `worker_threads()` threads (at most `most`);
+    the first exception in item order is raised once every item has ended. Each call runs in a
+    copy of the caller's context (context variables such as `progress.shown`)."""
     items = list(items)
-    threads = min(worker_threads(), len(items))
+    threads = min(worker_threads(), len(items), most or len(items))
     if threads <= 1:
         return [fn(item) for item in items]
     context = contextvars.copy_context()

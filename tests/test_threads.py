@@ -37,8 +37,12 @@ def test_items_are_mapped_in_order_in_several_threads(monkeypatch):
 
 
 def test_one_thread_runs_in_the_caller(monkeypatch):
+    """One core's share, or at most one item at a time (planning groups whose Grams are large)."""
+    caller = [threading.get_ident()] * 3
     monkeypatch.setenv(THREADS_ENV, "1")
-    assert thread_map(lambda _: threading.get_ident(), range(3)) == [threading.get_ident()] * 3
+    assert thread_map(lambda _: threading.get_ident(), range(3)) == caller
+    monkeypatch.setenv(THREADS_ENV, "2")
+    assert thread_map(lambda _: threading.get_ident(), range(3), most=1) == caller
 
 
 def test_the_first_error_in_item_order_is_raised_after_every_item_ended(monkeypatch):

@@ -33,8 +33,9 @@ def make_plans(
     config: PruneConfig,
 ) -> dict[str, Plan]:
     """One Plan per selected group, the groups planned side by side in threads (`thread_map`),
-    but those whose statistics hold a Gram over PARALLEL_GRAM_BYTES, which are planned one at a
-    time after them: each holds several copies of its Gram while planned."""
+    as many at once as keep their Grams under PARALLEL_GRAM_BYTES together (each group holds
+    several copies of its Gram while planned); a group whose Gram alone exceeds it is planned
+    by itself after the others."""
 
     def plan_one(group: ChannelGroup) -> Plan:
         group_stats = stats[group.name]
@@ -48,7 +49,9 @@ def make_plans(
     selected = [g for g in groups if g.name in counts]
     wide = [g for g in selected if _gram_bytes(stats[g.name]) > PARALLEL_GRAM_BYTES]
     narrow = [g for g in selected if g not in wide]
-    done = dict(zip((g.name for g in narrow), thread_map(plan_one, narrow), strict=True))
+    largest = max((_gram_bytes(stats[g.name]) for g in narrow), default=0)
+    most = max(1, PARALLEL_GRAM_BYTES // max(largest, 1))
+    done = dict(zip((g.name for g in narrow), thread_map(plan_one, narrow, most=most), strict=True))
     done.update((g.name, plan_one(g)) for g in wide)
     plans = {g.name: done[g.name] for g in selected}
     return plans if config.epsilon is None else _widen_tied(groups, stats, method, config, plans)
