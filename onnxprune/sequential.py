@@ -372,8 +372,10 @@ def _fits(
             lam = ridge * base
             rhs = xa + lam * M0[:, columns]
             fit = vectors @ ((vectors.T @ rhs) / (np.maximum(values, 0) + lam)[:, None])
-            M = fit if free is None else M0.copy()
-            if free is not None:
+            if free is None:
+                M = fit
+            else:
+                M = M0.copy()
                 M[:, free] = fit
         c = None if c0 is None else ma - M.T @ mx
         if fixed is not None and c is not None:

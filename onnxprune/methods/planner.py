@@ -47,9 +47,10 @@ def make_plans(
         return _finished(plan, group, group_stats, method)
 
     selected = [g for g in groups if g.name in counts]
-    wide = [g for g in selected if _gram_bytes(stats[g.name]) > PARALLEL_GRAM_BYTES]
-    narrow = [g for g in selected if g not in wide]
-    largest = max((_gram_bytes(stats[g.name]) for g in narrow), default=0)
+    size = {g.name: _gram_bytes(stats[g.name]) for g in selected}
+    wide = [g for g in selected if size[g.name] > PARALLEL_GRAM_BYTES]
+    narrow = [g for g in selected if size[g.name] <= PARALLEL_GRAM_BYTES]
+    largest = max((size[g.name] for g in narrow), default=0)
     most = max(1, PARALLEL_GRAM_BYTES // max(largest, 1))
     done = dict(zip((g.name for g in narrow), thread_map(plan_one, narrow, most=most), strict=True))
     done.update((g.name, plan_one(g)) for g in wide)
