@@ -7,9 +7,11 @@ Each measurement runs in a fresh interpreter (`--child`), so peak RSS is that of
 then times `onnxprune.prune(path, data=…, ratio=0.25, …)` (verification on its held-out share
 included and also timed alone, interpreter start-up and imports not) and reports ru_maxrss.
 *pass* times one ORT pass over the same samples in batches of 32 (1 for a fixed-batch model;
-session creation and one warm-up batch not counted), median of three. A prune is compared
-with the mean of the passes measured just before and after it: wall ÷ wall, and CPU ÷ CPU
-(process time, every thread: what survives a machine whose cores other jobs share).
+session creation and one warm-up batch not counted), median of three, and notes that process's
+peak RSS: the memory of running the model over the data at all, against which a prune's peak
+is also given as "pass + k× the weights". A prune is compared with the mean of the passes
+measured just before and after it: wall ÷ wall, and CPU ÷ CPU (process time, every thread:
+what survives a machine whose cores other jobs share).
 
     git archive <commit> | tar -x -C /tmp/base         # the tree to compare against
     python benchmarks/prune_time.py --trees before=/tmp/base,after=. \\
@@ -78,7 +80,8 @@ def load_data(path: Path, samples: int | None) -> dict[str, np.ndarray]:
 
 
 def child_pass(model: Path, data: Path, samples: int | None) -> dict:
-    """Wall and CPU seconds of one ORT pass over the data (medians of 3)."""
+    """Wall and CPU seconds of one ORT pass over the data (medians of 3), and the peak RSS of
+    the process that ran it (MB): what running the model over this data takes at all."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
@@ -94,7 +97,12 @@ def child_pass(model: Path, data: Path, samples: int | None) -> dict:
             session.run(None, {spec.name: batch})
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - used)
-    return {"pass_s": statistics.median(times), "pass_cpu_s": statistics.median(cpu)}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "pass_s": statistics.median(times),
+        "pass_cpu_s": statistics.median(cpu),
+        "pass_peak_rss_mb": peak,
+    }
 
 
 def child_prune(model: Path, data: Path, samples: int | None, method: str) -> dict:
@@ -176,14 +184,18 @@ def measure(
         passes = [p for p in (before, after) if "pass_s" in p]
         seconds = statistics.mean(p["pass_s"] for p in passes)
         cpu = statistics.mean(p["pass_cpu_s"] for p in passes)
+        pass_peak = max(p["pass_peak_rss_mb"] for p in passes)
         for label, found in prunes.items():
             row = {"model": name, "method": method, "tree": label, "pass_s": seconds, **found}
-            row["pass_cpu_s"] = cpu
+            row["pass_cpu_s"], row["pass_peak_rss_mb"] = cpu, pass_peak
             if "prune_s" in found:
                 row["prune_over_pass"] = found["prune_s"] / seconds
                 row["cpu_over_pass"] = found["prune_cpu_s"] / cpu
                 row["unverified_over_pass"] = (found["prune_s"] - found["verify_s"]) / seconds
                 row["peak_over_weights"] = found["peak_rss_mb"] / found["weights_mb"]
+                row["above_pass_over_weights"] = (found["peak_rss_mb"] - pass_peak) / found[
+                    "weights_mb"
+                ]
             rows.append(row)
             print(format_row(row), flush=True)
         before = after
@@ -198,7 +210,8 @@ def format_row(row: dict) -> str:
         f"prune {row['prune_s']:7.2f} s = {row['prune_over_pass']:5.1f}× (cpu "
         f"{row['cpu_over_pass']:5.1f}×, w/o verify {row['unverified_over_pass']:5.1f}×)  "
         f"RSS base {row['base_rss_mb']:5.0f} peak {row['peak_rss_mb']:6.0f} MB = "
-        f"{row['peak_over_weights']:6.1f}× weights "
+        f"{row['peak_over_weights']:6.1f}× weights, pass {row['pass_peak_rss_mb']:5.0f} MB "
+        f"+ {row['above_pass_over_weights']:4.1f}× weights "
         f"({row['weights_mb']:.1f} MB)  rel-L2 {row['rel_l2'] or 0:.4f}"
     )
 

@@ -239,3 +239,65 @@ def test_a_missed_mac_target_is_one_warning_line_and_a_report_field(capsys, tmp_
     assert "target macs 0.150 missed" in warning and "--prune-residual" in warning
     target = json.loads(report.read_text())["target"]
     assert target["missed"] and target["reached"] > 0.25 and target["target"] == 0.15
+
+
+# --- runs -----------------------------------------------------------------------------------------
+
+
+class _CountingSession:
+    """An ORT session that counts its runs and the samples each took."""
+
+    def __init__(self, session):
+        self.session, self.sizes = session, []
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def run(self, names, feeds):
+        self.sizes.append(len(next(iter(feeds.values()))))
+        return self.session.run(names, feeds)
+
+
+def _counting(monkeypatch) -> list[_CountingSession]:
+    made, real = [], verify_module.session_for
+    monkeypatch.setattr(
+        verify_module, "session_for", lambda m: made.append(_CountingSession(real(m))) or made[-1]
+    )
+    return made
+
+
+def test_verification_runs_cut_a_dynamic_batch_into_bounded_parts(monkeypatch):
+    """`run` takes at most as many samples per run as keep the largest activation (its shape
+    inferred, the model stating none) under RUN_TENSOR_BYTES, with the outputs of one run."""
+    model = graphs.conv_chain()
+    largest = max(
+        4 * int(np.prod([d.dim_value for d in vi.type.tensor_type.shape.dim[1:]]))
+        for vi in model.graph.value_info
+    )
+    del model.graph.value_info[:]
+    feeds = graphs.random_input(model, n=10)
+    monkeypatch.setattr(onnxprune.calib.data, "RUN_TENSOR_BYTES", 3 * largest)
+    made = _counting(monkeypatch)
+    got = verify_module.run(model, feeds)
+    assert made[0].sizes == [3, 3, 3, 1]
+    want = run_model(model, feeds)
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6 * np.abs(value).max())
+
+
+def test_verification_runs_outputs_without_samples_on_axis_0_at_once(monkeypatch):
+    """Outputs that hold the samples on another axis (a sequence model's (time, batch, …)) do
+    not join along axis 0: such a model takes all samples in one run."""
+    model = graphs.conv_chain()
+    (y,) = model.graph.output
+    model.graph.node.append(onnx.helper.make_node("Transpose", [y.name], ["t"], perm=[1, 0, 2, 3]))
+    del model.graph.output[:], model.graph.value_info[:]
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, [4, "N", 8, 8])
+    )
+    monkeypatch.setattr(onnxprune.calib.data, "RUN_TENSOR_BYTES", 1)
+    made = _counting(monkeypatch)
+    feeds = graphs.random_input(model, n=6)
+    got = verify_module.run(model, feeds)
+    assert made[0].sizes == [6]
+    np.testing.assert_array_equal(got["t"], run_model(model, feeds)["t"])

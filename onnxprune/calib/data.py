@@ -25,6 +25,7 @@ __all__ = [
     "Batch",
     "Dataset",
     "InputSpec",
+    "batch_first",
     "batch_for",
     "count_shapes",
     "in_batches",
@@ -165,10 +166,13 @@ def batch_for(shapes: Iterable[Sequence[int | str | None]], wanted: int) -> int:
     return min(fixed) if fixed else wanted
 
 
-def run_samples(model: onnx.ModelProto) -> int | None:
+def run_samples(
+    model: onnx.ModelProto, value_info: Sequence[onnx.ValueInfoProto] | None = None
+) -> int | None:
     """The most samples one run of `model` should take: the batch a fixed-batch model takes
-    (`batch_for`), else as many as keep the largest tensor whose shape the graph states under
-    RUN_TENSOR_BYTES (at least 1); None (any number) where no shape is stated.
+    (`batch_for`), else as many as keep the largest tensor whose shape the graph states
+    (`value_info`, default the graph's own, and its outputs) under RUN_TENSOR_BYTES (at least
+    1); None (any number) where no shape is stated.
 
     ONNX Runtime's arena grows with a run's largest activations, and big tensors leave the
     caches: on ResNet-50 (3.2 MB per sample for the widest activations) the recalibration's
@@ -176,12 +180,33 @@ def run_samples(model: onnx.ModelProto) -> int | None:
     fixed = batch_for((spec.shape for spec in input_specs(model)), 0)
     if fixed:
         return fixed
-    sizes = [_sample_bytes(info) for info in (*model.graph.value_info, *model.graph.output)]
+    infos = model.graph.value_info if value_info is None else value_info
+    sizes = [_sample_bytes(info) for info in (*infos, *model.graph.output)]
     largest = max(sizes, default=0)
     return max(1, RUN_TENSOR_BYTES // largest) if largest else None
 
 
 RUN_TENSOR_BYTES = 4 << 20
+
+
+def batch_first(model: onnx.ModelProto) -> bool:
+    """Whether every output of `model` declares the samples on axis 0, as its first input does
+    (the same symbolic or fixed first dim), so that outputs of runs on parts of the samples join
+    along axis 0. Not so for a sequence model's (time, batch, …) outputs, or undeclared dims."""
+    first = [_dim0(i) for i in model.graph.input[:1]]
+    return (
+        bool(first)
+        and first[0] not in ("", 0)
+        and all(_dim0(o) == first[0] for o in model.graph.output)
+    )
+
+
+def _dim0(info: onnx.ValueInfoProto) -> str | int:
+    """The first dim of a declared tensor type: its symbol, its size, or "" when not declared."""
+    dims = info.type.tensor_type.shape.dim
+    if not dims:
+        return ""
+    return dims[0].dim_param or dims[0].dim_value
 
 
 def _sample_bytes(info: onnx.ValueInfoProto) -> int:

@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 from threadpoolctl import threadpool_limits
 
-from onnxprune.calib.data import batch_for, in_batches
+from onnxprune.calib.data import batch_first, batch_for, in_batches
 from onnxprune.calib.prefetch import prefetched
 from onnxprune.calib.row_mask import row_keep
 from onnxprune.errors import ModelRunError, VerificationError, first_line
@@ -232,26 +232,6 @@ def _add_run(
     samples = len(next(iter(part.values())))
     units, keep = fold_units(view.shape[0], samples), row_keep(view, part, row_mask)
     acc.add(view.reshape(-1, channels), samples=units, keep=keep)
-
-
-def batch_first(model: onnx.ModelProto) -> bool:
-    """Whether every output of `model` declares the samples on axis 0, as its first input does
-    (the same symbolic or fixed first dim), so that outputs of runs on parts of the samples join
-    along axis 0. Not so for a sequence model's (time, batch, …) outputs, or undeclared dims."""
-    first = [_dim0(i) for i in model.graph.input[:1]]
-    return (
-        bool(first)
-        and first[0] not in ("", 0)
-        and all(_dim0(o) == first[0] for o in model.graph.output)
-    )
-
-
-def _dim0(info: onnx.ValueInfoProto) -> str | int:
-    """The first dim of a declared tensor type: its symbol, its size, or "" when not declared."""
-    dims = info.type.tensor_type.shape.dim
-    if not dims:
-        return ""
-    return dims[0].dim_param or dims[0].dim_value
 
 
 class Reference:

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxprune.calib.data import batch_for, in_batches
+from onnxprune.calib.data import batch_first, batch_for, in_batches, in_parts, run_samples
 from onnxprune.errors import ModelRunError, VerificationError, first_line
 from onnxprune.graph.load import model_bytes, too_large_for_protobuf, weightless_copy
 from onnxprune.graph.session import Edit, default_threads, inference_session
@@ -86,25 +86,35 @@ def verify(
 
 def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Outputs of `model` on `feeds` in ONNX Runtime (CPU provider), by output name; a model
-    with a fixed batch runs the samples in batches of that size, outputs joined along axis 0."""
+    with a fixed batch runs the samples in batches of that size, one whose outputs all have
+    the samples on axis 0 (`batch_first`) in runs of at most `run_samples(model)` samples (ORT's
+    arena grows with a run's activations: 32 samples of 224×224 in one ResNet-50 run took
+    185 MB more), outputs joined along axis 0."""
     try:
         session = session_for(model)
-        return run_session(session, [o.name for o in session.get_outputs()], feeds)
+        names = [o.name for o in session.get_outputs()]
+        return run_session(session, names, feeds, part=_run_part(model))
     except Exception as exc:  # ORT raises several unrelated exception types
         raise VerificationError(f"ONNX Runtime cannot run the model: {first_line(exc)}") from exc
 
 
 def run_session(
-    session: ort.InferenceSession, names: Sequence[str], feeds: Mapping[str, np.ndarray]
+    session: ort.InferenceSession,
+    names: Sequence[str],
+    feeds: Mapping[str, np.ndarray],
+    *,
+    part: int | None = None,
 ) -> dict[str, np.ndarray]:
     """The outputs `names` of `session` on `feeds`, by name; a session with a fixed batch runs
-    the samples in batches of that size, outputs joined along axis 0 (ORT's errors pass)."""
+    the samples in batches of that size, any other in runs of at most `part` samples (None:
+    all at once), outputs joined along axis 0 (ORT's errors pass)."""
     names = list(names)
     samples = len(next(iter(feeds.values()))) if feeds else 0
     batch = batch_for((i.shape for i in session.get_inputs()), samples)
-    if batch == samples:
+    if batch == samples and (part is None or samples <= part):
         return dict(zip(names, session.run(names, dict(feeds)), strict=True))
-    parts = [session.run(names, chunk) for chunk in in_batches(feeds, batch)]
+    runs = in_batches(feeds, batch) if batch != samples else in_parts([feeds], part)
+    parts = [session.run(names, chunk) for chunk in runs]
     joined = [np.concatenate(outputs)[:samples] for outputs in zip(*parts, strict=True)]
     return dict(zip(names, joined, strict=True))
 
@@ -178,6 +188,19 @@ def session_for(
     if threads:
         options.intra_op_num_threads = threads
     return inference_session(model, options, edit=edit)
+
+
+def _run_part(model: onnx.ModelProto) -> int | None:
+    """The most samples one run of `model` takes in `run` (None: all): `run_samples` on its
+    intermediate shapes, inferred on `weightless_copy` where the model states none (the
+    pruned and the loaded models usually do not); None where outputs do not join on axis 0."""
+    if not batch_first(model):
+        return None
+    if model.graph.value_info:
+        return run_samples(model)
+    return run_samples(
+        model, onnx.shape_inference.infer_shapes(weightless_copy(model)).graph.value_info
+    )
 
 
 def _checkable(model: onnx.ModelProto) -> onnx.ModelProto:
