@@ -91,9 +91,10 @@ def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np
     arena grows with a run's activations: 32 samples of 224×224 in one ResNet-50 run took
     185 MB more), outputs joined along axis 0."""
     try:
+        part = _run_part(model)
         session = session_for(model)
         names = [o.name for o in session.get_outputs()]
-        return run_session(session, names, feeds, part=_run_part(model))
+        return run_session(session, names, feeds, part=part)
     except Exception as exc:  # ORT raises several unrelated exception types
         raise VerificationError(f"ONNX Runtime cannot run the model: {first_line(exc)}") from exc
 
@@ -193,14 +194,17 @@ def session_for(
 def _run_part(model: onnx.ModelProto) -> int | None:
     """The most samples one run of `model` takes in `run` (None: all): `run_samples` on its
     intermediate shapes, inferred on `weightless_copy` where the model states none (the
-    pruned and the loaded models usually do not); None where outputs do not join on axis 0."""
+    pruned and the loaded models usually do not); None where outputs do not join on axis 0
+    or ONNX's shape inference fails (a run of all samples is still correct)."""
     if not batch_first(model):
         return None
     if model.graph.value_info:
         return run_samples(model)
-    return run_samples(
-        model, onnx.shape_inference.infer_shapes(weightless_copy(model)).graph.value_info
-    )
+    try:
+        shapes = onnx.shape_inference.infer_shapes(weightless_copy(model)).graph.value_info
+    except (onnx.shape_inference.InferenceError, ValueError):
+        return None
+    return run_samples(model, shapes)
 
 
 def _checkable(model: onnx.ModelProto) -> onnx.ModelProto:
