@@ -1,0 +1,245 @@
+"""Export TensorFlow/Keras models with tf2onnx, as users who train in Keras get their ONNX file.
+
+Runs in its own virtual environment (TensorFlow is no dependency of onnxprune):
+
+    python3 -m venv /work/venvs/tf
+    /work/venvs/tf/bin/pip install tensorflow-cpu==2.15.1 tf2onnx==1.16.1 \
+        scikit-learn scikit-image onnxruntime
+    /work/venvs/tf/bin/python benchmarks/keras_models.py [--cache DIR] [--models a,b] [--force]
+
+Models: keras.applications MobileNetV2, ResNet50, EfficientNetB0, DenseNet121 (224×224×3,
+`weights=None`, seeded; BatchNormalization γ ∈ U[0.05, 1.5], β ~ N(0, 0.2), moving mean
+~ N(0, 0.2), moving variance ∈ U[0.5, 2] so channels differ) and a small CNN trained for a few
+epochs on scikit-learn's digits (8×8 upscaled to 16×16, one channel). Each is exported by
+tf2onnx at opset 17 with a dynamic batch as `<name>.onnx`, and with the batch fixed at 1 as
+`<name>.b1.onnx`; each export is run once in ONNX Runtime and compared with TF (rel-L2 in
+`manifest.json`).
+
+Data (NHWC, as the models read it): `calib_224.npz` / `heldout_224.npz` are the torch zoo's
+photo crops (`zoo_models.photo_crops`'s recipe: disjoint scikit-image photos), transposed to
+NHWC; `calib_digits.npz` / `heldout_digits.npz` are digits from the training / test split
+(labels in `heldout_digits_labels.npy`).
+
+The cache defaults to `benchmarks/results/cache/keras` (git-ignored), or
+`$ONNXPRUNE_KERAS_CACHE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_CACHE = Path(__file__).resolve().parent / "results" / "cache" / "keras"
+SEED = 0
+OPSET = 17
+INPUT = "input"
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+CALIB_PHOTOS = ("astronaut", "coffee", "rocket", "immunohistochemistry")
+HELDOUT_PHOTOS = ("chelsea", "hubble_deep_field", "retina", "camera")
+N_CALIB, N_HELDOUT = 32, 16
+APPS = ("MobileNetV2", "ResNet50", "EfficientNetB0", "DenseNet121")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write the data, export each selected model, and update the manifest."""
+    args = parse_args(argv)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(SEED)
+    builders: dict[str, Callable[[], tuple[object, str]]] = {
+        "digits_cnn": lambda: (digits_cnn(cache), "digits"),
+        **{name.lower(): app_builder(name) for name in APPS},
+    }
+    names = args.models.split(",") if args.models else list(builders)
+    manifest_path = cache / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    for name in names:
+        if name in manifest and not args.force and (cache / f"{name}.onnx").exists():
+            continue
+        model, tag = builders[name]()
+        data = ensure_data(cache, tag)
+        manifest[name] = export_model(model, name, tag, cache, data)
+        manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+        print(name, json.dumps(manifest[name]), flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command line: cache, subset, force."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    default = os.environ.get("ONNXPRUNE_KERAS_CACHE", str(DEFAULT_CACHE))
+    parser.add_argument("--cache", default=default, help="Output folder.")
+    parser.add_argument("--models", default="", help="Comma-separated subset (default: all).")
+    parser.add_argument("--force", action="store_true", help="Re-export existing files.")
+    return parser.parse_args(argv)
+
+
+def app_builder(name: str) -> Callable[[], tuple[object, str]]:
+    """A builder of one keras.applications model with randomised BatchNormalization."""
+
+    def build() -> tuple[object, str]:
+        import tensorflow as tf
+
+        model = getattr(tf.keras.applications, name)(weights=None, input_shape=(224, 224, 3))
+        randomise_norms(model, np.random.default_rng(SEED))
+        return model, "224"
+
+    return build
+
+
+def randomise_norms(model: object, rng: np.random.Generator) -> None:
+    """Draw every BatchNormalization's γ, β and moving statistics so channels differ."""
+    import tensorflow as tf
+
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            weights = []
+            for w in layer.weights:
+                shape, tag = w.shape, w.name.split("/")[-1]
+                if tag.startswith("gamma"):
+                    weights.append(rng.uniform(0.05, 1.5, shape))
+                elif tag.startswith("beta") or tag.startswith("moving_mean"):
+                    weights.append(rng.normal(0, 0.2, shape))
+                else:
+                    weights.append(rng.uniform(0.5, 2.0, shape))
+            layer.set_weights([w.astype(np.float32) for w in weights])
+
+
+def digits_cnn(cache: Path) -> object:
+    """A small Keras CNN trained 8 epochs on digits (16×16×1): Conv, BN, stride-2 'same' Conv,
+    Flatten, Dense, Dense — the patterns tf2onnx writes for NHWC Flatten and Dense."""
+    import tensorflow as tf
+
+    (x_train, y_train), _ = digits_split()
+    layers = tf.keras.layers
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input((16, 16, 1)),
+            layers.Conv2D(16, 3, padding="same"),
+            layers.BatchNormalization(),
+            layers.ReLU(max_value=6.0),
+            layers.Conv2D(32, 3, strides=2, padding="same", activation="relu"),
+            layers.DepthwiseConv2D(3, padding="same", activation="relu"),
+            layers.Flatten(),
+            layers.Dense(64, activation="relu"),
+            layers.Dense(10),
+        ]
+    )
+    model.compile(
+        optimizer="adam",
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(x_train, y_train, epochs=8, batch_size=32, verbose=0)
+    return model
+
+
+def digits_split() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """scikit-learn's digits, upscaled ×2 to 16×16×1 in [0, 1]; a seeded 75/25 split."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = digits.images.astype(np.float32) / 16.0
+    x = x.repeat(2, axis=1).repeat(2, axis=2)[..., None]
+    order = np.random.default_rng(SEED).permutation(len(x))
+    cut = len(x) * 3 // 4
+    train, test = order[:cut], order[cut:]
+    return (x[train], digits.target[train]), (x[test], digits.target[test])
+
+
+def ensure_data(cache: Path, tag: str) -> dict[str, np.ndarray]:
+    """Calibration and held-out inputs for one data tag, written once as npz files."""
+    out = {}
+    for split in ("calib", "heldout"):
+        path = cache / f"{split}_{tag}.npz"
+        if not path.exists():
+            np.savez(path, **{INPUT: make_split(tag, split, cache)})
+        with np.load(path) as npz:
+            out[split] = npz[INPUT]
+    return out
+
+
+def make_split(tag: str, split: str, cache: Path) -> np.ndarray:
+    """Photo crops (224) or digits for one split."""
+    if tag == "digits":
+        (x_train, _), (x_test, y_test) = digits_split()
+        if split == "calib":
+            return x_train[:64]
+        np.save(cache / "heldout_digits_labels.npy", y_test)
+        return x_test
+    photos, count, seed = (
+        (CALIB_PHOTOS, N_CALIB, 1) if split == "calib" else (HELDOUT_PHOTOS, N_HELDOUT, 2)
+    )
+    return photo_crops(photos, count, int(tag), seed)
+
+
+def photo_crops(photos: tuple[str, ...], count: int, size: int, seed: int) -> np.ndarray:
+    """`count` random crops (8–100 % of the area, aspect 3/4–4/3, random flip) of the photos,
+    resized to size×size, ImageNet mean/std; NHWC float32 (the torch zoo's recipe, which
+    cannot be imported here: that module imports torch)."""
+    import skimage.data
+    from skimage.color import gray2rgb
+    from skimage.transform import resize
+
+    rng = np.random.default_rng(seed)
+    images = [getattr(skimage.data, p)() for p in photos]
+    images = [gray2rgb(im) if im.ndim == 2 else im[..., :3] for im in images]
+    crops = []
+    for i in range(count):
+        image = images[i % len(images)]
+        h, w = image.shape[:2]
+        area = rng.uniform(0.08, 1.0) * h * w
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        ch = int(min(h, round(np.sqrt(area / aspect))))
+        cw = int(min(w, round(np.sqrt(area * aspect))))
+        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        crop = image[top : top + ch, left : left + cw]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        crop = resize(crop, (size, size), anti_aliasing=True).astype(np.float32)
+        crops.append((crop - MEAN) / STD)
+    return np.stack(crops).astype(np.float32)
+
+
+def export_model(
+    model: object, name: str, tag: str, cache: Path, data: dict[str, np.ndarray]
+) -> dict[str, object]:
+    """Export dynamic-batch and batch-1 files and check each against TF on held-out inputs."""
+    import tensorflow as tf
+    import tf2onnx
+
+    shape = tuple(model.inputs[0].shape[1:])
+    entry: dict[str, object] = {"data": tag, "files": {}}
+    for variant, batch in (("dynamic", None), ("b1", 1)):
+        file = f"{name}.onnx" if batch is None else f"{name}.b1.onnx"
+        spec = [tf.TensorSpec((batch, *shape), tf.float32, name=INPUT)]
+        try:
+            tf2onnx.convert.from_keras(
+                model, input_signature=spec, opset=OPSET, output_path=str(cache / file)
+            )
+            x = data["heldout"][:1] if batch == 1 else data["heldout"]
+            entry["files"][variant] = {"file": file, "rel_l2": check(model, cache / file, x)}
+        except Exception as err:  # recorded in the manifest, the other exports go on
+            entry["files"][variant] = {"file": file, "error": f"{type(err).__name__}: {err}"}
+    return entry
+
+
+def check(model: object, path: Path, x: np.ndarray) -> float:
+    """rel-L2 of ONNX Runtime's output against TF's."""
+    import onnxruntime as ort
+
+    ref = np.asarray(model(x, training=False))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {INPUT: x})[0]
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+if __name__ == "__main__":
+    main()
