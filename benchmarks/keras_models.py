@@ -16,7 +16,7 @@ tf2onnx at opset 17 with a dynamic batch as `<name>.onnx`, and with the batch fi
 `manifest.json`).
 
 Data (NHWC, as the models read it): `calib_224.npz` / `heldout_224.npz` are the torch zoo's
-photo crops (`zoo_models.photo_crops`'s recipe: disjoint scikit-image photos), transposed to
+photo crops (`photos.photo_crops`: disjoint scikit-image photos), transposed to
 NHWC; `calib_digits.npz` / `heldout_digits.npz` are digits from the training / test split
 (labels in `heldout_digits_labels.npy`).
 
@@ -33,15 +33,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from photos import CALIB_PHOTOS, HELDOUT_PHOTOS, photo_crops
 
 DEFAULT_CACHE = Path(__file__).resolve().parent / "results" / "cache" / "keras"
 SEED = 0
 OPSET = 17
 INPUT = "input"
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-CALIB_PHOTOS = ("astronaut", "coffee", "rocket", "immunohistochemistry")
-HELDOUT_PHOTOS = ("chelsea", "hubble_deep_field", "retina", "camera")
 N_CALIB, N_HELDOUT = 32, 16
 APPS = ("MobileNetV2", "ResNet50", "EfficientNetB0", "DenseNet121")
 
@@ -177,35 +174,7 @@ def make_split(tag: str, split: str, cache: Path) -> np.ndarray:
     photos, count, seed = (
         (CALIB_PHOTOS, N_CALIB, 1) if split == "calib" else (HELDOUT_PHOTOS, N_HELDOUT, 2)
     )
-    return photo_crops(photos, count, int(tag), seed)
-
-
-def photo_crops(photos: tuple[str, ...], count: int, size: int, seed: int) -> np.ndarray:
-    """`count` random crops (8–100 % of the area, aspect 3/4–4/3, random flip) of the photos,
-    resized to size×size, ImageNet mean/std; NHWC float32 (the torch zoo's recipe, which
-    cannot be imported here: that module imports torch)."""
-    import skimage.data
-    from skimage.color import gray2rgb
-    from skimage.transform import resize
-
-    rng = np.random.default_rng(seed)
-    images = [getattr(skimage.data, p)() for p in photos]
-    images = [gray2rgb(im) if im.ndim == 2 else im[..., :3] for im in images]
-    crops = []
-    for i in range(count):
-        image = images[i % len(images)]
-        h, w = image.shape[:2]
-        area = rng.uniform(0.08, 1.0) * h * w
-        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-        ch = int(min(h, round(np.sqrt(area / aspect))))
-        cw = int(min(w, round(np.sqrt(area * aspect))))
-        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        crop = image[top : top + ch, left : left + cw]
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        crop = resize(crop, (size, size), anti_aliasing=True).astype(np.float32)
-        crops.append((crop - MEAN) / STD)
-    return np.stack(crops).astype(np.float32)
+    return photo_crops(photos, count, int(tag), seed).transpose(0, 2, 3, 1).copy()  # NHWC
 
 
 def export_model(

@@ -59,14 +59,15 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+# the crops live in a torch-free sibling (also read by keras_models.py); appended, so that it
+# resolves when this module is imported as `benchmarks.zoo_models` and shadows no package
+sys.path.append(str(Path(__file__).resolve().parent))
+from photos import CALIB_PHOTOS, HELDOUT_PHOTOS, photo_crops  # noqa: E402
+
 DEFAULT_CACHE = Path(__file__).resolve().parent / "results" / "cache" / "zoo"
 SEED = 0
 OPSET = 17
 DYNAMO_OPSET = 18  # the dynamo exporter's lowest; asking for 17 runs a failing down-conversion
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-CALIB_PHOTOS = ("astronaut", "coffee", "rocket", "immunohistochemistry")
-HELDOUT_PHOTOS = ("chelsea", "hubble_deep_field", "retina", "camera")
 N_CALIB, N_HELDOUT = 32, 16
 EXTRA_EXPORTS = ("resnet50", "mobilenet_v3_small", "yolov8n")
 
@@ -304,28 +305,6 @@ def ensure_data(cache: Path, spec: ZooSpec) -> dict[str, np.ndarray]:
     return out
 
 
-def photo_crops(photos: tuple[str, ...], count: int, size: int, seed: int) -> np.ndarray:
-    """`count` random crops (8–100 % of the area, aspect 3/4–4/3, random flip) of the photos.
-
-    The photos are used in turn; each crop is resized to size×size with anti-aliasing and
-    normalised with the ImageNet mean/std. Returns NCHW float32.
-    """
-    import skimage.data
-    from skimage.color import gray2rgb
-    from skimage.transform import resize
-
-    rng = np.random.default_rng(seed)
-    images = [getattr(skimage.data, p)() for p in photos]
-    images = [gray2rgb(im) if im.ndim == 2 else im[..., :3] for im in images]
-    crops = []
-    for i in range(count):
-        image = images[i % len(images)]
-        crop = random_crop(image, rng)
-        crop = resize(crop, (size, size), anti_aliasing=True).astype(np.float32)
-        crops.append(((crop - MEAN) / STD).transpose(2, 0, 1))
-    return np.stack(crops).astype(np.float32)
-
-
 def photo_clips(
     photos: tuple[str, ...], count: int, frames: int, size: int, seed: int
 ) -> np.ndarray:
@@ -334,18 +313,6 @@ def photo_clips(
         photo_crops((photos[i % len(photos)],), frames, size, seed * 1000 + i) for i in range(count)
     ]
     return np.stack(clips).transpose(0, 2, 1, 3, 4).copy()
-
-
-def random_crop(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random area/aspect crop as in torchvision's RandomResizedCrop, flipped half the time."""
-    h, w = image.shape[:2]
-    area = rng.uniform(0.08, 1.0) * h * w
-    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-    ch = int(min(h, round(np.sqrt(area / aspect))))
-    cw = int(min(w, round(np.sqrt(area * aspect))))
-    top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-    crop = image[top : top + ch, left : left + cw]
-    return crop[:, ::-1] if rng.random() < 0.5 else crop
 
 
 def randomise_norms(model: nn.Module, calib: np.ndarray, seed: int) -> nn.Module:
