@@ -59,10 +59,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-# the crops live in a torch-free sibling (also read by keras_models.py); appended, so that it
-# resolves when this module is imported as `benchmarks.zoo_models` and shadows no package
-sys.path.append(str(Path(__file__).resolve().parent))
-from photos import CALIB_PHOTOS, HELDOUT_PHOTOS, photo_crops  # noqa: E402
+# the crops live in a torch-free sibling, also read by keras_models.py (run as a script, or
+# imported from a script beside it, this file has no package; imported as benchmarks.zoo_models
+# it has one)
+if __package__:
+    from .photos import CALIB_PHOTOS, HELDOUT_PHOTOS, photo_crops
+else:
+    from photos import CALIB_PHOTOS, HELDOUT_PHOTOS, photo_crops
 
 DEFAULT_CACHE = Path(__file__).resolve().parent / "results" / "cache" / "zoo"
 SEED = 0
