@@ -8,12 +8,15 @@ Runs in its own virtual environment (TensorFlow is no dependency of onnxprune):
     /work/venvs/tf/bin/python benchmarks/keras_models.py [--cache DIR] [--models a,b] [--force]
 
 Models: keras.applications MobileNetV2, ResNet50, EfficientNetB0, DenseNet121 (224×224×3,
-`weights=None`, seeded; BatchNormalization γ ∈ U[0.05, 1.5], β ~ N(0, 0.2), moving mean
-~ N(0, 0.2), moving variance ∈ U[0.5, 2] so channels differ) and a small CNN trained for a few
+`weights=None`, seeded; logits out, `classifier_activation=None`, since random weights give
+near-uniform softmax probabilities whose deviations say nothing; BatchNormalization γ ∈
+U[0.05, 1.5], β ~ N(0, 0.2), moving mean ~ N(0, 0.2), moving variance ∈ U[0.5, 2] so channels
+differ) and a small CNN trained for a few
 epochs on scikit-learn's digits (8×8 upscaled to 16×16, one channel). Each is exported by
 tf2onnx at opset 17 with a dynamic batch as `<name>.onnx`, and with the batch fixed at 1 as
 `<name>.b1.onnx`; each export is run once in ONNX Runtime and compared with TF (rel-L2 in
-`manifest.json`).
+`manifest.json`, written in `zoo_models.py`'s schema so that `zoo.py --cache` measures these
+files as it does the torch zoo).
 
 Data (NHWC, as the models read it): `calib_224.npz` / `heldout_224.npz` are the torch zoo's
 photo crops (`photos.photo_crops`: disjoint scikit-image photos), transposed to
@@ -84,7 +87,8 @@ def app_builder(name: str) -> Callable[[], tuple[object, str]]:
     def build() -> tuple[object, str]:
         import tensorflow as tf
 
-        model = getattr(tf.keras.applications, name)(weights=None, input_shape=(224, 224, 3))
+        app = getattr(tf.keras.applications, name)
+        model = app(weights=None, input_shape=(224, 224, 3), classifier_activation=None)
         randomise_norms(model, np.random.default_rng(SEED))
         return model, "224"
 
@@ -185,8 +189,8 @@ def export_model(
     import tf2onnx
 
     shape = tuple(model.inputs[0].shape[1:])
-    entry: dict[str, object] = {"data": tag, "files": {}}
-    for variant, batch in (("dynamic", None), ("b1", 1)):
+    entry: dict[str, object] = {"size": tag, "input": INPUT, "files": {}}
+    for variant, batch in (("tf2onnx", None), ("tf2onnx_b1", 1)):
         file = f"{name}.onnx" if batch is None else f"{name}.b1.onnx"
         spec = [tf.TensorSpec((batch, *shape), tf.float32, name=INPUT)]
         try:
@@ -194,7 +198,11 @@ def export_model(
                 model, input_signature=spec, opset=OPSET, output_path=str(cache / file)
             )
             x = data["heldout"][:1] if batch == 1 else data["heldout"]
-            entry["files"][variant] = {"file": file, "rel_l2": check(model, cache / file, x)}
+            rel_l2 = check(model, cache / file, x)
+            how = f"tf2onnx.convert.from_keras(opset={OPSET}), " + (
+                "dynamic batch" if batch is None else "batch 1"
+            )
+            entry["files"][variant] = {"file": file, "how": how, "rel_l2": rel_l2}
         except Exception as err:  # recorded in the manifest, the other exports go on
             entry["files"][variant] = {"file": file, "error": f"{type(err).__name__}: {err}"}
     return entry

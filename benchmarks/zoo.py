@@ -51,6 +51,7 @@ DEFAULT_OUT = HERE / "results" / "zoo.json"
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
 RUNS = (("magnitude", 0.25), ("magnitude", 0.5), ("id", 0.25), ("id", 0.5))
 VARIANTS = {"legacy": "", "legacy_b1": ".b1", "dynamo": ".dynamo"}
+VARIANTS |= {"tf2onnx": "", "tf2onnx_b1": ".b1"}  # keras_models.py's exports
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -163,16 +163,30 @@ def concat(c1: int = 4, c2: int = 6) -> onnx.ModelProto:
     return b.model([b.conv("c3", cat, c1 + c2, 4)])
 
 
-def flatten_gemm(kind: str = "flatten", target: Sequence[int] = (0, -1)) -> onnx.ModelProto:
-    """x[N,3,4,4] → c1(6) → relu → Flatten (or Reshape to `target`) → fc(96 → 5) → y."""
+def flatten_gemm(
+    kind: str = "flatten", target: Sequence[int] = (0, -1), *, channels_last: bool = False
+) -> onnx.ModelProto:
+    """x[N,3,4,4] → c1(6) → relu → Flatten (or Reshape to `target`) → fc(96 → 5) → y.
+
+    `channels_last` flattens as Keras does (tf2onnx: Transpose(0, 2, 3, 1) first), with fc's
+    columns reordered so that the model computes the same function."""
     b = Builder(5)
     h = b.relu("r1", b.conv("c1", "x", 3, 6))
+    if channels_last:
+        h = b.node("Transpose", "nhwc", [h], perm=[0, 2, 3, 1])
     if kind == "flatten":
         flat = b.node("Flatten", "flat", [h], axis=1)
     else:
         shape = b.const("flat.shape", np.array(target, dtype=np.int64))
         flat = b.node("Reshape", "flat", [h, shape])
-    return b.model([b.gemm("fc", flat, 6 * 16, 5)], shape=("N", 3, 4, 4))
+    y = b.gemm("fc", flat, 6 * 16, 5)
+    if channels_last:  # channel-major column c·16 + p is channels-last column p·6 + c
+        w = next(t for t in b.inits if t.name == "fc.w")
+        major = numpy_helper.to_array(w)
+        last = np.empty_like(major)
+        last[:, (np.arange(16)[None, :] * 6 + np.arange(6)[:, None]).reshape(-1)] = major
+        w.CopyFrom(numpy_helper.from_array(last, "fc.w"))
+    return b.model([y], shape=("N", 3, 4, 4))
 
 
 def depthwise() -> onnx.ModelProto:
@@ -183,11 +197,22 @@ def depthwise() -> onnx.ModelProto:
     return b.model([b.conv("c2", h, 8, 4)])
 
 
-def se_block() -> onnx.ModelProto:
-    """Trunk t = relu(ct(x)); gate = sigmoid(ce(relu(cr(GAP(t))))); y = co(t · gate)."""
+def se_block(squeeze: str = "gap") -> onnx.ModelProto:
+    """Trunk t = relu(ct(x)); gate = sigmoid(ce(relu(cr(GAP(t))))); y = co(t · gate).
+
+    `squeeze` spells GAP as GlobalAveragePool ("gap"), as tf2onnx writes it ("tf2onnx":
+    ReduceMean → Squeeze → Reshape(-1, 8, 1, 1)), or with the channels split on the way
+    ("split": … → Reshape(-1, 4, 2, 1) → Reshape(-1, 8, 1, 1)); the weights are the same."""
     b = Builder(7)
     t = b.relu("rt", b.conv("ct", "x", 3, 8))
-    g = b.node("GlobalAveragePool", "gap", [t])
+    if squeeze == "gap":
+        g = b.node("GlobalAveragePool", "gap", [t])
+    else:
+        g = b.node("ReduceMean", "gap", [t], axes=[2, 3], keepdims=1)
+        g = b.node("Squeeze", "squeeze", [g, b.const("squeeze.axes", _ints(2, 3))])
+        if squeeze == "split":
+            g = b.node("Reshape", "split", [g, b.const("split.shape", _ints(-1, 4, 2, 1))])
+        g = b.node("Reshape", "unsqueeze", [g, b.const("unsqueeze.shape", _ints(-1, 8, 1, 1))])
     g = b.relu("rr", b.conv("cr", g, 8, 2, 1, pad=False))
     g = b.node("Sigmoid", "sig", [b.conv("ce", g, 2, 8, 1, pad=False)])
     gated = b.node("Mul", "gate", [t, g])

@@ -5,7 +5,8 @@ can be wrong); `normalize` returns the graph every later stage works on: Constan
 initializers, fused transformer ops (ONNX Runtime's `com.microsoft` Attention, SkipLayerNorm …,
 opset-23 Attention) written out as standard ops (graph/fused.py), subgraphs computed from
 constants alone folded into constants, Identity/Dropout removed, packed q/k/v projections taken
-apart (graph/packed.py), BatchNormalization folded into
+apart (graph/packed.py), channels-last flattens before a dense layer made channel-major
+(graph/channels_last.py), BatchNormalization folded into
 the Conv/Gemm before it where that is exact, unique node names, shapes inferred. `save_model`
 writes atomically. What a fold removes and magnitude ranking still reads (γ, σ and the raw filter
 norms) stays readable through `folded_batchnorms`.
@@ -34,6 +35,7 @@ from onnx_graphsurgeon.importers.onnx_importer import (
 )
 
 from onnxprune.errors import ModelLoadError, first_line
+from onnxprune.graph.channels_last import flatten_channels_first
 from onnxprune.graph.external import (
     copy_mapped,
     drop_pages,
@@ -210,6 +212,7 @@ def normalize(model: onnx.ModelProto) -> gs.Graph:
     _copy_dims_as_zero(graph)
     graph = _fold_until_settled(graph)
     _gather_from_concat_part(graph)
+    flatten_channels_first(graph)
     folds = _fold_batchnorm(graph)
     graph.cleanup().toposort()
     graph = infer_shapes(graph)

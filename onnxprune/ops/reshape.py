@@ -16,6 +16,11 @@ Gather of the surviving channels in that order, so the g segments need not keep 
 (which ShuffleNet's next shuffle, reading halves of this one's output, could not guarantee).
 Any other Reshape splitting the channel axis is refused.
 
+A Reshape that only inserts or removes axes of size 1 (tf2onnx writes a squeeze-excite input as
+ReduceMean → Squeeze → Reshape(-1, C, 1, 1)) keeps every channel's values in place: the channel
+axis moves to its place among the other axes, and a target entry stating the channel count
+shrinks with the group.
+
 A Reshape that keeps the channel axis and every axis after it (same static sizes, last axes of
 the output) only regroups the axes before it: in row-major order each trailing block stays
 contiguous, so channel c stays channel c. Swin writes its window partition and reverse
@@ -136,6 +141,8 @@ class Reshape(_Commuting):
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
         if (found := parameter_input(node, index)) is not None:
             return found
+        if state.stride == 1 and (unit := _moves_unit_axes(node, state)) is not None:
+            return unit
         if _splits_channel_axis(node, state):
             return _shuffle_step(node, state, channels)
         if state.stride != 1:
@@ -218,6 +225,36 @@ def _keeps_trailing(node: gs.Node, state: State) -> Step | None:
     if value == shape_in[state.axis]:
         edits = [stated.edit(state.offset, state.spatial)]
     elif value == -1 or (value == 0 and axis == state.axis):
+        edits = []
+    else:
+        return block(f"Reshape '{node.name}' states the channel count of axis {axis} as {value}")
+    return through(node, state, axis=axis, edits=edits)
+
+
+def _moves_unit_axes(node: gs.Node, state: State) -> Step | None:
+    """The step when Reshape `node` only inserts or removes axes of size 1 (module docstring),
+    else None: with those dropped, both shapes read the same dims, at most one of them (the
+    batch) symbolic, so the channel axis keeps its place among the others."""
+    shape_in, shape_out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
+    if shape_in is None or shape_out is None or shape_in[state.axis] in (1, None):
+        return None
+    kept_in = [(i, d) for i, d in enumerate(shape_in) if d != 1]
+    kept_out = [(i, d) for i, d in enumerate(shape_out) if d != 1]
+    dims_in, dims_out = [d for _, d in kept_in], [d for _, d in kept_out]
+    symbolic = [i for i, d in enumerate(dims_in) if not isinstance(d, int)]
+    if len(kept_in) != len(kept_out) or len(symbolic) > 1:
+        return None
+    pairs = zip(dims_in, dims_out, strict=True)
+    if any(a != b and (isinstance(a, int) or isinstance(b, int)) for a, b in pairs):
+        return None
+    axis = kept_out[[i for i, _ in kept_in].index(state.axis)][0]
+    stated = target_entry(node, axis)
+    if isinstance(stated, Step):
+        return stated
+    value = stated.value()
+    if value == shape_in[state.axis]:
+        edits = [stated.edit(state.offset, state.spatial)]
+    elif value == -1 or (value == 0 and axis == state.axis and not node.attrs.get("allowzero")):
         edits = []
     else:
         return block(f"Reshape '{node.name}' states the channel count of axis {axis} as {value}")

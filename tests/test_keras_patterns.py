@@ -1,0 +1,98 @@
+"""Two patterns tf2onnx writes for Keras models, each pruned exactly like the spelling the torch
+exporters use for the same function:
+
+- the squeeze-excite input, GlobalAveragePooling2D → Reshape((1, 1, C)), as ReduceMean →
+  Squeeze → Reshape(-1, C, 1, 1): a Reshape that only inserts axes of size 1 keeps the channels
+  (ops/reshape.py), its count entry shrinking with the group;
+- Flatten → Dense in Keras' channels-last order, Transpose(0, 2, 3, 1) → Reshape → MatMul:
+  normalized at load into a channel-major flatten with the dense rows reordered
+  (graph/channels_last.py)."""
+
+from __future__ import annotations
+
+import graphs
+import numpy as np
+import onnx
+import pytest
+from conftest import assert_outputs_close, run_model
+
+import onnxprune
+from onnxprune.graph.analyze import analyze
+from onnxprune.graph.load import export, normalize
+
+PLAIN = dict(round_to=1, verify=False)
+
+
+def _groups(model: onnx.ModelProto) -> dict:
+    return {g.name: g for g in analyze(normalize(model))}
+
+
+def _pruned_alike(a: onnx.ModelProto, b: onnx.ModelProto, method: str, **options) -> None:
+    """`a` and `b` compute the same function: pruned alike, they keep the same channels and
+    their outputs agree on held-out inputs."""
+    feeds = graphs.random_input(a, 32, seed=1)
+    held = graphs.random_input(a, 8, seed=2)
+    pa = onnxprune.prune(a, method=method, data=feeds, **PLAIN, **options)
+    pb = onnxprune.prune(b, method=method, data=feeds, **PLAIN, **options)
+    assert pa.plans.keys() == pb.plans.keys()
+    for name, plan in pa.plans.items():
+        assert sorted(plan.keep) == sorted(pb.plans[name].keep), name
+    assert_outputs_close(pa.model, pb.model, held, atol=1e-5)
+
+
+def test_tf2onnx_se_input_is_part_of_the_gated_group():
+    groups = _groups(graphs.se_block("tf2onnx"))
+    trunk = groups["ct"]
+    assert trunk.prunable, trunk.reason
+    assert set(trunk.producers) == {"ct", "ce"} and set(trunk.consumers) == {"co", "cr"}
+    assert {"squeeze", "unsqueeze"} <= set(trunk.passthrough)
+    assert any(e.node == "unsqueeze" for e in trunk.edits)  # its count of 8 shrinks
+
+
+@pytest.mark.parametrize("method", ["magnitude", "id"])
+def test_tf2onnx_se_input_prunes_like_global_average_pool(method):
+    _pruned_alike(graphs.se_block("gap"), graphs.se_block("tf2onnx"), method, ratio=0.5)
+
+
+def test_tf2onnx_se_input_at_ratio_zero_is_exact():
+    model = graphs.se_block("tf2onnx")
+    feeds = graphs.random_input(model, 16)
+    result = onnxprune.prune(model, method="id", ratio=0.0, data=feeds, allow_noop=True)
+    assert_outputs_close(model, result.model, feeds, atol=1e-6)
+
+
+def test_a_reshape_splitting_the_channels_is_still_refused():
+    trunk = _groups(graphs.se_block("split"))["ct"]
+    assert not trunk.prunable
+    assert "split" in trunk.reason
+
+
+@pytest.mark.parametrize("kind", ["flatten", "reshape"])
+def test_channels_last_flatten_is_loaded_as_the_same_function_channel_major(kind):
+    model = graphs.flatten_gemm(kind, channels_last=True)
+    graph = normalize(model)
+    assert "Transpose" not in {n.op for n in graph.nodes}
+    feeds = graphs.random_input(model, 8)
+    assert_outputs_close(model, export(graph), feeds, atol=1e-6)
+    group = {g.name: g for g in analyze(graph)}["c1"]
+    assert group.prunable and group.consumers == ("fc",), group.reason
+
+
+@pytest.mark.parametrize("method", ["magnitude", "id"])
+def test_channels_last_flatten_prunes_like_the_channel_major_one(method):
+    major = graphs.flatten_gemm("reshape", (0, -1))
+    last = graphs.flatten_gemm("reshape", (0, -1), channels_last=True)
+    assert_outputs_close(major, last, graphs.random_input(major, 8), atol=1e-5)
+    _pruned_alike(major, last, method, ratio=0.5)
+
+
+def test_channels_last_flatten_read_by_another_op_too_is_left_as_it_is():
+    """The flattened features also reach a graph output: a permutation of the dense weight
+    cannot reorder them there, so the Transpose stays and the channels are refused."""
+    model = graphs.flatten_gemm("flatten", channels_last=True)
+    model.graph.output.append(onnx.helper.make_tensor_value_info("flat_out", 1, None))
+    graph = normalize(model)
+    assert "Transpose" in {n.op for n in graph.nodes}
+    assert not {g.name: g for g in analyze(graph)}["c1"].prunable
+    feeds = graphs.random_input(model, 4)
+    np.testing.assert_array_equal(run_model(model, feeds)["flat_out"].shape, (4, 96))
