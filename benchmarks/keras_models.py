@@ -12,7 +12,8 @@ Models: keras.applications MobileNetV2, ResNet50, EfficientNetB0, DenseNet121 (2
 near-uniform softmax probabilities whose deviations say nothing; BatchNormalization γ ∈
 U[0.05, 1.5], β ~ N(0, 0.2), moving mean ~ N(0, 0.2), moving variance ∈ U[0.5, 2] so channels
 differ) and a small CNN trained for a few
-epochs on scikit-learn's digits (8×8 upscaled to 16×16, one channel). Each is exported by
+epochs on scikit-learn's digits (8×8 upscaled to 16×16, one channel), and a recurrent one
+(LSTM, then a bidirectional LSTM) reading the digits row by row. Each is exported by
 tf2onnx at opset 17 with a dynamic batch as `<name>.onnx`, and with the batch fixed at 1 as
 `<name>.b1.onnx`; each export is run once in ONNX Runtime and compared with TF (rel-L2 in
 `manifest.json`, written in `zoo_models.py`'s schema so that `zoo.py --cache` measures these
@@ -21,7 +22,8 @@ files as it does the torch zoo).
 Data (NHWC, as the models read it): `calib_224.npz` / `heldout_224.npz` are the torch zoo's
 photo crops (`photos.photo_crops`: disjoint scikit-image photos), transposed to
 NHWC; `calib_digits.npz` / `heldout_digits.npz` are digits from the training / test split
-(labels in `heldout_digits_labels.npy`).
+(labels in `heldout_digits_labels.npy`), `calib_digitrows.npz` / `heldout_digitrows.npz` the
+same digits as (8 rows, 8 pixels) sequences, 256 for calibration.
 
 The cache defaults to `benchmarks/results/cache/keras` (git-ignored), or
 `$ONNXPRUNE_KERAS_CACHE`.
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     tf.keras.utils.set_random_seed(SEED)
     builders: dict[str, Callable[[], tuple[object, str]]] = {
         "digits_cnn": lambda: (digits_cnn(cache), "digits"),
+        "digits_rnn": lambda: (digits_rnn(cache), "digitrows"),
         **{name.lower(): app_builder(name) for name in APPS},
     }
     names = args.models.split(",") if args.models else list(builders)
@@ -142,13 +145,42 @@ def digits_cnn(cache: Path) -> object:
     return model
 
 
-def digits_split() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """scikit-learn's digits, upscaled ×2 to 16×16×1 in [0, 1]; a seeded 75/25 split."""
+def digits_rnn(cache: Path) -> object:
+    """A Keras recurrent classifier trained 15 epochs on digits read row by row (8 steps of 8
+    pixels): LSTM(48) over the rows, Bidirectional(LSTM(32)) to one vector, Dense — tf2onnx's
+    zero initial states (Expand of the batch size) and its Slices of each direction's output."""
+    import tensorflow as tf
+
+    (x_train, y_train), _ = digits_split(rows=True)
+    layers = tf.keras.layers
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input((8, 8)),
+            layers.LSTM(48, return_sequences=True),
+            layers.Bidirectional(layers.LSTM(32)),
+            layers.Dense(10),
+        ]
+    )
+    model.compile(
+        optimizer="adam",
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(x_train, y_train, epochs=15, batch_size=32, verbose=0)
+    return model
+
+
+def digits_split(
+    rows: bool = False,
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """scikit-learn's digits in [0, 1], upscaled ×2 to 16×16×1 (or as 8 rows of 8 pixels with
+    `rows`); a seeded 75/25 split."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     x = digits.images.astype(np.float32) / 16.0
-    x = x.repeat(2, axis=1).repeat(2, axis=2)[..., None]
+    if not rows:
+        x = x.repeat(2, axis=1).repeat(2, axis=2)[..., None]
     order = np.random.default_rng(SEED).permutation(len(x))
     cut = len(x) * 3 // 4
     train, test = order[:cut], order[cut:]
@@ -169,11 +201,11 @@ def ensure_data(cache: Path, tag: str) -> dict[str, np.ndarray]:
 
 def make_split(tag: str, split: str, cache: Path) -> np.ndarray:
     """Photo crops (224) or digits for one split."""
-    if tag == "digits":
-        (x_train, _), (x_test, y_test) = digits_split()
+    if tag in ("digits", "digitrows"):
+        (x_train, _), (x_test, y_test) = digits_split(rows=tag == "digitrows")
         if split == "calib":
-            return x_train[:64]
-        np.save(cache / "heldout_digits_labels.npy", y_test)
+            return x_train[: 64 if tag == "digits" else 256]
+        np.save(cache / f"heldout_{tag}_labels.npy", y_test)
         return x_test
     photos, count, seed = (
         (CALIB_PHOTOS, N_CALIB, 1) if split == "calib" else (HELDOUT_PHOTOS, N_HELDOUT, 2)

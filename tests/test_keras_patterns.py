@@ -6,19 +6,25 @@ exporters use for the same function:
   (ops/reshape.py), its count entry shrinking with the group;
 - Flatten → Dense in Keras' channels-last order, Transpose(0, 2, 3, 1) → Reshape → MatMul:
   normalized at load into a channel-major flatten with the dense rows reordered
-  (graph/channels_last.py)."""
+  (graph/channels_last.py).
+
+And a Shape read, as tf2onnx writes the batch size of an RNN's zero state (Shape → Cast →
+Slice), blocks the channels exactly when it reads their count (a negative Gather index too)."""
 
 from __future__ import annotations
 
 import graphs
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from conftest import assert_outputs_close, run_model
 
 import onnxprune
 from onnxprune.graph.analyze import analyze
 from onnxprune.graph.load import export, normalize
+from onnxprune.ops.flow import State, Step
+from onnxprune.ops.registry import handler_for
 
 PLAIN = dict(round_to=1, verify=False)
 
@@ -96,3 +102,29 @@ def test_channels_last_flatten_read_by_another_op_too_is_left_as_it_is():
     assert not {g.name: g for g in analyze(graph)}["c1"].prunable
     feeds = graphs.random_input(model, 4)
     np.testing.assert_array_equal(run_model(model, feeds)["flat_out"].shape, (4, 96))
+
+
+def _shape_step(index: int, through_cast: bool) -> Step:
+    """The Shape handler's step for channel axis 1 of h (N, 6, 8, 8) when its shape is read by
+    Gather(`index`), through a Cast with `through_cast`: the graph as imported, before the load
+    folds static reads into constants."""
+    b = graphs.Builder(2)
+    h = b.relu("r1", b.conv("c1", "x", 3, 6))
+    dims = b.node("Shape", "shape", [h])
+    if through_cast:
+        dims = b.node("Cast", "dims", [dims], to=onnx.TensorProto.INT32)
+    count = b.node("Gather", "count", [dims, b.const("index", np.array(index, np.int64))])
+    count = b.node("Cast", "count_f", [count], to=onnx.TensorProto.FLOAT)
+    graph = gs.import_onnx(b.model([b.conv("c2", b.node("Div", "scaled", [h, count]), 6, 4)]))
+    shape = next(n for n in graph.nodes if n.op == "Shape")
+    return handler_for(shape).step(shape, 0, State(h, 1, 0), 6)
+
+
+@pytest.mark.parametrize("through_cast", [False, True])
+@pytest.mark.parametrize("index, reads_channels", [(0, False), (1, True), (-3, True), (-1, False)])
+def test_a_shape_read_blocks_exactly_when_it_reads_the_channel_count(
+    index, reads_channels, through_cast
+):
+    """Gather index -3 of a rank-4 shape is the channel count as much as index 1 is."""
+    step = _shape_step(index, through_cast)
+    assert (step.kind == "block") == reads_channels, step

@@ -45,16 +45,21 @@ def recurrent_model(
     peepholes: bool = False,
     lbr: int = 1,
     weights: dict[str, np.ndarray] | None = None,
-    zero_state: bool = False,
+    zero_state: bool | str = False,
     read_final: bool = False,
     features: np.ndarray | None = None,
-    final: bool = False,
+    final: bool | str = False,
 ) -> onnx.ModelProto:
     """x (T, N, IN) → MatMul+Add (IN features) → op → merge directions → MatMul (K) → y.
 
     `weights` overrides W, R, B; `features` the feature MatMul's weight (IN, IN). With `final`,
     the head reads the final states instead, as torch's `cat(h_n[-2], h_n[-1])`: a Gather of
-    each direction from Y_h (indices 0 and -1), concatenated on the hidden axis (N, D·H)."""
+    each direction from Y_h (indices 0 and -1), concatenated on the hidden axis (N, D·H);
+    `final` "tf2onnx" reads them off Y as Keras' Bidirectional does: a Slice of each direction,
+    then its last step (forward) or first (backward).
+    `zero_state` True writes zero initial states as ConstantOfShape of a shape read from the
+    features, "tf2onnx" as tf2onnx does: Expand(0, Cast(Concat(Slice(Cast(Shape), 1, 2), [H])))
+    unsqueezed per direction and stacked."""
     b = graphs.Builder(seed)
     d = 2 if direction == "bidirectional" else 1
     g = GATES[op]
@@ -68,7 +73,21 @@ def recurrent_model(
         feat,
         *(b.const(n, v.astype(np.float32)) for n, v in (("W", w), ("R", r), ("B", bias))),
     ]
-    if zero_state:
+    if zero_state == "tf2onnx":
+        i32 = onnx.TensorProto.INT32
+        dims = b.node("Cast", "dims", [b.node("Shape", "shape", [feat])], to=i32)
+        one, two = (b.const(n, np.array([v], np.int64)) for n, v in (("one", 1), ("two", 2)))
+        batch = b.node("Slice", "batch", [dims, one, two])
+        full = b.node(
+            "Concat", "state_shape", [batch, b.const("hh", np.array([H], np.int32))], axis=0
+        )
+        full = b.node("Cast", "state_shape64", [full], to=onnx.TensorProto.INT64)
+        state = b.node("Expand", "zeros", [b.const("zero", np.zeros((), np.float32)), full])
+        state = b.node("Unsqueeze", "state", [state, b.const("first", np.array([0], np.int64))])
+        if d == 2:
+            state = b.node("Concat", "states", [state, state], axis=0)
+        inputs += ["", state] + ([state] if op == "LSTM" else [])
+    elif zero_state:
         zeros = np.zeros((d, 1, H), np.float32)
         shape = b.node("Shape", "shape", [feat], start=1, end=2)
         dims = [b.const("dd", np.array([d], np.int64)), shape, b.const("hh", np.array([H]))]
@@ -81,7 +100,16 @@ def recurrent_model(
         inputs += [""] * (7 - len(inputs)) + [b.rand("P", d, 3 * H)]
     attrs = {"linear_before_reset": lbr} if op == "GRU" else {}
     seq = b.node(op, "rnn", inputs, outputs=2, hidden_size=H, direction=direction, **attrs)
-    if final:
+    if final == "tf2onnx":
+        picks = []
+        for i in range(d):
+            lo, hi = (T - 1, T) if i == 0 else (0, 1)
+            one = b.node("Slice", f"dir{i}", [seq, *_ints(b, f"dir{i}", i, i + 1, 1)])
+            one = b.node("Squeeze", f"dir{i}_sq", [one, *_ints(b, f"dir{i}_sq", 1)])
+            one = b.node("Slice", f"step{i}", [one, *_ints(b, f"step{i}", lo, hi, 0)])
+            picks.append(b.node("Squeeze", f"step{i}_sq", [one, *_ints(b, f"step{i}_sq", 0)]))
+        seq = b.node("Concat", "finals", picks, axis=1)
+    elif final:
         picks = [
             b.node("Gather", f"pick{i}", ["rnn_out1", b.const(f"dir{i}", np.array(i, np.int64))])
             for i in (0, -1)[:d]
@@ -97,6 +125,11 @@ def recurrent_model(
     if read_final:
         outputs.append(b.node("Relu", "final", ["rnn_out1"]))
     return b.model(outputs, inputs=[("x", (T, "N", IN))])
+
+
+def _ints(b: graphs.Builder, name: str, *values: int) -> list[str]:
+    """One 1-element int64 constant per value (a Slice's bounds and axis, a Squeeze's axes)."""
+    return [b.const(f"{name}.{i}", np.array([v], np.int64)) for i, v in enumerate(values)]
 
 
 def reference(model: onnx.ModelProto, x: np.ndarray, units: dict[int, tuple]) -> np.ndarray:
@@ -328,6 +361,56 @@ def test_duplicated_hidden_unit_is_removed_exactly_by_id(op, direction, compensa
     for name, plan in result.plans.items():
         assert len(plan.keep) == 2 and 1 in plan.keep, name
     assert_outputs_close(path, result.model, {"x": _x(8, 4)}, atol=1e-5)
+
+
+@pytest.mark.parametrize("op, direction", [("LSTM", "bidirectional"), ("GRU", "forward")])
+def test_tf2onnx_zero_states_block_neither_the_features_nor_the_hidden_units(op, direction):
+    """tf2onnx reads the batch size off the features (Shape → Cast → Slice(1, 2)) to build zero
+    initial states: the read misses the feature axis, and the states are provably zero."""
+    groups = _groups(recurrent_model(op, direction, zero_state="tf2onnx"))
+    inner = {n: g for n, g in groups.items() if n != "head"}  # the head reaches the output
+    assert set(inner) == {"feat"} | {n for n in groups if n.startswith("rnn")}
+    assert len(inner) == 1 + (2 if direction == "bidirectional" else 1)
+    assert all(g.prunable for g in inner.values()), {n: g.reason for n, g in inner.items()}
+
+
+@pytest.mark.parametrize("op, direction", [("LSTM", "bidirectional"), ("GRU", "forward")])
+def test_tf2onnx_zero_states_ratio_zero_and_a_duplicated_unit_exact(op, direction, save_tmp):
+    d = 2 if direction == "bidirectional" else 1
+    weights = _duplicated(op, d)
+    path = save_tmp(recurrent_model(op, direction, weights=weights, zero_state="tf2onnx"))
+    held = {"x": _x(8, 4)}
+    same = onnxprune.prune(path, method="id", ratio=0.0, round_to=1, data={"x": _x()})
+    assert_outputs_close(path, same.model, held, atol=1e-6)
+    result = onnxprune.prune(
+        path, method="id", compensate="none", recalibrate=False, ratio=1 / 3, round_to=1,
+        exclude=["feat"], data={"x": _x()},
+    )  # fmt: skip
+    assert [len(plan.keep) for plan in result.plans.values()] == [2] * d
+    assert_outputs_close(path, result.model, held, atol=1e-5)
+
+
+def test_keras_bidirectional_last_steps_are_followed_per_direction():
+    groups = _groups(recurrent_model("LSTM", "bidirectional", final="tf2onnx"))
+    hidden = {n: g for n, g in groups.items() if n.startswith("rnn")}
+    assert len(hidden) == 2 and all(g.prunable for g in hidden.values())
+    assert all(g.consumers == ("head",) for g in hidden.values())
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_keras_bidirectional_duplicated_unit_removed_exactly(op, save_tmp):
+    path = save_tmp(
+        recurrent_model(op, "bidirectional", weights=_duplicated(op, 2), final="tf2onnx")
+    )
+    held = {"x": _x(8, 4)}
+    same = onnxprune.prune(path, method="magnitude", ratio=0.0, round_to=1, data={"x": _x()})
+    assert_outputs_close(path, same.model, held, atol=1e-6)
+    result = onnxprune.prune(
+        path, method="id", compensate="none", recalibrate=False, ratio=1 / 3, round_to=1,
+        exclude=["feat"], data={"x": _x()},
+    )  # fmt: skip
+    assert [len(plan.keep) for plan in result.plans.values()] == [2, 2]
+    assert_outputs_close(path, result.model, held, atol=1e-5)
 
 
 def test_constant_input_feature_folds_into_the_lstm_bias(save_tmp):

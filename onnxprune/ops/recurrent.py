@@ -13,7 +13,8 @@ The group's channels flow on from Y: unidirectionally as Y's last axis (`Squeeze
 direction axis and the rest are ordinary ops, or the dynamo exporter's Transpose → Reshape to
 (T, B, H)) and from Y_h, Y_c (a classifier's `h_n[-1]` is a Gather of their direction axis:
 concat_split.py); bidirectionally through the exporters' Transpose(0, 2, 1, 3) → Reshape to
-(T, B, D·H), where direction d is the range [d·H, (d+1)·H) of the last axis, and from Y_h, Y_c
+(T, B, D·H), where direction d is the range [d·H, (d+1)·H) of the last axis, or through Slices
+of one direction each on Y's direction axis (tf2onnx's Keras `Bidirectional`), and from Y_h, Y_c
 only where every reader is a Gather of one direction (`cat(h_n[-2], h_n[-1])`: each Gather's
 output carries that direction's units alone, and a Concat after them places them at d·H). The
 recurrence is one more consumer of the hidden state: the correction of a tap carrying h (Y
@@ -94,7 +95,7 @@ def hidden_units(node: gs.Node, outputs: set[str]) -> list[Hidden]:
     if walks is None:
         reason = reason or (
             f"bidirectional {node.op} '{node.name}': its output is read other than through "
-            "Transpose(0, 2, 1, 3) → Reshape to (T, B, 2·H)"
+            "Transpose(0, 2, 1, 3) → Reshape to (T, B, 2·H) or Slices of one direction"
         )
         fallback = (State(next(t.name for t in node.outputs if t.name), 0, 0),)
         walks = [(fallback, None, ())] * directions
@@ -190,14 +191,17 @@ def pruned_arrays(node: gs.Node, arrays: Arrays, units: dict[int, Units]) -> Arr
 
 
 def is_zero(tensor: gs.Tensor) -> bool:
-    """True when `tensor` is provably all zeros: a zero constant, or ConstantOfShape(0) through
-    ops that only move or select values (the exporters' zero initial states)."""
+    """True when `tensor` is provably all zeros: a zero constant, or ConstantOfShape(0), through
+    ops that only move or select values and Concats of zeros (the exporters' zero initial
+    states; tf2onnx's are Expand(0, [batch, H]))."""
     for _ in range(16):
         if isinstance(tensor, gs.Constant):
             return not np.any(tensor.values)
         if not tensor.inputs:
             return False
         node = tensor.inputs[0]
+        if node.op == "Concat":  # tf2onnx stacks a bidirectional layer's zero states
+            return all(is_zero(part) for part in node.inputs)
         if node.op == "ConstantOfShape":
             value = node.attrs.get("value")
             return value is None or not np.any(value.values)
@@ -310,6 +314,25 @@ def _final_reads(final: gs.Tensor, directions: int) -> list[tuple[int, State]] |
     return found
 
 
+def _direction_slices(sequence: gs.Tensor, directions: int) -> list[tuple[int, State]] | None:
+    """(direction, where its units are) for every reader of Y [T, D, B, H], each a Slice of
+    one direction on axis 1 (tf2onnx's Bidirectional: Slice, Squeeze, then a time step); []
+    when Y is unread, None when any reader is something else."""
+    found = []
+    for reader in sequence.outputs:
+        bounds = [const(reader, i) for i in range(1, len(reader.inputs))]
+        if reader.op != "Slice" or len(bounds) < 3 or any(b is None for b in bounds[:3]):
+            return None
+        starts, ends, axes, *steps = (np.asarray(b).reshape(-1) for b in bounds)
+        if axes.size != 1 or int(axes[0]) % 4 != 1 or (steps and int(steps[0][0]) != 1):
+            return None
+        picked = range(*slice(int(starts[0]), int(ends[0])).indices(directions))
+        if len(picked) != 1:
+            return None
+        found.append((picked[0], State(reader.outputs[0].name, 3, 0)))
+    return found
+
+
 def _starts(node: gs.Node, directions: int, size: int) -> list[Walk] | None:
     """Per direction: (walk start states, hidden-state tap, extra edits); None when a
     bidirectional output is not merged the way the exporters merge it."""
@@ -324,11 +347,12 @@ def _starts(node: gs.Node, directions: int, size: int) -> list[Walk] | None:
         extra = tuple(ParamEdit(n, i, e, 0, "count") for n, i, e in stated)
         return [((State(out, 2, 0), *finals), Tap(out, 2, 0), extra)]
     gathers = [read for t in _finals(node) for read in _final_reads(t, directions) or ()]
-    if merged is None and sequence.outputs:
+    sliced = _direction_slices(sequence, directions) if merged is None else []
+    if sliced is None:
         return None
     walks = []
     for d in range(directions):
-        gathered = tuple(state for direction, state in gathers if direction == d)
+        gathered = tuple(state for direction, state in gathers + sliced if direction == d)
         if merged is None:  # Y itself is unread: direction d's entry of it is the hidden tap
             tap = Tap(sequence.name, 3, 0, select=(1, d))
             walks.append((gathered or (State(sequence.name, 3, 0),), tap, ()))

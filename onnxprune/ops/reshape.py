@@ -64,7 +64,7 @@ from onnxprune.ops.flow import (
     through,
 )
 from onnxprune.ops.registry import Handler, register
-from onnxprune.ops.shape_values import shape_source, target_entry
+from onnxprune.ops.shape_values import shape_source, target_entry, unit_slice
 from onnxprune.ops.torch_support import from_input_or_attr, ints
 
 if TYPE_CHECKING:
@@ -387,14 +387,17 @@ class Shape(Handler):
     strided = True
 
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
-        start = node.attrs.get("start", 0)
+        rank = rank_of(node.inputs[0])
+        if rank is None:
+            return block(f"Shape '{node.name}' reads a tensor of unknown rank")
+        start, end = slice(node.attrs.get("start", 0), node.attrs.get("end")).indices(rank)[:2]
         for user in node.outputs[0].outputs:
             if user.op == "Reshape" and restored_source(user) is node.inputs[0]:
                 continue  # reshape_as: the restored tensor's channels shrink alike
             if _reshapes_itself(user, node.inputs[0]):
                 continue  # x.reshape(..., x.shape[c], ...): the read count shrinks with x
-            indices = const(user, 1) if user.op == "Gather" else None
-            if indices is None or state.axis - start in np.asarray(indices).reshape(-1).tolist():
+            read = _entries_read(user, max(end - start, 0))
+            if read is None or state.axis - start in read:
                 return block(f"the shape of the channels is read by '{user.name}' ({user.op})")
         return Step("consume")
 
@@ -408,6 +411,29 @@ class ShapeArithmetic(Handler):
 
     def torch(self, op_type: str) -> TorchOp | None:
         return {"Size": _size, "Expand": _expand, "Tile": _tile}[op_type]
+
+
+def _entries_read(reader: gs.Node, length: int, depth: int = 4) -> set[int] | None:
+    """The entries of a shape vector of `length` entries that `reader` reads: a Gather with
+    constant indices, or a Slice of consecutive entries with constant bounds (tf2onnx's batch
+    size for a zero initial state: Shape → Cast → Slice(0, 1)), through Casts; None when it
+    cannot be told."""
+    if reader.op == "Cast" and depth:
+        found: set[int] = set()
+        for user in reader.outputs[0].outputs:
+            part = _entries_read(user, length, depth - 1)
+            if part is None:
+                return None
+            found |= part
+        return found
+    if reader.op == "Gather" and (indices := const(reader, 1)) is not None:
+        return {int(i) % length for i in np.asarray(indices).reshape(-1)} if length else set()
+    if reader.op == "Slice" and len(reader.inputs) > 2 and unit_slice(reader):
+        starts, ends = const(reader, 1), const(reader, 2)
+        if starts is not None and ends is not None and starts.size == ends.size == 1:
+            bounds = slice(int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0]))
+            return set(range(*bounds.indices(length)))
+    return None
 
 
 @dataclass(frozen=True)
