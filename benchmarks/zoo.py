@@ -4,8 +4,9 @@ Per model file of `benchmarks/zoo_models.py`'s cache (legacy dynamic-batch expor
 `.b1` and `.dynamo` variants):
 
 - analysis: time of `onnxprune.analyze`, the share of the MACs (Conv, ConvTranspose, Gemm,
-  MatMul) in groups that can be pruned (default, and with `--prune-residual`), and the blocking
-  reasons ranked by the MACs of the blocked groups' nodes that no prunable group touches;
+  MatMul, Einsum, LSTM/GRU/RNN) in groups that can be pruned (default, and with
+  `--prune-residual`), and the blocking reasons ranked by the MACs of the blocked groups' nodes
+  that no prunable group touches;
 - MAC check: those MACs by the tool against an independent count from the shapes ONNX Runtime
   actually produces at batch 1 (ratio 1.0 = agree);
 - ratio 0: `onnxprune.prune(ratio=0)` must reproduce the original (max |Δ| / max |y|);
@@ -48,7 +49,7 @@ from onnxprune.measure.latency import benchmark
 HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE = HERE / "results" / "cache" / "zoo"
 DEFAULT_OUT = HERE / "results" / "zoo.json"
-MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "LSTM", "GRU", "RNN")
 RUNS = (("magnitude", 0.25), ("magnitude", 0.5), ("id", 0.25), ("id", 0.5))
 VARIANTS = {"legacy": "", "legacy_b1": ".b1", "dynamo": ".dynamo"}
 VARIANTS |= {"tf2onnx": "", "tf2onnx_b1": ".b1"}  # keras_models.py's exports
@@ -256,7 +257,7 @@ def example(group: Any) -> str:
 
 
 def mac_check(path: Path, heldout: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """The tool's Conv/ConvTranspose/Gemm/MatMul MACs at batch 1 against ORT-shape MACs."""
+    """The tool's MACs of the `MAC_OPS` at batch 1 against ORT-shape MACs."""
     model = onnx.load(str(path))
     cost = count(model)
     tool = sum(n.macs for n in cost.per_node if n.op_type in MAC_OPS)
@@ -278,8 +279,9 @@ def independent_macs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) ->
     Every non-constant input and output of those nodes becomes a graph output of a copy of the
     model, which runs unoptimised; weight shapes come from the initializers. Conv: output
     elements × C_in/group × kernel; ConvTranspose: input elements × C_out/group × kernel; Gemm:
-    output elements × K; MatMul: output elements × K; Einsum: the product of its labels' sizes.
-    Nodes inside subgraphs or functions are not counted.
+    output elements × K; MatMul: output elements × K; Einsum: the product of its labels' sizes;
+    LSTM/GRU/RNN: steps × batch × the elements of W and R. Nodes inside subgraphs or functions
+    are not counted.
     """
     shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
     nodes = [n for n in model.graph.node if n.op_type in MAC_OPS]
@@ -306,8 +308,8 @@ def ort_shapes(
 
 
 def node_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]]) -> int:
-    """MACs of one Conv, ConvTranspose, Gemm, MatMul or Einsum (explicit labels) from its actual
-    input and output shapes."""
+    """MACs of one Conv, ConvTranspose, Gemm, MatMul, Einsum (explicit labels) or recurrent node
+    from its actual input and output shapes."""
     out = int(np.prod(shapes[node.output[0]]))
     a, b = shapes[node.input[0]], shapes[node.input[1]]
     if node.op_type == "Einsum":  # one multiply-add per combination of the labels' indices
@@ -319,6 +321,10 @@ def node_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]]) -> in
             for k, n in zip(term, shape, strict=True)
         }
         return int(np.prod(list(sizes.values())))
+    if node.op_type in ("LSTM", "GRU", "RNN"):  # W·x and R·h per step, batch row, direction
+        layout = any(at.name == "layout" and at.i for at in node.attribute)
+        steps, batch = (a[1], a[0]) if layout else (a[0], a[1])
+        return steps * batch * (int(np.prod(b)) + int(np.prod(shapes[node.input[2]])))
     if node.op_type == "Conv":
         return out * int(np.prod(b[1:]))
     if node.op_type == "ConvTranspose":  # each input element meets a C_out/group × kernel slice

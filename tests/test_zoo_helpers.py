@@ -69,3 +69,27 @@ def test_the_tools_count_agrees_on_the_tiny_model() -> None:
     model = _tiny_model()
     x = np.zeros((1, 3, 8, 8), np.float32)
     assert count(model).macs == independent_macs(model, {"x": x})
+
+
+def test_independent_macs_of_a_bidirectional_lstm() -> None:
+    """x[T=5, n, 3] → bidirectional LSTM, H = 4: per step and batch row, every direction's
+    W (4 gates · 4 units × 3 inputs) and R (16 × 4) once."""
+    rng = np.random.default_rng(1)
+    weights = {"W": (2, 16, 3), "R": (2, 16, 4)}
+    node = helper.make_node(
+        "LSTM", ["x", "W", "R"], ["y"], hidden_size=4, direction="bidirectional"
+    )
+    graph = helper.make_graph(
+        [node],
+        "lstm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, "n", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 2, "n", 4])],
+        [
+            numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), k)
+            for k, s in weights.items()
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.zeros((5, 2, 3), np.float32)
+    assert independent_macs(model, {"x": x}) == 5 * 2 * (2 * 16 * 3 + 2 * 16 * 4)
+    assert count(model, input_shapes={"x": (5, 2, 3)}).macs == independent_macs(model, {"x": x})
