@@ -321,7 +321,7 @@ def _direction_slices(sequence: gs.Tensor, directions: int) -> list[tuple[int, S
     found = []
     for reader in sequence.outputs:
         bounds = [const(reader, i) for i in range(1, len(reader.inputs))]
-        if reader.op != "Slice" or len(bounds) < 3 or any(b is None for b in bounds[:3]):
+        if reader.op != "Slice" or len(bounds) < 3 or any(b is None for b in bounds):
             return None
         starts, ends, axes, *steps = (np.asarray(b).reshape(-1) for b in bounds)
         if axes.size != 1 or int(axes[0]) % 4 != 1 or (steps and int(steps[0][0]) != 1):
