@@ -121,28 +121,19 @@ def digits_cnn(cache: Path) -> object:
     Flatten, Dense, Dense — the patterns tf2onnx writes for NHWC Flatten and Dense."""
     import tensorflow as tf
 
-    (x_train, y_train), _ = digits_split()
     layers = tf.keras.layers
-    model = tf.keras.Sequential(
-        [
-            tf.keras.Input((16, 16, 1)),
-            layers.Conv2D(16, 3, padding="same"),
-            layers.BatchNormalization(),
-            layers.ReLU(max_value=6.0),
-            layers.Conv2D(32, 3, strides=2, padding="same", activation="relu"),
-            layers.DepthwiseConv2D(3, padding="same", activation="relu"),
-            layers.Flatten(),
-            layers.Dense(64, activation="relu"),
-            layers.Dense(10),
-        ]
-    )
-    model.compile(
-        optimizer="adam",
-        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    model.fit(x_train, y_train, epochs=8, batch_size=32, verbose=0)
-    return model
+    stack = [
+        tf.keras.Input((16, 16, 1)),
+        layers.Conv2D(16, 3, padding="same"),
+        layers.BatchNormalization(),
+        layers.ReLU(max_value=6.0),
+        layers.Conv2D(32, 3, strides=2, padding="same", activation="relu"),
+        layers.DepthwiseConv2D(3, padding="same", activation="relu"),
+        layers.Flatten(),
+        layers.Dense(64, activation="relu"),
+        layers.Dense(10),
+    ]
+    return trained(stack, epochs=8)
 
 
 def digits_rnn(cache: Path) -> object:
@@ -151,22 +142,28 @@ def digits_rnn(cache: Path) -> object:
     zero initial states (Expand of the batch size) and its Slices of each direction's output."""
     import tensorflow as tf
 
-    (x_train, y_train), _ = digits_split(rows=True)
     layers = tf.keras.layers
-    model = tf.keras.Sequential(
-        [
-            tf.keras.Input((8, 8)),
-            layers.LSTM(48, return_sequences=True),
-            layers.Bidirectional(layers.LSTM(32)),
-            layers.Dense(10),
-        ]
-    )
+    stack = [
+        tf.keras.Input((8, 8)),
+        layers.LSTM(48, return_sequences=True),
+        layers.Bidirectional(layers.LSTM(32)),
+        layers.Dense(10),
+    ]
+    return trained(stack, epochs=15, rows=True)
+
+
+def trained(stack: list, epochs: int, rows: bool = False) -> object:
+    """A Sequential of `stack` (logits out) trained with Adam on the digits training split."""
+    import tensorflow as tf
+
+    (x_train, y_train), _ = digits_split(rows=rows)
+    model = tf.keras.Sequential(stack)
     model.compile(
         optimizer="adam",
         loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    model.fit(x_train, y_train, epochs=15, batch_size=32, verbose=0)
+    model.fit(x_train, y_train, epochs=epochs, batch_size=32, verbose=0)
     return model
 
 

@@ -374,11 +374,27 @@ def test_tf2onnx_zero_states_block_neither_the_features_nor_the_hidden_units(op,
     assert all(g.prunable for g in inner.values()), {n: g.reason for n, g in inner.items()}
 
 
-@pytest.mark.parametrize("op, direction", [("LSTM", "bidirectional"), ("GRU", "forward")])
-def test_tf2onnx_zero_states_ratio_zero_and_a_duplicated_unit_exact(op, direction, save_tmp):
+def test_keras_bidirectional_last_steps_are_followed_per_direction():
+    groups = _groups(recurrent_model("LSTM", "bidirectional", final="tf2onnx"))
+    hidden = {n: g for n, g in groups.items() if n.startswith("rnn")}
+    assert len(hidden) == 2 and all(g.prunable for g in hidden.values())
+    assert all(g.consumers == ("head",) for g in hidden.values())
+
+
+TF2ONNX_CASES = [
+    ("LSTM", "bidirectional", {"zero_state": "tf2onnx"}),
+    ("GRU", "forward", {"zero_state": "tf2onnx"}),
+    ("LSTM", "bidirectional", {"final": "tf2onnx"}),
+    ("GRU", "bidirectional", {"final": "tf2onnx"}),
+]
+
+
+@pytest.mark.parametrize("op, direction, options", TF2ONNX_CASES)
+def test_tf2onnx_patterns_ratio_zero_and_a_duplicated_unit_exact(op, direction, options, save_tmp):
+    """tf2onnx's zero states and its per-direction reads of a Bidirectional output: ratio 0
+    reproduces the model, and id removes a duplicated hidden unit of each direction exactly."""
     d = 2 if direction == "bidirectional" else 1
-    weights = _duplicated(op, d)
-    path = save_tmp(recurrent_model(op, direction, weights=weights, zero_state="tf2onnx"))
+    path = save_tmp(recurrent_model(op, direction, weights=_duplicated(op, d), **options))
     held = {"x": _x(8, 4)}
     same = onnxprune.prune(path, method="id", ratio=0.0, round_to=1, data={"x": _x()})
     assert_outputs_close(path, same.model, held, atol=1e-6)
@@ -387,29 +403,6 @@ def test_tf2onnx_zero_states_ratio_zero_and_a_duplicated_unit_exact(op, directio
         exclude=["feat"], data={"x": _x()},
     )  # fmt: skip
     assert [len(plan.keep) for plan in result.plans.values()] == [2] * d
-    assert_outputs_close(path, result.model, held, atol=1e-5)
-
-
-def test_keras_bidirectional_last_steps_are_followed_per_direction():
-    groups = _groups(recurrent_model("LSTM", "bidirectional", final="tf2onnx"))
-    hidden = {n: g for n, g in groups.items() if n.startswith("rnn")}
-    assert len(hidden) == 2 and all(g.prunable for g in hidden.values())
-    assert all(g.consumers == ("head",) for g in hidden.values())
-
-
-@pytest.mark.parametrize("op", ["LSTM", "GRU"])
-def test_keras_bidirectional_duplicated_unit_removed_exactly(op, save_tmp):
-    path = save_tmp(
-        recurrent_model(op, "bidirectional", weights=_duplicated(op, 2), final="tf2onnx")
-    )
-    held = {"x": _x(8, 4)}
-    same = onnxprune.prune(path, method="magnitude", ratio=0.0, round_to=1, data={"x": _x()})
-    assert_outputs_close(path, same.model, held, atol=1e-6)
-    result = onnxprune.prune(
-        path, method="id", compensate="none", recalibrate=False, ratio=1 / 3, round_to=1,
-        exclude=["feat"], data={"x": _x()},
-    )  # fmt: skip
-    assert [len(plan.keep) for plan in result.plans.values()] == [2, 2]
     assert_outputs_close(path, result.model, held, atol=1e-5)
 
 

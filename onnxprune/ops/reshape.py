@@ -218,17 +218,7 @@ def _keeps_trailing(node: gs.Node, state: State) -> Step | None:
     axis = len(shape_out) - len(tail)
     if shape_out[axis:] != tail:
         return None
-    stated = target_entry(node, axis)
-    if isinstance(stated, Step):
-        return stated
-    value = stated.value()
-    if value == shape_in[state.axis]:
-        edits = [stated.edit(state.offset, state.spatial)]
-    elif value == -1 or (value == 0 and axis == state.axis):
-        edits = []
-    else:
-        return block(f"Reshape '{node.name}' states the channel count of axis {axis} as {value}")
-    return through(node, state, axis=axis, edits=edits)
+    return _channels_to(node, state, axis, shape_in[state.axis])
 
 
 def _moves_unit_axes(node: gs.Node, state: State) -> Step | None:
@@ -248,11 +238,18 @@ def _moves_unit_axes(node: gs.Node, state: State) -> Step | None:
     if any(a != b and (isinstance(a, int) or isinstance(b, int)) for a, b in pairs):
         return None
     axis = kept_out[[i for i, _ in kept_in].index(state.axis)][0]
+    return _channels_to(node, state, axis, shape_in[state.axis])
+
+
+def _channels_to(node: gs.Node, state: State, axis: int, size: int) -> Step:
+    """The channels (`size` entries of their axis) pass to output axis `axis` of Reshape `node`:
+    the target's entry there shrinks with the group when it states `size`, or needs nothing
+    when it is -1 or copies the same input axis (0); anything else blocks."""
     stated = target_entry(node, axis)
     if isinstance(stated, Step):
         return stated
     value = stated.value()
-    if value == shape_in[state.axis]:
+    if value == size:
         edits = [stated.edit(state.offset, state.spatial)]
     elif value == -1 or (value == 0 and axis == state.axis and not node.attrs.get("allowzero")):
         edits = []
