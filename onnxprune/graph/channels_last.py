@@ -17,11 +17,12 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxprune.ops.reshape import flattens_to_batch
 
-def flatten_channels_first(graph: gs.Graph) -> int:
+
+def flatten_channels_first(graph: gs.Graph) -> None:
     """Rewrite every channels-last flatten read only by dense layers (module docstring) in
-    place; return how many were rewritten (the Transposes are left for `cleanup`)."""
-    rewritten = 0
+    place (the Transposes are left for `cleanup`)."""
     for node in list(graph.nodes):
         found = _flatten_after(node, graph)
         if found is None:
@@ -34,8 +35,6 @@ def flatten_channels_first(graph: gs.Graph) -> int:
             values = np.take(np.asarray(weight.values), order, axis=axis)
             dense.inputs[1] = gs.Constant(f"{weight.name}.channels_first", values)
         flatten.inputs[0] = node.inputs[0]
-        rewritten += 1
-    return rewritten
 
 
 def _flatten_after(node: gs.Node, graph: gs.Graph) -> tuple[gs.Node, list[int]] | None:
@@ -62,19 +61,14 @@ def _flatten_after(node: gs.Node, graph: gs.Graph) -> tuple[gs.Node, list[int]] 
 
 def _flattens_features(node: gs.Node, batch: object, features: int) -> bool:
     """True when `node` flattens its input to (batch, features): Flatten(axis 1), or a Reshape
-    to [0 | -1 | batch, features | -1] that provably keeps the batch."""
+    to a constant target that provably keeps the batch (`flattens_to_batch`)."""
     if node.op == "Flatten":
         return node.attrs.get("axis", 1) == 1
     target = node.inputs[1] if node.op == "Reshape" else None
-    if not isinstance(target, gs.Constant) or node.attrs.get("allowzero", 0):
+    if not isinstance(target, gs.Constant):
         return False
     values = [int(v) for v in np.asarray(target.values).reshape(-1)]
-    if len(values) != 2:
-        return False
-    first, second = values
-    if first == 0 or (isinstance(batch, int) and first == batch):
-        return second in (-1, features)
-    return first == -1 and second == features
+    return len(values) == 2 and flattens_to_batch(node, batch, values, features)
 
 
 def _dense_reader(node: gs.Node, flat: gs.Tensor, features: int) -> bool:

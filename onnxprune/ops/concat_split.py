@@ -150,7 +150,7 @@ class Slice(Handler):
         if (found := _data_input(node, index, state)) is not None:
             return found
         rank = rank_of(node.inputs[0])
-        inputs = None if rank is None else _slice_inputs(node, rank)
+        inputs = None if rank is None else slice_inputs(node, rank)
         if inputs is None:
             return block(f"Slice '{node.name}' has non-constant starts, ends, axes or steps")
         starts, ends, axes, steps = inputs
@@ -180,7 +180,7 @@ class Slice(Handler):
     def rotation(self, node: gs.Node, index: int, state: State, result: Step) -> str | None:
         """A Slice of other axes only takes whole channel vectors: it commutes."""
         rank = rank_of(node.inputs[0])
-        inputs = None if rank is None else _slice_inputs(node, rank)
+        inputs = None if rank is None else slice_inputs(node, rank)
         if inputs is not None and state.axis not in inputs[2]:
             return None
         return f"Slice '{node.name}' cuts the channel axis"
@@ -253,7 +253,7 @@ def _data_input(node: gs.Node, index: int, state: State) -> Step | None:
     return None
 
 
-def _slice_inputs(node: gs.Node, rank: int) -> tuple[list[int], ...] | None:
+def slice_inputs(node: gs.Node, rank: int) -> tuple[list[int], ...] | None:
     """(starts, ends, axes, steps) as int lists, or None when one of them is not constant."""
     values = []
     for index in range(1, 5):

@@ -36,6 +36,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit, Tap
+from onnxprune.ops.concat_split import slice_inputs
 from onnxprune.ops.flow import State, Step, const, rank_of, shape_of
 from onnxprune.ops.registry import Handler, ShapeOf, node_attrs, register
 
@@ -320,13 +321,10 @@ def _direction_slices(sequence: gs.Tensor, directions: int) -> list[tuple[int, S
     when Y is unread, None when any reader is something else."""
     found = []
     for reader in sequence.outputs:
-        bounds = [const(reader, i) for i in range(1, len(reader.inputs))]
-        if reader.op != "Slice" or len(bounds) < 3 or any(b is None for b in bounds):
+        bounds = slice_inputs(reader, 4) if reader.op == "Slice" else None
+        if bounds is None or bounds[2] != [1] or bounds[3] != [1]:
             return None
-        starts, ends, axes, *steps = (np.asarray(b).reshape(-1) for b in bounds)
-        if axes.size != 1 or int(axes[0]) % 4 != 1 or (steps and int(steps[0][0]) != 1):
-            return None
-        picked = range(*slice(int(starts[0]), int(ends[0])).indices(directions))
+        picked = range(*slice(bounds[0][0], bounds[1][0]).indices(directions))
         if len(picked) != 1:
             return None
         found.append((picked[0], State(reader.outputs[0].name, 3, 0)))

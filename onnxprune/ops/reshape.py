@@ -51,6 +51,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit
+from onnxprune.ops.concat_split import slice_inputs
 from onnxprune.ops.flow import (
     State,
     Step,
@@ -64,7 +65,7 @@ from onnxprune.ops.flow import (
     through,
 )
 from onnxprune.ops.registry import Handler, register
-from onnxprune.ops.shape_values import shape_source, target_entry, unit_slice
+from onnxprune.ops.shape_values import shape_source, target_entry
 from onnxprune.ops.torch_support import from_input_or_attr, ints
 
 if TYPE_CHECKING:
@@ -166,7 +167,7 @@ class Reshape(_Commuting):
         if not all(isinstance(d, int) for d in rest + [shape_in[1]]):
             return fail
         features = int(shape_in[1]) * int(np.prod(rest, dtype=np.int64))
-        if not _flattens_to_batch(node, shape_in[0], [int(t) for t in target], features):
+        if not flattens_to_batch(node, shape_in[0], [int(t) for t in target], features):
             return fail
         spatial = state.spatial * int(np.prod(rest, dtype=np.int64))
         edits = (
@@ -425,11 +426,9 @@ def _entries_read(reader: gs.Node, length: int, depth: int = 4) -> set[int] | No
         return found
     if reader.op == "Gather" and (indices := const(reader, 1)) is not None:
         return {int(i) % length for i in np.asarray(indices).reshape(-1)} if length else set()
-    if reader.op == "Slice" and len(reader.inputs) > 2 and unit_slice(reader):
-        starts, ends = const(reader, 1), const(reader, 2)
-        if starts is not None and ends is not None and starts.size == ends.size == 1:
-            bounds = slice(int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0]))
-            return set(range(*bounds.indices(length)))
+    bounds = slice_inputs(reader, 1) if reader.op == "Slice" else None
+    if bounds is not None and len(bounds[0]) == 1 and bounds[3] == [1]:
+        return set(range(*slice(bounds[0][0], bounds[1][0]).indices(length)))
     return None
 
 
@@ -510,7 +509,7 @@ def _splits_channel_axis(node: gs.Node, state: State) -> bool:
     return shape_out[:axis] == head and shape_out[axis + 2 :] == tail
 
 
-def _flattens_to_batch(node: gs.Node, batch: object, target: list[int], features: int) -> bool:
+def flattens_to_batch(node: gs.Node, batch: object, target: list[int], features: int) -> bool:
     """True when the target provably keeps the batch axis and puts all C·H·W features second.
 
     [0, -1], [0, F], [-1, F] and [B, -1 or F] for a static batch B qualify; [-1, H·W] (channels

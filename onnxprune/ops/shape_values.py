@@ -249,12 +249,12 @@ def shape_source(piece: gs.Tensor, at: int) -> tuple[gs.Tensor, int] | None:
     values = index.reshape(-1)
     if node.op == "Gather" and at < max(values.size, 1):
         return _shape_dim(shape, int(values[at if values.size > 1 else 0]))
-    if node.op == "Slice" and unit_slice(node) and values.size == 1:
+    if node.op == "Slice" and _unit_slice(node) and values.size == 1:
         return _shape_dim(shape, int(values[0]), offset=at)
     return None
 
 
-def unit_slice(node: gs.Node) -> bool:
+def _unit_slice(node: gs.Node) -> bool:
     """True when Slice `node` on a 1-D tensor takes consecutive entries: no axes and steps, or
     axes [0] (or [-1]) and steps [1] stated as constants (torch's legacy exporter states axes)."""
     allowed = ([[0], [-1]], [[1]])
