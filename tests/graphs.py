@@ -269,6 +269,32 @@ def matmul_chain() -> onnx.ModelProto:
     return b.model([y], shape=("N", 16))
 
 
+def tensordot_mlp(spelling: str = "matmul") -> onnx.ModelProto:
+    """x[N,5,12] → Dense 12→16 + bias → relu → Dense 16→6 + bias → y[N,5,6].
+
+    "matmul" spells each Dense as a MatMul of the 3-D input (the torch exporters); "tf2onnx" as
+    Keras' Tensordot: Reshape(x, [-1, 12]) → MatMul → Reshape back to a target built as
+    Cast(Concat(Gather(Cast(Shape(x), int32), [0, 1]), [16])), then the bias Add."""
+    b = Builder(13)
+    h = "x"
+    for name, fin, fout in (("d1", 12, 16), ("d2", 16, 6)):
+        w, bias = b.rand(f"{name}.w", fin, fout), b.rand(f"{name}.b", fout)
+        if spelling == "matmul":
+            h = b.node("MatMul", name, [h, w])
+        else:
+            flat = b.node("Reshape", f"{name}_flat", [h, b.const(f"{name}_rows", _ints(-1, fin))])
+            dims = b.node("Cast", f"{name}_dims", [b.node("Shape", f"{name}_shape", [h])], to=6)
+            free = b.node("Gather", f"{name}_free", [dims, b.const(f"{name}_axes", _ints(0, 1))])
+            count = b.const(f"{name}_count", np.array([fout], np.int32))
+            target = b.node("Concat", f"{name}_target", [free, count], axis=0)
+            target = b.node("Cast", f"{name}_target64", [target], to=7)
+            h = b.node("Reshape", f"{name}_back", [b.node("MatMul", name, [flat, w]), target])
+        h = b.node("Add", f"{name}_bias", [h, bias])
+        if name == "d1":
+            h = b.relu("r1", h)
+    return b.model([h], shape=("N", 5, 12))
+
+
 def single_gemm() -> onnx.ModelProto:
     """x[N,16] → Gemm → y: the only channels are the graph output, nothing is prunable."""
     b = Builder(13)

@@ -94,6 +94,31 @@ def test_softmax_over_the_head_axis_is_refused():
     assert not heads.prunable and "Softmax" in heads.reason
 
 
+def _without_softmax_axis(model: onnx.ModelProto, opset: int | None = None) -> onnx.ModelProto:
+    """`model` with its Softmax axis left to the default (as tf2onnx writes it), declared at
+    `opset` when given."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    softmax.attribute.remove(next(a for a in softmax.attribute if a.name == "axis"))
+    if opset is not None:
+        next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = opset
+    return model
+
+
+@pytest.mark.parametrize("opset, axis", [(17, -1), (13, -1), (12, 1), (11, 1)])
+def test_a_softmax_without_axis_is_loaded_with_its_opset_default(opset, axis):
+    """From opset 13 the default is the last axis; before, axis 1 (and all after it)."""
+    graph = normalize(_without_softmax_axis(graphs.blocked_by("Softmax"), opset))
+    assert next(n for n in graph.nodes if n.op == "Softmax").attrs["axis"] == axis
+
+
+def test_heads_pass_a_softmax_without_axis():
+    stated, _ = _head_group(_export(TinyAttention()))
+    heads, _ = _head_group(_without_softmax_axis(_export(TinyAttention())))
+    assert heads.prunable, heads.reason
+    assert (heads.producers, heads.consumers) == (stated.producers, stated.consumers)
+
+
 def test_per_head_statistics_equal_brute_force():
     """Gram, mean |a| and Taylor sums of the heads at the out projection, and each producer's
     filters per head, against the torch layer computed directly: a head's D features are

@@ -128,3 +128,54 @@ def test_a_shape_read_blocks_exactly_when_it_reads_the_channel_count(
     """Gather index -3 of a rank-4 shape is the channel count as much as index 1 is."""
     step = _shape_step(index, through_cast)
     assert (step.kind == "block") == reads_channels, step
+
+
+def test_tensordot_dense_is_one_group_with_its_count_entry_edited():
+    """Keras' Dense on a sequence: the Reshape back to (N, 5, 16) states the unit count as an
+    int32 Concat piece behind a Cast; the channels pass it and that entry shrinks."""
+    group = _groups(graphs.tensordot_mlp("tf2onnx"))["d1"]
+    assert group.prunable, group.reason
+    assert set(group.consumers) == {"d2"}
+    assert any(e.node == "d1_target" and e.role == "count" for e in group.edits)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "id"])
+def test_tensordot_dense_prunes_like_the_matmul_spelling(method):
+    _pruned_alike(graphs.tensordot_mlp("matmul"), graphs.tensordot_mlp("tf2onnx"), method,
+                  ratio=0.5)  # fmt: skip
+
+
+def test_tensordot_dense_at_ratio_zero_is_exact():
+    model = graphs.tensordot_mlp("tf2onnx")
+    feeds = graphs.random_input(model, 16)
+    result = onnxprune.prune(model, method="id", ratio=0.0, data=feeds, allow_noop=True)
+    assert_outputs_close(model, result.model, feeds, atol=1e-6)
+
+
+def _permuted_shape_step(read: str) -> Step:
+    """The Shape handler's step for channel axis 1 of h (N, 6, 8, 8) when tf2onnx permutes its
+    shape to NHWC (Gather [0, 2, 3, 1]) and then reads `read`: the batch entry (Slice 0:1), the
+    channel entry (Slice 3:4), or the whole permuted vector (a Concat into another target)."""
+    b = graphs.Builder(2)
+    h = b.relu("r1", b.conv("c1", "x", 3, 6))
+    dims = b.node("Shape", "shape", [h])
+    nhwc = b.node("Gather", "nhwc", [dims, b.const("perm", np.array([0, 2, 3, 1], np.int64))])
+    nhwc = b.node("Cast", "nhwc32", [nhwc], to=onnx.TensorProto.INT32)
+    if read == "whole":
+        picked = b.node("Concat", "picked", [nhwc], axis=0)
+    else:
+        lo = 0 if read == "batch" else 3
+        bounds = [b.const(f"{k}", np.array([v], np.int64)) for k, v in
+                  (("lo", lo), ("hi", lo + 1), ("ax", 0))]  # fmt: skip
+        picked = b.node("Slice", "picked", [nhwc, *bounds])
+    scale = b.node("Cast", "scale", [b.node("ReduceSum", "total", [picked])], to=1)
+    graph = gs.import_onnx(b.model([b.conv("c2", b.node("Div", "scaled", [h, scale]), 6, 4)]))
+    shape = next(n for n in graph.nodes if n.op == "Shape")
+    return handler_for(shape).step(shape, 0, State(h, 1, 0), 6)
+
+
+@pytest.mark.parametrize("read, reads_channels", [("batch", False), ("channels", True),
+                                                   ("whole", True)])  # fmt: skip
+def test_a_permuted_shape_blocks_exactly_when_the_channel_entry_is_read(read, reads_channels):
+    step = _permuted_shape_step(read)
+    assert (step.kind == "block") == reads_channels, step

@@ -205,6 +205,7 @@ def normalize(model: onnx.ModelProto) -> gs.Graph:
     model = _constants_to_initializers(model)
     graph = _with_inferred_shapes(import_graph(model))
     _name_nodes(graph)
+    _state_softmax_axes(graph, default_opset(model))
     if expand_fused(graph, default_opset(model)):
         graph = infer_shapes(graph)
     _remove_noops(graph)
@@ -657,6 +658,14 @@ def _name_nodes(graph: gs.Graph) -> None:
             name = f"{name}_{index}"
         node.name = name
         seen.add(name)
+
+
+def _state_softmax_axes(graph: gs.Graph, opset: int) -> None:
+    """Write the axis of every Softmax/LogSoftmax/Hardmax that leaves it to the default (tf2onnx
+    does): -1 from opset 13, 1 before, so that the analysis reads it like any stated axis."""
+    for node in graph.nodes:
+        if node.op in ("Softmax", "LogSoftmax", "Hardmax") and "axis" not in node.attrs:
+            node.attrs["axis"] = -1 if opset >= 13 else 1
 
 
 def _remove_noops(graph: gs.Graph) -> None:

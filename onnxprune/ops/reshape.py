@@ -414,22 +414,32 @@ class ShapeArithmetic(Handler):
 def _entries_read(reader: gs.Node, length: int, depth: int = 4) -> set[int] | None:
     """The entries of a shape vector of `length` entries that `reader` reads: a Gather with
     constant indices, or a Slice of consecutive entries with constant bounds (tf2onnx's batch
-    size for a zero initial state: Shape → Cast → Slice(0, 1)), through Casts; None when it
-    cannot be told."""
+    size for a zero initial state: Shape → Cast → Slice(0, 1)), through Casts and through a
+    Gather's output when its own readers can be told (tf2onnx permutes an NCHW shape to NHWC,
+    then slices the batch); None when it cannot be told."""
     if reader.op == "Cast" and depth:
-        found: set[int] = set()
-        for user in reader.outputs[0].outputs:
-            part = _entries_read(user, length, depth - 1)
-            if part is None:
-                return None
-            found |= part
-        return found
+        return _read_later(reader, length, depth)
     if reader.op == "Gather" and (indices := const(reader, 1)) is not None:
-        return {int(i) % length for i in np.asarray(indices).reshape(-1)} if length else set()
+        taken = [int(i) % length for i in np.asarray(indices).reshape(-1)] if length else []
+        later = _read_later(reader, len(taken), depth) if np.ndim(indices) == 1 else None
+        return set(taken) if later is None else {taken[i] for i in later}
     bounds = slice_inputs(reader, 1) if reader.op == "Slice" else None
     if bounds is not None and len(bounds[0]) == 1 and bounds[3] == [1]:
         return set(range(*slice(bounds[0][0], bounds[1][0]).indices(length)))
     return None
+
+
+def _read_later(reader: gs.Node, length: int, depth: int) -> set[int] | None:
+    """The entries of `reader`'s output (`length` of them) that its users read, or None."""
+    if not depth:
+        return None
+    found: set[int] = set()
+    for user in reader.outputs[0].outputs:
+        part = _entries_read(user, length, depth - 1)
+        if part is None:
+            return None
+        found |= part
+    return found
 
 
 @dataclass(frozen=True)

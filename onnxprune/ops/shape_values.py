@@ -306,11 +306,14 @@ class TargetEntry:
 
 
 def target_entry(node: gs.Node, entry: int) -> TargetEntry | Step:
-    """Where entry `entry` of Reshape `node`'s target is stated, or a block."""
+    """Where entry `entry` of Reshape `node`'s target is stated, or a block; a Concat's pieces
+    are read through the Casts between it and the Reshape."""
     target = node.inputs[1]
     if isinstance(target, gs.Constant):
         return TargetEntry(node, 1, entry)
     source = target.inputs[0] if target.inputs else None
+    while source is not None and source.op == "Cast":  # tf2onnx: int32 shape pieces, cast back
+        source = source.inputs[0].inputs[0] if source.inputs[0].inputs else None
     if source is None or source.op != "Concat":
         return block(f"Reshape '{node.name}' gets its target from a computed shape")
     start = 0
