@@ -12,8 +12,9 @@ Models: keras.applications MobileNetV2, ResNet50, EfficientNetB0, DenseNet121 (2
 near-uniform softmax probabilities whose deviations say nothing; BatchNormalization γ ∈
 U[0.05, 1.5], β ~ N(0, 0.2), moving mean ~ N(0, 0.2), moving variance ∈ U[0.5, 2] so channels
 differ) and a small CNN trained for a few
-epochs on scikit-learn's digits (8×8 upscaled to 16×16, one channel), and a recurrent one
-(LSTM, then a bidirectional LSTM) reading the digits row by row. Each is exported by
+epochs on scikit-learn's digits (8×8 upscaled to 16×16, one channel), a recurrent one
+(LSTM, then a bidirectional LSTM) reading the digits row by row, and a ViT on the 16×16 digits
+(`MultiHeadAttention`, `Dense` on the token sequence). Each is exported by
 tf2onnx at opset 17 with a dynamic batch as `<name>.onnx`, and with the batch fixed at 1 as
 `<name>.b1.onnx`; each export is run once in ONNX Runtime and compared with TF (rel-L2 in
 `manifest.json`, written in `zoo_models.py`'s schema so that `zoo.py --cache` measures these
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     builders: dict[str, Callable[[], tuple[object, str]]] = {
         "digits_cnn": lambda: (digits_cnn(cache), "digits"),
         "digits_rnn": lambda: (digits_rnn(cache), "digitrows"),
+        "digits_vit": lambda: (digits_vit(cache), "digits"),
         **{name.lower(): app_builder(name) for name in APPS},
     }
     names = args.models.split(",") if args.models else list(builders)
@@ -152,12 +154,42 @@ def digits_rnn(cache: Path) -> object:
     return trained(stack, epochs=15, rows=True)
 
 
-def trained(stack: list, epochs: int, rows: bool = False) -> object:
-    """A Sequential of `stack` (logits out) trained with Adam on the digits training split."""
+def digits_vit(cache: Path) -> object:
+    """A Keras ViT trained 40 epochs on digits (16×16×1): 4×4 patches by a stride-4 Conv2D,
+    learned positions, 3 pre-norm blocks of MultiHeadAttention (4 heads of 16) and a GELU MLP
+    (64 → 128 → 64), LayerNormalization, average over the 16 tokens, Dense — tf2onnx's Einsum
+    decomposition of the attention, its Tensordot for Dense on a sequence, LayerNormalization in
+    arithmetic and Softmax without an axis."""
+    import tensorflow as tf
+
+    layers = tf.keras.layers
+
+    class AddPositions(layers.Layer):  # a learned (tokens, width) table: Keras has none
+        def build(self, shape: tuple) -> None:
+            self.table = self.add_weight(name="table", shape=shape[1:], initializer="normal")
+
+        def call(self, x: object) -> object:
+            return x + self.table
+
+    width, inp = 64, tf.keras.Input((16, 16, 1))
+    x = AddPositions()(layers.Reshape((16, width))(layers.Conv2D(width, 4, strides=4)(inp)))
+    for _ in range(3):
+        h = layers.LayerNormalization(epsilon=1e-6)(x)
+        x = layers.Add()([x, layers.MultiHeadAttention(num_heads=4, key_dim=16)(h, h)])
+        h = layers.LayerNormalization(epsilon=1e-6)(x)
+        h = layers.Dense(width, activation=None)(layers.Dense(2 * width, activation="gelu")(h))
+        x = layers.Add()([x, h])
+    x = layers.GlobalAveragePooling1D()(layers.LayerNormalization(epsilon=1e-6)(x))
+    return trained(tf.keras.Model(inp, layers.Dense(10)(x)), epochs=40)
+
+
+def trained(stack: list | object, epochs: int, rows: bool = False) -> object:
+    """A Sequential of `stack` (or the model given; logits out) trained with Adam on the digits
+    training split."""
     import tensorflow as tf
 
     (x_train, y_train), _ = digits_split(rows=rows)
-    model = tf.keras.Sequential(stack)
+    model = tf.keras.Sequential(stack) if isinstance(stack, list) else stack
     model.compile(
         optimizer="adam",
         loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
