@@ -53,6 +53,7 @@ MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "LSTM", "GRU", "
 RUNS = (("magnitude", 0.25), ("magnitude", 0.5), ("id", 0.25), ("id", 0.5))
 VARIANTS = {"legacy": "", "legacy_b1": ".b1", "dynamo": ".dynamo"}
 VARIANTS |= {"tf2onnx": "", "tf2onnx_b1": ".b1"}  # keras_models.py's exports
+VARIANTS |= {"paddle2onnx": "", "paddle2onnx_b1": ".b1"}  # paddle_models.py's exports
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -440,13 +440,18 @@ def expanded_constant(size: int) -> onnx.ModelProto:
     return b.model([b.conv("c1", h, 1, 4)], shape=("N", 1, size, size))
 
 
-def torch_flatten(batch: object = "N") -> onnx.ModelProto:
+def torch_flatten(batch: object = "N", read: str = "gather") -> onnx.ModelProto:
     """c1(6) → relu → Reshape to Concat(Unsqueeze(Gather(Shape(h), 0)), [-1]) → fc(96 → 5), as
-    torch exports `h.view(h.size(0), -1)`."""
+    torch exports `h.view(h.size(0), -1)`; `read` "slice": Concat(Slice(Shape(h), 0, 1), [-1]),
+    as Paddle exports `flatten`."""
     b = Builder(19)
     h = b.relu("r1", b.conv("c1", "x", 3, 6))
-    n = b.node("Gather", "g0", [b.node("Shape", "shape", [h]), b.const("zero", np.int64(0))])
-    n = b.node("Unsqueeze", "n1", [n, b.const("ax0", _ints(0))])
+    dims = b.node("Shape", "shape", [h])
+    if read == "slice":
+        n = b.node("Slice", "n1", [dims, b.const("lo", _ints(0)), b.const("hi", _ints(1)), "lo"])
+    else:
+        n = b.node("Gather", "g0", [dims, b.const("zero", np.int64(0))])
+        n = b.node("Unsqueeze", "n1", [n, b.const("ax0", _ints(0))])
     target = b.node("Concat", "target", [n, b.const("rest", _ints(-1))], axis=0)
     flat = b.node("Reshape", "flat", [h, target])
     return b.model([b.gemm("fc", flat, 6 * 16, 5)], shape=(batch, 3, 4, 4))
@@ -544,14 +549,17 @@ def strided_stem() -> onnx.ModelProto:
     return b.model([b.conv("c2", h, 8, 4)], shape=("N", 3, "H", "W"))
 
 
-def shuffle_units(perm: Sequence[int] = (0, 2, 1, 3, 4), chunk: str = "split") -> onnx.ModelProto:
+def shuffle_units(
+    perm: Sequence[int] = (0, 2, 1, 3, 4), chunk: str = "split", batch: int = 0
+) -> onnx.ModelProto:
     """Two ShuffleNetV2 units with constant shapes: c0(8) → relu → unit u1 (Split [4, 4] → (a,
     relu(c1(b)))) → unit u2 (Split [4, 4] → (a, relu(c2(dw(b))))) → c3(4) → y, where a unit ends
     in Concat → Reshape [0, 2, 4, 8, 8] → Transpose `perm` → Reshape [0, 8, 8, 8]. dw is a
     depthwise 3×3 conv without bias (a channel that is 0 stays 0 everywhere); c0's channel 1
     duplicates its channel 0. `chunk` "slice": the halves are two Slices [0, 4) and [4, 8) (as
     torchvision's `x.chunk(2)` exports once its bounds are folded), named `{unit}.split_out`
-    and `{unit}.split_out1` like the Split's outputs."""
+    and `{unit}.split_out1` like the Split's outputs. `batch` is the Reshapes' batch entry: 0
+    (copy), or -1 as Paddle writes it; the input's batch is symbolic."""
     b = Builder(47)
     weight = (0.5 * b.rng.standard_normal((8, 3, 3, 3))).astype(np.float32)
     bias = (0.1 * b.rng.standard_normal(8)).astype(np.float32)
@@ -563,7 +571,7 @@ def shuffle_units(perm: Sequence[int] = (0, 2, 1, 3, 4), chunk: str = "split") -
             rest = b.conv("dw", rest, 4, 4, group=4, bias=False)
         right = b.relu(f"{unit}.relu", b.conv(branch, rest, 4, 4))
         h = b.node("Concat", f"{unit}.cat", [a, right], axis=1)
-        h = _shuffle(b, unit, h, perm)
+        h = _shuffle(b, unit, h, perm, batch)
     return b.model([b.conv("c3", h, 8, 4)])
 
 
@@ -585,10 +593,10 @@ def _slice_halves(b: Builder, name: str, x: str) -> tuple[str, str]:
     return first, f"{name}.split_out1"
 
 
-def _shuffle(b: Builder, name: str, x: str, perm: Sequence[int]) -> str:
-    """Reshape [0, 2, 4, 8, 8] → Transpose `perm` → Reshape [0, 8, 8, 8]."""
-    apart = b.const(f"{name}.apart", _ints(0, 2, 4, 8, 8))
-    back = b.const(f"{name}.back", _ints(0, 8, 8, 8))
+def _shuffle(b: Builder, name: str, x: str, perm: Sequence[int], batch: int = 0) -> str:
+    """Reshape [batch, 2, 4, 8, 8] → Transpose `perm` → Reshape [batch, 8, 8, 8]."""
+    apart = b.const(f"{name}.apart", _ints(batch, 2, 4, 8, 8))
+    back = b.const(f"{name}.back", _ints(batch, 8, 8, 8))
     h = b.node("Reshape", f"{name}.to_groups", [x, apart])
     h = b.node("Transpose", f"{name}.swap", [h], perm=list(perm))
     return b.node("Reshape", f"{name}.from_groups", [h, back])

@@ -63,11 +63,12 @@ def test_constant_subgraphs_fold_keeping_function_and_io_names():
     assert_outputs_close(model, folded, graphs.random_input(model, n=8), atol=1e-6)
 
 
+@pytest.mark.parametrize("read", ["gather", "slice"])
 @pytest.mark.parametrize("batch", [1, "N"])
-def test_torch_view_flatten_folds_to_a_constant_target_and_prunes(batch):
-    model = graphs.torch_flatten(batch)  # h.view(h.size(0), -1)
+def test_torch_view_flatten_folds_to_a_constant_target_and_prunes(batch, read):
+    model = graphs.torch_flatten(batch, read)  # h.view(h.size(0), -1), Paddle's flatten
     folded = normalized(model)
-    assert not {"Shape", "Gather", "Unsqueeze", "Concat"} & set(ops(folded))
+    assert not {"Shape", "Gather", "Slice", "Unsqueeze", "Concat"} & set(ops(folded))
     assert io_names(folded) == io_names(model)
     feeds = graphs.random_input(model, n=1 if batch == 1 else 5)
     assert_outputs_close(model, folded, feeds, atol=1e-6)
@@ -84,6 +85,25 @@ def test_a_shape_dim_read_at_another_position_is_not_copied():
     assert ops(folded).count("Shape") >= 1
     feeds = graphs.random_input(model, n=3)
     assert_outputs_close(model, folded, feeds, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "target, copied",
+    [((-1, 96), (0, 96)), ((-1, 6, 16), (0, 6, 16)), ((-1, 2, 3, 4, 4), (0, 2, 3, 4, 4)),
+     ((-1, 48), None), ((2, -1), None)],
+)  # fmt: skip
+def test_a_reshape_minus_one_is_copied_only_where_it_can_only_be_the_batch(target, copied):
+    """x (N, 6, 4, 4): -1 at the batch's position is N exactly when the other entries hold all
+    of 6·4·4; (-1, 48) folds two samples into a row, and (2, -1) states the batch."""
+    b = graphs.Builder(3)
+    h = b.relu("r1", b.conv("c1", "x", 3, 6))
+    flat = b.node("Reshape", "reshape", [h, b.const("target", np.array(target, np.int64))])
+    model = b.model([b.node("Relu", "r2", [flat])], shape=("N", 3, 4, 4))
+    graph = normalize(model)
+    stated = next(n for n in graph.nodes if n.op == "Reshape").inputs[1].values.tolist()
+    assert stated == list(copied or target)
+    feeds = graphs.random_input(model, n=4)
+    assert_outputs_close(model, export(graph), feeds, atol=1e-6)
 
 
 @pytest.mark.parametrize(("size", "folds"), [(64, True), (1024, False)])

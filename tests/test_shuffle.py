@@ -27,9 +27,11 @@ def _groups(model: onnx.ModelProto) -> dict:
     return {g.name: g for g in analyze(normalize(model))}
 
 
-@pytest.mark.parametrize("chunk", ["split", "slice"])
-def test_groups_are_followed_through_two_nested_shuffles(chunk):
-    groups = _groups(graphs.shuffle_units(chunk=chunk))
+@pytest.mark.parametrize("chunk, batch", [("split", 0), ("slice", 0), ("split", -1)])
+def test_groups_are_followed_through_two_nested_shuffles(chunk, batch):
+    """Paddle writes the shuffle's batch entry as -1: with every other dim static it can only be
+    the input's batch, copied at load as 0."""
+    groups = _groups(graphs.shuffle_units(chunk=chunk, batch=batch))
     where = {name: [(t.tensor, t.offset, t.stride) for t in g.taps] for name, g in groups.items()}
     assert where == {
         "c0[0:2]": [("u2.from_groups_out", 0, 4)],
@@ -53,10 +55,11 @@ def test_ratio_zero_keeps_the_shuffles_and_the_function(method):
     assert_outputs_close(model, exact.model, graphs.random_input(model, 8, seed=5), atol=1e-6)
 
 
-def test_a_duplicated_channel_behind_two_shuffles_is_reconstructed_exactly():
+@pytest.mark.parametrize("batch", [0, -1])
+def test_a_duplicated_channel_behind_two_shuffles_is_reconstructed_exactly(batch):
     """c0's channel 1 equals its channel 0 and reaches c3 every 4 channels behind both shuffles:
     plain ID removes one of the pair and c3 reads the other twice."""
-    model = graphs.shuffle_units()
+    model = graphs.shuffle_units(batch=batch)
     feeds = graphs.random_input(model, 64)
     pruned = onnxprune.prune(
         model, method="id", ratio=0.5, round_to=1, data=feeds, compensate="none",

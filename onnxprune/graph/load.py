@@ -48,6 +48,8 @@ from onnxprune.graph.external import (
 )
 from onnxprune.graph.fused import MS, expand_fused
 from onnxprune.graph.packed import unpack_projections
+from onnxprune.ops.flow import shape_of
+from onnxprune.ops.shape_values import shape_source
 
 SUPPORTED_OPSETS = range(11, 24)
 # bytes above which a model is written with external data and run, checked and shape-inferred
@@ -583,18 +585,51 @@ def _foldable(node: gs.Node) -> bool:
 
 
 def _copy_dims_as_zero(graph: gs.Graph) -> None:
-    """Write a Reshape target's `Unsqueeze(Gather(Shape(x), i))` at position i, where x is the
-    Reshape's own input, as Reshape's 0 ("copy dim i"): the same value by definition, and
-    constant. torch exports `x.view(x.size(0), -1)` so; with a dynamic batch the target then
-    folds to [0, -1], a flatten the analyzer reads."""
+    """Write a Reshape target's dim i of its own input x at position i (one entry of Shape(x),
+    read by a Gather or a Slice, through Unsqueeze/Cast) as Reshape's 0 ("copy dim i"), and a
+    constant target's -1 at position i as 0 where the other entries fix it to x's dim i: the
+    same values by definition, and constant. torch exports `x.view(x.size(0), -1)` with a Gather
+    of the shape, Paddle `flatten` with a Slice, Paddle's channel shuffle as
+    Reshape(x, [-1, g, C/g, H, W]); with a dynamic batch the first targets then fold to [0, -1],
+    a flatten the analyzer reads, and the last keeps the batch's symbol through shape inference."""
     for node in graph.nodes:
-        concat = _producer(node.inputs[1], "Concat") if node.op == "Reshape" else None
-        if concat is None or node.attrs.get("allowzero", 0) or concat.attrs.get("axis") != 0:
+        if node.op != "Reshape" or node.attrs.get("allowzero", 0):
             continue
-        for position, part in enumerate(concat.inputs):
-            if _dim_of(part) == (node.inputs[0], position):
+        if isinstance(node.inputs[1], gs.Constant):
+            _copy_inferred_dim(node)
+            continue
+        concat = _producer(node.inputs[1], "Concat")
+        if concat is None or concat.attrs.get("axis") != 0:
+            continue
+        position = 0
+        for k, part in enumerate(concat.inputs):
+            size = shape_of(part)
+            if size is None or len(size) != 1 or not isinstance(size[0], int):
+                break
+            if size[0] == 1 and shape_source(part, 0) == (node.inputs[0], position):
                 zero = gs.Constant(f"{concat.name}.copy{position}", np.zeros(1, np.int64))
-                concat.inputs[position] = zero
+                concat.inputs[k] = zero
+            position += size[0]
+
+
+def _copy_inferred_dim(node: gs.Node) -> None:
+    """Replace the -1 of Reshape `node`'s constant target by 0 where it can only be the input's
+    own symbolic dim at that position: every other input dim static, their product equal to
+    that of the other target entries (0 read as the input's dim)."""
+    dims, target = shape_of(node.inputs[0]), np.asarray(node.inputs[1].values).reshape(-1)
+    if dims is None or list(target).count(-1) != 1:
+        return
+    p = int(np.flatnonzero(target == -1)[0])
+    others = [d for i, d in enumerate(dims) if i != p]
+    zeros = np.flatnonzero(target == 0)
+    if p >= len(dims) or isinstance(dims[p], int) or (zeros.size and zeros[-1] >= len(dims)):
+        return
+    if not all(isinstance(d, int) for d in others):
+        return
+    stated = [dims[i] if t == 0 else int(t) for i, t in enumerate(target) if i != p]
+    if math.prod(stated) == math.prod(others):
+        copied = np.where(target == -1, 0, target).astype(target.dtype)
+        node.inputs[1] = gs.Constant(f"{node.name}.copy{p}", copied)
 
 
 def _gather_from_concat_part(graph: gs.Graph) -> None:
@@ -629,20 +664,6 @@ def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
     if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op == op:
         return tensor.inputs[0]
     return None
-
-
-def _dim_of(tensor: gs.Tensor) -> tuple[gs.Tensor, int] | None:
-    """(x, i) when `tensor` is `Unsqueeze(Gather(Shape(x), i), [0])`, a 1-element dim of x."""
-    unsqueeze = _producer(tensor, "Unsqueeze")
-    gather = unsqueeze and _producer(unsqueeze.inputs[0], "Gather")
-    shape = gather and _producer(gather.inputs[0], "Shape")
-    if not shape or shape.attrs.get("start", 0) or shape.attrs.get("end") is not None:
-        return None
-    axes = unsqueeze.attrs.get("axes", _const_values(unsqueeze, 1))
-    index = _const_values(gather, 1)
-    if axes is None or list(np.reshape(axes, -1)) != [0] or index is None or index.ndim:
-        return None
-    return shape.inputs[0], int(index)
 
 
 def _const_values(node: gs.Node, index: int) -> np.ndarray | None:
