@@ -6,7 +6,8 @@ held-out inputs against the original:
 
 - a text encoder whose inputs have an `attention_mask` (MiniLM): cosine of the mask-weighted
   mean-pooled embeddings of the first output, mean and minimum over the held-out sentences;
-- a classifier with `labels` in the held-out npz (the digits ViT): top-1 accuracy and agreement.
+- a classifier with `labels` in the held-out npz or `--labels` (the digits ViTs): top-1
+  accuracy and agreement.
 
 Also recorded: the stream width after slicing, parameters and MACs (the report's), seconds
 of pruning, and the median ORT latency of both models on the first `--time-batch` held-out
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     with np.load(args.heldout) as data:
         heldout = {k: data[k] for k in data.files}
+    if args.labels:
+        heldout["labels"] = np.load(args.labels)
     original = onnx.load(args.model)
     if args.streams_only:
         args.exclude.append(_all_but_streams(original))
@@ -60,6 +63,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("model")
     parser.add_argument("--calib", required=True, help="calibration npz (keyed by input name)")
     parser.add_argument("--heldout", required=True, help="held-out npz (optional `labels`)")
+    parser.add_argument("--labels", help="held-out labels as an .npy (keras_models.py's)")
     parser.add_argument("--ratios", default="0.25", help="comma-separated channel ratios")
     parser.add_argument("--exclude", action="append", default=[], help="regex kept unpruned")
     parser.add_argument("--streams-only", action="store_true", help="slice only the streams")

@@ -295,6 +295,70 @@ def tensordot_mlp(spelling: str = "matmul") -> onnx.ModelProto:
     return b.model([h], shape=("N", 5, 12))
 
 
+def keras_encoder() -> onnx.ModelProto:
+    """A residual stream of width 16 on tokens x[N,5,8] as tf2onnx writes Keras layers:
+
+    h = Dense(8 → 16)(x) (Tensordot: rows, MatMul, Reshape back, bias Add);
+    n1 = LayerNorm(h) in tf2onnx's arithmetic (`tf2onnx_layernorm`);
+    r = relu(Gemm(16 → 16) of Unsqueeze(n1) as rows, Reshape to (N, 5, 16, 1), Squeeze): an
+    Einsum projection's spelling;
+    h2 = h + Dense(16 → 16)(r) (Tensordot); y = Dense(16 → 3)(LayerNorm(h2)) as rows."""
+    b = Builder(29)
+    h = b.node("Add", "d0_bias", [_tensordot(b, "d0", "x", "x", 8, 16), b.rand("d0.b", 16)])
+    n1 = tf2onnx_layernorm(b, "ln1", h, 16)
+    rows = b.node("Unsqueeze", "n1_4d", [n1, b.const("at2", _ints(2))])
+    rows = b.node("Reshape", "n1_rows", [rows, b.const("rows16", _ints(-1, 16))])
+    q = b.node("Gemm", "q", [rows, b.rand("q.w", 16, 16), b.rand("q.b", 16)], transB=1)
+    tail = b.const("q_tail", _ints(16, 1))
+    target = b.node("Concat", "q_target", [_leading_dims(b, "q", "x"), tail], axis=0)
+    q = b.node(
+        "Squeeze", "q_3d", [b.node("Reshape", "q_back", [q, target]), b.const("at3", _ints(3))]
+    )
+    r = b.relu("q_relu", q)
+    a = b.node("Add", "d1_bias", [_tensordot(b, "d1", r, "x", 16, 16), b.rand("d1.b", 16)])
+    n2 = tf2onnx_layernorm(b, "ln2", b.node("Add", "residual", [h, a]), 16)
+    y = b.node(
+        "MatMul", "head", [b.node("Reshape", "n2_rows", [n2, "rows16"]), b.rand("head.w", 16, 3)]
+    )
+    return b.model([y], shape=("N", 5, 8))
+
+
+def _leading_dims(b: Builder, name: str, x: str) -> str:
+    """(N, 5) of x, as tf2onnx reads it: Gather(Cast(Shape(x), int32), [0, 1]), cast back."""
+    dims = b.node("Cast", f"{name}_dims", [b.node("Shape", f"{name}_shape", [x])], to=6)
+    free = b.node("Gather", f"{name}_free", [dims, b.const(f"{name}_axes", _ints(0, 1))])
+    return b.node("Cast", f"{name}_free64", [free], to=7)
+
+
+def _tensordot(b: Builder, name: str, h: str, x: str, fin: int, fout: int) -> str:
+    """Keras' Dense on (N, 5, fin) without its bias: rows, MatMul, Reshape back to (N, 5, fout)."""
+    flat = b.node("Reshape", f"{name}_rows", [h, b.const(f"{name}_rowshape", _ints(-1, fin))])
+    out = b.node("MatMul", name, [flat, b.rand(f"{name}.w", fin, fout)])
+    count = b.const(f"{name}_count", _ints(fout))
+    target = b.node("Concat", f"{name}_target", [_leading_dims(b, name, x), count], axis=0)
+    return b.node("Reshape", f"{name}_back", [out, target])
+
+
+def tf2onnx_layernorm(b: Builder, name: str, x: str, d: int) -> str:
+    """LayerNorm over the last axis as tf2onnx writes Keras': means by GlobalAveragePool,
+    x·s + (β − mean·s) with s = γ / √(var + ε)."""
+    gamma = b.const(f"{name}.g", (1 + 0.3 * b.rng.standard_normal(d)).astype(np.float32))
+    beta = b.rand(f"{name}.b", d)
+    mean = b.node("GlobalAveragePool", f"{name}_mean", [x])
+    centred = b.node("Sub", f"{name}_centred", [x, mean])
+    var = b.node(
+        "GlobalAveragePool", f"{name}_var", [b.node("Mul", f"{name}_sq", [centred, centred])]
+    )
+    dev = b.node(
+        "Sqrt",
+        f"{name}_dev",
+        [b.node("Add", f"{name}_eps", [var, b.const(f"{name}.e", np.float32(1e-3))])],
+    )
+    scale = b.node("Mul", f"{name}_scale", [b.node("Reciprocal", f"{name}_inv", [dev]), gamma])
+    shift = b.node("Sub", f"{name}_shift", [beta, b.node("Mul", f"{name}_ms", [mean, scale])])
+    return b.node("Add", f"{name}_out", [b.node("Mul", f"{name}_xs", [x, scale]), shift])
+
+
 def single_gemm() -> onnx.ModelProto:
     """x[N,16] → Gemm → y: the only channels are the graph output, nothing is prunable."""
     b = Builder(13)

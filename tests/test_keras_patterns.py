@@ -9,7 +9,14 @@ exporters use for the same function:
   (graph/channels_last.py).
 
 And a Shape read, as tf2onnx writes the batch size of an RNN's zero state (Shape → Cast →
-Slice), blocks the channels exactly when it reads their count (a negative Gather index too)."""
+Slice), blocks the channels exactly when it reads their count (a negative Gather index too, and
+through a Gather that permutes the shape to NHWC).
+
+Keras on token sequences (`graphs.tensordot_mlp`, `graphs.keras_encoder`): a Dense is a
+Tensordot (rows → MatMul → Reshape back to a target built from the input's shape behind Casts)
+and prunes like the MatMul spelling; an Einsum projection reshaped to (N, 5, C, 1) passes its
+channels on; LayerNormalization written in arithmetic converts to an RMSNorm for cob with its
+affine folded into readers and its writers centred through those Reshapes."""
 
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ from conftest import assert_outputs_close, run_model
 
 import onnxprune
 from onnxprune.graph.analyze import analyze
+from onnxprune.graph.layernorm import to_rmsnorm
 from onnxprune.graph.load import export, normalize
 from onnxprune.ops.flow import State, Step
 from onnxprune.ops.registry import handler_for
@@ -179,3 +187,42 @@ def _permuted_shape_step(read: str) -> Step:
 def test_a_permuted_shape_blocks_exactly_when_the_channel_entry_is_read(read, reads_channels):
     step = _permuted_shape_step(read)
     assert (step.kind == "block") == reads_channels, step
+
+
+def test_einsum_projection_reshaped_to_a_trailing_unit_axis_is_one_group():
+    """tf2onnx writes a Keras Einsum projection as rows → Gemm → Reshape to (N, 5, 16, 1) →
+    Squeeze: the channels pass the Reshape onto axis 2 and the 16 in its target shrinks."""
+    group = _groups(graphs.keras_encoder())["q"]
+    assert group.prunable, group.reason
+    assert set(group.consumers) == {"d1"}
+    assert any(e.node == "q_target" and e.role == "count" for e in group.edits)
+    model = graphs.keras_encoder()
+    feeds, held = graphs.random_input(model, 64, seed=1), graphs.random_input(model, 8, seed=2)
+    exact = onnxprune.prune(model, method="id", ratio=0.0, data=feeds, allow_noop=True)
+    assert_outputs_close(model, exact.model, held, atol=1e-5)
+
+
+def test_keras_layernorms_convert_with_the_affine_folded_through_the_rows():
+    """Both tf2onnx LayerNorms become RMSNorms on a mean-free stream with nothing inserted:
+    γ and β fold into the Gemm read through Unsqueeze → Reshape and into the head read through
+    a Reshape, the Dense writers' columns are centred through their Reshapes back."""
+    model = graphs.keras_encoder()
+    conversion = to_rmsnorm(normalize(model))
+    assert len(conversion.converted) == 2 and not conversion.kept
+    converted = export(conversion.graph)
+    added = {n.name for n in converted.graph.node} - {n.name for n in model.graph.node}
+    assert not [name for name in added if "__gamma" in name or "__centre" in name]
+    feeds = graphs.random_input(model, 8, seed=3)
+    assert_outputs_close(model, converted, feeds, atol=1e-5, rtol=1e-5)
+
+
+def test_full_width_cob_rotates_the_keras_stream_and_changes_nothing():
+    model = graphs.keras_encoder()
+    result = onnxprune.prune(model, method="cob", ratio=0.0, round_to=1,
+                             data=graphs.random_input(model, 64, seed=1))  # fmt: skip
+    stream = next(g for g in result.groups if g.invariants)
+    rotation = result.plans[stream.name].rotation
+    assert stream.rotatable and rotation is not None
+    assert not np.allclose(np.abs(rotation), np.eye(16), atol=1e-2)
+    assert_outputs_close(model, result.model, graphs.random_input(model, 8, seed=2), atol=1e-5,
+                         rtol=1e-4)  # fmt: skip

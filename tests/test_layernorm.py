@@ -1,7 +1,8 @@
 """LayerNorm → RMSNorm on mean-free streams and SliceGPT-style cob (graph/layernorm.py).
 
 On tiny pre-LN (GPT/ViT-style) and post-LN (BERT-style) transformers exported by torch's legacy
-(opset 17 LayerNormalization, opset 14 primitive pattern) and dynamo exporters:
+(opset 17 LayerNormalization, opset 14 primitive pattern) and dynamo exporters, and with their
+norms written as tf2onnx writes Keras' LayerNormalization:
 
 - the converted graph computes the original's function to float rounding, with no LayerNorm left;
 - the pre-LN residual stream becomes one rotatable group holding every writer; post-LN streams
@@ -119,7 +120,44 @@ def _export(model, path, exporter: str) -> onnx.ModelProto:
         opset = 14 if exporter == "primitive" else 17
         torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset,
                           input_names=["x"], dynamic_axes={"x": {0: "batch"}})  # fmt: skip
-    return onnx.load(str(path))
+    proto = onnx.load(str(path))
+    return _as_tf2onnx_norms(proto) if exporter == "tf2onnx" else proto
+
+
+def _as_tf2onnx_norms(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with each LayerNormalization written as tf2onnx writes Keras' (GlobalAveragePool
+    means over the last axis, x·s + (β − mean·s) with s = γ / √(var + ε)); every second norm
+    as with `center=False` (no β: the shift is Neg(mean·s)), a different function."""
+    nodes, k = [], 0
+    for node in model.graph.node:
+        if node.op_type != "LayerNormalization":
+            nodes.append(node)
+            continue
+        k += 1
+        x, gamma, beta = node.input[:3]
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        t = f"ln{k}_"
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.float32(eps), t + "eps"))
+        make = onnx.helper.make_node
+        nodes += [
+            make("GlobalAveragePool", [x], [t + "mean"]),
+            make("Sub", [x, t + "mean"], [t + "centred"]),
+            make("Mul", [t + "centred", t + "centred"], [t + "square"]),
+            make("GlobalAveragePool", [t + "square"], [t + "var"]),
+            make("Add", [t + "var", t + "eps"], [t + "var_eps"]),
+            make("Sqrt", [t + "var_eps"], [t + "dev"]),
+            make("Reciprocal", [t + "dev"], [t + "inv"]),
+            make("Mul", [t + "inv", gamma], [t + "scale"]),
+            make("Mul", [t + "mean", t + "scale"], [t + "mean_scaled"]),
+            make("Mul", [x, t + "scale"], [t + "scaled"]),
+            make("Sub", [beta, t + "mean_scaled"], [t + "shift"])
+            if k % 2
+            else make("Neg", [t + "mean_scaled"], [t + "shift"]),
+            make("Add", [t + "scaled", t + "shift"], [node.output[0]]),
+        ]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
 
 
 def _feeds(model: onnx.ModelProto, n: int, seed: int) -> dict[str, np.ndarray]:
@@ -127,7 +165,7 @@ def _feeds(model: onnx.ModelProto, n: int, seed: int) -> dict[str, np.ndarray]:
     return {model.graph.input[0].name: x}
 
 
-EXPORTERS = ("legacy", "primitive", "dynamo")
+EXPORTERS = ("legacy", "primitive", "dynamo", "tf2onnx")
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +199,7 @@ def test_conversion_is_exact_and_leaves_no_layernorm(exported, post, exporter):
     assert_outputs_close(model, converted, _feeds(model, 2, 1), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo", "tf2onnx"])
 def test_pre_ln_stream_is_one_rotatable_group_of_every_writer(exported, exporter):
     groups = analyze(to_rmsnorm(normalize(exported(False, exporter))).graph)
     stream = [g for g in groups if len(g.producers) == 5]
@@ -178,7 +216,7 @@ def test_post_ln_streams_are_one_group_per_norm(exported):
     assert [len(g.producers) for g in streams] == [1, 2, 2, 2, 2]
 
 
-@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo", "tf2onnx"])
 @pytest.mark.parametrize("post", [False, True], ids=["pre-ln", "post-ln"])
 def test_full_width_cob_rotates_every_stream_and_changes_nothing(exported, post, exporter):
     model = exported(post, exporter)
@@ -189,8 +227,9 @@ def test_full_width_cob_rotates_every_stream_and_changes_nothing(exported, post,
     assert_outputs_close(model, result.model, _feeds(model, 2, 3), atol=1e-5, rtol=1e-4)
 
 
-def test_slicing_a_stream_of_rank_k_to_k_is_exact_and_to_k_minus_1_is_not(exported):
-    model = exported(False, "legacy", rank=10)
+@pytest.mark.parametrize("exporter", ["legacy", "tf2onnx"])
+def test_slicing_a_stream_of_rank_k_to_k_is_exact_and_to_k_minus_1_is_not(exported, exporter):
+    model = exported(False, exporter, rank=10)
     calib, test = _feeds(model, 256, 0), _feeds(model, 8, 4)
     options = {"method": "cob", "round_to": 1, "exclude": [r"ff\.0", "gamma"], "data": calib}
     sliced = onnxprune.prune(model, ratio=6 / D, **options)

@@ -10,7 +10,9 @@ that obstacle:
   after a patch-embedding Conv) gets an inserted MatMul by I − 11ᵀ/d. The stream is then
   mean-free, and LayerNorm sees the same input minus its mean, which it ignores.
 * **Fold the affine into the readers.** γ scales the rows of every MatMul/Gemm reading the norm
-  (W ← diag(γ) W), β W goes into its bias. A reader that has no weights (a residual Add after a
+  (W ← diag(γ) W), β W goes into its bias; also through Reshape/Unsqueeze/Squeeze that keep
+  every token a row of d values (tf2onnx's Keras Dense and Einsum projections), and writers are
+  centred through them the same way. A reader that has no weights (a residual Add after a
   post-LN block, a graph output, pooling) gets one inserted MatMul diag(γ) + β, a consumer of
   the stream; when it feeds another stream (post-LN), its columns are centred like any writer's.
 
@@ -88,10 +90,10 @@ def _fold_affine(graph: gs.Graph, norm: LayerNorm) -> list[_Term]:
     return _insert_affine(graph, norm, others)
 
 
-def _weight_reader(node: gs.Node, norm: LayerNorm) -> bool:
-    """True for a MatMul/Gemm reading the norm's output as its features with constant W (, C)."""
+def _weight_reader(node: gs.Node, tensor: gs.Tensor) -> bool:
+    """True for a MatMul/Gemm reading `tensor` as its features with constant W (, C)."""
     weight = const(node, 1)
-    if weight is None or weight.ndim != 2 or node.inputs[0] is not norm.out:
+    if weight is None or weight.ndim != 2 or node.inputs[0] is not tensor:
         return False
     if node.op == "MatMul":
         return True
@@ -99,10 +101,62 @@ def _weight_reader(node: gs.Node, norm: LayerNorm) -> bool:
     return node.op == "Gemm" and not node.attrs.get("transA", 0) and bias_ok
 
 
-def _fold_into_reader(graph: gs.Graph, node: gs.Node, norm: LayerNorm) -> bool:
-    """W ← diag(γ) W and bias += βᵀ W for a weight reader; False for any other reader."""
-    if not _weight_reader(node, norm):
+_ROW_OPS = frozenset({"Reshape", "Unsqueeze", "Squeeze"})
+
+
+def _keeps_rows(node: gs.Node, width: int) -> bool:
+    """True for a Reshape/Unsqueeze/Squeeze whose input and output both end in an axis of
+    `width`, followed by nothing but axes of size 1: every block of `width` values stays one row
+    (tf2onnx's Keras Dense on a sequence reshapes the tokens to rows and back, its Einsums add
+    and drop unit axes)."""
+    if node.op not in _ROW_OPS or not node.outputs:
         return False
+    return _last_axis(node.inputs[0]) == _last_axis(node.outputs[0]) == width
+
+
+def _last_axis(tensor: gs.Tensor) -> object:
+    """The size of `tensor`'s last axis that is not of size 1, or None."""
+    sizes = [d for d in tensor.shape or [] if d != 1]
+    return sizes[-1] if sizes else None
+
+
+def _weight_readers(tensor: gs.Tensor, width: int) -> list[tuple[gs.Node, gs.Tensor]] | None:
+    """(reader, the tensor it reads) for every weight reader of `tensor`, reached directly or
+    through ops that keep its rows (Shape reads no values); None when any reader is something
+    else."""
+    found = []
+    for user in tensor.outputs:
+        if user.op == "Shape":
+            continue  # reads no values
+        if _weight_reader(user, tensor):
+            found.append((user, tensor))
+        elif _keeps_rows(user, width) and (deeper := _weight_readers(user.outputs[0], width)):
+            found += deeper
+        else:
+            return None
+    return found
+
+
+def _folds(node: gs.Node, norm: LayerNorm) -> bool:
+    """True when `_fold_into_reader` takes the norm's affine into reader `node`."""
+    if _keeps_rows(node, norm.width):
+        return _weight_readers(node.outputs[0], norm.width) is not None
+    return _weight_reader(node, norm.out)
+
+
+def _fold_into_reader(graph: gs.Graph, node: gs.Node, norm: LayerNorm) -> bool:
+    """W ← diag(γ) W and bias += βᵀ W for a weight reader, or for every weight reader behind
+    ops that keep the rows; False for any other reader."""
+    if not _folds(node, norm):
+        return False
+    rows = _keeps_rows(node, norm.width)
+    for reader, _ in _weight_readers(node.outputs[0], norm.width) if rows else [(node, norm.out)]:
+        _fold_weight(graph, reader, norm)
+    return True
+
+
+def _fold_weight(graph: gs.Graph, node: gs.Node, norm: LayerNorm) -> None:
+    """W ← diag(γ) W and bias += βᵀ W for weight reader `node` of the norm."""
     weight = const(node, 1)
     transposed = node.op == "Gemm" and node.attrs.get("transB", 0)
     w = np.asarray(weight.T if transposed else weight, np.float64)
@@ -113,7 +167,6 @@ def _fold_into_reader(graph: gs.Graph, node: gs.Node, norm: LayerNorm) -> bool:
         _add_gemm_bias(node, node.attrs.get("alpha", 1.0) * shift, weight.dtype)
     elif np.any(shift):  # a zero shift needs no Add
         shift_output(graph, node, shift, "beta")
-    return True
 
 
 def _insert_affine(graph: gs.Graph, norm: LayerNorm, readers: list[gs.Node]) -> list[_Term]:
@@ -223,7 +276,7 @@ def _stream(norm: LayerNorm, norms: list[LayerNorm]) -> _Stream | str:
     for tensor in tensors.values():
         upstream = outputs.get(tensor.name)
         for user in tensor.outputs:
-            if upstream is not None and _weight_reader(user, upstream):
+            if upstream is not None and _folds(user, upstream):
                 continue
             if user.name in readers or user.name in carried or user.op == "Shape":
                 continue
@@ -267,6 +320,8 @@ def _writer_terms(
             return [_Term(node, 0, 1)], []
     elif node.op == "Add":
         return _sum_terms(node)
+    elif _keeps_rows(node, width) and len(node.inputs[0].outputs) == 1:
+        return [], [node.inputs[0]]  # the writer before the rows were regrouped
     shape = tensor.shape
     if shape and shape[-1] == width:
         return [_Entry(tensor, width)], []

@@ -1,5 +1,6 @@
-"""Find LayerNorms over the last axis: the opset-17 op and the primitive pattern the legacy
-exporter writes below opset 17 (graph/layernorm.py converts them to RMSNorms)."""
+"""Find LayerNorms over the last axis: the opset-17 op, the primitive pattern the legacy
+exporter writes below opset 17, and tf2onnx's spelling of Keras' LayerNormalization
+(graph/layernorm.py converts them to RMSNorms)."""
 
 from __future__ import annotations
 
@@ -30,11 +31,12 @@ class LayerNorm:
 
 
 def find_layernorms(graph: gs.Graph) -> Iterator[LayerNorm]:
-    """LayerNormalization ops and the primitive pattern the legacy exporter writes below opset 17
-    (ReduceMean → Sub → Pow → ReduceMean → Add ε → Sqrt → Div → Mul γ → Add β), over the last
-    axis with constant affine parameters."""
+    """LayerNormalization ops, the primitive pattern the legacy exporter writes below opset 17
+    (ReduceMean → Sub → Pow → ReduceMean → Add ε → Sqrt → Div → Mul γ → Add β) and tf2onnx's
+    (`_tf2onnx`), over the last axis with constant affine parameters."""
+    matchers = {"LayerNormalization": _layernorm_op, "GlobalAveragePool": _tf2onnx}
     for node in list(graph.nodes):
-        norm = _layernorm_op(node) if node.op == "LayerNormalization" else _primitive(node)
+        norm = matchers.get(node.op, _primitive)(node)
         if norm is not None:
             yield norm
 
@@ -85,6 +87,51 @@ def _primitive(mean: gs.Node) -> LayerNorm | None:
     d = gamma.size
     out = affine[1].outputs[0]
     return LayerNorm(div.name, x, out, _vector(gamma, d), _vector(beta, d), eps, nodes)
+
+
+def _tf2onnx(mean: gs.Node) -> LayerNorm | None:
+    """tf2onnx's Keras LayerNormalization on (batch, tokens, d), starting at its first
+    GlobalAveragePool (which averages the last axis of a rank-3 tensor): s = γ / √(var + ε) with
+    var = GAP((x − GAP(x))²), then x·s + (β − GAP(x)·s), the shift written Neg(GAP(x)·s)
+    without β (`center=False`); None if `mean` does not start one."""
+    x = mean.inputs[0]
+    if rank_of(x) != 3:
+        return None
+    users = {u.op: u for u in mean.outputs[0].outputs}
+    sub, shifted = users.get("Sub"), users.get("Mul")
+    if len(mean.outputs[0].outputs) != 2 or sub is None or shifted is None:
+        return None
+    if [t.name for t in sub.inputs] != [x.name, mean.outputs[0].name]:
+        return None
+    square = sub.outputs[0].outputs[0] if sub.outputs[0].outputs else None
+    if square is None or square.op != "Mul" or any(u is not square for u in sub.outputs[0].outputs):
+        return None
+    if [t.name for t in square.inputs] != [sub.outputs[0].name] * 2:
+        return None
+    chain = _chain(square, ("GlobalAveragePool", "Add", "Sqrt", "Reciprocal", "Mul"))
+    if chain is None:
+        return None
+    eps, gamma, scale = _scalar_operand(chain[1]), _other_constant(chain[4], chain[3]), chain[4]
+    scaled = [u for u in scale.outputs[0].outputs if u.op == "Mul" and u is not shifted]
+    if eps is None or gamma is None or len(scale.outputs[0].outputs) != 2 or len(scaled) != 1:
+        return None
+    if {t.name for t in shifted.inputs} != {mean.outputs[0].name, scale.outputs[0].name}:
+        return None
+    if {t.name for t in scaled[0].inputs} != {x.name, scale.outputs[0].name}:
+        return None
+    shift = shifted.outputs[0].outputs[0] if len(shifted.outputs[0].outputs) == 1 else None
+    if shift is not None and shift.op == "Sub" and shift.inputs[1] is shifted.outputs[0]:
+        beta = const(shift, 0)
+    elif shift is not None and shift.op == "Neg":
+        beta = np.zeros(1)
+    else:
+        return None
+    out = single_user(shift, "Add")
+    if beta is None or out is None or single_user(scaled[0], "Add") is not out:
+        return None
+    nodes = [mean, sub, square, *chain, shifted, scaled[0], shift, out]
+    d = gamma.size
+    return LayerNorm(scale.name, x, out.outputs[0], _vector(gamma, d), _vector(beta, d), eps, nodes)
 
 
 def _vector(value: np.ndarray, d: int) -> np.ndarray:

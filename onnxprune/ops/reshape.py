@@ -209,17 +209,26 @@ def _folds_before(node: gs.Node, state: State) -> bool:
 
 def _keeps_trailing(node: gs.Node, state: State) -> Step | None:
     """The step when Reshape `node` keeps the channel axis and every axis after it (module
-    docstring), else None."""
+    docstring), up to axes of size 1 after them all (tf2onnx's Einsums reshape rows to
+    (batch, tokens, C, 1)), else None."""
     shape_in, shape_out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
     if shape_in is None or shape_out is None:
         return None
-    tail = shape_in[state.axis :]
-    if not all(isinstance(d, int) for d in tail) or len(shape_out) < len(tail):
+    tail, out = _without_trailing_ones(shape_in[state.axis :]), _without_trailing_ones(shape_out)
+    if not tail or not all(isinstance(d, int) for d in tail) or len(out) < len(tail):
         return None
-    axis = len(shape_out) - len(tail)
-    if shape_out[axis:] != tail:
+    axis = len(out) - len(tail)
+    if out[axis:] != tail:
         return None
     return _channels_to(node, state, axis, shape_in[state.axis])
+
+
+def _without_trailing_ones(shape: list) -> list:
+    """`shape` without the axes of size 1 at its end."""
+    end = len(shape)
+    while end and shape[end - 1] == 1:
+        end -= 1
+    return shape[:end]
 
 
 def _moves_unit_axes(node: gs.Node, state: State) -> Step | None:
