@@ -32,13 +32,11 @@ The cache defaults to `benchmarks/results/cache/keras` (git-ignored), or
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from exports import export_all, parse_args
 from photos import CALIB_PHOTOS, HELDOUT_PHOTOS, photo_crops
 
 DEFAULT_CACHE = Path(__file__).resolve().parent / "results" / "cache" / "keras"
@@ -51,7 +49,7 @@ APPS = ("MobileNetV2", "ResNet50", "EfficientNetB0", "DenseNet121")
 
 def main(argv: list[str] | None = None) -> None:
     """Write the data, export each selected model, and update the manifest."""
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__, "ONNXPRUNE_KERAS_CACHE", DEFAULT_CACHE)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     import tensorflow as tf
@@ -63,27 +61,12 @@ def main(argv: list[str] | None = None) -> None:
         "digits_vit": lambda: (digits_vit(cache), "digits"),
         **{name.lower(): app_builder(name) for name in APPS},
     }
-    names = args.models.split(",") if args.models else list(builders)
-    manifest_path = cache / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    for name in names:
-        if name in manifest and not args.force and (cache / f"{name}.onnx").exists():
-            continue
+
+    def export(name: str) -> dict:
         model, tag = builders[name]()
-        data = ensure_data(cache, tag)
-        manifest[name] = export_model(model, name, tag, cache, data)
-        manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
-        print(name, json.dumps(manifest[name]), flush=True)
+        return export_model(model, name, tag, cache, ensure_data(cache, tag))
 
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Command line: cache, subset, force."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    default = os.environ.get("ONNXPRUNE_KERAS_CACHE", str(DEFAULT_CACHE))
-    parser.add_argument("--cache", default=default, help="Output folder.")
-    parser.add_argument("--models", default="", help="Comma-separated subset (default: all).")
-    parser.add_argument("--force", action="store_true", help="Re-export existing files.")
-    return parser.parse_args(argv)
+    export_all(cache, args.models.split(",") if args.models else builders, args.force, export)
 
 
 def app_builder(name: str) -> Callable[[], tuple[object, str]]:

@@ -24,12 +24,10 @@ The cache defaults to `benchmarks/results/cache/paddle` (git-ignored), or
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 from pathlib import Path
 
 import numpy as np
+from exports import export_all, parse_args
 from photos import CALIB_PHOTOS, HELDOUT_PHOTOS, photo_crops
 
 DEFAULT_CACHE = Path(__file__).resolve().parent / "results" / "cache" / "paddle"
@@ -46,28 +44,12 @@ MODELS = (
 
 def main(argv: list[str] | None = None) -> None:
     """Write the data, export each selected model, and update the manifest."""
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__, "ONNXPRUNE_PADDLE_CACHE", DEFAULT_CACHE)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    data = ensure_data(cache)
-    manifest_path = cache / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    for name in args.models.split(",") if args.models else MODELS:
-        if name in manifest and not args.force and (cache / f"{name}.onnx").exists():
-            continue
-        manifest[name] = export_model(build(name), name, cache, data["heldout"])
-        manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
-        print(name, json.dumps(manifest[name]), flush=True)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Command line: cache, subset, force."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    default = os.environ.get("ONNXPRUNE_PADDLE_CACHE", str(DEFAULT_CACHE))
-    parser.add_argument("--cache", default=default, help="Output folder.")
-    parser.add_argument("--models", default="", help="Comma-separated subset (default: all).")
-    parser.add_argument("--force", action="store_true", help="Re-export existing files.")
-    return parser.parse_args(argv)
+    heldout = ensure_data(cache)["heldout"]
+    names = args.models.split(",") if args.models else MODELS
+    export_all(cache, names, args.force, lambda n: export_model(build(n), n, cache, heldout))
 
 
 def build(name: str) -> object:
