@@ -5,9 +5,10 @@
     python benchmarks/analysis_snapshot.py --diff before.json after.json
 
 Per export (every `*.onnx` in the folders given, keyed by folder and file name): each group's
-name, prunability, number of edits and reason, or the error the analysis raised. `--diff` prints
-the exports whose groups differ and how many groups gained or lost prunability; it exits 1 when
-any differ.
+name, prunability, number of edits and reason, and the share of the Conv/Gemm/MatMul MACs in
+prunable groups by default and with `--prune-residual` (`zoo.py`'s count), or the error the
+analysis raised. `--diff` prints the exports whose groups differ, how many groups gained or lost
+prunability and the shares before and after; it exits 1 when any differ.
 """
 
 from __future__ import annotations
@@ -35,15 +36,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def snapshot(path: Path) -> list[list[object]] | str:
-    """[name, prunable, edits, reason] of each group of the export at `path`, or the error."""
+def snapshot(path: Path) -> dict[str, object] | str:
+    """The groups ([name, prunable, edits, reason]) and prunable MAC shares of the export at
+    `path`, or the error."""
+    from zoo import analysis_summary
+
     import onnxprune
 
     try:
         groups = onnxprune.analyze(str(path)).groups
+        summary = analysis_summary(path)
     except Exception as err:  # recorded: a tree that raises where the other analyses is a finding
         return f"{type(err).__name__}: {err}"
-    return sorted([g.name, bool(g.prunable), len(g.edits), g.reason] for g in groups)
+    shares = [summary[mode]["share"] for mode in ("default", "prune_residual")]
+    return {
+        "groups": sorted([g.name, bool(g.prunable), len(g.edits), g.reason] for g in groups),
+        "share": [round(float(x), 4) for x in shares],
+    }
 
 
 def diff(before: dict, after: dict) -> int:
@@ -54,23 +63,25 @@ def diff(before: dict, after: dict) -> int:
         if a == b:
             continue
         changed += 1
-        if isinstance(a, list) and isinstance(b, list):
-            was = {g[0]: g[1] for g in a}
-            now = {g[0]: g[1] for g in b}
+        if isinstance(a, dict) and isinstance(b, dict):
+            was = {g[0]: g[1] for g in a["groups"]}
+            now = {g[0]: g[1] for g in b["groups"]}
             gained = sum(1 for n, p in now.items() if p and not was.get(n, False))
             lost = sum(1 for n, p in was.items() if p and not now.get(n, False))
-            print(f"{path}: {len(a)} → {len(b)} groups, {gained} became prunable, {lost} stopped")
+            shares = " → ".join("/".join(f"{x:.1%}" for x in e["share"]) for e in (a, b))
+            print(f"{path}: {len(was)} → {len(now)} groups, {gained} became prunable, {lost} "
+                  f"stopped; MACs prunable (default/--prune-residual) {shares}")  # fmt: skip
         else:
             print(f"{path}: {_what(a)} → {_what(b)}")
     print(f"{changed} of {len(before.keys() | after.keys())} exports differ")
     return int(changed > 0)
 
 
-def _what(entry: list | str | None) -> str:
+def _what(entry: dict | str | None) -> str:
     """An error, 'N groups', or 'absent'."""
     if entry is None:
         return "absent"
-    return entry if isinstance(entry, str) else f"{len(entry)} groups"
+    return entry if isinstance(entry, str) else f"{len(entry['groups'])} groups"
 
 
 if __name__ == "__main__":
