@@ -46,23 +46,25 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"model": name, "run": "original", **accuracy(path, test, labels, macs)})
         for run, flags in RUNS.items():
             for ratio in RATIOS:
-                row = prune(path, run.split()[0], ratio, cache / f"calib_{tag}.npz", flags)
-                if "file" in row:
-                    row.update(accuracy(Path(row.pop("file")), test, labels, macs))
+                with tempfile.TemporaryDirectory() as tmp:
+                    out = Path(tmp) / "pruned.onnx"
+                    calib = cache / f"calib_{tag}.npz"
+                    row = prune(path, run.split()[0], ratio, calib, flags, out)
+                    if row["exit"] == 0:
+                        row.update(accuracy(out, test, labels, macs))
                 rows.append({"model": name, "run": f"{run} @{ratio}", **row})
                 print(json.dumps(rows[-1]), flush=True)
     Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
 
 
-def prune(path: Path, method: str, ratio: float, calib: Path, flags: list[str]) -> dict:
-    """Prune through the CLI into a kept temporary file; its exit code, or the file."""
-    out = Path(tempfile.mkdtemp()) / f"{path.stem}.pruned.onnx"
+def prune(path: Path, method: str, ratio: float, calib: Path, flags: list[str], out: Path) -> dict:
+    """Prune through the CLI into `out`; its exit code, and the error's last line if any."""
     cmd = [sys.executable, "-m", "onnxprune", str(path), "--method", method, "--ratio",
            str(ratio), "--data", str(calib), "-o", str(out), *flags]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"exit": proc.returncode, "error": proc.stderr.strip().splitlines()[-1:]}
-    return {"exit": 0, "file": str(out)}
+    return {"exit": 0}
 
 
 def accuracy(path: Path, test: dict, labels: np.ndarray, macs: int) -> dict:

@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.graph.layernorm_match import LayerNorm, find_layernorms
 from onnxprune.graph.load import export, import_graph, infer_shapes, set_bias_input
 from onnxprune.graph.rewrite import shift_output
-from onnxprune.ops.flow import const
+from onnxprune.ops.flow import const, without_trailing_ones
 
 
 @dataclass(frozen=True)
@@ -111,25 +111,19 @@ def _keeps_rows(node: gs.Node, width: int) -> bool:
     and drop unit axes)."""
     if node.op not in _ROW_OPS or not node.outputs:
         return False
-    return _last_axis(node.inputs[0]) == _last_axis(node.outputs[0]) == width
+    ends = [without_trailing_ones(list(t.shape or [])) for t in (node.inputs[0], node.outputs[0])]
+    return all(end and end[-1] == width for end in ends)
 
 
-def _last_axis(tensor: gs.Tensor) -> object:
-    """The size of `tensor`'s last axis that is not of size 1, or None."""
-    sizes = [d for d in tensor.shape or [] if d != 1]
-    return sizes[-1] if sizes else None
-
-
-def _weight_readers(tensor: gs.Tensor, width: int) -> list[tuple[gs.Node, gs.Tensor]] | None:
-    """(reader, the tensor it reads) for every weight reader of `tensor`, reached directly or
-    through ops that keep its rows (Shape reads no values); None when any reader is something
-    else."""
+def _weight_readers(tensor: gs.Tensor, width: int) -> list[gs.Node] | None:
+    """Every weight reader of `tensor`, reached directly or through ops that keep its rows
+    (Shape reads no values); None when any reader is something else."""
     found = []
     for user in tensor.outputs:
         if user.op == "Shape":
             continue  # reads no values
         if _weight_reader(user, tensor):
-            found.append((user, tensor))
+            found.append(user)
         elif _keeps_rows(user, width) and (deeper := _weight_readers(user.outputs[0], width)):
             found += deeper
         else:
@@ -137,22 +131,21 @@ def _weight_readers(tensor: gs.Tensor, width: int) -> list[tuple[gs.Node, gs.Ten
     return found
 
 
-def _folds(node: gs.Node, norm: LayerNorm) -> bool:
-    """True when `_fold_into_reader` takes the norm's affine into reader `node`."""
+def _affine_readers(node: gs.Node, norm: LayerNorm) -> list[gs.Node] | None:
+    """The weight readers that take the norm's affine for its reader `node`: `node` itself, or
+    those behind it when it keeps the rows; None when the affine cannot be folded there."""
     if _keeps_rows(node, norm.width):
-        return _weight_readers(node.outputs[0], norm.width) is not None
-    return _weight_reader(node, norm.out)
+        return _weight_readers(node.outputs[0], norm.width)
+    return [node] if _weight_reader(node, norm.out) else None
 
 
 def _fold_into_reader(graph: gs.Graph, node: gs.Node, norm: LayerNorm) -> bool:
     """W ← diag(γ) W and bias += βᵀ W for a weight reader, or for every weight reader behind
     ops that keep the rows; False for any other reader."""
-    if not _folds(node, norm):
-        return False
-    rows = _keeps_rows(node, norm.width)
-    for reader, _ in _weight_readers(node.outputs[0], norm.width) if rows else [(node, norm.out)]:
+    readers = _affine_readers(node, norm)
+    for reader in readers or []:
         _fold_weight(graph, reader, norm)
-    return True
+    return readers is not None
 
 
 def _fold_weight(graph: gs.Graph, node: gs.Node, norm: LayerNorm) -> None:
@@ -276,7 +269,7 @@ def _stream(norm: LayerNorm, norms: list[LayerNorm]) -> _Stream | str:
     for tensor in tensors.values():
         upstream = outputs.get(tensor.name)
         for user in tensor.outputs:
-            if upstream is not None and _folds(user, upstream):
+            if upstream is not None and _affine_readers(user, upstream) is not None:
                 continue
             if user.name in readers or user.name in carried or user.op == "Shape":
                 continue

@@ -114,6 +114,14 @@ def single_user(node: gs.Node, op: str) -> gs.Node | None:
     return users[0] if len(users) == 1 and users[0].op == op else None
 
 
+def without_trailing_ones(shape: list) -> list:
+    """`shape` without the axes of size 1 at its end."""
+    end = len(shape)
+    while end and shape[end - 1] == 1:
+        end -= 1
+    return shape[:end]
+
+
 def rank_of(tensor: gs.Tensor) -> int | None:
     """The tensor's rank when shape inference knows it."""
     shape = shape_of(tensor)

@@ -63,6 +63,7 @@ from onnxprune.ops.flow import (
     rank_of,
     shape_of,
     through,
+    without_trailing_ones,
 )
 from onnxprune.ops.registry import Handler, register
 from onnxprune.ops.shape_values import shape_source, target_entry
@@ -214,21 +215,13 @@ def _keeps_trailing(node: gs.Node, state: State) -> Step | None:
     shape_in, shape_out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
     if shape_in is None or shape_out is None:
         return None
-    tail, out = _without_trailing_ones(shape_in[state.axis :]), _without_trailing_ones(shape_out)
+    tail, out = without_trailing_ones(shape_in[state.axis :]), without_trailing_ones(shape_out)
     if not tail or not all(isinstance(d, int) for d in tail) or len(out) < len(tail):
         return None
     axis = len(out) - len(tail)
     if out[axis:] != tail:
         return None
     return _channels_to(node, state, axis, shape_in[state.axis])
-
-
-def _without_trailing_ones(shape: list) -> list:
-    """`shape` without the axes of size 1 at its end."""
-    end = len(shape)
-    while end and shape[end - 1] == 1:
-        end -= 1
-    return shape[:end]
 
 
 def _moves_unit_axes(node: gs.Node, state: State) -> Step | None:
