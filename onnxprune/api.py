@@ -30,7 +30,7 @@ from onnxprune.graph.analyze import analyze as find_groups
 from onnxprune.graph.external import materialized
 from onnxprune.graph.fused import merge_constant_adds
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.graph.layernorm import to_rmsnorm
+from onnxprune.graph.layernorm import fold_embedding_matmuls, to_rmsnorm
 from onnxprune.graph.load import (
     check_opset,
     drop_mapped_pages,
@@ -440,6 +440,7 @@ def _finish(original: onnx.ModelProto, graph: gs.Graph, config: PruneConfig) -> 
     so a pruned model keeps the runtime behaviour its input had. A correction's shift Add after
     a MatMul merges into the bias Add after it (the pattern ONNX Runtime's optimizer fuses)."""
     merge_constant_adds(graph)
+    fold_embedding_matmuls(graph)
     model = export(graph)
     if not original.graph.value_info:
         del model.graph.value_info[:]

@@ -59,18 +59,46 @@ def to_rmsnorm(graph: gs.Graph) -> Conversion:
     converted = [norm for norm in norms if isinstance(streams[norm.name], _Stream)]
     affine = {norm.name: _fold_affine(graph, norm) for norm in converted}
     terms: dict[tuple[str, int], _Term | _Entry] = {}
+    centred: set[tuple[str, int]] = set()
     for norm in converted:
         stream = streams[norm.name]
         for term in [*stream.terms, *(t for up in stream.after for t in affine[up])]:
             terms.setdefault(term.key, term)
-    for term in terms.values():
-        _centre(graph, term)
+            if norm.centred:
+                centred.add(term.key)
+    for key, term in terms.items():
+        if key in centred:
+            _centre(graph, term)
+        elif isinstance(term, _Entry) and term.embedding:  # an RMSNorm's stream: a producer
+            _insert_entry(graph, term, np.eye(term.width))
     for norm in converted:
         _replace(graph, norm, graph.opset)
     graph.cleanup().toposort()
     kept = tuple((name, why) for name, why in streams.items() if isinstance(why, str))
     names = tuple(norm.name for norm in converted)
     return Conversion(infer_shapes(graph) if names else graph, names, kept)
+
+
+def fold_embedding_matmuls(graph: gs.Graph) -> None:
+    """Gather(E, ids) → MatMul(·, W) becomes Gather(E W, ids) where the MatMul alone reads the
+    Gather, E is a constant table gathered by rows and W a constant no wider than E (in place;
+    equal up to float rounding). This takes back the embedding entries the conversion inserts,
+    pruned to the kept directions: the table shrinks instead of growing a MatMul."""
+    for node in [n for n in graph.nodes if n.op == "MatMul"]:
+        weight, tensor = const(node, 1), node.inputs[0]
+        gather = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+        if gather is None or gather.op != "Gather" or gather.attrs.get("axis", 0) != 0:
+            continue
+        table = const(gather, 0)
+        if table is None or table.ndim != 2 or weight is None or weight.ndim != 2:
+            continue
+        if len(tensor.outputs) != 1 or weight.shape[1] > weight.shape[0]:
+            continue
+        folded = np.asarray(table, np.float64) @ np.asarray(weight, np.float64)
+        gather.inputs[0] = gs.Constant(f"{node.name}__table", folded.astype(table.dtype))
+        gather.outputs[0] = node.outputs[0]
+        node.outputs.clear()
+    graph.cleanup()
 
 
 # --- folding γ and β into the readers -----------------------------------------------------
@@ -222,10 +250,13 @@ class _Term:
 @dataclass(frozen=True)
 class _Entry:
     """A tensor entering the stream from a writer with no constants to centre: an inserted
-    MatMul by C = I − 11ᵀ/d centres it (d² MACs per token; a producer for the analyzer)."""
+    MatMul by C = I − 11ᵀ/d centres it (d² MACs per token; a producer for the analyzer).
+    `embedding`: the writer is a Gather of a table, which gets the MatMul on an RMSNorm's
+    stream too (as I: a producer to rotate) and takes it back into its table on export."""
 
     tensor: gs.Tensor
     width: int
+    embedding: bool = False
 
     @property
     def key(self) -> tuple[str, int]:
@@ -310,7 +341,7 @@ def _writer_terms(
         return _gemm_terms(node)
     if node.op == "Gather" and const(node, 0) is not None and node.attrs.get("axis", 0) == 0:
         if const(node, 0).ndim == 2:
-            return [_Term(node, 0, 1)], []
+            return [_Entry(tensor, width, embedding=True)], []
     elif node.op == "Add":
         return _sum_terms(node)
     elif _keeps_rows(node, width) and len(node.inputs[0].outputs) == 1:
@@ -365,19 +396,25 @@ def _centre(graph: gs.Graph, term: _Term | _Entry) -> None:
     """Subtract the mean over the stream's channels from the writer's constant, or insert the
     centring MatMul (the writer's output renamed; every reader keeps reading the old tensor)."""
     if isinstance(term, _Entry):
-        tensor, d = term.tensor, term.width
-        writer = tensor.inputs[0]
-        raw = gs.Variable(f"{tensor.name}__uncentred", dtype=tensor.dtype, shape=tensor.shape)
-        writer.outputs[writer.outputs.index(tensor)] = raw
-        centring = (np.eye(d) - 1.0 / d).astype(tensor.dtype or np.float32)
-        matrix = gs.Constant(f"{tensor.name}__centring", centring)
-        graph.nodes.append(gs.Node("MatMul", f"{tensor.name}__centre", inputs=[raw, matrix],
-                                   outputs=[tensor]))  # fmt: skip
+        _insert_entry(graph, term, np.eye(term.width) - 1.0 / term.width)
         return
     value = np.asarray(term.node.inputs[term.input].values)
     work = value.astype(np.float64).reshape(value.shape or (1,))
     work = work - work.mean(axis=term.axis, keepdims=True)
     _set_input(term.node, term.input, work.reshape(value.shape), value.dtype)
+
+
+def _insert_entry(graph: gs.Graph, term: _Entry, matrix: np.ndarray) -> None:
+    """The writer's output renamed and multiplied by `matrix`; every reader keeps reading the
+    old tensor. After an embedding Gather, export folds the (pruned) matrix into the table
+    (`fold_embedding_matmuls`)."""
+    tensor = term.tensor
+    writer = tensor.inputs[0]
+    raw = gs.Variable(f"{tensor.name}__uncentred", dtype=tensor.dtype, shape=tensor.shape)
+    writer.outputs[writer.outputs.index(tensor)] = raw
+    constant = gs.Constant(f"{tensor.name}__centring", matrix.astype(tensor.dtype or np.float32))
+    graph.nodes.append(gs.Node("MatMul", f"{tensor.name}__centre", inputs=[raw, constant],
+                               outputs=[tensor]))  # fmt: skip
 
 
 # --- the RMSNorm that replaces the LayerNorm --------------------------------------------------

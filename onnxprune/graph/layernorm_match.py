@@ -1,6 +1,7 @@
 """Find LayerNorms over the last axis: the opset-17 op, the primitive pattern the legacy
-exporter writes below opset 17, and tf2onnx's spelling of Keras' LayerNormalization
-(graph/layernorm.py converts them to RMSNorms)."""
+exporter writes below opset 17, and tf2onnx's spelling of Keras' LayerNormalization; and the
+RMSNorms of LLaMA-style models: the opset-23 op and torch's x · rsqrt(mean(x²) + ε) · γ
+(graph/layernorm.py converts them all to one RMSNorm form with γ folded into the readers)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.ops.flow import const, rank_of, single_user
+from onnxprune.ops.rmsnorm import rms_square
 
 
 @dataclass
 class LayerNorm:
-    """One LayerNorm over the last axis: its input, output, affine and the nodes computing it."""
+    """One LayerNorm over the last axis: its input, output, affine and the nodes computing it.
+
+    `centred` is False for an RMSNorm, which subtracts no mean (its β is 0): its stream needs
+    no centring to be rotated."""
 
     name: str
     x: gs.Tensor
@@ -24,6 +29,7 @@ class LayerNorm:
     beta: np.ndarray
     eps: float
     nodes: list[gs.Node] = field(default_factory=list)
+    centred: bool = True
 
     @property
     def width(self) -> int:
@@ -33,12 +39,21 @@ class LayerNorm:
 def find_layernorms(graph: gs.Graph) -> Iterator[LayerNorm]:
     """LayerNormalization ops, the primitive pattern the legacy exporter writes below opset 17
     (ReduceMean → Sub → Pow → ReduceMean → Add ε → Sqrt → Div → Mul γ → Add β) and tf2onnx's
-    (`_tf2onnx`), over the last axis with constant affine parameters."""
-    matchers = {"LayerNormalization": _layernorm_op, "GlobalAveragePool": _tf2onnx}
-    for node in list(graph.nodes):
-        norm = matchers.get(node.op, _primitive)(node)
-        if norm is not None:
-            yield norm
+    (`_tf2onnx`), over the last axis with constant affine parameters; and RMSNorms
+    (`centred` False): RMSNormalization ops and torch's pattern (`_rms_primitive`)."""
+    matchers = {
+        "LayerNormalization": _layernorm_op,
+        "GlobalAveragePool": _tf2onnx,
+        "RMSNormalization": _rmsnorm_op,
+        "Pow": _rms_primitive,
+        "Mul": _rms_primitive,
+    }
+    found = [
+        norm for node in list(graph.nodes) if (norm := matchers.get(node.op, _primitive)(node))
+    ]
+    # the variance of a LayerNorm is an RMSNorm of x − mean: the LayerNorm is what was matched
+    inside = {id(node) for norm in found if norm.centred for node in norm.nodes}
+    yield from (norm for norm in found if norm.centred or id(norm.nodes[0]) not in inside)
 
 
 def _layernorm_op(node: gs.Node) -> LayerNorm | None:
@@ -87,6 +102,47 @@ def _primitive(mean: gs.Node) -> LayerNorm | None:
     d = gamma.size
     out = affine[1].outputs[0]
     return LayerNorm(div.name, x, out, _vector(gamma, d), _vector(beta, d), eps, nodes)
+
+
+def _rmsnorm_op(node: gs.Node) -> LayerNorm | None:
+    """Opset-23 RMSNormalization over the last axis with a constant scale."""
+    rank, gamma = rank_of(node.inputs[0]), const(node, 1)
+    if rank is None or gamma is None or node.attrs.get("axis", -1) % rank != rank - 1:
+        return None
+    d, eps = gamma.size, float(node.attrs.get("epsilon", 1e-5))
+    return LayerNorm(
+        node.name, node.inputs[0], node.outputs[0], _vector(gamma, d), np.zeros(d), eps, [node],
+        centred=False,
+    )  # fmt: skip
+
+
+def _rms_primitive(square: gs.Node) -> LayerNorm | None:
+    """torch's RMSNorm from its square: x · c/√(mean(x²) + ε) (a Div, or Reciprocal → Mul),
+    then Mul γ when it has one; None if `square` does not start one."""
+    x = square.inputs[0] if square.inputs else None
+    rank = rank_of(x) if x is not None else None
+    end = rms_square(square, x.name, rank - 1) if rank is not None else None
+    if end is None:
+        return None
+    nodes, node = [square], square
+    while node is not end:
+        node = node.outputs[0].outputs[0]
+        nodes.append(node)
+    eps, scale = _scalar_operand(next(n for n in nodes if n.op == "Add")), 1.0
+    if nodes[-2].op == "Div":  # c / √(…), then Mul
+        scale = float(const(nodes[-2], 0).reshape(-1)[0])
+    out, gamma = end.outputs[0], None
+    affine = single_user(end, "Mul")
+    if affine is not None:
+        gamma = _other_constant(affine, end)
+    if gamma is not None and gamma.size > 1:
+        nodes.append(affine)
+        out = affine.outputs[0]
+    d = gamma.size if gamma is not None and gamma.size > 1 else (x.shape or [None])[-1]
+    if eps is None or not isinstance(d, int) or d < 2:
+        return None
+    gamma = scale * (_vector(gamma, d) if nodes[-1] is not end else np.ones(d))
+    return LayerNorm(end.name, x, out, gamma, np.zeros(d), eps, nodes, centred=False)
 
 
 def _tf2onnx(mean: gs.Node) -> LayerNorm | None:

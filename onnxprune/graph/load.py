@@ -690,10 +690,11 @@ def _state_softmax_axes(graph: gs.Graph, opset: int) -> None:
 
 
 def _remove_noops(graph: gs.Graph) -> None:
-    """Bypass Identity and inference-mode Dropout nodes, keeping graph output names."""
+    """Bypass Identity, inference-mode Dropout and Casts to the type their input already has
+    (HF LLaMA's RMSNorm casts its float32 input to float32), keeping graph output names."""
     outputs = {t.name for t in graph.outputs}
     for node in list(graph.nodes):
-        if node.op not in ("Identity", "Dropout") or not node.inputs:
+        if not (node.op in ("Identity", "Dropout") or _same_type_cast(node)) or not node.inputs:
             continue
         if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
             continue  # the mask is used: not a no-op
@@ -707,6 +708,12 @@ def _remove_noops(graph: gs.Graph) -> None:
                 consumer.inputs[consumer.inputs.index(dst)] = src
         node.outputs.clear()
         node.inputs.clear()
+
+
+def _same_type_cast(node: gs.Node) -> bool:
+    if node.op != "Cast" or not node.inputs or node.inputs[0].dtype is None:
+        return False
+    return np.dtype(node.inputs[0].dtype) == onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"])
 
 
 _BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div"})

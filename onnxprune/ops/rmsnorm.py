@@ -9,8 +9,9 @@ through TSRA (the group's `subspaces`).
   `split` attribute shrinks by the pruned channels of U (`ParamEdit` role "split").
 * RMSNorm: the `onnxprune::RMSNorm` function, opset-23 `RMSNormalization` (over axes [axis,
   rank); its scale is sliced, and commutes only when uniform), and the primitive
-  Pow/Mul → ReduceMean → Add ε → Sqrt → Div (or Reciprocal → Mul) pattern, or ReduceSum → Div d
-  in place of the ReduceMean (the form graph/layernorm.py writes).
+  Pow/Mul → ReduceMean → Add ε → Sqrt → Div (or Reciprocal, or c / √ as torch's legacy exporter
+  writes rsqrt, → Mul) pattern, or ReduceSum → Div d in place of the ReduceMean (the form
+  graph/layernorm.py writes).
 """
 
 from __future__ import annotations
@@ -128,23 +129,29 @@ def rms_square(node: gs.Node, x: str, axis: int) -> gs.Node | None:
         return None
     if mean.op == "ReduceSum":  # Σx²/d with a fixed d (graph/layernorm.py)
         mean = single_user(mean, "Div")
-        if mean is None or const(mean, 1) is None or const(mean, 1).size != 1:
+        if mean is None or not _scalar(mean, 1):
             return None
     add = single_user(mean, "Add")
-    if add is None or not any(
-        const(add, i) is not None and const(add, i).size == 1 for i in (0, 1)
-    ):
+    if add is None or not any(_scalar(add, i) for i in (0, 1)):
         return None
     root = single_user(add, "Sqrt")
     if root is None:
         return None
     end = single_user(root, "Div")
-    if end is None:
-        inverse = single_user(root, "Reciprocal")
-        end = single_user(inverse, "Mul") if inverse is not None else None
+    inverse = single_user(root, "Reciprocal")
+    if end is not None and end.inputs[1] is root.outputs[0] and _scalar(end, 0):
+        inverse, end = end, None  # c / √(…): torch's rsqrt through the legacy exporter
+    if end is None and inverse is not None:
+        end = single_user(inverse, "Mul")
     if end is None or x not in [t.name for t in end.inputs]:
         return None
     return end
+
+
+def _scalar(node: gs.Node, index: int) -> bool:
+    """True when input `index` of `node` is a constant with one element."""
+    value = const(node, index)
+    return value is not None and value.size == 1
 
 
 _DENOMINATOR = frozenset({"Reciprocal", "Sqrt", "Add", "ReduceMean", "ReduceSum", "Div"})
