@@ -7,7 +7,10 @@ held-out inputs against the original:
 - a text encoder whose inputs have an `attention_mask` (MiniLM): cosine of the mask-weighted
   mean-pooled embeddings of the first output, mean and minimum over the held-out sentences;
 - a classifier with `labels` in the held-out npz or `--labels` (the digits ViTs): top-1
-  accuracy and agreement.
+  accuracy and agreement;
+- a causal language model (`--lm`: logits over the vocabulary for every position of
+  `input_ids`; tiny_llama.py's): next-token perplexity of both models on the held-out text, and
+  the share of positions where their top-1 next tokens agree.
 
 Also recorded: the stream width after slicing, parameters and MACs (the report's), seconds
 of pruning, and the median ORT latency of both models on the first `--time-batch` held-out
@@ -69,6 +72,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--streams-only", action="store_true", help="slice only the streams")
     parser.add_argument("--round-to", type=int, default=16)
     parser.add_argument("--rms-correction", action="store_true", help="cob's --rms-correction")
+    parser.add_argument("--lm", action="store_true", help="score next-token predictions")
     parser.add_argument("--time-batch", type=int, default=8, help="held-out inputs per timed run")
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per model")
     parser.add_argument("--json", help="write the rows here")
@@ -93,7 +97,9 @@ def _measure(args, original: onnx.ModelProto, heldout: dict, ratio: float) -> di
     }
     feeds = {k: v for k, v in heldout.items() if k != "labels"}
     before, after = _first_output(original, feeds), _first_output(result.model, feeds)
-    if "attention_mask" in feeds:
+    if args.lm:
+        row.update(_next_tokens(before, after, feeds["input_ids"]))
+    elif "attention_mask" in feeds:
         row.update(_cosines(before, after, feeds["attention_mask"]))
     batch = {k: v[: args.time_batch] for k, v in feeds.items()}
     row["latency_ms"] = _latency([original, result.model], batch, args.repeats)
@@ -148,6 +154,20 @@ def _cosines(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> dict[st
     cos = (pooled[0] * pooled[1]).sum(1)
     cos /= np.linalg.norm(pooled[0], axis=1) * np.linalg.norm(pooled[1], axis=1)
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
+
+
+def _next_tokens(before: np.ndarray, after: np.ndarray, ids: np.ndarray) -> dict[str, float]:
+    """Perplexity of each model's next-token predictions, and their top-1 agreement."""
+    targets = ids[:, 1:]
+
+    def perplexity(logits: np.ndarray) -> float:
+        z = logits[:, :-1].astype(np.float64)
+        z -= z.max(-1, keepdims=True)
+        log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        return float(np.exp(-np.take_along_axis(log_p, targets[..., None], -1).mean()))
+
+    agree = (before[:, :-1].argmax(-1) == after[:, :-1].argmax(-1)).mean()
+    return {"perplexity": [perplexity(before), perplexity(after)], "top1_agreement": float(agree)}
 
 
 if __name__ == "__main__":

@@ -294,10 +294,11 @@ def _streams_for_cob(
     if not conversion.converted:
         return graph, config, notes
     width = replace(config.width, prune_residual=True)
-    note = (
-        f"cob: {len(conversion.converted)} LayerNorm(s) turned into RMSNorms on mean-free "
-        "streams; the residual streams are rotated and sliced"
-    )
+    counts = (len(conversion.centred), len(conversion.converted) - len(conversion.centred))
+    parts = ("LayerNorm(s) turned into RMSNorms on mean-free streams",
+             "RMSNorm(s) with γ folded into their readers")  # fmt: skip
+    done = ", ".join(f"{n} {part}" for n, part in zip(counts, parts, strict=True) if n)
+    note = f"cob: {done}; the residual streams are rotated and sliced"
     return conversion.graph, replace(config, width=width), (note, *notes)
 
 

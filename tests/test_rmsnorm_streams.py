@@ -159,6 +159,8 @@ def test_full_width_cob_rotates_the_stream_and_the_table_and_changes_nothing(
     stream = next(g for g in result.groups if len(g.producers) == 5)
     rotation = result.plans[stream.name].rotation
     assert rotation is not None and not np.allclose(np.abs(rotation), np.eye(D), atol=1e-2)
+    said = {"rms": "5 RMSNorm(s) with γ folded", "layer": "5 LayerNorm(s) turned into RMSNorms"}
+    assert any(said[norm] in note for note in result.report.notes)
     nodes = result.model.graph.node
     assert not any(n.name.endswith("__centre") for n in nodes)  # taken back into the table
     tables = [i for i in result.model.graph.initializer if list(i.dims) == [VOCAB, D]]

@@ -39,11 +39,13 @@ from onnxprune.ops.flow import const, without_trailing_ones
 
 @dataclass(frozen=True)
 class Conversion:
-    """The converted graph, the LayerNorms it turned into RMSNorms, and those it kept (why)."""
+    """The converted graph, the norms it wrote as RMSNorms (`centred`: those that were
+    LayerNorms), and the LayerNorms it kept (why)."""
 
     graph: gs.Graph
     converted: tuple[str, ...] = ()
     kept: tuple[tuple[str, str], ...] = ()
+    centred: tuple[str, ...] = ()
 
 
 def to_rmsnorm(graph: gs.Graph) -> Conversion:
@@ -76,7 +78,8 @@ def to_rmsnorm(graph: gs.Graph) -> Conversion:
     graph.cleanup().toposort()
     kept = tuple((name, why) for name, why in streams.items() if isinstance(why, str))
     names = tuple(norm.name for norm in converted)
-    return Conversion(infer_shapes(graph) if names else graph, names, kept)
+    centred_norms = tuple(norm.name for norm in converted if norm.centred)
+    return Conversion(infer_shapes(graph) if names else graph, names, kept, centred_norms)
 
 
 def fold_embedding_matmuls(graph: gs.Graph) -> None:

@@ -1,0 +1,100 @@
+"""Export small Hugging Face language models as users export them, for the analyzer's breadth.
+
+Random weights (seeded; the structure is what is measured): LLaMA with grouped-query attention
+(4 query, 2 key/value heads) and with one key/value head per query head, Qwen2 (biased q/k/v,
+grouped-query), GPT-2 (packed `c_attn` Conv1D, tanh GELU) and DistilBERT (post-LN encoder);
+hidden 128, 2 layers, vocabulary 1000, eager attention. Each through the legacy exporter at
+opset 17 with batch and sequence dynamic, inputs `input_ids` and `attention_mask`, output the
+logits (DistilBERT: the last hidden state), checked against torch; plus `calib.npz` (64 random
+token sequences of 32, all-ones mask).
+
+    ONNXPRUNE_ZOO_CACHE=/work/zoo_cache python benchmarks/llm_models.py
+    onnxprune analyze /work/zoo_cache/llm/llama.onnx
+    onnxprune /work/zoo_cache/llm/gpt2.onnx --method cob --ratio 0.25 \\
+        --data /work/zoo_cache/llm/calib.npz -o gpt2.cob.onnx
+
+Needs the `models` extra. Cache: `$ONNXPRUNE_ZOO_CACHE/llm` or `benchmarks/results/cache/llm`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.zoo_models`
+VOCAB, HIDDEN, LAYERS, HEADS = 1000, 128, 2, 4
+
+
+def main() -> None:
+    root = Path(os.environ.get("ONNXPRUNE_ZOO_CACHE", Path(__file__).parent / "results" / "cache"))
+    cache = root / "llm"
+    cache.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, VOCAB, (64, 32)).astype(np.int64)
+    np.savez(cache / "calib.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    manifest = {name: export(build, cache / f"{name}.onnx") for name, build in models()}
+    (cache / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    print(json.dumps(manifest, indent=1))
+
+
+def models():
+    """(name, builder) of each model."""
+    from benchmarks.zoo_models import import_torchvision
+
+    import_torchvision()  # transformers imports torchvision, whose CUDA build needs the stub
+    import transformers as hf
+
+    common = {"attn_implementation": "eager"}
+    decoder = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": 344,
+               "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+               "max_position_embeddings": 128, "use_cache": False, **common}  # fmt: skip
+    yield "llama", lambda: hf.LlamaForCausalLM(hf.LlamaConfig(num_key_value_heads=2, **decoder))
+    yield "llama_mha", lambda: hf.LlamaForCausalLM(hf.LlamaConfig(num_key_value_heads=4, **decoder))
+    yield "qwen2", lambda: hf.Qwen2ForCausalLM(hf.Qwen2Config(num_key_value_heads=2, **decoder))
+    gpt2 = {"vocab_size": VOCAB, "n_embd": HIDDEN, "n_layer": LAYERS, "n_head": HEADS,
+            "n_positions": 128, "bos_token_id": 0, "eos_token_id": 0,
+            "use_cache": False}  # fmt: skip
+    yield "gpt2", lambda: hf.GPT2LMHeadModel(hf.GPT2Config(**gpt2, **common))
+    bert = {"vocab_size": VOCAB, "dim": HIDDEN, "hidden_dim": 4 * HIDDEN, "n_layers": LAYERS,
+            "n_heads": HEADS, "max_position_embeddings": 128}  # fmt: skip
+    yield "distilbert", lambda: hf.DistilBertModel(hf.DistilBertConfig(**bert, **common))
+
+
+def export(build, path: Path) -> dict[str, object]:
+    """The model `build` makes (seeded), exported by the legacy exporter at opset 17; with the
+    rel-L2 of ONNX Runtime's output against torch's."""
+    import onnxruntime as ort
+    import torch
+
+    torch.manual_seed(0)
+    model = build().eval()
+
+    class Output(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+    ids = torch.randint(0, VOCAB, (2, 16))
+    axes = {0: "batch", 1: "sequence"}
+    dynamic = {"input_ids": axes, "attention_mask": axes, "out": axes}
+    torch.onnx.export(Output().eval(), (ids, torch.ones_like(ids)), str(path), dynamo=False,
+                      opset_version=17, input_names=["input_ids", "attention_mask"],
+                      output_names=["out"], dynamic_axes=dynamic)  # fmt: skip
+    with torch.no_grad():
+        ref = Output()(ids, torch.ones_like(ids)).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids)})[0]
+    rel_l2 = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    return {"file": path.name, "class": type(model).__name__, "ort_vs_torch_rel_l2": rel_l2}
+
+
+if __name__ == "__main__":
+    main()
