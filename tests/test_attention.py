@@ -500,6 +500,50 @@ def test_chunked_projection_with_einsum_heads_is_pruned_exactly():
     _assert_duplicated_head_removed_exactly(model, heads)
 
 
+class Conv1DAttention(nn.Module):
+    """HF GPT-2's attention: a Conv1D (addmm on the tokens as rows, weight (in, 3E)) packs
+    q|k|v, reshaped back to (B, S, 3E) and `split(E, dim=2)`; the key's shape splits both the
+    key and the value into heads (`view(*k.shape[:-1], -1, D)`); then mean over tokens → 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.weight = nn.Parameter(torch.randn(DIM, 3 * DIM) * DIM**-0.5)
+        self.bias = nn.Parameter(torch.randn(3 * DIM) * 0.1)
+        self.proj, self.fc = nn.Linear(DIM, DIM), nn.Linear(DIM, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = torch.addmm(self.bias, x.view(-1, DIM), self.weight)
+        q, k, v = rows.view(*x.shape[:-1], 3 * DIM).split(DIM, dim=2)
+        shape = (*k.shape[:-1], -1, HEAD_DIM)
+        q = q.view(*q.shape[:-1], -1, HEAD_DIM).transpose(1, 2)
+        k, v = (t.view(shape).transpose(1, 2) for t in (k, v))
+        a = (q @ k.transpose(-1, -2) * HEAD_DIM**-0.5).softmax(dim=-1) @ v
+        return self.fc(self.proj(a.transpose(1, 2).reshape(*x.shape[:-1], DIM)).mean(dim=1))
+
+    def duplicate_head(self) -> Conv1DAttention:
+        """Head 2 := head 0 in each of the q, k and v thirds of the Conv1D's columns and bias."""
+        _duplicate_packed_head(self.weight.T, self.bias)
+        return self
+
+
+def test_conv1d_packed_projection_split_in_three_is_taken_apart_and_pruned_exactly():
+    """GPT-2's Gemm on rows → Reshape → Split is taken apart into three projections, each with
+    its own rows-to-tokens Reshape; the value's heads are split with the key's shape (dims
+    inference proves equal): one group of heads, ratio 0 the same function, a duplicated head
+    removed exactly."""
+    model = _export(Conv1DAttention().duplicate_head())
+    assert [n.op_type for n in model.graph.node].count("Split") == 1
+    graph = normalize(model)
+    widths = [t.values.shape for n in graph.nodes for t in n.inputs if isinstance(t, gs.Constant)]
+    assert not any(n.op == "Split" for n in graph.nodes) and (DIM, 3 * DIM) not in widths
+    heads, groups = _head_group(model)
+    assert heads.prunable, heads.reason
+    assert (heads.channels, heads.head_dim) == (HEADS, HEAD_DIM)
+    assert len(heads.producers) == 3 and len(heads.consumers) == 1
+    _assert_duplicated_head_removed_exactly(model, heads)
+
+
 def test_einsum_summing_over_the_channels_blocks_them():
     """q·kᵀ contracting the unsplit channels (label d, not in the output) cannot pass them."""
     groups = analyze(normalize(_export(ChunkedEinsumAttention(summed=True))))

@@ -70,9 +70,10 @@ def attention_step(node: gs.Node, index: int, state: State, channels: int) -> St
 
 
 def head_width(node: gs.Node) -> int | None:
-    """D when `node`'s output (through constant bias/scale ops, and LeViT's BatchNorm1d over
-    the tokens: Flatten onto the last axis, BatchNormalization, `reshape_as` back) is split
-    into heads of D features along its last axis, else None."""
+    """D when `node`'s output (through constant bias/scale ops, LeViT's BatchNorm1d over the
+    tokens: Flatten onto the last axis, BatchNormalization, `reshape_as` back, and GPT-2's
+    rows reshaped back to tokens) is split into heads of D features along its last axis, else
+    None."""
     stack, seen = [node.outputs[0]], set()
     while stack:
         tensor = stack.pop()
@@ -85,11 +86,20 @@ def head_width(node: gs.Node) -> int | None:
                 split = head_split(user, rank - 1) or _fold_split(user, rank - 1)
                 if split is not None:
                     return split[2]
-                if restored_source(user) is not None:
+                if restored_source(user) is not None or _regroups_rows(user):
                     stack.append(user.outputs[0])
             elif _scales(user) or keeps_last_axis(user.outputs[0]) is tensor:
                 stack.append(user.outputs[0])
     return None
+
+
+def _regroups_rows(node: gs.Node) -> bool:
+    """A Reshape that keeps the last axis, static and whole, and regroups the others (GPT-2's
+    Conv1D projects the tokens as rows, then reshapes them back to (B, S, E))."""
+    shape_in, shape_out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
+    if not shape_in or not shape_out or not isinstance(shape_in[-1], int):
+        return False
+    return shape_in[-1] == shape_out[-1]
 
 
 def _scales(node: gs.Node) -> bool:

@@ -16,7 +16,9 @@ parts of one, each Squeezed on that axis, instead of the Gathers.
 
 torchvision's MaxViT chunks the projection instead, `q, k, v = torch.chunk(p, 3, dim=-1)`: three
 Slices of the last axis, [tE, (t+1)E) for t = 0, 1, 2, each then split into heads like a plain
-projection.
+projection. HF GPT-2's `c_attn` (a Conv1D) is a Gemm on the tokens as rows, reshaped back to
+(B, S, 3E) and `split(E, dim=2)`: one Split into three equal parts; each part then gets its own
+rows-to-tokens Reshape (the target's last entry 3E written E).
 
 Part t is x W[:, tE:(t+1)E] + b[tE:(t+1)E] exactly (the same dot products), so
 `unpack_projections` writes each Gather's output with that MatMul (and Add) instead, followed
@@ -64,18 +66,29 @@ class _Parts:
     gathers: list[gs.Node]
     heads: tuple[int, int] | None
     perm: tuple[int, ...] | None
+    rows: gs.Node | None = None  # the Reshape of the rows back to tokens (GPT-2's Conv1D)
+
+    def outputs(self) -> list[gs.Tensor]:
+        """The part tensors, in part order (one Split writes all three)."""
+        if len(self.gathers) == 1:
+            return list(self.gathers[0].outputs)
+        return [node.outputs[0] for node in self.gathers]
 
 
 def _packed(matmul: gs.Node) -> _Parts | None:
     """How `matmul`'s parts are read when it is a packed projection taken apart as the module
     docstring says, else None."""
-    weight = const(matmul, 1)
-    if matmul.op != "MatMul" or weight is None or weight.ndim != 2 or weight.shape[1] % 3:
+    weight = _weight(matmul)
+    if weight is None or weight.shape[1] % 3:
         return None
     add, tail = _bias_add(matmul)
-    slices = _sliced(tail, weight.shape[1] // 3)
+    rows = _rows_to_tokens(tail) if matmul.op == "Gemm" else None
+    tail = tail if rows is None else rows.outputs[0]
+    slices = _sliced(tail, weight.shape[1] // 3) or _split(tail, weight.shape[1] // 3)
     if slices is not None:
-        return _Parts(add, slices, None, None)
+        return _Parts(add, slices, None, None, rows)
+    if matmul.op != "MatMul":
+        return None
     reshape = _only_user(tail, "Reshape", ignore="Shape")
     if reshape is None or reshape.inputs[0] is not tail:
         return None
@@ -95,6 +108,53 @@ def _packed(matmul: gs.Node) -> _Parts | None:
         return None
     gathers, perm = ordered
     return _Parts(add, gathers, heads, perm)
+
+
+def _weight(node: gs.Node) -> np.ndarray | None:
+    """The (inputs, outputs) weight of a MatMul with a 2-D constant, or of a Gemm on rows
+    (transA 0, alpha 1, a constant bias C with beta 1 or none)."""
+    weight = const(node, 1)
+    if weight is None or weight.ndim != 2 or node.op not in ("MatMul", "Gemm"):
+        return None
+    if node.op == "MatMul":
+        return weight
+    if node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0:
+        return None
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        bias = const(node, 2)
+        if bias is None or bias.ndim != 1 or node.attrs.get("beta", 1.0) != 1.0:
+            return None
+    return weight.T if node.attrs.get("transB", 0) else weight
+
+
+def _rows_to_tokens(tail: gs.Tensor) -> gs.Node | None:
+    """The Reshape of the (rows, 3E) `tail` back to (…, 3E), its one reader besides Shape
+    reads, with a target whose last entry is the constant 3E; else None."""
+    reshape = _only_user(tail, "Reshape", ignore="Shape")
+    shape = shape_of(tail)
+    if reshape is None or reshape.inputs[0] is not tail or shape is None or len(shape) != 2:
+        return None
+    return reshape if _last_entry(reshape.inputs[1]) == shape[1] else None
+
+
+def _last_entry(target: gs.Tensor) -> int | None:
+    """The last entry of a Reshape target: a constant, or a Concat ending in a constant."""
+    value = target.values if isinstance(target, gs.Constant) else None
+    if value is None and target.inputs and target.inputs[0].op == "Concat":
+        last = target.inputs[0].inputs[-1]
+        value = last.values if isinstance(last, gs.Constant) else None
+    return None if value is None or value.size == 0 else int(np.asarray(value).reshape(-1)[-1])
+
+
+def _split(tail: gs.Tensor, width: int) -> list[gs.Node] | None:
+    """[the Split] when `tail`'s one reader besides Shape reads splits its last axis into three
+    parts of `width` (`p.split(E, dim=-1)`), else None."""
+    split = _only_user(tail, "Split", ignore="Shape")
+    rank = rank_of(tail)
+    if split is None or rank is None or split.attrs.get("axis", 0) % rank != rank - 1:
+        return None
+    sizes = split_sizes(split, 3 * width)
+    return [split] if sizes is not None and list(sizes) == [width] * 3 else None
 
 
 def _sliced(tail: gs.Tensor, width: int) -> list[gs.Node] | None:
@@ -268,30 +328,52 @@ def _move(node: gs.Node, array: np.ndarray) -> np.ndarray | None:
 
 
 def _unpack(graph: gs.Graph, matmul: gs.Node, parts: _Parts) -> None:
-    """Write each Gather's (or Slice's) output with its part's own MatMul (and bias Add, head split
-    Reshape and Transpose)."""
-    weight = np.asarray(matmul.inputs[1].values)
+    """Write each Gather's (or Slice's, or Split part's) output with its part's own MatMul (and
+    bias Add, rows-to-tokens Reshape, head split Reshape and Transpose)."""
+    weight = _weight(matmul)
     width = weight.shape[1] // 3
     add = parts.add
     bias = None if add is None else next(t for t in add.inputs if isinstance(t, gs.Constant))
+    names = [None if add is None else f"{add.name}_{n}" for n in "qkv"]
+    if matmul.op == "Gemm" and len(matmul.inputs) > 2 and matmul.inputs[2].name:
+        bias, names = matmul.inputs[2], [f"{matmul.name}_{n}_bias" for n in "qkv"]
     lead = len(shape_of(matmul.outputs[0])) - 1
-    for t, (gather, name) in enumerate(zip(parts.gathers, "qkv", strict=True)):
+    results = parts.outputs()
+    for node in parts.gathers:
+        node.outputs.clear()
+    for t, (result, name) in enumerate(zip(results, "qkv", strict=True)):
         part, base = slice(t * width, (t + 1) * width), f"{matmul.name}_{name}"
         columns = np.ascontiguousarray(weight[:, part])
         steps = [("MatMul", base, [gs.Constant(f"{base}.weight", columns)], {})]
         if bias is not None:
-            shift = gs.Constant(f"{add.name}_{name}.bias", np.asarray(bias.values)[part].copy())
-            steps.append(("Add", f"{add.name}_{name}", [shift], {}))
+            shift = gs.Constant(f"{names[t]}.bias", np.asarray(bias.values)[part].copy())
+            steps.append(("Add", names[t], [shift], {}))
+        if parts.rows is not None:
+            target = _part_target(graph, parts.rows.inputs[1], width, base)
+            steps.append(("Reshape", f"{base}_tokens", [target], {}))
         if parts.heads is not None:
             target = np.array([0] * lead + list(parts.heads), np.int64)
             steps.append(("Reshape", f"{base}_heads", [gs.Constant(f"{base}.heads", target)], {}))
         if parts.perm is not None:
             steps.append(("Transpose", f"{base}_perm", [], {"perm": list(parts.perm)}))
-        result = gather.outputs[0]
-        gather.outputs.clear()
         tensor = matmul.inputs[0]
         for i, (op, node_name, extra, attrs) in enumerate(steps):
             last = i == len(steps) - 1
             out = result if last else gs.Variable(f"{node_name}_output", dtype=result.dtype)
             graph.nodes.append(gs.Node(op, node_name, attrs, [tensor, *extra], [out]))
             tensor = out
+
+
+def _part_target(graph: gs.Graph, target: gs.Tensor, width: int, base: str) -> gs.Tensor:
+    """The rows-to-tokens Reshape target with its last entry (3E) written `width` (E): a new
+    constant, or a new Concat of the same pieces ending in the constant."""
+    last = np.array([width], np.int64)
+    if isinstance(target, gs.Constant):
+        values = np.asarray(target.values).reshape(-1).copy()
+        values[-1] = width
+        return gs.Constant(f"{base}.tokens", values.astype(np.int64))
+    concat = target.inputs[0]
+    out = gs.Variable(f"{base}_tokens_shape", dtype=np.int64, shape=list(target.shape or []))
+    pieces = [*concat.inputs[:-1], gs.Constant(f"{base}.tokens_last", last)]
+    graph.nodes.append(gs.Node("Concat", f"{base}_tokens_shape", {"axis": 0}, pieces, [out]))
+    return out
