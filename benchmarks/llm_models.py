@@ -4,9 +4,10 @@ Random weights (seeded; the structure is what is measured): LLaMA with grouped-q
 (4 query, 2 key/value heads) and with one key/value head per query head, Qwen2 (biased q/k/v,
 grouped-query), GPT-2 (packed `c_attn` Conv1D, tanh GELU) and DistilBERT (post-LN encoder);
 hidden 128, 2 layers, vocabulary 1000, eager attention. Each through the legacy exporter at
-opset 17 with batch and sequence dynamic, inputs `input_ids` and `attention_mask`, output the
-logits (DistilBERT: the last hidden state), checked against torch; plus `calib.npz` (64 random
-token sequences of 32, all-ones mask).
+opset 17 (`NAME.onnx`) and the dynamo exporter (`NAME.dynamo.onnx`, opset 18), batch and
+sequence dynamic, inputs `input_ids` and `attention_mask`, output the logits (DistilBERT: the
+last hidden state), checked against torch; plus `calib.npz` (64 random token sequences of 32,
+all-ones mask).
 
     ONNXPRUNE_ZOO_CACHE=/work/zoo_cache python benchmarks/llm_models.py
     onnxprune analyze /work/zoo_cache/llm/llama.onnx
@@ -36,7 +37,11 @@ def main() -> None:
     rng = np.random.default_rng(0)
     ids = rng.integers(0, VOCAB, (64, 32)).astype(np.int64)
     np.savez(cache / "calib.npz", input_ids=ids, attention_mask=np.ones_like(ids))
-    manifest = {name: export(build, cache / f"{name}.onnx") for name, build in models()}
+    manifest = {
+        f"{name}{suffix}": export(build, cache / f"{name}{suffix}.onnx", dynamo=bool(suffix))
+        for name, build in models()
+        for suffix in ("", ".dynamo")
+    }
     (cache / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(json.dumps(manifest, indent=1))
 
@@ -64,9 +69,9 @@ def models():
     yield "distilbert", lambda: hf.DistilBertModel(hf.DistilBertConfig(**bert, **common))
 
 
-def export(build, path: Path) -> dict[str, object]:
-    """The model `build` makes (seeded), exported by the legacy exporter at opset 17; with the
-    rel-L2 of ONNX Runtime's output against torch's."""
+def export(build, path: Path, dynamo: bool) -> dict[str, object]:
+    """The model `build` makes (seeded), exported by the legacy exporter at opset 17 or by the
+    dynamo exporter; with the rel-L2 of ONNX Runtime's output against torch's."""
     import onnxruntime as ort
     import torch
 
@@ -83,17 +88,32 @@ def export(build, path: Path) -> dict[str, object]:
             return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
     ids = torch.randint(0, VOCAB, (2, 16))
-    axes = {0: "batch", 1: "sequence"}
-    dynamic = {"input_ids": axes, "attention_mask": axes, "out": axes}
-    torch.onnx.export(Output().eval(), (ids, torch.ones_like(ids)), str(path), dynamo=False,
-                      opset_version=17, input_names=["input_ids", "attention_mask"],
-                      output_names=["out"], dynamic_axes=dynamic)  # fmt: skip
+    names = {"input_names": ["input_ids", "attention_mask"], "output_names": ["out"]}
+    if dynamo:
+        axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence", min=2, max=128)}
+        inputs = (ids, torch.ones_like(ids))
+        program = torch.onnx.export(
+            Output().eval(),
+            inputs,
+            dynamo=True,
+            dynamic_shapes=(axes, axes),
+            verbose=False,
+            **names,
+        )
+        program.save(str(path))
+    else:
+        axes = {0: "batch", 1: "sequence"}
+        dynamic = {"input_ids": axes, "attention_mask": axes, "out": axes}
+        torch.onnx.export(Output().eval(), (ids, torch.ones_like(ids)), str(path), dynamo=False,
+                          opset_version=17, dynamic_axes=dynamic, **names)  # fmt: skip
     with torch.no_grad():
         ref = Output()(ids, torch.ones_like(ids)).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids)})[0]
     rel_l2 = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
-    return {"file": path.name, "class": type(model).__name__, "ort_vs_torch_rel_l2": rel_l2}
+    exporter = "dynamo" if dynamo else "legacy"
+    return {"file": path.name, "class": type(model).__name__, "exporter": exporter,
+            "ort_vs_torch_rel_l2": rel_l2}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -295,6 +295,29 @@ def tensordot_mlp(spelling: str = "matmul") -> onnx.ModelProto:
     return b.model([h], shape=("N", 5, 12))
 
 
+def shared_target_mlps() -> onnx.ModelProto:
+    """x[N,5,12] → two MLPs on rows, 12 → 16 → relu → 12, each Dense reshaped back to tokens;
+    both 16-wide reshapes read ONE target, Concat(Shape(x)[0:2], [16]), as the dynamo exporter
+    writes GPT-2's (its two MLPs share the computed shape) → y[N,5,12]."""
+    b = Builder(31)
+    target = b.node(
+        "Concat", "t16", [_leading_dims(b, "t", "x"), b.const("c16", _ints(16))], axis=0
+    )
+    h = "x"
+    for mlp in ("m1", "m2"):
+        rows = b.node("Reshape", f"{mlp}_rows", [h, b.const(f"{mlp}_r12", _ints(-1, 12))])
+        up = b.node(
+            "Reshape",
+            f"{mlp}_up3d",
+            [b.node("MatMul", f"{mlp}_up", [rows, b.rand(f"{mlp}.u", 12, 16)]), target],
+        )
+        act = b.relu(f"{mlp}_act", up)
+        rows = b.node("Reshape", f"{mlp}_rows2", [act, b.const(f"{mlp}_r16", _ints(-1, 16))])
+        down = b.node("MatMul", f"{mlp}_down", [rows, b.rand(f"{mlp}.d", 16, 12)])
+        h = b.node("Reshape", f"{mlp}_out", [down, b.node("Shape", f"{mlp}_xs", ["x"])])
+    return b.model([h], shape=("N", 5, 12))
+
+
 def keras_encoder() -> onnx.ModelProto:
     """A residual stream of width 16 on tokens x[N,5,8] as tf2onnx writes Keras layers:
 

@@ -147,6 +147,25 @@ def test_tensordot_dense_is_one_group_with_its_count_entry_edited():
     assert any(e.node == "d1_target" and e.role == "count" for e in group.edits)
 
 
+@pytest.mark.parametrize("exclude", [[], ["m2_up"]], ids=["both", "first-only"])
+def test_a_reshape_target_shared_by_two_groups_shrinks_with_each(exclude):
+    """Two groups whose rows-to-tokens Reshapes read one computed target (dynamo's GPT-2):
+    each Reshape gets its own copy at load, so each count entry follows its own group (the
+    shared one shrank twice, 16 → 8 → 0, and the pruned model did not run)."""
+    model = graphs.shared_target_mlps()
+    feeds = {"x": np.random.default_rng(0).standard_normal((7, 5, 12)).astype(np.float32)}
+    same = onnxprune.prune(model, method="magnitude", ratio=0.0, data=feeds, verify=False)
+    assert_outputs_close(model, same.model, feeds, atol=1e-5, rtol=1e-5)
+    result = onnxprune.prune(model, method="magnitude", ratio=0.5, round_to=1, exclude=exclude,
+                             data=feeds, verify=False)  # fmt: skip
+    widths = {
+        g.name: len(result.plans[g.name].keep) for g in result.groups if g.name in result.plans
+    }
+    assert widths == ({"m1_up": 8} if exclude else {"m1_up": 8, "m2_up": 8})
+    (out,) = run_model(result.model, feeds).values()
+    assert out.shape == (7, 5, 12)
+
+
 @pytest.mark.parametrize("method", ["magnitude", "id"])
 def test_tensordot_dense_prunes_like_the_matmul_spelling(method):
     _pruned_alike(graphs.tensordot_mlp("matmul"), graphs.tensordot_mlp("tf2onnx"), method,

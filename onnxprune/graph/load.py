@@ -214,6 +214,7 @@ def normalize(model: onnx.ModelProto) -> gs.Graph:
     _bypass_broadcast_expands(graph)
     _copy_dims_as_zero(graph)
     graph = _fold_until_settled(graph)
+    _own_targets(graph)
     _gather_from_concat_part(graph)
     flatten_channels_first(graph)
     folds = _fold_batchnorm(graph)
@@ -610,6 +611,22 @@ def _copy_dims_as_zero(graph: gs.Graph) -> None:
                 zero = gs.Constant(f"{concat.name}.copy{position}", np.zeros(1, np.int64))
                 concat.inputs[k] = zero
             position += size[0]
+
+
+def _own_targets(graph: gs.Graph) -> None:
+    """Give every Reshape its own target Concat: the dynamo exporter shares one computed target
+    between Reshapes of equal shapes (GPT-2's two MLPs reshape their rows back to tokens with
+    one Concat), and each must shrink with its own group."""
+    for concat in [n for n in graph.nodes if n.op == "Concat"]:
+        target = concat.outputs[0]
+        readers = [u for u in target.outputs if u.op == "Reshape" and u.inputs[1] is target]
+        for k, reshape in enumerate(readers[1:], start=1):
+            copy = gs.Variable(f"{target.name}.{k}", dtype=target.dtype, shape=target.shape)
+            graph.nodes.append(
+                gs.Node("Concat", f"{concat.name}.{k}", dict(concat.attrs), list(concat.inputs),
+                        [copy])
+            )  # fmt: skip
+            reshape.inputs[1] = copy
 
 
 def _copy_inferred_dim(node: gs.Node) -> None:
