@@ -105,3 +105,15 @@ def test_a_broadcast_with_a_slice_up_to_the_same_dim_keeps_it():
     assert (dim_origin(y, 0), dim_origin(y, 1), dim_origin(y, 2)) == ("batch", "seq", 4)
     other = _positional_add("o").tensors()["y"]
     assert dim_origin(other, 0) == "batch" and dim_origin(other, 1) is None
+
+
+@pytest.mark.parametrize("op", ["Gelu", "Sigmoid", "HardSwish", "Clip", "Erf"])
+def test_dims_are_proven_through_elementwise_activations(op):
+    """An activation keeps its input's shape, so the dims of h + pos[:, :seq] proven above
+    stay proven behind it (shape inference names new symbols there: dynamo's DistilBERT loses
+    its second layer's batch and sequence behind a Gelu)."""
+    graph = _positional_add("h")
+    y = graph.tensors()["y"]
+    out = gs.Variable(f"{op}_out", dtype=np.float32, shape=["unk_a", "unk_b", 4])
+    graph.nodes.append(gs.Node(op, op.lower(), inputs=[y], outputs=[out]))
+    assert (dim_origin(out, 0), dim_origin(out, 1), dim_origin(out, 2)) == ("batch", "seq", 4)

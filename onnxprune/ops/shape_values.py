@@ -97,8 +97,10 @@ def _rank_one(tensor: gs.Tensor) -> bool:
 
 # ops whose output has their first input's shape
 _SAME_SHAPE = frozenset(
-    {"LayerNormalization", "Cast", "Relu", "Erf", "Sqrt", "Neg", "Softmax", "Identity", "Tanh"}
-)
+    {"LayerNormalization", "RMSNormalization", "Cast", "Relu", "Erf", "Sqrt", "Neg", "Softmax",
+     "Identity", "Tanh", "Gelu", "Sigmoid", "HardSigmoid", "HardSwish", "Exp", "Abs", "Reciprocal",
+     "Elu", "LeakyRelu", "Softplus", "Mish", "Clip"}
+)  # fmt: skip
 _BROADCAST = frozenset({"Add", "Sub", "Mul", "Div", "Where"})
 
 
