@@ -65,18 +65,21 @@ def test_is_one_only_where_constants_decide_a_one(middle):
     assert entry_value(graph.tensors()["target"], 0) is None
 
 
-def _positional_add(end_from: str) -> gs.Graph:
+def _positional_add(end_from: str, projected: bool = False) -> gs.Graph:
     """y = h + pos[:, :n] with h (batch, seq, 4), pos a constant (1, 8, 4) and n the seq of h
     (`end_from` "h") or the length of another input o (batch, len) (`end_from` "o"), after shape
-    inference (which gives y new symbols for both axes)."""
+    inference (which gives y new symbols for both axes). `projected`: pos[:, :n] · W (4 × 4)
+    is added instead, as cob's entry MatMul after a position-embedding Gather writes it."""
     from onnxprune.graph.load import infer_shapes
 
     positions = np.arange(32, dtype=np.float32).reshape(1, 8, 4)
     nodes = [
         helper.make_node("Shape", [end_from], ["n"], start=1, end=2),
-        helper.make_node("Slice", ["pos", "zero", "n", "one"], ["p"]),
+        helper.make_node("Slice", ["pos", "zero", "n", "one"], ["p0" if projected else "p"]),
         helper.make_node("Add", ["h", "p"], ["y"]),
     ]
+    if projected:
+        nodes.insert(2, helper.make_node("MatMul", ["p0", "w"], ["p"]))
     graph = helper.make_graph(
         nodes,
         "positional",
@@ -89,17 +92,19 @@ def _positional_add(end_from: str) -> gs.Graph:
             onnx.numpy_helper.from_array(positions, "pos"),
             onnx.numpy_helper.from_array(np.array([0], np.int64), "zero"),
             onnx.numpy_helper.from_array(np.array([1], np.int64), "one"),
+            onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w"),
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     return infer_shapes(gs.import_onnx(model))
 
 
-def test_a_broadcast_with_a_slice_up_to_the_same_dim_keeps_it():
+@pytest.mark.parametrize("projected", [False, True], ids=["plain", "projected"])
+def test_a_broadcast_with_a_slice_up_to_the_same_dim_keeps_it(projected):
     """pos[:, :seq] has at most seq rows (1 on axis 0), so h + pos[:, :seq] has h's batch and
-    seq whenever it runs; a slice up to another input's length proves nothing (seq = 1
-    broadcasts to it)."""
-    graph = _positional_add("h")
+    seq whenever it runs, through a MatMul by a constant too; a slice up to another input's
+    length proves nothing (seq = 1 broadcasts to it)."""
+    graph = _positional_add("h", projected)
     y = graph.tensors()["y"]
     assert y.shape[:2] != ["batch", "seq"]  # what inference alone says
     assert (dim_origin(y, 0), dim_origin(y, 1), dim_origin(y, 2)) == ("batch", "seq", 4)
@@ -117,3 +122,26 @@ def test_dims_are_proven_through_elementwise_activations(op):
     out = gs.Variable(f"{op}_out", dtype=np.float32, shape=["unk_a", "unk_b", 4])
     graph.nodes.append(gs.Node(op, op.lower(), inputs=[y], outputs=[out]))
     assert (dim_origin(out, 0), dim_origin(out, 1), dim_origin(out, 2)) == ("batch", "seq", 4)
+
+
+def test_dims_are_proven_through_an_rmsnorm_written_out():
+    """x / √(Σx²/d + ε) over the last axis (the form cob's conversion writes): the sum keeps
+    its dims (keepdims), so the output has x's proven batch and seq; a sum over axis 1 does
+    not keep seq (whatever symbol inference gave it)."""
+    graph = _positional_add("h")
+    y = graph.tensors()["y"]
+
+    def op(kind: str, inputs: list, shape: list, **attrs) -> gs.Variable:
+        out = gs.Variable(f"{kind}_{len(graph.nodes)}", dtype=np.float32, shape=shape)
+        graph.nodes.append(gs.Node(kind, out.name, attrs, inputs, [out]))
+        return out
+
+    const = lambda v: gs.Constant(f"c{len(graph.nodes)}", np.array(v, np.float32))  # noqa: E731
+    axes = gs.Constant("last", np.array([-1], np.int64))
+    total = op("ReduceSum", [op("Mul", [y, y], ["a", "b", 4]), axes], ["c", "d", 1], keepdims=1)
+    root = op("Sqrt", [op("Add", [op("Div", [total, const(4.0)], ["e", "f", 1]), const(1e-6)],
+                          ["g", "h", 1])], ["i", "j", 1])  # fmt: skip
+    out = op("Div", [y, root], ["k", "l", 4])
+    assert (dim_origin(out, 0), dim_origin(out, 1), dim_origin(out, 2)) == ("batch", "seq", 4)
+    across = op("ReduceSum", [y, gs.Constant("one_axis", np.array([1], np.int64))], ["m", "n", 4])
+    assert dim_origin(across, 0) == "batch" and dim_origin(across, 1) is None

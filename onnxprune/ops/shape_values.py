@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit
 from onnxprune.ops.concat_split import split_sizes
-from onnxprune.ops.flow import Step, block, const, rank_of, shape_of
+from onnxprune.ops.flow import Step, axes_of, block, const, rank_of, shape_of
 
 _ELEMENTWISE = frozenset(
     {"Where", "Cast", "Not", "And", "Or", "Equal", "Add", "Sub", "Mul", "Div", "Neg"}
@@ -102,6 +102,7 @@ _SAME_SHAPE = frozenset(
      "Elu", "LeakyRelu", "Softplus", "Mish", "Clip"}
 )  # fmt: skip
 _BROADCAST = frozenset({"Add", "Sub", "Mul", "Div", "Where"})
+_REDUCE = frozenset({"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin"})
 
 
 def dim_origin(tensor: gs.Tensor, axis: int) -> int | str | None:
@@ -134,6 +135,10 @@ def dim_origin(tensor: gs.Tensor, axis: int) -> int | str | None:
         return dim_origin(node.inputs[1], axis) if indices and axis < indices else None
     if node.op in _BROADCAST:
         return _broadcast_origin(node, len(shape), axis)
+    if node.op in _REDUCE and node.attrs.get("keepdims", 1):  # an RMSNorm's mean of squares
+        reduced = axes_of(node)
+        kept = reduced is not None and axis not in [a % len(shape) for a in reduced]
+        return dim_origin(node.inputs[0], axis) if kept else None
     if node.op == "Reshape":  # a target entry that states the size (not -1 or 0)
         size = _vector_entry(node.inputs[1], axis)
         return size if isinstance(size, str) or (size is not None and size > 0) else None
@@ -184,6 +189,14 @@ def _piece_at(vector: gs.Tensor, index: int) -> tuple[gs.Tensor, int] | None:
     return None
 
 
+def _keeps_rows_of(node: gs.Node, axis: int) -> bool:
+    """A MatMul/Gemm with a constant weight, whose output has its input's size on `axis` (any
+    axis but the last)."""
+    rank = rank_of(node.outputs[0]) if node.outputs else None
+    weighted = node.op in ("MatMul", "Gemm") and isinstance(node.inputs[1], gs.Constant)
+    return weighted and rank is not None and axis < rank - 1
+
+
 def _broadcast_origin(node: gs.Node, rank: int, axis: int) -> int | str | None:
     """The output size of a broadcasting op: an input's proven size when every other input lacks
     the axis or is at most that size (then, whenever the op runs, they are 1 or equal to it)."""
@@ -210,6 +223,8 @@ def _at_most(tensor: gs.Tensor, axis: int, size: int | str) -> bool:
     if node is not None and node.op == "Gather" and node.attrs.get("axis", 0) == 0:
         indices = rank_of(node.inputs[1])
         return indices is not None and axis < indices and _at_most(node.inputs[1], axis, size)
+    if node is not None and (node.op in _SAME_SHAPE or _keeps_rows_of(node, axis)):
+        return _at_most(node.inputs[0], axis, size)  # cob's inserted MatMul after an embedding
     if node is None or node.op != "Slice" or len(node.inputs) < 4:
         return False
     axes = node.inputs[3]
