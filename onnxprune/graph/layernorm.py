@@ -84,11 +84,15 @@ def to_rmsnorm(graph: gs.Graph) -> Conversion:
 
 def fold_embedding_matmuls(graph: gs.Graph) -> None:
     """Gather(E, ids) → MatMul(·, W) becomes Gather(E W, ids) where the MatMul alone reads the
-    Gather, E is a constant table gathered by rows and W a constant no wider than E (in place;
-    equal up to float rounding). This takes back the embedding entries the conversion inserts,
-    pruned to the kept directions: the table shrinks instead of growing a MatMul."""
+    Gather (its output is no graph output), E is a constant table gathered by rows and W a
+    constant no wider than E (in place; equal up to float rounding). This takes back the
+    embedding entries the conversion inserts, pruned to the kept directions: the table shrinks
+    instead of growing a MatMul."""
+    outputs = {id(t) for t in graph.outputs}
     for node in [n for n in graph.nodes if n.op == "MatMul"]:
         weight, tensor = const(node, 1), node.inputs[0]
+        if id(tensor) in outputs:
+            continue
         gather = tensor.inputs[0] if len(tensor.inputs) == 1 else None
         if gather is None or gather.op != "Gather" or gather.attrs.get("axis", 0) != 0:
             continue
