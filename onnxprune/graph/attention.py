@@ -36,6 +36,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit
+from onnxprune.ops.concat_split import repeats
 from onnxprune.ops.flow import State, Step, const, rank_of, shape_of, through
 from onnxprune.ops.reshape import keeps_last_axis, restored_source
 from onnxprune.ops.shape_values import (
@@ -47,6 +48,7 @@ from onnxprune.ops.shape_values import (
 )
 
 _SCALING = frozenset({"Add", "Sub", "Mul", "Div"})
+_LOOKAHEAD = 64  # tensors searched from a head split for the attention MatMul (rotary ops)
 
 
 def attention_step(node: gs.Node, index: int, state: State, channels: int) -> Step | None:
@@ -85,12 +87,35 @@ def head_width(node: gs.Node) -> int | None:
             if user.op == "Reshape" and user.inputs[0] is tensor:
                 split = head_split(user, rank - 1) or _fold_split(user, rank - 1)
                 if split is not None:
-                    return split[2]
+                    return split[2] * _queries_per_key(user.outputs[0])
                 if restored_source(user) is not None or _regroups_rows(user):
                     stack.append(user.outputs[0])
             elif _scales(user) or keeps_last_axis(user.outputs[0]) is tensor:
                 stack.append(user.outputs[0])
     return None
+
+
+def _queries_per_key(heads: gs.Tensor) -> int:
+    """n_rep when the heads in `heads` are queries that meet, in the first MatMul of two
+    activations they reach, keys repeated n_rep times each (grouped-query attention: a
+    repeating Gather, graph/repeat_kv.py, then Transposes); 1 otherwise. A channel is then one
+    key/value head's n_rep query heads."""
+    stack, seen = [heads], set()
+    while stack and len(seen) < _LOOKAHEAD:
+        tensor = stack.pop()
+        if tensor.name in seen:
+            continue
+        seen.add(tensor.name)
+        for user in tensor.outputs:
+            if user.op == "MatMul" and not any(isinstance(t, gs.Constant) for t in user.inputs):
+                other = user.inputs[1] if user.inputs[0] is tensor else user.inputs[0]
+                while other.inputs and other.inputs[0].op == "Transpose":
+                    other = other.inputs[0].inputs[0]
+                source = other.inputs[0] if other.inputs else None
+                copies = repeats(source) if source is not None and source.op == "Gather" else None
+                return copies or 1
+            stack.extend(user.outputs)
+    return 1
 
 
 def _regroups_rows(node: gs.Node) -> bool:
@@ -160,12 +185,14 @@ def _split_heads(node: gs.Node, state: State) -> Step | None:
     if split is None:
         return None
     axis, heads, dim = split
-    if state.spatial != dim:  # not a channel per head: ops/reshape.py refuses the split
+    per = state.spatial // dim  # heads per channel: n_rep query heads per key/value head
+    if state.spatial % dim or heads % per:  # not whole heads: ops/reshape.py refuses the split
         return None
-    edits = _target_edits(node, axis, heads, ParamEdit(node.name, 1, axis, state.offset, "count"))
+    edit = ParamEdit(node.name, 1, axis, state.offset, "count", per)
+    edits = _target_edits(node, axis, heads, edit)
     if isinstance(edits, Step):
         return edits
-    return through(node, state, axis=axis, spatial=1, edits=edits)
+    return through(node, state, axis=axis, spatial=per, edits=edits)
 
 
 def _merge_heads(node: gs.Node, state: State, channels: int) -> Step | None:
@@ -185,17 +212,16 @@ def _merge_heads(node: gs.Node, state: State, channels: int) -> Step | None:
     if axis < 0 or shape_out[axis + 1 :] != tail:
         return None
     heads, dim, width = shape_in[state.axis], shape_in[state.axis + 1], shape_out[axis]
-    heads = heads if isinstance(heads, int) else channels
+    heads = heads if isinstance(heads, int) else channels * state.spatial
     dim = dim if isinstance(dim, int) else dim_origin(node.inputs[0], state.axis + 1)
     if not isinstance(dim, int) or (isinstance(width, int) and heads * dim != width):
         return None
-    if state.spatial != 1:
-        return _block(f"Reshape '{node.name}' merges heads of channels that are not single")
-    edit = ParamEdit(node.name, 1, axis, state.offset, "count", dim)
+    features = state.spatial * dim  # a channel's heads (n_rep of them in grouped queries)
+    edit = ParamEdit(node.name, 1, axis, state.offset, "count", features)
     edits = _target_edits(node, axis, heads * dim, edit)
     if isinstance(edits, Step):
         return edits
-    return through(node, state, axis=axis, spatial=dim, edits=edits)
+    return through(node, state, axis=axis, spatial=features, edits=edits)
 
 
 def _fold_split(node: gs.Node, axis: int) -> tuple[int, int, int] | None:

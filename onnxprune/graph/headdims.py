@@ -68,6 +68,8 @@ class Refused(Exception):
 def head_sites(graph: gs.Graph, group: ChannelGroup) -> HeadSites:
     """The sites of `group`'s head dimensions; raises Refused naming what does not fit."""
     nodes = {node.name: node for node in graph.nodes}
+    if len({e.spatial for e in group.edits if e.role == "out"}) > 1:
+        raise Refused("grouped-query heads: each key/value head serves several query heads")
     matmuls = [nodes[n] for n in group.passthrough if nodes[n].op == "MatMul"]
     scores = [m for m in matmuls if _reaches_softmax(m)]
     mixes = [m for m in matmuls if m not in scores and _from_softmax(m)]

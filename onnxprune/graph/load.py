@@ -48,6 +48,7 @@ from onnxprune.graph.external import (
 )
 from onnxprune.graph.fused import MS, expand_fused
 from onnxprune.graph.packed import unpack_projections
+from onnxprune.graph.repeat_kv import gather_repeats
 from onnxprune.ops.flow import shape_of
 from onnxprune.ops.shape_values import shape_source
 
@@ -221,6 +222,8 @@ def normalize(model: onnx.ModelProto) -> gs.Graph:
     graph.cleanup().toposort()
     graph = infer_shapes(graph)
     if unpack_projections(graph):  # reads inferred shapes, so after inference, then again
+        graph = infer_shapes(graph.cleanup().toposort())
+    if gather_repeats(graph):  # proves sizes with inferred shapes
         graph = infer_shapes(graph.cleanup().toposort())
     graph.folded_batchnorms = folds  # plain attribute: a copy or re-import drops it
     return graph

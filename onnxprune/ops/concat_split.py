@@ -15,7 +15,10 @@
 * Gather (constant indices) on another axis than the channels passes them all (a scalar
   index before the channel axis removes an axis, so the channel axis moves down by one): the
   exporters' `h_n[-1]` (Gather on the direction axis of an LSTM's Y_h) and `y[-1]` (on the
-  sequence axis). On the channel axis it blocks.
+  sequence axis). On the channel axis it passes only a repetition, indices [0]·n + [1]·n + …
+  (grouped-query attention's key/value heads, graph/repeat_kv.py): channel c then spans the n
+  consecutive positions of its copies (`spatial` × n), and the indices of removed channels go
+  while the rest are renumbered. Any other selection of channels blocks.
 """
 
 from __future__ import annotations
@@ -147,15 +150,17 @@ class Slice(Handler):
     strided = True
 
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
-        if (found := _data_input(node, index, state)) is not None:
+        if (found := parameter_input(node, index)) is not None:
             return found
         rank = rank_of(node.inputs[0])
         inputs = None if rank is None else slice_inputs(node, rank)
         if inputs is None:
             return block(f"Slice '{node.name}' has non-constant starts, ends, axes or steps")
         starts, ends, axes, steps = inputs
-        if state.axis not in axes:
+        if state.axis not in axes:  # whole channels, of any number of features
             return through(node, state)
+        if (found := _data_input(node, index, state)) is not None:
+            return found
         i = axes.index(state.axis)
         total = channel_count(node, state.axis)
         if steps[i] != 1 or total is None:
@@ -204,18 +209,46 @@ class Gather(Handler):
             return block(f"Gather '{node.name}' has non-constant indices or an unknown rank")
         axis = node.attrs.get("axis", 0) % rank
         if axis == state.axis:
-            return block(f"Gather '{node.name}' selects along the channel axis")
+            copies = repeats(node)
+            if copies is None or (state.offset + channels) * state.spatial * copies > len(
+                const(node, 1)
+            ):
+                return block(f"Gather '{node.name}' selects along the channel axis")
+            spatial = state.spatial * copies
+            edit = ParamEdit(node.name, 1, 0, state.offset, "chan", spatial)
+            return through(node, state, spatial=spatial, edits=[edit])
         moved = state.axis + indices.ndim - 1 if axis < state.axis else state.axis
         return through(node, state, axis=moved)
 
     def rotation(self, node: gs.Node, index: int, state: State, result: Step) -> str | None:
-        return None
+        return None  # a repetition copies each channel: Q ⊗ I_n on the copies
 
     def scales_along(self, node: gs.Node, index: int) -> bool:
         return True
 
+    def finish(self, node: gs.Node, index: int, edits: list[ParamEdit], opset: int) -> None:
+        """A repetition's indices, of the kept channels only, renumbered to their new places."""
+        if index == 1 and any(e.role == "chan" for e in edits):
+            values = np.asarray(node.inputs[1].values)
+            renumbered = np.unique(values, return_inverse=True)[1].reshape(values.shape)
+            node.inputs[1] = gs.Constant(node.inputs[1].name, renumbered.astype(values.dtype))
+
     def torch(self, op_type: str) -> TorchOp | None:
         return _gather
+
+
+def repeats(node: gs.Node) -> int | None:
+    """n when Gather `node` repeats positions 0 … L − 1 of its axis n times each, in order
+    (indices [0]·n + [1]·n + … + [L − 1]·n), else None. Positions from L on are not read: a
+    group's channels must lie below L·n in the output (the rule checks)."""
+    indices = const(node, 1)
+    if indices is None or indices.ndim != 1 or not indices.size or indices.min() != 0:
+        return None
+    size = int(indices.max()) + 1
+    if indices.size % size:
+        return None
+    copies = indices.size // size
+    return copies if np.array_equal(indices, np.repeat(np.arange(size), copies)) else None
 
 
 @register("GatherElements")

@@ -99,7 +99,7 @@ def _rank_one(tensor: gs.Tensor) -> bool:
 _SAME_SHAPE = frozenset(
     {"LayerNormalization", "RMSNormalization", "Cast", "Relu", "Erf", "Sqrt", "Neg", "Softmax",
      "Identity", "Tanh", "Gelu", "Sigmoid", "HardSigmoid", "HardSwish", "Exp", "Abs", "Reciprocal",
-     "Elu", "LeakyRelu", "Softplus", "Mish", "Clip"}
+     "Elu", "LeakyRelu", "Softplus", "Mish", "Clip", "Cos", "Sin"}
 )  # fmt: skip
 _BROADCAST = frozenset({"Add", "Sub", "Mul", "Div", "Where"})
 _REDUCE = frozenset({"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin"})
@@ -139,10 +139,58 @@ def dim_origin(tensor: gs.Tensor, axis: int) -> int | str | None:
         reduced = axes_of(node)
         kept = reduced is not None and axis not in [a % len(shape) for a in reduced]
         return dim_origin(node.inputs[0], axis) if kept else None
-    if node.op == "Reshape":  # a target entry that states the size (not -1 or 0)
-        size = _vector_entry(node.inputs[1], axis)
+    if node.op == "Unsqueeze" and (added := axes_of(node)) is not None:
+        added = sorted(a % len(shape) for a in added)
+        return (
+            None
+            if axis in added
+            else dim_origin(node.inputs[0], axis - sum(a < axis for a in added))
+        )
+    if node.op == "Range":  # arange(0, n, 1): n entries, n read from a shape
+        start, delta = (entry_value(t, 0) for t in node.inputs[::2])
+        return shape_entry(node.inputs[1], 0) if (start, delta) == (0, 1) else None
+    if node.op == "Concat" and node.attrs.get("axis", 0) % len(shape) != axis:
+        return dim_origin(node.inputs[0], axis)
+    if node.op == "Slice" and axis not in _sliced_axes(node, len(shape)):
+        return dim_origin(node.inputs[0], axis)
+    if node.op == "Reshape":  # a target entry that states the size, or -1 by the element count
+        size = vector_entry(node.inputs[1], axis)
+        if size == -1:
+            return _inferred_entry(node, axis)
         return size if isinstance(size, str) or (size is not None and size > 0) else None
     return None
+
+
+def _sliced_axes(node: gs.Node, rank: int) -> set[int]:
+    """The axes Slice `node` may cut: its constant `axes`, else (not stated, or computed) every
+    axis."""
+    axes = const(node, 3) if len(node.inputs) > 3 else None
+    if axes is None:
+        return set(range(rank))
+    return {int(a) % rank for a in np.asarray(axes).reshape(-1)}
+
+
+def _inferred_entry(node: gs.Node, axis: int) -> int | None:
+    """The size Reshape `node` infers for its -1 entry `axis`: the input's element count over
+    the other entries', where the symbolic dims of both (shape inference's names: the same name
+    is the same size) cancel in pairs and the rest are static."""
+    shape_in, shape_out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
+    if shape_in is None or shape_out is None:
+        return None
+    left = [d for d in shape_in if not isinstance(d, int)]
+    known, rest = int(np.prod([d for d in shape_in if isinstance(d, int)])), 1
+    for k, dim in enumerate(shape_out):
+        if k == axis:
+            continue
+        if isinstance(dim, int):
+            rest *= dim
+        elif dim in left and dim:
+            left.remove(dim)
+        else:
+            return None
+    if left or rest <= 0 or known % rest:
+        return None
+    return known // rest
 
 
 def _split_origin(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str | None:
@@ -158,8 +206,9 @@ def _split_origin(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str | No
     return None if sizes is None else sizes[node.outputs.index(tensor)]
 
 
-def _vector_entry(vector: gs.Tensor, index: int) -> int | str | None:
-    """Entry `index` of a shape vector: `shape_entry` of the Concat piece holding it."""
+def vector_entry(vector: gs.Tensor, index: int) -> int | str | None:
+    """Entry `index` of a shape vector: `shape_entry` of the Concat piece holding it (the
+    constant, or the proven size of the dim it reads)."""
     found = _piece_at(vector, index)
     return None if found is None else shape_entry(*found)
 
