@@ -96,9 +96,9 @@ def _measure(args, original: onnx.ModelProto, heldout: dict, ratio: float) -> di
         "seconds": round(seconds, 1),
     }
     feeds = {k: v for k, v in heldout.items() if k != "labels"}
-    before, after = _first_output(original, feeds), _first_output(result.model, feeds)
+    before, after = first_output(original, feeds), first_output(result.model, feeds)
     if args.lm:
-        row.update(_next_tokens(before, after, feeds["input_ids"]))
+        row.update(next_tokens(before, after, feeds["input_ids"]))
     elif "attention_mask" in feeds:
         row.update(_cosines(before, after, feeds["attention_mask"]))
     batch = {k: v[: args.time_batch] for k, v in feeds.items()}
@@ -141,7 +141,7 @@ def _latency(models: list[onnx.ModelProto], feeds: dict, repeats: int) -> list[f
     return [round(float(np.median(t)), 2) for t in times]
 
 
-def _first_output(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+def first_output(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
     return session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
@@ -156,7 +156,7 @@ def _cosines(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> dict[st
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
 
 
-def _next_tokens(before: np.ndarray, after: np.ndarray, ids: np.ndarray) -> dict[str, float]:
+def next_tokens(before: np.ndarray, after: np.ndarray, ids: np.ndarray) -> dict[str, float]:
     """Perplexity of each model's next-token predictions, and their top-1 agreement."""
     targets = ids[:, 1:]
 
