@@ -281,3 +281,39 @@ def test_conv_mixer_walk_grows_linearly_with_depth(monkeypatch):
         assert list(groups) == ["stem", *(f"pw{i}" for i in range(depth)), "head"]
         assert groups["pw0"].consumers == ("pw1",)
         assert {"dw1", "add1"} <= set(groups["pw0"].passthrough)
+
+
+def test_a_written_out_tanh_gelu_in_a_gated_ffn_stays_gated():
+    """Gemma's GeGLU, `gelu(gate(x), approximate="tanh") * up(x)`: the legacy exporter writes the
+    GELU as arithmetic, where the gate's channels meet themselves (x + 0.044715·x³). Only the
+    gate·up product joins two producers, so the group is gated (pruned by default), and a
+    magnitude prune of it keeps the function of the kept neurons exactly."""
+    import torch
+    from torch import nn
+
+    class GeGLU(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.gate, self.up, self.down = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            gelu = nn.functional.gelu(self.gate(x), approximate="tanh")
+            return self.down(gelu * self.up(x))
+
+    model = graphs.export_torch(GeGLU(), (2, 6))
+    assert "Tanh" in {n.op_type for n in model.graph.node}  # written out, not one Gelu op
+    ffn = next(g for g in analyze(normalize(model)) if g.channels == 8)
+    assert ffn.prunable and ffn.gated and not ffn.coupled, ffn.reason
+    result = onnxprune.prune(model, method="magnitude", ratio=0.5, round_to=1, verify=False)
+    kept = result.plans[ffn.name].keep
+    zeroed = onnx.ModelProto()
+    zeroed.CopyFrom(model)
+    removed = sorted(set(range(8)) - {int(i) for i in kept})
+    for tensor in zeroed.graph.initializer:  # the up projection's removed rows give 0 · gelu
+        if tensor.name.startswith("up."):
+            value = numpy_helper.to_array(tensor).copy()
+            value[removed] = 0
+            tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+    feeds = graphs.random_input(model, 3)
+    assert_outputs_close(zeroed, result.model, feeds, rtol=1e-5)

@@ -11,7 +11,7 @@ blocking node; a blocked group is reported, never pruned.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 
 import onnx_graphsurgeon as gs
@@ -403,7 +403,16 @@ def _merge(walks: list[_Walk]) -> ChannelGroup:
         ties=tuple(sorted({t for w in walks for t in w.ties})),
         head_dim=head_dim,
         feature_dim=_feature_dim(head_dim, taps),
-        gated=all(op == "Mul" for w in walks for op in w.joins.values()),
+        gated=_gated(walks),
+    )
+
+
+def _gated(walks: list[_Walk]) -> bool:
+    """The producers meet only at Muls (a gate), not counting where one producer's channels
+    meet themselves (a tanh GELU written out: x + 0.044715·x³)."""
+    reached = Counter(node for walk in walks for node in walk.joins)
+    return all(
+        op == "Mul" for walk in walks for node, op in walk.joins.items() if reached[node] > 1
     )
 
 
