@@ -37,12 +37,17 @@ def main() -> None:
     rng = np.random.default_rng(0)
     ids = rng.integers(0, VOCAB, (64, 32)).astype(np.int64)
     np.savez(cache / "calib.npz", input_ids=ids, attention_mask=np.ones_like(ids))
-    manifest = {
-        f"{name}{suffix}": export(build, cache / f"{name}{suffix}.onnx", dynamo=bool(suffix))
-        for name, build in models()
-        for suffix in ("", ".dynamo")
-    }
-    (cache / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    only = set(sys.argv[1:])  # names to export (default: all)
+    manifest_path = cache / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if only and manifest_path.exists() else {}
+    for name, build in models():
+        for suffix in ("", ".dynamo") if not only or name in only else ():
+            path = cache / f"{name}{suffix}.onnx"
+            try:
+                manifest[name + suffix] = export(build, path, dynamo=bool(suffix))
+            except Exception as error:  # an exporter's failure is a finding, not a crash
+                manifest[name + suffix] = {"export_error": f"{type(error).__name__}: {error}"[:300]}
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
     print(json.dumps(manifest, indent=1))
 
 
@@ -67,6 +72,28 @@ def models():
     bert = {"vocab_size": VOCAB, "dim": HIDDEN, "hidden_dim": 4 * HIDDEN, "n_layers": LAYERS,
             "n_heads": HEADS, "max_position_embeddings": 128}  # fmt: skip
     yield "distilbert", lambda: hf.DistilBertModel(hf.DistilBertConfig(**bert, **common))
+    yield (
+        "mistral",
+        lambda: hf.MistralForCausalLM(hf.MistralConfig(num_key_value_heads=2, **decoder)),
+    )
+    gemma = {**decoder, "head_dim": HIDDEN // HEADS, "num_key_value_heads": 1}
+    yield "gemma", lambda: hf.GemmaForCausalLM(hf.GemmaConfig(**gemma))
+    phi3 = {**decoder, "num_key_value_heads": 2, "pad_token_id": 0}
+    yield "phi3", lambda: hf.Phi3ForCausalLM(hf.Phi3Config(**phi3))
+    neox = {**decoder, "num_key_value_heads": HEADS}
+    yield "gpt_neox", lambda: hf.GPTNeoXForCausalLM(hf.GPTNeoXConfig(**neox))
+    opt = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "ffn_dim": 344,
+           "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+           "max_position_embeddings": 128, "word_embed_proj_dim": HIDDEN, "use_cache": False,
+           **common}  # fmt: skip
+    yield "opt", lambda: hf.OPTForCausalLM(hf.OPTConfig(**opt))
+    encoder = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": 4 * HIDDEN,
+               "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+               "max_position_embeddings": 128, **common}  # fmt: skip
+    yield "bert", lambda: hf.BertModel(hf.BertConfig(**encoder))
+    t5 = {"vocab_size": VOCAB, "d_model": HIDDEN, "d_kv": HIDDEN // HEADS, "d_ff": 344,
+          "num_layers": LAYERS, "num_heads": HEADS, "use_cache": False, **common}  # fmt: skip
+    yield "t5_encoder", lambda: hf.T5EncoderModel(hf.T5Config(**t5))
 
 
 def export(build, path: Path, dynamo: bool) -> dict[str, object]:

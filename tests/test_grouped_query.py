@@ -1,9 +1,10 @@
-"""Grouped-query attention (LLaMA, Qwen2, Mistral): a key/value head and its n_rep query heads
-are one prunable channel.
+"""Grouped-query attention (LLaMA, Qwen2, Mistral, Phi-3): a key/value head and its n_rep query
+heads are one prunable channel.
 
 transformers' `repeat_kv` (Unsqueeze → Expand → Reshape) is loaded as a repeating Gather
 (graph/repeat_kv.py); the Gather's channel rule carries each key/value head on to its n_rep
-query heads. A duplicated key/value group (its key, value and query heads copies of another's)
+query heads; Phi-3's packed q|k|v Linear (parts of unequal widths) is taken apart at load
+(graph/packed.py). A duplicated key/value group (its key, value and query heads copies of another's)
 is removed exactly by ID, with both exporters and at token counts the fit never saw.
 """
 
@@ -44,20 +45,23 @@ class GroupedQueryAttention(nn.Module):
     """LLaMA's attention (with rotary positions unless `rotary` is False): 4 query heads share
     2 key/value heads; then the out projection, the mean over tokens and 3 scores."""
 
-    def __init__(self, rotary: bool = True) -> None:
+    def __init__(self, rotary: bool = True, packed: bool = False) -> None:
         super().__init__()
         torch.manual_seed(7)
-        self.rotary = rotary
-        self.q = nn.Linear(DIM, HEADS * HEAD_DIM, bias=False)
-        self.k = nn.Linear(DIM, KV_HEADS * HEAD_DIM, bias=False)
-        self.v = nn.Linear(DIM, KV_HEADS * HEAD_DIM, bias=False)
+        self.rotary, self.packed = rotary, packed
+        widths = (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM)
+        if packed:  # Phi-3's qkv_proj, sliced in three
+            self.qkv = nn.Linear(DIM, sum(widths), bias=False)
+        else:
+            self.q, self.k, self.v = (nn.Linear(DIM, w, bias=False) for w in widths)
+        self.parts = np.cumsum([0, *widths]).tolist()
         self.o = nn.Linear(HEADS * HEAD_DIM, DIM, bias=False)
         self.fc = nn.Linear(DIM, 3)
         self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(0, HEAD_DIM, 2) / HEAD_DIM))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (*x.shape[:-1], -1, HEAD_DIM)
-        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q, self.k, self.v))
+        q, k, v = (p.view(shape).transpose(1, 2) for p in self._project(x))
         positions = torch.arange(x.shape[1], dtype=torch.float32)
         angles = torch.cat([positions[:, None] * self.inv_freq[None]] * 2, dim=-1)
         cos, sin = angles.cos()[None, None], angles.sin()[None, None]
@@ -68,13 +72,27 @@ class GroupedQueryAttention(nn.Module):
         heads = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(*x.shape[:-1], -1)
         return self.fc(self.o(heads).mean(dim=1))
 
+    def _project(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """q, k, v: three Linears (LLaMA), or one packed Linear sliced in three (Phi-3)."""
+        if not self.packed:
+            return [self.q(x), self.k(x), self.v(x)]
+        qkv = self.qkv(x)
+        return [qkv[..., lo:hi] for lo, hi in zip(self.parts[:-1], self.parts[1:], strict=True)]
+
+    def _weights(self) -> list[torch.Tensor]:
+        if not self.packed:
+            return [self.q.weight, self.k.weight, self.v.weight]
+        w = self.qkv.weight
+        return [w[lo:hi] for lo, hi in zip(self.parts[:-1], self.parts[1:], strict=True)]
+
     def duplicate_group(self) -> GroupedQueryAttention:
         """Key/value head 1 := head 0, and its query heads 2, 3 := query heads 0, 1."""
+        q, k, v = self._weights()
         width = N_REP * HEAD_DIM
         with torch.no_grad():
-            self.q.weight[width:] = self.q.weight[:width]
-            for p in (self.k, self.v):
-                p.weight[HEAD_DIM:] = p.weight[:HEAD_DIM]
+            q[width:] = q[:width]
+            for p in (k, v):
+                p[HEAD_DIM:] = p[:HEAD_DIM]
         return self
 
 
@@ -95,11 +113,17 @@ def _inputs(n: int, tokens: int = TOKENS, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, tokens, DIM)).astype(np.float32)
 
 
-@pytest.fixture(scope="module", params=["legacy", "dynamo"])
+@pytest.fixture(
+    scope="module",
+    params=[("legacy", False), ("dynamo", False), ("legacy", True), ("dynamo", True)],
+    ids=["legacy", "dynamo", "packed-legacy", "packed-dynamo"],
+)
 def exported(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp("gqa") / f"{request.param}.onnx"
-    plain = _export(GroupedQueryAttention(), request.param, path)
-    duplicated = _export(GroupedQueryAttention().duplicate_group(), request.param, path)
+    """(plain, duplicated) exports; `packed`: Phi-3's one q|k|v Linear of unequal parts."""
+    exporter, packed = request.param
+    path = tmp_path_factory.mktemp("gqa") / f"{exporter}.onnx"
+    plain = _export(GroupedQueryAttention(packed=packed), exporter, path)
+    duplicated = _export(GroupedQueryAttention(packed=packed).duplicate_group(), exporter, path)
     return plain, duplicated
 
 

@@ -18,7 +18,9 @@ torchvision's MaxViT chunks the projection instead, `q, k, v = torch.chunk(p, 3,
 Slices of the last axis, [tE, (t+1)E) for t = 0, 1, 2, each then split into heads like a plain
 projection. HF GPT-2's `c_attn` (a Conv1D) is a Gemm on the tokens as rows, reshaped back to
 (B, S, 3E) and `split(E, dim=2)`: one Split into three equal parts; each part then gets its own
-rows-to-tokens Reshape (the target's last entry 3E written E).
+rows-to-tokens Reshape (the target's last entry 3E written E). Slices (or a Split) that cut the
+last axis into any consecutive parts are taken apart alike: Phi-3's `qkv_proj` (q, k, v of
+unequal widths under grouped-query attention) and its `gate_up_proj` chunked in two.
 
 Part t is x W[:, tE:(t+1)E] + b[tE:(t+1)E] exactly (the same dot products), so
 `unpack_projections` writes each Gather's output with that MatMul (and Add) instead, followed
@@ -67,6 +69,7 @@ class _Parts:
     heads: tuple[int, int] | None
     perm: tuple[int, ...] | None
     rows: gs.Node | None = None  # the Reshape of the rows back to tokens (GPT-2's Conv1D)
+    widths: tuple[int, ...] = ()  # the parts' widths, in order (empty: three equal parts)
 
     def outputs(self) -> list[gs.Tensor]:
         """The part tensors, in part order (one Split writes all three)."""
@@ -79,15 +82,15 @@ def _packed(matmul: gs.Node) -> _Parts | None:
     """How `matmul`'s parts are read when it is a packed projection taken apart as the module
     docstring says, else None."""
     weight = _weight(matmul)
-    if weight is None or weight.shape[1] % 3:
+    if weight is None:
         return None
     add, tail = _bias_add(matmul)
     rows = _rows_to_tokens(tail) if matmul.op == "Gemm" else None
     tail = tail if rows is None else rows.outputs[0]
-    slices = _sliced(tail, weight.shape[1] // 3) or _split(tail, weight.shape[1] // 3)
-    if slices is not None:
-        return _Parts(add, slices, None, None, rows)
-    if matmul.op != "MatMul":
+    found = _sliced(tail, weight.shape[1]) or _split(tail, weight.shape[1])
+    if found is not None:
+        return _Parts(add, found[0], None, None, rows, found[1])
+    if matmul.op != "MatMul" or weight.shape[1] % 3:
         return None
     reshape = _only_user(tail, "Reshape", ignore="Shape")
     if reshape is None or reshape.inputs[0] is not tail:
@@ -146,32 +149,42 @@ def _last_entry(target: gs.Tensor) -> int | None:
     return None if value is None or value.size == 0 else int(np.asarray(value).reshape(-1)[-1])
 
 
-def _split(tail: gs.Tensor, width: int) -> list[gs.Node] | None:
-    """[the Split] when `tail`'s one reader besides Shape reads splits its last axis into three
-    parts of `width` (`p.split(E, dim=-1)`), else None."""
+def _split(tail: gs.Tensor, total: int) -> tuple[list[gs.Node], tuple[int, ...]] | None:
+    """([the Split], its part widths) when `tail`'s one reader besides Shape reads splits its
+    last axis (of `total` entries) into two or more parts (`p.split(E, dim=-1)`), else
+    None."""
     split = _only_user(tail, "Split", ignore="Shape")
     rank = rank_of(tail)
     if split is None or rank is None or split.attrs.get("axis", 0) % rank != rank - 1:
         return None
-    sizes = split_sizes(split, 3 * width)
-    return [split] if sizes is not None and list(sizes) == [width] * 3 else None
+    sizes = split_sizes(split, total)
+    if sizes is None or len(sizes) < 2 or sum(sizes) != total or min(sizes) < 1:
+        return None
+    return [split], tuple(int(size) for size in sizes)
 
 
-def _sliced(tail: gs.Tensor, width: int) -> list[gs.Node] | None:
-    """The three Slices taking parts 0, 1, 2 (`width` each) of the last axis of `tail`, in part
-    order, when they are its only readers besides Shape reads (`torch.chunk(p, 3, dim=-1)`,
-    its bounds folded to constants at load), else None."""
+def _sliced(tail: gs.Tensor, total: int) -> tuple[list[gs.Node], tuple[int, ...]] | None:
+    """(the Slices in part order, their widths) when two or more Slices take consecutive
+    parts covering the last axis of `tail` (of `total` entries) once, and are its only readers
+    besides Shape reads: `torch.chunk(p, 3, dim=-1)`, or Phi-3's q, k, v of unequal widths,
+    the bounds folded to constants at load; else None."""
     users = [u for u in tail.outputs if u.op != "Shape"]
     rank = rank_of(tail)
-    if len(users) != 3 or rank is None or any(u.op != "Slice" for u in users):
+    if len(users) < 2 or rank is None or any(u.op != "Slice" for u in users):
         return None
-    found: dict[int, gs.Node] = {}
+    found: dict[int, tuple[int, gs.Node]] = {}
     for node in users:
-        bounds = _last_axis_bounds(node, rank, 3 * width)
-        if node.inputs[0] is not tail or bounds is None or bounds[1] - bounds[0] != width:
+        bounds = _last_axis_bounds(node, rank, total)
+        if node.inputs[0] is not tail or bounds is None or bounds[1] <= bounds[0]:
             return None
-        found[bounds[0] // width] = node
-    return [found[t] for t in range(3)] if sorted(found) == [0, 1, 2] else None
+        found[bounds[0]] = (bounds[1], node)
+    start, ordered, widths = 0, [], []
+    while start in found:
+        end, node = found.pop(start)
+        ordered.append(node)
+        widths.append(end - start)
+        start = end
+    return (ordered, tuple(widths)) if start == total and not found else None
 
 
 def _last_axis_bounds(node: gs.Node, rank: int, size: int) -> tuple[int, int] | None:
@@ -331,18 +344,21 @@ def _unpack(graph: gs.Graph, matmul: gs.Node, parts: _Parts) -> None:
     """Write each Gather's (or Slice's, or Split part's) output with its part's own MatMul (and
     bias Add, rows-to-tokens Reshape, head split Reshape and Transpose)."""
     weight = _weight(matmul)
-    width = weight.shape[1] // 3
+    widths = parts.widths or (weight.shape[1] // 3,) * 3
+    tags = "qkv" if len(widths) == 3 else [f"part{t}" for t in range(len(widths))]
     add = parts.add
     bias = None if add is None else next(t for t in add.inputs if isinstance(t, gs.Constant))
-    names = [None if add is None else f"{add.name}_{n}" for n in "qkv"]
+    names = [None if add is None else f"{add.name}_{n}" for n in tags]
     if matmul.op == "Gemm" and len(matmul.inputs) > 2 and matmul.inputs[2].name:
-        bias, names = matmul.inputs[2], [f"{matmul.name}_{n}_bias" for n in "qkv"]
+        bias, names = matmul.inputs[2], [f"{matmul.name}_{n}_bias" for n in tags]
     lead = len(shape_of(matmul.outputs[0])) - 1
     results = parts.outputs()
     for node in parts.gathers:
         node.outputs.clear()
-    for t, (result, name) in enumerate(zip(results, "qkv", strict=True)):
-        part, base = slice(t * width, (t + 1) * width), f"{matmul.name}_{name}"
+    starts = np.cumsum([0, *widths])
+    for t, (result, name) in enumerate(zip(results, tags, strict=True)):
+        width = widths[t]
+        part, base = slice(starts[t], starts[t + 1]), f"{matmul.name}_{name}"
         columns = np.ascontiguousarray(weight[:, part])
         steps = [("MatMul", base, [gs.Constant(f"{base}.weight", columns)], {})]
         if bias is not None:
