@@ -583,16 +583,20 @@ class PositionalAttention(nn.Module):
     over tokens → 4 scores. The dynamo export reads the heads' target from `Shape(ids)`, and ONNX
     shape inference gives the hidden states new symbols after the positional add."""
 
-    def __init__(self) -> None:
+    def __init__(self, token_types: bool = False) -> None:
         super().__init__()
         torch.manual_seed(4)
         self.embed, self.positions = nn.Embedding(11, DIM), nn.Embedding(16, DIM)
         self.register_buffer("position_ids", torch.arange(16)[None])
+        self.types = nn.Embedding(2, DIM) if token_types else None
+        self.register_buffer("type_ids", torch.zeros(1, 16, dtype=torch.long))
         self.q, self.k, self.v = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
         self.out, self.fc = nn.Linear(DIM, DIM), nn.Linear(DIM, 4)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids) + self.positions(self.position_ids[:, : ids.shape[1]])
+        if self.types is not None:  # BERT's buffered token types: `ids[:, :S].expand(B, S)`
+            x = x + self.types(self.type_ids[:, : ids.shape[1]].expand(*ids.shape))
 
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(*ids.shape, -1, HEAD_DIM).transpose(1, 2)
@@ -628,12 +632,15 @@ def _export_dynamo_ids(module: nn.Module) -> onnx.ModelProto:
     return program.model_proto
 
 
-def test_heads_split_by_the_input_shape_are_proven_and_pruned_exactly():
+@pytest.mark.parametrize("token_types", [False, True], ids=["positions", "token-types"])
+def test_heads_split_by_the_input_shape_are_proven_and_pruned_exactly(token_types):
     """The split's batch and tokens come from `Shape(ids)`; the hidden states' dims are proven
     equal to them through the positional add (the positions are a Slice from 0 to the tokens of
-    a longer table: at most that many, so the broadcast keeps the ids' size whenever it runs).
-    A duplicated head is then removed by ID exactly, at a token count the fit never saw."""
-    module = PositionalAttention()
+    a longer table: at most that many, so the broadcast keeps the ids' size whenever it runs)
+    and BERT's token-type add (an Expand of such a Slice to the ids' shape: broadcasting makes
+    it that shape). A duplicated head is then removed by ID exactly, at a token count the fit
+    never saw."""
+    module = PositionalAttention(token_types)
     with torch.no_grad():
         lo, hi = slice(0, HEAD_DIM), slice(2 * HEAD_DIM, 3 * HEAD_DIM)
         for linear in (module.q, module.k, module.v):

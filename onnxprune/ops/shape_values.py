@@ -130,6 +130,10 @@ def dim_origin(tensor: gs.Tensor, axis: int) -> int | str | None:
         return dim_origin(node.inputs[axis - len(shape) + 2], axis - len(shape))
     if node.op == "Split":
         return _split_origin(node, tensor, axis)
+    if node.op == "GatherElements":  # the indices' shape
+        return dim_origin(node.inputs[1], axis)
+    if node.op == "Expand":
+        return _expanded(node, len(shape), axis)
     if node.op == "Gather" and node.attrs.get("axis", 0) == 0:
         indices = rank_of(node.inputs[1])
         return dim_origin(node.inputs[1], axis) if indices and axis < indices else None
@@ -191,6 +195,20 @@ def _inferred_entry(node: gs.Node, axis: int) -> int | None:
     if left or rest <= 0 or known % rest:
         return None
     return known // rest
+
+
+def _expanded(node: gs.Node, rank: int, axis: int) -> int | str | None:
+    """The size of axis `axis` of an Expand's output: the target's proven entry t where the
+    input lacks the axis or is at most t there (broadcasting then makes it t: the input's size
+    is 1 or t), else None."""
+    length = (shape_of(node.inputs[1]) or [None])[0]
+    if not isinstance(length, int) or axis < rank - length:
+        return None  # the target is shorter: the input's own axis (not followed here)
+    stated = vector_entry(node.inputs[1], axis - (rank - length))
+    if stated is None or (isinstance(stated, int) and stated < 1):
+        return None
+    own = axis - (rank - (rank_of(node.inputs[0]) or 0))
+    return stated if _at_most(node.inputs[0], own, stated) else None
 
 
 def _split_origin(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str | None:
@@ -274,6 +292,8 @@ def _at_most(tensor: gs.Tensor, axis: int, size: int | str) -> bool:
         return indices is not None and axis < indices and _at_most(node.inputs[1], axis, size)
     if node is not None and (node.op in _SAME_SHAPE or _keeps_rows_of(node, axis)):
         return _at_most(node.inputs[0], axis, size)  # cob's inserted MatMul after an embedding
+    if node is not None and node.op == "GatherElements":  # the indices' shape
+        return _at_most(node.inputs[1], axis, size)
     if node is None or node.op != "Slice" or len(node.inputs) < 4:
         return False
     axes = node.inputs[3]
