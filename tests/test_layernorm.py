@@ -45,9 +45,9 @@ class _Attention(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, post: bool) -> None:
+    def __init__(self, post: bool, rows: bool = False) -> None:
         super().__init__()
-        self.post, self.ln1, self.ln2 = post, nn.LayerNorm(D), nn.LayerNorm(D)
+        self.post, self.rows, self.ln1, self.ln2 = post, rows, nn.LayerNorm(D), nn.LayerNorm(D)
         self.att = _Attention()
         self.ff = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(), nn.Linear(4 * D, D))
 
@@ -56,6 +56,9 @@ class _Block(nn.Module):
             x = self.ln1(x + self.att(x))
             return self.ln2(x + self.ff(x))
         x = x + self.att(self.ln1(x))
+        if self.rows:  # OPT: the FFN and its residual on the tokens as rows, viewed back
+            shape, x = x.shape, x.reshape(-1, x.size(-1))
+            return (x + self.ff(self.ln2(x))).view(shape)
         return x + self.ff(self.ln2(x))
 
 
@@ -63,11 +66,11 @@ class _Transformer(nn.Module):
     """Input Linear, 2 blocks, mean pooling, head. Post-LN (BERT) normalizes the embedding and
     has no final norm; pre-LN (GPT, ViT) has a final norm and none on the embedding."""
 
-    def __init__(self, post: bool, embed_norm: bool = True) -> None:
+    def __init__(self, post: bool, embed_norm: bool = True, rows: bool = False) -> None:
         super().__init__()
         self.post, self.embed_norm = post, embed_norm
         self.inp, self.ln, self.head = nn.Linear(FEATURES, D), nn.LayerNorm(D), nn.Linear(D, 3)
-        self.blocks = nn.Sequential(_Block(post), _Block(post))
+        self.blocks = nn.Sequential(_Block(post, rows), _Block(post, rows))
 
     def forward(self, x):
         h = self.inp(x)
@@ -94,11 +97,14 @@ class _ViT(nn.Module):
         return self.head(self.ln(self.blocks(h))[:, 0])
 
 
-def _transformer(post: bool, *, embed_norm: bool = True, rank: int | None = None):
+def _transformer(
+    post: bool, *, embed_norm: bool = True, rank: int | None = None, rows: bool = False
+):
     """Seeded weights with random LayerNorm affines; with `rank`, every stream writer's output
-    columns lie in one random rank-dim subspace (so does the stream, once centred)."""
+    columns lie in one random rank-dim subspace (so does the stream, once centred); with
+    `rows`, the FFNs run on the tokens as rows (OPT)."""
     torch.manual_seed(0)
-    model = _Transformer(post, embed_norm).eval()
+    model = _Transformer(post, embed_norm, rows).eval()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.LayerNorm):
@@ -207,6 +213,22 @@ def test_pre_ln_stream_is_one_rotatable_group_of_every_writer(exported, exporter
     assert len(stream[0].invariants) == 5  # every converted norm is passed as an RMSNorm
     # 2 × (q, k, v, ff.0) read the stream through weights, and the final norm's affine
     assert len(stream[0].consumers) == 9
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_a_stream_reshaped_to_rows_between_residual_adds_is_converted_and_one_group(
+    exported, exporter
+):
+    """OPT reshapes the stream to rows (reading its shape) before the FFN's norm and views the
+    FFN's residual sum back: every norm is still converted, the stream is one rotatable group
+    of every writer, and full-width `cob` is the same function."""
+    model = exported(False, exporter, rows=True)
+    conversion = to_rmsnorm(normalize(model))
+    assert len(conversion.converted) == 5 and not conversion.kept, conversion.kept
+    stream = [g for g in analyze(conversion.graph) if len(g.producers) == 5]
+    assert len(stream) == 1 and stream[0].rotatable, [g.reason for g in stream]
+    result = onnxprune.prune(model, method="cob", ratio=0.0, data=_feeds(model, 64, 0))
+    assert_outputs_close(model, result.model, _feeds(model, 2, 3), atol=1e-5, rtol=1e-4)
 
 
 def test_post_ln_streams_are_one_group_per_norm(exported):

@@ -311,7 +311,7 @@ def _stream(norm: LayerNorm, norms: list[LayerNorm]) -> _Stream | str:
                 continue
             if user.name in readers or user.name in carried or user.op == "Shape":
                 continue
-            if user.op == "Add" and _leads_to_norm(user, readers):
+            if user.op == "Add" and _leads_to_norm(user, readers, norm.width):
                 continue
             return f"the stream '{tensor.name}' is also read by {user.op} '{user.name}'"
     return _Stream(tuple(terms), tuple(n.name for n in after))
@@ -351,12 +351,19 @@ def _writer_terms(
             return [_Entry(tensor, width, embedding=True)], []
     elif node.op == "Add":
         return _sum_terms(node)
-    elif _keeps_rows(node, width) and len(node.inputs[0].outputs) == 1:
+    elif _keeps_rows(node, width) and _only_reader(node.inputs[0], node):
         return [], [node.inputs[0]]  # the writer before the rows were regrouped
     shape = tensor.shape
     if shape and shape[-1] == width:
         return [_Entry(tensor, width)], []
     return _cannot(node)
+
+
+def _only_reader(tensor: gs.Tensor, node: gs.Node) -> bool:
+    """`node` is the one reader of `tensor` besides Shape reads (OPT reads the shape of the
+    stream it reshapes to rows)."""
+    readers = [user for user in tensor.outputs if user.op != "Shape"]
+    return len(readers) == 1 and readers[0] is node
 
 
 def _cannot(node: gs.Node) -> str:
@@ -383,8 +390,9 @@ def _sum_terms(node: gs.Node) -> tuple[list[_Term], list[gs.Tensor]]:
     return terms, inputs
 
 
-def _leads_to_norm(node: gs.Node, readers: set[str]) -> bool:
-    """True when `node`'s output reaches a LayerNorm through Adds only."""
+def _leads_to_norm(node: gs.Node, readers: set[str], width: int) -> bool:
+    """True when `node`'s output reaches a LayerNorm through Adds and ops that keep its rows
+    only (OPT reshapes the tokens to rows between its residual Adds)."""
     stack, seen = [node], set()
     while stack:
         current = stack.pop()
@@ -394,7 +402,7 @@ def _leads_to_norm(node: gs.Node, readers: set[str]) -> bool:
         for user in current.outputs[0].outputs:
             if user.name in readers:
                 return True
-            if user.op == "Add":
+            if user.op == "Add" or _keeps_rows(user, width):
                 stack.append(user)
     return False
 
