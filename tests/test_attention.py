@@ -781,3 +781,84 @@ def test_unbound_packed_projection_heads_are_pruned_exactly():
     assert (heads.channels, heads.head_dim) == (HEADS, HEAD_DIM)
     assert len(heads.producers) == 3 and len(heads.consumers) == 1
     _assert_duplicated_head_removed_exactly(model, heads)
+
+
+class RelativeBiasAttention(nn.Module):
+    """T5's attention: a (buckets, heads) table Gathered by relative-position buckets, permuted
+    to (1, heads, queries, keys), computed once and added to the scores of both layers; no
+    scaling; then mean over tokens → 4 scores."""
+
+    BUCKETS = 7
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.table = nn.Embedding(self.BUCKETS, HEADS)
+        self.layers = nn.ModuleList(
+            nn.ModuleList(nn.Linear(DIM, DIM) for _ in range(4)) for _ in range(2)
+        )
+        self.fc = nn.Linear(DIM, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = torch.arange(x.shape[1])
+        relative = (tokens[None, :] - tokens[:, None]).clamp(-3, 3) + 3
+        bias = self.table(relative).permute(2, 0, 1).unsqueeze(0)
+        shape = (*x.shape[:2], HEADS, HEAD_DIM)
+        for q, k, v, o in self.layers:
+            qh, kh, vh = (p(x).view(shape).transpose(1, 2) for p in (q, k, v))
+            heads = (qh @ kh.transpose(-1, -2) + bias).softmax(dim=-1) @ vh
+            x = x + o(heads.transpose(1, 2).reshape(*x.shape[:2], DIM))
+        return self.fc(x.mean(dim=1))
+
+    def duplicate_head(self) -> RelativeBiasAttention:
+        """Head 2 := head 0 in every layer's q, k, v and in the bias table."""
+        lo, hi = slice(0, HEAD_DIM), slice(2 * HEAD_DIM, 3 * HEAD_DIM)
+        with torch.no_grad():
+            for q, k, v, _ in self.layers:
+                for linear in (q, k, v):
+                    linear.weight[hi], linear.bias[hi] = linear.weight[lo], linear.bias[lo]
+            self.table.weight[:, 2] = self.table.weight[:, 0]
+        return self
+
+
+def _export_tokens(module: nn.Module, exporter: str, path) -> onnx.ModelProto:
+    """Batch and tokens dynamic (so the bias buckets are computed, not folded)."""
+    x = torch.randn(2, TOKENS, DIM)
+    if exporter == "dynamo":
+        dims = {0: torch.export.Dim("batch", min=2), 1: torch.export.Dim("tokens", min=2)}
+        torch.onnx.export(module.eval(), (x,), str(path), dynamo=True, verbose=False,
+                          input_names=["input"], dynamic_shapes=(dims,))  # fmt: skip
+    else:
+        torch.onnx.export(module.eval(), (x,), str(path), dynamo=False, opset_version=17,
+                          input_names=["input"],
+                          dynamic_axes={"input": {0: "batch", 1: "tokens"}})  # fmt: skip
+    return onnx.load(str(path))
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_a_shared_relative_position_bias_is_sliced_with_each_layers_heads(exporter, tmp_path):
+    """T5's bias table is a per-head parameter reached by data movement: each layer gets its own
+    copy of it at load and slices its columns with its heads, so every layer's heads are
+    prunable; a duplicated head (its bias column too) is removed exactly at a token count the
+    fit never saw."""
+    module = RelativeBiasAttention().duplicate_head()
+    model = _export_tokens(module, exporter, tmp_path / "t5.onnx")
+    graph = normalize(model)
+    tables = [n for n in graph.nodes if n.op == "Gather" and list(n.inputs[0].shape) == [7, HEADS]]
+    assert len(tables) == 2  # one copy per layer
+    groups = analyze(normalize(model))
+    heads = [g for g in groups if g.head_dim > 1]
+    assert len(heads) == 2 and all(g.prunable for g in heads), [g.reason for g in heads]
+    outs = [g.consumers[0] for g in heads]
+    data = {"input": _inputs(48)}
+    options = dict(round_to=1, exclude=outs, data=data, verify=False)
+    same = onnxprune.prune(model, method="id", ratio=0.0, **options)
+    result = onnxprune.prune(
+        model, method="id", compensate="none", recalibrate=False, ratio=1 / HEADS, **options
+    )
+    assert all(len(result.plans[g.name].keep) == HEADS - 1 for g in heads)
+    longer = np.random.default_rng(2).standard_normal((4, TOKENS + 2, DIM)).astype(np.float32)
+    for pruned in (same.model, result.model):
+        assert_outputs_close(model, pruned, {"input": longer}, atol=1e-5)
+    widths = {t.dims[1] for t in result.model.graph.initializer if t.dims[:1] == [7]}
+    assert widths == {HEADS - 1}

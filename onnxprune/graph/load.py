@@ -216,6 +216,7 @@ def normalize(model: onnx.ModelProto) -> gs.Graph:
     _copy_dims_as_zero(graph)
     graph = _fold_until_settled(graph)
     _own_targets(graph)
+    _own_tables(graph)
     _gather_from_concat_part(graph)
     flatten_channels_first(graph)
     folds = _fold_batchnorm(graph)
@@ -630,6 +631,41 @@ def _own_targets(graph: gs.Graph) -> None:
                         [copy])
             )  # fmt: skip
             reshape.inputs[1] = copy
+
+
+_OWN_TABLE_BYTES = 1 << 20  # a copy per reader costs little only for a small table
+
+
+def _own_tables(graph: gs.Graph) -> None:
+    """Give every Add or Sub its own copy of a small constant table Gathered by computed indices
+    and moved (Transposes, Unsqueezes, Squeezes) into a tensor that several of them read: T5
+    computes one relative position bias in its first layer and adds it to every layer's scores,
+    and each layer's heads must slice its own copy of the table's columns
+    (ops/elementwise.py, `table_edit`)."""
+    for gather in [n for n in graph.nodes if n.op == "Gather"]:
+        table = gather.inputs[0]
+        if not isinstance(table, gs.Constant) or table.values.nbytes > _OWN_TABLE_BYTES:
+            continue
+        chain, tensor = [gather], gather.outputs[0]
+        while len(tensor.outputs) == 1 and tensor.outputs[0].op in _TABLE_MOVES:
+            chain.append(tensor.outputs[0])
+            tensor = chain[-1].outputs[0]
+        readers = [u for u in tensor.outputs if u.op in ("Add", "Sub")]
+        if len(table.outputs) != 1 or len(readers) < 2 or tensor in graph.outputs:
+            continue
+        for k, reader in enumerate(readers[1:], start=1):
+            source = gs.Constant(f"{table.name}.{k}", table.values)
+            for node in chain:
+                out = node.outputs[0]
+                copy = gs.Variable(f"{out.name}.{k}", dtype=out.dtype, shape=out.shape)
+                inputs = [source, *node.inputs[1:]]
+                graph.nodes.append(gs.Node(node.op, f"{node.name}.{k}", dict(node.attrs), inputs,
+                                           [copy]))  # fmt: skip
+                source = copy
+            reader.inputs[reader.inputs.index(tensor)] = source
+
+
+_TABLE_MOVES = frozenset({"Transpose", "Unsqueeze", "Squeeze"})
 
 
 def _copy_inferred_dim(node: gs.Node) -> None:

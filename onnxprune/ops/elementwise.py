@@ -2,7 +2,8 @@
 
 With a constant operand the channels pass and the constant is sliced along them where it has a
 channel axis. Two activations tie their producers into one group (a residual Add, an SE gate's
-Mul: `couple`) unless the other operand has no channel axis (a spatial attention map). A Pow or
+Mul: `couple`) unless the other operand has no channel axis (a spatial attention map), or is a
+constant table's columns moved onto the channel axis (T5's position bias, `table_edit`). A Pow or
 Mul that squares the channels and starts an RMSNorm pattern reads them only for the norm.
 """
 
@@ -14,7 +15,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.ops.flow import State, Step, block, rank_of, shape_of, through, with_param
+from onnxprune.graph.groups import ParamEdit
+from onnxprune.ops.flow import (
+    State,
+    Step,
+    axes_of,
+    block,
+    rank_of,
+    shape_of,
+    through,
+    with_param,
+)
 from onnxprune.ops.registry import Handler, register
 from onnxprune.ops.rmsnorm import is_rms_end, rms_kind, rms_square
 from onnxprune.ops.shape_values import is_one
@@ -46,6 +57,9 @@ class Elementwise(Handler):
         other_axis = axis - (out_rank - len(other_shape))
         if other_axis < 0 or is_one(node.inputs[other], other_axis):
             return through(node, state, axis=axis)  # e.g. a spatial attention map: channel-wise
+        table = table_edit(node.inputs[other], other_axis, state, channels)
+        if node.op in ("Add", "Sub") and table is not None:
+            return through(node, state, axis=axis, edits=[table])  # T5's position bias
         return through(node, state, axis=axis, couple=True)
 
     def rotation(self, node: gs.Node, index: int, state: State, result: Step) -> str | None:
@@ -93,6 +107,58 @@ class Elementwise(Handler):
             "Max": variadic(torch.maximum),
             "Min": variadic(torch.minimum),
         }[op_type]
+
+
+_MOVES = frozenset({"Transpose", "Unsqueeze", "Squeeze"})
+
+
+def table_edit(tensor: gs.Tensor, axis: int, state: State, channels: int) -> ParamEdit | None:
+    """The edit of a constant table whose columns become axis `axis` of `tensor` by data
+    movement alone: rows Gathered by computed indices, then Transposes, Unsqueezes, Squeezes,
+    each tensor read once (T5's relative position bias: a (buckets, heads) table Gathered by
+    bucket, permuted to (1, heads, queries, keys)). Added to the channels, the table is a
+    per-channel parameter like a constant's: its columns are sliced with them. None for any
+    other tensor."""
+    while tensor.inputs and tensor.inputs[0].op in _MOVES and len(tensor.outputs) == 1:
+        node = tensor.inputs[0]
+        axis = moved_from(node, axis)
+        if axis is None:
+            return None
+        tensor = node.inputs[0]
+    gather = tensor.inputs[0] if tensor.inputs else None
+    if gather is None or gather.op != "Gather" or len(tensor.outputs) != 1:
+        return None
+    table, indices = gather.inputs
+    rank = rank_of(indices)
+    if not isinstance(table, gs.Constant) or isinstance(indices, gs.Constant) or rank is None:
+        return None
+    along = gather.attrs.get("axis", 0) % table.values.ndim
+    if along <= axis < along + rank or len(table.outputs) != 1:
+        return None  # the channels on the gathered (index) axes, or the table read elsewhere
+    column = axis if axis < along else axis - rank + 1
+    total = table.values.shape[column]
+    if total % state.spatial or total // state.spatial < state.offset + channels:
+        return None
+    return ParamEdit(gather.name, 0, column, state.offset, "chan", state.spatial)
+
+
+def moved_from(node: gs.Node, axis: int) -> int | None:
+    """The input axis that Transpose, Unsqueeze or Squeeze `node` moves to output axis `axis`
+    (None: an axis it inserts, or unknown axes)."""
+    if node.op == "Transpose":
+        rank = rank_of(node.inputs[0])
+        perm = node.attrs.get("perm", None if rank is None else list(range(rank))[::-1])
+        return None if perm is None else int(perm[axis])
+    axes, rank = axes_of(node), rank_of(node.outputs[0])
+    if axes is None or rank is None:
+        return None
+    if node.op == "Unsqueeze":
+        added = sorted(a % rank for a in axes)
+        return None if axis in added else axis - sum(a < axis for a in added)
+    removed = sorted(a % (rank + len(axes)) for a in axes)
+    for a in removed:
+        axis += a <= axis
+    return axis
 
 
 @register("Sum", "Mean")
