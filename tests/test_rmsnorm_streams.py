@@ -10,7 +10,7 @@ same model with LayerNorms (GPT-2-style), exported by torch's legacy and dynamo 
   MatMul, taken back into the table on export);
 - cob at full width rotates the stream and changes nothing, and writes the rotated table;
 - where every writer spans k of d dimensions, keeping k is exact and shrinks the table to k
-  columns, keeping k − 1 is not.
+  columns (also behind Gemma's scale of the embeddings by √d), keeping k − 1 is not.
 """
 
 from __future__ import annotations
@@ -65,21 +65,25 @@ class _Block(nn.Module):
 
 
 class _Decoder(nn.Module):
-    def __init__(self, norm: type[nn.Module]) -> None:
+    def __init__(self, norm: type[nn.Module], scale: float = 1.0) -> None:
         super().__init__()
         self.embed, self.head = nn.Embedding(VOCAB, D), nn.Linear(D, VOCAB, bias=False)
         self.blocks = nn.Sequential(_Block(norm), _Block(norm))
-        self.norm = norm(D)
+        self.norm, self.scale = norm(D), scale
 
     def forward(self, ids):
-        return self.head(self.norm(self.blocks(self.embed(ids))))
+        x = self.embed(ids)
+        if self.scale != 1.0:  # Gemma: the embeddings times √d
+            x = x * self.scale
+        return self.head(self.norm(self.blocks(x)))
 
 
 def _decoder(norm: str, rank: int | None = None) -> nn.Module:
     """Seeded weights and norm scales; with `rank`, the embedding table and every stream
     writer's output columns lie in one random rank-dim subspace (so does the stream)."""
     torch.manual_seed(0)
-    model = _Decoder(nn.LayerNorm if norm == "layer" else _RMSNorm).eval()
+    scale = D**0.5 if norm == "rms-scaled" else 1.0
+    model = _Decoder(nn.LayerNorm if norm == "layer" else _RMSNorm, scale).eval()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, _RMSNorm | nn.LayerNorm):
@@ -169,8 +173,10 @@ def test_full_width_cob_rotates_the_stream_and_the_table_and_changes_nothing(
 
 
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
-def test_slicing_a_stream_of_rank_k_to_k_is_exact_and_to_k_minus_1_is_not(exported, exporter):
-    model = exported("rms", exporter, rank=10)
+@pytest.mark.parametrize("norm", ["rms", "rms-scaled"])
+def test_slicing_a_stream_of_rank_k_to_k_is_exact_and_to_k_minus_1_is_not(exported, exporter, norm):
+    """`rms-scaled`: Gemma's embeddings times √d enter the stream through the same table."""
+    model = exported(norm, exporter, rank=10)
     calib, test = _feeds(model, 128, 0), _feeds(model, 8, 4)
     groups = analyze(to_rmsnorm(normalize(model)).graph)
     others = [f"^{re.escape(g.name)}$" for g in groups if len(g.producers) != 5]

@@ -91,21 +91,38 @@ def fold_embedding_matmuls(graph: gs.Graph) -> None:
     outputs = {id(t) for t in graph.outputs}
     for node in [n for n in graph.nodes if n.op == "MatMul"]:
         weight, tensor = const(node, 1), node.inputs[0]
-        if id(tensor) in outputs:
-            continue
-        gather = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-        if gather is None or gather.op != "Gather" or gather.attrs.get("axis", 0) != 0:
+        gather = _embedding(tensor)
+        if id(tensor) in outputs or gather is None or weight is None or weight.ndim != 2:
             continue
         table = const(gather, 0)
-        if table is None or table.ndim != 2 or weight is None or weight.ndim != 2:
-            continue
         if len(tensor.outputs) != 1 or weight.shape[1] > weight.shape[0]:
             continue
         folded = np.asarray(table, np.float64) @ np.asarray(weight, np.float64)
         gather.inputs[0] = gs.Constant(f"{node.name}__table", folded.astype(table.dtype))
-        gather.outputs[0] = node.outputs[0]
+        last = tensor.inputs[0]  # the Gather, or the scale after it (which commutes with W)
+        if last is not gather:
+            rows = gs.Variable(f"{node.name}__rows", dtype=tensor.dtype)
+            last.inputs[last.inputs.index(gather.outputs[0])] = rows
+            gather.outputs[0] = rows
+        last.outputs[0] = node.outputs[0]
         node.outputs.clear()
     graph.cleanup()
+
+
+def _embedding(tensor: gs.Tensor) -> gs.Node | None:
+    """The Gather of rows of a constant 2-D table that writes `tensor`, directly or through one
+    Mul by a scalar constant (Gemma scales its embeddings by √d), each read once; else None."""
+    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if node is not None and node.op == "Mul" and len(node.inputs) == 2:
+        scales = [t for t in node.inputs if isinstance(t, gs.Constant) and t.values.size == 1]
+        rows = [t for t in node.inputs if not isinstance(t, gs.Constant)]
+        if len(scales) != 1 or len(rows) != 1 or len(rows[0].outputs) != 1:
+            return None
+        node = rows[0].inputs[0] if len(rows[0].inputs) == 1 else None
+    if node is None or node.op != "Gather" or node.attrs.get("axis", 0) != 0:
+        return None
+    table = const(node, 0)
+    return node if table is not None and table.ndim == 2 else None
 
 
 # --- folding γ and β into the readers -----------------------------------------------------
@@ -346,10 +363,9 @@ def _writer_terms(
         return [_Term(node, 1, 1)], []
     if node.op == "Gemm" and weight is not None and not node.attrs.get("transA", 0):
         return _gemm_terms(node)
-    if node.op == "Gather" and const(node, 0) is not None and node.attrs.get("axis", 0) == 0:
-        if const(node, 0).ndim == 2:
-            return [_Entry(tensor, width, embedding=True)], []
-    elif node.op == "Add":
+    if _embedding(tensor) is not None:
+        return [_Entry(tensor, width, embedding=True)], []
+    if node.op == "Add":
         return _sum_terms(node)
     elif _keeps_rows(node, width) and _only_reader(node.inputs[0], node):
         return [], [node.inputs[0]]  # the writer before the rows were regrouped
