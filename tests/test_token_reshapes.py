@@ -14,6 +14,7 @@ from __future__ import annotations
 import graphs
 import numpy as np
 import onnx
+import pytest
 from conftest import assert_outputs_close, max_deviation, run_model
 
 import onnxprune
@@ -95,10 +96,11 @@ def test_id_removes_the_twins_exactly_and_the_output_keeps_its_shape():
     assert max_deviation(model, dropped.model, held) > 1e-2  # the fold is what makes it exact
 
 
-def _flatten2(twins: bool = True, *, channel_entry_last: bool = False):
+def _flatten2(twins: bool = True, *, channel_entry_last: bool = False, stated: bool = False):
     """x[N, 3, 4, 4] → Conv(6) = y → Reshape(y, Concat(Slice(Shape(y), 0, 2), [-1])) → (N, 6,
     16) → Transpose → (N, 16, 6) → Relu → MatMul(6 → 3) → out. `channel_entry_last` reads the
-    target as (N, -1, 6) instead: the same count, but the data reinterpreted, not kept. With
+    target as (N, -1, 6) instead: the same count, but the data reinterpreted, not kept.
+    `stated`: the dynamo exporter's constant target [-1, 6, 16] with `allowzero` 1. With
     `twins`, channels 3–5 repeat channels 0–2."""
     b = graphs.Builder(4)
     w = (0.5 * b.rng.standard_normal((HIDDEN, 3, 3, 3))).astype(np.float32)
@@ -110,7 +112,9 @@ def _flatten2(twins: bool = True, *, channel_entry_last: bool = False):
     shape = b.node("Shape", "shape", [y])
     ints = {k: b.const(k, np.array([v], dtype=np.int64)) for k, v in
             (("zero", 0), ("one", 1), ("two", 2), ("minus", -1))}  # fmt: skip
-    if channel_entry_last:
+    if stated:
+        target = b.const("target", np.array([-1, HIDDEN, 16], dtype=np.int64))
+    elif channel_entry_last:
         batch = b.node("Slice", "batch", [shape, ints["zero"], ints["one"]])
         count = b.node("Slice", "count", [shape, ints["one"], ints["two"]])
         target = b.node("Concat", "target", [batch, ints["minus"], count], axis=0)
@@ -118,9 +122,8 @@ def _flatten2(twins: bool = True, *, channel_entry_last: bool = False):
         # with its axes stated, as the legacy exporter writes it
         lead = b.node("Slice", "lead", [shape, ints["zero"], ints["two"], ints["zero"]])
         target = b.node("Concat", "target", [lead, ints["minus"]], axis=0)
-    tokens = b.node(
-        "Transpose", "tokens", [b.node("Reshape", "flat2", [y, target])], perm=[0, 2, 1]
-    )
+    flat = b.node("Reshape", "flat2", [y, target], **({"allowzero": 1} if stated else {}))
+    tokens = b.node("Transpose", "tokens", [flat], perm=[0, 2, 1])
     out = b.node("MatMul", "fc", [b.relu("act", tokens), b.rand("fc.w", HIDDEN, OUT)])
     return b.model([out], shape=("N", 3, 4, 4))
 
@@ -129,8 +132,9 @@ def _conv_group(model: onnx.ModelProto):
     return next(g for g in analyze(normalize(model)) if "conv" in g.producers)
 
 
-def test_flatten2_keeps_the_conv_channels_prunable():
-    group = _conv_group(_flatten2())
+@pytest.mark.parametrize("stated", [False, True], ids=["shape-read", "dynamo-constant"])
+def test_flatten2_keeps_the_conv_channels_prunable(stated):
+    group = _conv_group(_flatten2(stated=stated))
     assert group.prunable, group.reason
     assert "fc" in group.consumers
 
@@ -141,14 +145,16 @@ def test_a_target_that_moves_the_read_channel_count_is_refused():
     assert group.reason == "Reshape 'flat2' does not flatten from the channel axis"
 
 
-def test_flatten2_ratio_zero_and_the_twins_are_exact():
+@pytest.mark.parametrize("stated", [False, True], ids=["shape-read", "dynamo-constant"])
+def test_flatten2_ratio_zero_and_the_twins_are_exact(stated):
+    """The dynamo target [-1, 6, 16] states the channel count: it becomes [0, 3, 16]."""
     feeds = {"x": np.random.default_rng(5).standard_normal((64, 3, 4, 4)).astype(np.float32)}
     held = {"x": np.random.default_rng(6).standard_normal((16, 3, 4, 4)).astype(np.float32)}
     plain = dict(compensate="none", recalibrate=False, round_to=1, verify=False)
-    model = _flatten2(twins=False)
+    model = _flatten2(twins=False, stated=stated)
     result = onnxprune.prune(model, method="id", ratio=0.0, data=feeds, allow_noop=True)
     assert_outputs_close(model, result.model, held, atol=1e-6)
-    model = _flatten2()
+    model = _flatten2(stated=stated)
     result = onnxprune.prune(model, method="id", ratio=0.5, data=feeds, **plain)
     conv = next(n for n in result.model.graph.node if n.name == "conv")
     weights = {t.name: t for t in result.model.graph.initializer}

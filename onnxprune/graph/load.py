@@ -596,11 +596,18 @@ def _copy_dims_as_zero(graph: gs.Graph) -> None:
     same values by definition, and constant. torch exports `x.view(x.size(0), -1)` with a Gather
     of the shape, Paddle `flatten` with a Slice, Paddle's channel shuffle as
     Reshape(x, [-1, g, C/g, H, W]); with a dynamic batch the first targets then fold to [0, -1],
-    a flatten the analyzer reads, and the last keeps the batch's symbol through shape inference."""
+    a flatten the analyzer reads, and the last keeps the batch's symbol through shape inference.
+    The dynamo exporter's `allowzero` is dropped from constant targets with no 0 entry, where it
+    changes nothing (`x.flatten(2)` written as Reshape(x, [-1, C, H·W]))."""
     for node in graph.nodes:
-        if node.op != "Reshape" or node.attrs.get("allowzero", 0):
+        if node.op != "Reshape":
             continue
-        if isinstance(node.inputs[1], gs.Constant):
+        constant = isinstance(node.inputs[1], gs.Constant)
+        if node.attrs.get("allowzero", 0):  # dynamo's: it only matters for entries of 0
+            if not constant or not np.all(node.inputs[1].values):
+                continue
+            del node.attrs["allowzero"]
+        if constant:
             _copy_inferred_dim(node)
             continue
         concat = _producer(node.inputs[1], "Concat")

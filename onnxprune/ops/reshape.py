@@ -264,20 +264,26 @@ def _channels_to(node: gs.Node, state: State, axis: int, size: int) -> Step:
 def _keeps_leading(node: gs.Node, state: State) -> Step | None:
     """The step when Reshape `node` keeps the channel axis and every axis before it, each
     target entry up to the channels copying the input's dim (0, or read from the input's own
-    shape), and only regroups the axes after it (module docstring); else None."""
-    shape_out, data = shape_of(node.outputs[0]), node.inputs[0]
+    shape; the channels' entry may also state their static count, which then shrinks with
+    them: dynamo's `x.flatten(2)` as [0, C, H·W]), and only regroups the axes after it (module
+    docstring); else None."""
+    shape_in, shape_out, data = shape_of(node.inputs[0]), shape_of(node.outputs[0]), node.inputs[0]
     if shape_out is None or len(shape_out) <= state.axis or state.spatial != 1:
         return None
+    edits = []
     for entry in range(state.axis + 1):
         stated = target_entry(node, entry)
         if isinstance(stated, Step):
             return None
         if isinstance(stated.tensor, gs.Constant):
-            if stated.value() != 0 or node.attrs.get("allowzero", 0):
+            count = shape_in[entry] if shape_in is not None and entry == state.axis else None
+            if isinstance(count, int) and stated.value() == count > 1:
+                edits.append(stated.edit(state.offset))
+            elif stated.value() != 0 or node.attrs.get("allowzero", 0):
                 return None
         elif shape_source(stated.tensor, stated.at) != (data, entry):
             return None
-    return through(node, state)
+    return through(node, state, edits=edits)
 
 
 def _restores(node: gs.Node, state: State) -> Step | None:
