@@ -2,14 +2,17 @@
 
 Random weights (seeded; the structure is what is measured): LLaMA with grouped-query attention
 (4 query, 2 key/value heads) and with one key/value head per query head, Qwen2 (biased q/k/v,
-grouped-query), GPT-2 (packed `c_attn` Conv1D, tanh GELU) and DistilBERT (post-LN encoder);
-hidden 128, 2 layers, vocabulary 1000, eager attention. Each through the legacy exporter at
-opset 17 (`NAME.onnx`) and the dynamo exporter (`NAME.dynamo.onnx`, opset 18), batch and
+grouped-query), Mistral (grouped-query), Gemma (one key/value head, GeGLU, embeddings scaled by
+√d), Phi-3 (packed q/k/v and gate/up projections), GPT-2 (packed `c_attn` Conv1D, tanh GELU),
+GPT-NeoX, OPT (FFN on the tokens as rows), BERT and DistilBERT (post-LN encoders) and T5's
+encoder (relative position bias); hidden 128, 2 layers, vocabulary 1000, eager attention. Each
+through the legacy exporter at opset 17 (`NAME.onnx`) and the dynamo exporter
+(`NAME.dynamo.onnx`, opset 18), batch and
 sequence dynamic, inputs `input_ids` and `attention_mask`, output the logits (DistilBERT: the
 last hidden state), checked against torch; plus `calib.npz` (64 random token sequences of 32,
 all-ones mask).
 
-    ONNXPRUNE_ZOO_CACHE=/work/zoo_cache python benchmarks/llm_models.py
+    ONNXPRUNE_ZOO_CACHE=/work/zoo_cache python benchmarks/llm_models.py [NAME ...]
     onnxprune analyze /work/zoo_cache/llm/llama.onnx
     onnxprune /work/zoo_cache/llm/gpt2.onnx --method cob --ratio 0.25 \\
         --data /work/zoo_cache/llm/calib.npz -o gpt2.cob.onnx

@@ -437,6 +437,23 @@ def random_input(model: onnx.ModelProto, n: int = 4, seed: int = 0) -> dict[str,
     return feeds
 
 
+def export_tokens(module, input_shape: Sequence[int], exporter: str, path) -> onnx.ModelProto:
+    """Export a torch module reading (batch, tokens, features) with batch and tokens dynamic, by
+    the legacy exporter (opset 17) or the dynamo exporter; the input is named `input`."""
+    import torch
+
+    x = torch.randn(*input_shape)
+    if exporter == "dynamo":
+        dims = {0: torch.export.Dim("batch", min=2), 1: torch.export.Dim("tokens", min=2)}
+        torch.onnx.export(module.eval(), (x,), str(path), dynamo=True, verbose=False,
+                          input_names=["input"], dynamic_shapes=(dims,))  # fmt: skip
+    else:
+        torch.onnx.export(module.eval(), (x,), str(path), dynamo=False, opset_version=17,
+                          input_names=["input"],
+                          dynamic_axes={"input": {0: "batch", 1: "tokens"}})  # fmt: skip
+    return onnx.load(str(path))
+
+
 def export_torch(module, input_shape: Sequence[int]) -> onnx.ModelProto:
     """Export a torch module with the legacy exporter (opset 17, dynamic batch) to a ModelProto.
 

@@ -821,20 +821,6 @@ class RelativeBiasAttention(nn.Module):
         return self
 
 
-def _export_tokens(module: nn.Module, exporter: str, path) -> onnx.ModelProto:
-    """Batch and tokens dynamic (so the bias buckets are computed, not folded)."""
-    x = torch.randn(2, TOKENS, DIM)
-    if exporter == "dynamo":
-        dims = {0: torch.export.Dim("batch", min=2), 1: torch.export.Dim("tokens", min=2)}
-        torch.onnx.export(module.eval(), (x,), str(path), dynamo=True, verbose=False,
-                          input_names=["input"], dynamic_shapes=(dims,))  # fmt: skip
-    else:
-        torch.onnx.export(module.eval(), (x,), str(path), dynamo=False, opset_version=17,
-                          input_names=["input"],
-                          dynamic_axes={"input": {0: "batch", 1: "tokens"}})  # fmt: skip
-    return onnx.load(str(path))
-
-
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
 def test_a_shared_relative_position_bias_is_sliced_with_each_layers_heads(exporter, tmp_path):
     """T5's bias table is a per-head parameter reached by data movement: each layer gets its own
@@ -842,7 +828,7 @@ def test_a_shared_relative_position_bias_is_sliced_with_each_layers_heads(export
     prunable; a duplicated head (its bias column too) is removed exactly at a token count the
     fit never saw."""
     module = RelativeBiasAttention().duplicate_head()
-    model = _export_tokens(module, exporter, tmp_path / "t5.onnx")
+    model = graphs.export_tokens(module, (2, TOKENS, DIM), exporter, tmp_path / "t5.onnx")
     graph = normalize(model)
     tables = [n for n in graph.nodes if n.op == "Gather" and list(n.inputs[0].shape) == [7, HEADS]]
     assert len(tables) == 2  # one copy per layer

@@ -10,6 +10,7 @@ is removed exactly by ID, with both exporters and at token counts the fit never 
 
 from __future__ import annotations
 
+import graphs
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -97,16 +98,7 @@ class GroupedQueryAttention(nn.Module):
 
 
 def _export(module: nn.Module, exporter: str, path) -> onnx.ModelProto:
-    x = torch.randn(2, TOKENS, DIM)
-    if exporter == "dynamo":
-        dims = {0: torch.export.Dim("batch", min=2), 1: torch.export.Dim("tokens", min=2)}
-        torch.onnx.export(module.eval(), (x,), str(path), dynamo=True, verbose=False,
-                          input_names=["input"], dynamic_shapes=(dims,))  # fmt: skip
-    else:
-        torch.onnx.export(module.eval(), (x,), str(path), dynamo=False, opset_version=17,
-                          input_names=["input"],
-                          dynamic_axes={"input": {0: "batch", 1: "tokens"}})  # fmt: skip
-    return onnx.load(str(path))
+    return graphs.export_tokens(module, (2, TOKENS, DIM), exporter, path)
 
 
 def _inputs(n: int, tokens: int = TOKENS, seed: int = 0) -> np.ndarray:
