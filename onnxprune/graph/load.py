@@ -49,7 +49,7 @@ from onnxprune.graph.external import (
 from onnxprune.graph.fused import MS, expand_fused
 from onnxprune.graph.packed import unpack_projections
 from onnxprune.graph.repeat_kv import gather_repeats
-from onnxprune.ops.flow import shape_of
+from onnxprune.ops.flow import AXIS_MOVES, shape_of
 from onnxprune.ops.shape_values import shape_source
 
 SUPPORTED_OPSETS = range(11, 24)
@@ -654,7 +654,7 @@ def _own_tables(graph: gs.Graph) -> None:
         if not isinstance(table, gs.Constant) or table.values.nbytes > _OWN_TABLE_BYTES:
             continue
         chain, tensor = [gather], gather.outputs[0]
-        while len(tensor.outputs) == 1 and tensor.outputs[0].op in _TABLE_MOVES:
+        while len(tensor.outputs) == 1 and tensor.outputs[0].op in AXIS_MOVES:
             chain.append(tensor.outputs[0])
             tensor = chain[-1].outputs[0]
         readers = [u for u in tensor.outputs if u.op in ("Add", "Sub")]
@@ -670,9 +670,6 @@ def _own_tables(graph: gs.Graph) -> None:
                                            [copy]))  # fmt: skip
                 source = copy
             reader.inputs[reader.inputs.index(tensor)] = source
-
-
-_TABLE_MOVES = frozenset({"Transpose", "Unsqueeze", "Squeeze"})
 
 
 def _copy_inferred_dim(node: gs.Node) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.ops.flow import axes_of, shape_of
+from onnxprune.ops.flow import axes_of, shape_of, single_user
 from onnxprune.ops.shape_values import dim_origin, entry_value, vector_entry, vector_source
 
 __all__ = ["gather_repeats"]
@@ -58,9 +58,11 @@ def _repetition(unsqueeze: gs.Node, outputs: set[str]) -> tuple[gs.Node, int, in
     rank = len(shape)
     new = axes[0] % (rank + 1)
     axis = new - 1
-    expand = _only_reader(unsqueeze.outputs[0], "Expand", outputs)
-    reshape = _only_reader(expand.outputs[0], "Reshape", outputs) if expand else None
+    expand = single_user(unsqueeze, "Expand")
+    reshape = single_user(expand, "Reshape") if expand else None
     if axis < 0 or reshape is None or expand.inputs[0] is not unsqueeze.outputs[0]:
+        return None
+    if {unsqueeze.outputs[0].name, expand.outputs[0].name} & outputs:
         return None
     size, repeats = dim_origin(x, axis), entry_value(expand.inputs[1], new)
     if not isinstance(size, int) or repeats is None or repeats < 1:
@@ -107,10 +109,3 @@ def _unmasked(target: gs.Tensor) -> gs.Tensor:
     if node is not None and node.op == "Reshape" and len(shape_of(node.inputs[0]) or []) == 1:
         return node.inputs[0]
     return target
-
-
-def _only_reader(tensor: gs.Tensor, op: str, outputs: set[str]) -> gs.Node | None:
-    users = tensor.outputs
-    if tensor.name in outputs or len(users) != 1 or users[0].op != op:
-        return None
-    return users[0]

@@ -210,9 +210,8 @@ class Gather(Handler):
         axis = node.attrs.get("axis", 0) % rank
         if axis == state.axis:
             copies = repeats(node)
-            if copies is None or (state.offset + channels) * state.spatial * copies > len(
-                const(node, 1)
-            ):
+            end = (state.offset + channels) * state.spatial * (copies or 0)
+            if copies is None or end > indices.size:
                 return block(f"Gather '{node.name}' selects along the channel axis")
             spatial = state.spatial * copies
             edit = ParamEdit(node.name, 1, 0, state.offset, "chan", spatial)

@@ -17,10 +17,11 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit
 from onnxprune.ops.flow import (
+    AXIS_MOVES,
     State,
     Step,
-    axes_of,
     block,
+    moved_from,
     rank_of,
     shape_of,
     through,
@@ -109,9 +110,6 @@ class Elementwise(Handler):
         }[op_type]
 
 
-_MOVES = frozenset({"Transpose", "Unsqueeze", "Squeeze"})
-
-
 def table_edit(tensor: gs.Tensor, axis: int, state: State, channels: int) -> ParamEdit | None:
     """The edit of a constant table whose columns become axis `axis` of `tensor` by data
     movement alone: rows Gathered by computed indices, then Transposes, Unsqueezes, Squeezes,
@@ -119,7 +117,7 @@ def table_edit(tensor: gs.Tensor, axis: int, state: State, channels: int) -> Par
     bucket, permuted to (1, heads, queries, keys)). Added to the channels, the table is a
     per-channel parameter like a constant's: its columns are sliced with them. None for any
     other tensor."""
-    while tensor.inputs and tensor.inputs[0].op in _MOVES and len(tensor.outputs) == 1:
+    while tensor.inputs and tensor.inputs[0].op in AXIS_MOVES and len(tensor.outputs) == 1:
         node = tensor.inputs[0]
         axis = moved_from(node, axis)
         if axis is None:
@@ -140,25 +138,6 @@ def table_edit(tensor: gs.Tensor, axis: int, state: State, channels: int) -> Par
     if total % state.spatial or total // state.spatial < state.offset + channels:
         return None
     return ParamEdit(gather.name, 0, column, state.offset, "chan", state.spatial)
-
-
-def moved_from(node: gs.Node, axis: int) -> int | None:
-    """The input axis that Transpose, Unsqueeze or Squeeze `node` moves to output axis `axis`
-    (None: an axis it inserts, or unknown axes)."""
-    if node.op == "Transpose":
-        rank = rank_of(node.inputs[0])
-        perm = node.attrs.get("perm", None if rank is None else list(range(rank))[::-1])
-        return None if perm is None else int(perm[axis])
-    axes, rank = axes_of(node), rank_of(node.outputs[0])
-    if axes is None or rank is None:
-        return None
-    if node.op == "Unsqueeze":
-        added = sorted(a % rank for a in axes)
-        return None if axis in added else axis - sum(a < axis for a in added)
-    removed = sorted(a % (rank + len(axes)) for a in axes)
-    for a in removed:
-        axis += a <= axis
-    return axis
 
 
 @register("Sum", "Mean")

@@ -178,3 +178,25 @@ def axes_of(node: gs.Node) -> list[int] | None:
         value = const(node, 1)
         axes = None if value is None else value.reshape(-1).tolist()
     return None if axes is None else [int(a) for a in axes]
+
+
+AXIS_MOVES = frozenset({"Transpose", "Unsqueeze", "Squeeze"})  # ops that only move axes
+
+
+def moved_from(node: gs.Node, axis: int) -> int | None:
+    """The input axis that Transpose, Unsqueeze or Squeeze `node` moves to output axis `axis`
+    (None: an axis it inserts, or unknown axes)."""
+    if node.op == "Transpose":
+        rank = rank_of(node.inputs[0])
+        perm = node.attrs.get("perm", None if rank is None else list(range(rank))[::-1])
+        return None if perm is None else int(perm[axis])
+    axes, rank = axes_of(node), rank_of(node.outputs[0])
+    if axes is None or rank is None:
+        return None
+    if node.op == "Unsqueeze":
+        added = sorted(a % rank for a in axes)
+        return None if axis in added else axis - sum(a < axis for a in added)
+    removed = sorted(a % (rank + len(axes)) for a in axes)
+    for a in removed:
+        axis += a <= axis
+    return axis

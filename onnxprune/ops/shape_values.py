@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit
 from onnxprune.ops.concat_split import split_sizes
-from onnxprune.ops.flow import Step, axes_of, block, const, rank_of, shape_of
+from onnxprune.ops.flow import Step, axes_of, block, const, moved_from, rank_of, shape_of
 
 _ELEMENTWISE = frozenset(
     {"Where", "Cast", "Not", "And", "Or", "Equal", "Add", "Sub", "Mul", "Div", "Neg"}
@@ -122,10 +122,11 @@ def dim_origin(tensor: gs.Tensor, axis: int) -> int | str | None:
         return shape[axis] or None  # a graph input's symbolic dim
     if node.op in _SAME_SHAPE:
         return dim_origin(node.inputs[0], axis)
-    if node.op == "Transpose" and "perm" in node.attrs:
-        return dim_origin(node.inputs[0], node.attrs["perm"][axis])
+    if (node.op == "Transpose" and "perm" in node.attrs) or node.op == "Unsqueeze":
+        moved = moved_from(node, axis)
+        return None if moved is None else dim_origin(node.inputs[0], moved)
     if node.op in ("MatMul", "Gemm") and isinstance(node.inputs[1], gs.Constant):
-        return dim_origin(node.inputs[0], axis) if axis < len(shape) - 1 else None
+        return dim_origin(node.inputs[0], axis) if _keeps_rows_of(node, axis) else None
     if node.op == "MatMul" and axis >= len(shape) - 2:  # rows of the first, columns of the second
         return dim_origin(node.inputs[axis - len(shape) + 2], axis - len(shape))
     if node.op == "Split":
@@ -143,13 +144,6 @@ def dim_origin(tensor: gs.Tensor, axis: int) -> int | str | None:
         reduced = axes_of(node)
         kept = reduced is not None and axis not in [a % len(shape) for a in reduced]
         return dim_origin(node.inputs[0], axis) if kept else None
-    if node.op == "Unsqueeze" and (added := axes_of(node)) is not None:
-        added = sorted(a % len(shape) for a in added)
-        return (
-            None
-            if axis in added
-            else dim_origin(node.inputs[0], axis - sum(a < axis for a in added))
-        )
     if node.op == "Range":  # arange(0, n, 1): n entries, n read from a shape
         start, delta = (entry_value(t, 0) for t in node.inputs[::2])
         return shape_entry(node.inputs[1], 0) if (start, delta) == (0, 1) else None
