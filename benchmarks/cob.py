@@ -14,7 +14,11 @@ MobileNetV2 the linear bottleneck streams (projection conv → residual Add → 
 have no nonlinearity, so cob uses the centred PCA with the mean folded into the consumer
 biases: the optimal rank-k affine approximation of the taps. Only those two rotatable groups are
 pruned (`--prune-residual`, every other group at ratio 0), against id with and without an
-intercept, activation and magnitude. `--part tsra|linear` runs one part; results are merged.
+intercept, activation and magnitude. The third part is the opposite case: the digits ViT (both
+exporters), whose patch conv, attention heads and FFN neurons cannot be rotated (a Transpose, the
+softmax, the GELU), so cob rotates and slices its residual streams and plans the rest as id does;
+against id (its defaults) and magnitude at the same channel ratio.
+`--part tsra|linear|unrotatable` runs one part; results are merged.
 Writes benchmarks/results/cob.json.
 """
 
@@ -56,6 +60,8 @@ LINEAR_METHODS = {
     "activation": ("activation", {}),
     "magnitude": ("magnitude", {}),
 }
+UNROTATABLE_MODELS = ("vit", "vit.dynamo")
+UNROTATABLE_METHODS = ("cob", "id", "magnitude")
 THRESHOLDS = ("max:0.05", "max:0.1", "max:0.2", "mean:0.5", "median:0.5", "zscore:-0.5")
 
 
@@ -85,12 +91,14 @@ def run(model: str, method: str, **options: object) -> dict:
             verify=False, **options,
         )  # fmt: skip
     before, after = result.report.params
+    macs_before, macs_after = result.report.macs
     pruned, original = logits(result.model), logits(MODELS / f"{model}.onnx")
     errors = [p.info["err"] for p in result.plans.values() if "err" in p.info]
     return {
         "accuracy": accuracy(pruned),
         "logit_rel_l2": float(np.linalg.norm(pruned - original) / np.linalg.norm(original)),
         "params_removed": 1 - after / before,
+        "macs_removed": 1 - macs_after / macs_before,
         "params": after,
         "widths": {name: len(plan.keep) for name, plan in result.plans.items()},
         "tap_error_max": max(errors) if errors else None,
@@ -109,6 +117,19 @@ def linear_chains() -> dict:
         }
         out[f"{ratio:.2f}"] = row
         print("linear", ratio, {k: round(v["accuracy"], 2) for k, v in row.items()}, flush=True)
+    return out
+
+
+def unrotatable() -> dict:
+    """The digits ViTs by cob (streams rotated, the rest planned as id), id and magnitude."""
+    out: dict = {
+        m: {"baseline": accuracy(logits(MODELS / f"{m}.onnx"))} for m in UNROTATABLE_MODELS
+    }
+    for model in UNROTATABLE_MODELS:
+        for ratio in (0.1, 0.25, 0.5):
+            row = {method: run(model, method, ratio=ratio) for method in UNROTATABLE_METHODS}
+            out[model][f"{ratio:.2f}"] = row
+            print(model, ratio, {k: round(v["accuracy"], 2) for k, v in row.items()}, flush=True)
     return out
 
 
@@ -137,7 +158,7 @@ def tsra() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("all", "tsra", "linear"), default="all")
+    parser.add_argument("--part", choices=("all", "tsra", "linear", "unrotatable"), default="all")
     part = parser.parse_args().part
     path = ROOT / "benchmarks" / "results" / "cob.json"
     out = json.loads(path.read_text()) if path.is_file() else {}
@@ -148,6 +169,8 @@ def main() -> None:
         out.update(tsra())
     if part in ("all", "linear"):
         out["linear_chains"] = linear_chains()
+    if part in ("all", "unrotatable"):
+        out["unrotatable"] = unrotatable()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     print(f"written: {path}")

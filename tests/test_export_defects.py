@@ -195,7 +195,7 @@ def _rmsnorm_chain(kind: str) -> onnx.ModelProto:
 
     kind "duplicate": c1's channel 7 repeats channel 3, both scaled up to carry over half of
     the energy (an average-energy channel leaves the mean divisor unchanged); "zero": channel 7
-    is 0 everywhere."""
+    is 0 everywhere; "zero-relu": the same with a ReLU before c2 (no rotation passes it)."""
     b = graphs.Builder(44)
     weight = (0.5 * b.rng.standard_normal((8, 3, 3, 3))).astype(np.float32)
     bias = (0.5 * b.rng.standard_normal(8)).astype(np.float32)
@@ -207,6 +207,8 @@ def _rmsnorm_chain(kind: str) -> onnx.ModelProto:
     mean = b.node("ReduceMean", "ms", [square], axes=[1], keepdims=1)
     eps = b.node("Add", "eps", [mean, b.const("eps.v", np.array(1e-6, dtype=np.float32))])
     normed = b.node("Div", "norm", [h, b.node("Sqrt", "rms", [eps])])
+    if kind == "zero-relu":
+        normed = b.relu("relu", normed)
     return b.model([b.conv("c2", normed, 8, 4)])
 
 
@@ -235,20 +237,22 @@ def _without_divisor_correction(model: onnx.ModelProto, result) -> onnx.ModelPro
 
 @pytest.mark.parametrize(
     ("kind", "method"),
-    [("zero", "magnitude"), ("opset23", "magnitude"), ("duplicate", "id")],
-    ids=["zero", "opset23-zero", "duplicate"],
+    [("zero", "magnitude"), ("opset23", "magnitude"), ("duplicate", "id"), ("zero-relu", "cob")],
+    ids=["zero", "opset23-zero", "duplicate", "cob-unrotated"],
 )
 def test_rmsnorm_divisor_is_corrected_for_methods_other_than_cob(kind, method):
     """Removing channels changes RMSNorm's divisor √(Σ x²/C): the consumers of its output are
     rescaled by √(C·E_S / (k·E)). A removed zero channel is then reproduced exactly (the factor is
-    √(8/7) for every sample); a removed duplicate closely, and far better than without it."""
+    √(8/7) for every sample); a removed duplicate closely, and far better than without it. cob
+    corrects the divisor itself where it rotates (--rms-correction); a group it cannot rotate is
+    planned as by id, with this correction."""
     model = _rmsnormalization_chain() if kind == "opset23" else _rmsnorm_chain(kind)
     calib, test = graphs.random_input(model, 32), graphs.random_input(model, 8, seed=3)
     group = next(g for g in onnxprune.analyze(model).groups if g.name == "c1")
     energies = "c1_out" if kind == "opset23" else "norm_out"  # before the per-channel scale
-    assert group.prunable and [(k, t.tensor) for k, t in group.normalized] == [
-        ("norm_out", energies)
-    ]
+    tap = "relu_out" if kind == "zero-relu" else "norm_out"
+    assert group.prunable and [(k, t.tensor) for k, t in group.normalized] == [(tap, energies)]
+    assert not group.rotatable or kind != "zero-relu"
     common = {"method": method, "round_to": 1, "data": calib, "verify": False}
     assert_outputs_close(model, onnxprune.prune(model, ratio=0.0, **common).model, test)
     result = onnxprune.prune(model, ratio=1 / 8, **common)

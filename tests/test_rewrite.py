@@ -279,6 +279,28 @@ def test_id_removes_dependent_channels_exactly_and_magnitude_does_not(module, re
     assert max_deviation(model, by_magnitude.model, test) > 1e-2
 
 
+@pytest.mark.parametrize(
+    "module, recipe",
+    [
+        (DuplicateBeforeFlatten, {"/conv/Conv": 0.5}),
+        (DuplicateInConcat, {"/branch_a/Conv": 0.5, "/branch_b/Conv": 0.5}),
+    ],
+    ids=["flatten-gemm", "concat"],
+)
+def test_cob_removes_dependent_channels_it_cannot_rotate_exactly(module, recipe):
+    """A ReLU on the way blocks the rotation; cob then plans as id does, so channels that are
+    copies or multiples of kept ones are removed with no change to the function."""
+    torch.manual_seed(0)
+    model = graphs.export_torch(module(), (2, 1, 8, 8))
+    options = {"ratio": 0.0, "round_to": 1, "recipe": recipe, "batch_size": 64}
+    result = onnxprune.prune(model, method="cob", data=_calib(), **options)
+    for group in recipe:
+        plan = result.plans[group]
+        assert plan.rotation is None and plan.info["rotated"] == 0.0
+        assert len(plan.keep) < next(g for g in result.groups if g.name == group).channels
+    assert_outputs_close(model, result.model, _calib(32, seed=1), atol=1e-5)
+
+
 # --- rotations ------------------------------------------------------------------------------------
 
 

@@ -13,20 +13,23 @@ directions goes into the consumer bias: c = μ − Mᵀ M μ, which makes rotati
 optimal rank-k affine approximation of the tap (Eckart–Young).
 
 Groups that cannot be rotated (a ReLU, BatchNorm affine or MaxPool on the way) fall back, with a
-note in the report, to plain selection by the same importance without rotation: ‖a_j‖₂ = √G_jj.
+note in the report, to `id`'s plan: channels chosen by interpolative decomposition of the same
+Gram, the least-squares map with intercept folded into the consumers (`--threshold` sets the
+count there from the channel energies ‖a_j‖₂ = √G_jj), rather than leave them uncorrected.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from onnxprune.errors import UsageError
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.methods.base import top_k
+from onnxprune.methods.id import InterpolativeDecomposition, lsq_corrections
 from onnxprune.plan import Correction, GroupStats, Plan, TapStats
 
 
@@ -58,9 +61,7 @@ class ChangeOfBasis:
         centred = group.rotatable and not group.invariants
         gram = _pooled(taps, centred)
         if not group.rotatable:  # the report says so (unrotated_note)
-            importance = np.sqrt(np.clip(np.diag(gram), 0.0, None))
-            kept = self._select(importance, group.ranges, keep)
-            return Plan(keep=kept, info={"rotated": 0.0})
+            return self._unrotated(group, stats, gram, keep)
         Q, lam = block_pca(gram, group.ranges)
         kept = self._select(np.sqrt(lam), group.ranges, keep)
         scale = self._rms_scale(group, lam, kept)
@@ -88,6 +89,22 @@ class ChangeOfBasis:
             return threshold_keep(importance, ranges, *self.threshold)
         return fixed_keep(importance, ranges, keep)
 
+    def _unrotated(
+        self, group: ChannelGroup, stats: GroupStats, gram: np.ndarray, keep: int
+    ) -> Plan:
+        """`id`'s plan (intercept on) at the width `keep` or the threshold gives; across TSRA
+        subspaces, which ID would not keep ≥ 1 channel each, the energy selection per subspace
+        with the least-squares map."""
+        importance = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+        if self.threshold is not None:
+            keep = len(threshold_keep(importance, group.ranges, *self.threshold))
+        if len(group.ranges) > 1:
+            kept = fixed_keep(importance, group.ranges, keep)
+            plan = Plan(keep=kept, corrections=lsq_corrections(stats, kept, intercept=True))
+        else:
+            plan = InterpolativeDecomposition(intercept=True).plan(group, stats, keep)
+        return replace(plan, info={**plan.info, "rotated": 0.0})
+
     def _rms_scale(self, group: ChannelGroup, lam: np.ndarray, kept: np.ndarray) -> float:
         """√(C_old·E_kept / (C_new·E_all)): undoes the RMS divisor's change after pruning.
 
@@ -113,8 +130,9 @@ def unrotated_note(groups: Sequence[ChannelGroup], plans: Mapping[str, Plan]) ->
         return ()
     first = names[0]
     return (
-        f"cob: {len(names)} group(s) cannot be rotated and were pruned by activation energy "
-        f"without rotation, e.g. '{first.name}': {first.rotation_block}",
+        f"cob: {len(names)} group(s) cannot be rotated and were pruned as by id (interpolative "
+        f"decomposition, least-squares map) without rotation, e.g. '{first.name}': "
+        f"{first.rotation_block}",
     )
 
 

@@ -68,9 +68,10 @@ def _gram_bytes(stats: GroupStats) -> int:
 
 
 def _finished(plan: Plan, group: ChannelGroup, stats: GroupStats, method: Method) -> Plan:
-    """The plan with its error numbers and, except for cob, the RMSNorm divisor correction."""
+    """The plan with its error numbers and the RMSNorm divisor correction, except for the
+    groups cob rotates (it corrects the divisor there itself, with --rms-correction)."""
     plan = with_errors(plan, group, stats)
-    if method.name != "cob":  # cob corrects the divisor itself, with --rms-correction
+    if method.name != "cob" or plan.info.get("rotated") == 0.0:
         plan = divisor_corrected(plan, group, stats)
     return plan
 
