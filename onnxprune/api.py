@@ -42,6 +42,7 @@ from onnxprune.graph.load import (
     too_large_for_protobuf,
     weightless_export,
 )
+from onnxprune.graph.quantized import dequantized_weights, quantized_message
 from onnxprune.graph.rewrite import rewrite
 from onnxprune.graph.sparsify import (
     deflated_size,
@@ -96,6 +97,7 @@ class Analysis:
     macs: int
     group_macs: Mapping[str, int]
     unknown: tuple[str, ...] = ()
+    quantized: tuple[str, ...] = ()  # weight layers behind DequantizeLinear (graph/quantized.py)
 
 
 def analyze(
@@ -115,7 +117,9 @@ def analyze(
         g.name: sum(macs.get(n, 0) for n in {*g.producers, *g.passthrough, *g.consumers})
         for g in groups
     }
-    return Analysis(groups, cost.params, cost.macs, group_macs, cost.unknown)
+    return Analysis(
+        groups, cost.params, cost.macs, group_macs, cost.unknown, dequantized_weights(graph)
+    )
 
 
 def prune(
@@ -174,6 +178,7 @@ def _prune_channels(
         split = split_inputs(proto, inputs, config, fitted=True)
         graph, groups, widths, head_rows = _within_heads(graph, groups, widths, split.fit, config)
     if not widths.counts and not head_rows and not config.allow_noop:
+        _refuse_quantized(graph, groups)
         raise NothingToPruneError(
             "nothing to prune: no channel group is both prunable and selected",
             hint="run `onnxprune analyze MODEL` to see why; --allow-noop accepts this",
@@ -302,6 +307,13 @@ def _streams_for_cob(
     return conversion.graph, replace(config, width=width), (note, *notes)
 
 
+def _refuse_quantized(graph: gs.Graph, groups: tuple[ChannelGroup, ...]) -> None:
+    """Nothing to prune because the weights are quantized: say so (NothingToPruneError)."""
+    nodes = dequantized_weights(graph)
+    if nodes and not any(g.prunable for g in groups):
+        raise NothingToPruneError(f"nothing to prune: {quantized_message(nodes)}")
+
+
 def _prune_weights(
     proto: onnx.ModelProto, graph: gs.Graph, inputs: DataInputs, config: PruneConfig
 ) -> Result:
@@ -309,6 +321,7 @@ def _prune_weights(
     in `config.steps` rounds (geometric schedule) with statistics refreshed after each."""
     layers = selected_layers(graph, config.width.exclude)
     if not layers:
+        _refuse_quantized(graph, ())
         raise NothingToPruneError(
             "nothing to prune: no Gemm/MatMul/Conv with a constant weight"
             + (" that --exclude leaves" if config.width.exclude else "")

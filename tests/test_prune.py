@@ -338,3 +338,21 @@ def test_planning_runs_every_blas_library_on_one_thread():
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120, cwd=ROOT)
+
+
+def test_a_float16_model_prunes_with_float32_data():
+    """A model converted to float16 (inputs too) takes the usual float32 calibration data, cast
+    to its input type; ratio 0 keeps its function and the pruned model stays float16."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(graphs.conv_chain(), keep_io_types=False)
+    data = graphs.random_input(graphs.conv_chain(), 32)
+    assert data["x"].dtype == np.float32
+    half = {"x": data["x"].astype(np.float16)}
+    same = onnxprune.prune(model, method="id", ratio=0.0, round_to=1, data=data)
+    assert_outputs_close(model, same.model, half, atol=2e-3)  # float16 rounding
+    pruned = onnxprune.prune(model, method="id", ratio=0.5, round_to=1, data=data).model
+    dtypes = {init.data_type for init in pruned.graph.initializer if init.dims}
+    assert dtypes == {onnx.TensorProto.FLOAT16}
+    assert pruned.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert run_model(pruned, half)["c3_out"].shape == (32, 4, 8, 8)

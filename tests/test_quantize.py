@@ -12,7 +12,7 @@ import onnxprune
 from onnxprune.calib.data import Dataset
 from onnxprune.cli import main
 from onnxprune.deploy.quantize import quantize
-from onnxprune.errors import UsageError
+from onnxprune.errors import NothingToPruneError, UsageError
 from onnxprune.measure.cost import count
 
 VGG = reference_path("vgg")
@@ -156,3 +156,21 @@ def test_quantized_weights_count_as_parameters(vgg_int8):
     float/int8 extras of ≤ 2 per channel)."""
     before, after = count(onnx.load(VGG)), count(vgg_int8)
     assert before.params <= after.params <= before.params * 1.02
+
+
+def test_a_quantized_model_is_refused_with_the_reason(vgg_int8, tmp_path, capsys):
+    """Its weights come out of DequantizeLinear: no group, and instead of "nothing to prune"
+    the one-line error says the model is quantized and what to do; nothing is written."""
+    analysis = onnxprune.analyze(vgg_int8)
+    assert analysis.groups == () and len(analysis.quantized) == 8  # 6 convs, 2 Gemms
+    with pytest.raises(NothingToPruneError, match="the model is quantized: 8 "):
+        onnxprune.prune(vgg_int8, method="id", ratio=0.5, data=_calibration(16))
+    source, target = tmp_path / "int8.onnx", tmp_path / "pruned.onnx"
+    onnx.save(vgg_int8, source)
+    before = file_hash(source)
+    assert main([str(source), "--method", "magnitude", "--ratio", "0.5", "-o", str(target)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "quantized" in line and "prune the float model" in line
+    assert not target.exists() and file_hash(source) == before
+    assert main(["analyze", str(source)]) == 0
+    assert "the model is quantized: 8 " in capsys.readouterr().out

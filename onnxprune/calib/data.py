@@ -758,14 +758,16 @@ def _whole_batches(dataset: Dataset, specs: tuple[InputSpec, ...], role: str) ->
 def _validate(
     arrays: dict[str, np.ndarray], specs: tuple[InputSpec, ...], role: str
 ) -> dict[str, np.ndarray]:
-    """Check dtype, shape, sample counts and finiteness; cast float64 to float32 where needed."""
+    """Check dtype, shape, sample counts and finiteness; cast floats to the model's float type
+    (float64 data for a float32 input, float32 images for a float16 model; values beyond the
+    narrower range become inf and are refused below)."""
     out = {}
     for spec in specs:
         array = np.asarray(arrays[spec.name])
         if array.dtype != spec.dtype:
-            if array.dtype == np.float64 and spec.dtype == np.float32:
+            if array.dtype.kind == "f" and np.dtype(spec.dtype).kind == "f":
                 with np.errstate(over="ignore"):
-                    array = array.astype(np.float32)
+                    array = array.astype(spec.dtype)
             else:
                 raise DataError(
                     f"{role} data: input '{spec.name}' has dtype {array.dtype} but the model "

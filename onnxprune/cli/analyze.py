@@ -85,6 +85,10 @@ def format_analysis(result: Analysis, *, verbose: bool = False) -> str:
             f"? = {len(result.unknown)} nodes of unknown shape are not counted "
             "(inputs with symbolic dims? --input-shape NAME:1x3x224x224)"
         )
+    if result.quantized:
+        from onnxprune.graph.quantized import quantized_message
+
+        lines.append(quantized_message(result.quantized))
     return "\n".join(lines)
 
 
@@ -93,6 +97,7 @@ def to_dict(result: Analysis) -> dict:
         "params": result.params,
         "macs": result.macs,
         "unknown_shape_nodes": list(result.unknown),  # their MACs are missing from the counts
+        "quantized_weight_nodes": list(result.quantized),
         "groups": [
             {
                 "name": g.name,
