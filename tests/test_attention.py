@@ -322,13 +322,19 @@ def test_bert_style_heads_are_pruned_exactly_with_the_head_counts_edited(merge_c
     longer = np.random.default_rng(3).standard_normal((4, TOKENS + 2, DIM)).astype(np.float32)
     feeds = {"input": longer, "mask": _padding_masks(4, TOKENS + 2)}
     assert_outputs_close(model, result.model, feeds, atol=1e-5)
-    stated = [  # the constant pieces of each Reshape's target (beside the input's shape)
-        [int(t.values[0]) for t in n.inputs[1].inputs[0].inputs if isinstance(t, gs.Constant)]
-        for n in normalize(result.model).nodes
-        if n.op == "Reshape" and n.inputs[1].inputs and n.inputs[1].inputs[0].op == "Concat"
-    ]
+    stated = [_stated_entries(n) for n in normalize(result.model).nodes if n.op == "Reshape"]
     merged = (HEADS - 1) * HEAD_DIM if merge_constant else -1
     assert stated == [[-1, HEAD_DIM]] * 3 + [[merged]]
+
+
+def _stated_entries(reshape: gs.Node) -> list[int]:
+    """The constant entries of a Reshape's target other than 0 (a copy of the input's dim):
+    the whole target when it is a constant, its constant pieces when a Concat builds it."""
+    target = reshape.inputs[1]
+    pieces = target.inputs[0].inputs if target.inputs and target.inputs[0].op == "Concat" else ()
+    constants = [target] if isinstance(target, gs.Constant) else pieces
+    values = [int(v) for t in constants if isinstance(t, gs.Constant) for v in t.values.reshape(-1)]
+    return [v for v in values if v]
 
 
 def _with_duplicate_head_of(module: BertStyleAttention) -> BertStyleAttention:
@@ -731,16 +737,17 @@ class LevitAttention(nn.Module):
 @pytest.mark.parametrize("downsample", [False, True], ids=["attention", "downsample"])
 def test_levit_heads_split_by_a_computed_target_are_pruned_exactly(downsample):
     """The head split's per-head width is -1 in a target read from the input's shape (shape
-    inference leaves it symbolic): H·D / H. One group of heads (q and k of 2 features, v of 4,
-    through the BatchNorm over tokens and the Split of each head's features); ratio 0 the same
-    function, a duplicated head removed by ID the same function at an unseen batch size."""
+    inference leaves it symbolic; the load states it, H·D / H, proven from the static sizes).
+    One group of heads (q and k of 2 features, v of 4, through the BatchNorm over tokens and
+    the Split of each head's features); ratio 0 the same function, a duplicated head removed
+    by ID the same function at an unseen batch size."""
     model = _export(LevitAttention(downsample).duplicate_head())
     graph = normalize(model)
     split = next(n for n in graph.nodes if n.op == "Split")
-    assert not isinstance(split.inputs[0].shape[-1], int)  # the per-head width is computed
+    width = KEY_DIM + VALUE_DIM if downsample else 2 * KEY_DIM + VALUE_DIM
+    assert split.inputs[0].shape[-1] == width  # the target's -1, proven static, stated at load
     heads, groups = _head_group(model)
     assert heads.prunable, heads.reason
-    width = KEY_DIM + VALUE_DIM if downsample else 2 * KEY_DIM + VALUE_DIM
     assert (heads.channels, heads.head_dim) == (HEADS, width)
     assert len(heads.producers) == 1 + downsample and len(heads.consumers) == 1
     _assert_duplicated_head_removed_exactly(model, heads)
@@ -780,6 +787,46 @@ def test_unbound_packed_projection_heads_are_pruned_exactly():
     assert heads.prunable, heads.reason
     assert (heads.channels, heads.head_dim) == (HEADS, HEAD_DIM)
     assert len(heads.producers) == 3 and len(heads.consumers) == 1
+    _assert_duplicated_head_removed_exactly(model, heads)
+
+
+class BiasPlusMaskAttention(TinyAttention):
+    """HF's relative position bias (BEiT, Swin): a per-head (1, heads, tokens, tokens) bias is
+    added to the attention mask first, and the sum to the scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(1, HEADS, TOKENS, TOKENS))
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attn
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(x.shape[0], TOKENS, HEADS, HEAD_DIM).transpose(1, 2)
+
+        q, k, v = split(a.q(x)), split(a.k(x)), split(a.v(x))
+        mask = (x[:, None, None, :, 0] > 3.0).float() * -1e4  # (batch, 1, 1, keys)
+        scores = (q @ k.transpose(-2, -1)) * HEAD_DIM**-0.5 + (self.bias + mask)
+        return (scores.softmax(dim=-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_a_head_bias_added_to_the_mask_first_is_sliced_with_the_heads(exporter, tmp_path):
+    """scores + (bias + mask) is read as (scores + bias) + mask at load, so the bias's head
+    axis is sliced with the heads: prunable, and a duplicated head (its bias too) is removed
+    exactly at an unseen batch size."""
+    module = _with_duplicate_head(BiasPlusMaskAttention())
+    with torch.no_grad():
+        module.bias[:, 2] = module.bias[:, 0]
+    if exporter == "dynamo":  # the tokens stay fixed: the bias is tokens × tokens
+        path, dims = tmp_path / "m.onnx", ({0: torch.export.Dim("batch", min=2)},)
+        torch.onnx.export(module.eval(), (torch.randn(2, TOKENS, DIM),), str(path), dynamo=True,
+                          verbose=False, input_names=["input"], dynamic_shapes=dims)  # fmt: skip
+        model = onnx.load(path)
+    else:
+        model = _export(module)
+    heads, _ = _head_group(model)
+    assert heads.prunable, heads.reason
     _assert_duplicated_head_removed_exactly(model, heads)
 
 

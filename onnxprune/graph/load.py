@@ -49,8 +49,8 @@ from onnxprune.graph.external import (
 from onnxprune.graph.fused import MS, expand_fused
 from onnxprune.graph.packed import unpack_projections
 from onnxprune.graph.repeat_kv import gather_repeats
-from onnxprune.ops.flow import AXIS_MOVES, shape_of
-from onnxprune.ops.shape_values import shape_source
+from onnxprune.ops.flow import AXIS_MOVES, const, rank_of, shape_of
+from onnxprune.ops.shape_values import dim_origin, shape_entry, shape_source, vector_entry
 
 SUPPORTED_OPSETS = range(11, 24)
 # bytes above which a model is written with external data and run, checked and shape-inferred
@@ -215,6 +215,9 @@ def normalize(model: onnx.ModelProto) -> gs.Graph:
     _bypass_broadcast_expands(graph)
     _copy_dims_as_zero(graph)
     graph = _fold_until_settled(graph)
+    _bypass_identity_reshapes(graph)
+    _state_inferred_sizes(graph)
+    _add_constants_first(graph)
     _own_targets(graph)
     _own_tables(graph)
     _gather_from_concat_part(graph)
@@ -598,7 +601,9 @@ def _copy_dims_as_zero(graph: gs.Graph) -> None:
     Reshape(x, [-1, g, C/g, H, W]); with a dynamic batch the first targets then fold to [0, -1],
     a flatten the analyzer reads, and the last keeps the batch's symbol through shape inference.
     The dynamo exporter's `allowzero` is dropped from constant targets with no 0 entry, where it
-    changes nothing (`x.flatten(2)` written as Reshape(x, [-1, C, H·W]))."""
+    changes nothing (`x.flatten(2)` written as Reshape(x, [-1, C, H·W])). An entry read from a
+    shape whose size is proven static (`dim_origin`) is written as that constant: HF SegFormer
+    reshapes tokens back to an image with the height and width read from an earlier map."""
     for node in graph.nodes:
         if node.op != "Reshape":
             continue
@@ -618,10 +623,120 @@ def _copy_dims_as_zero(graph: gs.Graph) -> None:
             size = shape_of(part)
             if size is None or len(size) != 1 or not isinstance(size[0], int):
                 break
-            if size[0] == 1 and shape_source(part, 0) == (node.inputs[0], position):
+            if size[0] == 1 and _copies_dim(part, node.inputs[0], position):
                 zero = gs.Constant(f"{concat.name}.copy{position}", np.zeros(1, np.int64))
                 concat.inputs[k] = zero
+            elif size[0] == 1 and not isinstance(part, gs.Constant):
+                stated = shape_entry(part, 0)  # a static size read from a shape: a constant
+                if isinstance(stated, int) and stated > 0:
+                    value = np.array([stated], np.int64)
+                    concat.inputs[k] = gs.Constant(f"{concat.name}.size{position}", value)
             position += size[0]
+
+
+def _copies_dim(piece: gs.Tensor, x: gs.Tensor, position: int) -> bool:
+    """True when the one-entry shape piece is dim `position` of x: read from Shape(x) there, or
+    from a dim of another tensor proven (`dim_origin`) the same symbolic size as x's (HF
+    SegFormer takes the batch for its image Reshapes from the tokens' shape). Static sizes are
+    written as constants instead (`_copy_dims_as_zero`)."""
+    source = shape_source(piece, 0)
+    if source is None or source == (x, position):
+        return source is not None
+    size = dim_origin(*source)
+    return isinstance(size, str) and size == dim_origin(x, position)
+
+
+def _bypass_identity_reshapes(graph: gs.Graph) -> None:
+    """Bypass a Reshape whose every target entry but one -1 is its input's own dim there (a 0,
+    or a size proven equal to the input's by `dim_origin`): its output is its input. HF's
+    attention modules write `out.reshape(B, -1, S, D)` on (B, H, S, D), and the head count the
+    -1 stands for would count as computed."""
+    outputs = {t.name for t in graph.outputs}
+    for node in graph.nodes:
+        if node.op != "Reshape" or node.outputs[0].name in outputs:
+            continue
+        x, target = node.inputs[0], node.inputs[1]
+        rank = rank_of(x)
+        if rank is None or shape_of(target) != [rank]:
+            continue
+        entries = [vector_entry(target, i) for i in range(rank)]
+        allowzero = node.attrs.get("allowzero", 0)
+        if entries.count(-1) > 1 or any(
+            e != -1 and not (e == 0 and not allowzero) and (e is None or e != dim_origin(x, i))
+            for i, e in enumerate(entries)
+        ):
+            continue
+        for reader in list(node.outputs[0].outputs):
+            reader.inputs[reader.inputs.index(node.outputs[0])] = x
+
+
+def _state_inferred_sizes(graph: gs.Graph) -> None:
+    """Write a constant Reshape target's -1 as the size it stands for where shape inference
+    lost it (the output's dim there is not static) and the input's sizes prove it static: the
+    other entries constant or 0 (copying a dim that cancels), the input's dims static or proven
+    so (`dim_origin`). Inference then finds the sizes after it (HF SegFormer's tokens back to
+    an image as [0, -1, H, W], the -1 its channel count)."""
+    for node in graph.nodes:
+        target = const(node, 1) if node.op == "Reshape" and len(node.inputs) > 1 else None
+        shape_out, rank = shape_of(node.outputs[0]), rank_of(node.inputs[0])
+        if target is None or shape_out is None or rank is None or node.attrs.get("allowzero", 0):
+            continue
+        entries = [int(t) for t in target.reshape(-1)]
+        if entries.count(-1) != 1 or isinstance(shape_out[entries.index(-1)], int):
+            continue
+        sizes = [dim_origin(node.inputs[0], i) for i in range(rank)]
+        copied = {i for i, e in enumerate(entries) if e == 0}
+        if any(i >= rank for i in copied):
+            continue
+        rest = [d for i, d in enumerate(sizes) if i not in copied]
+        stated = math.prod(e for e in entries if e > 0)
+        if not all(isinstance(d, int) for d in rest) or stated < 1 or math.prod(rest) % stated:
+            continue
+        entries[entries.index(-1)] = math.prod(rest) // stated
+        value = np.array(entries, dtype=target.dtype)
+        node.inputs[1] = gs.Constant(f"{node.name}.sizes", value)
+
+
+def _add_constants_first(graph: gs.Graph) -> None:
+    """Write x + (c + y), c a constant wider than y (`_widens`) and c + y read by the outer Add
+    alone, as (x + c) + y: the same sum up to float rounding. HF models add a relative position
+    bias to the attention mask and the sum to the scores (BEiT through the dynamo exporter,
+    Swin's shifted windows), and the heads' rule slices a constant added to the scores, not one
+    added to a mask first."""
+    outputs = {t.name for t in graph.outputs}
+    for outer in [n for n in graph.nodes if n.op == "Add" and len(n.inputs) == 2]:
+        for x, inner_out in (outer.inputs, outer.inputs[::-1]):
+            inner = inner_out.inputs[0] if len(inner_out.inputs) == 1 else None
+            if (
+                inner is None
+                or inner.op != "Add"
+                or isinstance(x, gs.Constant)
+                or len(inner_out.outputs) != 1
+                or inner_out.name in outputs
+            ):
+                continue
+            constants = [t for t in inner.inputs if isinstance(t, gs.Constant)]
+            if len(constants) != 1:
+                continue
+            y = next(t for t in inner.inputs if t is not constants[0])
+            if not _widens(constants[0], y):  # a bias after its MatMul stays where it is
+                continue
+            outer.inputs.clear()
+            inner.inputs.clear()
+            inner.inputs.extend([x, constants[0]])
+            inner_out.shape = None  # now x's shape broadcast with c's; inference sets it
+            outer.inputs.extend([inner_out, y])
+            break
+
+
+def _widens(c: gs.Constant, y: gs.Tensor) -> bool:
+    """True when constant c is wider than y on some axis that y broadcasts (size 1 there):
+    a per-head bias beside a mask shared by the heads."""
+    shape = shape_of(y)
+    if shape is None:
+        return False
+    pairs = zip(reversed(c.values.shape), reversed(shape), strict=False)
+    return any(size > 1 and own == 1 for size, own in pairs)
 
 
 def _own_targets(graph: gs.Graph) -> None:

@@ -66,7 +66,7 @@ from onnxprune.ops.flow import (
     without_trailing_ones,
 )
 from onnxprune.ops.registry import Handler, register
-from onnxprune.ops.shape_values import shape_source, target_entry
+from onnxprune.ops.shape_values import dim_origin, shape_source, target_entry
 from onnxprune.ops.torch_support import from_input_or_attr, ints
 
 if TYPE_CHECKING:
@@ -265,8 +265,10 @@ def _keeps_leading(node: gs.Node, state: State) -> Step | None:
     """The step when Reshape `node` keeps the channel axis and every axis before it, each
     target entry up to the channels copying the input's dim (0, or read from the input's own
     shape; the channels' entry may also state their static count, which then shrinks with
-    them: dynamo's `x.flatten(2)` as [0, C, H·W]), and only regroups the axes after it (module
-    docstring); else None."""
+    them: dynamo's `x.flatten(2)` as [0, C, H·W]; or be -1 where the entries after it are
+    constants whose product is the input's proven size after the channels, so that -1 is the
+    channel count before and after pruning: HF SegFormer's decode head, tokens back to an image
+    as [0, -1, H, W]), and only regroups the axes after it (module docstring); else None."""
     shape_in, shape_out, data = shape_of(node.inputs[0]), shape_of(node.outputs[0]), node.inputs[0]
     if shape_out is None or len(shape_out) <= state.axis or state.spatial != 1:
         return None
@@ -279,11 +281,27 @@ def _keeps_leading(node: gs.Node, state: State) -> Step | None:
             count = shape_in[entry] if shape_in is not None and entry == state.axis else None
             if isinstance(count, int) and stated.value() == count > 1:
                 edits.append(stated.edit(state.offset))
+            elif entry == state.axis and stated.value() == -1:
+                if not _fixed_after(node, state.axis):
+                    return None
             elif stated.value() != 0 or node.attrs.get("allowzero", 0):
                 return None
         elif shape_source(stated.tensor, stated.at) != (data, entry):
             return None
     return through(node, state, edits=edits)
+
+
+def _fixed_after(node: gs.Node, axis: int) -> bool:
+    """True when Reshape `node`'s target is a constant whose entries after `axis` are positive
+    with the product of the input's sizes after `axis`, every one proven static."""
+    target, rank = const(node, 1), rank_of(node.inputs[0])
+    if target is None or rank is None:
+        return False
+    after = [int(t) for t in target.reshape(-1)[axis + 1 :]]
+    sizes = [dim_origin(node.inputs[0], i) for i in range(axis + 1, rank)]
+    if min(after, default=1) < 1 or not all(isinstance(d, int) for d in sizes):
+        return False
+    return math.prod(after) == math.prod(sizes)
 
 
 def _restores(node: gs.Node, state: State) -> Step | None:

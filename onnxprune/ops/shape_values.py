@@ -18,6 +18,7 @@ the Concat the legacy exporter builds targets with), for the rules that edit it.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,6 +102,10 @@ _SAME_SHAPE = frozenset(
      "Identity", "Tanh", "Gelu", "Sigmoid", "HardSigmoid", "HardSwish", "Exp", "Abs", "Reciprocal",
      "Elu", "LeakyRelu", "Softplus", "Mish", "Clip", "Cos", "Sin"}
 )  # fmt: skip
+_BATCH_KEEPING = frozenset(
+    {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+     "BatchNormalization", "InstanceNormalization", "Resize"}
+)  # fmt: skip
 _BROADCAST = frozenset({"Add", "Sub", "Mul", "Div", "Where"})
 _REDUCE = frozenset({"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin"})
 
@@ -110,7 +115,29 @@ def dim_origin(tensor: gs.Tensor, axis: int) -> int | str | None:
     input's symbolic dim (inputs that share a dim name share its value, as ONNX states), when
     it is proven through the ops that produce `tensor`, else None. Shape inference names a new
     symbol wherever an op's output size depends on values (a Slice to a computed end) and loses
-    the equality that broadcasting restores: `x + pos[:, :S]` has x's size S whenever it runs."""
+    the equality that broadcasting restores: `x + pos[:, :S]` has x's size S whenever it runs.
+
+    Each (tensor, axis) is answered once per call: the walk branches at every binary op (a
+    SiLU's x·σ(x), a residual Add) and would otherwise revisit shared producers exponentially
+    often."""
+    memo = getattr(_CALL, "memo", None)
+    if memo is None:
+        _CALL.memo = {}
+        try:
+            return dim_origin(tensor, axis)
+        finally:
+            _CALL.memo = None
+    key = (id(tensor), axis)
+    if key not in memo:
+        memo[key] = None  # a cycle (none in a valid graph) answers None
+        memo[key] = _dim_origin(tensor, axis)
+    return memo[key]
+
+
+_CALL = threading.local()  # the memo of the dim_origin call in progress on this thread
+
+
+def _dim_origin(tensor: gs.Tensor, axis: int) -> int | str | None:
     shape = shape_of(tensor)
     if shape is None or not -len(shape) <= axis < len(shape):
         return None
@@ -125,10 +152,14 @@ def dim_origin(tensor: gs.Tensor, axis: int) -> int | str | None:
     if (node.op == "Transpose" and "perm" in node.attrs) or node.op == "Unsqueeze":
         moved = moved_from(node, axis)
         return None if moved is None else dim_origin(node.inputs[0], moved)
+    if node.op in _BATCH_KEEPING and axis == 0:  # N of (N, C, …)
+        return dim_origin(node.inputs[0], 0)
     if node.op in ("MatMul", "Gemm") and isinstance(node.inputs[1], gs.Constant):
         return dim_origin(node.inputs[0], axis) if _keeps_rows_of(node, axis) else None
     if node.op == "MatMul" and axis >= len(shape) - 2:  # rows of the first, columns of the second
         return dim_origin(node.inputs[axis - len(shape) + 2], axis - len(shape))
+    if node.op == "MatMul" and rank_of(node.inputs[1]) == len(shape):  # broadcast batch axes
+        return _broadcast_origin(node, len(shape), axis)
     if node.op == "Split":
         return _split_origin(node, tensor, axis)
     if node.op == "GatherElements":  # the indices' shape
@@ -155,6 +186,8 @@ def dim_origin(tensor: gs.Tensor, axis: int) -> int | str | None:
         size = vector_entry(node.inputs[1], axis)
         if size == -1:
             return _inferred_entry(node, axis)
+        if size == 0 and not node.attrs.get("allowzero", 0):  # 0 copies the input's dim
+            return dim_origin(node.inputs[0], axis)
         return size if isinstance(size, str) or (size is not None and size > 0) else None
     return None
 
