@@ -102,8 +102,9 @@ def models():
 def export(build, path: Path, dynamo: bool) -> dict[str, object]:
     """The model `build` makes (seeded), exported by the legacy exporter at opset 17 or by the
     dynamo exporter; with the rel-L2 of ONNX Runtime's output against torch's."""
-    import onnxruntime as ort
     import torch
+
+    from benchmarks.torch_export import export_checked
 
     torch.manual_seed(0)
     model = build().eval()
@@ -118,32 +119,12 @@ def export(build, path: Path, dynamo: bool) -> dict[str, object]:
             return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
     ids = torch.randint(0, VOCAB, (2, 16))
-    names = {"input_names": ["input_ids", "attention_mask"], "output_names": ["out"]}
-    if dynamo:
-        axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence", min=2, max=128)}
-        inputs = (ids, torch.ones_like(ids))
-        program = torch.onnx.export(
-            Output().eval(),
-            inputs,
-            dynamo=True,
-            dynamic_shapes=(axes, axes),
-            verbose=False,
-            **names,
-        )
-        program.save(str(path))
-    else:
-        axes = {0: "batch", 1: "sequence"}
-        dynamic = {"input_ids": axes, "attention_mask": axes, "out": axes}
-        torch.onnx.export(Output().eval(), (ids, torch.ones_like(ids)), str(path), dynamo=False,
-                          opset_version=17, dynamic_axes=dynamic, **names)  # fmt: skip
-    with torch.no_grad():
-        ref = Output()(ids, torch.ones_like(ids)).numpy()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids)})[0]
-    rel_l2 = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
-    exporter = "dynamo" if dynamo else "legacy"
-    return {"file": path.name, "class": type(model).__name__, "exporter": exporter,
-            "ort_vs_torch_rel_l2": rel_l2}  # fmt: skip
+    axes = {0: "batch", 1: "sequence"}
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    dims = {"input_ids": axes, "attention_mask": axes}
+    found = export_checked(Output(), inputs, path, dynamo=dynamo, dims=dims, out_dims=axes,
+                           maxima={"sequence": 128})  # fmt: skip
+    return {**found, "class": type(model).__name__}
 
 
 if __name__ == "__main__":
