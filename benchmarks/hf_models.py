@@ -106,25 +106,14 @@ def export(build, key: str, shape: tuple[int, ...], path: Path, dynamo: bool) ->
     """The model `build` makes (seeded) reading `key`, exported with a dynamic batch."""
     import torch
 
-    from benchmarks.torch_export import export_checked
+    from benchmarks.torch_export import export_checked, first_output
 
     torch.manual_seed(0)
     model = build().eval()
-
-    class Output(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            out = self.model(**{key: x})
-            logits = getattr(out, "logits", None)
-            return logits if logits is not None else out.last_hidden_state
-
     batch = {0: "batch"}
     inputs = {"x": torch.randn(2, *shape)}
-    found = export_checked(Output(), inputs, path, dynamo=dynamo, dims={"x": batch},
-                           out_dims=batch)  # fmt: skip
+    found = export_checked(first_output(model, (key,)), inputs, path, dynamo=dynamo,
+                           dims={"x": batch}, out_dims=batch)  # fmt: skip
     return {**found, "class": type(model).__name__}
 
 

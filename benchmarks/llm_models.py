@@ -104,25 +104,16 @@ def export(build, path: Path, dynamo: bool) -> dict[str, object]:
     dynamo exporter; with the rel-L2 of ONNX Runtime's output against torch's."""
     import torch
 
-    from benchmarks.torch_export import export_checked
+    from benchmarks.torch_export import export_checked, first_output
 
     torch.manual_seed(0)
     model = build().eval()
-
-    class Output(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-            return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
     ids = torch.randint(0, VOCAB, (2, 16))
     axes = {0: "batch", 1: "sequence"}
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     dims = {"input_ids": axes, "attention_mask": axes}
-    found = export_checked(Output(), inputs, path, dynamo=dynamo, dims=dims, out_dims=axes,
+    wrapped = first_output(model, tuple(inputs))
+    found = export_checked(wrapped, inputs, path, dynamo=dynamo, dims=dims, out_dims=axes,
                            maxima={"sequence": 128})  # fmt: skip
     return {**found, "class": type(model).__name__}
 

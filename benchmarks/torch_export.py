@@ -9,6 +9,25 @@ from pathlib import Path
 import numpy as np
 
 
+def first_output(model, names: tuple[str, ...]):
+    """A module calling the transformers model `model` with its one or two inputs as the
+    keywords `names`, returning the logits, else the last hidden state."""
+    import torch
+
+    class Output(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, first, second=None):
+            inputs = dict(zip(names, (first, second)[: len(names)], strict=True))
+            out = self.model(**inputs)
+            logits = getattr(out, "logits", None)
+            return logits if logits is not None else out.last_hidden_state
+
+    return Output()
+
+
 def export_checked(
     module,
     inputs: Mapping[str, object],
