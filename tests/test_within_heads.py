@@ -12,7 +12,6 @@ from __future__ import annotations
 import graphs
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import pytest
 import torch
 from conftest import (
@@ -22,7 +21,12 @@ from conftest import (
     reference_path,
     run_model,
 )
-from test_attention import BertStyleAttention, _export_bert_style, _padding_masks
+from test_attention import (
+    BertStyleAttention,
+    _export_bert_style,
+    _padding_masks,
+    _stated_entries,
+)
 from torch import nn
 
 import onnxprune
@@ -229,11 +233,7 @@ def test_bert_style_targets_state_the_new_head_width(merge_constant):
     assert_outputs_close(model, full, data, atol=1e-5)
     narrow, (row,) = _within(model, 1, data)
     assert row.kept == 3, row.status
-    stated = [
-        [int(t.values[0]) for t in n.inputs[1].inputs[0].inputs if isinstance(t, gs.Constant)]
-        for n in normalize(narrow).nodes
-        if n.op == "Reshape" and n.inputs[1].inputs and n.inputs[1].inputs[0].op == "Concat"
-    ]
+    stated = [_stated_entries(n) for n in normalize(narrow).nodes if n.op == "Reshape"]
     assert stated == [[-1, 1]] * 3 + [[3 if merge_constant else -1]]
     out = run_model(narrow, {"input": x[:4, :TOKENS], "mask": _padding_masks(4, TOKENS)})
     assert np.isfinite(out["logits"]).all()
