@@ -145,3 +145,56 @@ def test_dims_are_proven_through_an_rmsnorm_written_out():
     assert (dim_origin(out, 0), dim_origin(out, 1), dim_origin(out, 2)) == ("batch", "seq", 4)
     across = op("ReduceSum", [y, gs.Constant("one_axis", np.array([1], np.int64))], ["m", "n", 4])
     assert dim_origin(across, 0) == "batch" and dim_origin(across, 1) is None
+
+
+_TARGETS = {  # the Reshape target of x (batch, seq, 8): its -1 stands for…
+    "copies": ([0, 0, -1, 2], {}),  # 4, the 0s copying batch and seq
+    "read_shape": (["batch", "seq", -1, 2], {"allowzero": 1}),  # 4, dynamo's form
+    "static": ([-1, 8], {}),  # batch·seq: unproven
+    "keeps_seq": ([0, -1, 2], {}),  # seq·4: unproven
+    "leading": ([-1, "seq", 4], {}),  # batch·2: unproven
+}
+
+
+def _reshape_model(target: list, attrs: dict) -> gs.Graph:
+    """y = Reshape(x, target), x (batch, seq, 8); "batch"/"seq" entries read from Shape(x)."""
+    shape = gs.Variable("shape_x", np.int64, [3])
+    nodes = [gs.Node("Shape", "shape", inputs=[gs.Variable("x", np.float32, ["batch", "seq", 8])],
+                     outputs=[shape])]  # fmt: skip
+    pieces = []
+    for k, entry in enumerate(target):
+        if isinstance(entry, str):
+            piece = gs.Variable(f"piece{k}", np.int64, [1])
+            index = gs.Constant(f"index{k}", np.array([["batch", "seq"].index(entry)], np.int64))
+            nodes.append(gs.Node("Gather", f"gather{k}", inputs=[shape, index], outputs=[piece]))
+        else:
+            piece = gs.Constant(f"piece{k}", np.array([entry], np.int64))
+        pieces.append(piece)
+    vector = gs.Variable("target", np.int64, [len(target)])
+    nodes.append(gs.Node("Concat", "concat", {"axis": 0}, pieces, [vector]))
+    y = gs.Variable("y", np.float32, None)
+    nodes.append(gs.Node("Reshape", "reshape", attrs, [nodes[0].inputs[0], vector], [y]))
+    graph = gs.Graph(nodes, [nodes[0].inputs[0]], [y], opset=17)
+    from onnxprune.graph.load import infer_shapes
+
+    return infer_shapes(graph)
+
+
+@pytest.mark.parametrize("case", list(_TARGETS))
+def test_a_reshapes_minus_one_is_static_exactly_where_onnx_runtime_agrees(case):
+    """`inferred_size` gives the -1's size exactly when it is the same at every batch and
+    sequence length, and then ONNX Runtime's size; None where the size varies with them."""
+    from onnxprune.ops.shape_values import inferred_size
+
+    target, attrs = _TARGETS[case]
+    graph = _reshape_model(target, attrs)
+    node = next(n for n in graph.nodes if n.op == "Reshape")
+    model = gs.export_onnx(graph)
+    axis = target.index(-1)
+    sizes = {
+        run_model(model, {"x": np.zeros((b, s, 8), np.float32)})["y"].shape[axis]
+        for b, s in [(1, 3), (2, 5), (3, 2)]
+    }
+    expected = sizes.pop() if len(sizes) == 1 else None
+    assert inferred_size(node) == expected
+    assert (expected is None) == (case in ("static", "keeps_seq", "leading"))

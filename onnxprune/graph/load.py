@@ -50,7 +50,13 @@ from onnxprune.graph.fused import MS, expand_fused
 from onnxprune.graph.packed import unpack_projections
 from onnxprune.graph.repeat_kv import gather_repeats
 from onnxprune.ops.flow import AXIS_MOVES, const, rank_of, shape_of
-from onnxprune.ops.shape_values import dim_origin, shape_entry, shape_source, vector_entry
+from onnxprune.ops.shape_values import (
+    dim_origin,
+    inferred_size,
+    shape_entry,
+    shape_source,
+    vector_entry,
+)
 
 SUPPORTED_OPSETS = range(11, 24)
 # bytes above which a model is written with external data and run, checked and shape-inferred
@@ -671,30 +677,22 @@ def _bypass_identity_reshapes(graph: gs.Graph) -> None:
 
 
 def _state_inferred_sizes(graph: gs.Graph) -> None:
-    """Write a constant Reshape target's -1 as the size it stands for where shape inference
-    lost it (the output's dim there is not static) and the input's sizes prove it static: the
-    other entries constant or 0 (copying a dim that cancels), the input's dims static or proven
-    so (`dim_origin`). Inference then finds the sizes after it (HF SegFormer's tokens back to
-    an image as [0, -1, H, W], the -1 its channel count)."""
+    """Write a constant Reshape target's -1 as the size it stands for (`inferred_size`) where
+    shape inference lost it (the output's dim there is not static). Inference then finds the
+    sizes after it (HF SegFormer's tokens back to an image as [0, -1, H, W], the -1 its channel
+    count)."""
     for node in graph.nodes:
         target = const(node, 1) if node.op == "Reshape" and len(node.inputs) > 1 else None
-        shape_out, rank = shape_of(node.outputs[0]), rank_of(node.inputs[0])
-        if target is None or shape_out is None or rank is None or node.attrs.get("allowzero", 0):
+        shape_out = shape_of(node.outputs[0])
+        if target is None or shape_out is None:
             continue
         entries = [int(t) for t in target.reshape(-1)]
-        if entries.count(-1) != 1 or isinstance(shape_out[entries.index(-1)], int):
+        if -1 not in entries or isinstance(shape_out[entries.index(-1)], int):
             continue
-        sizes = [dim_origin(node.inputs[0], i) for i in range(rank)]
-        copied = {i for i, e in enumerate(entries) if e == 0}
-        if any(i >= rank for i in copied):
-            continue
-        rest = [d for i, d in enumerate(sizes) if i not in copied]
-        stated = math.prod(e for e in entries if e > 0)
-        if not all(isinstance(d, int) for d in rest) or stated < 1 or math.prod(rest) % stated:
-            continue
-        entries[entries.index(-1)] = math.prod(rest) // stated
-        value = np.array(entries, dtype=target.dtype)
-        node.inputs[1] = gs.Constant(f"{node.name}.sizes", value)
+        size = inferred_size(node)
+        if size is not None:
+            entries[entries.index(-1)] = size
+            node.inputs[1] = gs.Constant(f"{node.name}.sizes", np.array(entries, target.dtype))
 
 
 def _add_constants_first(graph: gs.Graph) -> None:

@@ -66,7 +66,7 @@ from onnxprune.ops.flow import (
     without_trailing_ones,
 )
 from onnxprune.ops.registry import Handler, register
-from onnxprune.ops.shape_values import dim_origin, shape_source, target_entry
+from onnxprune.ops.shape_values import dim_origin, inferred_size, shape_source, target_entry
 from onnxprune.ops.torch_support import from_input_or_attr, ints
 
 if TYPE_CHECKING:
@@ -292,16 +292,11 @@ def _keeps_leading(node: gs.Node, state: State) -> Step | None:
 
 
 def _fixed_after(node: gs.Node, axis: int) -> bool:
-    """True when Reshape `node`'s target is a constant whose entries after `axis` are positive
-    with the product of the input's sizes after `axis`, every one proven static."""
-    target, rank = const(node, 1), rank_of(node.inputs[0])
-    if target is None or rank is None:
-        return False
-    after = [int(t) for t in target.reshape(-1)[axis + 1 :]]
-    sizes = [dim_origin(node.inputs[0], i) for i in range(axis + 1, rank)]
-    if min(after, default=1) < 1 or not all(isinstance(d, int) for d in sizes):
-        return False
-    return math.prod(after) == math.prod(sizes)
+    """True when Reshape `node`'s target is a constant whose -1 entry `axis` stands for the
+    input's static size there (`inferred_size`): the constants after it then hold the input's
+    sizes after it, and the -1 follows the channel count when it shrinks."""
+    size = dim_origin(node.inputs[0], axis)
+    return const(node, 1) is not None and isinstance(size, int) and inferred_size(node) == size
 
 
 def _restores(node: gs.Node, state: State) -> Step | None:

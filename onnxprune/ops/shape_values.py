@@ -18,6 +18,7 @@ the Concat the legacy exporter builds targets with), for the rules that edit it.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -185,7 +186,7 @@ def _dim_origin(tensor: gs.Tensor, axis: int) -> int | str | None:
     if node.op == "Reshape":  # a target entry that states the size, or -1 by the element count
         size = vector_entry(node.inputs[1], axis)
         if size == -1:
-            return _inferred_entry(node, axis)
+            return inferred_size(node)
         if size == 0 and not node.attrs.get("allowzero", 0):  # 0 copies the input's dim
             return dim_origin(node.inputs[0], axis)
         return size if isinstance(size, str) or (size is not None and size > 0) else None
@@ -201,27 +202,38 @@ def _sliced_axes(node: gs.Node, rank: int) -> set[int]:
     return {int(a) % rank for a in np.asarray(axes).reshape(-1)}
 
 
-def _inferred_entry(node: gs.Node, axis: int) -> int | None:
-    """The size Reshape `node` infers for its -1 entry `axis`: the input's element count over
-    the other entries', where the symbolic dims of both (shape inference's names: the same name
-    is the same size) cancel in pairs and the rest are static."""
-    shape_in, shape_out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
-    if shape_in is None or shape_out is None:
+def inferred_size(node: gs.Node) -> int | None:
+    """The size Reshape `node`'s one -1 entry stands for: the input's element count over the
+    other entries'. Sizes proven equal cancel in pairs (a 0 entry copies its input dim; a
+    symbolic entry meets the input dim of the same name, since inputs that share a dim name
+    share its value); the rest must be static. None when unproven or not a whole division."""
+    rank, length = rank_of(node.inputs[0]), (shape_of(node.inputs[1]) or [None])[0]
+    shape_out = shape_of(node.outputs[0]) or []
+    if rank is None or not isinstance(length, int):
         return None
-    left = [d for d in shape_in if not isinstance(d, int)]
-    known, rest = int(np.prod([d for d in shape_in if isinstance(d, int)])), 1
-    for k, dim in enumerate(shape_out):
-        if k == axis:
-            continue
-        if isinstance(dim, int):
-            rest *= dim
-        elif dim in left and dim:
-            left.remove(dim)
-        else:
+    entries = [vector_entry(node.inputs[1], k) for k in range(length)]
+    if entries.count(-1) != 1 or (0 in entries and node.attrs.get("allowzero", 0)):
+        return None  # allowzero's 0 is an empty axis (ONNX forbids it beside -1)
+    shape_in = shape_of(node.inputs[0]) or [None] * rank
+    copied = {k for k, entry in enumerate(entries) if entry == 0}
+    if any(k >= rank for k in copied):
+        return None
+    sizes = {i: dim_origin(node.inputs[0], i) for i in range(rank) if i not in copied}
+    stated = 1
+    for k, entry in enumerate(entries):
+        if entry is None and k < len(shape_out):  # shape inference may still know it
+            entry = shape_out[k] or None
+        same = [i for i in sizes if entry in (sizes[i], shape_in[i])]
+        if isinstance(entry, int) and entry > 0:
+            stated *= entry
+        elif isinstance(entry, str) and same:
+            del sizes[same[0]]
+        elif entry not in (-1, 0):
             return None
-    if left or rest <= 0 or known % rest:
+    if not all(isinstance(d, int) for d in sizes.values()):
         return None
-    return known // rest
+    total = math.prod(sizes.values())
+    return total // stated if total % stated == 0 and total >= stated else None
 
 
 def _expanded(node: gs.Node, rank: int, axis: int) -> int | str | None:
