@@ -229,9 +229,10 @@ def damage_curve(method: Method, group: ChannelGroup, stats: GroupStats, seed: i
     factorisation. Other methods: the removed share of their channel scores (score_damage),
     normalised per group because raw scores are in per-layer units (filter norms grow with the
     fan-in, gradients with the layer's place in the network; METHODS.md, "Global allocation");
-    scale-free scores (IPPRO's PROscore) are summed as they are.
+    scale-free scores (IPPRO's PROscore) are summed as they are. cob's groups that cannot rotate
+    are planned as ID plans them, and take ID's curve.
     """
-    if method.name == "id":
+    if method.name == "id" or (method.name == "cob" and not group.rotatable):
         return _curve(stats) ** 2
     scores = getattr(method, "scores", None)
     if scores is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import graphs
 import numpy as np
 import pytest
-from conftest import reference_path
+from conftest import assert_outputs_close, reference_path
 
 import onnxprune
 from onnxprune.config import PruneConfig
@@ -139,3 +139,29 @@ def test_a_mac_target_lands_nearest_among_near_uniform_widths(name):
             other = cost({**widths.counts, group: new}) / cost({})
             if other <= 0.5 + MISS_TOLERANCE:
                 assert abs(reached - 0.5) <= abs(other - 0.5) + 1e-12, (group, new)
+
+
+@pytest.mark.parametrize("method", ["id", "cob"])
+def test_dependent_channels_behind_a_relu_go_first(method):
+    """c1's last four filters (and biases) are positive multiples of its first four, so behind
+    the ReLU its taps span four dimensions: removing those four costs nothing to ID, and cob,
+    which cannot rotate through the ReLU, plans (and ranks) that group as ID does. c2's filters
+    are independent and weaker, so by energy c2 would lose channels first."""
+    rng = np.random.default_rng(3)
+    w1, w2 = rng.standard_normal((2, 8, 3, 3, 3)).astype(np.float32)
+    b1, b2 = rng.standard_normal((2, 8)).astype(np.float32)
+    scales = np.array([1.5, 0.5, 2.0, 1.0], np.float32)
+    w1[4:], b1[4:], w2, b2 = (
+        w1[:4] * scales[:, None, None, None],
+        b1[:4] * scales,
+        w2 * 0.3,
+        b2 * 0.3,
+    )
+    b = graphs.Builder(5)
+    y1 = b.conv("c1b", b.relu("r1", b.conv("c1", "x", 3, 8, weight=w1, b=b1)), 8, 2)
+    y2 = b.conv("c2b", b.relu("r2", b.conv("c2", "x", 3, 8, weight=w2, b=b2)), 8, 2)
+    model = b.model([y1, y2])
+    feeds = graphs.random_input(model, n=64)
+    widths, result = _global(model, 0.25, method=method, data=feeds, batch_size=64)
+    assert widths == {"c1": 4, "c2": 8}
+    assert_outputs_close(model, result.model, graphs.random_input(model, n=16, seed=1), atol=1e-4)
