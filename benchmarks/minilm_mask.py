@@ -59,16 +59,9 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    files = ensure_minilm()
-    original = onnx.load(str(files.legacy))
-    pool = calibration_pool(files.model_dir)
+    files, original, pool = legacy_and_pool()
     sizes = [int(s) for s in args.sizes.split(",")]
-    end = max(sizes)
-    validation = Dataset({k: pool[k][end : end + VALIDATION] for k in INPUTS}, source="pool")
-    scorers = {
-        "validation": Evaluator(original, validation),
-        "test": Evaluator(original, _dataset(files.heldout)),
-    }
+    scorers = split_scorers(original, files, pool, max(sizes))
     streams = _all_but_streams(original)
     fixed = _fixed_widths(original, args.widths_from) if args.widths_from else None
     out = {"machine": machine(), "pool": len(pool["input_ids"]), "validation": VALIDATION}
@@ -95,18 +88,35 @@ def main() -> None:
                     "seconds": round(time.perf_counter() - start, 1),
                     "load": os.getloadavg(),
                 }
-                for split, scorer in scorers.items():
-                    s = scorer(result.model)
-                    row[split] = {
-                        "cosine": s.cosine,
-                        "retrieval": s.retrieval,
-                        "spearman": s.spearman,
-                    }
+                row.update(scored(scorers, result.model))
                 row["widths"] = {g.name: len(p.keep) for g, p in _plans(result)}
                 row["maps"] = {g.name: p.info for g, p in _plans(result) if "cv_err" in p.info}
                 out["cells"].append(row)
                 print({k: v for k, v in row.items() if k != "widths"}, flush=True)
                 args.out.write_text(json.dumps(out, indent=1) + "\n")
+
+
+def legacy_and_pool():
+    """MiniLM's files, its legacy export and the calibration pool (`minilm_calib.py`)."""
+    files = ensure_minilm()
+    return files, onnx.load(str(files.legacy)), calibration_pool(files.model_dir)
+
+
+def split_scorers(original, files, pool: dict, end: int) -> dict[str, Evaluator]:
+    """Scorers against the original on the validation sentences (the pool's `VALIDATION` after
+    index `end`) and on the test sentences (`heldout.npz`)."""
+    validation = Dataset({k: pool[k][end : end + VALIDATION] for k in INPUTS}, source="pool")
+    return {
+        "validation": Evaluator(original, validation),
+        "test": Evaluator(original, _dataset(files.heldout)),
+    }
+
+
+def scored(scorers: dict[str, Evaluator], model) -> dict[str, dict[str, float]]:
+    """Per split: mean cosine, nearest-neighbour agreement and Spearman ρ against the original."""
+    scores = {split: scorer(model) for split, scorer in scorers.items()}
+    return {split: {"cosine": s.cosine, "retrieval": s.retrieval, "spearman": s.spearman}
+            for split, s in scores.items()}  # fmt: skip
 
 
 def _prune(original, method, target, data, options, streams, fixed) -> onnxprune.Result:

@@ -506,6 +506,7 @@ def _finetuned(
         batch_size=config.batch_size,
         seed=config.seed,
         hints=hints,
+        row_mask=config.row_mask,
     )
     note = (
         f"fine-tuned by distillation: {result.steps_run} steps ({result.stopped}), weights of "

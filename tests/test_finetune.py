@@ -269,3 +269,52 @@ def test_ema_writes_the_moving_average_of_the_weights(setup):
         got, want = onnx.numpy_helper.to_array(init), (before[init.name] + after[init.name]) / 2
         assert np.allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max()), init.name
     assert any(not np.array_equal(before[n], after[n]) for n in plain.trained)
+
+
+def _token_projection(weight: np.ndarray) -> onnx.ModelProto:
+    """y = x · W for tokens x (samples, positions, 4); `attention_mask` (samples, positions) is
+    an input the graph does not read, as a padded batch's mask is for what the loss counts."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "tokens",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "s", 4]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["n", "s"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "s", 3])],
+        [onnx.numpy_helper.from_array(weight.astype(np.float32), "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("row_mask", [None, "auto", "attention_mask"])
+def test_the_row_mask_leaves_padding_rows_out_of_the_loss(row_mask):
+    """The held-out loss of the student as given (step 0) against brute force in float64 on
+    the held-out samples: ‖x(W' − W)‖² / ‖xW‖² over the rows the mask marks, or over every row
+    without one. Padding rows are 100× larger, so the two differ by far."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((4, 3))
+    changed = weight + 0.1 * rng.standard_normal((4, 3))
+    mask = (rng.random((64, 6)) < 0.6).astype(np.int64)
+    x = (rng.standard_normal((64, 6, 4)) * np.where(mask, 1.0, 100.0)[..., None]).astype(np.float32)
+    data = Dataset({"x": x, "attention_mask": mask})
+    teacher, student = _token_projection(weight), _token_projection(changed)
+    result = finetune(student, teacher, data, steps=1, lr=1e-9, holdout=0.25, row_mask=row_mask)
+    held_x = result.holdout.arrays["x"].astype(np.float64)
+    rows = result.holdout.arrays["attention_mask"] != 0 if row_mask else np.ones(held_x.shape[:2])
+    error = (held_x @ (changed - weight)) ** 2 * rows[..., None]
+    norm = (held_x @ weight) ** 2 * rows[..., None]
+    expected = error.sum() / norm.sum()
+    assert result.history[0]["holdout"] == pytest.approx(expected, rel=1e-4)
+    every_row = ((held_x @ (changed - weight)) ** 2).sum() / ((held_x @ weight) ** 2).sum()
+    assert (abs(expected - every_row) > 0.1 * expected) == (row_mask is not None)
+
+
+def test_a_row_mask_that_is_not_an_input_is_refused():
+    weight = np.eye(4)[:, :3]
+    model = _token_projection(weight)
+    data = Dataset({"x": np.zeros((8, 2, 4), np.float32), "attention_mask": np.ones((8, 2))})
+    with pytest.raises(UsageError, match="--row-mask 'mask' is not an input"):
+        finetune(model, model, data, steps=1, row_mask="mask")

@@ -73,6 +73,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="evaluate and write an exponential moving average of the weights with this decay "
         "per step (e.g. 0.99; 0: the weights themselves)",
     )
+    parser.add_argument(
+        "--row-mask",
+        metavar="INPUT",
+        help="leave out of the loss the token rows whose entry of the 2-D input INPUT (samples, "
+        "positions) is 0, e.g. a transformer's padding: attention_mask; 'auto': the integer "
+        "input named attention_mask if there is one",
+    )
     add_data_arguments(parser)
     parser.add_argument(
         "--labels",
@@ -117,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         augment=args.augment,
         ema=args.ema,
+        row_mask=args.row_mask,
     )
     before = verify(teacher, student, result.holdout.arrays, data=result.holdout.source)
     after = verify(teacher, result.model, result.holdout.arrays, data=result.holdout.source)

@@ -287,8 +287,8 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="INPUT",
         help="leave out of the tap statistics the token rows whose entry of the 2-D input INPUT "
         "(samples, positions) is 0, e.g. a transformer's padding: attention_mask; 'auto': the "
-        "integer input named attention_mask if there is one (the sequential refit and the "
-        "width scores leave them out too; recalibration still reads every row)",
+        "integer input named attention_mask if there is one (the sequential refit, the width "
+        "scores and --finetune's loss leave them out too; recalibration still reads every row)",
     )
     method.add_argument(
         "--max-group-ratio",

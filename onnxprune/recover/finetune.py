@@ -11,7 +11,10 @@ image inputs are shifted by a few random whole pixels and the teacher is run on 
 batch. With `hints` (`recover.hints`: inner tensors whose channels are known channels of the
 teacher's) the loss adds, weighted by `hint_weight`, the mean over those tensors of
 ‖s − t[index]‖² / ‖t[index]‖² (intermediate-feature distillation); the teacher then runs on
-every batch. With `ema`, the held-out loss is measured on, and the written weights are, an
+every batch. With `row_mask` (a 2-D input, e.g. a transformer's attention mask) the relative
+squared errors of tensors whose first two axes are the mask's count only the rows it marks:
+padding tokens' states, which the model's users never read, are not trained toward. With `ema`,
+the held-out loss is measured on, and the written weights are, an
 exponential moving average of the weights over the steps. The written model is the student's
 graph with new initializer values only: same nodes, names, dtypes and shapes.
 
@@ -31,6 +34,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.calib.data import Dataset, batch_for, input_specs
+from onnxprune.calib.row_mask import row_mask_input
 from onnxprune.calib.split import split_for_verification
 from onnxprune.calib.stats import tapped_session
 from onnxprune.errors import DataError, UsageError
@@ -106,6 +110,7 @@ def finetune(
     hints: Sequence[Hint] = (),
     hint_weight: float = HINT_WEIGHT,
     ema: float = 0.0,
+    row_mask: str | None = None,
 ) -> FinetuneResult:
     """Train the float initializers of `student` to reproduce `teacher` on `data`.
 
@@ -120,7 +125,9 @@ def finetune(
     unshifted samples). `hints` add intermediate-feature distillation weighted by `hint_weight`
     (0: off); the held-out loss stays on the outputs. `ema` in [0, 1): the decay of an
     exponential moving average of the weights, updated after every step, that is evaluated and
-    returned instead of the raw weights (0: off). Raises UsageError on bad options,
+    returned instead of the raw weights (0: off). `row_mask`: the input whose zero entries
+    mark token rows the relative squared errors leave out ("auto": an integer 2-D input named
+    attention_mask, if any; `calib.row_mask`). Raises UsageError on bad options,
     DataError when the two models do not share their inputs and outputs or a hint's tensor is
     missing or of another width in either model. Nodes the torch interpreter lacks run in ONNX
     Runtime, frozen (`frozen`); a graph is refused (UnsupportedOpError) only when such a node's
@@ -144,6 +151,7 @@ def finetune(
         ema,
     )
     _check_pair(student, teacher)
+    row_mask = row_mask_input(student, row_mask)
     hints = tuple(hints) if hint_weight else ()
     _check_hint_names(student, teacher, hints)
     split = split_for_verification(
@@ -159,8 +167,9 @@ def finetune(
     first = _rows(split.fit.arrays, np.arange(min(batch, len(split.fit))))
     check_against_ort(student, first, graph=graph)
     trainer = _Trainer(
-        graph, teacher, split.fit, split.verify, temperature, augment, seed, hints, hint_weight
-    )
+        graph, teacher, split.fit, split.verify, temperature, augment, seed, hints, hint_weight,
+        row_mask,
+    )  # fmt: skip
     trainer.check_hints(first)
     schedule = _Schedule(steps, lr, batch, max_seconds, seed, patience, round(warmup * steps))
     loop = _loop(trainer, schedule, ema)
@@ -268,6 +277,7 @@ class _Trainer:
         seed: int = 0,
         hints: Sequence[Hint] = (),
         hint_weight: float = HINT_WEIGHT,
+        row_mask: str | None = None,
     ) -> None:
         import torch
 
@@ -285,6 +295,7 @@ class _Trainer:
         self.held_targets = run_original(teacher, held.arrays)
         self.classes = [n for n, t in self.targets.items() if is_class_scores(t)]
         self.temperature = temperature
+        self.row_mask = row_mask
         if train.labels is not None and not self.classes:
             raise UsageError("labels were given but no output of the teacher is 2-D class scores")
 
@@ -300,9 +311,10 @@ class _Trainer:
         else:
             targets = {n: t[index] for n, t in self.targets.items()}
         outputs = self.graph.run(inputs, keep=[h.tensor for h in self.hints])
-        loss = self._distill(outputs, {n: targets[n] for n in self.targets})
+        mask = self._mask(inputs)
+        loss = self._distill(outputs, {n: targets[n] for n in self.targets}, mask)
         if self.hints:
-            loss = loss + self.hint_weight * self.hint_loss(outputs, targets)
+            loss = loss + self.hint_weight * self.hint_loss(outputs, targets, mask)
         if self.train.labels is not None:
             labels = torch.from_numpy(self.train.labels[index].astype(np.int64))
             loss = loss + torch.nn.functional.cross_entropy(outputs[self.classes[0]], labels)
@@ -330,19 +342,28 @@ class _Trainer:
                 )
 
     def hint_loss(
-        self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, np.ndarray]
+        self,
+        outputs: Mapping[str, torch.Tensor],
+        targets: Mapping[str, np.ndarray],
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean over the hints of ‖s − t[index]‖² / ‖t[index]‖² (t: the teacher's tensor, its
-        channels `index` along the hint's axis; s: the student's)."""
+        channels `index` along the hint's axis; s: the student's; over the rows `mask` marks)."""
         import torch
 
         total = torch.zeros(())
         for hint in self.hints:
             t = np.take(np.asarray(targets[hint.tensor], np.float32), hint.index, axis=hint.axis)
-            t = torch.from_numpy(t)
-            s = outputs[hint.tensor].float()
-            total = total + ((s - t) ** 2).sum() / (t**2).sum().clamp_min(1e-30)
+            total = total + _relative_error(outputs[hint.tensor].float(), torch.from_numpy(t), mask)
         return total / len(self.hints)
+
+    def _mask(self, inputs: Mapping[str, np.ndarray]) -> torch.Tensor | None:
+        """1 where the row mask's entry of `inputs` is nonzero, else 0 (None: no mask)."""
+        import torch
+
+        if self.row_mask is None:
+            return None
+        return torch.from_numpy((np.asarray(inputs[self.row_mask]) != 0).astype(np.float32))
 
     def _teacher(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The teacher's outputs and hint tensors on `inputs`, by tensor name."""
@@ -356,15 +377,20 @@ class _Trainer:
         with torch.no_grad():
             for start in range(0, n, batch):
                 index = np.arange(start, min(start + batch, n))
-                outputs = self.graph.run(_rows(self.held.arrays, index))
+                inputs = _rows(self.held.arrays, index)
                 targets = {k: t[index] for k, t in self.held_targets.items()}
-                total += float(self._distill(outputs, targets)) * len(index)
+                loss = self._distill(self.graph.run(inputs), targets, self._mask(inputs))
+                total += float(loss) * len(index)
         return total / n
 
     def _distill(
-        self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, np.ndarray]
+        self,
+        outputs: Mapping[str, torch.Tensor],
+        targets: Mapping[str, np.ndarray],
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Sum over the outputs of KL·T² (class scores) or relative squared error."""
+        """Sum over the outputs of KL·T² (class scores) or relative squared error (over the
+        rows `mask` marks)."""
         import torch
         import torch.nn.functional as F
 
@@ -381,8 +407,18 @@ class _Trainer:
                 )
                 total = total + kl * temp**2
             else:
-                total = total + ((s - t) ** 2).sum() / (t**2).sum().clamp_min(1e-30)
+                total = total + _relative_error(s, t, mask)
         return total
+
+
+def _relative_error(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """‖s − t‖² / ‖t‖²; where the first two axes are those of the (samples, positions) `mask`,
+    over the rows it marks with 1 only."""
+    squares, norms = (s - t) ** 2, t**2
+    if mask is not None and tuple(s.shape[:2]) == tuple(mask.shape):
+        weight = mask.reshape(*mask.shape, *[1] * (s.dim() - 2))
+        squares, norms = squares * weight, norms * weight
+    return squares.sum() / norms.sum().clamp_min(1e-30)
 
 
 class _Average:
