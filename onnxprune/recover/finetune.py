@@ -14,9 +14,9 @@ teacher's) the loss adds, weighted by `hint_weight`, the mean over those tensors
 every batch. With `row_mask` (a 2-D input, e.g. a transformer's attention mask) the relative
 squared errors of tensors whose first two axes are the mask's count only the rows it marks:
 padding tokens' states, which the model's users never read, are not trained toward. With `ema`,
-the held-out loss is measured on, and the written weights are, an
-exponential moving average of the weights over the steps. The written model is the student's
-graph with new initializer values only: same nodes, names, dtypes and shapes.
+the held-out loss is measured on, and the written weights are, an exponential moving average of
+the weights over the steps. The written model is the student's graph with new initializer
+values only: same nodes, names, dtypes and shapes.
 
 Importing this module is cheap; torch is imported when `finetune` runs.
 """
