@@ -503,6 +503,7 @@ def _finetuned(
         original,
         fit,
         steps=config.finetune_steps,
+        **({} if config.finetune_lr is None else {"lr": config.finetune_lr}),
         batch_size=config.batch_size,
         seed=config.seed,
         hints=hints,

@@ -82,6 +82,7 @@ class PruneConfig:
     cv_maps: bool = False  # id: channel groups' maps (ridge or none) by two-fold CV
     cv_widths: bool = False  # id with a MAC/parameter target: width candidates scored held out
     finetune_steps: int = 0  # distillation steps from the original after pruning (0: none)
+    finetune_lr: float | None = None  # their Adam learning rate (None: finetune's default)
     input_shapes: Mapping[str, tuple[int, ...]] | None = None  # symbolic dims where no data is
 
     def __post_init__(self) -> None:
@@ -184,6 +185,8 @@ class PruneConfig:
         _positive("steps", self.steps)
         if self.finetune_steps < 0:
             raise UsageError(f"'finetune_steps' must be at least 0; got {self.finetune_steps}")
+        if self.finetune_lr is not None and not self.finetune_lr > 0:
+            raise UsageError(f"'finetune_lr' must be positive; got {self.finetune_lr}")
         if self.finetune_steps and self.granularity == "weight":
             raise UsageError(
                 "--finetune would refill the zeroed weights; it is for channel pruning"

@@ -220,6 +220,19 @@ def test_prune_with_finetune_fits_on_the_fit_split_only(tmp_path):
         )
 
 
+def test_prune_passes_its_finetune_learning_rate():
+    """A rate that diverges (50) keeps the pruned weights (no held-out evaluation beats step 0):
+    the written model is the one without fine-tuning; a non-positive rate is refused."""
+    common = dict(method="magnitude", ratio=0.7, data=MODELS / "digits64_calib.npz", seed=0)
+    plain = onnxprune.prune(MODELS / "mlp.onnx", **common)
+    diverged = onnxprune.prune(MODELS / "mlp.onnx", finetune_steps=20, finetune_lr=50.0, **common)
+    assert any("weights of step 0" in n for n in diverged.report.notes)
+    for a, b in zip(plain.model.graph.initializer, diverged.model.graph.initializer, strict=True):
+        assert np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+    with pytest.raises(UsageError, match="'finetune_lr' must be positive"):
+        onnxprune.PruneConfig(method="magnitude", finetune_steps=5, finetune_lr=0.0)
+
+
 def test_shifted_is_a_crop_of_the_edge_padded_image():
     """Brute force: each sample equals its image padded by repeating the border pixels, then
     cropped at the drawn offset; every offset in [-p, p]² is drawn; other inputs pass as given."""
