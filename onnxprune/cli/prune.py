@@ -143,7 +143,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         metavar="LR",
         help="Adam learning rate of --finetune (default 1e-3, chosen on digits CNNs; a "
-        "pretrained sentence encoder did best at 3e-4)",
+        "pretrained sentence encoder did better at 3e-4 than 1e-4)",
     )
     out.add_argument("--report", metavar="FILE", help="write the report as JSON ('-' = stdout)")
     out.add_argument(
