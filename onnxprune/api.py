@@ -492,7 +492,7 @@ def _finetuned(
     too (`recover.hints`)."""
     if not config.finetune_steps:
         return pruned, notes
-    from onnxprune.recover.finetune import finetune  # lazy: imports torch
+    from onnxprune.recover.finetune import LR, finetune  # lazy: imports torch
 
     hints = ()
     if pruning is not None:
@@ -503,7 +503,7 @@ def _finetuned(
         original,
         fit,
         steps=config.finetune_steps,
-        **({} if config.finetune_lr is None else {"lr": config.finetune_lr}),
+        lr=LR if config.finetune_lr is None else config.finetune_lr,
         batch_size=config.batch_size,
         seed=config.seed,
         hints=hints,

@@ -9,7 +9,8 @@ import pytest
 from conftest import run_model
 from onnx import TensorProto, helper
 
-from onnxprune.ops.shape_values import dim_origin, entry_value, is_one
+from onnxprune.graph.load import infer_shapes
+from onnxprune.ops.shape_values import dim_origin, entry_value, inferred_size, is_one
 
 
 def _expand_model(middle: str) -> onnx.ModelProto:
@@ -70,8 +71,6 @@ def _positional_add(end_from: str, projected: bool = False) -> gs.Graph:
     (`end_from` "h") or the length of another input o (batch, len) (`end_from` "o"), after shape
     inference (which gives y new symbols for both axes). `projected`: pos[:, :n] · W (4 × 4)
     is added instead, as cob's entry MatMul after a position-embedding Gather writes it."""
-    from onnxprune.graph.load import infer_shapes
-
     positions = np.arange(32, dtype=np.float32).reshape(1, 8, 4)
     nodes = [
         helper.make_node("Shape", [end_from], ["n"], start=1, end=2),
@@ -175,7 +174,6 @@ def _reshape_model(target: list, attrs: dict) -> gs.Graph:
     y = gs.Variable("y", np.float32, None)
     nodes.append(gs.Node("Reshape", "reshape", attrs, [nodes[0].inputs[0], vector], [y]))
     graph = gs.Graph(nodes, [nodes[0].inputs[0]], [y], opset=17)
-    from onnxprune.graph.load import infer_shapes
 
     return infer_shapes(graph)
 
@@ -184,8 +182,6 @@ def _reshape_model(target: list, attrs: dict) -> gs.Graph:
 def test_a_reshapes_minus_one_is_static_exactly_where_onnx_runtime_agrees(case):
     """`inferred_size` gives the -1's size exactly when it is the same at every batch and
     sequence length, and then ONNX Runtime's size; None where the size varies with them."""
-    from onnxprune.ops.shape_values import inferred_size
-
     target, attrs = _TARGETS[case]
     graph = _reshape_model(target, attrs)
     node = next(n for n in graph.nodes if n.op == "Reshape")

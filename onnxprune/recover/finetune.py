@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 EVALS = 20  # held-out evaluations over a run (every steps/EVALS steps)
 PATIENCE = 5  # evaluations without improvement before stopping early
 WARMUP = 0.5  # share of the steps run before early stopping may end a run
+LR = 1e-3  # Adam's learning rate, chosen on the digits CNNs
 # weight of the hint (inner-tensor) loss: held-out selection on four digits CNNs preferred 1 to
 # 0.1 at every learning rate (docs/RESULTS.md, "The fine-tuning defaults chosen on held-out…")
 HINT_WEIGHT = 1.0
@@ -97,7 +98,7 @@ def finetune(
     data: Dataset,
     *,
     steps: int = 300,
-    lr: float = 1e-3,
+    lr: float = LR,
     batch_size: int = 32,
     temperature: float = 4.0,
     labels: np.ndarray | None = None,
