@@ -72,6 +72,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--streams-only", action="store_true", help="slice only the streams")
     parser.add_argument("--round-to", type=int, default=16)
     parser.add_argument("--rms-correction", action="store_true", help="cob's --rms-correction")
+    parser.add_argument(
+        "--global",
+        dest="global_ranking",
+        action="store_true",
+        help="--global: the ratio over all streams, widths by each stream's removed energy",
+    )
     parser.add_argument("--lm", action="store_true", help="score next-token predictions")
     parser.add_argument("--time-batch", type=int, default=8, help="held-out inputs per timed run")
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per model")
@@ -83,13 +89,15 @@ def _measure(args, original: onnx.ModelProto, heldout: dict, ratio: float) -> di
     start = time.perf_counter()
     result = onnxprune.prune(original, method="cob", ratio=ratio, data=args.calib,
                              exclude=args.exclude, round_to=args.round_to,
-                             rms_correction=args.rms_correction)  # fmt: skip
+                             rms_correction=args.rms_correction,
+                             global_ranking=args.global_ranking)  # fmt: skip
     seconds = time.perf_counter() - start
     report = result.report
     row = {
         "ratio": ratio,
         "streams_only": args.streams_only,
         "rms_correction": args.rms_correction,
+        "global": args.global_ranking,
         "stream_widths": _stream_widths(result),
         "params": list(report.params),
         "macs": list(report.macs),

@@ -1,14 +1,16 @@
-"""MiniLM (all-MiniLM-L6-v2): onnxprune's FFN-neuron pruning next to Torch-Pruning's BERT pruning.
+"""MiniLM (all-MiniLM-L6-v2): onnxprune's pruning next to Torch-Pruning's BERT pruning.
 
-onnxprune prunes the legacy export of `benchmarks/minilm_model.py` at a fixed share of the FFN
-neurons of every layer (`ratio`; the FFN intermediate groups are the only prunable ones today)
-with each method spec, calibrated on `calib.npz` (256 sentences); Torch-Pruning prunes the same
-weights in transformers' BertModel — whole attention heads and FFN neurons, uniform per layer,
-hidden size kept (the embeddings are ignored layers, which leaves the residual stream's group
-alone), with its L2 magnitude (`MagnitudeImportance(p=2, group_reduction="mean")`, its HF BERT
-example's) and Taylor importance (gradients of ⟨r, f(x)⟩ with a seeded Gaussian r, the loss
-onnxprune's taylor uses without labels) — at the MACs reduction onnxprune reached at that ratio,
-then exported by the same legacy exporter. No fine-tuning anywhere.
+onnxprune prunes the legacy export of `benchmarks/minilm_model.py` with each method spec,
+calibrated on `calib.npz` (256 sentences), either at a share of the channels of every group
+(`--ratios`: the FFN neurons and, since heads are prunable, whole heads too) or at a fraction
+of the MACs kept (`--targets`, `--target-macs`: heads and FFN neurons, widths chosen by the
+method); Torch-Pruning prunes the same weights in transformers' BertModel — whole attention
+heads and FFN neurons, uniform per layer, hidden size kept (the embeddings are ignored layers,
+which leaves the residual stream's group alone), with its L2 magnitude
+(`MagnitudeImportance(p=2, group_reduction="mean")`, its HF BERT example's) and Taylor
+importance (gradients of ⟨r, f(x)⟩ with a seeded Gaussian r, the loss onnxprune's taylor uses
+without labels) — at the largest MACs reduction onnxprune reached in that row, then exported by
+the same legacy exporter. No fine-tuning anywhere.
 
 Every model is scored by `onnxprune.measure.embedding` on `heldout.npz` (128 sentences, disjoint)
 against the original: mean cosine of mean-pooled embeddings, nearest-neighbour agreement, Spearman
@@ -17,6 +19,8 @@ Runtime at batch 8 × 128 tokens, one intra-op thread, all models interleaved, m
 
     python benchmarks/transformer.py               # 5 specs × 25/50 % + Torch-Pruning (≈ 40 min)
     python benchmarks/transformer.py --quick       # id and id defaults at 25 %, TP l2
+    python benchmarks/transformer.py --targets 0.7,0.5 --specs id,id_defaults,taylor \
+        --out benchmarks/results/transformer_targets.json
     python benchmarks/transformer.py --markdown    # the table of the last run
 
 Writes `benchmarks/results/transformer.json` (raw) and prints a markdown table.
@@ -72,7 +76,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="id specs at 25 %%, TP l2 only")
     parser.add_argument("--markdown", action="store_true", help="print the last run's table")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (interleaved)")
-    parser.add_argument("--ratios", help="comma-separated FFN ratios (default 0.25,0.5)")
+    parser.add_argument("--ratios", help="comma-separated channel ratios (default 0.25,0.5)")
+    parser.add_argument("--targets", help="comma-separated fractions of MACs kept (instead)")
+    parser.add_argument("--specs", help=f"comma-separated subset of {','.join(SPECS)}")
     parser.add_argument("--out", default=str(RESULTS), help="JSON file to write")
     args = parser.parse_args()
     if args.markdown:
@@ -82,14 +88,25 @@ def main() -> None:
     ratios = RATIOS[:1] if args.quick else RATIOS
     if args.ratios:
         ratios = tuple(float(r) for r in args.ratios.split(","))
+    if args.specs:
+        specs = {k: SPECS[k] for k in args.specs.split(",")}
+    if args.targets:
+        ratios = tuple(Target(float(t)) for t in args.targets.split(","))
     criteria = TP_CRITERIA[:1] if args.quick else TP_CRITERIA
     result = run(ensure_minilm(), specs, ratios, criteria, repeats=args.repeats, out=Path(args.out))
     print(markdown(result))
 
 
+class Target(float):
+    """A fraction of the MACs kept (`--target-macs`), where a row would otherwise be a ratio."""
+
+    def options(self) -> dict:
+        return {"target_macs": float(self)}
+
+
 def run(files: MiniLMFiles, specs: dict, ratios, criteria, *, repeats: int, out: Path) -> dict:
-    """Per ratio: prune every cell, score it, time those models and the original interleaved,
-    and rewrite `out` (so an interrupted run keeps the ratios it finished)."""
+    """Per ratio (or `Target`): prune every cell, score it, time those models and the original
+    interleaved, and rewrite `out` (so an interrupted run keeps the ratios it finished)."""
     original = onnx.load(files.legacy)
     evaluator = Evaluator(original, _dataset(files.heldout))
     base_macs = _macs(original)
@@ -101,8 +118,9 @@ def run(files: MiniLMFiles, specs: dict, ratios, criteria, *, repeats: int, out:
         cells = [_ours(files, stem, spec, ratio, evaluator, base_macs, folder)
                  for stem, spec in specs.items()]  # fmt: skip
         reached = max((c["macs_reduction"] for c in cells if "error" not in c), default=ratio)
+        key = "target_macs" if isinstance(ratio, Target) else "ratio"
         cells += [{**_torch_pruning(files, criterion, reached, evaluator, base_macs, folder),
-                   "ratio": ratio} for criterion in criteria]  # fmt: skip
+                   key: ratio} for criterion in criteria]  # fmt: skip
         paths = [files.legacy] + [folder / c["file"] for c in cells if "file" in c]
         times = _latency(paths, repeats)
         for cell in cells:
@@ -116,14 +134,16 @@ def run(files: MiniLMFiles, specs: dict, ratios, criteria, *, repeats: int, out:
 def _ours(files, stem, spec, ratio, evaluator, base_macs, folder) -> dict:
     """One onnxprune cell: prune (or reuse the file an earlier run of this cell saved), score."""
     label, options = spec
-    path = folder / f"ours_{stem}_{ratio}.onnx"
+    target = isinstance(ratio, Target)
+    path = folder / f"ours_{stem}_{'target' if target else ''}{ratio}.onnx"
     meta = path.with_suffix(".json")
-    cell = {"tool": "onnxprune", "method": label, "ratio": ratio}
+    cell = {"tool": "onnxprune", "method": label, ("target_macs" if target else "ratio"): ratio}
     if not path.exists():
         start = time.perf_counter()
+        size = ratio.options() if target else {"ratio": ratio}
         try:
-            result = onnxprune.prune(str(files.legacy), ratio=ratio, data=str(files.calib),
-                                     verify=False, **options)  # fmt: skip
+            result = onnxprune.prune(str(files.legacy), data=str(files.calib), verify=False,
+                                     **size, **options)  # fmt: skip
         except onnxprune.OnnxPruneError as exc:
             return {**cell, "error": str(exc)}
         meta.write_text(json.dumps({"prune_seconds": time.perf_counter() - start}))
@@ -249,11 +269,13 @@ def markdown(result: dict) -> str:
             "ms (b8×128) | speedup | ideal | prune s |")  # fmt: skip
     lines = [head, "|" + "---|" * 12]
     for c in result["cells"]:
+        asked = (f"--ratio {c['ratio']:g}" if "ratio" in c
+                 else f"--target-macs {c['target_macs']:g}")  # fmt: skip
         if "error" in c:
-            lines.append(f"| {c['tool']} | {c['method']} | {c['ratio']:.0%} FFN | error: "
+            lines.append(f"| {c['tool']} | {c['method']} | {asked} | error: "
                          f"{c['error'][:80]} |" + " |" * 8)  # fmt: skip
             continue
-        pruned = (f"{c['ratio']:.0%} FFN" if c["tool"] == "onnxprune"
+        pruned = (asked if c["tool"] == "onnxprune"
                   else f"{c['heads_pruned']}/12 heads, {c['ffn_ratio']:.0%} FFN")  # fmt: skip
         lines.append(
             f"| {c['tool']} | {c['method']} | {pruned} | {100 * c['macs_reduction']:.1f} | "

@@ -4,9 +4,10 @@ one prune per method at `--ratio 0.5` — does the tool analyze, prune and write
 Models: `zoo_models.extra_specs()` (torchvision MobileNetV2, MNASNet, ResNet-18, RegNet-X,
 GoogLeNet, Inception-v3 at 299×299, EfficientNetV2-S, Swin-T, VGG-16-BN, MobileNetV3-Large,
 Wide-ResNet-50-2, MaxViT-T, Swin-V2-T, the LR-ASPP / DeepLabV3 / FCN segmenters, the R3D-18 video
-model on 8×112×112 clips; ultralytics YOLOv5nu, YOLOv10n, YOLO11n and YOLOv8n's segment, pose,
-OBB heads at 320×320, its classifier at 224×224; ResNet-18 at opset 11 and unfolded), random
-seeded weights as in the main zoo, legacy exporter, dynamic batch. Build them first:
+model on 8×112×112 clips; ultralytics YOLOv5nu, YOLOv10n, YOLO11n, YOLO12n, YOLO26n and
+YOLOv8n's segment, pose, OBB heads at 320×320, its classifier at 224×224; ResNet-18 at opset 11
+and unfolded), random seeded weights as in the main zoo, legacy exporter, dynamic batch. Build
+them first:
 
     python benchmarks/zoo_models.py --models mobilenet_v2,mnasnet1_0,...   # see extra_specs()
     python benchmarks/zoo_breadth.py --out benchmarks/results/zoo_breadth.json

@@ -155,6 +155,7 @@ def extra_specs() -> dict[str, ZooSpec]:
         yolo_spec("yolov8n-obb", task="OBB"),
         ZooSpec("resnet18_opset11", tv.resnet18, 224, opset=11),
         ZooSpec("resnet18_nofold", tv.resnet18, 224, fold_constants=False),
+        *(yolo_spec(name) for name in ("yolo12n", "yolo26n")),
     ]
     return {s.name: s for s in specs}
 
