@@ -50,7 +50,7 @@ import time
 import types
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +156,27 @@ def extra_specs() -> dict[str, ZooSpec]:
         ZooSpec("resnet18_opset11", tv.resnet18, 224, opset=11),
         ZooSpec("resnet18_nofold", tv.resnet18, 224, fold_constants=False),
         *(yolo_spec(name) for name in ("yolo12n", "yolo26n")),
+        # opsets below the supported range, converted at load (graph/load.upgraded)
+        ZooSpec("squeezenet1_1_opset7", tv.squeezenet1_1, 224, opset=7),
+        ZooSpec("densenet121_opset8", tv.densenet121, 224, opset=8),
+        ZooSpec("resnet18_opset9", tv.resnet18, 224, opset=9),
+        ZooSpec("resnet18_opset9_nofold", tv.resnet18, 224, opset=9, fold_constants=False),
+        ZooSpec("mobilenet_v2_opset9", tv.mobilenet_v2, 224, opset=9),
+        ZooSpec(
+            "googlenet_opset9",
+            lambda: tv.googlenet(aux_logits=False, init_weights=True),
+            224,
+            opset=9,
+        ),
+        ZooSpec(
+            "lraspp_opset9",
+            lambda: segmentation_out("lraspp_mobilenet_v3_large"),
+            224,
+            output_name="out",
+            source="torchvision.models.segmentation ('out')",
+            opset=9,
+        ),
+        replace(yolo_spec("yolov8n"), name="yolov8n_opset9", opset=9),
     ]
     return {s.name: s for s in specs}
 

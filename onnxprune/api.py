@@ -32,7 +32,7 @@ from onnxprune.graph.fused import merge_constant_adds
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.layernorm import fold_embedding_matmuls, to_rmsnorm
 from onnxprune.graph.load import (
-    check_opset,
+    Loaded,
     drop_mapped_pages,
     export,
     load_with_layout,
@@ -40,6 +40,7 @@ from onnxprune.graph.load import (
     normalize,
     save_model,
     too_large_for_protobuf,
+    upgraded,
     weightless_export,
 )
 from onnxprune.graph.quantized import dequantized_weights, quantized_message
@@ -109,7 +110,7 @@ def analyze(
     passthrough ops and consumers. They are counted with the symbolic input dims set to
     `input_shapes` (1 where not given).
     """
-    graph = normalize(_load(model)[0])
+    graph = normalize(_load(model).model)
     groups = find_groups(graph)
     cost = count(weightless_export(graph), input_shapes=dict(input_shapes or {}))
     macs = {node.name: node.macs for node in cost.per_node}
@@ -145,12 +146,15 @@ def prune(
     or `max_deviation`.
     """
     config = _resolve_config(config, method, ratio, options)
-    proto, external = _load(model)
+    loaded = _load(model)
+    proto = loaded.model
     config = _fit_batch(config, proto)
     run = _prune_weights if config.granularity == "weight" else _prune_channels
     # the graph is not held here, so that the stage that runs can drop it once it is done
     result = run(proto, _normalized(proto), DataInputs(data, labels, verify_data), config)
-    result = replace(result, external_data=external or too_large_for_protobuf(result.model))
+    report = replace(result.report, notes=(*loaded.notes(), *result.report.notes))
+    external = loaded.external or too_large_for_protobuf(result.model)
+    result = replace(result, report=report, external_data=external)
     _accept(result, config)
     return result
 
@@ -417,11 +421,11 @@ def _config(method: str | None, ratio: float | None, options: Mapping[str, Any])
     return PruneConfig(width=WidthRule(**width), **rest)
 
 
-def _load(model: ModelLike) -> tuple[onnx.ModelProto, bool]:
-    """The model, and whether its file keeps weights in external data (False for a proto)."""
+def _load(model: ModelLike) -> Loaded:
+    """The model (at a supported opset), whether its file keeps weights in external data
+    (False for a proto), and the opset it was converted from."""
     if isinstance(model, onnx.ModelProto):
-        check_opset(model)
-        return model, False
+        return upgraded(model)
     return load_with_layout(model, mapped=True)
 
 

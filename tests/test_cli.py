@@ -91,12 +91,21 @@ def test_truncated_protobuf(capsys, tmp_path):
     _fails(capsys, [str(src), "-o", str(out)], 1, source=src, output=out, contains="half.onnx")
 
 
-@pytest.mark.parametrize("opset", [10, 24])
-def test_opset_out_of_range(capsys, tmp_path, opset):
-    src = tmp_path / "old.onnx"
-    onnx.save_model(graphs.conv_chain(opset=opset), str(src))
+def test_opset_above_the_range(capsys, tmp_path):
+    src = tmp_path / "new.onnx"
+    onnx.save_model(graphs.conv_chain(opset=24), str(src))
     out = tmp_path / "out.onnx"
-    _fails(capsys, [str(src), "-o", str(out)], 1, source=src, output=out, contains=f"opset {opset}")
+    _fails(capsys, [str(src), "-o", str(out)], 1, source=src, output=out, contains="opset 24")
+
+
+def test_an_older_opset_is_converted_and_said_so(capsys, tmp_path):
+    src = tmp_path / "old.onnx"
+    onnx.save_model(graphs.conv_chain(opset=9), str(src))
+    digest, out = file_hash(src), tmp_path / "out.onnx"
+    assert main([str(src), "--method", "magnitude", "--ratio", "0.5", "-o", str(out)]) == 0
+    assert "converted from opset 9 to opset 11" in capsys.readouterr().out
+    assert onnx.load(str(out)).opset_import[0].version == 11
+    assert file_hash(src) == digest
 
 
 def test_nothing_prunable_fails_unless_allow_noop(capsys, tmp_path):

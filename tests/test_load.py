@@ -182,14 +182,102 @@ def test_dropout_and_identity_are_removed_keeping_output_names():
 # --- opsets -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("opset", [10, 24])
-def test_unsupported_opset_is_rejected_naming_it(opset, save_tmp):
-    path = save_tmp(graphs.conv_chain(opset=opset))
-    with pytest.raises(ModelLoadError, match=f"opset {opset}") as excinfo:
+def test_an_opset_above_the_range_is_rejected_naming_it(save_tmp):
+    path = save_tmp(graphs.conv_chain(opset=24))
+    with pytest.raises(ModelLoadError, match="opset 24") as excinfo:
         load_model(path)
     one_line_error(excinfo)
-    with pytest.raises(ModelLoadError, match=f"opset {opset}"):
+    with pytest.raises(ModelLoadError, match="opset 24"):
         onnxprune.prune(path)
+
+
+def _old_classifier(opset: int, duplicated: bool = False) -> onnx.ModelProto:
+    """An IR-3 classifier as old exporters wrote it: every weight also a graph input, an unfolded
+    BatchNormalization, Upsample (scales an attribute at opset 7, an input at 9), Flatten, Gemm,
+    Softmax. `duplicated`: conv c1's last 4 filters (and their BatchNorm entries) copy its first
+    4, so that its 8 channels span only 4."""
+    rng = np.random.default_rng(opset)
+    w1 = 0.3 * rng.standard_normal((8, 3, 3, 3))  # scaled so that the logits are O(1)
+    bn = [rng.uniform(0.5, 1.5, 8), rng.standard_normal(8), rng.standard_normal(8)]
+    bn.append(rng.uniform(0.5, 2.0, 8))
+    if duplicated:
+        w1[4:] = w1[:4]
+        for values in bn:
+            values[4:] = values[:4]
+    arrays = {"w1": w1, "g": bn[0], "b": bn[1], "m": bn[2], "v": bn[3]}
+    arrays |= {"w2": 0.1 * rng.standard_normal((6, 8, 3, 3)), "w3": rng.standard_normal((5, 6))}
+    arrays |= {"b3": rng.standard_normal(5)}
+    scale = {"scales": [1.0, 1.0, 2.0, 2.0]} if opset < 9 else {}
+    up_inputs = ["r1"] if opset < 9 else ["r1", "scales"]
+    if opset >= 9:
+        arrays["scales"] = np.array([1.0, 1.0, 2.0, 2.0])
+    helper = onnx.helper
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["r1"]),
+        helper.make_node("Upsample", up_inputs, ["up"], mode="nearest", **scale),
+        helper.make_node("Conv", ["up", "w2"], ["c2"], name="c2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["g3"], transB=1),
+        helper.make_node("Softmax", ["g3"], ["y"]),
+    ]
+    weights = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()]
+    float32 = onnx.TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("x", float32, ["N", 3, 8, 8])]
+    inputs += [helper.make_tensor_value_info(w.name, float32, list(w.dims)) for w in weights]
+    output = helper.make_tensor_value_info("y", float32, ["N", 5])
+    graph = helper.make_graph(nodes, "old", inputs, [output], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 3
+    return model
+
+
+@pytest.mark.parametrize("opset", [7, 9, 10])
+def test_an_older_opset_is_converted_and_keeps_the_function(opset, save_tmp):
+    """Below the range the model is converted to opset 11 (Upsample → Resize, the IR raised so
+    the weights need not be inputs); ratio 0 reproduces the original as ORT runs it at its own
+    opset, and the report says the pruned model is written at opset 11."""
+    model = _old_classifier(opset) if opset < 10 else graphs.conv_chain(opset=opset)
+    path = save_tmp(model)
+    loaded = load_model(path)
+    assert loaded.opset_import[0].version == 11 and loaded.ir_version >= 6
+    feeds = graphs.random_input(model, n=4)
+    result = onnxprune.prune(path, method="id", ratio=0, data=feeds)
+    assert result.model.opset_import[0].version == 11
+    assert any(f"converted from opset {opset} to opset 11" in n for n in result.report.notes)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert_outputs_close(model, result.model, feeds, atol=1e-5)
+
+
+def test_duplicated_channels_of_an_old_model_are_removed_exactly(save_tmp):
+    """ID on the converted model: c1's 8 channels span 4, so keeping 4 loses nothing."""
+    model = _old_classifier(9, duplicated=True)
+    feeds = graphs.random_input(model, n=16)
+    result = onnxprune.prune(save_tmp(model), method="id", ratio=0.5, data=feeds, exclude=("c2",),
+                             round_to=1, compensate="none", recalibrate=False)  # fmt: skip
+    assert result.report.params[1] < result.report.params[0]
+    assert_outputs_close(model, result.model, feeds, atol=1e-4)
+
+
+def test_ops_an_old_opset_no_longer_defines_are_refused_by_name(save_tmp):
+    helper = onnx.helper
+    node = helper.make_node("ImageScaler", ["x"], ["s"], scale=2.0, bias=[0.0, 0.0, 0.0])
+    conv = helper.make_node("Conv", ["s", "w"], ["y"])
+    weight = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    graph = helper.make_graph(
+        [node, conv],
+        "scaler",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    with pytest.raises(ModelLoadError, match="opset 9.*ImageScaler") as excinfo:
+        load_model(save_tmp(model))
+    one_line_error(excinfo)
 
 
 @pytest.mark.parametrize("opset", [11, 13, 17, 21, 23])

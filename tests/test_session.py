@@ -5,10 +5,11 @@ from __future__ import annotations
 import graphs
 import numpy as np
 import onnx
-from conftest import reference_feeds, reference_path
+from conftest import reference_feeds, reference_path, run_model
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
-from onnxprune.calib.stats import add_taps
+from onnxprune.calib.stats import add_taps, tapped_session
 from onnxprune.graph import session
 
 
@@ -59,3 +60,53 @@ def test_pruning_through_file_sessions_gives_the_same_model_bytes(monkeypatch):
     assert any("recalibrated" in note for note in in_memory.report.notes)
     assert from_file.model.SerializeToString() == in_memory.model.SerializeToString()
     assert from_file.report.verification == in_memory.report.verification
+
+
+def _pooled_transitions() -> onnx.ModelProto:
+    """x → conv0 → Pad → AveragePool → conv1 → Pad → AveragePool → y: DenseNet's transitions as
+    the exporters of old opsets write `count_include_pad` pooling."""
+    rng = np.random.default_rng(0)
+    nodes, weights, h, channels = [], [], "x", 3
+    for k in range(2):
+        nodes += [
+            helper.make_node("Conv", [h, f"w{k}"], [f"c{k}"], name=f"conv{k}"),
+            helper.make_node("Pad", [f"c{k}", f"p{k}", f"v{k}"], [f"pad{k}"], name=f"pad{k}"),
+            helper.make_node(
+                "AveragePool",
+                [f"pad{k}"],
+                [f"a{k}"],
+                name=f"pool{k}",
+                kernel_shape=[2, 2],
+                strides=[2, 2],
+            ),
+        ]
+        weights += [
+            numpy_helper.from_array(rng.standard_normal((4, channels, 1, 1), np.float32), f"w{k}"),
+            numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), f"p{k}"),
+            numpy_helper.from_array(np.array(0, np.float32), f"v{k}"),
+        ]
+        h, channels = f"a{k}", 4
+    graph = helper.make_graph(
+        nodes,
+        "transitions",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info(h, TensorProto.FLOAT, None)],
+        weights,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+
+
+def test_taps_on_two_padded_pools_load_and_read_the_tensors():
+    """ONNX Runtime's identity elimination folded the tap copies of conv0 and conv1 into their
+    producers and left a Pad reading a tensor no node wrote (the session failed to load); the
+    tapped session runs without it and reads the very tensors a plain run outputs."""
+    model = _pooled_transitions()
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 3, 8, 8), dtype=np.float32)}
+    tapped, aliases = tapped_session(model, ["c0", "c1"])
+    got = tapped.run(aliases, feeds)
+    plain = onnx.ModelProto()
+    plain.CopyFrom(model)
+    plain.graph.output.extend([onnx.ValueInfoProto(name="c0"), onnx.ValueInfoProto(name="c1")])
+    expected = run_model(plain, feeds)
+    for name, value in zip(["c0", "c1"], got, strict=True):
+        np.testing.assert_array_equal(value, expected[name])

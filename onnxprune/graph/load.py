@@ -1,7 +1,8 @@
 """Read, normalize and write ONNX models.
 
 `load_model` turns a path into a checked `ModelProto` (clear one-line errors for every way a file
-can be wrong); `normalize` returns the graph every later stage works on: Constant nodes folded into
+can be wrong; a model below the supported opsets converted up by ONNX's version converter);
+`normalize` returns the graph every later stage works on: Constant nodes folded into
 initializers, fused transformer ops (ONNX Runtime's `com.microsoft` Attention, SkipLayerNorm …,
 opset-23 Attention) written out as standard ops (graph/fused.py), subgraphs computed from
 constants alone folded into constants, Identity/Dropout removed, packed q/k/v projections taken
@@ -21,9 +22,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
@@ -82,14 +85,34 @@ def load_model(
     """Load an ONNX file (with its external data unless `weights` is False; with `mapped`, that
     data stays in its files, memory-mapped where read: graph/external.py); reject what later
     stages cannot handle."""
-    return load_with_layout(path, weights=weights, mapped=mapped)[0]
+    return load_with_layout(path, weights=weights, mapped=mapped).model
+
+
+class Loaded(NamedTuple):
+    """A loaded model, whether its file keeps some initializers in external data files, and
+    the default-domain opset it was converted from (None: loaded at its own opset)."""
+
+    model: onnx.ModelProto
+    external: bool
+    converted_from: int | None = None
+
+    def notes(self) -> tuple[str, ...]:
+        """The report's note on the conversion (none without one)."""
+        if self.converted_from is None:
+            return ()
+        opset = default_opset(self.model)
+        return (
+            f"converted from opset {self.converted_from} to opset {opset} by ONNX's version "
+            f"converter before pruning: the pruned model is written at opset {opset}",
+        )
 
 
 def load_with_layout(
     path: str | os.PathLike, *, weights: bool = True, mapped: bool = False
-) -> tuple[onnx.ModelProto, bool]:
+) -> Loaded:
     """`load_model`, and whether the file keeps some initializers in external data files (read
-    from the same parse: parsing ResNet-50's file again only to ask took 0.15 CPU s)."""
+    from the same parse: parsing ResNet-50's file again only to ask took 0.15 CPU s) and the
+    opset it was converted from."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model file '{path}' does not exist")
@@ -106,20 +129,43 @@ def load_with_layout(
         map_external(model, path.parent)
     elif weights:
         _load_external(model, path)
-    check_opset(model)
-    return model, external
+    return upgraded(model, external)
 
 
-def check_opset(model: onnx.ModelProto) -> int:
-    """Return the default-domain opset, raising if it is outside the supported range."""
+def upgraded(model: onnx.ModelProto, external: bool = False) -> Loaded:
+    """`model` at a supported default-domain opset: as it is when its opset is supported; one
+    below the range (ONNX Model Zoo's classics are opset 7–9) converted to the lowest supported
+    opset by `onnx.version_converter`, ONNX's own per-op adapters (Upsample becomes Resize,
+    BatchNormalization loses its old attributes …), which preserve the function, and its IR
+    version raised to one that opset needs; one above the range, or one the converter cannot
+    convert, refused."""
     opset = default_opset(model)
-    if opset not in SUPPORTED_OPSETS:
+    if opset in SUPPORTED_OPSETS:
+        return Loaded(model, external)
+    supported = f"{SUPPORTED_OPSETS.start}–{SUPPORTED_OPSETS.stop - 1}"
+    if opset > SUPPORTED_OPSETS.stop - 1:
+        raise ModelLoadError(f"model uses opset {opset}; supported opsets are {supported}")
+    defined = {schema.name for schema in onnx.defs.get_all_schemas() if schema.domain == ""}
+    gone = sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")} - defined)
+    if gone:  # experimental ops of old opsets (ImageScaler, Crop …): the converter has no schema
         raise ModelLoadError(
-            f"model uses opset {opset}; supported opsets are "
-            f"{SUPPORTED_OPSETS.start}–{SUPPORTED_OPSETS.stop - 1}",
-            hint="convert it with onnx.version_converter.convert_version(model, 17)",
+            f"model uses opset {opset} and ops that ONNX no longer defines ({', '.join(gone)}): "
+            f"it cannot be converted to opset {SUPPORTED_OPSETS.start}",
+            hint=f"export the model again at an opset in {supported}",
         )
-    return opset
+    try:
+        converted = onnx.version_converter.convert_version(model, SUPPORTED_OPSETS.start)
+    except Exception as exc:  # the converter raises RuntimeError, ValueError, C++ errors …
+        raise ModelLoadError(
+            f"model uses opset {opset} and ONNX's version converter cannot bring it to opset "
+            f"{SUPPORTED_OPSETS.start}: {first_line(exc)}",
+            hint=f"export the model again at an opset in {supported}",
+        ) from exc
+    # the IR version must allow the new opset; from IR 4 on, initializers need not be listed as
+    # graph inputs (the IR-3 files of old exporters list every weight), which the rewrite needs
+    minimum = onnx.helper.find_min_ir_version_for(list(converted.opset_import))
+    converted.ir_version = max(converted.ir_version, minimum)
+    return Loaded(converted, external, opset)
 
 
 def default_opset(model: onnx.ModelProto) -> int:

@@ -36,16 +36,21 @@ def inference_session(
     providers: Sequence[str] = CPU,
     *,
     edit: Edit | None = None,
+    disabled: Sequence[str] = (),
 ) -> ort.InferenceSession:
     """An ORT session for `model`, from bytes when it is small, else from a temporary file with
     external data (ORT's own exceptions pass through). `edit`, if given, changes in place the
     copy the session is made from (its graph, not its weights: it may see them external), so
-    that `model` stays as it was and its weights are not copied to add, say, outputs."""
+    that `model` stays as it was and its weights are not copied to add, say, outputs.
+    `disabled`: ONNX Runtime graph optimizers (by name) the session runs without."""
+    extra = {"disabled_optimizers": list(disabled)} if disabled else {}
     if model_bytes(model) <= FILE_BYTES and not _needs_file(model):
         if edit is not None:
             model = copy_model(model)
             edit(model)
-        return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+        return ort.InferenceSession(
+            model.SerializeToString(), options, providers=list(providers), **extra
+        )
     with tempfile.TemporaryDirectory(prefix="onnxprune-session-") as folder:
         path = Path(folder) / "model.onnx"
         write_external(model, path)
@@ -53,7 +58,7 @@ def inference_session(
             skeleton = onnx.load(str(path), load_external_data=False)
             edit(skeleton)
             onnx.save_model(skeleton, str(path))
-        return ort.InferenceSession(str(path), options, providers=list(providers))
+        return ort.InferenceSession(str(path), options, providers=list(providers), **extra)
 
 
 def _needs_file(model: onnx.ModelProto) -> bool:

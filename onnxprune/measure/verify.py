@@ -166,10 +166,14 @@ def run_original(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dic
 
 
 def session_for(
-    model: onnx.ModelProto, *, threads: int = 0, edit: Edit | None = None
+    model: onnx.ModelProto,
+    *,
+    threads: int = 0,
+    edit: Edit | None = None,
+    disabled: Sequence[str] = (),
 ) -> ort.InferenceSession:
-    """An ORT CPU session for an in-memory model; `threads` 0: `default_threads()`; `edit` as
-    in `inference_session`.
+    """An ORT CPU session for an in-memory model; `threads` 0: `default_threads()`; `edit` and
+    `disabled` as in `inference_session`.
 
     Its worker threads do not spin-wait between operators: every run here is one of many short
     ones (a sample or a part of a batch) on cores that other work may share, where spinning
@@ -188,7 +192,7 @@ def session_for(
     threads = threads or default_threads()
     if threads:
         options.intra_op_num_threads = threads
-    return inference_session(model, options, edit=edit)
+    return inference_session(model, options, edit=edit, disabled=disabled)
 
 
 def _run_part(model: onnx.ModelProto) -> int | None:
