@@ -191,11 +191,11 @@ def test_an_opset_above_the_range_is_rejected_naming_it(save_tmp):
         onnxprune.prune(path)
 
 
-def _old_classifier(opset: int, duplicated: bool = False) -> onnx.ModelProto:
+def _old_classifier(opset: int, duplicated: bool = False, mode: str = "nearest") -> onnx.ModelProto:
     """An IR-3 classifier as old exporters wrote it: every weight also a graph input, an unfolded
-    BatchNormalization, Upsample (scales an attribute at opset 7, an input at 9), Flatten, Gemm,
-    Softmax. `duplicated`: conv c1's last 4 filters (and their BatchNorm entries) copy its first
-    4, so that its 8 channels span only 4."""
+    BatchNormalization, Upsample by `mode` (scales an attribute at opset 7, an input at 9),
+    Flatten, Gemm, Softmax. `duplicated`: conv c1's last 4 filters (and their BatchNorm entries)
+    copy its first 4, so that its 8 channels span only 4."""
     rng = np.random.default_rng(opset)
     w1 = 0.3 * rng.standard_normal((8, 3, 3, 3))  # scaled so that the logits are O(1)
     bn = [rng.uniform(0.5, 1.5, 8), rng.standard_normal(8), rng.standard_normal(8)]
@@ -216,7 +216,7 @@ def _old_classifier(opset: int, duplicated: bool = False) -> onnx.ModelProto:
         helper.make_node("Conv", ["x", "w1"], ["c1"], name="c1", pads=[1, 1, 1, 1]),
         helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["bn"]),
         helper.make_node("Relu", ["bn"], ["r1"]),
-        helper.make_node("Upsample", up_inputs, ["up"], mode="nearest", **scale),
+        helper.make_node("Upsample", up_inputs, ["up"], mode=mode, **scale),
         helper.make_node("Conv", ["up", "w2"], ["c2"], name="c2", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c2"], ["r2"]),
         helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
@@ -235,12 +235,15 @@ def _old_classifier(opset: int, duplicated: bool = False) -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.parametrize("opset", [7, 9, 10])
-def test_an_older_opset_is_converted_and_keeps_the_function(opset, save_tmp):
-    """Below the range the model is converted to opset 11 (Upsample → Resize, the IR raised so
-    the weights need not be inputs); ratio 0 reproduces the original as ORT runs it at its own
-    opset, and the report says the pruned model is written at opset 11."""
-    model = _old_classifier(opset) if opset < 10 else graphs.conv_chain(opset=opset)
+@pytest.mark.parametrize(
+    ("opset", "mode"), [(7, "nearest"), (9, "nearest"), (9, "linear"), (10, "")]
+)
+def test_an_older_opset_is_converted_and_keeps_the_function(opset, mode, save_tmp):
+    """Below the range the model is converted to opset 11 (Upsample → Resize with the old
+    sampling stated, the IR raised so the weights need not be inputs); ratio 0 reproduces the
+    original as ORT runs it at its own opset, and the report says the pruned model is written
+    at opset 11."""
+    model = _old_classifier(opset, mode=mode) if mode else graphs.conv_chain(opset=opset)
     path = save_tmp(model)
     loaded = load_model(path)
     assert loaded.opset_import[0].version == 11 and loaded.ir_version >= 6

@@ -136,9 +136,9 @@ def upgraded(model: onnx.ModelProto, external: bool = False) -> Loaded:
     """`model` at a supported default-domain opset: as it is when its opset is supported; one
     below the range (ONNX Model Zoo's classics are opset 7–9) converted to the lowest supported
     opset by `onnx.version_converter`, ONNX's own per-op adapters (Upsample becomes Resize,
-    BatchNormalization loses its old attributes …), which preserve the function, and its IR
-    version raised to one that opset needs; one above the range, or one the converter cannot
-    convert, refused."""
+    BatchNormalization loses its old attributes …), which keep the function but for Resize's
+    sampling (stated by `_keep_legacy_resize`), and its IR version raised to one that opset
+    needs; one above the range, or one the converter cannot convert, refused."""
     opset = default_opset(model)
     if opset in SUPPORTED_OPSETS:
         return Loaded(model, external)
@@ -161,11 +161,36 @@ def upgraded(model: onnx.ModelProto, external: bool = False) -> Loaded:
             f"{SUPPORTED_OPSETS.start}: {first_line(exc)}",
             hint=f"export the model again at an opset in {supported}",
         ) from exc
+    _keep_legacy_resize(converted.graph)
     # the IR version must allow the new opset; from IR 4 on, initializers need not be listed as
     # graph inputs (the IR-3 files of old exporters list every weight), which the rewrite needs
     minimum = onnx.helper.find_min_ir_version_for(list(converted.opset_import))
     converted.ir_version = max(converted.ir_version, minimum)
     return Loaded(converted, external, opset)
+
+
+def _keep_legacy_resize(graph: onnx.GraphProto) -> None:
+    """State the sampling of opset ≤ 10 (Upsample, Resize-10) on every Resize the converter
+    wrote, in place: it leaves Resize-11's defaults (half-pixel centres, nearest rounded), which
+    moved LR-ASPP's bilinear upsampling by 0.59 of its output's range. Old Upsample/Resize map
+    output x to input x / scale (asymmetric) and, for nearest, take the floor where they
+    upsample (what they are exported for; ONNX Runtime rounds up where they shrink an axis)."""
+    for node in graph.node:
+        if node.op_type == "Resize" and node.domain in ("", "ai.onnx"):
+            stated = {a.name: a.s.decode() for a in node.attribute}
+            legacy = {"coordinate_transformation_mode": "asymmetric"}
+            if stated.get("mode", "nearest") == "nearest":
+                legacy["nearest_mode"] = "floor"
+            node.attribute.extend(
+                onnx.helper.make_attribute(name, value)
+                for name, value in legacy.items()
+                if name not in stated
+            )
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                _keep_legacy_resize(attribute.g)
+            for sub in attribute.graphs:
+                _keep_legacy_resize(sub)
 
 
 def default_opset(model: onnx.ModelProto) -> int:
