@@ -6,8 +6,9 @@ GoogLeNet, Inception-v3 at 299×299, EfficientNetV2-S, Swin-T, VGG-16-BN, Mobile
 Wide-ResNet-50-2, MaxViT-T, Swin-V2-T, the LR-ASPP / DeepLabV3 / FCN segmenters, the R3D-18 video
 model on 8×112×112 clips; ultralytics YOLOv5nu, YOLOv10n, YOLO11n, YOLO12n, YOLO26n and
 YOLOv8n's segment, pose, OBB heads at 320×320, its classifier at 224×224; ResNet-18 at opset 11
-and unfolded), random seeded weights as in the main zoo, legacy exporter, dynamic batch. Build
-them first:
+and unfolded; SqueezeNet, DenseNet-121, ResNet-18, MobileNetV2, GoogLeNet, LR-ASPP and YOLOv8n
+exported at opsets 7–9, converted at load), random seeded weights as in the main zoo, legacy
+exporter, dynamic batch. Build them first:
 
     python benchmarks/zoo_models.py --models mobilenet_v2,mnasnet1_0,...   # see extra_specs()
     python benchmarks/zoo_breadth.py --out benchmarks/results/zoo_breadth.json

@@ -265,20 +265,34 @@ def test_duplicated_channels_of_an_old_model_are_removed_exactly(save_tmp):
     assert_outputs_close(model, result.model, feeds, atol=1e-4)
 
 
-def test_ops_an_old_opset_no_longer_defines_are_refused_by_name(save_tmp):
+def _scaled_conv(op: str, **attrs) -> onnx.ModelProto:
+    """x → `op` (an experimental op of opset 8) → Conv(4) → y."""
     helper = onnx.helper
-    node = helper.make_node("ImageScaler", ["x"], ["s"], scale=2.0, bias=[0.0, 0.0, 0.0])
-    conv = helper.make_node("Conv", ["s", "w"], ["y"])
-    weight = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    node = helper.make_node(op, ["x"], ["s"], name="scaler", **attrs)
+    conv = helper.make_node("Conv", ["s", "w"], ["y"], name="conv")
+    weight = np.random.default_rng(0).standard_normal((4, 3, 1, 1)).astype(np.float32)
     graph = helper.make_graph(
         [node, conv],
         "scaler",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 4, 4])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        [weight],
+        [numpy_helper.from_array(weight, "w")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
-    with pytest.raises(ModelLoadError, match="opset 9.*ImageScaler") as excinfo:
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+
+
+def test_an_image_scaler_is_written_as_what_it_computes(save_tmp):
+    """ImageScaler (gone from ONNX since opset 10) becomes Mul and Add: the same outputs as ONNX
+    Runtime's own ImageScaler kernel on the opset-8 file."""
+    model = _scaled_conv("ImageScaler", scale=2.5, bias=[0.5, -1.0, 3.0])
+    loaded = load_model(save_tmp(model))
+    assert "ImageScaler" not in ops(loaded) and loaded.opset_import[0].version == 11
+    assert_outputs_close(model, loaded, graphs.random_input(model), atol=1e-6)
+
+
+def test_ops_an_old_opset_no_longer_defines_are_refused_by_name(save_tmp):
+    model = _scaled_conv("ScaledTanh", alpha=1.0, beta=1.0)
+    with pytest.raises(ModelLoadError, match="opset 8.*ScaledTanh") as excinfo:
         load_model(save_tmp(model))
     one_line_error(excinfo)
 

@@ -145,9 +145,10 @@ def upgraded(model: onnx.ModelProto, external: bool = False) -> Loaded:
     supported = f"{SUPPORTED_OPSETS.start}–{SUPPORTED_OPSETS.stop - 1}"
     if opset > SUPPORTED_OPSETS.stop - 1:
         raise ModelLoadError(f"model uses opset {opset}; supported opsets are {supported}")
+    model = _without_image_scalers(model)
     defined = {schema.name for schema in onnx.defs.get_all_schemas() if schema.domain == ""}
     gone = sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")} - defined)
-    if gone:  # experimental ops of old opsets (ImageScaler, Crop …): the converter has no schema
+    if gone:  # experimental ops of old opsets (Crop, ScaledTanh …): the converter has no schema
         raise ModelLoadError(
             f"model uses opset {opset} and ops that ONNX no longer defines ({', '.join(gone)}): "
             f"it cannot be converted to opset {SUPPORTED_OPSETS.start}",
@@ -167,6 +168,33 @@ def upgraded(model: onnx.ModelProto, external: bool = False) -> Loaded:
     minimum = onnx.helper.find_min_ir_version_for(list(converted.opset_import))
     converted.ir_version = max(converted.ir_version, minimum)
     return Loaded(converted, external, opset)
+
+
+def _without_image_scalers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` (a copy, if it has any) with each ImageScaler — an experimental op of opsets ≤ 9
+    that ONNX no longer defines, found in old image models — written as what it computes,
+    y = scale · x + bias[c] on N×C×H×W: Mul by a Constant scale, then Add of a (1, C, 1, 1)
+    Constant bias."""
+    if not any(n.op_type == "ImageScaler" for n in model.graph.node):
+        return model
+    model = copy_model(model)
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "ImageScaler":
+            nodes.append(node)
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        bias = np.asarray(attrs.get("bias", []), np.float32).reshape(1, -1, 1, 1)
+        scale = np.asarray(attrs.get("scale", 1.0), np.float32)
+        stem = f"{node.name or node.output[0]}__image_scaler"
+        for part, value in (("scale", scale), ("bias", bias)):
+            tensor = numpy_helper.from_array(value, f"{stem}_{part}")
+            nodes.append(onnx.helper.make_node("Constant", [], [tensor.name], value=tensor))
+        nodes.append(onnx.helper.make_node("Mul", [node.input[0], f"{stem}_scale"], [stem]))
+        nodes.append(onnx.helper.make_node("Add", [stem, f"{stem}_bias"], list(node.output)))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
 
 
 def _keep_legacy_resize(graph: onnx.GraphProto) -> None:
