@@ -89,6 +89,7 @@ class ZooSpec:
     frames: int = 0  # clip length of a video model's N×3×T×S×S input; 0: N×3×S×S images
     opset: int = OPSET
     fold_constants: bool = True  # the legacy exporter's do_constant_folding
+    dynamo_opset: int = 0  # not 0: the one file is the dynamo exporter's at this opset
 
     @property
     def data_tag(self) -> str:
@@ -177,6 +178,11 @@ def extra_specs() -> dict[str, ZooSpec]:
             opset=9,
         ),
         replace(yolo_spec("yolov8n"), name="yolov8n_opset9", opset=9),
+        # the newest opsets, which only the dynamo exporter writes (23+: attention as one op)
+        ZooSpec("resnet18_dynamo_opset24", tv.resnet18, 224, dynamo_opset=24),
+        ZooSpec("mobilenet_v3_small_dynamo_opset25", tv.mobilenet_v3_small, 224, dynamo_opset=25),
+        ZooSpec("vit_b_16_dynamo_opset24", tv.vit_b_16, 224, dynamo_opset=24),
+        replace(yolo_spec("yolov8n"), name="yolov8n_dynamo_opset26", dynamo_opset=26),
     ]
     return {s.name: s for s in specs}
 
@@ -390,6 +396,8 @@ def export_model(spec: ZooSpec, cache: Path, data: dict[str, np.ndarray]) -> dic
         expected = model(x)
         expected = (expected[0] if isinstance(expected, (tuple, list)) else expected).numpy()
     forms = {"legacy": (f"{spec.name}.onnx", export_legacy, True)}
+    if spec.dynamo_opset:
+        forms = {"dynamo": (f"{spec.name}.onnx", export_dynamo, True)}
     if spec.name in EXTRA_EXPORTS:
         forms["legacy_b1"] = (f"{spec.name}.b1.onnx", export_legacy, False)
         forms["dynamo"] = (f"{spec.name}.dynamo.onnx", export_dynamo, True)
@@ -447,16 +455,18 @@ def export_legacy(
 def export_dynamo(
     model: nn.Module, x: torch.Tensor, path: Path, spec: ZooSpec, dynamic: bool
 ) -> str:
-    """Dynamo exporter with embedded weights; falls back to batch 1 if the dynamic axis fails."""
+    """Dynamo exporter with embedded weights (at DYNAMO_OPSET unless the spec names one); falls
+    back to batch 1 if the dynamic axis fails."""
+    opset = spec.dynamo_opset or DYNAMO_OPSET
     common = {
         "dynamo": True,
-        "opset_version": DYNAMO_OPSET,
+        "opset_version": opset,
         "input_names": [spec.input_name],
         "output_names": [spec.output_name],
         "external_data": False,
         "verbose": False,
     }
-    how = f"torch.onnx.export(dynamo=True, opset_version={DYNAMO_OPSET})"
+    how = f"torch.onnx.export(dynamo=True, opset_version={opset})"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -223,19 +223,25 @@ def _projections(duplicate_head: bool) -> tuple[list, dict]:
     return nodes, {"Wq": wq, "Wk": wk, "Wv": wv, "Wo": wo}
 
 
-def _attention23(duplicate_head: bool = False) -> onnx.ModelProto:
-    """Opset-23 Attention on rank-3 q, k, v with a boolean key mask, then Wo."""
+def _attention23(
+    duplicate_head: bool = False, opset: int = 23, nonpad: bool = False, **attrs
+) -> onnx.ModelProto:
+    """Opset-23 (or later) Attention on rank-3 q, k, v with a boolean key mask, then Wo;
+    `nonpad`: with opset 24's nonpad_kv_seqlen input too."""
     nodes, weights = _projections(duplicate_head)
+    extra = ["", "", "lengths"] if nonpad else []
     nodes += [
-        helper.make_node("Attention", ["q", "k", "v", "mask"], ["a"], q_num_heads=N_HEADS,
-                         kv_num_heads=N_HEADS),
+        helper.make_node("Attention", ["q", "k", "v", "mask", *extra], ["a"],
+                         q_num_heads=N_HEADS, kv_num_heads=N_HEADS, **attrs),
         helper.make_node("MatMul", ["a", "Wo"], ["y"]),
     ]  # fmt: skip
     inputs = [
         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 5, D_MODEL]),
         helper.make_tensor_value_info("mask", TensorProto.BOOL, ["b", 1, 5, 5]),
     ]
-    return _model(nodes, inputs, weights, opset=23)
+    if nonpad:
+        inputs.append(helper.make_tensor_value_info("lengths", TensorProto.INT64, ["b"]))
+    return _model(nodes, inputs, weights, opset=opset)
 
 
 def _mha() -> onnx.ModelProto:
@@ -281,8 +287,15 @@ def _masked_feeds(model: onnx.ModelProto, n: int = 6) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize(
     "build",
-    [_attention23, _mha, lambda: _ffn("FastGelu"), lambda: _ffn("Gelu")],
-    ids=["attention23", "multiheadattention", "fastgelu", "gelu"],
+    [
+        _attention23,
+        lambda: _attention23(opset=24),
+        lambda: _attention23(opset=25),
+        _mha,
+        lambda: _ffn("FastGelu"),
+        lambda: _ffn("Gelu"),
+    ],
+    ids=["attention23", "attention24", "attention25", "multiheadattention", "fastgelu", "gelu"],
 )
 def test_expansion_is_the_fused_op(build):
     """Each written-out op computes what ONNX Runtime's own kernel does (masks included), and
@@ -295,6 +308,22 @@ def test_expansion_is_the_fused_op(build):
     assert_outputs_close(model, result.model, _masked_feeds(model), atol=1e-5)
     first = analyze(normalize(model))[0]  # the last MatMul writes the graph output
     assert first.prunable and first.producers[0] in ("q", "MatMul_0"), first.reason
+
+
+@pytest.mark.parametrize(
+    ("build", "reason"),
+    [
+        (lambda: _attention23(opset=24, nonpad=True), "nonpad_kv_seqlen (opset 24)"),
+        (lambda: _attention23(opset=25, left_window_size=2), "sliding window (opset 25)"),
+    ],
+    ids=["nonpad_kv_seqlen", "window"],
+)
+def test_what_later_attention_adds_is_refused_with_the_reason(build, reason):
+    """Opset 24's padding lengths and opset 25's sliding window are not written out: the heads
+    stay whole, with the reason."""
+    groups = analyze(normalize(build()))
+    refused = [g for g in groups if not g.prunable and reason in (g.reason or "")]
+    assert refused, [g.reason for g in groups]
 
 
 def test_duplicated_head_of_opset23_attention_is_removed_exactly():

@@ -134,12 +134,16 @@ def _check_mha(node: gs.Node, outputs: frozenset[str]) -> str | None:
 
 
 def _check_attention23(node: gs.Node, outputs: frozenset[str]) -> str | None:
-    """Opset-23 Attention: q, k, v of rank 3 (equal head counts) or 4, no past, not causal, no
-    softcap, only the first output read."""
+    """Opset-23 Attention (and 24, 25): q, k, v of rank 3 (equal head counts) or 4, no past, not
+    causal, no softcap, no padding lengths or window, only the first output read."""
     if node.attrs.get("is_causal", 0) or node.attrs.get("softcap", 0.0):
         return "is causal or soft-capped, which is not expanded"
-    if _extra_read(node, outputs) or _given(node, 4, 5, 6):
+    if _extra_read(node, outputs) or _given(node, 4, 5):
         return "uses past/present state or its qk output, which are not expanded"
+    if _given(node, 6):
+        return "gives nonpad_kv_seqlen (opset 24), which is not expanded"
+    if any(node.attrs.get(f"{side}_window_size", -1) != -1 for side in ("left", "right")):
+        return "attends in a sliding window (opset 25), which is not expanded"
     if "softmax_precision" in node.attrs:
         return "sets softmax_precision, which is not expanded"
     reason = _check_qkv(node, ranks=(3, 4))
