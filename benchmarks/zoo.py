@@ -49,7 +49,7 @@ from onnxprune.measure.latency import benchmark
 HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE = HERE / "results" / "cache" / "zoo"
 DEFAULT_OUT = HERE / "results" / "zoo.json"
-MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "LSTM", "GRU", "RNN")
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "LSTM", "GRU", "RNN", "Attention")
 RUNS = (("magnitude", 0.25), ("magnitude", 0.5), ("id", 0.25), ("id", 0.5))
 VARIANTS = {"legacy": "", "legacy_b1": ".b1", "dynamo": ".dynamo"}
 VARIANTS |= {"tf2onnx": "", "tf2onnx_b1": ".b1"}  # keras_models.py's exports
@@ -281,12 +281,13 @@ def independent_macs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) ->
     model, which runs unoptimised; weight shapes come from the initializers. Conv: output
     elements × C_in/group × kernel; ConvTranspose: input elements × C_out/group × kernel; Gemm:
     output elements × K; MatMul: output elements × K; Einsum: the product of its labels' sizes;
-    LSTM/GRU/RNN: steps × batch × the elements of W and R. Nodes inside subgraphs or functions
-    are not counted.
+    LSTM/GRU/RNN: steps × batch × the elements of W and R; opset-23 Attention: q·kᵀ and
+    weights·v for every query head. Nodes inside subgraphs or functions, and ops of other
+    domains, are not counted.
     """
     shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    nodes = [n for n in model.graph.node if n.op_type in MAC_OPS]
-    wanted = {name for n in nodes for name in (*n.input[:2], n.output[0]) if name}
+    nodes = [n for n in model.graph.node if n.op_type in MAC_OPS and n.domain in ("", "ai.onnx")]
+    wanted = {name for n in nodes for name in (*n.input[:3], n.output[0]) if name}
     shapes |= ort_shapes(model, sorted(wanted - set(shapes)), feeds)
     return sum(node_macs(node, shapes) for node in nodes)
 
@@ -322,6 +323,13 @@ def node_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]]) -> in
             for k, n in zip(term, shape, strict=True)
         }
         return int(np.prod(list(sizes.values())))
+    if node.op_type == "Attention":  # per query head: S × L dot products of q·k and of w·v
+        v = shapes[node.input[2]]
+        if len(a) == 4:  # (B, H, S, D)
+            return a[0] * a[1] * a[2] * b[2] * (a[3] + v[3])
+        attrs = {at.name: at.i for at in node.attribute}
+        heads, kv_heads = attrs["q_num_heads"], attrs["kv_num_heads"]
+        return a[0] * a[1] * b[1] * heads * (a[2] // heads + v[2] // kv_heads)
     if node.op_type in ("LSTM", "GRU", "RNN"):  # W·x and R·h per step, batch row, direction
         layout = any(at.name == "layout" and at.i for at in node.attribute)
         steps, batch = (a[1], a[0]) if layout else (a[0], a[1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks.zoo import independent_macs
@@ -93,3 +94,31 @@ def test_independent_macs_of_a_bidirectional_lstm() -> None:
     x = np.zeros((5, 2, 3), np.float32)
     assert independent_macs(model, {"x": x}) == 5 * 2 * (2 * 16 * 3 + 2 * 16 * 4)
     assert count(model, input_shapes={"x": (5, 2, 3)}).macs == independent_macs(model, {"x": x})
+
+
+@pytest.mark.parametrize("rank", [3, 4])
+def test_independent_macs_of_grouped_query_attention(rank: int) -> None:
+    """Opset-23 Attention, 4 query heads over 2 key/value heads, S = 5 queries, L = 7 keys,
+    D = 8: every query head takes S·L·D for q·kᵀ and as many for weights·v; the tool's count
+    (the op's handler) agrees, for (B, S, H·D) inputs as for (B, H, S, D)."""
+    heads, kv_heads, s, length, d = 4, 2, 5, 7, 8
+
+    def spec(name: str, h: int, n: int) -> onnx.ValueInfoProto:
+        shape = ["b", n, h * d] if rank == 3 else ["b", h, n, d]
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    attrs = {"q_num_heads": heads, "kv_num_heads": kv_heads} if rank == 3 else {}
+    node = helper.make_node("Attention", ["q", "k", "v"], ["y"], **attrs)
+    inputs = [spec("q", heads, s), spec("k", kv_heads, length), spec("v", kv_heads, length)]
+    graph = helper.make_graph([node], "attention", inputs, [spec("y", heads, s)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    rng = np.random.default_rng(2)
+    dims = {"q": (heads, s), "k": (kv_heads, length), "v": (kv_heads, length)}
+    feeds = {
+        name: rng.standard_normal((2, n, h * d) if rank == 3 else (2, h, n, d), np.float32)
+        for name, (h, n) in dims.items()
+    }
+    expected = 2 * heads * s * length * (d + d)
+    assert independent_macs(model, feeds) == expected
+    shapes = {name: value.shape for name, value in feeds.items()}
+    assert count(model, input_shapes=shapes).macs == expected

@@ -70,6 +70,10 @@ class Attention(_Fused):
 
     def macs(self, node: onnx.NodeProto, shape_of: ShapeOf) -> int:
         q, k, v = (shape_of(name) for name in node.input[:3])
+        attrs = node_attrs(node)
+        heads, kv_heads = attrs.get("q_num_heads"), attrs.get("kv_num_heads")
+        if len(v) == 3 and heads and kv_heads:  # (B, L, Hkv·Dv): each query head reads its
+            v = (*v[:-1], v[-1] * heads // kv_heads)  # group's values (grouped queries)
         return core_macs(q, k, v)
 
 
