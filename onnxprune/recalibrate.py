@@ -19,13 +19,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.calib.data import in_parts, run_samples
-from onnxprune.calib.stats import TAP_SAFE, ChannelMoments, Moments, add_taps, channel_moments
+from onnxprune.calib.stats import ChannelMoments, Moments, channel_moments, tap_session
 from onnxprune.errors import VerificationError, first_line
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import export
 from onnxprune.graph.rewrite import affine_outputs, shift_node
 from onnxprune.graph.segments import Segment, segment_model, split_at
-from onnxprune.measure.verify import session_for
 from onnxprune.plan import Plan
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
@@ -163,9 +162,8 @@ def run_segment(model: onnx.ModelProto, segment: Segment, values: Held) -> None:
     first = values.load(0, segment.inputs)
     types = {n: onnx.helper.np_dtype_to_tensor_dtype(first[n].dtype) for n in segment.inputs}
     part = segment_model(model, segment, types)
-    aliases = add_taps(part, segment.outputs)
     try:
-        session = session_for(part, disabled=TAP_SAFE)
+        session, aliases = tap_session(part, segment.outputs)
         for index in range(len(values)):
             found = session.run(aliases, values.load(index, segment.inputs))
             values.store(index, dict(zip(segment.outputs, found, strict=True)))

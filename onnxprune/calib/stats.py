@@ -352,23 +352,31 @@ def _run_input_model(
 def tapped_session(
     model: onnx.ModelProto, names: Sequence[str], *, threads: int = 0
 ) -> tuple[ort.InferenceSession, list[str]]:
-    """An ORT session that also outputs the tensors `names`, each through an Identity copy
-    (`add_taps`); returns the session and the output names to run, in the order of `names`.
-    `threads` as in `session_for`."""
-    aliases: list[str] = []
-    edit = lambda copy: aliases.extend(add_taps(copy, names))  # noqa: E731
-    try:  # the taps go into the copy the session is made from: the weights are not copied
-        session = session_for(model, threads=threads, edit=edit, disabled=TAP_SAFE)
-        return session, aliases
+    """`tap_session`, its ORT errors raised as a VerificationError."""
+    try:
+        return tap_session(model, names, threads=threads)
     except Exception as exc:  # ORT raises several unrelated exception types
         line = first_line(exc)
         raise VerificationError(f"ONNX Runtime cannot run the model to read taps: {line}") from exc
 
 
+def tap_session(
+    model: onnx.ModelProto, names: Sequence[str], *, threads: int = 0
+) -> tuple[ort.InferenceSession, list[str]]:
+    """An ORT session that also outputs the tensors `names`, each through an Identity copy
+    (`add_taps`), without the optimizers in _TAP_SAFE; returns the session and the output
+    names to run, in the order of `names`. `threads` as in `session_for`; ORT's errors pass."""
+    aliases: list[str] = []
+    edit = lambda copy: aliases.extend(add_taps(copy, names))  # noqa: E731
+    # the taps go into the copy the session is made from: the weights are not copied
+    session = session_for(model, threads=threads, edit=edit, disabled=_TAP_SAFE)
+    return session, aliases
+
+
 def add_taps(model: onnx.ModelProto, names: Sequence[str]) -> list[str]:
     """Make `model` (in place) output the tensors `names`, each through an Identity copy, and
-    return the output names that read them, in the order of `names`; run it with the
-    optimizers in TAP_SAFE disabled.
+    return the output names that read them, in the order of `names` (`tap_session` makes the
+    session such a model needs).
 
     Naming an inner tensor as a graph output is not enough: ORT's layout optimizer (NCHWc, level
     ALL) can fuse a Conv with the Add that reads it and drop the tensor anyway, and session
@@ -392,7 +400,7 @@ def add_taps(model: onnx.ModelProto, names: Sequence[str]) -> list[str]:
 # it; DenseNet-121 exported at opset 8 (taps on two Conv → Pad → AveragePool transitions) then
 # failed to load ("… is not a graph input, initializer, or output of a previous node"). Without
 # it the copies stay: ResNet-50 with its 49 Relu outputs tapped ran 1 % slower (4 samples).
-TAP_SAFE = ("EliminateIdentity",)
+_TAP_SAFE = ("EliminateIdentity",)
 
 
 def _fresh(name: str, taken: set[str]) -> str:
