@@ -150,6 +150,7 @@ def upgraded(model: onnx.ModelProto, external: bool = False) -> Loaded:
     supported = f"{SUPPORTED_OPSETS.start}–{SUPPORTED_OPSETS.stop - 1}"
     if opset > SUPPORTED_OPSETS.stop - 1:
         raise ModelLoadError(f"model uses opset {opset}; supported opsets are {supported}")
+    hint = f"export the model again at an opset in {supported}"
     model = _without_image_scalers(model)
     defined = {schema.name for schema in onnx.defs.get_all_schemas() if schema.domain == ""}
     gone = sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")} - defined)
@@ -157,7 +158,7 @@ def upgraded(model: onnx.ModelProto, external: bool = False) -> Loaded:
         raise ModelLoadError(
             f"model uses opset {opset} and ops that ONNX no longer defines ({', '.join(gone)}): "
             f"it cannot be converted to opset {SUPPORTED_OPSETS.start}",
-            hint=f"export the model again at an opset in {supported}",
+            hint=hint,
         )
     try:
         converted = onnx.version_converter.convert_version(model, SUPPORTED_OPSETS.start)
@@ -165,7 +166,7 @@ def upgraded(model: onnx.ModelProto, external: bool = False) -> Loaded:
         raise ModelLoadError(
             f"model uses opset {opset} and ONNX's version converter cannot bring it to opset "
             f"{SUPPORTED_OPSETS.start}: {first_line(exc)}",
-            hint=f"export the model again at an opset in {supported}",
+            hint=hint,
         ) from exc
     _keep_legacy_resize(converted.graph)
     # the IR version must allow the new opset; from IR 4 on, initializers need not be listed as
