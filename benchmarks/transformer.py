@@ -100,8 +100,11 @@ def main() -> None:
 class Target(float):
     """A fraction of the MACs kept (`--target-macs`), where a row would otherwise be a ratio."""
 
-    def options(self) -> dict:
-        return {"target_macs": float(self)}
+
+def _asked(ratio: float) -> dict[str, float]:
+    """What a row asks onnxprune for, as its prune option, which is also its cells' key:
+    {"target_macs": t} for a `Target`, else {"ratio": r}."""
+    return {"target_macs": float(ratio)} if isinstance(ratio, Target) else {"ratio": ratio}
 
 
 def run(files: MiniLMFiles, specs: dict, ratios, criteria, *, repeats: int, out: Path) -> dict:
@@ -118,9 +121,8 @@ def run(files: MiniLMFiles, specs: dict, ratios, criteria, *, repeats: int, out:
         cells = [_ours(files, stem, spec, ratio, evaluator, base_macs, folder)
                  for stem, spec in specs.items()]  # fmt: skip
         reached = max((c["macs_reduction"] for c in cells if "error" not in c), default=ratio)
-        key = "target_macs" if isinstance(ratio, Target) else "ratio"
         cells += [{**_torch_pruning(files, criterion, reached, evaluator, base_macs, folder),
-                   key: ratio} for criterion in criteria]  # fmt: skip
+                   **_asked(ratio)} for criterion in criteria]  # fmt: skip
         paths = [files.legacy] + [folder / c["file"] for c in cells if "file" in c]
         times = _latency(paths, repeats)
         for cell in cells:
@@ -134,16 +136,15 @@ def run(files: MiniLMFiles, specs: dict, ratios, criteria, *, repeats: int, out:
 def _ours(files, stem, spec, ratio, evaluator, base_macs, folder) -> dict:
     """One onnxprune cell: prune (or reuse the file an earlier run of this cell saved), score."""
     label, options = spec
-    target = isinstance(ratio, Target)
-    path = folder / f"ours_{stem}_{'target' if target else ''}{ratio}.onnx"
+    kind = "target" if isinstance(ratio, Target) else ""
+    path = folder / f"ours_{stem}_{kind}{ratio}.onnx"
     meta = path.with_suffix(".json")
-    cell = {"tool": "onnxprune", "method": label, ("target_macs" if target else "ratio"): ratio}
+    cell = {"tool": "onnxprune", "method": label, **_asked(ratio)}
     if not path.exists():
         start = time.perf_counter()
-        size = ratio.options() if target else {"ratio": ratio}
         try:
             result = onnxprune.prune(str(files.legacy), data=str(files.calib), verify=False,
-                                     **size, **options)  # fmt: skip
+                                     **_asked(ratio), **options)  # fmt: skip
         except onnxprune.OnnxPruneError as exc:
             return {**cell, "error": str(exc)}
         meta.write_text(json.dumps({"prune_seconds": time.perf_counter() - start}))
