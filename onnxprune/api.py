@@ -18,7 +18,14 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.budget import Widths, choose_widths, refine_widths, streams_note, unfolded
-from onnxprune.calib.data import Dataset, batch_for, count_shapes, input_specs
+from onnxprune.calib.data import (
+    Dataset,
+    batch_for,
+    count_shapes,
+    data_shapes,
+    input_specs,
+    unbatched_inputs,
+)
 from onnxprune.calib.gather import gather, gather_norms, gather_weights
 from onnxprune.calib.row_mask import row_mask_input
 from onnxprune.calib.split import DataInputs, Split, split_inputs
@@ -53,6 +60,7 @@ from onnxprune.graph.sparsify import (
     weight_layers,
     zero_count,
 )
+from onnxprune.graph.unbatched import with_sample_axis, without_sample_axis
 from onnxprune.measure.cost import count
 from onnxprune.measure.latency import benchmark
 from onnxprune.measure.verify import Verification, deviation_warning, shortfalls, verify
@@ -147,16 +155,60 @@ def prune(
     """
     config = _resolve_config(config, method, ratio, options)
     loaded = _load(model)
-    proto = loaded.model
+    specs = input_specs(loaded.model)
+    unbatched = unbatched_inputs(specs, data_shapes(data, specs))
+    proto = with_sample_axis(loaded.model, unbatched) if unbatched else loaded.model
     config = _fit_batch(config, proto)
     run = _prune_weights if config.granularity == "weight" else _prune_channels
     # the graph is not held here, so that the stage that runs can drop it once it is done
     result = run(proto, _normalized(proto), DataInputs(data, labels, verify_data), config)
-    report = replace(result.report, notes=(*loaded.notes(), *result.report.notes))
+    notes = (*loaded.notes(), *_unbatched_note(unbatched), *result.report.notes,
+             *_copies_note(loaded.model, result.model))  # fmt: skip
+    report = replace(result.report, notes=notes)
+    if unbatched:
+        result = replace(result, model=without_sample_axis(result.model, loaded.model))
     external = loaded.external or too_large_for_protobuf(result.model)
     result = replace(result, report=report, external_data=external)
     _accept(result, config)
     return result
+
+
+def _unbatched_note(names: Sequence[str]) -> tuple[str, ...]:
+    """The report's note on inputs without a sample axis (graph/unbatched.py)."""
+    if not names:
+        return ()
+    quoted = ", ".join(f"'{n}'" for n in names)
+    return (
+        f"input {quoted} has no sample axis (the data's axis 0 is one more): the samples ran one "
+        "at a time; the pruned model takes its input as the original does",
+    )
+
+
+def _copies_note(original: onnx.ModelProto, pruned: onnx.ModelProto) -> tuple[str, ...]:
+    """A note naming the initializers that several nodes of `original` read and that the pruned
+    model reads as separate copies: the groups were pruned one reader at a time (RetinaNet's and
+    FCOS's heads, shared by every pyramid level), so its parameters can grow."""
+    weights = {t.name for t in original.graph.initializer}
+    readers: dict[str, list[tuple[str, int]]] = {}
+    for node in original.graph.node:
+        for index, name in enumerate(node.input):
+            if name in weights:
+                readers.setdefault(name, []).append((node.name, index))
+    now = {node.name: node.input for node in pruned.graph.node}
+    copied = {
+        name: len(read)
+        for name, read in readers.items()
+        if len(read) > 1 and len({now[n][i] for n, i in read if n in now and i < len(now[n])}) > 1
+    }
+    if not copied:
+        return ()
+    name, count = next(iter(copied.items()))
+    return (
+        f"{len(copied)} weight(s) that several nodes share were pruned per node and are now "
+        f"separate copies (e.g. '{name}', read by {count} nodes), so parameters and file size "
+        "can grow; keeping a shared weight shared while pruning it is not supported yet "
+        "(exclude its groups to keep it whole)",
+    )
 
 
 def _normalized(proto: onnx.ModelProto) -> gs.Graph:

@@ -154,6 +154,11 @@ def format_verification(v: Verification) -> list[str]:
     if v.split:
         lines.append(f"  samples: {v.split}")
     for o in v.outputs:
+        if o.lengths is not None:
+            before, after = o.lengths
+            lines.append(f"  output '{o.name}': {before} rows -> {after} (a length the data "
+                         "decides, as after NMS: values not compared)")  # fmt: skip
+            continue
         top1 = (
             "" if o.top1_agreement is None else f"  top-1 agreement {100 * o.top1_agreement:.1f} %"
         )

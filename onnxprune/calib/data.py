@@ -193,16 +193,17 @@ def batch_first(model: onnx.ModelProto) -> bool:
     """Whether every output of `model` declares the samples on axis 0, as its first input does
     (the same symbolic or fixed first dim), so that outputs of runs on parts of the samples join
     along axis 0. Not so for a sequence model's (time, batch, …) outputs, or undeclared dims."""
-    first = [_dim0(i) for i in model.graph.input[:1]]
+    first = [first_dim(i) for i in model.graph.input[:1]]
     return (
         bool(first)
         and first[0] not in ("", 0)
-        and all(_dim0(o) == first[0] for o in model.graph.output)
+        and all(first_dim(o) == first[0] for o in model.graph.output)
     )
 
 
-def _dim0(info: onnx.ValueInfoProto) -> str | int:
-    """The first dim of a declared tensor type: its symbol, its size, or "" when not declared."""
+def first_dim(info: onnx.ValueInfoProto) -> str | int:
+    """The first dim of a declared tensor type: its symbol, its size (0: unknown), or "" when
+    the type declares no shape."""
     dims = info.type.tensor_type.shape.dim
     if not dims:
         return ""
@@ -348,6 +349,75 @@ def load_data(
         origin=origin,
         unit="samples",
     )
+
+
+def unbatched_inputs(
+    specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int]]
+) -> tuple[str, ...]:
+    """The inputs declared without a sample axis (graph/unbatched.py): a fully static shape that
+    the data's arrays (`shapes`, by input name: `data_shapes`) have after one more axis."""
+    return tuple(
+        s.name
+        for s in specs
+        if s.shape
+        and all(isinstance(d, int) and d > 0 for d in s.shape)
+        and len(shapes.get(s.name, ())) == len(s.shape) + 1
+        and tuple(shapes[s.name][1:]) == s.shape
+    )
+
+
+def fed_specs(
+    model: onnx.ModelProto, source: str | os.PathLike | Mapping[str, np.ndarray] | None
+) -> tuple[InputSpec, ...]:
+    """`input_specs(model)` as `source`'s samples are fed: an input without a sample axis
+    (`unbatched_inputs`) runs one sample at a time, as if it had one of 1."""
+    specs = input_specs(model)
+    unbatched = unbatched_inputs(specs, data_shapes(source, specs))
+    return tuple(
+        InputSpec(s.name, (1, *s.shape), s.dtype) if s.name in unbatched else s for s in specs
+    )
+
+
+def data_shapes(
+    source: str | os.PathLike | Mapping[str, np.ndarray] | Dataset | None,
+    specs: Sequence[InputSpec],
+) -> dict[str, tuple[int, ...]]:
+    """The shapes of the arrays `source` gives each input, read without loading them (an .npz's
+    headers, an .npy memory-mapped); {} for image folders, random data and what cannot be read
+    (`load_data` reports those). Keys map to inputs as `load_data` maps them."""
+    if isinstance(source, Dataset):
+        return {name: a.shape for name, a in source.arrays.items()}
+    if isinstance(source, Mapping):
+        shapes = {k: np.shape(v) for k, v in source.items()}
+    elif source is None or (isinstance(source, str) and source == "random"):
+        return {}
+    else:
+        shapes = _file_shapes(Path(os.fspath(source)).expanduser())
+    names = [s.name for s in specs]
+    keys = [k for k in shapes if k != LABELS_KEY or k in names]
+    if len(names) == 1 and len(keys) == 1:
+        return {names[0]: tuple(shapes[keys[0]])}
+    return {k: tuple(shapes[k]) for k in keys if k in names}
+
+
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Array shapes of an .npz (by key) or an .npy (key "") from their headers."""
+    try:
+        if path.suffix.lower() == ".npy" and path.is_file():
+            return {"": np.load(path, mmap_mode="r", allow_pickle=False).shape}
+        if path.suffix.lower() != ".npz" or not zipfile.is_zipfile(path):
+            return {}
+        shapes = {}
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                with archive.open(member) as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read = (np.lib.format.read_array_header_1_0 if major == 1
+                            else np.lib.format.read_array_header_2_0)  # fmt: skip
+                    shapes[member.removesuffix(".npy")] = read(f)[0]
+        return shapes
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return {}
 
 
 # --- sources -------------------------------------------------------------------------------------

@@ -153,11 +153,11 @@ def load_dataset(
     args: argparse.Namespace, model: onnx.ModelProto, *, random_samples: int = 64
 ) -> Dataset:
     """The calibration Dataset described by the data arguments (random when none is given)."""
-    from onnxprune.calib.data import input_specs, load_data
+    from onnxprune.calib.data import fed_specs, load_data
 
     return load_data(
         args.data,
-        input_specs(model),
+        fed_specs(model, args.data),
         labels=args.labels,
         samples=args.calib_samples,
         random_samples=random_samples,

@@ -353,7 +353,7 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from onnxprune.api import output_path_for, prune  # lazy: --help needs no onnx
-    from onnxprune.calib.data import input_specs, load_data
+    from onnxprune.calib.data import fed_specs, load_data
     from onnxprune.graph.load import load_model
 
     source = Path(args.model)
@@ -370,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
         )
     verify_data = None
     if args.verify_data:
-        specs, options = input_specs(model), reading_options(args)
+        specs, options = fed_specs(model, args.verify_data), reading_options(args)
         verify_data = load_data(args.verify_data, specs, role="verification", **options)
     try:
         result = prune(source, data=dataset, verify_data=verify_data, config=config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -9,7 +10,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxprune.calib.data import batch_first, batch_for, in_batches, in_parts, run_samples
+from onnxprune.calib.data import (
+    batch_first,
+    batch_for,
+    first_dim,
+    in_batches,
+    in_parts,
+    run_samples,
+)
 from onnxprune.errors import ModelRunError, VerificationError, first_line
 from onnxprune.graph.load import model_bytes, too_large_for_protobuf, weightless_copy
 from onnxprune.graph.session import Edit, default_threads, inference_session
@@ -28,6 +36,9 @@ class OutputDeviation:
     max_abs: float
     rel_l2: float
     top1_agreement: float | None
+    # (original, pruned) lengths of an output whose length the data decides (detections after
+    # NMS) where they differ: its values are not compared (max_abs and rel_l2 are NaN)
+    lengths: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -51,7 +62,8 @@ class Verification:
 
     def __post_init__(self) -> None:
         top1 = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
-        object.__setattr__(self, "rel_l2", max((o.rel_l2 for o in self.outputs), default=0.0))
+        compared = [o.rel_l2 for o in self.outputs if o.lengths is None]
+        object.__setattr__(self, "rel_l2", max(compared, default=0.0))
         object.__setattr__(self, "agreement", min(top1) if top1 else None)
 
     def to_dict(self) -> dict:
@@ -79,7 +91,10 @@ def verify(
     if reference is None or set(reference) != set(names):
         reference = run_original(original, feeds)
     result = run(pruned, feeds)
-    outputs = tuple(_deviation(name, reference[name], result[name]) for name in names)
+    variable = data_lengths(original)
+    outputs = tuple(
+        _deviation(name, reference[name], result[name], name in variable) for name in names
+    )
     samples = len(next(iter(feeds.values()))) if feeds else 0
     return Verification("passed (full_check)", samples, data, outputs)
 
@@ -116,7 +131,10 @@ def run_session(
         return dict(zip(names, session.run(names, dict(feeds)), strict=True))
     runs = in_batches(feeds, batch) if batch != samples else in_parts([feeds], part)
     parts = [session.run(names, chunk) for chunk in runs]
-    joined = [np.concatenate(outputs)[:samples] for outputs in zip(*parts, strict=True)]
+    # the copies that fill a fixed batch's last run are dropped; without copies nothing is cut
+    # (an output whose axis 0 is not the samples, e.g. detections after NMS, joins whole)
+    end = samples if samples % batch else None
+    joined = [np.concatenate(outputs)[:end] for outputs in zip(*parts, strict=True)]
     return dict(zip(names, joined, strict=True))
 
 
@@ -141,10 +159,16 @@ def shortfalls(
 
 def deviation_warning(check: Verification) -> str | None:
     """One line when an output is far from the original's (agreement < WARN_AGREEMENT or
-    rel-L2 > WARN_REL_L2), naming the outputs and numbers; None otherwise."""
+    rel-L2 > WARN_REL_L2, or a length the data decides halved or doubled: detections lost or
+    gained), naming the outputs and numbers; None otherwise."""
     misses = shortfalls(check, min_agreement=None, max_rel_l2=WARN_REL_L2)
     if check.agreement is not None:
         misses = shortfalls(check, min_agreement=WARN_AGREEMENT, max_rel_l2=WARN_REL_L2)
+    misses += tuple(
+        f"output '{o.name}': {o.lengths[0]} rows -> {o.lengths[1]}"
+        for o in check.outputs
+        if o.lengths is not None and not 0.5 <= o.lengths[1] / max(o.lengths[0], 1) <= 2.0
+    )
     if not misses:
         return None
     seen = "the fit never saw" if check.independent else "the fit also used"
@@ -222,13 +246,28 @@ def is_class_scores(array: np.ndarray) -> bool:
     return array.ndim == 2 and array.shape[1] > 1 and np.issubdtype(array.dtype, np.floating)
 
 
-def _deviation(name: str, ref: np.ndarray, got: np.ndarray) -> OutputDeviation:
+def data_lengths(model: onnx.ModelProto) -> set[str]:
+    """The outputs of `model` whose axis-0 length the data decides: declared with a symbolic or
+    unknown size there that is not the first input's sample dim (NonZero, NonMaxSuppression and
+    TopK results: a detector's boxes after NMS). Their lengths may differ once pruned."""
+    sample = {first_dim(i) for i in model.graph.input[:1]}
+    found = set()
+    for output in model.graph.output:
+        dim = first_dim(output)
+        if dim not in sample and (dim == 0 or (isinstance(dim, str) and dim)):
+            found.add(output.name)
+    return found
+
+
+def _deviation(name: str, ref: np.ndarray, got: np.ndarray, variable: bool) -> OutputDeviation:
     if ref.shape != got.shape:
+        if variable and ref.shape[1:] == got.shape[1:]:
+            return OutputDeviation(name, math.nan, math.nan, None, (len(ref), len(got)))
         raise VerificationError(f"output '{name}' changed shape from {ref.shape} to {got.shape}")
     ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
     diff = got64 - ref64
     rel = float(np.linalg.norm(diff) / max(np.linalg.norm(ref64), 1e-30))
     top1 = None
-    if is_class_scores(ref):
+    if is_class_scores(ref) and len(ref):
         top1 = float(np.mean(ref.argmax(axis=1) == got.argmax(axis=1)))
     return OutputDeviation(name, float(np.abs(diff).max(initial=0.0)), rel, top1)
