@@ -144,3 +144,21 @@ def test_a_shared_weight_pruned_per_reader_is_named_in_the_report():
     assert len(set(readers)) == 2
     unshared = onnxprune.prune(conv_chain(), method="magnitude", ratio=0.5, data=data)
     assert not [n for n in unshared.report.notes if "separate copies" in n]
+
+
+def test_bench_scores_and_times_an_unbatched_model_one_sample_per_run():
+    from onnxprune.calib.data import Dataset
+    from onnxprune.measure.latency import benchmark
+
+    model = unbatched_chain()
+    images = np.random.default_rng(7).standard_normal((6, 3, 8, 8)).astype(np.float32)
+    pruned = onnxprune.prune(model, method="id", ratio=0.5, data={"x": images}).model
+    result = benchmark(
+        [model, pruned], evaluation=Dataset({"x": images}), warmup=0, repeats=1, min_time=0.0
+    )
+    assert [row.batch for row in result.rows] == [1, 1]  # one image per run, not a batch of 3
+    want = np.stack([_run(model, x) for x in images])
+    got = np.stack([_run(pruned, x) for x in images])
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert result.rows[0].rel_l2 == 0.0
+    assert result.rows[1].rel_l2 == pytest.approx(rel, rel=1e-4)

@@ -115,12 +115,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _evaluation_data(args: argparse.Namespace):
     """The --eval Dataset, read for the first model's inputs (as `prune --data` reads data)."""
-    from onnxprune.calib.data import input_specs, load_data
+    from onnxprune.calib.data import fed_specs, load_data
     from onnxprune.graph.load import load_model
 
     return load_data(
         args.eval,
-        input_specs(load_model(args.models[0], weights=False)),
+        fed_specs(load_model(args.models[0], weights=False), args.eval),
         labels=args.eval_labels,
         samples=args.eval_samples,
         seed=args.seed,

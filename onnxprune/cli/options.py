@@ -150,14 +150,19 @@ def add_biascomp_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_dataset(
-    args: argparse.Namespace, model: onnx.ModelProto, *, random_samples: int = 64
+    args: argparse.Namespace,
+    model: onnx.ModelProto,
+    *,
+    random_samples: int = 64,
+    unbatched: bool = False,
 ) -> Dataset:
-    """The calibration Dataset described by the data arguments (random when none is given)."""
-    from onnxprune.calib.data import fed_specs, load_data
+    """The calibration Dataset described by the data arguments (random when none is given);
+    `unbatched`: the command runs models whose input has no sample axis (`calib.data.fed_specs`)."""
+    from onnxprune.calib.data import fed_specs, input_specs, load_data
 
     return load_data(
         args.data,
-        fed_specs(model, args.data),
+        fed_specs(model, args.data) if unbatched else input_specs(model),
         labels=args.labels,
         samples=args.calib_samples,
         random_samples=random_samples,

@@ -362,7 +362,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"output path '{output}' is the input file; choose another -o")
     config = _config(args)
     model = load_model(source, weights=False)
-    dataset = load_dataset(args, model, random_samples=config.verify_samples) if args.data else None
+    dataset = None
+    if args.data:
+        dataset = load_dataset(args, model, random_samples=config.verify_samples, unbatched=True)
     if config.finetune_steps and dataset is not None and dataset.synthetic:
         print(
             "onnxprune: warning: --finetune on random data is distillation on noise",

@@ -202,6 +202,8 @@ def benchmark(
     threads = threads or default_threads() or physical_cores()
     cells = [(p, i) for p in providers for i in range(len(models))]  # (provider, model) pairs
     loaded = [_load(m) for m in models]
+    if evaluation is not None:  # inputs the data feeds with one more axis: run with one of 1
+        loaded = [_with_sample_axis(m, evaluation) for m in loaded]
     sizes = [model_bytes(m) for m in models]
     names = list(names) if names else _labels(models)
     labels = [names[i] if len(providers) == 1 else f"{names[i]} [{p}]" for p, i in cells]
@@ -438,6 +440,18 @@ def _load(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     if not proto.graph.name:
         proto.graph.name = path.name
     return proto
+
+
+def _with_sample_axis(model: onnx.ModelProto, data: Dataset) -> onnx.ModelProto:
+    """`model` with a sample axis of 1 on the inputs that `data` feeds with one axis more than
+    declared (graph/unbatched.py: torchvision's detectors take one image): it is then timed and
+    scored one sample per run, as a fixed-batch-1 model."""
+    from onnxprune.calib.data import input_specs, unbatched_inputs
+    from onnxprune.graph.unbatched import with_sample_axis
+
+    shapes = {name: array.shape for name, array in data.arrays.items()}
+    names = unbatched_inputs(input_specs(model), shapes)
+    return with_sample_axis(model, names) if names else model
 
 
 def _labels(models: Sequence) -> list[str]:
