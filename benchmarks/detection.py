@@ -3,9 +3,11 @@ no batch axis), boxes / scores / labels after non-maximum suppression out.
 
 Models (320×320, legacy exporter, opset 17, random seeded weights): SSDlite320-MobileNetV3-Large,
 RetinaNet-ResNet50-FPN, FCOS-ResNet50-FPN, Faster R-CNN-MobileNetV3-Large-320-FPN. BatchNorm
-statistics are estimated on the calibration photos (backbone in train mode) and the last
-classification convs drawn at random, so that scores vary between images and boxes survive the
-score threshold (torchvision's initialisation gives every box the same score). torchvision's C
+statistics are estimated on the calibration photos (backbone in train mode), the head's layers
+drawn at random (He initialisation) and the class-logit layers scaled so that no logit strays
+more than 6 from torchvision's prior bias on eight photos: scores vary between boxes and images
+instead of tying (torchvision's initialisation gives every box the same score, larger random
+weights saturate them at 1). torchvision's C
 extension does not load against the CPU torch (`zoo_models.import_torchvision`): its `nms` op is
 defined here in Python for tracing; the file holds ONNX's NonMaxSuppression.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -101,12 +104,11 @@ def prune_cli(
     cell["detections"] = [len(d[0]) for d in pruned]
     pairs = zip(original, pruned, strict=True)
     cell["found_again"] = float(np.mean([found_again(a, b) for a, b in pairs]))
-    if ratio == 0:
-        cell["max_abs"] = max(
-            float(np.abs(x - y).max(initial=0.0))
+    if ratio == 0:  # boxes of equal scores may swap places: compare the sorted scores
+        cell["scores_max_abs"] = max(
+            float(np.abs(np.sort(a[1]) - np.sort(b[1])).max(initial=0.0))
             for a, b in zip(original, pruned, strict=True)
-            for x, y in zip(a, b, strict=True)
-            if x.shape == y.shape
+            if a[1].shape == b[1].shape
         )
     return cell
 
@@ -173,10 +175,31 @@ def _randomised(model: torch.nn.Module, calib: np.ndarray) -> torch.nn.Module:
         head = getattr(model, "head", None) or model.roi_heads
         for module in head.modules():
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-                module.weight.normal_(0.0, 2.0 / module.weight[0].numel() ** 0.5, generator=gen)
+                module.weight.normal_(0.0, (2.0 / module.weight[0].numel()) ** 0.5, generator=gen)
         model.backbone.train()
         model.backbone(torch.from_numpy(calib[:8]))
-    return model.eval()
+        model.eval()
+        _class_logits_scaled(model, calib[:8])
+    return model
+
+
+def _class_logits_scaled(model: torch.nn.Module, images: np.ndarray, reach: float = 6.0) -> None:
+    """Scale the layers that write class logits so that on `images` no logit strays further
+    than `reach` from their mean (torchvision's prior bias): random weights otherwise saturate
+    the scores (ties at 1.0)."""
+    pattern = re.compile(r"classification_head\.(cls_logits|module_list\.\d+\.1)$|cls_score$")
+    layers = [m for name, m in model.named_modules() if pattern.search(name)]
+    spread: dict[torch.nn.Module, float] = {}
+
+    def note(layer: torch.nn.Module, _: tuple, out: torch.Tensor) -> None:
+        spread[layer] = max(spread.get(layer, 0.0), float((out - out.mean()).abs().max()))
+
+    hooks = [layer.register_forward_hook(note) for layer in layers]
+    model([torch.from_numpy(x) for x in images])
+    for hook in hooks:
+        hook.remove()
+    for layer, found in spread.items():
+        layer.weight.mul_(reach / max(found, 1e-12))
 
 
 def _torchvision_with_nms():

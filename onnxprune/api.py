@@ -184,13 +184,17 @@ def _unbatched_note(names: Sequence[str]) -> tuple[str, ...]:
     )
 
 
+_WEIGHT_LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
 def _copies_note(original: onnx.ModelProto, pruned: onnx.ModelProto) -> tuple[str, ...]:
     """A note naming the initializers that several nodes of `original` read and that the pruned
     model reads as separate copies: the groups were pruned one reader at a time (RetinaNet's and
     FCOS's heads, shared by every pyramid level), so its parameters can grow."""
     weights = {t.name for t in original.graph.initializer}
     readers: dict[str, list[tuple[str, int]]] = {}
-    for node in original.graph.node:
+    layers = (n for n in original.graph.node if n.op_type in _WEIGHT_LAYERS)
+    for node in layers:  # not the shape constants normalize copies per reader on purpose
         for index, name in enumerate(node.input):
             if name in weights:
                 readers.setdefault(name, []).append((node.name, index))
