@@ -4,12 +4,14 @@ no batch axis), boxes / scores / labels after non-maximum suppression out.
 Models (320×320, legacy exporter, opset 17, random seeded weights): SSDlite320-MobileNetV3-Large,
 RetinaNet-ResNet50-FPN, FCOS-ResNet50-FPN, Faster R-CNN-MobileNetV3-Large-320-FPN. BatchNorm
 statistics are estimated on the calibration photos (backbone in train mode), the head's layers
-drawn at random (He initialisation) and the class-logit layers scaled so that no logit strays
-more than 6 from torchvision's prior bias on eight photos: scores vary between boxes and images
-instead of tying (torchvision's initialisation gives every box the same score, larger random
-weights saturate them at 1). torchvision's C
-extension does not load against the CPU torch (`zoo_models.import_torchvision`): its `nms` op is
-defined here in Python for tracing; the file holds ONNX's NonMaxSuppression.
+drawn at random (He initialisation), and the class-logit and box-regression layers scaled so
+that on eight photos no logit strays more than 6 from torchvision's prior bias and no box delta
+more than 1 from its mean: scores vary between boxes and images instead of tying
+(torchvision's initialisation gives every box the same score, larger random weights saturate
+them at 1) and boxes stay in the image (unscaled, RetinaNet's were all (0, 0, 0, 0); FCOS's
+box distances, which pass a ReLU, get a bias of 2 so that few are cut to zero).
+torchvision's C extension does not load against the CPU torch (`zoo_models.import_torchvision`):
+its `nms` op is defined here in Python for tracing; the file holds ONNX's NonMaxSuppression.
 
 Per model: groups and prunable share of the MACs (`zoo.analysis_summary`), and `--ratio 0`,
 `magnitude` and `id` at `--ratio 0.25` through the CLI: exit code, parameters and MACs before →
@@ -179,15 +181,23 @@ def _randomised(model: torch.nn.Module, calib: np.ndarray) -> torch.nn.Module:
         model.backbone.train()
         model.backbone(torch.from_numpy(calib[:8]))
         model.eval()
-        _class_logits_scaled(model, calib[:8])
+        _outputs_scaled(model, calib[:8], CLASS_LOGITS, 6.0)
+        _outputs_scaled(model, calib[:8], BOX_DELTAS, 1.0)
+        if type(model).__name__ == "FCOS":  # its distances pass a ReLU: most must be > 0
+            model.head.regression_head.bbox_reg.bias.add_(2.0)
     return model
 
 
-def _class_logits_scaled(model: torch.nn.Module, images: np.ndarray, reach: float = 6.0) -> None:
-    """Scale the layers that write class logits so that on `images` no logit strays further
-    than `reach` from their mean (torchvision's prior bias): random weights otherwise saturate
-    the scores (ties at 1.0)."""
-    pattern = re.compile(r"classification_head\.(cls_logits|module_list\.\d+\.1)$|cls_score$")
+CLASS_LOGITS = re.compile(r"classification_head\.(cls_logits|module_list\.\d+\.1)$")
+BOX_DELTAS = re.compile(r"regression_head\.(bbox_reg|bbox_ctrness|module_list\.\d+\.1)$")
+
+
+def _outputs_scaled(
+    model: torch.nn.Module, images: np.ndarray, pattern: re.Pattern, reach: float
+) -> None:
+    """Scale the layers whose names match `pattern` so that on `images` no output strays
+    further than `reach` from their mean: random weights otherwise saturate the class scores
+    (ties at 1.0) and throw every box out of the image (all boxes (0, 0, 0, 0))."""
     layers = [m for name, m in model.named_modules() if pattern.search(name)]
     spread: dict[torch.nn.Module, float] = {}
 
