@@ -131,6 +131,23 @@ def test_folding_keeps_fp16_weights_in_fp16():
     assert_outputs_close(model, folded, graphs.random_input(model), atol=1e-6)
 
 
+def test_small_float_casts_of_constants_fold_so_a_resize_reads_its_scales():
+    """float16 converters keep Resize in float32 and write its scales as a float16 constant
+    cast back: c1 stayed unprunable behind it ("unknown channel count"); folded, the Resize
+    passes c1's channels as in the float32 file."""
+    b = graphs.Builder(24)
+    h = b.relu("r1", b.conv("c1", "x", 3, 8))
+    scales16 = b.const("scales16", np.array([1, 1, 2, 2], dtype=np.float16))
+    scales = b.node("Cast", "scales32", [scales16], to=onnx.TensorProto.FLOAT)
+    up = b.node("Resize", "up", [h, "", scales], mode="nearest")
+    model = b.model([b.conv("c2", up, 8, 4)])
+    folded = normalized(model)
+    assert "Cast" not in ops(folded)
+    assert_outputs_close(model, folded, graphs.random_input(model), atol=1e-6)
+    c1 = next(g for g in onnxprune.analyze(model).groups if g.name == "c1")
+    assert c1.prunable, c1.reason
+
+
 def test_paddle_style_arithmetic_is_prunable_and_exact_at_ratio_zero():
     model = graphs.paddle_style()
     analysis = onnxprune.analyze(model)

@@ -651,7 +651,8 @@ def fold_constants(graph: gs.Graph) -> gs.Graph:
 
     Not folded: a tensor larger than the largest constant already in the file (a weight computed
     from constants is a weight) and 1 MiB, so an Expand/Tile of a constant is not blown up into
-    the file; float-to-float Casts, so an fp16 weight does not become a twice larger fp32 one
+    the file; float-to-float Casts of more than a few values, so an fp16 weight does not become a
+    twice larger fp32 one
     (graphsurgeon keeps (De)QuantizeLinear for the same reason); whatever fails (`error_ok`).
     The nodes that computed folded tensors stay until `cleanup()`. ORT's warnings about the
     sessions graphsurgeon opens (optimizer notes on shape subgraphs) are silenced: they concern
@@ -690,12 +691,17 @@ def _fold_until_settled(graph: gs.Graph) -> gs.Graph:
 
 
 def _keeps_number_format(node: gs.Node) -> bool:
-    """A Cast from a float constant to another float type (graphsurgeon itself never folds
-    (De)QuantizeLinear)."""
-    if node.op != "Cast" or not _const(node, 0):
+    """A Cast from a float constant of more than _SMALL_CONSTANT values to another float type
+    (graphsurgeon itself never folds (De)QuantizeLinear). Small ones fold: float16 converters
+    write a Resize's scales as a float16 constant cast back to float32, which the Resize rule
+    must read as a constant."""
+    if node.op != "Cast" or not _const(node, 0) or node.inputs[0].values.size <= _SMALL_CONSTANT:
         return False
     target = onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"])
     return node.inputs[0].values.dtype.kind == "f" and np.dtype(target).kind == "f"
+
+
+_SMALL_CONSTANT = 64
 
 
 def _foldable(node: gs.Node) -> bool:
