@@ -81,28 +81,31 @@ def test_prune_feeds_one_sample_at_a_time_and_keeps_the_interface():
 
 
 def nonzero_model(threshold: float, batch: object) -> onnx.ModelProto:
-    """x (batch, 4) → NonZero(x > threshold)ᵀ → idx (K, 2): a length the data decides."""
+    """x (batch, 4) → NonZero(x > threshold)ᵀ → idx (K, 2), and as floats → where (K, 2):
+    lengths the data decides (the float one looks like class scores, as a detector's boxes)."""
     b = Builder()
     mask = b.node("Greater", "gt", ["x", b.const("t", np.float32(threshold))])
     idx = b.node("Transpose", "tr", [b.node("NonZero", "nz", [mask])], perm=[1, 0])
+    where = b.node("Cast", "where", [idx], to=onnx.TensorProto.FLOAT)
     model = b.model([], shape=(batch, 4))
-    out = onnx.helper.make_tensor_value_info(idx, onnx.TensorProto.INT64, ["K", 2])
-    model.graph.output.append(out)
+    for name, kind in ((idx, onnx.TensorProto.INT64), (where, onnx.TensorProto.FLOAT)):
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, kind, ["K", 2]))
     return model
 
 
 def test_outputs_of_data_decided_length_are_counted_not_compared():
     x = np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)
     original, pruned = nonzero_model(0.0, 1), nonzero_model(1.0, 1)
-    assert data_lengths(original) == {"tr_out"}
+    assert data_lengths(original) == {"tr_out", "where_out"}
     check = verify(original, pruned, {"x": x}, data="x")
-    (out,) = check.outputs
+    out = check.outputs[0]
     # every run's rows are kept: five runs of one sample (the fixed batch), not the first five
     assert out.lengths == (int((x > 0).sum()), int((x > 1).sum()))
     assert np.isnan(out.rel_l2) and check.rel_l2 == 0.0
     assert f"{out.lengths[0]} rows -> {out.lengths[1]}" in deviation_warning(check)
     same = verify(original, nonzero_model(0.0, 1), {"x": x}, data="x")
     assert same.outputs[0].lengths is None and same.outputs[0].rel_l2 == 0.0
+    assert same.outputs[1].top1_agreement is None and same.agreement is None
 
 
 def sliced_model(stop: int) -> onnx.ModelProto:
