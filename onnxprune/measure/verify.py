@@ -67,7 +67,12 @@ class Verification:
         object.__setattr__(self, "agreement", min(top1) if top1 else None)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """A JSON-ready dict: the uncompared outputs' NaN deviations as None (JSON has no NaN)."""
+        out = asdict(self)
+        for output in out["outputs"]:
+            if output["lengths"] is not None:
+                output["max_abs"] = output["rel_l2"] = None
+        return out
 
 
 def verify(
