@@ -105,8 +105,8 @@ def test_outputs_of_data_decided_length_are_counted_not_compared():
     assert out.lengths == (int((x > 0).sum()), int((x > 1).sum()))
     assert np.isnan(out.rel_l2) and check.rel_l2 == 0.0
     assert f"{out.lengths[0]} rows -> {out.lengths[1]}" in deviation_warning(check)
-    written = json.loads(json.dumps(check.to_dict(), allow_nan=False))  # strict JSON
-    assert written["outputs"][0]["rel_l2"] is None and written["outputs"][0]["lengths"] == list(out.lengths)
+    written = json.loads(json.dumps(check.to_dict(), allow_nan=False))["outputs"][0]
+    assert written["rel_l2"] is None and written["lengths"] == list(out.lengths)  # strict JSON
     same = verify(original, nonzero_model(0.0, 1), {"x": x}, data="x")
     assert same.outputs[0].lengths is None and same.outputs[0].rel_l2 == 0.0
     assert same.outputs[1].top1_agreement is None and same.agreement is None
