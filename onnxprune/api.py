@@ -107,6 +107,9 @@ class Analysis:
     group_macs: Mapping[str, int]
     unknown: tuple[str, ...] = ()
     quantized: tuple[str, ...] = ()  # weight layers behind DequantizeLinear (graph/quantized.py)
+    # (weight, readers) read by several Conv/Gemm/MatMul nodes, one of them in a prunable group:
+    # pruning makes a copy per reader (RetinaNet's heads, shared by the pyramid levels)
+    shared: tuple[tuple[str, int], ...] = ()
 
 
 def analyze(
@@ -120,15 +123,23 @@ def analyze(
     """
     graph = normalize(_load(model).model)
     groups = find_groups(graph)
-    cost = count(weightless_export(graph), input_shapes=dict(input_shapes or {}))
+    exported = weightless_export(graph)
+    cost = count(exported, input_shapes=dict(input_shapes or {}))
     macs = {node.name: node.macs for node in cost.per_node}
     group_macs = {
         g.name: sum(macs.get(n, 0) for n in {*g.producers, *g.passthrough, *g.consumers})
         for g in groups
     }
-    return Analysis(
-        groups, cost.params, cost.macs, group_macs, cost.unknown, dequantized_weights(graph)
+    pruned = {n for g in groups if g.prunable for n in (*g.producers, *g.consumers)}
+    shared = tuple(
+        (name, len(read))
+        for name, read in _shared_weights(exported).items()
+        if any(node in pruned for node, _ in read)
     )
+    return Analysis(
+        groups, cost.params, cost.macs, group_macs, cost.unknown, dequantized_weights(graph),
+        shared,
+    )  # fmt: skip
 
 
 def prune(
@@ -187,22 +198,29 @@ def _unbatched_note(names: Sequence[str]) -> tuple[str, ...]:
 _WEIGHT_LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
+def _shared_weights(model: onnx.ModelProto) -> dict[str, list[tuple[str, int]]]:
+    """The weights (inputs 0 and 1, not biases) that several Conv/Gemm/MatMul nodes read, with
+    each (node, input index) that reads them. Not biases: torch's exporter merges equal
+    initializers, and zero-initialised biases then share one; not the shape constants normalize
+    copies per reader on purpose."""
+    weights = {t.name for t in model.graph.initializer}
+    readers: dict[str, list[tuple[str, int]]] = {}
+    for node in (n for n in model.graph.node if n.op_type in _WEIGHT_LAYERS):
+        for index, name in enumerate(node.input[:2]):
+            if name in weights:
+                readers.setdefault(name, []).append((node.name, index))
+    return {name: read for name, read in readers.items() if len(read) > 1}
+
+
 def _copies_note(original: onnx.ModelProto, pruned: onnx.ModelProto) -> tuple[str, ...]:
     """A note naming the initializers that several nodes of `original` read and that the pruned
     model reads as separate copies: the groups were pruned one reader at a time (RetinaNet's and
     FCOS's heads, shared by every pyramid level), so its parameters can grow."""
-    weights = {t.name for t in original.graph.initializer}
-    readers: dict[str, list[tuple[str, int]]] = {}
-    layers = (n for n in original.graph.node if n.op_type in _WEIGHT_LAYERS)
-    for node in layers:  # not the shape constants normalize copies per reader on purpose
-        for index, name in enumerate(node.input):
-            if name in weights:
-                readers.setdefault(name, []).append((node.name, index))
     now = {node.name: node.input for node in pruned.graph.node}
     copied = {
         name: len(read)
-        for name, read in readers.items()
-        if len(read) > 1 and len({now[n][i] for n, i in read if n in now and i < len(now[n])}) > 1
+        for name, read in _shared_weights(original).items()
+        if len({now[n][i] for n, i in read if n in now and i < len(now[n])}) > 1
     }
     if not copied:
         return ()

@@ -135,7 +135,7 @@ def test_a_changed_sample_axis_still_fails_verification():
         verify(original, truncated, {"x": x}, data="x")
 
 
-def test_a_shared_weight_pruned_per_reader_is_named_in_the_report():
+def test_a_shared_weight_pruned_per_reader_is_named_in_analysis_and_report():
     """c2 and c3 read one weight; their groups prune it differently, so it is copied."""
     b = Builder(5)
     h = b.relu("r1", b.conv("c1", "x", 3, 8))
@@ -151,6 +151,8 @@ def test_a_shared_weight_pruned_per_reader_is_named_in_the_report():
     assert len(set(readers)) == 2
     unshared = onnxprune.prune(conv_chain(), method="magnitude", ratio=0.5, data=data)
     assert not [n for n in unshared.report.notes if "separate copies" in n]
+    assert onnxprune.analyze(model).shared == (("shared.w", 2),)  # said before pruning too
+    assert onnxprune.analyze(conv_chain()).shared == ()
 
 
 def test_bench_scores_and_times_an_unbatched_model_one_sample_per_run():

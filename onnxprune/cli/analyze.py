@@ -85,6 +85,13 @@ def format_analysis(result: Analysis, *, verbose: bool = False) -> str:
             f"? = {len(result.unknown)} nodes of unknown shape are not counted "
             "(inputs with symbolic dims? --input-shape NAME:1x3x224x224)"
         )
+    if result.shared:
+        name, readers = result.shared[0]
+        lines.append(
+            f"{len(result.shared)} weight(s) are shared by several nodes (e.g. '{name}', read by "
+            f"{readers}): pruning their groups gives each node its own copy, so parameters can "
+            "grow; --exclude their groups to keep them shared"
+        )
     if result.quantized:
         from onnxprune.graph.quantized import quantized_message
 
@@ -98,6 +105,7 @@ def to_dict(result: Analysis) -> dict:
         "macs": result.macs,
         "unknown_shape_nodes": list(result.unknown),  # their MACs are missing from the counts
         "quantized_weight_nodes": list(result.quantized),
+        "shared_weights": [{"name": n, "readers": k} for n, k in result.shared],
         "groups": [
             {
                 "name": g.name,
