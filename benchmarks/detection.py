@@ -58,7 +58,7 @@ def main() -> None:
     calib = _unnormalised(photo_crops(CALIB_PHOTOS, 32, SIZE, 1))
     heldout = _unnormalised(photo_crops(HELDOUT_PHOTOS, 16, SIZE, 2))
     np.savez(args.cache / "calib.npz", image=calib)
-    results = {}
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name in args.models.split(","):
         results[name] = measure(name, args.cache, calib, heldout)
         print(name, json.dumps(results[name])[:600], flush=True)
@@ -213,18 +213,26 @@ def _outputs_scaled(
 
 
 def _torchvision_with_nms():
-    """torchvision with `torchvision::nms` defined in Python (greedy NMS), as its export needs."""
+    """torchvision with `torchvision::nms` (greedy NMS) and `torchvision::roi_align` (its own
+    Python implementation) defined in Python, as its export needs."""
     tv = import_torchvision()
+    align = sys.modules["torchvision.ops.roi_align"]  # the module: the package exports a function
     if not hasattr(torch.ops.torchvision, "nms"):
         lib = torch.library.Library("torchvision", "DEF")
         lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         lib.impl("nms", _nms, "CPU")
+        lib.define(
+            "roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+            "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor"
+        )
+        plain = align._roi_align.__wrapped__  # not torch.compile's wrapper, which tracing refuses
+        lib.impl("roi_align", lambda x, rois, *args: plain(x.detach(), rois.detach(), *args), "CPU")
         _torchvision_with_nms.lib = lib  # the registration lives as long as the library
     from torchvision import extension
     from torchvision.ops import _register_onnx_ops
 
     _register_onnx_ops._register_custom_op()
-    extension._has_ops = _has_ops
+    extension._has_ops = align._has_ops = _has_ops
     return tv
 
 

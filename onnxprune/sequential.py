@@ -132,10 +132,22 @@ def refit(
     sites, notes = _sites(groups, plans)
     if not sites:
         return plans, notes
-    removed = _removed_features(groups, plans, {site.tap.tensor for site in sites})
     model = export(rewrite(graph, groups, plans, exact_borders=exact_borders))
     drop_mapped_pages(graph)  # the rewrite read the weights it selected from
     gc.collect()  # the rewritten graph is a reference cycle holding weight copies
+    chosen = chosen_rows(model)
+    unpaired = [site.key for site in sites if site.tap.tensor in chosen]
+    if unpaired:
+        sites = [site for site in sites if site.tap.tensor not in chosen]
+        notes += (
+            f"sequential fit: {len(unpaired)} tap(s) whose rows the data chooses (after "
+            "NonZero, NonMaxSuppression or TopK: a detector's region features) keep the "
+            "method's map: the pruned and the original model choose other rows, which cannot "
+            f"be paired, e.g. '{unpaired[0]}'",
+        )
+    if not sites:
+        return plans, notes
+    removed = _removed_features(groups, plans, {site.tap.tensor for site in sites})
     order = {name: i for i, node in enumerate(model.graph.node) for name in node.output}
     tensors = sorted({site.tap.tensor for site in sites}, key=order.__getitem__)
     original = export(graph)
@@ -173,6 +185,22 @@ def refit(
         f"(mean relative error there {np.mean(drift):.3f} -> {np.mean(fitted):.3f})",
     )
     return plans, notes
+
+
+ROW_CHOOSERS = frozenset({"NonZero", "NonMaxSuppression", "TopK"})
+
+
+def chosen_rows(model: onnx.ModelProto) -> set[str]:
+    """The tensors of `model` computed from rows or positions that the data chooses (a
+    ROW_CHOOSERS output, and everything computed from it but shapes): a detector's proposals
+    and the region features pooled at them. Their rows in two models are not paired."""
+    chosen: set[str] = set()
+    for node in model.graph.node:  # in topological order, as ONNX requires
+        if node.op_type in ROW_CHOOSERS or (
+            node.op_type not in ("Shape", "Size") and chosen.intersection(node.input)
+        ):
+            chosen.update(node.output)
+    return chosen
 
 
 HELD_BYTES = 64 << 20  # per model: the two runs' borders spill to files past it (peak RSS)

@@ -323,3 +323,42 @@ def test_a_sites_fold_sums_equal_the_sums_of_its_samples_rows(samples_per_run):
     lone.flush()
     assert lone.folds[1]["n"] == 0 and not lone.folds[1]["AA"].any()
     assert lone.folds[1]["xa"].shape == (k, m)
+
+
+def chooser_model() -> onnx.ModelProto:
+    """Rows of x chosen by a score the pruned group g0 computes (NonZero(g3(relu(g0 x)) > 0)),
+    then g1 → relu → g2 on the chosen rows: as a detector's region features follow proposals."""
+    b = Builder(8)
+    axis1, axis0 = b.const("ax1", np.array([1], np.int64)), b.const("ax0", np.array([0], np.int64))
+    score = b.node(
+        "Squeeze", "score", [b.gemm("g3", b.relu("r0", b.gemm("g0", "x", 8, 6)), 6, 1), axis1]
+    )
+    chosen = b.node(
+        "NonZero", "nz", [b.node("Greater", "pos", [score, b.const("t", np.float32(0))])]
+    )
+    rows = b.node("Gather", "pick", ["x", b.node("Squeeze", "flat", [chosen, axis0])], axis=0)
+    y = b.gemm("g2", b.relu("r1", b.gemm("g1", rows, 8, 6)), 6, 4)
+    model = b.model([], shape=("N", 8))
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, ["K", 4])
+    )
+    return model
+
+
+def test_taps_on_rows_the_data_chooses_keep_the_method_map():
+    """Pruning g0 moves the score, so the two models choose other rows of x (the refit paired
+    them row by row and failed on unequal counts); r1's map stays the one-shot fit."""
+    from onnxprune.sequential import chosen_rows
+
+    model = chooser_model()
+    assert {"r1_out", "g2_out"} <= chosen_rows(model) and "r0_out" not in chosen_rows(model)
+    data = {"x": np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)}
+    options = {"method": "id", "ratio": 0.5, "data": data, "round_to": 1, "recalibrate": False}
+    refit = onnxprune.prune(model, sequential=True, **options)
+    one_shot = onnxprune.prune(model, sequential=False, **options)
+    (note,) = [n for n in refit.report.notes if "rows the data chooses" in n]
+    assert "'r1_out'" in note
+    kept, fitted = (r.plans["g1"].corrections["r1_out"] for r in (refit, one_shot))
+    np.testing.assert_array_equal(kept.M, fitted.M)
+    refits = [n for n in refit.report.notes if "refit on the pruned model's activations" in n]
+    assert "at 1 taps" in refits[0]  # r0, whose rows are the samples', still is

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from graphs import Builder, conv_chain
@@ -14,6 +15,7 @@ from graphs import Builder, conv_chain
 import onnxprune
 from onnxprune.calib.data import data_shapes, fed_specs, input_specs, unbatched_inputs
 from onnxprune.errors import VerificationError
+from onnxprune.graph.fused import merge_constant_adds
 from onnxprune.graph.unbatched import with_sample_axis, without_sample_axis
 from onnxprune.measure.verify import data_lengths, deviation_warning, verify
 
@@ -171,3 +173,17 @@ def test_bench_scores_and_times_an_unbatched_model_one_sample_per_run():
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert result.rows[0].rel_l2 == 0.0
     assert result.rows[1].rel_l2 == pytest.approx(rel, rel=1e-4)
+
+
+def test_constant_adds_merge_for_scalars_too():
+    """Add(Add(x, 2.5), 1.5) as a detector's box decoding writes it: the merged constant is a
+    0-d array (numpy's scalar sum crashed graphsurgeon's Constant at the pruned model's finish)."""
+    b = Builder()
+    inner = b.node("Add", "inner", ["x", b.const("c1", np.float32(2.5))])
+    model = b.model([b.node("Add", "outer", [inner, b.const("c2", np.float32(1.5))])])
+    graph = gs.import_onnx(model)
+    merge_constant_adds(graph)
+    (add,) = graph.nodes
+    assert add.inputs[1].values.shape == () and float(add.inputs[1].values) == 4.0
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(gs.export_onnx(graph), x), x + 4.0, rtol=1e-6)

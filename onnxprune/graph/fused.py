@@ -85,7 +85,7 @@ def merge_constant_adds(graph: gs.Graph) -> None:
         total = c1.values.astype(np.float64) + c2.values.astype(np.float64)
         outer.inputs.clear()
         outer.inputs.extend(
-            [x, gs.Constant(f"{outer.name}__merged", total.astype(c2.values.dtype))]
+            [x, gs.Constant(f"{outer.name}__merged", np.asarray(total, dtype=c2.values.dtype))]
         )
     graph.cleanup()
 
