@@ -22,9 +22,8 @@ from onnxprune.calib.data import (
     Dataset,
     batch_for,
     count_shapes,
-    data_shapes,
     input_specs,
-    unbatched_inputs,
+    inputs_without_sample_axis,
 )
 from onnxprune.calib.gather import gather, gather_norms, gather_weights
 from onnxprune.calib.row_mask import row_mask_input
@@ -166,8 +165,7 @@ def prune(
     """
     config = _resolve_config(config, method, ratio, options)
     loaded = _load(model)
-    specs = input_specs(loaded.model)
-    unbatched = unbatched_inputs(specs, data_shapes(data, specs))
+    unbatched = inputs_without_sample_axis(loaded.model, data)
     proto = with_sample_axis(loaded.model, unbatched) if unbatched else loaded.model
     config = _fit_batch(config, proto)
     run = _prune_weights if config.granularity == "weight" else _prune_channels

@@ -366,13 +366,21 @@ def unbatched_inputs(
     )
 
 
+def inputs_without_sample_axis(
+    model: onnx.ModelProto, source: str | os.PathLike | Mapping[str, np.ndarray] | Dataset | None
+) -> tuple[str, ...]:
+    """`unbatched_inputs` of `model` for the data `source` holds (`data_shapes`)."""
+    specs = input_specs(model)
+    return unbatched_inputs(specs, data_shapes(source, specs))
+
+
 def fed_specs(
     model: onnx.ModelProto, source: str | os.PathLike | Mapping[str, np.ndarray] | None
 ) -> tuple[InputSpec, ...]:
     """`input_specs(model)` as `source`'s samples are fed: an input without a sample axis
     (`unbatched_inputs`) runs one sample at a time, as if it had one of 1."""
     specs = input_specs(model)
-    unbatched = unbatched_inputs(specs, data_shapes(source, specs))
+    unbatched = inputs_without_sample_axis(model, source)
     return tuple(
         InputSpec(s.name, (1, *s.shape), s.dtype) if s.name in unbatched else s for s in specs
     )

@@ -15,13 +15,15 @@ from collections.abc import Sequence
 import onnx
 from onnx import helper
 
+from onnxprune.graph.load import copy_model
+
 MARK = "onnxprune_sample_axis"
 
 
 def with_sample_axis(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of `model` whose inputs `names` take a leading axis of 1, squeezed away before
     the nodes that read them (Squeeze's axes an input from opset 13, an attribute before)."""
-    model = _copy(model)
+    model = copy_model(model)
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     for name in names:
@@ -62,9 +64,3 @@ def without_sample_axis(model: onnx.ModelProto, original: onnx.ModelProto) -> on
         if value.name in renamed.values():
             value.type.CopyFrom(declared[value.name].type)
     return model
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out

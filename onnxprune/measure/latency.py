@@ -446,11 +446,10 @@ def _with_sample_axis(model: onnx.ModelProto, data: Dataset) -> onnx.ModelProto:
     """`model` with a sample axis of 1 on the inputs that `data` feeds with one axis more than
     declared (graph/unbatched.py: torchvision's detectors take one image): it is then timed and
     scored one sample per run, as a fixed-batch-1 model."""
-    from onnxprune.calib.data import input_specs, unbatched_inputs
+    from onnxprune.calib.data import inputs_without_sample_axis
     from onnxprune.graph.unbatched import with_sample_axis
 
-    shapes = {name: array.shape for name, array in data.arrays.items()}
-    names = unbatched_inputs(input_specs(model), shapes)
+    names = inputs_without_sample_axis(model, data)
     return with_sample_axis(model, names) if names else model
 
 
