@@ -341,7 +341,7 @@ def _within_heads(
     The narrowed graph is analyzed again; with `dims` its head groups then leave the channel
     pipeline, with `both` it removes whole heads of them as well."""
     dims = {}
-    for group in (g for g in groups if g.head_dim > 1 and g.name in widths.counts):
+    for group in (g for g in groups if g.heads and g.name in widths.counts):
         ratio = group_ratio(group, config.width)
         qk_ratio = ratio if config.qk_ratio is None else config.qk_ratio
         dims[group.name] = tuple(

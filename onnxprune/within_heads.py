@@ -37,7 +37,7 @@ def prune_within_heads(
     row per such group (a refused group, left whole, says why). `row_mask`: the input whose
     zero entries mark token rows the statistics leave out (`calib.stats.collect_all`)."""
     found: dict[str, HeadSites | str] = {}
-    selected = [g for g in groups if g.name in widths and g.head_dim > 1]
+    selected = [g for g in groups if g.name in widths and g.heads]
     for group in selected:
         try:
             found[group.name] = head_sites(graph, group)

@@ -56,7 +56,9 @@ def format_analysis(result: Analysis, *, verbose: bool = False) -> str:
     lines = [f"{'group':<{width}}  {'channels':>8}  {'MACs':>8}  status"]
     for g in result.groups:
         status = "prunable" + (" (coupled: --prune-residual)" if g.coupled else "")
-        status += f" (attention heads of {g.head_dim})" if g.head_dim > 1 else ""
+        if g.head_dim > 1:
+            unit = "GroupNorm groups of {} channels" if g.norm_group else "attention heads of {}"
+            status += f" ({unit.format(g.head_dim)})"
         if not g.prunable:
             status = f"unprunable: {g.reason}" + (f" at '{g.blocker}'" if g.blocker else "")
         elif g.rotation_block:
@@ -123,6 +125,7 @@ def to_dict(result: Analysis) -> dict:
                 "subspaces": list(g.subspaces),
                 "ties": list(g.ties),
                 "head_dim": g.head_dim,
+                "norm_group": g.norm_group,
             }
             for g in result.groups
         ],

@@ -20,6 +20,7 @@ from onnxprune.graph.attention import attention_step, head_width
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, Tap
 from onnxprune.ops.conv import is_grouped_conv
 from onnxprune.ops.flow import State, Step, block, const
+from onnxprune.ops.group_norm import norm_width
 from onnxprune.ops.recurrent import ROTATION_BLOCK, hidden_units, is_recurrent
 from onnxprune.ops.registry import Handler, handler_for, unknown
 
@@ -51,6 +52,7 @@ class _Producer:
     taps: tuple[Tap, ...] = ()  # taps read by the producer itself (an RNN's recurrence)
     ties: tuple[str, ...] = ()
     rotation: str | None = None
+    norm_group: bool = False  # a channel is one group of a GroupNorm (ops/group_norm.py)
 
     @property
     def label(self) -> str:
@@ -92,21 +94,24 @@ def _producers(graph: gs.Graph) -> list[_Producer]:
             continue
         producer = _as_producer(node)
         if producer is not None:
-            found.append(_as_heads(producer))
+            found.append(_in_units(producer))
     return found
 
 
-def _as_heads(producer: _Producer) -> _Producer:
+def _in_units(producer: _Producer) -> _Producer:
     """A MatMul producer whose output is split into attention heads has one channel per head,
-    of D features each (graph/attention.py)."""
-    width = head_width(producer.node) if producer.node.op == "MatMul" else None
-    if width is None or producer.channels % width:
+    of D features each (graph/attention.py); one whose channels reach a GroupNorm one per norm
+    group, of d channels each (ops/group_norm.py)."""
+    norm = producer.node.op != "MatMul"
+    width = norm_width(producer.node) if norm else head_width(producer.node)
+    if width is None or producer.channels % width or (norm and producer.start.axis != 1):
         return producer
     return replace(
         producer,
         channels=producer.channels // width,
         edits=[replace(e, spatial=width) for e in producer.edits],
         start=replace(producer.start, spatial=width),
+        norm_group=norm,
     )
 
 
@@ -403,6 +408,7 @@ def _merge(walks: list[_Walk]) -> ChannelGroup:
         ties=tuple(sorted({t for w in walks for t in w.ties})),
         head_dim=head_dim,
         feature_dim=_feature_dim(head_dim, taps),
+        norm_group=first.producer.norm_group,
         gated=_gated(walks),
     )
 

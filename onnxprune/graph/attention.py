@@ -37,7 +37,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ParamEdit
 from onnxprune.ops.concat_split import repeats
-from onnxprune.ops.flow import State, Step, const, rank_of, shape_of, through
+from onnxprune.ops.flow import State, Step, const, rank_of, readers_ahead, shape_of, through
 from onnxprune.ops.reshape import keeps_last_axis, restored_source
 from onnxprune.ops.shape_values import (
     TargetEntry,
@@ -100,21 +100,14 @@ def _queries_per_key(heads: gs.Tensor) -> int:
     activations they reach, keys repeated n_rep times each (grouped-query attention: a
     repeating Gather, graph/repeat_kv.py, then Transposes); 1 otherwise. A channel is then one
     key/value head's n_rep query heads."""
-    stack, seen = [heads], set()
-    while stack and len(seen) < _LOOKAHEAD:
-        tensor = stack.pop()
-        if tensor.name in seen:
-            continue
-        seen.add(tensor.name)
-        for user in tensor.outputs:
-            if user.op == "MatMul" and not any(isinstance(t, gs.Constant) for t in user.inputs):
-                other = user.inputs[1] if user.inputs[0] is tensor else user.inputs[0]
-                while other.inputs and other.inputs[0].op == "Transpose":
-                    other = other.inputs[0].inputs[0]
-                source = other.inputs[0] if other.inputs else None
-                copies = repeats(source) if source is not None and source.op == "Gather" else None
-                return copies or 1
-            stack.extend(user.outputs)
+    for tensor, user in readers_ahead(heads, _LOOKAHEAD, lambda user: user.outputs):
+        if user.op == "MatMul" and not any(isinstance(t, gs.Constant) for t in user.inputs):
+            other = user.inputs[1] if user.inputs[0] is tensor else user.inputs[0]
+            while other.inputs and other.inputs[0].op == "Transpose":
+                other = other.inputs[0].inputs[0]
+            source = other.inputs[0] if other.inputs else None
+            copies = repeats(source) if source is not None and source.op == "Gather" else None
+            return copies or 1
     return 1
 
 

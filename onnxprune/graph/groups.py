@@ -104,6 +104,8 @@ class ChannelGroup:
     elementwise, so the group is not `coupled`. `feature_dim`: the features per head the
     consumers read (the value width: `head_dim` unless, as in LeViT, one producer writes each
     head's q, k and v side by side); the head maps (methods/heads.py) are stated on these.
+    `norm_group`: the units of `head_dim` channels are instead the groups of a GroupNorm
+    (ops/group_norm.py), selected and corrected whole like heads but with no attention.
     `gated`: the producers meet only where one gates the other (Mul: an SE / squeeze-excitation
     gate, a gated FFN's GLU): removing channel c removes it from the gated tensor and from the
     gate alike and touches nothing else, so such a group is not `coupled` either.
@@ -126,6 +128,7 @@ class ChannelGroup:
     ties: tuple[str, ...] = ()
     head_dim: int = 1
     feature_dim: int = 1
+    norm_group: bool = False
     gated: bool = False
 
     @property
@@ -156,4 +159,9 @@ class ChannelGroup:
     def coupled(self) -> bool:
         """True for groups tied elementwise across producers by a sum (residual streams), the
         groups `--prune-residual` opts into; not for head groups or gate-only groups."""
-        return len(self.producers) > 1 and self.head_dim == 1 and not self.gated
+        return len(self.producers) > 1 and not self.heads and not self.gated
+
+    @property
+    def heads(self) -> bool:
+        """True for a group of attention heads (not GroupNorm groups)."""
+        return self.head_dim > 1 and not self.norm_group

@@ -74,7 +74,7 @@ def width_cost(
                 entry["out"].append((group.name, group.channels))
                 directions = out_total[edit.node] // group.channels
                 entry["inputs"].append((group.name, group.channels, 1 / directions))
-        if group.head_dim > 1:  # q·kᵀ and attention·v batch over the heads: both shrink
+        if group.heads:  # q·kᵀ and attention·v batch over the heads: both shrink
             for name in group.passthrough:
                 entry = touched.setdefault(name, {"out": [], "chan": None, "inputs": []})
                 entry["chan"] = (group.name, group.channels)

@@ -34,6 +34,7 @@ from onnxprune.ops import (  # noqa: F401 - importing a family registers its han
     elementwise,
     fused,
     gemm_matmul,
+    group_norm,
     logic,
     norm,
     pool,

@@ -53,17 +53,21 @@ class Conv(Handler):
             return block(
                 f"channels reach a weight input of Conv '{node.name}' or it is not constant"
             )
-        if state.axis != 1 or state.spatial != 1:
+        if state.axis != 1:
             return block(f"Conv '{node.name}' reads channels on another axis")
         group = node.attrs.get("group", 1)
-        stride = state.stride
+        stride, spatial = state.stride, state.spatial  # spatial: channels per unit (GroupNorm)
         if group == 1:
-            edit = ParamEdit(node.name, 1, 1, state.offset, "in", tap=state.tensor, stride=stride)
+            edit = ParamEdit(
+                node.name, 1, 1, state.offset, "in", spatial, tap=state.tensor, stride=stride
+            )
             return Step("consume", edits=[edit])
         if group == weight.shape[0] and weight.shape[1] == 1 and _in_channels(node) == group:
-            edits = [ParamEdit(node.name, 1, 0, state.offset, "chan", stride=stride)]
-            if const(node, 2) is not None:
-                edits.append(ParamEdit(node.name, 2, 0, state.offset, "chan", stride=stride))
+            edits = [
+                ParamEdit(node.name, i, 0, state.offset, "chan", spatial, stride=stride)
+                for i in (1, 2)
+                if i == 1 or const(node, 2) is not None
+            ]
             return through(node, state, edits=edits)
         return block(f"grouped Conv '{node.name}' (group={group}) is not depthwise")
 

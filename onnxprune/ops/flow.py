@@ -8,6 +8,7 @@ there), drop them (a Slice outside them), or block pruning with a reason.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -120,6 +121,22 @@ def without_trailing_ones(shape: list) -> list:
     while end and shape[end - 1] == 1:
         end -= 1
     return shape[:end]
+
+
+def readers_ahead(
+    start: gs.Tensor, limit: int, follow: Callable[[gs.Node], Sequence[gs.Tensor]]
+) -> Iterator[tuple[gs.Tensor, gs.Node]]:
+    """(tensor, reader) pairs from `start` on, depth first, each tensor once and at most
+    `limit` of them; the walk goes on into `follow(reader)` (a look-ahead for a pattern)."""
+    stack, seen = [start], set()
+    while stack and len(seen) < limit:
+        tensor = stack.pop()
+        if tensor.name in seen:
+            continue
+        seen.add(tensor.name)
+        for user in tensor.outputs:
+            yield tensor, user
+            stack.extend(follow(user))
 
 
 def rank_of(tensor: gs.Tensor) -> int | None:

@@ -29,7 +29,7 @@ class Pool(Handler):
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
         if (found := parameter_input(node, index)) is not None:
             return found
-        if state.axis != 1 or state.spatial != 1:
+        if state.axis != 1:  # a channel's `spatial` features lie on axis 1 too: kept apart
             return block(f"{node.op} '{node.name}' pools over the channel axis")
         return through(node, state)
 
@@ -64,7 +64,7 @@ class Reduce(Handler):
         if rank is None or not axes:
             return block(f"{node.op} '{node.name}' reduces over all axes (or unknown axes)")
         axes = [a % rank for a in axes]
-        if state.axis in axes or state.spatial != 1:
+        if state.axis in axes:  # a channel's `spatial` features lie on that axis: kept apart
             return block(f"{node.op} '{node.name}' reduces over the channel axis")
         keep = node.attrs.get("keepdims", 1)
         axis = state.axis if keep else state.axis - sum(a < state.axis for a in axes)

@@ -65,6 +65,7 @@ from onnxprune.ops.flow import (
     through,
     without_trailing_ones,
 )
+from onnxprune.ops.group_norm import group_norm_step, merges_group_norm
 from onnxprune.ops.registry import Handler, register
 from onnxprune.ops.shape_values import dim_origin, inferred_size, shape_source, target_entry
 from onnxprune.ops.torch_support import from_input_or_attr, ints
@@ -143,6 +144,8 @@ class Reshape(_Commuting):
     def step(self, node: gs.Node, index: int, state: State, channels: int) -> Step:
         if (found := parameter_input(node, index)) is not None:
             return found
+        if (norm := group_norm_step(node, state)) is not None:
+            return norm
         if state.stride == 1 and (unit := _moves_unit_axes(node, state)) is not None:
             return unit
         if _splits_channel_axis(node, state):
@@ -413,7 +416,7 @@ class Shape(Handler):
         for user in node.outputs[0].outputs:
             if user.op == "Reshape" and restored_source(user) is node.inputs[0]:
                 continue  # reshape_as: the restored tensor's channels shrink alike
-            if _reshapes_itself(user, node.inputs[0]):
+            if _reshapes_itself(user, node.inputs[0]) or merges_group_norm(user, node.inputs[0]):
                 continue  # x.reshape(..., x.shape[c], ...): the read count shrinks with x
             read = _entries_read(user, max(end - start, 0))
             if read is None or state.axis - start in read:
