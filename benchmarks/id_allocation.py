@@ -85,7 +85,8 @@ def main() -> None:
         for name in channels:
             w = len(stats[name].taps) if weight is None else weight
             curves[name] = _curve(stats[name], per_tap=False) * np.sqrt(w if name in coupled else 1)
-        evaluate(allocate_by_error(channels, curves, cost, 1 - args.reduction, 1), label)
+        steps = dict.fromkeys(channels, 1)
+        evaluate(allocate_by_error(channels, curves, cost, 1 - args.reduction, steps), label)
     if args.alone:
         for name in channels:
             evaluate({**channels, name: widths.counts[name]}, "alone " + name[-18:])

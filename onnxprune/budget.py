@@ -50,7 +50,7 @@ from onnxprune.methods.targets import (
     score_damage,
     width_cost,
 )
-from onnxprune.methods.width import keep_counts, tied_counts
+from onnxprune.methods.width import group_steps, keep_counts, tied_counts
 from onnxprune.plan import GroupStats, Plan
 from onnxprune.progress import progress
 from onnxprune.recalibrate import recalibrate, reference_tensors
@@ -138,8 +138,8 @@ def refine_widths(
     channels = {g.name: g.channels for g in groups if g.name in widths.counts}
     cost = cost_of(graph, groups, kind)
     coupled = {g.name for g in groups if g.coupled}
-    round_to = config.width.round_to
-    candidates = _allocations(groups, channels, stats, cost, target, round_to, coupled)
+    steps = group_steps(groups, config.width.round_to)
+    candidates = _allocations(groups, channels, stats, cost, target, steps, coupled)
     reached = lambda counts: cost(counts) / cost({})  # noqa: E731
     if dataset is None:
         label, counts = next(iter(_feasible(candidates, reached, target).values()))
@@ -147,7 +147,7 @@ def refine_widths(
     candidates.setdefault(tuple(sorted(widths.counts.items())), ("near-uniform", widths.counts))
     if widths.streams:
         pruned = {name: g.channels for g in groups if (name := g.name) in widths.streams}
-        found = _allocations(groups, pruned, stats, cost, target, round_to, coupled)
+        found = _allocations(groups, pruned, stats, cost, target, steps, coupled)
         found.setdefault(tuple(sorted(widths.streams.items())), ("near-uniform", widths.streams))
         for key, (label, counts) in found.items():
             cut = any(counts.get(name, m) < m for name, m in pruned.items() if name not in channels)
@@ -211,7 +211,8 @@ def global_widths(
         done = lambda w: cost(w) <= target * full  # noqa: E731
     floors = removal_floors(channels, config.max_group_ratio)
     counts = tied_counts(
-        groups, allocate(channels, damage, cost, done, config.width.round_to, floors)
+        groups,
+        allocate(channels, damage, cost, done, group_steps(groups, config.width.round_to), floors),
     )
     removed, total = sum(channels[g] - k for g, k in counts.items()), sum(channels.values())
     unit = "parameter" if kind == "params" else "MAC"
@@ -263,7 +264,7 @@ def _allocations(
     stats: Mapping[str, GroupStats],
     cost: WidthCost,
     target: float,
-    round_to: int,
+    steps: Mapping[str, int],
     coupled: set[str],
 ) -> dict[tuple, tuple[str, dict[str, int]]]:
     """Distinct error-per-cost allocations, keyed by their widths: a coupled group's error
@@ -276,7 +277,7 @@ def _allocations(
         options.append(("by ID error, coupled groups kept", inner, True))
     for label, pool, per_tap in options:
         curves = {name: _curve(stats[name], per_tap=per_tap) for name in pool}
-        counts = tied_counts(groups, allocate_by_error(pool, curves, cost, target, round_to))
+        counts = tied_counts(groups, allocate_by_error(pool, curves, cost, target, steps))
         if cost(counts) <= target * cost({}) or pool is channels:
             found.setdefault(tuple(sorted(counts.items())), (label, counts))
     return found

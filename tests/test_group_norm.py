@@ -101,7 +101,7 @@ def _reference(model: onnx.ModelProto, x: np.ndarray, kept_groups: list[int]) ->
 def test_a_producer_read_by_a_group_norm_prunes_in_whole_groups(spelling):
     (group, c2) = analyze(normalize(gn_model(spelling)))
     assert group.prunable and group.norm_group and not group.heads
-    assert (group.channels, group.head_dim) == (G, C // G)
+    assert (group.channels, group.head_dim, group.unit) == (G, C // G, C // G)
     assert group.consumers == ("c2",)
 
 

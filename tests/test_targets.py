@@ -121,6 +121,7 @@ def test_a_mac_target_lands_nearest_among_near_uniform_widths(name):
     from onnxprune.graph.analyze import analyze
     from onnxprune.graph.load import load_model, normalize
     from onnxprune.methods.targets import _step_down
+    from onnxprune.methods.width import rounding_step
     from onnxprune.report import MISS_TOLERANCE
 
     graph = normalize(load_model(reference_path(name)))
@@ -133,7 +134,8 @@ def test_a_mac_target_lands_nearest_among_near_uniform_widths(name):
     assert reached <= 0.5 + MISS_TOLERANCE and not widths.target.missed
     channels = {g.name: g.channels for g in groups}
     for group, k in widths.counts.items():
-        for new in (_step_down(k, channels[group], 16), min(k + 16, channels[group])):
+        step = rounding_step(channels[group], 16)
+        for new in (_step_down(k, step), min(k + 16, channels[group])):
             if new <= 0:
                 continue
             other = cost({**widths.counts, group: new}) / cost({})

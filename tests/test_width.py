@@ -98,6 +98,25 @@ def test_narrow_groups_round_to_half_the_multiple_down_to_eight(channels, round_
     assert kept(channels, 0.5, round_to) % step == 0
 
 
+@pytest.mark.parametrize(
+    ("units", "unit", "round_to", "step"),
+    [
+        (32, 8, 16, 2),  # FCOS's GroupNorm(32, 256): 16 channels = 2 groups of 8
+        (8, 4, 16, 4),  # 32 channels: steps of 16 channels
+        (4, 4, 16, 2),  # 16 channels, narrow: steps of 8 = 2 groups
+        (4, 2, 16, 1),  # 8 channels: no rounding
+        (16, 3, 16, 8),  # groups of 3: 16 would be all 16 groups; 8 groups are 24 channels
+        (10, 64, 16, 1),  # a group of 64 channels is already a multiple of 16
+    ],
+)
+def test_units_of_several_channels_round_the_channels_they_hold(units, unit, round_to, step):
+    """A GroupNorm group is `unit` channels of its layers: the width stays a multiple of the
+    channel step, in whole groups."""
+    assert rounding_step(units, round_to, unit) == step
+    k = kept(units, 0.5, round_to, unit)
+    assert k % step == 0 or k == units
+
+
 @settings(max_examples=60, deadline=None, database=None)
 @given(
     channels=st.integers(1, 300),
@@ -245,7 +264,7 @@ def test_error_allocation_is_optimal_for_convex_errors_and_separable_cost():
         curves[g] = np.sqrt(sq)
     full = cost(channels)
     for target in (0.8, 0.6, 0.45, 0.3):
-        got = allocate_by_error(channels, curves, cost, target, 1)
+        got = allocate_by_error(channels, curves, cost, target, dict.fromkeys(channels, 1))
         assert cost(got) <= target * full + 1e-9
         best = min(
             (sum(curves[g][k] ** 2 for g, k in zip(channels, ks, strict=True)), ks)

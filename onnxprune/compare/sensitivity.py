@@ -38,7 +38,7 @@ from onnxprune.graph.analyze import analyze as find_groups
 from onnxprune.graph.groups import ChannelGroup
 from onnxprune.graph.load import load_model, normalize
 from onnxprune.measure.cost import count
-from onnxprune.methods.width import group_ratio, rounding_step, tied_counts
+from onnxprune.methods.width import group_ratio, group_steps, tied_counts
 from onnxprune.options import WidthRule, check_ratio
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
@@ -224,9 +224,10 @@ def allocate(
     channels = {name: known[name].channels for name in sensitivity.points}
     curves = {name: _curve(pts, channels[name]) for name, pts in sensitivity.points.items()}
     widths = dict(channels)
+    steps = group_steps(groups, round_to)
     full = cost(widths)
     while cost(widths) > target_macs * full + 1e-6:
-        step = _best_step(widths, channels, curves, cost, round_to)
+        step = _best_step(widths, channels, curves, cost, steps)
         if step is None:
             raise UsageError(
                 f"target_macs {target_macs:g} is out of reach: pruning every measured group up "
@@ -307,12 +308,12 @@ def _curve(
     return x, loss, rel
 
 
-def _best_step(widths, channels, curves, cost, round_to):
+def _best_step(widths, channels, curves, cost, steps):
     now = cost(widths)
     best, best_rate = None, (np.inf, np.inf)
     for name, k in widths.items():
         c = channels[name]
-        step = rounding_step(c, round_to)
+        step = steps[name]
         new = k - step if k % step == 0 else k - k % step
         x, loss, rel = curves[name]
         if new < 1 or 1 - new / c > x[-1] + 1e-9:

@@ -162,6 +162,12 @@ class ChannelGroup:
         return len(self.producers) > 1 and not self.heads and not self.gated
 
     @property
+    def unit(self) -> int:
+        """Channels of its layers per channel of the group: a GroupNorm group's d; 1 otherwise
+        (attention heads are counted, and rounded, as heads)."""
+        return self.head_dim if self.norm_group else 1
+
+    @property
     def heads(self) -> bool:
         """True for a group of attention heads (not GroupNorm groups)."""
         return self.head_dim > 1 and not self.norm_group

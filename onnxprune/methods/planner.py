@@ -115,7 +115,7 @@ def plan_for_error(
     probes the width the pooled ID error curve suggests and the one below (two plans when the
     guess is right, as for a single tap).
     """
-    step = rounding_step(group.channels, config.width.round_to)
+    step = rounding_step(group.channels, config.width.round_to, group.unit)
     widths = sorted({*range(step, group.channels, step), group.channels})
     guess = int(bisect_left(widths, _curve_width(stats, config.epsilon)))
     lo, hi, best, probes = 0, len(widths) - 1, None, [guess, guess - 1]

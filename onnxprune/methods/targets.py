@@ -14,8 +14,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from onnxprune.graph.groups import ChannelGroup
-from onnxprune.methods.width import keep_counts, rounding_step
+from onnxprune.methods.width import group_steps, keep_counts
 from onnxprune.options import WidthRule
+
+Steps = Mapping[str, int]  # group name → its rounding step (width.group_steps)
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ def ratio_for_target(
     and lands nearest the target on either side, instead of always below it.
     """
     lo, hi = 0.0, 0.999
+    steps = group_steps(groups, rule.round_to)
     below: tuple[float, float, dict[str, int]] | None = None
     above: tuple[float, float, dict[str, int]] | None = None
     for _ in range(30):
@@ -135,7 +138,7 @@ def ratio_for_target(
     candidates = [c for c in (below, above) if c is not None]
     if trim and above is not None:
         channels = {g.name: g.channels for g in groups if g.name in above[2]}
-        counts = _narrow(dict(above[2]), channels, measure, target + tolerance, rule.round_to)
+        counts = _narrow(dict(above[2]), channels, measure, target + tolerance, steps)
         candidates.append((measure(counts), above[1], counts))
     found = [c for c in candidates if c[0] <= target + tolerance]
     if not found:  # the target cannot be met: come as close as the widths allow
@@ -146,23 +149,21 @@ def ratio_for_target(
         return best[1], best[2]
     channels = {g.name: g.channels for g in groups if g.name in best[2]}
     return best[1], _closest(
-        dict(best[2]), channels, measure, target, round_to=rule.round_to, tolerance=tolerance
+        dict(best[2]), channels, measure, target, steps=steps, tolerance=tolerance
     )
 
 
 def _narrow(
-    counts: dict[str, int], channels: Mapping[str, int], measure, bound: float, round_to: int
+    counts: dict[str, int], channels: Mapping[str, int], measure, bound: float, steps: Steps
 ) -> dict[str, int]:
     """Narrow the group that keeps the largest fraction one step at a time until `measure`
     is at most `bound` (or nothing can narrow)."""
     while measure(counts) > bound:
-        options = [
-            (k / channels[g], g) for g, k in counts.items() if _step_down(k, channels[g], round_to)
-        ]
+        options = [(k / channels[g], g) for g, k in counts.items() if _step_down(k, steps[g])]
         if not options:
             break
         _, group = max(options)
-        counts[group] = _step_down(counts[group], channels[group], round_to)
+        counts[group] = _step_down(counts[group], steps[group])
     return counts
 
 
@@ -172,7 +173,7 @@ def _closest(
     measure,
     target: float,
     *,
-    round_to: int,
+    steps: Steps,
     tolerance: float,
 ) -> dict[str, int]:
     """Move one group one rounding step narrower or wider while that brings `measure` nearer
@@ -183,8 +184,8 @@ def _closest(
         moves = []
         for group, k in counts.items():
             for new in (
-                _step_down(k, channels[group], round_to),
-                _step_up(k, channels[group], round_to),
+                _step_down(k, steps[group]),
+                _step_up(k, channels[group], steps[group]),
             ):
                 if new > 0 and new != k:
                     moves.append({**counts, group: new})
@@ -196,15 +197,13 @@ def _closest(
         counts = min(better, key=gap)
 
 
-def _step_up(k: int, channels: int, round_to: int) -> int:
-    """The next wider width allowed by rounding (the full width at most)."""
-    step = rounding_step(channels, round_to)
+def _step_up(k: int, channels: int, step: int) -> int:
+    """The next wider width allowed by the group's rounding `step` (the full width at most)."""
     return min(channels, k + step - k % step)
 
 
-def _step_down(k: int, channels: int, round_to: int) -> int:
-    """The next narrower width allowed by rounding (0 when none is)."""
-    step = rounding_step(channels, round_to)
+def _step_down(k: int, step: int) -> int:
+    """The next narrower width allowed by the group's rounding `step` (0 when none is)."""
     new = k - step if k % step == 0 else k - k % step
     return new if new >= step else 0
 
@@ -214,18 +213,18 @@ def allocate_by_error(
     curves: Mapping[str, np.ndarray],
     cost: WidthCost,
     target: float,
-    round_to: int,
+    steps: Steps,
 ) -> dict[str, int]:
     """Greedy widths: shrink the group whose squared ID error grows least per unit cost saved.
 
     `curves[g][k]` is group g's relative ID error at width k (methods/linalg.id_error_curve);
-    `target` is the fraction of the full cost to keep. Steps are `round_to` channels where a
-    group has at least 2·round_to, else one channel; every group keeps at least one.
+    `target` is the fraction of the full cost to keep. `steps[g]`: group g's rounding step
+    (width.group_steps); every group keeps at least one channel.
     """
     full = cost(dict(channels))
     damage = {name: np.asarray(curve) ** 2 for name, curve in curves.items()}
     floors = dict.fromkeys(channels, 1)
-    return allocate(channels, damage, cost, lambda w: cost(w) <= target * full, round_to, floors)
+    return allocate(channels, damage, cost, lambda w: cost(w) <= target * full, steps, floors)
 
 
 def allocate(
@@ -233,7 +232,7 @@ def allocate(
     damage: Mapping[str, np.ndarray],
     cost: WidthCost,
     done: Callable[[Mapping[str, int]], bool],
-    round_to: int,
+    steps: Steps,
     floors: Mapping[str, int],
 ) -> dict[str, int]:
     """Greedy widths: until `done(widths)`, narrow by one rounding step the group whose damage
@@ -249,24 +248,24 @@ def allocate(
     """
     widths = dict(channels)
     while not done(widths):
-        steps = _steps(widths, channels, damage, cost, round_to, floors)
-        if not steps:
+        moves = _steps(widths, damage, cost, steps, floors)
+        if not moves:
             break
-        finishing = [s for s in steps if done({**widths, s[2]: s[3]})]
+        finishing = [s for s in moves if done({**widths, s[2]: s[3]})]
         if finishing:
             _, _, name, new = min(finishing, key=lambda s: (s[1], s[0]))
             return {**widths, name: new}
-        _, _, name, new = min(steps, key=lambda s: s[:2])
+        _, _, name, new = min(moves, key=lambda s: s[:2])
         widths[name] = new
     return widths
 
 
-def _steps(widths, channels, damage, cost, round_to, floors) -> list[tuple]:
+def _steps(widths, damage, cost, steps, floors) -> list[tuple]:
     """Every allowed one-step narrowing as (damage growth per cost saved, damage growth, group,
     new width); a step saving no cost rates infinite, ordered by its damage growth."""
     now, found = cost(widths), []
     for name, k in widths.items():
-        new = _step_down(k, channels[name], round_to)
+        new = _step_down(k, steps[name])
         if new == 0 or new < floors[name]:
             continue
         saved = now - cost({**widths, name: new})
