@@ -50,6 +50,7 @@ from onnxprune.graph.load import (
     weightless_export,
 )
 from onnxprune.graph.quantized import dequantized_weights, quantized_message
+from onnxprune.graph.reshare import reshared
 from onnxprune.graph.rewrite import rewrite
 from onnxprune.graph.sparsify import (
     deflated_size,
@@ -306,7 +307,7 @@ def _prune_channels(
     gc.collect()  # the graphs normalize and rewrite replaced: see prune
     notes += (widths.note,) if widths.note else ()
     notes += unrotated_note(groups, plans) if config.method == "cob" else ()
-    if config.recalibrate:
+    if config.recalibrate and (head_rows or _removes_channels(groups, plans)):
         pruned_graph, layers = recalibrate(
             partial(export, graph), pruned_graph, groups, plans, batches,
             reference=measured,
@@ -327,6 +328,12 @@ def _prune_channels(
         proto, pruned, split, config, loss, notes, rows, widths.target, reference=outputs,
     )  # fmt: skip
     return Result(pruned, report, groups, plans)
+
+
+def _removes_channels(groups: Sequence[ChannelGroup], plans: Mapping[str, Plan]) -> bool:
+    """True when some plan removes channels: with none removed (ratio 0) recalibration would
+    only round every layer's weights differently (and copies of a shared weight apart)."""
+    return any(len(plans[g.name].keep) < g.channels for g in groups if g.name in plans)
 
 
 def _within_heads(
@@ -549,9 +556,10 @@ def _finish(original: onnx.ModelProto, graph: gs.Graph, config: PruneConfig) -> 
         model, {**{p.key: p.value for p in original.metadata_props}, "onnxprune": note}
     )
     # weights the pruning left unchanged may still be mapped from the input's data file: a
-    # model that protobuf can hold gets their bytes (a self-contained result); past its limit
-    # they stay mapped, and saving streams them from the input's file
-    return model if too_large_for_protobuf(model) else materialized(model)
+    # model that protobuf can hold gets their bytes (a self-contained result), and the copies
+    # of a shared weight that came out equal are one again; past its limit they stay mapped,
+    # and saving streams them from the input's file
+    return model if too_large_for_protobuf(model) else reshared(original, materialized(model))
 
 
 def _finetuned(
