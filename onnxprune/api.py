@@ -227,8 +227,8 @@ def _copies_note(original: onnx.ModelProto, pruned: onnx.ModelProto) -> tuple[st
     return (
         f"{len(copied)} weight(s) that several nodes share were pruned per node and are now "
         f"separate copies (e.g. '{name}', read by {count} nodes), so parameters and file size "
-        "can grow; keeping a shared weight shared while pruning it is not supported yet "
-        "(exclude its groups to keep it whole)",
+        "can grow: each reader kept its own channels or correction (copies that came out equal "
+        "are shared again); exclude their groups to keep such a weight whole",
     )
 
 

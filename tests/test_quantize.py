@@ -174,3 +174,26 @@ def test_a_quantized_model_is_refused_with_the_reason(vgg_int8, tmp_path, capsys
     assert not target.exists() and file_hash(source) == before
     assert main(["analyze", str(source)]) == 0
     assert "the model is quantized: 8 " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["fixed batch", "no sample axis"])
+def test_int8_calibrates_a_model_that_takes_one_sample_per_run(kind, tmp_path, capsys):
+    """A fixed-batch-1 export is fed batches of one, and so is a model whose input has no
+    sample axis (a detector's image, the data's samples in front); the written model takes its
+    input as the original declares it, and stays close to it."""
+    from graphs import conv_chain
+    from test_unbatched import unbatched_chain
+
+    model = conv_chain(batch=1) if kind == "fixed batch" else unbatched_chain()
+    images = np.random.default_rng(9).standard_normal((24, 3, 8, 8)).astype(np.float32)
+    path, data, out = tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "q.onnx"
+    onnx.save(model, path)
+    np.savez(data, x=images)
+    assert main(["quantize", str(path), "--data", str(data), "-o", str(out)]) == 0
+    assert "rel-L2" in capsys.readouterr().out
+    quantized = onnx.load(out)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in quantized.graph.node}
+    assert quantized.graph.input[0].type == model.graph.input[0].type
+    x = images[:1] if kind == "fixed batch" else images[0]
+    (want,), (got,) = (run_model(m, {"x": x}).values() for m in (model, quantized))
+    assert np.linalg.norm(got - want) <= 0.05 * np.linalg.norm(want)

@@ -50,12 +50,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Quantize, verify on the data (or seeded random inputs), write, print a summary."""
+    from onnxprune.calib.data import inputs_without_sample_axis
     from onnxprune.deploy.quantize import quantize  # lazy: --help needs no onnx
     from onnxprune.graph.load import load_model, model_bytes, save_model
+    from onnxprune.graph.unbatched import with_sample_axis
     from onnxprune.measure.verify import verify
 
     model = load_model(args.model)
-    dataset = load_dataset(args, model)
+    dataset = load_dataset(args, model, unbatched=True)
     quantized = quantize(
         model,
         args.mode,
@@ -64,7 +66,12 @@ def run(args: argparse.Namespace) -> int:
         float_ends=args.quantize_float_ends,
         batch_size=args.batch_size,
     )
-    check = verify(model, quantized, dataset.head(args.verify_samples).arrays, data=dataset.source)
+    unbatched = inputs_without_sample_axis(model, dataset)  # verified one sample per run
+    original, compared = (
+        with_sample_axis(m, unbatched) if unbatched else m for m in (model, quantized)
+    )
+    samples = dataset.head(args.verify_samples).arrays
+    check = verify(original, compared, samples, data=dataset.source)
     path = Path(args.model)
     output = Path(args.output) if args.output else path.with_name(f"{path.stem}.{args.mode}.onnx")
     save_model(quantized, output)

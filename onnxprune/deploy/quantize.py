@@ -15,9 +15,11 @@ Modes:
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,7 +47,9 @@ def quantize(
     """`model` quantized in `mode`; nodes whose name matches a regex in `exclude` stay float,
     and with `float_ends` the first and last weighted layers too (`end_layers`).
 
-    ``int8`` calibrates activation ranges on `data` (required); the other modes ignore it.
+    ``int8`` calibrates activation ranges on `data` (required); the other modes ignore it. A
+    model with a fixed batch is fed batches of that size; an input without a sample axis
+    (torchvision's detectors) one sample at a time (graph/unbatched.py).
     """
     if mode not in MODES:
         raise UsageError(f"unknown quantization '{mode}'; choose from {', '.join(MODES)}")
@@ -59,21 +63,27 @@ def quantize(
     import onnx
     import onnxruntime as ort
 
+    from onnxprune.calib.data import batch_for, input_specs, inputs_without_sample_axis
     from onnxprune.graph.load import save_model
+    from onnxprune.graph.unbatched import with_sample_axis, without_sample_axis
 
     ort.set_default_logger_severity(3)
+    unbatched = inputs_without_sample_axis(model, data) if mode == "int8" else ()
+    work = with_sample_axis(model, unbatched) if unbatched else model
+    batch = batch_for((spec.shape for spec in input_specs(work)), batch_size)
     with tempfile.TemporaryDirectory(prefix="onnxprune-quant-") as tmp:
         source, target = Path(tmp) / "float.onnx", Path(tmp) / "quantized.onnx"
-        save_model(model, source)
+        save_model(work, source)
         try:
-            if mode == "int8":
-                _static(source, target, data, excluded, batch_size)
+            if mode == "int8":  # the Squeeze that stands in for the sample axis stays float
+                _static(source, target, data, [*excluded, *_marks(work)], batch)
             else:
                 _dynamic(source, target, excluded)
         except Exception as exc:  # the quantizer raises many unrelated types
             message = f"ONNX Runtime's quantizer failed ({mode}): {first_line(exc)}"
             raise QuantizationError(message) from exc
-        return onnx.load_model(target)
+        quantized = onnx.load_model(target)
+    return without_sample_axis(quantized, model) if unbatched else quantized
 
 
 class QuantizationError(OnnxPruneError):
@@ -114,6 +124,13 @@ def _static(source: Path, target: Path, data: Dataset, excluded: list[str], batc
     )
 
 
+def _marks(model: onnx.ModelProto) -> list[str]:
+    """The Squeezes `with_sample_axis` added (removed again after quantization)."""
+    from onnxprune.graph.unbatched import MARK
+
+    return [n.name for n in model.graph.node if n.op_type == "Squeeze" and n.name.endswith(MARK)]
+
+
 def _dynamic(source: Path, target: Path, excluded: list[str]) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -131,8 +148,24 @@ def _prepared(source: Path) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = source.with_name("prepared.onnx")
-    quant_pre_process(str(source), str(prepared))
+    try:
+        with _working_directory(source.parent):  # where it leaves a model it gave up on
+            quant_pre_process(str(source), str(prepared))
+    except Exception:  # noqa: BLE001 - its symbolic shape inference gives up on NMS, data-sized
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)  # outputs
     return prepared
+
+
+@contextmanager
+def _working_directory(folder: Path) -> Iterator[None]:
+    """Run the block in `folder` (ONNX Runtime's symbolic shape inference writes the model it
+    gave up on, sym_shape_infer_temp.onnx and its data, into the working directory)."""
+    before = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def _float16(model: onnx.ModelProto, excluded: list[str]) -> onnx.ModelProto:

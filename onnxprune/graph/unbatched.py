@@ -36,9 +36,10 @@ def with_sample_axis(model: onnx.ModelProto, names: Sequence[str]) -> onnx.Model
         if opset < 13:
             squeeze = helper.make_node("Squeeze", [name], [inner], name=inner, axes=[0])
         else:
-            axes = helper.make_tensor(f"{inner}.axes", onnx.TensorProto.INT64, [1], [0])
-            graph.initializer.append(axes)
-            squeeze = helper.make_node("Squeeze", [name, axes.name], [inner], name=inner)
+            axes = f"{inner}.axes"
+            if axes not in {t.name for t in graph.initializer}:  # left by a quantizer's reuse
+                graph.initializer.append(helper.make_tensor(axes, onnx.TensorProto.INT64, [1], [0]))
+            squeeze = helper.make_node("Squeeze", [name, axes], [inner], name=inner)
         graph.node.insert(0, squeeze)
     return model
 
@@ -56,6 +57,7 @@ def without_sample_axis(model: onnx.ModelProto, original: onnx.ModelProto) -> on
         graph.node.remove(node)
     for node in graph.node:
         node.input[:] = [renamed.get(x, x) for x in node.input]
+    axes -= {x for node in graph.node for x in node.input}  # a quantizer may share them
     kept = [t for t in graph.initializer if t.name not in axes]
     del graph.initializer[:]
     graph.initializer.extend(kept)
