@@ -49,29 +49,32 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Quantize, verify on the data (or seeded random inputs), write, print a summary."""
-    from onnxprune.calib.data import inputs_without_sample_axis
+    """Quantize, verify on the data (or seeded random inputs), write, print a summary.
+
+    A model with a fixed batch is fed batches of that size; one whose input has no sample axis
+    (torchvision's detectors) is quantized and verified with one added (graph/unbatched.py)
+    and written as it was declared."""
+    from onnxprune.calib.data import batch_for, input_specs, inputs_without_sample_axis
     from onnxprune.deploy.quantize import quantize  # lazy: --help needs no onnx
     from onnxprune.graph.load import load_model, model_bytes, save_model
-    from onnxprune.graph.unbatched import with_sample_axis
+    from onnxprune.graph.unbatched import with_sample_axis, without_sample_axis
     from onnxprune.measure.verify import verify
 
     model = load_model(args.model)
     dataset = load_dataset(args, model, unbatched=True)
-    quantized = quantize(
-        model,
+    unbatched = inputs_without_sample_axis(model, dataset)
+    work = with_sample_axis(model, unbatched) if unbatched else model
+    wrapped = quantize(
+        work,
         args.mode,
         data=dataset,
         exclude=args.quantize_exclude,
         float_ends=args.quantize_float_ends,
-        batch_size=args.batch_size,
-    )
-    unbatched = inputs_without_sample_axis(model, dataset)  # verified one sample per run
-    original, compared = (
-        with_sample_axis(m, unbatched) if unbatched else m for m in (model, quantized)
+        batch_size=batch_for((spec.shape for spec in input_specs(work)), args.batch_size),
     )
     samples = dataset.head(args.verify_samples).arrays
-    check = verify(original, compared, samples, data=dataset.source)
+    check = verify(work, wrapped, samples, data=dataset.source)
+    quantized = without_sample_axis(wrapped, model) if unbatched else wrapped
     path = Path(args.model)
     output = Path(args.output) if args.output else path.with_name(f"{path.stem}.{args.mode}.onnx")
     save_model(quantized, output)

@@ -47,9 +47,9 @@ def quantize(
     """`model` quantized in `mode`; nodes whose name matches a regex in `exclude` stay float,
     and with `float_ends` the first and last weighted layers too (`end_layers`).
 
-    ``int8`` calibrates activation ranges on `data` (required); the other modes ignore it. A
-    model with a fixed batch is fed batches of that size; an input without a sample axis
-    (torchvision's detectors) one sample at a time (graph/unbatched.py).
+    ``int8`` calibrates activation ranges on `data` (required) in batches of `batch_size` (the
+    caller's: a model with a fixed batch takes only that); the other modes ignore it. The
+    Squeeze that graph/unbatched.py adds for an input without a sample axis stays float.
     """
     if mode not in MODES:
         raise UsageError(f"unknown quantization '{mode}'; choose from {', '.join(MODES)}")
@@ -63,27 +63,21 @@ def quantize(
     import onnx
     import onnxruntime as ort
 
-    from onnxprune.calib.data import batch_for, input_specs, inputs_without_sample_axis
     from onnxprune.graph.load import save_model
-    from onnxprune.graph.unbatched import with_sample_axis, without_sample_axis
 
     ort.set_default_logger_severity(3)
-    unbatched = inputs_without_sample_axis(model, data) if mode == "int8" else ()
-    work = with_sample_axis(model, unbatched) if unbatched else model
-    batch = batch_for((spec.shape for spec in input_specs(work)), batch_size)
     with tempfile.TemporaryDirectory(prefix="onnxprune-quant-") as tmp:
         source, target = Path(tmp) / "float.onnx", Path(tmp) / "quantized.onnx"
-        save_model(work, source)
+        save_model(model, source)
         try:
-            if mode == "int8":  # the Squeeze that stands in for the sample axis stays float
-                _static(source, target, data, [*excluded, *_marks(work)], batch)
+            if mode == "int8":
+                _static(source, target, data, [*excluded, *_marks(model)], batch_size)
             else:
                 _dynamic(source, target, excluded)
         except Exception as exc:  # the quantizer raises many unrelated types
             message = f"ONNX Runtime's quantizer failed ({mode}): {first_line(exc)}"
             raise QuantizationError(message) from exc
-        quantized = onnx.load_model(target)
-    return without_sample_axis(quantized, model) if unbatched else quantized
+        return onnx.load_model(target)
 
 
 class QuantizationError(OnnxPruneError):
