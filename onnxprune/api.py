@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -107,8 +108,9 @@ class Analysis:
     group_macs: Mapping[str, int]
     unknown: tuple[str, ...] = ()
     quantized: tuple[str, ...] = ()  # weight layers behind DequantizeLinear (graph/quantized.py)
-    # (weight, readers) read by several Conv/Gemm/MatMul nodes, one of them in a prunable group:
-    # pruning makes a copy per reader (RetinaNet's heads, shared by the pyramid levels)
+    # (weight, readers) read by several Conv/Gemm/MatMul nodes that pruning would cut apart:
+    # readers in different groups, one of them prunable (graph/shared.py joins the groups of a
+    # detector's head, shared by the pyramid levels, where it can)
     shared: tuple[tuple[str, int], ...] = ()
 
 
@@ -130,12 +132,7 @@ def analyze(
         g.name: sum(macs.get(n, 0) for n in {*g.producers, *g.passthrough, *g.consumers})
         for g in groups
     }
-    pruned = {n for g in groups if g.prunable for n in (*g.producers, *g.consumers)}
-    shared = tuple(
-        (name, len(read))
-        for name, read in _shared_weights(exported).items()
-        if any(node in pruned for node, _ in read)
-    )
+    shared = _copied_weights(groups, _shared_weights(exported))
     return Analysis(
         groups, cost.params, cost.macs, group_macs, cost.unknown, dequantized_weights(graph),
         shared,
@@ -209,6 +206,22 @@ def _shared_weights(model: onnx.ModelProto) -> dict[str, list[tuple[str, int]]]:
             if name in weights:
                 readers.setdefault(name, []).append((node.name, index))
     return {name: read for name, read in readers.items() if len(read) > 1}
+
+
+def _copied_weights(
+    groups: Sequence[ChannelGroup], shared: Mapping[str, list[tuple[str, int]]]
+) -> tuple[tuple[str, int], ...]:
+    """The shared weights (name, readers) that pruning cuts apart: the prunable groups do not
+    edit every reader's weight alike (the same groups, in the same roles)."""
+    cuts: dict[tuple[str, int], set[tuple[str, str]]] = defaultdict(set)
+    for g in (g for g in groups if g.prunable):
+        for e in (e for e in g.edits if e.role in ("out", "in")):
+            cuts[(e.node, e.input)].add((g.name, e.role))
+    return tuple(
+        (name, len(read))
+        for name, read in shared.items()
+        if len({frozenset(cuts[r]) for r in read}) > 1
+    )
 
 
 def _copies_note(original: onnx.ModelProto, pruned: onnx.ModelProto) -> tuple[str, ...]:

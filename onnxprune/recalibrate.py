@@ -11,7 +11,8 @@ axis of a MatMul's (a transformer's Linear on (batch, sequence, features)). Labe
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,10 @@ import onnx_graphsurgeon as gs
 from onnxprune.calib.data import in_parts, run_samples
 from onnxprune.calib.stats import ChannelMoments, Moments, channel_moments, tap_session
 from onnxprune.errors import VerificationError, first_line
-from onnxprune.graph.groups import ChannelGroup
+from onnxprune.graph.groups import ChannelGroup, tap_key
 from onnxprune.graph.load import export
 from onnxprune.graph.rewrite import affine_outputs, shift_node
-from onnxprune.graph.segments import Segment, segment_model, split_at
+from onnxprune.graph.segments import Segment, order_together, segment_model, split_at
 from onnxprune.plan import Plan
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
@@ -52,7 +53,9 @@ def recalibrate(
     each, the layer's moments are read, its affine is folded into the graph and applied to the
     values the later segments read. A layer's moments depend only on the layers upstream of
     it, all adjusted before it, so this equals adjusting the layers one
-    by one with a full pass each.
+    by one with a full pass each. The copies of a weight that several layers share (a joined
+    group's readers, graph/shared.py) get one affine, from their moments pooled, so they stay
+    equal: the pass runs them all before any layer that reads one (`order_together`).
     """
     targets = {t: (name, axis, keep) for name, t, axis, keep in _targets(pruned, groups, plans)}
     if not targets:
@@ -62,17 +65,27 @@ def recalibrate(
     if missing:
         known.update(channel_moments(original(), missing, batches()))
     model = export(pruned)
+    copies = _copies(pruned, groups, targets)
+    if not order_together(model, copies):
+        copies = []  # one copy is computed from another: each is adjusted on its own
+    family = {end: ends for ends in copies for end in ends}
     segments = split_at(model, targets)
     parts = in_parts(batches(), run_samples(model))
     with tempfile.TemporaryDirectory(prefix="onnxprune-recalibrate-") as folder:
         values = Held(_initial_values(segments, parts), Path(folder))
+        waiting: set[str] = set()  # copies measured, waiting for the last of theirs
         for index, segment in enumerate(segments):
             run_segment(model, segment, values)
-            name, axis, keep = targets[segment.end]
-            mean, var = (v[keep] for v in known[segment.end])
-            scale, shift = _affine(mean, var, values, segment.end, axis)
-            affine_outputs(pruned, name, scale, shift)
-            _forget(values, segments[index + 1 :], segment.end, axis, scale, shift)
+            ends = family.get(segment.end, (segment.end,))
+            waiting.add(segment.end)
+            if not waiting.issuperset(ends):
+                continue  # nothing reads a copy before the last one is adjusted too
+            waiting -= set(ends)
+            scale, shift = _affine(targets, known, values, ends)
+            for end in ends:
+                affine_outputs(pruned, targets[end][0], scale, shift)
+            later = segments[index + 1 :]
+            _forget(values, later, ends, targets[ends[0]][1], scale, shift, hold=waiting)
     pruned.toposort()  # a MatMul's shift is a new Add after it (affine_outputs)
     return pruned, len(targets)
 
@@ -174,14 +187,26 @@ def run_segment(model: onnx.ModelProto, segment: Segment, values: Held) -> None:
 
 
 def _affine(
-    mean: np.ndarray, var: np.ndarray, values: Held, tensor: str, axis: int
+    targets: Mapping[str, tuple[str, int, np.ndarray]],
+    known: Mapping[str, Moments],
+    values: Held,
+    ends: Sequence[str],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel scale and shift that give `tensor` (channels on `axis`) the mean `mean` and
-    variance `var` again; channels that are constant now only get the shift."""
-    moments = ChannelMoments(axis)
-    for index in range(len(values)):
-        moments.add(values.load(index, [tensor])[tensor])
-    now_mean, now_var = moments.result()
+    """Per-channel scale and shift that give the tensors `ends` (one layer's, or the copies of
+    one shared layer's) the original's mean and variance again, over all of their positions;
+    channels that are constant now only get the shift."""
+    now = ChannelMoments(targets[ends[0]][1])
+    rows, total, squares = 0, 0.0, 0.0
+    for end in ends:
+        before = now.n
+        for index in range(len(values)):
+            now.add(values.load(index, [end])[end])
+        mean, var = (v[targets[end][2]] for v in known[end])
+        count = now.n - before
+        rows, total, squares = rows + count, total + count * mean, squares + count * (var + mean**2)
+    mean = total / rows
+    var = np.maximum(squares / rows - mean**2, 0.0)
+    now_mean, now_var = now.result()
     scale = np.ones_like(var)
     live = now_var > 1e-12 * max(float(now_var.max()), 1e-30)
     scale[live] = np.sqrt(var[live] / now_var[live])
@@ -189,13 +214,20 @@ def _affine(
 
 
 def _forget(
-    values: Held, later: list[Segment], end: str, axis: int, scale: np.ndarray, shift: np.ndarray
+    values: Held,
+    later: list[Segment],
+    ends: Sequence[str],
+    axis: int,
+    scale: np.ndarray,
+    shift: np.ndarray,
+    *,
+    hold: set[str],
 ) -> None:
-    """Keep in `values` only what the `later` segments read, with `end` mapped by the affine
-    just folded into its layer."""
+    """Keep in `values` only what the `later` segments read and `hold` names, with `ends`
+    mapped by the affine just folded into their layers."""
     needed = {name for segment in later for name in segment.inputs}
-    values.keep(needed)
-    if end in needed:
+    values.keep(needed | hold)
+    for end in (e for e in ends if e in needed):
         for index in range(len(values)):
             value = values.load(index, [end])[end]
             values.store(index, {end: _mapped(value, axis, scale, shift)})
@@ -224,6 +256,30 @@ def _targets(
             output = (shift_node(pruned, node) or node).outputs[0].name
             found.append((node.name, output, _channel_axis(node), keep))
     return found
+
+
+def _copies(
+    pruned: gs.Graph,
+    groups: tuple[ChannelGroup, ...],
+    targets: Mapping[str, tuple[str, int, np.ndarray]],
+) -> list[tuple[str, ...]]:
+    """The outputs of the layers that are copies of one shared layer (they read a joined
+    group's pooled taps, graph/shared.py, with equal weights, biases and kept outputs), by copy
+    set; layers that are alone are left out."""
+    readers = {
+        e.node
+        for g in groups
+        for e in g.edits
+        if e.role == "in" and tap_key(e.tap or "", e.offset) in {k for ks in g.pooled for k in ks}
+    }
+    nodes = {node.name: node for node in pruned.nodes}
+    alike: dict[tuple, list[str]] = defaultdict(list)
+    for end, (name, _, keep) in targets.items():
+        node = nodes[name]
+        if name in readers:
+            weights = [t.values.tobytes() for t in node.inputs[1:] if isinstance(t, gs.Constant)]
+            alike[(node.op, *weights, keep.tobytes())].append(end)
+    return [tuple(ends) for ends in alike.values() if len(ends) > 1]
 
 
 def _is_affine_layer(node: gs.Node) -> bool:

@@ -148,8 +148,9 @@ def refit(
     if not sites:
         return plans, notes
     removed = _removed_features(groups, plans, {site.tap.tensor for site in sites})
-    order = {name: i for i, node in enumerate(model.graph.node) for name in node.output}
-    tensors = sorted({site.tap.tensor for site in sites}, key=order.__getitem__)
+    copies = _copies(groups, sites)
+    tensors = _visits(model, sites, copies)
+    waiting: dict[str, Site] = {}
     original = export(graph)
     drift, fitted = [], []
     with tempfile.TemporaryDirectory(prefix="onnxprune-sequential-") as folder:
@@ -164,15 +165,23 @@ def refit(
             runs[1].advance(model, tensor, later)
             here = [site for site in sites if site.tap.tensor == tensor]
             _accumulate(here, runs, tensor, removed[tensor])
-            for site in here:
+            waiting.update((site.key, site) for site in here)
+            ready = [keys for keys in dict.fromkeys(copies[s.key] for s in here)
+                     if all(key in waiting for key in keys)]  # fmt: skip
+            for keys in ready:
+                together = [waiting.pop(key) for key in keys]
                 with one_blas_thread():
-                    correction, before, after, ridge = _solve(site, free_map)
-                plans[site.group] = _with_correction(plans[site.group], site.key, correction,
-                                                     before, after, ridge)  # fmt: skip
+                    correction, before, after, ridge = _solve(_pooled(together), free_map)
+                fit = (correction, before, after, ridge)
+                for site in together:
+                    plans[site.group] = _with_correction(plans[site.group], site.key, *fit)
+                    site.folds = ({}, {})  # spent: float64 sums up to width² each, not held on
                 drift.append(before)
                 fitted.append(after)
-                site.folds = ({}, {})  # spent: float64 sums up to width² each, not held on
-            keys = {site.key for site in here}  # only the layers reading them change
+            keys = {key for ready_keys in ready for key in ready_keys}
+            if not keys:
+                continue  # a copy of a shared weight's tap waits for the others
+            # only the layers reading them change
             if later and not refold(model, graph, groups, plans, keys, exact_borders=exact_borders):
                 model = export(rewrite(graph, groups, plans, exact_borders=exact_borders))
                 drop_mapped_pages(graph)
@@ -185,6 +194,45 @@ def refit(
         f"(mean relative error there {np.mean(drift):.3f} -> {np.mean(fitted):.3f})",
     )
     return plans, notes
+
+
+def _copies(groups: tuple[ChannelGroup, ...], sites: list[Site]) -> dict[str, tuple[str, ...]]:
+    """Per site key, the keys of the sites that are copies of its tap (`ChannelGroup.pooled`:
+    a shared weight reads them at every pyramid level), itself included: they are refit as
+    one, on their rows together, so the copies keep one map."""
+    have = {site.key for site in sites}
+    copies = {key: (key,) for key in have}
+    for keys in (ks for g in groups for ks in g.pooled):
+        present = tuple(key for key in keys if key in have)
+        copies.update(dict.fromkeys(present, present))
+    return copies
+
+
+def _visits(
+    model: onnx.ModelProto, sites: list[Site], copies: Mapping[str, tuple[str, ...]]
+) -> list[str]:
+    """The tap tensors in topological order, except that the copies of one tap come one after
+    another, at the place of the first: nothing downstream of a copy is refit before the
+    copies' one map is. (A copy computed from another, RetinaNet's P6 from P5, has run by then
+    with the earlier map upstream: the rows downstream of it are the earlier map's.)"""
+    order = {name: i for i, node in enumerate(model.graph.node) for name in node.output}
+    tensor = {site.key: site.tap.tensor for site in sites}
+    first = {site.tap.tensor: order[site.tap.tensor] for site in sites}
+    for site in sites:  # a tensor holding taps of several pools goes with its earliest
+        here = min(order[tensor[key]] for key in copies[site.key])
+        first[site.tap.tensor] = min(first[site.tap.tensor], here)
+    return sorted(first, key=lambda t: (first[t], order[t]))
+
+
+def _pooled(sites: list[Site]) -> Site:
+    """The first site with the sums of every site's rows, fold by fold."""
+    if len(sites) == 1:
+        return sites[0]
+    folds = tuple(
+        {name: sum(fold[name] for fold in parts) for name in parts[0]}
+        for parts in zip(*(site.folds for site in sites), strict=True)
+    )
+    return replace(sites[0], folds=folds)
 
 
 ROW_CHOOSERS = frozenset({"NonZero", "NonMaxSuppression", "TopK"})

@@ -704,3 +704,27 @@ def _shuffle(b: Builder, name: str, x: str, perm: Sequence[int], batch: int = 0)
     h = b.node("Reshape", f"{name}.to_groups", [x, apart])
     h = b.node("Transpose", f"{name}.swap", [h], perm=list(perm))
     return b.node("Reshape", f"{name}.from_groups", [h, back])
+
+
+def two_level_head(duplicated: bool = False, side: bool = False) -> onnx.ModelProto:
+    """x → c1 → Relu → p1, p2 = MaxPool(p1); one head, its convs s (8 → 8) and t (8 → 4) with
+    the same weights at both levels (a detector's head shared by its pyramid levels), s's
+    filters and biases 4–7 copies of 0–3 when `duplicated`; with `side`, a conv u of its own
+    weights reads level 1's head too, listed between the levels' t."""
+    b = Builder(7)
+    p1 = b.relu("r1", b.conv("c1", "x", 3, 8))
+    p2 = b.node("MaxPool", "pool", [p1], kernel_shape=[2, 2], strides=[2, 2])
+    weight = 0.5 * b.rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
+    bias = 0.5 * b.rng.standard_normal(8).astype(np.float32)
+    if duplicated:
+        weight[4:], bias[4:] = weight[:4], bias[:4]
+    s, sb = b.const("s.w", weight), b.const("s.b", bias)
+    t, tb = b.rand("t.w", 4, 8, 1, 1), b.rand("t.b", 4)
+    outputs = []
+    for level, p in (("1", p1), ("2", p2)):
+        h = b.node("Conv", f"s{level}", [p, s, sb], kernel_shape=[3, 3], pads=[1] * 4)
+        h = b.relu(f"rs{level}", h)
+        outputs.append(b.node("Conv", f"t{level}", [h, t, tb], kernel_shape=[1, 1]))
+        if side and level == "1":
+            outputs.append(b.conv("u", h, 8, 2, 1))
+    return b.model(outputs)

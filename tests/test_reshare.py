@@ -5,25 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-from graphs import Builder
+from graphs import two_level_head
 
 import onnxprune
-
-
-def two_level_head() -> onnx.ModelProto:
-    """x → c1 → Relu → p1, p2 = MaxPool(p1); one head, its convs s (8 → 8) and t (8 → 4) with
-    the same weights at both levels (a detector's head shared by its pyramid levels)."""
-    b = Builder(7)
-    p1 = b.relu("r1", b.conv("c1", "x", 3, 8))
-    p2 = b.node("MaxPool", "pool", [p1], kernel_shape=[2, 2], strides=[2, 2])
-    s, sb = b.rand("s.w", 8, 8, 3, 3), b.rand("s.b", 8)
-    t, tb = b.rand("t.w", 4, 8, 1, 1), b.rand("t.b", 4)
-    outputs = []
-    for level, p in (("1", p1), ("2", p2)):
-        h = b.node("Conv", f"s{level}", [p, s, sb], kernel_shape=[3, 3], pads=[1] * 4)
-        h = b.relu(f"rs{level}", h)
-        outputs.append(b.node("Conv", f"t{level}", [h, t, tb], kernel_shape=[1, 1]))
-    return b.model(outputs)
 
 
 def _data() -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ from onnxprune.calib.data import Dataset
 from onnxprune.calib.grads import Gradients, Product, collect_gradients
 from onnxprune.calib.jacobian import Site, SiteStats, collect_jacobian_stats, collect_weight_stats
 from onnxprune.calib.norms import collect_input_norms
-from onnxprune.calib.stats import Moments, collect_all
+from onnxprune.calib.stats import Moments, collect_all, summed
 from onnxprune.config import PruneConfig
 from onnxprune.errors import UsageError
 from onnxprune.graph.groups import ChannelGroup, Tap
@@ -110,16 +110,26 @@ def gather(
         stats[group.name] = GroupStats(
             weights=producer_filters(graph, group) if "weights" in needs else (),
             batchnorms=producer_batchnorms(graph, group) if "weights" in needs else (),
-            taps={tap.key: taps[tap] for tap in group.taps if tap in taps},
+            taps=_pooled(group, {tap.key: taps[tap] for tap in group.taps if tap in taps}),
             grads=_group_grads(graph, group, grads) if grads else {},
             consumers={
                 name: (jacobian[site], weight)
                 for name, site, weight in consumers.get(group.name, ())
             },
-            norms={key: taps[norm] for key, norm in group.normalized if norm in taps},
-            features=_features(group, taps),
+            norms=_pooled(group, {key: taps[n] for key, n in group.normalized if n in taps}),
+            features=_pooled(group, _features(group, taps)),
         )
     return Calibration(stats, grads.loss if grads else None, found, outputs)
+
+
+def _pooled(group: ChannelGroup, by_key: dict[str, TapStats]) -> dict[str, TapStats]:
+    """`by_key` with each set of copies of one tap (`ChannelGroup.pooled`) holding their summed
+    statistics: a method then plans one correction for every copy of a shared weight."""
+    for keys in group.pooled:
+        if all(key in by_key for key in keys):
+            total = summed([by_key[key] for key in keys])
+            by_key.update(dict.fromkeys(keys, total))
+    return by_key
 
 
 def _features(group: ChannelGroup, taps: Mapping[Tap, TapStats]) -> dict[str, TapStats]:

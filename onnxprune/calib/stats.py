@@ -118,6 +118,27 @@ class TapAccumulator:
                 fold.add(rows[chosen])
 
 
+def summed(parts: Sequence[TapStats]) -> TapStats:
+    """The statistics of the rows of all `parts` together (the copies of one tap that a shared
+    weight reads at every pyramid level, graph/shared.py): sums add, R factors are stacked and
+    reduced again, folds add fold by fold."""
+    first = parts[0]
+    r_factor = None
+    if all(p.r_factor is not None for p in parts):
+        r_factor = np.linalg.qr(np.vstack([p.r_factor for p in parts]), mode="r")
+    folds = ()
+    if all(len(p.folds) == len(first.folds) for p in parts):
+        folds = tuple(summed(fold) for fold in zip(*(p.folds for p in parts), strict=True))
+    return TapStats(
+        sum(p.n for p in parts),
+        sum(p.sum for p in parts),
+        sum(p.gram for p in parts),
+        sum(p.abs_sum for p in parts),
+        r_factor,
+        folds,
+    )
+
+
 def tap_rows(array: np.ndarray, tap: Tap, channels: int) -> np.ndarray:
     """The tap's channels of `array` as a (samples × positions, channels) matrix."""
     return channel_view(array, tap, channels).reshape(-1, channels)

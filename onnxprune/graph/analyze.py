@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.graph.attention import attention_step, head_width
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, Tap
+from onnxprune.graph.shared import join_shared
 from onnxprune.ops.conv import is_grouped_conv
 from onnxprune.ops.flow import State, Step, block, const
 from onnxprune.ops.group_norm import norm_width
@@ -30,7 +31,7 @@ def analyze(graph: gs.Graph) -> tuple[ChannelGroup, ...]:
     order = {node.name: i for i, node in enumerate(graph.nodes)}
     walks = _aligned([w for p in _producers(graph) for w in _walk_parts(graph, p)], graph)
     members = _couple(walks)
-    groups = [_merge([walks[i] for i in idx]) for idx in members]
+    groups = join_shared(graph, [_merge([walks[i] for i in idx]) for idx in members])
     return tuple(sorted(groups, key=lambda g: order.get(g.producers[0], 0)))
 
 

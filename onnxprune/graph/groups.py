@@ -109,6 +109,11 @@ class ChannelGroup:
     `gated`: the producers meet only where one gates the other (Mul: an SE / squeeze-excitation
     gate, a gated FFN's GLU): removing channel c removes it from the gated tensor and from the
     gate alike and touches nothing else, so such a group is not `coupled` either.
+    `copies` > 1: the group joins that many groups that cut one shared weight alike (the
+    pyramid levels of a detector's head, graph/shared.py), so it has `copies` times the
+    producers of one without being `coupled`. `pooled` lists the keys of the taps that one
+    shared weight reads alike (one per level, or a level and its pooled copy in one group):
+    their statistics are summed, so they get one correction and the weight's copies stay equal.
     """
 
     name: str
@@ -130,6 +135,8 @@ class ChannelGroup:
     feature_dim: int = 1
     norm_group: bool = False
     gated: bool = False
+    copies: int = 1
+    pooled: tuple[tuple[str, ...], ...] = ()
 
     @property
     def rotatable(self) -> bool:
@@ -159,7 +166,7 @@ class ChannelGroup:
     def coupled(self) -> bool:
         """True for groups tied elementwise across producers by a sum (residual streams), the
         groups `--prune-residual` opts into; not for head groups or gate-only groups."""
-        return len(self.producers) > 1 and not self.heads and not self.gated
+        return len(self.producers) > self.copies and not self.heads and not self.gated
 
     @property
     def unit(self) -> int:

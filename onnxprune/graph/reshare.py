@@ -15,6 +15,8 @@ from collections import defaultdict
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.graph.segments import node_reads
+
 
 def reshared(original: onnx.ModelProto, pruned: onnx.ModelProto) -> onnx.ModelProto:
     """`pruned`, edited in place: every initializer that several nodes of `original` read is
@@ -43,7 +45,8 @@ def reshared(original: onnx.ModelProto, pruned: onnx.ModelProto) -> onnx.ModelPr
                 for node, index in copies[other]:
                     node.input[index] = first
                 redirected.add(other)
-    unread = redirected - _read(pruned.graph)
+    graph = pruned.graph
+    unread = redirected - {o.name for o in graph.output}.union(*map(node_reads, graph.node))
     kept = [t for t in pruned.graph.initializer if t.name not in unread]
     del pruned.graph.initializer[:]
     pruned.graph.initializer.extend(kept)
@@ -55,14 +58,3 @@ def _content(tensor: onnx.TensorProto) -> tuple:
     values = numpy_helper.to_array(tensor)
     digest = hashlib.sha256(values.tobytes()).hexdigest()
     return tensor.data_type, tuple(tensor.dims), digest
-
-
-def _read(graph: onnx.GraphProto) -> set[str]:
-    """Every name a node of `graph` or of its subgraphs reads, and the graph's outputs."""
-    names = {o.name for o in graph.output}
-    for node in graph.node:
-        names.update(node.input)
-        for attr in node.attribute:
-            for sub in [attr.g, *attr.graphs] if attr.HasField("g") else attr.graphs:
-                names |= _read(sub)
-    return names

@@ -16,7 +16,9 @@ each one) identifies the nodes that ran by name, so its segments stay valid in t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import heapq
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import onnx
@@ -43,7 +45,7 @@ def split_at(model: onnx.ModelProto, ends: Iterable[str]) -> list[Segment]:
         return []
     constants = {t.name for t in model.graph.initializer}
     last = stops[-1][0]
-    reads = [_reads(node) - constants for node in nodes[: last + 1]]
+    reads = [node_reads(node) - constants for node in nodes[: last + 1]]
     last_read = {name: i for i, names in enumerate(reads) for name in names}
     segments, first = [], 0
     for stop, end in stops:
@@ -67,7 +69,7 @@ def segment_to(
     if nodes[producer[end]].name in done:
         return None
     constants = {t.name for t in model.graph.initializer}
-    reads = [_reads(node) - constants for node in nodes]
+    reads = [node_reads(node) - constants for node in nodes]
     picked, stack = set(), [producer[end]]
     while stack:
         i = stack.pop()
@@ -83,7 +85,7 @@ def segment_to(
 
 def still_read(model: onnx.ModelProto, done: set[str]) -> set[str]:
     """The tensors that the nodes of `model` whose names are not in `done` read."""
-    return {name for node in model.graph.node if node.name not in done for name in _reads(node)}
+    return {name for node in model.graph.node if node.name not in done for name in node_reads(node)}
 
 
 def segment_model(
@@ -93,7 +95,7 @@ def segment_model(
     element type), its outputs `segment.outputs`, the initializers its nodes read copied."""
     graph = model.graph
     picked = [graph.node[i] for i in segment.nodes]
-    read = set().union(*(_reads(node) for node in picked))
+    read = set().union(*(node_reads(node) for node in picked))
     inputs = [onnx.helper.make_tensor_value_info(n, types[n], None) for n in segment.inputs]
     part = onnx.helper.make_graph(
         picked,
@@ -109,12 +111,55 @@ def segment_model(
     return part
 
 
-def _reads(node: onnx.NodeProto) -> set[str]:
+def order_together(model: onnx.ModelProto, sets: Iterable[Sequence[str]]) -> bool:
+    """Reorder the nodes of `model` in place (still topologically) so that no node reading a
+    tensor of one of `sets` comes before the last producer of that set: a pass cut at the set's
+    tensors (`split_at`) then has them all before anything reads one. The order otherwise stays
+    as close to the given one as it can. False, with `model` unchanged, when a tensor of a set
+    is computed from another of the same set."""
+    nodes = list(model.graph.node)
+    producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
+    member_of = {name: s for s, names in enumerate(sets) for name in names}
+    left = Counter(member_of.values())
+    needs = [{producer[n] for n in node_reads(node) if n in producer} for node in nodes]
+    waits = [{member_of[n] for n in node_reads(node) if n in member_of} for node in nodes]
+    readers: dict[int, list[int]] = defaultdict(list)
+    for i, deps in enumerate(needs):
+        for d in deps:
+            readers[d].append(i)
+    waiting: dict[int, list[int]] = defaultdict(list)
+    for i, sets_read in enumerate(waits):
+        for s in sets_read:
+            waiting[s].append(i)
+    blocked = [len(needs[i]) + len(waits[i]) for i in range(len(nodes))]
+    ready = [i for i, count in enumerate(blocked) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        done = [member_of[n] for n in nodes[i].output if n in member_of]
+        freed = list(readers[i])
+        for s in done:
+            left[s] -= 1
+            freed += waiting[s] if left[s] == 0 else []
+        for j in freed:
+            blocked[j] -= 1
+            if blocked[j] == 0:
+                heapq.heappush(ready, j)
+    if len(order) < len(nodes):
+        return False
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[i] for i in order)
+    return True
+
+
+def node_reads(node: onnx.NodeProto) -> set[str]:
     """The tensors `node` reads: its inputs and the outer-scope names its subgraphs read."""
     names = {name for name in node.input if name}
     for attr in node.attribute:
         for graph in (*([attr.g] if attr.HasField("g") else ()), *attr.graphs):
-            inner = set().union(set(), *(_reads(n) for n in graph.node))
+            inner = set().union(set(), *(node_reads(n) for n in graph.node))
             local = {t.name for t in graph.initializer} | {i.name for i in graph.input}
             local |= {name for n in graph.node for name in n.output}
             names |= inner - local
