@@ -12,6 +12,7 @@ from graphs import two_level_head
 from onnx import helper
 
 import onnxprune
+from onnxprune.cli.analyze import format_analysis, to_dict
 from onnxprune.graph.segments import order_together
 
 LEVELS = ("1", "2")
@@ -38,7 +39,8 @@ def _weights_read(model: onnx.ModelProto, index: int) -> dict[str, str]:
 
 
 def test_the_levels_of_a_shared_head_are_one_group():
-    groups = {g.name: g for g in onnxprune.analyze(two_level_head()).groups}
+    analysis = onnxprune.analyze(two_level_head())
+    groups = {g.name: g for g in analysis.groups}
     head = groups["s1"]
     assert head.producers == ("s1", "s2") and head.copies == 2 and head.prunable
     assert not head.coupled  # not a residual stream: pruned without --prune-residual
@@ -46,6 +48,10 @@ def test_the_levels_of_a_shared_head_are_one_group():
     # c1's channels reach s at both levels (p1 and its pooled copy): one correction for both
     assert groups["c1"].copies == 1 and groups["c1"].pooled == (("r1_out", "pool_out"),)
     assert "s2" not in groups
+    assert analysis.shared == ()  # nothing that pruning would cut apart
+    line = next(x for x in format_analysis(analysis).splitlines() if x.startswith("s1 "))
+    assert "2 readers of a shared weight, pruned as one" in line
+    assert to_dict(analysis)["groups"][1]["pooled_taps"] == [["rs1_out", "rs2_out"]]
 
 
 @pytest.mark.parametrize("method", ["id", "magnitude", "taylor", "cob", "fpgm", "ippro"])

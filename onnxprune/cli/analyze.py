@@ -59,6 +59,8 @@ def format_analysis(result: Analysis, *, verbose: bool = False) -> str:
         if g.head_dim > 1:
             unit = "GroupNorm groups of {} channels" if g.norm_group else "attention heads of {}"
             status += f" ({unit.format(g.head_dim)})"
+        if g.copies > 1:
+            status += f" ({g.copies} readers of a shared weight, pruned as one)"
         if not g.prunable:
             status = f"unprunable: {g.reason}" + (f" at '{g.blocker}'" if g.blocker else "")
         elif g.rotation_block:
@@ -126,6 +128,8 @@ def to_dict(result: Analysis) -> dict:
                 "ties": list(g.ties),
                 "head_dim": g.head_dim,
                 "norm_group": g.norm_group,
+                "copies": g.copies,
+                "pooled_taps": [list(keys) for keys in g.pooled],
             }
             for g in result.groups
         ],

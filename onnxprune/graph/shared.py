@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import replace
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.groups import ChannelGroup, ParamEdit, Tap
@@ -30,7 +31,7 @@ def join_shared(graph: gs.Graph, groups: list[ChannelGroup]) -> list[ChannelGrou
     """`groups` with every family of groups that cut one shared weight the same way joined
     into one group (named after its first member). A family stays as it was, pruned one reader
     at a time, when a member is not prunable or the members differ in shape (`_joined`)."""
-    shared = shared_weights(graph)
+    shared = _shared_names(graph)
     if not shared:
         return groups
     nodes = {node.name: node for node in graph.nodes}
@@ -52,7 +53,7 @@ def join_shared(graph: gs.Graph, groups: list[ChannelGroup]) -> list[ChannelGrou
     return out
 
 
-def shared_weights(graph: gs.Graph) -> set[str]:
+def _shared_names(graph: gs.Graph) -> set[str]:
     """Names of the constant weights (not biases) that several Conv/ConvTranspose/Gemm/MatMul
     nodes read."""
     readers: Counter[str] = Counter()
@@ -79,20 +80,22 @@ def _slot(name: str, edit: ParamEdit) -> Slot:
 
 
 def _families(groups: list[ChannelGroup], slots: dict[str, dict]) -> dict[str, int]:
-    """Each group's family: groups with a slot in common, transitively (union-find)."""
-    parent = list(range(len(groups)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+    """Each group's family: groups with a slot in common, transitively (the connected
+    components of the groups linked to the first group with each slot)."""
+    # lazy: scipy.sparse loads scipy.linalg, which the API does not load at import
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
     first: dict[Slot, int] = {}
-    for i, group in enumerate(groups):
-        for slot in slots[group.name].values():
-            parent[find(i)] = find(first.setdefault(slot, i))
-    return {group.name: find(i) for i, group in enumerate(groups)}
+    links = [
+        (i, first.setdefault(slot, i))
+        for i, g in enumerate(groups)
+        for slot in slots[g.name].values()
+    ]
+    rows, cols = zip(*links, strict=True) if links else ((), ())
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(groups),) * 2)
+    _, label = connected_components(graph, directed=False)
+    return {group.name: int(label[i]) for i, group in enumerate(groups)}
 
 
 def _joined(members: list[ChannelGroup], slots: dict[str, dict]) -> ChannelGroup | None:
