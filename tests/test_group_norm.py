@@ -144,8 +144,12 @@ def test_a_duplicated_group_is_removed_exactly(batch):
     np.testing.assert_allclose(
         _run(pruned.model, x[:8]), want, rtol=1e-4, atol=1e-4 * np.abs(want).max()
     )
-    stated = [n for n in pruned.model.graph.node if n.op_type in ("Reshape", "Mul")]
-    assert stated  # the norm is still there, with G - 1 groups
+    # the norm is still there, with G - 1 groups: the split's target and the instance norm's
+    # scale and bias say so
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.model.graph.initializer}
+    nodes = {n.name: n for n in pruned.model.graph.node}
+    assert inits[nodes["split"].input[1]].tolist() == [0, G - 1, -1]
+    assert [inits[name].shape for name in nodes["inorm"].input[1:]] == [(G - 1,)] * 2
     split = next(n for n in pruned.model.graph.node if n.op_type == "InstanceNormalization")
     scale = next(t for t in pruned.model.graph.initializer if t.name == split.input[1])
     assert onnx.numpy_helper.to_array(scale).shape == (G - 1,)
