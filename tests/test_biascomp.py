@@ -479,7 +479,7 @@ def test_exact_jacobian_is_refused_for_a_wide_output_and_probes_run():
     model = _mlp(rng.standard_normal((6, 3)), rng.standard_normal(6),
                  rng.standard_normal((wide, 6)), rng.standard_normal(wide))  # fmt: skip
     x = rng.standard_normal((16, 3)).astype(np.float32)
-    with pytest.raises(UsageError, match=rf"{wide} for output 'y'.*probe:N"):
+    with pytest.raises(UsageError, match=rf"{wide} for the outputs.*probe:N"):
         _hidden_stats(model, x)
     site, _ = _hidden_stats(model, x, jacobian="probe:2")
     assert site.s0.shape == (wide,) and np.all(np.isfinite(site.s0))

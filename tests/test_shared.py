@@ -54,12 +54,17 @@ def test_the_levels_of_a_shared_head_are_one_group():
     assert to_dict(analysis)["groups"][1]["pooled_taps"] == [["rs1_out", "rs2_out"]]
 
 
-@pytest.mark.parametrize("method", ["id", "magnitude", "taylor", "cob", "fpgm", "ippro"])
-def test_every_method_keeps_each_shared_weight_one(method):
-    """With each method's defaults (id: intercept, sequential refit, recalibration) s, its
-    bias and t are read as one initializer by both levels, so the parameters fall."""
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("id", {}), ("magnitude", {}), ("taylor", {}), ("cob", {}), ("fpgm", {}), ("ippro", {}),
+     ("biascomp", {}), ("biascomp", {"joint": True})],
+)  # fmt: skip
+def test_every_method_keeps_each_shared_weight_one(method, options):
+    """With each method's defaults (id: intercept, sequential refit, recalibration; biascomp:
+    one shift per shared consumer, from the Jacobians of both outputs) s, t and their biases
+    are read as one initializer by both levels, so the parameters fall."""
     model = two_level_head()
-    result = onnxprune.prune(model, method=method, ratio=0.5, data=_data(), round_to=1)
+    result = onnxprune.prune(model, method=method, ratio=0.5, data=_data(), round_to=1, **options)
     for index in (1, 2):
         read = _weights_read(result.model, index)
         assert read["s1"] == read["s2"] and read["t1"] == read["t2"]

@@ -9,6 +9,7 @@ weight also "norms" (each layer's input feature norms, for Wanda; one ORT pass).
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -17,12 +18,18 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.calib.data import Dataset
 from onnxprune.calib.grads import Gradients, Product, collect_gradients
-from onnxprune.calib.jacobian import Site, SiteStats, collect_jacobian_stats, collect_weight_stats
+from onnxprune.calib.jacobian import (
+    JointStats,
+    Site,
+    SiteStats,
+    collect_jacobian_stats,
+    collect_weight_stats,
+)
 from onnxprune.calib.norms import collect_input_norms
 from onnxprune.calib.stats import Moments, collect_all, summed
 from onnxprune.config import PruneConfig
 from onnxprune.errors import UsageError
-from onnxprune.graph.groups import ChannelGroup, Tap
+from onnxprune.graph.groups import ChannelGroup, Tap, tap_key
 from onnxprune.graph.load import export
 from onnxprune.graph.sparsify import WeightLayer, to_canonical
 from onnxprune.graph.weights import (
@@ -112,10 +119,14 @@ def gather(
             batchnorms=producer_batchnorms(graph, group) if "weights" in needs else (),
             taps=_pooled(group, {tap.key: taps[tap] for tap in group.taps if tap in taps}),
             grads=_group_grads(graph, group, grads) if grads else {},
-            consumers={
-                name: (jacobian[site], weight)
-                for name, site, weight in consumers.get(group.name, ())
-            },
+            consumers=_pooled_consumers(
+                graph,
+                group,
+                {
+                    name: (jacobian[site], weight)
+                    for name, site, weight in consumers.get(group.name, ())
+                },
+            ),
             norms=_pooled(group, {key: taps[n] for key, n in group.normalized if n in taps}),
             features=_pooled(group, _features(group, taps)),
         )
@@ -130,6 +141,38 @@ def _pooled(group: ChannelGroup, by_key: dict[str, TapStats]) -> dict[str, TapSt
             total = summed([by_key[key] for key in keys])
             by_key.update(dict.fromkeys(keys, total))
     return by_key
+
+
+def _pooled_consumers(
+    graph: gs.Graph, group: ChannelGroup, by_node: dict[str, tuple[SiteStats, np.ndarray]]
+) -> dict[str, tuple[SiteStats, np.ndarray]]:
+    """`by_node` with the copies of one shared consumer (one weight, read at the copies of one
+    tap, `ChannelGroup.pooled`) holding their summed Jacobian statistics, so biascomp gives
+    every copy one bias shift."""
+    if not group.pooled:
+        return by_node
+    pool = {key: i for i, keys in enumerate(group.pooled) for key in keys}
+    weights = {node.name: node.inputs[1].name for node in graph.nodes if node.name in by_node}
+    copies: dict[tuple, list[str]] = defaultdict(list)
+    for edit in (e for e in group.edits if e.role == "in" and e.node in by_node):
+        index = pool.get(tap_key(edit.tap or "", edit.offset))
+        if index is not None:
+            copies[(index, weights[edit.node])].append(edit.node)
+    for names in (n for n in copies.values() if len(n) > 1):
+        parts = [by_node[name][0] for name in names]
+        total = SiteStats(
+            *(sum(getattr(p, f) for p in parts) for f in ("s0", "s1", "s2")),
+            sum(p.mean for p in parts) / len(parts),  # per sample: the copies have as many
+            _summed_joint([p.joint for p in parts]),
+        )
+        by_node.update({name: (total, by_node[name][1]) for name in names})
+    return by_node
+
+
+def _summed_joint(parts: list[JointStats | None]) -> JointStats | None:
+    if any(p is None for p in parts):
+        return None
+    return JointStats(sum(p.m for p in parts), sum(p.t for p in parts))
 
 
 def _features(group: ChannelGroup, taps: Mapping[Tap, TapStats]) -> dict[str, TapStats]:

@@ -140,19 +140,24 @@ def _passes(model, axes, inputs, batches, jacobian, joint, seed):
 def backward_passes(values, outputs, names, kind, probes, rng):
     """Yield (weight, {z name: ∂⟨r, f⟩/∂z}) per backward pass: r = e_k for every output
     component k (exact, weight 1) or N Gaussian probes (weight 1/N), so that the weighted sum
-    of gradient products over the passes is (an unbiased estimate of) JᵀJ.
+    of gradient products over the passes is (an unbiased estimate of) JᵀJ. f is every float
+    output with the samples on its axis 0, flattened side by side (a detector head's levels).
 
     Exact is refused above EXACT_LIMIT components per sample: a sentence encoder's token states
     (64 × 384) would take 24,576 backward passes per batch, hours where probes take seconds."""
     import torch
 
-    output = values[outputs[0]]
-    flat = output.reshape(output.shape[0], -1)
+    first = values[outputs[0]]
+    differentiable = [
+        values[n].reshape(len(first), -1)
+        for n in outputs
+        if values[n].is_floating_point() and values[n].dim() and len(values[n]) == len(first)
+    ]
+    flat = torch.cat(differentiable, dim=1)
     if kind == "exact" and flat.shape[1] > EXACT_LIMIT:
         raise UsageError(
             f"--jacobian exact needs one backward pass per output component, {flat.shape[1]} "
-            f"for output '{outputs[0]}' (limit {EXACT_LIMIT}); use --jacobian probe:N, e.g. "
-            "probe:32"
+            f"for the outputs (limit {EXACT_LIMIT}); use --jacobian probe:N, e.g. probe:32"
         )
     tensors = [values[n] for n in names]
     count = flat.shape[1] if kind == "exact" else probes
