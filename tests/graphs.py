@@ -706,11 +706,14 @@ def _shuffle(b: Builder, name: str, x: str, perm: Sequence[int], batch: int = 0)
     return b.node("Reshape", f"{name}.from_groups", [h, back])
 
 
-def two_level_head(duplicated: bool = False, side: bool = False) -> onnx.ModelProto:
+def two_level_head(
+    duplicated: bool = False, side: bool = False, exposed: bool = False
+) -> onnx.ModelProto:
     """x → c1 → Relu → p1, p2 = MaxPool(p1); one head, its convs s (8 → 8) and t (8 → 4) with
     the same weights at both levels (a detector's head shared by its pyramid levels), s's
     filters and biases 4–7 copies of 0–3 when `duplicated`; with `side`, a conv u of its own
-    weights reads level 1's head too, listed between the levels' t."""
+    weights reads level 1's head too, listed between the levels' t; with `exposed`, level 2's
+    head activation is a graph output as well (its channels cannot be pruned there)."""
     b = Builder(7)
     p1 = b.relu("r1", b.conv("c1", "x", 3, 8))
     p2 = b.node("MaxPool", "pool", [p1], kernel_shape=[2, 2], strides=[2, 2])
@@ -727,4 +730,6 @@ def two_level_head(duplicated: bool = False, side: bool = False) -> onnx.ModelPr
         outputs.append(b.node("Conv", f"t{level}", [h, t, tb], kernel_shape=[1, 1]))
         if side and level == "1":
             outputs.append(b.conv("u", h, 8, 2, 1))
+        if exposed and level == "2":
+            outputs.append(h)
     return b.model(outputs)

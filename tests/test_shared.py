@@ -142,6 +142,22 @@ def test_a_layer_between_the_copies_leaves_their_values_held():
     assert "recalibrated the output mean and variance of 5 layers" in result.report.notes
 
 
+def test_levels_that_cannot_be_joined_are_pruned_apart_and_named():
+    """Level 2's head reaches a graph output, so its group cannot be pruned: level 1's is
+    pruned alone, s becomes two copies, and analyze and the report name it."""
+    model = two_level_head(exposed=True)
+    analysis = onnxprune.analyze(model)
+    groups = {g.name: g for g in analysis.groups}
+    assert groups["s1"].prunable and groups["s1"].copies == 1
+    assert not groups["s2"].prunable
+    assert analysis.shared == (("s.w", 2), ("t.w", 2))  # s's rows and t's columns, level 1 only
+    result = onnxprune.prune(model, method="magnitude", ratio=0.5, data=_data(), round_to=1)
+    read = _weights_read(result.model, 1)
+    assert read["s1"] != read["s2"]
+    (note,) = [n for n in result.report.notes if "separate copies" in n]
+    assert note.startswith("2 weight(s)") and "e.g. 's.w', read by 2 nodes" in note
+
+
 def test_order_together_moves_the_copies_before_their_readers():
     """a and b are copies: the reader of a, listed before b, moves after it; copies computed
     one from the other cannot be ordered so, and the model stays as it was."""
