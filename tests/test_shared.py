@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from graphs import two_level_head
+from graphs import Builder, two_level_head
 from onnx import helper
 
 import onnxprune
@@ -156,6 +156,31 @@ def test_levels_that_cannot_be_joined_are_pruned_apart_and_named():
     assert read["s1"] != read["s2"]
     (note,) = [n for n in result.report.notes if "separate copies" in n]
     assert note.startswith("2 weight(s)") and "e.g. 's.w', read by 2 nodes" in note
+
+
+def test_a_block_shared_across_depth_is_joined_and_recalibrated_apart():
+    """One MLP block (w1, w2) applied twice in a row (ALBERT-style): its hidden groups join,
+    and w1 stays one initializer; the second application's input is computed from the first,
+    so their recalibration cannot be pooled in one pass: w2's copies are adjusted apart, and
+    the report names them."""
+    b = Builder(3)
+    w1, b1, w2, b2 = b.rand("w1", 8, 16), b.rand("b1", 16), b.rand("w2", 16, 8), b.rand("b2", 8)
+    h = "x"
+    for layer in ("1", "2"):
+        a = b.relu(f"r{layer}", b.node("Gemm", f"f{layer}", [h, w1, b1]))
+        h = b.node("Add", f"add{layer}", [h, b.node("Gemm", f"g{layer}", [a, w2, b2])])
+    model = b.model([h], shape=("N", 8))
+    (hidden,) = [g for g in onnxprune.analyze(model).groups if g.prunable and not g.coupled]
+    assert hidden.copies == 2 and hidden.pooled == (("r1_out", "r2_out"),)
+    x = np.random.default_rng(0).standard_normal((256, 8)).astype(np.float32)
+    result = onnxprune.prune(model, method="id", ratio=0.5, data={"x": x}, round_to=1)
+    read = _weights_read(result.model, 1)
+    assert read["f1"] == read["f2"] and read["g1"] != read["g2"]
+    (note,) = [n for n in result.report.notes if "separate copies" in n]
+    assert "e.g. 'w2', read by 2 nodes" in note
+    magnitude = onnxprune.prune(model, method="magnitude", ratio=0.5, data={"x": x}, round_to=1)
+    read = _weights_read(magnitude.model, 1)
+    assert read["f1"] == read["f2"] and read["g1"] == read["g2"]
 
 
 def test_order_together_moves_the_copies_before_their_readers():
