@@ -266,12 +266,14 @@ def _copies(
     """The outputs of the layers that are copies of one shared layer (they read a joined
     group's pooled taps, graph/shared.py, with equal weights, biases and kept outputs), by copy
     set; layers that are alone are left out."""
-    readers = {
-        e.node
-        for g in groups
-        for e in g.edits
-        if e.role == "in" and tap_key(e.tap or "", e.offset) in {k for ks in g.pooled for k in ks}
-    }
+    readers = set()
+    for group in (g for g in groups if g.pooled):
+        pooled = {key for keys in group.pooled for key in keys}
+        readers |= {
+            e.node
+            for e in group.edits
+            if e.role == "in" and tap_key(e.tap or "", e.offset) in pooled
+        }
     nodes = {node.name: node for node in pruned.nodes}
     alike: dict[tuple, list[str]] = defaultdict(list)
     for end, (name, _, keep) in targets.items():
