@@ -176,8 +176,8 @@ def refit(
                 for site in together:
                     plans[site.group] = _with_correction(plans[site.group], site.key, *fit)
                     site.folds = ({}, {})  # spent: float64 sums up to width² each, not held on
-                drift.append(before)
-                fitted.append(after)
+                drift += [before] * len(together)  # each copy's tap counts
+                fitted += [after] * len(together)
             keys = {key for ready_keys in ready for key in ready_keys}
             if not keys:
                 continue  # a copy of a shared weight's tap waits for the others

@@ -140,6 +140,8 @@ def test_a_layer_between_the_copies_leaves_their_values_held():
     read = _weights_read(result.model, 1)
     assert read["t1"] == read["t2"] and read["s1"] == read["s2"]
     assert "recalibrated the output mean and variance of 5 layers" in result.report.notes
+    (refit,) = [n for n in result.report.notes if n.startswith("sequential fit")]
+    assert " at 4 taps " in refit  # both copies of c1's and of s's taps
 
 
 def test_levels_that_cannot_be_joined_are_pruned_apart_and_named():
